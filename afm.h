@@ -1,0 +1,1714 @@
+/* afm.h - v0.1 - Apple on-device foundation model (AFMTextV7) inference in one C header.
+
+   Runs the AFMTextV7 family - the 3.18B two-segment base, its 48.8M draft model and rank-32
+   LoRA adapters - on any CPU, exact to Apple's MLX reference. No dependencies.
+
+   DO THIS in exactly one C or C++ file:
+       #define AFM_IMPLEMENTATION
+       #include "afm.h"
+   Everywhere else just #include "afm.h".
+
+   USAGE (see examples/simple.c for a complete program):
+       afm_model *m; char err[256];
+       if (afm_model_load_file("model.afm", NULL, &m, err, sizeof err) != AFM_OK) { puts(err); return 1; }
+       afm_session *s; afm_session_create(m, NULL, &s);
+       afm_session_eval(s, tokens, n_tokens);                  // prefill
+       const float *logits = afm_session_logits(s, -1);       // last position
+       ... sample a token, afm_session_eval(s, &tok, 1), repeat ...
+       afm_session_free(s); afm_model_free(m);
+
+   CONFIGURATION MACROS (define before including the implementation)
+       AFM_STATIC           make every API function static (private copy in one translation unit)
+       AFM_NO_THREADS       no thread pool; everything runs on the caller's thread
+       AFM_NO_MMAP          never map files; read them into memory instead
+       AFM_NO_SIMD          scalar kernels only (the reference every SIMD kernel is tested against)
+       AFM_ASSERT(x)        your assert (default: assert from <assert.h>); only checks internal invariants
+
+   Models are converted once from Apple's assets with tools/convert.py; the file format is
+   docs/FORMAT.md. The library never prints, never exits, and checks every byte of a model file
+   before it uses it: a bad file is an error code plus a message naming the file, offset or tensor.
+
+   LICENSE: MIT, at the end of this file.
+*/
+#ifndef AFM_H
+#define AFM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define AFM_VERSION_MAJOR 0
+#define AFM_VERSION_MINOR 1
+#define AFM_VERSION_PATCH 0
+
+#ifndef AFMDEF
+#ifdef AFM_STATIC
+#define AFMDEF static
+#else
+#define AFMDEF extern
+#endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Result codes. Every call that can fail returns one; a message says more. ---- */
+typedef enum afm_result {
+    AFM_OK = 0,
+    AFM_ERR_ARG,          /* a bad argument from the caller */
+    AFM_ERR_IO,           /* the file could not be opened, read or mapped */
+    AFM_ERR_FORMAT,       /* the file is not a valid model (message says where and why) */
+    AFM_ERR_UNSUPPORTED,  /* valid, but uses something this build does not implement */
+    AFM_ERR_NOMEM,        /* an allocation failed */
+    AFM_ERR_CONTEXT_FULL, /* the session's context limit would be exceeded */
+    AFM_ERR_THREAD        /* a worker thread could not be started */
+} afm_result;
+
+AFMDEF const char *afm_result_string(afm_result r);
+
+/* ---- Allocator hooks. NULL means malloc/free. Alignment requests are at most 64. ---- */
+typedef struct afm_allocator {
+    void *(*alloc)(void *user, size_t size);  /* returns NULL on failure */
+    void (*free)(void *user, void *ptr);      /* ptr may be NULL */
+    void *user;
+} afm_allocator;
+
+/* ---- Weight types of the model file (docs/FORMAT.md). ---- */
+typedef enum afm_type {
+    AFM_TYPE_F32 = 0,
+    AFM_TYPE_F16 = 1,
+    AFM_TYPE_BF16 = 2
+} afm_type;
+
+/* ---- The model's configuration, as read from the file. ---- */
+typedef struct afm_config {
+    int vocab_size, dim, n_layers, n_reuse_layers, n_heads, n_kv_heads, head_dim, ffn_dim;
+    int context_length;     /* training context */
+    float rope_theta, norm_eps, qk_norm_eps;
+    int has_kv_scales;      /* int8 KV cache with per-layer scales (exact to Apple's fake-quant) */
+    int lora_rank;          /* rank of the embedded base adapter, 0 if none */
+    float lora_alpha;
+    char signature[41];     /* base-model signature, "" if none */
+} afm_config;
+
+typedef struct afm_model afm_model;
+typedef struct afm_session afm_session;
+
+typedef struct afm_load_params {
+    const afm_allocator *allocator; /* NULL: malloc/free */
+    int no_mmap;                    /* read the file into memory instead of mapping it */
+} afm_load_params;
+
+/* Loads a model file. On failure *out is NULL and err (if given) holds a message. */
+AFMDEF afm_result afm_model_load_file(const char *path, const afm_load_params *params,
+                                      afm_model **out, char *err, size_t err_size);
+/* Loads from memory the caller keeps alive and unchanged until afm_model_free (zero-copy). */
+AFMDEF afm_result afm_model_load_memory(const void *data, size_t size, const afm_load_params *params,
+                                        afm_model **out, char *err, size_t err_size);
+AFMDEF void afm_model_free(afm_model *model);
+AFMDEF const afm_config *afm_model_config(const afm_model *model);
+
+/* Tensor inspection (for tools, `afm info`, tests). Index 0 .. afm_model_n_tensors()-1. */
+typedef struct afm_tensor_info {
+    const char *name;
+    afm_type type;
+    int n_dims;
+    uint64_t dims[4];
+    uint64_t n_elements, n_bytes;
+} afm_tensor_info;
+AFMDEF int afm_model_n_tensors(const afm_model *model);
+AFMDEF afm_result afm_model_tensor(const afm_model *model, int index, afm_tensor_info *info);
+/* Parameter counts: base weights (everything but LoRA) and the embedded base adapter. */
+AFMDEF uint64_t afm_model_n_params(const afm_model *model, uint64_t *lora_params);
+/* The tokenizer bytes stored in the file: kind 1 SentencePiece, 2 tokenizer.json; NULL if none. */
+AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *model, int *kind, size_t *size);
+
+/* ---- Sessions: one conversation timeline over a model. Many may share one model. ---- */
+typedef enum afm_kv_type {
+    AFM_KV_AUTO = 0, /* int8 when the model has KV scales (exact to Apple), else F16 */
+    AFM_KV_F32,
+    AFM_KV_F16,
+    AFM_KV_INT8      /* requires the model's KV scales */
+} afm_kv_type;
+
+typedef struct afm_session_params {
+    int n_ctx;          /* context limit in tokens; 0: the model's context_length */
+    int n_threads;      /* worker threads including the caller; 0: 1 */
+    int n_batch;        /* tokens per forward pass during prefill; 0: 256 */
+    int all_logits;     /* keep logits for every position of an eval, not just the last */
+    int preallocate;    /* reserve the whole KV cache now instead of growing it on demand */
+    afm_kv_type kv_type;
+} afm_session_params;
+
+AFMDEF afm_result afm_session_create(afm_model *model, const afm_session_params *params, afm_session **out);
+AFMDEF void afm_session_free(afm_session *session);
+/* Appends tokens at the current position and runs the model over them. */
+AFMDEF afm_result afm_session_eval(afm_session *session, const int32_t *tokens, int n_tokens);
+/* Logits (vocab_size floats) of position i of the last eval; i = -1 is its last token. NULL if not kept. */
+AFMDEF const float *afm_session_logits(const afm_session *session, int i);
+/* Forgets every token at index >= pos; the next eval continues from pos. */
+AFMDEF afm_result afm_session_rewind(afm_session *session, int pos);
+AFMDEF int afm_session_pos(const afm_session *session);
+AFMDEF const char *afm_session_error(const afm_session *session);
+
+/* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic. ---- */
+typedef struct afm_sampler_params {
+    float temperature;  /* 0: greedy */
+    int top_k;          /* 0: off */
+    float top_p;        /* 0 or 1: off */
+    float min_p;        /* 0: off */
+    uint64_t seed;
+} afm_sampler_params;
+
+typedef struct afm_sampler afm_sampler;
+AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int vocab_size,
+                                     const afm_allocator *allocator, afm_sampler **out);
+AFMDEF void afm_sampler_free(afm_sampler *sampler);
+AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* AFM_H */
+
+/* ======================================================================================== */
+#ifdef AFM_IMPLEMENTATION
+#ifndef AFM_IMPLEMENTATION_DONE
+#define AFM_IMPLEMENTATION_DONE
+
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <stdarg.h>
+#include <math.h>
+#include <float.h>
+
+#ifndef AFM_ASSERT
+#include <assert.h>
+#define AFM_ASSERT(x) assert(x)
+#endif
+
+#if defined(_WIN32)
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#include <windows.h>
+#else
+#include <sys/types.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+#ifndef AFM_NO_MMAP
+#include <sys/mman.h>
+#endif
+#ifndef AFM_NO_THREADS
+#include <pthread.h>
+#endif
+#endif
+
+/* ======================================================================================== */
+/* ==== ERRORS ============================================================================ */
+/* ======================================================================================== */
+
+AFMDEF const char *afm_result_string(afm_result r) {
+    switch (r) {
+    case AFM_OK: return "ok";
+    case AFM_ERR_ARG: return "invalid argument";
+    case AFM_ERR_IO: return "i/o error";
+    case AFM_ERR_FORMAT: return "invalid model file";
+    case AFM_ERR_UNSUPPORTED: return "unsupported";
+    case AFM_ERR_NOMEM: return "out of memory";
+    case AFM_ERR_CONTEXT_FULL: return "context full";
+    case AFM_ERR_THREAD: return "thread error";
+    }
+    return "unknown error";
+}
+
+/* Writes a message into a caller's buffer (may be NULL) and returns the code, so that
+   error paths read `return afm__fail(buf, n, AFM_ERR_FORMAT, "...", ...)`. */
+static afm_result afm__fail(char *buf, size_t size, afm_result code, const char *fmt, ...) {
+    if (buf && size) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(buf, size, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+/* ======================================================================================== */
+/* ==== ALLOCATION ======================================================================== */
+/* ======================================================================================== */
+
+static void *afm__default_alloc(void *user, size_t size) { (void)user; return malloc(size); }
+static void afm__default_free(void *user, void *p) { (void)user; free(p); }
+static const afm_allocator afm__malloc_allocator = { afm__default_alloc, afm__default_free, NULL };
+
+/* Every buffer the library owns is 64-byte aligned: the raw block is over-allocated and the
+   offset to its start is kept just below the aligned pointer. */
+static void *afm__alloc(const afm_allocator *a, size_t size) {
+    unsigned char *raw, *p;
+    if (size > (size_t)-1 - 128) return NULL;
+    raw = (unsigned char *)a->alloc(a->user, size + 64 + sizeof(size_t));
+    if (!raw) return NULL;
+    p = raw + sizeof(size_t);
+    p += (64 - ((uintptr_t)p & 63)) & 63;
+    ((size_t *)(void *)p)[-1] = (size_t)(p - raw);
+    return p;
+}
+
+static void *afm__calloc(const afm_allocator *a, size_t n, size_t size) {
+    void *p;
+    if (size && n > ((size_t)-1 - 128) / size) return NULL;
+    p = afm__alloc(a, n * size);
+    if (p) memset(p, 0, n * size);
+    return p;
+}
+
+static void afm__free(const afm_allocator *a, void *p) {
+    if (p) a->free(a->user, (unsigned char *)p - ((size_t *)p)[-1]);
+}
+
+/* ======================================================================================== */
+/* ==== PLATFORM: files, threads, time ==================================================== */
+/* ======================================================================================== */
+
+/* A file's bytes, either mapped or read into an owned buffer. */
+typedef struct afm__blob {
+    const unsigned char *data;
+    uint64_t size;
+    void *owned;          /* afm__alloc'd copy, or NULL */
+    void *map;            /* mapping base, or NULL */
+    uint64_t map_size;
+#if defined(_WIN32)
+    HANDLE file, mapping;
+#endif
+} afm__blob;
+
+static afm_result afm__read_whole(const afm_allocator *a, FILE *f, uint64_t size, afm__blob *b,
+                                  const char *path, char *err, size_t errn) {
+    size_t got;
+    if (size > (uint64_t)((size_t)-1 - 128)) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: file of %llu bytes does not fit in memory", path, (unsigned long long)size);
+    b->owned = afm__alloc(a, (size_t)size ? (size_t)size : 1);
+    if (!b->owned) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: cannot allocate %llu bytes to read it", path, (unsigned long long)size);
+    got = fread(b->owned, 1, (size_t)size, f);
+    if (got != (size_t)size) return afm__fail(err, errn, AFM_ERR_IO, "%s: read %llu of %llu bytes", path, (unsigned long long)got, (unsigned long long)size);
+    b->data = (const unsigned char *)b->owned;
+    b->size = size;
+    return AFM_OK;
+}
+
+static afm_result afm__blob_open(const afm_allocator *a, const char *path, int no_mmap, afm__blob *b,
+                                 char *err, size_t errn) {
+    afm_result r;
+    FILE *f;
+    uint64_t size;
+    memset(b, 0, sizeof *b);
+#if defined(_WIN32) && !defined(AFM_NO_MMAP)
+    if (!no_mmap) {
+        LARGE_INTEGER li;
+        b->file = CreateFileA(path, GENERIC_READ, FILE_SHARE_READ, NULL, OPEN_EXISTING, FILE_ATTRIBUTE_NORMAL, NULL);
+        if (b->file == INVALID_HANDLE_VALUE) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+        if (!GetFileSizeEx(b->file, &li)) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot get file size", path); }
+        size = (uint64_t)li.QuadPart;
+        if (size == 0) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
+        b->mapping = CreateFileMappingA(b->file, NULL, PAGE_READONLY, 0, 0, NULL);
+        if (!b->mapping) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot map file", path); }
+        b->map = MapViewOfFile(b->mapping, FILE_MAP_READ, 0, 0, 0);
+        if (!b->map) { CloseHandle(b->mapping); CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot map file", path); }
+        b->data = (const unsigned char *)b->map;
+        b->size = b->map_size = size;
+        return AFM_OK;
+    }
+#elif !defined(_WIN32) && !defined(AFM_NO_MMAP)
+    if (!no_mmap) {
+        struct stat st;
+        int fd = open(path, O_RDONLY);
+        if (fd < 0) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path); }
+        size = (uint64_t)st.st_size;
+        if (size == 0) { close(fd); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
+        if (size > (uint64_t)(size_t)-1) { close(fd); return afm__fail(err, errn, AFM_ERR_IO, "%s: file too large to map", path); }
+        b->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);
+        if (b->map == MAP_FAILED) { b->map = NULL; return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot map file", path); }
+        b->data = (const unsigned char *)b->map;
+        b->size = b->map_size = size;
+        return AFM_OK;
+    }
+#endif
+    (void)no_mmap;
+    f = fopen(path, "rb");
+    if (!f) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot seek", path); }
+    {
+        long end = ftell(f);
+        if (end < 0) { fclose(f); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot get file size", path); }
+        size = (uint64_t)end;
+    }
+    rewind(f);
+    if (size == 0) { fclose(f); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
+    r = afm__read_whole(a, f, size, b, path, err, errn);
+    fclose(f);
+    return r;
+}
+
+static void afm__blob_close(const afm_allocator *a, afm__blob *b) {
+#if defined(_WIN32) && !defined(AFM_NO_MMAP)
+    if (b->map) { UnmapViewOfFile(b->map); CloseHandle(b->mapping); CloseHandle(b->file); }
+#elif !defined(AFM_NO_MMAP)
+    if (b->map) munmap(b->map, (size_t)b->map_size);
+#endif
+    afm__free(a, b->owned);
+    memset(b, 0, sizeof *b);
+}
+
+/* ---- thread pool: persistent workers that run one job at a time, split by thread index ---- */
+typedef void (*afm__job_fn)(void *ctx, int ith, int nth);
+
+typedef struct afm__pool {
+    int n_threads;
+#ifndef AFM_NO_THREADS
+#if defined(_WIN32)
+    HANDLE *threads;
+    CRITICAL_SECTION lock;
+    CONDITION_VARIABLE wake, done;
+#else
+    pthread_t *threads;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+#endif
+    afm__job_fn fn;
+    void *ctx;
+    unsigned long generation;   /* bumped for every job; workers run each generation once */
+    int pending;                /* workers still running the current job */
+    int quit;
+#endif
+} afm__pool;
+
+#ifndef AFM_NO_THREADS
+typedef struct afm__worker_arg { afm__pool *pool; int ith; } afm__worker_arg;
+
+#if defined(_WIN32)
+#define afm__lock(p) EnterCriticalSection(&(p)->lock)
+#define afm__unlock(p) LeaveCriticalSection(&(p)->lock)
+#define afm__wait(p, cv) SleepConditionVariableCS(&(p)->cv, &(p)->lock, INFINITE)
+#define afm__broadcast(p, cv) WakeAllConditionVariable(&(p)->cv)
+#else
+#define afm__lock(p) pthread_mutex_lock(&(p)->lock)
+#define afm__unlock(p) pthread_mutex_unlock(&(p)->lock)
+#define afm__wait(p, cv) pthread_cond_wait(&(p)->cv, &(p)->lock)
+#define afm__broadcast(p, cv) pthread_cond_broadcast(&(p)->cv)
+#endif
+
+static void afm__worker_loop(afm__pool *p, int ith) {
+    unsigned long seen = 0;
+    for (;;) {
+        afm__job_fn fn;
+        void *ctx;
+        afm__lock(p);
+        while (!p->quit && p->generation == seen) afm__wait(p, wake);
+        if (p->quit) { afm__unlock(p); return; }
+        seen = p->generation;
+        fn = p->fn;
+        ctx = p->ctx;
+        afm__unlock(p);
+        fn(ctx, ith, p->n_threads);
+        afm__lock(p);
+        if (--p->pending == 0) afm__broadcast(p, done);
+        afm__unlock(p);
+    }
+}
+
+#if defined(_WIN32)
+static DWORD WINAPI afm__worker_main(LPVOID arg) {
+#else
+static void *afm__worker_main(void *arg) {
+#endif
+    afm__worker_arg a = *(afm__worker_arg *)arg;
+    free(arg);
+    afm__worker_loop(a.pool, a.ith);
+    return 0;
+}
+#endif /* AFM_NO_THREADS */
+
+static void afm__pool_destroy(const afm_allocator *a, afm__pool *p) {
+#ifndef AFM_NO_THREADS
+    int i;
+    if (!p->threads) return;
+    afm__lock(p);
+    p->quit = 1;
+    afm__broadcast(p, wake);
+    afm__unlock(p);
+    for (i = 1; i < p->n_threads; i++) {
+#if defined(_WIN32)
+        WaitForSingleObject(p->threads[i], INFINITE);
+        CloseHandle(p->threads[i]);
+#else
+        pthread_join(p->threads[i], NULL);
+#endif
+    }
+#if defined(_WIN32)
+    DeleteCriticalSection(&p->lock);
+#else
+    pthread_mutex_destroy(&p->lock);
+    pthread_cond_destroy(&p->wake);
+    pthread_cond_destroy(&p->done);
+#endif
+    afm__free(a, p->threads);
+    p->threads = NULL;
+#else
+    (void)a; (void)p;
+#endif
+}
+
+static afm_result afm__pool_init(const afm_allocator *a, afm__pool *p, int n_threads) {
+    memset(p, 0, sizeof *p);
+    if (n_threads < 1) n_threads = 1;
+#ifdef AFM_NO_THREADS
+    (void)a;
+    p->n_threads = 1;
+    return AFM_OK;
+#else
+    p->n_threads = n_threads;
+    if (n_threads == 1) return AFM_OK;
+    p->threads = (
+#if defined(_WIN32)
+        HANDLE
+#else
+        pthread_t
+#endif
+        *)afm__calloc(a, (size_t)n_threads, sizeof *p->threads);
+    if (!p->threads) return AFM_ERR_NOMEM;
+#if defined(_WIN32)
+    InitializeCriticalSection(&p->lock);
+    InitializeConditionVariable(&p->wake);
+    InitializeConditionVariable(&p->done);
+#else
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    pthread_cond_init(&p->done, NULL);
+#endif
+    {
+        int i;
+        for (i = 1; i < n_threads; i++) {
+            afm__worker_arg *arg = (afm__worker_arg *)malloc(sizeof *arg);
+            int ok;
+            if (!arg) ok = 0;
+            else {
+                arg->pool = p;
+                arg->ith = i;
+#if defined(_WIN32)
+                p->threads[i] = CreateThread(NULL, 0, afm__worker_main, arg, 0, NULL);
+                ok = p->threads[i] != NULL;
+#else
+                ok = pthread_create(&p->threads[i], NULL, afm__worker_main, arg) == 0;
+#endif
+                if (!ok) free(arg);
+            }
+            if (!ok) { p->n_threads = i; afm__pool_destroy(a, p); return AFM_ERR_THREAD; }
+        }
+    }
+    return AFM_OK;
+#endif
+}
+
+/* Runs fn(ctx, ith, nth) on every thread of the pool (the caller is thread 0) and waits. */
+static void afm__pool_run(afm__pool *p, afm__job_fn fn, void *ctx) {
+#ifndef AFM_NO_THREADS
+    if (p->n_threads > 1) {
+        afm__lock(p);
+        p->fn = fn;
+        p->ctx = ctx;
+        p->pending = p->n_threads - 1;
+        p->generation++;
+        afm__broadcast(p, wake);
+        afm__unlock(p);
+        fn(ctx, 0, p->n_threads);
+        afm__lock(p);
+        while (p->pending > 0) afm__wait(p, done);
+        afm__unlock(p);
+        return;
+    }
+#endif
+    fn(ctx, 0, 1);
+}
+
+/* The share [*lo, *hi) of n items that thread ith of nth handles. */
+static void afm__split(int n, int ith, int nth, int *lo, int *hi) {
+    *lo = (int)((int64_t)n * ith / nth);
+    *hi = (int)((int64_t)n * (ith + 1) / nth);
+}
+
+
+/* ======================================================================================== */
+/* ==== FILE LOADER (docs/FORMAT.md) ====================================================== */
+/* ======================================================================================== */
+
+#define AFM__HEADER_SIZE 128u
+#define AFM__CONFIG_SIZE 128u
+#define AFM__DIRENT_SIZE 128u
+#define AFM__MAX_TENSORS 65536u
+#define AFM__FLAG_TIED 1u
+#define AFM__FLAG_QKNORM 2u
+#define AFM__FLAG_KV_SCALES 4u
+
+/* The adapted projections of a layer, in the order of FORMAT.md. */
+enum { AFM__P_Q, AFM__P_K, AFM__P_V, AFM__P_WQ, AFM__P_WO, AFM__P_GATE, AFM__P_UP, AFM__P_DOWN, AFM__N_PROJ };
+static const char *const afm__proj_names[AFM__N_PROJ] = { "q", "k", "v", "wq", "wo", "gate", "up", "down" };
+
+typedef struct afm__tensor {
+    char name[64];
+    afm_type type;
+    int n_dims;
+    uint64_t dims[4];
+    uint64_t n_elements, n_bytes, offset;
+    uint32_t group_size;
+    const void *data;
+} afm__tensor;
+
+typedef struct afm__layer {
+    int reuse;                               /* segment 1: attends over the last segment-0 cache */
+    const float *attn_norm, *q_norm, *k_norm, *ffn_norm;
+    const afm__tensor *qkv, *wq, *wo, *gate, *up, *down;
+    const afm__tensor *lora_a[AFM__N_PROJ], *lora_b[AFM__N_PROJ];
+    float k_scale, v_scale;                  /* int8 KV scales (segment 0, when the model has them) */
+} afm__layer;
+
+struct afm_model {
+    afm_allocator alloc;
+    afm__blob blob;
+    afm_config config;
+    int n_seg0;                              /* layers in segment 0 */
+    int n_tensors;
+    afm__tensor *tensors;
+    afm__layer *layers;
+    const afm__tensor *tok_embd;
+    const float *out_norm;
+    const void *tok_bytes;
+    size_t tok_size;
+    int tok_kind;
+    uint64_t n_params, n_lora_params;
+};
+
+static uint32_t afm__rd32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t afm__rd64(const unsigned char *p) { return (uint64_t)afm__rd32(p) | (uint64_t)afm__rd32(p + 4) << 32; }
+static float afm__rdf32(const unsigned char *p) {
+    uint32_t u = afm__rd32(p);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static int afm__type_known(uint32_t t) { return t == AFM_TYPE_F32 || t == AFM_TYPE_F16 || t == AFM_TYPE_BF16; }
+static const char *afm__type_name(int t) {
+    switch (t) {
+    case AFM_TYPE_F32: return "F32";
+    case AFM_TYPE_F16: return "F16";
+    case AFM_TYPE_BF16: return "BF16";
+    }
+    return "?";
+}
+static uint64_t afm__type_size(int t, uint64_t n) { return t == AFM_TYPE_F32 ? 4 * n : 2 * n; }
+
+/* State of one load: the bytes, their name for messages, and the error buffer. */
+typedef struct afm__loader {
+    const char *name;
+    const unsigned char *p;
+    uint64_t size;
+    char *err;
+    size_t errn;
+} afm__loader;
+
+#define AFM__BAD(L, ...) afm__fail((L)->err, (L)->errn, AFM_ERR_FORMAT, __VA_ARGS__)
+
+/* A section [off, off+len) must lie inside the file. */
+static int afm__in_file(const afm__loader *L, uint64_t off, uint64_t len) {
+    return off <= L->size && len <= L->size - off;
+}
+
+static afm_result afm__check_sections(afm__loader *L, const uint64_t off[4], const uint64_t len[4]) {
+    static const char *const names[4] = { "config", "tokenizer", "directory", "data" };
+    int i, j;
+    for (i = 0; i < 4; i++) {
+        if (len[i] == 0) continue;
+        if (!afm__in_file(L, off[i], len[i]))
+            return AFM__BAD(L, "%s: %s section [%llu, +%llu) extends past the end of the file (%llu bytes)", L->name,
+                            names[i], (unsigned long long)off[i], (unsigned long long)len[i], (unsigned long long)L->size);
+        if (off[i] < AFM__HEADER_SIZE)
+            return AFM__BAD(L, "%s: %s section at offset %llu overlaps the 128-byte header", L->name, names[i], (unsigned long long)off[i]);
+        for (j = 0; j < i; j++)
+            if (len[j] && off[i] < off[j] + len[j] && off[j] < off[i] + len[i])
+                return AFM__BAD(L, "%s: %s section [%llu, +%llu) overlaps %s section [%llu, +%llu)", L->name, names[i],
+                                (unsigned long long)off[i], (unsigned long long)len[i], names[j],
+                                (unsigned long long)off[j], (unsigned long long)len[j]);
+    }
+    return AFM_OK;
+}
+
+static afm_result afm__parse_config(afm__loader *L, const unsigned char *c, afm_config *cfg, uint32_t *flags) {
+    struct { const char *name; uint32_t off, lo, hi; } ints[] = {
+        { "vocab_size", 4, 1, 1u << 24 }, { "dim", 8, 1, 65536 }, { "n_layers", 12, 1, 1024 },
+        { "n_reuse_layers", 16, 0, 1023 }, { "n_heads", 20, 1, 1024 }, { "n_kv_heads", 24, 1, 1024 },
+        { "head_dim", 28, 2, 1024 }, { "ffn_dim", 32, 1, 1u << 20 }, { "context_length", 36, 1, 1u << 24 },
+    };
+    struct { const char *name; uint32_t off; float lo, hi; } floats[] = {
+        { "rope_theta", 40, 1.0f, 1e30f }, { "norm_eps", 44, 0.0f, 1.0f }, { "qk_norm_eps", 48, 0.0f, 1.0f },
+    };
+    uint64_t cfg_off = (uint64_t)(c - L->p);
+    uint32_t v, i;
+    int *dst[] = { &cfg->vocab_size, &cfg->dim, &cfg->n_layers, &cfg->n_reuse_layers, &cfg->n_heads,
+                   &cfg->n_kv_heads, &cfg->head_dim, &cfg->ffn_dim, &cfg->context_length };
+    float *fdst[] = { &cfg->rope_theta, &cfg->norm_eps, &cfg->qk_norm_eps };
+
+    if ((v = afm__rd32(c)) != 1)
+        return AFM__BAD(L, "%s: offset %llu: config arch is %u, expected 1 (AFM two-segment)", L->name, (unsigned long long)cfg_off, v);
+    for (i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        v = afm__rd32(c + ints[i].off);
+        if (v < ints[i].lo || v > ints[i].hi)
+            return AFM__BAD(L, "%s: offset %llu: config %s is %u, expected %u..%u", L->name,
+                            (unsigned long long)(cfg_off + ints[i].off), ints[i].name, v, ints[i].lo, ints[i].hi);
+        *dst[i] = (int)v;
+    }
+    for (i = 0; i < sizeof floats / sizeof floats[0]; i++) {
+        float f = afm__rdf32(c + floats[i].off);
+        if (!(f > floats[i].lo && f < floats[i].hi)) /* also false for NaN */
+            return AFM__BAD(L, "%s: offset %llu: config %s is %g, expected a finite value in (%g, %g)", L->name,
+                            (unsigned long long)(cfg_off + floats[i].off), floats[i].name, (double)f,
+                            (double)floats[i].lo, (double)floats[i].hi);
+        *fdst[i] = f;
+    }
+    if (cfg->n_reuse_layers >= cfg->n_layers)
+        return AFM__BAD(L, "%s: config n_reuse_layers %d must be less than n_layers %d", L->name, cfg->n_reuse_layers, cfg->n_layers);
+    if (cfg->n_heads % cfg->n_kv_heads)
+        return AFM__BAD(L, "%s: config n_heads %d is not a multiple of n_kv_heads %d", L->name, cfg->n_heads, cfg->n_kv_heads);
+    if (cfg->head_dim % 2)
+        return AFM__BAD(L, "%s: config head_dim %d must be even for RoPE", L->name, cfg->head_dim);
+    if ((v = afm__rd32(c + 52)) != 1)
+        return AFM__BAD(L, "%s: offset %llu: config rope_layout is %u, expected 1 (half-split)", L->name, (unsigned long long)(cfg_off + 52), v);
+    *flags = afm__rd32(c + 56);
+    if ((*flags & ~7u) || !(*flags & AFM__FLAG_TIED) || !(*flags & AFM__FLAG_QKNORM))
+        return AFM__BAD(L, "%s: offset %llu: config flags 0x%x: expected bits 0 and 1 set and only bits 0-2 used", L->name,
+                        (unsigned long long)(cfg_off + 56), *flags);
+    cfg->has_kv_scales = (*flags & AFM__FLAG_KV_SCALES) != 0;
+    v = afm__rd32(c + 60);
+    if (v > 4096)
+        return AFM__BAD(L, "%s: offset %llu: config lora_rank is %u, expected 0..4096", L->name, (unsigned long long)(cfg_off + 60), v);
+    cfg->lora_rank = (int)v;
+    cfg->lora_alpha = afm__rdf32(c + 64);
+    if (cfg->lora_rank && !(cfg->lora_alpha > -1e30f && cfg->lora_alpha < 1e30f))
+        return AFM__BAD(L, "%s: offset %llu: config lora_alpha is not finite", L->name, (unsigned long long)(cfg_off + 64));
+    if (c[72]) {
+        for (i = 0; i < 40; i++) {
+            unsigned char ch = c[72 + i];
+            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
+                return AFM__BAD(L, "%s: offset %llu: signature byte 0x%02x is not a lowercase hex digit", L->name,
+                                (unsigned long long)(cfg_off + 72 + i), ch);
+            cfg->signature[i] = (char)ch;
+        }
+    } else {
+        for (i = 0; i < 40; i++)
+            if (c[72 + i]) return AFM__BAD(L, "%s: offset %llu: signature is neither 40 hex digits nor all zero", L->name, (unsigned long long)(cfg_off + 72 + i));
+    }
+    cfg->signature[40] = 0;
+    return AFM_OK;
+}
+
+/* Where a directory entry goes: a global tensor, or (layer, field). */
+enum { AFM__T_EMBD, AFM__T_OUT_NORM, AFM__T_KV_SCALE, AFM__T_N_GLOBAL };
+enum { AFM__F_ATTN_NORM, AFM__F_QKV, AFM__F_WQ, AFM__F_Q_NORM, AFM__F_K_NORM, AFM__F_WO, AFM__F_FFN_NORM,
+       AFM__F_GATE, AFM__F_UP, AFM__F_DOWN, AFM__F_LORA_A, AFM__F_LORA_B = AFM__F_LORA_A + AFM__N_PROJ,
+       AFM__N_FIELDS = AFM__F_LORA_B + AFM__N_PROJ };
+static const char *const afm__field_names[] = { "attn_norm", "qkv", "wq", "q_norm", "k_norm", "wo", "ffn_norm", "gate", "up", "down" };
+
+/* Maps a tensor name to a slot: globals are 0..2, layer fields are 3 + layer * N_FIELDS + field. */
+static int afm__slot_of(const char *name, int n_layers) {
+    static const char *const globals[AFM__T_N_GLOBAL] = { "tok_embd", "out_norm", "kv_scale" };
+    const char *p;
+    int i, layer = 0;
+    for (i = 0; i < AFM__T_N_GLOBAL; i++)
+        if (!strcmp(name, globals[i])) return i;
+    if (name[0] != 'l' || name[1] < '0' || name[1] > '9') return -1;
+    p = name + 1;
+    if (p[0] == '0' && p[1] != '.') return -1; /* no leading zeros: one spelling per tensor */
+    while (*p >= '0' && *p <= '9') {
+        layer = layer * 10 + (*p++ - '0');
+        if (layer >= n_layers) return -1;
+    }
+    if (*p++ != '.') return -1;
+    for (i = 0; i < (int)(sizeof afm__field_names / sizeof afm__field_names[0]); i++)
+        if (!strcmp(p, afm__field_names[i])) return AFM__T_N_GLOBAL + layer * AFM__N_FIELDS + i;
+    for (i = 0; i < AFM__N_PROJ; i++) {
+        size_t n = strlen(afm__proj_names[i]);
+        if (!strncmp(p, afm__proj_names[i], n) && p[n] == '.') {
+            if (!strcmp(p + n + 1, "lora_a")) return AFM__T_N_GLOBAL + layer * AFM__N_FIELDS + AFM__F_LORA_A + i;
+            if (!strcmp(p + n + 1, "lora_b")) return AFM__T_N_GLOBAL + layer * AFM__N_FIELDS + AFM__F_LORA_B + i;
+        }
+    }
+    return -1;
+}
+
+static afm_result afm__parse_dirent(afm__loader *L, const unsigned char *e, uint64_t data_size, afm__tensor *t) {
+    uint64_t e_off = (uint64_t)(e - L->p), n = 1;
+    uint32_t type, nd, i;
+    const char *what = NULL;
+    memcpy(t->name, e, 64);
+    if (!memchr(t->name, 0, 64))
+        return AFM__BAD(L, "%s: offset %llu: tensor name is not NUL-terminated within 64 bytes", L->name, (unsigned long long)e_off);
+    if (!t->name[0]) return AFM__BAD(L, "%s: offset %llu: tensor name is empty", L->name, (unsigned long long)e_off);
+    for (i = 0; t->name[i]; i++) {
+        char ch = t->name[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' || ch == '.'))
+            return AFM__BAD(L, "%s: offset %llu: tensor name has illegal byte 0x%02x", L->name, (unsigned long long)(e_off + i), (unsigned char)ch);
+    }
+    type = afm__rd32(e + 64);
+    nd = afm__rd32(e + 68);
+    if (!afm__type_known(type))
+        return AFM__BAD(L, "%s: tensor '%s': unknown type %u (this build knows F32=0, F16=1, BF16=2)", L->name, t->name, type);
+    if (nd < 1 || nd > 4) return AFM__BAD(L, "%s: tensor '%s': n_dims is %u, expected 1..4", L->name, t->name, nd);
+    t->type = (afm_type)type;
+    t->n_dims = (int)nd;
+    for (i = 0; i < 4; i++) {
+        t->dims[i] = afm__rd64(e + 72 + 8 * i);
+        if (i < nd) {
+            if (t->dims[i] < 1 || t->dims[i] > ((uint64_t)1 << 40)) what = "a dimension is 0 or absurd";
+            else if (n > ((uint64_t)1 << 60) / t->dims[i]) what = "the element count overflows";
+            else n *= t->dims[i];
+        } else if (t->dims[i]) what = "an unused dimension is not 0";
+        if (what) return AFM__BAD(L, "%s: tensor '%s': %s (dims[%u] = %llu)", L->name, t->name, what, i, (unsigned long long)t->dims[i]);
+    }
+    t->n_elements = n;
+    t->offset = afm__rd64(e + 104);
+    t->n_bytes = afm__rd64(e + 112);
+    t->group_size = afm__rd32(e + 120);
+    if (t->n_bytes != afm__type_size(t->type, n))
+        return AFM__BAD(L, "%s: tensor '%s': size is %llu bytes, but %llu %s elements need %llu", L->name, t->name,
+                        (unsigned long long)t->n_bytes, (unsigned long long)n, afm__type_name(t->type),
+                        (unsigned long long)afm__type_size(t->type, n));
+    if (t->group_size) return AFM__BAD(L, "%s: tensor '%s': group_size is %u, expected 0 for a float type", L->name, t->name, t->group_size);
+    if (afm__rd32(e + 124)) return AFM__BAD(L, "%s: tensor '%s': reserved field is not 0", L->name, t->name);
+    if (t->offset % 64) return AFM__BAD(L, "%s: tensor '%s': data offset %llu is not a multiple of 64", L->name, t->name, (unsigned long long)t->offset);
+    if (t->offset > data_size || t->n_bytes > data_size - t->offset)
+        return AFM__BAD(L, "%s: tensor '%s': data [%llu, +%llu) extends past the data section (%llu bytes)", L->name, t->name,
+                        (unsigned long long)t->offset, (unsigned long long)t->n_bytes, (unsigned long long)data_size);
+    return AFM_OK;
+}
+
+static int afm__cmp_offset(const void *a, const void *b) {
+    const afm__tensor *x = *(const afm__tensor *const *)a, *y = *(const afm__tensor *const *)b;
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+static afm_result afm__check_overlaps(afm__loader *L, afm_model *m) {
+    const afm__tensor **order = (const afm__tensor **)afm__alloc(&m->alloc, (size_t)m->n_tensors * sizeof *order);
+    afm_result r = AFM_OK;
+    int i;
+    if (!order) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
+    for (i = 0; i < m->n_tensors; i++) order[i] = &m->tensors[i];
+    qsort(order, (size_t)m->n_tensors, sizeof *order, afm__cmp_offset);
+    for (i = 1; i < m->n_tensors && r == AFM_OK; i++)
+        if (order[i - 1]->offset + order[i - 1]->n_bytes > order[i]->offset)
+            r = AFM__BAD(L, "%s: tensors '%s' [%llu, +%llu) and '%s' [%llu, +%llu) overlap", L->name, order[i - 1]->name,
+                         (unsigned long long)order[i - 1]->offset, (unsigned long long)order[i - 1]->n_bytes, order[i]->name,
+                         (unsigned long long)order[i]->offset, (unsigned long long)order[i]->n_bytes);
+    afm__free(&m->alloc, (void *)order);
+    return r;
+}
+
+/* Checks one tensor's shape and type against what the config says it must be. */
+static afm_result afm__expect(afm__loader *L, const afm__tensor *t, const char *name, uint64_t d0, uint64_t d1, int float_only, int lora) {
+    int nd = d1 ? 2 : 1;
+    if (!t) return AFM__BAD(L, "%s: required tensor '%s' is missing", L->name, name);
+    if (t->n_dims != nd || t->dims[0] != d0 || (nd == 2 && t->dims[1] != d1)) {
+        char want[64], got[96];
+        if (nd == 2) snprintf(want, sizeof want, "[%llu, %llu]", (unsigned long long)d0, (unsigned long long)d1);
+        else snprintf(want, sizeof want, "[%llu]", (unsigned long long)d0);
+        if (t->n_dims == 1) snprintf(got, sizeof got, "[%llu]", (unsigned long long)t->dims[0]);
+        else snprintf(got, sizeof got, "[%llu, %llu%s]", (unsigned long long)t->dims[0], (unsigned long long)t->dims[1], t->n_dims > 2 ? ", ..." : "");
+        return AFM__BAD(L, "%s: tensor '%s': shape %s, expected %s", L->name, t->name, got, want);
+    }
+    if (float_only && t->type != AFM_TYPE_F32)
+        return AFM__BAD(L, "%s: tensor '%s': type %s, expected F32", L->name, t->name, afm__type_name(t->type));
+    if (lora && t->type == AFM_TYPE_BF16)
+        return AFM__BAD(L, "%s: tensor '%s': type BF16, expected F32 or F16 for LoRA", L->name, t->name);
+    return AFM_OK;
+}
+
+static afm_result afm__bind_tensors(afm__loader *L, afm_model *m) {
+    const afm_config *c = &m->config;
+    int n_slots = AFM__T_N_GLOBAL + c->n_layers * AFM__N_FIELDS, i, p;
+    const afm__tensor **slot = (const afm__tensor **)afm__calloc(&m->alloc, (size_t)n_slots, sizeof *slot);
+    uint64_t q = (uint64_t)c->n_heads * c->head_dim, kv = (uint64_t)c->n_kv_heads * c->head_dim;
+    uint64_t d = (uint64_t)c->dim, f = (uint64_t)c->ffn_dim, r = (uint64_t)c->lora_rank;
+    afm_result res = AFM_OK;
+    char nm[64];
+
+    if (!slot) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
+    for (i = 0; i < m->n_tensors && !res; i++) {
+        int s = afm__slot_of(m->tensors[i].name, c->n_layers);
+        if (s < 0) res = AFM__BAD(L, "%s: unknown tensor '%s' (not in docs/FORMAT.md for a %d-layer model)", L->name, m->tensors[i].name, c->n_layers);
+        else if (slot[s]) res = AFM__BAD(L, "%s: tensor '%s' appears twice in the directory", L->name, m->tensors[i].name);
+        else slot[s] = &m->tensors[i];
+    }
+#define AFM__EXPECT(t, nm_, d0, d1, fo, lo) do { if (!res) res = afm__expect(L, t, nm_, d0, d1, fo, lo); } while (0)
+    AFM__EXPECT(slot[AFM__T_EMBD], "tok_embd", (uint64_t)c->vocab_size, d, 0, 0);
+    AFM__EXPECT(slot[AFM__T_OUT_NORM], "out_norm", d, 0, 1, 0);
+    if (!res && c->has_kv_scales) AFM__EXPECT(slot[AFM__T_KV_SCALE], "kv_scale", (uint64_t)m->n_seg0, 2, 1, 0);
+    if (!res && !c->has_kv_scales && slot[AFM__T_KV_SCALE])
+        res = AFM__BAD(L, "%s: tensor 'kv_scale' is present but config flags bit 2 (int8 KV scales) is not set", L->name);
+    for (i = 0; i < c->n_layers && !res; i++) {
+        const afm__tensor **s = slot + AFM__T_N_GLOBAL + i * AFM__N_FIELDS;
+        afm__layer *ly = &m->layers[i];
+        int reuse = i >= m->n_seg0;
+        static const int absent0[] = { AFM__F_WQ }, absent1[] = { AFM__F_QKV, AFM__F_K_NORM };
+        const int *absent = reuse ? absent1 : absent0;
+        int n_absent = reuse ? 2 : 1, k;
+        ly->reuse = reuse;
+#define AFM__LNAME(field) (snprintf(nm, sizeof nm, "l%d.%s", i, field), nm)
+        AFM__EXPECT(s[AFM__F_ATTN_NORM], AFM__LNAME("attn_norm"), d, 0, 1, 0);
+        AFM__EXPECT(s[AFM__F_Q_NORM], AFM__LNAME("q_norm"), (uint64_t)c->head_dim, 0, 1, 0);
+        if (reuse) AFM__EXPECT(s[AFM__F_WQ], AFM__LNAME("wq"), q, d, 0, 0);
+        else {
+            AFM__EXPECT(s[AFM__F_QKV], AFM__LNAME("qkv"), q + 2 * kv, d, 0, 0);
+            AFM__EXPECT(s[AFM__F_K_NORM], AFM__LNAME("k_norm"), (uint64_t)c->head_dim, 0, 1, 0);
+        }
+        AFM__EXPECT(s[AFM__F_WO], AFM__LNAME("wo"), d, q, 0, 0);
+        AFM__EXPECT(s[AFM__F_FFN_NORM], AFM__LNAME("ffn_norm"), d, 0, 1, 0);
+        AFM__EXPECT(s[AFM__F_GATE], AFM__LNAME("gate"), f, d, 0, 0);
+        AFM__EXPECT(s[AFM__F_UP], AFM__LNAME("up"), f, d, 0, 0);
+        AFM__EXPECT(s[AFM__F_DOWN], AFM__LNAME("down"), d, f, 0, 0);
+        for (k = 0; k < n_absent && !res; k++)
+            if (s[absent[k]])
+                res = AFM__BAD(L, "%s: tensor '%s' does not belong in a segment-%d layer", L->name, s[absent[k]]->name, reuse);
+        if (res) break;
+        ly->attn_norm = (const float *)s[AFM__F_ATTN_NORM]->data;
+        ly->q_norm = (const float *)s[AFM__F_Q_NORM]->data;
+        ly->k_norm = reuse ? NULL : (const float *)s[AFM__F_K_NORM]->data;
+        ly->ffn_norm = (const float *)s[AFM__F_FFN_NORM]->data;
+        ly->qkv = s[AFM__F_QKV];
+        ly->wq = s[AFM__F_WQ];
+        ly->wo = s[AFM__F_WO];
+        ly->gate = s[AFM__F_GATE];
+        ly->up = s[AFM__F_UP];
+        ly->down = s[AFM__F_DOWN];
+        /* The embedded base adapter: all adapted projections of the layer, or none. */
+        for (p = 0; p < AFM__N_PROJ && !res; p++) {
+            uint64_t in = p == AFM__P_WO ? q : p == AFM__P_DOWN ? f : d;
+            uint64_t out = p == AFM__P_Q || p == AFM__P_WQ ? q : p == AFM__P_K || p == AFM__P_V ? kv
+                         : p == AFM__P_GATE || p == AFM__P_UP ? f : d;
+            int wanted = c->lora_rank > 0 && (reuse ? (p != AFM__P_Q && p != AFM__P_K && p != AFM__P_V) : p != AFM__P_WQ);
+            const afm__tensor *a = s[AFM__F_LORA_A + p], *b = s[AFM__F_LORA_B + p];
+            if (!wanted && (a || b)) {
+                res = AFM__BAD(L, "%s: tensor '%s' is not expected (lora_rank is %d, layer %d is in segment %d)", L->name,
+                               (a ? a : b)->name, c->lora_rank, i, reuse);
+                break;
+            }
+            if (!wanted) continue;
+            snprintf(nm, sizeof nm, "l%d.%s.lora_a", i, afm__proj_names[p]);
+            AFM__EXPECT(a, nm, r, in, 0, 1);
+            snprintf(nm, sizeof nm, "l%d.%s.lora_b", i, afm__proj_names[p]);
+            AFM__EXPECT(b, nm, out, r, 0, 1);
+            ly->lora_a[p] = a;
+            ly->lora_b[p] = b;
+        }
+#undef AFM__LNAME
+    }
+#undef AFM__EXPECT
+    if (!res) {
+        m->tok_embd = slot[AFM__T_EMBD];
+        m->out_norm = (const float *)slot[AFM__T_OUT_NORM]->data;
+        if (c->has_kv_scales) {
+            const float *ks = (const float *)slot[AFM__T_KV_SCALE]->data;
+            for (i = 0; i < m->n_seg0 && !res; i++) {
+                float k = ks[2 * i], v = ks[2 * i + 1];
+                if (!(k > 0 && k < FLT_MAX && v > 0 && v < FLT_MAX))
+                    res = AFM__BAD(L, "%s: tensor 'kv_scale': layer %d scales (%g, %g) must be finite and positive", L->name, i, (double)k, (double)v);
+                m->layers[i].k_scale = k;
+                m->layers[i].v_scale = v;
+            }
+        }
+        for (i = 0; i < m->n_tensors; i++) {
+            int s = afm__slot_of(m->tensors[i].name, c->n_layers);
+            int is_lora = s >= AFM__T_N_GLOBAL && (s - AFM__T_N_GLOBAL) % AFM__N_FIELDS >= AFM__F_LORA_A;
+            if (s == AFM__T_KV_SCALE) continue; /* quantizer state, not a parameter */
+            if (is_lora) m->n_lora_params += m->tensors[i].n_elements;
+            else m->n_params += m->tensors[i].n_elements;
+        }
+    }
+    afm__free(&m->alloc, (void *)slot);
+    return res;
+}
+
+static afm_result afm__parse_model(afm__loader *L, afm_model *m) {
+    const unsigned char *h = L->p;
+    uint64_t off[4], len[4], file_size, data_off, data_size, i;
+    uint32_t v, n_tensors, flags = 0;
+    afm_result r;
+
+    if (L->size < AFM__HEADER_SIZE)
+        return AFM__BAD(L, "%s: file is %llu bytes, shorter than the 128-byte header", L->name, (unsigned long long)L->size);
+    if (memcmp(h, "AFMMODEL", 8))
+        return AFM__BAD(L, "%s: offset 0: bad magic (expected \"AFMMODEL\"); not an afm model file", L->name);
+    if ((v = afm__rd32(h + 8)) != 1)
+        return AFM__BAD(L, "%s: offset 8: format version %u, this build reads version 1", L->name, v);
+    if ((v = afm__rd32(h + 12)) != AFM__HEADER_SIZE)
+        return AFM__BAD(L, "%s: offset 12: header_size %u, expected 128", L->name, v);
+    file_size = afm__rd64(h + 16);
+    if (file_size != L->size)
+        return AFM__BAD(L, "%s: offset 16: header says the file is %llu bytes, but it is %llu (truncated or padded?)", L->name,
+                        (unsigned long long)file_size, (unsigned long long)L->size);
+    off[0] = afm__rd64(h + 24); len[0] = afm__rd64(h + 32);
+    off[1] = afm__rd64(h + 40); len[1] = afm__rd64(h + 48);
+    off[2] = afm__rd64(h + 56); len[2] = afm__rd64(h + 64);
+    n_tensors = afm__rd32(h + 72);
+    data_off = off[3] = afm__rd64(h + 80);
+    data_size = len[3] = afm__rd64(h + 88);
+    if (afm__rd32(h + 76)) return AFM__BAD(L, "%s: offset 76: reserved field is not 0", L->name);
+    for (i = 96; i < 128; i++)
+        if (h[i]) return AFM__BAD(L, "%s: offset %llu: reserved header byte is not 0", L->name, (unsigned long long)i);
+    if (len[0] < AFM__CONFIG_SIZE)
+        return AFM__BAD(L, "%s: offset 32: config_size %llu, expected at least 128", L->name, (unsigned long long)len[0]);
+    if (len[1] != 0 && len[1] < 16)
+        return AFM__BAD(L, "%s: offset 48: tokenizer_size %llu, expected 0 or at least 16", L->name, (unsigned long long)len[1]);
+    if (len[1] == 0 && off[1] != 0)
+        return AFM__BAD(L, "%s: offset 40: tokenizer_offset is %llu but tokenizer_size is 0", L->name, (unsigned long long)off[1]);
+    if (n_tensors < 1 || n_tensors > AFM__MAX_TENSORS)
+        return AFM__BAD(L, "%s: offset 72: n_tensors is %u, expected 1..%u", L->name, n_tensors, AFM__MAX_TENSORS);
+    if (len[2] != (uint64_t)n_tensors * AFM__DIRENT_SIZE)
+        return AFM__BAD(L, "%s: offset 64: dir_size %llu, expected n_tensors x 128 = %llu", L->name, (unsigned long long)len[2],
+                        (unsigned long long)n_tensors * AFM__DIRENT_SIZE);
+    if (data_off % 64) return AFM__BAD(L, "%s: offset 80: data_offset %llu is not a multiple of 64", L->name, (unsigned long long)data_off);
+    if ((r = afm__check_sections(L, off, len)) != AFM_OK) return r;
+
+    if ((r = afm__parse_config(L, h + off[0], &m->config, &flags)) != AFM_OK) return r;
+    m->n_seg0 = m->config.n_layers - m->config.n_reuse_layers;
+
+    if (len[1]) {
+        const unsigned char *t = h + off[1];
+        uint32_t kind = afm__rd32(t);
+        uint64_t n = afm__rd64(t + 8);
+        if (kind != 1 && kind != 2)
+            return AFM__BAD(L, "%s: offset %llu: tokenizer kind %u, expected 1 (SentencePiece) or 2 (tokenizer.json)", L->name, (unsigned long long)off[1], kind);
+        if (n > len[1] - 16)
+            return AFM__BAD(L, "%s: offset %llu: tokenizer length %llu exceeds its section (%llu bytes)", L->name,
+                            (unsigned long long)(off[1] + 8), (unsigned long long)n, (unsigned long long)(len[1] - 16));
+        m->tok_kind = (int)kind;
+        m->tok_bytes = t + 16;
+        m->tok_size = (size_t)n;
+    }
+
+    m->n_tensors = (int)n_tensors;
+    m->tensors = (afm__tensor *)afm__calloc(&m->alloc, n_tensors, sizeof *m->tensors);
+    m->layers = (afm__layer *)afm__calloc(&m->alloc, (size_t)m->config.n_layers, sizeof *m->layers);
+    if (!m->tensors || !m->layers) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
+    for (i = 0; i < n_tensors; i++) {
+        afm__tensor *t = &m->tensors[i];
+        if ((r = afm__parse_dirent(L, h + off[2] + i * AFM__DIRENT_SIZE, data_size, t)) != AFM_OK) return r;
+        t->data = h + data_off + t->offset;
+    }
+    if ((r = afm__check_overlaps(L, m)) != AFM_OK) return r;
+    return afm__bind_tensors(L, m);
+}
+
+static afm_result afm__model_finish_load(afm_model *m, const char *name, const afm_load_params *params, afm_model **out, char *err, size_t errn) {
+    afm__loader L;
+    afm_result r;
+    (void)params;
+    L.name = name;
+    L.p = m->blob.data;
+    L.size = m->blob.size;
+    L.err = err;
+    L.errn = errn;
+    r = afm__parse_model(&L, m);
+    if (r != AFM_OK) { afm_model_free(m); return r; }
+    *out = m;
+    return AFM_OK;
+}
+
+static afm_model *afm__model_new(const afm_load_params *params) {
+    const afm_allocator *a = params && params->allocator ? params->allocator : &afm__malloc_allocator;
+    afm_model *m = (afm_model *)afm__alloc(a, sizeof *m);
+    if (m) {
+        memset(m, 0, sizeof *m);
+        m->alloc = *a;
+    }
+    return m;
+}
+
+AFMDEF afm_result afm_model_load_file(const char *path, const afm_load_params *params, afm_model **out, char *err, size_t errn) {
+    afm_model *m;
+    afm_result r;
+    if (err && errn) err[0] = 0;
+    if (!out) return afm__fail(err, errn, AFM_ERR_ARG, "afm_model_load_file: out is NULL");
+    *out = NULL;
+    if (!path) return afm__fail(err, errn, AFM_ERR_ARG, "afm_model_load_file: path is NULL");
+    if (!(m = afm__model_new(params))) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: out of memory", path);
+    r = afm__blob_open(&m->alloc, path, params ? params->no_mmap : 0, &m->blob, err, errn);
+    if (r != AFM_OK) { afm_model_free(m); return r; }
+    return afm__model_finish_load(m, path, params, out, err, errn);
+}
+
+AFMDEF afm_result afm_model_load_memory(const void *data, size_t size, const afm_load_params *params, afm_model **out, char *err, size_t errn) {
+    afm_model *m;
+    if (err && errn) err[0] = 0;
+    if (!out) return afm__fail(err, errn, AFM_ERR_ARG, "afm_model_load_memory: out is NULL");
+    *out = NULL;
+    if (!data && size) return afm__fail(err, errn, AFM_ERR_ARG, "afm_model_load_memory: data is NULL");
+    if (!(m = afm__model_new(params))) return afm__fail(err, errn, AFM_ERR_NOMEM, "<memory>: out of memory");
+    if ((uintptr_t)data % 64) {
+        /* Tensors are 64-byte aligned relative to the file start; a misaligned buffer is copied once. */
+        m->blob.owned = afm__alloc(&m->alloc, size ? size : 1);
+        if (!m->blob.owned) { afm_model_free(m); return afm__fail(err, errn, AFM_ERR_NOMEM, "<memory>: out of memory copying %llu bytes", (unsigned long long)size); }
+        if (size) memcpy(m->blob.owned, data, size);
+        data = m->blob.owned;
+    }
+    m->blob.data = (const unsigned char *)data;
+    m->blob.size = size;
+    return afm__model_finish_load(m, "<memory>", params, out, err, errn);
+}
+
+AFMDEF void afm_model_free(afm_model *m) {
+    afm_allocator a;
+    if (!m) return;
+    a = m->alloc;
+    afm__free(&a, m->tensors);
+    afm__free(&a, m->layers);
+    afm__blob_close(&a, &m->blob);
+    afm__free(&a, m);
+}
+
+AFMDEF const afm_config *afm_model_config(const afm_model *m) { return m ? &m->config : NULL; }
+AFMDEF int afm_model_n_tensors(const afm_model *m) { return m ? m->n_tensors : 0; }
+
+AFMDEF afm_result afm_model_tensor(const afm_model *m, int i, afm_tensor_info *info) {
+    const afm__tensor *t;
+    if (!m || !info || i < 0 || i >= m->n_tensors) return AFM_ERR_ARG;
+    t = &m->tensors[i];
+    info->name = t->name;
+    info->type = t->type;
+    info->n_dims = t->n_dims;
+    memcpy(info->dims, t->dims, sizeof info->dims);
+    info->n_elements = t->n_elements;
+    info->n_bytes = t->n_bytes;
+    return AFM_OK;
+}
+
+AFMDEF uint64_t afm_model_n_params(const afm_model *m, uint64_t *lora) {
+    if (lora) *lora = m ? m->n_lora_params : 0;
+    return m ? m->n_params : 0;
+}
+
+AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *m, int *kind, size_t *size) {
+    if (kind) *kind = m ? m->tok_kind : 0;
+    if (size) *size = m ? m->tok_size : 0;
+    return m ? m->tok_bytes : NULL;
+}
+
+
+/* ======================================================================================== */
+/* ==== KERNELS: scalar reference (float weight types) ==================================== */
+/* ======================================================================================== */
+
+static float afm__f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    float f;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);             /* inf / nan */
+    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);        /* normal */
+    else if (man) {                                                    /* subnormal: renormalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else u = sign;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float afm__bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Converts n elements of a float-type tensor, starting at element `start`, to f32. */
+static void afm__to_f32(const afm__tensor *t, uint64_t start, int n, float *out) {
+    int i;
+    if (t->type == AFM_TYPE_F32) { memcpy(out, (const float *)t->data + start, (size_t)n * 4); return; }
+    {
+        const unsigned char *p = (const unsigned char *)t->data + 2 * start;
+        if (t->type == AFM_TYPE_F16) for (i = 0; i < n; i++) out[i] = afm__f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+        else for (i = 0; i < n; i++) out[i] = afm__bf16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+    }
+}
+
+/* Dot product with eight independent sums, which compilers turn into SIMD lanes. Every
+   matrix kernel uses it for each (row, token) pair the same way, so a token's result does not
+   depend on which batch it was evaluated in: incremental decode equals full recompute exactly. */
+static float afm__dot(const float *a, const float *b, int n) {
+    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    int i = 0, k;
+    for (; i + 8 <= n; i += 8)
+        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+/* Y[t][r] = W[r] . X[t] for rows r in [r0, r1) and tokens t in [0, n_tok). */
+static void afm__matmul_rows(const afm__tensor *W, const float *X, int ldx, int n_tok, float *Y, int ldy,
+                             int r0, int r1, float *rowbuf) {
+    int n = (int)W->dims[1], r, t;
+    for (r = r0; r < r1; r++) {
+        const float *w;
+        if (W->type == AFM_TYPE_F32) w = (const float *)W->data + (uint64_t)r * n;
+        else { afm__to_f32(W, (uint64_t)r * n, n, rowbuf); w = rowbuf; }
+        for (t = 0; t < n_tok; t++) Y[(size_t)t * ldy + r] = afm__dot(w, X + (size_t)t * ldx, n);
+    }
+}
+
+/* ======================================================================================== */
+/* ==== FORWARD PASS (AFM_SPEC section 2) ================================================= */
+/* ======================================================================================== */
+
+struct afm_session {
+    afm_model *model;
+    afm_session_params params;
+    afm__pool pool;
+    afm_kv_type kv_type;
+    int pos, n_ctx, cap;          /* tokens in the cache, context limit, KV positions allocated */
+    int kv_dim;                   /* n_kv_heads * head_dim */
+    size_t kv_elt;                /* bytes per cached element */
+    unsigned char *k_cache, *v_cache; /* [n_seg0][cap][kv_dim] */
+    /* scratch for one batch of up to n_batch tokens */
+    float *x, *xn, *qkv, *q, *att, *hb, *hb2, *rope_cos, *rope_sin;
+    float *scores;                /* [n_threads][cap] attention scores */
+    float *rowbuf;                /* [n_threads][max row] converted weight rows */
+    int rowbuf_n;
+    float *logits;                /* [logits_cap][vocab] */
+    int logits_cap, n_logits;
+    const int32_t *cur_tokens;    /* the batch being evaluated (valid during eval) */
+    char err[256];
+};
+
+static afm_result afm__serr(afm_session *s, afm_result code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->err, sizeof s->err, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* ---- a matrix product spread over the pool by rows ---- */
+typedef struct afm__mm_job {
+    afm_session *s;
+    const afm__tensor *W;
+    const float *X;
+    int ldx, n_tok;
+    float *Y;
+    int ldy;
+} afm__mm_job;
+
+static void afm__mm_run(void *ctx, int ith, int nth) {
+    afm__mm_job *j = (afm__mm_job *)ctx;
+    int lo, hi;
+    afm__split((int)j->W->dims[0], ith, nth, &lo, &hi);
+    afm__matmul_rows(j->W, j->X, j->ldx, j->n_tok, j->Y, j->ldy, lo, hi, j->s->rowbuf + (size_t)ith * j->s->rowbuf_n);
+}
+
+static void afm__matmul(afm_session *s, const afm__tensor *W, const float *X, int ldx, int n_tok, float *Y, int ldy) {
+    afm__mm_job j;
+    j.s = s; j.W = W; j.X = X; j.ldx = ldx; j.n_tok = n_tok; j.Y = Y; j.ldy = ldy;
+    afm__pool_run(&s->pool, afm__mm_run, &j);
+}
+
+static void afm__rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    double ss = 0;
+    float scale;
+    int i;
+    for (i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    scale = (float)(1.0 / sqrt(ss / n + eps));
+    for (i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
+}
+
+/* Rotates one head in the half-split layout: pair i is (v[i], v[i + d/2]). */
+static void afm__rope(float *v, const float *cs, const float *sn, int half) {
+    int i;
+    for (i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = a * sn[i] + b * cs[i];
+    }
+}
+
+static void afm__rope_tables(afm_session *s, int n_tok) {
+    const afm_config *c = &s->model->config;
+    int half = c->head_dim / 2, t, i;
+    for (t = 0; t < n_tok; t++) {
+        double p = (double)(s->pos + t);
+        for (i = 0; i < half; i++) {
+            /* inv_freq_i = theta^(-2i/d), as f32 like the reference, then the angle in double */
+            float inv = (float)pow((double)c->rope_theta, -2.0 * i / c->head_dim);
+            double ang = p * inv;
+            s->rope_cos[t * half + i] = (float)cos(ang);
+            s->rope_sin[t * half + i] = (float)sin(ang);
+        }
+    }
+}
+
+/* Apple's 8-bit fake quantizer: round(x / scale) clipped to int8 (ties to even, like MLX). */
+static int8_t afm__quant8(float x, float scale) {
+    float q = (float)nearbyint(x / scale);
+    if (q < -128.0f) q = -128.0f;
+    if (q > 127.0f) q = 127.0f;
+    if (q != q) q = 0; /* NaN activations: the reference would propagate them; we store 0 */
+    return (int8_t)q;
+}
+
+static uint16_t afm__f32_to_f16(float f) {
+    uint32_t u, sign, exp, man;
+    memcpy(&u, &f, 4);
+    sign = (u >> 16) & 0x8000;
+    exp = (u >> 23) & 0xff;
+    man = u & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    if (exp > 142) return (uint16_t)(sign | 0x7c00);                  /* overflow to inf */
+    if (exp < 113) {                                                  /* subnormal or zero */
+        uint32_t shift, r;
+        if (exp < 102) return (uint16_t)sign;
+        man |= 0x800000;
+        shift = 126 - exp;
+        r = man >> shift;
+        if ((man & ((1u << shift) - 1)) > (1u << (shift - 1)) || ((man & ((1u << shift) - 1)) == (1u << (shift - 1)) && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    {
+        uint32_t h = sign | ((exp - 112) << 10) | (man >> 13), rest = man & 0x1fff;
+        if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;    /* round to nearest even */
+        return (uint16_t)h;
+    }
+}
+
+/* Stores n values into the cache at element index `at` in the session's KV type. */
+static void afm__kv_store(afm_session *s, unsigned char *base, size_t at, const float *v, int n, float scale) {
+    int i;
+    if (s->kv_type == AFM_KV_INT8) { int8_t *d = (int8_t *)base + at; for (i = 0; i < n; i++) d[i] = afm__quant8(v[i], scale); }
+    else if (s->kv_type == AFM_KV_F16) { uint16_t *d = (uint16_t *)(void *)base + at; for (i = 0; i < n; i++) d[i] = afm__f32_to_f16(v[i]); }
+    else memcpy((float *)(void *)base + at, v, (size_t)n * 4);
+}
+
+/* Reads n cached values (dequantized) starting at element index `at`. */
+static void afm__kv_load(const afm_session *s, const unsigned char *base, size_t at, float *out, int n, float scale) {
+    int i;
+    if (s->kv_type == AFM_KV_INT8) { const int8_t *d = (const int8_t *)base + at; for (i = 0; i < n; i++) out[i] = (float)d[i] * scale; }
+    else if (s->kv_type == AFM_KV_F16) { const uint16_t *d = (const uint16_t *)(const void *)base + at; for (i = 0; i < n; i++) out[i] = afm__f16_to_f32(d[i]); }
+    else memcpy(out, (const float *)(const void *)base + at, (size_t)n * 4);
+}
+
+/* ---- attention for every (token, head) of the batch, spread over the pool ---- */
+typedef struct afm__attn_job {
+    afm_session *s;
+    int layer;       /* whose cache is read */
+    int n_tok, q_stride;
+} afm__attn_job;
+
+static void afm__attn_run(void *ctx, int ith, int nth) {
+    afm__attn_job *j = (afm__attn_job *)ctx;
+    afm_session *s = j->s;
+    const afm_config *c = &s->model->config;
+    const afm__layer *ly = &s->model->layers[j->layer];
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, lo, hi, task, i, d;
+    size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim;
+    float *scores = s->scores + (size_t)ith * s->cap;
+    float *kv = s->rowbuf + (size_t)ith * s->rowbuf_n; /* one dequantized key or value row */
+    float inv_sqrt = 1.0f / sqrtf((float)hd);
+    afm__split(j->n_tok * c->n_heads, ith, nth, &lo, &hi);
+    for (task = lo; task < hi; task++) {
+        int t = task / c->n_heads, h = task % c->n_heads, kvh = h / group;
+        int n_keys = s->pos + t + 1;
+        const float *q = s->q + (size_t)t * j->q_stride + (size_t)h * hd;
+        float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)h * hd;
+        float mx = -FLT_MAX, sum = 0;
+        for (i = 0; i < n_keys; i++) {
+            afm__kv_load(s, s->k_cache, layer_off + (size_t)i * s->kv_dim + (size_t)kvh * hd, kv, hd, ly->k_scale);
+            scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
+            if (scores[i] > mx) mx = scores[i];
+        }
+        for (i = 0; i < n_keys; i++) { scores[i] = expf(scores[i] - mx); sum += scores[i]; }
+        for (d = 0; d < hd; d++) out[d] = 0;
+        for (i = 0; i < n_keys; i++) {
+            float p = scores[i] / sum;
+            afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim + (size_t)kvh * hd, kv, hd, ly->v_scale);
+            for (d = 0; d < hd; d++) out[d] += p * kv[d];
+        }
+    }
+}
+
+/* q, k: RoPE then per-head RMSNorm; k and v are stored into the layer's cache. */
+static void afm__qkv_post(afm_session *s, int layer, int n_tok) {
+    const afm_config *c = &s->model->config;
+    const afm__layer *ly = &s->model->layers[layer];
+    int hd = c->head_dim, half = hd / 2, qd = c->n_heads * hd, t, h;
+    int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
+    for (t = 0; t < n_tok; t++) {
+        float *row = s->qkv + (size_t)t * stride;
+        const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
+        for (h = 0; h < c->n_heads; h++) {
+            afm__rope(row + h * hd, cs, sn, half);
+            afm__rmsnorm(row + h * hd, row + h * hd, ly->q_norm, hd, c->qk_norm_eps);
+        }
+        if (!ly->reuse) {
+            float *k = row + qd, *v = row + qd + s->kv_dim;
+            size_t at = ((size_t)layer * s->cap + (size_t)(s->pos + t)) * s->kv_dim;
+            for (h = 0; h < c->n_kv_heads; h++) {
+                afm__rope(k + h * hd, cs, sn, half);
+                afm__rmsnorm(k + h * hd, k + h * hd, ly->k_norm, hd, c->qk_norm_eps);
+            }
+            afm__kv_store(s, s->k_cache, at, k, s->kv_dim, ly->k_scale);
+            afm__kv_store(s, s->v_cache, at, v, s->kv_dim, ly->v_scale);
+        }
+    }
+}
+
+static float afm__silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* Runs n_tok tokens at positions pos.. through the model; logits for the rows asked for. */
+static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *logits, int logits_from) {
+    const afm_model *m = s->model;
+    const afm_config *c = &m->config;
+    int d = c->dim, qd = c->n_heads * c->head_dim, f = c->ffn_dim, l, t, i;
+    size_t nd = (size_t)d;
+    afm__attn_job aj;
+
+    for (t = 0; t < n_tok; t++) afm__to_f32(m->tok_embd, (uint64_t)tok[t] * nd, d, s->x + t * nd);
+    afm__rope_tables(s, n_tok);
+
+    for (l = 0; l < c->n_layers; l++) {
+        const afm__layer *ly = &m->layers[l];
+        int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
+        for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->attn_norm, d, c->norm_eps);
+        afm__matmul(s, ly->reuse ? ly->wq : ly->qkv, s->xn, d, n_tok, s->qkv, stride);
+        afm__qkv_post(s, l, n_tok);
+        /* queries are the first qd values of each row; segment 1 reads the last segment-0 cache */
+        s->q = s->qkv;
+        aj.s = s; aj.layer = ly->reuse ? m->n_seg0 - 1 : l; aj.n_tok = n_tok; aj.q_stride = stride;
+        afm__pool_run(&s->pool, afm__attn_run, &aj);
+        afm__matmul(s, ly->wo, s->att, qd, n_tok, s->xn, d);
+        for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
+
+        for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->ffn_norm, d, c->norm_eps);
+        afm__matmul(s, ly->gate, s->xn, d, n_tok, s->hb, f);
+        afm__matmul(s, ly->up, s->xn, d, n_tok, s->hb2, f);
+        for (i = 0; i < n_tok * f; i++) s->hb[i] = afm__silu(s->hb[i]) * s->hb2[i];
+        afm__matmul(s, ly->down, s->hb, f, n_tok, s->xn, d);
+        for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
+    }
+    if (logits_from < n_tok) {
+        int n_out = n_tok - logits_from;
+        for (t = 0; t < n_out; t++) afm__rmsnorm(s->xn + t * nd, s->x + (logits_from + t) * nd, m->out_norm, d, c->norm_eps);
+        afm__matmul(s, m->tok_embd, s->xn, d, n_out, logits, c->vocab_size);
+    }
+}
+
+/* ======================================================================================== */
+/* ==== SESSIONS ========================================================================== */
+/* ======================================================================================== */
+
+static void afm__session_release_buffers(afm_session *s) {
+    const afm_allocator *a = &s->model->alloc;
+    void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
+                      (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
+                      (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache };
+    size_t i;
+    for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
+}
+
+/* Grows the KV cache (and the per-thread score rows) to hold at least `need` positions. */
+static afm_result afm__reserve(afm_session *s, int need) {
+    const afm_allocator *a = &s->model->alloc;
+    int cap = s->cap ? s->cap : 256, l, n_seg0 = s->model->n_seg0;
+    size_t row = (size_t)s->kv_dim * s->kv_elt;
+    unsigned char *k, *v;
+    float *scores;
+    if (need <= s->cap) return AFM_OK;
+    while (cap < need) cap = cap > s->n_ctx / 2 ? s->n_ctx : cap * 2;
+    if (cap > s->n_ctx) cap = s->n_ctx;
+    k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
+    v = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
+    scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * cap, sizeof(float));
+    if (!k || !v || !scores) {
+        afm__free(a, k); afm__free(a, v); afm__free(a, scores);
+        return afm__serr(s, AFM_ERR_NOMEM, "out of memory growing the KV cache to %d positions", cap);
+    }
+    for (l = 0; l < n_seg0 && s->pos; l++) {
+        memcpy(k + (size_t)l * cap * row, s->k_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+        memcpy(v + (size_t)l * cap * row, s->v_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+    }
+    afm__free(a, s->k_cache); afm__free(a, s->v_cache); afm__free(a, s->scores);
+    s->k_cache = k; s->v_cache = v; s->scores = scores;
+    s->cap = cap;
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *params, afm_session **out) {
+    const afm_allocator *a;
+    const afm_config *c;
+    afm_session *s;
+    afm_session_params p;
+    int B, qd, widest;
+    if (!out) return AFM_ERR_ARG;
+    *out = NULL;
+    if (!m) return AFM_ERR_ARG;
+    a = &m->alloc;
+    c = &m->config;
+    memset(&p, 0, sizeof p);
+    if (params) p = *params;
+    if (p.n_ctx < 0 || p.n_threads < 0 || p.n_batch < 0 || p.n_threads > 1024 || (int)p.kv_type < 0 || p.kv_type > AFM_KV_INT8) return AFM_ERR_ARG;
+    if (p.n_ctx == 0) p.n_ctx = c->context_length;
+    if (p.n_threads == 0) p.n_threads = 1;
+    if (p.n_batch == 0) p.n_batch = 256;
+    if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
+    if (p.kv_type == AFM_KV_AUTO) p.kv_type = c->has_kv_scales ? AFM_KV_INT8 : AFM_KV_F16;
+    if (p.kv_type == AFM_KV_INT8 && !c->has_kv_scales) return AFM_ERR_UNSUPPORTED;
+
+    s = (afm_session *)afm__calloc(a, 1, sizeof *s);
+    if (!s) return AFM_ERR_NOMEM;
+    s->model = m;
+    s->params = p;
+    s->kv_type = p.kv_type;
+    s->n_ctx = p.n_ctx;
+    s->kv_dim = c->n_kv_heads * c->head_dim;
+    s->kv_elt = s->kv_type == AFM_KV_INT8 ? 1 : s->kv_type == AFM_KV_F16 ? 2 : 4;
+    if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
+
+    B = p.n_batch;
+    qd = c->n_heads * c->head_dim;
+    widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
+    if (qd > widest) widest = qd;
+    if (c->head_dim > widest) widest = c->head_dim;
+    s->rowbuf_n = (widest + 15) & ~15;
+    s->x = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
+    s->xn = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
+    s->qkv = (float *)afm__alloc(a, (size_t)B * (qd + 2 * s->kv_dim) * 4);
+    s->att = (float *)afm__alloc(a, (size_t)B * qd * 4);
+    s->hb = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
+    s->hb2 = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
+    s->rope_cos = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
+    s->rope_sin = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
+    s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
+    s->logits_cap = 1;
+    s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
+    if (!s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->logits ||
+        afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
+        afm_session_free(s);
+        return AFM_ERR_NOMEM;
+    }
+    *out = s;
+    return AFM_OK;
+}
+
+AFMDEF void afm_session_free(afm_session *s) {
+    if (!s) return;
+    afm__pool_destroy(&s->model->alloc, &s->pool);
+    afm__session_release_buffers(s);
+    afm__free(&s->model->alloc, s);
+}
+
+AFMDEF afm_result afm_session_eval(afm_session *s, const int32_t *tokens, int n) {
+    const afm_config *c;
+    int i, done, want_all;
+    afm_result r;
+    if (!s) return AFM_ERR_ARG;
+    c = &s->model->config;
+    s->err[0] = 0;
+    if (n <= 0 || !tokens) return afm__serr(s, AFM_ERR_ARG, "afm_session_eval: %d tokens given (need at least 1)", n);
+    for (i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
+            return afm__serr(s, AFM_ERR_ARG, "token %d at index %d is outside the vocabulary [0, %d)", (int)tokens[i], i, c->vocab_size);
+    if (n > s->n_ctx - s->pos)
+        return afm__serr(s, AFM_ERR_CONTEXT_FULL, "context full: %d tokens at position %d exceed the session's limit of %d", n, s->pos, s->n_ctx);
+    if ((r = afm__reserve(s, s->pos + n)) != AFM_OK) return r;
+    want_all = s->params.all_logits;
+    if (want_all && n > s->logits_cap) {
+        float *l = (float *)afm__alloc(&s->model->alloc, (size_t)n * c->vocab_size * 4);
+        if (!l) return afm__serr(s, AFM_ERR_NOMEM, "out of memory for the logits of %d positions", n);
+        afm__free(&s->model->alloc, s->logits);
+        s->logits = l;
+        s->logits_cap = n;
+    }
+    s->n_logits = 0;
+    for (done = 0; done < n;) {
+        int b = n - done < s->params.n_batch ? n - done : s->params.n_batch;
+        int last_chunk = done + b == n;
+        float *lg = want_all ? s->logits + (size_t)done * c->vocab_size : s->logits;
+        afm__forward(s, tokens + done, b, lg, want_all ? 0 : last_chunk ? b - 1 : b);
+        s->pos += b;
+        done += b;
+    }
+    s->n_logits = want_all ? n : 1;
+    return AFM_OK;
+}
+
+AFMDEF const float *afm_session_logits(const afm_session *s, int i) {
+    if (!s || s->n_logits == 0) return NULL;
+    if (i < 0) i += s->n_logits;
+    if (i < 0 || i >= s->n_logits) return NULL;
+    return s->logits + (size_t)i * s->model->config.vocab_size;
+}
+
+AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
+    if (!s) return AFM_ERR_ARG;
+    if (pos < 0 || pos > s->pos) return afm__serr(s, AFM_ERR_ARG, "cannot rewind to position %d: the session holds %d tokens", pos, s->pos);
+    s->pos = pos;
+    s->n_logits = 0; /* the logits belonged to positions that may be gone */
+    return AFM_OK;
+}
+
+AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
+AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
+
+/* ======================================================================================== */
+/* ==== SAMPLING ========================================================================== */
+/* ======================================================================================== */
+
+struct afm_sampler {
+    afm_sampler_params p;
+    afm_allocator alloc;
+    int n_vocab;
+    uint64_t rng[4];     /* xoshiro256** */
+    float *prob;         /* [n_vocab] */
+    int32_t *idx;        /* [n_vocab] candidate ids */
+};
+
+static uint64_t afm__splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t afm__rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t afm__rng_next(uint64_t *s) {
+    uint64_t r = afm__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = afm__rotl(s[3], 45);
+    return r;
+}
+
+/* Uniform in [0, 1) with 53 random bits. */
+static double afm__rng_uniform(uint64_t *s) { return (double)(afm__rng_next(s) >> 11) * (1.0 / 9007199254740992.0); }
+
+AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_vocab, const afm_allocator *allocator, afm_sampler **out) {
+    const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
+    afm_sampler *sm;
+    uint64_t seed;
+    if (!out) return AFM_ERR_ARG;
+    *out = NULL;
+    if (n_vocab < 1 || (params && (params->top_k < 0 || !(params->top_p >= 0 && params->top_p <= 1) ||
+                                   !(params->min_p >= 0 && params->min_p <= 1) || params->temperature != params->temperature)))
+        return AFM_ERR_ARG;
+    sm = (afm_sampler *)afm__calloc(a, 1, sizeof *sm);
+    if (!sm) return AFM_ERR_NOMEM;
+    if (params) sm->p = *params;
+    sm->alloc = *a;
+    sm->n_vocab = n_vocab;
+    sm->prob = (float *)afm__alloc(a, (size_t)n_vocab * sizeof(float));
+    sm->idx = (int32_t *)afm__alloc(a, (size_t)n_vocab * sizeof(int32_t));
+    if (!sm->prob || !sm->idx) { afm_sampler_free(sm); return AFM_ERR_NOMEM; }
+    seed = sm->p.seed;
+    sm->rng[0] = afm__splitmix64(&seed); sm->rng[1] = afm__splitmix64(&seed);
+    sm->rng[2] = afm__splitmix64(&seed); sm->rng[3] = afm__splitmix64(&seed);
+    *out = sm;
+    return AFM_OK;
+}
+
+AFMDEF void afm_sampler_free(afm_sampler *sm) {
+    afm_allocator a;
+    if (!sm) return;
+    a = sm->alloc;
+    afm__free(&a, sm->prob);
+    afm__free(&a, sm->idx);
+    afm__free(&a, sm);
+}
+
+/* Orders candidates by probability, highest first; ties by lower id, so results never depend
+   on the sort algorithm. */
+typedef struct afm__cand { float p; int32_t id; } afm__cand;
+static int afm__cmp_cand(const void *a, const void *b) {
+    const afm__cand *x = (const afm__cand *)a, *y = (const afm__cand *)b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) {
+    int n = sm->n_vocab, i, nc = 0, best = 0;
+    float mx = -FLT_MAX, inv_t;
+    double sum = 0, r, acc;
+    for (i = 0; i < n; i++)
+        if (logits[i] > logits[best]) best = i;
+    if (!(sm->p.temperature > 0)) return best;
+    mx = logits[best];
+    inv_t = 1.0f / sm->p.temperature;
+    for (i = 0; i < n; i++) sm->prob[i] = expf((logits[i] - mx) * inv_t); /* unnormalised; max is 1 */
+    /* Candidates: min-p keeps p >= min_p * p_max (p_max is 1 here). Top-k and top-p sort them. */
+    for (i = 0; i < n; i++)
+        if (sm->prob[i] > 0 && sm->prob[i] >= sm->p.min_p) sm->idx[nc++] = i;
+    if ((sm->p.top_k > 0 && sm->p.top_k < nc) || (sm->p.top_p > 0 && sm->p.top_p < 1)) {
+        afm__cand *c = (afm__cand *)afm__alloc(&sm->alloc, (size_t)nc * sizeof *c);
+        int keep = nc;
+        if (!c) return best; /* out of memory: fall back to the most likely token */
+        for (i = 0; i < nc; i++) { c[i].p = sm->prob[sm->idx[i]]; c[i].id = sm->idx[i]; }
+        qsort(c, (size_t)nc, sizeof *c, afm__cmp_cand);
+        if (sm->p.top_k > 0 && sm->p.top_k < keep) keep = sm->p.top_k;
+        if (sm->p.top_p > 0 && sm->p.top_p < 1) {
+            double total = 0, run = 0;
+            for (i = 0; i < keep; i++) total += c[i].p;
+            for (i = 0; i < keep; i++) {
+                run += c[i].p;
+                if (run >= sm->p.top_p * total) { keep = i + 1; break; }
+            }
+        }
+        for (i = 0; i < keep; i++) sm->idx[i] = c[i].id;
+        nc = keep;
+        afm__free(&sm->alloc, c);
+    }
+    for (i = 0; i < nc; i++) sum += sm->prob[sm->idx[i]];
+    r = afm__rng_uniform(sm->rng) * sum;
+    acc = 0;
+    for (i = 0; i < nc; i++) {
+        acc += sm->prob[sm->idx[i]];
+        if (r < acc) return sm->idx[i];
+    }
+    return sm->idx[nc - 1];
+}
+
+#endif /* AFM_IMPLEMENTATION_DONE */
+#endif /* AFM_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+MIT License
+
+Copyright (c) 2026 the afm.h authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+*/

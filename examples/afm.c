@@ -1,0 +1,282 @@
+/* afm - command-line front end of afm.h.
+
+   afm info FILE                          configuration, parameter counts, bytes per type
+   afm [generate] -m FILE --ids 1,2,3 ... generate from token ids (greedy unless --temp > 0)
+
+   Run `afm --help` for every option. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
+#endif
+#define AFM_IMPLEMENTATION
+#include "../afm.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const char *usage_text =
+    "usage: afm info FILE\n"
+    "       afm [generate] -m FILE --ids ID,ID,... [options]\n"
+    "\n"
+    "commands:\n"
+    "  info FILE              print the model's configuration, parameter counts per group,\n"
+    "                         bytes per weight type and signature\n"
+    "  generate               (default) evaluate the prompt ids, then generate -n tokens\n"
+    "\n"
+    "options:\n"
+    "  -m, --model FILE       model file (.afm, see docs/FORMAT.md)\n"
+    "      --ids LIST         prompt as token ids separated by commas or spaces\n"
+    "  -n, --n-predict N      tokens to generate (default 16)\n"
+    "  -t, --threads N        threads (default 1)\n"
+    "  -c, --ctx-size N       context limit in tokens (default: the model's training context)\n"
+    "  -b, --batch-size N     tokens per forward pass during prefill (default 256)\n"
+    "      --temp T           temperature; 0 is greedy (default 0)\n"
+    "      --top-k K          keep the K most likely tokens (default 0: off)\n"
+    "      --top-p P          nucleus sampling (default 1: off)\n"
+    "      --min-p P          drop tokens below P x the top probability (default 0: off)\n"
+    "  -s, --seed N           sampler seed (default 0)\n"
+    "      --kv TYPE          KV cache: auto, f32, f16, int8 (default auto: int8 when the model\n"
+    "                         carries KV scales, else f16)\n"
+    "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
+    "                         generated step as raw little-endian f32 [steps][vocab]\n"
+    "      --no-mmap          read the model into memory instead of mapping it\n"
+    "  -h, --help             this text\n";
+
+static void die(const char *fmt, const char *arg) {
+    fprintf(stderr, "afm: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\n");
+    exit(1);
+}
+
+static long parse_int(const char *s, const char *opt, long lo, long hi) {
+    char *end;
+    long v;
+    if (!s) die("option %s needs a value", opt);
+    v = strtol(s, &end, 10);
+    if (*s == 0 || *end != 0 || v < lo || v > hi) {
+        fprintf(stderr, "afm: option %s: '%s' is not an integer in [%ld, %ld]\n", opt, s, lo, hi);
+        exit(1);
+    }
+    return v;
+}
+
+static float parse_float(const char *s, const char *opt) {
+    char *end;
+    float v;
+    if (!s) die("option %s needs a value", opt);
+    v = strtof(s, &end);
+    if (*s == 0 || *end != 0 || v != v) die("option %s: not a number", opt);
+    return v;
+}
+
+static int parse_ids(const char *s, int32_t **out) {
+    int n = 0, cap = 16;
+    int32_t *ids = (int32_t *)malloc(cap * sizeof *ids);
+    while (ids && *s) {
+        char *end;
+        long v;
+        while (*s == ',' || *s == ' ') s++;
+        if (!*s) break;
+        v = strtol(s, &end, 10);
+        if (end == s || v < 0 || v > 0x7fffffff) die("--ids: '%s' is not a list of non-negative integers", s);
+        if (n == cap) ids = (int32_t *)realloc(ids, (cap *= 2) * sizeof *ids);
+        if (!ids) break;
+        ids[n++] = (int32_t)v;
+        s = end;
+    }
+    if (!ids) die("%s", "out of memory");
+    *out = ids;
+    return n;
+}
+
+static double now_seconds(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (double)c.QuadPart / (double)f.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+#endif
+}
+
+static afm_model *load_or_die(const char *path, int no_mmap) {
+    afm_model *m;
+    afm_load_params lp;
+    char err[512];
+    memset(&lp, 0, sizeof lp);
+    lp.no_mmap = no_mmap;
+    if (afm_model_load_file(path, &lp, &m, err, sizeof err) != AFM_OK) {
+        fprintf(stderr, "afm: %s\n", err);
+        exit(1);
+    }
+    return m;
+}
+
+/* ---- afm info ---- */
+
+static void print_count(const char *label, unsigned long long n) {
+    char buf[32], out[48];
+    int len, i, j = 0;
+    snprintf(buf, sizeof buf, "%llu", n);
+    len = (int)strlen(buf);
+    for (i = 0; i < len; i++) {
+        if (i && (len - i) % 3 == 0) out[j++] = ',';
+        out[j++] = buf[i];
+    }
+    out[j] = 0;
+    printf("  %-22s %15s\n", label, out);
+}
+
+static int cmd_info(const char *path) {
+    afm_model *m = load_or_die(path, 0);
+    const afm_config *c = afm_model_config(m);
+    unsigned long long groups[5] = { 0, 0, 0, 0, 0 }, bytes[3] = { 0, 0, 0 }, lora, total;
+    uint64_t lora64 = 0;
+    static const char *group_names[5] = { "embedding", "segment 0 layers", "segment 1 layers", "output norm", "other" };
+    static const char *type_names[3] = { "F32", "F16", "BF16" };
+    int i, n_seg0 = c->n_layers - c->n_reuse_layers, tok_kind;
+    size_t tok_size;
+
+    total = afm_model_n_params(m, &lora64);
+    lora = lora64;
+    for (i = 0; i < afm_model_n_tensors(m); i++) {
+        afm_tensor_info t;
+        int layer;
+        afm_model_tensor(m, i, &t);
+        if ((int)t.type >= 0 && (int)t.type < 3) bytes[t.type] += t.n_bytes;
+        if (strstr(t.name, ".lora_") || !strcmp(t.name, "kv_scale")) continue;
+        if (!strcmp(t.name, "tok_embd")) groups[0] += t.n_elements;
+        else if (!strcmp(t.name, "out_norm")) groups[3] += t.n_elements;
+        else if (sscanf(t.name, "l%d.", &layer) == 1) groups[layer < n_seg0 ? 1 : 2] += t.n_elements;
+        else groups[4] += t.n_elements;
+    }
+    afm_model_tokenizer_bytes(m, &tok_kind, &tok_size);
+
+    printf("%s\n", path);
+    printf("config:\n");
+    printf("  vocab_size %d, dim %d, layers %d (segment 0: %d, segment 1 / KV reuse: %d)\n", c->vocab_size, c->dim,
+           c->n_layers, n_seg0, c->n_reuse_layers);
+    printf("  heads %d x %d, KV heads %d, FFN %d (SwiGLU)\n", c->n_heads, c->head_dim, c->n_kv_heads, c->ffn_dim);
+    printf("  RoPE theta %g (half-split layout), norm eps %g, QK-norm eps %g, context %d\n", (double)c->rope_theta,
+           (double)c->norm_eps, (double)c->qk_norm_eps, c->context_length);
+    printf("  KV cache: %s\n", c->has_kv_scales ? "int8 with per-layer scales" : "no scales (f16 by default)");
+    printf("  tokenizer: %s (%llu bytes)\n", tok_kind == 1 ? "SentencePiece" : tok_kind == 2 ? "tokenizer.json" : "none",
+           (unsigned long long)tok_size);
+    printf("  signature: %s\n", c->signature[0] ? c->signature : "(none)");
+    printf("parameters:\n");
+    for (i = 0; i < 5; i++)
+        if (groups[i] || i < 4) print_count(group_names[i], groups[i]);
+    print_count("base total", total);
+    if (c->lora_rank) {
+        printf("  base adapter: rank %d, alpha %g\n", c->lora_rank, (double)c->lora_alpha);
+        print_count("LoRA", lora);
+        print_count("base + LoRA", total + lora);
+    }
+    printf("bytes by type:\n");
+    for (i = 0; i < 3; i++)
+        if (bytes[i]) print_count(type_names[i], bytes[i]);
+    printf("tensors: %d\n", afm_model_n_tensors(m));
+    afm_model_free(m);
+    return 0;
+}
+
+/* ---- afm generate ---- */
+
+static int cmd_generate(int argc, char **argv) {
+    const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL;
+    int n_predict = 16, no_mmap = 0, i, n_prompt;
+    afm_session_params sp;
+    afm_sampler_params smp;
+    afm_model *m;
+    afm_session *s;
+    afm_sampler *sampler;
+    int32_t *prompt, tok;
+    FILE *dump = NULL;
+    double t0, t1, t2;
+    afm_result r;
+
+    memset(&sp, 0, sizeof sp);
+    memset(&smp, 0, sizeof smp);
+    smp.top_p = 1.0f;
+    for (i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(usage_text, stdout); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); model_path = v; i++; }
+        else if (!strcmp(a, "--ids")) { if (!v) die("option %s needs a value", a); ids_text = v; i++; }
+        else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) { n_predict = (int)parse_int(v, a, 0, 1 << 24); i++; }
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { sp.n_threads = (int)parse_int(v, a, 1, 1024); i++; }
+        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) { sp.n_ctx = (int)parse_int(v, a, 1, 1 << 24); i++; }
+        else if (!strcmp(a, "-b") || !strcmp(a, "--batch-size")) { sp.n_batch = (int)parse_int(v, a, 1, 1 << 16); i++; }
+        else if (!strcmp(a, "--temp")) { smp.temperature = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--top-k")) { smp.top_k = (int)parse_int(v, a, 0, 1 << 30); i++; }
+        else if (!strcmp(a, "--top-p")) { smp.top_p = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--min-p")) { smp.min_p = parse_float(v, a); i++; }
+        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { smp.seed = (uint64_t)parse_int(v, a, 0, 0x7fffffffL); i++; }
+        else if (!strcmp(a, "--dump-logits")) { if (!v) die("option %s needs a value", a); dump_path = v; i++; }
+        else if (!strcmp(a, "--no-mmap")) no_mmap = 1;
+        else if (!strcmp(a, "--kv")) {
+            if (!v) die("option %s needs a value", a);
+            if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;
+            else if (!strcmp(v, "f32")) sp.kv_type = AFM_KV_F32;
+            else if (!strcmp(v, "f16")) sp.kv_type = AFM_KV_F16;
+            else if (!strcmp(v, "int8")) sp.kv_type = AFM_KV_INT8;
+            else die("--kv: '%s' is not one of auto, f32, f16, int8", v);
+            i++;
+        } else die("unknown option '%s' (see afm --help)", a);
+    }
+    if (!model_path) die("%s", "no model given (-m FILE); see afm --help");
+    if (!ids_text) die("%s", "no prompt given (--ids 1,2,3); see afm --help");
+    if (smp.top_p <= 0 || smp.top_p > 1) die("%s", "--top-p must be in (0, 1]");
+    if (smp.min_p < 0 || smp.min_p > 1) die("%s", "--min-p must be in [0, 1]");
+    n_prompt = parse_ids(ids_text, &prompt);
+    if (n_prompt == 0) die("%s", "--ids: the prompt is empty");
+
+    m = load_or_die(model_path, no_mmap);
+    if ((r = afm_session_create(m, &sp, &s)) != AFM_OK) die("cannot create a session: %s", afm_result_string(r));
+    if ((r = afm_sampler_create(&smp, afm_model_config(m)->vocab_size, NULL, &sampler)) != AFM_OK)
+        die("cannot create the sampler: %s", afm_result_string(r));
+    if (dump_path && !(dump = fopen(dump_path, "wb"))) die("cannot open '%s' for writing", dump_path);
+
+    t0 = now_seconds();
+    if (afm_session_eval(s, prompt, n_prompt) != AFM_OK) die("%s", afm_session_error(s));
+    t1 = now_seconds();
+    for (i = 0; i < n_predict; i++) {
+        const float *logits = afm_session_logits(s, -1);
+        if (dump) fwrite(logits, sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
+        tok = afm_sampler_sample(sampler, logits);
+        printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
+        fflush(stdout);
+        if (afm_session_eval(s, &tok, 1) != AFM_OK) {
+            fprintf(stderr, "\nafm: %s\n", afm_session_error(s));
+            break;
+        }
+    }
+    if (dump && n_predict == 0) fwrite(afm_session_logits(s, -1), sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
+    t2 = now_seconds();
+    fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tok/s); generated: %d tokens in %.3f s (%.1f tok/s)\n", n_prompt,
+            t1 - t0, n_prompt / (t1 - t0 + 1e-12), i, t2 - t1, i / (t2 - t1 + 1e-12));
+    if (dump) fclose(dump);
+    free(prompt);
+    afm_sampler_free(sampler);
+    afm_session_free(s);
+    afm_model_free(m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
+        fputs(usage_text, argc < 2 ? stderr : stdout);
+        return argc < 2;
+    }
+    if (!strcmp(argv[1], "info")) {
+        if (argc != 3) die("%s", "usage: afm info FILE");
+        return cmd_info(argv[2]);
+    }
+    if (!strcmp(argv[1], "generate")) return cmd_generate(argc - 2, argv + 2);
+    return cmd_generate(argc - 1, argv + 1);
+}
