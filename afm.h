@@ -338,6 +338,13 @@ static afm_result afm__blob_open(const afm_allocator *a, const char *path, int n
     }
 #endif
     (void)no_mmap;
+#if !defined(_WIN32)
+    {
+        struct stat st;
+        if (stat(path, &st) != 0) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+        if (!S_ISREG(st.st_mode)) return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path);
+    }
+#endif
     f = fopen(path, "rb");
     if (!f) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
     if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot seek", path); }
@@ -530,6 +537,8 @@ static void afm__pool_run(afm__pool *p, afm__job_fn fn, void *ctx) {
         afm__unlock(p);
         return;
     }
+#else
+    (void)p;
 #endif
     fn(ctx, 0, 1);
 }

@@ -191,12 +191,433 @@ static void test_incremental_and_rewind(const char *name) {
     free_ref(&r);
 }
 
+
+/* ---- hostile model files: each mutation of a valid file must give a clear error ---- */
+
+static unsigned char *g_valid;  /* a valid model file, loaded once by test_hostile */
+static size_t g_valid_size;
+
+static void wr32(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24); }
+static void wr64(unsigned char *p, uint64_t v) { wr32(p, (uint32_t)v); wr32(p + 4, (uint32_t)(v >> 32)); }
+static uint32_t rd32(const unsigned char *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+static uint64_t rd64(const unsigned char *p) { return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32; }
+static float rdf(const unsigned char *p) { uint32_t u = rd32(p); float f; memcpy(&f, &u, 4); return f; }
+static void wrf(unsigned char *p, float f) { uint32_t u; memcpy(&u, &f, 4); wr32(p, u); }
+
+/* Loads buf (size bytes) and checks it fails with AFM_ERR_FORMAT and a message containing want. */
+static void expect_bad(const unsigned char *buf, size_t size, const char *want, const char *what) {
+    afm_model *m = NULL;
+    char err[512] = "";
+    afm_result r = afm_model_load_memory(buf, size, NULL, &m, err, sizeof err);
+    CHECK(r == AFM_ERR_FORMAT && m == NULL && strstr(err, want), "%s: expected a format error mentioning '%s', got %d '%s'", what, want, (int)r, err);
+    if (m) afm_model_free(m);
+}
+
+static unsigned char *copy_valid(void) {
+    unsigned char *b = (unsigned char *)malloc(g_valid_size);
+    memcpy(b, g_valid, g_valid_size);
+    return b;
+}
+
+/* Byte position of field `off` of directory entry i, and the entry index of a named tensor. */
+static size_t dirent(size_t i, size_t off) { return (size_t)rd64(g_valid + 56) + i * 128 + off; }
+static int find_tensor(const char *name) {
+    uint32_t i, n = rd32(g_valid + 72);
+    for (i = 0; i < n; i++)
+        if (!strcmp((const char *)g_valid + dirent(i, 0), name)) return (int)i;
+    return -1;
+}
+
+typedef struct mutation { const char *what; size_t at; int width; double value; const char *want; } mutation;
+
+static void test_hostile(const char *name) {
+    char path[256];
+    size_t cfg, i, n_cuts = 0, cuts[4096];
+    unsigned char *b;
+    int emb = -1, norm = -1, n_t;
+    snprintf(path, sizeof path, "tests/vectors/%s.afm", name);
+    g_valid = read_file(path, &g_valid_size);
+    CHECK(g_valid != NULL, "read %s", path);
+    if (!g_valid) return;
+    {
+        afm_model *m;
+        char err[256];
+        CHECK(afm_model_load_memory(g_valid, g_valid_size, NULL, &m, err, sizeof err) == AFM_OK, "the unmutated file loads: %s", err);
+        afm_model_free(m);
+    }
+    cfg = (size_t)rd64(g_valid + 24);
+    n_t = (int)rd32(g_valid + 72);
+    emb = find_tensor("tok_embd");
+    norm = find_tensor("out_norm");
+    CHECK(emb >= 0 && norm >= 0, "tok_embd and out_norm found");
+    if (emb < 0 || norm < 0) return;
+
+    /* single-field corruptions: width 4 = u32, 8 = u64, -4 = f32 */
+    {
+        const mutation muts[] = {
+            { "wrong magic", 0, 4, 0x4c444f4d, "magic" },
+            { "version 2", 8, 4, 2, "version" },
+            { "version 0", 8, 4, 0, "version" },
+            { "header size", 12, 4, 64, "header_size" },
+            { "config past the end", 24, 8, (double)g_valid_size, "config section" },
+            { "config offset huge", 24, 8, 1.8e19, "config section" },
+            { "config inside header", 24, 8, 64, "header" },
+            { "config size small", 32, 4, 100, "config_size" },
+            { "config overlaps directory", 32, 8, 1e6, "" },
+            { "directory size wrong", 64, 8, 128, "dir_size" },
+            { "no tensors", 72, 4, 0, "n_tensors" },
+            { "too many tensors", 72, 4, 1e6, "n_tensors" },
+            { "directory past the end", 56, 8, (double)g_valid_size - 64, "directory section" },
+            { "directory overlaps config", 56, 8, (double)cfg, "overlaps" },
+            { "data misaligned", 80, 8, (double)(rd64(g_valid + 80) + 8), "multiple of 64" },
+            { "data past the end", 88, 8, (double)g_valid_size, "data section" },
+            { "reserved header", 100, 4, 1, "reserved" },
+            { "tokenizer offset without size", 40, 8, 128, "tokenizer" },
+            { "arch", cfg + 0, 4, 7, "arch" },
+            { "vocab 0", cfg + 4, 4, 0, "vocab_size" },
+            { "vocab absurd", cfg + 4, 4, 4e9, "vocab_size" },
+            { "dim 0", cfg + 8, 4, 0, "dim" },
+            { "dim absurd", cfg + 8, 4, 1e7, "dim" },
+            { "layers 0", cfg + 12, 4, 0, "n_layers" },
+            { "reuse >= layers", cfg + 16, 4, 1000, "n_reuse_layers" },
+            { "heads 0", cfg + 20, 4, 0, "n_heads" },
+            { "kv heads 0", cfg + 24, 4, 0, "n_kv_heads" },
+            { "head_dim odd", cfg + 28, 4, 33, "head_dim" },
+            { "head_dim absurd", cfg + 28, 4, 1e6, "head_dim" },
+            { "ffn 0", cfg + 32, 4, 0, "ffn_dim" },
+            { "context 0", cfg + 36, 4, 0, "context_length" },
+            { "rope theta NaN", cfg + 40, -4, NAN, "rope_theta" },
+            { "rope theta inf", cfg + 40, -4, INFINITY, "rope_theta" },
+            { "rope theta negative", cfg + 40, -4, -5, "rope_theta" },
+            { "eps NaN", cfg + 44, -4, NAN, "norm_eps" },
+            { "eps zero", cfg + 44, -4, 0, "norm_eps" },
+            { "qk eps NaN", cfg + 48, -4, NAN, "qk_norm_eps" },
+            { "rope layout interleaved", cfg + 52, 4, 0, "rope_layout" },
+            { "unknown flag", cfg + 56, 4, 0xff, "flags" },
+            { "not tied", cfg + 56, 4, 6, "flags" },
+            { "lora rank absurd", cfg + 60, 4, 1e6, "lora_rank" },
+            { "lora rank without tensors", cfg + 60, 4, 8, "missing" },
+            { "signature not hex", cfg + 72, 4, 0x5a5a5a5a, "signature" },
+            { "tensor type unknown", dirent((size_t)norm, 64), 4, 9, "unknown type" },
+            { "tensor type does not match size", dirent((size_t)norm, 64), 4, 1, "size is" },
+            { "n_dims 0", dirent((size_t)norm, 68), 4, 0, "n_dims" },
+            { "n_dims 5", dirent((size_t)norm, 68), 4, 5, "n_dims" },
+            { "dim zero", dirent((size_t)norm, 72), 8, 0, "dimension" },
+            { "dim absurd", dirent((size_t)emb, 72), 8, 1e15, "absurd" },
+            { "dims overflow", dirent((size_t)emb, 80), 8, 1e12, "" },
+            { "unused dim set", dirent((size_t)norm, 80), 8, 3, "unused" },
+            { "tensor offset misaligned", dirent((size_t)norm, 104), 8, 32, "multiple of 64" },
+            { "tensor past data", dirent((size_t)norm, 104), 8, 1.6e19, "past the data section" },
+            { "tensors overlap", dirent((size_t)norm, 104), 8, (double)rd64(g_valid + dirent((size_t)emb, 104)), "overlap" },
+            { "size wrong", dirent((size_t)norm, 112), 8, 12, "size is" },
+            { "group size on float", dirent((size_t)norm, 120), 4, 64, "group_size" },
+            { "entry reserved", dirent((size_t)norm, 124), 4, 1, "reserved" },
+            { "embedding shape", dirent((size_t)emb, 72), 8, (double)(rd64(g_valid + dirent((size_t)emb, 72)) - 1), "" },
+            { "name illegal byte", dirent((size_t)norm, 0), 4, 0x2f74756f, "illegal" },
+            { "name unknown", dirent((size_t)norm, 0), 4, 0x7a7a7a7a, "unknown tensor" },
+            { "name empty", dirent((size_t)norm, 0), 4, 0, "empty" },
+        };
+        for (i = 0; i < sizeof muts / sizeof muts[0]; i++) {
+            b = copy_valid();
+            if (muts[i].width == 4) wr32(b + muts[i].at, (uint32_t)muts[i].value);
+            else if (muts[i].width == 8) wr64(b + muts[i].at, muts[i].value >= 1.8e19 ? ~(uint64_t)0 : (uint64_t)muts[i].value);
+            else wrf(b + muts[i].at, (float)muts[i].value);
+            expect_bad(b, g_valid_size, muts[i].want, muts[i].what);
+            free(b);
+        }
+    }
+    b = copy_valid();
+    memset(b + dirent((size_t)norm, 0), 'a', 64);
+    expect_bad(b, g_valid_size, "NUL-terminated", "name unterminated");
+    free(b);
+    /* a name "out_norm" duplicated, a required tensor missing, a tensor that does not belong */
+    b = copy_valid();
+    memcpy(b + dirent((size_t)emb, 0), "out_norm", 9);
+    expect_bad(b, g_valid_size, "twice", "duplicate tensor name");
+    free(b);
+    b = copy_valid();
+    {
+        int last = n_t - 1;
+        char missing[64];
+        memcpy(missing, g_valid + dirent((size_t)last, 0), 64);
+        wr32(b + 72, (uint32_t)(n_t - 1));
+        wr64(b + 64, (uint64_t)(n_t - 1) * 128);
+        expect_bad(b, g_valid_size, missing, "last tensor dropped from the directory");
+    }
+    free(b);
+    b = copy_valid();
+    memcpy(b + dirent((size_t)norm, 0), "l0.wq\0\0\0\0", 9);
+    expect_bad(b, g_valid_size, "", "segment-1 tensor in segment 0");
+    free(b);
+    /* NaN or negative KV scales */
+    {
+        int ks = find_tensor("kv_scale");
+        if (ks >= 0) {
+            size_t at = (size_t)(rd64(g_valid + 80) + rd64(g_valid + dirent((size_t)ks, 104)));
+            b = copy_valid();
+            wrf(b + at, NAN);
+            expect_bad(b, g_valid_size, "kv_scale", "NaN KV scale");
+            wrf(b + at, -1.0f);
+            expect_bad(b, g_valid_size, "kv_scale", "negative KV scale");
+            free(b);
+        }
+    }
+    (void)rdf;
+
+    /* truncation: at every section boundary, every tensor start, and a sweep of the first 4 KB;
+       once as is (file_size disagrees) and once with file_size patched to agree */
+    for (i = 0; i < 4096 && i < g_valid_size; i += 7) cuts[n_cuts++] = i;
+    cuts[n_cuts++] = (size_t)rd64(g_valid + 24) + 1;
+    cuts[n_cuts++] = (size_t)rd64(g_valid + 56) + 64;
+    cuts[n_cuts++] = (size_t)rd64(g_valid + 80);
+    cuts[n_cuts++] = g_valid_size - 1;
+    for (i = 0; i < (size_t)n_t && n_cuts < 4096; i++)
+        cuts[n_cuts++] = (size_t)(rd64(g_valid + 80) + rd64(g_valid + dirent(i, 104)) + 1);
+    {
+        int all_refused = 1, all_clear = 1;
+        for (i = 0; i < n_cuts; i++) {
+            size_t cut = cuts[i];
+            int pass;
+            if (cut >= g_valid_size) continue;
+            for (pass = 0; pass < 2; pass++) {
+                afm_model *m = NULL;
+                char err[512] = "";
+                b = (unsigned char *)malloc(cut ? cut : 1);
+                memcpy(b, g_valid, cut);
+                if (pass && cut >= 24) wr64(b + 16, cut);
+                if (afm_model_load_memory(b, cut, NULL, &m, err, sizeof err) != AFM_ERR_FORMAT) { all_refused = 0; printf("  cut at %zu (pass %d) not refused\n", cut, pass); }
+                if (!err[0]) all_clear = 0;
+                afm_model_free(m);
+                free(b);
+            }
+        }
+        CHECK(all_refused, "every truncation (%zu cut points, 2 ways) is refused", n_cuts);
+        CHECK(all_clear, "every truncation gets a message");
+    }
+    {
+        afm_model *m;
+        char err[256];
+        CHECK(afm_model_load_file("tests/vectors/does-not-exist.afm", NULL, &m, err, sizeof err) == AFM_ERR_IO && strstr(err, "does-not-exist"), "missing file: %s", err);
+        CHECK(afm_model_load_file("tests", NULL, &m, err, sizeof err) == AFM_ERR_IO, "a directory is refused: %s", err);
+    }
+    free(g_valid);
+    g_valid = NULL;
+}
+
+/* ---- sessions: limits, bad tokens, KV types, memory loading, allocator, threads ---- */
+
+typedef struct counting_alloc { long live, total; } counting_alloc;
+static void *count_alloc(void *u, size_t n) { ((counting_alloc *)u)->live++; ((counting_alloc *)u)->total++; return malloc(n); }
+static void count_free(void *u, void *p) { if (p) ((counting_alloc *)u)->live--; free(p); }
+
+static void test_sessions(const char *name) {
+    char path[256];
+    afm_model *m, *mm;
+    afm_session *s;
+    afm_session_params p;
+    size_t size;
+    unsigned char *bytes;
+    int32_t toks[12] = { 1, 5, 9, 2, 7, 3, 3, 8, 0, 4, 6, 1 };
+    float *a;
+    int V;
+    char err[256];
+    counting_alloc ca = { 0, 0 };
+    afm_allocator al;
+    afm_load_params lp;
+
+    snprintf(path, sizeof path, "tests/vectors/%s.afm", name);
+    if (!(m = load(path))) { CHECK(0, "load %s", path); return; }
+    V = afm_model_config(m)->vocab_size;
+    a = (float *)malloc((size_t)V * 4);
+
+    memset(&p, 0, sizeof p);
+    p.n_ctx = 8;
+    CHECK(afm_session_create(m, &p, &s) == AFM_OK, "session with n_ctx 8");
+    CHECK(afm_session_eval(s, toks, 9) == AFM_ERR_CONTEXT_FULL && strstr(afm_session_error(s), "context"), "9 tokens into 8 refused: %s", afm_session_error(s));
+    CHECK(afm_session_eval(s, toks, 8) == AFM_OK, "8 tokens fit");
+    CHECK(afm_session_eval(s, toks, 1) == AFM_ERR_CONTEXT_FULL, "the 9th is refused");
+    CHECK(afm_session_pos(s) == 8, "position unchanged by a refused eval");
+    afm_session_rewind(s, 0);
+    {
+        int32_t bad[2] = { 1, 0 };
+        bad[1] = V;
+        CHECK(afm_session_eval(s, bad, 2) == AFM_ERR_ARG && strstr(afm_session_error(s), "vocabulary"), "token id = vocab refused: %s", afm_session_error(s));
+        bad[1] = -1;
+        CHECK(afm_session_eval(s, bad, 2) == AFM_ERR_ARG, "negative token refused");
+        CHECK(afm_session_eval(s, bad, 0) == AFM_ERR_ARG, "zero tokens refused");
+    }
+    afm_session_free(s);
+
+    /* memory loading equals file loading; preallocation equals growth */
+    bytes = read_file(path, &size);
+    CHECK(afm_model_load_memory(bytes, size, NULL, &mm, err, sizeof err) == AFM_OK, "load from memory: %s", err);
+    memset(&p, 0, sizeof p);
+    afm_session_create(m, &p, &s);
+    afm_session_eval(s, toks, 12);
+    memcpy(a, afm_session_logits(s, -1), (size_t)V * 4);
+    afm_session_free(s);
+    p.preallocate = 1;
+    p.n_ctx = 300; /* larger than the first growth step */
+    afm_session_create(mm, &p, &s);
+    afm_session_eval(s, toks, 12);
+    CHECK(!memcmp(a, afm_session_logits(s, -1), (size_t)V * 4), "memory-loaded, preallocated session gives the same logits");
+    afm_session_free(s);
+    afm_model_free(mm);
+    free(bytes);
+
+    /* other KV cache types run and stay close to the int8 reference path */
+    {
+        afm_kv_type kinds[2] = { AFM_KV_F32, AFM_KV_F16 };
+        int k;
+        for (k = 0; k < 2; k++) {
+            memset(&p, 0, sizeof p);
+            p.kv_type = kinds[k];
+            CHECK(afm_session_create(m, &p, &s) == AFM_OK && afm_session_eval(s, toks, 12) == AFM_OK, "KV type %d", (int)kinds[k]);
+            afm_session_free(s);
+        }
+        if (!afm_model_config(m)->has_kv_scales) {
+            p.kv_type = AFM_KV_INT8;
+            CHECK(afm_session_create(m, &p, &s) == AFM_ERR_UNSUPPORTED, "int8 KV without scales refused");
+        }
+    }
+
+    /* allocator hooks: every allocation goes through them and is returned */
+    al.alloc = count_alloc;
+    al.free = count_free;
+    al.user = &ca;
+    memset(&lp, 0, sizeof lp);
+    lp.allocator = &al;
+    lp.no_mmap = 1;
+    CHECK(afm_model_load_file(path, &lp, &mm, err, sizeof err) == AFM_OK, "load with allocator hooks");
+    memset(&p, 0, sizeof p);
+    p.n_threads = 2;
+    afm_session_create(mm, &p, &s);
+    afm_session_eval(s, toks, 12);
+    CHECK(!memcmp(a, afm_session_logits(s, -1), (size_t)V * 4), "no-mmap load with hooks, 2 threads: same logits");
+    afm_session_free(s);
+    afm_model_free(mm);
+    CHECK(ca.total > 5 && ca.live == 0, "allocator: %ld allocations, %ld not freed", ca.total, ca.live);
+    free(a);
+    afm_model_free(m);
+}
+
+/* ---- sampling ---- */
+
+static void test_sampler(void) {
+    float logits[5];
+    int counts[5] = { 0, 0, 0, 0, 0 }, i, same = 1, differ = 0;
+    afm_sampler *a, *b;
+    afm_sampler_params p;
+    logits[0] = logf(0.5f); logits[1] = logf(0.3f); logits[2] = logf(0.2f); logits[3] = -INFINITY; logits[4] = -1e30f;
+
+    memset(&p, 0, sizeof p);
+    afm_sampler_create(&p, 5, NULL, &a);
+    CHECK(afm_sampler_sample(a, logits) == 0, "greedy picks the argmax");
+    afm_sampler_free(a);
+
+    p.temperature = 1.0f;
+    p.seed = 42;
+    afm_sampler_create(&p, 5, NULL, &a);
+    afm_sampler_create(&p, 5, NULL, &b);
+    for (i = 0; i < 30000; i++) {
+        int x = afm_sampler_sample(a, logits), y = afm_sampler_sample(b, logits);
+        same &= x == y;
+        counts[x]++;
+    }
+    CHECK(same, "same seed, same draws");
+    CHECK(fabs(counts[0] / 30000.0 - 0.5) < 0.015 && fabs(counts[1] / 30000.0 - 0.3) < 0.015 && fabs(counts[2] / 30000.0 - 0.2) < 0.015 && counts[3] == 0 && counts[4] == 0,
+          "temperature 1 follows the distribution: %d %d %d %d %d", counts[0], counts[1], counts[2], counts[3], counts[4]);
+    afm_sampler_free(b);
+    p.seed = 43;
+    afm_sampler_create(&p, 5, NULL, &b);
+    for (i = 0; i < 100; i++) differ |= afm_sampler_sample(a, logits) != afm_sampler_sample(b, logits);
+    CHECK(differ, "different seeds, different draws");
+    afm_sampler_free(a);
+    afm_sampler_free(b);
+
+    p.seed = 1;
+    p.top_p = 0.6f;
+    afm_sampler_create(&p, 5, NULL, &a);
+    memset(counts, 0, sizeof counts);
+    for (i = 0; i < 5000; i++) counts[afm_sampler_sample(a, logits)]++;
+    CHECK(counts[2] == 0 && counts[0] > 0 && counts[1] > 0, "top-p 0.6 keeps {0, 1}: %d %d %d", counts[0], counts[1], counts[2]);
+    afm_sampler_free(a);
+    p.top_p = 0;
+    p.top_k = 1;
+    afm_sampler_create(&p, 5, NULL, &a);
+    for (i = 0, same = 1; i < 1000; i++) same &= afm_sampler_sample(a, logits) == 0;
+    CHECK(same, "top-k 1 is greedy");
+    afm_sampler_free(a);
+    p.top_k = 0;
+    p.min_p = 0.5f; /* keeps p >= 0.25 */
+    afm_sampler_create(&p, 5, NULL, &a);
+    memset(counts, 0, sizeof counts);
+    for (i = 0; i < 5000; i++) counts[afm_sampler_sample(a, logits)]++;
+    CHECK(counts[2] == 0 && counts[1] > 0, "min-p 0.5 drops token 2: %d %d %d", counts[0], counts[1], counts[2]);
+    afm_sampler_free(a);
+    p.min_p = 2.0f;
+    CHECK(afm_sampler_create(&p, 5, NULL, &a) == AFM_ERR_ARG, "min-p 2 refused");
+    p.min_p = 0;
+    p.temperature = NAN;
+    CHECK(afm_sampler_create(&p, 5, NULL, &a) == AFM_ERR_ARG, "NaN temperature refused");
+}
+
+/* ---- concurrent sessions on one model ---- */
+#ifndef _WIN32
+#include <pthread.h>
+typedef struct conc_arg { afm_model *m; const int32_t *toks; int n; float *out; } conc_arg;
+static void *conc_run(void *p) {
+    conc_arg *c = (conc_arg *)p;
+    afm_session *s;
+    afm_session_create(c->m, NULL, &s);
+    afm_session_eval(s, c->toks, c->n);
+    memcpy(c->out, afm_session_logits(s, -1), (size_t)afm_model_config(c->m)->vocab_size * 4);
+    afm_session_free(s);
+    return NULL;
+}
+static void test_concurrent(const char *name) {
+    char path[256];
+    afm_model *m;
+    int32_t t1[6] = { 1, 2, 3, 4, 5, 6 }, t2[9] = { 9, 8, 7, 6, 5, 4, 3, 2, 1 };
+    conc_arg a[2], alone[2];
+    pthread_t th[2];
+    int V, k;
+    snprintf(path, sizeof path, "tests/vectors/%s.afm", name);
+    if (!(m = load(path))) return;
+    V = afm_model_config(m)->vocab_size;
+    for (k = 0; k < 2; k++) {
+        a[k].m = alone[k].m = m;
+        a[k].toks = alone[k].toks = k ? t2 : t1;
+        a[k].n = alone[k].n = k ? 9 : 6;
+        a[k].out = (float *)malloc((size_t)V * 4);
+        alone[k].out = (float *)malloc((size_t)V * 4);
+        conc_run(&alone[k]);
+    }
+    for (k = 0; k < 2; k++) pthread_create(&th[k], NULL, conc_run, &a[k]);
+    for (k = 0; k < 2; k++) pthread_join(th[k], NULL);
+    CHECK(!memcmp(a[0].out, alone[0].out, (size_t)V * 4) && !memcmp(a[1].out, alone[1].out, (size_t)V * 4),
+          "two sessions run concurrently give the same logits as each alone");
+    for (k = 0; k < 2; k++) { free(a[k].out); free(alone[k].out); }
+    afm_model_free(m);
+}
+#endif
+
 int main(int argc, char **argv) {
     const char *only = argc > 1 ? argv[1] : NULL;
-    (void)only;
-    test_parity("q", 1);
-    test_parity("q", 2);
-    test_incremental_and_rewind("q");
+    static const char *const parity_models[] = { "afm_mini", "draft_mini", "odd_mini", "toolkit" };
+    size_t i;
+    for (i = 0; i < sizeof parity_models / sizeof parity_models[0]; i++) {
+        if (only && strcmp(only, parity_models[i])) continue;
+        test_parity(parity_models[i], 1);
+        test_parity(parity_models[i], 2);
+        test_incremental_and_rewind(parity_models[i]);
+    }
+    test_hostile("afm_mini");
+    test_sessions("afm_mini");
+    test_sampler();
+#ifndef _WIN32
+    test_concurrent("afm_mini");
+#endif
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }

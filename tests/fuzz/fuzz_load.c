@@ -1,0 +1,71 @@
+/* libFuzzer harness for the model loader (load from memory), and, when the fuzzed file is
+   a valid model small enough, a short forward pass and a sample over it.
+   Build with clang -fsanitize=fuzzer,address,undefined (make fuzz), or with -DAFM_FUZZ_MAIN
+   as a plain program that replays files given on the command line (make test does this). */
+#define AFM_IMPLEMENTATION
+#include "../../afm.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    afm_model *m = NULL;
+    char err[512];
+    if (afm_model_load_memory(data, size, NULL, &m, err, sizeof err) != AFM_OK) {
+        if (!err[0]) abort(); /* every refusal must say why */
+        return 0;
+    }
+    {
+        const afm_config *c = afm_model_config(m);
+        uint64_t work = (uint64_t)c->n_layers * (uint64_t)c->dim * ((uint64_t)c->ffn_dim + (uint64_t)c->n_heads * c->head_dim) +
+                        (uint64_t)c->vocab_size * c->dim;
+        if (work < (1u << 22)) {
+            afm_session *s;
+            afm_session_params p;
+            afm_sampler *sm;
+            afm_sampler_params sp;
+            int32_t toks[3] = { 0, 0, 0 };
+            memset(&p, 0, sizeof p);
+            p.n_ctx = 4;
+            toks[1] = c->vocab_size - 1;
+            toks[2] = c->vocab_size / 2;
+            memset(&sp, 0, sizeof sp);
+            sp.temperature = 0.8f;
+            sp.top_p = 0.9f;
+            if (afm_session_create(m, &p, &s) == AFM_OK) {
+                if (afm_session_eval(s, toks, 3) == AFM_OK && afm_sampler_create(&sp, c->vocab_size, NULL, &sm) == AFM_OK) {
+                    int32_t t = afm_sampler_sample(sm, afm_session_logits(s, -1));
+                    if (t < 0 || t >= c->vocab_size) abort();
+                    afm_sampler_free(sm);
+                }
+                afm_session_free(s);
+            }
+        }
+    }
+    afm_model_free(m);
+    return 0;
+}
+
+#ifdef AFM_FUZZ_MAIN
+int main(int argc, char **argv) {
+    int i;
+    for (i = 1; i < argc; i++) {
+        FILE *f = fopen(argv[i], "rb");
+        unsigned char *buf;
+        long n;
+        if (!f) { fprintf(stderr, "cannot open %s\n", argv[i]); return 1; }
+        fseek(f, 0, SEEK_END);
+        n = ftell(f);
+        rewind(f);
+        buf = (unsigned char *)malloc((size_t)n + 1);
+        if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) { fprintf(stderr, "cannot read %s\n", argv[i]); return 1; }
+        fclose(f);
+        LLVMFuzzerTestOneInput(buf, (size_t)n);
+        free(buf);
+    }
+    printf("replayed %d inputs\n", argc - 1);
+    return 0;
+}
+#endif

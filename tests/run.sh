@@ -1,0 +1,99 @@
+#!/bin/sh
+# The test runner behind `make test`. Each step adds its counts; the last line is
+# "N passed, N failed" and the exit status is non-zero on any failure.
+# Environment: CI=true makes missing tools (clang, aarch64 cross compiler, qemu, numpy) failures
+# instead of skips; FUZZ_SECONDS bounds the libFuzzer run (default 30).
+cd "$(dirname "$0")/.." || exit 1
+mkdir -p build
+PASS=0
+FAIL=0
+SKIP=0
+LIBS="-lm -lpthread"
+WARN="-Wall -Wextra -Wpedantic -Werror"
+
+ok()   { PASS=$((PASS + 1)); echo "ok   $1"; }
+bad()  { FAIL=$((FAIL + 1)); echo "FAIL $1"; }
+skip() { if [ "$CI" = "true" ]; then bad "$1 (required in CI: $2)"; else SKIP=$((SKIP + 1)); echo "skip $1 ($2)"; fi; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# Runs a C test binary (optionally through a wrapper such as qemu) and adds its counts.
+run_counts() {
+    label=$1; shift
+    out=$("$@" 2>&1); status=$?
+    echo "$out" | grep -v '^ok ' | sed 's/^/    /' | tail -n 40
+    line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
+    if [ -z "$line" ]; then bad "$label: no result line (exit $status)"; return; fi
+    p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed*}
+    PASS=$((PASS + p)); FAIL=$((FAIL + f))
+    if [ "$status" -ne 0 ] && [ "$f" -eq 0 ]; then bad "$label: exit status $status"; fi
+    echo "---- $label: $p passed, $f failed"
+}
+
+echo "== warnings: -Wall -Wextra -Wpedantic as C99 and C++, gcc and clang"
+for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
+    set -- $cc
+    if ! have "$1"; then skip "warnings with $cc" "$1 not installed"; continue; fi
+    if $cc $WARN -O2 -c examples/afm.c -o build/w.o && $cc $WARN -O2 -c examples/simple.c -o build/w.o &&
+       $cc $WARN -O2 -c tests/test_main.c -o build/w.o && $cc $WARN -O2 -c tests/fuzz/fuzz_load.c -o build/w.o; then
+        ok "warning-free with $cc"
+    else bad "warnings with $cc"; fi
+done
+
+echo "== engine tests, optimised"
+if gcc -std=c99 -O2 -g tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
+else bad "build test_main"; fi
+
+echo "== engine tests, built with AFM_NO_THREADS AFM_NO_MMAP (portable fallbacks)"
+if gcc -std=c99 $WARN -O2 -DAFM_NO_THREADS -DAFM_NO_MMAP tests/test_main.c -o build/test_main_nothreads -lm; then
+    run_counts "test_main no threads, no mmap" build/test_main_nothreads
+else bad "build with AFM_NO_THREADS AFM_NO_MMAP"; fi
+
+echo "== engine tests, AddressSanitizer + UndefinedBehaviorSanitizer"
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+       tests/test_main.c -o build/test_main_san $LIBS; then
+    run_counts "test_main asan+ubsan" build/test_main_san
+else bad "build test_main with sanitizers"; fi
+
+echo "== CLI"
+if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad "make"; fi
+if ./afm --help | grep -q -- "--dump-logits"; then ok "afm --help"; else bad "afm --help"; fi
+if ./afm -m tests/vectors/does-not-exist.afm --ids 1 2>&1 | grep -q "does-not-exist"; then ok "afm names a missing file"; else bad "afm missing file message"; fi
+
+echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
+if python3 -c "import numpy" 2>/dev/null; then
+    if python3 tools/synth.py --preset base --lora --zeros --type bf16 -q -o build/base_zeros.afm &&
+       python3 tools/synth.py --preset draft --zeros --type f16 -q -o build/draft_zeros.afm; then
+        ./afm info build/base_zeros.afm > build/info_base.txt 2>&1
+        ./afm info build/draft_zeros.afm > build/info_draft.txt 2>&1
+        if grep -q "base total *3,111,368,064" build/info_base.txt && grep -q "LoRA *66,633,728" build/info_base.txt &&
+           grep -q "base + LoRA *3,178,001,792" build/info_base.txt; then
+            ok "afm info on the full-size base: 3,111,368,064 + LoRA 66,633,728 = 3,178,001,792"
+        else bad "afm info on the full-size base"; cat build/info_base.txt; fi
+        if grep -q "base total *48,765,952" build/info_draft.txt; then ok "afm info on the full-size draft: 48,765,952"
+        else bad "afm info on the full-size draft"; cat build/info_draft.txt; fi
+    else bad "tools/synth.py full-size shapes"; fi
+    rm -f build/base_zeros.afm build/draft_zeros.afm
+else skip "tool tests" "python3 -m pip install numpy"; fi
+
+echo "== arm64 build under qemu"
+if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
+    if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_main.c -o build/test_main_arm64 $LIBS; then
+        run_counts "test_main arm64 (qemu)" qemu-aarch64 build/test_main_arm64
+    else bad "aarch64 cross build"; fi
+else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
+
+echo "== fuzz: replay the hostile corpus, then a bounded libFuzzer run"
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN \
+       tests/fuzz/fuzz_load.c -o build/fuzz_replay $LIBS && build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
+    ok "fuzz corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
+else bad "fuzz corpus replay"; fi
+if have clang && clang -fsanitize=fuzzer -x c /dev/null -o /dev/null 2>/dev/null ||
+   (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;(void)n;return 0;}' > build/f.c &&
+    clang -fsanitize=fuzzer build/f.c -o build/f 2>/dev/null); then
+    if make -s fuzz FUZZ_SECONDS="${FUZZ_SECONDS:-30}" > build/fuzz.log 2>&1; then ok "libFuzzer on the loader for ${FUZZ_SECONDS:-30} s: $(grep -o 'Done [0-9]* runs' build/fuzz.log)"
+    else bad "libFuzzer found a problem (build/fuzz.log)"; tail -n 30 build/fuzz.log; fi
+else skip "libFuzzer run" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"; fi
+
+if [ "$SKIP" -gt 0 ]; then echo "($SKIP steps skipped: tools missing on this machine)"; fi
+echo "$PASS passed, $FAIL failed"
+[ "$FAIL" -eq 0 ]
