@@ -1,5 +1,6 @@
 # afm.h - build the CLI and examples, run the tests.
 #   make            build ./afm and ./simple
+#   make demo       build, then generate from the small model in the repository
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
 #   make fuzz       run the loader fuzzer for FUZZ_SECONDS (default 60)
@@ -17,6 +18,12 @@ afm: examples/afm.c afm.h
 simple: examples/simple.c afm.h
 	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/simple.c $(LDLIBS)
 
+# The main job: generate from the small model in the repository (random weights until a trained
+# demo model ships), printing token ids and speed.
+demo: afm
+	./afm info tests/vectors/afm_mini.afm
+	./afm -m tests/vectors/afm_mini.afm --ids 1,2,3,4,5 -n 24 --temp 0.8 --top-p 0.95 --seed 1 -t 2
+
 test:
 	sh tests/run.sh
 
@@ -30,4 +37,4 @@ fuzz:
 clean:
 	rm -rf build afm simple
 
-.PHONY: all test fuzz clean
+.PHONY: all demo test fuzz clean

@@ -166,6 +166,42 @@ AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int vocab
 AFMDEF void afm_sampler_free(afm_sampler *sampler);
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
 
+
+/* ---- LoRA adapters (AFM_SPEC section 3): y = W x + (alpha / rank) * B (A x) on every adapted
+   projection, applied at run time so a 2-bit base needs no merge. Several adapters may be loaded
+   against one model; each session picks one (or none). An adapter must outlive the sessions that
+   use it and the model must outlive the adapter. ---- */
+typedef struct afm_adapter afm_adapter;
+
+typedef struct afm_adapter_info {
+    int rank;
+    float alpha, scale;          /* scale = alpha / rank */
+    int draft_token_count;       /* speculativeDecodingDraftTokenCount (5 when not given) */
+    uint64_t n_params;
+    const char *identifier;      /* adapterIdentifier, or the file name */
+    const char *signature;       /* base-model signature, "" if none */
+    const char *metadata_json;   /* the package's metadata.json, or NULL */
+} afm_adapter_info;
+
+/* An adapter file (.afma, tools/convert_adapter.py) or an Apple .fmadapter package directory.
+   Checked against the model: shapes, rank, signature (when both carry one), tensor sizes. */
+AFMDEF afm_result afm_adapter_load(afm_model *model, const char *path, const afm_load_params *params,
+                                   afm_adapter **out, char *err, size_t err_size);
+/* An .afma file's bytes, kept alive by the caller (zero-copy when 64-byte aligned). */
+AFMDEF afm_result afm_adapter_load_memory(afm_model *model, const void *data, size_t size,
+                                          afm_adapter **out, char *err, size_t err_size);
+/* An .fmadapter package's metadata.json and adapter_weights.bin, kept alive by the caller. */
+AFMDEF afm_result afm_adapter_load_fmadapter_memory(afm_model *model, const char *metadata_json, size_t json_size,
+                                                    const void *weights, size_t weights_size,
+                                                    afm_adapter **out, char *err, size_t err_size);
+/* The base_adapter stored inside the model file (converted from Apple's base-model.pt). */
+AFMDEF afm_result afm_adapter_embedded(afm_model *model, afm_adapter **out, char *err, size_t err_size);
+AFMDEF void afm_adapter_free(afm_adapter *adapter);
+AFMDEF void afm_adapter_get_info(const afm_adapter *adapter, afm_adapter_info *info);
+/* Chooses the session's adapter (NULL: none). The KV cache holds keys and values computed with
+   the previous adapter, so the session is rewound to position 0 unless the adapter is unchanged. */
+AFMDEF afm_result afm_session_set_adapter(afm_session *session, const afm_adapter *adapter);
+
 #ifdef __cplusplus
 }
 #endif
@@ -810,19 +846,19 @@ static int afm__cmp_offset(const void *a, const void *b) {
     return x->offset < y->offset ? -1 : x->offset > y->offset;
 }
 
-static afm_result afm__check_overlaps(afm__loader *L, afm_model *m) {
-    const afm__tensor **order = (const afm__tensor **)afm__alloc(&m->alloc, (size_t)m->n_tensors * sizeof *order);
+static afm_result afm__check_overlaps(afm__loader *L, const afm_allocator *a, const afm__tensor *tensors, int n) {
+    const afm__tensor **order = (const afm__tensor **)afm__alloc(a, (size_t)n * sizeof *order);
     afm_result r = AFM_OK;
     int i;
     if (!order) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
-    for (i = 0; i < m->n_tensors; i++) order[i] = &m->tensors[i];
-    qsort(order, (size_t)m->n_tensors, sizeof *order, afm__cmp_offset);
-    for (i = 1; i < m->n_tensors && r == AFM_OK; i++)
+    for (i = 0; i < n; i++) order[i] = &tensors[i];
+    qsort(order, (size_t)n, sizeof *order, afm__cmp_offset);
+    for (i = 1; i < n && r == AFM_OK; i++)
         if (order[i - 1]->offset + order[i - 1]->n_bytes > order[i]->offset)
             r = AFM__BAD(L, "%s: tensors '%s' [%llu, +%llu) and '%s' [%llu, +%llu) overlap", L->name, order[i - 1]->name,
                          (unsigned long long)order[i - 1]->offset, (unsigned long long)order[i - 1]->n_bytes, order[i]->name,
                          (unsigned long long)order[i]->offset, (unsigned long long)order[i]->n_bytes);
-    afm__free(&m->alloc, (void *)order);
+    afm__free(a, (void *)order);
     return r;
 }
 
@@ -950,16 +986,31 @@ static afm_result afm__bind_tensors(afm__loader *L, afm_model *m) {
     return res;
 }
 
-static afm_result afm__parse_model(afm__loader *L, afm_model *m) {
+/* What the container of a model or adapter file holds once its header, sections and tensor
+   directory have been checked (docs/FORMAT.md). The caller owns `tensors`. */
+typedef struct afm__container {
+    const unsigned char *config;   /* at least 128 bytes */
+    const unsigned char *extra;    /* the tokenizer (model) or metadata (adapter) bytes, or NULL */
+    uint64_t extra_off, extra_len;
+    uint32_t extra_kind;
+    afm__tensor *tensors;
+    int n_tensors;
+} afm__container;
+
+static afm_result afm__parse_container(afm__loader *L, const char *magic, const afm_allocator *a, afm__container *c) {
     const unsigned char *h = L->p;
-    uint64_t off[4], len[4], file_size, data_off, data_size, i;
-    uint32_t v, n_tensors, flags = 0;
+    uint64_t off[4], len[4], file_size, i;
+    uint32_t v, n_tensors;
     afm_result r;
 
+    memset(c, 0, sizeof *c);
     if (L->size < AFM__HEADER_SIZE)
         return AFM__BAD(L, "%s: file is %llu bytes, shorter than the 128-byte header", L->name, (unsigned long long)L->size);
-    if (memcmp(h, "AFMMODEL", 8))
-        return AFM__BAD(L, "%s: offset 0: bad magic (expected \"AFMMODEL\"); not an afm model file", L->name);
+    if (memcmp(h, magic, 8)) {
+        if (!memcmp(h, "AFMMODEL", 8) || !memcmp(h, "AFMADAPT", 8))
+            return AFM__BAD(L, "%s: offset 0: this is %s file, expected \"%.8s\"", L->name, h[3] == 'M' ? "a model" : "an adapter", magic);
+        return AFM__BAD(L, "%s: offset 0: bad magic (expected \"%.8s\"); not an afm file", L->name, magic);
+    }
     if ((v = afm__rd32(h + 8)) != 1)
         return AFM__BAD(L, "%s: offset 8: format version %u, this build reads version 1", L->name, v);
     if ((v = afm__rd32(h + 12)) != AFM__HEADER_SIZE)
@@ -972,8 +1023,8 @@ static afm_result afm__parse_model(afm__loader *L, afm_model *m) {
     off[1] = afm__rd64(h + 40); len[1] = afm__rd64(h + 48);
     off[2] = afm__rd64(h + 56); len[2] = afm__rd64(h + 64);
     n_tensors = afm__rd32(h + 72);
-    data_off = off[3] = afm__rd64(h + 80);
-    data_size = len[3] = afm__rd64(h + 88);
+    off[3] = afm__rd64(h + 80);
+    len[3] = afm__rd64(h + 88);
     if (afm__rd32(h + 76)) return AFM__BAD(L, "%s: offset 76: reserved field is not 0", L->name);
     for (i = 96; i < 128; i++)
         if (h[i]) return AFM__BAD(L, "%s: offset %llu: reserved header byte is not 0", L->name, (unsigned long long)i);
@@ -988,36 +1039,50 @@ static afm_result afm__parse_model(afm__loader *L, afm_model *m) {
     if (len[2] != (uint64_t)n_tensors * AFM__DIRENT_SIZE)
         return AFM__BAD(L, "%s: offset 64: dir_size %llu, expected n_tensors x 128 = %llu", L->name, (unsigned long long)len[2],
                         (unsigned long long)n_tensors * AFM__DIRENT_SIZE);
-    if (data_off % 64) return AFM__BAD(L, "%s: offset 80: data_offset %llu is not a multiple of 64", L->name, (unsigned long long)data_off);
+    if (off[3] % 64) return AFM__BAD(L, "%s: offset 80: data_offset %llu is not a multiple of 64", L->name, (unsigned long long)off[3]);
     if ((r = afm__check_sections(L, off, len)) != AFM_OK) return r;
 
-    if ((r = afm__parse_config(L, h + off[0], &m->config, &flags)) != AFM_OK) return r;
-    m->n_seg0 = m->config.n_layers - m->config.n_reuse_layers;
-
+    c->config = h + off[0];
     if (len[1]) {
-        const unsigned char *t = h + off[1];
-        uint32_t kind = afm__rd32(t);
-        uint64_t n = afm__rd64(t + 8);
-        if (kind != 1 && kind != 2)
-            return AFM__BAD(L, "%s: offset %llu: tokenizer kind %u, expected 1 (SentencePiece) or 2 (tokenizer.json)", L->name, (unsigned long long)off[1], kind);
+        uint64_t n = afm__rd64(h + off[1] + 8);
         if (n > len[1] - 16)
-            return AFM__BAD(L, "%s: offset %llu: tokenizer length %llu exceeds its section (%llu bytes)", L->name,
+            return AFM__BAD(L, "%s: offset %llu: section length %llu exceeds its section (%llu bytes)", L->name,
                             (unsigned long long)(off[1] + 8), (unsigned long long)n, (unsigned long long)(len[1] - 16));
-        m->tok_kind = (int)kind;
-        m->tok_bytes = t + 16;
-        m->tok_size = (size_t)n;
+        c->extra_kind = afm__rd32(h + off[1]);
+        c->extra = h + off[1] + 16;
+        c->extra_off = off[1];
+        c->extra_len = n;
     }
-
-    m->n_tensors = (int)n_tensors;
-    m->tensors = (afm__tensor *)afm__calloc(&m->alloc, n_tensors, sizeof *m->tensors);
-    m->layers = (afm__layer *)afm__calloc(&m->alloc, (size_t)m->config.n_layers, sizeof *m->layers);
-    if (!m->tensors || !m->layers) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
+    c->n_tensors = (int)n_tensors;
+    c->tensors = (afm__tensor *)afm__calloc(a, n_tensors, sizeof *c->tensors);
+    if (!c->tensors) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
     for (i = 0; i < n_tensors; i++) {
-        afm__tensor *t = &m->tensors[i];
-        if ((r = afm__parse_dirent(L, h + off[2] + i * AFM__DIRENT_SIZE, data_size, t)) != AFM_OK) return r;
-        t->data = h + data_off + t->offset;
+        afm__tensor *t = &c->tensors[i];
+        if ((r = afm__parse_dirent(L, h + off[2] + i * AFM__DIRENT_SIZE, len[3], t)) != AFM_OK) return r;
+        t->data = h + off[3] + t->offset;
     }
-    if ((r = afm__check_overlaps(L, m)) != AFM_OK) return r;
+    return afm__check_overlaps(L, a, c->tensors, c->n_tensors);
+}
+
+static afm_result afm__parse_model(afm__loader *L, afm_model *m) {
+    afm__container c;
+    uint32_t flags = 0;
+    afm_result r = afm__parse_container(L, "AFMMODEL", &m->alloc, &c);
+    m->tensors = c.tensors;
+    m->n_tensors = c.n_tensors;
+    if (r != AFM_OK) return r;
+    if ((r = afm__parse_config(L, c.config, &m->config, &flags)) != AFM_OK) return r;
+    m->n_seg0 = m->config.n_layers - m->config.n_reuse_layers;
+    if (c.extra) {
+        if (c.extra_kind != 1 && c.extra_kind != 2)
+            return AFM__BAD(L, "%s: offset %llu: tokenizer kind %u, expected 1 (SentencePiece) or 2 (tokenizer.json)", L->name,
+                            (unsigned long long)c.extra_off, c.extra_kind);
+        m->tok_kind = (int)c.extra_kind;
+        m->tok_bytes = c.extra;
+        m->tok_size = (size_t)c.extra_len;
+    }
+    m->layers = (afm__layer *)afm__calloc(&m->alloc, (size_t)m->config.n_layers, sizeof *m->layers);
+    if (!m->layers) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
     return afm__bind_tensors(L, m);
 }
 
@@ -1117,6 +1182,567 @@ AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *m, int *kind, size
 
 
 /* ======================================================================================== */
+/* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) ==== */
+/* ======================================================================================== */
+
+/* The document becomes a flat array of tokens in document order; a container's `end` is the
+   index just past its last descendant, so siblings are found by jumping, never by recursion. */
+enum { AFM__J_OBJ = 1, AFM__J_ARR, AFM__J_STR, AFM__J_PRIM };
+typedef struct afm__jtok { int type; size_t start, len; int end; } afm__jtok;
+typedef struct afm__json { const char *src; afm__jtok *tok; int n; } afm__json;
+
+#define AFM__JSON_MAX_DEPTH 128
+
+static int afm__json_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+static int afm__json_push(const afm_allocator *a, afm__json *j, int *cap, int type, size_t start, size_t len) {
+    if (j->n == *cap) {
+        afm__jtok *nt;
+        if (*cap > (1 << 26)) return 0;
+        nt = (afm__jtok *)afm__alloc(a, (size_t)*cap * 2 * sizeof *nt);
+        if (!nt) return 0;
+        memcpy(nt, j->tok, (size_t)*cap * sizeof *nt);
+        afm__free(a, j->tok);
+        j->tok = nt;
+        *cap *= 2;
+    }
+    j->tok[j->n].type = type;
+    j->tok[j->n].start = start;
+    j->tok[j->n].len = len;
+    j->tok[j->n].end = j->n + 1;
+    return ++j->n;
+}
+
+/* Parses src into tokens; j->tok must be freed by the caller (also on failure). Returns 0 and
+   writes a message with the byte offset on bad input. Keys are string tokens, each followed by
+   its value. */
+static int afm__json_parse(const afm_allocator *a, const char *src, size_t n, afm__json *j, char *err, size_t errn) {
+    int stack[AFM__JSON_MAX_DEPTH], depth = 0, cap = 64, after_value = 0;
+    unsigned char want_key[AFM__JSON_MAX_DEPTH];
+    size_t i = 0;
+    j->src = src; j->n = 0;
+    j->tok = (afm__jtok *)afm__alloc(a, (size_t)cap * sizeof *j->tok);
+#define AFM__JERR(msg) do { afm__fail(err, errn, AFM_ERR_FORMAT, "offset %llu: %s", (unsigned long long)i, msg); return 0; } while (0)
+#define AFM__JPUSH(type, st, ln) do { if (!afm__json_push(a, j, &cap, type, st, ln)) AFM__JERR("out of memory"); } while (0)
+    if (!j->tok) AFM__JERR("out of memory");
+    for (;;) {
+        char c;
+        int top;
+        while (i < n && afm__json_ws(src[i])) i++;
+        if (i == n) {
+            if (depth || !after_value) AFM__JERR("unexpected end of JSON");
+            return 1;
+        }
+        c = src[i];
+        top = depth ? stack[depth - 1] : -1;
+        if (after_value) {
+            if (!depth) AFM__JERR("text after the JSON value");
+            if (c == ',') {
+                i++;
+                after_value = 0;
+                want_key[depth - 1] = j->tok[top].type == AFM__J_OBJ;
+                continue;
+            }
+        }
+        if (c == '}' || c == ']') {
+            /* closes the open container after a value, or an empty one */
+            if (!depth || (c == '}') != (j->tok[top].type == AFM__J_OBJ) || (!after_value && j->n != top + 1))
+                AFM__JERR(after_value || !depth ? "unexpected closing bracket" : "trailing comma or missing value");
+            j->tok[top].end = j->n;
+            j->tok[top].len = i + 1 - j->tok[top].start;
+            depth--;
+            i++;
+            after_value = 1;
+            continue;
+        }
+        if (after_value) AFM__JERR("expected ',' or a closing bracket");
+        if (c == '"') {
+            size_t k = i + 1;
+            while (k < n && src[k] != '"') {
+                if ((unsigned char)src[k] < 0x20) { i = k; AFM__JERR("control character in a string"); }
+                k += src[k] == '\\' ? 2 : 1;
+            }
+            if (k >= n) AFM__JERR("unterminated string");
+            AFM__JPUSH(AFM__J_STR, i + 1, k - i - 1);
+            i = k + 1;
+            if (depth && want_key[depth - 1]) {
+                while (i < n && afm__json_ws(src[i])) i++;
+                if (i >= n || src[i] != ':') AFM__JERR("expected ':' after an object key");
+                i++;
+                want_key[depth - 1] = 0;
+                continue;
+            }
+        } else if (depth && want_key[depth - 1]) {
+            AFM__JERR("object key is not a string");
+        } else if (c == '{' || c == '[') {
+            if (depth == AFM__JSON_MAX_DEPTH) AFM__JERR("JSON nested too deeply");
+            AFM__JPUSH(c == '{' ? AFM__J_OBJ : AFM__J_ARR, i, 0);
+            stack[depth] = j->n - 1;
+            want_key[depth++] = c == '{';
+            i++;
+            continue;
+        } else {
+            size_t k = i;
+            while (k < n && !afm__json_ws(src[k]) && src[k] != ',' && src[k] != '}' && src[k] != ']' && src[k] != ':') k++;
+            if (!((k - i == 4 && !memcmp(src + i, "true", 4)) || (k - i == 5 && !memcmp(src + i, "false", 5)) ||
+                  (k - i == 4 && !memcmp(src + i, "null", 4)) || (k > i && (c == '-' || (c >= '0' && c <= '9')))))
+                AFM__JERR("expected a value");
+            AFM__JPUSH(AFM__J_PRIM, i, k - i);
+            i = k;
+        }
+        after_value = 1;
+    }
+#undef AFM__JPUSH
+#undef AFM__JERR
+}
+
+/* Index of the value of `key` in object token obj, or -1. */
+static int afm__json_get(const afm__json *j, int obj, const char *key) {
+    int c;
+    size_t kl = strlen(key);
+    if (obj < 0 || j->tok[obj].type != AFM__J_OBJ) return -1;
+    for (c = obj + 1; c < j->tok[obj].end; c = j->tok[j->tok[c].end].end) {
+        if (j->tok[c].len == kl && !memcmp(j->src + j->tok[c].start, key, kl)) return j->tok[c].end;
+    }
+    return -1;
+}
+
+/* Copies a string token's value into out (at most cap-1 bytes, NUL-terminated), decoding the
+   simple escapes. Returns 0 if the token is not a string, contains \u escapes beyond ASCII, or is too long. */
+static int afm__json_str(const afm__json *j, int t, char *out, size_t cap) {
+    size_t i, o = 0;
+    const char *s;
+    if (t < 0 || j->tok[t].type != AFM__J_STR) return 0;
+    s = j->src + j->tok[t].start;
+    for (i = 0; i < j->tok[t].len; i++) {
+        char c = s[i];
+        if (c == '\\') {
+            c = s[++i];
+            if (c == 'n') c = '\n'; else if (c == 't') c = '\t'; else if (c == 'r') c = '\r';
+            else if (c == 'b') c = '\b'; else if (c == 'f') c = '\f';
+            else if (c == 'u') {
+                unsigned v = 0, k;
+                if (i + 4 >= j->tok[t].len) return 0;
+                for (k = 1; k <= 4; k++) {
+                    char h = s[i + k];
+                    v = v * 16 + (unsigned)(h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : h >= 'A' && h <= 'F' ? h - 'A' + 10 : 99);
+                }
+                if (v > 127) return 0;
+                c = (char)v;
+                i += 4;
+            } else if (c != '"' && c != '\\' && c != '/') return 0;
+        }
+        if (o + 1 >= cap) return 0;
+        out[o++] = c;
+    }
+    out[o] = 0;
+    return 1;
+}
+
+/* An integer token in [lo, hi]; 0 if the token is not such an integer. */
+static int afm__json_int(const afm__json *j, int t, long lo, long hi, long *v) {
+    char buf[32], *end;
+    if (t < 0 || j->tok[t].type != AFM__J_PRIM || j->tok[t].len >= sizeof buf) return 0;
+    memcpy(buf, j->src + j->tok[t].start, j->tok[t].len);
+    buf[j->tok[t].len] = 0;
+    *v = strtol(buf, &end, 10);
+    return *end == 0 && end != buf && *v >= lo && *v <= hi;
+}
+
+/* ======================================================================================== */
+/* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======= */
+/* ======================================================================================== */
+
+struct afm_adapter {
+    const afm_model *model;
+    afm_allocator alloc;
+    afm__blob blob;                /* the .afma file or the package's adapter_weights.bin */
+    afm__tensor *tensors;          /* owned; NULL for the embedded adapter */
+    int n_tensors;
+    const afm__tensor **a, **b;    /* [n_layers * AFM__N_PROJ]; NULL where not adapted */
+    int rank, draft_token_count;
+    float alpha, scale;
+    char identifier[128], signature[41];
+    char *metadata;                /* JSON text, NUL-terminated, or NULL */
+};
+
+/* Which projections layer i adapts: segment 0 the three of the fused QKV, segment 1 its query. */
+static int afm__adapted(const afm_model *m, int layer, int p) {
+    int reuse = layer >= m->n_seg0;
+    return reuse ? (p != AFM__P_Q && p != AFM__P_K && p != AFM__P_V) : p != AFM__P_WQ;
+}
+
+static void afm__lora_dims(const afm_model *m, int p, uint64_t *in, uint64_t *out) {
+    const afm_config *c = &m->config;
+    uint64_t q = (uint64_t)c->n_heads * c->head_dim, kv = (uint64_t)c->n_kv_heads * c->head_dim;
+    *in = p == AFM__P_WO ? q : p == AFM__P_DOWN ? (uint64_t)c->ffn_dim : (uint64_t)c->dim;
+    *out = p == AFM__P_Q || p == AFM__P_WQ ? q : p == AFM__P_K || p == AFM__P_V ? kv
+         : p == AFM__P_GATE || p == AFM__P_UP ? (uint64_t)c->ffn_dim : (uint64_t)c->dim;
+}
+
+static afm_adapter *afm__adapter_new(const afm_model *m) {
+    afm_adapter *ad = (afm_adapter *)afm__calloc(&m->alloc, 1, sizeof *ad);
+    if (!ad) return NULL;
+    ad->model = m;
+    ad->alloc = m->alloc;
+    ad->a = (const afm__tensor **)afm__calloc(&m->alloc, (size_t)m->config.n_layers * AFM__N_PROJ, sizeof *ad->a);
+    ad->b = (const afm__tensor **)afm__calloc(&m->alloc, (size_t)m->config.n_layers * AFM__N_PROJ, sizeof *ad->b);
+    ad->draft_token_count = 5;
+    if (!ad->a || !ad->b) { afm_adapter_free(ad); return NULL; }
+    return ad;
+}
+
+AFMDEF void afm_adapter_free(afm_adapter *ad) {
+    afm_allocator a;
+    if (!ad) return;
+    a = ad->alloc;
+    afm__free(&a, (void *)ad->a);
+    afm__free(&a, (void *)ad->b);
+    afm__free(&a, ad->tensors);
+    afm__free(&a, ad->metadata);
+    afm__blob_close(&a, &ad->blob);
+    afm__free(&a, ad);
+}
+
+AFMDEF afm_result afm_adapter_embedded(afm_model *m, afm_adapter **out, char *err, size_t errn) {
+    afm_adapter *ad;
+    int i, p;
+    if (err && errn) err[0] = 0;
+    if (!out || !m) return afm__fail(err, errn, AFM_ERR_ARG, "afm_adapter_embedded: NULL argument");
+    *out = NULL;
+    if (!m->config.lora_rank) return afm__fail(err, errn, AFM_ERR_ARG, "the model has no embedded base adapter (lora_rank is 0)");
+    if (!(ad = afm__adapter_new(m))) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+    for (i = 0; i < m->config.n_layers; i++)
+        for (p = 0; p < AFM__N_PROJ; p++) {
+            ad->a[i * AFM__N_PROJ + p] = m->layers[i].lora_a[p];
+            ad->b[i * AFM__N_PROJ + p] = m->layers[i].lora_b[p];
+        }
+    ad->rank = m->config.lora_rank;
+    ad->alpha = m->config.lora_alpha;
+    ad->scale = ad->alpha / (float)ad->rank;
+    snprintf(ad->identifier, sizeof ad->identifier, "base_adapter");
+    memcpy(ad->signature, m->config.signature, sizeof ad->signature);
+    *out = ad;
+    return AFM_OK;
+}
+
+/* ---- .afma: the adapter file (docs/FORMAT.md, second part) ---- */
+static afm_result afm__parse_adapter(afm__loader *L, afm_adapter *ad) {
+    const afm_model *m = ad->model;
+    const afm_config *c = &m->config;
+    afm__container ct;
+    const unsigned char *cf;
+    int base[8], want[8], i, k;
+    char nm[64];
+    uint32_t v;
+    afm_result r = afm__parse_container(L, "AFMADAPT", &ad->alloc, &ct);
+    ad->tensors = ct.tensors;
+    ad->n_tensors = ct.n_tensors;
+    if (r != AFM_OK) return r;
+    cf = ct.config;
+    if ((v = afm__rd32(cf)) != 2) return AFM__BAD(L, "%s: config kind is %u, expected 2 (LoRA adapter)", L->name, v);
+    v = afm__rd32(cf + 4);
+    if (v < 1 || v > 4096) return AFM__BAD(L, "%s: config rank is %u, expected 1..4096", L->name, v);
+    ad->rank = (int)v;
+    ad->alpha = afm__rdf32(cf + 8);
+    if (!(ad->alpha > -1e30f && ad->alpha < 1e30f)) return AFM__BAD(L, "%s: config alpha is not finite", L->name);
+    ad->scale = ad->alpha / (float)ad->rank;
+    v = afm__rd32(cf + 12);
+    if (v > 64) return AFM__BAD(L, "%s: config draft_token_count is %u, expected 0..64", L->name, v);
+    if (v) ad->draft_token_count = (int)v;
+    want[0] = c->vocab_size; want[1] = c->dim; want[2] = c->n_layers; want[3] = c->n_reuse_layers;
+    want[4] = c->n_heads; want[5] = c->n_kv_heads; want[6] = c->head_dim; want[7] = c->ffn_dim;
+    for (i = 0; i < 8; i++) {
+        static const char *const names[8] = { "vocab_size", "dim", "n_layers", "n_reuse_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim" };
+        base[i] = (int)afm__rd32(cf + 16 + 4 * i);
+        if (base[i] != want[i])
+            return AFM__BAD(L, "%s: adapter was made for a base with %s %d, this model has %d", L->name, names[i], base[i], want[i]);
+    }
+    if (cf[48]) {
+        for (i = 0; i < 40; i++) {
+            unsigned char ch = cf[48 + i];
+            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
+                return AFM__BAD(L, "%s: signature byte 0x%02x is not a lowercase hex digit", L->name, ch);
+            ad->signature[i] = (char)ch;
+        }
+        if (c->signature[0] && memcmp(ad->signature, c->signature, 40))
+            return AFM__BAD(L, "%s: adapter is for base model %s, this model is %s", L->name, ad->signature, c->signature);
+    }
+    if (ct.extra) {
+        if (ct.extra_kind != 3) return AFM__BAD(L, "%s: metadata section kind %u, expected 3 (JSON)", L->name, ct.extra_kind);
+        ad->metadata = (char *)afm__alloc(&ad->alloc, (size_t)ct.extra_len + 1);
+        if (!ad->metadata) return afm__fail(L->err, L->errn, AFM_ERR_NOMEM, "%s: out of memory", L->name);
+        memcpy(ad->metadata, ct.extra, (size_t)ct.extra_len);
+        ad->metadata[ct.extra_len] = 0;
+    }
+    for (k = 0; k < ct.n_tensors; k++) {
+        const afm__tensor *t = &ct.tensors[k];
+        int s = afm__slot_of(t->name, c->n_layers), layer, field, p, is_b;
+        uint64_t in, out;
+        if (s < AFM__T_N_GLOBAL || (s - AFM__T_N_GLOBAL) % AFM__N_FIELDS < AFM__F_LORA_A)
+            return AFM__BAD(L, "%s: tensor '%s' does not belong in an adapter (only l{i}.{proj}.lora_a/b)", L->name, t->name);
+        layer = (s - AFM__T_N_GLOBAL) / AFM__N_FIELDS;
+        field = (s - AFM__T_N_GLOBAL) % AFM__N_FIELDS;
+        is_b = field >= AFM__F_LORA_B;
+        p = field - (is_b ? AFM__F_LORA_B : AFM__F_LORA_A);
+        if (!afm__adapted(m, layer, p))
+            return AFM__BAD(L, "%s: tensor '%s': layer %d (segment %d) has no projection '%s'", L->name, t->name, layer, layer >= m->n_seg0, afm__proj_names[p]);
+        if ((is_b ? ad->b : ad->a)[layer * AFM__N_PROJ + p])
+            return AFM__BAD(L, "%s: tensor '%s' appears twice in the directory", L->name, t->name);
+        afm__lora_dims(m, p, &in, &out);
+        if ((r = afm__expect(L, t, t->name, is_b ? out : (uint64_t)ad->rank, is_b ? (uint64_t)ad->rank : in, 0, 1)) != AFM_OK) return r;
+        (is_b ? ad->b : ad->a)[layer * AFM__N_PROJ + p] = t;
+    }
+    for (i = 0; i < c->n_layers; i++)
+        for (k = 0; k < AFM__N_PROJ; k++)
+            if (afm__adapted(m, i, k) && (!ad->a[i * AFM__N_PROJ + k] || !ad->b[i * AFM__N_PROJ + k])) {
+                snprintf(nm, sizeof nm, "l%d.%s.lora_%c", i, afm__proj_names[k], ad->a[i * AFM__N_PROJ + k] ? 'b' : 'a');
+                return AFM__BAD(L, "%s: required tensor '%s' is missing", L->name, nm);
+            }
+    return AFM_OK;
+}
+
+/* ---- .fmadapter: Apple's package (AFM_SPEC section 6) ---- */
+
+/* `fmadapter-NAME-VERSION` with NAME and VERSION made of [A-Za-z0-9_]: a hyphen inside NAME
+   makes Apple's loader misread the identifier, so it is refused here too. */
+static int afm__fm_identifier_ok(const char *id) {
+    const char *p = id;
+    int parts = 0;
+    if (strncmp(p, "fmadapter-", 10)) return 0;
+    p += 10;
+    for (;;) {
+        const char *q = p;
+        while ((*q >= 'a' && *q <= 'z') || (*q >= 'A' && *q <= 'Z') || (*q >= '0' && *q <= '9') || *q == '_') q++;
+        if (q == p) return 0;
+        parts++;
+        if (*q == 0) return parts == 2;
+        if (*q != '-' || parts == 2) return 0;
+        p = q + 1;
+    }
+}
+
+static afm_result afm__fm_metadata(afm_adapter *ad, const char *json, size_t n, const char *name, char *err, size_t errn) {
+    afm__json j;
+    char msg[160], sig[64];
+    long v;
+    int t;
+    const afm_config *c = &ad->model->config;
+    if (!afm__json_parse(&ad->alloc, json, n, &j, msg, sizeof msg)) {
+        afm__free(&ad->alloc, j.tok);
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/metadata.json: %s", name, msg);
+    }
+#define AFM__FMERR(...) do { afm__fail(err, errn, AFM_ERR_FORMAT, __VA_ARGS__); afm__free(&ad->alloc, j.tok); return AFM_ERR_FORMAT; } while (0)
+    if (j.tok[0].type != AFM__J_OBJ) AFM__FMERR("%s/metadata.json: not a JSON object", name);
+    t = afm__json_get(&j, 0, "adapterIdentifier");
+    if (!afm__json_str(&j, t, ad->identifier, sizeof ad->identifier))
+        AFM__FMERR("%s/metadata.json: adapterIdentifier is missing or not a short string", name);
+    if (!afm__fm_identifier_ok(ad->identifier))
+        AFM__FMERR("%s/metadata.json: adapterIdentifier '%s' does not match fmadapter-NAME-VERSION (letters, digits, '_'; no '-' inside NAME)", name, ad->identifier);
+    t = afm__json_get(&j, 0, "baseModelSignature");
+    if (!afm__json_str(&j, t, sig, sizeof sig) || strlen(sig) != 40 || strspn(sig, "0123456789abcdef") != 40)
+        AFM__FMERR("%s/metadata.json: baseModelSignature is missing or not 40 lowercase hex digits", name);
+    if (c->signature[0] && strcmp(sig, c->signature))
+        AFM__FMERR("%s/metadata.json: adapter is for base model %s, this model is %s", name, sig, c->signature);
+    memcpy(ad->signature, sig, 41);
+    t = afm__json_get(&j, 0, "loraRank");
+    if (!afm__json_int(&j, t, 1, 4096, &v)) AFM__FMERR("%s/metadata.json: loraRank is missing or not an integer in 1..4096", name);
+    ad->rank = (int)v;
+    t = afm__json_get(&j, 0, "speculativeDecodingDraftTokenCount");
+    if (t >= 0) {
+        if (!afm__json_int(&j, t, 1, 64, &v)) AFM__FMERR("%s/metadata.json: speculativeDecodingDraftTokenCount is not an integer in 1..64", name);
+        ad->draft_token_count = (int)v;
+    }
+#undef AFM__FMERR
+    afm__free(&ad->alloc, j.tok);
+    ad->metadata = (char *)afm__alloc(&ad->alloc, n + 1);
+    if (!ad->metadata) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+    memcpy(ad->metadata, json, n);
+    ad->metadata[n] = 0;
+    /* Apple's toolkit trains with alpha 16 at rank 32 and does not store alpha: scale = 0.5. */
+    ad->alpha = 16.0f;
+    ad->scale = ad->alpha / (float)ad->rank;
+    return AFM_OK;
+}
+
+/* Blob storage v2: a 64-byte header (u32 count, u32 version 2), then for each tensor a 64-byte
+   record header (u32 0xDEADBEEF, u32 dtype 1 = fp16, u64 size, u64 absolute offset) and its data,
+   each 64-byte aligned. The tensors carry no names: their order and sizes are those of the
+   toolkit's adapter keys (AFM_SPEC section 6), which is checked record by record. */
+static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint64_t size, const char *name, char *err, size_t errn) {
+    const afm_model *m = ad->model;
+    int n_layers = m->config.n_layers, expected = 0, i, p, k = 0;
+    uint64_t pos = 64, prev_end = 64;
+    static const int order0[] = { AFM__P_Q, AFM__P_K, AFM__P_V, AFM__P_WO, AFM__P_GATE, AFM__P_UP, AFM__P_DOWN };
+    static const int order1[] = { AFM__P_WQ, AFM__P_WO, AFM__P_GATE, AFM__P_UP, AFM__P_DOWN };
+    uint32_t count, version;
+    for (i = 0; i < n_layers; i++) expected += 2 * (i < m->n_seg0 ? 7 : 5);
+    if (size < 64) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: %llu bytes, shorter than the 64-byte header", name, (unsigned long long)size);
+    count = afm__rd32(w);
+    version = afm__rd32(w + 4);
+    if (version != 2) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset 4: blob storage version %u, expected 2", name, version);
+    if ((int)count != expected || count > 1000000)
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset 0: %u tensors, this model's adapter has %d", name, count, expected);
+    ad->tensors = (afm__tensor *)afm__calloc(&ad->alloc, count, sizeof *ad->tensors);
+    if (!ad->tensors) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+    ad->n_tensors = (int)count;
+    for (i = 0; i < n_layers; i++) {
+        const int *ord = i < m->n_seg0 ? order0 : order1;
+        int n_ord = i < m->n_seg0 ? 7 : 5, o, ab;
+        for (o = 0; o < n_ord; o++)
+            for (ab = 0; ab < 2; ab++) {
+                afm__tensor *t = &ad->tensors[k];
+                uint64_t in, out, want, sz, off;
+                uint32_t magic, dtype;
+                p = ord[o];
+                afm__lora_dims(m, p, &in, &out);
+                want = (ab ? out : in) * (uint64_t)ad->rank * 2;
+                if (pos > size || size - pos < 64)
+                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: record %d header at offset %llu is past the end (%llu bytes)", name, k, (unsigned long long)pos, (unsigned long long)size);
+                magic = afm__rd32(w + pos);
+                dtype = afm__rd32(w + pos + 4);
+                sz = afm__rd64(w + pos + 8);
+                off = afm__rd64(w + pos + 16);
+                if (magic != 0xDEADBEEFu)
+                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: record %d has marker 0x%08x, expected 0xdeadbeef", name, (unsigned long long)pos, k, magic);
+                if (dtype != 1)
+                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: record %d has dtype %u, expected 1 (fp16)", name, (unsigned long long)(pos + 4), k, dtype);
+                if (sz != want)
+                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: record %d (layer %d %s lora_%c) is %llu bytes, expected %llu for rank %d",
+                                      name, (unsigned long long)(pos + 8), k, i, afm__proj_names[p], ab ? 'b' : 'a', (unsigned long long)sz, (unsigned long long)want, ad->rank);
+                if (off % 64 || off < pos + 64 || off < prev_end || off > size || size - off < sz)
+                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: record %d data offset %llu is misaligned, overlaps earlier data or runs past the end",
+                                      name, (unsigned long long)(pos + 16), k, (unsigned long long)off);
+                snprintf(t->name, sizeof t->name, "l%d.%s.lora_%c", i, afm__proj_names[p], ab ? 'b' : 'a');
+                t->type = AFM_TYPE_F16;
+                t->n_dims = 2;
+                t->dims[0] = ab ? out : (uint64_t)ad->rank;
+                t->dims[1] = ab ? (uint64_t)ad->rank : in;
+                t->n_elements = t->dims[0] * t->dims[1];
+                t->n_bytes = sz;
+                t->offset = off;
+                t->data = w + off;
+                (ab ? ad->b : ad->a)[i * AFM__N_PROJ + p] = t;
+                prev_end = off + sz;
+                pos = (prev_end + 63) & ~(uint64_t)63;
+                k++;
+            }
+    }
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_adapter_load_fmadapter_memory(afm_model *m, const char *metadata_json, size_t json_size,
+                                                    const void *weights, size_t weights_size, afm_adapter **out, char *err, size_t errn) {
+    afm_adapter *ad;
+    afm_result r;
+    if (err && errn) err[0] = 0;
+    if (!out || !m || (!metadata_json && json_size) || (!weights && weights_size)) return afm__fail(err, errn, AFM_ERR_ARG, "afm_adapter_load_fmadapter_memory: NULL argument");
+    *out = NULL;
+    if (!(ad = afm__adapter_new(m))) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+    if ((uintptr_t)weights % 64) {
+        ad->blob.owned = afm__alloc(&ad->alloc, weights_size ? weights_size : 1);
+        if (!ad->blob.owned) { afm_adapter_free(ad); return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory"); }
+        if (weights_size) memcpy(ad->blob.owned, weights, weights_size);
+        weights = ad->blob.owned;
+    }
+    r = afm__fm_metadata(ad, metadata_json, json_size, "<memory>", err, errn);
+    if (r == AFM_OK) r = afm__fm_weights(ad, (const unsigned char *)weights, weights_size, "<memory>", err, errn);
+    if (r != AFM_OK) { afm_adapter_free(ad); return r; }
+    *out = ad;
+    return AFM_OK;
+}
+
+static int afm__is_dir(const char *path) {
+#if defined(_WIN32)
+    DWORD a = GetFileAttributesA(path);
+    return a != INVALID_FILE_ATTRIBUTES && (a & FILE_ATTRIBUTE_DIRECTORY);
+#else
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+#endif
+}
+
+AFMDEF afm_result afm_adapter_load(afm_model *m, const char *path, const afm_load_params *params, afm_adapter **out, char *err, size_t errn) {
+    afm_adapter *ad;
+    afm_result r;
+    int no_mmap = params ? params->no_mmap : 0;
+    if (err && errn) err[0] = 0;
+    if (!out || !m || !path) return afm__fail(err, errn, AFM_ERR_ARG, "afm_adapter_load: NULL argument");
+    *out = NULL;
+    if (!(ad = afm__adapter_new(m))) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+    if (afm__is_dir(path)) {
+        /* a .fmadapter package */
+        char sub[4096];
+        afm__blob meta;
+        if (strlen(path) > sizeof sub - 32) { afm_adapter_free(ad); return afm__fail(err, errn, AFM_ERR_ARG, "%s: path too long", path); }
+        snprintf(sub, sizeof sub, "%s/metadata.json", path);
+        r = afm__blob_open(&ad->alloc, sub, 1, &meta, err, errn);
+        if (r == AFM_OK) {
+            if (meta.size > (1u << 20)) r = afm__fail(err, errn, AFM_ERR_FORMAT, "%s: %llu bytes, more than 1 MB of metadata", sub, (unsigned long long)meta.size);
+            else r = afm__fm_metadata(ad, (const char *)meta.data, (size_t)meta.size, path, err, errn);
+            afm__blob_close(&ad->alloc, &meta);
+        }
+        if (r == AFM_OK) {
+            snprintf(sub, sizeof sub, "%s/adapter_weights.bin", path);
+            r = afm__blob_open(&ad->alloc, sub, no_mmap, &ad->blob, err, errn);
+        }
+        if (r == AFM_OK) r = afm__fm_weights(ad, ad->blob.data, ad->blob.size, path, err, errn);
+    } else {
+        afm__loader L;
+        r = afm__blob_open(&ad->alloc, path, no_mmap, &ad->blob, err, errn);
+        if (r == AFM_OK) {
+            L.name = path; L.p = ad->blob.data; L.size = ad->blob.size; L.err = err; L.errn = errn;
+            r = afm__parse_adapter(&L, ad);
+        }
+        if (r == AFM_OK && !ad->identifier[0]) {
+            const char *base = strrchr(path, '/');
+            snprintf(ad->identifier, sizeof ad->identifier, "%s", base ? base + 1 : path);
+        }
+    }
+    if (r != AFM_OK) { afm_adapter_free(ad); return r; }
+    *out = ad;
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_adapter_load_memory(afm_model *m, const void *data, size_t size, afm_adapter **out, char *err, size_t errn) {
+    afm_adapter *ad;
+    afm__loader L;
+    afm_result r;
+    if (err && errn) err[0] = 0;
+    if (!out || !m || (!data && size)) return afm__fail(err, errn, AFM_ERR_ARG, "afm_adapter_load_memory: NULL argument");
+    *out = NULL;
+    if (!(ad = afm__adapter_new(m))) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+    if ((uintptr_t)data % 64) {
+        ad->blob.owned = afm__alloc(&ad->alloc, size ? size : 1);
+        if (!ad->blob.owned) { afm_adapter_free(ad); return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory"); }
+        if (size) memcpy(ad->blob.owned, data, size);
+        data = ad->blob.owned;
+    }
+    L.name = "<memory>"; L.p = (const unsigned char *)data; L.size = size; L.err = err; L.errn = errn;
+    r = afm__parse_adapter(&L, ad);
+    if (r != AFM_OK) { afm_adapter_free(ad); return r; }
+    *out = ad;
+    return AFM_OK;
+}
+
+AFMDEF void afm_adapter_get_info(const afm_adapter *ad, afm_adapter_info *info) {
+    uint64_t n = 0;
+    int i;
+    memset(info, 0, sizeof *info);
+    if (!ad) return;
+    for (i = 0; i < ad->model->config.n_layers * AFM__N_PROJ; i++)
+        if (ad->a[i]) n += ad->a[i]->n_elements + ad->b[i]->n_elements;
+    info->rank = ad->rank;
+    info->alpha = ad->alpha;
+    info->scale = ad->scale;
+    info->draft_token_count = ad->draft_token_count;
+    info->n_params = n;
+    info->identifier = ad->identifier;
+    info->signature = ad->signature;
+    info->metadata_json = ad->metadata;
+}
+
+/* ======================================================================================== */
 /* ==== KERNELS: scalar reference (float weight types) ==================================== */
 /* ======================================================================================== */
 
@@ -1196,7 +1822,9 @@ struct afm_session {
     int rowbuf_n;
     float *logits;                /* [logits_cap][vocab] */
     int logits_cap, n_logits;
-    const int32_t *cur_tokens;    /* the batch being evaluated (valid during eval) */
+    const afm_adapter *adapter;   /* LoRA applied on every adapted projection, or NULL */
+    float *lora_t, *lora_u;       /* [n_batch][rank], [n_batch][widest output] */
+    int lora_rank_cap;
     char err[256];
 };
 
@@ -1229,6 +1857,22 @@ static void afm__matmul(afm_session *s, const afm__tensor *W, const float *X, in
     afm__mm_job j;
     j.s = s; j.W = W; j.X = X; j.ldx = ldx; j.n_tok = n_tok; j.Y = Y; j.ldy = ldy;
     afm__pool_run(&s->pool, afm__mm_run, &j);
+}
+
+/* Adds scale * B (A X) to Y for projection p of layer l when the session has an adapter.
+   Same order of operations as the reference: (x A^T) B^T first, then scaled, then added. */
+static void afm__lora(afm_session *s, int l, int p, const float *X, int ldx, int n_tok, float *Y, int ldy) {
+    const afm_adapter *ad = s->adapter;
+    const afm__tensor *A, *B;
+    int r, out, t, o;
+    if (!ad || !(A = ad->a[l * AFM__N_PROJ + p])) return;
+    B = ad->b[l * AFM__N_PROJ + p];
+    r = (int)A->dims[0];
+    out = (int)B->dims[0];
+    afm__matmul(s, A, X, ldx, n_tok, s->lora_t, r);
+    afm__matmul(s, B, s->lora_t, r, n_tok, s->lora_u, out);
+    for (t = 0; t < n_tok; t++)
+        for (o = 0; o < out; o++) Y[(size_t)t * ldy + o] += ad->scale * s->lora_u[(size_t)t * out + o];
 }
 
 static void afm__rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -1397,19 +2041,29 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
         for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->attn_norm, d, c->norm_eps);
         afm__matmul(s, ly->reuse ? ly->wq : ly->qkv, s->xn, d, n_tok, s->qkv, stride);
+        if (ly->reuse) afm__lora(s, l, AFM__P_WQ, s->xn, d, n_tok, s->qkv, stride);
+        else {
+            afm__lora(s, l, AFM__P_Q, s->xn, d, n_tok, s->qkv, stride);
+            afm__lora(s, l, AFM__P_K, s->xn, d, n_tok, s->qkv + qd, stride);
+            afm__lora(s, l, AFM__P_V, s->xn, d, n_tok, s->qkv + qd + s->kv_dim, stride);
+        }
         afm__qkv_post(s, l, n_tok);
         /* queries are the first qd values of each row; segment 1 reads the last segment-0 cache */
         s->q = s->qkv;
         aj.s = s; aj.layer = ly->reuse ? m->n_seg0 - 1 : l; aj.n_tok = n_tok; aj.q_stride = stride;
         afm__pool_run(&s->pool, afm__attn_run, &aj);
         afm__matmul(s, ly->wo, s->att, qd, n_tok, s->xn, d);
+        afm__lora(s, l, AFM__P_WO, s->att, qd, n_tok, s->xn, d);
         for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
 
         for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->ffn_norm, d, c->norm_eps);
         afm__matmul(s, ly->gate, s->xn, d, n_tok, s->hb, f);
+        afm__lora(s, l, AFM__P_GATE, s->xn, d, n_tok, s->hb, f);
         afm__matmul(s, ly->up, s->xn, d, n_tok, s->hb2, f);
+        afm__lora(s, l, AFM__P_UP, s->xn, d, n_tok, s->hb2, f);
         for (i = 0; i < n_tok * f; i++) s->hb[i] = afm__silu(s->hb[i]) * s->hb2[i];
         afm__matmul(s, ly->down, s->hb, f, n_tok, s->xn, d);
+        afm__lora(s, l, AFM__P_DOWN, s->hb, f, n_tok, s->xn, d);
         for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
     }
     if (logits_from < n_tok) {
@@ -1427,7 +2081,8 @@ static void afm__session_release_buffers(afm_session *s) {
     const afm_allocator *a = &s->model->alloc;
     void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
-                      (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache };
+                      (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
+                      (void **)&s->lora_t, (void **)&s->lora_u };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -1575,6 +2230,40 @@ AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
 
 AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
 AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
+
+AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad) {
+    const afm_config *c;
+    if (!s) return AFM_ERR_ARG;
+    c = &s->model->config;
+    if (ad == s->adapter) return AFM_OK;
+    if (ad && ad->model != s->model)
+        return afm__serr(s, AFM_ERR_ARG, "adapter '%s' was loaded for a different model", ad->identifier);
+    if (ad && ad->rank > s->lora_rank_cap) {
+        const afm_allocator *a = &s->model->alloc;
+        int widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim, qd = c->n_heads * c->head_dim;
+        float *t, *u;
+        if (qd > widest) widest = qd;
+        t = (float *)afm__alloc(a, (size_t)s->params.n_batch * ad->rank * 4);
+        u = (float *)afm__alloc(a, (size_t)s->params.n_batch * widest * 4);
+        if (!t || !u) { afm__free(a, t); afm__free(a, u); return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch"); }
+        afm__free(a, s->lora_t);
+        afm__free(a, s->lora_u);
+        s->lora_t = t;
+        s->lora_u = u;
+        s->lora_rank_cap = ad->rank;
+    }
+    if (ad && ad->rank > s->rowbuf_n) { /* B's rows are rank long; matmul converts rows into rowbuf */
+        float *rb = (float *)afm__alloc(&s->model->alloc, (size_t)s->pool.n_threads * ad->rank * 4);
+        if (!rb) return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch");
+        afm__free(&s->model->alloc, s->rowbuf);
+        s->rowbuf = rb;
+        s->rowbuf_n = ad->rank;
+    }
+    s->adapter = ad;
+    s->pos = 0; /* the cached keys and values were computed with the previous adapter */
+    s->n_logits = 0;
+    return AFM_OK;
+}
 
 /* ======================================================================================== */
 /* ==== SAMPLING ========================================================================== */

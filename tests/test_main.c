@@ -104,24 +104,33 @@ static afm_session *session(afm_model *m, int n_threads, int all_logits, int n_b
 /* ---- parity with the MLX reference ---- */
 
 /* Prefill n_prompt tokens in one eval (logits of every position), then one token at a time,
-   each compared with MLX: max |diff| <= 1e-4 x std of the reference logits. */
-static void test_parity(const char *name, int n_threads) {
-    char mpath[256], rpath[256];
+   each compared with MLX: max |diff| <= 1e-4 x std of the reference logits. `adapter` is NULL,
+   "embedded" (the model's base adapter) or a path to an adapter file or .fmadapter directory. */
+static void test_parity_with(const char *model, const char *refname, const char *adapter, int n_threads) {
+    char mpath[256], rpath[256], err[512];
     afm_model *m;
     afm_session *s;
+    afm_adapter *ad = NULL;
     ref r;
     int i, V;
     double worst = 0;
-    snprintf(mpath, sizeof mpath, "tests/vectors/%s.afm", name);
-    snprintf(rpath, sizeof rpath, "tests/vectors/%s.ref", name);
-    if (!load_ref(rpath, &r)) { CHECK(0, "%s: cannot read reference %s", name, rpath); return; }
+    snprintf(mpath, sizeof mpath, "tests/vectors/%s.afm", model);
+    snprintf(rpath, sizeof rpath, "tests/vectors/%s.ref", refname);
+    if (!load_ref(rpath, &r)) { CHECK(0, "%s: cannot read reference %s", refname, rpath); return; }
     m = load(mpath);
-    CHECK(m != NULL, "%s: model loads", name);
+    CHECK(m != NULL, "%s: model loads", model);
     if (!m) { free_ref(&r); return; }
+    if (adapter) {
+        afm_result res = !strcmp(adapter, "embedded") ? afm_adapter_embedded(m, &ad, err, sizeof err)
+                                                      : afm_adapter_load(m, adapter, NULL, &ad, err, sizeof err);
+        CHECK(res == AFM_OK, "%s: adapter %s loads: %s", refname, adapter, err);
+        if (res != AFM_OK) { afm_model_free(m); free_ref(&r); return; }
+    }
     V = r.vocab;
-    CHECK(afm_model_config(m)->vocab_size == V, "%s: vocab matches reference", name);
+    CHECK(afm_model_config(m)->vocab_size == V, "%s: vocab matches reference", refname);
     s = session(m, n_threads, 1, 0);
-    CHECK(s && afm_session_eval(s, r.tokens, r.n_prompt) == AFM_OK, "%s: prefill", name);
+    if (s && ad) CHECK(afm_session_set_adapter(s, ad) == AFM_OK, "set adapter");
+    CHECK(s && afm_session_eval(s, r.tokens, r.n_prompt) == AFM_OK, "%s: prefill", refname);
     for (i = 0; s && i < r.n_prompt; i++) {
         double d = max_abs_diff(afm_session_logits(s, i), r.logits + (size_t)i * V, V);
         if (!(d <= worst)) worst = d;
@@ -132,12 +141,15 @@ static void test_parity(const char *name, int n_threads) {
         d = max_abs_diff(afm_session_logits(s, 0), r.logits + (size_t)(r.n_prompt + i) * V, V);
         if (!(d <= worst)) worst = d;
     }
-    CHECK(worst <= 1e-4 * r.std, "%s (%d threads): max |dlogit| %.3g > 1e-4 x std %.3g", name, n_threads, worst, r.std);
-    printf("  parity %-12s threads %d: max |dlogit| %.3g = %.2g x std (limit 1e-4)\n", name, n_threads, worst, worst / r.std);
+    CHECK(worst <= 1e-4 * r.std, "%s (%d threads): max |dlogit| %.3g > 1e-4 x std %.3g", refname, n_threads, worst, r.std);
+    printf("  parity %-14s threads %d: max |dlogit| %.3g = %.2g x std (limit 1e-4)\n", refname, n_threads, worst, worst / r.std);
     afm_session_free(s);
+    afm_adapter_free(ad);
     afm_model_free(m);
     free_ref(&r);
 }
+
+static void test_parity(const char *name, int n_threads) { test_parity_with(name, name, NULL, n_threads); }
 
 /* ---- incremental decode vs full recompute, and rewind ---- */
 
@@ -612,6 +624,7 @@ int main(int argc, char **argv) {
         test_parity(parity_models[i], 2);
         test_incremental_and_rewind(parity_models[i]);
     }
+    test_parity_with("toolkit", "toolkit_lora", "embedded", 2);
     test_hostile("afm_mini");
     test_sessions("afm_mini");
     test_sampler();
