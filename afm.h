@@ -202,6 +202,46 @@ AFMDEF void afm_adapter_get_info(const afm_adapter *adapter, afm_adapter_info *i
    the previous adapter, so the session is rewound to position 0 unless the adapter is unchanged. */
 AFMDEF afm_result afm_session_set_adapter(afm_session *session, const afm_adapter *adapter);
 
+/* ---- Generation: a sampling loop with streaming, stop tokens and speculative decoding. A
+   drafter proposes up to K tokens, the base verifies them all in one forward pass and keeps the
+   longest valid prefix, so the output is what the base alone would produce: token for token when
+   greedy, the same distribution when sampling (accept with min(1, p/q), else resample from
+   max(0, p - q)). K adapts to the measured acceptance and costs; 0 means plain decoding. ---- */
+
+/* A custom drafter: propose up to k tokens continuing context[0 .. n_context) into draft;
+   return how many (0 for none). Called with the base's context; must not keep the pointer. */
+typedef int (*afm_draft_fn)(void *user, const int32_t *context, int n_context, int k, int32_t *draft);
+
+typedef struct afm_generate_params {
+    int n_predict;                  /* tokens to generate at most */
+    afm_sampler_params sampler;
+    const int32_t *stop_tokens;     /* generation ends after emitting one of these */
+    int n_stop_tokens;
+    int (*on_token)(void *user, int32_t token); /* each generated token; return non-zero to stop */
+    void *user;
+    /* drafters (the first one set is used; none: plain decoding) */
+    afm_draft_fn draft_fn;          /* custom */
+    void *draft_user;
+    afm_session *draft;             /* a session on the draft model (same vocabulary); may carry its own adapter */
+    int lookup;                     /* prompt lookup: continue the latest earlier match of the last 2-4 tokens */
+    int draft_k;                    /* most tokens per verification; 0: the adapter's count, else 5 (max 16) */
+    int fixed_k;                    /* always draft draft_k tokens instead of adapting */
+} afm_generate_params;
+
+typedef struct afm_generate_stats {
+    int n_prompt, n_generated;
+    int n_steps;                    /* base forward passes after the prompt */
+    int n_drafted, n_accepted;      /* acceptance rate = n_accepted / n_drafted */
+    double t_prompt, t_draft, t_verify, t_total; /* seconds */
+} afm_generate_stats;
+
+/* Evaluates the prompt (may be empty to continue from the session's last logits), then
+   generates. Every emitted token is in the session's cache when it returns. */
+AFMDEF afm_result afm_generate(afm_session *session, const int32_t *prompt, int n_prompt,
+                               const afm_generate_params *params, afm_generate_stats *stats);
+/* The tokens in the session's cache (n of them). Valid until the next call on the session. */
+AFMDEF const int32_t *afm_session_tokens(const afm_session *session, int *n);
+
 #ifdef __cplusplus
 }
 #endif
@@ -218,6 +258,7 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *session, const afm_adapte
 #include <stdarg.h>
 #include <math.h>
 #include <float.h>
+#include <time.h>
 
 #ifndef AFM_ASSERT
 #include <assert.h>
@@ -234,6 +275,7 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *session, const afm_adapte
 #include <sys/stat.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <sys/time.h>
 #ifndef AFM_NO_MMAP
 #include <sys/mman.h>
 #endif
@@ -1822,6 +1864,8 @@ struct afm_session {
     int rowbuf_n;
     float *logits;                /* [logits_cap][vocab] */
     int logits_cap, n_logits;
+    int32_t *tokens;              /* [cap] the tokens in the cache, in order */
+    int test_accept_rule;         /* tests only: 1 accepts every draft, to show the tests can fail */
     const afm_adapter *adapter;   /* LoRA applied on every adapted projection, or NULL */
     float *lora_t, *lora_u;       /* [n_batch][rank], [n_batch][widest output] */
     int lora_rank_cap;
@@ -2082,7 +2126,7 @@ static void afm__session_release_buffers(afm_session *s) {
     void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
-                      (void **)&s->lora_t, (void **)&s->lora_u };
+                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -2094,22 +2138,25 @@ static afm_result afm__reserve(afm_session *s, int need) {
     size_t row = (size_t)s->kv_dim * s->kv_elt;
     unsigned char *k, *v;
     float *scores;
+    int32_t *tokens;
     if (need <= s->cap) return AFM_OK;
     while (cap < need) cap = cap > s->n_ctx / 2 ? s->n_ctx : cap * 2;
     if (cap > s->n_ctx) cap = s->n_ctx;
     k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
     v = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
     scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * cap, sizeof(float));
-    if (!k || !v || !scores) {
-        afm__free(a, k); afm__free(a, v); afm__free(a, scores);
+    tokens = (int32_t *)afm__calloc(a, (size_t)cap + 1, sizeof(int32_t)); /* +1: a pending token may sit past the end */
+    if (!k || !v || !scores || !tokens) {
+        afm__free(a, k); afm__free(a, v); afm__free(a, scores); afm__free(a, tokens);
         return afm__serr(s, AFM_ERR_NOMEM, "out of memory growing the KV cache to %d positions", cap);
     }
     for (l = 0; l < n_seg0 && s->pos; l++) {
         memcpy(k + (size_t)l * cap * row, s->k_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
         memcpy(v + (size_t)l * cap * row, s->v_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
     }
-    afm__free(a, s->k_cache); afm__free(a, s->v_cache); afm__free(a, s->scores);
-    s->k_cache = k; s->v_cache = v; s->scores = scores;
+    if (s->pos) memcpy(tokens, s->tokens, (size_t)s->pos * sizeof *tokens);
+    afm__free(a, s->k_cache); afm__free(a, s->v_cache); afm__free(a, s->scores); afm__free(a, s->tokens);
+    s->k_cache = k; s->v_cache = v; s->scores = scores; s->tokens = tokens;
     s->cap = cap;
     return AFM_OK;
 }
@@ -2178,9 +2225,10 @@ AFMDEF void afm_session_free(afm_session *s) {
     afm__free(&s->model->alloc, s);
 }
 
-AFMDEF afm_result afm_session_eval(afm_session *s, const int32_t *tokens, int n) {
+/* Evaluates n tokens; keeps the logits of every position when want_all, else of the last. */
+static afm_result afm__eval(afm_session *s, const int32_t *tokens, int n, int want_all) {
     const afm_config *c;
-    int i, done, want_all;
+    int i, done;
     afm_result r;
     if (!s) return AFM_ERR_ARG;
     c = &s->model->config;
@@ -2192,7 +2240,7 @@ AFMDEF afm_result afm_session_eval(afm_session *s, const int32_t *tokens, int n)
     if (n > s->n_ctx - s->pos)
         return afm__serr(s, AFM_ERR_CONTEXT_FULL, "context full: %d tokens at position %d exceed the session's limit of %d", n, s->pos, s->n_ctx);
     if ((r = afm__reserve(s, s->pos + n)) != AFM_OK) return r;
-    want_all = s->params.all_logits;
+    memcpy(s->tokens + s->pos, tokens, (size_t)n * sizeof *tokens);
     if (want_all && n > s->logits_cap) {
         float *l = (float *)afm__alloc(&s->model->alloc, (size_t)n * c->vocab_size * 4);
         if (!l) return afm__serr(s, AFM_ERR_NOMEM, "out of memory for the logits of %d positions", n);
@@ -2211,6 +2259,15 @@ AFMDEF afm_result afm_session_eval(afm_session *s, const int32_t *tokens, int n)
     }
     s->n_logits = want_all ? n : 1;
     return AFM_OK;
+}
+
+AFMDEF afm_result afm_session_eval(afm_session *s, const int32_t *tokens, int n) {
+    return afm__eval(s, tokens, n, s ? s->params.all_logits : 0);
+}
+
+AFMDEF const int32_t *afm_session_tokens(const afm_session *s, int *n) {
+    if (n) *n = s ? s->pos : 0;
+    return s ? s->tokens : NULL;
 }
 
 AFMDEF const float *afm_session_logits(const afm_session *s, int i) {
@@ -2276,6 +2333,7 @@ struct afm_sampler {
     uint64_t rng[4];     /* xoshiro256** */
     float *prob;         /* [n_vocab] */
     int32_t *idx;        /* [n_vocab] candidate ids */
+    struct afm__cand *cand; /* [n_vocab] candidates being sorted */
 };
 
 static uint64_t afm__splitmix64(uint64_t *x) {
@@ -2314,7 +2372,8 @@ AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_voc
     sm->n_vocab = n_vocab;
     sm->prob = (float *)afm__alloc(a, (size_t)n_vocab * sizeof(float));
     sm->idx = (int32_t *)afm__alloc(a, (size_t)n_vocab * sizeof(int32_t));
-    if (!sm->prob || !sm->idx) { afm_sampler_free(sm); return AFM_ERR_NOMEM; }
+    sm->cand = (struct afm__cand *)afm__alloc(a, (size_t)n_vocab * 8);
+    if (!sm->prob || !sm->idx || !sm->cand) { afm_sampler_free(sm); return AFM_ERR_NOMEM; }
     seed = sm->p.seed;
     sm->rng[0] = afm__splitmix64(&seed); sm->rng[1] = afm__splitmix64(&seed);
     sm->rng[2] = afm__splitmix64(&seed); sm->rng[3] = afm__splitmix64(&seed);
@@ -2328,6 +2387,7 @@ AFMDEF void afm_sampler_free(afm_sampler *sm) {
     a = sm->alloc;
     afm__free(&a, sm->prob);
     afm__free(&a, sm->idx);
+    afm__free(&a, sm->cand);
     afm__free(&a, sm);
 }
 
@@ -2340,46 +2400,343 @@ static int afm__cmp_cand(const void *a, const void *b) {
     return (x->id > y->id) - (x->id < y->id);
 }
 
-AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) {
-    int n = sm->n_vocab, i, nc = 0, best = 0;
-    float mx = -FLT_MAX, inv_t;
-    double sum = 0, r, acc;
-    for (i = 0; i < n; i++)
+/* Applies temperature, min-p, top-k and top-p (in that order) to logits: sm->prob holds the
+   unnormalised probabilities (largest 1) and sm->idx[0 .. return value) the surviving ids, in
+   increasing id order. For greedy sampling the one survivor is the argmax (lowest id on ties). */
+static int afm__sampler_filter(afm_sampler *sm, const float *logits) {
+    int n = sm->n_vocab, i, nc = 0, best = 0, keep;
+    float inv_t;
+    for (i = 1; i < n; i++)
         if (logits[i] > logits[best]) best = i;
-    if (!(sm->p.temperature > 0)) return best;
-    mx = logits[best];
+    if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
     inv_t = 1.0f / sm->p.temperature;
-    for (i = 0; i < n; i++) sm->prob[i] = expf((logits[i] - mx) * inv_t); /* unnormalised; max is 1 */
-    /* Candidates: min-p keeps p >= min_p * p_max (p_max is 1 here). Top-k and top-p sort them. */
-    for (i = 0; i < n; i++)
-        if (sm->prob[i] > 0 && sm->prob[i] >= sm->p.min_p) sm->idx[nc++] = i;
-    if ((sm->p.top_k > 0 && sm->p.top_k < nc) || (sm->p.top_p > 0 && sm->p.top_p < 1)) {
-        afm__cand *c = (afm__cand *)afm__alloc(&sm->alloc, (size_t)nc * sizeof *c);
-        int keep = nc;
-        if (!c) return best; /* out of memory: fall back to the most likely token */
-        for (i = 0; i < nc; i++) { c[i].p = sm->prob[sm->idx[i]]; c[i].id = sm->idx[i]; }
-        qsort(c, (size_t)nc, sizeof *c, afm__cmp_cand);
-        if (sm->p.top_k > 0 && sm->p.top_k < keep) keep = sm->p.top_k;
+    for (i = 0; i < n; i++) {
+        float p = expf((logits[i] - logits[best]) * inv_t);
+        sm->prob[i] = p;
+        if (p > 0 && p >= sm->p.min_p) sm->idx[nc++] = i;
+    }
+    keep = nc;
+    if (sm->p.top_k > 0 && sm->p.top_k < keep) keep = sm->p.top_k;
+    if (keep < nc || (sm->p.top_p > 0 && sm->p.top_p < 1)) {
+        /* Only the most likely candidates need sorting: those at or above a threshold t hold all of
+           the top-k and the nucleus once there are at least k of them holding >= top_p of the mass. */
+        double total = 0, above, run;
+        float t = 1e-2f;
+        int m;
+        for (i = 0; i < nc; i++) total += sm->prob[sm->idx[i]];
+        for (;;) {
+            above = 0;
+            for (i = 0, m = 0; i < nc; i++)
+                if (sm->prob[sm->idx[i]] >= t) { above += sm->prob[sm->idx[i]]; m++; }
+            if ((m >= keep || t == 0) && (!(sm->p.top_p > 0 && sm->p.top_p < 1) || above >= sm->p.top_p * total || t == 0)) break;
+            t = t > 1e-30f ? t * 1e-3f : 0;
+        }
+        for (i = 0, m = 0; i < nc; i++)
+            if (sm->prob[sm->idx[i]] >= t) { sm->cand[m].p = sm->prob[sm->idx[i]]; sm->cand[m].id = sm->idx[i]; m++; }
+        qsort(sm->cand, (size_t)m, sizeof *sm->cand, afm__cmp_cand);
+        if (keep > m) keep = m;
         if (sm->p.top_p > 0 && sm->p.top_p < 1) {
-            double total = 0, run = 0;
-            for (i = 0; i < keep; i++) total += c[i].p;
-            for (i = 0; i < keep; i++) {
-                run += c[i].p;
+            for (i = 0, run = 0; i < keep; i++) {
+                run += sm->cand[i].p;
                 if (run >= sm->p.top_p * total) { keep = i + 1; break; }
             }
         }
-        for (i = 0; i < keep; i++) sm->idx[i] = c[i].id;
+        /* back to id order, so the draw below does not depend on the sort */
+        for (i = 0; i < keep; i++) sm->idx[i] = sm->cand[i].id;
+        for (i = 1; i < keep; i++) {
+            int32_t v = sm->idx[i];
+            int j = i - 1;
+            while (j >= 0 && sm->idx[j] > v) { sm->idx[j + 1] = sm->idx[j]; j--; }
+            sm->idx[j + 1] = v;
+        }
         nc = keep;
-        afm__free(&sm->alloc, c);
     }
+    return nc;
+}
+
+/* Draws one id from weights w over ids idx[0..n) (weights need not be normalised). */
+static int32_t afm__draw(uint64_t *rng, const float *w, const int32_t *idx, int n) {
+    double sum = 0, r, acc = 0;
+    int i;
+    for (i = 0; i < n; i++) sum += w[idx[i]];
+    r = afm__rng_uniform(rng) * sum;
+    for (i = 0; i < n; i++) {
+        acc += w[idx[i]];
+        if (r < acc) return idx[i];
+    }
+    return idx[n - 1];
+}
+
+AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) {
+    int nc = afm__sampler_filter(sm, logits);
+    if (!(sm->p.temperature > 0)) return sm->idx[0];
+    return afm__draw(sm->rng, sm->prob, sm->idx, nc);
+}
+
+/* The sampler's full distribution over the vocabulary (zeros outside the filtered set);
+   returns the number of candidates, whose ids are left in sm->idx. */
+static int afm__sampler_dist(afm_sampler *sm, const float *logits, float *out) {
+    int nc = afm__sampler_filter(sm, logits), i;
+    double sum = 0;
+    memset(out, 0, (size_t)sm->n_vocab * sizeof *out);
     for (i = 0; i < nc; i++) sum += sm->prob[sm->idx[i]];
-    r = afm__rng_uniform(sm->rng) * sum;
-    acc = 0;
-    for (i = 0; i < nc; i++) {
-        acc += sm->prob[sm->idx[i]];
-        if (r < acc) return sm->idx[i];
+    for (i = 0; i < nc; i++) out[sm->idx[i]] = (float)(sm->prob[sm->idx[i]] / sum);
+    return nc;
+}
+
+
+/* ======================================================================================== */
+/* ==== GENERATION AND SPECULATIVE DECODING =============================================== */
+/* ======================================================================================== */
+
+#define AFM__MAX_DRAFT 16
+
+static double afm__now(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (double)c.QuadPart / (double)f.QuadPart;
+#elif defined(CLOCK_MONOTONIC)
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+#else
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + tv.tv_usec * 1e-6;
+#endif
+}
+
+/* State of one afm_generate call. */
+typedef struct afm__gen {
+    afm_session *s;
+    const afm_generate_params *p;
+    afm_generate_stats *st;
+    afm_sampler *sm, *dsm;       /* base sampler (its RNG also decides acceptance), draft sampler */
+    int V, kmax, sampled, done, generated, zero_streak;
+    int32_t draft[AFM__MAX_DRAFT];
+    float *q;                    /* [kmax][V] the draft model's distributions, when sampling */
+    float *dist;                 /* [V] scratch distribution */
+    int q_valid;                 /* the drafter filled q (a draft model while sampling) */
+    double tv[AFM__MAX_DRAFT + 2]; /* seconds to verify n tokens (EMA); 0 = not measured */
+    double t_draft_tok;          /* seconds per drafted token (EMA) */
+    double acc_hits, acc_trials; /* acceptance, decayed counts */
+} afm__gen;
+
+/* Hands a token to the caller; returns 1 when generation must stop after it. */
+static int afm__emit(afm__gen *g, int32_t tok) {
+    int i;
+    g->generated++;
+    g->st->n_generated++;
+    if (g->p->on_token && g->p->on_token(g->p->user, tok)) return 1;
+    for (i = 0; i < g->p->n_stop_tokens; i++)
+        if (g->p->stop_tokens[i] == tok) return 1;
+    return g->generated >= g->p->n_predict;
+}
+
+/* Proposes draft tokens with the draft model's session: syncs it to the context (everything
+   but the pending token is shared with the base; it re-evaluates what differs), then runs it. */
+static int afm__draft_with_model(afm__gen *g, const int32_t *ctx, int n_ctx, int k) {
+    afm_session *d = g->p->draft;
+    int c = 0, i;
+    while (c < d->pos && c < n_ctx - 1 && d->tokens[c] == ctx[c]) c++;
+    if (afm_session_rewind(d, c) != AFM_OK) return 0;
+    if (n_ctx - c > d->n_ctx - d->pos || afm_session_eval(d, ctx + c, n_ctx - c) != AFM_OK) return 0;
+    for (i = 0; i < k; i++) {
+        const float *lg = afm_session_logits(d, -1);
+        if (g->sampled) {
+            int nc = afm__sampler_dist(g->dsm, lg, g->q + (size_t)i * g->V);
+            g->draft[i] = afm__draw(g->dsm->rng, g->q + (size_t)i * g->V, g->dsm->idx, nc);
+        } else g->draft[i] = afm_sampler_sample(g->dsm, lg);
+        if (i + 1 < k && (d->pos >= d->n_ctx || afm_session_eval(d, &g->draft[i], 1) != AFM_OK)) return i + 1;
     }
-    return sm->idx[nc - 1];
+    g->q_valid = g->sampled;
+    return k;
+}
+
+/* Prompt lookup: the continuation of the latest earlier occurrence of the context's last
+   n tokens (n = 4 down to 2). Summaries, extraction and rewriting repeat their input. */
+static int afm__draft_lookup(afm__gen *g, const int32_t *ctx, int n_ctx, int k) {
+    int n, i, j, found;
+    for (n = 4; n >= 2; n--) {
+        if (n_ctx < n + 1) continue;
+        for (i = n_ctx - n - 1; i >= 0; i--) {
+            for (j = 0, found = 1; j < n && found; j++) found = ctx[i + j] == ctx[n_ctx - n + j];
+            if (found) {
+                int m = 0;
+                while (m < k && i + n + m < n_ctx) { g->draft[m] = ctx[i + n + m]; m++; }
+                return m;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Verification cost of n tokens: measured, or extrapolated from one token. */
+static double afm__verify_cost(const afm__gen *g, int n) {
+    double t1 = g->tv[1] > 0 ? g->tv[1] : 1.0;
+    if (g->tv[n] > 0) return g->tv[n];
+    return t1 * (1.0 + 0.1 * (n - 1));
+}
+
+/* The number of tokens to draft: the k that maximises expected tokens per second, given the
+   acceptance rate seen so far and the measured cost of drafting and of verifying k+1 tokens.
+   0 means plain decoding; after a while at 0 one short probe checks whether drafts got better. */
+static int afm__choose_k(afm__gen *g) {
+    double a = g->acc_hits / g->acc_trials, best_rate, e, t, rate;
+    int k, best = 0;
+    if (g->p->fixed_k) return g->kmax;
+    if (a > 0.999) a = 0.999;
+    best_rate = 1.0 / afm__verify_cost(g, 1);
+    for (k = 1; k <= g->kmax; k++) {
+        e = (1.0 - pow(a, k + 1)) / (1.0 - a);
+        t = afm__verify_cost(g, k + 1) + k * g->t_draft_tok;
+        rate = e / t;
+        if (rate > best_rate * 1.02) { best_rate = rate; best = k; }
+    }
+    if (best == 0 && ++g->zero_streak >= 16) { g->zero_streak = 0; return 1; }
+    if (best) g->zero_streak = 0;
+    return best;
+}
+
+static void afm__ema(double *v, double x) { *v = *v > 0 ? 0.8 * *v + 0.2 * x : x; }
+
+/* One round: verify [x, drafts] in one forward pass, keep the longest valid prefix, pick the
+   next pending token. Returns the new pending token through *x; sets g->done when finished. */
+static afm_result afm__round(afm__gen *g, int32_t *x) {
+    afm_session *s = g->s;
+    const afm_generate_params *p = g->p;
+    int P = s->pos, k = 0, j, i, n_ctx;
+    int32_t batch[AFM__MAX_DRAFT + 1], next = 0;
+    double t0, t1;
+    afm_result r;
+
+    if (P + 1 >= s->n_ctx) { g->done = 1; return AFM_OK; }
+    k = afm__choose_k(g);
+    if (k > s->n_ctx - P - 1) k = s->n_ctx - P - 1;
+    if (k > p->n_predict - g->generated) k = p->n_predict - g->generated;
+    g->q_valid = 0;
+    t0 = afm__now();
+    if (k > 0) {
+        /* the context the drafter continues: the session's tokens, then the pending one */
+        n_ctx = P + 1;
+        s->tokens[P] = *x; /* the slot after the last evaluated token is free until the eval */
+        if (p->draft_fn) k = p->draft_fn(p->draft_user, s->tokens, n_ctx, k, g->draft);
+        else if (p->draft) k = afm__draft_with_model(g, s->tokens, n_ctx, k);
+        else if (p->lookup) k = afm__draft_lookup(g, s->tokens, n_ctx, k);
+        else k = 0;
+        if (k < 0) k = 0;
+        for (i = 0; i < k; i++)
+            if (g->draft[i] < 0 || g->draft[i] >= g->V) k = i; /* a drafter's bad token ends the draft */
+    }
+    t1 = afm__now();
+    if (k > 0) { g->st->t_draft += t1 - t0; afm__ema(&g->t_draft_tok, (t1 - t0) / k); }
+
+    batch[0] = *x;
+    for (i = 0; i < k; i++) batch[i + 1] = g->draft[i];
+    if ((r = afm__eval(s, batch, k + 1, k > 0)) != AFM_OK) return r;
+    t0 = afm__now();
+    g->st->t_verify += t0 - t1;
+    afm__ema(&g->tv[k + 1], t0 - t1);
+    g->st->n_steps++;
+    g->st->n_drafted += k;
+
+    /* accept drafts while the base agrees (greedy) or by min(1, p/q) (sampling) */
+    for (j = 0; j < k; j++) {
+        const float *lg = afm_session_logits(s, j);
+        int32_t d = g->draft[j];
+        if (!g->sampled) {
+            next = afm_sampler_sample(g->sm, lg);
+            if (next != d) break;
+        } else {
+            float pd, qd;
+            afm__sampler_dist(g->sm, lg, g->dist);
+            pd = g->dist[d];
+            qd = g->q_valid ? g->q[(size_t)j * g->V + d] : 1.0f;
+            if (!(afm__rng_uniform(g->sm->rng) * qd < pd) && !s->test_accept_rule) {
+                /* rejected: draw from the residual max(0, p - q), normalised */
+                int n = 0, v;
+                for (v = 0; v < g->V; v++) {
+                    float w = g->dist[v] - (g->q_valid ? g->q[(size_t)j * g->V + v] : (v == d ? 1.0f : 0.0f));
+                    g->dist[v] = w > 0 ? w : 0;
+                    if (w > 0) g->sm->idx[n++] = v;
+                }
+                next = n ? afm__draw(g->sm->rng, g->dist, g->sm->idx, n) : d;
+                break;
+            }
+        }
+        g->st->n_accepted++;
+    }
+    if (k > 0) {
+        g->acc_hits = 0.9 * g->acc_hits + j;
+        g->acc_trials = 0.9 * g->acc_trials + j + (j < k);
+    }
+    if (j == k) next = afm_sampler_sample(g->sm, afm_session_logits(s, k)); /* every draft accepted: a bonus token */
+    afm_session_rewind(s, P + 1 + j);
+    for (i = 0; i < j; i++)
+        if (afm__emit(g, g->draft[i])) {
+            afm_session_rewind(s, P + 2 + i);
+            g->done = 1;
+            return AFM_OK;
+        }
+    *x = next;
+    if (afm__emit(g, next)) g->done = 2; /* stop, with the pending token still to evaluate */
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prompt, const afm_generate_params *p,
+                               afm_generate_stats *stats) {
+    afm__gen g;
+    afm_generate_stats local;
+    afm_sampler_params dp;
+    afm_result r;
+    int32_t x;
+    double t_start = afm__now();
+    if (!s || !p || (n_prompt > 0 && !prompt) || n_prompt < 0 || p->n_predict < 0 || p->draft_k < 0 || p->n_stop_tokens < 0 ||
+        (p->n_stop_tokens && !p->stop_tokens))
+        return s ? afm__serr(s, AFM_ERR_ARG, "afm_generate: invalid parameters") : AFM_ERR_ARG;
+    if (p->draft && (p->draft == s || p->draft->model->config.vocab_size != s->model->config.vocab_size))
+        return afm__serr(s, AFM_ERR_ARG, "afm_generate: the draft session must be another session with the same vocabulary");
+    if (!stats) stats = &local;
+    memset(stats, 0, sizeof *stats);
+    memset(&g, 0, sizeof g);
+    g.s = s;
+    g.p = p;
+    g.st = stats;
+    g.V = s->model->config.vocab_size;
+    g.sampled = p->sampler.temperature > 0;
+    g.kmax = p->draft_k ? p->draft_k : s->adapter ? s->adapter->draft_token_count : 5;
+    if (g.kmax > AFM__MAX_DRAFT) g.kmax = AFM__MAX_DRAFT;
+    g.acc_hits = 3;   /* prior: 60% acceptance until measured */
+    g.acc_trials = 5;
+    if (n_prompt == 0 && !afm_session_logits(s, -1))
+        return afm__serr(s, AFM_ERR_ARG, "afm_generate: no prompt and no logits to continue from");
+    if ((r = afm_sampler_create(&p->sampler, g.V, &s->model->alloc, &g.sm)) != AFM_OK) return afm__serr(s, r, "afm_generate: bad sampler parameters");
+    dp = p->sampler;
+    dp.seed ^= 0x9e3779b97f4a7c15ull; /* the draft's own random stream */
+    r = afm_sampler_create(&dp, g.V, &s->model->alloc, &g.dsm);
+    g.dist = (float *)afm__alloc(&s->model->alloc, (size_t)g.V * sizeof(float));
+    g.q = p->draft && g.sampled ? (float *)afm__alloc(&s->model->alloc, (size_t)g.kmax * g.V * sizeof(float)) : NULL;
+    if (r != AFM_OK || !g.dist || (p->draft && g.sampled && !g.q)) { r = afm__serr(s, AFM_ERR_NOMEM, "afm_generate: out of memory"); goto out; }
+
+    if (n_prompt > 0) {
+        if ((r = afm_session_eval(s, prompt, n_prompt)) != AFM_OK) goto out;
+        stats->n_prompt = n_prompt;
+    }
+    stats->t_prompt = afm__now() - t_start;
+    if (p->n_predict == 0) goto out;
+    x = afm_sampler_sample(g.sm, afm_session_logits(s, -1));
+    if (afm__emit(&g, x)) g.done = 2;
+    while (!g.done && (r = afm__round(&g, &x)) == AFM_OK) {}
+    if (r == AFM_OK && g.done == 2 && s->pos < s->n_ctx) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache */
+out:
+    stats->t_total = afm__now() - t_start;
+    afm__free(&s->model->alloc, g.dist);
+    afm__free(&s->model->alloc, g.q);
+    afm_sampler_free(g.sm);
+    afm_sampler_free(g.dsm);
+    return r;
 }
 
 #endif /* AFM_IMPLEMENTATION_DONE */

@@ -17,16 +17,21 @@
 
 static const char *usage_text =
     "usage: afm info FILE\n"
+    "       afm info ADAPTER -m BASE.afm\n"
     "       afm [generate] -m FILE --ids ID,ID,... [options]\n"
     "\n"
     "commands:\n"
     "  info FILE              print the model's configuration, parameter counts per group,\n"
     "                         bytes per weight type and signature\n"
+    "  info ADAPTER -m BASE   check an adapter (.afma file or .fmadapter directory) against\n"
+    "                         its base model and print rank, scale, identifier, metadata\n"
     "  generate               (default) evaluate the prompt ids, then generate -n tokens\n"
     "\n"
     "options:\n"
     "  -m, --model FILE       model file (.afm, see docs/FORMAT.md)\n"
     "      --ids LIST         prompt as token ids separated by commas or spaces\n"
+    "      --adapter PATH     LoRA adapter: an .afma file, an Apple .fmadapter directory, or\n"
+    "                         'base' for the base adapter embedded in the model file\n"
     "  -n, --n-predict N      tokens to generate (default 16)\n"
     "  -t, --threads N        threads (default 1)\n"
     "  -c, --ctx-size N       context limit in tokens (default: the model's training context)\n"
@@ -117,7 +122,38 @@ static afm_model *load_or_die(const char *path, int no_mmap) {
     return m;
 }
 
+static afm_adapter *load_adapter_or_die(afm_model *m, const char *path) {
+    afm_adapter *ad;
+    char err[512];
+    afm_result r = !strcmp(path, "base") ? afm_adapter_embedded(m, &ad, err, sizeof err)
+                                         : afm_adapter_load(m, path, NULL, &ad, err, sizeof err);
+    if (r != AFM_OK) {
+        fprintf(stderr, "afm: %s\n", err);
+        exit(1);
+    }
+    return ad;
+}
+
 /* ---- afm info ---- */
+
+static void print_count(const char *label, unsigned long long n);
+
+static int cmd_info_adapter(const char *path, const char *model_path) {
+    afm_model *m = load_or_die(model_path, 0);
+    afm_adapter *ad = load_adapter_or_die(m, path);
+    afm_adapter_info info;
+    afm_adapter_get_info(ad, &info);
+    printf("%s (adapter for %s)\n", path, model_path);
+    printf("  identifier: %s\n", info.identifier);
+    printf("  rank %d, alpha %g, scale %g\n", info.rank, (double)info.alpha, (double)info.scale);
+    printf("  speculative draft tokens: %d\n", info.draft_token_count);
+    printf("  base-model signature: %s\n", info.signature[0] ? info.signature : "(none)");
+    print_count("LoRA parameters", (unsigned long long)info.n_params);
+    if (info.metadata_json) printf("metadata:\n%s\n", info.metadata_json);
+    afm_adapter_free(ad);
+    afm_model_free(m);
+    return 0;
+}
 
 static void print_count(const char *label, unsigned long long n) {
     char buf[32], out[48];
@@ -188,13 +224,14 @@ static int cmd_info(const char *path) {
 /* ---- afm generate ---- */
 
 static int cmd_generate(int argc, char **argv) {
-    const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL;
+    const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     int n_predict = 16, no_mmap = 0, i, n_prompt;
     afm_session_params sp;
     afm_sampler_params smp;
     afm_model *m;
     afm_session *s;
     afm_sampler *sampler;
+    afm_adapter *adapter = NULL;
     int32_t *prompt, tok;
     FILE *dump = NULL;
     double t0, t1, t2;
@@ -208,6 +245,7 @@ static int cmd_generate(int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(usage_text, stdout); return 0; }
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); model_path = v; i++; }
         else if (!strcmp(a, "--ids")) { if (!v) die("option %s needs a value", a); ids_text = v; i++; }
+        else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) { n_predict = (int)parse_int(v, a, 0, 1 << 24); i++; }
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { sp.n_threads = (int)parse_int(v, a, 1, 1024); i++; }
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) { sp.n_ctx = (int)parse_int(v, a, 1, 1 << 24); i++; }
@@ -238,6 +276,10 @@ static int cmd_generate(int argc, char **argv) {
 
     m = load_or_die(model_path, no_mmap);
     if ((r = afm_session_create(m, &sp, &s)) != AFM_OK) die("cannot create a session: %s", afm_result_string(r));
+    if (adapter_path) {
+        adapter = load_adapter_or_die(m, adapter_path);
+        if (afm_session_set_adapter(s, adapter) != AFM_OK) die("%s", afm_session_error(s));
+    }
     if ((r = afm_sampler_create(&smp, afm_model_config(m)->vocab_size, NULL, &sampler)) != AFM_OK)
         die("cannot create the sampler: %s", afm_result_string(r));
     if (dump_path && !(dump = fopen(dump_path, "wb"))) die("cannot open '%s' for writing", dump_path);
@@ -264,6 +306,7 @@ static int cmd_generate(int argc, char **argv) {
     free(prompt);
     afm_sampler_free(sampler);
     afm_session_free(s);
+    afm_adapter_free(adapter);
     afm_model_free(m);
     return 0;
 }
@@ -274,7 +317,15 @@ int main(int argc, char **argv) {
         return argc < 2;
     }
     if (!strcmp(argv[1], "info")) {
-        if (argc != 3) die("%s", "usage: afm info FILE");
+        FILE *f;
+        char magic[8] = { 0 };
+        int is_adapter;
+        if (argc == 5 && (!strcmp(argv[3], "-m") || !strcmp(argv[3], "--model"))) return cmd_info_adapter(argv[2], argv[4]);
+        if (argc != 3) die("%s", "usage: afm info FILE  |  afm info ADAPTER -m BASE.afm");
+        f = fopen(argv[2], "rb");
+        is_adapter = f && fread(magic, 1, 8, f) == 8 && !memcmp(magic, "AFMADAPT", 8);
+        if (f) fclose(f);
+        if (is_adapter || afm__is_dir(argv[2])) die("%s is an adapter: give its base model too (afm info ADAPTER -m BASE.afm)", argv[2]);
         return cmd_info(argv[2]);
     }
     if (!strcmp(argv[1], "generate")) return cmd_generate(argc - 2, argv + 2);

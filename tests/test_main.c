@@ -614,6 +614,249 @@ static void test_concurrent(const char *name) {
 }
 #endif
 
+/* ---- generation and speculative decoding ---- */
+
+typedef struct collect { int32_t toks[512]; int n; } collect;
+static int collect_token(void *u, int32_t t) { collect *c = (collect *)u; if (c->n < 512) c->toks[c->n++] = t; return 0; }
+
+/* A drafter that proposes random tokens: mostly wrong, so acceptance stays near 0. */
+typedef struct rand_drafter { uint64_t x; int V; } rand_drafter;
+static int draft_random(void *u, const int32_t *ctx, int n, int k, int32_t *out) {
+    rand_drafter *r = (rand_drafter *)u;
+    int i;
+    (void)ctx; (void)n;
+    for (i = 0; i < k; i++) { r->x = r->x * 6364136223846793005ull + 1442695040888963407ull; out[i] = (int32_t)((r->x >> 33) % (uint64_t)r->V); }
+    return k;
+}
+
+/* A drafter that knows the base's greedy continuation and proposes it (an oracle). */
+typedef struct oracle { const int32_t *seq; int n_prompt, n_seq; } oracle;
+static int draft_oracle(void *u, const int32_t *ctx, int n, int k, int32_t *out) {
+    oracle *o = (oracle *)u;
+    int i, at = n - o->n_prompt; /* ctx ends with the pending token = seq[at - 1] */
+    (void)ctx;
+    for (i = 0; i < k && at + i < o->n_seq; i++) out[i] = o->seq[at + i];
+    return i;
+}
+
+static void greedy_plain(afm_session *s, const int32_t *prompt, int n_prompt, int n_predict, collect *out) {
+    afm_generate_params gp;
+    memset(&gp, 0, sizeof gp);
+    gp.n_predict = n_predict;
+    gp.on_token = collect_token;
+    gp.user = out;
+    out->n = 0;
+    afm_session_rewind(s, 0);
+    afm_generate(s, prompt, n_prompt, &gp, NULL);
+}
+
+static void test_speculative_greedy(const char *base_name, const char *draft_name, int with_adapter) {
+    char path[256], err[256];
+    afm_model *m, *dm;
+    afm_session *s, *ds;
+    afm_adapter *ad = NULL;
+    int V, trial, kind, all_equal = 1, runs = 0, pos_ok = 1;
+    long drafted = 0, accepted = 0;
+    snprintf(path, sizeof path, "tests/vectors/%s.afm", base_name);
+    m = load(path);
+    snprintf(path, sizeof path, "tests/vectors/%s.afm", draft_name);
+    dm = load(path);
+    if (!m || !dm) { CHECK(0, "load models"); return; }
+    V = afm_model_config(m)->vocab_size;
+    s = session(m, 2, 0, 0);
+    ds = session(dm, 1, 0, 0);
+    if (with_adapter) {
+        CHECK(afm_adapter_embedded(m, &ad, err, sizeof err) == AFM_OK, "embedded adapter");
+        afm_session_set_adapter(s, ad);
+    }
+    for (trial = 0; trial < 6; trial++) {
+        int32_t prompt[40];
+        int n_prompt = 5 + trial * 6, i;
+        collect plain, spec;
+        uint64_t x = 1234567 + (uint64_t)trial * 7919;
+        for (i = 0; i < n_prompt; i++) { x = x * 6364136223846793005ull + 1; prompt[i] = (int32_t)((x >> 33) % (uint64_t)V); }
+        if (trial % 2) for (i = n_prompt / 2; i < n_prompt; i++) prompt[i] = prompt[i - n_prompt / 2]; /* repetition: lookup finds matches */
+        greedy_plain(s, prompt, n_prompt, 40, &plain);
+        for (kind = 0; kind < 4; kind++) {
+            afm_generate_params gp;
+            afm_generate_stats st;
+            rand_drafter rd;
+            oracle orc;
+            memset(&gp, 0, sizeof gp);
+            gp.n_predict = 40;
+            gp.on_token = collect_token;
+            gp.user = &spec;
+            spec.n = 0;
+            rd.x = (uint64_t)trial; rd.V = V;
+            orc.seq = plain.toks; orc.n_prompt = n_prompt; orc.n_seq = plain.n;
+            if (kind == 0) gp.draft = ds;
+            else if (kind == 1) gp.lookup = 1;
+            else if (kind == 2) { gp.draft_fn = draft_random; gp.draft_user = &rd; gp.fixed_k = 1; gp.draft_k = 3; }
+            else { gp.draft_fn = draft_oracle; gp.draft_user = &orc; }
+            afm_session_rewind(s, 0);
+            afm_session_rewind(ds, 0);
+            CHECK(afm_generate(s, prompt, n_prompt, &gp, &st) == AFM_OK, "generate: %s", afm_session_error(s));
+            all_equal &= spec.n == plain.n && !memcmp(spec.toks, plain.toks, (size_t)plain.n * 4);
+            pos_ok &= afm_session_pos(s) == n_prompt + 40;
+            drafted += st.n_drafted;
+            accepted += st.n_accepted;
+            runs++;
+            if (kind == 3) CHECK(st.n_accepted == st.n_drafted && st.n_steps < 20, "oracle drafter: %d/%d accepted in %d steps", st.n_accepted, st.n_drafted, st.n_steps);
+        }
+    }
+    CHECK(all_equal, "greedy speculative output equals plain greedy (%s, draft %s, adapter %d; %d runs: draft model, lookup, random, oracle)", base_name, draft_name, with_adapter, runs);
+    CHECK(pos_ok, "every generated token is in the cache afterwards");
+    printf("  speculative greedy %s%s: %d runs identical to plain; %ld/%ld drafts accepted\n", base_name, with_adapter ? "+adapter" : "", runs, accepted, drafted);
+    afm_session_free(s);
+    afm_session_free(ds);
+    afm_adapter_free(ad);
+    afm_model_free(m);
+    afm_model_free(dm);
+}
+
+/* A drafter that proposes the base model's own greedy continuation, computed on a session of its
+   own: deterministic proposals that the sampler accepts with probability p(token). */
+static int draft_greedy_self(void *u, const int32_t *ctx, int n, int k, int32_t *out) {
+    afm_session *d = (afm_session *)u;
+    int i;
+    afm_session_rewind(d, 0);
+    afm_session_eval(d, ctx, n);
+    for (i = 0; i < k; i++) {
+        const float *lg = afm_session_logits(d, -1);
+        int v, V = afm_model_config(d->model)->vocab_size, best = 0;
+        for (v = 1; v < V; v++) if (lg[v] > lg[best]) best = v;
+        out[i] = best;
+        if (i + 1 < k) afm_session_eval(d, &out[i], 1);
+    }
+    return k;
+}
+
+/* Chi-square upper critical value for `dof` degrees of freedom at significance 0.001
+   (Wilson-Hilferty approximation; z = 3.0902). */
+static double chi2_crit(int dof) {
+    double z = 3.0902, a = 2.0 / (9.0 * dof), t = 1 - a + z * sqrt(a);
+    return dof * t * t * t;
+}
+
+/* Samples 3-token continuations many times with a speculative drafter (drafter 0: the draft
+   session ds as a draft model; 1: ds proposing its greedy tokens) and compares the joint
+   distribution with the exact one computed from the base model. Returns the chi-square value. */
+static double spec_chi2(afm_model *m, afm_session *ds, int drafter, int wrong_rule, int n_runs, int *dof_out) {
+    enum { K = 3 }; /* top-k: 27 possible sequences */
+    afm_session *s = session(m, 1, 0, 0), *e = session(m, 1, 0, 0);
+    afm_sampler_params sp;
+    afm_sampler *sm;
+    int32_t prompt[6] = { 7, 1, 9, 7, 1, 9 }, top1[K], seq[4];
+    double prob[K * K * K], chi2 = 0;
+    float p1[K];
+    long counts[K * K * K];
+    int V = afm_model_config(m)->vocab_size, a, b, c, i, run, dof = 0, outside = 0;
+    float *dist = (float *)malloc((size_t)V * 4);
+    memset(counts, 0, sizeof counts);
+    memset(prob, 0, sizeof prob);
+    memset(&sp, 0, sizeof sp);
+    sp.temperature = 1.3f;
+    sp.top_k = K;
+    afm_sampler_create(&sp, V, NULL, &sm);
+    /* exact distribution: p(a) p(b|a) p(c|a,b) over the top-3 sets */
+    afm_session_eval(e, prompt, 6);
+    afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+    for (i = 0, a = 0; i < V; i++) if (dist[i] > 0) { p1[a] = dist[i]; top1[a++] = i; }
+    for (a = 0; a < K; a++) {
+        float pa = p1[a];
+        int32_t ta = top1[a], top2[K];
+        float *d2 = (float *)malloc((size_t)V * 4);
+        afm_session_rewind(e, 6);
+        afm_session_eval(e, &ta, 1);
+        afm__sampler_dist(sm, afm_session_logits(e, -1), d2);
+        for (i = 0, b = 0; i < V; i++) if (d2[i] > 0) top2[b++] = i;
+        for (b = 0; b < K; b++) {
+            int32_t tb = top2[b];
+            afm_session_rewind(e, 7);
+            afm_session_eval(e, &tb, 1);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+            for (i = 0, c = 0; i < V; i++)
+                if (dist[i] > 0) { prob[(a * K + b) * K + c] = (double)pa * d2[tb] * dist[i]; c++; }
+        }
+        free(d2);
+    }
+    /* observed */
+    s->test_accept_rule = wrong_rule;
+    for (run = 0; run < n_runs; run++) {
+        afm_generate_params gp;
+        collect out;
+        memset(&gp, 0, sizeof gp);
+        gp.n_predict = 3;
+        gp.sampler = sp;
+        gp.sampler.seed = (uint64_t)run + 1;
+        gp.on_token = collect_token;
+        gp.user = &out;
+        gp.fixed_k = 1;
+        gp.draft_k = 2;
+        out.n = 0;
+        if (drafter == 0) gp.draft = ds;
+        else { gp.draft_fn = draft_greedy_self; gp.draft_user = ds; }
+        afm_session_rewind(s, 0);
+        afm_generate(s, prompt, 6, &gp, NULL);
+        for (i = 0; i < 3; i++) seq[i] = out.toks[i];
+        /* map to a cell via the exact computation's candidate sets */
+        {
+            int ca = -1, cb = -1, cc = -1;
+            int32_t t2[K], t3[K];
+            for (a = 0; a < K; a++) if (top1[a] == seq[0]) ca = a;
+            if (ca < 0) { outside++; continue; }
+            afm_session_rewind(e, 6);
+            afm_session_eval(e, &seq[0], 1);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+            for (i = 0, b = 0; i < V; i++) if (dist[i] > 0) t2[b++] = i;
+            for (b = 0; b < K; b++) if (t2[b] == seq[1]) cb = b;
+            if (cb < 0) { outside++; continue; }
+            afm_session_eval(e, &seq[1], 1);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+            for (i = 0, c = 0; i < V; i++) if (dist[i] > 0) t3[c++] = i;
+            for (c = 0; c < K; c++) if (t3[c] == seq[2]) cc = c;
+            if (cc < 0) { outside++; continue; }
+            counts[(ca * K + cb) * K + cc]++;
+        }
+    }
+    for (i = 0; i < K * K * K; i++) {
+        double expct = prob[i] * n_runs;
+        if (expct > 0) { chi2 += (counts[i] - expct) * (counts[i] - expct) / expct; dof++; }
+    }
+    chi2 += outside * 1e9; /* a token outside the sampler's support is an outright failure */
+    if (getenv("AFM_DEBUG_CHI2")) for (i = 0; i < K * K * K; i++) printf("cell %d: p %.4f expected %.1f observed %ld\n", i, prob[i], prob[i] * n_runs, counts[i]);
+    *dof_out = dof - 1;
+    free(dist);
+    afm_sampler_free(sm);
+    afm_session_free(s);
+    afm_session_free(e);
+    return chi2;
+}
+
+static void test_speculative_distribution(void) {
+    afm_model *m = load("tests/vectors/afm_mini.afm"), *dm = load("tests/vectors/draft_mini.afm");
+    afm_session *ds, *self;
+    double c_draft, c_self, c_greedy, c_wrong;
+    int dof = 0, n = 3000;
+    if (!m || !dm) { CHECK(0, "load"); return; }
+    ds = session(dm, 1, 0, 0);
+    self = session(m, 1, 0, 0);
+    c_draft = spec_chi2(m, ds, 0, 0, n, &dof);   /* a different model: mostly rejections */
+    c_self = spec_chi2(m, self, 0, 0, n, &dof);  /* the base as its own draft: q = p, all accepted */
+    c_greedy = spec_chi2(m, self, 1, 0, n, &dof); /* deterministic proposals, accepted with p(token) */
+    c_wrong = spec_chi2(m, self, 1, 1, n, &dof);  /* the same, but accepting every draft */
+    CHECK(c_draft < chi2_crit(dof), "sampled speculative (draft model) matches the base distribution: chi2 %.1f, dof %d, critical %.1f", c_draft, dof, chi2_crit(dof));
+    CHECK(c_self < chi2_crit(dof), "sampled speculative (base as draft) matches: chi2 %.1f, critical %.1f", c_self, chi2_crit(dof));
+    CHECK(c_greedy < chi2_crit(dof), "sampled speculative (greedy proposals) matches: chi2 %.1f, critical %.1f", c_greedy, chi2_crit(dof));
+    CHECK(c_wrong > chi2_crit(dof), "a wrong acceptance rule (accept every draft) fails the same test: chi2 %.1f > critical %.1f", c_wrong, chi2_crit(dof));
+    printf("  speculative sampling, %d runs x 3 tokens, top-k 3 (dof %d, critical %.1f at p = 0.001): chi2 %.1f draft model, %.1f base as draft, %.1f greedy proposals; wrong rule %.1f\n",
+           n, dof, chi2_crit(dof), c_draft, c_self, c_greedy, c_wrong);
+    afm_session_free(ds);
+    afm_session_free(self);
+    afm_model_free(m);
+    afm_model_free(dm);
+}
+
 int main(int argc, char **argv) {
     const char *only = argc > 1 ? argv[1] : NULL;
     static const char *const parity_models[] = { "afm_mini", "draft_mini", "odd_mini", "toolkit" };
@@ -628,6 +871,9 @@ int main(int argc, char **argv) {
     test_hostile("afm_mini");
     test_sessions("afm_mini");
     test_sampler();
+    test_speculative_greedy("afm_mini", "draft_mini", 0);
+    test_speculative_greedy("toolkit", "draft_mini", 1);
+    test_speculative_distribution();
 #ifndef _WIN32
     test_concurrent("afm_mini");
 #endif
