@@ -43,6 +43,13 @@ static const char *usage_text =
     "  -s, --seed N           sampler seed (default 0)\n"
     "      --kv TYPE          KV cache: auto, f32, f16, int8 (default auto: int8 when the model\n"
     "                         carries KV scales, else f16)\n"
+    "      --draft FILE       speculative decoding with a draft model (same vocabulary)\n"
+    "      --draft-adapter P  LoRA adapter for the draft model\n"
+    "      --lookup           speculative decoding with prompt lookup (n-gram matches in the context)\n"
+    "      --draft-k N        most draft tokens per verification (default: the adapter's\n"
+    "                         speculativeDecodingDraftTokenCount, else 5; adapted at run time)\n"
+    "      --fixed-k          always draft --draft-k tokens instead of adapting\n"
+    "      --stop ID,...      stop after generating one of these token ids\n"
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
@@ -107,6 +114,13 @@ static double now_seconds(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 #endif
+}
+
+static int print_token(void *user, int32_t token) {
+    (void)user;
+    printf("%d ", (int)token);
+    fflush(stdout);
+    return 0;
 }
 
 static afm_model *load_or_die(const char *path, int no_mmap) {
@@ -225,6 +239,8 @@ static int cmd_info(const char *path) {
 
 static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
+    const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
+    int lookup = 0, draft_k = 0, fixed_k = 0;
     int n_predict = 16, no_mmap = 0, i, n_prompt;
     afm_session_params sp;
     afm_sampler_params smp;
@@ -246,6 +262,12 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); model_path = v; i++; }
         else if (!strcmp(a, "--ids")) { if (!v) die("option %s needs a value", a); ids_text = v; i++; }
         else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
+        else if (!strcmp(a, "--draft")) { if (!v) die("option %s needs a value", a); draft_path = v; i++; }
+        else if (!strcmp(a, "--draft-adapter")) { if (!v) die("option %s needs a value", a); draft_adapter_path = v; i++; }
+        else if (!strcmp(a, "--stop")) { if (!v) die("option %s needs a value", a); stop_text = v; i++; }
+        else if (!strcmp(a, "--lookup")) lookup = 1;
+        else if (!strcmp(a, "--fixed-k")) fixed_k = 1;
+        else if (!strcmp(a, "--draft-k")) { draft_k = (int)parse_int(v, a, 1, 16); i++; }
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) { n_predict = (int)parse_int(v, a, 0, 1 << 24); i++; }
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { sp.n_threads = (int)parse_int(v, a, 1, 1024); i++; }
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) { sp.n_ctx = (int)parse_int(v, a, 1, 1 << 24); i++; }
@@ -283,25 +305,66 @@ static int cmd_generate(int argc, char **argv) {
     if ((r = afm_sampler_create(&smp, afm_model_config(m)->vocab_size, NULL, &sampler)) != AFM_OK)
         die("cannot create the sampler: %s", afm_result_string(r));
     if (dump_path && !(dump = fopen(dump_path, "wb"))) die("cannot open '%s' for writing", dump_path);
+    if (dump && (draft_path || lookup)) die("%s", "--dump-logits runs the plain loop; leave out --draft and --lookup");
 
-    t0 = now_seconds();
-    if (afm_session_eval(s, prompt, n_prompt) != AFM_OK) die("%s", afm_session_error(s));
-    t1 = now_seconds();
-    for (i = 0; i < n_predict; i++) {
-        const float *logits = afm_session_logits(s, -1);
-        if (dump) fwrite(logits, sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
-        tok = afm_sampler_sample(sampler, logits);
-        printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
-        fflush(stdout);
-        if (afm_session_eval(s, &tok, 1) != AFM_OK) {
-            fprintf(stderr, "\nafm: %s\n", afm_session_error(s));
-            break;
+    if (dump) {
+        /* the plain loop, one step at a time, writing each step's logits */
+        t0 = now_seconds();
+        if (afm_session_eval(s, prompt, n_prompt) != AFM_OK) die("%s", afm_session_error(s));
+        t1 = now_seconds();
+        for (i = 0; i < n_predict; i++) {
+            const float *logits = afm_session_logits(s, -1);
+            fwrite(logits, sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
+            tok = afm_sampler_sample(sampler, logits);
+            printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
+            if (afm_session_eval(s, &tok, 1) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
         }
+        if (n_predict == 0) fwrite(afm_session_logits(s, -1), sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
+        t2 = now_seconds();
+        fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tok/s); generated: %d tokens in %.3f s (%.1f tok/s)\n", n_prompt,
+                t1 - t0, n_prompt / (t1 - t0 + 1e-12), i, t2 - t1, i / (t2 - t1 + 1e-12));
+    } else {
+        afm_generate_params gp;
+        afm_generate_stats st;
+        afm_model *dm = NULL;
+        afm_session *ds = NULL;
+        afm_adapter *dad = NULL;
+        int32_t *stops = NULL;
+        memset(&gp, 0, sizeof gp);
+        gp.n_predict = n_predict;
+        gp.sampler = smp;
+        gp.on_token = print_token;
+        gp.lookup = lookup;
+        gp.draft_k = draft_k;
+        gp.fixed_k = fixed_k;
+        if (stop_text) gp.n_stop_tokens = parse_ids(stop_text, &stops);
+        gp.stop_tokens = stops;
+        if (draft_path) {
+            afm_session_params dsp = sp;
+            dm = load_or_die(draft_path, no_mmap);
+            dsp.n_threads = sp.n_threads;
+            if ((r = afm_session_create(dm, &dsp, &ds)) != AFM_OK) die("cannot create the draft session: %s", afm_result_string(r));
+            if (draft_adapter_path) {
+                dad = load_adapter_or_die(dm, draft_adapter_path);
+                afm_session_set_adapter(ds, dad);
+            }
+            gp.draft = ds;
+        }
+        r = afm_generate(s, prompt, n_prompt, &gp, &st);
+        printf("\n");
+        if (r != AFM_OK) fprintf(stderr, "afm: %s\n", afm_session_error(s));
+        fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tok/s); generated: %d tokens in %.3f s (%.1f tok/s)\n", st.n_prompt,
+                st.t_prompt, st.n_prompt / (st.t_prompt + 1e-12), st.n_generated, st.t_total - st.t_prompt,
+                st.n_generated / (st.t_total - st.t_prompt + 1e-12));
+        if (st.n_drafted)
+            fprintf(stderr, "speculative: %d drafted, %d accepted (%.1f%%), %.2f tokens per verification, draft %.3f s, verify %.3f s\n",
+                    st.n_drafted, st.n_accepted, 100.0 * st.n_accepted / st.n_drafted, (double)st.n_generated / (st.n_steps + 1e-12),
+                    st.t_draft, st.t_verify);
+        free(stops);
+        afm_session_free(ds);
+        afm_adapter_free(dad);
+        afm_model_free(dm);
     }
-    if (dump && n_predict == 0) fwrite(afm_session_logits(s, -1), sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
-    t2 = now_seconds();
-    fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tok/s); generated: %d tokens in %.3f s (%.1f tok/s)\n", n_prompt,
-            t1 - t0, n_prompt / (t1 - t0 + 1e-12), i, t2 - t1, i / (t2 - t1 + 1e-12));
     if (dump) fclose(dump);
     free(prompt);
     afm_sampler_free(sampler);
