@@ -3,7 +3,7 @@
 #   make demo       build, then generate from the small model in the repository
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
-#   make fuzz       run the loader fuzzer for FUZZ_SECONDS (default 60)
+#   make fuzz       run each fuzz harness (model loader, .fmadapter reader) for FUZZ_SECONDS (default 60)
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic
@@ -27,12 +27,16 @@ demo: afm
 test:
 	sh tests/run.sh
 
+# Each harness runs FUZZ_SECONDS on a scratch copy of its committed seed corpus.
+FUZZ_CC = clang -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 fuzz:
-	mkdir -p build tests/fuzz/corpus-run
-	clang -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-	    -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
+	mkdir -p build build/corpus-load build/corpus-fmadapter
+	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
+	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
 	build/fuzz_load -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
-	    tests/fuzz/corpus-run tests/fuzz/corpus/load
+	    build/corpus-load tests/fuzz/corpus/load
+	build/fuzz_fmadapter -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
 
 clean:
 	rm -rf build afm simple

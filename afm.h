@@ -1434,6 +1434,27 @@ static afm_adapter *afm__adapter_new(const afm_model *m) {
     return ad;
 }
 
+/* Refuses LoRA weights that are NaN or infinite: they would poison every token silently. */
+static afm_result afm__adapter_check_finite(const afm_adapter *ad, const char *name, char *err, size_t errn) {
+    int i;
+    uint64_t e;
+    for (i = 0; i < ad->model->config.n_layers * AFM__N_PROJ * 2; i++) {
+        const afm__tensor *t = (i & 1 ? ad->b : ad->a)[i >> 1];
+        int bad = 0;
+        if (!t) continue;
+        if (t->type == AFM_TYPE_F16) {
+            const unsigned char *p = (const unsigned char *)t->data;
+            for (e = 0; e < t->n_elements; e++) bad |= (p[2 * e + 1] & 0x7c) == 0x7c;
+        } else {
+            const unsigned char *p = (const unsigned char *)t->data;
+            for (e = 0; e < t->n_elements; e++) bad |= (p[4 * e + 3] & 0x7f) == 0x7f && (p[4 * e + 2] & 0x80);
+        }
+        if (bad)
+            return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: tensor %s (data at offset %llu) contains NaN or infinity", name, t->name, (unsigned long long)t->offset);
+    }
+    return AFM_OK;
+}
+
 AFMDEF void afm_adapter_free(afm_adapter *ad) {
     afm_allocator a;
     if (!ad) return;
@@ -1614,7 +1635,7 @@ static afm_result afm__fm_metadata(afm_adapter *ad, const char *json, size_t n, 
 static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint64_t size, const char *name, char *err, size_t errn) {
     const afm_model *m = ad->model;
     int n_layers = m->config.n_layers, expected = 0, i, p, k = 0;
-    uint64_t pos = 64, prev_end = 64;
+    uint64_t pos = 64, prev_end = 64, i_tail;
     static const int order0[] = { AFM__P_Q, AFM__P_K, AFM__P_V, AFM__P_WO, AFM__P_GATE, AFM__P_UP, AFM__P_DOWN };
     static const int order1[] = { AFM__P_WQ, AFM__P_WO, AFM__P_GATE, AFM__P_UP, AFM__P_DOWN };
     uint32_t count, version;
@@ -1652,9 +1673,12 @@ static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint6
                 if (sz != want)
                     return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: record %d (layer %d %s lora_%c) is %llu bytes, expected %llu for rank %d",
                                       name, (unsigned long long)(pos + 8), k, i, afm__proj_names[p], ab ? 'b' : 'a', (unsigned long long)sz, (unsigned long long)want, ad->rank);
-                if (off % 64 || off < pos + 64 || off < prev_end || off > size || size - off < sz)
-                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: record %d data offset %llu is misaligned, overlaps earlier data or runs past the end",
-                                      name, (unsigned long long)(pos + 16), k, (unsigned long long)off);
+                if (off != pos + 64)
+                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: record %d data offset %llu, expected %llu (right after its header)",
+                                      name, (unsigned long long)(pos + 16), k, (unsigned long long)off, (unsigned long long)(pos + 64));
+                if (off > size || size - off < sz)
+                    return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: record %d data [%llu, +%llu) runs past the end of the file (%llu bytes): truncated",
+                                      name, k, (unsigned long long)off, (unsigned long long)sz, (unsigned long long)size);
                 snprintf(t->name, sizeof t->name, "l%d.%s.lora_%c", i, afm__proj_names[p], ab ? 'b' : 'a');
                 t->type = AFM_TYPE_F16;
                 t->n_dims = 2;
@@ -1670,6 +1694,11 @@ static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint6
                 k++;
             }
     }
+    /* coremltools pads the last record to 64 bytes at most, with zeros */
+    for (i_tail = prev_end; i_tail < size; i_tail++)
+        if (w[i_tail] || i_tail - prev_end >= 64)
+            return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: %llu bytes after the last of the %d records (expected at most 63 zero bytes of padding)",
+                              name, (unsigned long long)i_tail, (unsigned long long)(size - prev_end), k);
     return AFM_OK;
 }
 
@@ -1689,6 +1718,7 @@ AFMDEF afm_result afm_adapter_load_fmadapter_memory(afm_model *m, const char *me
     }
     r = afm__fm_metadata(ad, metadata_json, json_size, "<memory>", err, errn);
     if (r == AFM_OK) r = afm__fm_weights(ad, (const unsigned char *)weights, weights_size, "<memory>", err, errn);
+    if (r == AFM_OK) r = afm__adapter_check_finite(ad, "<memory>", err, errn);
     if (r != AFM_OK) { afm_adapter_free(ad); return r; }
     *out = ad;
     return AFM_OK;
@@ -1729,6 +1759,7 @@ AFMDEF afm_result afm_adapter_load(afm_model *m, const char *path, const afm_loa
             r = afm__blob_open(&ad->alloc, sub, no_mmap, &ad->blob, err, errn);
         }
         if (r == AFM_OK) r = afm__fm_weights(ad, ad->blob.data, ad->blob.size, path, err, errn);
+        if (r == AFM_OK) r = afm__adapter_check_finite(ad, path, err, errn);
     } else {
         afm__loader L;
         r = afm__blob_open(&ad->alloc, path, no_mmap, &ad->blob, err, errn);
@@ -1736,6 +1767,7 @@ AFMDEF afm_result afm_adapter_load(afm_model *m, const char *path, const afm_loa
             L.name = path; L.p = ad->blob.data; L.size = ad->blob.size; L.err = err; L.errn = errn;
             r = afm__parse_adapter(&L, ad);
         }
+        if (r == AFM_OK) r = afm__adapter_check_finite(ad, path, err, errn);
         if (r == AFM_OK && !ad->identifier[0]) {
             const char *base = strrchr(path, '/');
             snprintf(ad->identifier, sizeof ad->identifier, "%s", base ? base + 1 : path);
@@ -1762,6 +1794,7 @@ AFMDEF afm_result afm_adapter_load_memory(afm_model *m, const void *data, size_t
     }
     L.name = "<memory>"; L.p = (const unsigned char *)data; L.size = size; L.err = err; L.errn = errn;
     r = afm__parse_adapter(&L, ad);
+    if (r == AFM_OK) r = afm__adapter_check_finite(ad, "<memory>", err, errn);
     if (r != AFM_OK) { afm_adapter_free(ad); return r; }
     *out = ad;
     return AFM_OK;

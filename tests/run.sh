@@ -73,6 +73,8 @@ if python3 -c "import numpy" 2>/dev/null; then
         else bad "afm info on the full-size draft"; cat build/info_draft.txt; fi
     else bad "tools/synth.py full-size shapes"; fi
     rm -f build/base_zeros.afm build/draft_zeros.afm
+    # converter, reader and writer checks; the committed fixtures must reconvert byte for byte
+    run_counts "tools (converter, writer, reader)" python3 tests/test_tools.py
 else skip "tool tests" "python3 -m pip install numpy"; fi
 
 echo "== arm64 build under qemu"
@@ -82,15 +84,19 @@ if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
     else bad "aarch64 cross build"; fi
 else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
 
-echo "== fuzz: replay the hostile corpus, then a bounded libFuzzer run"
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN \
-       tests/fuzz/fuzz_load.c -o build/fuzz_replay $LIBS && build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
-    ok "fuzz corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
-else bad "fuzz corpus replay"; fi
+echo "== fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"
+SAN="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN"
+if gcc -std=c99 $SAN tests/fuzz/fuzz_load.c -o build/fuzz_replay $LIBS && build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
+    ok "model-file corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
+else bad "model-file corpus replay"; fi
+if gcc -std=c99 $SAN tests/fuzz/fuzz_fmadapter.c -o build/fuzz_fm_replay $LIBS &&
+   build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
+    ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
+else bad ".fmadapter corpus replay"; fi
 if have clang && clang -fsanitize=fuzzer -x c /dev/null -o /dev/null 2>/dev/null ||
    (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;(void)n;return 0;}' > build/f.c &&
     clang -fsanitize=fuzzer build/f.c -o build/f 2>/dev/null); then
-    if make -s fuzz FUZZ_SECONDS="${FUZZ_SECONDS:-30}" > build/fuzz.log 2>&1; then ok "libFuzzer on the loader for ${FUZZ_SECONDS:-30} s: $(grep -o 'Done [0-9]* runs' build/fuzz.log)"
+    if make -s fuzz FUZZ_SECONDS="${FUZZ_SECONDS:-30}" > build/fuzz.log 2>&1; then ok "libFuzzer, ${FUZZ_SECONDS:-30} s per harness: $(grep -o 'Done [0-9]* runs' build/fuzz.log | tr '\n' ' ')"
     else bad "libFuzzer found a problem (build/fuzz.log)"; tail -n 30 build/fuzz.log; fi
 else skip "libFuzzer run" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"; fi
 

@@ -11,6 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 
 static int n_pass, n_fail;
 
@@ -576,7 +579,6 @@ static void test_sampler(void) {
 
 /* ---- concurrent sessions on one model ---- */
 #ifndef _WIN32
-#include <pthread.h>
 typedef struct conc_arg { afm_model *m; const int32_t *toks; int n; float *out; } conc_arg;
 static void *conc_run(void *p) {
     conc_arg *c = (conc_arg *)p;
@@ -857,6 +859,131 @@ static void test_speculative_distribution(void) {
     afm_model_free(dm);
 }
 
+/* ---- adapters: switching, concurrent sessions, hostile packages ---- */
+
+typedef struct ad_arg { afm_model *m; const afm_adapter *ad; const int32_t *toks; int n; float *out; } ad_arg;
+static void *ad_run(void *p) {
+    ad_arg *c = (ad_arg *)p;
+    afm_session *s;
+    afm_session_create(c->m, NULL, &s);
+    afm_session_set_adapter(s, c->ad);
+    afm_session_eval(s, c->toks, c->n);
+    memcpy(c->out, afm_session_logits(s, -1), (size_t)afm_model_config(c->m)->vocab_size * 4);
+    afm_session_free(s);
+    return NULL;
+}
+
+static void test_adapter_sessions(void) {
+    afm_model *m = load("tests/vectors/toolkit.afm");
+    afm_adapter *a1 = NULL, *a2 = NULL;
+    afm_session *s;
+    char err[256];
+    int32_t toks[10] = { 3, 1, 4, 1, 5, 9, 2, 6, 5, 3 };
+    ad_arg alone[2], both[2];
+    float *none;
+    int V, k, differ = 0;
+    if (!m) return;
+    V = afm_model_config(m)->vocab_size;
+    CHECK(afm_adapter_load(m, "tests/vectors/lora/adapter.afma", NULL, &a1, err, sizeof err) == AFM_OK, "adapter.afma: %s", err);
+    CHECK(afm_adapter_load(m, "tests/vectors/lora/adapter2.afma", NULL, &a2, err, sizeof err) == AFM_OK, "adapter2.afma: %s", err);
+    if (!a1 || !a2) return;
+    for (k = 0; k < 2; k++) {
+        alone[k].m = both[k].m = m;
+        alone[k].ad = both[k].ad = k ? a2 : a1;
+        alone[k].toks = both[k].toks = toks;
+        alone[k].n = both[k].n = 10;
+        alone[k].out = (float *)malloc((size_t)V * 4);
+        both[k].out = (float *)malloc((size_t)V * 4);
+        ad_run(&alone[k]);
+    }
+#ifndef _WIN32
+    {
+        pthread_t th[2];
+        for (k = 0; k < 2; k++) pthread_create(&th[k], NULL, ad_run, &both[k]);
+        for (k = 0; k < 2; k++) pthread_join(th[k], NULL);
+        CHECK(!memcmp(both[0].out, alone[0].out, (size_t)V * 4) && !memcmp(both[1].out, alone[1].out, (size_t)V * 4),
+              "two sessions with different adapters, run concurrently, give the same logits as each alone");
+    }
+#endif
+    for (k = 0; k < V; k++) differ |= alone[0].out[k] != alone[1].out[k];
+    CHECK(differ, "the two adapters give different logits");
+    /* one session switching: adapter 1, none, adapter 2, adapter 1 again */
+    none = (float *)malloc((size_t)V * 4);
+    afm_session_create(m, NULL, &s);
+    afm_session_eval(s, toks, 10);
+    memcpy(none, afm_session_logits(s, -1), (size_t)V * 4);
+    CHECK(afm_session_set_adapter(s, a1) == AFM_OK && afm_session_pos(s) == 0, "switching rewinds the session to 0");
+    afm_session_eval(s, toks, 10);
+    CHECK(!memcmp(afm_session_logits(s, -1), alone[0].out, (size_t)V * 4), "switched to adapter 1");
+    CHECK(afm_session_set_adapter(s, a1) == AFM_OK && afm_session_pos(s) == 10, "setting the same adapter keeps the cache");
+    afm_session_set_adapter(s, NULL);
+    afm_session_eval(s, toks, 10);
+    CHECK(!memcmp(afm_session_logits(s, -1), none, (size_t)V * 4), "switched back to no adapter");
+    afm_session_set_adapter(s, a2);
+    afm_session_eval(s, toks, 10);
+    CHECK(!memcmp(afm_session_logits(s, -1), alone[1].out, (size_t)V * 4), "switched to adapter 2");
+    {
+        afm_model *other = load("tests/vectors/afm_mini.afm");
+        afm_adapter *wrong = NULL;
+        CHECK(afm_adapter_load(other, "tests/vectors/lora/adapter.afma", NULL, &wrong, err, sizeof err) == AFM_ERR_FORMAT && strstr(err, "base with"),
+              "an adapter for another base is refused: %s", err);
+        afm_adapter_free(wrong);
+        afm_model_free(other);
+    }
+    afm_session_free(s);
+    free(none);
+    for (k = 0; k < 2; k++) { free(alone[k].out); free(both[k].out); }
+    afm_adapter_free(a1);
+    afm_adapter_free(a2);
+    afm_model_free(m);
+}
+
+static void test_fmadapter_hostile(void) {
+    static const struct { const char *dir, *want; } cases[] = {
+        { "signature_not_hex", "baseModelSignature" }, { "bad_json", "metadata.json: offset" },
+        { "metadata_not_object", "not a JSON object" }, { "missing_metadata", "metadata.json: cannot open" },
+        { "missing_weights", "adapter_weights.bin: cannot open" }, { "identifier_hyphen", "adapterIdentifier" },
+        { "identifier_missing", "adapterIdentifier" }, { "rank_zero", "loraRank" }, { "rank_string", "loraRank" },
+        { "rank_mismatch", "record 0" }, { "bad_version", "version 3" }, { "wrong_record_count", "47 tensors" },
+        { "extra_record", "49 tensors" }, { "bad_magic", "record 5" }, { "bad_dtype", "dtype 2" },
+        { "wrong_size", "record 7" }, { "overlapping_offsets", "record 2" }, { "misplaced_offset", "record 3" },
+        { "truncated_blob", "truncated" }, { "truncated_header", "shorter than" }, { "trailing_garbage", "after the last" },
+        { "nan_value", "NaN" },
+    };
+    afm_model *m = load("tests/vectors/toolkit.afm"), *signed_m = NULL;
+    afm_adapter *ad = NULL;
+    char path[256], err[512];
+    size_t i, size;
+    unsigned char *bytes;
+    if (!m) return;
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        afm_result r;
+        snprintf(path, sizeof path, "tests/fuzz/corpus/fmadapter/%s", cases[i].dir);
+        err[0] = 0;
+        r = afm_adapter_load(m, path, NULL, &ad, err, sizeof err);
+        CHECK(r != AFM_OK && ad == NULL && strstr(err, cases[i].want), "hostile package %s: expected an error mentioning '%s', got %d '%s'", cases[i].dir, cases[i].want, (int)r, err);
+        afm_adapter_free(ad);
+        ad = NULL;
+    }
+    CHECK(afm_adapter_load(m, "tests/fuzz/corpus/fmadapter/valid_rank2", NULL, &ad, err, sizeof err) == AFM_OK, "valid package loads: %s", err);
+    afm_adapter_free(ad);
+    ad = NULL;
+    CHECK(afm_adapter_load(m, "tests/fuzz/corpus/fmadapter/signature_mismatch", NULL, &ad, err, sizeof err) == AFM_OK, "an unsigned model accepts any signature: %s", err);
+    afm_adapter_free(ad);
+    ad = NULL;
+    /* the same model with Apple's base signature refuses the mismatching package */
+    bytes = read_file("tests/vectors/toolkit.afm", &size);
+    memcpy(bytes + 128 + 72, "9799725ff8e851184037110b422d891ad3b92ec1", 40);
+    CHECK(afm_model_load_memory(bytes, size, NULL, &signed_m, err, sizeof err) == AFM_OK, "signed model: %s", err);
+    CHECK(afm_adapter_load(signed_m, "tests/fuzz/corpus/fmadapter/signature_mismatch", NULL, &ad, err, sizeof err) == AFM_ERR_FORMAT && strstr(err, "base model"),
+          "signature mismatch refused: %s", err);
+    CHECK(afm_adapter_load(signed_m, "tests/fuzz/corpus/fmadapter/valid_rank2", NULL, &ad, err, sizeof err) == AFM_OK, "matching signature accepted: %s", err);
+    afm_adapter_free(ad);
+    afm_model_free(signed_m);
+    free(bytes);
+    afm_model_free(m);
+}
+
 int main(int argc, char **argv) {
     const char *only = argc > 1 ? argv[1] : NULL;
     static const char *const parity_models[] = { "afm_mini", "draft_mini", "odd_mini", "toolkit" };
@@ -868,6 +995,12 @@ int main(int argc, char **argv) {
         test_incremental_and_rewind(parity_models[i]);
     }
     test_parity_with("toolkit", "toolkit_lora", "embedded", 2);
+    test_parity_with("toolkit", "lora/adapter", "tests/vectors/lora/adapter.afma", 2);
+    test_parity_with("toolkit", "lora/adapter", "tests/vectors/lora/test.fmadapter", 1);
+    test_parity_with("toolkit", "lora/adapter2", "tests/vectors/lora/adapter2.afma", 2);
+    test_parity_with("toolkit", "lora/base_adapter", "tests/vectors/lora/base_adapter.afma", 1);
+    test_adapter_sessions();
+    test_fmadapter_hostile();
     test_hostile("afm_mini");
     test_sessions("afm_mini");
     test_sampler();

@@ -93,7 +93,8 @@ def bf16_bits_to_f32(b):
 def f32_to_f16(a, name="tensor"):
     """float32 -> float16 (round to nearest even). A finite value that overflows is an error."""
     a = np.asarray(a, dtype=np.float32)
-    h = a.astype(np.float16)
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
     bad = np.isinf(h) & np.isfinite(a)
     if bad.any():
         raise AfmError("%s: %d value(s) beyond the f16 range (max |x| = %g); use --type f32 or bf16"
@@ -211,8 +212,6 @@ def config_problems(cfg):
             af = float("nan")
         if not math.isfinite(af):
             p.append("lora_alpha = %r, expected a finite float32" % (a,))
-        elif cfg["lora_rank"] == 0 and af != 0.0:
-            p.append("lora_alpha = %r with lora_rank 0, expected 0" % (a,))
     sig = cfg.get("signature")
     if sig not in (None, "", b"\0" * 40) and not (isinstance(sig, str) and re.fullmatch(r"[0-9a-f]{40}", sig)):
         p.append("signature = %r, expected 40 lowercase hex digits or none" % (sig,))
@@ -360,14 +359,19 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
     tokenizer: bytes of tokenizer.model (kind 1) or tokenizer.json (kind 2), or None.
     wtype: type of projections and tok_embd ('f32', 'f16', 'bf16'); lora_type: 'f32'/'f16'
         (default f32 for an f32 model, else f16); types: {name: type} overrides.
-    zeros: ignore tensors (may be None) and write an all-zero data section by extending the file
-        (sparse on most file systems): for fast tests on full-size shapes.
+    zeros: write an all-zero data section by extending the file (sparse on most file systems), for
+        fast tests on full-size shapes; tensors may then be None or give a few tensors (e.g.
+        kv_scale) that are written for real over the zeros.
     Returns a dict with the layout (offsets, sizes, per-tensor entries)."""
     validate_config(config)
     specs = tensor_specs(config)
     types = dict(types or {})
-    if not zeros:
-        tensors = dict(tensors or {})
+    tensors = dict(tensors or {})
+    if zeros:
+        unknown = sorted(set(tensors) - {n for n, _, _ in specs})
+        if unknown:
+            raise AfmError("unknown tensors: " + ", ".join(unknown))
+    else:
         want = {n for n, _, _ in specs}
         missing = [n for n, _, _ in specs if n not in tensors]
         unknown = sorted(n for n in tensors if n not in want)
@@ -431,7 +435,11 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
 
     tmp = str(path) + ".tmp"
     try:
-        with open(tmp, "wb") as fh:
+        fh = open(tmp, "wb")
+    except OSError as e:
+        raise AfmError("cannot create %s: %s" % (path, e.strerror or e))
+    try:
+        with fh:
             fh.write(header)
             fh.write(_pack_config(config))
             if tokenizer is not None:
@@ -441,22 +449,25 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
             fh.write(b"\0" * (data_offset - fh.tell()))
             if zeros:
                 fh.truncate(file_size)
-            else:
-                for k, e in enumerate(entries):
-                    v = tensors[e["name"]]
-                    arr = v() if callable(v) else v
-                    arr = np.asarray(arr)
-                    if tuple(arr.shape) != e["shape"]:
-                        raise AfmError("%s: shape %s, expected %s" % (e["name"], tuple(arr.shape), e["shape"]))
-                    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                        raise AfmError("%s: contains NaN or infinity" % e["name"])
-                    assert fh.tell() == data_offset + e["offset"]
-                    _write_tensor(fh, arr, e["type"], e["name"], chunk_bytes)
-                    fh.write(b"\0" * (_align(e["size"]) - e["size"]))
-                    del arr
-                    if progress:
-                        progress(k + 1, len(entries), e)
+            for k, e in enumerate(entries):
+                if zeros and e["name"] not in tensors:
+                    continue
+                fh.seek(data_offset + e["offset"])
+                v = tensors[e["name"]]
+                arr = np.asarray(v() if callable(v) else v)
+                if tuple(arr.shape) != e["shape"]:
+                    raise AfmError("%s: shape %s, expected %s" % (e["name"], tuple(arr.shape), e["shape"]))
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    raise AfmError("%s: contains NaN or infinity" % e["name"])
+                _write_tensor(fh, arr, e["type"], e["name"], chunk_bytes)
+                fh.write(b"\0" * (_align(e["size"]) - e["size"]))
+                del arr
+                if progress:
+                    progress(k + 1, len(entries), e)
+            if not zeros:
                 assert fh.tell() == file_size, (fh.tell(), file_size)
+            elif fh.seek(0, 2) != file_size:
+                raise AfmError("internal: zeros file has the wrong size")
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -48,12 +48,16 @@ class _Storage:
         self._arr = None
 
     def array(self):
-        if self._arr is None:
-            a = self._loader()
-            if a.shape[0] != self.numel:
-                raise CheckpointError("storage %s: %d elements stored, %d declared" % (self.ident, a.shape[0], self.numel))
+        """The storage as a 1-D array. Memory maps are not kept (their pages would stay resident
+        after the tensor has been copied out); in-memory copies of compressed entries are."""
+        if self._arr is not None:
+            return self._arr
+        a = self._loader()
+        if a.shape[0] != self.numel:
+            raise CheckpointError("storage %s: %d elements stored, %d declared" % (self.ident, a.shape[0], self.numel))
+        if not isinstance(a, np.memmap):
             self._arr = a
-        return self._arr
+        return a
 
 
 class LazyTensor:

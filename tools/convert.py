@@ -113,13 +113,15 @@ def _find_json_values(obj, names, path=""):
     return out
 
 
+# quantity: [(key name, words one of which the key's path must contain, or None)]
 CONFIG_KEYS = {
-    "rope_theta": ("rope_theta", "rope_base", "rotary_base", "rotary_emb_base", "theta"),
-    "norm_eps": ("norm_eps", "rms_norm_eps", "layer_norm_eps", "eps"),
-    "context_length": ("context_length", "max_sequence_length", "max_seq_len", "max_seq_length",
-                       "max_position_embeddings", "sequence_length"),
-    "lora_alpha": ("lora_alpha", "alpha"),
-    "lora_rank": ("lora_rank", "rank"),
+    "rope_theta": [("rope_theta", None), ("rope_base", None), ("rotary_base", None), ("rotary_emb_base", None),
+                   ("theta", ("rope", "rotary", "position"))],
+    "norm_eps": [("norm_eps", None), ("rms_norm_eps", None), ("layer_norm_eps", None), ("eps", ("norm",))],
+    "context_length": [("context_length", None), ("max_sequence_length", None), ("max_seq_len", None),
+                       ("max_seq_length", None), ("max_position_embeddings", None)],
+    "lora_alpha": [("lora_alpha", None), ("alpha", ("adapter", "lora"))],
+    "lora_rank": [("lora_rank", None), ("rank", ("adapter", "lora"))],
 }
 
 
@@ -132,8 +134,12 @@ def read_toolkit_config(path):
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConvertError("config %s: %s" % (path, e))
     found, notes = {}, []
-    for q, names in CONFIG_KEYS.items():
-        vals = _find_json_values(j, names)
+    for q, rules in CONFIG_KEYS.items():
+        vals = []
+        for key, ctx in rules:
+            for p, v in _find_json_values(j, (key,)):
+                if ctx is None or any(w in p.lower().rsplit(".", 1)[0] for w in ctx):
+                    vals.append((p, v))
         distinct = sorted(set(float(v) for _, v in vals))
         if len(distinct) == 1:
             found[q] = (distinct[0], "from %s: %s" % (os.path.basename(path), ", ".join(p for p, _ in vals)))
@@ -143,8 +149,22 @@ def read_toolkit_config(path):
     return found, notes
 
 
+def _drop_ignored(sd, a, notes):
+    if not a.ignore:
+        return sd
+    try:
+        pats = [re.compile(p) for p in a.ignore]
+    except re.error as e:
+        raise ConvertError("--ignore: bad regular expression: %s" % e)
+    drop = [k for k in sd if any(p.search(k) for p in pats)]
+    if drop:
+        notes.append("ignored %d source keys (--ignore): %s" % (len(drop), _list(drop, 10)))
+    return {k: v for k, v in sd.items() if k not in set(drop)}
+
+
 def plan_toolkit(path, a, notes):
     sd = read_torch_zip(path)
+    sd = _drop_ignored(sd, a, notes)
     tensors, problems, unknown, dup = {}, [], [], []
     for k, v in sd.items():
         if not isinstance(v, LazyTensor):
@@ -414,9 +434,14 @@ def mlx_dequantize(w, scales, biases, group_size, bits):
     if w.shape != (rows, n * bits // 32) or biases.shape != scales.shape:
         raise ConvertError("quantized tensor shapes do not fit: weight %s, scales %s, biases %s, group %d, bits %d"
                            % (w.shape, scales.shape, biases.shape, group_size, bits))
-    q = mlx_unpack(w, bits, n).astype(np.float32).reshape(rows, ngroups, group_size)
-    out = q * scales.astype(np.float32)[:, :, None] + biases.astype(np.float32)[:, :, None]
-    return out.reshape(rows, n)
+    out = np.empty((rows, n), np.float32)
+    step = max(1, (32 << 20) // max(1, n * 4))  # rows per chunk: ~32 MB of output at a time
+    for s in range(0, rows, step):
+        q = mlx_unpack(w[s:s + step], bits, n).astype(np.float32).reshape(-1, ngroups, group_size)
+        sc = scales[s:s + step].astype(np.float32)[:, :, None]
+        bi = biases[s:s + step].astype(np.float32)[:, :, None]
+        out[s:s + step] = (q * sc + bi).reshape(-1, n)
+    return out
 
 
 def plan_mlx(folder, a, notes):
@@ -473,6 +498,7 @@ def plan_mlx(folder, a, notes):
                 raise ConvertError("tensor %s appears in two files (%s)" % (k, fp))
             W[k] = v
 
+    W = _drop_ignored(W, a, notes)
     quant = mc.get("quantization") or mc.get("quantization_config")
     if quant is not None and not isinstance(quant, dict):
         raise ConvertError("%s: quantization is %r, expected an object" % (cpath, quant))
@@ -678,6 +704,8 @@ def main(argv=None):
     ap.add_argument("--context", dest="context_length", type=int, help="override the context length")
     ap.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="override the LoRA alpha (toolkit)")
     ap.add_argument("--no-lora", action="store_true", help="drop the embedded base_adapter LoRA")
+    ap.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                    help="drop source keys matching REGEX (re.search) instead of failing on them; repeatable")
     ap.add_argument("--verify", action="store_true", help="read the written file back and compare every tensor")
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")

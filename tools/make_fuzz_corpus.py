@@ -2,6 +2,8 @@
 """Writes the seed corpus of the model-loader fuzzer: tiny valid models and hostile variants.
 
     python3 tools/make_fuzz_corpus.py [OUT_DIR]      (default tests/fuzz/corpus/load)
+    python3 tools/make_fuzz_corpus.py --fmadapter    (packs tests/fuzz/corpus/fmadapter/* into
+                                                      tests/fuzz/corpus/fmadapter_packed/)
 
 Every file is small (a few KB) so libFuzzer can mutate it quickly. The hostile variants are the
 cases a loader must refuse with a clear message: bad magic and version, truncation at every
@@ -25,7 +27,30 @@ def tiny(path, reuse, kv_scales, lora, wtype):
         return bytearray(f.read())
 
 
+def pack_fmadapter_seeds(src, out):
+    """Packs each .fmadapter package of src (one directory per case) into one fuzzer input:
+    u32 length of metadata.json, metadata.json, adapter_weights.bin."""
+    os.makedirs(out, exist_ok=True)
+    n = 0
+    for name in sorted(os.listdir(src)):
+        d = os.path.join(src, name)
+        if not os.path.isdir(d):
+            continue
+        parts = []
+        for f in ("metadata.json", "adapter_weights.bin"):
+            p = os.path.join(d, f)
+            parts.append(open(p, "rb").read() if os.path.exists(p) else b"")
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(struct.pack("<I", len(parts[0])) + parts[0] + parts[1])
+        n += 1
+    print("wrote %d packed packages to %s" % (n, out))
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--fmadapter":
+        pack_fmadapter_seeds(os.path.join("tests", "fuzz", "corpus", "fmadapter"),
+                             os.path.join("tests", "fuzz", "corpus", "fmadapter_packed"))
+        return
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("tests", "fuzz", "corpus", "load")
     os.makedirs(out, exist_ok=True)
     tmp = os.path.join(out, ".tmp.afm")

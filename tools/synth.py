@@ -80,10 +80,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Write a synthetic afm model (random seeded weights).")
     ap.add_argument("-o", "--output", help="output .afm file")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset (flags below override it)")
-    for k, t in (("vocab", int), ("dim", int), ("layers", int), ("reuse", int), ("heads", int),
-                 ("kv-heads", int), ("head-dim", int), ("ffn", int), ("context", int),
-                 ("rope-theta", float), ("norm-eps", float), ("qk-norm-eps", float)):
-        ap.add_argument("--" + k, type=t)
+    for k, t, h in (("vocab", int, "vocabulary size"), ("dim", int, "model width"),
+                    ("layers", int, "all layers, both segments"), ("reuse", int, "KV-reuse (segment-1) layers"),
+                    ("heads", int, "query heads"), ("kv-heads", int, "KV heads"),
+                    ("head-dim", int, "default dim / heads"), ("ffn", int, "SwiGLU hidden size"),
+                    ("context", int, "training context (default 4096)"), ("rope-theta", float, "default 500000"),
+                    ("norm-eps", float, "default 1e-5"), ("qk-norm-eps", float, "default 1e-5")):
+        ap.add_argument("--" + k, type=t, help=h)
     ap.add_argument("--type", choices=("f32", "f16", "bf16"), default="f32", help="weight type (default f32)")
     ap.add_argument("--lora-type", choices=("f32", "f16"), help="LoRA type (default f32 for f32, else f16)")
     ap.add_argument("--lora", action="store_true", help="include an embedded base adapter")
@@ -143,7 +146,9 @@ def main(argv=None):
         except (af.AfmError, OSError) as e:
             print("error: %s" % e, file=sys.stderr)
             return 1
-    tensors = None if a.zeros else synth_tensors(cfg, a.seed)
+    tensors = synth_tensors(cfg, a.seed)
+    if a.zeros:  # everything zero except the KV scales (a zero scale would be meaningless)
+        tensors = {n: f for n, f in tensors.items() if n == "kv_scale"}
 
     def progress(k, n, e):
         if not a.quiet and (k == n or k % 50 == 0):
