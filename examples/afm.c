@@ -16,7 +16,8 @@
 #include <time.h>
 
 static const char *usage_text =
-    "usage: afm info FILE\n"
+    "usage: afm bench FILE [-t N[,N...]] [-p N] [-n N] [-r N] [--adapter PATH]\n"
+    "       afm info FILE\n"
     "       afm info ADAPTER -m BASE.afm\n"
     "       afm [generate] -m FILE --ids ID,ID,... [options]\n"
     "\n"
@@ -26,6 +27,11 @@ static const char *usage_text =
     "  info ADAPTER -m BASE   check an adapter (.afma file or .fmadapter directory) against\n"
     "                         its base model and print rank, scale, identifier, metadata\n"
     "  generate               (default) evaluate the prompt ids, then generate -n tokens\n"
+    "  bench FILE             prefill -p tokens (default 512), then decode -n tokens (default\n"
+    "                         128), -r runs each (default 3, median reported), for each thread\n"
+    "                         count in -t (default 1,2); prints tok/s, bytes read per decode\n"
+    "                         token, memory read bandwidth measured in the same run, decode as\n"
+    "                         a percentage of that roofline, and peak RSS\n"
     "\n"
     "options:\n"
     "  -m, --model FILE       model file (.afm, see docs/FORMAT.md)\n"
@@ -374,6 +380,177 @@ static int cmd_generate(int argc, char **argv) {
     return 0;
 }
 
+
+/* ---- afm bench ---- */
+
+#if defined(__linux__) || defined(__APPLE__)
+#include <sys/resource.h>
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+#if defined(__APPLE__)
+    return ru.ru_maxrss / 1048576.0;
+#else
+    return ru.ru_maxrss / 1024.0;
+#endif
+}
+#else
+static double peak_rss_mb(void) { return 0; }
+#endif
+
+/* Memory read bandwidth: threads sum disjoint parts of a buffer much larger than the caches,
+   the same access pattern as a matrix-vector product over weights. Best of a few passes. */
+typedef struct bw_job { const uint64_t *buf; size_t n; uint64_t sums[64]; } bw_job;
+static void bw_run(void *ctx, int ith, int nth) {
+    bw_job *j = (bw_job *)ctx;
+    int lo, hi, k;
+    uint64_t s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    size_t i;
+    afm__split((int)(j->n / 8), ith, nth, &lo, &hi);
+    for (i = (size_t)lo * 8; i < (size_t)hi * 8; i += 8)
+        for (k = 0; k < 8; k++) s[k] += j->buf[i + k];
+    j->sums[ith & 63] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+}
+
+static double measure_bandwidth(int n_threads, size_t bytes) {
+    afm__pool pool;
+    bw_job j;
+    uint64_t *buf = (uint64_t *)malloc(bytes);
+    double best = 0;
+    int rep;
+    size_t i;
+    if (!buf) return 0;
+    for (i = 0; i < bytes / 8; i++) buf[i] = i; /* touch every page */
+    afm__pool_init(&afm__malloc_allocator, &pool, n_threads);
+    j.buf = buf;
+    j.n = bytes / 8;
+    for (rep = 0; rep < 5; rep++) {
+        double t0 = now_seconds(), t;
+        afm__pool_run(&pool, bw_run, &j);
+        t = now_seconds() - t0;
+        if (bytes / t > best) best = bytes / t;
+    }
+    afm__pool_destroy(&afm__malloc_allocator, &pool);
+    free(buf);
+    return best;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Bytes one decode step reads: every weight of the base once (the tied embedding as the
+   output head, one row of it as input), the adapter's A and B, and the KV cache: each
+   segment-0 layer reads its own cache and every segment-1 layer re-reads the last one's. */
+static double decode_bytes(const afm_model *m, const afm_adapter *ad, double kv_positions, int kv_elt) {
+    const afm_config *c = afm_model_config(m);
+    double w = 0;
+    int i;
+    for (i = 0; i < afm_model_n_tensors(m); i++) {
+        afm_tensor_info t;
+        afm_model_tensor(m, i, &t);
+        if (!strstr(t.name, ".lora_")) w += (double)t.n_bytes;
+    }
+    if (ad) {
+        afm_adapter_info info;
+        afm_adapter_get_info(ad, &info);
+        w += info.n_params * 2.0; /* upper bound: F16 */
+    }
+    return w + (double)c->n_layers * kv_positions * c->n_kv_heads * c->head_dim * 2.0 * kv_elt;
+}
+
+static int cmd_bench(int argc, char **argv) {
+    const char *path = NULL, *threads_text = "1,2", *adapter_path = NULL;
+    int n_prompt = 512, n_gen = 128, runs = 3, i, ti, n_threads_list[16], n_tl = 0;
+    afm_model *m;
+    afm_adapter *ad = NULL;
+    const afm_config *c;
+    for (i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { if (!v) die("option %s needs a value", a); threads_text = v; i++; }
+        else if (!strcmp(a, "-p") || !strcmp(a, "--n-prompt")) { n_prompt = (int)parse_int(v, a, 1, 1 << 16); i++; }
+        else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) { n_gen = (int)parse_int(v, a, 1, 1 << 16); i++; }
+        else if (!strcmp(a, "-r") || !strcmp(a, "--runs")) { runs = (int)parse_int(v, a, 1, 100); i++; }
+        else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); path = v; i++; }
+        else if (a[0] != '-' && !path) path = a;
+        else die("unknown bench option '%s' (see afm --help)", a);
+    }
+    if (!path) die("%s", "usage: afm bench FILE [-t 1,2] [-p 512] [-n 128] [-r 3]");
+    {
+        const char *q = threads_text;
+        while (*q && n_tl < 16) {
+            char *end;
+            long v = strtol(q, &end, 10);
+            if (end == q || v < 1 || v > 1024) die("-t: '%s' is not a list of thread counts", threads_text);
+            n_threads_list[n_tl++] = (int)v;
+            q = *end == ',' ? end + 1 : end;
+            if (*end && *end != ',') die("-t: '%s' is not a list of thread counts", threads_text);
+        }
+    }
+    m = load_or_die(path, 0);
+    c = afm_model_config(m);
+    if (adapter_path) ad = load_adapter_or_die(m, adapter_path);
+    printf("model %s: %d layers, dim %d, vocab %d%s%s\n", path, c->n_layers, c->dim, c->vocab_size, ad ? ", adapter " : "", ad ? adapter_path : "");
+    printf("prefill %d tokens, then decode %d tokens; median of %d runs\n", n_prompt, n_gen, runs);
+    {
+        double pre_med[16], dec_med[16], rss[16], bytes[16];
+        for (ti = 0; ti < n_tl; ti++) {
+            int nt = n_threads_list[ti], r;
+            double pre[100], dec[100];
+            afm_session_params sp;
+            afm_session *s;
+            int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen) * sizeof *toks);
+            uint64_t x = 88172645463325252ull;
+            memset(&sp, 0, sizeof sp);
+            sp.n_threads = nt;
+            sp.n_ctx = c->context_length;
+            sp.n_batch = n_prompt < 512 ? n_prompt : 512;
+            sp.preallocate = 1;
+            if (afm_session_create(m, &sp, &s) != AFM_OK) die("%s", "cannot create a session");
+            if (ad) afm_session_set_adapter(s, ad);
+            for (i = 0; i < n_prompt; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; toks[i] = (int32_t)(x % (uint64_t)c->vocab_size); }
+            for (r = 0; r < runs; r++) {
+                double t0, t1, t2;
+                afm_session_rewind(s, 0);
+                t0 = now_seconds();
+                if (afm_session_eval(s, toks, n_prompt) != AFM_OK) die("%s", afm_session_error(s));
+                t1 = now_seconds();
+                for (i = 0; i < n_gen; i++) {
+                    const float *lg = afm_session_logits(s, -1);
+                    int v, best = 0;
+                    for (v = 1; v < c->vocab_size; v++) if (lg[v] > lg[best]) best = v;
+                    toks[n_prompt + i] = best;
+                    if (afm_session_eval(s, &toks[n_prompt + i], 1) != AFM_OK) die("%s", afm_session_error(s));
+                }
+                t2 = now_seconds();
+                pre[r] = n_prompt / (t1 - t0);
+                dec[r] = n_gen / (t2 - t1);
+            }
+            qsort(pre, (size_t)runs, sizeof *pre, cmp_double);
+            qsort(dec, (size_t)runs, sizeof *dec, cmp_double);
+            pre_med[ti] = pre[runs / 2];
+            dec_med[ti] = dec[runs / 2];
+            rss[ti] = peak_rss_mb(); /* before the bandwidth buffer below inflates it */
+            bytes[ti] = decode_bytes(m, ad, n_prompt + n_gen / 2.0, (int)s->kv_elt);
+            fprintf(stderr, "  %d threads: prefill %.1f tok/s, decode %.2f tok/s\n", nt, pre_med[ti], dec_med[ti]);
+            afm_session_free(s);
+            free(toks);
+        }
+        printf("%7s %12s %12s %14s %12s %12s %10s %12s\n", "threads", "prefill t/s", "decode t/s", "MB/decode tok", "read GB/s",
+               "roofline t/s", "% roofline", "peak RSS MB");
+        for (ti = 0; ti < n_tl; ti++) {
+            double bw = measure_bandwidth(n_threads_list[ti], (size_t)512 << 20);
+            printf("%7d %12.1f %12.2f %14.1f %12.2f %12.2f %9.1f%% %12.0f\n", n_threads_list[ti], pre_med[ti], dec_med[ti],
+                   bytes[ti] / 1e6, bw / 1e9, bw / bytes[ti], 100.0 * dec_med[ti] / (bw / bytes[ti]), rss[ti]);
+        }
+    }
+    afm_adapter_free(ad);
+    afm_model_free(m);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
@@ -392,5 +569,6 @@ int main(int argc, char **argv) {
         return cmd_info(argv[2]);
     }
     if (!strcmp(argv[1], "generate")) return cmd_generate(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
     return cmd_generate(argc - 1, argv + 1);
 }
