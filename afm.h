@@ -448,8 +448,33 @@ static void afm__blob_close(const afm_allocator *a, afm__blob *b) {
     memset(b, 0, sizeof *b);
 }
 
-/* ---- thread pool: persistent workers that run one job at a time, split by thread index ---- */
+/* ---- thread pool: persistent workers that run one job at a time, split by thread index ----
+   A decode step hands the pool several hundred small jobs, so the hand-off must take about a
+   microsecond: workers spin on an atomic job counter for a while before sleeping on a condition
+   variable, and the caller spins on the count of unfinished workers before sleeping likewise. */
 typedef void (*afm__job_fn)(void *ctx, int ith, int nth);
+
+#ifndef AFM_NO_THREADS
+#if defined(_MSC_VER)
+#include <intrin.h>
+typedef volatile long afm__atomic;
+static long afm__atomic_get(afm__atomic *p) { return _InterlockedCompareExchange(p, 0, 0); }
+static long afm__atomic_add(afm__atomic *p, long v) { return _InterlockedExchangeAdd(p, v) + v; }
+#define afm__cpu_relax() YieldProcessor()
+#else
+typedef volatile long afm__atomic;
+static long afm__atomic_get(afm__atomic *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static long afm__atomic_add(afm__atomic *p, long v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
+#if defined(__x86_64__) || defined(__i386__)
+#define afm__cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define afm__cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define afm__cpu_relax() ((void)0)
+#endif
+#endif
+#define AFM__SPIN 2000 /* pause instructions (tens of microseconds) before sleeping */
+#endif
 
 typedef struct afm__pool {
     int n_threads;
@@ -465,9 +490,9 @@ typedef struct afm__pool {
 #endif
     afm__job_fn fn;
     void *ctx;
-    unsigned long generation;   /* bumped for every job; workers run each generation once */
-    int pending;                /* workers still running the current job */
-    int quit;
+    afm__atomic generation;     /* bumped for every job; workers run each generation once */
+    afm__atomic pending;        /* workers still running the current job */
+    afm__atomic quit;
 #endif
 } afm__pool;
 
@@ -487,21 +512,23 @@ typedef struct afm__worker_arg { afm__pool *pool; int ith; } afm__worker_arg;
 #endif
 
 static void afm__worker_loop(afm__pool *p, int ith) {
-    unsigned long seen = 0;
+    long seen = 0;
     for (;;) {
-        afm__job_fn fn;
-        void *ctx;
-        afm__lock(p);
-        while (!p->quit && p->generation == seen) afm__wait(p, wake);
-        if (p->quit) { afm__unlock(p); return; }
-        seen = p->generation;
-        fn = p->fn;
-        ctx = p->ctx;
-        afm__unlock(p);
-        fn(ctx, ith, p->n_threads);
-        afm__lock(p);
-        if (--p->pending == 0) afm__broadcast(p, done);
-        afm__unlock(p);
+        int spin;
+        for (spin = 0; spin < AFM__SPIN && afm__atomic_get(&p->generation) == seen; spin++) afm__cpu_relax();
+        if (afm__atomic_get(&p->generation) == seen) {
+            afm__lock(p);
+            while (afm__atomic_get(&p->generation) == seen && !afm__atomic_get(&p->quit)) afm__wait(p, wake);
+            afm__unlock(p);
+        }
+        if (afm__atomic_get(&p->quit)) return;
+        seen = afm__atomic_get(&p->generation);
+        p->fn(p->ctx, ith, p->n_threads); /* fn and ctx were written before the generation bump */
+        if (afm__atomic_add(&p->pending, -1) == 0) {
+            afm__lock(p);
+            afm__broadcast(p, done);
+            afm__unlock(p);
+        }
     }
 }
 
@@ -522,7 +549,8 @@ static void afm__pool_destroy(const afm_allocator *a, afm__pool *p) {
     int i;
     if (!p->threads) return;
     afm__lock(p);
-    p->quit = 1;
+    afm__atomic_add(&p->quit, 1);
+    afm__atomic_add(&p->generation, 1);
     afm__broadcast(p, wake);
     afm__unlock(p);
     for (i = 1; i < p->n_threads; i++) {
@@ -602,17 +630,21 @@ static afm_result afm__pool_init(const afm_allocator *a, afm__pool *p, int n_thr
 static void afm__pool_run(afm__pool *p, afm__job_fn fn, void *ctx) {
 #ifndef AFM_NO_THREADS
     if (p->n_threads > 1) {
-        afm__lock(p);
+        int spin;
         p->fn = fn;
         p->ctx = ctx;
-        p->pending = p->n_threads - 1;
-        p->generation++;
-        afm__broadcast(p, wake);
+        afm__atomic_add(&p->pending, p->n_threads - 1);
+        afm__lock(p);
+        afm__atomic_add(&p->generation, 1);  /* spinning workers see this at once */
+        afm__broadcast(p, wake);             /* sleeping ones are woken */
         afm__unlock(p);
         fn(ctx, 0, p->n_threads);
-        afm__lock(p);
-        while (p->pending > 0) afm__wait(p, done);
-        afm__unlock(p);
+        for (spin = 0; spin < AFM__SPIN && afm__atomic_get(&p->pending) > 0; spin++) afm__cpu_relax();
+        if (afm__atomic_get(&p->pending) > 0) {
+            afm__lock(p);
+            while (afm__atomic_get(&p->pending) > 0) afm__wait(p, done);
+            afm__unlock(p);
+        }
         return;
     }
 #else

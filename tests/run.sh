@@ -51,7 +51,7 @@ else bad "build with AFM_NO_THREADS AFM_NO_MMAP"; fi
 echo "== engine tests, AddressSanitizer + UndefinedBehaviorSanitizer"
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
        tests/test_main.c -o build/test_main_san $LIBS; then
-    run_counts "test_main asan+ubsan" build/test_main_san
+    run_counts "test_main asan+ubsan" env AFM_TEST_LIGHT=1 build/test_main_san
 else bad "build test_main with sanitizers"; fi
 
 echo "== CLI"
@@ -80,7 +80,7 @@ else skip "tool tests" "python3 -m pip install numpy"; fi
 echo "== arm64 build under qemu"
 if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
     if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_main.c -o build/test_main_arm64 $LIBS; then
-        run_counts "test_main arm64 (qemu)" qemu-aarch64 build/test_main_arm64
+        run_counts "test_main arm64 (qemu)" env AFM_TEST_LIGHT=1 qemu-aarch64 build/test_main_arm64
     else bad "aarch64 cross build"; fi
 else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
 
