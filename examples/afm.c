@@ -27,6 +27,9 @@ static const char *usage_text =
     "  info ADAPTER -m BASE   check an adapter (.afma file or .fmadapter directory) against\n"
     "                         its base model and print rank, scale, identifier, metadata\n"
     "  generate               (default) evaluate the prompt ids, then generate -n tokens\n"
+    "  bench FILE --spec      speculative decoding: time to verify 1..16 tokens relative to one\n"
+    "                         decode step, and speedup over plain greedy decoding with a drafter\n"
+    "                         that proposes the base's own next token with probability p\n"
     "  bench FILE             prefill -p tokens (default 512), then decode -n tokens (default\n"
     "                         128), -r runs each (default 3, median reported), for each thread\n"
     "                         count in -t (default 1,2); prints tok/s, bytes read per decode\n"
@@ -460,9 +463,116 @@ static double decode_bytes(const afm_model *m, const afm_adapter *ad, double kv_
     return w + (double)c->n_layers * kv_positions * c->n_kv_heads * c->head_dim * 2.0 * kv_elt;
 }
 
+
+/* ---- afm bench --spec: verification cost and speedup against a controlled drafter ---- */
+
+/* Proposes the base's own greedy continuation (known from a plain run) with probability p per
+   token, else a wrong token, so the acceptance rate is controlled. */
+typedef struct controlled { const int32_t *ref; int n_prompt, n_ref, vocab; double p; uint64_t rng; } controlled;
+static int draft_controlled(void *u, const int32_t *ctx, int n, int k, int32_t *out) {
+    controlled *c = (controlled *)u;
+    int i, at = n - c->n_prompt; /* ctx ends with the pending token ref[at - 1] */
+    (void)ctx;
+    for (i = 0; i < k && at + i < c->n_ref; i++) {
+        c->rng = c->rng * 6364136223846793005ull + 1442695040888963407ull;
+        out[i] = (double)(c->rng >> 11) / 9007199254740992.0 < c->p ? c->ref[at + i] : (c->ref[at + i] + 1) % c->vocab;
+    }
+    return i;
+}
+
+static int cmd_bench_spec(afm_model *m, afm_adapter *ad, int n_threads, int n_prompt, int n_gen, int runs) {
+    const afm_config *c = afm_model_config(m);
+    afm_session_params sp;
+    afm_session *s;
+    int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen + 32) * sizeof *toks), *ref;
+    uint64_t x = 88172645463325252ull;
+    double t1_med = 0, plain_tps;
+    int i, n, r, pi;
+    static const double ps[] = { 0.0, 0.5, 0.7, 0.8, 0.9, 1.0 };
+    memset(&sp, 0, sizeof sp);
+    sp.n_threads = n_threads;
+    sp.n_ctx = n_prompt + n_gen + 64;
+    sp.all_logits = 1;
+    if (afm_session_create(m, &sp, &s) != AFM_OK) die("%s", "cannot create a session");
+    if (ad) afm_session_set_adapter(s, ad);
+    for (i = 0; i < n_prompt + 32; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; toks[i] = (int32_t)(x % (uint64_t)c->vocab_size); }
+    afm_session_eval(s, toks, n_prompt);
+    printf("verification cost at position %d, %d threads (median of %d):\n%6s %10s %10s\n", n_prompt, n_threads, runs, "tokens", "ms", "x decode");
+    for (n = 1; n <= 16; n++) {
+        double t[100];
+        for (r = 0; r < runs; r++) {
+            double t0 = now_seconds();
+            afm_session_eval(s, toks + n_prompt, n);
+            t[r] = now_seconds() - t0;
+            afm_session_rewind(s, n_prompt);
+        }
+        qsort(t, (size_t)runs, sizeof *t, cmp_double);
+        if (n == 1) t1_med = t[runs / 2];
+        printf("%6d %10.2f %10.2f\n", n, t[runs / 2] * 1e3, t[runs / 2] / t1_med);
+        fflush(stdout);
+    }
+    afm_session_free(s);
+    /* plain greedy reference, then speculative runs with the controlled drafter */
+    sp.all_logits = 0;
+    afm_session_create(m, &sp, &s);
+    if (ad) afm_session_set_adapter(s, ad);
+    ref = (int32_t *)malloc((size_t)n_gen * sizeof *ref);
+    {
+        afm_generate_params gp;
+        afm_generate_stats st;
+        double best = 0;
+        memset(&gp, 0, sizeof gp);
+        gp.n_predict = n_gen;
+        for (r = 0; r < runs; r++) {
+            afm_session_rewind(s, 0);
+            afm_generate(s, toks, n_prompt, &gp, &st);
+            if (r == 0 || st.n_generated / (st.t_total - st.t_prompt) > best) best = st.n_generated / (st.t_total - st.t_prompt);
+        }
+        {
+            int np;
+            const int32_t *all = afm_session_tokens(s, &np);
+            memcpy(ref, all + n_prompt, (size_t)n_gen * sizeof *ref);
+        }
+        plain_tps = best;
+    }
+    printf("\nspeculative greedy decoding, %d tokens after a %d-token prompt, %d threads, K chosen by the engine:\n", n_gen, n_prompt, n_threads);
+    printf("%6s %12s %12s %12s %10s %10s\n", "p", "acceptance", "tok/verify", "tok/s", "plain t/s", "speedup");
+    for (pi = 0; pi < (int)(sizeof ps / sizeof ps[0]); pi++) {
+        afm_generate_params gp;
+        afm_generate_stats st;
+        controlled cd;
+        double tps[100], acc = 0, per = 0;
+        for (r = 0; r < runs; r++) {
+            memset(&gp, 0, sizeof gp);
+            gp.n_predict = n_gen;
+            cd.ref = ref; cd.n_prompt = n_prompt; cd.n_ref = n_gen; cd.vocab = c->vocab_size; cd.p = ps[pi]; cd.rng = 12345 + (uint64_t)r;
+            gp.draft_fn = draft_controlled;
+            gp.draft_user = &cd;
+            afm_session_rewind(s, 0);
+            afm_generate(s, toks, n_prompt, &gp, &st);
+            {
+                int np;
+                const int32_t *all = afm_session_tokens(s, &np);
+                if (np < n_prompt + n_gen || memcmp(all + n_prompt, ref, (size_t)n_gen * sizeof *ref))
+                    die("%s", "speculative output differs from plain greedy output");
+            }
+            tps[r] = st.n_generated / (st.t_total - st.t_prompt);
+            acc = st.n_drafted ? (double)st.n_accepted / st.n_drafted : 0;
+            per = (double)st.n_generated / st.n_steps;
+        }
+        qsort(tps, (size_t)runs, sizeof *tps, cmp_double);
+        printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx\n", ps[pi], 100 * acc, per, tps[runs / 2], plain_tps, tps[runs / 2] / plain_tps);
+        fflush(stdout);
+    }
+    free(ref);
+    free(toks);
+    afm_session_free(s);
+    return 0;
+}
+
 static int cmd_bench(int argc, char **argv) {
     const char *path = NULL, *threads_text = "1,2", *adapter_path = NULL;
-    int n_prompt = 512, n_gen = 128, runs = 3, i, ti, n_threads_list[16], n_tl = 0;
+    int n_prompt = 512, n_gen = 128, runs = 3, i, ti, n_threads_list[16], n_tl = 0, spec = 0;
     afm_model *m;
     afm_adapter *ad = NULL;
     const afm_config *c;
@@ -473,6 +583,7 @@ static int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) { n_gen = (int)parse_int(v, a, 1, 1 << 16); i++; }
         else if (!strcmp(a, "-r") || !strcmp(a, "--runs")) { runs = (int)parse_int(v, a, 1, 100); i++; }
         else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
+        else if (!strcmp(a, "--spec")) spec = 1;
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); path = v; i++; }
         else if (a[0] != '-' && !path) path = a;
         else die("unknown bench option '%s' (see afm --help)", a);
@@ -492,6 +603,12 @@ static int cmd_bench(int argc, char **argv) {
     m = load_or_die(path, 0);
     c = afm_model_config(m);
     if (adapter_path) ad = load_adapter_or_die(m, adapter_path);
+    if (spec) {
+        for (ti = 0; ti < n_tl; ti++) cmd_bench_spec(m, ad, n_threads_list[ti], n_prompt, n_gen, runs);
+        afm_adapter_free(ad);
+        afm_model_free(m);
+        return 0;
+    }
     printf("model %s: %d layers, dim %d, vocab %d%s%s\n", path, c->n_layers, c->dim, c->vocab_size, ad ? ", adapter " : "", ad ? adapter_path : "");
     printf("prefill %d tokens, then decode %d tokens; median of %d runs\n", n_prompt, n_gen, runs);
     {
