@@ -77,7 +77,10 @@ typedef struct afm_allocator {
 typedef enum afm_type {
     AFM_TYPE_F32 = 0,
     AFM_TYPE_F16 = 1,
-    AFM_TYPE_BF16 = 2
+    AFM_TYPE_BF16 = 2,
+    AFM_TYPE_Q2B = 16,  /* 2-bit balanced {-1.5,-0.5,0.5,1.5} x f16 scale per group (Apple's QAT grid) */
+    AFM_TYPE_Q4 = 17,   /* 4-bit balanced, f16 scale per group (embedding / output head) */
+    AFM_TYPE_Q8 = 18    /* int8, f16 scale per group */
 } afm_type;
 
 /* ---- The model's configuration, as read from the file. ---- */
@@ -138,6 +141,8 @@ typedef struct afm_session_params {
     int all_logits;     /* keep logits for every position of an eval, not just the last */
     int preallocate;    /* reserve the whole KV cache now instead of growing it on demand */
     afm_kv_type kv_type;
+    int f32_activations; /* quantized weights meet f32 activations (decoded row by row: slow, exact to
+                            the decoded weights) instead of int8 activation blocks (fast, the default) */
 } afm_session_params;
 
 AFMDEF afm_result afm_session_create(afm_model *model, const afm_session_params *params, afm_session **out);
@@ -661,6 +666,1397 @@ static void afm__split(int n, int ith, int nth, int *lo, int *hi) {
 
 
 /* ======================================================================================== */
+/* ==== KERNELS: weight types, scalar reference, AVX2, AVX-512, NEON ===================== */
+/* ======================================================================================== */
+/* The weight types (docs/FORMAT.md, "Types") and every compute kernel. Decode is a
+   matrix-vector product bound by memory bandwidth, prefill and verification are matrix-matrix
+   products bound by arithmetic; both go through the same calls: activations are prepared once
+   per product (int8 blocks for quantized weights, an f32 copy for float ones), then each thread
+   computes its own rows. A scalar kernel is always compiled and is what every SIMD kernel is
+   tested against (tests/test_kernels.c); x86 SIMD is chosen at run time from cpuid, arm64 NEON at
+   compile time. */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+/* ======================================================================================== */
+/* Platform                                                                                 */
+/* ======================================================================================== */
+
+#if defined(_MSC_VER) && !defined(__clang__)
+#define AFM__FORCEINLINE static __forceinline
+#define AFM__ALIGN(n) __declspec(align(n))
+#else
+#define AFM__FORCEINLINE static inline __attribute__((always_inline))
+#define AFM__ALIGN(n) __attribute__((aligned(n)))
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define AFM__UNROLL _Pragma("GCC unroll 16")
+#elif defined(__clang__)
+#define AFM__UNROLL _Pragma("unroll")
+#else
+#define AFM__UNROLL
+#endif
+
+#if !defined(AFM_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64)) && \
+    (defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER))
+#define AFM__X86 1
+#include <immintrin.h>
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#define AFM__T_AVX2
+#define AFM__T_AVX512
+#define AFM__T_VNNI
+#else
+#include <cpuid.h>
+#define AFM__T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AFM__T_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+#define AFM__T_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+#endif
+#endif
+
+#if !defined(AFM_NO_SIMD) && (defined(__aarch64__) || defined(_M_ARM64)) && \
+    (defined(__ARM_NEON) || defined(_M_ARM64))
+#define AFM__NEON 1
+#include <arm_neon.h>
+#if defined(__ARM_FEATURE_DOTPROD)
+#define AFM__NEON_DOT 1
+#endif
+#endif
+
+/* ======================================================================================== */
+/* Types                                                                                    */
+/* ======================================================================================== */
+
+/* Decode (one token) streams every weight once: prefetch this many bytes ahead in the code stream
+   (0: off). Software prefetch keeps more cache misses in flight than one hardware stream per thread. */
+#ifndef AFM__PF_DIST
+#define AFM__PF_DIST 4096
+#endif
+
+/* Type codes of the file format (docs/FORMAT.md). */
+#define AFM__F32 0
+#define AFM__F16 1
+#define AFM__BF16 2
+#define AFM__Q2B 16 /* 2-bit balanced: (c - 1.5) * scale, c in 0..3 */
+#define AFM__Q4 17  /* 4-bit balanced: (c - 7.5) * scale, c in 0..15 */
+#define AFM__Q8 18  /* 8-bit symmetric: c * scale, c in -127..127 */
+#define AFM__NTYPES 6 /* slots in the kernel table: F32 F16 BF16 Q2B Q4 Q8 */
+
+/* Slot of a type in the kernel table, -1 if unknown. */
+static inline int afm__type_slot(int type) {
+    switch (type) {
+    case AFM__F32: return 0;
+    case AFM__F16: return 1;
+    case AFM__BF16: return 2;
+    case AFM__Q2B: return 3;
+    case AFM__Q4: return 4;
+    case AFM__Q8: return 5;
+    default: return -1;
+    }
+}
+static inline int afm__type_is_quant(int type) { return type == AFM__Q2B || type == AFM__Q4 || type == AFM__Q8; }
+static inline const char *afm__type_name(int type) {
+    switch (type) {
+    case AFM__F32: return "F32";
+    case AFM__F16: return "F16";
+    case AFM__BF16: return "BF16";
+    case AFM__Q2B: return "Q2B";
+    case AFM__Q4: return "Q4";
+    case AFM__Q8: return "Q8";
+    default: return "?";
+    }
+}
+
+/* Rows of a quantized type are padded to a multiple of this many elements (the code block),
+   and of the group size when that is larger. */
+static inline int afm__type_unit(int type) {
+    return type == AFM__Q2B ? 256 : type == AFM__Q4 ? 128 : type == AFM__Q8 ? 64 : 1;
+}
+/* Group sizes a quantized type accepts: 64, 128, 256, 512. Returns log2(group/64), -1 if invalid. */
+static inline int afm__group_shift(uint32_t group) {
+    switch (group) {
+    case 64: return 0;
+    case 128: return 1;
+    case 256: return 2;
+    case 512: return 3;
+    default: return -1;
+    }
+}
+/* Padded row length in elements. */
+static inline uint64_t afm__row_pad(int type, uint64_t cols, uint32_t group) {
+    uint64_t u = (uint64_t)afm__type_unit(type);
+    if (afm__type_is_quant(type) && group > u) u = group;
+    return (cols + u - 1) / u * u;
+}
+
+/* The exact byte size of a tensor of `rows` rows of `cols` elements (cols = the last dim, rows =
+   the product of the others), or 0 if the type/group is invalid or the size overflows.
+   Float types: group must be 0. Quantized: group in {64,128,256,512}; codes of all rows first
+   (rows * kpad * bits / 8 bytes), then fp16 scales (rows * kpad / group * 2 bytes). */
+static inline uint64_t afm__type_size(int type, uint64_t rows, uint64_t cols, uint32_t group) {
+    uint64_t n, kpad, per_row;
+    if (rows == 0 || cols == 0 || rows > ((uint64_t)1 << 40) || cols > ((uint64_t)1 << 30)) return 0;
+    switch (type) {
+    case AFM__F32: if (group) return 0; n = rows * cols; return n > (UINT64_MAX >> 3) ? 0 : n * 4;
+    case AFM__F16:
+    case AFM__BF16: if (group) return 0; n = rows * cols; return n > (UINT64_MAX >> 3) ? 0 : n * 2;
+    case AFM__Q2B:
+    case AFM__Q4:
+    case AFM__Q8:
+        if (afm__group_shift(group) < 0) return 0;
+        kpad = afm__row_pad(type, cols, group);
+        per_row = kpad / (type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1) + kpad / group * 2;
+        if (rows > UINT64_MAX / 8 / per_row) return 0;
+        return rows * per_row;
+    default: return 0;
+    }
+}
+
+/* ---- fp16 / bf16 scalar conversions (portable, exact, round-to-nearest-even) ---- */
+static inline float afm__f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t afm__bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float afm__h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return afm__f32_from_bits(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) { /* zero or subnormal: man * 2^-24, exact in f32 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    return afm__f32_from_bits(sign | ((exp + 112) << 23) | (man << 13));
+}
+static inline uint16_t afm__f2h(float f) {
+    uint32_t u = afm__bits_from_f32(f), sign = (u >> 16) & 0x8000, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (a > 0x7f800000u ? 0x200 : 0));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds to >= 65520: inf */
+    if (a < 0x38800000u) { /* below the smallest normal fp16: round to a multiple of 2^-24 */
+        float v = afm__f32_from_bits(a) * 16777216.0f; /* exact: a power of two scale */
+        uint32_t m = (uint32_t)v; float fr = v - (float)m;
+        if (fr > 0.5f || (fr == 0.5f && (m & 1))) m++;
+        return (uint16_t)(sign | m);
+    }
+    { uint32_t r = a + 0xfffu + ((a >> 13) & 1); /* round to nearest even on bit 13 */
+      return (uint16_t)(sign | ((r - 0x38000000u) >> 13)); }
+}
+static inline float afm__bf2f(uint16_t b) { return afm__f32_from_bits((uint32_t)b << 16); }
+static inline uint16_t afm__rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* ======================================================================================== */
+/* Weight matrix view and prepared activations                                             */
+/* ======================================================================================== */
+
+typedef struct afm__wmat {
+    const uint8_t *data;   /* row r's codes (or elements) start at data + r * row_bytes */
+    const uint8_t *scales; /* quantized: fp16 scales, row r's at scales + r * n_groups * 2 */
+    int type, rows, cols;
+    int group, gshift;     /* quantized: group size and log2(group / 64) */
+    int kpad;              /* padded row length in elements (== cols for float types) */
+    int n_groups;          /* scales per row (quantized) */
+    size_t row_bytes;
+} afm__wmat;
+
+/* Fills w for a tensor of `size` bytes at data. 0 on success, -1 if the size or group is wrong. */
+static inline int afm__wmat_init(afm__wmat *w, int type, const void *data, uint64_t size, int rows, int cols, int group) {
+    uint64_t need;
+    memset(w, 0, sizeof *w);
+    if (rows <= 0 || cols <= 0 || afm__type_slot(type) < 0) return -1;
+    need = afm__type_size(type, (uint64_t)rows, (uint64_t)cols, (uint32_t)(afm__type_is_quant(type) ? group : 0));
+    if (need == 0 || need != size) return -1;
+    w->data = (const uint8_t *)data;
+    w->type = type; w->rows = rows; w->cols = cols;
+    if (afm__type_is_quant(type)) {
+        w->group = group; w->gshift = afm__group_shift((uint32_t)group);
+        w->kpad = (int)afm__row_pad(type, (uint64_t)cols, (uint32_t)group);
+        w->n_groups = w->kpad / group;
+        w->row_bytes = (size_t)w->kpad / (type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1);
+        w->scales = w->data + (size_t)rows * w->row_bytes;
+    } else {
+        w->kpad = cols;
+        w->row_bytes = (size_t)cols * (type == AFM__F32 ? 4 : 2);
+    }
+    return 0;
+}
+
+/* Activations prepared for one matrix product.
+   Quantized weights: each token's row, zero-padded to kpad (a multiple of 512), is cut in blocks
+   of 64; block b has d = max|x| / 127, codes q = round_even(x * (127 / max|x|)) in -127..127
+   (0 when the block is all zero), and m = d * sum(q) (for the -1.5 / -7.5 offset of Q2B / Q4).
+   Float weights: an f32 copy of X with row stride kpad (n_in rounded up to 16, zero-padded). */
+typedef struct afm__act {
+    int n_tok, n_in, kpad, nsb; /* nsb = kpad / 64 */
+    int quant;                  /* 1: int8 blocks (q, d, m); 0: f32 (x) */
+    int8_t *q;                  /* [n_tok][kpad] */
+    float *d, *m;               /* [n_tok][nsb] */
+    float *x;                   /* [n_tok][kpad] */
+} afm__act;
+
+static inline size_t afm__align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* Bytes afm__act_init needs for n_tok tokens of n_in features against weights of `type`
+   (includes 64 bytes of slack so that any buffer can be aligned). */
+static inline size_t afm__act_size(int type, int n_tok, int n_in) {
+    size_t kpad;
+    if (afm__type_is_quant(type)) {
+        kpad = ((size_t)n_in + 511) & ~(size_t)511;
+        return 64 + afm__align64((size_t)n_tok * kpad) + 2 * afm__align64((size_t)n_tok * (kpad / 64) * sizeof(float));
+    }
+    kpad = ((size_t)n_in + 15) & ~(size_t)15;
+    return 64 + afm__align64((size_t)n_tok * kpad * sizeof(float));
+}
+
+static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, void *buf) {
+    uint8_t *p = (uint8_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    memset(a, 0, sizeof *a);
+    a->n_tok = n_tok; a->n_in = n_in;
+    a->quant = afm__type_is_quant(type);
+    if (a->quant) {
+        a->kpad = (n_in + 511) & ~511;
+        a->nsb = a->kpad / 64;
+        a->q = (int8_t *)p; p += afm__align64((size_t)n_tok * (size_t)a->kpad);
+        a->d = (float *)p; p += afm__align64((size_t)n_tok * (size_t)a->nsb * sizeof(float));
+        a->m = (float *)p;
+    } else {
+        a->kpad = (n_in + 15) & ~15;
+        a->x = (float *)p;
+    }
+}
+
+/* ======================================================================================== */
+/* The kernel table                                                                         */
+/* ======================================================================================== */
+
+/* prepare: fills tokens [t0, t1) of a from X (row t at X + t * ldx).
+   matmul: Y[t*ldy + r] for r in [r0, r1), every token of a (a prepared for w's type).
+   dequant: out[0 .. cols-1] = row `row` of w as f32.
+   kv_scores: s[h*lds + p] = scale * sum_i q[h*ldq + i] * k[p*k_stride + i], h < nq, p < n_pos.
+   kv_values: o[h*ldo + i] = scale * sum_p pr[h*ldp + p] * v[p*v_stride + i], h < nq, i < dim. */
+typedef void (*afm__prepare_fn)(afm__act *a, const float *X, size_t ldx, int t0, int t1);
+typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1);
+typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
+typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                  int n_pos, int dim, float scale, float *s, size_t lds);
+typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                  int n_pos, int dim, float scale, float *o, size_t ldo);
+
+typedef struct afm__kernels {
+    const char *name;
+    afm__prepare_fn prepare_q8;   /* for quantized weights */
+    afm__prepare_fn prepare_f32;  /* for float weights */
+    afm__matmul_fn matmul[AFM__NTYPES];
+    afm__dequant_fn dequant[AFM__NTYPES];
+    afm__kv_scores_fn kv_scores;
+    afm__kv_values_fn kv_values;
+} afm__kernels;
+
+/* Levels for afm__select_kernels's max_level (tests use it to force a lower level). */
+#define AFM__LEVEL_SCALAR 0
+#define AFM__LEVEL_AVX2 1       /* x86: AVX2 + FMA + F16C */
+#define AFM__LEVEL_AVX512 2     /* x86: AVX-512 F/BW/DQ/VL */
+#define AFM__LEVEL_AVX512VNNI 3 /* x86: + AVX512_VNNI */
+#define AFM__LEVEL_NEON 1       /* arm64: NEON (+dotprod if compiled with it) */
+#define AFM__LEVEL_MAX 99
+
+/* ======================================================================================== */
+/* Scalar reference kernels                                                                 */
+/* ======================================================================================== */
+
+/* Round to nearest, ties to even (the default FP environment); identical to cvtps_epi32/vcvtnq. */
+static inline int afm__round_even(float x) { return (int)lrintf(x); }
+
+static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    int t, b, i;
+    for (t = t0; t < t1; t++) {
+        const float *x = X + (size_t)t * ldx;
+        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        for (b = 0; b < a->nsb; b++) {
+            int n = a->n_in - b * 64, sum = 0;
+            float amax = 0.0f, id;
+            if (n > 64) n = 64;
+            if (n < 0) n = 0;
+            for (i = 0; i < n; i++) { float v = fabsf(x[b * 64 + i]); amax = amax > v ? amax : v; }
+            id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (i = 0; i < n; i++) { int c = afm__round_even(x[b * 64 + i] * id); q[b * 64 + i] = (int8_t)c; sum += c; }
+            for (; i < 64; i++) q[b * 64 + i] = 0;
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)sum;
+        }
+    }
+}
+
+static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    int t;
+    for (t = t0; t < t1; t++) {
+        float *x = a->x + (size_t)t * (size_t)a->kpad;
+        memcpy(x, X + (size_t)t * ldx, (size_t)a->n_in * sizeof(float));
+        memset(x + a->n_in, 0, (size_t)(a->kpad - a->n_in) * sizeof(float));
+    }
+}
+
+/* Integer dot of sub-block sb (64 weights) of a quantized row with 64 int8 activations. */
+static inline int32_t afm__dot_sb_scalar(int type, const uint8_t *row, int sb, const int8_t *q) {
+    int32_t s = 0;
+    int i;
+    if (type == AFM__Q2B) { /* block sb/4, plane sb%4: byte j holds weights j, j+64, j+128, j+192 */
+        const uint8_t *b = row + (size_t)(sb >> 2) * 64;
+        int sh = (sb & 3) * 2;
+        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 3) * q[i];
+    } else if (type == AFM__Q4) { /* block sb/2: byte j holds weight j (low nibble), j+64 (high) */
+        const uint8_t *b = row + (size_t)(sb >> 1) * 64;
+        int sh = (sb & 1) * 4;
+        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 15) * q[i];
+    } else {
+        const int8_t *b = (const int8_t *)row + (size_t)sb * 64;
+        for (i = 0; i < 64; i++) s += b[i] * q[i];
+    }
+    return s;
+}
+
+static inline float afm__type_offset(int type) { return type == AFM__Q2B ? 1.5f : type == AFM__Q4 ? 7.5f : 0.0f; }
+
+/* y = sum_sb s_g * (d_sb * dot_sb) - off * sum_sb s_g * m_sb  (the reference formula) */
+static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    const int nsb = w->kpad / 64;
+    const float off = afm__type_offset(w->type);
+    int r, t, sb;
+    for (r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+        for (t = 0; t < a->n_tok; t++) {
+            const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+            const float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+            float acc = 0.0f, accm = 0.0f;
+            for (sb = 0; sb < nsb; sb++) {
+                float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
+                int32_t dot = afm__dot_sb_scalar(w->type, row, sb, q + sb * 64);
+                acc += s * (d[sb] * (float)dot);
+                accm += s * m[sb];
+            }
+            Y[(size_t)t * ldy + (size_t)r] = acc - off * accm;
+        }
+    }
+}
+
+static inline float afm__wf_scalar(int type, const uint8_t *row, int i) {
+    if (type == AFM__F32) { float f; memcpy(&f, row + 4 * (size_t)i, 4); return f; }
+    if (type == AFM__F16) return afm__h2f(afm__rd16(row + 2 * (size_t)i));
+    return afm__bf2f(afm__rd16(row + 2 * (size_t)i));
+}
+
+static void afm__matmul_f_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    int r, t, i;
+    for (r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        for (t = 0; t < a->n_tok; t++) {
+            const float *x = a->x + (size_t)t * (size_t)a->kpad;
+            float acc = 0.0f;
+            for (i = 0; i < w->cols; i++) acc += afm__wf_scalar(w->type, row, i) * x[i];
+            Y[(size_t)t * ldy + (size_t)r] = acc;
+        }
+    }
+}
+
+static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
+    const uint8_t *p = w->data + (size_t)row * w->row_bytes;
+    int i;
+    if (!afm__type_is_quant(w->type)) {
+        for (i = 0; i < w->cols; i++) out[i] = afm__wf_scalar(w->type, p, i);
+        return;
+    }
+    {
+        const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
+        const int gs = 6 + w->gshift; /* log2(group) */
+        for (i = 0; i < w->cols; i++) {
+            float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(i >> gs)));
+            if (w->type == AFM__Q2B) {
+                int c = (p[(i >> 8) * 64 + (i & 63)] >> (((i >> 6) & 3) * 2)) & 3;
+                out[i] = ((float)c - 1.5f) * s;
+            } else if (w->type == AFM__Q4) {
+                int c = (p[(i >> 7) * 64 + (i & 63)] >> (((i >> 6) & 1) * 4)) & 15;
+                out[i] = ((float)c - 7.5f) * s;
+            } else {
+                out[i] = (float)(int8_t)p[i] * s;
+            }
+        }
+    }
+}
+
+static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                  int n_pos, int dim, float scale, float *s, size_t lds) {
+    int h, p, i;
+    for (h = 0; h < nq; h++)
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            float acc = 0.0f;
+            for (i = 0; i < dim; i++) acc += q[(size_t)h * ldq + (size_t)i] * (float)kp[i];
+            s[(size_t)h * lds + (size_t)p] = acc * scale;
+        }
+}
+
+static void afm__kv_values_scalar(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                  int n_pos, int dim, float scale, float *o, size_t ldo) {
+    int h, p, i;
+    for (h = 0; h < nq; h++) {
+        float *oh = o + (size_t)h * ldo;
+        for (i = 0; i < dim; i++) oh[i] = 0.0f;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *vp = v + (size_t)p * v_stride;
+            float w = pr[(size_t)h * ldp + (size_t)p];
+            for (i = 0; i < dim; i++) oh[i] += w * (float)vp[i];
+        }
+        for (i = 0; i < dim; i++) oh[i] *= scale;
+    }
+}
+
+/* Scales of sub-blocks c .. c+n-1 (n <= 8) of a row as floats. */
+static inline void afm__scales_chunk(const uint8_t *sc, int gshift, int c, int n, float *out) {
+    int j;
+    for (j = 0; j < n; j++) out[j] = afm__h2f(afm__rd16(sc + 2 * (size_t)((c + j) >> gshift)));
+}
+
+/* Drivers: rows [r0, r1) x all tokens of a kernel for one row (quantized) or R rows (float) x T tokens. */
+#define AFM__NOTARGET
+/* Rows [r0, r1) x all tokens: blocks of rows whose weights stay in L2 (~192 KB), inside each
+   token tiles of 8 (then 4, 2, 1), rows inside those: a weight row is reused from registers across
+   the tile's tokens, a token tile's activations from L1/L2 across the block's rows. */
+static inline int afm__row_block(const afm__wmat *w) {
+    size_t rb = ((size_t)192 << 10) / (w->row_bytes + (size_t)w->n_groups * 2 + 1);
+    return rb < 8 ? 8 : rb > 4096 ? 4096 : (int)rb;
+}
+#define AFM__DEF_QMM(ISA, TYPE, TNAME, TARGET)                                                              \
+    TARGET static void afm__matmul_##TNAME##_##ISA(const afm__wmat *w, const afm__act *a, float *Y,         \
+                                                   size_t ldy, int r0, int r1) {                          \
+        const int rb = a->n_tok > 8 ? afm__row_block(w) : r1 - r0;                                          \
+        int b0, t, r;                                                                                       \
+        for (b0 = r0; b0 < r1; b0 += rb) {                                                                  \
+            const int b1 = r1 - b0 > rb ? b0 + rb : r1;                                                     \
+            for (t = 0; t + 8 <= a->n_tok; t += 8)                                                          \
+                for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 8, TYPE);                     \
+            if (t + 4 <= a->n_tok) { for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 4, TYPE); t += 4; } \
+            if (t + 2 <= a->n_tok) { for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 2, TYPE); t += 2; } \
+            if (t < a->n_tok) { for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 1, TYPE); }  \
+        }                                                                                                   \
+    }
+#define AFM__DEF_FMM(ISA, TYPE, TNAME, TARGET, RB, TB)                                                      \
+    TARGET static void afm__matmul_##TNAME##_##ISA(const afm__wmat *w, const afm__act *a, float *Y,         \
+                                                   size_t ldy, int r0, int r1) {                          \
+        int t = 0, r;                                                                                       \
+        for (; t + TB <= a->n_tok; t += TB) {                                                               \
+            for (r = r0; r + RB <= r1; r += RB) afm__ftile_##ISA(w, a, Y, ldy, r, t, RB, TB, TYPE);         \
+            for (; r < r1; r++) afm__ftile_##ISA(w, a, Y, ldy, r, t, 1, TB, TYPE);                          \
+        }                                                                                                   \
+        for (; t < a->n_tok; t++) {                                                                         \
+            for (r = r0; r + 4 <= r1; r += 4) afm__ftile_##ISA(w, a, Y, ldy, r, t, 4, 1, TYPE);             \
+            for (; r < r1; r++) afm__ftile_##ISA(w, a, Y, ldy, r, t, 1, 1, TYPE);                           \
+        }                                                                                                   \
+    }
+/* ======================================================================================== */
+/* x86-64: AVX2 + FMA + F16C                                                                */
+/* ======================================================================================== */
+#ifdef AFM__X86
+
+AFM__T_AVX2 static inline float afm__hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int t, b, i;
+    for (t = t0; t < t1; t++) {
+        const float *x = X + (size_t)t * ldx;
+        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        for (b = 0; b < a->nsb; b++) {
+            int n = a->n_in - b * 64;
+            if (n >= 64) {
+                __m256 v[8], mx;
+                __m128 h;
+                float amax, id;
+                __m256i q32[8], s16, s8, sum32;
+                for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
+                mx = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
+                                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask))),
+                                   _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[4], absmask), _mm256_and_ps(v[5], absmask)),
+                                                 _mm256_max_ps(_mm256_and_ps(v[6], absmask), _mm256_and_ps(v[7], absmask))));
+                h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_max_ss(h, _mm_movehdup_ps(h));
+                amax = _mm_cvtss_f32(h);
+                id = amax > 0.0f ? 127.0f / amax : 0.0f;
+                for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+                sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
+                                         _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
+                for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
+                    s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
+                    s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
+                    s8 = _mm256_packs_epi16(s16, s8);
+                    s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                    _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
+                }
+                {
+                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+                    d[b] = amax / 127.0f;
+                    m[b] = d[b] * (float)_mm_cvtsi128_si32(s4);
+                }
+            } else { /* partial or empty last block: the scalar reference on a copy */
+                afm__act one = *a;
+                float tmp[64];
+                int k;
+                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
+                one.n_in = 64; one.kpad = 64; one.nsb = 1;
+                one.q = q + b * 64; one.d = d + b; one.m = m + b;
+                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            }
+        }
+    }
+}
+
+/* 8 fp16 scales of sub-blocks c .. c+7 (c a multiple of 8) as floats. */
+AFM__T_AVX2 static inline __m256 afm__scales8_avx2(const uint8_t *sc, int gshift, int c) {
+    const uint8_t *p = sc + 2 * (size_t)(c >> gshift);
+    __m128i h;
+    uint64_t u64; uint32_t u32; uint16_t u16;
+    switch (gshift) {
+    case 0: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    case 1: memcpy(&u64, p, 8); h = _mm_cvtsi64_si128((long long)u64);
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    case 2: memcpy(&u32, p, 4); h = _mm_cvtsi32_si128((int)u32);
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    default: memcpy(&u16, p, 2); h = _mm_cvtsi32_si128((int)u16);
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setzero_si256());
+    }
+}
+
+/* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining).
+   Per sub-block sb (64 weights) the integer dot is formed in 8 int32 lanes, converted to float and
+   accumulated with the factor s_g * d_sb (times 1/4^plane for Q2B planes read without a shift);
+   the offset term -off * sum s_g m_sb is accumulated separately per 8 sub-blocks. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                                  int r, int t0, const int T, const int type) {
+    const int NA = 1; /* one accumulator per token whatever the tile: a token sums in the same order
+                         in a matvec and in any tile, so results do not depend on the batch */
+    const int SBB = type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1; /* sub-blocks per 64-byte block */
+    const int nsb = w->kpad >> 6, gshift = w->gshift;
+    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+    const float off = afm__type_offset(type);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256 pf = type == AFM__Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
+                                       : _mm256_set1_ps(1.0f);
+    const int8_t *qb[8];
+    const float *db[8], *mb[8];
+    __m256 acc[8][4], accm[8];
+    float tailm[8];
+    AFM__ALIGN(32) float sd[8][8];
+    int t, j, c;
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
+        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
+        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
+        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm256_setzero_ps();
+        accm[t] = _mm256_setzero_ps();
+        tailm[t] = 0.0f;
+    }
+    for (c = 0; c < nsb; c += 8) {
+        const int n = nsb - c < 8 ? nsb - c : 8;
+        if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
+        if (n == 8) {
+            const __m256 S = afm__scales8_avx2(sc, gshift, c), SP = _mm256_mul_ps(S, pf);
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
+                if (type != AFM__Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+            }
+        } else {
+            float s8[8];
+            afm__scales_chunk(sc, gshift, c, n, s8);
+            AFM__UNROLL for (t = 0; t < T; t++)
+                for (j = 0; j < n; j++) {
+                    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+                    sd[t][j] = s8[j] * (type == AFM__Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
+                    tailm[t] += s8[j] * mb[t][c + j];
+                }
+        }
+        for (j = 0; j < n; j += SBB) {
+            const int sb0 = c + j;
+            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)blk);
+            if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)blk + AFM__PF_DIST, _MM_HINT_T0);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(blk + 32));
+            int k;
+            AFM__UNROLL for (k = 0; k < SBB; k++) {
+                const int sb = sb0 + k;
+                __m256i c0, c1;
+                if (type == AFM__Q2B) {
+                    /* planes 0,1,2 masked in place (codes x1, x4, x16), plane 3 shifted by 2 (x16) */
+                    if (k == 3) {
+                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2), _mm256_set1_epi8(0x30));
+                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2), _mm256_set1_epi8(0x30));
+                    } else {
+                        const __m256i mk = _mm256_set1_epi8((char)(3 << (2 * k)));
+                        c0 = _mm256_and_si256(v0, mk);
+                        c1 = _mm256_and_si256(v1, mk);
+                    }
+                } else if (type == AFM__Q4) {
+                    if (k == 0) {
+                        c0 = _mm256_and_si256(v0, _mm256_set1_epi8(0x0f));
+                        c1 = _mm256_and_si256(v1, _mm256_set1_epi8(0x0f));
+                    } else {
+                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), _mm256_set1_epi8(0x0f));
+                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0f));
+                    }
+                } else {
+                    c0 = v0; c1 = v1;
+                }
+                AFM__UNROLL for (t = 0; t < T; t++) {
+                    const __m256i x0 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64));
+                    const __m256i x1 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64 + 32));
+                    __m256i i32;
+                    if (type == AFM__Q8) {
+                        const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
+                        const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
+                        i32 = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+                    } else {
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
+                        i32 = _mm256_madd_epi16(p, ones);
+                    }
+                    acc[t][k % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t][k % NA]);
+                }
+            }
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        __m256 s = acc[t][0];
+        AFM__UNROLL for (j = 1; j < NA; j++) s = _mm256_add_ps(s, acc[t][j]);
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx2(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]);
+    }
+}
+
+AFM__DEF_QMM(avx2, AFM__Q2B, q2b, AFM__T_AVX2)
+AFM__DEF_QMM(avx2, AFM__Q4, q4, AFM__T_AVX2)
+AFM__DEF_QMM(avx2, AFM__Q8, q8, AFM__T_AVX2)
+
+/* 8 weights of a float type as f32 */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__ld8_avx2(const uint8_t *row, int i, const int type) {
+    if (type == AFM__F32) return _mm256_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
+    if (type == AFM__F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i))), 16));
+}
+
+/* R rows x T tokens of a float matrix: dot products in 8 lanes, then a horizontal sum each. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__ftile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                                  int r, int t0, const int R, const int T, const int type) {
+    const int K = w->cols, K8 = K & ~7;
+    const uint8_t *rows[4];
+    const float *xs[4];
+    __m256 acc[4][4];
+    int i, u, t;
+    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
+    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm256_setzero_ps();
+    for (i = 0; i < K8; i += 8) {
+        __m256 wv[4];
+        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld8_avx2(rows[u], i, type);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const __m256 xv = _mm256_loadu_ps(xs[t] + i);
+            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm256_fmadd_ps(wv[u], xv, acc[u][t]);
+        }
+    }
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
+        float s = afm__hsum_avx2(acc[u][t]);
+        for (i = K8; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
+    }
+}
+
+AFM__DEF_FMM(avx2, AFM__F32, f32, AFM__T_AVX2, 4, 2)
+AFM__DEF_FMM(avx2, AFM__F16, f16, AFM__T_AVX2, 4, 2)
+AFM__DEF_FMM(avx2, AFM__BF16, bf16, AFM__T_AVX2, 4, 2)
+
+AFM__T_AVX2 static void afm__prepare_f32_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    afm__prepare_f32_scalar(a, X, ldx, t0, t1);
+}
+
+/* Q4 row dequantization (the embedding lookup): 64-byte block -> 128 floats. */
+AFM__T_AVX2 static void afm__dequant_avx2(const afm__wmat *w, int row, float *out) {
+    if (w->type == AFM__Q4 || w->type == AFM__Q2B) {
+        const int Q4 = w->type == AFM__Q4, per = Q4 ? 128 : 256, SBB = Q4 ? 2 : 4;
+        const uint8_t *p = w->data + (size_t)row * w->row_bytes;
+        const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
+        const __m256 offv = _mm256_set1_ps(Q4 ? 7.5f : 1.5f);
+        const __m128i mask = _mm_set1_epi8((char)(Q4 ? 15 : 3));
+        int b, k, h;
+        float tmp[256];
+        for (b = 0; b * per < w->cols; b++) {
+            const int full = (b + 1) * per <= w->cols;
+            float *o = full ? out + b * per : tmp;
+            for (k = 0; k < SBB; k++) {
+                const int sb = b * SBB + k;
+                const __m256 s = _mm256_set1_ps(afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift))));
+                for (h = 0; h < 4; h++) { /* 16 bytes -> 16 codes of plane k */
+                    __m128i v = _mm_loadu_si128((const __m128i *)(p + (size_t)b * 64 + 16 * h));
+                    v = _mm_and_si128(_mm_srli_epi16(v, Q4 ? 4 * k : 2 * k), mask);
+                    _mm256_storeu_ps(o + k * 64 + 16 * h, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), offv), s));
+                    _mm256_storeu_ps(o + k * 64 + 16 * h + 8,
+                                     _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), offv), s));
+                }
+            }
+            if (!full) memcpy(out + b * per, tmp, (size_t)(w->cols - b * per) * sizeof(float));
+        }
+        return;
+    }
+    if (w->type == AFM__F16) {
+        const uint8_t *p = w->data + (size_t)row * w->row_bytes;
+        int i = 0;
+        for (; i + 8 <= w->cols; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * (size_t)i))));
+        for (; i < w->cols; i++) out[i] = afm__h2f(afm__rd16(p + 2 * (size_t)i));
+        return;
+    }
+    afm__dequant_scalar(w, row, out);
+}
+
+/* int8 -> f32 of 8 keys/values */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__i8x8_avx2(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
+}
+
+AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                            int n_pos, int dim, float scale, float *s, size_t lds) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            __m256 acc[4];
+            for (h = 0; h < 4; h++) acc[h] = _mm256_setzero_ps();
+            if (nh == 4) {
+                for (i = 0; i < d8; i += 8) {
+                    const __m256 kv = afm__i8x8_avx2(kp + i);
+                    AFM__UNROLL for (h = 0; h < 4; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
+                }
+            } else {
+                for (i = 0; i < d8; i += 8) {
+                    const __m256 kv = afm__i8x8_avx2(kp + i);
+                    for (h = 0; h < nh; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                float sum = afm__hsum_avx2(acc[h]);
+                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
+            }
+        }
+    }
+}
+
+AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                            int n_pos, int dim, float scale, float *o, size_t ldo) {
+    const int d8 = dim & ~7;
+    const __m256 sv = _mm256_set1_ps(scale);
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (i = 0; i < d8; i += 16) { /* 16 columns x up to 4 heads: 8 accumulators */
+            const int two = i + 16 <= d8;
+            __m256 acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+            for (p = 0; p < n_pos; p++) {
+                const int8_t *vp = v + (size_t)p * v_stride + i;
+                const __m256 x0 = afm__i8x8_avx2(vp);
+                const __m256 x1 = two ? afm__i8x8_avx2(vp + 8) : _mm256_setzero_ps();
+                for (h = 0; h < nh; h++) {
+                    const __m256 wgt = _mm256_broadcast_ss(pr + (size_t)(h0 + h) * ldp + p);
+                    acc[h][0] = _mm256_fmadd_ps(wgt, x0, acc[h][0]);
+                    acc[h][1] = _mm256_fmadd_ps(wgt, x1, acc[h][1]);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                _mm256_storeu_ps(o + (size_t)(h0 + h) * ldo + i, _mm256_mul_ps(acc[h][0], sv));
+                if (two) _mm256_storeu_ps(o + (size_t)(h0 + h) * ldo + i + 8, _mm256_mul_ps(acc[h][1], sv));
+            }
+        }
+        for (h = 0; h < nh; h++)
+            for (i = d8; i < dim; i++) {
+                float sum = 0.0f;
+                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
+            }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* x86-64: AVX-512 (F, BW, DQ, VL) and AVX-512 VNNI                                        */
+/* ---------------------------------------------------------------------------------------- */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push /* g++ 12 flags _mm512_undefined_*() inside its own headers */
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+AFM__T_AVX512 static inline float afm__hsum_avx512(__m512 v) {
+    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    return afm__hsum_avx2(s);
+}
+
+/* 8 scale factors of sub-blocks c..c+7 as the low 8 lanes of a zmm (upper lanes unused) */
+AFM__FORCEINLINE AFM__T_AVX512 void afm__sdprep_avx512(const afm__wmat *w, const afm__act *a, const uint8_t *sc, int c, int n,
+                                                       const int T, const int type, const float **db, const float **mb,
+                                                       float (*sd)[8], __m256 *accm, float *tailm) {
+    int t, j;
+    if (n == 8) {
+        const __m256 pf = type == AFM__Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
+                                           : _mm256_set1_ps(1.0f);
+        const __m256 S = afm__scales8_avx2(sc, w->gshift, c), SP = _mm256_mul_ps(S, pf);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
+            if (type != AFM__Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+        }
+    } else {
+        float s8[8];
+        static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+        afm__scales_chunk(sc, w->gshift, c, n, s8);
+        AFM__UNROLL for (t = 0; t < T; t++)
+            for (j = 0; j < n; j++) {
+                sd[t][j] = s8[j] * (type == AFM__Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
+                tailm[t] += s8[j] * mb[t][c + j];
+            }
+    }
+    (void)a;
+}
+
+/* As afm__qtile_avx2 with one 64-byte block per zmm. VNNI: vpdpbusd (u8 x s8 -> s32);
+   otherwise vpmaddubsw + vpmaddwd. */
+AFM__FORCEINLINE AFM__T_AVX512 __m512i afm__dot64_avx512bw(__m512i u, __m512i s) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+}
+AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+}
+
+#define AFM__DEF_QTILE512(ISA, TARGET, DOT)                                                                      \
+    AFM__FORCEINLINE TARGET void afm__qtile_##ISA(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,   \
+                                                  int r, int t0, const int T, const int type) {                  \
+        const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */                           \
+        const int SBB = type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1;                                          \
+        const int nsb = w->kpad >> 6;                                                                            \
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                 \
+        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                     \
+        const float off = afm__type_offset(type);                                                                \
+        const int8_t *qb[8];                                                                                     \
+        const float *db[8], *mb[8];                                                                              \
+        __m512 acc[8][4];                                                                                        \
+        __m256 accm[8];                                                                                          \
+        float tailm[8];                                                                                          \
+        AFM__ALIGN(32) float sd[8][8];                                                                           \
+        int t, j, c;                                                                                             \
+        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
+            qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;                                                   \
+            db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
+            mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
+            AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm512_setzero_ps();                                \
+            accm[t] = _mm256_setzero_ps();                                                                       \
+            tailm[t] = 0.0f;                                                                                     \
+        }                                                                                                        \
+        for (c = 0; c < nsb; c += 8) {                                                                           \
+            const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
+            if (T == 1 && AFM__PF_DIST > 0)                                                                      \
+                _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
+            afm__sdprep_avx512(w, a, sc, c, n, T, type, db, mb, sd, accm, tailm);                                \
+            for (j = 0; j < n; j += SBB) {                                                                       \
+                const int sb0 = c + j;                                                                           \
+                const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
+                if (T == 1 && AFM__PF_DIST > 0)                                                                  \
+                    _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);    \
+                int k;                                                                                           \
+                AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
+                    const int sb = sb0 + k;                                                                      \
+                    __m512i cv;                                                                                  \
+                    if (type == AFM__Q2B)                                                                        \
+                        cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))          \
+                                    : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));               \
+                    else if (type == AFM__Q4)                                                                    \
+                        cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
+                    else                                                                                         \
+                        cv = _mm512_abs_epi8(v);                                                                 \
+                    AFM__UNROLL for (t = 0; t < T; t++) {                                                        \
+                        __m512i x = _mm512_load_si512((const void *)(qb[t] + sb * 64));                          \
+                        if (type == AFM__Q8) /* sign of the weight moved onto the activation */                 \
+                            x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);      \
+                        acc[t][k % NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(cv, x)),                         \
+                                                         _mm512_set1_ps(sd[t][j + k]), acc[t][k % NA]);          \
+                    }                                                                                            \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
+            __m512 s = acc[t][0];                                                                                \
+            AFM__UNROLL for (j = 1; j < NA; j++) s = _mm512_add_ps(s, acc[t][j]);                                \
+            Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx512(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]); \
+        }                                                                                                        \
+    }
+AFM__DEF_QTILE512(avx512, AFM__T_AVX512, afm__dot64_avx512bw)
+AFM__DEF_QTILE512(vnni, AFM__T_VNNI, afm__dot64_vnni)
+AFM__DEF_QMM(avx512, AFM__Q2B, q2b, AFM__T_AVX512)
+AFM__DEF_QMM(avx512, AFM__Q4, q4, AFM__T_AVX512)
+AFM__DEF_QMM(avx512, AFM__Q8, q8, AFM__T_AVX512)
+AFM__DEF_QMM(vnni, AFM__Q2B, q2b, AFM__T_VNNI)
+AFM__DEF_QMM(vnni, AFM__Q4, q4, AFM__T_VNNI)
+AFM__DEF_QMM(vnni, AFM__Q8, q8, AFM__T_VNNI)
+
+AFM__FORCEINLINE AFM__T_AVX512 __m512 afm__ld16_avx512(const uint8_t *row, int i, const int type) {
+    if (type == AFM__F32) return _mm512_loadu_ps((const void *)(row + 4 * (size_t)i));
+    if (type == AFM__F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i))), 16));
+}
+
+AFM__FORCEINLINE AFM__T_AVX512 void afm__ftile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                                      int r, int t0, const int R, const int T, const int type) {
+    const int K = w->cols, K16 = K & ~15;
+    const uint8_t *rows[4];
+    const float *xs[4];
+    __m512 acc[4][4];
+    int i, u, t;
+    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
+    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();
+    for (i = 0; i < K16; i += 16) {
+        __m512 wv[4];
+        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld16_avx512(rows[u], i, type);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const __m512 xv = _mm512_loadu_ps(xs[t] + i);
+            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm512_fmadd_ps(wv[u], xv, acc[u][t]);
+        }
+    }
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
+        float s = afm__hsum_avx512(acc[u][t]);
+        for (i = K16; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
+    }
+}
+AFM__DEF_FMM(avx512, AFM__F32, f32, AFM__T_AVX512, 4, 4)
+AFM__DEF_FMM(avx512, AFM__F16, f16, AFM__T_AVX512, 4, 4)
+AFM__DEF_FMM(avx512, AFM__BF16, bf16, AFM__T_AVX512, 4, 4)
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+/* ---- run-time CPU detection ---- */
+#if defined(_MSC_VER) && !defined(__clang__)
+static void afm__cpuid(int leaf, int sub, uint32_t r[4]) {
+    int v[4];
+    __cpuidex(v, leaf, sub);
+    r[0] = (uint32_t)v[0]; r[1] = (uint32_t)v[1]; r[2] = (uint32_t)v[2]; r[3] = (uint32_t)v[3];
+}
+static uint64_t afm__xgetbv0(void) { return (uint64_t)_xgetbv(0); }
+#else
+static void afm__cpuid(int leaf, int sub, uint32_t r[4]) {
+    r[0] = r[1] = r[2] = r[3] = 0;
+    __cpuid_count((unsigned)leaf, (unsigned)sub, r[0], r[1], r[2], r[3]);
+}
+static uint64_t afm__xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+/* Highest AFM__LEVEL_* this CPU and OS support. */
+static int afm__x86_level(void) {
+    uint32_t r[4], max_leaf, ecx1, ebx7, ecx7;
+    uint64_t xcr0;
+    afm__cpuid(0, 0, r);
+    max_leaf = r[0];
+    if (max_leaf < 7) return AFM__LEVEL_SCALAR;
+    afm__cpuid(1, 0, r);
+    ecx1 = r[2];
+    /* FMA (12), OSXSAVE (27), AVX (28), F16C (29) */
+    if ((ecx1 & ((1u << 12) | (1u << 27) | (1u << 28) | (1u << 29))) != ((1u << 12) | (1u << 27) | (1u << 28) | (1u << 29)))
+        return AFM__LEVEL_SCALAR;
+    xcr0 = afm__xgetbv0();
+    if ((xcr0 & 6) != 6) return AFM__LEVEL_SCALAR; /* XMM and YMM state enabled by the OS */
+    afm__cpuid(7, 0, r);
+    ebx7 = r[1]; ecx7 = r[2];
+    if (!(ebx7 & (1u << 5))) return AFM__LEVEL_SCALAR; /* AVX2 */
+    /* AVX512F (16), DQ (17), BW (30), VL (31); opmask, ZMM_Hi256, Hi16_ZMM state (xcr0 bits 5-7) */
+    if ((ebx7 & ((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31))) != ((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31)) ||
+        (xcr0 & 0xe0) != 0xe0)
+        return AFM__LEVEL_AVX2;
+    if (!(ecx7 & (1u << 11))) return AFM__LEVEL_AVX512; /* AVX512_VNNI */
+    return AFM__LEVEL_AVX512VNNI;
+}
+#endif /* AFM__X86 */
+
+/* ======================================================================================== */
+/* arm64: NEON (baseline) and the dot-product extension (compile time)                      */
+/* ======================================================================================== */
+#ifdef AFM__NEON
+
+static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    int t, b, i;
+    for (t = t0; t < t1; t++) {
+        const float *x = X + (size_t)t * ldx;
+        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        for (b = 0; b < a->nsb; b++) {
+            const int n = a->n_in - b * 64;
+            if (n >= 64) {
+                float32x4_t v[16], mx = vdupq_n_f32(0.0f), vid;
+                int32x4_t s = vdupq_n_s32(0);
+                float amax, id;
+                for (i = 0; i < 16; i++) { v[i] = vld1q_f32(x + b * 64 + 4 * i); mx = vmaxq_f32(mx, vabsq_f32(v[i])); }
+                amax = vmaxvq_f32(mx);
+                id = amax > 0.0f ? 127.0f / amax : 0.0f;
+                vid = vdupq_n_f32(id);
+                for (i = 0; i < 16; i += 4) {
+                    int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
+                    int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
+                    int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
+                    s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
+                    vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+                }
+                d[b] = amax / 127.0f;
+                m[b] = d[b] * (float)vaddvq_s32(s);
+            } else {
+                afm__act one = *a;
+                float tmp[64];
+                int k;
+                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
+                one.n_in = 64; one.kpad = 64; one.nsb = 1;
+                one.q = q + b * 64; one.d = d + b; one.m = m + b;
+                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            }
+        }
+    }
+}
+
+/* Scale factors for sub-blocks c..c+n-1 (vector conversion when all 8 groups are distinct). */
+static inline void afm__scales8_neon(const uint8_t *sc, int gshift, int c, int n, float *s8) {
+    if (n == 8) {
+        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        float f[8];
+        int j;
+        memcpy(h, sc + 2 * (size_t)(c >> gshift), (size_t)(16 >> gshift));
+        vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))));
+        vst1q_f32(f + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4))));
+        for (j = 0; j < 8; j++) s8[j] = f[j >> gshift];
+    } else {
+        afm__scales_chunk(sc, gshift, c, n, s8);
+    }
+}
+
+/* int32x4 dot of 64 weight codes (four 16-byte quarters, values fit int8) with 64 activations. */
+AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int type) {
+#ifdef AFM__NEON_DOT
+    int32x4_t s = vdupq_n_s32(0);
+    (void)type;
+    s = vdotq_s32(s, cq[0], vld1q_s8(x));
+    s = vdotq_s32(s, cq[1], vld1q_s8(x + 16));
+    s = vdotq_s32(s, cq[2], vld1q_s8(x + 32));
+    s = vdotq_s32(s, cq[3], vld1q_s8(x + 48));
+    return s;
+#else
+    int j;
+    if (type == AFM__Q8) { /* products up to 127*127: two per int16 lane, then widen */
+        int32x4_t s = vdupq_n_s32(0);
+        for (j = 0; j < 4; j++) {
+            const int8x16_t xv = vld1q_s8(x + 16 * j);
+            int16x8_t p = vmull_s8(vget_low_s8(cq[j]), vget_low_s8(xv));
+            p = vmlal_high_s8(p, cq[j], xv);
+            s = vpadalq_s16(s, p);
+        }
+        return s;
+    } else { /* codes <= 15: eight products per int16 lane stay below 2^15 */
+        int16x8_t p = vdupq_n_s16(0);
+        for (j = 0; j < 4; j++) {
+            const int8x16_t xv = vld1q_s8(x + 16 * j);
+            p = vmlal_s8(p, vget_low_s8(cq[j]), vget_low_s8(xv));
+            p = vmlal_high_s8(p, cq[j], xv);
+        }
+        return vpaddlq_s16(p);
+    }
+#endif
+}
+
+AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                      int r, int t0, const int T, const int type) {
+    const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */
+    const int SBB = type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1;
+    const int nsb = w->kpad >> 6;
+    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+    const float off = afm__type_offset(type);
+    const int8_t *qb[8];
+    const float *db[8], *mb[8];
+    float32x4_t acc[8][4], accm[8];
+    float sd[8][8];
+    int t, j, c;
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
+        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
+        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
+        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = vdupq_n_f32(0.0f);
+        accm[t] = vdupq_n_f32(0.0f);
+    }
+    for (c = 0; c < nsb; c += 8) {
+        const int n = nsb - c < 8 ? nsb - c : 8;
+        float s8[8];
+        afm__scales8_neon(sc, w->gshift, c, n, s8);
+        if (n == 8) {
+            const float32x4_t S0 = vld1q_f32(s8), S1 = vld1q_f32(s8 + 4);
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                vst1q_f32(sd[t], vmulq_f32(S0, vld1q_f32(db[t] + c)));
+                vst1q_f32(sd[t] + 4, vmulq_f32(S1, vld1q_f32(db[t] + c + 4)));
+                if (type != AFM__Q8) {
+                    accm[t] = vfmaq_f32(accm[t], S0, vld1q_f32(mb[t] + c));
+                    accm[t] = vfmaq_f32(accm[t], S1, vld1q_f32(mb[t] + c + 4));
+                }
+            }
+        } else {
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                float tm = 0.0f;
+                for (j = 0; j < n; j++) { sd[t][j] = s8[j] * db[t][c + j]; tm += s8[j] * mb[t][c + j]; }
+                accm[t] = vsetq_lane_f32(vgetq_lane_f32(accm[t], 0) + tm, accm[t], 0);
+            }
+        }
+        for (j = 0; j < n; j += SBB) {
+            const int sb0 = c + j;
+            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
+            const uint8x16_t v0 = vld1q_u8(blk), v1 = vld1q_u8(blk + 16), v2 = vld1q_u8(blk + 32), v3 = vld1q_u8(blk + 48);
+#if defined(__GNUC__) || defined(__clang__)
+            if (T == 1 && AFM__PF_DIST > 0) __builtin_prefetch(blk + AFM__PF_DIST, 0, 3);
+#endif
+            int k;
+            AFM__UNROLL for (k = 0; k < SBB; k++) {
+                const int sb = sb0 + k;
+                int8x16_t cq[4];
+                if (type == AFM__Q2B) {
+                    if (k == 0) {
+                        const uint8x16_t m3 = vdupq_n_u8(3);
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, m3));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, m3));
+                    } else if (k == 3) {
+                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 6)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 6));
+                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 6)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 6));
+                    } else {
+                        const uint8x16_t m3 = vdupq_n_u8(3);
+                        if (k == 1) {
+                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), m3));
+                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), m3));
+                        } else {
+                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 4), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 4), m3));
+                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 4), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 4), m3));
+                        }
+                    }
+                } else if (type == AFM__Q4) {
+                    if (k == 0) {
+                        const uint8x16_t mf = vdupq_n_u8(15);
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mf)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mf));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mf)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mf));
+                    } else {
+                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
+                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 4)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 4));
+                    }
+                } else {
+                    cq[0] = vreinterpretq_s8_u8(v0); cq[1] = vreinterpretq_s8_u8(v1);
+                    cq[2] = vreinterpretq_s8_u8(v2); cq[3] = vreinterpretq_s8_u8(v3);
+                }
+                AFM__UNROLL for (t = 0; t < T; t++) {
+                    const int32x4_t i32 = afm__dot64_neon(cq, qb[t] + sb * 64, type);
+                    acc[t][k % NA] = vfmaq_n_f32(acc[t][k % NA], vcvtq_f32_s32(i32), sd[t][j + k]);
+                }
+            }
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        float32x4_t s = acc[t][0];
+        AFM__UNROLL for (j = 1; j < NA; j++) s = vaddq_f32(s, acc[t][j]);
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = vaddvq_f32(s) - off * vaddvq_f32(accm[t]);
+    }
+}
+AFM__DEF_QMM(neon, AFM__Q2B, q2b, AFM__NOTARGET)
+AFM__DEF_QMM(neon, AFM__Q4, q4, AFM__NOTARGET)
+AFM__DEF_QMM(neon, AFM__Q8, q8, AFM__NOTARGET)
+
+AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int type) {
+    if (type == AFM__F32) return vld1q_f32((const float *)(const void *)(row + 4 * (size_t)i));
+    if (type == AFM__F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i))));
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i)), 16));
+}
+
+AFM__FORCEINLINE void afm__ftile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                      int r, int t0, const int R, const int T, const int type) {
+    const int K = w->cols, K4 = K & ~3;
+    const uint8_t *rows[4];
+    const float *xs[4];
+    float32x4_t acc[4][4];
+    int i, u, t;
+    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
+    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = vdupq_n_f32(0.0f);
+    for (i = 0; i < K4; i += 4) {
+        float32x4_t wv[4];
+        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld4_neon(rows[u], i, type);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const float32x4_t xv = vld1q_f32(xs[t] + i);
+            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = vfmaq_f32(acc[u][t], wv[u], xv);
+        }
+    }
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
+        float s = vaddvq_f32(acc[u][t]);
+        for (i = K4; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
+    }
+}
+AFM__DEF_FMM(neon, AFM__F32, f32, AFM__NOTARGET, 4, 3)
+AFM__DEF_FMM(neon, AFM__F16, f16, AFM__NOTARGET, 4, 3)
+AFM__DEF_FMM(neon, AFM__BF16, bf16, AFM__NOTARGET, 4, 3)
+
+static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                int n_pos, int dim, float scale, float *s, size_t lds) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            float32x4_t acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            for (i = 0; i < d8; i += 8) {
+                const int16x8_t k16 = vmovl_s8(vld1_s8(kp + i));
+                const float32x4_t k0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(k16))), k1 = vcvtq_f32_s32(vmovl_high_s16(k16));
+                for (h = 0; h < nh; h++) {
+                    const float *qh = q + (size_t)(h0 + h) * ldq + i;
+                    acc[h][0] = vfmaq_f32(acc[h][0], vld1q_f32(qh), k0);
+                    acc[h][1] = vfmaq_f32(acc[h][1], vld1q_f32(qh + 4), k1);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                float sum = vaddvq_f32(vaddq_f32(acc[h][0], acc[h][1]));
+                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
+            }
+        }
+    }
+}
+
+static void afm__kv_values_neon(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                int n_pos, int dim, float scale, float *o, size_t ldo) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (i = 0; i < d8; i += 8) {
+            float32x4_t acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            for (p = 0; p < n_pos; p++) {
+                const int16x8_t v16 = vmovl_s8(vld1_s8(v + (size_t)p * v_stride + i));
+                const float32x4_t x0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(v16))), x1 = vcvtq_f32_s32(vmovl_high_s16(v16));
+                for (h = 0; h < nh; h++) {
+                    const float wgt = pr[(size_t)(h0 + h) * ldp + (size_t)p];
+                    acc[h][0] = vfmaq_n_f32(acc[h][0], x0, wgt);
+                    acc[h][1] = vfmaq_n_f32(acc[h][1], x1, wgt);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i, vmulq_n_f32(acc[h][0], scale));
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i + 4, vmulq_n_f32(acc[h][1], scale));
+            }
+        }
+        for (h = 0; h < nh; h++)
+            for (i = d8; i < dim; i++) {
+                float sum = 0.0f;
+                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
+            }
+    }
+}
+#endif /* AFM__NEON */
+
+/* ======================================================================================== */
+/* Selection and dispatch                                                                   */
+/* ======================================================================================== */
+
+/* Fills k with the best kernels for this CPU, at most max_level (AFM__LEVEL_MAX: no limit).
+   Returns the level chosen. Scalar kernels fill every slot the SIMD level does not override. */
+static inline int afm__select_kernels(afm__kernels *k, int max_level) {
+    int i, level = AFM__LEVEL_SCALAR;
+    k->name = "scalar";
+    k->prepare_q8 = afm__prepare_q8_scalar;
+    k->prepare_f32 = afm__prepare_f32_scalar;
+    for (i = 0; i < AFM__NTYPES; i++) {
+        k->matmul[i] = i < 3 ? afm__matmul_f_scalar : afm__matmul_q_scalar;
+        k->dequant[i] = afm__dequant_scalar;
+    }
+    k->kv_scores = afm__kv_scores_scalar;
+    k->kv_values = afm__kv_values_scalar;
+#if defined(AFM__X86)
+    level = afm__x86_level();
+    if (level > max_level) level = max_level;
+    if (level >= AFM__LEVEL_AVX2) {
+        k->name = "avx2";
+        k->prepare_q8 = afm__prepare_q8_avx2;
+        k->prepare_f32 = afm__prepare_f32_avx2;
+        k->matmul[0] = afm__matmul_f32_avx2; k->matmul[1] = afm__matmul_f16_avx2; k->matmul[2] = afm__matmul_bf16_avx2;
+        k->matmul[3] = afm__matmul_q2b_avx2; k->matmul[4] = afm__matmul_q4_avx2; k->matmul[5] = afm__matmul_q8_avx2;
+        for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
+        k->kv_scores = afm__kv_scores_avx2;
+        k->kv_values = afm__kv_values_avx2;
+    }
+    if (level >= AFM__LEVEL_AVX512) {
+        k->name = "avx512";
+        k->matmul[0] = afm__matmul_f32_avx512; k->matmul[1] = afm__matmul_f16_avx512; k->matmul[2] = afm__matmul_bf16_avx512;
+        k->matmul[3] = afm__matmul_q2b_avx512; k->matmul[4] = afm__matmul_q4_avx512; k->matmul[5] = afm__matmul_q8_avx512;
+    }
+    if (level >= AFM__LEVEL_AVX512VNNI) {
+        k->name = "avx512vnni";
+        k->matmul[3] = afm__matmul_q2b_vnni; k->matmul[4] = afm__matmul_q4_vnni; k->matmul[5] = afm__matmul_q8_vnni;
+    }
+#elif defined(AFM__NEON)
+    if (max_level >= AFM__LEVEL_NEON) {
+        level = AFM__LEVEL_NEON;
+#ifdef AFM__NEON_DOT
+        k->name = "neon-dotprod";
+#else
+        k->name = "neon";
+#endif
+        k->prepare_q8 = afm__prepare_q8_neon;
+        k->matmul[0] = afm__matmul_f32_neon; k->matmul[1] = afm__matmul_f16_neon; k->matmul[2] = afm__matmul_bf16_neon;
+        k->matmul[3] = afm__matmul_q2b_neon; k->matmul[4] = afm__matmul_q4_neon; k->matmul[5] = afm__matmul_q8_neon;
+        k->kv_scores = afm__kv_scores_neon;
+        k->kv_values = afm__kv_values_neon;
+    }
+#else
+    (void)max_level;
+#endif
+    return level;
+}
+
+/* Prepares tokens [t0, t1) of a (for a matrix of type `type`). */
+static inline void afm__prepare_activations(const afm__kernels *k, afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    if (a->quant) k->prepare_q8(a, X, ldx, t0, t1);
+    else k->prepare_f32(a, X, ldx, t0, t1);
+}
+
+/* Y[t*ldy + r] = W[r] . X[t] for r in [r0, r1), every token of a. */
+static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    if (r0 >= r1 || a->n_tok <= 0) return;
+    k->matmul[afm__type_slot(w->type)](w, a, Y, ldy, r0, r1);
+}
+
+static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w, int row, float *out) {
+    k->dequant[afm__type_slot(w->type)](w, row, out);
+}
+
+
+/* ======================================================================================== */
 /* ==== FILE LOADER (docs/FORMAT.md) ====================================================== */
 /* ======================================================================================== */
 
@@ -684,6 +2080,7 @@ typedef struct afm__tensor {
     uint64_t n_elements, n_bytes, offset;
     uint32_t group_size;
     const void *data;
+    afm__wmat w;          /* the matrix view kernels use (2-D tensors) */
 } afm__tensor;
 
 typedef struct afm__layer {
@@ -708,6 +2105,7 @@ struct afm_model {
     size_t tok_size;
     int tok_kind;
     uint64_t n_params, n_lora_params;
+    afm__kernels kern;                       /* chosen for this CPU at load */
 };
 
 static uint32_t afm__rd32(const unsigned char *p) {
@@ -721,16 +2119,6 @@ static float afm__rdf32(const unsigned char *p) {
     return f;
 }
 
-static int afm__type_known(uint32_t t) { return t == AFM_TYPE_F32 || t == AFM_TYPE_F16 || t == AFM_TYPE_BF16; }
-static const char *afm__type_name(int t) {
-    switch (t) {
-    case AFM_TYPE_F32: return "F32";
-    case AFM_TYPE_F16: return "F16";
-    case AFM_TYPE_BF16: return "BF16";
-    }
-    return "?";
-}
-static uint64_t afm__type_size(int t, uint64_t n) { return t == AFM_TYPE_F32 ? 4 * n : 2 * n; }
 
 /* State of one load: the bytes, their name for messages, and the error buffer. */
 typedef struct afm__loader {
@@ -884,8 +2272,8 @@ static afm_result afm__parse_dirent(afm__loader *L, const unsigned char *e, uint
     }
     type = afm__rd32(e + 64);
     nd = afm__rd32(e + 68);
-    if (!afm__type_known(type))
-        return AFM__BAD(L, "%s: tensor '%s': unknown type %u (this build knows F32=0, F16=1, BF16=2)", L->name, t->name, type);
+    if (afm__type_slot((int)type) < 0)
+        return AFM__BAD(L, "%s: tensor '%s': unknown type %u (this build knows F32=0, F16=1, BF16=2, Q2B=16, Q4=17, Q8=18)", L->name, t->name, type);
     if (nd < 1 || nd > 4) return AFM__BAD(L, "%s: tensor '%s': n_dims is %u, expected 1..4", L->name, t->name, nd);
     t->type = (afm_type)type;
     t->n_dims = (int)nd;
@@ -902,11 +2290,18 @@ static afm_result afm__parse_dirent(afm__loader *L, const unsigned char *e, uint
     t->offset = afm__rd64(e + 104);
     t->n_bytes = afm__rd64(e + 112);
     t->group_size = afm__rd32(e + 120);
-    if (t->n_bytes != afm__type_size(t->type, n))
-        return AFM__BAD(L, "%s: tensor '%s': size is %llu bytes, but %llu %s elements need %llu", L->name, t->name,
-                        (unsigned long long)t->n_bytes, (unsigned long long)n, afm__type_name(t->type),
-                        (unsigned long long)afm__type_size(t->type, n));
-    if (t->group_size) return AFM__BAD(L, "%s: tensor '%s': group_size is %u, expected 0 for a float type", L->name, t->name, t->group_size);
+    if (afm__type_is_quant(t->type)) {
+        if (nd != 2) return AFM__BAD(L, "%s: tensor '%s': quantized type %s needs 2 dimensions, has %u", L->name, t->name, afm__type_name(t->type), nd);
+        if (afm__group_shift(t->group_size) < 0)
+            return AFM__BAD(L, "%s: tensor '%s': group_size is %u, expected 64, 128, 256 or 512 for %s", L->name, t->name, t->group_size, afm__type_name(t->type));
+    } else if (t->group_size) return AFM__BAD(L, "%s: tensor '%s': group_size is %u, expected 0 for a float type", L->name, t->name, t->group_size);
+    {
+        uint64_t cols = t->dims[nd - 1], rows = n / cols, want = afm__type_size(t->type, rows, cols, t->group_size);
+        if (want == 0 || t->n_bytes != want)
+            return AFM__BAD(L, "%s: tensor '%s': size is %llu bytes, but %llu x %llu %s elements need %llu", L->name, t->name,
+                            (unsigned long long)t->n_bytes, (unsigned long long)rows, (unsigned long long)cols, afm__type_name(t->type),
+                            (unsigned long long)want);
+    }
     if (afm__rd32(e + 124)) return AFM__BAD(L, "%s: tensor '%s': reserved field is not 0", L->name, t->name);
     if (t->offset % 64) return AFM__BAD(L, "%s: tensor '%s': data offset %llu is not a multiple of 64", L->name, t->name, (unsigned long long)t->offset);
     if (t->offset > data_size || t->n_bytes > data_size - t->offset)
@@ -950,8 +2345,8 @@ static afm_result afm__expect(afm__loader *L, const afm__tensor *t, const char *
     }
     if (float_only && t->type != AFM_TYPE_F32)
         return AFM__BAD(L, "%s: tensor '%s': type %s, expected F32", L->name, t->name, afm__type_name(t->type));
-    if (lora && t->type == AFM_TYPE_BF16)
-        return AFM__BAD(L, "%s: tensor '%s': type BF16, expected F32 or F16 for LoRA", L->name, t->name);
+    if (lora && t->type != AFM_TYPE_F32 && t->type != AFM_TYPE_F16)
+        return AFM__BAD(L, "%s: tensor '%s': type %s, expected F32 or F16 for LoRA", L->name, t->name, afm__type_name(t->type));
     return AFM_OK;
 }
 
@@ -1134,6 +2529,8 @@ static afm_result afm__parse_container(afm__loader *L, const char *magic, const 
         afm__tensor *t = &c->tensors[i];
         if ((r = afm__parse_dirent(L, h + off[2] + i * AFM__DIRENT_SIZE, len[3], t)) != AFM_OK) return r;
         t->data = h + off[3] + t->offset;
+        if (t->n_dims == 2 && t->dims[0] < (1u << 30) && t->dims[1] < (1u << 30))
+            afm__wmat_init(&t->w, (int)t->type, t->data, t->n_bytes, (int)t->dims[0], (int)t->dims[1], (int)t->group_size);
     }
     return afm__check_overlaps(L, a, c->tensors, c->n_tensors);
 }
@@ -1181,6 +2578,7 @@ static afm_model *afm__model_new(const afm_load_params *params) {
     if (m) {
         memset(m, 0, sizeof *m);
         m->alloc = *a;
+        afm__select_kernels(&m->kern, AFM__LEVEL_MAX);
     }
     return m;
 }
@@ -1720,6 +3118,7 @@ static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint6
                 t->n_bytes = sz;
                 t->offset = off;
                 t->data = w + off;
+                afm__wmat_init(&t->w, AFM_TYPE_F16, t->data, sz, (int)t->dims[0], (int)t->dims[1], 0);
                 (ab ? ad->b : ad->a)[i * AFM__N_PROJ + p] = t;
                 prev_end = off + sz;
                 pos = (prev_end + 63) & ~(uint64_t)63;
@@ -1850,66 +3249,6 @@ AFMDEF void afm_adapter_get_info(const afm_adapter *ad, afm_adapter_info *info) 
 }
 
 /* ======================================================================================== */
-/* ==== KERNELS: scalar reference (float weight types) ==================================== */
-/* ======================================================================================== */
-
-static float afm__f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    float f;
-    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);             /* inf / nan */
-    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);        /* normal */
-    else if (man) {                                                    /* subnormal: renormalise */
-        int e = -1;
-        do { man <<= 1; e++; } while (!(man & 0x400));
-        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    } else u = sign;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static float afm__bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Converts n elements of a float-type tensor, starting at element `start`, to f32. */
-static void afm__to_f32(const afm__tensor *t, uint64_t start, int n, float *out) {
-    int i;
-    if (t->type == AFM_TYPE_F32) { memcpy(out, (const float *)t->data + start, (size_t)n * 4); return; }
-    {
-        const unsigned char *p = (const unsigned char *)t->data + 2 * start;
-        if (t->type == AFM_TYPE_F16) for (i = 0; i < n; i++) out[i] = afm__f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
-        else for (i = 0; i < n; i++) out[i] = afm__bf16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
-    }
-}
-
-/* Dot product with eight independent sums, which compilers turn into SIMD lanes. Every
-   matrix kernel uses it for each (row, token) pair the same way, so a token's result does not
-   depend on which batch it was evaluated in: incremental decode equals full recompute exactly. */
-static float afm__dot(const float *a, const float *b, int n) {
-    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
-    int i = 0, k;
-    for (; i + 8 <= n; i += 8)
-        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
-
-/* Y[t][r] = W[r] . X[t] for rows r in [r0, r1) and tokens t in [0, n_tok). */
-static void afm__matmul_rows(const afm__tensor *W, const float *X, int ldx, int n_tok, float *Y, int ldy,
-                             int r0, int r1, float *rowbuf) {
-    int n = (int)W->dims[1], r, t;
-    for (r = r0; r < r1; r++) {
-        const float *w;
-        if (W->type == AFM_TYPE_F32) w = (const float *)W->data + (uint64_t)r * n;
-        else { afm__to_f32(W, (uint64_t)r * n, n, rowbuf); w = rowbuf; }
-        for (t = 0; t < n_tok; t++) Y[(size_t)t * ldy + r] = afm__dot(w, X + (size_t)t * ldx, n);
-    }
-}
-
-/* ======================================================================================== */
 /* ==== FORWARD PASS (AFM_SPEC section 2) ================================================= */
 /* ======================================================================================== */
 
@@ -1925,7 +3264,9 @@ struct afm_session {
     /* scratch for one batch of up to n_batch tokens */
     float *x, *xn, *qkv, *q, *att, *hb, *hb2, *rope_cos, *rope_sin;
     float *scores;                /* [n_threads][cap] attention scores */
-    float *rowbuf;                /* [n_threads][max row] converted weight rows */
+    float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches) */
+    void *act_buf;                /* activations prepared for one matrix product */
+    size_t act_cap;
     int rowbuf_n;
     float *logits;                /* [logits_cap][vocab] */
     int logits_cap, n_logits;
@@ -1945,27 +3286,69 @@ static afm_result afm__serr(afm_session *s, afm_result code, const char *fmt, ..
     return code;
 }
 
-/* ---- a matrix product spread over the pool by rows ---- */
+/* ---- a matrix product: activations prepared once, then rows spread over the pool ---- */
 typedef struct afm__mm_job {
     afm_session *s;
     const afm__tensor *W;
     const float *X;
-    int ldx, n_tok;
+    int ldx;
     float *Y;
     int ldy;
+    afm__act act;
 } afm__mm_job;
+
+static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
+    afm__mm_job *j = (afm__mm_job *)ctx;
+    int lo, hi;
+    afm__split(j->act.n_tok, ith, nth, &lo, &hi);
+    if (lo < hi) afm__prepare_activations(&j->s->model->kern, &j->act, j->X, (size_t)j->ldx, lo, hi);
+}
+
+static float afm__dot(const float *a, const float *b, int n);
 
 static void afm__mm_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
     int lo, hi;
     afm__split((int)j->W->dims[0], ith, nth, &lo, &hi);
-    afm__matmul_rows(j->W, j->X, j->ldx, j->n_tok, j->Y, j->ldy, lo, hi, j->s->rowbuf + (size_t)ith * j->s->rowbuf_n);
+    if (j->act.quant || !afm__type_is_quant((int)j->W->type)) {
+        afm__matmul_rows(&j->s->model->kern, &j->W->w, &j->act, j->Y, (size_t)j->ldy, lo, hi);
+    } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
+        float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
+        int r, t, n = (int)j->W->dims[1];
+        for (r = lo; r < hi; r++) {
+            afm__dequantize_row(&j->s->model->kern, &j->W->w, r, row);
+            for (t = 0; t < j->act.n_tok; t++) j->Y[(size_t)t * j->ldy + r] = afm__dot(row, j->act.x + (size_t)t * j->act.kpad, n);
+        }
+    }
 }
 
+/* Y[t][r] = W[r] . X[t] for every row r of W and token t < n_tok. The session's activation
+   buffer was sized for the widest product at creation (and for LoRA ranks when set). */
 static void afm__matmul(afm_session *s, const afm__tensor *W, const float *X, int ldx, int n_tok, float *Y, int ldy) {
     afm__mm_job j;
-    j.s = s; j.W = W; j.X = X; j.ldx = ldx; j.n_tok = n_tok; j.Y = Y; j.ldy = ldy;
+    int act_type;
+    j.s = s; j.W = W; j.X = X; j.ldx = ldx; j.Y = Y; j.ldy = ldy;
+    act_type = s->params.f32_activations ? AFM_TYPE_F32 : (int)W->type;
+    AFM_ASSERT(afm__act_size(act_type, n_tok, (int)W->dims[1]) <= s->act_cap);
+    afm__act_init(&j.act, act_type, n_tok, (int)W->dims[1], s->act_buf);
+    if (n_tok >= 4) afm__pool_run(&s->pool, afm__mm_prepare_run, &j);
+    else afm__prepare_activations(&s->model->kern, &j.act, X, (size_t)ldx, 0, n_tok);
     afm__pool_run(&s->pool, afm__mm_run, &j);
+}
+
+/* Bytes of prepared activations the widest product of n_tok tokens with n_in inputs needs. */
+static size_t afm__act_need(int n_tok, int n_in) {
+    size_t q = afm__act_size(AFM_TYPE_Q2B, n_tok, n_in), f = afm__act_size(AFM_TYPE_F32, n_tok, n_in);
+    return q > f ? q : f;
+}
+
+static float afm__dot(const float *a, const float *b, int n) {
+    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    int i = 0, k;
+    for (; i + 8 <= n; i += 8)
+        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
 /* Adds scale * B (A X) to Y for projection p of layer l when the session has an adapter.
@@ -2027,35 +3410,11 @@ static int8_t afm__quant8(float x, float scale) {
     return (int8_t)q;
 }
 
-static uint16_t afm__f32_to_f16(float f) {
-    uint32_t u, sign, exp, man;
-    memcpy(&u, &f, 4);
-    sign = (u >> 16) & 0x8000;
-    exp = (u >> 23) & 0xff;
-    man = u & 0x7fffff;
-    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
-    if (exp > 142) return (uint16_t)(sign | 0x7c00);                  /* overflow to inf */
-    if (exp < 113) {                                                  /* subnormal or zero */
-        uint32_t shift, r;
-        if (exp < 102) return (uint16_t)sign;
-        man |= 0x800000;
-        shift = 126 - exp;
-        r = man >> shift;
-        if ((man & ((1u << shift) - 1)) > (1u << (shift - 1)) || ((man & ((1u << shift) - 1)) == (1u << (shift - 1)) && (r & 1))) r++;
-        return (uint16_t)(sign | r);
-    }
-    {
-        uint32_t h = sign | ((exp - 112) << 10) | (man >> 13), rest = man & 0x1fff;
-        if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;    /* round to nearest even */
-        return (uint16_t)h;
-    }
-}
-
 /* Stores n values into the cache at element index `at` in the session's KV type. */
 static void afm__kv_store(afm_session *s, unsigned char *base, size_t at, const float *v, int n, float scale) {
     int i;
     if (s->kv_type == AFM_KV_INT8) { int8_t *d = (int8_t *)base + at; for (i = 0; i < n; i++) d[i] = afm__quant8(v[i], scale); }
-    else if (s->kv_type == AFM_KV_F16) { uint16_t *d = (uint16_t *)(void *)base + at; for (i = 0; i < n; i++) d[i] = afm__f32_to_f16(v[i]); }
+    else if (s->kv_type == AFM_KV_F16) { uint16_t *d = (uint16_t *)(void *)base + at; for (i = 0; i < n; i++) d[i] = afm__f2h(v[i]); }
     else memcpy((float *)(void *)base + at, v, (size_t)n * 4);
 }
 
@@ -2063,7 +3422,7 @@ static void afm__kv_store(afm_session *s, unsigned char *base, size_t at, const 
 static void afm__kv_load(const afm_session *s, const unsigned char *base, size_t at, float *out, int n, float scale) {
     int i;
     if (s->kv_type == AFM_KV_INT8) { const int8_t *d = (const int8_t *)base + at; for (i = 0; i < n; i++) out[i] = (float)d[i] * scale; }
-    else if (s->kv_type == AFM_KV_F16) { const uint16_t *d = (const uint16_t *)(const void *)base + at; for (i = 0; i < n; i++) out[i] = afm__f16_to_f32(d[i]); }
+    else if (s->kv_type == AFM_KV_F16) { const uint16_t *d = (const uint16_t *)(const void *)base + at; for (i = 0; i < n; i++) out[i] = afm__h2f(d[i]); }
     else memcpy(out, (const float *)(const void *)base + at, (size_t)n * 4);
 }
 
@@ -2074,35 +3433,67 @@ typedef struct afm__attn_job {
     int n_tok, q_stride;
 } afm__attn_job;
 
+/* Softmax over n scores in place; returns nothing, the row sums to 1. */
+static void afm__softmax(float *x, int n) {
+    float mx = -FLT_MAX, sum = 0, inv;
+    int i;
+    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* int8 cache: one task per (token, KV head) runs the group of query heads that share it
+   through the SIMD kernels (scores over int8 keys, then values over int8 values). */
+static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
+    afm_session *s = j->s;
+    const afm_config *c = &s->model->config;
+    const afm__layer *ly = &s->model->layers[j->layer];
+    const afm__kernels *k = &s->model->kern;
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_kv_heads, kvh = task % c->n_kv_heads;
+    int n_keys = s->pos + t + 1, h;
+    size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
+    const float *q = s->q + (size_t)t * j->q_stride + (size_t)kvh * group * hd;
+    float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)kvh * group * hd;
+    k->kv_scores(q, (size_t)hd, group, (const int8_t *)s->k_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
+                 ly->k_scale / sqrtf((float)hd), scores, (size_t)s->cap);
+    for (h = 0; h < group; h++) afm__softmax(scores + (size_t)h * s->cap, n_keys);
+    k->kv_values(scores, (size_t)s->cap, group, (const int8_t *)s->v_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
+                 ly->v_scale, out, (size_t)hd);
+}
+
+/* float caches (F16, F32): one task per (token, query head), scalar. */
+static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv) {
+    afm_session *s = j->s;
+    const afm_config *c = &s->model->config;
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_heads, h = task % c->n_heads, kvh = h / group;
+    int n_keys = s->pos + t + 1, i, d;
+    size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
+    const float *q = s->q + (size_t)t * j->q_stride + (size_t)h * hd;
+    float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)h * hd;
+    float inv_sqrt = 1.0f / sqrtf((float)hd);
+    for (i = 0; i < n_keys; i++) {
+        afm__kv_load(s, s->k_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
+        scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
+    }
+    afm__softmax(scores, n_keys);
+    for (d = 0; d < hd; d++) out[d] = 0;
+    for (i = 0; i < n_keys; i++) {
+        afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
+        for (d = 0; d < hd; d++) out[d] += scores[i] * kv[d];
+    }
+}
+
 static void afm__attn_run(void *ctx, int ith, int nth) {
     afm__attn_job *j = (afm__attn_job *)ctx;
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
-    const afm__layer *ly = &s->model->layers[j->layer];
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, lo, hi, task, i, d;
-    size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim;
-    float *scores = s->scores + (size_t)ith * s->cap;
-    float *kv = s->rowbuf + (size_t)ith * s->rowbuf_n; /* one dequantized key or value row */
-    float inv_sqrt = 1.0f / sqrtf((float)hd);
-    afm__split(j->n_tok * c->n_heads, ith, nth, &lo, &hi);
+    int int8 = s->kv_type == AFM_KV_INT8, lo, hi, task;
+    float *scores = s->scores + (size_t)ith * s->cap * (c->n_heads / c->n_kv_heads);
+    afm__split(j->n_tok * (int8 ? c->n_kv_heads : c->n_heads), ith, nth, &lo, &hi);
     for (task = lo; task < hi; task++) {
-        int t = task / c->n_heads, h = task % c->n_heads, kvh = h / group;
-        int n_keys = s->pos + t + 1;
-        const float *q = s->q + (size_t)t * j->q_stride + (size_t)h * hd;
-        float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)h * hd;
-        float mx = -FLT_MAX, sum = 0;
-        for (i = 0; i < n_keys; i++) {
-            afm__kv_load(s, s->k_cache, layer_off + (size_t)i * s->kv_dim + (size_t)kvh * hd, kv, hd, ly->k_scale);
-            scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
-            if (scores[i] > mx) mx = scores[i];
-        }
-        for (i = 0; i < n_keys; i++) { scores[i] = expf(scores[i] - mx); sum += scores[i]; }
-        for (d = 0; d < hd; d++) out[d] = 0;
-        for (i = 0; i < n_keys; i++) {
-            float p = scores[i] / sum;
-            afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim + (size_t)kvh * hd, kv, hd, ly->v_scale);
-            for (d = 0; d < hd; d++) out[d] += p * kv[d];
-        }
+        if (int8) afm__attn_int8(j, task, scores);
+        else afm__attn_float(j, task, scores, s->rowbuf + (size_t)ith * s->rowbuf_n);
     }
 }
 
@@ -2142,7 +3533,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
     size_t nd = (size_t)d;
     afm__attn_job aj;
 
-    for (t = 0; t < n_tok; t++) afm__to_f32(m->tok_embd, (uint64_t)tok[t] * nd, d, s->x + t * nd);
+    for (t = 0; t < n_tok; t++) afm__dequantize_row(&m->kern, &m->tok_embd->w, tok[t], s->x + t * nd);
     afm__rope_tables(s, n_tok);
 
     for (l = 0; l < c->n_layers; l++) {
@@ -2191,7 +3582,7 @@ static void afm__session_release_buffers(afm_session *s) {
     void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
-                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens };
+                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -2209,7 +3600,7 @@ static afm_result afm__reserve(afm_session *s, int need) {
     if (cap > s->n_ctx) cap = s->n_ctx;
     k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
     v = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
-    scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * cap, sizeof(float));
+    scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * cap * (s->model->config.n_heads / s->model->config.n_kv_heads), sizeof(float));
     tokens = (int32_t *)afm__calloc(a, (size_t)cap + 1, sizeof(int32_t)); /* +1: a pending token may sit past the end */
     if (!k || !v || !scores || !tokens) {
         afm__free(a, k); afm__free(a, v); afm__free(a, scores); afm__free(a, tokens);
@@ -2274,7 +3665,10 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
     s->logits_cap = 1;
     s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
-    if (!s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->logits ||
+    s->act_cap = afm__act_need(B, widest);
+    s->act_buf = afm__alloc(a, s->act_cap);
+    if (!s->act_buf ||
+        !s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->logits ||
         afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
         afm_session_free(s);
         return AFM_ERR_NOMEM;
@@ -2374,12 +3768,13 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
         s->lora_u = u;
         s->lora_rank_cap = ad->rank;
     }
-    if (ad && ad->rank > s->rowbuf_n) { /* B's rows are rank long; matmul converts rows into rowbuf */
-        float *rb = (float *)afm__alloc(&s->model->alloc, (size_t)s->pool.n_threads * ad->rank * 4);
-        if (!rb) return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch");
-        afm__free(&s->model->alloc, s->rowbuf);
-        s->rowbuf = rb;
-        s->rowbuf_n = ad->rank;
+    if (ad && afm__act_need(s->params.n_batch, ad->rank) > s->act_cap) { /* B's inputs are rank long */
+        size_t need = afm__act_need(s->params.n_batch, ad->rank);
+        void *buf = afm__alloc(&s->model->alloc, need);
+        if (!buf) return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch");
+        afm__free(&s->model->alloc, s->act_buf);
+        s->act_buf = buf;
+        s->act_cap = need;
     }
     s->adapter = ad;
     s->pos = 0; /* the cached keys and values were computed with the previous adapter */

@@ -984,6 +984,84 @@ static void test_fmadapter_hostile(void) {
     afm_model_free(m);
 }
 
+/* ---- quantized weights ---- */
+
+/* A Q2B/Q4 model against an F32 model holding its decoded weights (decoded by tools/quant.py):
+   the only difference left is the int8 quantization of activations inside the kernels. */
+static double quant_vs_deq(int f32_activations, const char **kname) {
+    afm_model *q = load("tests/vectors/quant_q2b.afm"), *f = load("tests/vectors/quant_deq.afm");
+    afm_session *sq, *sf;
+    afm_session_params p;
+    int32_t toks[48];
+    int i, V, n = 48;
+    double worst = 0, ref_max = 0;
+    if (!q || !f) return INFINITY;
+    V = afm_model_config(q)->vocab_size;
+    for (i = 0; i < n; i++) toks[i] = (int32_t)((i * 37 + 11) % V);
+    memset(&p, 0, sizeof p);
+    p.n_threads = 2;
+    p.all_logits = 1;
+    p.f32_activations = f32_activations;
+    afm_session_create(q, &p, &sq);
+    sf = session(f, 2, 1, 0);
+    afm_session_eval(sq, toks, n);
+    afm_session_eval(sf, toks, n);
+    for (i = 0; i < n; i++) {
+        const float *a = afm_session_logits(sq, i), *b = afm_session_logits(sf, i);
+        int v;
+        for (v = 0; v < V; v++) {
+            double d = fabs((double)a[v] - b[v]);
+            if (!(d <= worst)) worst = d;
+            if (fabs(b[v]) > ref_max) ref_max = fabs(b[v]);
+        }
+    }
+    *kname = q->kern.name;
+    afm_session_free(sq);
+    afm_session_free(sf);
+    afm_model_free(q);
+    afm_model_free(f);
+    return worst / ref_max;
+}
+
+/* A Q2B/Q4 model against an F32 model holding its decoded weights (decoded by tools/quant.py).
+   With f32 activations the two must agree to float rounding; with the default int8 activation
+   blocks the difference is the activations' quantization, which is reported and bounded. */
+static void test_quantized(void) {
+    const char *kname = "";
+    double exact = quant_vs_deq(1, &kname), fast = quant_vs_deq(0, &kname);
+    CHECK(exact <= 1e-3, "Q2B/Q4 with f32 activations vs F32 on the decoded weights: %.3g of max |logit| > 1e-3", exact);
+    CHECK(fast <= 0.1, "Q2B/Q4 with int8 activations vs F32 on the decoded weights: %.3g of max |logit| > 0.1", fast);
+    printf("  Q2B/Q4 vs F32 on the decoded weights (max |dlogit| / max |logit|): %.2g with f32 activations (limit 1e-3), %.2g with int8 activations (kernels %s)\n",
+           exact, fast, kname);
+}
+
+/* Token-for-token batch invariance on any model: one pass over n tokens vs chunks of 7 then
+   single tokens gives the same logits bit for bit (speculative verification relies on it). */
+static void test_batch_invariance(const char *name) {
+    char path[256];
+    afm_model *m;
+    afm_session *full, *inc;
+    int32_t toks[40];
+    int i, V, same = 1, n = 40;
+    snprintf(path, sizeof path, "tests/vectors/%s.afm", name);
+    if (!(m = load(path))) { CHECK(0, "load %s", name); return; }
+    V = afm_model_config(m)->vocab_size;
+    for (i = 0; i < n; i++) toks[i] = (int32_t)((i * 53 + 7) % V);
+    full = session(m, 2, 1, 0);
+    inc = session(m, 1, 0, 7);
+    afm_session_eval(full, toks, n);
+    afm_session_eval(inc, toks, 30);
+    same &= !memcmp(afm_session_logits(inc, -1), afm_session_logits(full, 29), (size_t)V * 4);
+    for (i = 30; i < n; i++) {
+        afm_session_eval(inc, &toks[i], 1);
+        same &= !memcmp(afm_session_logits(inc, -1), afm_session_logits(full, i), (size_t)V * 4);
+    }
+    CHECK(same, "%s: chunked and single-token evaluation equal one full pass bit for bit", name);
+    afm_session_free(full);
+    afm_session_free(inc);
+    afm_model_free(m);
+}
+
 int main(int argc, char **argv) {
     const char *only = argc > 1 ? argv[1] : NULL;
     static const char *const parity_models[] = { "afm_mini", "draft_mini", "odd_mini", "toolkit" };
@@ -1001,6 +1079,10 @@ int main(int argc, char **argv) {
     test_parity_with("toolkit", "lora/base_adapter", "tests/vectors/lora/base_adapter.afma", 1);
     test_adapter_sessions();
     test_fmadapter_hostile();
+    test_quantized();
+    test_batch_invariance("quant_q2b");
+    test_batch_invariance("quant_grid");
+    test_speculative_greedy("quant_q2b", "draft_mini", 0);
     test_hostile("afm_mini");
     test_sessions("afm_mini");
     test_sampler();

@@ -34,9 +34,12 @@ DIR_ENTRY_SIZE = 128
 ALIGN = 64
 
 TYPE_F32, TYPE_F16, TYPE_BF16 = 0, 1, 2
-TYPE_NAMES = {TYPE_F32: "F32", TYPE_F16: "F16", TYPE_BF16: "BF16"}
+TYPE_Q2B, TYPE_Q4, TYPE_Q8 = 16, 17, 18   # quantized: layouts in docs/FORMAT.md, encoders in quant.py
+TYPE_NAMES = {TYPE_F32: "F32", TYPE_F16: "F16", TYPE_BF16: "BF16", TYPE_Q2B: "Q2B", TYPE_Q4: "Q4", TYPE_Q8: "Q8"}
 TYPE_BYTES = {TYPE_F32: 4, TYPE_F16: 2, TYPE_BF16: 2}
-TYPE_BY_NAME = {"f32": TYPE_F32, "f16": TYPE_F16, "bf16": TYPE_BF16}
+TYPE_BY_NAME = {"f32": TYPE_F32, "f16": TYPE_F16, "bf16": TYPE_BF16, "q2b": TYPE_Q2B, "q4": TYPE_Q4, "q8": TYPE_Q8}
+QUANT_TYPES = (TYPE_Q2B, TYPE_Q4, TYPE_Q8)
+DEFAULT_GROUP = 64
 
 ARCH_AFM = 1
 ROPE_HALFSPLIT = 1
@@ -274,7 +277,7 @@ def allowed_types(kind):
         return (TYPE_F32,)
     if kind == "lora":
         return (TYPE_F32, TYPE_F16)
-    return (TYPE_F32, TYPE_F16, TYPE_BF16)
+    return (TYPE_F32, TYPE_F16, TYPE_BF16) + QUANT_TYPES
 
 
 def count_params(cfg):
@@ -289,7 +292,10 @@ def count_params(cfg):
     return base, lora
 
 
-def type_size(t, shape):
+def type_size(t, shape, group=0):
+    if t in QUANT_TYPES:
+        import quant
+        return quant.type_size(t, int(np.prod(shape[:-1], dtype=np.uint64)), int(shape[-1]), group)
     return TYPE_BYTES[t] * int(np.prod(shape, dtype=np.uint64))
 
 
@@ -349,7 +355,7 @@ def _pack_config(cfg):
 
 
 def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None, wtype="f32",
-                lora_type=None, types=None, zeros=False, progress=None, chunk_bytes=64 << 20):
+                lora_type=None, types=None, zeros=False, progress=None, chunk_bytes=64 << 20, group=DEFAULT_GROUP):
     """Write a FORMAT.md v1 file.
 
     config: dict as from make_config (flags bit 2 must match the presence of kv_scale).
@@ -413,8 +419,9 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
         if t not in allowed_types(kind):
             raise AfmError("%s: type %s not allowed (allowed: %s)" % (
                 name, TYPE_NAMES[t], ", ".join(TYPE_NAMES[x] for x in allowed_types(kind))))
-        size = type_size(t, shape)
-        entries.append(dict(name=name, shape=tuple(shape), kind=kind, type=t, offset=rel, size=size))
+        g = group if t in QUANT_TYPES else 0
+        size = type_size(t, shape, g)
+        entries.append(dict(name=name, shape=tuple(shape), kind=kind, type=t, offset=rel, size=size, group=g))
         rel = _align(rel + size)
     data_size = rel
     file_size = data_offset + data_size
@@ -431,7 +438,7 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
             raise AfmError("illegal tensor name %r" % e["name"])
         dims = list(e["shape"]) + [0] * (4 - len(e["shape"]))
         directory += _DIRENT.pack(nb.ljust(64, b"\0"), e["type"], len(e["shape"]), *dims,
-                                  e["offset"], e["size"], 0, 0)
+                                  e["offset"], e["size"], e["group"], 0)
 
     tmp = str(path) + ".tmp"
     try:
@@ -459,7 +466,7 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
                     raise AfmError("%s: shape %s, expected %s" % (e["name"], tuple(arr.shape), e["shape"]))
                 if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                     raise AfmError("%s: contains NaN or infinity" % e["name"])
-                _write_tensor(fh, arr, e["type"], e["name"], chunk_bytes)
+                _write_tensor(fh, arr, e["type"], e["name"], chunk_bytes, e["group"])
                 fh.write(b"\0" * (_align(e["size"]) - e["size"]))
                 del arr
                 if progress:
@@ -479,7 +486,11 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
                 tokenizer_offset=tok_offset, tokenizer_size=tok_size, entries=entries)
 
 
-def _write_tensor(fh, arr, t, name, chunk_bytes):
+def _write_tensor(fh, arr, t, name, chunk_bytes, group=0):
+    if t in QUANT_TYPES:
+        import quant
+        fh.write(quant.quantize(t, np.asarray(arr, dtype=np.float32), group))
+        return
     flat = arr.reshape(-1) if arr.ndim else arr.reshape(1)
     per = max(1, chunk_bytes // max(1, flat.dtype.itemsize))
     for s in range(0, flat.shape[0], per):
@@ -506,6 +517,8 @@ class AfmModel:
     def raw(self, name):
         e = self.entries[name]
         start = self.header["data_offset"] + e["offset"]
+        if e["type"] in QUANT_TYPES:
+            return bytes(self._buf[start:start + e["size"]])
         dt = {TYPE_F32: "<f4", TYPE_F16: "<f2", TYPE_BF16: "<u2"}[e["type"]]
         return np.frombuffer(self._buf, dtype=dt, count=int(np.prod(e["shape"])), offset=start).reshape(e["shape"])
 
@@ -515,6 +528,9 @@ class AfmModel:
             a = self.raw(name)
             if e["type"] == TYPE_BF16:
                 a = bf16_bits_to_f32(a)
+            elif e["type"] in QUANT_TYPES:
+                import quant
+                a = quant.dequantize(e["type"], a, e["shape"][0], e["shape"][1], e["group"])
             self._cache[name] = a
         return self._cache[name]
 
@@ -647,16 +663,23 @@ def parse_model(buf, path="<buffer>", validate=True):
             n *= x
             if n > (1 << 62):
                 err("tensor %s: element count overflows" % name)
-        if sz != n * TYPE_BYTES[t]:
-            err("tensor %s (offset %d): size %d, expected %d for %s %s" % (name, eo + 112, sz, n * TYPE_BYTES[t],
+        if t in QUANT_TYPES:
+            if nd != 2 or gs not in (64, 128, 256, 512):
+                err("tensor %s (offset %d): %s needs 2 dims and group_size 64/128/256/512, has %d dims, group %d"
+                    % (name, eo + 68, TYPE_NAMES[t], nd, gs))
+            want_sz = type_size(t, dims[:nd], gs)
+        else:
+            want_sz = n * TYPE_BYTES[t]
+        if sz != want_sz:
+            err("tensor %s (offset %d): size %d, expected %d for %s %s" % (name, eo + 112, sz, want_sz,
                                                                          TYPE_NAMES[t], dims[:nd]))
         if off % ALIGN:
             err("tensor %s (offset %d): data offset %d not a multiple of %d" % (name, eo + 104, off, ALIGN))
         if off > hdr["data_size"] or sz > hdr["data_size"] - off:
             err("tensor %s: [%d, +%d) lies outside the %d-byte data section" % (name, off, sz, hdr["data_size"]))
-        if gs != 0:
+        if gs != 0 and t not in QUANT_TYPES:
             err("tensor %s (offset %d): group_size %d, expected 0 for a float type" % (name, eo + 120, gs))
-        entries[name] = dict(name=name, type=t, shape=tuple(dims[:nd]), offset=off, size=sz, index=k)
+        entries[name] = dict(name=name, type=t, shape=tuple(dims[:nd]), offset=off, size=sz, index=k, group=gs)
         spans.append((off, sz, name))
     spans.sort()
     for (o1, s1, n1), (o2, s2, n2) in zip(spans, spans[1:]):

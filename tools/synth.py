@@ -87,7 +87,12 @@ def main(argv=None):
                     ("context", int, "training context (default 4096)"), ("rope-theta", float, "default 500000"),
                     ("norm-eps", float, "default 1e-5"), ("qk-norm-eps", float, "default 1e-5")):
         ap.add_argument("--" + k, type=t, help=h)
-    ap.add_argument("--type", choices=("f32", "f16", "bf16"), default="f32", help="weight type (default f32)")
+    ap.add_argument("--type", choices=("f32", "f16", "bf16", "q2b", "q4", "q8"), default="f32",
+                    help="weight type of the projections (default f32); q2b is AFMTextV7's 2-bit grid")
+    ap.add_argument("--embd-type", choices=("f32", "f16", "bf16", "q2b", "q4", "q8"),
+                    help="type of tok_embd, the tied embedding and output head (default: q4 with a "
+                         "quantized --type, else the same as --type)")
+    ap.add_argument("--group", type=int, default=64, help="elements per scale for quantized types (64, 128, 256, 512)")
     ap.add_argument("--lora-type", choices=("f32", "f16"), help="LoRA type (default f32 for f32, else f16)")
     ap.add_argument("--lora", action="store_true", help="include an embedded base adapter")
     ap.add_argument("--lora-rank", type=int, default=32)
@@ -155,8 +160,10 @@ def main(argv=None):
             print("  %d/%d tensors" % (k, n), flush=True)
 
     try:
+        embd = a.embd_type or ("q4" if a.type in ("q2b", "q4", "q8") else a.type)
         info = af.write_model(a.output, cfg, tensors, tokenizer=tok, tokenizer_kind=kind, wtype=a.type,
-                              lora_type=a.lora_type, zeros=a.zeros, progress=None if a.zeros else progress)
+                              lora_type=a.lora_type, zeros=a.zeros, progress=None if a.zeros else progress,
+                              types={"tok_embd": embd}, group=a.group)
     except (af.AfmError, OSError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 1
