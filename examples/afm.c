@@ -194,10 +194,10 @@ static void print_count(const char *label, unsigned long long n) {
 static int cmd_info(const char *path) {
     afm_model *m = load_or_die(path, 0);
     const afm_config *c = afm_model_config(m);
-    unsigned long long groups[5] = { 0, 0, 0, 0, 0 }, bytes[3] = { 0, 0, 0 }, lora, total;
+    unsigned long long groups[5] = { 0, 0, 0, 0, 0 }, bytes[6] = { 0, 0, 0, 0, 0, 0 }, lora, total;
     uint64_t lora64 = 0;
     static const char *group_names[5] = { "embedding", "segment 0 layers", "segment 1 layers", "output norm", "other" };
-    static const char *type_names[3] = { "F32", "F16", "BF16" };
+    static const char *type_names[6] = { "F32", "F16", "BF16", "Q2B", "Q4", "Q8" };
     int i, n_seg0 = c->n_layers - c->n_reuse_layers, tok_kind;
     size_t tok_size;
 
@@ -208,6 +208,7 @@ static int cmd_info(const char *path) {
         int layer;
         afm_model_tensor(m, i, &t);
         if ((int)t.type >= 0 && (int)t.type < 3) bytes[t.type] += t.n_bytes;
+        else if ((int)t.type >= AFM_TYPE_Q2B && (int)t.type <= AFM_TYPE_Q8) bytes[3 + t.type - AFM_TYPE_Q2B] += t.n_bytes;
         if (strstr(t.name, ".lora_") || !strcmp(t.name, "kv_scale")) continue;
         if (!strcmp(t.name, "tok_embd")) groups[0] += t.n_elements;
         else if (!strcmp(t.name, "out_norm")) groups[3] += t.n_elements;
@@ -237,7 +238,7 @@ static int cmd_info(const char *path) {
         print_count("base + LoRA", total + lora);
     }
     printf("bytes by type:\n");
-    for (i = 0; i < 3; i++)
+    for (i = 0; i < 6; i++)
         if (bytes[i]) print_count(type_names[i], bytes[i]);
     printf("tensors: %d\n", afm_model_n_tensors(m));
     afm_model_free(m);

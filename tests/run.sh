@@ -34,7 +34,8 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
     set -- $cc
     if ! have "$1"; then skip "warnings with $cc" "$1 not installed"; continue; fi
     if $cc $WARN -O2 -c examples/afm.c -o build/w.o && $cc $WARN -O2 -c examples/simple.c -o build/w.o &&
-       $cc $WARN -O2 -c tests/test_main.c -o build/w.o && $cc $WARN -O2 -c tests/fuzz/fuzz_load.c -o build/w.o; then
+       $cc $WARN -O2 -c tests/test_main.c -o build/w.o && $cc $WARN -O2 -c tests/test_kernels.c -o build/w.o &&
+       $cc $WARN -O2 -c tests/fuzz/fuzz_load.c -o build/w.o && $cc $WARN -O2 -c tests/fuzz/fuzz_fmadapter.c -o build/w.o; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
 done
@@ -42,6 +43,13 @@ done
 echo "== engine tests, optimised"
 if gcc -std=c99 -O2 -g tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
 else bad "build test_main"; fi
+
+echo "== kernels: every SIMD kernel against the scalar reference (ragged shapes)"
+if gcc -std=c99 $WARN -O2 tests/test_kernels.c -o build/test_kernels $LIBS; then run_counts "test_kernels -O2" build/test_kernels
+else bad "build test_kernels"; fi
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
+    run_counts "test_kernels asan+ubsan" build/test_kernels_san
+else bad "build test_kernels with sanitizers"; fi
 
 echo "== engine tests, built with AFM_NO_THREADS AFM_NO_MMAP (portable fallbacks)"
 if gcc -std=c99 $WARN -O2 -DAFM_NO_THREADS -DAFM_NO_MMAP tests/test_main.c -o build/test_main_nothreads -lm; then
@@ -75,6 +83,10 @@ if python3 -c "import numpy" 2>/dev/null; then
     rm -f build/base_zeros.afm build/draft_zeros.afm
     # converter, reader and writer checks; the committed fixtures must reconvert byte for byte
     run_counts "tools (converter, writer, reader)" python3 tests/test_tools.py
+    if python3 tools/quantize.py --selftest > build/quant.log 2>&1; then ok "quantizer self-test: $(tail -n 1 build/quant.log)"
+    else bad "tools/quantize.py --selftest"; tail -n 20 build/quant.log; fi
+    if python3 tools/make_quant_vectors.py --check | grep -q identical; then ok "quantized fixtures regenerate byte for byte (on-grid weights decode exactly)"
+    else bad "tools/make_quant_vectors.py --check"; fi
 else skip "tool tests" "python3 -m pip install numpy"; fi
 
 echo "== arm64 build under qemu"
@@ -82,6 +94,12 @@ if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
     if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_main.c -o build/test_main_arm64 $LIBS; then
         run_counts "test_main arm64 (qemu)" env AFM_TEST_LIGHT=1 qemu-aarch64 build/test_main_arm64
     else bad "aarch64 cross build"; fi
+    if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_kernels.c -o build/test_kernels_neon $LIBS; then
+        run_counts "test_kernels NEON (qemu)" qemu-aarch64 build/test_kernels_neon
+    else bad "aarch64 cross build of test_kernels"; fi
+    if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static -march=armv8.2-a+dotprod tests/test_kernels.c -o build/test_kernels_dot $LIBS; then
+        run_counts "test_kernels NEON dotprod (qemu)" qemu-aarch64 -cpu max build/test_kernels_dot
+    else bad "aarch64 cross build of test_kernels with dotprod"; fi
 else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
 
 echo "== fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"

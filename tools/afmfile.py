@@ -461,7 +461,15 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
                     continue
                 fh.seek(data_offset + e["offset"])
                 v = tensors[e["name"]]
-                arr = np.asarray(v() if callable(v) else v)
+                v = v() if callable(v) else v
+                if isinstance(v, (bytes, bytearray)):  # already encoded (quantized types only)
+                    if e["type"] not in QUANT_TYPES or len(v) != e["size"]:
+                        raise AfmError("%s: %d encoded bytes given, expected %d bytes of a quantized type"
+                                       % (e["name"], len(v), e["size"]))
+                    fh.write(v)
+                    fh.write(b"\0" * (_align(e["size"]) - e["size"]))
+                    continue
+                arr = np.asarray(v)
                 if tuple(arr.shape) != e["shape"]:
                     raise AfmError("%s: shape %s, expected %s" % (e["name"], tuple(arr.shape), e["shape"]))
                 if arr.dtype.kind == "f" and not np.isfinite(arr).all():

@@ -72,6 +72,32 @@ def make_tensor_fn(cfg, name, shape, kind, seed):
     raise ValueError(kind)
 
 
+def random_codes(cfg, wtype, embd_type, group, seed):
+    """Encoded bytes with random codes and scales for every quantized projection / embedding:
+    the right sizes and a plausible value range, at the speed of a random number generator."""
+    import quant
+    out = {}
+    for name, shape, kind in af.tensor_specs(cfg):
+        t = embd_type if kind == "embd" else wtype if kind == "proj" else None
+        if t not in ("q2b", "q4", "q8"):
+            continue
+        code = af.TYPE_BY_NAME[t]
+        rows, cols = shape
+        kpad = quant.row_pad(code, cols, group)
+        top = {"q2b": 1.5, "q4": 7.5, "q8": 127.0}[t]
+        std = 2.0 / math.sqrt(cfg["dim"]) if kind == "embd" else 1.0 / math.sqrt(cols)
+
+        def make(rows=rows, kpad=kpad, t=t, top=top, std=std, name=name):
+            g = rng_for(seed, name)
+            codes = g.integers(0, 256, rows * kpad * {"q2b": 2, "q4": 4, "q8": 8}[t] // 8, dtype=np.uint8)
+            if t == "q8":
+                codes[codes == 0x80] = 0x81  # -128 is not a valid Q8 code
+            scales = np.full(rows * (kpad // group), std * 1.7 / top, dtype=np.float16)
+            return codes.tobytes() + scales.astype("<f2").tobytes()
+        out[name] = make
+    return out
+
+
 def synth_tensors(cfg, seed):
     return {n: make_tensor_fn(cfg, n, shape, kind, seed) for n, shape, kind in af.tensor_specs(cfg)}
 
@@ -93,6 +119,9 @@ def main(argv=None):
                     help="type of tok_embd, the tied embedding and output head (default: q4 with a "
                          "quantized --type, else the same as --type)")
     ap.add_argument("--group", type=int, default=64, help="elements per scale for quantized types (64, 128, 256, 512)")
+    ap.add_argument("--random-codes", action="store_true",
+                    help="quantized types: write random codes and scales directly instead of quantizing random "
+                         "weights (seconds instead of most of an hour at full size; for benchmarks)")
     ap.add_argument("--lora-type", choices=("f32", "f16"), help="LoRA type (default f32 for f32, else f16)")
     ap.add_argument("--lora", action="store_true", help="include an embedded base adapter")
     ap.add_argument("--lora-rank", type=int, default=32)
@@ -152,6 +181,9 @@ def main(argv=None):
             print("error: %s" % e, file=sys.stderr)
             return 1
     tensors = synth_tensors(cfg, a.seed)
+    embd = a.embd_type or ("q4" if a.type in ("q2b", "q4", "q8") else a.type)
+    if a.random_codes:
+        tensors.update(random_codes(cfg, a.type, embd, a.group, a.seed))
     if a.zeros:  # everything zero except the KV scales (a zero scale would be meaningless)
         tensors = {n: f for n, f in tensors.items() if n == "kv_scale"}
 
@@ -160,7 +192,6 @@ def main(argv=None):
             print("  %d/%d tensors" % (k, n), flush=True)
 
     try:
-        embd = a.embd_type or ("q4" if a.type in ("q2b", "q4", "q8") else a.type)
         info = af.write_model(a.output, cfg, tensors, tokenizer=tok, tokenizer_kind=kind, wtype=a.type,
                               lora_type=a.lora_type, zeros=a.zeros, progress=None if a.zeros else progress,
                               types={"tok_embd": embd}, group=a.group)

@@ -1,0 +1,432 @@
+/* tests/test_kernels.c - every SIMD kernel of afm.h against the scalar reference.
+   Build (C or C++):  cc -O2 -std=c99 -Wall -Wextra -Wpedantic tests/test_kernels.c -lm -lpthread
+   Closing line: "N passed, N failed". Exit status 0 iff nothing failed.
+   Integer paths (activation quantization, dequantization) must match bit for bit; float sums
+   must agree within float rounding of the sum of absolute terms. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#define AFM_IMPLEMENTATION
+#include "../afm.h"
+
+static int n_pass, n_fail;
+static int check(int ok, const char *what) {
+    if (ok) n_pass++;
+    else { n_fail++; printf("FAIL: %s\n", what); }
+    return ok;
+}
+
+/* ---- deterministic random numbers ---- */
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+static float rndf(void) { return (float)(rnd() & 0xffffff) / 16777216.0f * 2.0f - 1.0f; } /* [-1, 1) */
+static float rnd_act(void) { /* activations with occasional outliers */
+    float x = rndf();
+    uint32_t u = rnd() % 64;
+    if (u == 0) x *= 40.0f;
+    else if (u == 1) x = 0.0f;
+    return x;
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) { printf("out of memory\n"); exit(2); }
+    return p;
+}
+
+/* A random tensor of a type: random codes (padding too) and random fp16 scales. */
+static uint8_t *make_weights(int type, int rows, int cols, int group, afm__wmat *w) {
+    uint64_t size = afm__type_size(type, (uint64_t)rows, (uint64_t)cols, (uint32_t)(afm__type_is_quant(type) ? group : 0));
+    uint8_t *p = (uint8_t *)xmalloc((size_t)size);
+    size_t i;
+    for (i = 0; i < size; i++) p[i] = (uint8_t)rnd();
+    if (afm__wmat_init(w, type, p, size, rows, cols, afm__type_is_quant(type) ? group : 0) != 0) {
+        printf("wmat_init failed\n");
+        exit(2);
+    }
+    if (type == AFM__Q8) /* codes in -127..127 */
+        for (i = 0; i < (size_t)rows * w->row_bytes; i++) if (p[i] == 0x80) p[i] = 0x81;
+    if (afm__type_is_quant(type)) {
+        size_t ns = (size_t)rows * (size_t)w->n_groups;
+        for (i = 0; i < ns; i++) {
+            float s = (0.001f + 0.05f * (float)(rnd() % 1000) / 1000.0f) * ((rnd() & 7) == 0 ? -1.0f : 1.0f);
+            uint16_t h = afm__f2h(s);
+            memcpy(p + (size_t)rows * w->row_bytes + 2 * i, &h, 2);
+        }
+    } else {
+        int n = rows * cols;
+        for (i = 0; i < (size_t)n; i++) {
+            float f = rndf() * 0.1f;
+            if (type == AFM__F32) memcpy(p + 4 * i, &f, 4);
+            else if (type == AFM__F16) { uint16_t h = afm__f2h(f); memcpy(p + 2 * i, &h, 2); }
+            else { uint16_t h = (uint16_t)(afm__bits_from_f32(f) >> 16); memcpy(p + 2 * i, &h, 2); }
+        }
+    }
+    return p;
+}
+
+/* Sum of absolute terms of the scalar formula for (row r, token t): the error scale. */
+static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
+    double s = 0.0;
+    if (afm__type_is_quant(w->type)) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+        int sb;
+        for (sb = 0; sb < w->kpad / 64; sb++) {
+            double sg = fabs(afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift))));
+            /* sum of |code * q| over the sub-block: the size of the integer partial sums */
+            int8_t aq[64];
+            int32_t dot;
+            int i;
+            for (i = 0; i < 64; i++) {
+                int v = a->q[(size_t)t * (size_t)a->kpad + (size_t)(sb * 64 + i)];
+                aq[i] = (int8_t)(v < 0 ? -v : v);
+            }
+            if (w->type == AFM__Q8) {
+                dot = 0;
+                for (i = 0; i < 64; i++) { int c = (int8_t)row[sb * 64 + i]; dot += (c < 0 ? -c : c) * aq[i]; }
+            } else {
+                dot = afm__dot_sb_scalar(w->type, row, sb, aq);
+            }
+            s += sg * (fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb] * dot) +
+                       afm__type_offset(w->type) * fabs((double)a->m[(size_t)t * (size_t)a->nsb + (size_t)sb]));
+        }
+    } else {
+        int i;
+        for (i = 0; i < w->cols; i++)
+            s += fabs((double)afm__wf_scalar(w->type, w->data + (size_t)r * w->row_bytes, i) * a->x[(size_t)t * (size_t)a->kpad + (size_t)i]);
+    }
+    return s;
+}
+
+static const char *level_name(int level) {
+#if defined(AFM__X86)
+    static const char *n[] = {"scalar", "avx2", "avx512", "avx512vnni"};
+    return level >= 0 && level <= 3 ? n[level] : "?";
+#elif defined(AFM__NEON)
+    return level ? "neon" : "scalar";
+#else
+    (void)level;
+    return "scalar";
+#endif
+}
+
+/* ---- tests ---- */
+
+static void test_fp16(void) {
+    uint32_t h;
+    int bad = 0, i;
+    for (h = 0; h < 65536; h++) {
+        float f = afm__h2f((uint16_t)h);
+        if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) continue; /* NaN */
+        if (afm__f2h(f) != h) bad++;
+    }
+    check(bad == 0, "fp16 round trip of every half");
+    /* rounding: compare with a double-precision nearest-even reference on random floats */
+    bad = 0;
+    for (i = 0; i < 200000; i++) {
+        float f = afm__f32_from_bits(rnd() ^ (rnd() << 16));
+        double best = 0, bd = 1e300;
+        uint16_t got, want = 0;
+        uint32_t c;
+        if (!(fabsf(f) < 65504.0f)) continue;
+        got = afm__f2h(f);
+        /* candidates: the two halves around f */
+        for (c = (uint32_t)(got > 0 ? got - 1 : 0); c <= (uint32_t)got + 1 && c < 65536; c++) {
+            double v = afm__h2f((uint16_t)c), e = fabs(v - (double)f);
+            if ((c & 0x7c00) == 0x7c00) continue;
+            if (e < bd || (e == bd && !(c & 1))) { bd = e; best = v; want = (uint16_t)c; }
+        }
+        (void)best;
+        if (afm__h2f(got) != afm__h2f(want)) bad++;
+    }
+    check(bad == 0, "fp16 conversion rounds to nearest even");
+}
+
+static void test_sizes(void) {
+    check(afm__type_size(AFM__Q2B, 6656, 2048, 64) == 6656ull * (512 + 64), "Q2B size 6656x2048 g64");
+    check(afm__type_size(AFM__Q2B, 2048, 6656, 128) == 2048ull * (1664 + 104), "Q2B size 2048x6656 g128");
+    check(afm__type_size(AFM__Q4, 153600, 2048, 64) == 153600ull * (1024 + 64), "Q4 size 153600x2048 g64");
+    check(afm__type_size(AFM__Q8, 10, 100, 64) == 10ull * (128 + 4), "Q8 size 10x100 g64 (padded)");
+    check(afm__type_size(AFM__Q2B, 3, 300, 512) == 3ull * (128 + 2), "Q2B size 3x300 g512 (padded)");
+    check(afm__type_size(AFM__Q2B, 3, 300, 32) == 0, "Q2B group 32 rejected");
+    check(afm__type_size(AFM__F16, 3, 5, 0) == 30, "F16 size");
+    check(afm__type_size(AFM__F16, 3, 5, 64) == 0, "F16 with a group rejected");
+    check(afm__type_size(7, 3, 5, 0) == 0, "unknown type rejected");
+}
+
+/* prepare: SIMD bit-exact to scalar */
+static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
+    static const int sizes[] = {1, 5, 63, 64, 65, 127, 128, 200, 511, 512, 513, 1000, 2048, 2100};
+    int si, nt;
+    char msg[200];
+    for (si = 0; si < (int)(sizeof sizes / sizeof sizes[0]); si++)
+        for (nt = 1; nt <= 3; nt++) {
+            const int n = sizes[si], ldx = n + 3;
+            float *X = (float *)xmalloc(sizeof(float) * (size_t)(nt * ldx));
+            size_t sz = afm__act_size(AFM__Q2B, nt, n);
+            void *b1 = xmalloc(sz), *b2 = xmalloc(sz);
+            afm__act a1, a2;
+            int i, ok;
+            for (i = 0; i < nt * ldx; i++) X[i] = rnd_act();
+            memset(b1, 0x5a, sz); memset(b2, 0xa5, sz);
+            afm__act_init(&a1, AFM__Q2B, nt, n, b1);
+            afm__act_init(&a2, AFM__Q2B, nt, n, b2);
+            ks->prepare_q8(&a1, X, (size_t)ldx, 0, nt);
+            kk->prepare_q8(&a2, X, (size_t)ldx, 0, 1);
+            if (nt > 1) kk->prepare_q8(&a2, X, (size_t)ldx, 1, nt); /* split over tokens */
+            ok = memcmp(a1.q, a2.q, (size_t)nt * (size_t)a1.kpad) == 0 &&
+                 memcmp(a1.d, a2.d, sizeof(float) * (size_t)nt * (size_t)a1.nsb) == 0 &&
+                 memcmp(a1.m, a2.m, sizeof(float) * (size_t)nt * (size_t)a1.nsb) == 0;
+            snprintf(msg, sizeof msg, "%s prepare_q8 n_in=%d n_tok=%d bit-exact", lname, n, nt);
+            check(ok, msg);
+            /* the scalar quantization is close to X */
+            if (si == 0 && nt == 1) {
+                int t, bad = 0;
+                for (t = 0; t < nt; t++)
+                    for (i = 0; i < n; i++) {
+                        float dq = a1.q[(size_t)t * (size_t)a1.kpad + (size_t)i] * a1.d[(size_t)t * (size_t)a1.nsb + (size_t)(i / 64)];
+                        if (fabsf(dq - X[t * ldx + i]) > a1.d[(size_t)t * (size_t)a1.nsb + (size_t)(i / 64)] * 0.5001f) bad++;
+                    }
+                check(bad == 0, "int8 activations within half a step");
+            }
+            free(X); free(b1); free(b2);
+        }
+}
+
+/* matmul: SIMD vs scalar, plus the scalar reference against a double-precision product of the
+   dequantized weights and dequantized activations (ties the matmul layout to the dequant layout). */
+static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, const char *lname,
+                             int type, int rows, int cols, int group, int n_tok, int check_ref) {
+    afm__wmat w;
+    uint8_t *wd = make_weights(type, rows, cols, group, &w);
+    const int ldx = cols + 1;
+    const size_t ldy = (size_t)rows + 5;
+    float *X = (float *)xmalloc(sizeof(float) * (size_t)(n_tok * ldx));
+    size_t sz = afm__act_size(type, n_tok, cols);
+    void *b1 = xmalloc(sz), *b2 = xmalloc(sz);
+    float *Y1 = (float *)xmalloc(sizeof(float) * ldy * (size_t)n_tok), *Y2 = (float *)xmalloc(sizeof(float) * ldy * (size_t)n_tok);
+    afm__act a1, a2;
+    int i, t, r, bad = 0, poison_bad = 0;
+    const int r0 = rows > 3 ? 1 : 0, r1 = rows > 3 ? rows - 1 : rows;
+    double worst = 0.0;
+    char msg[256];
+    for (i = 0; i < n_tok * ldx; i++) X[i] = rnd_act();
+    afm__act_init(&a1, type, n_tok, cols, b1);
+    afm__act_init(&a2, type, n_tok, cols, b2);
+    afm__prepare_activations(ks, &a1, X, (size_t)ldx, 0, n_tok);
+    afm__prepare_activations(kk, &a2, X, (size_t)ldx, 0, n_tok);
+    for (i = 0; i < (int)(ldy * (size_t)n_tok); i++) { Y1[i] = -777.0f; Y2[i] = -777.0f; }
+    afm__matmul_rows(ks, &w, &a1, Y1, ldy, r0, r1);
+    /* the SIMD run in two row ranges, as two threads would */
+    afm__matmul_rows(kk, &w, &a2, Y2, ldy, r0, (r0 + r1) / 2);
+    afm__matmul_rows(kk, &w, &a2, Y2, ldy, (r0 + r1) / 2, r1);
+    for (t = 0; t < n_tok; t++)
+        for (r = 0; r < (int)ldy; r++) {
+            float y1 = Y1[(size_t)t * ldy + (size_t)r], y2 = Y2[(size_t)t * ldy + (size_t)r];
+            if (r < r0 || r >= r1) { if (y2 != -777.0f) poison_bad++; continue; }
+            {
+                double tol = 4e-6 * abs_terms(&w, &a1, r, t) + 1e-30, err = fabs((double)y1 - (double)y2);
+                if (!(err <= tol)) { if (bad < 3) printf("  r=%d t=%d ref=%.9g got=%.9g tol=%.3g\n", r, t, y1, y2, tol); bad++; }
+                if (tol > 0 && err / tol > worst) worst = err / tol;
+            }
+        }
+    snprintf(msg, sizeof msg, "%s matmul %s rows=%d cols=%d group=%d n_tok=%d (worst err/tol %.2f)", lname,
+             afm__type_name(type), rows, cols, group, n_tok, worst);
+    check(bad == 0 && poison_bad == 0, msg);
+    if (check_ref) { /* scalar formula == dequant(W) . dequant(q) in double */
+        float *wr = (float *)xmalloc(sizeof(float) * (size_t)cols);
+        int rbad = 0;
+        for (r = r0; r < r1; r++) {
+            afm__dequant_scalar(&w, r, wr);
+            for (t = 0; t < n_tok; t++) {
+                double s = 0.0, sa = 0.0;
+                for (i = 0; i < cols; i++) {
+                    double xv = a1.quant ? (double)a1.q[(size_t)t * (size_t)a1.kpad + (size_t)i] * a1.d[(size_t)t * (size_t)a1.nsb + (size_t)(i / 64)]
+                                         : (double)a1.x[(size_t)t * (size_t)a1.kpad + (size_t)i];
+                    s += (double)wr[i] * xv;
+                    sa += fabs((double)wr[i] * xv);
+                }
+                if (!(fabs(s - Y1[(size_t)t * ldy + (size_t)r]) <= 2e-5 * (sa + abs_terms(&w, &a1, r, t)) + 1e-30)) rbad++;
+            }
+        }
+        snprintf(msg, sizeof msg, "scalar matmul %s rows=%d cols=%d group=%d == dequant product", afm__type_name(type), rows, cols, group);
+        check(rbad == 0, msg);
+        free(wr);
+    }
+    free(wd); free(X); free(b1); free(b2); free(Y1); free(Y2);
+}
+
+static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
+    static const int types[] = {AFM__Q2B, AFM__Q4, AFM__Q8, AFM__F32, AFM__F16, AFM__BF16};
+    static const int cols_list[] = {1, 37, 64, 100, 255, 256, 300, 513, 777, 1000, 2048 + 65};
+    static const int toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 31, 64, 100};
+    static const int groups[] = {64, 128, 256, 512};
+    int ti, ci, ni, gi;
+    for (ti = 0; ti < 6; ti++) {
+        const int type = types[ti], quant = afm__type_is_quant(type);
+        for (ci = 0; ci < (int)(sizeof cols_list / sizeof cols_list[0]); ci++)
+            for (gi = 0; gi < (quant ? 4 : 1); gi++) {
+                const int cols = cols_list[ci];
+                /* every token count for a few shapes, a sample for the rest */
+                for (ni = 0; ni < (int)(sizeof toks / sizeof toks[0]); ni++) {
+                    const int nt = toks[ni];
+                    if (!(ci % 3 == 0 || nt <= 3 || nt == 9 || nt == 17) || (nt >= 64 && cols > 1000)) continue;
+                    test_matmul_case(ks, kk, lname, type, 1 + (int)(rnd() % 13), cols, quant ? groups[gi] : 0, nt, ni == 0 || ni == 5);
+                }
+            }
+    }
+    /* one realistic shape */
+    test_matmul_case(ks, kk, lname, AFM__Q2B, 40, 6656, 64, 1, 0);
+    test_matmul_case(ks, kk, lname, AFM__Q2B, 40, 6656, 128, 9, 0);
+    test_matmul_case(ks, kk, lname, AFM__Q4, 33, 2048, 64, 5, 0);
+}
+
+static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
+    static const int types[] = {AFM__Q2B, AFM__Q4, AFM__Q8, AFM__F32, AFM__F16, AFM__BF16};
+    static const int cols_list[] = {1, 63, 64, 65, 129, 255, 256, 257, 1000, 2048};
+    static const int groups[] = {64, 128, 256, 512};
+    int ti, ci, gi, r;
+    char msg[200];
+    for (ti = 0; ti < 6; ti++)
+        for (ci = 0; ci < (int)(sizeof cols_list / sizeof cols_list[0]); ci++)
+            for (gi = 0; gi < (afm__type_is_quant(types[ti]) ? 4 : 1); gi++) {
+                afm__wmat w;
+                const int rows = 3, cols = cols_list[ci];
+                uint8_t *wd = make_weights(types[ti], rows, cols, groups[gi], &w);
+                float *o1 = (float *)xmalloc(sizeof(float) * (size_t)(cols + 1)), *o2 = (float *)xmalloc(sizeof(float) * (size_t)(cols + 1));
+                int ok = 1;
+                for (r = 0; r < rows; r++) {
+                    o1[cols] = o2[cols] = 12345.0f;
+                    afm__dequantize_row(ks, &w, r, o1);
+                    afm__dequantize_row(kk, &w, r, o2);
+                    if (memcmp(o1, o2, sizeof(float) * (size_t)(cols + 1)) != 0 || o2[cols] != 12345.0f) ok = 0;
+                }
+                snprintf(msg, sizeof msg, "%s dequant %s cols=%d group=%d bit-exact", lname, afm__type_name(types[ti]), cols,
+                         afm__type_is_quant(types[ti]) ? groups[gi] : 0);
+                check(ok, msg);
+                free(wd); free(o1); free(o2);
+            }
+}
+
+static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
+    static const int dims[] = {1, 7, 8, 17, 32, 64, 100, 128};
+    static const int npos[] = {1, 2, 5, 16, 33, 100};
+    int di, pi, nq;
+    char msg[200];
+    for (di = 0; di < 8; di++)
+        for (pi = 0; pi < 6; pi++)
+            for (nq = 1; nq <= 9; nq += (nq < 4 ? 1 : 4)) {
+                const int dim = dims[di], n = npos[pi];
+                const size_t ks_ = (size_t)dim + 3, ldq = (size_t)dim + 1, lds = (size_t)n + 2;
+                int8_t *K = (int8_t *)xmalloc(ks_ * (size_t)n);
+                float *q = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
+                float *s1 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq), *s2 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq);
+                float *o1 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq), *o2 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
+                size_t i;
+                int h, p, j, bad = 0;
+                const float scale = 0.0123f;
+                for (i = 0; i < ks_ * (size_t)n; i++) K[i] = (int8_t)(rnd() % 255 - 127);
+                for (i = 0; i < ldq * (size_t)nq; i++) q[i] = rndf();
+                ks->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s1, lds);
+                kk->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s2, lds);
+                for (h = 0; h < nq; h++)
+                    for (p = 0; p < n; p++) {
+                        double sa = 0;
+                        for (j = 0; j < dim; j++) sa += fabs(q[(size_t)h * ldq + (size_t)j] * K[(size_t)p * ks_ + (size_t)j]);
+                        if (!(fabs(s1[(size_t)h * lds + (size_t)p] - s2[(size_t)h * lds + (size_t)p]) <= 2e-6 * sa * scale + 1e-30)) bad++;
+                    }
+                snprintf(msg, sizeof msg, "%s kv_scores dim=%d n_pos=%d nq=%d", lname, dim, n, nq);
+                check(bad == 0, msg);
+                /* values: probabilities in s1 rows (positive) */
+                for (h = 0; h < nq; h++) for (p = 0; p < n; p++) s1[(size_t)h * lds + (size_t)p] = (float)(rnd() % 1000) / 1000.0f;
+                for (i = 0; i < ldq * (size_t)nq; i++) o1[i] = o2[i] = -5.0f;
+                ks->kv_values(s1, lds, nq, K, ks_, n, dim, scale, o1, ldq);
+                kk->kv_values(s1, lds, nq, K, ks_, n, dim, scale, o2, ldq);
+                bad = 0;
+                for (h = 0; h < nq; h++) {
+                    for (j = 0; j < dim; j++) {
+                        double sa = 0;
+                        for (p = 0; p < n; p++) sa += fabs(s1[(size_t)h * lds + (size_t)p] * K[(size_t)p * ks_ + (size_t)j]);
+                        if (!(fabs(o1[(size_t)h * ldq + (size_t)j] - o2[(size_t)h * ldq + (size_t)j]) <= 2e-6 * sa * scale + 1e-30)) bad++;
+                    }
+                    if (o2[(size_t)h * ldq + (size_t)dim] != -5.0f) bad++;
+                }
+                snprintf(msg, sizeof msg, "%s kv_values dim=%d n_pos=%d nq=%d", lname, dim, n, nq);
+                check(bad == 0, msg);
+                free(K); free(q); free(s1); free(s2); free(o1); free(o2);
+            }
+}
+
+
+/* A fixture written by tools/quantize.py --fixtures: Python's encoding and its float32 decode.
+   The C decode (every level) must reproduce it bit for bit. */
+static void test_fixture(const char *path, const afm__kernels *kk, int nk) {
+    FILE *f = fopen(path, "rb");
+    unsigned char hdr[32];
+    uint32_t type, rows, cols, group;
+    uint64_t n;
+    uint8_t *data = NULL;
+    float *want = NULL, *got = NULL;
+    afm__wmat w;
+    char msg[300];
+    int ok = 0, i, r;
+    if (!f || fread(hdr, 1, 32, f) != 32 || memcmp(hdr, "AFMQFIX1", 8) != 0) goto done;
+    memcpy(&type, hdr + 8, 4); memcpy(&rows, hdr + 12, 4); memcpy(&cols, hdr + 16, 4); memcpy(&group, hdr + 20, 4);
+    memcpy(&n, hdr + 24, 8);
+    if (rows == 0 || cols == 0 || rows > 100000 || cols > 100000 || n > ((uint64_t)1 << 32)) goto done;
+    data = (uint8_t *)xmalloc((size_t)n);
+    want = (float *)xmalloc(sizeof(float) * (size_t)rows * cols);
+    got = (float *)xmalloc(sizeof(float) * (size_t)cols);
+    if (fread(data, 1, (size_t)n, f) != (size_t)n || fread(want, sizeof(float), (size_t)rows * cols, f) != (size_t)rows * cols) goto done;
+    if (afm__wmat_init(&w, (int)type, data, n, (int)rows, (int)cols, (int)group) != 0) goto done;
+    ok = 1;
+    for (i = 0; i < nk; i++)
+        for (r = 0; r < (int)rows; r++) {
+            afm__dequantize_row(&kk[i], &w, r, got);
+            if (memcmp(got, want + (size_t)r * cols, sizeof(float) * cols) != 0) ok = 0;
+        }
+done:
+    snprintf(msg, sizeof msg, "fixture %s: C decode == Python decode (bit-exact, %d kernel sets)", path, nk);
+    check(ok, msg);
+    if (f) fclose(f);
+    free(data); free(want); free(got);
+}
+
+int main(int argc, char **argv) {
+    afm__kernels ks, kk, all[4];
+    int level, top, nall = 0, verbose = 0, a;
+    afm__select_kernels(&ks, AFM__LEVEL_SCALAR);
+    top = afm__select_kernels(&kk, AFM__LEVEL_MAX);
+    printf("kernels: best on this CPU = %s\n", kk.name);
+    for (level = 0; level <= top && nall < 4; level++)
+        if (afm__select_kernels(&all[nall], level) == level) nall++;
+    for (a = 1; a < argc; a++) { /* arguments: -v, or fixture files */
+        if (strcmp(argv[a], "-v") == 0) verbose = 1;
+        else test_fixture(argv[a], all, nall);
+    }
+    test_fp16();
+    test_sizes();
+    /* the scalar reference against itself still exercises the dequant-product check */
+    for (level = 0; level <= top; level++) {
+        int got = afm__select_kernels(&kk, level);
+        int before = n_fail;
+        if (got != level) continue;
+        printf("testing level %s (%s)\n", level_name(level), kk.name);
+        test_prepare(&ks, &kk, kk.name);
+        test_matmul(&ks, &kk, kk.name);
+        test_dequant(&ks, &kk, kk.name);
+        test_kv(&ks, &kk, kk.name);
+        if (verbose || n_fail != before) printf("  %s: %d failures\n", kk.name, n_fail - before);
+    }
+#if defined(AFM__X86)
+    if (top < AFM__LEVEL_AVX512VNNI) printf("note: this CPU lacks %s; those kernels were compiled but not run\n",
+                                             top < AFM__LEVEL_AVX512 ? "AVX-512 and AVX-512 VNNI" : "AVX-512 VNNI");
+#endif
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
