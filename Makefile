@@ -38,7 +38,13 @@ fuzz:
 	build/fuzz_fmadapter -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
 
+# Kernel micro-benchmark: matvec GB/s and prefill GFLOP/s per type next to measured bandwidth.
+bench-kernels:
+	mkdir -p build
+	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_kernels tests/bench_kernels.c $(LDLIBS)
+	build/bench_kernels
+
 clean:
 	rm -rf build afm simple
 
-.PHONY: all demo test fuzz clean
+.PHONY: all demo test fuzz bench-kernels clean

@@ -381,11 +381,13 @@ static afm_result afm__read_whole(const afm_allocator *a, FILE *f, uint64_t size
     return AFM_OK;
 }
 
-static afm_result afm__blob_open(const afm_allocator *a, const char *path, int no_mmap, afm__blob *b,
-                                 char *err, size_t errn) {
+/* populate: map every page now (adapters are read whole at load anyway; models map lazily). */
+static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, int no_mmap, int populate, afm__blob *b,
+                                    char *err, size_t errn) {
     afm_result r;
     FILE *f;
     uint64_t size;
+    (void)populate; /* MAP_POPULATE is Linux-only and hidden under strict C99 */
     memset(b, 0, sizeof *b);
 #if defined(_WIN32) && !defined(AFM_NO_MMAP)
     if (!no_mmap) {
@@ -412,7 +414,11 @@ static afm_result afm__blob_open(const afm_allocator *a, const char *path, int n
         size = (uint64_t)st.st_size;
         if (size == 0) { close(fd); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
         if (size > (uint64_t)(size_t)-1) { close(fd); return afm__fail(err, errn, AFM_ERR_IO, "%s: file too large to map", path); }
+#ifdef MAP_POPULATE
+        b->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE | (populate ? MAP_POPULATE : 0), fd, 0);
+#else
         b->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+#endif
         close(fd);
         if (b->map == MAP_FAILED) { b->map = NULL; return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot map file", path); }
         b->data = (const unsigned char *)b->map;
@@ -441,6 +447,10 @@ static afm_result afm__blob_open(const afm_allocator *a, const char *path, int n
     r = afm__read_whole(a, f, size, b, path, err, errn);
     fclose(f);
     return r;
+}
+
+static afm_result afm__blob_open(const afm_allocator *a, const char *path, int no_mmap, afm__blob *b, char *err, size_t errn) {
+    return afm__blob_open_ex(a, path, no_mmap, 0, b, err, errn);
 }
 
 static void afm__blob_close(const afm_allocator *a, afm__blob *b) {
@@ -2864,22 +2874,31 @@ static afm_adapter *afm__adapter_new(const afm_model *m) {
     return ad;
 }
 
+/* Whether n little-endian halves (F16) or singles (F32) contain an infinity or NaN: all-ones
+   exponent. Words of 64 bits at a time, so a 133 MB adapter takes milliseconds. */
+static int afm__has_nonfinite(const unsigned char *p, uint64_t n, int f16) {
+    const uint64_t m = f16 ? 0x7c007c007c007c00ull : 0x7f8000007f800000ull;
+    const uint64_t lo = f16 ? 0x0001000100010001ull : 0x0000000100000001ull;
+    const uint64_t hi = f16 ? 0x8000800080008000ull : 0x8000000080000000ull;
+    uint64_t bytes = n * (f16 ? 2 : 4), i, w, v, acc = 0;
+    for (i = 0; i + 8 <= bytes; i += 8) {
+        memcpy(&w, p + i, 8);          /* lanes are whole values: host byte order is irrelevant */
+        v = (w & m) ^ m;               /* a lane is 0 where the exponent is all ones */
+        acc |= (v - lo) & ~v & hi;     /* "has a zero lane" */
+    }
+    for (; i < bytes; i += f16 ? 2 : 4) {
+        uint32_t e = f16 ? (uint32_t)(p[i + 1] & 0x7c) : (uint32_t)((p[i + 3] & 0x7f) << 1 | p[i + 2] >> 7);
+        acc |= e == (f16 ? 0x7cu : 0xffu);
+    }
+    return acc != 0;
+}
+
 /* Refuses LoRA weights that are NaN or infinite: they would poison every token silently. */
 static afm_result afm__adapter_check_finite(const afm_adapter *ad, const char *name, char *err, size_t errn) {
     int i;
-    uint64_t e;
     for (i = 0; i < ad->model->config.n_layers * AFM__N_PROJ * 2; i++) {
         const afm__tensor *t = (i & 1 ? ad->b : ad->a)[i >> 1];
-        int bad = 0;
-        if (!t) continue;
-        if (t->type == AFM_TYPE_F16) {
-            const unsigned char *p = (const unsigned char *)t->data;
-            for (e = 0; e < t->n_elements; e++) bad |= (p[2 * e + 1] & 0x7c) == 0x7c;
-        } else {
-            const unsigned char *p = (const unsigned char *)t->data;
-            for (e = 0; e < t->n_elements; e++) bad |= (p[4 * e + 3] & 0x7f) == 0x7f && (p[4 * e + 2] & 0x80);
-        }
-        if (bad)
+        if (t && afm__has_nonfinite((const unsigned char *)t->data, t->n_elements, t->type == AFM_TYPE_F16))
             return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: tensor %s (data at offset %llu) contains NaN or infinity", name, t->name, (unsigned long long)t->offset);
     }
     return AFM_OK;
@@ -3187,13 +3206,13 @@ AFMDEF afm_result afm_adapter_load(afm_model *m, const char *path, const afm_loa
         }
         if (r == AFM_OK) {
             snprintf(sub, sizeof sub, "%s/adapter_weights.bin", path);
-            r = afm__blob_open(&ad->alloc, sub, no_mmap, &ad->blob, err, errn);
+            r = afm__blob_open_ex(&ad->alloc, sub, no_mmap, 1, &ad->blob, err, errn);
         }
         if (r == AFM_OK) r = afm__fm_weights(ad, ad->blob.data, ad->blob.size, path, err, errn);
         if (r == AFM_OK) r = afm__adapter_check_finite(ad, path, err, errn);
     } else {
         afm__loader L;
-        r = afm__blob_open(&ad->alloc, path, no_mmap, &ad->blob, err, errn);
+        r = afm__blob_open_ex(&ad->alloc, path, no_mmap, 1, &ad->blob, err, errn);
         if (r == AFM_OK) {
             L.name = path; L.p = ad->blob.data; L.size = ad->blob.size; L.err = err; L.errn = errn;
             r = afm__parse_adapter(&L, ad);

@@ -34,7 +34,9 @@ static const char *usage_text =
     "                         128), -r runs each (default 3, median reported), for each thread\n"
     "                         count in -t (default 1,2); prints tok/s, bytes read per decode\n"
     "                         token, memory read bandwidth measured in the same run, decode as\n"
-    "                         a percentage of that roofline, and peak RSS\n"
+    "                         a percentage of that roofline, and peak RSS; with --adapter:\n"
+    "                         adapter load and switch times, and decode tok/s with and without\n"
+    "                         it in alternating runs\n"
     "\n"
     "options:\n"
     "  -m, --model FILE       model file (.afm, see docs/FORMAT.md)\n"
@@ -604,6 +606,68 @@ static int cmd_bench(int argc, char **argv) {
     m = load_or_die(path, 0);
     c = afm_model_config(m);
     if (adapter_path) ad = load_adapter_or_die(m, adapter_path);
+    if (ad) {
+        /* adapter cost: load and switch times, then decode with and without it, alternating */
+        double t_load[6], t_switch[6], t0;
+        afm_session *s;
+        afm_session_params sp;
+        afm_adapter *again;
+        int k;
+        char err[512];
+        for (k = 0; k < 6; k++) {
+            t0 = now_seconds();
+            if (afm_adapter_load(m, adapter_path, NULL, &again, err, sizeof err) != AFM_OK) die("%s", err);
+            t_load[k] = now_seconds() - t0;
+            afm_adapter_free(again);
+        }
+        memset(&sp, 0, sizeof sp);
+        afm_session_create(m, &sp, &s);
+        for (k = 0; k < 6; k++) {
+            t0 = now_seconds();
+            afm_session_set_adapter(s, k & 1 ? NULL : ad);
+            t_switch[k] = now_seconds() - t0;
+        }
+        afm_session_free(s);
+        qsort(t_load + 1, 5, sizeof *t_load, cmp_double);
+        qsort(t_switch, 6, sizeof *t_switch, cmp_double);
+        printf("adapter %s: load %.1f ms the first time, then %.1f ms (median of 5); switching a session %.3f ms\n",
+               adapter_path, t_load[0] * 1e3, t_load[3] * 1e3, t_switch[3] * 1e3);
+    }
+    if (ad && !spec) {
+        printf("decode tok/s with and without the adapter, alternating runs (prefill %d, decode %d), median of %d:\n", n_prompt, n_gen, runs);
+        printf("%7s %14s %14s %8s\n", "threads", "no adapter", "adapter", "ratio");
+        for (ti = 0; ti < n_tl; ti++) {
+            double with[100], without[100];
+            int r, k;
+            afm_session_params sp;
+            afm_session *s;
+            int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen) * sizeof *toks);
+            for (i = 0; i < n_prompt + n_gen; i++) toks[i] = (int32_t)((i * 7919 + 13) % c->vocab_size);
+            memset(&sp, 0, sizeof sp);
+            sp.n_threads = n_threads_list[ti];
+            sp.n_ctx = n_prompt + n_gen + 8;
+            afm_session_create(m, &sp, &s);
+            for (r = 0; r < runs; r++)
+                for (k = 0; k < 2; k++) {
+                    double t0, t1;
+                    afm_session_set_adapter(s, k ? ad : NULL);
+                    afm_session_rewind(s, 0);
+                    afm_session_eval(s, toks, n_prompt);
+                    t0 = now_seconds();
+                    for (i = 0; i < n_gen; i++) afm_session_eval(s, &toks[n_prompt + i], 1);
+                    t1 = now_seconds();
+                    (k ? with : without)[r] = n_gen / (t1 - t0);
+                }
+            qsort(with, (size_t)runs, sizeof *with, cmp_double);
+            qsort(without, (size_t)runs, sizeof *without, cmp_double);
+            printf("%7d %14.2f %14.2f %7.1f%%\n", n_threads_list[ti], without[runs / 2], with[runs / 2], 100 * with[runs / 2] / without[runs / 2]);
+            afm_session_free(s);
+            free(toks);
+        }
+        afm_adapter_free(ad);
+        afm_model_free(m);
+        return 0;
+    }
     if (spec) {
         for (ti = 0; ti < n_tl; ti++) cmd_bench_spec(m, ad, n_threads_list[ti], n_prompt, n_gen, runs);
         afm_adapter_free(ad);
