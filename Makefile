@@ -33,9 +33,9 @@ fuzz:
 	mkdir -p build build/corpus-load build/corpus-fmadapter
 	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
-	build/fuzz_load -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
+	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
 	    build/corpus-load tests/fuzz/corpus/load
-	build/fuzz_fmadapter -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
 
 # Kernel micro-benchmark: matvec GB/s and prefill GFLOP/s per type next to measured bandwidth.
