@@ -45,7 +45,7 @@ CONFIGS = {
     "afm_mini": dict(seed=101, vocab_size=256, hidden_dim=64, num_layers=6, num_kv_reuse_layers=3, num_heads=8,
                      num_kv_heads=1, hidden_dim_scale_factor=1.0, rope_theta=500000.0, rms_norm_eps=1e-5),
     # (ii) draft-shaped: no reuse layers, 4 heads on 2 KV heads, ffn 3x
-    "draft_mini": dict(seed=202, vocab_size=256, hidden_dim=32, num_layers=3, num_kv_reuse_layers=0, num_heads=4,
+    "draft_mini": dict(seed=206, vocab_size=256, hidden_dim=32, num_layers=3, num_kv_reuse_layers=0, num_heads=4,
                        num_kv_heads=2, hidden_dim_scale_factor=3.0, rope_theta=500000.0, rms_norm_eps=1e-5),
     # (iii) odd counts: one regular layer + 3 reuse layers, 3 heads x 16 on 1 KV head, ffn 99 (odd), vocab 251,
     # theta 10000, layer-norm eps 1e-6 (q/k norms keep MLX's 1e-5), and layer 0's value scale set
