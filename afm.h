@@ -3284,15 +3284,18 @@ struct afm_session {
     float *x, *xn, *qkv, *q, *att, *hb, *hb2, *rope_cos, *rope_sin;
     float *scores;                /* [n_threads][cap] attention scores */
     float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches) */
-    void *act_buf;                /* activations prepared for one matrix product */
-    size_t act_cap;
+    void *act_buf;                /* int8 activations prepared for one job's quantized products */
+    void *act_f32;                /* f32 copies of an input whose rows are not laid out for the
+                                     kernels (a width not a multiple of 16), else NULL */
+    size_t act_cap;               /* bytes of act_buf (and of act_f32) */
     int rowbuf_n;
     float *logits;                /* [logits_cap][vocab] */
     int logits_cap, n_logits;
     int32_t *tokens;              /* [cap] the tokens in the cache, in order */
     int test_accept_rule;         /* tests only: 1 accepts every draft, to show the tests can fail */
     const afm_adapter *adapter;   /* LoRA applied on every adapted projection, or NULL */
-    float *lora_t, *lora_u;       /* [n_batch][rank], [n_batch][widest output] */
+    float *lora_t, *lora_u;       /* [3][n_batch][rank rounded up to 16] (A x of up to three
+                                     projections), [n_batch][3 * widest output] (their B A x) */
     int lora_rank_cap;
     char err[256];
 };
@@ -3305,54 +3308,112 @@ static afm_result afm__serr(afm_session *s, afm_result code, const char *fmt, ..
     return code;
 }
 
-/* ---- a matrix product: activations prepared once, then rows spread over the pool ---- */
-typedef struct afm__mm_job {
-    afm_session *s;
+/* ---- matrix products: activations prepared once per input, then the rows of one or more
+   products (a projection and its LoRA A matrices, gate and up, ...) spread over the pool in one
+   hand-off. Every thread takes its share of every product's rows, so the split stays even
+   whatever the products' sizes, and each output row is computed exactly as alone. ---- */
+#define AFM__MM_MAX 8
+typedef struct afm__mm_item {
     const afm__tensor *W;
-    const float *X;
+    const float *X;               /* n_tok rows of W->dims[1] inputs, row stride ldx */
     int ldx;
-    float *Y;
+    float *Y;                     /* Y[t * ldy + r] for every row r of W */
     int ldy;
     afm__act act;
+} afm__mm_item;
+
+typedef struct afm__mm_job {
+    afm_session *s;
+    int n_tok, n;
+    afm__mm_item it[AFM__MM_MAX];
+    afm__act *prep;               /* the activations being prepared by afm__mm_prepare_run */
+    const float *prep_x;
+    int prep_ldx;
 } afm__mm_job;
+
+static void afm__mm_init(afm__mm_job *j, afm_session *s, int n_tok) { j->s = s; j->n_tok = n_tok; j->n = 0; }
+
+static void afm__mm_add(afm__mm_job *j, const afm__tensor *W, const float *X, int ldx, float *Y, int ldy) {
+    afm__mm_item *it = &j->it[j->n++];
+    AFM_ASSERT(j->n <= AFM__MM_MAX);
+    it->W = W; it->X = X; it->ldx = ldx; it->Y = Y; it->ldy = ldy;
+}
 
 static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
     int lo, hi;
-    afm__split(j->act.n_tok, ith, nth, &lo, &hi);
-    if (lo < hi) afm__prepare_activations(&j->s->model->kern, &j->act, j->X, (size_t)j->ldx, lo, hi);
+    afm__split(j->n_tok, ith, nth, &lo, &hi);
+    if (lo < hi) afm__prepare_activations(&j->s->model->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
 }
 
 static float afm__dot(const float *a, const float *b, int n);
 
 static void afm__mm_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
-    int lo, hi;
-    afm__split((int)j->W->dims[0], ith, nth, &lo, &hi);
-    if (j->act.quant || !afm__type_is_quant((int)j->W->type)) {
-        afm__matmul_rows(&j->s->model->kern, &j->W->w, &j->act, j->Y, (size_t)j->ldy, lo, hi);
-    } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
-        float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
-        int r, t, n = (int)j->W->dims[1];
-        for (r = lo; r < hi; r++) {
-            afm__dequantize_row(&j->s->model->kern, &j->W->w, r, row);
-            for (t = 0; t < j->act.n_tok; t++) j->Y[(size_t)t * j->ldy + r] = afm__dot(row, j->act.x + (size_t)t * j->act.kpad, n);
+    int i, lo, hi;
+    for (i = 0; i < j->n; i++) {
+        const afm__mm_item *it = &j->it[i];
+        afm__split((int)it->W->dims[0], ith, nth, &lo, &hi);
+        if (it->act.quant || !afm__type_is_quant((int)it->W->type)) {
+            afm__matmul_rows(&j->s->model->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi);
+        } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
+            float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
+            int r, t, n = (int)it->W->dims[1];
+            for (r = lo; r < hi; r++) {
+                afm__dequantize_row(&j->s->model->kern, &it->W->w, r, row);
+                for (t = 0; t < it->act.n_tok; t++) it->Y[(size_t)t * it->ldy + r] = afm__dot(row, it->act.x + (size_t)t * it->act.kpad, n);
+            }
         }
     }
 }
 
-/* Y[t][r] = W[r] . X[t] for every row r of W and token t < n_tok. The session's activation
-   buffer was sized for the widest product at creation (and for LoRA ranks when set). */
+/* Prepares a's activations from X into buf (over the pool when there are several tokens). */
+static void afm__mm_prepare(afm__mm_job *j, afm__act *a, int type, const float *X, int ldx, int n_in, void *buf) {
+    afm_session *s = j->s;
+    AFM_ASSERT(afm__act_size(type, j->n_tok, n_in) <= s->act_cap);
+    afm__act_init(a, type, j->n_tok, n_in, buf);
+    if (j->n_tok >= 4) {
+        j->prep = a; j->prep_x = X; j->prep_ldx = ldx;
+        afm__pool_run(&s->pool, afm__mm_prepare_run, j);
+    } else afm__prepare_activations(&s->model->kern, a, X, (size_t)ldx, 0, j->n_tok);
+}
+
+/* Runs every product added since afm__mm_init. Quantized weights read int8 activations, one
+   preparation per input shared by the products that read it (at most one such input per job);
+   float weights (and every weight in f32_activations mode) read X in place when its rows are
+   already laid out as the kernels want (stride = inputs rounded up to 16), else a copy. */
+static void afm__mm_go(afm__mm_job *j) {
+    afm_session *s = j->s;
+    const float *qx = NULL, *fx = NULL;
+    const afm__act *qa = NULL, *fa = NULL;
+    int i;
+    for (i = 0; i < j->n; i++) {
+        afm__mm_item *it = &j->it[i];
+        const int n_in = (int)it->W->dims[1];
+        if (afm__type_is_quant((int)it->W->type) && !s->params.f32_activations) {
+            if (qx == it->X) { it->act = *qa; continue; }
+            AFM_ASSERT(qx == NULL);
+            afm__mm_prepare(j, &it->act, (int)it->W->type, it->X, it->ldx, n_in, s->act_buf);
+            qx = it->X; qa = &it->act;
+        } else if (it->ldx == ((n_in + 15) & ~15)) {
+            afm__act_init(&it->act, AFM_TYPE_F32, j->n_tok, n_in, (void *)(uintptr_t)it->X);
+            it->act.x = (float *)(uintptr_t)it->X; /* in place: act_init would round the pointer up */
+        } else {
+            if (fx == it->X) { it->act = *fa; continue; }
+            AFM_ASSERT(fx == NULL);
+            afm__mm_prepare(j, &it->act, AFM_TYPE_F32, it->X, it->ldx, n_in, s->act_f32 ? s->act_f32 : s->act_buf);
+            fx = it->X; fa = &it->act;
+        }
+    }
+    afm__pool_run(&s->pool, afm__mm_run, j);
+}
+
+/* Y[t][r] = W[r] . X[t] for every row r of W and token t < n_tok: one product alone. */
 static void afm__matmul(afm_session *s, const afm__tensor *W, const float *X, int ldx, int n_tok, float *Y, int ldy) {
     afm__mm_job j;
-    int act_type;
-    j.s = s; j.W = W; j.X = X; j.ldx = ldx; j.Y = Y; j.ldy = ldy;
-    act_type = s->params.f32_activations ? AFM_TYPE_F32 : (int)W->type;
-    AFM_ASSERT(afm__act_size(act_type, n_tok, (int)W->dims[1]) <= s->act_cap);
-    afm__act_init(&j.act, act_type, n_tok, (int)W->dims[1], s->act_buf);
-    if (n_tok >= 4) afm__pool_run(&s->pool, afm__mm_prepare_run, &j);
-    else afm__prepare_activations(&s->model->kern, &j.act, X, (size_t)ldx, 0, n_tok);
-    afm__pool_run(&s->pool, afm__mm_run, &j);
+    afm__mm_init(&j, s, n_tok);
+    afm__mm_add(&j, W, X, ldx, Y, ldy);
+    afm__mm_go(&j);
 }
 
 /* Bytes of prepared activations the widest product of n_tok tokens with n_in inputs needs. */
@@ -3370,20 +3431,49 @@ static float afm__dot(const float *a, const float *b, int n) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
-/* Adds scale * B (A X) to Y for projection p of layer l when the session has an adapter.
-   Same order of operations as the reference: (x A^T) B^T first, then scaled, then added. */
-static void afm__lora(afm_session *s, int l, int p, const float *X, int ldx, int n_tok, float *Y, int ldy) {
+/* ---- LoRA: y += scale * B (A x) on an adapted projection, in the reference's order: (x A^T)
+   B^T first, then scaled, then added. The A products join the projection's own job (they read
+   the same input); the B products of a job's projections run together in a second one. ---- */
+typedef struct afm__lora_set {
+    int n;
+    int proj[3];                  /* adapted projections of one job (AFM__P_*) */
+    float *Y[3];
+    int ldy[3];
+} afm__lora_set;
+
+static int afm__lora_rpad(const afm_session *s) { return (s->adapter->rank + 15) & ~15; }
+
+/* Adds the A products of projection p of layer l (input X) to job j; slot k of lora_t gets A x. */
+static void afm__lora_a(afm__mm_job *j, afm__lora_set *ls, int l, int p, const float *X, int ldx, float *Y, int ldy) {
+    afm_session *s = j->s;
+    const afm__tensor *A;
+    int k = ls->n;
+    if (!s->adapter || !(A = s->adapter->a[l * AFM__N_PROJ + p])) return;
+    afm__mm_add(j, A, X, ldx, s->lora_t + (size_t)k * s->params.n_batch * afm__lora_rpad(s), afm__lora_rpad(s));
+    ls->proj[k] = p; ls->Y[k] = Y; ls->ldy[k] = ldy;
+    ls->n++;
+}
+
+/* The B products of every projection in ls, then Y += scale * B (A x). */
+static void afm__lora_b(afm_session *s, int l, const afm__lora_set *ls, int n_tok) {
     const afm_adapter *ad = s->adapter;
-    const afm__tensor *A, *B;
-    int r, out, t, o;
-    if (!ad || !(A = ad->a[l * AFM__N_PROJ + p])) return;
-    B = ad->b[l * AFM__N_PROJ + p];
-    r = (int)A->dims[0];
-    out = (int)B->dims[0];
-    afm__matmul(s, A, X, ldx, n_tok, s->lora_t, r);
-    afm__matmul(s, B, s->lora_t, r, n_tok, s->lora_u, out);
-    for (t = 0; t < n_tok; t++)
-        for (o = 0; o < out; o++) Y[(size_t)t * ldy + o] += ad->scale * s->lora_u[(size_t)t * out + o];
+    float *u[3];
+    int k, t, o, out[3], rp;
+    afm__mm_job j;
+    if (!ls->n) return;
+    rp = afm__lora_rpad(s);
+    afm__mm_init(&j, s, n_tok);
+    u[0] = s->lora_u;
+    for (k = 0; k < ls->n; k++) {
+        const afm__tensor *B = ad->b[l * AFM__N_PROJ + ls->proj[k]];
+        out[k] = (int)B->dims[0];
+        if (k + 1 < ls->n) u[k + 1] = u[k] + (size_t)n_tok * out[k];
+        afm__mm_add(&j, B, s->lora_t + (size_t)k * s->params.n_batch * rp, rp, u[k], out[k]);
+    }
+    afm__mm_go(&j);
+    for (k = 0; k < ls->n; k++)
+        for (t = 0; t < n_tok; t++)
+            for (o = 0; o < out[k]; o++) ls->Y[k][(size_t)t * ls->ldy[k] + o] += ad->scale * u[k][(size_t)t * out[k] + o];
 }
 
 static void afm__rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -3551,6 +3641,8 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
     int d = c->dim, qd = c->n_heads * c->head_dim, f = c->ffn_dim, l, t, i;
     size_t nd = (size_t)d;
     afm__attn_job aj;
+    afm__mm_job mj;
+    afm__lora_set ls;
 
     for (t = 0; t < n_tok; t++) afm__dequantize_row(&m->kern, &m->tok_embd->w, tok[t], s->x + t * nd);
     afm__rope_tables(s, n_tok);
@@ -3559,30 +3651,46 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         const afm__layer *ly = &m->layers[l];
         int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
         for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->attn_norm, d, c->norm_eps);
-        afm__matmul(s, ly->reuse ? ly->wq : ly->qkv, s->xn, d, n_tok, s->qkv, stride);
-        if (ly->reuse) afm__lora(s, l, AFM__P_WQ, s->xn, d, n_tok, s->qkv, stride);
+        afm__mm_init(&mj, s, n_tok);
+        ls.n = 0;
+        afm__mm_add(&mj, ly->reuse ? ly->wq : ly->qkv, s->xn, d, s->qkv, stride);
+        if (ly->reuse) afm__lora_a(&mj, &ls, l, AFM__P_WQ, s->xn, d, s->qkv, stride);
         else {
-            afm__lora(s, l, AFM__P_Q, s->xn, d, n_tok, s->qkv, stride);
-            afm__lora(s, l, AFM__P_K, s->xn, d, n_tok, s->qkv + qd, stride);
-            afm__lora(s, l, AFM__P_V, s->xn, d, n_tok, s->qkv + qd + s->kv_dim, stride);
+            afm__lora_a(&mj, &ls, l, AFM__P_Q, s->xn, d, s->qkv, stride);
+            afm__lora_a(&mj, &ls, l, AFM__P_K, s->xn, d, s->qkv + qd, stride);
+            afm__lora_a(&mj, &ls, l, AFM__P_V, s->xn, d, s->qkv + qd + s->kv_dim, stride);
         }
+        afm__mm_go(&mj);
+        afm__lora_b(s, l, &ls, n_tok);
         afm__qkv_post(s, l, n_tok);
         /* queries are the first qd values of each row; segment 1 reads the last segment-0 cache */
         s->q = s->qkv;
         aj.s = s; aj.layer = ly->reuse ? m->n_seg0 - 1 : l; aj.n_tok = n_tok; aj.q_stride = stride;
         afm__pool_run(&s->pool, afm__attn_run, &aj);
-        afm__matmul(s, ly->wo, s->att, qd, n_tok, s->xn, d);
-        afm__lora(s, l, AFM__P_WO, s->att, qd, n_tok, s->xn, d);
+        afm__mm_init(&mj, s, n_tok);
+        ls.n = 0;
+        afm__mm_add(&mj, ly->wo, s->att, qd, s->xn, d);
+        afm__lora_a(&mj, &ls, l, AFM__P_WO, s->att, qd, s->xn, d);
+        afm__mm_go(&mj);
+        afm__lora_b(s, l, &ls, n_tok);
         for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
 
         for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->ffn_norm, d, c->norm_eps);
-        afm__matmul(s, ly->gate, s->xn, d, n_tok, s->hb, f);
-        afm__lora(s, l, AFM__P_GATE, s->xn, d, n_tok, s->hb, f);
-        afm__matmul(s, ly->up, s->xn, d, n_tok, s->hb2, f);
-        afm__lora(s, l, AFM__P_UP, s->xn, d, n_tok, s->hb2, f);
+        afm__mm_init(&mj, s, n_tok);
+        ls.n = 0;
+        afm__mm_add(&mj, ly->gate, s->xn, d, s->hb, f);
+        afm__mm_add(&mj, ly->up, s->xn, d, s->hb2, f);
+        afm__lora_a(&mj, &ls, l, AFM__P_GATE, s->xn, d, s->hb, f);
+        afm__lora_a(&mj, &ls, l, AFM__P_UP, s->xn, d, s->hb2, f);
+        afm__mm_go(&mj);
+        afm__lora_b(s, l, &ls, n_tok);
         for (i = 0; i < n_tok * f; i++) s->hb[i] = afm__silu(s->hb[i]) * s->hb2[i];
-        afm__matmul(s, ly->down, s->hb, f, n_tok, s->xn, d);
-        afm__lora(s, l, AFM__P_DOWN, s->hb, f, n_tok, s->xn, d);
+        afm__mm_init(&mj, s, n_tok);
+        ls.n = 0;
+        afm__mm_add(&mj, ly->down, s->hb, f, s->xn, d);
+        afm__lora_a(&mj, &ls, l, AFM__P_DOWN, s->hb, f, s->xn, d);
+        afm__mm_go(&mj);
+        afm__lora_b(s, l, &ls, n_tok);
         for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
     }
     if (logits_from < n_tok) {
@@ -3601,7 +3709,7 @@ static void afm__session_release_buffers(afm_session *s) {
     void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
-                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf };
+                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32 };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -3686,7 +3794,8 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
     s->act_cap = afm__act_need(B, widest);
     s->act_buf = afm__alloc(a, s->act_cap);
-    if (!s->act_buf ||
+    if ((c->dim | qd | c->ffn_dim) & 15) s->act_f32 = afm__alloc(a, s->act_cap);
+    if (!s->act_buf || (((c->dim | qd | c->ffn_dim) & 15) && !s->act_f32) ||
         !s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->logits ||
         afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
         afm_session_free(s);
@@ -3778,8 +3887,8 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
         int widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim, qd = c->n_heads * c->head_dim;
         float *t, *u;
         if (qd > widest) widest = qd;
-        t = (float *)afm__alloc(a, (size_t)s->params.n_batch * ad->rank * 4);
-        u = (float *)afm__alloc(a, (size_t)s->params.n_batch * widest * 4);
+        t = (float *)afm__alloc(a, (size_t)3 * s->params.n_batch * ((ad->rank + 15) & ~15) * 4);
+        u = (float *)afm__alloc(a, (size_t)3 * s->params.n_batch * widest * 4);
         if (!t || !u) { afm__free(a, t); afm__free(a, u); return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch"); }
         afm__free(a, s->lora_t);
         afm__free(a, s->lora_u);
