@@ -1130,7 +1130,7 @@ static inline void afm__scales_chunk(const uint8_t *sc, int gshift, int c, int n
 /* Drivers: rows [r0, r1) x all tokens of a kernel for one row (quantized) or R rows (float) x T tokens. */
 #define AFM__NOTARGET
 /* Rows [r0, r1) x all tokens: blocks of rows whose weights stay in L2 (~192 KB), inside each
-   token tiles of 8 (then 4, 2, 1), rows inside those: a weight row is reused from registers across
+   token tiles of 8 (then one tile of the 1..7 left), rows inside those: a weight row is reused from registers across
    the tile's tokens, a token tile's activations from L1/L2 across the block's rows. */
 static inline int afm__row_block(const afm__wmat *w) {
     size_t rb = ((size_t)192 << 10) / (w->row_bytes + (size_t)w->n_groups * 2 + 1);
@@ -1145,9 +1145,16 @@ static inline int afm__row_block(const afm__wmat *w) {
             const int b1 = r1 - b0 > rb ? b0 + rb : r1;                                                     \
             for (t = 0; t + 8 <= a->n_tok; t += 8)                                                          \
                 for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 8, TYPE);                     \
-            if (t + 4 <= a->n_tok) { for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 4, TYPE); t += 4; } \
-            if (t + 2 <= a->n_tok) { for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 2, TYPE); t += 2; } \
-            if (t < a->n_tok) { for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 1, TYPE); }  \
+            switch (a->n_tok - t) { /* the rest in one tile: a row's codes are read once more, not 3 times */ \
+            case 7: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 7, TYPE); break;          \
+            case 6: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 6, TYPE); break;          \
+            case 5: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 5, TYPE); break;          \
+            case 4: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 4, TYPE); break;          \
+            case 3: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 3, TYPE); break;          \
+            case 2: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 2, TYPE); break;          \
+            case 1: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 1, TYPE); break;          \
+            default: break;                                                                                 \
+            }                                                                                               \
         }                                                                                                   \
     }
 #define AFM__DEF_FMM(ISA, TYPE, TNAME, TARGET, RB, TB)                                                      \
@@ -4161,11 +4168,16 @@ static int afm__draft_lookup(afm__gen *g, const int32_t *ctx, int n_ctx, int k) 
     return 0;
 }
 
-/* Verification cost of n tokens: measured, or extrapolated from one token. */
+/* Verification cost of n tokens (tv[1], one decode step, is measured): measured, or extrapolated
+   with the cost per extra token of the largest batch measured so far (optimistic, 10% of a step,
+   before any is: an untried k then gets tried once and measured). */
 static double afm__verify_cost(const afm__gen *g, int n) {
-    double t1 = g->tv[1] > 0 ? g->tv[1] : 1.0;
+    double slope = 0.1 * g->tv[1];
+    int m;
     if (g->tv[n] > 0) return g->tv[n];
-    return t1 * (1.0 + 0.1 * (n - 1));
+    for (m = AFM__MAX_DRAFT + 1; m > 1; m--)
+        if (g->tv[m] > 0) { slope = (g->tv[m] - g->tv[1]) / (m - 1); break; }
+    return g->tv[1] + (slope > 0 ? slope : 0) * (n - 1);
 }
 
 /* The number of tokens to draft: the k that maximises expected tokens per second, given the
@@ -4175,6 +4187,7 @@ static int afm__choose_k(afm__gen *g) {
     double a = g->acc_hits / g->acc_trials, best_rate, e, t, rate;
     int k, best = 0;
     if (g->p->fixed_k) return g->kmax;
+    if (!(g->tv[1] > 0)) return 0; /* first measure a plain step: every choice is relative to it */
     if (a > 0.999) a = 0.999;
     best_rate = 1.0 / afm__verify_cost(g, 1);
     for (k = 1; k <= g->kmax; k++) {

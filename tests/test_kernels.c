@@ -238,6 +238,25 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
     snprintf(msg, sizeof msg, "%s matmul %s rows=%d cols=%d group=%d n_tok=%d (worst err/tol %.2f)", lname,
              afm__type_name(type), rows, cols, group, n_tok, worst);
     check(bad == 0 && poison_bad == 0, msg);
+    if (n_tok > 1) { /* batch invariance: each token alone gives the same bits as inside the batch */
+        afm__act one = a2;
+        float *Y3 = (float *)xmalloc(sizeof(float) * ldy);
+        int diff = 0;
+        for (t = 0; t < n_tok; t++) {
+            one.n_tok = 1;
+            if (a2.quant) {
+                one.q = a2.q + (size_t)t * (size_t)a2.kpad;
+                one.d = a2.d + (size_t)t * (size_t)a2.nsb;
+                one.m = a2.m + (size_t)t * (size_t)a2.nsb;
+            } else one.x = a2.x + (size_t)t * (size_t)a2.kpad;
+            afm__matmul_rows(kk, &w, &one, Y3, ldy, r0, r1);
+            for (r = r0; r < r1; r++) diff += memcmp(&Y3[r], &Y2[(size_t)t * ldy + (size_t)r], sizeof(float)) != 0;
+        }
+        free(Y3);
+        snprintf(msg, sizeof msg, "%s matmul %s rows=%d cols=%d group=%d: %d tokens in one batch == one by one, bit for bit",
+                 lname, afm__type_name(type), rows, cols, group, n_tok);
+        check(diff == 0, msg);
+    }
     if (check_ref) { /* scalar formula == dequant(W) . dequant(q) in double */
         float *wr = (float *)xmalloc(sizeof(float) * (size_t)cols);
         int rbad = 0;
