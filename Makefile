@@ -40,6 +40,29 @@ fuzz:
 	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
 
+# Benchmarks on the full-size synthetic AFMTextV7 (3.18B, 2-bit matrices, 4-bit head, int8 KV) and
+# its 48.8M draft, made once in BENCH_DIR (955 MB + 26 MB + a 133 MB rank-32 adapter, ~20 s):
+#   make bench           prefill, decode, bytes/token, bandwidth, % of roofline, peak RSS (1 and 2 threads)
+#   make bench-adapter   adapter load/switch time, decode with and without a rank-32 adapter
+#   make bench-spec      verification cost curve and speculative speedup vs acceptance
+BENCH_DIR  ?= build/bench
+BENCH_ARGS ?= -t 1,2 -p 512 -n 128 -r 3
+bench-models: afm
+	mkdir -p $(BENCH_DIR)
+	test -f $(BENCH_DIR)/base-q2b.afm || python3 tools/synth.py --preset base --type q2b --random-codes --kv-scales -q -o $(BENCH_DIR)/base-q2b.afm
+	test -f $(BENCH_DIR)/draft-q4.afm || python3 tools/synth.py --preset draft --type q4 --random-codes --kv-scales -q -o $(BENCH_DIR)/draft-q4.afm
+	test -f $(BENCH_DIR)/adapter-r32.afma || python3 tools/synth.py --preset base -q --adapter-out $(BENCH_DIR)/adapter-r32.afma
+
+bench: bench-models
+	./afm bench $(BENCH_DIR)/base-q2b.afm $(BENCH_ARGS)
+	./afm bench $(BENCH_DIR)/draft-q4.afm $(BENCH_ARGS)
+
+bench-adapter: bench-models
+	./afm bench $(BENCH_DIR)/base-q2b.afm --adapter $(BENCH_DIR)/adapter-r32.afma -t 2 -p 16 -n 64 -r 5
+
+bench-spec: bench-models
+	./afm bench $(BENCH_DIR)/base-q2b.afm --spec -t 2 -p 64 -n 64 -r 3
+
 # Kernel micro-benchmark: matvec GB/s and prefill GFLOP/s per type next to measured bandwidth.
 bench-kernels:
 	mkdir -p build
@@ -49,4 +72,4 @@ bench-kernels:
 clean:
 	rm -rf build afm simple
 
-.PHONY: all demo test fuzz bench-kernels clean
+.PHONY: all demo test fuzz bench bench-models bench-adapter bench-spec bench-kernels clean

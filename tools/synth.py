@@ -127,6 +127,9 @@ def main(argv=None):
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--kv-scales", action="store_true", help="include the int8 KV scales (flags bit 2)")
+    ap.add_argument("--adapter-out", metavar="FILE.afma",
+                    help="also write a random LoRA adapter (.afma, --lora-type, default f16) for this model's "
+                         "shapes, rank --lora-rank, alpha --lora-alpha (benchmarks)")
     ap.add_argument("--zeros", action="store_true", help="all-zero data, written sparse (fast; for shape tests)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", help="embed this tokenizer.model (kind 1) or tokenizer.json (kind 2)")
@@ -171,6 +174,23 @@ def main(argv=None):
     if a.count:
         print("parameters: %d base, %d LoRA, %d total" % (base, lora, base + lora))
         return 0
+    if a.adapter_out:
+        import adapterfile
+        import numpy as np
+        rng = np.random.default_rng(a.seed + 1)
+        specs = adapterfile.adapter_specs(cfg, a.lora_rank)
+        tensors = {n: (lambda shape=shape: (rng.standard_normal(shape) * 0.02).astype(np.float32))
+                   for n, shape in (specs.items() if isinstance(specs, dict) else specs)}
+        try:
+            adapterfile.write_adapter(a.adapter_out, cfg, tensors, a.lora_rank, a.lora_alpha, draft_token_count=5,
+                                      signature=sig, ltype=a.lora_type or "f16")
+        except (af.AfmError, OSError) as e:
+            print("error: %s" % e, file=sys.stderr)
+            return 1
+        if not a.quiet:
+            print("wrote %s: rank %d adapter" % (a.adapter_out, a.lora_rank))
+        if not a.output:
+            return 0
     if not a.output:
         ap.error("-o/--output is required")
     tok = kind = None
