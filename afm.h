@@ -3326,6 +3326,9 @@ typedef struct afm__mm_item {
     int ldx;
     float *Y;                     /* Y[t * ldy + r] for every row r of W */
     int ldy;
+    float *add_to;                /* if set: add_to[t * add_ld + r] += add_scale * Y[t * ldy + r] after */
+    int add_ld;
+    float add_scale;
     afm__act act;
 } afm__mm_item;
 
@@ -3344,6 +3347,7 @@ static void afm__mm_add(afm__mm_job *j, const afm__tensor *W, const float *X, in
     afm__mm_item *it = &j->it[j->n++];
     AFM_ASSERT(j->n <= AFM__MM_MAX);
     it->W = W; it->X = X; it->ldx = ldx; it->Y = Y; it->ldy = ldy;
+    it->add_to = NULL;
 }
 
 static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
@@ -3370,6 +3374,11 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
                 afm__dequantize_row(&j->s->model->kern, &it->W->w, r, row);
                 for (t = 0; t < it->act.n_tok; t++) it->Y[(size_t)t * it->ldy + r] = afm__dot(row, it->act.x + (size_t)t * it->act.kpad, n);
             }
+        }
+        if (it->add_to) {
+            int r, t;
+            for (t = 0; t < it->act.n_tok; t++)
+                for (r = lo; r < hi; r++) it->add_to[(size_t)t * it->add_ld + r] += it->add_scale * it->Y[(size_t)t * it->ldy + r];
         }
     }
 }
@@ -3461,11 +3470,11 @@ static void afm__lora_a(afm__mm_job *j, afm__lora_set *ls, int l, int p, const f
     ls->n++;
 }
 
-/* The B products of every projection in ls, then Y += scale * B (A x). */
+/* The B products of every projection in ls, each thread then adding scale * B (A x) to its rows of Y. */
 static void afm__lora_b(afm_session *s, int l, const afm__lora_set *ls, int n_tok) {
     const afm_adapter *ad = s->adapter;
     float *u[3];
-    int k, t, o, out[3], rp;
+    int k, out[3], rp;
     afm__mm_job j;
     if (!ls->n) return;
     rp = afm__lora_rpad(s);
@@ -3476,11 +3485,9 @@ static void afm__lora_b(afm_session *s, int l, const afm__lora_set *ls, int n_to
         out[k] = (int)B->dims[0];
         if (k + 1 < ls->n) u[k + 1] = u[k] + (size_t)n_tok * out[k];
         afm__mm_add(&j, B, s->lora_t + (size_t)k * s->params.n_batch * rp, rp, u[k], out[k]);
+        j.it[k].add_to = ls->Y[k]; j.it[k].add_ld = ls->ldy[k]; j.it[k].add_scale = ad->scale;
     }
     afm__mm_go(&j);
-    for (k = 0; k < ls->n; k++)
-        for (t = 0; t < n_tok; t++)
-            for (o = 0; o < out[k]; o++) ls->Y[k][(size_t)t * ls->ldy[k] + o] += ad->scale * u[k][(size_t)t * out[k] + o];
 }
 
 static void afm__rmsnorm(float *out, const float *x, const float *w, int n, float eps) {

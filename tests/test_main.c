@@ -694,7 +694,8 @@ static void test_speculative_greedy(const char *base_name, const char *draft_nam
             if (kind == 0) gp.draft = ds;
             else if (kind == 1) gp.lookup = 1;
             else if (kind == 2) { gp.draft_fn = draft_random; gp.draft_user = &rd; gp.fixed_k = 1; gp.draft_k = 3; }
-            else { gp.draft_fn = draft_oracle; gp.draft_user = &orc; }
+            else { gp.draft_fn = draft_oracle; gp.draft_user = &orc; gp.fixed_k = 1; gp.draft_k = 4; } /* fixed K: the engine's
+                                                      own K follows measured (noisy) timings */
             afm_session_rewind(s, 0);
             afm_session_rewind(ds, 0);
             CHECK(afm_generate(s, prompt, n_prompt, &gp, &st) == AFM_OK, "generate: %s", afm_session_error(s));
@@ -703,7 +704,7 @@ static void test_speculative_greedy(const char *base_name, const char *draft_nam
             drafted += st.n_drafted;
             accepted += st.n_accepted;
             runs++;
-            if (kind == 3) CHECK(st.n_accepted == st.n_drafted && st.n_steps < 20, "oracle drafter: %d/%d accepted in %d steps", st.n_accepted, st.n_drafted, st.n_steps);
+            if (kind == 3) CHECK(st.n_accepted == st.n_drafted && st.n_steps <= 9, "oracle drafter: %d/%d accepted in %d steps (40 tokens, K = 4)", st.n_accepted, st.n_drafted, st.n_steps);
         }
     }
     CHECK(all_equal, "greedy speculative output equals plain greedy (%s, draft %s, adapter %d; %d runs: draft model, lookup, random, oracle)", base_name, draft_name, with_adapter, runs);
