@@ -384,6 +384,82 @@ def convert_refuses_hostile_and_broken_files():
         raise AssertionError("posix.system resolved")
 
 
+def _afm_to_f32(src, dst):
+    """dst: the afm file src with every tensor decoded to float32 (type F32), same config and tokenizer."""
+    m = af.read_model(src)
+    cfg = dict(m.config)
+    af.write_model(dst, cfg, {n: m.f32(n) for n, _, _ in af.tensor_specs(cfg)}, tokenizer=m.tokenizer_bytes,
+                   tokenizer_kind=m.tokenizer_kind or None, wtype="f32")
+
+
+@test
+def convert_quantized_types_reproduce_the_shipped_mini_family():
+    """models/mini was trained with QAT: its weights lie on the Q2B / Q4 grids, so decoding them to F32 and
+    converting back with --type q2b --embd-type q4 (base) / --type q4 (draft) must give the same bytes."""
+    with tempfile.TemporaryDirectory() as td:
+        for name, args in (("base", ["--type", "q2b", "--embd-type", "q4"]), ("draft", ["--type", "q4"])):
+            ship = os.path.join(ROOT, "models", "mini", name + ".afm")
+            f32, out = os.path.join(td, name + "-f32.afm"), os.path.join(td, name + ".afm")
+            _afm_to_f32(ship, f32)
+            r = run_tool(os.path.join(TOOLS, "convert.py"), f32, "-o", out, "--exact", "--verify", *args)
+            assert "all exact, decode(encode(w)) == w bit for bit" in r.stdout, r.stdout
+            assert open(out, "rb").read() == open(ship, "rb").read(), "%s differs from %s" % (out, ship)
+
+
+@test
+def convert_quantized_types_exact_grid_and_error_report():
+    import quant
+    with tempfile.TemporaryDirectory() as td:
+        # MLX route, weights snapped onto the Q4 grid (group 64): exact through the RoPE row permutation
+        import gen_ref
+        c = dict(gen_ref.CONFIGS["afm_mini"])
+        w = gen_ref.make_mlx_weights(c, c.pop("seed"))
+        for k in w:
+            if k.endswith("_scale"):
+                w[k] = np.array(0.03, np.float32)
+            elif w[k].ndim == 2:
+                w[k] = quant.dequantize(quant.TYPE_Q4, quant.quantize_q4(w[k], 64), w[k].shape[0], w[k].shape[1], 64)
+        folder = os.path.join(td, "mlx")
+        os.makedirs(folder)
+        _write_safetensors(os.path.join(folder, "model.safetensors"), w)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(gen_ref.mlx_config(c), f)
+        p = os.path.join(td, "q4.afm")
+        r = run_tool(os.path.join(TOOLS, "convert.py"), folder, "-o", p, "--type", "q4", "--exact", "--verify")
+        assert "quantized 31 tensors (Q4 31, group 64): all exact" in r.stdout, r.stdout
+        m = af.read_model(p)
+        hd = c["hidden_dim"] // c["num_heads"]
+        assert m.entries["l4.wq"]["type"] == af.TYPE_Q4 and m.entries["l4.q_norm"]["type"] == af.TYPE_F32
+        assert m.entries["kv_scale"]["type"] == af.TYPE_F32 and m.entries["tok_embd"]["group"] == 64
+        want = af.permute_rows_to_halfsplit(w["model.kv_reuse_layers.1.self_attn.q_proj.weight"], c["num_heads"], hd)
+        assert np.array_equal(m.f32("l4.wq").view(np.uint32), want.view(np.uint32))
+        # toolkit route, float weights: lossy, with a per-tensor report; --exact refuses and writes nothing
+        src = os.path.join(VEC, "toolkit", "base-model.pt")
+        p = os.path.join(td, "tk.afm")
+        r = run_tool(os.path.join(TOOLS, "convert.py"), src, "-o", p, "--type", "q2b", "--group", "128", "--verify")
+        assert "Q2B 20, Q4 1, group 128): 0 exact, 21 lossy" in r.stdout and "rel.rmse" in r.stdout, r.stdout
+        assert "Q2B  l3.down" in r.stdout and "Q4   tok_embd" in r.stdout, r.stdout
+        m = af.read_model(p)
+        assert m.entries["l0.qkv"]["type"] == af.TYPE_Q2B and m.entries["l0.qkv"]["group"] == 128
+        assert m.entries["tok_embd"]["type"] == af.TYPE_Q4 and m.entries["l0.q.lora_a"]["type"] == af.TYPE_F16
+        p2 = os.path.join(td, "exact.afm")
+        r = run_tool(os.path.join(TOOLS, "convert.py"), src, "-o", p2, "--type", "q8", "--exact", ok=False)
+        assert r.returncode == 1 and "--exact" in r.stderr and "not exactly representable as Q8" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not os.path.exists(p2) and not os.path.exists(p2 + ".tmp")
+        # re-encoding an afm file: Q8 everywhere, embedded LoRA kept (F32 on request)
+        p3 = os.path.join(td, "q8.afm")
+        r = run_tool(os.path.join(TOOLS, "convert.py"), p, "-o", p3, "--type", "q8", "--embd-type", "f16",
+                     "--lora-type", "f32", "-q")
+        m3 = af.read_model(p3)
+        assert m3.entries["l0.qkv"]["type"] == af.TYPE_Q8 and m3.entries["tok_embd"]["type"] == af.TYPE_F16
+        assert m3.config["lora_rank"] == 4 and m3.entries["l0.q.lora_a"]["type"] == af.TYPE_F32
+        # bad requests: clear messages, no traceback
+        for args, want in ((["--group", "100"], "invalid choice"), (["--type", "q3"], "invalid choice"),
+                           (["--rope-theta", "10000"], "--rope-theta does not apply")):
+            r = run_tool(os.path.join(TOOLS, "convert.py"), p, "-o", p2, *args, ok=False)
+            assert r.returncode in (1, 2) and want in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
 def _patch_afm7_quantize():
     """mlx 0.32's nn.quantize passes mode= to to_quantized(), which mlx_lm's afm7.FusedLinear does not
     accept (TypeError): let it take and ignore the keyword (affine is the only mode it implements)."""
@@ -523,9 +599,33 @@ def vectors_numpy_forward_matches_mlx():
     assert rel > 1e-2, rel
 
 
+@test
+def mini_parity_vectors_match_float64():
+    """tests/vectors/mini_*.topk (MLX on the shipped files, tools/gen_ref.py --mini) against gen_ref's numpy
+    float64 forward pass: the logits agree, no int8 K/V value of the sequence lies within 1e-3 of a rounding
+    boundary, and every row's top-2 gap is at least 0.25 std (what the C parity test relies on)."""
+    import gen_ref
+    for name, (mfile, afile, _, _) in gen_ref.MINI.items():
+        r = gen_ref.read_topk(os.path.join(VEC, name + ".topk"))
+        eng = gen_ref.Mini64(os.path.join(ROOT, "models", "mini", mfile),
+                             os.path.join(ROOT, "models", "mini", afile) if afile else None)
+        n_prompt, tokens = r["n_prompt"], r["tokens"]
+        l64, _, ys = eng.run(eng.new_cache(), tokens[None], 0)   # one causal pass = prefill + decode steps
+        l64, yall = l64[0], [ys]
+        d = max(np.abs(l64[np.arange(len(tokens))[:, None], r["ids"]] - r["vals"]).max(),
+                np.abs(l64[r["full_rows"]] - r["full"]).max())
+        margin = min(float(gen_ref.boundary_distance(y).min()) for ys in yall for yy in ys for y in yy)
+        gap = min(gen_ref._gap(row) for row in l64)
+        assert d <= 1e-4 * r["std"], (name, d / r["std"])
+        assert margin > gen_ref.KV_MARGIN and gap > gen_ref.GAP, (name, margin, gap)
+        assert np.array_equal(l64.argmax(1), r["ids"][:, 0]) and abs(margin - r["margin"]) < 1e-6, name
+        assert r["full"].shape == (2, 8192) and np.array_equal(r["full_rows"], [n_prompt - 1, len(tokens) - 1])
+
+
 MODEL_VECTORS = ["afm_mini.afm", "afm_mini.ref", "draft_mini.afm", "draft_mini.ref", "odd_mini.afm", "odd_mini.ref",
                  "toolkit.afm", "toolkit.ref", "toolkit_lora.ref", "toolkit_draft.ref", "toolkit/base-model.pt",
-                 "toolkit/base-model-config.json", "toolkit/draft-model.pt"]
+                 "toolkit/base-model-config.json", "toolkit/draft-model.pt", "mini_base.topk", "mini_json.topk",
+                 "mini_draft.topk"]
 
 
 @test
@@ -538,6 +638,10 @@ def vectors_are_small_and_valid():
         if f.endswith(".ref"):
             n_prompt, n_decode, tokens, logits = ref_numpy.read_ref(p)
             assert (n_prompt, n_decode) == (64, 16) and np.isfinite(logits).all()
+        if f.endswith(".topk"):
+            import gen_ref
+            r = gen_ref.read_topk(p)
+            assert r["n_decode"] == 8 and np.isfinite(r["vals"]).all() and np.isfinite(r["full"]).all()
         total += os.path.getsize(p)
     assert total < 3 << 20, "vectors take %d bytes" % total
 

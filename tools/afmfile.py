@@ -468,6 +468,8 @@ def write_model(path, config, tensors=None, tokenizer=None, tokenizer_kind=None,
                                        % (e["name"], len(v), e["size"]))
                     fh.write(v)
                     fh.write(b"\0" * (_align(e["size"]) - e["size"]))
+                    if progress:
+                        progress(k + 1, len(entries), e)
                     continue
                 arr = np.asarray(v)
                 if tuple(arr.shape) != e["shape"]:

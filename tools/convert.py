@@ -6,12 +6,23 @@ Sources (detected automatically):
     of AFM_SPEC section 5; `.wrapped.` path components, a leading `model.`, the tied
     output_transform.weight, kv_quantizer ranges and the embedded base_adapter LoRA are handled);
   * a folder in Apple's MLX afm7 layout: config.json + *.safetensors (sharded or not, plain or
-    affine-quantized, which is dequantized here).
+    affine-quantized, which is dequantized here);
+  * an afm model file (re-encoded with other types: config, tokenizer and signature are kept).
+
+Types: --type f32 | f16 | bf16 | q2b | q4 | q8 for the projections, --embd-type for the embedding
+(default: the same as --type, but q4 for --type q2b, as Apple's 2-bit models keep a 4-bit
+embedding), --group 64 (128, 256, 512) for the quantized types; norms and KV scales stay F32, LoRA
+is F32 or F16 (--lora-type). The quantized types are encoded by tools/quant.py: weights that lie
+exactly on a balanced grid with fp16 scales (QAT checkpoints) are encoded exactly, decode(encode(w))
+== w bit for bit; the others get MSE-fitted scales, and a per-tensor error report is printed
+(--exact turns any lossy tensor into an error).
 
     python3 tools/convert.py assets/base-model.pt -o afm-base.afm --type bf16 \\
         --tokenizer assets/tokenizer.model --signature 9799725ff8e851184037110b422d891ad3b92ec1
     python3 tools/convert.py assets/draft-model.pt -o afm-draft.afm --type bf16
     python3 tools/convert.py path/to/mlx-afm7-folder -o afm.afm --type f32
+    python3 tools/convert.py RUN/toolkit/base-model.pt -o base.afm --type q2b --embd-type q4 --exact
+    python3 tools/convert.py base-f32.afm -o base-q4.afm --type q4          # re-encode an afm file
 
 The Q and K projection rows (and q_norm / k_norm, and LoRA B of q, k and wq) are permuted from the
 interleaved RoPE layout of tamm/MLX to the half-split layout the file stores (FORMAT.md "RoPE layout").
@@ -21,6 +32,7 @@ Errors are reported as one `error:` line (listing every missing or unknown key),
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -30,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import afmfile as af  # noqa: E402
+import quant  # noqa: E402
 from ckptread import CheckpointError, LazyTensor, read_safetensors, read_torch_zip  # noqa: E402
 
 AFM_DEFAULTS = dict(rope_theta=500000.0, norm_eps=1e-5, context_length=4096, lora_alpha=16.0)
@@ -656,17 +669,49 @@ def plan_mlx(folder, a, notes):
 
 
 # ================================================================================================
+# an afm model file (re-encoding)
+
+_NOT_FOR_AFM = (("config", "--config"), ("rope_theta", "--rope-theta"), ("norm_eps", "--norm-eps"),
+                ("qk_norm_eps", "--qk-norm-eps"), ("context_length", "--context"), ("lora_alpha", "--lora-alpha"))
+
+
+def plan_afm(path, a, notes):
+    """Config and tensors (decoded to float32, one at a time) of an afm file, to be written again with
+    other types. The tokenizer and the signature are kept unless --tokenizer / --signature are given."""
+    given = [flag for attr, flag in _NOT_FOR_AFM if getattr(a, attr) is not None] + (["--ignore"] if a.ignore else [])
+    if given:
+        raise ConvertError("%s is an afm file: its hyperparameters are kept, %s does not apply" % (path, ", ".join(given)))
+    m = af.read_model(path)
+    cfg = dict(m.config)
+    counts = {}
+    for e in m.entries.values():
+        counts[af.TYPE_NAMES[e["type"]]] = counts.get(af.TYPE_NAMES[e["type"]], 0) + 1
+    notes.append("source: afm file %s (%d tensors: %s), re-encoded" % (
+        path, len(m.entries), ", ".join("%s %d" % kv for kv in sorted(counts.items()))))
+    if cfg["lora_rank"] and a.no_lora:
+        notes.append("embedded LoRA (rank %d) dropped (--no-lora)" % cfg["lora_rank"])
+        cfg["lora_rank"], cfg["lora_alpha"] = 0, 0.0
+    tensors = {name: (lambda n=name: m.f32(n)) for name, _, _ in af.tensor_specs(cfg)}
+    return cfg, tensors, m
+
+
+# ================================================================================================
 
 def convert(a):
     notes = []
     src = a.input
+    src_tok = None
     if os.path.isdir(src):
         cfg, tensors = plan_mlx(src, a, notes)
     elif os.path.isfile(src):
         with open(src, "rb") as fh:
-            magic = fh.read(4)
-        if magic == b"PK\x03\x04":
+            magic = fh.read(8)
+        if magic[:4] == b"PK\x03\x04":
             cfg, tensors = plan_toolkit(src, a, notes)
+        elif magic == af.MAGIC:
+            cfg, tensors, m = plan_afm(src, a, notes)
+            if m.tokenizer_kind:
+                src_tok = (m.tokenizer_bytes, m.tokenizer_kind)
         elif src.endswith(".safetensors"):
             raise ConvertError("%s: give the MLX folder (with config.json), not one .safetensors file" % src)
         else:
@@ -679,6 +724,9 @@ def convert(a):
         tok, kind = af.read_tokenizer(a.tokenizer)
         notes.append("tokenizer: %s embedded as kind %d (%s), %d bytes" % (
             a.tokenizer, kind, "SentencePiece" if kind == 1 else "tokenizer.json", len(tok)))
+    elif src_tok:
+        tok, kind = src_tok
+        notes.append("tokenizer: kept from the source file (kind %d, %d bytes)" % (kind, len(tok)))
     if a.signature:
         s = a.signature.strip().lower()
         if not re.fullmatch(r"[0-9a-f]{40}", s):
@@ -687,13 +735,87 @@ def convert(a):
     return cfg, tensors, tok, kind, notes
 
 
+class QuantPlan:
+    """The file types of the embedding and the projections, and for the quantized ones an encoder
+    (tools/quant.py) that records, per tensor, the error statistics and whether it is exact."""
+
+    def __init__(self, cfg, wtype, embd_type, group, exact_only):
+        self.group, self.exact_only = group, exact_only
+        self.types = {}
+        self.info = {}      # name -> (type code, quant.Stats, exact, sha256 of the bytes)
+        for name, shape, kind in af.tensor_specs(cfg):
+            if kind in ("embd", "proj"):
+                self.types[name] = embd_type if kind == "embd" else wtype
+        self.shapes = {name: shape for name, shape, _ in af.tensor_specs(cfg)}
+
+    def wrap(self, tensors):
+        out = dict(tensors)
+        for name, t in self.types.items():
+            code = af.TYPE_BY_NAME[t]
+            if code in af.QUANT_TYPES:
+                out[name] = self._encoder(name, tensors[name], code)
+        return out
+
+    def _encoder(self, name, src, code):
+        def encode():
+            w = np.asarray(src() if callable(src) else src)
+            if w.dtype.kind != "f":
+                raise ConvertError("%s: dtype %s, expected a float type" % (name, w.dtype))
+            w = np.ascontiguousarray(w, dtype=np.float32)   # f16 / bf16 / f32 sources are exact in f32
+            if tuple(w.shape) != tuple(self.shapes[name]):
+                raise ConvertError("%s: shape %s, expected %s" % (name, tuple(w.shape), tuple(self.shapes[name])))
+            if not np.isfinite(w).all():
+                raise ConvertError("%s: contains NaN or infinity" % name)
+            data, st = quant.quantize(code, w, self.group, return_stats=True)
+            back = quant.dequantize(code, data, w.shape[0], w.shape[1], self.group)
+            exact = bool(np.array_equal(back.view(np.uint32), w.view(np.uint32)))
+            self.info[name] = (code, st, exact, hashlib.sha256(data).digest())
+            if self.exact_only and not exact:
+                raise ConvertError("--exact: %s is not exactly representable as %s with group %d (rel. RMS error %.3g, "
+                                   "%d of %d groups on an fp16-scaled grid); nothing written"
+                                   % (name, af.TYPE_NAMES[code], self.group, st.rel_rmse, st.exact_groups, st.groups))
+            return data
+        return encode
+
+    def report(self):
+        """Lines: one summary, then one line per lossy tensor and a total."""
+        if not self.info:
+            return []
+        counts = {}
+        for code, _, _, _ in self.info.values():
+            counts[af.TYPE_NAMES[code]] = counts.get(af.TYPE_NAMES[code], 0) + 1
+        kinds = ", ".join("%s %d" % kv for kv in sorted(counts.items()))
+        lossy = [n for n, v in self.info.items() if not v[2]]
+        if not lossy:
+            return ["quantized %d tensors (%s, group %d): all exact, decode(encode(w)) == w bit for bit"
+                    % (len(self.info), kinds, self.group)]
+        out = ["quantized %d tensors (%s, group %d): %d exact, %d lossy (error of each lossy tensor):"
+               % (len(self.info), kinds, self.group, len(self.info) - len(lossy), len(lossy))]
+        total = quant.Stats()
+        for n in lossy:
+            st = self.info[n][1]
+            out.append("  %-4s %s" % (af.TYPE_NAMES[self.info[n][0]], st.line(n)))
+            for k in ("n", "sq_err", "sq_w", "groups", "exact_groups", "grid_not_f16", "clipped_scales"):
+                setattr(total, k, getattr(total, k) + getattr(st, k))
+            total.max_abs = max(total.max_abs, st.max_abs)
+        out.append("       " + total.line("all lossy tensors"))
+        return out
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Convert AFMTextV7 weights (Apple toolkit .pt or MLX afm7 folder) "
-                                             "to an afm model file.")
-    ap.add_argument("input", help="base-model.pt / draft-model.pt, or an MLX afm7 folder")
+    ap = argparse.ArgumentParser(description="Convert AFMTextV7 weights (Apple toolkit .pt, MLX afm7 folder, or an "
+                                             "afm file to re-encode) to an afm model file.")
+    ap.add_argument("input", help="base-model.pt / draft-model.pt, an MLX afm7 folder, or an .afm file")
     ap.add_argument("-o", "--output", required=True, help="output .afm file")
-    ap.add_argument("--type", choices=("f32", "f16", "bf16"), default="f32",
-                    help="type of the projections and the embedding (default f32, lossless)")
+    types = ("f32", "f16", "bf16", "q2b", "q4", "q8")
+    ap.add_argument("--type", choices=types, default="f32",
+                    help="type of the projections (and of the embedding, see --embd-type); default f32, lossless")
+    ap.add_argument("--embd-type", dest="embd_type", choices=types,
+                    help="type of the embedding (= the tied output head); default: --type, but q4 for --type q2b")
+    ap.add_argument("--group", type=int, choices=quant.GROUPS, default=64,
+                    help="weights per fp16 scale of the quantized types (default 64)")
+    ap.add_argument("--exact", action="store_true",
+                    help="fail (writing nothing) unless every quantized tensor decodes back bit for bit")
     ap.add_argument("--lora-type", choices=("f32", "f16"), help="LoRA type (default f32 for --type f32, else f16)")
     ap.add_argument("--tokenizer", help="tokenizer.model (embedded as kind 1) or tokenizer.json (kind 2)")
     ap.add_argument("--signature", help="base-model signature, 40 hex digits")
@@ -710,6 +832,7 @@ def main(argv=None):
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
     a = ap.parse_args(argv)
+    embd_type = a.embd_type or ("q4" if a.type == "q2b" else a.type)
 
     def say(*x):
         if not a.quiet:
@@ -719,24 +842,37 @@ def main(argv=None):
         cfg, tensors, tok, kind, notes = convert(a)
         for n in notes:
             say(n)
+        plan = QuantPlan(cfg, a.type, embd_type, a.group, a.exact)
+        quantized = any(af.TYPE_BY_NAME[t] in af.QUANT_TYPES for t in (a.type, embd_type))
+        say("types: projections %s, embedding %s%s, norms%s F32%s" % (
+            a.type.upper(), embd_type.upper(), ", group %d" % a.group if quantized else "",
+            " and KV scales" if cfg["flags"] & af.FLAG_KV_SCALES else "",
+            ", LoRA %s" % af.TYPE_NAMES[af.default_type("lora", a.type, a.lora_type)] if cfg["lora_rank"] else ""))
 
         def progress(k, n, e):
             if not a.quiet and (k == n or k % 100 == 0):
                 print("  %d/%d tensors" % (k, n), flush=True)
 
-        info = af.write_model(a.output, cfg, tensors, tokenizer=tok, tokenizer_kind=kind, wtype=a.type,
-                              lora_type=a.lora_type, progress=progress)
+        info = af.write_model(a.output, cfg, plan.wrap(tensors), tokenizer=tok, tokenizer_kind=kind, wtype=a.type,
+                              lora_type=a.lora_type, types=plan.types, group=a.group, progress=progress)
         base, lora = af.count_params(cfg)
         m = af.read_model(a.output)  # full structural validation of what was written
-        say("wrote %s: %d bytes, %d tensors, type %s, %d parameters%s" % (
-            a.output, info["file_size"], len(info["entries"]), a.type, base, " + %d LoRA" % lora if lora else ""))
+        for line in plan.report():
+            say(line)
+        say("wrote %s: %d bytes, %d tensors, type %s%s, %d parameters%s" % (
+            a.output, info["file_size"], len(info["entries"]), a.type,
+            " (embedding %s)" % embd_type if embd_type != a.type else "", base, " + %d LoRA" % lora if lora else ""))
         if a.verify:
             nbad = 0
             for e in info["entries"]:
-                v = tensors[e["name"]]
-                want = af._encode(np.asarray(v() if callable(v) else v), e["type"], e["name"])
-                got = np.ascontiguousarray(m.raw(e["name"])).reshape(-1).view(np.uint8)
-                if not np.array_equal(want.reshape(-1).view(np.uint8), got):
+                if e["name"] in plan.info:
+                    same = hashlib.sha256(m.raw(e["name"])).digest() == plan.info[e["name"]][3]
+                else:
+                    v = tensors[e["name"]]
+                    want = af._encode(np.asarray(v() if callable(v) else v), e["type"], e["name"])
+                    got = np.ascontiguousarray(m.raw(e["name"])).reshape(-1).view(np.uint8)
+                    same = np.array_equal(want.reshape(-1).view(np.uint8), got)
+                if not same:
                     nbad += 1
                     print("verify: %s differs" % e["name"])
             if nbad:
@@ -745,7 +881,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ConvertError, af.AfmError, CheckpointError, OSError) as e:
+    except (ConvertError, af.AfmError, CheckpointError, quant.QuantError, OSError) as e:
         if a.debug:
             raise
         print("error: %s" % e, file=sys.stderr)
