@@ -4,6 +4,8 @@
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
 #   make fuzz       run each fuzz harness (model loader, .fmadapter reader) for FUZZ_SECONDS (default 60)
+#   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
+#   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels; see below)
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic
@@ -18,11 +20,13 @@ afm: examples/afm.c afm.h
 simple: examples/simple.c afm.h
 	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/simple.c $(LDLIBS)
 
-# The main job: generate from the small model in the repository (random weights until a trained
-# demo model ships), printing token ids and speed.
+# The main job: generate from the small trained model in the repository (models/mini, docs/TRAINING.md):
+# a text continuation, then a chat turn with its JSON adapter; text on stdout, speed on stderr.
 demo: afm
-	./afm info tests/vectors/afm_mini.afm
-	./afm -m tests/vectors/afm_mini.afm --ids 1,2,3,4,5 -n 24 --temp 0.8 --top-p 0.95 --seed 1 -t 2
+	./afm info models/mini/base.afm
+	./afm -m models/mini/base.afm -p "In the beginning God created" -n 48 --temp 0.8 --top-p 0.95 --seed 1 -t 2
+	./afm -m models/mini/base.afm --adapter models/mini/json.afma --chat -n 40 -t 2 \
+	    -p "Describe as JSON: Blessed are the meek: for they shall inherit the earth."
 
 test:
 	sh tests/run.sh
@@ -39,6 +43,16 @@ fuzz:
 	    build/corpus-load tests/fuzz/corpus/load
 	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
+
+# Scalar kernels only here too (the tokenizer uses none).
+fuzz-tok:
+	mkdir -p build build/corpus-fuzz_tok_load build/corpus-fuzz_tok_text
+	$(FUZZ_CC) -o build/fuzz_tok_load tests/fuzz/fuzz_tok_load.c $(LDLIBS)
+	$(FUZZ_CC) -o build/fuzz_tok_text tests/fuzz/fuzz_tok_text.c $(LDLIBS)
+	build/fuzz_tok_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 \
+	    build/corpus-fuzz_tok_load tests/fuzz/corpus/tok_load
+	build/fuzz_tok_text -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 \
+	    build/corpus-fuzz_tok_text tests/fuzz/corpus/tok_text
 
 # Benchmarks on the full-size synthetic AFMTextV7 (3.18B, 2-bit matrices, 4-bit head, int8 KV) and
 # its 48.8M draft, made once in BENCH_DIR (955 MB + 26 MB + a 133 MB rank-32 adapter, ~20 s):
@@ -72,4 +86,4 @@ bench-kernels:
 clean:
 	rm -rf build afm simple
 
-.PHONY: all demo test fuzz bench bench-models bench-adapter bench-spec bench-kernels clean
+.PHONY: all demo test fuzz fuzz-tok bench bench-models bench-adapter bench-spec bench-kernels clean

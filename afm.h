@@ -6,16 +6,21 @@
    DO THIS in exactly one C or C++ file:
        #define AFM_IMPLEMENTATION
        #include "afm.h"
-   Everywhere else just #include "afm.h".
+   Everywhere else just #include "afm.h". The implementation includes afm_tokenizer.h (generated
+   Unicode tables for the tokenizer): keep it next to afm.h.
 
    USAGE (see examples/simple.c for a complete program):
        afm_model *m; char err[256];
        if (afm_model_load_file("model.afm", NULL, &m, err, sizeof err) != AFM_OK) { puts(err); return 1; }
+       afm_tokenizer *tok; afm_model_tokenizer(m, NULL, &tok, err, sizeof err);  // the model's own
+       afm_chat_message msg = { "user", "Hello!" };            // AFM chat format -> token ids
+       afm_chat_tokenize(tok, &msg, 1, NULL, 0, 1, tokens, cap, &n_tokens);
        afm_session *s; afm_session_create(m, NULL, &s);
        afm_session_eval(s, tokens, n_tokens);                  // prefill
        const float *logits = afm_session_logits(s, -1);       // last position
-       ... sample a token, afm_session_eval(s, &tok, 1), repeat ...
-       afm_session_free(s); afm_model_free(m);
+       ... sample a token t, stop if afm_tokenizer_is_stop(tok, t), print it with
+           afm_detokenizer_push, afm_session_eval(s, &t, 1), repeat ...
+       afm_session_free(s); afm_tokenizer_free(tok); afm_model_free(m);
 
    CONFIGURATION MACROS (define before including the implementation)
        AFM_STATIC           make every API function static (private copy in one translation unit)
@@ -125,6 +130,132 @@ AFMDEF afm_result afm_model_tensor(const afm_model *model, int index, afm_tensor
 AFMDEF uint64_t afm_model_n_params(const afm_model *model, uint64_t *lora_params);
 /* The tokenizer bytes stored in the file: kind 1 SentencePiece, 2 tokenizer.json; NULL if none. */
 AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *model, int *kind, size_t *size);
+
+/* ---- Tokenizer: SentencePiece BPE (the AFM model's own) and byte-level BPE from tokenizer.json. ----
+   A tokenizer is immutable after loading and may be shared by threads; every call allocates its own
+   scratch memory. Token ids are int32_t. Text is UTF-8; invalid UTF-8 is accepted everywhere (the
+   SentencePiece normalizer turns each invalid byte into U+FFFD, as the sentencepiece library does; the
+   byte-level tokenizers keep the bytes). */
+typedef struct afm_tokenizer afm_tokenizer;
+
+#define AFM_TOKENIZER_SENTENCEPIECE 1 /* the bytes of a SentencePiece ModelProto (tokenizer.model) */
+#define AFM_TOKENIZER_HF_JSON 2       /* the bytes of a Hugging Face tokenizer.json (byte-level BPE) */
+
+/* Loads a tokenizer from the bytes of a tokenizer file; kind is one of the two above (the kind field
+   of the model file's tokenizer section). The bytes are copied: they may be freed after the call.
+   On failure *out is NULL and err (if given) says what is wrong and where. */
+AFMDEF afm_result afm_tokenizer_load(const void *data, size_t size, int kind, const afm_allocator *allocator,
+                                     afm_tokenizer **out, char *err, size_t err_size);
+/* The tokenizer stored in a model file (afm_model_tokenizer_bytes). */
+AFMDEF afm_result afm_model_tokenizer(const afm_model *model, const afm_allocator *allocator,
+                                      afm_tokenizer **out, char *err, size_t err_size);
+AFMDEF void afm_tokenizer_free(afm_tokenizer *tok);
+AFMDEF int afm_tokenizer_kind(const afm_tokenizer *tok);
+AFMDEF int afm_tokenizer_n_vocab(const afm_tokenizer *tok);
+/* The vocabulary string of a token (SentencePiece pieces use U+2581 for spaces; byte-level vocabularies
+   use the GPT-2 byte alphabet), not NUL-terminated. NULL for an id out of range. */
+AFMDEF const char *afm_tokenizer_piece(const afm_tokenizer *tok, int32_t id, size_t *len);
+/* The id of a vocabulary string, -1 if none. */
+AFMDEF int32_t afm_tokenizer_piece_id(const afm_tokenizer *tok, const char *piece, size_t len);
+
+typedef enum afm_token_type {
+    AFM_TOKEN_NORMAL = 1,       /* SentencePiece types, in its numbering */
+    AFM_TOKEN_UNKNOWN = 2,
+    AFM_TOKEN_CONTROL = 3,      /* also: tokenizer.json special added tokens */
+    AFM_TOKEN_USER_DEFINED = 4, /* also: tokenizer.json non-special added tokens */
+    AFM_TOKEN_UNUSED = 5,
+    AFM_TOKEN_BYTE = 6
+} afm_token_type;
+AFMDEF afm_token_type afm_tokenizer_token_type(const afm_tokenizer *tok, int32_t id); /* 0 if out of range */
+
+/* Token ids with a meaning; -1 when the vocabulary has none. */
+typedef enum afm_special_token {
+    AFM_SPECIAL_BOS = 0,  /* SentencePiece bos_piece if CONTROL (tokenizer.json: none) */
+    AFM_SPECIAL_EOS,      /* SentencePiece eos_piece if CONTROL (tokenizer.json: none) */
+    AFM_SPECIAL_UNK,
+    AFM_SPECIAL_PAD,
+    AFM_SPECIAL_NEWLINE,  /* AFM: "<n>" */
+    AFM_SPECIAL_TURN_START, /* AFM: "<turn_start>" */
+    AFM_SPECIAL_TURN_END,   /* AFM: "<turn_end>" - generation stops here */
+    AFM_SPECIAL_EXEC_START, /* AFM: "<executable_start>" - a tool call begins */
+    AFM_SPECIAL_EXEC_END,   /* AFM: "<executable_end>" */
+    AFM_SPECIAL_COUNT
+} afm_special_token;
+AFMDEF int32_t afm_tokenizer_special(const afm_tokenizer *tok, afm_special_token which);
+/* 1 if generation should stop at this token: AFM's <turn_end>, or EOS. */
+AFMDEF int afm_tokenizer_is_stop(const afm_tokenizer *tok, int32_t id);
+
+/* Flags of afm_tokenize / afm_detokenize / afm_detokenizer_init. */
+#define AFM_TOK_NEWLINE 1u /* the AFM layer: "\n" is encoded as the <n> token and <n> decodes to "\n" */
+#define AFM_TOK_SPECIAL 2u /* encode: CONTROL pieces written in the text are tokens too (user-defined ones
+                              always are; tokenizer.json added tokens always are, as in `tokenizers`).
+                              decode: CONTROL pieces / special added tokens are written out as their text
+                              (default: they decode to nothing, as both reference libraries do) */
+#define AFM_TOK_AFM AFM_TOK_NEWLINE
+
+/* Encodes text exactly as the reference library does (sentencepiece's Encode, or tokenizers'
+   encode(text, add_special_tokens=False)). Writes at most cap ids; *n_tokens gets the number of ids of
+   the whole text. Returns AFM_ERR_ARG (writing the first cap ids) when cap is too small: call again
+   with *n_tokens room. tokens may be NULL when cap is 0. */
+AFMDEF afm_result afm_tokenize(const afm_tokenizer *tok, const char *text, size_t len, unsigned flags,
+                               int32_t *tokens, size_t cap, size_t *n_tokens);
+
+/* Decodes ids to UTF-8 text as the reference does (sentencepiece's Decode; tokenizers'
+   decode(ids, skip_special_tokens=True)): byte tokens are reassembled into characters, an invalid
+   byte sequence becomes U+FFFD. Writes at most cap-1 bytes and a NUL; *len gets the full length.
+   Returns AFM_ERR_ARG when cap is too small (call again with *len + 1), or for an id out of range. */
+AFMDEF afm_result afm_detokenize(const afm_tokenizer *tok, const int32_t *tokens, size_t n_tokens, unsigned flags,
+                                 char *text, size_t cap, size_t *len);
+
+/* Streaming detokenizer: push ids one at a time as they are generated; the concatenated output equals
+   afm_detokenize of all of them, and no call ever emits part of a UTF-8 character (bytes of an
+   incomplete character are held back until it completes or turns out invalid). */
+typedef struct afm_detokenizer {
+    const afm_tokenizer *tok;
+    unsigned flags;
+    int at_start, bos_ws_seen, text_empty; /* SentencePiece's leading-space state */
+    int n_pending;
+    unsigned char pending[4];
+} afm_detokenizer;
+AFMDEF void afm_detokenizer_init(afm_detokenizer *d, const afm_tokenizer *tok, unsigned flags);
+/* Writes the text this id completes (not NUL-terminated) to out, *n_out bytes. If cap is too small the
+   call changes nothing, sets *n_out to the room needed and returns AFM_ERR_ARG. A cap of
+   afm_tokenizer_max_token_bytes() + 16 is always enough. */
+AFMDEF afm_result afm_detokenizer_push(afm_detokenizer *d, int32_t id, char *out, size_t cap, size_t *n_out);
+/* End of the stream: writes whatever is held back (as U+FFFD). */
+AFMDEF afm_result afm_detokenizer_flush(afm_detokenizer *d, char *out, size_t cap, size_t *n_out);
+AFMDEF size_t afm_tokenizer_max_token_bytes(const afm_tokenizer *tok);
+
+/* ---- AFM chat format (AFM_SPEC section 7). ---- */
+typedef struct afm_chat_message {
+    const char *role;    /* "system", "user", "assistant", ... */
+    const char *content; /* UTF-8, may contain "\n" */
+} afm_chat_message;
+
+/* Renders a conversation as AFM's prompt text:
+       <turn_start> system<n>{system}[<n>system tools: {tool}<n>{tool}...]<turn_end>
+       <turn_start> {role}<n>{content}<turn_end>   (each message)
+       <turn_start> assistant<n>                   (if add_generation_prompt)
+   The system message is the first message when its role is "system", else the default
+   "A conversation between a user and a helpful assistant.". tools are JSON strings, one per tool (may be
+   NULL when n_tools is 0). Newlines inside contents stay "\n" (the encoder maps them to <n>). Writes at
+   most cap-1 bytes and a NUL; *len gets the full length; AFM_ERR_ARG when cap is too small. */
+AFMDEF afm_result afm_chat_render(const afm_chat_message *messages, int n_messages, const char *const *tools,
+                                  int n_tools, int add_generation_prompt, char *text, size_t cap, size_t *len);
+/* Renders and encodes a conversation the way AFM's prompts start: the rendered text is encoded with
+   AFM_TOK_NEWLINE (plus AFM_TOK_SPECIAL when the vocabulary has <turn_start> as a CONTROL piece rather
+   than a user-defined one), its first token dropped and the EOS id prepended. Same buffer rules as
+   afm_tokenize. AFM_ERR_UNSUPPORTED when the vocabulary has no EOS. Note that marker text inside message
+   contents (a literal "<turn_end>") becomes the marker token, as with the reference tokenizer. */
+AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *tok, const afm_chat_message *messages, int n_messages,
+                                    const char *const *tools, int n_tools, int add_generation_prompt,
+                                    int32_t *tokens, size_t cap, size_t *n_tokens);
+/* Finds the next tool call in generated text (decoded with AFM_TOK_NEWLINE | AFM_TOK_SPECIAL), starting
+   at *pos: the text between "<executable_start>" and "<executable_end>" (or the end of the text if the
+   end tag has not come yet), without a surrounding ```function ... ``` fence. Returns 1 and advances *pos
+   past the call, or 0 when there is none. *complete is 1 when the end tag was seen (may be NULL). */
+AFMDEF int afm_tool_call_next(const char *text, size_t len, size_t *pos, const char **call, size_t *call_len,
+                              int *complete);
 
 /* ---- Sessions: one conversation timeline over a model. Many may share one model. ---- */
 typedef enum afm_kv_type {
@@ -2674,168 +2805,3305 @@ AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *m, int *kind, size
 /* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) ==== */
 /* ======================================================================================== */
 
-/* The document becomes a flat array of tokens in document order; a container's `end` is the
-   index just past its last descendant, so siblings are found by jumping, never by recursion. */
-enum { AFM__J_OBJ = 1, AFM__J_ARR, AFM__J_STR, AFM__J_PRIM };
-typedef struct afm__jtok { int type; size_t start, len; int end; } afm__jtok;
-typedef struct afm__json { const char *src; afm__jtok *tok; int n; } afm__json;
+/* RFC 8259, strictly (escapes, surrogate pairs and numbers are checked while parsing), into a flat
+   array of nodes in document order, without recursion: a container links to its first child and
+   every node to its next sibling; an object's children alternate key, value. Strings point into the
+   source (escapes not undone: afm__json_unescape does that). Documents up to 4 GB. */
+enum { AFM__JNULL, AFM__JFALSE, AFM__JTRUE, AFM__JNUM, AFM__JSTR, AFM__JARR, AFM__JOBJ };
+typedef struct afm__jnode {
+    uint32_t start, len; /* strings: the bytes between the quotes; numbers: the text */
+    int32_t child, next; /* containers: first child (-1 none); every node: next sibling (-1 none) */
+    uint8_t type, escaped;
+} afm__jnode;
+typedef struct afm__json {
+    afm__jnode *n;
+    size_t count, cap;
+    const char *src;
+} afm__json;
 
 #define AFM__JSON_MAX_DEPTH 128
 
-static int afm__json_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-static int afm__json_push(const afm_allocator *a, afm__json *j, int *cap, int type, size_t start, size_t len) {
-    if (j->n == *cap) {
-        afm__jtok *nt;
-        if (*cap > (1 << 26)) return 0;
-        nt = (afm__jtok *)afm__alloc(a, (size_t)*cap * 2 * sizeof *nt);
-        if (!nt) return 0;
-        memcpy(nt, j->tok, (size_t)*cap * sizeof *nt);
-        afm__free(a, j->tok);
-        j->tok = nt;
-        *cap *= 2;
+static uint32_t afm__json_hex4(const char *s) {
+    uint32_t v = 0;
+    int q;
+    for (q = 0; q < 4; q++) {
+        char c = s[q];
+        v = v * 16 + (uint32_t)(c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c - 'A' + 10);
     }
-    j->tok[j->n].type = type;
-    j->tok[j->n].start = start;
-    j->tok[j->n].len = len;
-    j->tok[j->n].end = j->n + 1;
-    return ++j->n;
+    return v;
+}
+static int afm__json_is_hex4(const char *s, size_t i, size_t n) {
+    int q;
+    for (q = 0; q < 4; q++) {
+        char c = i + (size_t)q < n ? s[i + q] : 0;
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) return 0;
+    }
+    return 1;
+}
+static int afm__json_ws(const char *s, size_t n, size_t *i) {
+    while (*i < n && (s[*i] == ' ' || s[*i] == '\t' || s[*i] == '\n' || s[*i] == '\r')) (*i)++;
+    return *i < n;
+}
+/* UTF-8 of code point c (at most 4 bytes) */
+static size_t afm__utf8_put(char *o, uint32_t c) {
+    if (c < 0x80) { o[0] = (char)c; return 1; }
+    if (c < 0x800) { o[0] = (char)(0xC0 | (c >> 6)); o[1] = (char)(0x80 | (c & 0x3F)); return 2; }
+    if (c < 0x10000) {
+        o[0] = (char)(0xE0 | (c >> 12)); o[1] = (char)(0x80 | ((c >> 6) & 0x3F)); o[2] = (char)(0x80 | (c & 0x3F));
+        return 3;
+    }
+    o[0] = (char)(0xF0 | (c >> 18)); o[1] = (char)(0x80 | ((c >> 12) & 0x3F));
+    o[2] = (char)(0x80 | ((c >> 6) & 0x3F)); o[3] = (char)(0x80 | (c & 0x3F));
+    return 4;
 }
 
-/* Parses src into tokens; j->tok must be freed by the caller (also on failure). Returns 0 and
-   writes a message with the byte offset on bad input. Keys are string tokens, each followed by
-   its value. */
-static int afm__json_parse(const afm_allocator *a, const char *src, size_t n, afm__json *j, char *err, size_t errn) {
-    int stack[AFM__JSON_MAX_DEPTH], depth = 0, cap = 64, after_value = 0;
-    unsigned char want_key[AFM__JSON_MAX_DEPTH];
+static void afm__json_free(const afm_allocator *a, afm__json *j) {
+    afm__free(a, j->n);
+    j->n = NULL;
+    j->count = j->cap = 0;
+}
+
+/* Parses s[0, n) into j (start from a zeroed afm__json; free it with afm__json_free, also after a
+   failure). Returns 1, or 0 with *where = the byte offset and *why = what is wrong there. */
+static int afm__json_parse(const afm_allocator *a, const char *s, size_t n, afm__json *j, size_t *where,
+                           const char **why) {
+    int32_t stack[AFM__JSON_MAX_DEPTH], last[AFM__JSON_MAX_DEPTH];
+    int depth = 0, expect_key = 0;
     size_t i = 0;
-    j->src = src; j->n = 0;
-    j->tok = (afm__jtok *)afm__alloc(a, (size_t)cap * sizeof *j->tok);
-#define AFM__JERR(msg) do { afm__fail(err, errn, AFM_ERR_FORMAT, "offset %llu: %s", (unsigned long long)i, msg); return 0; } while (0)
-#define AFM__JPUSH(type, st, ln) do { if (!afm__json_push(a, j, &cap, type, st, ln)) AFM__JERR("out of memory"); } while (0)
-    if (!j->tok) AFM__JERR("out of memory");
+    j->src = s;
+    j->count = 0;
+    if (n >= 0xFFFFFFFFu) { *where = 0; *why = "file too large"; return 0; }
     for (;;) {
-        char c;
-        int top;
-        while (i < n && afm__json_ws(src[i])) i++;
-        if (i == n) {
-            if (depth || !after_value) AFM__JERR("unexpected end of JSON");
-            return 1;
-        }
-        c = src[i];
-        top = depth ? stack[depth - 1] : -1;
-        if (after_value) {
-            if (!depth) AFM__JERR("text after the JSON value");
-            if (c == ',') {
-                i++;
-                after_value = 0;
-                want_key[depth - 1] = j->tok[top].type == AFM__J_OBJ;
-                continue;
+        afm__jnode node;
+        int32_t idx;
+        if (!afm__json_ws(s, n, &i)) { *why = "unexpected end"; break; }
+        if (depth > 0 && (s[i] == ']' || s[i] == '}')) { /* an empty container (after a comma: refused below) */
+            afm__jnode *c = &j->n[stack[depth - 1]];
+            if ((s[i] == ']') != (c->type == AFM__JARR) || last[depth - 1] >= 0) {
+                *why = last[depth - 1] >= 0 ? "trailing comma" : "mismatched bracket";
+                break;
             }
-        }
-        if (c == '}' || c == ']') {
-            /* closes the open container after a value, or an empty one */
-            if (!depth || (c == '}') != (j->tok[top].type == AFM__J_OBJ) || (!after_value && j->n != top + 1))
-                AFM__JERR(after_value || !depth ? "unexpected closing bracket" : "trailing comma or missing value");
-            j->tok[top].end = j->n;
-            j->tok[top].len = i + 1 - j->tok[top].start;
-            depth--;
             i++;
-            after_value = 1;
-            continue;
+            goto close;
         }
-        if (after_value) AFM__JERR("expected ',' or a closing bracket");
-        if (c == '"') {
+        memset(&node, 0, sizeof node);
+        node.child = node.next = -1;
+        node.start = (uint32_t)i;
+        if (expect_key && s[i] != '"') { *why = "object key is not a string"; break; }
+        switch (s[i]) {
+        case '{': node.type = AFM__JOBJ; i++; break;
+        case '[': node.type = AFM__JARR; i++; break;
+        case '"': {
             size_t k = i + 1;
-            while (k < n && src[k] != '"') {
-                if ((unsigned char)src[k] < 0x20) { i = k; AFM__JERR("control character in a string"); }
-                k += src[k] == '\\' ? 2 : 1;
+            node.type = AFM__JSTR;
+            while (k < n && s[k] != '"') {
+                unsigned char c = (unsigned char)s[k];
+                if (c < 0x20) break;
+                if (c == '\\') {
+                    node.escaped = 1;
+                    if (k + 1 >= n) break;
+                    if (s[k + 1] == 'u') {
+                        uint32_t u;
+                        if (!afm__json_is_hex4(s, k + 2, n)) break;
+                        u = afm__json_hex4(s + k + 2);
+                        if (u >= 0xDC00 && u <= 0xDFFF) break; /* a lone low surrogate */
+                        if (u >= 0xD800 && u <= 0xDBFF) {      /* must be followed by a low one */
+                            if (k + 7 >= n || s[k + 6] != '\\' || s[k + 7] != 'u' || !afm__json_is_hex4(s, k + 8, n)) break;
+                            u = afm__json_hex4(s + k + 8);
+                            if (u < 0xDC00 || u > 0xDFFF) break;
+                            k += 6;
+                        }
+                        k += 6;
+                        continue;
+                    }
+                    if (!s[k + 1] || !strchr("\"\\/bfnrt", s[k + 1])) break;
+                    k += 2;
+                    continue;
+                }
+                k++;
             }
-            if (k >= n) AFM__JERR("unterminated string");
-            AFM__JPUSH(AFM__J_STR, i + 1, k - i - 1);
+            if (k >= n || s[k] != '"') { *why = k >= n ? "unterminated string" : "bad character or escape in a string"; i = k; goto fail; }
+            node.start = (uint32_t)(i + 1);
+            node.len = (uint32_t)(k - i - 1);
             i = k + 1;
-            if (depth && want_key[depth - 1]) {
-                while (i < n && afm__json_ws(src[i])) i++;
-                if (i >= n || src[i] != ':') AFM__JERR("expected ':' after an object key");
-                i++;
-                want_key[depth - 1] = 0;
-                continue;
-            }
-        } else if (depth && want_key[depth - 1]) {
-            AFM__JERR("object key is not a string");
-        } else if (c == '{' || c == '[') {
-            if (depth == AFM__JSON_MAX_DEPTH) AFM__JERR("JSON nested too deeply");
-            AFM__JPUSH(c == '{' ? AFM__J_OBJ : AFM__J_ARR, i, 0);
-            stack[depth] = j->n - 1;
-            want_key[depth++] = c == '{';
-            i++;
-            continue;
-        } else {
+            break;
+        }
+        case 't': case 'f': case 'n': {
+            const char *w = s[i] == 't' ? "true" : s[i] == 'f' ? "false" : "null";
+            size_t wl = strlen(w);
+            if (n - i < wl || memcmp(s + i, w, wl) != 0) { *why = "expected a value"; goto fail; }
+            node.type = (uint8_t)(s[i] == 't' ? AFM__JTRUE : s[i] == 'f' ? AFM__JFALSE : AFM__JNULL);
+            i += wl;
+            break;
+        }
+        default: {
             size_t k = i;
-            while (k < n && !afm__json_ws(src[k]) && src[k] != ',' && src[k] != '}' && src[k] != ']' && src[k] != ':') k++;
-            if (!((k - i == 4 && !memcmp(src + i, "true", 4)) || (k - i == 5 && !memcmp(src + i, "false", 5)) ||
-                  (k - i == 4 && !memcmp(src + i, "null", 4)) || (k > i && (c == '-' || (c >= '0' && c <= '9')))))
-                AFM__JERR("expected a value");
-            AFM__JPUSH(AFM__J_PRIM, i, k - i);
+            if (k < n && s[k] == '-') k++;
+            if (k >= n || s[k] < '0' || s[k] > '9') { *why = "expected a value"; goto fail; }
+            if (s[k] == '0') k++;
+            else while (k < n && s[k] >= '0' && s[k] <= '9') k++;
+            if (k < n && s[k] == '.') {
+                k++;
+                if (k >= n || s[k] < '0' || s[k] > '9') { *why = "bad number"; goto fail; }
+                while (k < n && s[k] >= '0' && s[k] <= '9') k++;
+            }
+            if (k < n && (s[k] == 'e' || s[k] == 'E')) {
+                k++;
+                if (k < n && (s[k] == '+' || s[k] == '-')) k++;
+                if (k >= n || s[k] < '0' || s[k] > '9') { *why = "bad number"; goto fail; }
+                while (k < n && s[k] >= '0' && s[k] <= '9') k++;
+            }
+            node.type = AFM__JNUM;
+            node.len = (uint32_t)(k - i);
             i = k;
         }
-        after_value = 1;
-    }
-#undef AFM__JPUSH
-#undef AFM__JERR
-}
-
-/* Index of the value of `key` in object token obj, or -1. */
-static int afm__json_get(const afm__json *j, int obj, const char *key) {
-    int c;
-    size_t kl = strlen(key);
-    if (obj < 0 || j->tok[obj].type != AFM__J_OBJ) return -1;
-    for (c = obj + 1; c < j->tok[obj].end; c = j->tok[j->tok[c].end].end) {
-        if (j->tok[c].len == kl && !memcmp(j->src + j->tok[c].start, key, kl)) return j->tok[c].end;
-    }
-    return -1;
-}
-
-/* Copies a string token's value into out (at most cap-1 bytes, NUL-terminated), decoding the
-   simple escapes. Returns 0 if the token is not a string, contains \u escapes beyond ASCII, or is too long. */
-static int afm__json_str(const afm__json *j, int t, char *out, size_t cap) {
-    size_t i, o = 0;
-    const char *s;
-    if (t < 0 || j->tok[t].type != AFM__J_STR) return 0;
-    s = j->src + j->tok[t].start;
-    for (i = 0; i < j->tok[t].len; i++) {
-        char c = s[i];
-        if (c == '\\') {
-            c = s[++i];
-            if (c == 'n') c = '\n'; else if (c == 't') c = '\t'; else if (c == 'r') c = '\r';
-            else if (c == 'b') c = '\b'; else if (c == 'f') c = '\f';
-            else if (c == 'u') {
-                unsigned v = 0, k;
-                if (i + 4 >= j->tok[t].len) return 0;
-                for (k = 1; k <= 4; k++) {
-                    char h = s[i + k];
-                    v = v * 16 + (unsigned)(h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : h >= 'A' && h <= 'F' ? h - 'A' + 10 : 99);
-                }
-                if (v > 127) return 0;
-                c = (char)v;
-                i += 4;
-            } else if (c != '"' && c != '\\' && c != '/') return 0;
         }
-        if (o + 1 >= cap) return 0;
-        out[o++] = c;
+        if (j->count >= j->cap) { /* grow the node array */
+            size_t nc = j->cap ? j->cap * 2 : 64;
+            afm__jnode *nn;
+            if (j->count >= 0x7FFFFFFF) { *why = "too many values"; goto fail; }
+            nn = (afm__jnode *)afm__alloc(a, nc * sizeof *nn);
+            if (!nn) { *why = "out of memory"; goto fail; }
+            if (j->count) memcpy(nn, j->n, j->count * sizeof *nn);
+            afm__free(a, j->n);
+            j->n = nn;
+            j->cap = nc;
+        }
+        idx = (int32_t)j->count++;
+        j->n[idx] = node;
+        if (depth > 0) {
+            if (last[depth - 1] < 0) j->n[stack[depth - 1]].child = idx;
+            else j->n[last[depth - 1]].next = idx;
+            last[depth - 1] = idx;
+        }
+        if (node.type == AFM__JOBJ || node.type == AFM__JARR) {
+            if (depth >= AFM__JSON_MAX_DEPTH) { *why = "nested too deeply"; goto fail; }
+            stack[depth] = idx;
+            last[depth] = -1;
+            depth++;
+            expect_key = node.type == AFM__JOBJ;
+            continue;
+        }
+        if (depth == 0) goto done;
+        if (expect_key) {
+            if (!afm__json_ws(s, n, &i) || s[i] != ':') { *why = "expected ':' after an object key"; goto fail; }
+            i++;
+            expect_key = 0;
+            continue;
+        }
+    after_value:
+        if (!afm__json_ws(s, n, &i)) { *why = "unexpected end"; goto fail; }
+        if (s[i] == ',') {
+            i++;
+            expect_key = j->n[stack[depth - 1]].type == AFM__JOBJ;
+            if (!afm__json_ws(s, n, &i)) { *why = "unexpected end"; goto fail; }
+            if (s[i] == ']' || s[i] == '}') { *why = "trailing comma"; goto fail; }
+            continue;
+        }
+        if (s[i] == ']' || s[i] == '}') {
+            if ((s[i] == ']') != (j->n[stack[depth - 1]].type == AFM__JARR)) { *why = "mismatched bracket"; goto fail; }
+            i++;
+            goto close;
+        }
+        *why = "expected ',' or a closing bracket";
+        goto fail;
+    close:
+        depth--;
+        if (depth == 0) goto done;
+        expect_key = 0;
+        goto after_value;
     }
-    out[o] = 0;
+fail:
+    *where = i;
+    return 0;
+done:
+    afm__json_ws(s, n, &i);
+    if (i != n) { *where = i; *why = "text after the JSON value"; return 0; }
     return 1;
 }
 
-/* An integer token in [lo, hi]; 0 if the token is not such an integer. */
-static int afm__json_int(const afm__json *j, int t, long lo, long hi, long *v) {
-    char buf[32], *end;
-    if (t < 0 || j->tok[t].type != AFM__J_PRIM || j->tok[t].len >= sizeof buf) return 0;
-    memcpy(buf, j->src + j->tok[t].start, j->tok[t].len);
-    buf[j->tok[t].len] = 0;
-    *v = strtol(buf, &end, 10);
-    return *end == 0 && end != buf && *v >= lo && *v <= hi;
+/* Undoes the escapes of string node idx into out, which has room for the node's len bytes (the text
+   never grows); returns the length. The parser has checked every escape. */
+static size_t afm__json_unescape(const afm__json *j, int32_t idx, char *out) {
+    const afm__jnode *nd = &j->n[idx];
+    const char *s = j->src + nd->start;
+    size_t i = 0, o = 0, n = nd->len;
+    while (i < n) {
+        uint32_t c;
+        if (s[i] != '\\') { out[o++] = s[i++]; continue; }
+        switch (s[i + 1]) {
+        case 'b': c = 8; break;
+        case 'f': c = 12; break;
+        case 'n': c = 10; break;
+        case 'r': c = 13; break;
+        case 't': c = 9; break;
+        case 'u': c = afm__json_hex4(s + i + 2); break;
+        default: c = (unsigned char)s[i + 1]; break;
+        }
+        if (s[i + 1] != 'u') {
+            out[o++] = (char)c;
+            i += 2;
+            continue;
+        }
+        i += 6;
+        if (c >= 0xD800 && c <= 0xDBFF) { /* the parser saw the low surrogate */
+            c = 0x10000 + ((c - 0xD800) << 10) + (afm__json_hex4(s + i + 2) - 0xDC00);
+            i += 6;
+        }
+        o += afm__utf8_put(out + o, c);
+    }
+    return o;
+}
+/* String node idx as a NUL-terminated C string in out[cap]; 0 if it is not a string, does not fit or
+   contains a NUL. */
+static int afm__json_cstr(const afm__json *j, int32_t idx, char *out, size_t cap) {
+    char tmp[256];
+    size_t len;
+    if (idx < 0 || j->n[idx].type != AFM__JSTR || j->n[idx].len >= sizeof tmp) return 0;
+    len = afm__json_unescape(j, idx, tmp);
+    if (len >= cap || memchr(tmp, 0, len)) return 0;
+    memcpy(out, tmp, len);
+    out[len] = 0;
+    return 1;
+}
+/* string node idx equals the C string z (an escaped string never does: keys and names in the files
+   read here are plain ASCII) */
+static int afm__json_eq(const afm__json *j, int32_t idx, const char *z) {
+    const afm__jnode *nd;
+    size_t zl = strlen(z);
+    if (idx < 0) return 0;
+    nd = &j->n[idx];
+    return nd->type == AFM__JSTR && !nd->escaped && nd->len == zl && memcmp(j->src + nd->start, z, zl) == 0;
+}
+/* the value of key in object node obj, or -1 */
+static int32_t afm__json_get(const afm__json *j, int32_t obj, const char *key) {
+    int32_t k;
+    if (obj < 0 || j->n[obj].type != AFM__JOBJ) return -1;
+    for (k = j->n[obj].child; k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next)
+        if (afm__json_eq(j, k, key)) return j->n[k].next;
+    return -1;
+}
+/* true / false; dflt when absent (-1) or null */
+static int afm__json_bool(const afm__json *j, int32_t idx, int dflt) {
+    if (idx < 0 || j->n[idx].type == AFM__JNULL) return dflt;
+    return j->n[idx].type == AFM__JTRUE;
+}
+/* a non-negative integer < 2^31 written without fraction or exponent, or -1 */
+static int32_t afm__json_int(const afm__json *j, int32_t idx) {
+    const afm__jnode *nd;
+    uint32_t k;
+    int64_t v = 0;
+    if (idx < 0) return -1;
+    nd = &j->n[idx];
+    if (nd->type != AFM__JNUM || nd->len == 0 || nd->len > 10) return -1;
+    for (k = 0; k < nd->len; k++) {
+        char c = j->src[nd->start + k];
+        if (c < '0' || c > '9') return -1;
+        v = v * 10 + (c - '0');
+    }
+    return v > INT32_MAX ? -1 : (int32_t)v;
+}
+static int afm__json_isnull(const afm__json *j, int32_t idx) { return idx < 0 || j->n[idx].type == AFM__JNULL; }
+
+/* ======================================================================================== */
+/* ==== TOKENIZER: SentencePiece BPE, AFM layer and chat format, streaming detokenizer ==== */
+/* ======================================================================================== */
+
+/* Unicode tables (character classes, combining classes, decompositions, compositions) generated by
+   tools/gen_unicode_tables.py; shipped next to afm.h. Private names of this part start with afm__tok_. */
+#include "afm_tokenizer.h"
+
+/* ---- small helpers ---- */
+/* grows *buf (elem bytes each) to hold at least need elements; keeps the contents; the old block is
+   freed unless it is `local` (caller-owned storage, e.g. on the stack) */
+static int afm__tok_grow_l(const afm_allocator *m, void **buf, size_t *cap, size_t need, size_t elem, const void *local) {
+    size_t nc;
+    void *nb;
+    if (need <= *cap) return 1;
+    nc = *cap ? *cap : 16;
+    while (nc < need) {
+        if (nc > ((size_t)-1) / 2 / elem) return 0;
+        nc *= 2;
+    }
+    nb = afm__alloc(m, nc * elem);
+    if (!nb) return 0;
+    if (*buf && *cap) memcpy(nb, *buf, *cap * elem);
+    if (*buf != local) afm__free(m, *buf);
+    *buf = nb;
+    *cap = nc;
+    return 1;
+}
+static int afm__tok_grow(const afm_allocator *m, void **buf, size_t *cap, size_t need, size_t elem) {
+    return afm__tok_grow_l(m, buf, cap, need, elem, NULL);
+}
+
+static uint64_t afm__tok_load64(const char *s) {
+    uint64_t v;
+    memcpy(&v, s, 8);
+    return v;
+}
+/* the last n < 8 bytes of a key as an integer (byte order does not matter: only this process hashes) */
+static uint64_t afm__tok_tail64(const char *s, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    uint64_t v = 0;
+    if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, u, 4);
+        memcpy(&b, u + n - 4, 4);
+        return ((uint64_t)a << 32) | b;
+    }
+    if (n > 0) v = ((uint64_t)u[0] << 16) | ((uint64_t)u[n >> 1] << 8) | u[n - 1];
+    return v;
+}
+static uint32_t afm__tok_hash(const char *s, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ ((uint64_t)n * 0xD6E8FEB86659FD93ull);
+    while (n >= 8) {
+        h = (h ^ afm__tok_load64(s)) * 0xFF51AFD7ED558CCDull;
+        h ^= h >> 32;
+        s += 8;
+        n -= 8;
+    }
+    h = (h ^ afm__tok_tail64(s, n)) * 0xC4CEB9FE1A85EC53ull;
+    h ^= h >> 29;
+    return (uint32_t)h;
+}
+/* s[0, n) == t[0, n) */
+static int afm__tok_eq(const char *s, const char *t, size_t n) {
+    while (n >= 8) {
+        if (afm__tok_load64(s) != afm__tok_load64(t)) return 0;
+        s += 8;
+        t += 8;
+        n -= 8;
+    }
+    while (n--)
+        if (*s++ != *t++) return 0;
+    return 1;
+}
+
+/* sentencepiece's string_util::DecodeUTF8: returns the code point or -1, *n bytes (1 when invalid) */
+static int32_t afm__tok_utf8(const unsigned char *s, size_t len, size_t *n) {
+    uint32_t c;
+    *n = 1;
+    if (s[0] < 0x80) return s[0];
+    if (len >= 2 && (s[0] & 0xE0) == 0xC0) {
+        c = ((uint32_t)(s[0] & 0x1F) << 6) | (s[1] & 0x3F);
+        if ((s[1] & 0xC0) == 0x80 && c >= 0x80) { *n = 2; return (int32_t)c; }
+    } else if (len >= 3 && (s[0] & 0xF0) == 0xE0) {
+        c = ((uint32_t)(s[0] & 0x0F) << 12) | ((uint32_t)(s[1] & 0x3F) << 6) | (s[2] & 0x3F);
+        if ((s[1] & 0xC0) == 0x80 && (s[2] & 0xC0) == 0x80 && c >= 0x800 && (c < 0xD800 || c > 0xDFFF)) {
+            *n = 3;
+            return (int32_t)c;
+        }
+    } else if (len >= 4 && (s[0] & 0xF8) == 0xF0) {
+        c = ((uint32_t)(s[0] & 0x07) << 18) | ((uint32_t)(s[1] & 0x3F) << 12) | ((uint32_t)(s[2] & 0x3F) << 6) |
+            (s[3] & 0x3F);
+        if ((s[1] & 0xC0) == 0x80 && (s[2] & 0xC0) == 0x80 && (s[3] & 0xC0) == 0x80 && c >= 0x10000 && c <= 0x10FFFF) {
+            *n = 4;
+            return (int32_t)c;
+        }
+    }
+    return -1;
+}
+/* sentencepiece's string_util::OneCharLen */
+static size_t afm__tok_onecharlen(unsigned char b) { return (size_t)"\1\1\1\1\1\1\1\1\1\1\1\1\2\2\3\4"[b >> 4]; }
+/* bytes a lead byte asks for in afm__tok_utf8 (1 for a byte that can never start a character) */
+static int afm__tok_utf8_need(unsigned char b) {
+    if (b < 0x80) return 1;
+    if ((b & 0xE0) == 0xC0) return 2;
+    if ((b & 0xF0) == 0xE0) return 3;
+    if ((b & 0xF8) == 0xF0) return 4;
+    return 1;
+}
+
+/* growable byte / int buffers used during one call */
+typedef struct afm__tok_buf {
+    char *p;
+    size_t n, cap;
+    char *local; /* p's first storage when the caller owns it (NULL: p is allocated) */
+} afm__tok_buf;
+static int afm__tok_buf_put(const afm_allocator *m, afm__tok_buf *b, const char *s, size_t n) {
+    void *p = b->p;
+    if (b->n + n < b->n) return 0;
+    if (!afm__tok_grow_l(m, &p, &b->cap, b->n + n + 1, 1, b->local)) return 0;
+    b->p = (char *)p;
+    if (n) memcpy(b->p + b->n, s, n);
+    b->n += n;
+    return 1;
+}
+
+/* ---- the tokenizer object ---- */
+#define AFM__TOK_MAX_VOCAB (1 << 24)
+#define AFM__TOK_NCLS 6
+#define AFM__TOK_PF_SELF 1   /* BPE of the piece's own characters gives exactly this piece */
+#define AFM__TOK_PF_SHADOW 2 /* a reserved (control/unknown/byte) piece has the same text */
+
+typedef struct afm__tok_trie_node {
+    int32_t child, sibling; /* first child, next sibling; -1 none */
+    uint8_t byte, flags;    /* flags: 1 user-defined piece ends here, 2 control piece ends here */
+    int32_t id;             /* id of the piece ending here */
+} afm__tok_trie_node;
+
+typedef struct afm__tok_hent {
+    uint32_t hash, off, len; /* the key: bytes [off, off + len) of the table's string pool */
+    int32_t id;              /* -1: empty slot */
+} afm__tok_hent;
+typedef struct afm__tok_ht {
+    afm__tok_hent *e;
+    uint32_t mask;
+} afm__tok_ht;
+typedef struct afm__tok_pent {
+    uint64_t key; /* left id << 32 | right id */
+    int32_t id;   /* -1: empty slot */
+    float score;
+} afm__tok_pent;
+static uint32_t afm__tok_pairhash(uint64_t k) {
+    k ^= k >> 31;
+    k *= 0x9E3779B97F4A7C15ull;
+    k ^= k >> 29;
+    return (uint32_t)k;
+}
+
+struct afm_tokenizer {
+    afm_allocator alloc;
+    int kind;
+    int n_vocab;
+    uint32_t *off;   /* n_vocab + 1 offsets into str */
+    char *str;       /* every piece, one after another */
+    float *score;
+    uint8_t *type;   /* afm_token_type */
+    afm__tok_ht ht_normal;   /* NORMAL, USER_DEFINED, UNUSED pieces (sentencepiece's pieces_) */
+    afm__tok_ht ht_reserved; /* the others (reserved_id_map_) */
+    size_t max_piece_len, max_token_bytes;
+    int32_t special[AFM_SPECIAL_COUNT];
+    /* SentencePiece */
+    int add_dummy_prefix, remove_extra_ws, escape_ws, ws_suffix, byte_fallback;
+    int has_unused;
+    uint8_t cut[AFM__TOK_NCLS][AFM__TOK_NCLS]; /* BPE may treat a class-x, class-y boundary as a word end */
+    int32_t byte_id[256];
+    char *unk_surface;
+    size_t unk_surface_len;
+    uint32_t *trie;      /* precompiled_charsmap: darts-clone double array units */
+    size_t n_trie;
+    char *norm;          /* precompiled_charsmap: the replacement strings, NUL separated */
+    size_t n_norm;
+    uint8_t trie_first[256]; /* 1 if a charsmap rule can start with this byte */
+    uint8_t nf[2][256];      /* normalizer fast path [special]: 1 plain ASCII, 2 space, 0 full path */
+    uint8_t sc[2][256];      /* encoder scan [special]: cut class of a plain ASCII byte, 0xFF full path */
+    afm__tok_trie_node *ud;  /* user-defined (and control) symbol trie; node 0 is the root */
+    int32_t n_ud;
+    int32_t ud_root[256];    /* first-level nodes by byte */
+    uint8_t ud_first[256];   /* 1: a user-defined piece starts with this byte; 2: only a control piece */
+    uint8_t *pflags;         /* per piece: AFM__TOK_PF_* */
+    struct afm__tok_pent *pt; /* (left piece, right piece) -> the piece they join into */
+    uint32_t pt_mask;
+    int32_t *cid;            /* normal-map id of each BMP code point as a one-character piece, -1 none */
+    /* tokenizer.json (byte-level BPE) */
+    void *hf;
+};
+
+static void afm__tok_ht_free(const afm_allocator *m, afm__tok_ht *h) {
+    afm__free(m, h->e);
+    h->e = NULL;
+}
+static int afm__tok_ht_init(const afm_allocator *m, afm__tok_ht *h, size_t n) {
+    size_t cap = 16, i;
+    while (cap < n * 2) cap *= 2;
+    h->e = (afm__tok_hent *)afm__alloc(m, cap * sizeof(afm__tok_hent));
+    if (!h->e) return 0;
+    for (i = 0; i < cap; i++) h->e[i].id = -1;
+    h->mask = (uint32_t)(cap - 1);
+    return 1;
+}
+#if defined(__GNUC__) || defined(__clang__)
+#define AFM__TOK_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define AFM__TOK_PREFETCH(p) ((void)(p))
+#endif
+/* the id of key s[0, n) (hash hv) in a table whose keys live in pool, -1 if none */
+static int32_t afm__tok_ht_get_h(const afm__tok_ht *h, const char *pool, const char *s, size_t n, uint32_t hv) {
+    uint32_t i = hv & h->mask;
+    const afm__tok_hent *e;
+    while ((e = &h->e[i])->id >= 0) {
+        if (e->hash == hv && e->len == n && afm__tok_eq(pool + e->off, s, n)) return e->id;
+        i = (i + 1) & h->mask;
+    }
+    return -1;
+}
+/* the id of key s[0, n) in a table whose keys live in pool, -1 if none */
+static int32_t afm__tok_ht_get(const afm__tok_ht *h, const char *pool, const char *s, size_t n) {
+    uint32_t hv = afm__tok_hash(s, n), i = hv & h->mask;
+    const afm__tok_hent *e;
+    while ((e = &h->e[i])->id >= 0) {
+        if (e->hash == hv && e->len == n && afm__tok_eq(pool + e->off, s, n)) return e->id;
+        i = (i + 1) & h->mask;
+    }
+    return -1;
+}
+static int32_t afm__tok_ht_find(const afm_tokenizer *t, const afm__tok_ht *h, const char *s, size_t n) {
+    return afm__tok_ht_get(h, t->str, s, n);
+}
+/* inserts key pool[off, off + len) -> id; returns 0 when an equal key is already there */
+static int afm__tok_ht_put(afm__tok_ht *h, const char *pool, uint32_t off, uint32_t len, int32_t id) {
+    uint32_t hv = afm__tok_hash(pool + off, len), i = hv & h->mask;
+    afm__tok_hent *e;
+    while ((e = &h->e[i])->id >= 0) {
+        if (e->hash == hv && e->len == len && memcmp(pool + e->off, pool + off, len) == 0) return 0;
+        i = (i + 1) & h->mask;
+    }
+    e->hash = hv;
+    e->off = off;
+    e->len = len;
+    e->id = id;
+    return 1;
+}
+/* inserts piece id; returns 0 when an equal piece is already there */
+static int afm__tok_ht_add(const afm_tokenizer *t, afm__tok_ht *h, int32_t id) {
+    return afm__tok_ht_put(h, t->str, t->off[id], t->off[id + 1] - t->off[id], id);
+}
+
+static void afm__tok_hf_free(afm_tokenizer *t);
+
+AFMDEF void afm_tokenizer_free(afm_tokenizer *t) {
+    afm_allocator m;
+    if (!t) return;
+    m = t->alloc;
+    afm__tok_hf_free(t);
+    afm__free(&m, t->off);
+    afm__free(&m, t->str);
+    afm__free(&m, t->score);
+    afm__free(&m, t->type);
+    afm__tok_ht_free(&m, &t->ht_normal);
+    afm__tok_ht_free(&m, &t->ht_reserved);
+    afm__free(&m, t->unk_surface);
+    afm__free(&m, t->trie);
+    afm__free(&m, t->norm);
+    afm__free(&m, t->ud);
+    afm__free(&m, t->pflags);
+    afm__free(&m, t->pt);
+    afm__free(&m, t->cid);
+    afm__free(&m, t);
+}
+
+AFMDEF int afm_tokenizer_kind(const afm_tokenizer *t) { return t ? t->kind : 0; }
+AFMDEF int afm_tokenizer_n_vocab(const afm_tokenizer *t) { return t ? t->n_vocab : 0; }
+AFMDEF const char *afm_tokenizer_piece(const afm_tokenizer *t, int32_t id, size_t *len) {
+    if (!t || id < 0 || id >= t->n_vocab) {
+        if (len) *len = 0;
+        return NULL;
+    }
+    if (len) *len = t->off[id + 1] - t->off[id];
+    return t->str + t->off[id];
+}
+AFMDEF int32_t afm_tokenizer_piece_id(const afm_tokenizer *t, const char *piece, size_t len) {
+    int32_t id;
+    if (!t || (!piece && len)) return -1;
+    id = afm__tok_ht_find(t, &t->ht_reserved, piece, len);
+    if (id < 0) id = afm__tok_ht_find(t, &t->ht_normal, piece, len);
+    return id;
+}
+AFMDEF afm_token_type afm_tokenizer_token_type(const afm_tokenizer *t, int32_t id) {
+    if (!t || id < 0 || id >= t->n_vocab) return (afm_token_type)0;
+    return (afm_token_type)t->type[id];
+}
+AFMDEF int32_t afm_tokenizer_special(const afm_tokenizer *t, afm_special_token which) {
+    if (!t || (int)which < 0 || which >= AFM_SPECIAL_COUNT) return -1;
+    return t->special[which];
+}
+AFMDEF int afm_tokenizer_is_stop(const afm_tokenizer *t, int32_t id) {
+    if (!t || id < 0) return 0;
+    return id == t->special[AFM_SPECIAL_TURN_END] || id == t->special[AFM_SPECIAL_EOS];
+}
+AFMDEF size_t afm_tokenizer_max_token_bytes(const afm_tokenizer *t) { return t ? t->max_token_bytes : 0; }
+
+/* ---- protobuf reader (bounds-checked; proto2 wire format) ---- */
+typedef struct afm__tok_pb {
+    const uint8_t *p, *end, *base;
+} afm__tok_pb;
+
+static int afm__tok_pb_varint(afm__tok_pb *r, uint64_t *v) {
+    uint64_t x = 0;
+    int shift = 0;
+    while (r->p < r->end && shift < 64) {
+        uint8_t b = *r->p++;
+        x |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) {
+            *v = x;
+            return 1;
+        }
+        shift += 7;
+    }
+    return 0;
+}
+/* reads a field key; 0 at a malformed key */
+static int afm__tok_pb_key(afm__tok_pb *r, uint32_t *field, uint32_t *wire) {
+    uint64_t k;
+    if (!afm__tok_pb_varint(r, &k)) return 0;
+    *field = (uint32_t)(k >> 3);
+    *wire = (uint32_t)(k & 7);
+    return (k >> 3) != 0 && (k >> 3) <= 0x1FFFFFFF;
+}
+static int afm__tok_pb_len(afm__tok_pb *r, const uint8_t **p, size_t *n) {
+    uint64_t l;
+    if (!afm__tok_pb_varint(r, &l)) return 0;
+    if (l > (uint64_t)(r->end - r->p)) return 0;
+    *p = r->p;
+    *n = (size_t)l;
+    r->p += l;
+    return 1;
+}
+static int afm__tok_pb_skip(afm__tok_pb *r, uint32_t wire) {
+    uint64_t v;
+    const uint8_t *p;
+    size_t n;
+    switch (wire) {
+    case 0: return afm__tok_pb_varint(r, &v);
+    case 1: if (r->end - r->p < 8) return 0; r->p += 8; return 1;
+    case 2: return afm__tok_pb_len(r, &p, &n);
+    case 5: if (r->end - r->p < 4) return 0; r->p += 4; return 1;
+    default: return 0; /* groups (3, 4) are not used by sentencepiece */
+    }
+}
+static int afm__tok_pb_f32(afm__tok_pb *r, float *f) {
+    uint32_t u;
+    if (r->end - r->p < 4) return 0;
+    u = (uint32_t)r->p[0] | ((uint32_t)r->p[1] << 8) | ((uint32_t)r->p[2] << 16) | ((uint32_t)r->p[3] << 24);
+    memcpy(f, &u, 4);
+    r->p += 4;
+    return 1;
+}
+
+typedef struct afm__tok_spm_spec {
+    int model_type, byte_fallback, ws_suffix;
+    int add_dummy_prefix, remove_extra_ws, escape_ws;
+    const uint8_t *charsmap;
+    size_t n_charsmap;
+    const uint8_t *unk_piece, *bos_piece, *eos_piece, *pad_piece, *unk_surface;
+    size_t n_unk_piece, n_bos_piece, n_eos_piece, n_pad_piece, n_unk_surface;
+    int has_denorm;
+} afm__tok_spm_spec;
+
+#define AFM__TOK_PB_FAIL(what)                                                                                \
+    do {                                                                                                    \
+        afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: malformed %s at byte %lu", what,         \
+                  (unsigned long)(r.p - r.base));                                                           \
+        return 0;                                                                                           \
+    } while (0)
+
+static int afm__tok_pb_trainer(const uint8_t *p, size_t n, const uint8_t *base, afm__tok_spm_spec *s, char *err,
+                               size_t err_size) {
+    afm__tok_pb r;
+    uint32_t f, w;
+    uint64_t v;
+    r.p = p; r.end = p + n; r.base = base;
+    while (r.p < r.end) {
+        if (!afm__tok_pb_key(&r, &f, &w)) AFM__TOK_PB_FAIL("trainer_spec field key");
+        if ((f == 3 || f == 24 || f == 35) && w == 0) {
+            if (!afm__tok_pb_varint(&r, &v)) AFM__TOK_PB_FAIL("trainer_spec varint");
+            if (f == 3) s->model_type = (int)(v > 100 ? 100 : v);
+            else if (f == 24) s->ws_suffix = v != 0;
+            else s->byte_fallback = v != 0;
+        } else if ((f == 44 || f == 45 || f == 46 || f == 47 || f == 48) && w == 2) {
+            const uint8_t *q;
+            size_t l;
+            if (!afm__tok_pb_len(&r, &q, &l)) AFM__TOK_PB_FAIL("trainer_spec string");
+            if (f == 44) { s->unk_surface = q; s->n_unk_surface = l; }
+            else if (f == 45) { s->unk_piece = q; s->n_unk_piece = l; }
+            else if (f == 46) { s->bos_piece = q; s->n_bos_piece = l; }
+            else if (f == 47) { s->eos_piece = q; s->n_eos_piece = l; }
+            else { s->pad_piece = q; s->n_pad_piece = l; }
+        } else if (!afm__tok_pb_skip(&r, w)) AFM__TOK_PB_FAIL("trainer_spec field");
+    }
+    return 1;
+}
+static int afm__tok_pb_normalizer(const uint8_t *p, size_t n, const uint8_t *base, afm__tok_spm_spec *s, int denorm,
+                                  char *err, size_t err_size) {
+    afm__tok_pb r;
+    uint32_t f, w;
+    uint64_t v;
+    r.p = p; r.end = p + n; r.base = base;
+    while (r.p < r.end) {
+        if (!afm__tok_pb_key(&r, &f, &w)) AFM__TOK_PB_FAIL("normalizer_spec field key");
+        if (f == 2 && w == 2) {
+            const uint8_t *q;
+            size_t l;
+            if (!afm__tok_pb_len(&r, &q, &l)) AFM__TOK_PB_FAIL("precompiled_charsmap");
+            if (denorm) s->has_denorm = l > 0;
+            else { s->charsmap = q; s->n_charsmap = l; }
+        } else if (!denorm && (f == 3 || f == 4 || f == 5) && w == 0) {
+            if (!afm__tok_pb_varint(&r, &v)) AFM__TOK_PB_FAIL("normalizer_spec varint");
+            if (f == 3) s->add_dummy_prefix = v != 0;
+            else if (f == 4) s->remove_extra_ws = v != 0;
+            else s->escape_ws = v != 0;
+        } else if (!afm__tok_pb_skip(&r, w)) AFM__TOK_PB_FAIL("normalizer_spec field");
+    }
+    return 1;
+}
+
+/* darts-clone double array (sentencepiece's precompiled_charsmap and nothing else) */
+static uint32_t afm__tok_darts_offset(uint32_t u) { return (u >> 10) << ((u & (1u << 9)) >> 6); }
+static uint32_t afm__tok_darts_label(uint32_t u) { return u & ((1u << 31) | 0xFFu); }
+static int afm__tok_darts_has_leaf(uint32_t u) { return (u >> 8) & 1; }
+static uint32_t afm__tok_darts_value(uint32_t u) { return u & ((1u << 31) - 1); }
+
+/* longest charsmap rule matching a prefix of s: returns its length (0: none), *value its string offset */
+static size_t afm__tok_charsmap_longest(const afm_tokenizer *t, const unsigned char *s, size_t len, uint32_t *value) {
+    size_t pos, i, best = 0;
+    uint32_t u;
+    if (!t->n_trie) return 0;
+    pos = afm__tok_darts_offset(t->trie[0]);
+    for (i = 0; i < len; i++) {
+        pos ^= s[i];
+        if (pos >= t->n_trie) return best;
+        u = t->trie[pos];
+        if (afm__tok_darts_label(u) != s[i]) return best;
+        pos ^= afm__tok_darts_offset(u);
+        if (afm__tok_darts_has_leaf(u)) {
+            if (pos >= t->n_trie) return best;
+            best = i + 1;
+            *value = afm__tok_darts_value(t->trie[pos]);
+        }
+    }
+    return best;
+}
+
+/* longest user-defined (flags & 1) or, with special, control (flags & 2) symbol at s; 0 if none */
+static size_t afm__tok_ud_match(const afm_tokenizer *t, const unsigned char *s, size_t len, int special,
+                                int32_t *id) {
+    int32_t node;
+    size_t i, best = 0;
+    uint8_t want = (uint8_t)(special ? 3 : 1);
+    if (!len || !(t->ud_first[s[0]] & want)) return 0;
+    node = t->ud_root[s[0]];
+    for (i = 0;;) {
+        if (t->ud[node].flags & want) {
+            best = i + 1;
+            *id = t->ud[node].id;
+        }
+        if (++i >= len) break;
+        node = t->ud[node].child;
+        while (node >= 0 && t->ud[node].byte != s[i]) node = t->ud[node].sibling;
+        if (node < 0) break;
+    }
+    return best;
+}
+
+static int afm__tok_ud_insert(afm_tokenizer *t, const unsigned char *s, size_t n, uint8_t flag, int32_t id,
+                              size_t *cap) {
+    int32_t node = -1, *link;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        link = i == 0 ? &t->ud_root[s[0]] : &t->ud[node].child;
+        while (*link >= 0 && t->ud[*link].byte != s[i]) link = &t->ud[*link].sibling;
+        if (*link < 0) {
+            void *p = t->ud;
+            if (!afm__tok_grow(&t->alloc, &p, cap, (size_t)t->n_ud + 1, sizeof(afm__tok_trie_node))) return 0;
+            t->ud = (afm__tok_trie_node *)p;
+            /* link may point into the old array: find it again */
+            link = i == 0 ? &t->ud_root[s[0]] : &t->ud[node].child;
+            while (*link >= 0) link = &t->ud[*link].sibling;
+            t->ud[t->n_ud].child = -1;
+            t->ud[t->n_ud].sibling = -1;
+            t->ud[t->n_ud].byte = s[i];
+            t->ud[t->n_ud].flags = 0;
+            t->ud[t->n_ud].id = -1;
+            *link = t->n_ud++;
+        }
+        node = *link;
+    }
+    /* sentencepiece's PieceToId prefers the reserved (control) map */
+    if (flag == 2 || !(t->ud[node].flags & 2)) t->ud[node].id = id;
+    t->ud[node].flags |= flag;
+    t->ud_first[s[0]] |= flag;
+    return 1;
+}
+
+static int afm__tok_ws_at(const char *s, size_t i, size_t n) {
+    return i + 3 <= n && (unsigned char)s[i] == 0xE2 && (unsigned char)s[i + 1] == 0x96 && (unsigned char)s[i + 2] == 0x81;
+}
+/* the word-cut class of the character at s[i] (see the load code) and its length */
+static int afm__tok_cls_at(const char *s, size_t i, size_t n, size_t *len) {
+    unsigned char c = (unsigned char)s[i];
+    if (c < 0x80) {
+        *len = 1;
+        if ((c | 32) >= 'a' && (c | 32) <= 'z') return 1;
+        if (c >= '0' && c <= '9') return 2;
+        if (c <= 0x20 || c == 0x7F) return 4;
+        return 3;
+    }
+    if (afm__tok_ws_at(s, i, n)) {
+        *len = 3;
+        return 0;
+    }
+    *len = afm__tok_onecharlen(c);
+    if (*len > n - i) *len = n - i;
+    return 5;
+}
+
+static afm_result afm__tok_spm_pflags(afm_tokenizer *t);
+static afm_result afm__tok_load_spm(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size) {
+    afm__tok_pb r;
+    uint32_t f, w;
+    afm__tok_spm_spec s;
+    size_t n_pieces = 0, n_str = 0, k, ud_cap = 0;
+    int32_t i;
+    int pass, bytes_found = 0;
+    memset(&s, 0, sizeof s);
+    s.model_type = 1; /* proto default: UNIGRAM */
+    s.add_dummy_prefix = s.remove_extra_ws = s.escape_ws = 1;
+    /* pass 0 counts the pieces and reads the specs; pass 1 stores the pieces */
+    for (pass = 0; pass < 2; pass++) {
+        int32_t idx = 0;
+        r.p = data; r.end = data + size; r.base = data;
+        while (r.p < r.end) {
+            const uint8_t *q;
+            size_t l;
+            if (!afm__tok_pb_key(&r, &f, &w))
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: malformed field key at byte %lu", (unsigned long)(r.p - data));
+            if (w != 2 || f < 1 || f > 5) {
+                if (!afm__tok_pb_skip(&r, w))
+                    return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: malformed field %u at byte %lu", f, (unsigned long)(r.p - data));
+                continue;
+            }
+            if (!afm__tok_pb_len(&r, &q, &l))
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: field %u at byte %lu runs past the end", f, (unsigned long)(r.p - data));
+            if (f == 1) { /* SentencePiece piece */
+                afm__tok_pb pr;
+                uint32_t pf, pw;
+                uint64_t v;
+                const uint8_t *ps = NULL;
+                size_t pl = 0;
+                float sc = 0.0f;
+                int ty = 1;
+                pr.p = q; pr.end = q + l; pr.base = data;
+                while (pr.p < pr.end) {
+                    if (!afm__tok_pb_key(&pr, &pf, &pw)) goto bad_piece;
+                    if (pf == 1 && pw == 2) { if (!afm__tok_pb_len(&pr, &ps, &pl)) goto bad_piece; }
+                    else if (pf == 2 && pw == 5) { if (!afm__tok_pb_f32(&pr, &sc)) goto bad_piece; }
+                    else if (pf == 3 && pw == 0) {
+                        if (!afm__tok_pb_varint(&pr, &v)) goto bad_piece;
+                        if (v < 1 || v > 6)
+                            return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: piece %ld has unknown type %lu", (long)idx, (unsigned long)v);
+                        ty = (int)v;
+                    } else if (!afm__tok_pb_skip(&pr, pw)) goto bad_piece;
+                }
+                if (pass == 0) {
+                    if (pl == 0)
+                        return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: piece %ld is empty", (long)n_pieces);
+                    if (++n_pieces > AFM__TOK_MAX_VOCAB)
+                        return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: more than %d pieces", AFM__TOK_MAX_VOCAB);
+                    n_str += pl;
+                    if (pl > t->max_piece_len) t->max_piece_len = pl;
+                } else {
+                    memcpy(t->str + t->off[idx], ps, pl);
+                    t->off[idx + 1] = t->off[idx] + (uint32_t)pl;
+                    t->score[idx] = sc;
+                    t->type[idx] = (uint8_t)ty;
+                }
+                idx++;
+                continue;
+            bad_piece:
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: malformed piece %ld near byte %lu", (long)idx, (unsigned long)(pr.p - data));
+            }
+            if (pass == 1) continue;
+            if (f == 2) { if (!afm__tok_pb_trainer(q, l, data, &s, err, err_size)) return AFM_ERR_FORMAT; }
+            else if (f == 3) { if (!afm__tok_pb_normalizer(q, l, data, &s, 0, err, err_size)) return AFM_ERR_FORMAT; }
+            else if (f == 5) { if (!afm__tok_pb_normalizer(q, l, data, &s, 1, err, err_size)) return AFM_ERR_FORMAT; }
+        }
+        if (pass == 0) {
+            if (n_pieces == 0)
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: no pieces (not a SentencePiece model?)");
+            if (s.model_type != 2) {
+                static const char *names[] = {"?", "UNIGRAM", "BPE", "WORD", "CHAR"};
+                return afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.model: model_type %s is not supported (only BPE models)",
+                                 s.model_type >= 1 && s.model_type <= 4 ? names[s.model_type] : "unknown");
+            }
+            if (s.has_denorm)
+                return afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.model: a denormalizer_spec is not supported");
+            if (n_str >= 0xFFFFFFFFu)
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: pieces too long");
+            t->n_vocab = (int)n_pieces;
+            t->off = (uint32_t *)afm__alloc(&t->alloc, (n_pieces + 1) * sizeof(uint32_t));
+            t->str = (char *)afm__alloc(&t->alloc, n_str + 1);
+            t->score = (float *)afm__alloc(&t->alloc, n_pieces * sizeof(float));
+            t->type = (uint8_t *)afm__alloc(&t->alloc, n_pieces);
+            if (!t->off || !t->str || !t->score || !t->type) return AFM_ERR_NOMEM;
+            t->off[0] = 0;
+        }
+    }
+    t->byte_fallback = s.byte_fallback;
+    t->ws_suffix = s.ws_suffix;
+    t->add_dummy_prefix = s.add_dummy_prefix;
+    t->remove_extra_ws = s.remove_extra_ws;
+    t->escape_ws = s.escape_ws;
+
+    /* piece tables, checks of sentencepiece's ModelInterface::InitializePieces */
+    if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, n_pieces) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, n_pieces))
+        return AFM_ERR_NOMEM;
+    for (k = 0; k < 256; k++) t->byte_id[k] = -1;
+    for (k = 0; k < 256; k++) t->ud_root[k] = -1;
+    for (k = 0; k < AFM_SPECIAL_COUNT; k++) t->special[k] = -1;
+    for (i = 0; i < t->n_vocab; i++) {
+        int ty = t->type[i];
+        int normal = ty == AFM_TOKEN_NORMAL || ty == AFM_TOKEN_USER_DEFINED || ty == AFM_TOKEN_UNUSED;
+        const char *ps = t->str + t->off[i];
+        size_t pl = t->off[i + 1] - t->off[i];
+        /* the sentencepiece library refuses a text defined twice, whatever the types */
+        if (afm__tok_ht_find(t, normal ? &t->ht_reserved : &t->ht_normal, ps, pl) >= 0 ||
+            !afm__tok_ht_add(t, normal ? &t->ht_normal : &t->ht_reserved, i)) {
+            return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: piece %ld \"%.*s\" is already defined", (long)i, (int)(pl > 64 ? 64 : pl), ps);
+        }
+        if (ty == AFM_TOKEN_UNUSED) t->has_unused = 1;
+        if (ty == AFM_TOKEN_UNKNOWN) {
+            if (t->special[AFM_SPECIAL_UNK] >= 0)
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: unk is already defined (pieces %ld and %ld)", (long)t->special[AFM_SPECIAL_UNK], (long)i);
+            t->special[AFM_SPECIAL_UNK] = i;
+        }
+        if (ty == AFM_TOKEN_BYTE) {
+            static const char hex[] = "0123456789ABCDEF";
+            const char *h1, *h2;
+            if (!s.byte_fallback)
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: byte piece %ld although byte_fallback is false", (long)i);
+            if (pl != 6 || memcmp(ps, "<0x", 3) != 0 || ps[5] != '>' || !(h1 = (const char *)memchr(hex, ps[3], 16)) ||
+                !(h2 = (const char *)memchr(hex, ps[4], 16)) || !ps[3] || !ps[4]) {
+                return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: byte piece %ld \"%.*s\" is invalid", (long)i, (int)(pl > 64 ? 64 : pl), ps);
+            }
+            k = (size_t)((h1 - hex) * 16 + (h2 - hex));
+            if (t->byte_id[k] < 0) bytes_found++;
+            t->byte_id[k] = i;
+        }
+        if (ty == AFM_TOKEN_USER_DEFINED || ty == AFM_TOKEN_CONTROL) {
+            if (!afm__tok_ud_insert(t, (const unsigned char *)ps, pl, (uint8_t)(ty == AFM_TOKEN_USER_DEFINED ? 1 : 2), i, &ud_cap))
+                return AFM_ERR_NOMEM;
+        }
+    }
+    if (t->special[AFM_SPECIAL_UNK] < 0)
+        return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: unk is not defined");
+    if (s.byte_fallback && bytes_found != 256)
+        return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: %d byte pieces although byte_fallback is true (need 256)", bytes_found);
+    /* special ids the way SentencePieceProcessor::bos_id() etc. find them */
+    {
+        static const char *defaults[4] = {"<s>", "</s>", "<unk>", "<pad>"};
+        const uint8_t *pieces[4];
+        size_t lens[4];
+        int which;
+        pieces[0] = s.bos_piece; lens[0] = s.n_bos_piece;
+        pieces[1] = s.eos_piece; lens[1] = s.n_eos_piece;
+        pieces[2] = s.unk_piece; lens[2] = s.n_unk_piece;
+        pieces[3] = s.pad_piece; lens[3] = s.n_pad_piece;
+        for (which = 0; which < 4; which++) {
+            const char *pp = lens[which] ? (const char *)pieces[which] : defaults[which];
+            size_t pl = lens[which] ? lens[which] : strlen(defaults[which]);
+            int32_t id = afm_tokenizer_piece_id(t, pp, pl);
+            if (which == 2) continue; /* unk: the UNKNOWN piece */
+            if (id < 0) id = t->special[AFM_SPECIAL_UNK];
+            t->special[which == 3 ? AFM_SPECIAL_PAD : which] = t->type[id] == AFM_TOKEN_CONTROL ? id : -1;
+        }
+        {
+            static const char *afm_names[5] = {"<n>", "<turn_start>", "<turn_end>", "<executable_start>", "<executable_end>"};
+            for (which = 0; which < 5; which++)
+                t->special[AFM_SPECIAL_NEWLINE + which] = afm_tokenizer_piece_id(t, afm_names[which], strlen(afm_names[which]));
+        }
+    }
+    /* unk_surface (default " \xE2\x81\x87 ") */
+    {
+        const char *us = s.unk_surface ? (const char *)s.unk_surface : " \xE2\x81\x87 ";
+        size_t ul = s.unk_surface ? s.n_unk_surface : 5;
+        t->unk_surface = (char *)afm__alloc(&t->alloc, ul + 1);
+        if (!t->unk_surface) return AFM_ERR_NOMEM;
+        memcpy(t->unk_surface, us, ul);
+        t->unk_surface[ul] = 0;
+        t->unk_surface_len = ul;
+    }
+    /* precompiled_charsmap: <u32 trie size><trie units><NUL-separated replacement strings> */
+    if (s.n_charsmap) {
+        uint32_t tsize;
+        if (s.n_charsmap <= 4)
+            return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: precompiled_charsmap of %lu bytes is broken", (unsigned long)s.n_charsmap);
+        tsize = (uint32_t)s.charsmap[0] | ((uint32_t)s.charsmap[1] << 8) | ((uint32_t)s.charsmap[2] << 16) | ((uint32_t)s.charsmap[3] << 24);
+        if (tsize >= s.n_charsmap || tsize > s.n_charsmap - 4 || tsize / 4 == 0)
+            return afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.model: precompiled_charsmap trie size %lu exceeds the blob (%lu bytes)", (unsigned long)tsize, (unsigned long)s.n_charsmap);
+        t->n_trie = tsize / 4;
+        t->trie = (uint32_t *)afm__alloc(&t->alloc, t->n_trie * 4);
+        t->n_norm = s.n_charsmap - 4 - tsize;
+        t->norm = (char *)afm__alloc(&t->alloc, t->n_norm + 1);
+        if (!t->trie || !t->norm) return AFM_ERR_NOMEM;
+        for (k = 0; k < t->n_trie; k++) {
+            const uint8_t *u = s.charsmap + 4 + 4 * k;
+            t->trie[k] = (uint32_t)u[0] | ((uint32_t)u[1] << 8) | ((uint32_t)u[2] << 16) | ((uint32_t)u[3] << 24);
+        }
+        memcpy(t->norm, s.charsmap + 4 + tsize, t->n_norm);
+        t->norm[t->n_norm] = 0;
+        for (k = 0; k < 256; k++) {
+            size_t pos = afm__tok_darts_offset(t->trie[0]) ^ k;
+            t->trie_first[k] = (uint8_t)(pos < t->n_trie && afm__tok_darts_label(t->trie[pos]) == k);
+        }
+    }
+    /* Can BPE run word by word? Only where no merge can cross the cut. Characters fall into classes
+       (U+2581, ASCII letter, ASCII digit, ASCII punctuation, ASCII space/control, other); the text may
+       be cut between a class-X and a class-Y character when no NORMAL or UNUSED piece has such a pair
+       of adjacent characters (user-defined pieces are never made by merges: the prefix matcher takes
+       them first). UNUSED pieces make sentencepiece's resegmentation depend on the whole string: no
+       cut at all then. */
+    {
+        int x, y;
+        uint8_t seen[AFM__TOK_NCLS][AFM__TOK_NCLS];
+        memset(seen, 0, sizeof seen);
+        for (i = 0; i < t->n_vocab; i++) {
+            const char *ps = t->str + t->off[i];
+            size_t pl = t->off[i + 1] - t->off[i], j = 0, cl;
+            int prev = -1;
+            if (!(t->type[i] == AFM_TOKEN_NORMAL || t->type[i] == AFM_TOKEN_UNUSED)) continue;
+            while (j < pl) {
+                int c = afm__tok_cls_at(ps, j, pl, &cl);
+                if (prev >= 0) seen[prev][c] = 1;
+                prev = c;
+                j += cl;
+            }
+        }
+        for (x = 0; x < AFM__TOK_NCLS; x++)
+            for (y = 0; y < AFM__TOK_NCLS; y++) t->cut[x][y] = (uint8_t)(!seen[x][y] && !t->has_unused);
+    }
+    /* the most bytes one token can decode to */
+    {
+        size_t mx = t->unk_surface_len;
+        if (t->max_piece_len > mx) mx = t->max_piece_len;
+        t->max_token_bytes = mx + 16;
+    }
+    for (k = 0; k < 256; k++) {
+        int sp;
+        for (sp = 0; sp < 2; sp++) {
+            int plain = k < 0x80 && !t->trie_first[k] && !(t->ud_first[k] & (sp ? 3 : 1));
+            size_t cl;
+            char ch = (char)k;
+            t->nf[sp][k] = (uint8_t)(!plain ? 0 : k == ' ' ? 2 : 1);
+            t->sc[sp][k] = (uint8_t)(k < 0x80 && !(t->ud_first[k] & (sp ? 3 : 1)) ? afm__tok_cls_at(&ch, 0, 1, &cl) : 0xFF);
+        }
+    }
+    return afm__tok_spm_pflags(t);
+}
+
+/* ---- SentencePiece normalizer (sentencepiece's Normalizer::Normalize) ---- */
+/* One normalization step at s: the normalized string of the longest prefix, *consumed input bytes. */
+static const char *afm__tok_norm_prefix(const afm_tokenizer *t, const unsigned char *s, size_t len, int special,
+                                        size_t *out_len, size_t *consumed) {
+    size_t n;
+    int32_t id;
+    uint32_t value = 0;
+    if (t->ud && (n = afm__tok_ud_match(t, s, len, special, &id)) > 0) {
+        *out_len = *consumed = n;
+        return (const char *)s;
+    }
+    if (t->n_trie && t->trie_first[s[0]] && (n = afm__tok_charsmap_longest(t, s, len, &value)) > 0) {
+        const char *r;
+        *consumed = n;
+        if (value >= t->n_norm) {
+            *out_len = 0;
+            return "";
+        }
+        r = t->norm + value;
+        *out_len = strlen(r); /* t->norm is NUL-terminated at its end */
+        return r;
+    }
+    if (afm__tok_utf8(s, len, &n) < 0) {
+        *consumed = 1;
+        *out_len = 3;
+        return "\xEF\xBF\xBD";
+    }
+    *consumed = n;
+    *out_len = n;
+    return (const char *)s;
+}
+
+/* Normalizes text into b. Returns 0 on allocation failure. */
+static int afm__tok_normalize(const afm_tokenizer *t, const char *text, size_t len, int special, afm__tok_buf *b) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t pos = 0, ol, cn;
+    const char *o;
+    int is_prev_space;
+    b->n = 0;
+    if (!len) return 1;
+    if (t->remove_extra_ws) {
+        while (pos < len) {
+            o = afm__tok_norm_prefix(t, s + pos, len - pos, special, &ol, &cn);
+            if (!(ol == 1 && o[0] == ' ')) break;
+            pos += cn;
+        }
+    }
+    if (pos >= len) return 1;
+    if (!afm__tok_grow_l(&t->alloc, (void **)&b->p, &b->cap, (len - pos) * 3 + 8, 1, b->local)) return 0;
+    if (!t->ws_suffix && t->add_dummy_prefix) {
+        if (!afm__tok_buf_put(&t->alloc, b, t->escape_ws ? "\xE2\x96\x81" : " ", t->escape_ws ? 3 : 1)) return 0;
+    }
+    is_prev_space = t->remove_extra_ws;
+    /* invariant: b has room for 3 bytes per remaining input byte (+8) */
+    {
+        const uint8_t *nf = t->nf[special ? 1 : 0];
+        while (pos < len) {
+            unsigned char c = s[pos];
+            if (nf[c] == 1) {
+                /* ASCII that stands for itself */
+                size_t st = pos;
+                do pos++;
+                while (pos < len && nf[s[pos]] == 1);
+                memcpy(b->p + b->n, s + st, pos - st);
+                b->n += pos - st;
+                is_prev_space = 0;
+                continue;
+            }
+            if (nf[c] == 2) {
+                pos++;
+                if (is_prev_space) continue;
+                if (t->escape_ws) {
+                    b->p[b->n++] = (char)0xE2; b->p[b->n++] = (char)0x96; b->p[b->n++] = (char)0x81;
+                } else b->p[b->n++] = ' ';
+                is_prev_space = t->remove_extra_ws;
+                continue;
+            }
+        o = afm__tok_norm_prefix(t, s + pos, len - pos, special, &ol, &cn);
+        pos += cn;
+        if (is_prev_space)
+            while (ol && o[0] == ' ') { o++; ol--; }
+        if (ol) {
+            size_t j;
+            if (!afm__tok_grow_l(&t->alloc, (void **)&b->p, &b->cap, b->n + ol * 3 + (len - pos) * 3 + 8, 1, b->local)) return 0;
+            for (j = 0; j < ol; j++) {
+                if (t->escape_ws && o[j] == ' ') {
+                    b->p[b->n++] = (char)0xE2; b->p[b->n++] = (char)0x96; b->p[b->n++] = (char)0x81;
+                } else b->p[b->n++] = o[j];
+            }
+            is_prev_space = o[ol - 1] == ' ';
+        }
+        if (!t->remove_extra_ws) is_prev_space = 0;
+        }
+    }
+    if (t->remove_extra_ws) {
+        if (t->escape_ws) while (b->n >= 3 && afm__tok_ws_at(b->p, b->n - 3, b->n)) b->n -= 3;
+        else while (b->n >= 1 && b->p[b->n - 1] == ' ') b->n--;
+    }
+    if (t->ws_suffix && t->add_dummy_prefix) {
+        if (!afm__tok_buf_put(&t->alloc, b, t->escape_ws ? "\xE2\x96\x81" : " ", t->escape_ws ? 3 : 1)) return 0;
+    }
+    return 1;
+}
+
+/* ---- SentencePiece BPE (sentencepiece's bpe::Model::SampleEncode with alpha = 0) ---- */
+typedef struct afm__tok_sym {
+    int32_t start, len, prev, next;
+    int32_t freeze; /* a user-defined symbol: never merged; its id */
+    int32_t id;     /* the piece (sentencepiece's pieces_) this symbol is, -1 if none */
+} afm__tok_sym;
+typedef struct afm__tok_pair {
+    float score;
+    int32_t left, right, size, id;
+} afm__tok_pair;
+typedef struct afm__tok_rev {
+    int32_t start, len, left_len;
+} afm__tok_rev;
+
+typedef struct afm__tok_ids {
+    int32_t *p;
+    size_t n, cap;
+    int32_t *local; /* p's first storage when the caller owns it */
+} afm__tok_ids;
+
+/* the encoder's working state for one call */
+typedef struct afm__tok_enc {
+    const afm_tokenizer *t;
+    afm__tok_sym *sym;
+    size_t sym_cap;
+    afm__tok_pair *heap;
+    size_t heap_cap, heap_n;
+    afm__tok_rev *rev;
+    size_t rev_cap, rev_n;
+    afm__tok_ids out; /* raw ids of the current word (before the unk merge) */
+    /* word cache: key = bytes of the word in the normalized text */
+    uint32_t *c_hash, *c_off, *c_len, *c_ids, *c_nids;
+    uint32_t c_mask, c_used;
+    afm__tok_ids c_pool;
+    const char *norm;
+    /* output */
+    int32_t *tokens;
+    size_t cap, n;
+    int prev_unk;
+    int failed;
+    int special;
+    /* first storage of sym / heap / out, so that short texts allocate nothing */
+    afm__tok_sym sym_local[48];
+    afm__tok_pair heap_local[148];
+    int32_t out_local[48];
+} afm__tok_enc;
+
+static int afm__tok_pair_better(const afm__tok_pair *a, const afm__tok_pair *b) {
+    return a->score > b->score || (a->score == b->score && a->left < b->left);
+}
+static void afm__tok_heap_push(afm__tok_enc *e, afm__tok_pair p) {
+    size_t i = e->heap_n++;
+    while (i > 0) {
+        size_t up = (i - 1) / 2;
+        if (!afm__tok_pair_better(&p, &e->heap[up])) break;
+        e->heap[i] = e->heap[up];
+        i = up;
+    }
+    e->heap[i] = p;
+}
+static afm__tok_pair afm__tok_heap_pop(afm__tok_enc *e) {
+    afm__tok_pair top = e->heap[0], last = e->heap[--e->heap_n];
+    size_t i = 0, n = e->heap_n;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && afm__tok_pair_better(&e->heap[c + 1], &e->heap[c])) c++;
+        if (!afm__tok_pair_better(&e->heap[c], &last)) break;
+        e->heap[i] = e->heap[c];
+        i = c;
+    }
+    if (n) e->heap[i] = last;
+    return top;
+}
+
+static void afm__tok_maybe_pair(afm__tok_enc *e, int32_t left, int32_t right) {
+    const afm_tokenizer *t = e->t;
+    afm__tok_pair p;
+    int32_t id;
+    size_t n;
+    if (left < 0 || right < 0 || e->sym[left].freeze >= 0 || e->sym[right].freeze >= 0) return;
+    n = (size_t)e->sym[left].len + (size_t)e->sym[right].len;
+    if (n > t->max_piece_len) return;
+    if (t->pt && e->sym[left].id >= 0 && e->sym[right].id >= 0) {
+        /* both are pieces: the pair table knows whether they join */
+        uint64_t key = ((uint64_t)(uint32_t)e->sym[left].id << 32) | (uint32_t)e->sym[right].id;
+        uint32_t i = afm__tok_pairhash(key) & t->pt_mask;
+        const afm__tok_pent *pe;
+        while ((pe = &t->pt[i])->id >= 0 && pe->key != key) i = (i + 1) & t->pt_mask;
+        if (pe->id < 0) return;
+        id = pe->id;
+        p.score = pe->score;
+    } else {
+        id = afm__tok_ht_find(t, &t->ht_normal, e->norm + e->sym[left].start, n);
+        if (id < 0) return;
+        p.score = t->score[id];
+    }
+    p.left = left;
+    p.right = right;
+    p.size = (int32_t)n;
+    p.id = id;
+    afm__tok_heap_push(e, p);
+    if (t->type[id] == AFM_TOKEN_UNUSED) {
+        afm__tok_rev r;
+        void *q = e->rev;
+        if (!afm__tok_grow(&t->alloc, &q, &e->rev_cap, e->rev_n + 1, sizeof(afm__tok_rev))) {
+            e->failed = 1;
+            return;
+        }
+        e->rev = (afm__tok_rev *)q;
+        r.start = e->sym[left].start;
+        r.len = (int32_t)n;
+        r.left_len = e->sym[left].len;
+        e->rev[e->rev_n++] = r;
+    }
+}
+
+static int afm__tok_ids_push(const afm_allocator *m, afm__tok_ids *v, int32_t id) {
+    if (v->n >= v->cap) {
+        void *p = v->p;
+        if (!afm__tok_grow_l(m, &p, &v->cap, v->n + 1, sizeof(int32_t), v->local)) return 0;
+        v->p = (int32_t *)p;
+    }
+    v->p[v->n++] = id;
+    return 1;
+}
+
+/* PieceToId of a piece of the normalized text, then unk -> byte fallback */
+static void afm__tok_emit_piece(afm__tok_enc *e, int32_t start, int32_t len) {
+    const afm_tokenizer *t = e->t;
+    const char *s = e->norm + start;
+    int32_t id = afm__tok_ht_find(t, &t->ht_reserved, s, (size_t)len);
+    if (id < 0) id = afm__tok_ht_find(t, &t->ht_normal, s, (size_t)len);
+    if (id < 0) id = t->special[AFM_SPECIAL_UNK];
+    if (t->type[id] == AFM_TOKEN_UNUSED) {
+        /* resegment: the most recent reverse merge of this string (sentencepiece's rev_merge map) */
+        size_t k = e->rev_n;
+        while (k > 0) {
+            const afm__tok_rev *r = &e->rev[k - 1];
+            if (r->len == len && memcmp(e->norm + r->start, s, (size_t)len) == 0) {
+                int32_t ll = r->left_len;
+                afm__tok_emit_piece(e, start, ll);
+                afm__tok_emit_piece(e, start + ll, len - ll);
+                return;
+            }
+            k--;
+        }
+    }
+    if (t->type[id] == AFM_TOKEN_UNKNOWN && t->byte_fallback) {
+        int32_t j;
+        for (j = 0; j < len; j++)
+            if (!afm__tok_ids_push(&t->alloc, &e->out, t->byte_id[(unsigned char)s[j]])) e->failed = 1;
+        return;
+    }
+    if (!afm__tok_ids_push(&t->alloc, &e->out, id)) e->failed = 1;
+}
+
+/* the normal-map id of a one-character symbol s[0, ml), -1 if none */
+static int32_t afm__tok_char_id(const afm_tokenizer *t, const char *s, size_t ml) {
+    unsigned char c = (unsigned char)s[0];
+    if (ml == 1 && c < 0x80) return t->cid[c];
+    if (ml == 2 || ml == 3) {
+        size_t l;
+        int32_t cp = afm__tok_utf8((const unsigned char *)s, ml, &l);
+        if (cp >= 0 && l == ml && cp < 0x10000) return t->cid[cp];
+    }
+    return afm__tok_ht_find(t, &t->ht_normal, s, ml);
+}
+
+/* builds the symbols of norm[a, b) into e->sym (user-defined symbols inside are frozen only when the
+   whole text is one word, i.e. with UNUSED pieces); returns their count, -1 on allocation failure */
+static int32_t afm__tok_symbols(afm__tok_enc *e, size_t a, size_t b) {
+    const afm_tokenizer *t = e->t;
+    int32_t ns = 0;
+    size_t pos = a, need = b - a;
+    if (need + 1 > e->sym_cap) {
+        void *p = e->sym;
+        if (!afm__tok_grow_l(&t->alloc, &p, &e->sym_cap, need + 1, sizeof(afm__tok_sym), e->sym_local)) return -1;
+        e->sym = (afm__tok_sym *)p;
+    }
+    if (3 * need + 4 > e->heap_cap) {
+        void *p = e->heap;
+        if (!afm__tok_grow_l(&t->alloc, &p, &e->heap_cap, 3 * need + 4, sizeof(afm__tok_pair), e->heap_local)) return -1;
+        e->heap = (afm__tok_pair *)p;
+    }
+    while (pos < b) {
+        afm__tok_sym *y = &e->sym[ns];
+        unsigned char c = (unsigned char)e->norm[pos];
+        size_t ml = 0;
+        int32_t fz = -1;
+        if (t->has_unused && t->ud && (t->ud_first[c] & (e->special ? 3 : 1)))
+            ml = afm__tok_ud_match(t, (const unsigned char *)e->norm + pos, b - pos, e->special, &fz);
+        if (!ml) {
+            ml = afm__tok_onecharlen(c);
+            if (ml > b - pos) ml = b - pos;
+        }
+        y->start = (int32_t)pos;
+        y->len = (int32_t)ml;
+        y->prev = ns - 1;
+        y->next = ns + 1;
+        y->freeze = fz;
+        y->id = fz >= 0 ? -1 : afm__tok_char_id(t, e->norm + pos, ml);
+        ns++;
+        pos += ml;
+    }
+    if (ns) e->sym[ns - 1].next = -1;
+    return ns;
+}
+
+/* BPE over symbols [0, n) of e->sym (already linked); appends the word's ids to e->out */
+static void afm__tok_bpe_merge(afm__tok_enc *e, int32_t n) {
+    int32_t i;
+    e->heap_n = 0;
+    if (n < 2) return;
+    if (e->t->pt)
+        for (i = 1; i < n; i++) {
+            uint64_t key = ((uint64_t)(uint32_t)e->sym[i - 1].id << 32) | (uint32_t)e->sym[i].id;
+            AFM__TOK_PREFETCH(&e->t->pt[afm__tok_pairhash(key) & e->t->pt_mask]);
+        }
+    for (i = 1; i < n; i++) afm__tok_maybe_pair(e, i - 1, i);
+    while (e->heap_n) {
+        afm__tok_pair top = afm__tok_heap_pop(e);
+        afm__tok_sym *l = &e->sym[top.left], *r = &e->sym[top.right];
+        if (l->len == 0 || r->len == 0 || l->len + r->len != top.size) continue;
+        l->len += r->len;
+        l->id = top.id;
+        l->next = r->next;
+        if (r->next >= 0) e->sym[r->next].prev = top.left;
+        r->len = 0;
+        afm__tok_maybe_pair(e, l->prev, top.left);
+        afm__tok_maybe_pair(e, top.left, l->next);
+    }
+}
+static void afm__tok_bpe_word(afm__tok_enc *e, int32_t n) {
+    const afm_tokenizer *t = e->t;
+    int32_t i;
+    afm__tok_bpe_merge(e, n);
+    for (i = n > 0 ? 0 : -1; i >= 0; i = e->sym[i].next) {
+        const afm__tok_sym *y = &e->sym[i];
+        if (y->freeze >= 0) {
+            if (!afm__tok_ids_push(&t->alloc, &e->out, y->freeze)) e->failed = 1;
+        } else if (y->id >= 0 && !(t->pflags[y->id] & AFM__TOK_PF_SHADOW) && t->type[y->id] != AFM_TOKEN_UNUSED) {
+            if (!afm__tok_ids_push(&t->alloc, &e->out, y->id)) e->failed = 1;
+        } else afm__tok_emit_piece(e, y->start, y->len);
+    }
+}
+
+static void afm__tok_out(afm__tok_enc *e, int32_t id) {
+    const afm_tokenizer *t = e->t;
+    int unk = t->type[id] == AFM_TOKEN_UNKNOWN;
+    if (unk && e->prev_unk && !t->byte_fallback) return; /* runs of unknown pieces are one token */
+    e->prev_unk = unk;
+    if (e->n < e->cap) e->tokens[e->n] = id;
+    e->n++;
+}
+
+#define AFM__TOK_CACHE_MAX_WORD 64
+/* encodes the word norm[a, b) whose hash is h */
+static void afm__tok_word(afm__tok_enc *e, size_t a, size_t b, uint32_t h) {
+    const afm_tokenizer *t = e->t;
+    size_t k, n = b - a;
+    uint32_t slot = 0;
+    int32_t ns;
+    int cacheable;
+    if (n <= t->max_piece_len && !t->has_unused) {
+        /* the whole word is a piece that BPE rebuilds from its characters (decided at load) */
+        int32_t id = afm__tok_ht_get_h(&t->ht_normal, t->str, e->norm + a, n, h);
+        if (id >= 0 && (t->pflags[id] & AFM__TOK_PF_SELF)) {
+            afm__tok_out(e, id);
+            return;
+        }
+    }
+    cacheable = e->c_mask && n <= AFM__TOK_CACHE_MAX_WORD;
+    if (cacheable) {
+        slot = h & e->c_mask;
+        while (e->c_len[slot]) {
+            if (e->c_hash[slot] == h && e->c_len[slot] == n && memcmp(e->norm + e->c_off[slot], e->norm + a, n) == 0) {
+                const int32_t *ids = e->c_pool.p + e->c_ids[slot];
+                uint32_t j, m = e->c_nids[slot];
+                for (j = 0; j < m; j++) afm__tok_out(e, ids[j]);
+                return;
+            }
+            slot = (slot + 1) & e->c_mask;
+        }
+    }
+    ns = afm__tok_symbols(e, a, b);
+    if (ns < 0) {
+        e->failed = 1;
+        return;
+    }
+    e->out.n = 0;
+    afm__tok_bpe_word(e, ns);
+    for (k = 0; k < e->out.n; k++) afm__tok_out(e, e->out.p[k]);
+    if (cacheable && !e->failed && e->c_used * 2 < e->c_mask) {
+        size_t base = e->c_pool.n;
+        for (k = 0; k < e->out.n; k++)
+            if (!afm__tok_ids_push(&t->alloc, &e->c_pool, e->out.p[k])) return;
+        e->c_hash[slot] = h;
+        e->c_off[slot] = (uint32_t)a;
+        e->c_len[slot] = (uint32_t)n;
+        e->c_ids[slot] = (uint32_t)base;
+        e->c_nids[slot] = (uint32_t)e->out.n;
+        e->c_used++;
+    }
+}
+
+static void afm__tok_enc_free(afm__tok_enc *e) {
+    const afm_allocator *m = &e->t->alloc;
+    if (e->sym != e->sym_local) afm__free(m, e->sym);
+    if (e->heap != e->heap_local) afm__free(m, e->heap);
+    afm__free(m, e->rev);
+    if (e->out.p != e->out_local) afm__free(m, e->out.p);
+    afm__free(m, e->c_hash);
+    afm__free(m, e->c_off);
+    afm__free(m, e->c_len);
+    afm__free(m, e->c_ids);
+    afm__free(m, e->c_nids);
+    afm__free(m, e->c_pool.p);
+}
+
+static int afm__tok_enc_cache(afm__tok_enc *e, size_t n) {
+    const afm_tokenizer *t = e->t;
+    size_t cap = 1024, i;
+    while (cap < n / 16 && cap < (1u << 16)) cap *= 2;
+    e->c_hash = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+    e->c_off = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+    e->c_len = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+    e->c_ids = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+    e->c_nids = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+    if (!e->c_hash || !e->c_off || !e->c_len || !e->c_ids || !e->c_nids) return 0;
+    for (i = 0; i < cap; i++) e->c_len[i] = 0;
+    e->c_mask = (uint32_t)(cap - 1);
+    return 1;
+}
+
+/* SentencePiece encode of normalized text norm[0, n): cut into words where no merge can cross
+   (see the cut classes at load), user-defined symbols are words of their own. Words go in batches so
+   that their hash-table slots can be prefetched while earlier words are encoded. */
+#define AFM__TOK_BATCH 32
+static void afm__tok_spm_encode_norm(afm__tok_enc *e, const char *norm, size_t n, int special) {
+    const afm_tokenizer *t = e->t;
+    const unsigned char *s = (const unsigned char *)norm;
+    size_t pos = 0, word_start = 0;
+    int prev = -1, nb = 0, k;
+    uint8_t want = (uint8_t)(special ? 3 : 1);
+    int ud = t->ud != NULL && !t->has_unused;
+    size_t wa[AFM__TOK_BATCH], wb[AFM__TOK_BATCH];
+    int32_t wid[AFM__TOK_BATCH];
+    uint32_t wh[AFM__TOK_BATCH];
+    e->norm = norm;
+    e->special = special;
+    if (!t->has_unused && n > 4096 && !afm__tok_enc_cache(e, n)) {
+        e->failed = 1;
+        return;
+    }
+#define AFM__TOK_FLUSH()                                                                                    \
+    do {                                                                                                  \
+        for (k = 0; k < nb; k++) {                                                                        \
+            if (wid[k] >= 0) continue;                                                                    \
+            wh[k] = afm__tok_hash(norm + wa[k], wb[k] - wa[k]);                                           \
+            AFM__TOK_PREFETCH(&t->ht_normal.e[wh[k] & t->ht_normal.mask]);                                \
+        }                                                                                                 \
+        for (k = 0; k < nb && !e->failed; k++) {                                                          \
+            if (wid[k] >= 0) afm__tok_out(e, wid[k]);                                                     \
+            else afm__tok_word(e, wa[k], wb[k], wh[k]);                                                   \
+        }                                                                                                 \
+        nb = 0;                                                                                           \
+    } while (0)
+    const uint8_t *sc = t->sc[special ? 1 : 0];
+    while (pos < n) {
+        unsigned char c = s[pos];
+        int cls = sc[c];
+        size_t ml;
+        if (cls != 0xFF) {
+            /* ASCII: runs of one class are cut only where the class allows */
+            if (prev >= 0 && t->cut[prev][cls]) {
+                wa[nb] = word_start; wb[nb] = pos; wid[nb] = -1; nb++;
+                if (nb == AFM__TOK_BATCH) AFM__TOK_FLUSH();
+                word_start = pos;
+                if (e->failed) return;
+            }
+            prev = cls;
+            pos++;
+            if (!t->cut[cls][cls])
+                while (pos < n && sc[s[pos]] == cls) pos++;
+            continue;
+        }
+        if (ud && (t->ud_first[c] & want)) {
+            int32_t id = -1;
+            ml = afm__tok_ud_match(t, s + pos, n - pos, special, &id);
+            if (ml) {
+                if (pos > word_start) {
+                    wa[nb] = word_start; wb[nb] = pos; wid[nb] = -1; nb++;
+                    if (nb == AFM__TOK_BATCH) AFM__TOK_FLUSH();
+                }
+                wa[nb] = pos; wb[nb] = pos + ml; wid[nb] = id; nb++;
+                if (nb == AFM__TOK_BATCH) AFM__TOK_FLUSH();
+                pos += ml;
+                word_start = pos;
+                prev = -1;
+                continue;
+            }
+        }
+        cls = afm__tok_cls_at(norm, pos, n, &ml);
+        if (prev >= 0 && t->cut[prev][cls]) {
+            wa[nb] = word_start; wb[nb] = pos; wid[nb] = -1; nb++;
+            if (nb == AFM__TOK_BATCH) AFM__TOK_FLUSH();
+            word_start = pos;
+            if (e->failed) return;
+        }
+        prev = cls;
+        pos += ml;
+    }
+    if (pos > word_start) {
+        wa[nb] = word_start; wb[nb] = pos; wid[nb] = -1; nb++;
+    }
+    AFM__TOK_FLUSH();
+#undef AFM__TOK_FLUSH
+}
+
+/* at load: which pieces BPE rebuilds from their own characters (the whole-word fast path) */
+static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
+    afm__tok_enc e;
+    int32_t i;
+    uint32_t cp;
+    afm_result r = AFM_OK;
+    t->pflags = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
+    t->cid = (int32_t *)afm__alloc(&t->alloc, 65536 * sizeof(int32_t));
+    if (!t->pflags || !t->cid) return AFM_ERR_NOMEM;
+    for (cp = 0; cp < 65536; cp++) {
+        char u8[4];
+        size_t l;
+        if (cp >= 0xD800 && cp <= 0xDFFF) {
+            t->cid[cp] = -1;
+            continue;
+        }
+        l = afm__utf8_put(u8, cp);
+        t->cid[cp] = afm__tok_ht_find(t, &t->ht_normal, u8, l);
+    }
+    /* the pair table: every split of every piece into two pieces */
+    {
+        size_t count = 0, cap = 16;
+        int pass;
+        for (pass = 0; pass < 2; pass++) {
+            for (i = 0; i < t->n_vocab; i++) {
+                const char *ps = t->str + t->off[i];
+                size_t pl = t->off[i + 1] - t->off[i], k = afm__tok_onecharlen((unsigned char)ps[0]);
+                int ty = t->type[i];
+                if (!(ty == AFM_TOKEN_NORMAL || ty == AFM_TOKEN_USER_DEFINED || ty == AFM_TOKEN_UNUSED)) continue;
+                for (; k < pl; k += afm__tok_onecharlen((unsigned char)ps[k])) {
+                    int32_t a = afm__tok_ht_find(t, &t->ht_normal, ps, k), b;
+                    if (a < 0) continue;
+                    b = afm__tok_ht_find(t, &t->ht_normal, ps + k, pl - k);
+                    if (b < 0) continue;
+                    if (pass == 0) count++;
+                    else {
+                        uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+                        uint32_t h = afm__tok_pairhash(key) & t->pt_mask;
+                        while (t->pt[h].id >= 0 && t->pt[h].key != key) h = (h + 1) & t->pt_mask;
+                        t->pt[h].key = key;
+                        t->pt[h].id = i;
+                        t->pt[h].score = t->score[i];
+                    }
+                }
+            }
+            if (pass == 0) {
+                size_t q;
+                while (cap < count * 2) cap *= 2;
+                t->pt = (afm__tok_pent *)afm__alloc(&t->alloc, cap * sizeof(afm__tok_pent));
+                if (!t->pt) return AFM_ERR_NOMEM;
+                for (q = 0; q < cap; q++) t->pt[q].id = -1;
+                t->pt_mask = (uint32_t)(cap - 1);
+            }
+        }
+    }
+    memset(&e, 0, sizeof e);
+    e.t = t;
+    e.norm = t->str;
+    for (i = 0; i < t->n_vocab; i++) {
+        size_t a = t->off[i], b = t->off[i + 1];
+        t->pflags[i] = 0;
+        if (afm__tok_ht_find(t, &t->ht_reserved, t->str + a, b - a) >= 0) t->pflags[i] |= AFM__TOK_PF_SHADOW;
+    }
+    for (i = 0; i < t->n_vocab && !t->has_unused; i++) {
+        size_t a = t->off[i], b = t->off[i + 1];
+        int32_t ns;
+        if (t->type[i] != AFM_TOKEN_NORMAL || (t->pflags[i] & AFM__TOK_PF_SHADOW)) continue;
+        ns = afm__tok_symbols(&e, a, b);
+        if (ns < 0) {
+            r = AFM_ERR_NOMEM;
+            break;
+        }
+        afm__tok_bpe_merge(&e, ns);
+        if (e.failed) {
+            r = AFM_ERR_NOMEM;
+            break;
+        }
+        if (ns > 0 && e.sym[0].next < 0 && e.sym[0].id == i) t->pflags[i] |= AFM__TOK_PF_SELF;
+    }
+    afm__tok_enc_free(&e);
+    return r;
+}
+
+static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, size_t len, unsigned flags,
+                                     afm__tok_enc *e);
+
+AFMDEF afm_result afm_tokenize(const afm_tokenizer *t, const char *text, size_t len, unsigned flags, int32_t *tokens,
+                               size_t cap, size_t *n_tokens) {
+    afm__tok_enc e;
+    afm__tok_buf nb, tb;
+    afm_result res = AFM_OK;
+    char nb_local[2048];
+    if (n_tokens) *n_tokens = 0;
+    if (!t || !n_tokens || (!text && len) || (!tokens && cap)) return AFM_ERR_ARG;
+    if (len > (size_t)INT32_MAX / 4) return AFM_ERR_ARG;
+    memset(&e, 0, sizeof e);
+    memset(&nb, 0, sizeof nb);
+    memset(&tb, 0, sizeof tb);
+    nb.p = nb.local = nb_local;
+    nb.cap = sizeof nb_local;
+    e.sym = e.sym_local;
+    e.sym_cap = sizeof e.sym_local / sizeof e.sym_local[0];
+    e.heap = e.heap_local;
+    e.heap_cap = sizeof e.heap_local / sizeof e.heap_local[0];
+    e.out.p = e.out.local = e.out_local;
+    e.out.cap = sizeof e.out_local / sizeof e.out_local[0];
+    e.t = t;
+    e.tokens = tokens;
+    e.cap = cap;
+    if ((flags & AFM_TOK_NEWLINE) && t->special[AFM_SPECIAL_NEWLINE] >= 0 && len && memchr(text, '\n', len)) {
+        /* the AFM layer: newlines never reach the tokenizer, the literal <n> does */
+        size_t i, a = 0;
+        for (i = 0; i < len; i++) {
+            if (text[i] != '\n') continue;
+            if (!afm__tok_buf_put(&t->alloc, &tb, text + a, i - a) || !afm__tok_buf_put(&t->alloc, &tb, "<n>", 3)) {
+                res = AFM_ERR_NOMEM;
+                goto done;
+            }
+            a = i + 1;
+        }
+        if (!afm__tok_buf_put(&t->alloc, &tb, text + a, len - a)) { res = AFM_ERR_NOMEM; goto done; }
+        text = tb.p;
+        len = tb.n;
+        if (len > (size_t)INT32_MAX / 4) { res = AFM_ERR_ARG; goto done; }
+    }
+    if (t->kind == AFM_TOKENIZER_SENTENCEPIECE) {
+        if (!afm__tok_normalize(t, text, len, (flags & AFM_TOK_SPECIAL) != 0, &nb)) { res = AFM_ERR_NOMEM; goto done; }
+        if (nb.n > (size_t)INT32_MAX / 4) { res = AFM_ERR_ARG; goto done; }
+        if (nb.n) afm__tok_spm_encode_norm(&e, nb.p, nb.n, (flags & AFM_TOK_SPECIAL) != 0);
+        if (e.failed) res = AFM_ERR_NOMEM;
+    } else {
+        res = afm__tok_hf_encode(t, text, len, flags, &e);
+        if (res == AFM_OK && e.failed) res = AFM_ERR_NOMEM;
+    }
+    if (res == AFM_OK) {
+        *n_tokens = e.n;
+        if (e.n > cap) res = AFM_ERR_ARG;
+    }
+done:
+    afm__tok_enc_free(&e);
+    if (nb.p != nb.local) afm__free(&t->alloc, nb.p);
+    afm__free(&t->alloc, tb.p);
+    return res;
+}
+
+/* ---- decoding ---- */
+static void afm__tok_hf_piece_bytes(const afm_tokenizer *t, int32_t id, afm__tok_buf *scratch, const char **p, size_t *n);
+
+/* appends to out (bounded by cap; counts what would be written) */
+typedef struct afm__tok_sink {
+    char *p;
+    size_t cap, n;
+} afm__tok_sink;
+static void afm__tok_sink_put(afm__tok_sink *s, const char *b, size_t n) {
+    size_t k;
+    for (k = 0; k < n; k++) {
+        if (s->n + k < s->cap) s->p[s->n + k] = b[k];
+    }
+    s->n += n;
+}
+
+/* one valid character or one U+FFFD from the front of pending bytes; end: no more bytes will come */
+static int afm__tok_pending_step(afm_detokenizer *d, afm__tok_sink *s, int end) {
+    int hf = d->tok->kind == AFM_TOKENIZER_HF_JSON;
+    unsigned char *p = d->pending;
+    int n = d->n_pending, used;
+    if (!n) return 0;
+    if (!hf) {
+        size_t m;
+        int need = afm__tok_utf8_need(p[0]);
+        if (n < need && !end) return 0;
+        if (afm__tok_utf8(p, (size_t)n, &m) >= 0) {
+            afm__tok_sink_put(s, (const char *)p, m);
+            used = (int)m;
+        } else {
+            afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
+            used = 1;
+        }
+        d->text_empty = 0;
+    } else {
+        /* Rust's String::from_utf8_lossy: one U+FFFD per maximal invalid subpart */
+        int need, k;
+        unsigned char lo = 0x80, hi = 0xBF;
+        unsigned char c = p[0];
+        if (c < 0x80) need = 1;
+        else if (c >= 0xC2 && c <= 0xDF) need = 2;
+        else if (c >= 0xE0 && c <= 0xEF) { need = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+        else if (c >= 0xF0 && c <= 0xF4) { need = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+        else need = 0;
+        if (need == 0) {
+            afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
+            used = 1;
+        } else {
+            for (k = 1; k < need && k < n; k++) {
+                unsigned char b = p[k];
+                unsigned char l = k == 1 ? lo : 0x80, h = k == 1 ? hi : 0xBF;
+                if (b < l || b > h) break;
+            }
+            if (k == need) {
+                afm__tok_sink_put(s, (const char *)p, (size_t)need);
+                used = need;
+            } else if (k < n || end) {
+                afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
+                used = k;
+            } else return 0; /* a valid prefix so far: wait */
+        }
+        d->text_empty = 0;
+    }
+    memmove(p, p + used, (size_t)(n - used));
+    d->n_pending = n - used;
+    return 1;
+}
+
+AFMDEF void afm_detokenizer_init(afm_detokenizer *d, const afm_tokenizer *tok, unsigned flags) {
+    if (!d) return;
+    memset(d, 0, sizeof *d);
+    d->tok = tok;
+    d->flags = flags;
+    d->at_start = 1;
+    d->text_empty = 1;
+}
+
+static void afm__tok_detok_one(afm_detokenizer *d, int32_t id, afm__tok_sink *s) {
+    const afm_tokenizer *t = d->tok;
+    int ty = t->type[id];
+    const char *p = t->str + t->off[id];
+    size_t n = t->off[id + 1] - t->off[id];
+    if (t->kind == AFM_TOKENIZER_HF_JSON) {
+        afm__tok_buf scratch;
+        const char *bp;
+        size_t bn, k;
+        if (ty == AFM_TOKEN_CONTROL && !(d->flags & AFM_TOK_SPECIAL)) return;
+        memset(&scratch, 0, sizeof scratch);
+        afm__tok_hf_piece_bytes(t, id, &scratch, &bp, &bn);
+        for (k = 0; k < bn; k++) {
+            if (d->n_pending == 4) afm__tok_pending_step(d, s, 1);
+            d->pending[d->n_pending++] = (unsigned char)bp[k];
+            while (afm__tok_pending_step(d, s, 0)) {
+            }
+        }
+        afm__free(&t->alloc, scratch.p);
+        return;
+    }
+    if (ty == AFM_TOKEN_BYTE) {
+        unsigned char b = 0;
+        int k;
+        for (k = 0; k < 256; k++)
+            if (t->byte_id[k] == id) { b = (unsigned char)k; break; }
+        d->pending[d->n_pending++] = b;
+        while (afm__tok_pending_step(d, s, 0)) {
+        }
+        return;
+    }
+    while (afm__tok_pending_step(d, s, 1)) {
+    }
+    if (d->bos_ws_seen || !d->text_empty) d->at_start = 0;
+    if (ty == AFM_TOKEN_CONTROL) {
+        d->bos_ws_seen = 0;
+        if (d->flags & AFM_TOK_SPECIAL) {
+            afm__tok_sink_put(s, p, n);
+            if (n) d->text_empty = 0;
+        }
+        return;
+    }
+    if (ty == AFM_TOKEN_UNKNOWN) {
+        d->bos_ws_seen = 0;
+        afm__tok_sink_put(s, t->unk_surface, t->unk_surface_len);
+        if (t->unk_surface_len) d->text_empty = 0;
+        return;
+    }
+    if ((d->flags & AFM_TOK_NEWLINE) && id == t->special[AFM_SPECIAL_NEWLINE]) {
+        d->bos_ws_seen = 0;
+        afm__tok_sink_put(s, "\n", 1);
+        d->text_empty = 0;
+        return;
+    }
+    {
+        int has_bos_ws = 0;
+        size_t k, a;
+        if (d->at_start && (t->add_dummy_prefix || t->remove_extra_ws)) {
+            if (afm__tok_ws_at(p, 0, n)) {
+                p += 3;
+                n -= 3;
+                has_bos_ws = 1;
+            }
+            if (t->remove_extra_ws) has_bos_ws = 0;
+        }
+        d->bos_ws_seen = has_bos_ws;
+        for (k = 0, a = 0; k < n;) {
+            if (afm__tok_ws_at(p, k, n)) {
+                afm__tok_sink_put(s, p + a, k - a);
+                afm__tok_sink_put(s, " ", 1);
+                k += 3;
+                a = k;
+            } else k++;
+        }
+        afm__tok_sink_put(s, p + a, n - a);
+        if (n) d->text_empty = 0;
+    }
+}
+
+AFMDEF afm_result afm_detokenizer_push(afm_detokenizer *d, int32_t id, char *out, size_t cap, size_t *n_out) {
+    afm__tok_sink s;
+    afm_detokenizer save;
+    if (n_out) *n_out = 0;
+    if (!d || !d->tok || !n_out || (!out && cap) || id < 0 || id >= d->tok->n_vocab) return AFM_ERR_ARG;
+    save = *d;
+    s.p = out;
+    s.cap = cap;
+    s.n = 0;
+    afm__tok_detok_one(d, id, &s);
+    *n_out = s.n;
+    if (s.n > cap) {
+        *d = save;
+        return AFM_ERR_ARG;
+    }
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_detokenizer_flush(afm_detokenizer *d, char *out, size_t cap, size_t *n_out) {
+    afm__tok_sink s;
+    afm_detokenizer save;
+    if (n_out) *n_out = 0;
+    if (!d || !d->tok || !n_out || (!out && cap)) return AFM_ERR_ARG;
+    save = *d;
+    s.p = out;
+    s.cap = cap;
+    s.n = 0;
+    while (afm__tok_pending_step(d, &s, 1)) {
+    }
+    *n_out = s.n;
+    if (s.n > cap) {
+        *d = save;
+        return AFM_ERR_ARG;
+    }
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_detokenize(const afm_tokenizer *t, const int32_t *tokens, size_t n_tokens, unsigned flags,
+                                 char *text, size_t cap, size_t *len) {
+    afm_detokenizer d;
+    afm__tok_sink s;
+    size_t i;
+    if (len) *len = 0;
+    if (!t || !len || (!tokens && n_tokens) || (!text && cap)) return AFM_ERR_ARG;
+    for (i = 0; i < n_tokens; i++)
+        if (tokens[i] < 0 || tokens[i] >= t->n_vocab) return AFM_ERR_ARG;
+    afm_detokenizer_init(&d, t, flags);
+    s.p = text;
+    s.cap = cap ? cap - 1 : 0;
+    s.n = 0;
+    for (i = 0; i < n_tokens; i++) afm__tok_detok_one(&d, tokens[i], &s);
+    while (afm__tok_pending_step(&d, &s, 1)) {
+    }
+    *len = s.n;
+    if (cap) text[s.n < cap ? s.n : cap - 1] = 0;
+    return s.n < cap ? AFM_OK : AFM_ERR_ARG;
+}
+
+/* ---- AFM chat format ---- */
+static void afm__tok_sink_str(afm__tok_sink *s, const char *z) { afm__tok_sink_put(s, z, strlen(z)); }
+
+AFMDEF afm_result afm_chat_render(const afm_chat_message *messages, int n_messages, const char *const *tools,
+                                  int n_tools, int add_generation_prompt, char *text, size_t cap, size_t *len) {
+    afm__tok_sink s;
+    int i, first = 0;
+    const char *system = "A conversation between a user and a helpful assistant.";
+    if (len) *len = 0;
+    if (!len || n_messages < 0 || n_tools < 0 || (n_messages && !messages) || (n_tools && !tools) || (!text && cap))
+        return AFM_ERR_ARG;
+    for (i = 0; i < n_messages; i++)
+        if (!messages[i].role || !messages[i].content) return AFM_ERR_ARG;
+    for (i = 0; i < n_tools; i++)
+        if (!tools[i]) return AFM_ERR_ARG;
+    s.p = text;
+    s.cap = cap ? cap - 1 : 0;
+    s.n = 0;
+    if (n_messages > 0 && strcmp(messages[0].role, "system") == 0) {
+        system = messages[0].content;
+        first = 1;
+    }
+    afm__tok_sink_str(&s, "<turn_start> system<n>");
+    afm__tok_sink_str(&s, system);
+    if (n_tools > 0) {
+        afm__tok_sink_str(&s, "<n>system tools: ");
+        for (i = 0; i < n_tools; i++) {
+            if (i) afm__tok_sink_str(&s, "<n>");
+            afm__tok_sink_str(&s, tools[i]);
+        }
+    }
+    afm__tok_sink_str(&s, "<turn_end>");
+    for (i = first; i < n_messages; i++) {
+        afm__tok_sink_str(&s, "<turn_start> ");
+        afm__tok_sink_str(&s, messages[i].role);
+        afm__tok_sink_str(&s, "<n>");
+        afm__tok_sink_str(&s, messages[i].content);
+        afm__tok_sink_str(&s, "<turn_end>");
+    }
+    if (add_generation_prompt) afm__tok_sink_str(&s, "<turn_start> assistant<n>");
+    *len = s.n;
+    if (cap) text[s.n < cap ? s.n : cap - 1] = 0;
+    return s.n < cap ? AFM_OK : AFM_ERR_ARG;
+}
+
+AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *t, const afm_chat_message *messages, int n_messages,
+                                    const char *const *tools, int n_tools, int add_generation_prompt,
+                                    int32_t *tokens, size_t cap, size_t *n_tokens) {
+    char *text;
+    size_t len = 0, n = 0;
+    int32_t *ids;
+    afm_result r;
+    unsigned flags = AFM_TOK_NEWLINE;
+    if (n_tokens) *n_tokens = 0;
+    if (!t || !n_tokens || (!tokens && cap)) return AFM_ERR_ARG;
+    /* the template's markers must become tokens: if the vocabulary has them as CONTROL pieces rather than
+       user-defined ones, control pieces are matched in the text too */
+    if (t->special[AFM_SPECIAL_TURN_START] >= 0 && t->type[t->special[AFM_SPECIAL_TURN_START]] == AFM_TOKEN_CONTROL)
+        flags |= AFM_TOK_SPECIAL;
+    if (t->special[AFM_SPECIAL_EOS] < 0) return AFM_ERR_UNSUPPORTED;
+    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, NULL, 0, &len);
+    if (r != AFM_OK && r != AFM_ERR_ARG) return r;
+    if (len == 0 && r == AFM_ERR_ARG) return AFM_ERR_ARG;
+    text = (char *)afm__alloc(&t->alloc, len + 1);
+    if (!text) return AFM_ERR_NOMEM;
+    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, text, len + 1, &len);
+    if (r != AFM_OK) {
+        afm__free(&t->alloc, text);
+        return r;
+    }
+    r = afm_tokenize(t, text, len, flags, NULL, 0, &n);
+    if (r != AFM_OK && r != AFM_ERR_ARG) {
+        afm__free(&t->alloc, text);
+        return r;
+    }
+    ids = (int32_t *)afm__alloc(&t->alloc, (n + 1) * sizeof(int32_t));
+    if (!ids) {
+        afm__free(&t->alloc, text);
+        return AFM_ERR_NOMEM;
+    }
+    r = afm_tokenize(t, text, len, flags, ids, n, &n);
+    afm__free(&t->alloc, text);
+    if (r == AFM_OK) {
+        /* the sequence start rule: drop the first token, put EOS in front */
+        size_t i, total = n ? n : 1;
+        ids[0] = t->special[AFM_SPECIAL_EOS];
+        for (i = 0; i < total && i < cap; i++) tokens[i] = ids[i];
+        *n_tokens = total;
+        if (total > cap) r = AFM_ERR_ARG;
+    }
+    afm__free(&t->alloc, ids);
+    return r;
+}
+
+AFMDEF int afm_tool_call_next(const char *text, size_t len, size_t *pos, const char **call, size_t *call_len,
+                              int *complete) {
+    static const char open_tag[] = "<executable_start>", close_tag[] = "<executable_end>";
+    size_t i, a, b, end, ol = sizeof open_tag - 1, cl = sizeof close_tag - 1;
+    int done = 0;
+    if (!text || !pos || !call || !call_len || *pos > len) return 0;
+    for (i = *pos; i + ol <= len; i++)
+        if (memcmp(text + i, open_tag, ol) == 0) break;
+    if (i + ol > len) return 0;
+    a = i + ol;
+    for (b = a; b + cl <= len; b++)
+        if (memcmp(text + b, close_tag, cl) == 0) break;
+    if (b + cl <= len) {
+        done = 1;
+        end = b + cl;
+    } else {
+        b = len;
+        end = len;
+    }
+    /* strip whitespace and a ```function ... ``` fence */
+    while (a < b && (text[a] == ' ' || text[a] == '\n' || text[a] == '\t' || text[a] == '\r')) a++;
+    while (b > a && (text[b - 1] == ' ' || text[b - 1] == '\n' || text[b - 1] == '\t' || text[b - 1] == '\r')) b--;
+    if (b - a >= 3 && memcmp(text + a, "```", 3) == 0) {
+        size_t j = a + 3;
+        while (j < b && text[j] != '\n') j++; /* the fence's info string, e.g. "function" */
+        a = j < b ? j + 1 : b;
+        if (b - a >= 3 && memcmp(text + b - 3, "```", 3) == 0) b -= 3;
+        while (b > a && (text[b - 1] == '\n' || text[b - 1] == '\r')) b--;
+    }
+    *call = text + a;
+    *call_len = b - a;
+    *pos = end;
+    if (complete) *complete = done;
+    return 1;
+}
+
+/* ---- loading ---- */
+static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size);
+
+AFMDEF afm_result afm_tokenizer_load(const void *data, size_t size, int kind, const afm_allocator *allocator,
+                                     afm_tokenizer **out, char *err, size_t err_size) {
+    afm_allocator m;
+    afm_tokenizer *t;
+    afm_result r;
+    if (err && err_size) err[0] = 0;
+    if (out) *out = NULL;
+    if (!out || (!data && size)) return afm__fail(err, err_size, AFM_ERR_ARG, "afm_tokenizer_load: bad argument");
+    if (allocator && (!allocator->alloc || !allocator->free))
+        return afm__fail(err, err_size, AFM_ERR_ARG, "afm_tokenizer_load: allocator without alloc/free");
+    m = allocator ? *allocator : afm__malloc_allocator;
+    t = (afm_tokenizer *)afm__alloc(&m, sizeof *t);
+    if (!t) return AFM_ERR_NOMEM;
+    memset(t, 0, sizeof *t);
+    t->alloc = m;
+    t->kind = kind;
+    if (kind == AFM_TOKENIZER_SENTENCEPIECE) r = afm__tok_load_spm(t, (const uint8_t *)data, size, err, err_size);
+    else if (kind == AFM_TOKENIZER_HF_JSON) r = afm__tok_load_hf(t, (const uint8_t *)data, size, err, err_size);
+    else r = afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "afm_tokenizer_load: unknown tokenizer kind %d", kind);
+    if (r != AFM_OK) {
+        if (r == AFM_ERR_NOMEM && err && err_size && !err[0]) afm__fail(err, err_size, r, "tokenizer: out of memory");
+        afm_tokenizer_free(t);
+        return r;
+    }
+    *out = t;
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_model_tokenizer(const afm_model *model, const afm_allocator *allocator, afm_tokenizer **out,
+                                      char *err, size_t err_size) {
+    int kind = 0;
+    size_t size = 0;
+    const void *p;
+    if (out) *out = NULL;
+    if (!model || !out) return AFM_ERR_ARG;
+    p = afm_model_tokenizer_bytes(model, &kind, &size);
+    if (!p) return afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "the model file has no tokenizer");
+    return afm_tokenizer_load(p, size, kind, allocator, out, err, err_size);
+}
+
+/* ======================================================================================== */
+/* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) ========= */
+/* ======================================================================================== */
+
+/* undoes the JSON escapes of string node idx, appending to b; 0 when out of memory */
+static int afm__tok_json_str(const afm_allocator *m, const afm__json *j, int32_t idx, afm__tok_buf *b) {
+    void *p = b->p;
+    if (!afm__tok_grow_l(m, &p, &b->cap, b->n + j->n[idx].len + 1, 1, b->local)) return 0;
+    b->p = (char *)p;
+    b->n += afm__json_unescape(j, idx, b->p + b->n);
+    return 1;
+}
+
+/* ---- Unicode: classes and normalization (tables in afm_tokenizer.h) ---- */
+static unsigned afm__tok_class(int32_t c) {
+    if (c < 0 || c > 0x10FFFF) return 0;
+    return afm__tok_class_blocks[afm__tok_class_index[c >> 8]][c & 255];
+}
+static unsigned afm__tok_ccc(uint32_t c) {
+    if (c > 0x10FFFF) return 0;
+    return afm__tok_ccc_blocks[afm__tok_ccc_index[c >> 8]][c & 255];
+}
+static uint32_t afm__tok_compose(uint32_t a, uint32_t b) {
+    uint64_t key;
+    size_t lo = 0, hi = sizeof afm__tok_comp_keys / sizeof afm__tok_comp_keys[0];
+    if (a >= 0x1100 && a < 0x1113 && b >= 0x1161 && b < 0x1176) return 0xAC00 + ((a - 0x1100) * 21 + (b - 0x1161)) * 28;
+    if (a >= 0xAC00 && a < 0xAC00 + 11172 && (a - 0xAC00) % 28 == 0 && b > 0x11A7 && b < 0x11C3) return a + (b - 0x11A7);
+    key = ((uint64_t)a << 21) | b;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (afm__tok_comp_keys[mid] < key) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < sizeof afm__tok_comp_keys / sizeof afm__tok_comp_keys[0] && afm__tok_comp_keys[lo] == key ? afm__tok_comp_vals[lo] : 0;
+}
+
+#define AFM__TOK_NF_C 1 /* compose */
+#define AFM__TOK_NF_K 2 /* compatibility */
+/* normalizes s[0, n) into b (appending). Invalid UTF-8 bytes pass through unchanged and block composition.
+   Code points are collected as uint32; bytes of invalid sequences are stored as 0x80000000 | byte. */
+static int afm__tok_nf(const afm_allocator *m, const char *s, size_t n, int form, afm__tok_buf *b) {
+    uint32_t *cp = NULL;
+    size_t cap = 0, k = 0, i = 0, j, st;
+    int ok = 0;
+    for (j = 0; j < n && (unsigned char)s[j] < 0x80; j++) {
+    }
+    if (j == n) return afm__tok_buf_put(m, b, s, n); /* ASCII is invariant */
+    while (i < n) {
+        size_t l;
+        int32_t c = afm__tok_utf8((const unsigned char *)s + i, n - i, &l);
+        uint32_t tmp[3];
+        const uint32_t *d;
+        size_t dn, q;
+        if (c < 0) {
+            tmp[0] = 0x80000000u | (unsigned char)s[i];
+            d = tmp;
+            dn = 1;
+        } else if (c >= 0xAC00 && c < 0xAC00 + 11172) {
+            uint32_t sidx = (uint32_t)c - 0xAC00;
+            tmp[0] = 0x1100 + sidx / (21 * 28);
+            tmp[1] = 0x1161 + (sidx % (21 * 28)) / 28;
+            tmp[2] = 0x11A7 + sidx % 28;
+            d = tmp;
+            dn = tmp[2] == 0x11A7 ? 2 : 3;
+        } else {
+            unsigned e = afm__tok_dec_blocks[afm__tok_dec_index[c >> 8]][c & 255];
+            if (e && (form & AFM__TOK_NF_K ? afm__tok_dec_entries[e - 1][3] : afm__tok_dec_entries[e - 1][1])) {
+                const uint16_t *en = afm__tok_dec_entries[e - 1];
+                d = afm__tok_dec_pool + (form & AFM__TOK_NF_K ? en[2] : en[0]);
+                dn = form & AFM__TOK_NF_K ? en[3] : en[1];
+            } else {
+                tmp[0] = (uint32_t)c;
+                d = tmp;
+                dn = 1;
+            }
+        }
+        if (k + dn > cap) {
+            void *p = cp;
+            if (!afm__tok_grow(m, &p, &cap, k + dn, sizeof(uint32_t))) goto out;
+            cp = (uint32_t *)p;
+        }
+        for (q = 0; q < dn; q++) {
+            /* canonical ordering: insert after every non-starter of higher class */
+            uint32_t x = d[q];
+            unsigned cc = x & 0x80000000u ? 0 : afm__tok_ccc(x);
+            size_t pos = k;
+            if (cc)
+                while (pos > 0 && !(cp[pos - 1] & 0x80000000u) && afm__tok_ccc(cp[pos - 1]) > cc) pos--;
+            memmove(cp + pos + 1, cp + pos, (k - pos) * sizeof(uint32_t));
+            cp[pos] = x;
+            k++;
+        }
+        i += l;
+    }
+    if ((form & AFM__TOK_NF_C) && k > 0) {
+        /* canonical composition (UAX #15) */
+        size_t starter = 0, out = 1;
+        unsigned last = cp[0] & 0x80000000u ? 256 : afm__tok_ccc(cp[0]);
+        if (last != 0) last = 256;
+        for (st = 1; st < k; st++) {
+            uint32_t c = cp[st];
+            unsigned cc = c & 0x80000000u ? 256 : afm__tok_ccc(c);
+            uint32_t comp = 0;
+            if (!(cp[starter] & 0x80000000u) && !(c & 0x80000000u) && (last < cc || last == 0)) comp = afm__tok_compose(cp[starter], c);
+            if (comp && (last < cc || last == 0)) {
+                cp[starter] = comp;
+                continue;
+            }
+            if (cc == 0) starter = out;
+            last = cc;
+            cp[out++] = c;
+        }
+        k = out;
+    }
+    for (st = 0; st < k; st++) {
+        char u8[4];
+        size_t ul;
+        if (cp[st] & 0x80000000u) {
+            u8[0] = (char)(cp[st] & 0xFF);
+            ul = 1;
+        } else ul = afm__utf8_put(u8, cp[st]);
+        if (!afm__tok_buf_put(m, b, u8, ul)) goto out;
+    }
+    ok = 1;
+out:
+    afm__free(m, cp);
+    return ok;
+}
+
+/* ---- pre-tokenizer patterns, matched by hand ---- */
+enum { AFM__TOK_PAT_NONE = 0, AFM__TOK_PAT_GPT2, AFM__TOK_PAT_LLAMA3, AFM__TOK_PAT_QWEN2 };
+static const char afm__tok_pat_gpt2[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+static const char afm__tok_pat_llama3[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char afm__tok_pat_qwen2[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/* the code point at s[i] (-1 for an invalid byte) and its length */
+static int32_t afm__tok_cp_at(const char *s, size_t n, size_t i, size_t *l) {
+    if (i >= n) {
+        *l = 0;
+        return -2;
+    }
+    if ((unsigned char)s[i] < 0x80) {
+        *l = 1;
+        return (unsigned char)s[i];
+    }
+    return afm__tok_utf8((const unsigned char *)s + i, n - i, l);
+}
+/* end of the run of characters whose class has any of the bits (or, with neg, none of them) */
+static size_t afm__tok_run(const char *s, size_t n, size_t i, unsigned bits, int neg, int max) {
+    int count = 0;
+    while (i < n && (max <= 0 || count < max)) {
+        size_t l;
+        int32_t c = afm__tok_cp_at(s, n, i, &l);
+        unsigned cl = afm__tok_class(c);
+        if (neg ? (cl & bits) != 0 : (cl & bits) == 0) break;
+        i += l;
+        count++;
+    }
+    return i;
+}
+static int afm__tok_fold_eq(int32_t c, char lower) {
+    if (c == lower || c == lower - 32) return 1;
+    return lower == 's' && c == 0x17F; /* LATIN SMALL LETTER LONG S folds to s */
+}
+/* the end of the pattern's match that starts at i (there always is one for these patterns) */
+static size_t afm__tok_pretok_match(int pat, const char *s, size_t n, size_t i) {
+    size_t l0, l1, j;
+    int32_t c0 = afm__tok_cp_at(s, n, i, &l0), c1 = afm__tok_cp_at(s, n, i + l0, &l1);
+    unsigned k0 = afm__tok_class(c0), k1 = c1 >= -1 ? afm__tok_class(c1) : 0;
+    const unsigned LN = AFM_TOK_CL_L | AFM_TOK_CL_N, WLN = AFM_TOK_CL_WS | AFM_TOK_CL_L | AFM_TOK_CL_N;
+    int ci = pat != AFM__TOK_PAT_GPT2;
+    /* contractions */
+    if (c0 == '\'' && c1 >= 0) {
+        size_t l2;
+        int32_t c2 = afm__tok_cp_at(s, n, i + l0 + l1, &l2);
+        if (!ci) {
+            if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return i + 2;
+            if ((c1 == 'r' || c1 == 'v') && c2 == 'e') return i + 3;
+            if (c1 == 'l' && c2 == 'l') return i + 3;
+        } else {
+            if (afm__tok_fold_eq(c1, 's') || afm__tok_fold_eq(c1, 't') || afm__tok_fold_eq(c1, 'm') || afm__tok_fold_eq(c1, 'd'))
+                return i + l0 + l1;
+            if ((afm__tok_fold_eq(c1, 'r') || afm__tok_fold_eq(c1, 'v')) && afm__tok_fold_eq(c2, 'e')) return i + l0 + l1 + l2;
+            if (afm__tok_fold_eq(c1, 'l') && afm__tok_fold_eq(c2, 'l')) return i + l0 + l1 + l2;
+        }
+    }
+    if (pat == AFM__TOK_PAT_GPT2) {
+        if (k0 & AFM_TOK_CL_L) return afm__tok_run(s, n, i, AFM_TOK_CL_L, 0, 0);
+        if (c0 == ' ' && (k1 & AFM_TOK_CL_L) && c1 >= 0) return afm__tok_run(s, n, i + 1, AFM_TOK_CL_L, 0, 0);
+        if (k0 & AFM_TOK_CL_N) return afm__tok_run(s, n, i, AFM_TOK_CL_N, 0, 0);
+        if (c0 == ' ' && (k1 & AFM_TOK_CL_N) && c1 >= 0) return afm__tok_run(s, n, i + 1, AFM_TOK_CL_N, 0, 0);
+        if (!(k0 & WLN)) return afm__tok_run(s, n, i, WLN, 1, 0);
+        if (c0 == ' ' && c1 >= -1 && !(k1 & WLN)) return afm__tok_run(s, n, i + 1, WLN, 1, 0);
+    } else {
+        if (k0 & AFM_TOK_CL_L) return afm__tok_run(s, n, i, AFM_TOK_CL_L, 0, 0);
+        if (c0 != '\r' && c0 != '\n' && !(k0 & LN) && c1 >= 0 && (k1 & AFM_TOK_CL_L))
+            return afm__tok_run(s, n, i + l0, AFM_TOK_CL_L, 0, 0);
+        if (k0 & AFM_TOK_CL_N) return afm__tok_run(s, n, i, AFM_TOK_CL_N, 0, pat == AFM__TOK_PAT_LLAMA3 ? 3 : 1);
+        j = 0;
+        if (!(k0 & WLN)) j = afm__tok_run(s, n, i, WLN, 1, 0);
+        else if (c0 == ' ' && c1 >= -1 && !(k1 & WLN)) j = afm__tok_run(s, n, i + 1, WLN, 1, 0);
+        if (j) {
+            while (j < n && (s[j] == '\r' || s[j] == '\n')) j++;
+            return j;
+        }
+        if (k0 & AFM_TOK_CL_WS) {
+            /* \s*[\r\n]+ : up to the last \r or \n of the whitespace run */
+            size_t e = afm__tok_run(s, n, i, AFM_TOK_CL_WS, 0, 0), q, last = 0;
+            for (q = i; q < e; q++)
+                if (s[q] == '\r' || s[q] == '\n') last = q + 1;
+            if (last) return last;
+        }
+    }
+    if (k0 & AFM_TOK_CL_WS) {
+        /* \s+(?!\S) then \s+ */
+        size_t e = afm__tok_run(s, n, i, AFM_TOK_CL_WS, 0, 0), q, lastc = i;
+        if (e >= n) return e;
+        for (q = i; q < e;) {
+            size_t l;
+            afm__tok_cp_at(s, n, q, &l);
+            lastc = q;
+            q += l;
+        }
+        return lastc > i ? lastc : e;
+    }
+    /* not reached for valid patterns: one character */
+    return i + (l0 ? l0 : 1);
+}
+
+/* ---- the tokenizer.json model ---- */
+typedef struct afm__tok_added {
+    int32_t id;
+    uint32_t off, len;   /* content, in h->astr */
+    uint32_t noff, nlen; /* content after the normalizer (normalized tokens; else = content) */
+    uint8_t special, lstrip, rstrip, single_word, normalized;
+} afm__tok_added;
+
+typedef struct afm__tok_hf {
+    int pattern;          /* split regex (a Split pre-tokenizer or ByteLevel's own with use_regex) */
+    int add_prefix_space; /* ByteLevel */
+    int nf_forms[8], n_nf; /* normalizers in order: AFM__TOK_NF_* bits, 4 = decompose only marker */
+    int ignore_merges, fuse_unk;
+    int32_t unk_id;
+    int32_t byte_tok[256]; /* vocab id of each byte's character, -1 none */
+    /* merges: (left id, right id) -> (rank, new id) */
+    uint64_t *mkey;
+    uint32_t *mrank;
+    int32_t *mnew;
+    uint32_t mmask;
+    /* token id -> bytes it decodes to */
+    uint32_t *doff;
+    char *dstr;
+    afm__tok_ht ht_raw; /* model vocab by decoded bytes (keys in dstr) */
+    afm__tok_added *added;
+    int32_t n_added;
+    char *astr;
+    afm__tok_trie_node *trie[2]; /* added-token tries: [0] raw text, [1] normalized text */
+    int32_t n_trie_nodes[2];
+    size_t trie_cap[2];
+    int32_t trie_root[2][256];
+} afm__tok_hf;
+
+static void afm__tok_hf_free(afm_tokenizer *t) {
+    afm__tok_hf *h = (afm__tok_hf *)t->hf;
+    if (!h) return;
+    afm__free(&t->alloc, h->mkey);
+    afm__free(&t->alloc, h->mrank);
+    afm__free(&t->alloc, h->mnew);
+    afm__free(&t->alloc, h->doff);
+    afm__free(&t->alloc, h->dstr);
+    afm__tok_ht_free(&t->alloc, &h->ht_raw);
+    afm__free(&t->alloc, h->added);
+    afm__free(&t->alloc, h->astr);
+    afm__free(&t->alloc, h->trie[0]);
+    afm__free(&t->alloc, h->trie[1]);
+    afm__free(&t->alloc, h);
+    t->hf = NULL;
+}
+
+static uint32_t afm__tok_mhash(uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xFF51AFD7ED558CCDull;
+    k ^= k >> 33;
+    return (uint32_t)k;
+}
+static int afm__tok_merge_find(const afm__tok_hf *h, int32_t a, int32_t b, uint32_t *rank, int32_t *nw) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+    uint32_t i = afm__tok_mhash(key) & h->mmask;
+    while (h->mnew[i] >= 0) {
+        if (h->mkey[i] == key) {
+            *rank = h->mrank[i];
+            *nw = h->mnew[i];
+            return 1;
+        }
+        i = (i + 1) & h->mmask;
+    }
+    return 0;
+}
+
+/* the byte-level alphabet: byte -> code point */
+static uint32_t afm__tok_byte_cp(unsigned b) {
+    unsigned k, n = 0;
+    if ((b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF)) return b;
+    for (k = 0; k < b; k++)
+        if (!((k >= '!' && k <= '~') || (k >= 0xA1 && k <= 0xAC) || (k >= 0xAE && k <= 0xFF))) n++;
+    return 256 + n;
+}
+/* the inverse: the byte a code point of the byte alphabet stands for, -1 if none */
+static int afm__tok_cp_byte(int32_t cp) {
+    if ((cp >= '!' && cp <= '~') || (cp >= 0xA1 && cp <= 0xAC) || (cp >= 0xAE && cp <= 0xFF)) return (int)cp;
+    cp -= 256; /* the other bytes in order: 0x00-0x20, 0x7F-0xA0, 0xAD */
+    if (cp >= 0 && cp < 33) return (int)cp;
+    if (cp >= 33 && cp < 67) return (int)(0x7F + cp - 33);
+    return cp == 67 ? 0xAD : -1;
+}
+
+static int afm__tok_trie_add(const afm_allocator *m, afm__tok_trie_node **nodes, int32_t *count, size_t *cap,
+                             int32_t *root, const unsigned char *s, size_t n, int32_t id) {
+    int32_t node = -1, *link;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        link = i == 0 ? &root[s[0]] : &(*nodes)[node].child;
+        while (*link >= 0 && (*nodes)[*link].byte != s[i]) link = &(*nodes)[*link].sibling;
+        if (*link < 0) {
+            afm__tok_trie_node *nn;
+            void *p = *nodes;
+            if (!afm__tok_grow(m, &p, cap, (size_t)*count + 1, sizeof *nn)) return 0;
+            *nodes = nn = (afm__tok_trie_node *)p;
+            link = i == 0 ? &root[s[0]] : &(*nodes)[node].child;
+            while (*link >= 0) link = &(*nodes)[*link].sibling;
+            nn[*count].child = nn[*count].sibling = -1;
+            nn[*count].byte = s[i];
+            nn[*count].flags = 0;
+            nn[*count].id = -1;
+            *link = (*count)++;
+        }
+        node = *link;
+    }
+    /* HF: a later token with the same text wins */
+    (*nodes)[node].flags = 1;
+    (*nodes)[node].id = id;
+    return 1;
+}
+/* longest added token at s (index into h->added), or -1 */
+static int32_t afm__tok_trie_longest(const afm__tok_trie_node *nodes, const int32_t *root, const char *s, size_t n,
+                                     size_t *len) {
+    int32_t node, best = -1;
+    size_t i;
+    if (!n || !nodes) return -1;
+    node = root[(unsigned char)s[0]];
+    for (i = 0; node >= 0;) {
+        if (nodes[node].flags) {
+            best = nodes[node].id;
+            *len = i + 1;
+        }
+        if (++i >= n) break;
+        node = nodes[node].child;
+        while (node >= 0 && nodes[node].byte != (unsigned char)s[i]) node = nodes[node].sibling;
+    }
+    return best;
+}
+
+#define AFM__TOK_HF_FAIL(code, ...)                                                                           \
+    do {                                                                                                    \
+        res = afm__fail(err, err_size, code, __VA_ARGS__);                                                  \
+        goto out;                                                                                           \
+    } while (0)
+
+static int afm__tok_hf_normalizer(const afm__json *j, int32_t nd, afm__tok_hf *h, char *err, size_t err_size) {
+    int32_t ty;
+    if (afm__json_isnull(j, nd)) return 1;
+    ty = afm__json_get(j, nd, "type");
+    if (afm__json_eq(j, ty, "Sequence")) {
+        int32_t list = afm__json_get(j, nd, "normalizers"), c;
+        if (list < 0 || j->n[list].type != AFM__JARR) {
+            afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer Sequence without a normalizers list");
+            return 0;
+        }
+        for (c = j->n[list].child; c >= 0; c = j->n[c].next)
+            if (!afm__tok_hf_normalizer(j, c, h, err, err_size)) return 0;
+        return 1;
+    }
+    if (h->n_nf >= 8) {
+        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: too many normalizers");
+        return 0;
+    }
+    if (afm__json_eq(j, ty, "NFC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C;
+    else if (afm__json_eq(j, ty, "NFKC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C | AFM__TOK_NF_K;
+    else if (afm__json_eq(j, ty, "NFD")) h->nf_forms[h->n_nf++] = 4;
+    else if (afm__json_eq(j, ty, "NFKD")) h->nf_forms[h->n_nf++] = 4 | AFM__TOK_NF_K;
+    else {
+        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer type %.*s is not supported (NFC, NFKC, NFD, NFKD, Sequence)",
+                  ty >= 0 ? (int)(j->n[ty].len > 40 ? 40 : j->n[ty].len) : 4, ty >= 0 ? j->src + j->n[ty].start : "none");
+        return 0;
+    }
+    return 1;
+}
+
+static int afm__tok_hf_bytelevel(const afm__json *j, int32_t nd, afm__tok_hf *h, int in_sequence) {
+    int use_regex = afm__json_bool(j, afm__json_get(j, nd, "use_regex"), 1);
+    h->add_prefix_space = afm__json_bool(j, afm__json_get(j, nd, "add_prefix_space"), 1);
+    if (use_regex) {
+        if (in_sequence && h->pattern) return 0; /* two regex splits: not supported */
+        h->pattern = AFM__TOK_PAT_GPT2;
+    }
+    return 1;
+}
+
+static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size) {
+    afm__json j;
+    afm__tok_hf *h;
+    afm__tok_buf sb, db, tmp;
+    afm_result res = AFM_OK;
+    size_t where = 0, k;
+    const char *why = "";
+    int32_t root, model, vocab, merges, c, added, pre, dec;
+    int32_t max_id = -1;
+    memset(&j, 0, sizeof j);
+    memset(&sb, 0, sizeof sb);
+    memset(&db, 0, sizeof db);
+    memset(&tmp, 0, sizeof tmp);
+    h = (afm__tok_hf *)afm__alloc(&t->alloc, sizeof *h);
+    if (!h) return AFM_ERR_NOMEM;
+    memset(h, 0, sizeof *h);
+    t->hf = h;
+    h->unk_id = -1;
+    for (k = 0; k < AFM_SPECIAL_COUNT; k++) t->special[k] = -1;
+    for (k = 0; k < 256; k++) h->trie_root[0][k] = h->trie_root[1][k] = -1;
+    if (!afm__json_parse(&t->alloc, (const char *)data, size, &j, &where, &why)) {
+        if (strcmp(why, "out of memory") == 0) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+        AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: invalid JSON at byte %lu: %s", (unsigned long)where, why);
+    }
+    root = 0;
+    model = afm__json_get(&j, root, "model");
+    if (model < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: no \"model\"");
+    if (!afm__json_eq(&j, afm__json_get(&j, model, "type"), "BPE"))
+        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: model type is not BPE (only byte-level BPE is supported)");
+    c = afm__json_get(&j, model, "dropout");
+    if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JNUM && strtod(j.src + j.n[c].start, NULL) == 0.0))
+        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE dropout is not supported");
+    {
+        static const char *affixes[2] = {"continuing_subword_prefix", "end_of_word_suffix"};
+        for (k = 0; k < 2; k++) {
+            c = afm__json_get(&j, model, affixes[k]);
+            if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JSTR && j.n[c].len == 0))
+                AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE %s is not supported", affixes[k]);
+        }
+    }
+    if (afm__json_bool(&j, afm__json_get(&j, model, "byte_fallback"), 0))
+        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE byte_fallback is not supported (byte-level BPE only)");
+    h->ignore_merges = afm__json_bool(&j, afm__json_get(&j, model, "ignore_merges"), 0);
+    h->fuse_unk = afm__json_bool(&j, afm__json_get(&j, model, "fuse_unk"), 0);
+    /* normalizer, pre-tokenizer, decoder */
+    if (!afm__tok_hf_normalizer(&j, afm__json_get(&j, root, "normalizer"), h, err, err_size)) {
+        res = AFM_ERR_UNSUPPORTED;
+        goto out;
+    }
+    pre = afm__json_get(&j, root, "pre_tokenizer");
+    {
+        int32_t ty = afm__json_get(&j, pre, "type");
+        int ok = 0;
+        if (afm__json_eq(&j, ty, "ByteLevel")) ok = afm__tok_hf_bytelevel(&j, pre, h, 0);
+        else if (afm__json_eq(&j, ty, "Sequence")) {
+            int32_t list = afm__json_get(&j, pre, "pretokenizers"), e;
+            int n_bl = 0, n_other = 0;
+            ok = list >= 0 && j.n[list].type == AFM__JARR;
+            for (e = ok ? j.n[list].child : -1; e >= 0 && ok; e = j.n[e].next) {
+                int32_t et = afm__json_get(&j, e, "type");
+                if (afm__json_eq(&j, et, "ByteLevel")) {
+                    ok = n_bl++ == 0 && afm__tok_hf_bytelevel(&j, e, h, 1);
+                } else if (afm__json_eq(&j, et, "Split") && n_bl == 0 && n_other++ == 0) {
+                    int32_t pat = afm__json_get(&j, afm__json_get(&j, e, "pattern"), "Regex");
+                    tmp.n = 0;
+                    if (pat >= 0 && j.n[pat].type == AFM__JSTR && !afm__tok_json_str(&t->alloc, &j, pat, &tmp))
+                        AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+                    ok = pat >= 0 && j.n[pat].type == AFM__JSTR &&
+                         afm__json_eq(&j, afm__json_get(&j, e, "behavior"), "Isolated") &&
+                         !afm__json_bool(&j, afm__json_get(&j, e, "invert"), 0);
+                    if (ok) {
+                        if (tmp.n == strlen(afm__tok_pat_llama3) && memcmp(tmp.p, afm__tok_pat_llama3, tmp.n) == 0) h->pattern = AFM__TOK_PAT_LLAMA3;
+                        else if (tmp.n == strlen(afm__tok_pat_qwen2) && memcmp(tmp.p, afm__tok_pat_qwen2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_QWEN2;
+                        else if (tmp.n == strlen(afm__tok_pat_gpt2) && memcmp(tmp.p, afm__tok_pat_gpt2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_GPT2;
+                        else
+                            AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: Split pattern %.*s%s is not one of the supported ones (GPT-2, Llama-3, Qwen2)",
+                                             (int)(tmp.n > 60 ? 60 : tmp.n), tmp.p, tmp.n > 60 ? "..." : "");
+                    }
+                } else ok = 0;
+            }
+            ok = ok && n_bl == 1 && !(n_other && h->add_prefix_space);
+        }
+        if (!ok) AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: pre_tokenizer is not supported (ByteLevel, or a Split with a GPT-2/Llama-3/Qwen2 pattern then ByteLevel)");
+    }
+    dec = afm__json_get(&j, root, "decoder");
+    if (!afm__json_eq(&j, afm__json_get(&j, dec, "type"), "ByteLevel"))
+        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: decoder is not ByteLevel");
+    /* vocabulary */
+    vocab = afm__json_get(&j, model, "vocab");
+    if (vocab < 0 || j.n[vocab].type != AFM__JOBJ) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
+    for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
+        int32_t id = afm__json_int(&j, j.n[c].next);
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB)
+            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocab entry at byte %lu has a bad id", (unsigned long)j.n[c].start);
+        if (id > max_id) max_id = id;
+    }
+    added = afm__json_get(&j, root, "added_tokens");
+    if (added >= 0 && j.n[added].type != AFM__JARR) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added_tokens is not a list");
+    for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next) {
+        int32_t id = afm__json_int(&j, afm__json_get(&j, c, "id")), ct = afm__json_get(&j, c, "content");
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB || ct < 0 || j.n[ct].type != AFM__JSTR)
+            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added token at byte %lu needs an id and a content", (unsigned long)j.n[c].start);
+        if (id > max_id) max_id = id;
+        h->n_added++;
+    }
+    if (max_id < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
+    t->n_vocab = max_id + 1;
+    t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
+    t->type = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
+    h->added = (afm__tok_added *)afm__alloc(&t->alloc, ((size_t)h->n_added + 1) * sizeof(afm__tok_added));
+    if (!t->off || !t->score || !t->type || !h->added) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+    {
+        /* strings of every id, in id order: gather (id, node) then copy */
+        int32_t *node_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+        if (!node_of) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+        for (k = 0; k < (size_t)t->n_vocab; k++) node_of[k] = -1;
+        for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
+            int32_t id = afm__json_int(&j, j.n[c].next);
+            if (node_of[id] >= 0) {
+                afm__free(&t->alloc, node_of);
+                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: id %ld appears twice in the vocab", (long)id);
+            }
+            node_of[id] = c;
+        }
+        for (k = 0; k < (size_t)t->n_vocab; k++) {
+            t->off[k] = (uint32_t)sb.n;
+            t->score[k] = 0.0f;
+            t->type[k] = (uint8_t)(node_of[k] >= 0 ? AFM_TOKEN_NORMAL : 0);
+            if (node_of[k] >= 0 && !afm__tok_json_str(&t->alloc, &j, node_of[k], &sb)) {
+                afm__free(&t->alloc, node_of);
+                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+            }
+            if (sb.n >= 0xFFFFFFFFu) {
+                afm__free(&t->alloc, node_of);
+                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocabulary too large");
+            }
+        }
+        t->off[t->n_vocab] = (uint32_t)sb.n;
+        afm__free(&t->alloc, node_of);
+        /* every string may be empty: allocate anyway, pointer arithmetic on NULL is undefined */
+        if (!sb.p && !afm__tok_buf_put(&t->alloc, &sb, "", 0)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+    }
+    /* added tokens: their content replaces an id's string (HF decodes an id through its added token first) */
+    {
+        int32_t a = 0;
+        for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next, a++) {
+            afm__tok_added *at = &h->added[a];
+            int32_t ct = afm__json_get(&j, c, "content");
+            at->id = afm__json_int(&j, afm__json_get(&j, c, "id"));
+            at->special = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "special"), 0);
+            at->lstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "lstrip"), 0);
+            at->rstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "rstrip"), 0);
+            at->single_word = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "single_word"), 0);
+            at->normalized = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "normalized"), !at->special);
+            at->off = (uint32_t)db.n;
+            if (!afm__tok_json_str(&t->alloc, &j, ct, &db)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+            at->len = (uint32_t)(db.n - at->off);
+            at->noff = at->off;
+            at->nlen = at->len;
+            if (at->normalized && h->n_nf > 0 && at->len) {
+                /* HF matches (and decodes) a normalized token through its normalized form */
+                int q;
+                afm__tok_buf nb2;
+                memset(&nb2, 0, sizeof nb2);
+                tmp.n = 0;
+                if (!afm__tok_buf_put(&t->alloc, &tmp, db.p + at->off, at->len)) res = AFM_ERR_NOMEM;
+                for (q = 0; res == AFM_OK && q < h->n_nf; q++) {
+                    nb2.n = 0;
+                    if (!afm__tok_nf(&t->alloc, tmp.p, tmp.n, h->nf_forms[q] & 3, &nb2)) res = AFM_ERR_NOMEM;
+                    tmp.n = 0;
+                    if (res == AFM_OK && !afm__tok_buf_put(&t->alloc, &tmp, nb2.p, nb2.n)) res = AFM_ERR_NOMEM;
+                }
+                afm__free(&t->alloc, nb2.p);
+                at->noff = (uint32_t)db.n;
+                if (res != AFM_OK || !afm__tok_buf_put(&t->alloc, &db, tmp.p, tmp.n)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+                at->nlen = (uint32_t)(db.n - at->noff);
+            }
+        }
+        h->astr = db.p;
+        memset(&db, 0, sizeof db);
+    }
+    /* final piece strings: vocab string, or the added token's content */
+    {
+        afm__tok_buf fb;
+        int32_t *added_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+        uint32_t *noff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+        memset(&fb, 0, sizeof fb);
+        if (!added_of || !noff || !afm__tok_buf_put(&t->alloc, &fb, "", 0)) {
+            afm__free(&t->alloc, added_of);
+            afm__free(&t->alloc, noff);
+            afm__free(&t->alloc, fb.p);
+            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+        }
+        for (k = 0; k < (size_t)t->n_vocab; k++) added_of[k] = -1;
+        for (c = 0; c < h->n_added; c++) added_of[h->added[c].id] = c;
+        for (k = 0; k < (size_t)t->n_vocab; k++) {
+            int ok;
+            noff[k] = (uint32_t)fb.n;
+            if (added_of[k] >= 0) {
+                const afm__tok_added *at = &h->added[added_of[k]];
+                ok = !at->len || afm__tok_buf_put(&t->alloc, &fb, h->astr + at->off, at->len);
+                t->type[k] = (uint8_t)(at->special ? AFM_TOKEN_CONTROL : AFM_TOKEN_USER_DEFINED);
+            } else ok = afm__tok_buf_put(&t->alloc, &fb, sb.p + t->off[k], t->off[k + 1] - t->off[k]);
+            if (!ok) {
+                afm__free(&t->alloc, added_of);
+                afm__free(&t->alloc, noff);
+                afm__free(&t->alloc, fb.p);
+                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+            }
+        }
+        noff[t->n_vocab] = (uint32_t)fb.n;
+        /* the model vocab keeps its own strings for BPE lookups: index them before switching */
+        if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, (size_t)h->n_added + 1)) {
+            afm__free(&t->alloc, added_of);
+            afm__free(&t->alloc, noff);
+            afm__free(&t->alloc, fb.p);
+            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+        }
+        t->str = sb.p;
+        for (k = 0; k < (size_t)t->n_vocab; k++)
+            if (t->off[k + 1] > t->off[k] || t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+        /* byte -> vocab id, unk */
+        for (k = 0; k < 256; k++) {
+            char u8[4];
+            size_t ul = afm__utf8_put(u8, afm__tok_byte_cp((unsigned)k));
+            h->byte_tok[k] = afm__tok_ht_find(t, &t->ht_normal, u8, ul);
+        }
+        c = afm__json_get(&j, model, "unk_token");
+        if (!afm__json_isnull(&j, c)) {
+            tmp.n = 0;
+            if (j.n[c].type != AFM__JSTR || !afm__tok_json_str(&t->alloc, &j, c, &tmp)) {
+                afm__free(&t->alloc, added_of);
+                afm__free(&t->alloc, noff);
+                afm__free(&t->alloc, fb.p);
+                if (j.n[c].type == AFM__JSTR) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: unk_token is not a string");
+            }
+            h->unk_id = afm__tok_ht_find(t, &t->ht_normal, tmp.p, tmp.n);
+        }
+        /* merges: ranks over model vocab strings */
+        merges = afm__json_get(&j, model, "merges");
+        if (merges >= 0 && j.n[merges].type != AFM__JARR) {
+            afm__free(&t->alloc, added_of);
+            afm__free(&t->alloc, noff);
+            afm__free(&t->alloc, fb.p);
+            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.merges is not a list");
+        }
+        {
+            size_t nm = 0, cap = 16;
+            uint32_t rank = 0;
+            for (c = merges >= 0 ? j.n[merges].child : -1; c >= 0; c = j.n[c].next) nm++;
+            while (cap < nm * 2) cap *= 2;
+            h->mkey = (uint64_t *)afm__alloc(&t->alloc, cap * sizeof(uint64_t));
+            h->mrank = (uint32_t *)afm__alloc(&t->alloc, cap * sizeof(uint32_t));
+            h->mnew = (int32_t *)afm__alloc(&t->alloc, cap * sizeof(int32_t));
+            h->mmask = (uint32_t)(cap - 1);
+            if (!h->mkey || !h->mrank || !h->mnew) res = AFM_ERR_NOMEM;
+            for (k = 0; res == AFM_OK && k < cap; k++) h->mnew[k] = -1;
+            for (c = merges >= 0 ? j.n[merges].child : -1; res == AFM_OK && c >= 0; c = j.n[c].next, rank++) {
+                size_t sp = 0, la, lb;
+                int32_t ia, ib, inew;
+                tmp.n = 0;
+                if (j.n[c].type == AFM__JSTR) {
+                    size_t q, nsp = 0;
+                    if (!afm__tok_json_str(&t->alloc, &j, c, &tmp)) res = AFM_ERR_NOMEM;
+                    for (q = 0; q < tmp.n; q++)
+                        if (tmp.p[q] == ' ') { sp = q; nsp++; }
+                    if (res == AFM_OK && nsp != 1) res = AFM_ERR_FORMAT;
+                    la = sp;
+                    lb = tmp.n - sp - 1;
+                } else if (j.n[c].type == AFM__JARR && j.n[c].child >= 0 && j.n[j.n[c].child].next >= 0 &&
+                           j.n[j.n[j.n[c].child].next].next < 0 && j.n[j.n[c].child].type == AFM__JSTR &&
+                           j.n[j.n[j.n[c].child].next].type == AFM__JSTR) {
+                    if (!afm__tok_json_str(&t->alloc, &j, j.n[c].child, &tmp)) res = AFM_ERR_NOMEM;
+                    sp = tmp.n;
+                    if (res == AFM_OK && (!afm__tok_buf_put(&t->alloc, &tmp, " ", 1) || !afm__tok_json_str(&t->alloc, &j, j.n[j.n[c].child].next, &tmp))) res = AFM_ERR_NOMEM;
+                    la = sp;
+                    lb = tmp.n - sp - 1;
+                } else res = AFM_ERR_FORMAT;
+                if (res != AFM_OK) {
+                    afm__fail(err, err_size, res, "tokenizer.json: merge %lu at byte %lu is malformed", (unsigned long)rank, (unsigned long)j.n[c].start);
+                    break;
+                }
+                ia = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la);
+                ib = afm__tok_ht_find(t, &t->ht_normal, tmp.p + sp + 1, lb);
+                /* the merged token: the two strings joined */
+                memmove(tmp.p + sp, tmp.p + sp + 1, lb);
+                inew = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la + lb);
+                if (ia < 0 || ib < 0 || inew < 0) {
+                    res = afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.json: merge %lu uses a token that is not in the vocab", (unsigned long)rank);
+                    break;
+                }
+                {
+                    uint64_t key = ((uint64_t)(uint32_t)ia << 32) | (uint32_t)ib;
+                    uint32_t i = afm__tok_mhash(key) & h->mmask;
+                    while (h->mnew[i] >= 0 && h->mkey[i] != key) i = (i + 1) & h->mmask;
+                    h->mkey[i] = key;
+                    h->mrank[i] = rank; /* a repeated merge takes the later rank, as HF's map does */
+                    h->mnew[i] = inew;
+                }
+            }
+        }
+        if (res != AFM_OK) {
+            afm__free(&t->alloc, added_of);
+            afm__free(&t->alloc, noff);
+            afm__free(&t->alloc, fb.p);
+            if (res == AFM_ERR_NOMEM) afm__fail(err, err_size, res, "tokenizer.json: out of memory");
+            goto out;
+        }
+        /* decoded bytes of every id (HF ByteLevel decoder: all characters in the alphabet -> bytes, else the
+           string's own UTF-8), computed on the final strings */
+        {
+            afm__tok_buf ob;
+            memset(&ob, 0, sizeof ob);
+            h->doff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+            if (!h->doff) res = AFM_ERR_NOMEM;
+            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
+                const char *p = fb.p + noff[k];
+                size_t n = noff[k + 1] - noff[k], q = 0;
+                if (added_of[k] >= 0) {
+                    p = h->astr + h->added[added_of[k]].noff;
+                    n = h->added[added_of[k]].nlen;
+                }
+                size_t mark = ob.n;
+                int all = 1;
+                h->doff[k] = (uint32_t)ob.n;
+                while (q < n) {
+                    size_t l;
+                    int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
+                    int found = afm__tok_cp_byte(cp);
+                    if (found < 0) { all = 0; break; }
+                    {
+                        char bb = (char)found;
+                        if (!afm__tok_buf_put(&t->alloc, &ob, &bb, 1)) { res = AFM_ERR_NOMEM; break; }
+                    }
+                    q += l;
+                }
+                if (res != AFM_OK) break;
+                if (!all) {
+                    ob.n = mark;
+                    if (!afm__tok_buf_put(&t->alloc, &ob, p, n)) res = AFM_ERR_NOMEM;
+                }
+            }
+            if (res == AFM_OK) h->doff[t->n_vocab] = (uint32_t)ob.n;
+            h->dstr = ob.p;
+        }
+        /* raw-bytes index of the model vocabulary (for ignore_merges): keys are the vocab strings' bytes */
+        if (res == AFM_OK && h->ignore_merges) {
+            if (!afm__tok_ht_init(&t->alloc, &h->ht_raw, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
+            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
+                if (t->off[k + 1] == t->off[k]) continue; /* not in the model vocab */
+                {
+                    /* only strings made of the byte alphabet can match a word */
+                    const char *p = sb.p + t->off[k];
+                    size_t n = t->off[k + 1] - t->off[k], q = 0;
+                    int all = 1;
+                    while (q < n) {
+                        size_t l;
+                        int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
+                        if (afm__tok_cp_byte(cp) < 0) { all = 0; break; }
+                        q += l;
+                    }
+                    if (all) afm__tok_ht_put(&h->ht_raw, h->dstr, h->doff[k], h->doff[k + 1] - h->doff[k], (int32_t)k);
+                }
+            }
+        }
+        /* switch the piece strings to the final ones (the model-vocab index keeps working through
+           ht_normal only while t->off/t->str are the model strings: rebuild it on the final strings,
+           leaving out ids that are added tokens but not model vocab entries) */
+        if (res == AFM_OK) {
+            afm__tok_ht_free(&t->alloc, &t->ht_normal);
+            afm__free(&t->alloc, t->off);
+            t->off = noff;
+            t->str = fb.p;
+            afm__free(&t->alloc, sb.p);
+            memset(&sb, 0, sizeof sb);
+            noff = NULL;
+            fb.p = NULL;
+            if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
+            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
+                if (t->type[k] == 0) continue;
+                if (t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+                else afm__tok_ht_add(t, &t->ht_reserved, (int32_t)k);
+            }
+        } else {
+            t->str = NULL;
+        }
+        afm__free(&t->alloc, added_of);
+        afm__free(&t->alloc, noff);
+        afm__free(&t->alloc, fb.p);
+        if (res != AFM_OK) {
+            afm__fail(err, err_size, res, "tokenizer.json: out of memory");
+            goto out;
+        }
+    }
+    /* special tokens by content: an id whose string is a special token's content is skipped when decoding */
+    for (c = 0; c < h->n_added; c++) {
+        const afm__tok_added *at = &h->added[c];
+        int32_t id;
+        if (!at->special) continue;
+        id = afm__tok_ht_find(t, &t->ht_normal, h->astr + at->off, at->len);
+        if (id >= 0) t->type[id] = AFM_TOKEN_CONTROL;
+    }
+    /* added-token matchers: [0] on the raw text (normalized = false), [1] on the normalized text */
+    for (c = 0; c < h->n_added; c++) {
+        const afm__tok_added *at = &h->added[c];
+        int which = at->normalized && h->n_nf > 0 ? 1 : 0;
+        const char *p = h->astr + at->noff;
+        size_t n = at->nlen;
+        if (!at->len) continue; /* HF ignores empty added tokens */
+        if (!afm__tok_trie_add(&t->alloc, &h->trie[which], &h->n_trie_nodes[which], &h->trie_cap[which],
+                               h->trie_root[which], (const unsigned char *)p, n, c))
+            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+    }
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        size_t n = t->off[k + 1] - t->off[k];
+        if (n > t->max_piece_len) t->max_piece_len = n;
+    }
+    t->max_token_bytes = t->max_piece_len * 3 + 16;
+    t->special[AFM_SPECIAL_UNK] = h->unk_id;
+out:
+    afm__free(&t->alloc, j.n);
+    if (t->str == sb.p) t->str = NULL; /* an error after the model strings were installed */
+    afm__free(&t->alloc, sb.p);
+    afm__free(&t->alloc, db.p);
+    afm__free(&t->alloc, tmp.p);
+    if (res == AFM_OK) {
+        /* t->str is the final string pool */
+    }
+    return res;
+}
+
+static void afm__tok_hf_piece_bytes(const afm_tokenizer *t, int32_t id, afm__tok_buf *scratch, const char **p, size_t *n) {
+    const afm__tok_hf *h = (const afm__tok_hf *)t->hf;
+    (void)scratch;
+    *p = h->dstr + h->doff[id];
+    *n = h->doff[id + 1] - h->doff[id];
+}
+
+/* HF BPE on one word (bytes w[0, n)); appends ids with afm__tok_out */
+typedef struct afm__tok_hsym {
+    int32_t id, prev, next, len;
+} afm__tok_hsym;
+typedef struct afm__tok_hmerge {
+    uint32_t rank;
+    int32_t pos, new_id;
+} afm__tok_hmerge;
+
+static int afm__tok_hmerge_better(const afm__tok_hmerge *a, const afm__tok_hmerge *b) {
+    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
+}
+
+static void afm__tok_hf_word(afm__tok_enc *e, const char *w, size_t n) {
+    const afm_tokenizer *t = e->t;
+    const afm__tok_hf *h = (const afm__tok_hf *)t->hf;
+    afm__tok_hsym *sym;
+    afm__tok_hmerge *heap;
+    size_t i, hn = 0, ns = 0;
+    uint32_t hv = 0, slot = 0;
+    int cacheable;
+    if (!n) return;
+    if (h->ignore_merges) {
+        int32_t id = afm__tok_ht_get(&h->ht_raw, h->dstr, w, n);
+        if (id >= 0) {
+            afm__tok_out(e, id);
+            return;
+        }
+    }
+    cacheable = e->c_mask && n <= AFM__TOK_CACHE_MAX_WORD;
+    if (cacheable) {
+        hv = afm__tok_hash(w, n);
+        slot = hv & e->c_mask;
+        while (e->c_len[slot]) {
+            if (e->c_hash[slot] == hv && e->c_len[slot] == n && memcmp(e->norm + e->c_off[slot], w, n) == 0) {
+                const int32_t *ids = e->c_pool.p + e->c_ids[slot];
+                uint32_t q, m = e->c_nids[slot];
+                for (q = 0; q < m; q++) afm__tok_out(e, ids[q]);
+                return;
+            }
+            slot = (slot + 1) & e->c_mask;
+        }
+    }
+    /* symbols: one per byte (each byte is one character of the byte-level alphabet) */
+    {
+        void *p = e->sym;
+        if (!afm__tok_grow_l(&t->alloc, &p, &e->sym_cap, (n * sizeof(afm__tok_hsym)) / sizeof(afm__tok_sym) + 1, sizeof(afm__tok_sym), e->sym_local)) { e->failed = 1; return; }
+        e->sym = (afm__tok_sym *)p;
+        p = e->heap;
+        if (!afm__tok_grow_l(&t->alloc, &p, &e->heap_cap, (3 * n * sizeof(afm__tok_hmerge)) / sizeof(afm__tok_pair) + 1, sizeof(afm__tok_pair), e->heap_local)) { e->failed = 1; return; }
+        e->heap = (afm__tok_pair *)p;
+    }
+    sym = (afm__tok_hsym *)(void *)e->sym;
+    heap = (afm__tok_hmerge *)(void *)e->heap;
+    {
+        int32_t unk_len = 0, have_unk = 0;
+        for (i = 0; i < n; i++) {
+            int32_t id = h->byte_tok[(unsigned char)w[i]];
+            if (id >= 0) {
+                if (have_unk) {
+                    sym[ns].id = h->unk_id; sym[ns].len = unk_len; ns++;
+                    have_unk = 0;
+                }
+                sym[ns].id = id; sym[ns].len = 1; ns++;
+            } else if (h->unk_id >= 0) {
+                if (have_unk && h->fuse_unk) unk_len++;
+                else {
+                    if (have_unk) { sym[ns].id = h->unk_id; sym[ns].len = unk_len; ns++; }
+                    have_unk = 1;
+                    unk_len = 1;
+                }
+            }
+        }
+        if (have_unk) { sym[ns].id = h->unk_id; sym[ns].len = unk_len; ns++; }
+    }
+    for (i = 0; i < ns; i++) {
+        sym[i].prev = (int32_t)i - 1;
+        sym[i].next = i + 1 < ns ? (int32_t)i + 1 : -1;
+    }
+#define AFM__TOK_HPUSH(P, R, NW)                                                                              \
+    do {                                                                                                    \
+        afm__tok_hmerge m_;                                                                                 \
+        size_t u_ = hn++;                                                                                   \
+        m_.rank = (R); m_.pos = (P); m_.new_id = (NW);                                                      \
+        while (u_ > 0 && afm__tok_hmerge_better(&m_, &heap[(u_ - 1) / 2])) { heap[u_] = heap[(u_ - 1) / 2]; u_ = (u_ - 1) / 2; } \
+        heap[u_] = m_;                                                                                      \
+    } while (0)
+    for (i = 0; i + 1 < ns; i++) {
+        uint32_t r;
+        int32_t nw;
+        if (afm__tok_merge_find(h, sym[i].id, sym[i + 1].id, &r, &nw)) AFM__TOK_HPUSH((int32_t)i, r, nw);
+    }
+    while (hn) {
+        afm__tok_hmerge top = heap[0], last = heap[--hn];
+        size_t q = 0;
+        uint32_t r;
+        int32_t nw, nx;
+        for (;;) {
+            size_t ch = 2 * q + 1;
+            if (ch >= hn) break;
+            if (ch + 1 < hn && afm__tok_hmerge_better(&heap[ch + 1], &heap[ch])) ch++;
+            if (!afm__tok_hmerge_better(&heap[ch], &last)) break;
+            heap[q] = heap[ch];
+            q = ch;
+        }
+        if (hn) heap[q] = last;
+        if (sym[top.pos].len == 0 || sym[top.pos].next < 0) continue;
+        nx = sym[top.pos].next;
+        if (!afm__tok_merge_find(h, sym[top.pos].id, sym[nx].id, &r, &nw) || nw != top.new_id) continue;
+        sym[top.pos].id = top.new_id;
+        sym[top.pos].len += sym[nx].len;
+        sym[top.pos].next = sym[nx].next;
+        sym[nx].len = 0;
+        if (sym[nx].next >= 0) sym[sym[nx].next].prev = top.pos;
+        if (sym[top.pos].prev >= 0 && afm__tok_merge_find(h, sym[sym[top.pos].prev].id, sym[top.pos].id, &r, &nw))
+            AFM__TOK_HPUSH(sym[top.pos].prev, r, nw);
+        if (sym[top.pos].next >= 0 && afm__tok_merge_find(h, sym[top.pos].id, sym[sym[top.pos].next].id, &r, &nw))
+            AFM__TOK_HPUSH(top.pos, r, nw);
+    }
+#undef AFM__TOK_HPUSH
+    {
+        size_t base = e->c_pool.n, cnt = 0;
+        int store = cacheable && e->c_used * 2 < e->c_mask;
+        int32_t q;
+        for (q = ns ? 0 : -1; q >= 0; q = sym[q].next) {
+            afm__tok_out(e, sym[q].id);
+            if (store && !afm__tok_ids_push(&t->alloc, &e->c_pool, sym[q].id)) store = 0;
+            cnt++;
+        }
+        if (store) {
+            e->c_hash[slot] = hv;
+            e->c_off[slot] = (uint32_t)(w - e->norm);
+            e->c_len[slot] = (uint32_t)n;
+            e->c_ids[slot] = (uint32_t)base;
+            e->c_nids[slot] = (uint32_t)cnt;
+            e->c_used++;
+        }
+    }
+}
+
+/* pre-tokenizes and encodes buf[a, b) (normalized text without added tokens) */
+static void afm__tok_hf_segment(afm__tok_enc *e, afm__tok_buf *buf, size_t a, size_t b) {
+    const afm__tok_hf *h = (const afm__tok_hf *)e->t->hf;
+    size_t i;
+    if (a >= b) return;
+    if (h->add_prefix_space && buf->p[a] != ' ') {
+        /* ByteLevel's add_prefix_space: the segment gets a leading space (copied to the buffer's end) */
+        size_t at = buf->n;
+        void *p = buf->p;
+        /* room first: the copy reads from the same buffer */
+        if (!afm__tok_grow_l(&e->t->alloc, &p, &buf->cap, buf->n + 1 + (b - a) + 1, 1, buf->local)) {
+            e->failed = 1;
+            return;
+        }
+        buf->p = (char *)p;
+        buf->p[buf->n] = ' ';
+        memcpy(buf->p + buf->n + 1, buf->p + a, b - a);
+        buf->n += 1 + (b - a);
+        a = at;
+        b = buf->n;
+    }
+    e->norm = buf->p;
+    if (!h->pattern) {
+        afm__tok_hf_word(e, buf->p + a, b - a);
+        return;
+    }
+    for (i = a; i < b && !e->failed;) {
+        size_t end = afm__tok_pretok_match(h->pattern, buf->p + a, b - a, i - a) + a;
+        if (end <= i || end > b) end = b;
+        afm__tok_hf_word(e, buf->p + i, end - i);
+        i = end;
+    }
+}
+
+/* HF's AddedVocabulary::find_matches over s[a, b) with trie `which`; calls back for gaps and tokens */
+typedef struct afm__tok_split {
+    size_t a, b;
+    int32_t id; /* -1: text */
+} afm__tok_split;
+
+static int afm__tok_is_word(int32_t c) {
+    unsigned k = afm__tok_class(c);
+    return (k & (AFM_TOK_CL_L | AFM_TOK_CL_N | AFM_TOK_CL_M)) || c == '_' || c == 0x200C || c == 0x200D;
+}
+static size_t afm__tok_hf_find(const afm__tok_hf *h, int which, const char *s, size_t n, afm__tok_split *out, size_t max_out) {
+    size_t i = 0, start_offset = 0, k = 0;
+    if (!h->trie[which]) {
+        out[0].a = 0; out[0].b = n; out[0].id = -1;
+        return n ? 1 : 0;
+    }
+    while (i < n && k + 2 < max_out) {
+        size_t len = 0, start, stop;
+        int32_t ai = afm__tok_trie_longest(h->trie[which], h->trie_root[which], s + i, n - i, &len);
+        const afm__tok_added *at;
+        if (ai < 0) {
+            i++;
+            continue;
+        }
+        at = &h->added[ai];
+        start = i;
+        stop = i + len;
+        i = stop; /* non-overlapping, leftmost-longest */
+        if (at->single_word) {
+            size_t l;
+            int start_space = 1, stop_space = 1;
+            if (start > 0) {
+                size_t q = start - 1;
+                while (q > 0 && ((unsigned char)s[q] & 0xC0) == 0x80) q--;
+                start_space = !afm__tok_is_word(afm__tok_cp_at(s, n, q, &l));
+            }
+            if (stop < n) stop_space = !afm__tok_is_word(afm__tok_cp_at(s, n, stop, &l));
+            if (!start_space || !stop_space) continue;
+        }
+        if (at->lstrip) {
+            size_t ns = start;
+            while (ns > 0) {
+                size_t q = ns - 1, l;
+                while (q > 0 && ((unsigned char)s[q] & 0xC0) == 0x80) q--;
+                if (!(afm__tok_class(afm__tok_cp_at(s, n, q, &l)) & AFM_TOK_CL_WS)) break;
+                ns = q;
+            }
+            start = ns > start_offset ? ns : start_offset;
+        }
+        if (at->rstrip) {
+            size_t l;
+            while (stop < n && (afm__tok_class(afm__tok_cp_at(s, n, stop, &l)) & AFM_TOK_CL_WS)) stop += l;
+        }
+        if (start_offset < start) {
+            out[k].a = start_offset; out[k].b = start; out[k].id = -1; k++;
+        }
+        out[k].a = start; out[k].b = stop; out[k].id = at->id; k++;
+        start_offset = stop;
+    }
+    if (i < n && k + 2 >= max_out) return (size_t)-1;
+    if (start_offset < n) {
+        out[k].a = start_offset; out[k].b = n; out[k].id = -1; k++;
+    }
+    return k;
+}
+
+static int afm__tok_hf_splits(const afm_tokenizer *t, int which, const char *s, size_t n, afm__tok_split **out, size_t *count) {
+    /* at most 2 entries per added-token match + 1; count matches first */
+    const afm__tok_hf *h = (const afm__tok_hf *)t->hf;
+    size_t cap = 8, r;
+    for (;;) {
+        *out = (afm__tok_split *)afm__alloc(&t->alloc, cap * sizeof(afm__tok_split));
+        if (!*out) return 0;
+        r = afm__tok_hf_find(h, which, s, n, *out, cap);
+        if (r != (size_t)-1) break;
+        afm__free(&t->alloc, *out);
+        cap *= 4;
+    }
+    *count = r;
+    return 1;
+}
+
+static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, size_t len, unsigned flags,
+                                     afm__tok_enc *e) {
+    const afm__tok_hf *h = (const afm__tok_hf *)t->hf;
+    afm__tok_split *raw = NULL, *nsp = NULL;
+    size_t n_raw = 0, n_n = 0, r, q;
+    afm__tok_buf buf, tb;
+    afm_result res = AFM_OK;
+    (void)flags;
+    memset(&buf, 0, sizeof buf);
+    memset(&tb, 0, sizeof tb);
+    if (!len) return AFM_OK;
+    if (len > 4096) {
+        size_t cap = 1024, i;
+        while (cap < len / 16 && cap < (1u << 16)) cap *= 2;
+        e->c_hash = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+        e->c_off = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+        e->c_len = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+        e->c_ids = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+        e->c_nids = (uint32_t *)afm__alloc(&t->alloc, cap * 4);
+        if (!e->c_hash || !e->c_off || !e->c_len || !e->c_ids || !e->c_nids) return AFM_ERR_NOMEM;
+        for (i = 0; i < cap; i++) e->c_len[i] = 0;
+        e->c_mask = (uint32_t)(cap - 1);
+    }
+    /* the whole normalized text goes into one buffer so that cached words can point into it */
+    if (!afm__tok_grow(&t->alloc, (void **)&buf.p, &buf.cap, len + len / 2 + 64, 1)) return AFM_ERR_NOMEM;
+    if (!afm__tok_hf_splits(t, 0, text, len, &raw, &n_raw)) {
+        afm__free(&t->alloc, buf.p);
+        return AFM_ERR_NOMEM;
+    }
+    for (r = 0; r < n_raw && !e->failed; r++) {
+        size_t a, b;
+        int f;
+        if (raw[r].id >= 0) {
+            afm__tok_out(e, raw[r].id);
+            continue;
+        }
+        /* normalize the segment */
+        a = buf.n;
+        if (!afm__tok_buf_put(&t->alloc, &buf, text + raw[r].a, raw[r].b - raw[r].a)) { res = AFM_ERR_NOMEM; break; }
+        for (f = 0; f < h->n_nf; f++) {
+            tb.n = 0;
+            if (!afm__tok_nf(&t->alloc, buf.p + a, buf.n - a, h->nf_forms[f] & 3, &tb)) { res = AFM_ERR_NOMEM; break; }
+            buf.n = a;
+            if (!afm__tok_buf_put(&t->alloc, &buf, tb.p, tb.n)) { res = AFM_ERR_NOMEM; break; }
+        }
+        if (res != AFM_OK) break;
+        b = buf.n;
+        if (!afm__tok_hf_splits(t, 1, buf.p + a, b - a, &nsp, &n_n)) { res = AFM_ERR_NOMEM; break; }
+        for (q = 0; q < n_n && !e->failed; q++) {
+            if (nsp[q].id >= 0) afm__tok_out(e, nsp[q].id);
+            else afm__tok_hf_segment(e, &buf, a + nsp[q].a, a + nsp[q].b);
+        }
+        afm__free(&t->alloc, nsp);
+        nsp = NULL;
+    }
+    afm__free(&t->alloc, raw);
+    afm__free(&t->alloc, nsp);
+    afm__free(&t->alloc, buf.p);
+    afm__free(&t->alloc, tb.p);
+    return res;
 }
 
 /* ======================================================================================== */
@@ -3043,37 +6311,41 @@ static int afm__fm_identifier_ok(const char *id) {
 
 static afm_result afm__fm_metadata(afm_adapter *ad, const char *json, size_t n, const char *name, char *err, size_t errn) {
     afm__json j;
-    char msg[160], sig[64];
-    long v;
-    int t;
+    char sig[64];
+    size_t where = 0;
+    const char *why = "";
+    int32_t t, v;
     const afm_config *c = &ad->model->config;
-    if (!afm__json_parse(&ad->alloc, json, n, &j, msg, sizeof msg)) {
-        afm__free(&ad->alloc, j.tok);
-        return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/metadata.json: %s", name, msg);
+    memset(&j, 0, sizeof j);
+    if (!afm__json_parse(&ad->alloc, json, n, &j, &where, &why)) {
+        afm__json_free(&ad->alloc, &j);
+        return afm__fail(err, errn, strcmp(why, "out of memory") ? AFM_ERR_FORMAT : AFM_ERR_NOMEM, "%s/metadata.json: offset %llu: %s",
+                         name, (unsigned long long)where, why);
     }
-#define AFM__FMERR(...) do { afm__fail(err, errn, AFM_ERR_FORMAT, __VA_ARGS__); afm__free(&ad->alloc, j.tok); return AFM_ERR_FORMAT; } while (0)
-    if (j.tok[0].type != AFM__J_OBJ) AFM__FMERR("%s/metadata.json: not a JSON object", name);
+#define AFM__FMERR(...) do { afm__fail(err, errn, AFM_ERR_FORMAT, __VA_ARGS__); afm__json_free(&ad->alloc, &j); return AFM_ERR_FORMAT; } while (0)
+    if (j.n[0].type != AFM__JOBJ) AFM__FMERR("%s/metadata.json: not a JSON object", name);
     t = afm__json_get(&j, 0, "adapterIdentifier");
-    if (!afm__json_str(&j, t, ad->identifier, sizeof ad->identifier))
+    if (!afm__json_cstr(&j, t, ad->identifier, sizeof ad->identifier))
         AFM__FMERR("%s/metadata.json: adapterIdentifier is missing or not a short string", name);
     if (!afm__fm_identifier_ok(ad->identifier))
         AFM__FMERR("%s/metadata.json: adapterIdentifier '%s' does not match fmadapter-NAME-VERSION (letters, digits, '_'; no '-' inside NAME)", name, ad->identifier);
     t = afm__json_get(&j, 0, "baseModelSignature");
-    if (!afm__json_str(&j, t, sig, sizeof sig) || strlen(sig) != 40 || strspn(sig, "0123456789abcdef") != 40)
+    if (!afm__json_cstr(&j, t, sig, sizeof sig) || strlen(sig) != 40 || strspn(sig, "0123456789abcdef") != 40)
         AFM__FMERR("%s/metadata.json: baseModelSignature is missing or not 40 lowercase hex digits", name);
     if (c->signature[0] && strcmp(sig, c->signature))
         AFM__FMERR("%s/metadata.json: adapter is for base model %s, this model is %s", name, sig, c->signature);
     memcpy(ad->signature, sig, 41);
-    t = afm__json_get(&j, 0, "loraRank");
-    if (!afm__json_int(&j, t, 1, 4096, &v)) AFM__FMERR("%s/metadata.json: loraRank is missing or not an integer in 1..4096", name);
+    v = afm__json_int(&j, afm__json_get(&j, 0, "loraRank"));
+    if (v < 1 || v > 4096) AFM__FMERR("%s/metadata.json: loraRank is missing or not an integer in 1..4096", name);
     ad->rank = (int)v;
     t = afm__json_get(&j, 0, "speculativeDecodingDraftTokenCount");
     if (t >= 0) {
-        if (!afm__json_int(&j, t, 1, 64, &v)) AFM__FMERR("%s/metadata.json: speculativeDecodingDraftTokenCount is not an integer in 1..64", name);
+        v = afm__json_int(&j, t);
+        if (v < 1 || v > 64) AFM__FMERR("%s/metadata.json: speculativeDecodingDraftTokenCount is not an integer in 1..64", name);
         ad->draft_token_count = (int)v;
     }
 #undef AFM__FMERR
-    afm__free(&ad->alloc, j.tok);
+    afm__json_free(&ad->alloc, &j);
     ad->metadata = (char *)afm__alloc(&ad->alloc, n + 1);
     if (!ad->metadata) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
     memcpy(ad->metadata, json, n);

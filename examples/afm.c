@@ -1,7 +1,12 @@
 /* afm - command-line front end of afm.h.
 
-   afm info FILE                          configuration, parameter counts, bytes per type
-   afm [generate] -m FILE --ids 1,2,3 ... generate from token ids (greedy unless --temp > 0)
+   afm info FILE                           configuration, parameter counts, bytes per type
+   afm [generate] -m FILE -p TEXT ...      continue a text (greedy unless --temp > 0)
+   afm [generate] -m FILE --chat -p TEXT   answer TEXT as the user's turn of an AFM chat
+   afm [generate] -m FILE --ids 1,2,3 ...  generate from token ids, print token ids
+   afm tokenize -m FILE TEXT               text -> token ids
+   afm detokenize -m FILE ID ...           token ids -> text
+   afm bench FILE                          speed
 
    Run `afm --help` for every option. */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
@@ -19,14 +24,20 @@ static const char *usage_text =
     "usage: afm bench FILE [-t N[,N...]] [-p N] [-n N] [-r N] [--adapter PATH]\n"
     "       afm info FILE\n"
     "       afm info ADAPTER -m BASE.afm\n"
-    "       afm [generate] -m FILE --ids ID,ID,... [options]\n"
+    "       afm [generate] -m FILE (-p TEXT | -f FILE | --ids ID,ID,...) [options]\n"
+    "       afm tokenize (-m FILE | --tokenizer FILE) (TEXT | -p TEXT | -f FILE) [options]\n"
+    "       afm detokenize (-m FILE | --tokenizer FILE) (ID ... | --ids LIST | -f FILE) [options]\n"
     "\n"
     "commands:\n"
     "  info FILE              print the model's configuration, parameter counts per group,\n"
     "                         bytes per weight type and signature\n"
     "  info ADAPTER -m BASE   check an adapter (.afma file or .fmadapter directory) against\n"
     "                         its base model and print rank, scale, identifier, metadata\n"
-    "  generate               (default) evaluate the prompt ids, then generate -n tokens\n"
+    "  generate               (default) encode the prompt, then generate -n tokens and print them\n"
+    "                         as they come (whole UTF-8 characters only); statistics go to stderr\n"
+    "  tokenize               print the token ids of a text, separated by spaces (with the AFM\n"
+    "                         layer: \"\\n\" is the <n> token); no sequence-start token unless --chat\n"
+    "  detokenize             print the text of token ids (arguments, --ids or -f; '-' is stdin)\n"
     "  bench FILE --spec      speculative decoding: time to verify 1..16 tokens relative to one\n"
     "                         decode step, and speedup over plain greedy decoding with a drafter\n"
     "                         that proposes the base's own next token with probability p\n"
@@ -37,10 +48,36 @@ static const char *usage_text =
     "                         a percentage of that roofline, and peak RSS; with --adapter:\n"
     "                         adapter load and switch times, and decode tok/s with and without\n"
     "                         it in alternating runs\n"
-    "\n"
-    "options:\n"
-    "  -m, --model FILE       model file (.afm, see docs/FORMAT.md)\n"
-    "      --ids LIST         prompt as token ids separated by commas or spaces\n"
+    "\n";
+
+/* (several strings: C99 compilers need only support 4095 characters in one) */
+static const char *usage_options =
+    "prompt and text (generate, tokenize, detokenize):\n"
+    "  -m, --model FILE       model file (.afm, see docs/FORMAT.md); its embedded tokenizer is used\n"
+    "  -p, --prompt TEXT      the prompt as text. Without --chat it is continued as is: EOS, then\n"
+    "                         the encoded text (AFM's sequence start), and the output repeats the\n"
+    "                         prompt before the continuation (see --no-display-prompt)\n"
+    "  -f, --file FILE        read the prompt (detokenize: the ids) from FILE; '-' is stdin\n"
+    "      --ids LIST         the prompt as token ids separated by commas or spaces; generate\n"
+    "                         then prints token ids instead of text\n"
+    "      --chat             wrap the prompt in AFM's chat template (AFM_SPEC section 7) as the\n"
+    "                         user's turn; print only the reply. For chat adapters and\n"
+    "                         instruction-tuned weights; not the default because base weights\n"
+    "                         just continue text. tokenize --chat: the ids of that prompt\n"
+    "      --system TEXT      the system message of the chat (implies --chat; default: \"A\n"
+    "                         conversation between a user and a helpful assistant.\")\n"
+    "      --show-prompt      print the rendered prompt and its token ids to stderr, then go on\n"
+    "      --tokenizer FILE   use this tokenizer instead of the model's: a SentencePiece\n"
+    "                         tokenizer.model or a Hugging Face tokenizer.json (byte-level BPE)\n"
+    "      --special          control tokens (<turn_end>, <executable_start>, ...) written in the\n"
+    "                         text are tokens, and decoded ones are printed (default: nothing)\n"
+    "      --plain            no AFM newline layer: \"\\n\" is encoded as the tokenizer does by\n"
+    "                         itself, and <n> is not printed as a newline\n"
+    "      --no-display-prompt  print only the continuation (text prompts without --chat)\n"
+    "      --pieces           tokenize: one line per token, id and piece\n"
+    "\n";
+static const char *usage_generation =
+    "generation:\n"
     "      --adapter PATH     LoRA adapter: an .afma file, an Apple .fmadapter directory, or\n"
     "                         'base' for the base adapter embedded in the model file\n"
     "  -n, --n-predict N      tokens to generate (default 16)\n"
@@ -60,11 +97,26 @@ static const char *usage_text =
     "      --draft-k N        most draft tokens per verification (default: the adapter's\n"
     "                         speculativeDecodingDraftTokenCount, else 5; adapted at run time)\n"
     "      --fixed-k          always draft --draft-k tokens instead of adapting\n"
-    "      --stop ID,...      stop after generating one of these token ids\n"
+    "      --stop ID,...      also stop after generating one of these token ids\n"
+    "      --ignore-eos       text prompts: do not stop at EOS and <turn_end> (stopping there is\n"
+    "                         the default; --ids prompts stop only at --stop ids)\n"
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
-    "  -h, --help             this text\n";
+    "  -h, --help             this text\n"
+    "\n"
+    "examples:\n"
+    "  afm -m models/mini/base.afm -p \"In the beginning\" -n 40\n"
+    "  afm -m models/mini/base.afm --adapter models/mini/json.afma --chat \\\n"
+    "      -p \"Describe as JSON: Blessed are the meek: for they shall inherit the earth.\"\n"
+    "  afm tokenize -m models/mini/base.afm \"Hello world\"\n"
+    "  afm detokenize -m models/mini/base.afm 3 825 272\n";
+
+static void usage(FILE *f) {
+    fputs(usage_text, f);
+    fputs(usage_options, f);
+    fputs(usage_generation, f);
+}
 
 static void die(const char *fmt, const char *arg) {
     fprintf(stderr, "afm: ");
@@ -100,10 +152,10 @@ static int parse_ids(const char *s, int32_t **out) {
     while (ids && *s) {
         char *end;
         long v;
-        while (*s == ',' || *s == ' ') s++;
+        while (*s == ',' || *s == ' ' || *s == '\t' || *s == '\n' || *s == '\r') s++;
         if (!*s) break;
         v = strtol(s, &end, 10);
-        if (end == s || v < 0 || v > 0x7fffffff) die("--ids: '%s' is not a list of non-negative integers", s);
+        if (end == s || v < 0 || v > 0x7fffffff) die("'%s' is not a list of token ids (non-negative integers)", s);
         if (n == cap) ids = (int32_t *)realloc(ids, (cap *= 2) * sizeof *ids);
         if (!ids) break;
         ids[n++] = (int32_t)v;
@@ -157,6 +209,223 @@ static afm_adapter *load_adapter_or_die(afm_model *m, const char *path) {
         exit(1);
     }
     return ad;
+}
+
+/* ---- text: tokenizers, prompts, streaming output ---- */
+
+/* A whole file, or stdin for "-"; NUL-terminated. */
+static char *read_all(const char *path, size_t *n) {
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    size_t cap = 1 << 16, len = 0, got;
+    char *buf = (char *)malloc(cap);
+    if (!f) die("cannot open '%s'", path);
+    while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+        len += got;
+        if (cap - len - 1 == 0) {
+            char *nb = (char *)realloc(buf, cap * 2);
+            if (!nb) free(buf);
+            buf = nb;
+            cap *= 2;
+        }
+    }
+    if (!buf) die("%s", "out of memory");
+    if (ferror(f)) die("cannot read '%s'", path);
+    if (f != stdin) fclose(f);
+    buf[len] = 0;
+    *n = len;
+    return buf;
+}
+
+/* The tokenizer: a standalone file (--tokenizer; a tokenizer.json starts with '{', anything else is
+   read as a SentencePiece model) or the one embedded in the model file. */
+static afm_tokenizer *tokenizer_or_die(const afm_model *m, const char *model_path, const char *path) {
+    afm_tokenizer *t;
+    char err[512];
+    if (path) {
+        size_t n, i = 0;
+        char *d = read_all(path, &n);
+        int kind;
+        afm_result r;
+        while (i < n && (d[i] == ' ' || d[i] == '\t' || d[i] == '\n' || d[i] == '\r')) i++;
+        kind = i < n && d[i] == '{' ? AFM_TOKENIZER_HF_JSON : AFM_TOKENIZER_SENTENCEPIECE;
+        r = afm_tokenizer_load(d, n, kind, NULL, &t, err, sizeof err);
+        free(d);
+        if (r != AFM_OK) {
+            fprintf(stderr, "afm: %s: not a usable %s: %s\n", path, kind == AFM_TOKENIZER_HF_JSON ? "tokenizer.json" : "SentencePiece model", err);
+            exit(1);
+        }
+    } else {
+        if (!afm_model_tokenizer_bytes(m, NULL, NULL))
+            die("%s has no tokenizer: give one with --tokenizer FILE, or the prompt as --ids", model_path);
+        if (afm_model_tokenizer(m, NULL, &t, err, sizeof err) != AFM_OK) {
+            fprintf(stderr, "afm: %s: its tokenizer cannot be loaded: %s\n", model_path, err);
+            exit(1);
+        }
+    }
+    if (m && afm_tokenizer_n_vocab(t) > afm_model_config(m)->vocab_size) {
+        fprintf(stderr, "afm: the tokenizer has %d tokens, more than the model's vocabulary of %d\n", afm_tokenizer_n_vocab(t),
+                afm_model_config(m)->vocab_size);
+        exit(1);
+    }
+    return t;
+}
+
+/* Encodes text (or, with chat, a conversation of an optional system message and one user message)
+   into a malloc'd array. add_eos puts EOS first (AFM's sequence start; afm_chat_tokenize does it). */
+static int32_t *encode_or_die(const afm_tokenizer *t, const char *text, int chat, const char *system, unsigned flags,
+                              int add_eos, int *n_out) {
+    afm_chat_message msgs[2];
+    int n_msgs = 0, pre = 0;
+    int32_t eos = afm_tokenizer_special(t, AFM_SPECIAL_EOS);
+    size_t cap = strlen(text) + 64, n = 0;
+    int32_t *ids = NULL;
+    afm_result r = AFM_ERR_ARG;
+    if (system) { msgs[n_msgs].role = "system"; msgs[n_msgs++].content = system; }
+    msgs[n_msgs].role = "user";
+    msgs[n_msgs++].content = text;
+    if (!chat && add_eos && eos >= 0) pre = 1;
+    if (chat && (eos < 0 || afm_tokenizer_special(t, AFM_SPECIAL_TURN_START) < 0))
+        die("%s", "--chat needs AFM's tokenizer: this one has no EOS or no <turn_start> token");
+    while (r == AFM_ERR_ARG) {
+        free(ids);
+        if (!(ids = (int32_t *)malloc((cap + 1) * sizeof *ids))) die("%s", "out of memory");
+        r = chat ? afm_chat_tokenize(t, msgs, n_msgs, NULL, 0, 1, ids, cap, &n)
+                 : afm_tokenize(t, text, strlen(text), flags, ids + pre, cap, &n);
+        if (r == AFM_ERR_ARG && n <= cap) die("%s", "the text cannot be encoded (invalid argument)");
+        cap = n;
+    }
+    if (r != AFM_OK) die("the text cannot be encoded: %s", afm_result_string(r));
+    if (pre) ids[0] = eos;
+    if (n + (size_t)pre > 0x7fffffff) die("%s", "the text is too long");
+    *n_out = (int)n + pre;
+    return ids;
+}
+
+/* Prints generated tokens as text, streaming; stop tokens are not printed. */
+typedef struct text_out {
+    const afm_tokenizer *tok;
+    afm_detokenizer d;
+    const int32_t *stops;
+    int n_stops;
+    char *buf;
+    size_t cap;
+} text_out;
+
+static void text_out_init(text_out *o, const afm_tokenizer *tok, unsigned flags, const int32_t *stops, int n_stops) {
+    o->tok = tok;
+    afm_detokenizer_init(&o->d, tok, flags);
+    o->stops = stops;
+    o->n_stops = n_stops;
+    o->cap = afm_tokenizer_max_token_bytes(tok) + 16;
+    o->buf = (char *)malloc(o->cap);
+    if (!o->buf) die("%s", "out of memory");
+}
+
+static int print_text(void *user, int32_t token) {
+    text_out *o = (text_out *)user;
+    size_t n = 0;
+    int i;
+    for (i = 0; i < o->n_stops; i++)
+        if (token == o->stops[i]) return 0;
+    if (afm_detokenizer_push(&o->d, token, o->buf, o->cap, &n) == AFM_OK) fwrite(o->buf, 1, n, stdout);
+    fflush(stdout);
+    return 0;
+}
+
+static void text_out_end(text_out *o) {
+    size_t n = 0;
+    if (afm_detokenizer_flush(&o->d, o->buf, o->cap, &n) == AFM_OK) fwrite(o->buf, 1, n, stdout);
+    free(o->buf);
+}
+
+/* ---- afm tokenize, afm detokenize ---- */
+
+static int cmd_tokenize(int argc, char **argv, int detokenize) {
+    const char *model_path = NULL, *tok_path = NULL, *text = NULL, *file = NULL, *ids_text = NULL, *system = NULL;
+    int chat = 0, pieces = 0, i, n;
+    unsigned flags = AFM_TOK_AFM;
+    char *owned = NULL, *joined = NULL;
+    size_t len = 0;
+    afm_model *m = NULL;
+    afm_tokenizer *t;
+    int32_t *ids;
+    for (i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); model_path = v; i++; }
+        else if (!strcmp(a, "--tokenizer")) { if (!v) die("option %s needs a value", a); tok_path = v; i++; }
+        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) { if (!v) die("option %s needs a value", a); file = v; i++; }
+        else if (!detokenize && (!strcmp(a, "-p") || !strcmp(a, "--prompt"))) { if (!v) die("option %s needs a value", a); text = v; i++; }
+        else if (!detokenize && !strcmp(a, "--system")) { if (!v) die("option %s needs a value", a); system = v; chat = 1; i++; }
+        else if (!detokenize && !strcmp(a, "--chat")) chat = 1;
+        else if (!detokenize && !strcmp(a, "--pieces")) pieces = 1;
+        else if (detokenize && !strcmp(a, "--ids")) { if (!v) die("option %s needs a value", a); ids_text = v; i++; }
+        else if (!strcmp(a, "--special")) flags |= AFM_TOK_SPECIAL;
+        else if (!strcmp(a, "--plain")) flags &= ~AFM_TOK_AFM;
+        else if (a[0] == '-' && a[1] && !(detokenize && a[1] >= '0' && a[1] <= '9'))
+            die(detokenize ? "unknown detokenize option '%s' (see afm --help)" : "unknown tokenize option '%s' (see afm --help)", a);
+        else { /* the text (tokenize) or the ids (detokenize): the remaining arguments, joined by spaces */
+            size_t al = strlen(a), jl = joined ? strlen(joined) : 0;
+            char *nj = (char *)realloc(joined, jl + al + 2);
+            if (!nj) die("%s", "out of memory");
+            if (jl) nj[jl++] = ' ';
+            memcpy(nj + jl, a, al + 1);
+            joined = nj;
+        }
+    }
+    if (!model_path && !tok_path) die("%s", "no tokenizer: give -m MODEL (its embedded tokenizer) or --tokenizer FILE");
+    if (!!text + !!file + !!joined + !!ids_text != 1)
+        die("%s", detokenize ? "give the ids once: as arguments, with --ids LIST or with -f FILE"
+                             : "give the text once: as an argument, with -p TEXT or with -f FILE");
+    if (file) text = owned = read_all(file, &len);
+    if (joined) text = joined;
+    if (ids_text) text = ids_text;
+    if (model_path && !tok_path) m = load_or_die(model_path, 0);
+    t = tokenizer_or_die(m, model_path, tok_path);
+    if (detokenize) {
+        int32_t *dids;
+        char *out;
+        size_t need = 0;
+        afm_result r;
+        n = parse_ids(text, &dids);
+        for (i = 0; i < n; i++)
+            if (dids[i] >= afm_tokenizer_n_vocab(t)) {
+                fprintf(stderr, "afm: token id %d is out of range (the vocabulary has %d tokens)\n", (int)dids[i], afm_tokenizer_n_vocab(t));
+                exit(1);
+            }
+        afm_detokenize(t, dids, (size_t)n, flags, NULL, 0, &need);
+        out = (char *)malloc(need + 1);
+        if (!out) die("%s", "out of memory");
+        r = afm_detokenize(t, dids, (size_t)n, flags, out, need + 1, &need);
+        if (r != AFM_OK) die("cannot decode the ids: %s", afm_result_string(r));
+        fwrite(out, 1, need, stdout);
+        printf("\n");
+        free(out);
+        free(dids);
+    } else {
+        if (file && memchr(text, 0, len)) die("%s contains a NUL byte", file);
+        ids = encode_or_die(t, text, chat, system, flags, 0, &n);
+        for (i = 0; i < n; i++) {
+            if (pieces) {
+                size_t pl = 0, k;
+                const char *p = afm_tokenizer_piece(t, ids[i], &pl);
+                printf("%6d  ", (int)ids[i]);
+                for (k = 0; p && k < pl; k++) {
+                    unsigned char c = (unsigned char)p[k];
+                    if (c < 0x20 || c == 0x7f || c == '\\') printf("\\x%02x", c);
+                    else putchar(c);
+                }
+                printf("\n");
+            } else printf("%d%s", (int)ids[i], i + 1 < n ? " " : "");
+        }
+        if (!pieces) printf("\n");
+        free(ids);
+    }
+    free(owned);
+    free(joined);
+    afm_tokenizer_free(t);
+    afm_model_free(m);
+    return 0;
 }
 
 /* ---- afm info ---- */
@@ -227,8 +496,22 @@ static int cmd_info(const char *path) {
     printf("  RoPE theta %g (half-split layout), norm eps %g, QK-norm eps %g, context %d\n", (double)c->rope_theta,
            (double)c->norm_eps, (double)c->qk_norm_eps, c->context_length);
     printf("  KV cache: %s\n", c->has_kv_scales ? "int8 with per-layer scales" : "no scales (f16 by default)");
-    printf("  tokenizer: %s (%llu bytes)\n", tok_kind == 1 ? "SentencePiece" : tok_kind == 2 ? "tokenizer.json" : "none",
+    printf("  tokenizer: %s (%llu bytes)", tok_kind == 1 ? "SentencePiece" : tok_kind == 2 ? "tokenizer.json" : "none",
            (unsigned long long)tok_size);
+    if (tok_kind) {
+        afm_tokenizer *t;
+        char err[256];
+        if (afm_model_tokenizer(m, NULL, &t, err, sizeof err) == AFM_OK) {
+            static const char *names[5] = { "EOS", "<n>", "<turn_start>", "<turn_end>", "<executable_start>" };
+            static const afm_special_token which[5] = { AFM_SPECIAL_EOS, AFM_SPECIAL_NEWLINE, AFM_SPECIAL_TURN_START,
+                                                        AFM_SPECIAL_TURN_END, AFM_SPECIAL_EXEC_START };
+            printf(", %d tokens", afm_tokenizer_n_vocab(t));
+            for (i = 0; i < 5; i++)
+                if (afm_tokenizer_special(t, which[i]) >= 0) printf(", %s %d", names[i], (int)afm_tokenizer_special(t, which[i]));
+            afm_tokenizer_free(t);
+        } else printf(", cannot be loaded: %s", err);
+    }
+    printf("\n");
     printf("  signature: %s\n", c->signature[0] ? c->signature : "(none)");
     printf("parameters:\n");
     for (i = 0; i < 5; i++)
@@ -252,8 +535,14 @@ static int cmd_info(const char *path) {
 static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
-    int lookup = 0, draft_k = 0, fixed_k = 0;
-    int n_predict = 16, no_mmap = 0, i, n_prompt;
+    const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL;
+    int lookup = 0, draft_k = 0, fixed_k = 0, chat = 0, show_prompt = 0, ignore_eos = 0, display_prompt = 1;
+    int n_predict = 16, no_mmap = 0, i, n_prompt, n_eog = 0;
+    unsigned tok_flags = AFM_TOK_AFM;
+    char *file_text = NULL;
+    afm_tokenizer *tokenizer = NULL;
+    text_out out;
+    int32_t eog[2];
     afm_session_params sp;
     afm_sampler_params smp;
     afm_model *m;
@@ -270,9 +559,19 @@ static int cmd_generate(int argc, char **argv) {
     smp.top_p = 1.0f;
     for (i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(usage_text, stdout); return 0; }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); model_path = v; i++; }
         else if (!strcmp(a, "--ids")) { if (!v) die("option %s needs a value", a); ids_text = v; i++; }
+        else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) { if (!v) die("option %s needs a value", a); text = v; i++; }
+        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) { if (!v) die("option %s needs a value", a); file = v; i++; }
+        else if (!strcmp(a, "--system")) { if (!v) die("option %s needs a value", a); system = v; chat = 1; i++; }
+        else if (!strcmp(a, "--tokenizer")) { if (!v) die("option %s needs a value", a); tok_path = v; i++; }
+        else if (!strcmp(a, "--chat")) chat = 1;
+        else if (!strcmp(a, "--show-prompt")) show_prompt = 1;
+        else if (!strcmp(a, "--special")) tok_flags |= AFM_TOK_SPECIAL;
+        else if (!strcmp(a, "--plain")) tok_flags &= ~AFM_TOK_AFM;
+        else if (!strcmp(a, "--ignore-eos")) ignore_eos = 1;
+        else if (!strcmp(a, "--no-display-prompt")) display_prompt = 0;
         else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
         else if (!strcmp(a, "--draft")) { if (!v) die("option %s needs a value", a); draft_path = v; i++; }
         else if (!strcmp(a, "--draft-adapter")) { if (!v) die("option %s needs a value", a); draft_adapter_path = v; i++; }
@@ -302,13 +601,51 @@ static int cmd_generate(int argc, char **argv) {
         } else die("unknown option '%s' (see afm --help)", a);
     }
     if (!model_path) die("%s", "no model given (-m FILE); see afm --help");
-    if (!ids_text) die("%s", "no prompt given (--ids 1,2,3); see afm --help");
+    if (!!ids_text + !!text + !!file != 1) die("%s", "give the prompt once: -p TEXT, -f FILE or --ids 1,2,3; see afm --help");
+    if (ids_text && (chat || tok_path)) die("%s", "--ids is a prompt of token ids: leave out --chat, --system and --tokenizer");
     if (smp.top_p <= 0 || smp.top_p > 1) die("%s", "--top-p must be in (0, 1]");
     if (smp.min_p < 0 || smp.min_p > 1) die("%s", "--min-p must be in [0, 1]");
-    n_prompt = parse_ids(ids_text, &prompt);
-    if (n_prompt == 0) die("%s", "--ids: the prompt is empty");
+    if (file) {
+        size_t len;
+        text = file_text = read_all(file, &len);
+        if (memchr(text, 0, len)) die("%s contains a NUL byte", file);
+    }
 
     m = load_or_die(model_path, no_mmap);
+    if (ids_text) {
+        n_prompt = parse_ids(ids_text, &prompt);
+        if (n_prompt == 0) die("%s", "--ids: the prompt is empty");
+    } else {
+        /* a text prompt: encode it, print text, stop at EOS / <turn_end> */
+        int32_t stop_ids[2];
+        int k;
+        tokenizer = tokenizer_or_die(m, model_path, tok_path);
+        prompt = encode_or_die(tokenizer, text, chat, system, tok_flags, 1, &n_prompt);
+        if (n_prompt == 0) die("%s", "the prompt is empty");
+        stop_ids[0] = afm_tokenizer_special(tokenizer, AFM_SPECIAL_EOS);
+        stop_ids[1] = afm_tokenizer_special(tokenizer, AFM_SPECIAL_TURN_END);
+        for (k = 0; k < 2 && !ignore_eos; k++)
+            if (stop_ids[k] >= 0) eog[n_eog++] = stop_ids[k];
+        if (show_prompt) {
+            if (chat) {
+                afm_chat_message msgs[2];
+                int n_msgs = 0;
+                size_t len = 0;
+                char *rendered;
+                if (system) { msgs[n_msgs].role = "system"; msgs[n_msgs++].content = system; }
+                msgs[n_msgs].role = "user";
+                msgs[n_msgs++].content = text;
+                afm_chat_render(msgs, n_msgs, NULL, 0, 1, NULL, 0, &len);
+                if (!(rendered = (char *)malloc(len + 1))) die("%s", "out of memory");
+                afm_chat_render(msgs, n_msgs, NULL, 0, 1, rendered, len + 1, &len);
+                fprintf(stderr, "prompt (AFM chat template; encoded, first token dropped, EOS prepended):\n%s\n", rendered);
+                free(rendered);
+            } else fprintf(stderr, "prompt (EOS, then the text):\n%s\n", text);
+            fprintf(stderr, "prompt ids (%d):", n_prompt);
+            for (k = 0; k < n_prompt; k++) fprintf(stderr, " %d", (int)prompt[k]);
+            fprintf(stderr, "\n");
+        }
+    }
     if ((r = afm_session_create(m, &sp, &s)) != AFM_OK) die("cannot create a session: %s", afm_result_string(r));
     if (adapter_path) {
         adapter = load_adapter_or_die(m, adapter_path);
@@ -318,6 +655,20 @@ static int cmd_generate(int argc, char **argv) {
         die("cannot create the sampler: %s", afm_result_string(r));
     if (dump_path && !(dump = fopen(dump_path, "wb"))) die("cannot open '%s' for writing", dump_path);
     if (dump && (draft_path || lookup)) die("%s", "--dump-logits runs the plain loop; leave out --draft and --lookup");
+    if (tokenizer) {
+        /* text output; the prompt is pushed through the detokenizer first so that the continuation
+           is spaced as in the whole text, and printed too unless it is a chat or not wanted */
+        text_out_init(&out, tokenizer, tok_flags, eog, n_eog);
+        if (!chat) {
+            int k;
+            for (k = 0; k < n_prompt; k++) {
+                size_t n = 0;
+                if (afm_detokenizer_push(&out.d, prompt[k], out.buf, out.cap, &n) == AFM_OK && display_prompt)
+                    fwrite(out.buf, 1, n, stdout);
+            }
+            fflush(stdout);
+        }
+    }
 
     if (dump) {
         /* the plain loop, one step at a time, writing each step's logits */
@@ -328,9 +679,15 @@ static int cmd_generate(int argc, char **argv) {
             const float *logits = afm_session_logits(s, -1);
             fwrite(logits, sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
             tok = afm_sampler_sample(sampler, logits);
-            printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
+            if (tokenizer) print_text(&out, tok);
+            else printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
             if (afm_session_eval(s, &tok, 1) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
         }
+        if (tokenizer) {
+            text_out_end(&out);
+            printf("\n");
+        }
+        fflush(stdout);
         if (n_predict == 0) fwrite(afm_session_logits(s, -1), sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
         t2 = now_seconds();
         fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tok/s); generated: %d tokens in %.3f s (%.1f tok/s)\n", n_prompt,
@@ -345,11 +702,19 @@ static int cmd_generate(int argc, char **argv) {
         memset(&gp, 0, sizeof gp);
         gp.n_predict = n_predict;
         gp.sampler = smp;
-        gp.on_token = print_token;
+        gp.on_token = tokenizer ? print_text : print_token;
+        gp.user = &out;
         gp.lookup = lookup;
         gp.draft_k = draft_k;
         gp.fixed_k = fixed_k;
         if (stop_text) gp.n_stop_tokens = parse_ids(stop_text, &stops);
+        if (n_eog) { /* EOS and <turn_end> end a text prompt's generation too */
+            int32_t *all = (int32_t *)realloc(stops, (size_t)(gp.n_stop_tokens + n_eog) * sizeof *all);
+            if (!all) die("%s", "out of memory");
+            memcpy(all + gp.n_stop_tokens, eog, (size_t)n_eog * sizeof *all);
+            stops = all;
+            gp.n_stop_tokens += n_eog;
+        }
         gp.stop_tokens = stops;
         if (draft_path) {
             afm_session_params dsp = sp;
@@ -363,7 +728,9 @@ static int cmd_generate(int argc, char **argv) {
             gp.draft = ds;
         }
         r = afm_generate(s, prompt, n_prompt, &gp, &st);
+        if (tokenizer) text_out_end(&out);
         printf("\n");
+        fflush(stdout);
         if (r != AFM_OK) fprintf(stderr, "afm: %s\n", afm_session_error(s));
         fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tok/s); generated: %d tokens in %.3f s (%.1f tok/s)\n", st.n_prompt,
                 st.t_prompt, st.n_prompt / (st.t_prompt + 1e-12), st.n_generated, st.t_total - st.t_prompt,
@@ -379,6 +746,8 @@ static int cmd_generate(int argc, char **argv) {
     }
     if (dump) fclose(dump);
     free(prompt);
+    free(file_text);
+    afm_tokenizer_free(tokenizer);
     afm_sampler_free(sampler);
     afm_session_free(s);
     afm_adapter_free(adapter);
@@ -735,7 +1104,7 @@ static int cmd_bench(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
-        fputs(usage_text, argc < 2 ? stderr : stdout);
+        usage(argc < 2 ? stderr : stdout);
         return argc < 2;
     }
     if (!strcmp(argv[1], "info")) {
@@ -751,6 +1120,8 @@ int main(int argc, char **argv) {
         return cmd_info(argv[2]);
     }
     if (!strcmp(argv[1], "generate")) return cmd_generate(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "tokenize")) return cmd_tokenize(argc - 2, argv + 2, 0);
+    if (!strcmp(argv[1], "detokenize")) return cmd_tokenize(argc - 2, argv + 2, 1);
     if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
     return cmd_generate(argc - 1, argv + 1);
 }

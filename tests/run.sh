@@ -1,8 +1,9 @@
 #!/bin/sh
 # The test runner behind `make test`. Each step adds its counts; the last line is
 # "N passed, N failed" and the exit status is non-zero on any failure.
-# Environment: CI=true makes missing tools (clang, aarch64 cross compiler, qemu, numpy) failures
-# instead of skips; FUZZ_SECONDS bounds the libFuzzer run (default 30).
+# Environment: CI=true makes missing tools (clang, aarch64 cross compiler, qemu, numpy, regex)
+# failures instead of skips; FUZZ_SECONDS bounds the libFuzzer run of each engine harness (default 30),
+# TOK_FUZZ_SECONDS that of each tokenizer harness (default 15).
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p build
 PASS=0
@@ -20,8 +21,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 run_counts() {
     label=$1; shift
     out=$("$@" 2>&1); status=$?
-    echo "$out" | grep -v '^ok ' | sed 's/^/    /' | tail -n 40
-    line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
+    echo "$out" | grep -a -v -e '^ok ' -e 'records, ok$' | sed 's/^/    /' | tail -n 40
+    line=$(echo "$out" | grep -a -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
     if [ -z "$line" ]; then bad "$label: no result line (exit $status)"; return; fi
     p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed*}
     PASS=$((PASS + p)); FAIL=$((FAIL + f))
@@ -39,6 +40,9 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
 done
+
+echo "== tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
+run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
 
 echo "== engine tests, optimised"
 if gcc -std=c99 -O2 -g tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
@@ -67,6 +71,45 @@ if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad
 if ./afm --help | grep -q -- "--dump-logits"; then ok "afm --help"; else bad "afm --help"; fi
 if ./afm -m tests/vectors/does-not-exist.afm --ids 1 2>&1 | grep -q "does-not-exist"; then ok "afm names a missing file"; else bad "afm missing file message"; fi
 
+echo "== CLI with text: the trained model in models/mini (embedded SentencePiece tokenizer)"
+M=models/mini/base.afm
+T="In the beginning God created the heaven
+and the earth. Ünïcödé, 日本語 and 🙂!"
+ids=$(./afm tokenize -m $M "$T")
+if [ -n "$ids" ] && [ "$(./afm detokenize -m $M $ids)" = "$T" ]; then ok "tokenize -> detokenize gives the text back ($(echo $ids | wc -w) tokens)"
+else bad "tokenize -> detokenize round trip: '$ids'"; fi
+if [ "$(printf '%s' "$T" | ./afm tokenize -m $M -f -)" = "$ids" ] &&
+   [ "$(./afm tokenize --tokenizer models/mini/tokenizer.model -p "$T")" = "$ids" ] &&
+   [ "$(echo "$ids" | ./afm detokenize --tokenizer models/mini/tokenizer.model -f -)" = "$T" ]; then
+    ok "tokenize from stdin and with --tokenizer tokenizer.model give the same ids"
+else bad "tokenize -f - / --tokenizer"; fi
+# AFM_SPEC 7: EOS, then the rendered template without its first token (ids from sentencepiece)
+chat_ids="3 5 1033 4 8134 1332 8103 385 1481 269 1486 298 269 7844 1193 451 546 8115 6 5 1486 4 8165 8104 6 5 1193 451 546 4"
+rendered="<turn_start> system<n>A conversation between a user and a helpful assistant.<turn_end><turn_start> user<n>Hi<turn_end><turn_start> assistant<n>"
+if [ "$(./afm tokenize -m $M --chat Hi)" = "$chat_ids" ] &&
+   ./afm -m $M --chat -p Hi -n 1 --show-prompt 2>&1 >/dev/null | grep -qF "$rendered" &&
+   ./afm -m $M --chat -p Hi -n 1 --show-prompt 2>&1 >/dev/null | grep -qF "prompt ids (30): $chat_ids"; then
+    ok "chat prompt: rendered template and ids (tokenize --chat, --show-prompt)"
+else bad "chat prompt render"; fi
+out=$(./afm -m $M --adapter models/mini/json.afma --chat -p "Describe as JSON: Blessed are the meek: for they shall inherit the earth." -n 40 2>/dev/null)
+if [ "$out" = '{"first": "Blessed", "last": "earth", "words": 10}' ]; then ok "chat with the JSON adapter: $out"
+else bad "chat with the JSON adapter: '$out'"; fi
+out=$(./afm -m $M -p "In the beginning" -n 24 2>/dev/null)
+case "$out" in "In the beginning "?*) ok "text prompt: '$(echo "$out" | head -c 60)...'" ;; *) bad "text prompt: '$out'" ;; esac
+# fails_with TEXT COMMAND...: the command exits with status 1 and says TEXT
+fails_with() { want=$1; shift; "$@" > build/cli.out 2>&1; [ $? -eq 1 ] && grep -qF -- "$want" build/cli.out; }
+head -c 1000 models/mini/tokenizer.model > build/truncated.model
+if fails_with "build/truncated.model: not a usable SentencePiece model" ./afm tokenize --tokenizer build/truncated.model hi &&
+   fails_with "README.md: not a usable SentencePiece model" ./afm -m $M --tokenizer README.md -p hi &&
+   fails_with "tests/vectors/lora/adapter.afma: not a usable" ./afm tokenize --tokenizer tests/vectors/lora/adapter.afma hi &&
+   fails_with "has no tokenizer" ./afm -m tests/vectors/afm_mini.afm -p hi &&
+   fails_with "out of range" ./afm detokenize -m $M 8192; then
+    ok "bad tokenizer files, a model without tokenizer, an id out of range: a clear message and exit status 1"
+else bad "CLI error handling"; cat build/cli.out; fi
+if ./afm --help | grep -q -- "--show-prompt" && ./afm --help | grep -q "afm detokenize"; then ok "afm --help covers text prompts"
+else bad "afm --help: text options missing"; fi
+run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tools/mini_greedy.py)" python3 tools/mini_greedy.py check
+
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
     if python3 tools/synth.py --preset base --lora --zeros --type bf16 -q -o build/base_zeros.afm &&
@@ -94,6 +137,9 @@ if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
     if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_main.c -o build/test_main_arm64 $LIBS; then
         run_counts "test_main arm64 (qemu)" env AFM_TEST_LIGHT=1 qemu-aarch64 build/test_main_arm64
     else bad "aarch64 cross build"; fi
+    if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_tokenizer.c -o build/test_tokenizer_arm64 $LIBS; then
+        run_counts "test_tokenizer arm64, unsigned char (qemu)" qemu-aarch64 build/test_tokenizer_arm64
+    else bad "aarch64 cross build of test_tokenizer"; fi
     if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_kernels.c -o build/test_kernels_neon $LIBS; then
         run_counts "test_kernels NEON (qemu)" qemu-aarch64 build/test_kernels_neon
     else bad "aarch64 cross build of test_kernels"; fi

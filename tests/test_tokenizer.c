@@ -1,16 +1,13 @@
 /* Tokenizer tests: vectors from the reference libraries (tools/gen_tok_vectors.py), streaming ==
    one-shot decoding, round trips, the AFM layer, bad inputs.
 
-     cc -std=c99 -I. tests/test_tokenizer.c -o test_tokenizer && ./test_tokenizer
+     cc -std=c99 tests/test_tokenizer.c -o test_tokenizer && ./test_tokenizer
          runs the committed vectors (tests/vectors/tok_*) and the unit tests
      ./test_tokenizer --vectors MODEL KIND VECTORS.txt
          checks one vector file (KIND 1 SentencePiece, 2 tokenizer.json); used for the large local runs
    Closing line: "N passed, N failed". */
 #define AFM_IMPLEMENTATION
 #include "../afm.h"
-#ifndef AFM_HAS_TOKENIZER /* until the tokenizer is pasted into afm.h */
-#include "../wip/tokenizer.h"
-#endif
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -271,6 +268,56 @@ static void test_chat_render(void) {
     CHECK(afm_chat_render(m, 1, NULL, 0, 1, buf, 10, &len) == AFM_ERR_ARG && len > 10 && strlen(buf) == 9, "chat render small buffer");
 }
 
+/* afm.h's JSON reader (tokenizer.json, adapter metadata.json): strict RFC 8259, escapes undone */
+static void test_json(void) {
+    static const char *bad[] = {
+        "", "{", "[1,]", "{\"a\":1,}", "{\"a\" 1}", "{\"a\":}", "{1:2}", "[1 2]", "[1}", "{]", "01", "1.", "1e", "-", "+1",
+        ".5", "tru", "nul", "\"abc", "\"a\\x\"", "\"\\u12\"", "\"\\ud800\"", "\"\\udc00\"", "\"\\ud800\\u0041\"",
+        "\"tab\there\"", "[1] 2", "{} {}", "[\"a\" \"b\"]",
+    };
+    static const char *good[] = { "0", "-0.5e+3", "true", " null ", "\"\"", "[]", "{}", "[[],{}]", "{\"a\":{\"b\":[1,2,{\"c\":null}]}}" };
+    afm_allocator a = afm__malloc_allocator;
+    afm__json j;
+    size_t where = 0, i, len;
+    const char *why = "";
+    char deep[300], out[64];
+    for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        memset(&j, 0, sizeof j);
+        CHECK(!afm__json_parse(&a, bad[i], strlen(bad[i]), &j, &where, &why) && where <= strlen(bad[i]) && why[0],
+              "JSON refused: %s", bad[i]);
+        afm__json_free(&a, &j);
+    }
+    for (i = 0; i < sizeof good / sizeof good[0]; i++) {
+        memset(&j, 0, sizeof j);
+        CHECK(afm__json_parse(&a, good[i], strlen(good[i]), &j, &where, &why), "JSON accepted: %s (%s at %lu)", good[i], why, (unsigned long)where);
+        afm__json_free(&a, &j);
+    }
+    for (i = 0; i < sizeof deep; i++) deep[i] = i < 150 ? '[' : ']';
+    memset(&j, 0, sizeof j);
+    CHECK(!afm__json_parse(&a, deep, sizeof deep, &j, &where, &why) && strstr(why, "deep"), "JSON nested too deeply: %s", why);
+    afm__json_free(&a, &j);
+    {
+        const char *doc = "{\"k\": \"a\\n\\u00e9\\ud83d\\ude42\\\"/\", \"n\": 4096, \"neg\": -1, \"f\": 2.5, \"t\": true,"
+                          " \"z\": \"x\\u0000y\", \"k\": 7}";
+        memset(&j, 0, sizeof j);
+        CHECK(afm__json_parse(&a, doc, strlen(doc), &j, &where, &why), "JSON document: %s", why);
+        if (j.n) {
+            int32_t k = afm__json_get(&j, 0, "k");
+            len = afm__json_unescape(&j, k, out);
+            CHECK(len == 10 && memcmp(out, "a\n\xc3\xa9\xf0\x9f\x99\x82\"/", 10) == 0, "JSON escapes undone, surrogate pair joined");
+            CHECK(afm__json_cstr(&j, k, out, sizeof out) && strlen(out) == 10, "JSON C string");
+            CHECK(!afm__json_cstr(&j, k, out, 10), "JSON C string too long for the buffer");
+            CHECK(!afm__json_cstr(&j, afm__json_get(&j, 0, "z"), out, sizeof out), "JSON C string with a NUL refused");
+            CHECK(afm__json_int(&j, afm__json_get(&j, 0, "n")) == 4096 && afm__json_int(&j, afm__json_get(&j, 0, "neg")) == -1 &&
+                      afm__json_int(&j, afm__json_get(&j, 0, "f")) == -1 && afm__json_int(&j, afm__json_get(&j, 0, "missing")) == -1,
+                  "JSON integers");
+            CHECK(afm__json_bool(&j, afm__json_get(&j, 0, "t"), 0) == 1 && afm__json_bool(&j, -1, 1) == 1, "JSON booleans");
+            CHECK(afm__json_get(&j, afm__json_get(&j, 0, "n"), "k") == -1, "JSON get on a non-object");
+        }
+        afm__json_free(&a, &j);
+    }
+}
+
 /* hostile inputs must fail cleanly (the fuzzers do much more) */
 static void test_bad_models(const char *model_path) {
     size_t n = 0, i;
@@ -432,10 +479,9 @@ static int unicode_dump(const char *in, const char *out) {
     static const char *pats[3] = {"gpt2", "llama3", "qwen2"};
     static const char *forms[4] = {"nfd", "nfc", "nfkd", "nfkc"};
     FILE *pf[3], *nf[4];
-    afm__tok_mem m;
+    afm_allocator m = afm__malloc_allocator;
     afm__tok_buf b;
     if (!d) return 1;
-    memset(&m, 0, sizeof m);
     memset(&b, 0, sizeof b);
     snprintf(path, sizeof path, "%s.classes", out);
     f = fopen(path, "wb");
@@ -471,7 +517,7 @@ static int unicode_dump(const char *in, const char *out) {
     }
     for (k = 0; k < 3; k++) fclose(pf[k]);
     for (k = 0; k < 4; k++) fclose(nf[k]);
-    free(b.p);
+    afm__free(&m, b.p);
     free(d);
     return 0;
 }
@@ -486,6 +532,7 @@ int main(int argc, char **argv) {
             run_vectors(g_vectors[i][0], atoi(g_vectors[i][1]), g_vectors[i][2]);
         test_tool_calls();
         test_chat_render();
+        test_json();
         test_bad_models(g_vectors[0][0]);
         test_api_edges(g_vectors[0][0]);
         test_allocator("tests/vectors/tok_afm8k_nfkc.model", 1);

@@ -1,14 +1,11 @@
 /* Tokenizer encode speed, one core.
-     cc -O2 -std=c99 -I. tools/bench_tokenizer.c -o bench_tokenizer -lm -lpthread
+     cc -O2 -std=c99 tools/bench_tokenizer.c -o bench_tokenizer -lm -lpthread
      ./bench_tokenizer MODEL KIND TEXT [SECONDS]
    Encodes TEXT line by line (each line one call, as the reference benchmarks do) for about SECONDS
    seconds and prints "lines MB/s", then the whole text as one call with the AFM newline mapping. */
 #define _POSIX_C_SOURCE 199309L
 #define AFM_IMPLEMENTATION
 #include "../afm.h"
-#ifndef AFM_HAS_TOKENIZER /* until the tokenizer is pasted into afm.h */
-#include "../wip/tokenizer.h"
-#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

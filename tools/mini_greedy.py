@@ -8,7 +8,10 @@
 or AFM's chat rule for chat prompts) and the greedy continuation of the PyTorch model on the exported
 toolkit checkpoints (the exact values in models/mini: f32 arithmetic, int8 KV), with and without the
 adapter. `check` runs ./afm on models/mini/base.afm (optionally with --adapter models/mini/json.afma)
-and compares token ids; it prints 'N passed, N failed'.
+twice per case: with the recorded prompt ids (--ids), comparing the generated ids; and with the prompt
+as text (-p, plus --chat for chat prompts), comparing the prompt ids the CLI's tokenizer made
+(--show-prompt) and the streamed text with sentencepiece's decoding of the recorded continuation.
+It prints 'N passed, N failed'.
 """
 
 import argparse
@@ -85,6 +88,28 @@ def check(a):
                                 c["text"][:60]))
         if not ok:
             print("     expected %s\n     got      %s %s" % (c["expect"], got, r.stderr.strip()[-200:]))
+        # the same case from text: the CLI's tokenizer, chat template and streaming detokenizer
+        cmd = [os.path.join(ROOT, "afm"), "-m", os.path.join(ROOT, v["model"]), "-p", c["prompt"], "-n", str(v["n"]),
+               "-t", "2", "--show-prompt", "--no-display-prompt"] + (["--chat"] if c["kind"] == "chat" else [])
+        if c["adapter"]:
+            cmd += ["--adapter", os.path.join(ROOT, v["adapter"])]
+        r = subprocess.run(cmd, capture_output=True)
+        ids_line = [l for l in r.stderr.decode("utf-8", "replace").splitlines() if l.startswith("prompt ids")]
+        got_ids = [int(t) for t in ids_line[0].split(":", 1)[1].split()] if ids_line else None
+        # sentencepiece drops the leading space of a decoding; the CLI continues the prompt, and it does
+        # not print the stop token
+        want = c["text"][:-len("<turn_end>")] if c["text"].endswith("<turn_end>") else c["text"]
+        got_text = r.stdout.decode("utf-8") if r.returncode == 0 else None
+        if got_text is not None and got_text.endswith("\n"):
+            got_text = got_text[:-1]
+        ok = got_ids == c["ids"] and (got_text == want or (c["kind"] == "text" and got_text == " " + want))
+        passed += ok
+        failed += not ok
+        print("%s %s%s from text: %r" % ("ok  " if ok else "FAIL", c["prompt"][:40], " +adapter" if c["adapter"] else "",
+                                          (got_text or "")[:60]))
+        if not ok:
+            print("     prompt ids expected %s\n                got      %s\n     text expected %r\n          got      %r %s"
+                  % (c["ids"], got_ids, want, got_text, r.stderr.decode("utf-8", "replace").strip()[-200:]))
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
 

@@ -20,7 +20,7 @@ if [ ! -f $W/pkg/anthropic_tokenizer.json ]; then
 fi
 python3 tools/make_hf_tokenizers.py real $W/pkg $W/models
 python3 tools/train_tok_models.py --variants $W/models/afm1k_id.model $W/models
-cc -std=c99 -O2 -I. tests/test_tokenizer.c -o $W/test_tokenizer -lm -lpthread
+cc -std=c99 -O2 tests/test_tokenizer.c -o $W/test_tokenizer -lm -lpthread
 status=0
 for m in afm1k_id afm8k_nfkc afm32k_id bpe4k_nofb_cf bpe3k_suffix_nodp afm150k_id afm150k_en mistral_v1 mistral_v3 var_unused var_noescape; do
     python3 tools/gen_tok_vectors.py $W/models/$m.model $W/vec/$m.txt --corpus $W/corpus
@@ -37,6 +37,6 @@ for m in tok_hf_gpt2_nfkc tok_hf_gpt2_prefix tok_hf_llama3 tok_hf_qwen2_nfc; do
 done
 python3 tools/check_unicode_tables.py $W/test_tokenizer $W/unicode || status=1
 # speed: the AFM-sized English-heavy model on held-out English prose, next to sentencepiece and tokenizers
-cc -std=c99 -O2 -I. tools/bench_tokenizer.c -o $W/bench_tokenizer -lm -lpthread
-python3 tools/bench_tokenizer.py $W/bench_tokenizer $W/models/afm150k_en.model $W/corpus/english_bench.txt 3
+cc -std=c99 -O2 tools/bench_tokenizer.c -o $W/bench_tokenizer -lm -lpthread
+python3 tools/bench_tokenizer.py $W/bench_tokenizer $W/models/afm150k_en.model $W/corpus/english_bench.txt 3 5
 exit $status

@@ -5,9 +5,6 @@
    Build: clang -fsanitize=fuzzer,address,undefined (make fuzz-tok), or -DAFM_FUZZ_MAIN to replay files. */
 #define AFM_IMPLEMENTATION
 #include "../../afm.h"
-#ifndef AFM_HAS_TOKENIZER /* until the tokenizer is pasted into afm.h */
-#include "../../wip/tokenizer.h"
-#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -6,9 +6,6 @@
    Run from the repository root (the models are read from tests/vectors). Build as fuzz_tok_load.c. */
 #define AFM_IMPLEMENTATION
 #include "../../afm.h"
-#ifndef AFM_HAS_TOKENIZER /* until the tokenizer is pasted into afm.h */
-#include "../../wip/tokenizer.h"
-#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
