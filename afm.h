@@ -7388,7 +7388,7 @@ typedef struct afm__gen {
     const afm_generate_params *p;
     afm_generate_stats *st;
     afm_sampler *sm, *dsm;       /* base sampler (its RNG also decides acceptance), draft sampler */
-    int V, kmax, sampled, done, generated, zero_streak;
+    int V, kmax, sampled, done, generated, zero_streak, probe_every;
     int32_t draft[AFM__MAX_DRAFT];
     float *q;                    /* [kmax][V] the draft model's distributions, when sampling */
     float *dist;                 /* [V] scratch distribution */
@@ -7461,7 +7461,8 @@ static double afm__verify_cost(const afm__gen *g, int n) {
 
 /* The number of tokens to draft: the k that maximises expected tokens per second, given the
    acceptance rate seen so far and the measured cost of drafting and of verifying k+1 tokens.
-   0 means plain decoding; after a while at 0 one short probe checks whether drafts got better. */
+   0 means plain decoding; after a while at 0 one short probe checks whether drafts got better
+   (after 16 plain steps, then 32, 64, ... up to 256 while probes keep failing). */
 static int afm__choose_k(afm__gen *g) {
     double a = g->acc_hits / g->acc_trials, best_rate, e, t, rate;
     int k, best = 0;
@@ -7475,8 +7476,12 @@ static int afm__choose_k(afm__gen *g) {
         rate = e / t;
         if (rate > best_rate * 1.02) { best_rate = rate; best = k; }
     }
-    if (best == 0 && ++g->zero_streak >= 16) { g->zero_streak = 0; return 1; }
-    if (best) g->zero_streak = 0;
+    if (best == 0 && ++g->zero_streak >= g->probe_every) { /* probe, less often each time it fails */
+        g->zero_streak = 0;
+        if (g->probe_every < 256) g->probe_every *= 2;
+        return 1;
+    }
+    if (best) { g->zero_streak = 0; g->probe_every = 16; }
     return best;
 }
 
@@ -7588,6 +7593,7 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     g.sampled = p->sampler.temperature > 0;
     g.kmax = p->draft_k ? p->draft_k : s->adapter ? s->adapter->draft_token_count : 5;
     if (g.kmax > AFM__MAX_DRAFT) g.kmax = AFM__MAX_DRAFT;
+    g.probe_every = 16;
     g.acc_hits = 3;   /* prior: 60% acceptance until measured */
     g.acc_trials = 5;
     if (n_prompt == 0 && !afm_session_logits(s, -1))
