@@ -3331,13 +3331,7 @@ static int32_t afm__tok_ht_get_h(const afm__tok_ht *h, const char *pool, const c
 }
 /* the id of key s[0, n) in a table whose keys live in pool, -1 if none */
 static int32_t afm__tok_ht_get(const afm__tok_ht *h, const char *pool, const char *s, size_t n) {
-    uint32_t hv = afm__tok_hash(s, n), i = hv & h->mask;
-    const afm__tok_hent *e;
-    while ((e = &h->e[i])->id >= 0) {
-        if (e->hash == hv && e->len == n && afm__tok_eq(pool + e->off, s, n)) return e->id;
-        i = (i + 1) & h->mask;
-    }
-    return -1;
+    return afm__tok_ht_get_h(h, pool, s, n, afm__tok_hash(s, n));
 }
 static int32_t afm__tok_ht_find(const afm_tokenizer *t, const afm__tok_ht *h, const char *s, size_t n) {
     return afm__tok_ht_get(h, t->str, s, n);
