@@ -5,30 +5,7 @@
 # failures instead of skips; FUZZ_SECONDS bounds the libFuzzer run of each engine harness (default 30),
 # TOK_FUZZ_SECONDS that of each tokenizer harness (default 15).
 cd "$(dirname "$0")/.." || exit 1
-mkdir -p build
-PASS=0
-FAIL=0
-SKIP=0
-LIBS="-lm -lpthread"
-WARN="-Wall -Wextra -Wpedantic -Werror"
-
-ok()   { PASS=$((PASS + 1)); echo "ok   $1"; }
-bad()  { FAIL=$((FAIL + 1)); echo "FAIL $1"; }
-skip() { if [ "$CI" = "true" ]; then bad "$1 (required in CI: $2)"; else SKIP=$((SKIP + 1)); echo "skip $1 ($2)"; fi; }
-have() { command -v "$1" >/dev/null 2>&1; }
-
-# Runs a C test binary (optionally through a wrapper such as qemu) and adds its counts.
-run_counts() {
-    label=$1; shift
-    out=$("$@" 2>&1); status=$?
-    echo "$out" | grep -a -v -e '^ok ' -e 'records, ok$' | sed 's/^/    /' | tail -n 40
-    line=$(echo "$out" | grep -a -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
-    if [ -z "$line" ]; then bad "$label: no result line (exit $status)"; return; fi
-    p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed*}
-    PASS=$((PASS + p)); FAIL=$((FAIL + f))
-    if [ "$status" -ne 0 ] && [ "$f" -eq 0 ]; then bad "$label: exit status $status"; fi
-    echo "---- $label: $p passed, $f failed"
-}
+. tests/lib.sh
 
 echo "== warnings: -Wall -Wextra -Wpedantic as C99 and C++, gcc and clang"
 for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do

@@ -10,25 +10,7 @@
 # tokenizer included, is checked at -O2 with its kernels by tests/run.sh, and test_tokenizer is also
 # built as it ships (-O2, with warnings as errors).
 cd "$(dirname "$0")/.." || exit 1
-mkdir -p build
-PASS=0; FAIL=0; SKIP=0
-LIBS="-lm -lpthread"
-WARN="-Wall -Wextra -Wpedantic -Werror"
-ok()   { PASS=$((PASS + 1)); echo "ok   $1"; }
-bad()  { FAIL=$((FAIL + 1)); echo "FAIL $1"; }
-skip() { if [ "$CI" = "true" ]; then bad "$1 (required in CI: $2)"; else SKIP=$((SKIP + 1)); echo "skip $1 ($2)"; fi; }
-have() { command -v "$1" >/dev/null 2>&1; }
-run_counts() {
-    label=$1; shift
-    out=$("$@" 2>&1); status=$?
-    echo "$out" | grep -a -v 'records, ok$' | sed 's/^/    /' | tail -n 30
-    line=$(echo "$out" | grep -a -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
-    if [ -z "$line" ]; then bad "$label: no result line (exit $status)"; return; fi
-    p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed*}
-    PASS=$((PASS + p)); FAIL=$((FAIL + f))
-    if [ "$status" -ne 0 ] && [ "$f" -eq 0 ]; then bad "$label: exit status $status"; fi
-    echo "---- $label: $p passed, $f failed"
-}
+. tests/lib.sh
 
 echo "== tokenizer: warnings as C99 and C++ (test, fuzz harnesses, bench)"
 for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do

@@ -1,0 +1,25 @@
+# Shared by tests/run.sh and tests/run_tokenizer.sh (sourced after `cd` to the repository root):
+# the counters, the ok/bad/skip/have helpers and run_counts. CI=true turns skips into failures.
+mkdir -p build
+PASS=0; FAIL=0; SKIP=0
+LIBS="-lm -lpthread"
+WARN="-Wall -Wextra -Wpedantic -Werror"
+
+ok()   { PASS=$((PASS + 1)); echo "ok   $1"; }
+bad()  { FAIL=$((FAIL + 1)); echo "FAIL $1"; }
+skip() { if [ "$CI" = "true" ]; then bad "$1 (required in CI: $2)"; else SKIP=$((SKIP + 1)); echo "skip $1 ($2)"; fi; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# Runs a test program (optionally through a wrapper such as qemu) and adds the counts of its last
+# "N passed, N failed" line; a non-zero exit with no failures counted is a failure too.
+run_counts() {
+    label=$1; shift
+    out=$("$@" 2>&1); status=$?
+    echo "$out" | grep -a -v -e '^ok ' -e 'records, ok$' | sed 's/^/    /' | tail -n 40
+    line=$(echo "$out" | grep -a -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
+    if [ -z "$line" ]; then bad "$label: no result line (exit $status)"; return; fi
+    p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed*}
+    PASS=$((PASS + p)); FAIL=$((FAIL + f))
+    if [ "$status" -ne 0 ] && [ "$f" -eq 0 ]; then bad "$label: exit status $status"; fi
+    echo "---- $label: $p passed, $f failed"
+}
