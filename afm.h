@@ -807,107 +807,34 @@ static void afm__split(int n, int ith, int nth, int *lo, int *hi) {
 
 
 /* ======================================================================================== */
-/* ==== KERNELS: weight types, scalar reference, AVX2, AVX-512, NEON ===================== */
-/* ======================================================================================== */
-/* The weight types (docs/FORMAT.md, "Types") and every compute kernel. Decode is a
-   matrix-vector product bound by memory bandwidth, prefill and verification are matrix-matrix
-   products bound by arithmetic; both go through the same calls: activations are prepared once
-   per product (int8 blocks for quantized weights, an f32 copy for float ones), then each thread
-   computes its own rows. A scalar kernel is always compiled and is what every SIMD kernel is
-   tested against (tests/test_kernels.c); x86 SIMD is chosen at run time from cpuid, arm64 NEON at
-   compile time. */
-
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-
-/* ======================================================================================== */
-/* Platform                                                                                 */
+/* ==== FILE LOADER (docs/FORMAT.md) ====================================================== */
 /* ======================================================================================== */
 
-#if defined(_MSC_VER) && !defined(__clang__)
-#define AFM__FORCEINLINE static __forceinline
-#define AFM__ALIGN(n) __declspec(align(n))
-#else
-#define AFM__FORCEINLINE static inline __attribute__((always_inline))
-#define AFM__ALIGN(n) __attribute__((aligned(n)))
-#endif
+/* ---- weight types: codes, sizes, fp16/bf16 (docs/FORMAT.md, "Types") ---- */
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
-#define AFM__UNROLL _Pragma("GCC unroll 16")
-#elif defined(__clang__)
-#define AFM__UNROLL _Pragma("unroll")
-#else
-#define AFM__UNROLL
-#endif
-
-#if !defined(AFM_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64)) && \
-    (defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER))
-#define AFM__X86 1
-#include <immintrin.h>
-#if defined(_MSC_VER) && !defined(__clang__)
-#include <intrin.h>
-#define AFM__T_AVX2
-#define AFM__T_AVX512
-#define AFM__T_VNNI
-#else
-#include <cpuid.h>
-#define AFM__T_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define AFM__T_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
-#define AFM__T_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
-#endif
-#endif
-
-#if !defined(AFM_NO_SIMD) && (defined(__aarch64__) || defined(_M_ARM64)) && \
-    (defined(__ARM_NEON) || defined(_M_ARM64))
-#define AFM__NEON 1
-#include <arm_neon.h>
-#if defined(__ARM_FEATURE_DOTPROD)
-#define AFM__NEON_DOT 1
-#endif
-#endif
-
-/* ======================================================================================== */
-/* Types                                                                                    */
-/* ======================================================================================== */
-
-/* Decode (one token) streams every weight once: prefetch this many bytes ahead in the code stream
-   (0: off). Software prefetch keeps more cache misses in flight than one hardware stream per thread. */
-#ifndef AFM__PF_DIST
-#define AFM__PF_DIST 4096
-#endif
-
-/* Type codes of the file format (docs/FORMAT.md). */
-#define AFM__F32 0
-#define AFM__F16 1
-#define AFM__BF16 2
-#define AFM__Q2B 16 /* 2-bit balanced: (c - 1.5) * scale, c in 0..3 */
-#define AFM__Q4 17  /* 4-bit balanced: (c - 7.5) * scale, c in 0..15 */
-#define AFM__Q8 18  /* 8-bit symmetric: c * scale, c in -127..127 */
 #define AFM__NTYPES 6 /* slots in the kernel table: F32 F16 BF16 Q2B Q4 Q8 */
 
 /* Slot of a type in the kernel table, -1 if unknown. */
 static inline int afm__type_slot(int type) {
     switch (type) {
-    case AFM__F32: return 0;
-    case AFM__F16: return 1;
-    case AFM__BF16: return 2;
-    case AFM__Q2B: return 3;
-    case AFM__Q4: return 4;
-    case AFM__Q8: return 5;
+    case AFM_TYPE_F32: return 0;
+    case AFM_TYPE_F16: return 1;
+    case AFM_TYPE_BF16: return 2;
+    case AFM_TYPE_Q2B: return 3;
+    case AFM_TYPE_Q4: return 4;
+    case AFM_TYPE_Q8: return 5;
     default: return -1;
     }
 }
-static inline int afm__type_is_quant(int type) { return type == AFM__Q2B || type == AFM__Q4 || type == AFM__Q8; }
+static inline int afm__type_is_quant(int type) { return type == AFM_TYPE_Q2B || type == AFM_TYPE_Q4 || type == AFM_TYPE_Q8; }
 static inline const char *afm__type_name(int type) {
     switch (type) {
-    case AFM__F32: return "F32";
-    case AFM__F16: return "F16";
-    case AFM__BF16: return "BF16";
-    case AFM__Q2B: return "Q2B";
-    case AFM__Q4: return "Q4";
-    case AFM__Q8: return "Q8";
+    case AFM_TYPE_F32: return "F32";
+    case AFM_TYPE_F16: return "F16";
+    case AFM_TYPE_BF16: return "BF16";
+    case AFM_TYPE_Q2B: return "Q2B";
+    case AFM_TYPE_Q4: return "Q4";
+    case AFM_TYPE_Q8: return "Q8";
     default: return "?";
     }
 }
@@ -915,7 +842,7 @@ static inline const char *afm__type_name(int type) {
 /* Rows of a quantized type are padded to a multiple of this many elements (the code block),
    and of the group size when that is larger. */
 static inline int afm__type_unit(int type) {
-    return type == AFM__Q2B ? 256 : type == AFM__Q4 ? 128 : type == AFM__Q8 ? 64 : 1;
+    return type == AFM_TYPE_Q2B ? 256 : type == AFM_TYPE_Q4 ? 128 : type == AFM_TYPE_Q8 ? 64 : 1;
 }
 /* Group sizes a quantized type accepts: 64, 128, 256, 512. Returns log2(group/64), -1 if invalid. */
 static inline int afm__group_shift(uint32_t group) {
@@ -942,15 +869,15 @@ static inline uint64_t afm__type_size(int type, uint64_t rows, uint64_t cols, ui
     uint64_t n, kpad, per_row;
     if (rows == 0 || cols == 0 || rows > ((uint64_t)1 << 40) || cols > ((uint64_t)1 << 30)) return 0;
     switch (type) {
-    case AFM__F32: if (group) return 0; n = rows * cols; return n > (UINT64_MAX >> 3) ? 0 : n * 4;
-    case AFM__F16:
-    case AFM__BF16: if (group) return 0; n = rows * cols; return n > (UINT64_MAX >> 3) ? 0 : n * 2;
-    case AFM__Q2B:
-    case AFM__Q4:
-    case AFM__Q8:
+    case AFM_TYPE_F32: if (group) return 0; n = rows * cols; return n > (UINT64_MAX >> 3) ? 0 : n * 4;
+    case AFM_TYPE_F16:
+    case AFM_TYPE_BF16: if (group) return 0; n = rows * cols; return n > (UINT64_MAX >> 3) ? 0 : n * 2;
+    case AFM_TYPE_Q2B:
+    case AFM_TYPE_Q4:
+    case AFM_TYPE_Q8:
         if (afm__group_shift(group) < 0) return 0;
         kpad = afm__row_pad(type, cols, group);
-        per_row = kpad / (type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1) + kpad / group * 2;
+        per_row = kpad / (type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1) + kpad / group * 2;
         if (rows > UINT64_MAX / 8 / per_row) return 0;
         return rows * per_row;
     default: return 0;
@@ -985,9 +912,7 @@ static inline uint16_t afm__f2h(float f) {
 static inline float afm__bf2f(uint16_t b) { return afm__f32_from_bits((uint32_t)b << 16); }
 static inline uint16_t afm__rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
-/* ======================================================================================== */
-/* Weight matrix view and prepared activations                                             */
-/* ======================================================================================== */
+/* ---- the weight-matrix view: how kernels see a 2-D tensor ---- */
 
 typedef struct afm__wmat {
     const uint8_t *data;   /* row r's codes (or elements) start at data + r * row_bytes */
@@ -1012,1201 +937,15 @@ static inline int afm__wmat_init(afm__wmat *w, int type, const void *data, uint6
         w->group = group; w->gshift = afm__group_shift((uint32_t)group);
         w->kpad = (int)afm__row_pad(type, (uint64_t)cols, (uint32_t)group);
         w->n_groups = w->kpad / group;
-        w->row_bytes = (size_t)w->kpad / (type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1);
+        w->row_bytes = (size_t)w->kpad / (type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1);
         w->scales = w->data + (size_t)rows * w->row_bytes;
     } else {
         w->kpad = cols;
-        w->row_bytes = (size_t)cols * (type == AFM__F32 ? 4 : 2);
+        w->row_bytes = (size_t)cols * (type == AFM_TYPE_F32 ? 4 : 2);
     }
     return 0;
 }
 
-/* Activations prepared for one matrix product.
-   Quantized weights: each token's row, zero-padded to kpad (a multiple of 512), is cut in blocks
-   of 64; block b has d = max|x| / 127, codes q = round_even(x * (127 / max|x|)) in -127..127
-   (0 when the block is all zero), and m = d * sum(q) (for the -1.5 / -7.5 offset of Q2B / Q4).
-   Float weights: an f32 copy of X with row stride kpad (n_in rounded up to 16, zero-padded). */
-typedef struct afm__act {
-    int n_tok, n_in, kpad, nsb; /* nsb = kpad / 64 */
-    int quant;                  /* 1: int8 blocks (q, d, m); 0: f32 (x) */
-    int8_t *q;                  /* [n_tok][kpad] */
-    float *d, *m;               /* [n_tok][nsb] */
-    float *x;                   /* [n_tok][kpad] */
-} afm__act;
-
-static inline size_t afm__align64(size_t n) { return (n + 63) & ~(size_t)63; }
-
-/* Bytes afm__act_init needs for n_tok tokens of n_in features against weights of `type`
-   (includes 64 bytes of slack so that any buffer can be aligned). */
-static inline size_t afm__act_size(int type, int n_tok, int n_in) {
-    size_t kpad;
-    if (afm__type_is_quant(type)) {
-        kpad = ((size_t)n_in + 511) & ~(size_t)511;
-        return 64 + afm__align64((size_t)n_tok * kpad) + 2 * afm__align64((size_t)n_tok * (kpad / 64) * sizeof(float));
-    }
-    kpad = ((size_t)n_in + 15) & ~(size_t)15;
-    return 64 + afm__align64((size_t)n_tok * kpad * sizeof(float));
-}
-
-static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, void *buf) {
-    uint8_t *p = (uint8_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
-    memset(a, 0, sizeof *a);
-    a->n_tok = n_tok; a->n_in = n_in;
-    a->quant = afm__type_is_quant(type);
-    if (a->quant) {
-        a->kpad = (n_in + 511) & ~511;
-        a->nsb = a->kpad / 64;
-        a->q = (int8_t *)p; p += afm__align64((size_t)n_tok * (size_t)a->kpad);
-        a->d = (float *)p; p += afm__align64((size_t)n_tok * (size_t)a->nsb * sizeof(float));
-        a->m = (float *)p;
-    } else {
-        a->kpad = (n_in + 15) & ~15;
-        a->x = (float *)p;
-    }
-}
-
-/* ======================================================================================== */
-/* The kernel table                                                                         */
-/* ======================================================================================== */
-
-/* prepare: fills tokens [t0, t1) of a from X (row t at X + t * ldx).
-   matmul: Y[t*ldy + r] for r in [r0, r1), every token of a (a prepared for w's type).
-   dequant: out[0 .. cols-1] = row `row` of w as f32.
-   kv_scores: s[h*lds + p] = scale * sum_i q[h*ldq + i] * k[p*k_stride + i], h < nq, p < n_pos.
-   kv_values: o[h*ldo + i] = scale * sum_p pr[h*ldp + p] * v[p*v_stride + i], h < nq, i < dim. */
-typedef void (*afm__prepare_fn)(afm__act *a, const float *X, size_t ldx, int t0, int t1);
-typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1);
-typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
-typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                  int n_pos, int dim, float scale, float *s, size_t lds);
-typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                  int n_pos, int dim, float scale, float *o, size_t ldo);
-
-typedef struct afm__kernels {
-    const char *name;
-    afm__prepare_fn prepare_q8;   /* for quantized weights */
-    afm__prepare_fn prepare_f32;  /* for float weights */
-    afm__matmul_fn matmul[AFM__NTYPES];
-    afm__dequant_fn dequant[AFM__NTYPES];
-    afm__kv_scores_fn kv_scores;
-    afm__kv_values_fn kv_values;
-} afm__kernels;
-
-/* Levels for afm__select_kernels's max_level (tests use it to force a lower level). */
-#define AFM__LEVEL_SCALAR 0
-#define AFM__LEVEL_AVX2 1       /* x86: AVX2 + FMA + F16C */
-#define AFM__LEVEL_AVX512 2     /* x86: AVX-512 F/BW/DQ/VL */
-#define AFM__LEVEL_AVX512VNNI 3 /* x86: + AVX512_VNNI */
-#define AFM__LEVEL_NEON 1       /* arm64: NEON (+dotprod if compiled with it) */
-#define AFM__LEVEL_MAX 99
-
-/* ======================================================================================== */
-/* Scalar reference kernels                                                                 */
-/* ======================================================================================== */
-
-/* Round to nearest, ties to even (the default FP environment); identical to cvtps_epi32/vcvtnq. */
-static inline int afm__round_even(float x) { return (int)lrintf(x); }
-
-static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    int t, b, i;
-    for (t = t0; t < t1; t++) {
-        const float *x = X + (size_t)t * ldx;
-        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-        for (b = 0; b < a->nsb; b++) {
-            int n = a->n_in - b * 64, sum = 0;
-            float amax = 0.0f, id;
-            if (n > 64) n = 64;
-            if (n < 0) n = 0;
-            for (i = 0; i < n; i++) { float v = fabsf(x[b * 64 + i]); amax = amax > v ? amax : v; }
-            id = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (i = 0; i < n; i++) { int c = afm__round_even(x[b * 64 + i] * id); q[b * 64 + i] = (int8_t)c; sum += c; }
-            for (; i < 64; i++) q[b * 64 + i] = 0;
-            d[b] = amax / 127.0f;
-            m[b] = d[b] * (float)sum;
-        }
-    }
-}
-
-static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    int t;
-    for (t = t0; t < t1; t++) {
-        float *x = a->x + (size_t)t * (size_t)a->kpad;
-        memcpy(x, X + (size_t)t * ldx, (size_t)a->n_in * sizeof(float));
-        memset(x + a->n_in, 0, (size_t)(a->kpad - a->n_in) * sizeof(float));
-    }
-}
-
-/* Integer dot of sub-block sb (64 weights) of a quantized row with 64 int8 activations. */
-static inline int32_t afm__dot_sb_scalar(int type, const uint8_t *row, int sb, const int8_t *q) {
-    int32_t s = 0;
-    int i;
-    if (type == AFM__Q2B) { /* block sb/4, plane sb%4: byte j holds weights j, j+64, j+128, j+192 */
-        const uint8_t *b = row + (size_t)(sb >> 2) * 64;
-        int sh = (sb & 3) * 2;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 3) * q[i];
-    } else if (type == AFM__Q4) { /* block sb/2: byte j holds weight j (low nibble), j+64 (high) */
-        const uint8_t *b = row + (size_t)(sb >> 1) * 64;
-        int sh = (sb & 1) * 4;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 15) * q[i];
-    } else {
-        const int8_t *b = (const int8_t *)row + (size_t)sb * 64;
-        for (i = 0; i < 64; i++) s += b[i] * q[i];
-    }
-    return s;
-}
-
-static inline float afm__type_offset(int type) { return type == AFM__Q2B ? 1.5f : type == AFM__Q4 ? 7.5f : 0.0f; }
-
-/* y = sum_sb s_g * (d_sb * dot_sb) - off * sum_sb s_g * m_sb  (the reference formula) */
-static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    const int nsb = w->kpad / 64;
-    const float off = afm__type_offset(w->type);
-    int r, t, sb;
-    for (r = r0; r < r1; r++) {
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
-        for (t = 0; t < a->n_tok; t++) {
-            const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-            const float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-            float acc = 0.0f, accm = 0.0f;
-            for (sb = 0; sb < nsb; sb++) {
-                float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
-                int32_t dot = afm__dot_sb_scalar(w->type, row, sb, q + sb * 64);
-                acc += s * (d[sb] * (float)dot);
-                accm += s * m[sb];
-            }
-            Y[(size_t)t * ldy + (size_t)r] = acc - off * accm;
-        }
-    }
-}
-
-static inline float afm__wf_scalar(int type, const uint8_t *row, int i) {
-    if (type == AFM__F32) { float f; memcpy(&f, row + 4 * (size_t)i, 4); return f; }
-    if (type == AFM__F16) return afm__h2f(afm__rd16(row + 2 * (size_t)i));
-    return afm__bf2f(afm__rd16(row + 2 * (size_t)i));
-}
-
-static void afm__matmul_f_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    int r, t, i;
-    for (r = r0; r < r1; r++) {
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-        for (t = 0; t < a->n_tok; t++) {
-            const float *x = a->x + (size_t)t * (size_t)a->kpad;
-            float acc = 0.0f;
-            for (i = 0; i < w->cols; i++) acc += afm__wf_scalar(w->type, row, i) * x[i];
-            Y[(size_t)t * ldy + (size_t)r] = acc;
-        }
-    }
-}
-
-static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
-    const uint8_t *p = w->data + (size_t)row * w->row_bytes;
-    int i;
-    if (!afm__type_is_quant(w->type)) {
-        for (i = 0; i < w->cols; i++) out[i] = afm__wf_scalar(w->type, p, i);
-        return;
-    }
-    {
-        const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
-        const int gs = 6 + w->gshift; /* log2(group) */
-        for (i = 0; i < w->cols; i++) {
-            float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(i >> gs)));
-            if (w->type == AFM__Q2B) {
-                int c = (p[(i >> 8) * 64 + (i & 63)] >> (((i >> 6) & 3) * 2)) & 3;
-                out[i] = ((float)c - 1.5f) * s;
-            } else if (w->type == AFM__Q4) {
-                int c = (p[(i >> 7) * 64 + (i & 63)] >> (((i >> 6) & 1) * 4)) & 15;
-                out[i] = ((float)c - 7.5f) * s;
-            } else {
-                out[i] = (float)(int8_t)p[i] * s;
-            }
-        }
-    }
-}
-
-static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                  int n_pos, int dim, float scale, float *s, size_t lds) {
-    int h, p, i;
-    for (h = 0; h < nq; h++)
-        for (p = 0; p < n_pos; p++) {
-            const int8_t *kp = k + (size_t)p * k_stride;
-            float acc = 0.0f;
-            for (i = 0; i < dim; i++) acc += q[(size_t)h * ldq + (size_t)i] * (float)kp[i];
-            s[(size_t)h * lds + (size_t)p] = acc * scale;
-        }
-}
-
-static void afm__kv_values_scalar(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                  int n_pos, int dim, float scale, float *o, size_t ldo) {
-    int h, p, i;
-    for (h = 0; h < nq; h++) {
-        float *oh = o + (size_t)h * ldo;
-        for (i = 0; i < dim; i++) oh[i] = 0.0f;
-        for (p = 0; p < n_pos; p++) {
-            const int8_t *vp = v + (size_t)p * v_stride;
-            float w = pr[(size_t)h * ldp + (size_t)p];
-            for (i = 0; i < dim; i++) oh[i] += w * (float)vp[i];
-        }
-        for (i = 0; i < dim; i++) oh[i] *= scale;
-    }
-}
-
-/* Scales of sub-blocks c .. c+n-1 (n <= 8) of a row as floats. */
-static inline void afm__scales_chunk(const uint8_t *sc, int gshift, int c, int n, float *out) {
-    int j;
-    for (j = 0; j < n; j++) out[j] = afm__h2f(afm__rd16(sc + 2 * (size_t)((c + j) >> gshift)));
-}
-
-/* Drivers: rows [r0, r1) x all tokens of a kernel for one row (quantized) or R rows (float) x T tokens. */
-#define AFM__NOTARGET
-/* Rows [r0, r1) x all tokens: blocks of rows whose weights stay in L2 (~192 KB), inside each
-   token tiles of 8 (then one tile of the 1..7 left), rows inside those: a weight row is reused from registers across
-   the tile's tokens, a token tile's activations from L1/L2 across the block's rows. */
-static inline int afm__row_block(const afm__wmat *w) {
-    size_t rb = ((size_t)192 << 10) / (w->row_bytes + (size_t)w->n_groups * 2 + 1);
-    return rb < 8 ? 8 : rb > 4096 ? 4096 : (int)rb;
-}
-#define AFM__DEF_QMM(ISA, TYPE, TNAME, TARGET)                                                              \
-    TARGET static void afm__matmul_##TNAME##_##ISA(const afm__wmat *w, const afm__act *a, float *Y,         \
-                                                   size_t ldy, int r0, int r1) {                          \
-        const int rb = a->n_tok > 8 ? afm__row_block(w) : r1 - r0;                                          \
-        int b0, t, r;                                                                                       \
-        for (b0 = r0; b0 < r1; b0 += rb) {                                                                  \
-            const int b1 = r1 - b0 > rb ? b0 + rb : r1;                                                     \
-            for (t = 0; t + 8 <= a->n_tok; t += 8)                                                          \
-                for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 8, TYPE);                     \
-            switch (a->n_tok - t) { /* the rest in one tile: a row's codes are read once more, not 3 times */ \
-            case 7: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 7, TYPE); break;          \
-            case 6: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 6, TYPE); break;          \
-            case 5: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 5, TYPE); break;          \
-            case 4: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 4, TYPE); break;          \
-            case 3: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 3, TYPE); break;          \
-            case 2: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 2, TYPE); break;          \
-            case 1: for (r = b0; r < b1; r++) afm__qtile_##ISA(w, a, Y, ldy, r, t, 1, TYPE); break;          \
-            default: break;                                                                                 \
-            }                                                                                               \
-        }                                                                                                   \
-    }
-#define AFM__DEF_FMM(ISA, TYPE, TNAME, TARGET, RB, TB)                                                      \
-    TARGET static void afm__matmul_##TNAME##_##ISA(const afm__wmat *w, const afm__act *a, float *Y,         \
-                                                   size_t ldy, int r0, int r1) {                          \
-        int t = 0, r;                                                                                       \
-        for (; t + TB <= a->n_tok; t += TB) {                                                               \
-            for (r = r0; r + RB <= r1; r += RB) afm__ftile_##ISA(w, a, Y, ldy, r, t, RB, TB, TYPE);         \
-            for (; r < r1; r++) afm__ftile_##ISA(w, a, Y, ldy, r, t, 1, TB, TYPE);                          \
-        }                                                                                                   \
-        for (; t < a->n_tok; t++) {                                                                         \
-            for (r = r0; r + 4 <= r1; r += 4) afm__ftile_##ISA(w, a, Y, ldy, r, t, 4, 1, TYPE);             \
-            for (; r < r1; r++) afm__ftile_##ISA(w, a, Y, ldy, r, t, 1, 1, TYPE);                           \
-        }                                                                                                   \
-    }
-/* ======================================================================================== */
-/* x86-64: AVX2 + FMA + F16C                                                                */
-/* ======================================================================================== */
-#ifdef AFM__X86
-
-AFM__T_AVX2 static inline float afm__hsum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    int t, b, i;
-    for (t = t0; t < t1; t++) {
-        const float *x = X + (size_t)t * ldx;
-        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-        for (b = 0; b < a->nsb; b++) {
-            int n = a->n_in - b * 64;
-            if (n >= 64) {
-                __m256 v[8], mx;
-                __m128 h;
-                float amax, id;
-                __m256i q32[8], s16, s8, sum32;
-                for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
-                mx = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask))),
-                                   _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[4], absmask), _mm256_and_ps(v[5], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[6], absmask), _mm256_and_ps(v[7], absmask))));
-                h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_max_ss(h, _mm_movehdup_ps(h));
-                amax = _mm_cvtss_f32(h);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
-                sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
-                                         _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
-                for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
-                    s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
-                    s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
-                    s8 = _mm256_packs_epi16(s16, s8);
-                    s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                    _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
-                }
-                {
-                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-                    d[b] = amax / 127.0f;
-                    m[b] = d[b] * (float)_mm_cvtsi128_si32(s4);
-                }
-            } else { /* partial or empty last block: the scalar reference on a copy */
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
-            }
-        }
-    }
-}
-
-/* 8 fp16 scales of sub-blocks c .. c+7 (c a multiple of 8) as floats. */
-AFM__T_AVX2 static inline __m256 afm__scales8_avx2(const uint8_t *sc, int gshift, int c) {
-    const uint8_t *p = sc + 2 * (size_t)(c >> gshift);
-    __m128i h;
-    uint64_t u64; uint32_t u32; uint16_t u16;
-    switch (gshift) {
-    case 0: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    case 1: memcpy(&u64, p, 8); h = _mm_cvtsi64_si128((long long)u64);
-        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-    case 2: memcpy(&u32, p, 4); h = _mm_cvtsi32_si128((int)u32);
-        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-    default: memcpy(&u16, p, 2); h = _mm_cvtsi32_si128((int)u16);
-        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setzero_si256());
-    }
-}
-
-/* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining).
-   Per sub-block sb (64 weights) the integer dot is formed in 8 int32 lanes, converted to float and
-   accumulated with the factor s_g * d_sb (times 1/4^plane for Q2B planes read without a shift);
-   the offset term -off * sum s_g m_sb is accumulated separately per 8 sub-blocks. */
-AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                                  int r, int t0, const int T, const int type) {
-    const int NA = 1; /* one accumulator per token whatever the tile: a token sums in the same order
-                         in a matvec and in any tile, so results do not depend on the batch */
-    const int SBB = type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1; /* sub-blocks per 64-byte block */
-    const int nsb = w->kpad >> 6, gshift = w->gshift;
-    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
-    const float off = afm__type_offset(type);
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256 pf = type == AFM__Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                       : _mm256_set1_ps(1.0f);
-    const int8_t *qb[8];
-    const float *db[8], *mb[8];
-    __m256 acc[8][4], accm[8];
-    float tailm[8];
-    AFM__ALIGN(32) float sd[8][8];
-    int t, j, c;
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
-        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
-        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm256_setzero_ps();
-        accm[t] = _mm256_setzero_ps();
-        tailm[t] = 0.0f;
-    }
-    for (c = 0; c < nsb; c += 8) {
-        const int n = nsb - c < 8 ? nsb - c : 8;
-        if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
-        if (n == 8) {
-            const __m256 S = afm__scales8_avx2(sc, gshift, c), SP = _mm256_mul_ps(S, pf);
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-                if (type != AFM__Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-            }
-        } else {
-            float s8[8];
-            afm__scales_chunk(sc, gshift, c, n, s8);
-            AFM__UNROLL for (t = 0; t < T; t++)
-                for (j = 0; j < n; j++) {
-                    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-                    sd[t][j] = s8[j] * (type == AFM__Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                    tailm[t] += s8[j] * mb[t][c + j];
-                }
-        }
-        for (j = 0; j < n; j += SBB) {
-            const int sb0 = c + j;
-            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)blk);
-            if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)blk + AFM__PF_DIST, _MM_HINT_T0);
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(blk + 32));
-            int k;
-            AFM__UNROLL for (k = 0; k < SBB; k++) {
-                const int sb = sb0 + k;
-                __m256i c0, c1;
-                if (type == AFM__Q2B) {
-                    /* planes 0,1,2 masked in place (codes x1, x4, x16), plane 3 shifted by 2 (x16) */
-                    if (k == 3) {
-                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2), _mm256_set1_epi8(0x30));
-                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2), _mm256_set1_epi8(0x30));
-                    } else {
-                        const __m256i mk = _mm256_set1_epi8((char)(3 << (2 * k)));
-                        c0 = _mm256_and_si256(v0, mk);
-                        c1 = _mm256_and_si256(v1, mk);
-                    }
-                } else if (type == AFM__Q4) {
-                    if (k == 0) {
-                        c0 = _mm256_and_si256(v0, _mm256_set1_epi8(0x0f));
-                        c1 = _mm256_and_si256(v1, _mm256_set1_epi8(0x0f));
-                    } else {
-                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), _mm256_set1_epi8(0x0f));
-                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0f));
-                    }
-                } else {
-                    c0 = v0; c1 = v1;
-                }
-                AFM__UNROLL for (t = 0; t < T; t++) {
-                    const __m256i x0 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64));
-                    const __m256i x1 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64 + 32));
-                    __m256i i32;
-                    if (type == AFM__Q8) {
-                        const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
-                        const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
-                        i32 = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
-                    } else {
-                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
-                        i32 = _mm256_madd_epi16(p, ones);
-                    }
-                    acc[t][k % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t][k % NA]);
-                }
-            }
-        }
-    }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        __m256 s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = _mm256_add_ps(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx2(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]);
-    }
-}
-
-AFM__DEF_QMM(avx2, AFM__Q2B, q2b, AFM__T_AVX2)
-AFM__DEF_QMM(avx2, AFM__Q4, q4, AFM__T_AVX2)
-AFM__DEF_QMM(avx2, AFM__Q8, q8, AFM__T_AVX2)
-
-/* 8 weights of a float type as f32 */
-AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__ld8_avx2(const uint8_t *row, int i, const int type) {
-    if (type == AFM__F32) return _mm256_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
-    if (type == AFM__F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i))), 16));
-}
-
-/* R rows x T tokens of a float matrix: dot products in 8 lanes, then a horizontal sum each. */
-AFM__FORCEINLINE AFM__T_AVX2 void afm__ftile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                                  int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K8 = K & ~7;
-    const uint8_t *rows[4];
-    const float *xs[4];
-    __m256 acc[4][4];
-    int i, u, t;
-    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
-    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm256_setzero_ps();
-    for (i = 0; i < K8; i += 8) {
-        __m256 wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld8_avx2(rows[u], i, type);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const __m256 xv = _mm256_loadu_ps(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm256_fmadd_ps(wv[u], xv, acc[u][t]);
-        }
-    }
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = afm__hsum_avx2(acc[u][t]);
-        for (i = K8; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
-        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
-    }
-}
-
-AFM__DEF_FMM(avx2, AFM__F32, f32, AFM__T_AVX2, 4, 2)
-AFM__DEF_FMM(avx2, AFM__F16, f16, AFM__T_AVX2, 4, 2)
-AFM__DEF_FMM(avx2, AFM__BF16, bf16, AFM__T_AVX2, 4, 2)
-
-AFM__T_AVX2 static void afm__prepare_f32_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    afm__prepare_f32_scalar(a, X, ldx, t0, t1);
-}
-
-/* Q4 row dequantization (the embedding lookup): 64-byte block -> 128 floats. */
-AFM__T_AVX2 static void afm__dequant_avx2(const afm__wmat *w, int row, float *out) {
-    if (w->type == AFM__Q4 || w->type == AFM__Q2B) {
-        const int Q4 = w->type == AFM__Q4, per = Q4 ? 128 : 256, SBB = Q4 ? 2 : 4;
-        const uint8_t *p = w->data + (size_t)row * w->row_bytes;
-        const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
-        const __m256 offv = _mm256_set1_ps(Q4 ? 7.5f : 1.5f);
-        const __m128i mask = _mm_set1_epi8((char)(Q4 ? 15 : 3));
-        int b, k, h;
-        float tmp[256];
-        for (b = 0; b * per < w->cols; b++) {
-            const int full = (b + 1) * per <= w->cols;
-            float *o = full ? out + b * per : tmp;
-            for (k = 0; k < SBB; k++) {
-                const int sb = b * SBB + k;
-                const __m256 s = _mm256_set1_ps(afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift))));
-                for (h = 0; h < 4; h++) { /* 16 bytes -> 16 codes of plane k */
-                    __m128i v = _mm_loadu_si128((const __m128i *)(p + (size_t)b * 64 + 16 * h));
-                    v = _mm_and_si128(_mm_srli_epi16(v, Q4 ? 4 * k : 2 * k), mask);
-                    _mm256_storeu_ps(o + k * 64 + 16 * h, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), offv), s));
-                    _mm256_storeu_ps(o + k * 64 + 16 * h + 8,
-                                     _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), offv), s));
-                }
-            }
-            if (!full) memcpy(out + b * per, tmp, (size_t)(w->cols - b * per) * sizeof(float));
-        }
-        return;
-    }
-    if (w->type == AFM__F16) {
-        const uint8_t *p = w->data + (size_t)row * w->row_bytes;
-        int i = 0;
-        for (; i + 8 <= w->cols; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * (size_t)i))));
-        for (; i < w->cols; i++) out[i] = afm__h2f(afm__rd16(p + 2 * (size_t)i));
-        return;
-    }
-    afm__dequant_scalar(w, row, out);
-}
-
-/* int8 -> f32 of 8 keys/values */
-AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__i8x8_avx2(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
-}
-
-AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                            int n_pos, int dim, float scale, float *s, size_t lds) {
-    const int d8 = dim & ~7;
-    int h0, p, i, h;
-    for (h0 = 0; h0 < nq; h0 += 4) {
-        const int nh = nq - h0 < 4 ? nq - h0 : 4;
-        for (p = 0; p < n_pos; p++) {
-            const int8_t *kp = k + (size_t)p * k_stride;
-            __m256 acc[4];
-            for (h = 0; h < 4; h++) acc[h] = _mm256_setzero_ps();
-            if (nh == 4) {
-                for (i = 0; i < d8; i += 8) {
-                    const __m256 kv = afm__i8x8_avx2(kp + i);
-                    AFM__UNROLL for (h = 0; h < 4; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
-                }
-            } else {
-                for (i = 0; i < d8; i += 8) {
-                    const __m256 kv = afm__i8x8_avx2(kp + i);
-                    for (h = 0; h < nh; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
-                }
-            }
-            for (h = 0; h < nh; h++) {
-                float sum = afm__hsum_avx2(acc[h]);
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
-                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
-            }
-        }
-    }
-}
-
-AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                            int n_pos, int dim, float scale, float *o, size_t ldo) {
-    const int d8 = dim & ~7;
-    const __m256 sv = _mm256_set1_ps(scale);
-    int h0, p, i, h;
-    for (h0 = 0; h0 < nq; h0 += 4) {
-        const int nh = nq - h0 < 4 ? nq - h0 : 4;
-        for (i = 0; i < d8; i += 16) { /* 16 columns x up to 4 heads: 8 accumulators */
-            const int two = i + 16 <= d8;
-            __m256 acc[4][2];
-            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
-            for (p = 0; p < n_pos; p++) {
-                const int8_t *vp = v + (size_t)p * v_stride + i;
-                const __m256 x0 = afm__i8x8_avx2(vp);
-                const __m256 x1 = two ? afm__i8x8_avx2(vp + 8) : _mm256_setzero_ps();
-                for (h = 0; h < nh; h++) {
-                    const __m256 wgt = _mm256_broadcast_ss(pr + (size_t)(h0 + h) * ldp + p);
-                    acc[h][0] = _mm256_fmadd_ps(wgt, x0, acc[h][0]);
-                    acc[h][1] = _mm256_fmadd_ps(wgt, x1, acc[h][1]);
-                }
-            }
-            for (h = 0; h < nh; h++) {
-                _mm256_storeu_ps(o + (size_t)(h0 + h) * ldo + i, _mm256_mul_ps(acc[h][0], sv));
-                if (two) _mm256_storeu_ps(o + (size_t)(h0 + h) * ldo + i + 8, _mm256_mul_ps(acc[h][1], sv));
-            }
-        }
-        for (h = 0; h < nh; h++)
-            for (i = d8; i < dim; i++) {
-                float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
-                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
-            }
-    }
-}
-
-/* ---------------------------------------------------------------------------------------- */
-/* x86-64: AVX-512 (F, BW, DQ, VL) and AVX-512 VNNI                                        */
-/* ---------------------------------------------------------------------------------------- */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push /* g++ 12 flags _mm512_undefined_*() inside its own headers */
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-AFM__T_AVX512 static inline float afm__hsum_avx512(__m512 v) {
-    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    return afm__hsum_avx2(s);
-}
-
-/* 8 scale factors of sub-blocks c..c+7 as the low 8 lanes of a zmm (upper lanes unused) */
-AFM__FORCEINLINE AFM__T_AVX512 void afm__sdprep_avx512(const afm__wmat *w, const afm__act *a, const uint8_t *sc, int c, int n,
-                                                       const int T, const int type, const float **db, const float **mb,
-                                                       float (*sd)[8], __m256 *accm, float *tailm) {
-    int t, j;
-    if (n == 8) {
-        const __m256 pf = type == AFM__Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                           : _mm256_set1_ps(1.0f);
-        const __m256 S = afm__scales8_avx2(sc, w->gshift, c), SP = _mm256_mul_ps(S, pf);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-            if (type != AFM__Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-        }
-    } else {
-        float s8[8];
-        static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-        afm__scales_chunk(sc, w->gshift, c, n, s8);
-        AFM__UNROLL for (t = 0; t < T; t++)
-            for (j = 0; j < n; j++) {
-                sd[t][j] = s8[j] * (type == AFM__Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                tailm[t] += s8[j] * mb[t][c + j];
-            }
-    }
-    (void)a;
-}
-
-/* As afm__qtile_avx2 with one 64-byte block per zmm. VNNI: vpdpbusd (u8 x s8 -> s32);
-   otherwise vpmaddubsw + vpmaddwd. */
-AFM__FORCEINLINE AFM__T_AVX512 __m512i afm__dot64_avx512bw(__m512i u, __m512i s) {
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-}
-AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
-}
-
-#define AFM__DEF_QTILE512(ISA, TARGET, DOT)                                                                      \
-    AFM__FORCEINLINE TARGET void afm__qtile_##ISA(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,   \
-                                                  int r, int t0, const int T, const int type) {                  \
-        const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */                           \
-        const int SBB = type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1;                                          \
-        const int nsb = w->kpad >> 6;                                                                            \
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                 \
-        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                     \
-        const float off = afm__type_offset(type);                                                                \
-        const int8_t *qb[8];                                                                                     \
-        const float *db[8], *mb[8];                                                                              \
-        __m512 acc[8][4];                                                                                        \
-        __m256 accm[8];                                                                                          \
-        float tailm[8];                                                                                          \
-        AFM__ALIGN(32) float sd[8][8];                                                                           \
-        int t, j, c;                                                                                             \
-        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
-            qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;                                                   \
-            db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
-            mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
-            AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm512_setzero_ps();                                \
-            accm[t] = _mm256_setzero_ps();                                                                       \
-            tailm[t] = 0.0f;                                                                                     \
-        }                                                                                                        \
-        for (c = 0; c < nsb; c += 8) {                                                                           \
-            const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
-            if (T == 1 && AFM__PF_DIST > 0)                                                                      \
-                _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
-            afm__sdprep_avx512(w, a, sc, c, n, T, type, db, mb, sd, accm, tailm);                                \
-            for (j = 0; j < n; j += SBB) {                                                                       \
-                const int sb0 = c + j;                                                                           \
-                const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
-                if (T == 1 && AFM__PF_DIST > 0)                                                                  \
-                    _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);    \
-                int k;                                                                                           \
-                AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
-                    const int sb = sb0 + k;                                                                      \
-                    __m512i cv;                                                                                  \
-                    if (type == AFM__Q2B)                                                                        \
-                        cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))          \
-                                    : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));               \
-                    else if (type == AFM__Q4)                                                                    \
-                        cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
-                    else                                                                                         \
-                        cv = _mm512_abs_epi8(v);                                                                 \
-                    AFM__UNROLL for (t = 0; t < T; t++) {                                                        \
-                        __m512i x = _mm512_load_si512((const void *)(qb[t] + sb * 64));                          \
-                        if (type == AFM__Q8) /* sign of the weight moved onto the activation */                 \
-                            x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);      \
-                        acc[t][k % NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(cv, x)),                         \
-                                                         _mm512_set1_ps(sd[t][j + k]), acc[t][k % NA]);          \
-                    }                                                                                            \
-                }                                                                                                \
-            }                                                                                                    \
-        }                                                                                                        \
-        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
-            __m512 s = acc[t][0];                                                                                \
-            AFM__UNROLL for (j = 1; j < NA; j++) s = _mm512_add_ps(s, acc[t][j]);                                \
-            Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx512(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]); \
-        }                                                                                                        \
-    }
-AFM__DEF_QTILE512(avx512, AFM__T_AVX512, afm__dot64_avx512bw)
-AFM__DEF_QTILE512(vnni, AFM__T_VNNI, afm__dot64_vnni)
-AFM__DEF_QMM(avx512, AFM__Q2B, q2b, AFM__T_AVX512)
-AFM__DEF_QMM(avx512, AFM__Q4, q4, AFM__T_AVX512)
-AFM__DEF_QMM(avx512, AFM__Q8, q8, AFM__T_AVX512)
-AFM__DEF_QMM(vnni, AFM__Q2B, q2b, AFM__T_VNNI)
-AFM__DEF_QMM(vnni, AFM__Q4, q4, AFM__T_VNNI)
-AFM__DEF_QMM(vnni, AFM__Q8, q8, AFM__T_VNNI)
-
-AFM__FORCEINLINE AFM__T_AVX512 __m512 afm__ld16_avx512(const uint8_t *row, int i, const int type) {
-    if (type == AFM__F32) return _mm512_loadu_ps((const void *)(row + 4 * (size_t)i));
-    if (type == AFM__F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i))), 16));
-}
-
-AFM__FORCEINLINE AFM__T_AVX512 void afm__ftile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                                      int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K16 = K & ~15;
-    const uint8_t *rows[4];
-    const float *xs[4];
-    __m512 acc[4][4];
-    int i, u, t;
-    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
-    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();
-    for (i = 0; i < K16; i += 16) {
-        __m512 wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld16_avx512(rows[u], i, type);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const __m512 xv = _mm512_loadu_ps(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm512_fmadd_ps(wv[u], xv, acc[u][t]);
-        }
-    }
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = afm__hsum_avx512(acc[u][t]);
-        for (i = K16; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
-        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
-    }
-}
-AFM__DEF_FMM(avx512, AFM__F32, f32, AFM__T_AVX512, 4, 4)
-AFM__DEF_FMM(avx512, AFM__F16, f16, AFM__T_AVX512, 4, 4)
-AFM__DEF_FMM(avx512, AFM__BF16, bf16, AFM__T_AVX512, 4, 4)
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-
-/* ---- run-time CPU detection ---- */
-#if defined(_MSC_VER) && !defined(__clang__)
-static void afm__cpuid(int leaf, int sub, uint32_t r[4]) {
-    int v[4];
-    __cpuidex(v, leaf, sub);
-    r[0] = (uint32_t)v[0]; r[1] = (uint32_t)v[1]; r[2] = (uint32_t)v[2]; r[3] = (uint32_t)v[3];
-}
-static uint64_t afm__xgetbv0(void) { return (uint64_t)_xgetbv(0); }
-#else
-static void afm__cpuid(int leaf, int sub, uint32_t r[4]) {
-    r[0] = r[1] = r[2] = r[3] = 0;
-    __cpuid_count((unsigned)leaf, (unsigned)sub, r[0], r[1], r[2], r[3]);
-}
-static uint64_t afm__xgetbv0(void) {
-    uint32_t lo, hi;
-    __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return ((uint64_t)hi << 32) | lo;
-}
-#endif
-
-/* Highest AFM__LEVEL_* this CPU and OS support. */
-static int afm__x86_level(void) {
-    uint32_t r[4], max_leaf, ecx1, ebx7, ecx7;
-    uint64_t xcr0;
-    afm__cpuid(0, 0, r);
-    max_leaf = r[0];
-    if (max_leaf < 7) return AFM__LEVEL_SCALAR;
-    afm__cpuid(1, 0, r);
-    ecx1 = r[2];
-    /* FMA (12), OSXSAVE (27), AVX (28), F16C (29) */
-    if ((ecx1 & ((1u << 12) | (1u << 27) | (1u << 28) | (1u << 29))) != ((1u << 12) | (1u << 27) | (1u << 28) | (1u << 29)))
-        return AFM__LEVEL_SCALAR;
-    xcr0 = afm__xgetbv0();
-    if ((xcr0 & 6) != 6) return AFM__LEVEL_SCALAR; /* XMM and YMM state enabled by the OS */
-    afm__cpuid(7, 0, r);
-    ebx7 = r[1]; ecx7 = r[2];
-    if (!(ebx7 & (1u << 5))) return AFM__LEVEL_SCALAR; /* AVX2 */
-    /* AVX512F (16), DQ (17), BW (30), VL (31); opmask, ZMM_Hi256, Hi16_ZMM state (xcr0 bits 5-7) */
-    if ((ebx7 & ((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31))) != ((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31)) ||
-        (xcr0 & 0xe0) != 0xe0)
-        return AFM__LEVEL_AVX2;
-    if (!(ecx7 & (1u << 11))) return AFM__LEVEL_AVX512; /* AVX512_VNNI */
-    return AFM__LEVEL_AVX512VNNI;
-}
-#endif /* AFM__X86 */
-
-/* ======================================================================================== */
-/* arm64: NEON (baseline) and the dot-product extension (compile time)                      */
-/* ======================================================================================== */
-#ifdef AFM__NEON
-
-static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    int t, b, i;
-    for (t = t0; t < t1; t++) {
-        const float *x = X + (size_t)t * ldx;
-        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-        for (b = 0; b < a->nsb; b++) {
-            const int n = a->n_in - b * 64;
-            if (n >= 64) {
-                float32x4_t v[16], mx = vdupq_n_f32(0.0f), vid;
-                int32x4_t s = vdupq_n_s32(0);
-                float amax, id;
-                for (i = 0; i < 16; i++) { v[i] = vld1q_f32(x + b * 64 + 4 * i); mx = vmaxq_f32(mx, vabsq_f32(v[i])); }
-                amax = vmaxvq_f32(mx);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                vid = vdupq_n_f32(id);
-                for (i = 0; i < 16; i += 4) {
-                    int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
-                    int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
-                    int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
-                    s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
-                    vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
-                }
-                d[b] = amax / 127.0f;
-                m[b] = d[b] * (float)vaddvq_s32(s);
-            } else {
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
-            }
-        }
-    }
-}
-
-/* Scale factors for sub-blocks c..c+n-1 (vector conversion when all 8 groups are distinct). */
-static inline void afm__scales8_neon(const uint8_t *sc, int gshift, int c, int n, float *s8) {
-    if (n == 8) {
-        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        float f[8];
-        int j;
-        memcpy(h, sc + 2 * (size_t)(c >> gshift), (size_t)(16 >> gshift));
-        vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))));
-        vst1q_f32(f + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4))));
-        for (j = 0; j < 8; j++) s8[j] = f[j >> gshift];
-    } else {
-        afm__scales_chunk(sc, gshift, c, n, s8);
-    }
-}
-
-/* int32x4 dot of 64 weight codes (four 16-byte quarters, values fit int8) with 64 activations. */
-AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int type) {
-#ifdef AFM__NEON_DOT
-    int32x4_t s = vdupq_n_s32(0);
-    (void)type;
-    s = vdotq_s32(s, cq[0], vld1q_s8(x));
-    s = vdotq_s32(s, cq[1], vld1q_s8(x + 16));
-    s = vdotq_s32(s, cq[2], vld1q_s8(x + 32));
-    s = vdotq_s32(s, cq[3], vld1q_s8(x + 48));
-    return s;
-#else
-    int j;
-    if (type == AFM__Q8) { /* products up to 127*127: two per int16 lane, then widen */
-        int32x4_t s = vdupq_n_s32(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            int16x8_t p = vmull_s8(vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-            s = vpadalq_s16(s, p);
-        }
-        return s;
-    } else { /* codes <= 15: eight products per int16 lane stay below 2^15 */
-        int16x8_t p = vdupq_n_s16(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            p = vmlal_s8(p, vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-        }
-        return vpaddlq_s16(p);
-    }
-#endif
-}
-
-AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                      int r, int t0, const int T, const int type) {
-    const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */
-    const int SBB = type == AFM__Q2B ? 4 : type == AFM__Q4 ? 2 : 1;
-    const int nsb = w->kpad >> 6;
-    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
-    const float off = afm__type_offset(type);
-    const int8_t *qb[8];
-    const float *db[8], *mb[8];
-    float32x4_t acc[8][4], accm[8];
-    float sd[8][8];
-    int t, j, c;
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
-        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
-        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = vdupq_n_f32(0.0f);
-        accm[t] = vdupq_n_f32(0.0f);
-    }
-    for (c = 0; c < nsb; c += 8) {
-        const int n = nsb - c < 8 ? nsb - c : 8;
-        float s8[8];
-        afm__scales8_neon(sc, w->gshift, c, n, s8);
-        if (n == 8) {
-            const float32x4_t S0 = vld1q_f32(s8), S1 = vld1q_f32(s8 + 4);
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                vst1q_f32(sd[t], vmulq_f32(S0, vld1q_f32(db[t] + c)));
-                vst1q_f32(sd[t] + 4, vmulq_f32(S1, vld1q_f32(db[t] + c + 4)));
-                if (type != AFM__Q8) {
-                    accm[t] = vfmaq_f32(accm[t], S0, vld1q_f32(mb[t] + c));
-                    accm[t] = vfmaq_f32(accm[t], S1, vld1q_f32(mb[t] + c + 4));
-                }
-            }
-        } else {
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                float tm = 0.0f;
-                for (j = 0; j < n; j++) { sd[t][j] = s8[j] * db[t][c + j]; tm += s8[j] * mb[t][c + j]; }
-                accm[t] = vsetq_lane_f32(vgetq_lane_f32(accm[t], 0) + tm, accm[t], 0);
-            }
-        }
-        for (j = 0; j < n; j += SBB) {
-            const int sb0 = c + j;
-            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
-            const uint8x16_t v0 = vld1q_u8(blk), v1 = vld1q_u8(blk + 16), v2 = vld1q_u8(blk + 32), v3 = vld1q_u8(blk + 48);
-#if defined(__GNUC__) || defined(__clang__)
-            if (T == 1 && AFM__PF_DIST > 0) __builtin_prefetch(blk + AFM__PF_DIST, 0, 3);
-#endif
-            int k;
-            AFM__UNROLL for (k = 0; k < SBB; k++) {
-                const int sb = sb0 + k;
-                int8x16_t cq[4];
-                if (type == AFM__Q2B) {
-                    if (k == 0) {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, m3));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, m3));
-                    } else if (k == 3) {
-                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 6)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 6));
-                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 6)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 6));
-                    } else {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        if (k == 1) {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), m3));
-                        } else {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 4), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 4), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 4), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 4), m3));
-                        }
-                    }
-                } else if (type == AFM__Q4) {
-                    if (k == 0) {
-                        const uint8x16_t mf = vdupq_n_u8(15);
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mf)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mf));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mf)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mf));
-                    } else {
-                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
-                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 4)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 4));
-                    }
-                } else {
-                    cq[0] = vreinterpretq_s8_u8(v0); cq[1] = vreinterpretq_s8_u8(v1);
-                    cq[2] = vreinterpretq_s8_u8(v2); cq[3] = vreinterpretq_s8_u8(v3);
-                }
-                AFM__UNROLL for (t = 0; t < T; t++) {
-                    const int32x4_t i32 = afm__dot64_neon(cq, qb[t] + sb * 64, type);
-                    acc[t][k % NA] = vfmaq_n_f32(acc[t][k % NA], vcvtq_f32_s32(i32), sd[t][j + k]);
-                }
-            }
-        }
-    }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        float32x4_t s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = vaddq_f32(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = vaddvq_f32(s) - off * vaddvq_f32(accm[t]);
-    }
-}
-AFM__DEF_QMM(neon, AFM__Q2B, q2b, AFM__NOTARGET)
-AFM__DEF_QMM(neon, AFM__Q4, q4, AFM__NOTARGET)
-AFM__DEF_QMM(neon, AFM__Q8, q8, AFM__NOTARGET)
-
-AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int type) {
-    if (type == AFM__F32) return vld1q_f32((const float *)(const void *)(row + 4 * (size_t)i));
-    if (type == AFM__F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i))));
-    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i)), 16));
-}
-
-AFM__FORCEINLINE void afm__ftile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                      int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K4 = K & ~3;
-    const uint8_t *rows[4];
-    const float *xs[4];
-    float32x4_t acc[4][4];
-    int i, u, t;
-    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
-    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = vdupq_n_f32(0.0f);
-    for (i = 0; i < K4; i += 4) {
-        float32x4_t wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld4_neon(rows[u], i, type);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const float32x4_t xv = vld1q_f32(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = vfmaq_f32(acc[u][t], wv[u], xv);
-        }
-    }
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = vaddvq_f32(acc[u][t]);
-        for (i = K4; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
-        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
-    }
-}
-AFM__DEF_FMM(neon, AFM__F32, f32, AFM__NOTARGET, 4, 3)
-AFM__DEF_FMM(neon, AFM__F16, f16, AFM__NOTARGET, 4, 3)
-AFM__DEF_FMM(neon, AFM__BF16, bf16, AFM__NOTARGET, 4, 3)
-
-static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                int n_pos, int dim, float scale, float *s, size_t lds) {
-    const int d8 = dim & ~7;
-    int h0, p, i, h;
-    for (h0 = 0; h0 < nq; h0 += 4) {
-        const int nh = nq - h0 < 4 ? nq - h0 : 4;
-        for (p = 0; p < n_pos; p++) {
-            const int8_t *kp = k + (size_t)p * k_stride;
-            float32x4_t acc[4][2];
-            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
-            for (i = 0; i < d8; i += 8) {
-                const int16x8_t k16 = vmovl_s8(vld1_s8(kp + i));
-                const float32x4_t k0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(k16))), k1 = vcvtq_f32_s32(vmovl_high_s16(k16));
-                for (h = 0; h < nh; h++) {
-                    const float *qh = q + (size_t)(h0 + h) * ldq + i;
-                    acc[h][0] = vfmaq_f32(acc[h][0], vld1q_f32(qh), k0);
-                    acc[h][1] = vfmaq_f32(acc[h][1], vld1q_f32(qh + 4), k1);
-                }
-            }
-            for (h = 0; h < nh; h++) {
-                float sum = vaddvq_f32(vaddq_f32(acc[h][0], acc[h][1]));
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
-                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
-            }
-        }
-    }
-}
-
-static void afm__kv_values_neon(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                int n_pos, int dim, float scale, float *o, size_t ldo) {
-    const int d8 = dim & ~7;
-    int h0, p, i, h;
-    for (h0 = 0; h0 < nq; h0 += 4) {
-        const int nh = nq - h0 < 4 ? nq - h0 : 4;
-        for (i = 0; i < d8; i += 8) {
-            float32x4_t acc[4][2];
-            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
-            for (p = 0; p < n_pos; p++) {
-                const int16x8_t v16 = vmovl_s8(vld1_s8(v + (size_t)p * v_stride + i));
-                const float32x4_t x0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(v16))), x1 = vcvtq_f32_s32(vmovl_high_s16(v16));
-                for (h = 0; h < nh; h++) {
-                    const float wgt = pr[(size_t)(h0 + h) * ldp + (size_t)p];
-                    acc[h][0] = vfmaq_n_f32(acc[h][0], x0, wgt);
-                    acc[h][1] = vfmaq_n_f32(acc[h][1], x1, wgt);
-                }
-            }
-            for (h = 0; h < nh; h++) {
-                vst1q_f32(o + (size_t)(h0 + h) * ldo + i, vmulq_n_f32(acc[h][0], scale));
-                vst1q_f32(o + (size_t)(h0 + h) * ldo + i + 4, vmulq_n_f32(acc[h][1], scale));
-            }
-        }
-        for (h = 0; h < nh; h++)
-            for (i = d8; i < dim; i++) {
-                float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
-                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
-            }
-    }
-}
-#endif /* AFM__NEON */
-
-/* ======================================================================================== */
-/* Selection and dispatch                                                                   */
-/* ======================================================================================== */
-
-/* Fills k with the best kernels for this CPU, at most max_level (AFM__LEVEL_MAX: no limit).
-   Returns the level chosen. Scalar kernels fill every slot the SIMD level does not override. */
-static inline int afm__select_kernels(afm__kernels *k, int max_level) {
-    int i, level = AFM__LEVEL_SCALAR;
-    k->name = "scalar";
-    k->prepare_q8 = afm__prepare_q8_scalar;
-    k->prepare_f32 = afm__prepare_f32_scalar;
-    for (i = 0; i < AFM__NTYPES; i++) {
-        k->matmul[i] = i < 3 ? afm__matmul_f_scalar : afm__matmul_q_scalar;
-        k->dequant[i] = afm__dequant_scalar;
-    }
-    k->kv_scores = afm__kv_scores_scalar;
-    k->kv_values = afm__kv_values_scalar;
-#if defined(AFM__X86)
-    level = afm__x86_level();
-    if (level > max_level) level = max_level;
-    if (level >= AFM__LEVEL_AVX2) {
-        k->name = "avx2";
-        k->prepare_q8 = afm__prepare_q8_avx2;
-        k->prepare_f32 = afm__prepare_f32_avx2;
-        k->matmul[0] = afm__matmul_f32_avx2; k->matmul[1] = afm__matmul_f16_avx2; k->matmul[2] = afm__matmul_bf16_avx2;
-        k->matmul[3] = afm__matmul_q2b_avx2; k->matmul[4] = afm__matmul_q4_avx2; k->matmul[5] = afm__matmul_q8_avx2;
-        for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
-        k->kv_scores = afm__kv_scores_avx2;
-        k->kv_values = afm__kv_values_avx2;
-    }
-    if (level >= AFM__LEVEL_AVX512) {
-        k->name = "avx512";
-        k->matmul[0] = afm__matmul_f32_avx512; k->matmul[1] = afm__matmul_f16_avx512; k->matmul[2] = afm__matmul_bf16_avx512;
-        k->matmul[3] = afm__matmul_q2b_avx512; k->matmul[4] = afm__matmul_q4_avx512; k->matmul[5] = afm__matmul_q8_avx512;
-    }
-    if (level >= AFM__LEVEL_AVX512VNNI) {
-        k->name = "avx512vnni";
-        k->matmul[3] = afm__matmul_q2b_vnni; k->matmul[4] = afm__matmul_q4_vnni; k->matmul[5] = afm__matmul_q8_vnni;
-    }
-#elif defined(AFM__NEON)
-    if (max_level >= AFM__LEVEL_NEON) {
-        level = AFM__LEVEL_NEON;
-#ifdef AFM__NEON_DOT
-        k->name = "neon-dotprod";
-#else
-        k->name = "neon";
-#endif
-        k->prepare_q8 = afm__prepare_q8_neon;
-        k->matmul[0] = afm__matmul_f32_neon; k->matmul[1] = afm__matmul_f16_neon; k->matmul[2] = afm__matmul_bf16_neon;
-        k->matmul[3] = afm__matmul_q2b_neon; k->matmul[4] = afm__matmul_q4_neon; k->matmul[5] = afm__matmul_q8_neon;
-        k->kv_scores = afm__kv_scores_neon;
-        k->kv_values = afm__kv_values_neon;
-    }
-#else
-    (void)max_level;
-#endif
-    return level;
-}
-
-/* Prepares tokens [t0, t1) of a (for a matrix of type `type`). */
-static inline void afm__prepare_activations(const afm__kernels *k, afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    if (a->quant) k->prepare_q8(a, X, ldx, t0, t1);
-    else k->prepare_f32(a, X, ldx, t0, t1);
-}
-
-/* Y[t*ldy + r] = W[r] . X[t] for r in [r0, r1), every token of a. */
-static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    if (r0 >= r1 || a->n_tok <= 0) return;
-    k->matmul[afm__type_slot(w->type)](w, a, Y, ldy, r0, r1);
-}
-
-static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w, int row, float *out) {
-    k->dequant[afm__type_slot(w->type)](w, row, out);
-}
-
-
-/* ======================================================================================== */
-/* ==== FILE LOADER (docs/FORMAT.md) ====================================================== */
-/* ======================================================================================== */
 
 #define AFM__HEADER_SIZE 128u
 #define AFM__CONFIG_SIZE 128u
@@ -2253,7 +992,6 @@ struct afm_model {
     size_t tok_size;
     int tok_kind;
     uint64_t n_params, n_lora_params;
-    afm__kernels kern;                       /* chosen for this CPU at load */
 };
 
 static uint32_t afm__rd32(const unsigned char *p) {
@@ -2726,7 +1464,6 @@ static afm_model *afm__model_new(const afm_load_params *params) {
     if (m) {
         memset(m, 0, sizeof *m);
         m->alloc = *a;
-        afm__select_kernels(&m->kern, AFM__LEVEL_MAX);
     }
     return m;
 }
@@ -3083,11 +1820,6 @@ static int32_t afm__json_get(const afm__json *j, int32_t obj, const char *key) {
         if (afm__json_eq(j, k, key)) return j->n[k].next;
     return -1;
 }
-/* true / false; dflt when absent (-1) or null */
-static int afm__json_bool(const afm__json *j, int32_t idx, int dflt) {
-    if (idx < 0 || j->n[idx].type == AFM__JNULL) return dflt;
-    return j->n[idx].type == AFM__JTRUE;
-}
 /* a non-negative integer < 2^31 written without fraction or exponent, or -1 */
 static int32_t afm__json_int(const afm__json *j, int32_t idx) {
     const afm__jnode *nd;
@@ -3103,15 +1835,24 @@ static int32_t afm__json_int(const afm__json *j, int32_t idx) {
     }
     return v > INT32_MAX ? -1 : (int32_t)v;
 }
+#ifdef AFM_HF_TOKENIZER /* only tokenizer.json reads these */
+/* true / false; dflt when absent (-1) or null */
+static int afm__json_bool(const afm__json *j, int32_t idx, int dflt) {
+    if (idx < 0 || j->n[idx].type == AFM__JNULL) return dflt;
+    return j->n[idx].type == AFM__JTRUE;
+}
 static int afm__json_isnull(const afm__json *j, int32_t idx) { return idx < 0 || j->n[idx].type == AFM__JNULL; }
+#endif
 
 /* ======================================================================================== */
-/* ==== TOKENIZER: SentencePiece BPE, AFM layer and chat format, streaming detokenizer ==== */
+/* ==== TOKENIZER: API - load, free, tokenize, detokenize, chat format ==================== */
 /* ======================================================================================== */
-
-/* Unicode tables (character classes, combining classes, decompositions, compositions) generated by
-   tools/gen_unicode_tables.py; shipped next to afm.h. Private names of this part start with afm__tok_. */
-#include "afm_tokenizer.h"
+/* Text <-> token ids in three parts: this one holds the tokenizer object and everything the public
+   calls do whatever the vocabulary's kind (the AFM newline layer, streaming detokenization, the chat
+   template, tool-call extraction); the next section is SentencePiece BPE, the AFM model's own; the
+   one after it byte-level BPE from a Hugging Face tokenizer.json (opt-in: AFM_HF_TOKENIZER). Both
+   implementations fill the same encoder state, so afm_tokenize is one function. Private names of the
+   three parts start with afm__tok_. */
 
 /* ---- small helpers ---- */
 /* grows *buf (elem bytes each) to hold at least need elements; keeps the contents; the old block is
@@ -3230,6 +1971,70 @@ static int afm__tok_buf_put(const afm_allocator *m, afm__tok_buf *b, const char 
     b->n += n;
     return 1;
 }
+
+static int afm__tok_ws_at(const char *s, size_t i, size_t n) {
+    return i + 3 <= n && (unsigned char)s[i] == 0xE2 && (unsigned char)s[i + 1] == 0x96 && (unsigned char)s[i + 2] == 0x81;
+}
+/* ---- the encoder's working state (both implementations fill it) ---- */
+typedef struct afm__tok_sym {
+    int32_t start, len, prev, next;
+    int32_t freeze; /* a user-defined symbol: never merged; its id */
+    int32_t id;     /* the piece (sentencepiece's pieces_) this symbol is, -1 if none */
+} afm__tok_sym;
+typedef struct afm__tok_pair {
+    float score;
+    int32_t left, right, size, id;
+} afm__tok_pair;
+typedef struct afm__tok_rev {
+    int32_t start, len, left_len;
+} afm__tok_rev;
+
+typedef struct afm__tok_ids {
+    int32_t *p;
+    size_t n, cap;
+    int32_t *local; /* p's first storage when the caller owns it */
+} afm__tok_ids;
+
+/* the encoder's working state for one call */
+typedef struct afm__tok_enc {
+    const afm_tokenizer *t;
+    afm__tok_sym *sym;
+    size_t sym_cap;
+    afm__tok_pair *heap;
+    size_t heap_cap, heap_n;
+    afm__tok_rev *rev;
+    size_t rev_cap, rev_n;
+    afm__tok_ids out; /* raw ids of the current word (before the unk merge) */
+    /* word cache: key = bytes of the word in the normalized text */
+    uint32_t *c_hash, *c_off, *c_len, *c_ids, *c_nids;
+    uint32_t c_mask, c_used;
+    afm__tok_ids c_pool;
+    const char *norm;
+    /* output */
+    int32_t *tokens;
+    size_t cap, n;
+    int prev_unk;
+    int failed;
+    int special;
+    /* first storage of sym / heap / out, so that short texts allocate nothing */
+    afm__tok_sym sym_local[48];
+    afm__tok_pair heap_local[148];
+    int32_t out_local[48];
+} afm__tok_enc;
+
+/* ---- the entry points of the two implementations (the next two sections) ---- */
+/* SentencePiece BPE: load a ModelProto; normalize text; encode normalized text */
+static afm_result afm__tok_load_spm(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size);
+static int afm__tok_normalize(const afm_tokenizer *t, const char *text, size_t len, int special, afm__tok_buf *b);
+static void afm__tok_spm_encode_norm(afm__tok_enc *e, const char *norm, size_t n, int special);
+#ifdef AFM_HF_TOKENIZER
+/* byte-level BPE: load a tokenizer.json; encode; the bytes of a piece; free its tables */
+static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size);
+static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, size_t len, unsigned flags,
+                                     afm__tok_enc *e);
+static void afm__tok_hf_piece_bytes(const afm_tokenizer *t, int32_t id, afm__tok_buf *scratch, const char **p, size_t *n);
+static void afm__tok_hf_free(afm_tokenizer *t);
+#endif
 
 /* ---- the tokenizer object ---- */
 #define AFM__TOK_MAX_VOCAB (1 << 24)
@@ -3355,13 +2160,14 @@ static int afm__tok_ht_add(const afm_tokenizer *t, afm__tok_ht *h, int32_t id) {
     return afm__tok_ht_put(h, t->str, t->off[id], t->off[id + 1] - t->off[id], id);
 }
 
-static void afm__tok_hf_free(afm_tokenizer *t);
 
 AFMDEF void afm_tokenizer_free(afm_tokenizer *t) {
     afm_allocator m;
     if (!t) return;
     m = t->alloc;
+#ifdef AFM_HF_TOKENIZER
     afm__tok_hf_free(t);
+#endif
     afm__free(&m, t->off);
     afm__free(&m, t->str);
     afm__free(&m, t->score);
@@ -3408,6 +2214,479 @@ AFMDEF int afm_tokenizer_is_stop(const afm_tokenizer *t, int32_t id) {
     return id == t->special[AFM_SPECIAL_TURN_END] || id == t->special[AFM_SPECIAL_EOS];
 }
 AFMDEF size_t afm_tokenizer_max_token_bytes(const afm_tokenizer *t) { return t ? t->max_token_bytes : 0; }
+
+static void afm__tok_enc_free(afm__tok_enc *e) {
+    const afm_allocator *m = &e->t->alloc;
+    if (e->sym != e->sym_local) afm__free(m, e->sym);
+    if (e->heap != e->heap_local) afm__free(m, e->heap);
+    afm__free(m, e->rev);
+    if (e->out.p != e->out_local) afm__free(m, e->out.p);
+    afm__free(m, e->c_hash);
+    afm__free(m, e->c_off);
+    afm__free(m, e->c_len);
+    afm__free(m, e->c_ids);
+    afm__free(m, e->c_nids);
+    afm__free(m, e->c_pool.p);
+}
+
+/* ---- encoding ---- */
+AFMDEF afm_result afm_tokenize(const afm_tokenizer *t, const char *text, size_t len, unsigned flags, int32_t *tokens,
+                               size_t cap, size_t *n_tokens) {
+    afm__tok_enc e;
+    afm__tok_buf nb, tb;
+    afm_result res = AFM_OK;
+    char nb_local[2048];
+    if (n_tokens) *n_tokens = 0;
+    if (!t || !n_tokens || (!text && len) || (!tokens && cap)) return AFM_ERR_ARG;
+    if (len > (size_t)INT32_MAX / 4) return AFM_ERR_ARG;
+    memset(&e, 0, sizeof e);
+    memset(&nb, 0, sizeof nb);
+    memset(&tb, 0, sizeof tb);
+    nb.p = nb.local = nb_local;
+    nb.cap = sizeof nb_local;
+    e.sym = e.sym_local;
+    e.sym_cap = sizeof e.sym_local / sizeof e.sym_local[0];
+    e.heap = e.heap_local;
+    e.heap_cap = sizeof e.heap_local / sizeof e.heap_local[0];
+    e.out.p = e.out.local = e.out_local;
+    e.out.cap = sizeof e.out_local / sizeof e.out_local[0];
+    e.t = t;
+    e.tokens = tokens;
+    e.cap = cap;
+    if ((flags & AFM_TOK_NEWLINE) && t->special[AFM_SPECIAL_NEWLINE] >= 0 && len && memchr(text, '\n', len)) {
+        /* the AFM layer: newlines never reach the tokenizer, the literal <n> does */
+        size_t i, a = 0;
+        for (i = 0; i < len; i++) {
+            if (text[i] != '\n') continue;
+            if (!afm__tok_buf_put(&t->alloc, &tb, text + a, i - a) || !afm__tok_buf_put(&t->alloc, &tb, "<n>", 3)) {
+                res = AFM_ERR_NOMEM;
+                goto done;
+            }
+            a = i + 1;
+        }
+        if (!afm__tok_buf_put(&t->alloc, &tb, text + a, len - a)) { res = AFM_ERR_NOMEM; goto done; }
+        text = tb.p;
+        len = tb.n;
+        if (len > (size_t)INT32_MAX / 4) { res = AFM_ERR_ARG; goto done; }
+    }
+    if (t->kind == AFM_TOKENIZER_SENTENCEPIECE) {
+        if (!afm__tok_normalize(t, text, len, (flags & AFM_TOK_SPECIAL) != 0, &nb)) { res = AFM_ERR_NOMEM; goto done; }
+        if (nb.n > (size_t)INT32_MAX / 4) { res = AFM_ERR_ARG; goto done; }
+        if (nb.n) afm__tok_spm_encode_norm(&e, nb.p, nb.n, (flags & AFM_TOK_SPECIAL) != 0);
+        if (e.failed) res = AFM_ERR_NOMEM;
+    } else {
+#ifdef AFM_HF_TOKENIZER
+        res = afm__tok_hf_encode(t, text, len, flags, &e);
+        if (res == AFM_OK && e.failed) res = AFM_ERR_NOMEM;
+#endif
+    }
+    if (res == AFM_OK) {
+        *n_tokens = e.n;
+        if (e.n > cap) res = AFM_ERR_ARG;
+    }
+done:
+    afm__tok_enc_free(&e);
+    if (nb.p != nb.local) afm__free(&t->alloc, nb.p);
+    afm__free(&t->alloc, tb.p);
+    return res;
+}
+
+/* ---- decoding ---- */
+
+/* appends to out (bounded by cap; counts what would be written) */
+typedef struct afm__tok_sink {
+    char *p;
+    size_t cap, n;
+} afm__tok_sink;
+static void afm__tok_sink_put(afm__tok_sink *s, const char *b, size_t n) {
+    size_t k;
+    for (k = 0; k < n; k++) {
+        if (s->n + k < s->cap) s->p[s->n + k] = b[k];
+    }
+    s->n += n;
+}
+
+/* one valid character or one U+FFFD from the front of pending bytes; end: no more bytes will come */
+static int afm__tok_pending_step(afm_detokenizer *d, afm__tok_sink *s, int end) {
+    int hf = d->tok->kind == AFM_TOKENIZER_HF_JSON;
+    unsigned char *p = d->pending;
+    int n = d->n_pending, used;
+    if (!n) return 0;
+    if (!hf) {
+        size_t m;
+        int need = afm__tok_utf8_need(p[0]);
+        if (n < need && !end) return 0;
+        if (afm__tok_utf8(p, (size_t)n, &m) >= 0) {
+            afm__tok_sink_put(s, (const char *)p, m);
+            used = (int)m;
+        } else {
+            afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
+            used = 1;
+        }
+        d->text_empty = 0;
+    } else {
+        /* Rust's String::from_utf8_lossy: one U+FFFD per maximal invalid subpart */
+        int need, k;
+        unsigned char lo = 0x80, hi = 0xBF;
+        unsigned char c = p[0];
+        if (c < 0x80) need = 1;
+        else if (c >= 0xC2 && c <= 0xDF) need = 2;
+        else if (c >= 0xE0 && c <= 0xEF) { need = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+        else if (c >= 0xF0 && c <= 0xF4) { need = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+        else need = 0;
+        if (need == 0) {
+            afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
+            used = 1;
+        } else {
+            for (k = 1; k < need && k < n; k++) {
+                unsigned char b = p[k];
+                unsigned char l = k == 1 ? lo : 0x80, h = k == 1 ? hi : 0xBF;
+                if (b < l || b > h) break;
+            }
+            if (k == need) {
+                afm__tok_sink_put(s, (const char *)p, (size_t)need);
+                used = need;
+            } else if (k < n || end) {
+                afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
+                used = k;
+            } else return 0; /* a valid prefix so far: wait */
+        }
+        d->text_empty = 0;
+    }
+    memmove(p, p + used, (size_t)(n - used));
+    d->n_pending = n - used;
+    return 1;
+}
+
+AFMDEF void afm_detokenizer_init(afm_detokenizer *d, const afm_tokenizer *tok, unsigned flags) {
+    if (!d) return;
+    memset(d, 0, sizeof *d);
+    d->tok = tok;
+    d->flags = flags;
+    d->at_start = 1;
+    d->text_empty = 1;
+}
+
+static void afm__tok_detok_one(afm_detokenizer *d, int32_t id, afm__tok_sink *s) {
+    const afm_tokenizer *t = d->tok;
+    int ty = t->type[id];
+    const char *p = t->str + t->off[id];
+    size_t n = t->off[id + 1] - t->off[id];
+#ifdef AFM_HF_TOKENIZER
+    if (t->kind == AFM_TOKENIZER_HF_JSON) {
+        afm__tok_buf scratch;
+        const char *bp;
+        size_t bn, k;
+        if (ty == AFM_TOKEN_CONTROL && !(d->flags & AFM_TOK_SPECIAL)) return;
+        memset(&scratch, 0, sizeof scratch);
+        afm__tok_hf_piece_bytes(t, id, &scratch, &bp, &bn);
+        for (k = 0; k < bn; k++) {
+            if (d->n_pending == 4) afm__tok_pending_step(d, s, 1);
+            d->pending[d->n_pending++] = (unsigned char)bp[k];
+            while (afm__tok_pending_step(d, s, 0)) {
+            }
+        }
+        afm__free(&t->alloc, scratch.p);
+        return;
+    }
+#endif
+    if (ty == AFM_TOKEN_BYTE) {
+        unsigned char b = 0;
+        int k;
+        for (k = 0; k < 256; k++)
+            if (t->byte_id[k] == id) { b = (unsigned char)k; break; }
+        d->pending[d->n_pending++] = b;
+        while (afm__tok_pending_step(d, s, 0)) {
+        }
+        return;
+    }
+    while (afm__tok_pending_step(d, s, 1)) {
+    }
+    if (d->bos_ws_seen || !d->text_empty) d->at_start = 0;
+    if (ty == AFM_TOKEN_CONTROL) {
+        d->bos_ws_seen = 0;
+        if (d->flags & AFM_TOK_SPECIAL) {
+            afm__tok_sink_put(s, p, n);
+            if (n) d->text_empty = 0;
+        }
+        return;
+    }
+    if (ty == AFM_TOKEN_UNKNOWN) {
+        d->bos_ws_seen = 0;
+        afm__tok_sink_put(s, t->unk_surface, t->unk_surface_len);
+        if (t->unk_surface_len) d->text_empty = 0;
+        return;
+    }
+    if ((d->flags & AFM_TOK_NEWLINE) && id == t->special[AFM_SPECIAL_NEWLINE]) {
+        d->bos_ws_seen = 0;
+        afm__tok_sink_put(s, "\n", 1);
+        d->text_empty = 0;
+        return;
+    }
+    {
+        int has_bos_ws = 0;
+        size_t k, a;
+        if (d->at_start && (t->add_dummy_prefix || t->remove_extra_ws)) {
+            if (afm__tok_ws_at(p, 0, n)) {
+                p += 3;
+                n -= 3;
+                has_bos_ws = 1;
+            }
+            if (t->remove_extra_ws) has_bos_ws = 0;
+        }
+        d->bos_ws_seen = has_bos_ws;
+        for (k = 0, a = 0; k < n;) {
+            if (afm__tok_ws_at(p, k, n)) {
+                afm__tok_sink_put(s, p + a, k - a);
+                afm__tok_sink_put(s, " ", 1);
+                k += 3;
+                a = k;
+            } else k++;
+        }
+        afm__tok_sink_put(s, p + a, n - a);
+        if (n) d->text_empty = 0;
+    }
+}
+
+AFMDEF afm_result afm_detokenizer_push(afm_detokenizer *d, int32_t id, char *out, size_t cap, size_t *n_out) {
+    afm__tok_sink s;
+    afm_detokenizer save;
+    if (n_out) *n_out = 0;
+    if (!d || !d->tok || !n_out || (!out && cap) || id < 0 || id >= d->tok->n_vocab) return AFM_ERR_ARG;
+    save = *d;
+    s.p = out;
+    s.cap = cap;
+    s.n = 0;
+    afm__tok_detok_one(d, id, &s);
+    *n_out = s.n;
+    if (s.n > cap) {
+        *d = save;
+        return AFM_ERR_ARG;
+    }
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_detokenizer_flush(afm_detokenizer *d, char *out, size_t cap, size_t *n_out) {
+    afm__tok_sink s;
+    afm_detokenizer save;
+    if (n_out) *n_out = 0;
+    if (!d || !d->tok || !n_out || (!out && cap)) return AFM_ERR_ARG;
+    save = *d;
+    s.p = out;
+    s.cap = cap;
+    s.n = 0;
+    while (afm__tok_pending_step(d, &s, 1)) {
+    }
+    *n_out = s.n;
+    if (s.n > cap) {
+        *d = save;
+        return AFM_ERR_ARG;
+    }
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_detokenize(const afm_tokenizer *t, const int32_t *tokens, size_t n_tokens, unsigned flags,
+                                 char *text, size_t cap, size_t *len) {
+    afm_detokenizer d;
+    afm__tok_sink s;
+    size_t i;
+    if (len) *len = 0;
+    if (!t || !len || (!tokens && n_tokens) || (!text && cap)) return AFM_ERR_ARG;
+    for (i = 0; i < n_tokens; i++)
+        if (tokens[i] < 0 || tokens[i] >= t->n_vocab) return AFM_ERR_ARG;
+    afm_detokenizer_init(&d, t, flags);
+    s.p = text;
+    s.cap = cap ? cap - 1 : 0;
+    s.n = 0;
+    for (i = 0; i < n_tokens; i++) afm__tok_detok_one(&d, tokens[i], &s);
+    while (afm__tok_pending_step(&d, &s, 1)) {
+    }
+    *len = s.n;
+    if (cap) text[s.n < cap ? s.n : cap - 1] = 0;
+    return s.n < cap ? AFM_OK : AFM_ERR_ARG;
+}
+
+/* ---- AFM chat format ---- */
+static void afm__tok_sink_str(afm__tok_sink *s, const char *z) { afm__tok_sink_put(s, z, strlen(z)); }
+
+AFMDEF afm_result afm_chat_render(const afm_chat_message *messages, int n_messages, const char *const *tools,
+                                  int n_tools, int add_generation_prompt, char *text, size_t cap, size_t *len) {
+    afm__tok_sink s;
+    int i, first = 0;
+    const char *system = "A conversation between a user and a helpful assistant.";
+    if (len) *len = 0;
+    if (!len || n_messages < 0 || n_tools < 0 || (n_messages && !messages) || (n_tools && !tools) || (!text && cap))
+        return AFM_ERR_ARG;
+    for (i = 0; i < n_messages; i++)
+        if (!messages[i].role || !messages[i].content) return AFM_ERR_ARG;
+    for (i = 0; i < n_tools; i++)
+        if (!tools[i]) return AFM_ERR_ARG;
+    s.p = text;
+    s.cap = cap ? cap - 1 : 0;
+    s.n = 0;
+    if (n_messages > 0 && strcmp(messages[0].role, "system") == 0) {
+        system = messages[0].content;
+        first = 1;
+    }
+    afm__tok_sink_str(&s, "<turn_start> system<n>");
+    afm__tok_sink_str(&s, system);
+    if (n_tools > 0) {
+        afm__tok_sink_str(&s, "<n>system tools: ");
+        for (i = 0; i < n_tools; i++) {
+            if (i) afm__tok_sink_str(&s, "<n>");
+            afm__tok_sink_str(&s, tools[i]);
+        }
+    }
+    afm__tok_sink_str(&s, "<turn_end>");
+    for (i = first; i < n_messages; i++) {
+        afm__tok_sink_str(&s, "<turn_start> ");
+        afm__tok_sink_str(&s, messages[i].role);
+        afm__tok_sink_str(&s, "<n>");
+        afm__tok_sink_str(&s, messages[i].content);
+        afm__tok_sink_str(&s, "<turn_end>");
+    }
+    if (add_generation_prompt) afm__tok_sink_str(&s, "<turn_start> assistant<n>");
+    *len = s.n;
+    if (cap) text[s.n < cap ? s.n : cap - 1] = 0;
+    return s.n < cap ? AFM_OK : AFM_ERR_ARG;
+}
+
+AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *t, const afm_chat_message *messages, int n_messages,
+                                    const char *const *tools, int n_tools, int add_generation_prompt,
+                                    int32_t *tokens, size_t cap, size_t *n_tokens) {
+    char *text;
+    size_t len = 0, n = 0;
+    int32_t *ids;
+    afm_result r;
+    unsigned flags = AFM_TOK_NEWLINE;
+    if (n_tokens) *n_tokens = 0;
+    if (!t || !n_tokens || (!tokens && cap)) return AFM_ERR_ARG;
+    /* the template's markers must become tokens: if the vocabulary has them as CONTROL pieces rather than
+       user-defined ones, control pieces are matched in the text too */
+    if (t->special[AFM_SPECIAL_TURN_START] >= 0 && t->type[t->special[AFM_SPECIAL_TURN_START]] == AFM_TOKEN_CONTROL)
+        flags |= AFM_TOK_SPECIAL;
+    if (t->special[AFM_SPECIAL_EOS] < 0) return AFM_ERR_UNSUPPORTED;
+    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, NULL, 0, &len);
+    if (r != AFM_OK && r != AFM_ERR_ARG) return r;
+    if (len == 0 && r == AFM_ERR_ARG) return AFM_ERR_ARG;
+    text = (char *)afm__alloc(&t->alloc, len + 1);
+    if (!text) return AFM_ERR_NOMEM;
+    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, text, len + 1, &len);
+    if (r != AFM_OK) {
+        afm__free(&t->alloc, text);
+        return r;
+    }
+    r = afm_tokenize(t, text, len, flags, NULL, 0, &n);
+    if (r != AFM_OK && r != AFM_ERR_ARG) {
+        afm__free(&t->alloc, text);
+        return r;
+    }
+    ids = (int32_t *)afm__alloc(&t->alloc, (n + 1) * sizeof(int32_t));
+    if (!ids) {
+        afm__free(&t->alloc, text);
+        return AFM_ERR_NOMEM;
+    }
+    r = afm_tokenize(t, text, len, flags, ids, n, &n);
+    afm__free(&t->alloc, text);
+    if (r == AFM_OK) {
+        /* the sequence start rule: drop the first token, put EOS in front */
+        size_t i, total = n ? n : 1;
+        ids[0] = t->special[AFM_SPECIAL_EOS];
+        for (i = 0; i < total && i < cap; i++) tokens[i] = ids[i];
+        *n_tokens = total;
+        if (total > cap) r = AFM_ERR_ARG;
+    }
+    afm__free(&t->alloc, ids);
+    return r;
+}
+
+AFMDEF int afm_tool_call_next(const char *text, size_t len, size_t *pos, const char **call, size_t *call_len,
+                              int *complete) {
+    static const char open_tag[] = "<executable_start>", close_tag[] = "<executable_end>";
+    size_t i, a, b, end, ol = sizeof open_tag - 1, cl = sizeof close_tag - 1;
+    int done = 0;
+    if (!text || !pos || !call || !call_len || *pos > len) return 0;
+    for (i = *pos; i + ol <= len; i++)
+        if (memcmp(text + i, open_tag, ol) == 0) break;
+    if (i + ol > len) return 0;
+    a = i + ol;
+    for (b = a; b + cl <= len; b++)
+        if (memcmp(text + b, close_tag, cl) == 0) break;
+    if (b + cl <= len) {
+        done = 1;
+        end = b + cl;
+    } else {
+        b = len;
+        end = len;
+    }
+    /* strip whitespace and a ```function ... ``` fence */
+    while (a < b && (text[a] == ' ' || text[a] == '\n' || text[a] == '\t' || text[a] == '\r')) a++;
+    while (b > a && (text[b - 1] == ' ' || text[b - 1] == '\n' || text[b - 1] == '\t' || text[b - 1] == '\r')) b--;
+    if (b - a >= 3 && memcmp(text + a, "```", 3) == 0) {
+        size_t j = a + 3;
+        while (j < b && text[j] != '\n') j++; /* the fence's info string, e.g. "function" */
+        a = j < b ? j + 1 : b;
+        if (b - a >= 3 && memcmp(text + b - 3, "```", 3) == 0) b -= 3;
+        while (b > a && (text[b - 1] == '\n' || text[b - 1] == '\r')) b--;
+    }
+    *call = text + a;
+    *call_len = b - a;
+    *pos = end;
+    if (complete) *complete = done;
+    return 1;
+}
+
+/* ---- loading ---- */
+
+AFMDEF afm_result afm_tokenizer_load(const void *data, size_t size, int kind, const afm_allocator *allocator,
+                                     afm_tokenizer **out, char *err, size_t err_size) {
+    afm_allocator m;
+    afm_tokenizer *t;
+    afm_result r;
+    if (err && err_size) err[0] = 0;
+    if (out) *out = NULL;
+    if (!out || (!data && size)) return afm__fail(err, err_size, AFM_ERR_ARG, "afm_tokenizer_load: bad argument");
+    if (allocator && (!allocator->alloc || !allocator->free))
+        return afm__fail(err, err_size, AFM_ERR_ARG, "afm_tokenizer_load: allocator without alloc/free");
+    m = allocator ? *allocator : afm__malloc_allocator;
+    t = (afm_tokenizer *)afm__alloc(&m, sizeof *t);
+    if (!t) return AFM_ERR_NOMEM;
+    memset(t, 0, sizeof *t);
+    t->alloc = m;
+    t->kind = kind;
+    if (kind == AFM_TOKENIZER_SENTENCEPIECE) r = afm__tok_load_spm(t, (const uint8_t *)data, size, err, err_size);
+    else if (kind == AFM_TOKENIZER_HF_JSON)
+#ifdef AFM_HF_TOKENIZER
+        r = afm__tok_load_hf(t, (const uint8_t *)data, size, err, err_size);
+#else
+        r = afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json (byte-level BPE) is not compiled in: define "
+                      "AFM_HF_TOKENIZER before the implementation, with afm_tokenizer.h next to afm.h");
+#endif
+    else r = afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "afm_tokenizer_load: unknown tokenizer kind %d", kind);
+    if (r != AFM_OK) {
+        if (r == AFM_ERR_NOMEM && err && err_size && !err[0]) afm__fail(err, err_size, r, "tokenizer: out of memory");
+        afm_tokenizer_free(t);
+        return r;
+    }
+    *out = t;
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_model_tokenizer(const afm_model *model, const afm_allocator *allocator, afm_tokenizer **out,
+                                      char *err, size_t err_size) {
+    int kind = 0;
+    size_t size = 0;
+    const void *p;
+    if (out) *out = NULL;
+    if (!model || !out) return AFM_ERR_ARG;
+    p = afm_model_tokenizer_bytes(model, &kind, &size);
+    if (!p) return afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "the model file has no tokenizer");
+    return afm_tokenizer_load(p, size, kind, allocator, out, err, err_size);
+}
+
+/* ======================================================================================== */
+/* ==== TOKENIZER: SentencePiece BPE (the AFM model's own) - ModelProto, normalizer, BPE == */
+/* ======================================================================================== */
 
 /* ---- protobuf reader (bounds-checked; proto2 wire format) ---- */
 typedef struct afm__tok_pb {
@@ -3611,9 +2890,6 @@ static int afm__tok_ud_insert(afm_tokenizer *t, const unsigned char *s, size_t n
     return 1;
 }
 
-static int afm__tok_ws_at(const char *s, size_t i, size_t n) {
-    return i + 3 <= n && (unsigned char)s[i] == 0xE2 && (unsigned char)s[i + 1] == 0x96 && (unsigned char)s[i + 2] == 0x81;
-}
 /* the word-cut class of the character at s[i] (see the load code) and its length */
 static int afm__tok_cls_at(const char *s, size_t i, size_t n, size_t *len) {
     unsigned char c = (unsigned char)s[i];
@@ -3981,52 +3257,6 @@ static int afm__tok_normalize(const afm_tokenizer *t, const char *text, size_t l
 }
 
 /* ---- SentencePiece BPE (sentencepiece's bpe::Model::SampleEncode with alpha = 0) ---- */
-typedef struct afm__tok_sym {
-    int32_t start, len, prev, next;
-    int32_t freeze; /* a user-defined symbol: never merged; its id */
-    int32_t id;     /* the piece (sentencepiece's pieces_) this symbol is, -1 if none */
-} afm__tok_sym;
-typedef struct afm__tok_pair {
-    float score;
-    int32_t left, right, size, id;
-} afm__tok_pair;
-typedef struct afm__tok_rev {
-    int32_t start, len, left_len;
-} afm__tok_rev;
-
-typedef struct afm__tok_ids {
-    int32_t *p;
-    size_t n, cap;
-    int32_t *local; /* p's first storage when the caller owns it */
-} afm__tok_ids;
-
-/* the encoder's working state for one call */
-typedef struct afm__tok_enc {
-    const afm_tokenizer *t;
-    afm__tok_sym *sym;
-    size_t sym_cap;
-    afm__tok_pair *heap;
-    size_t heap_cap, heap_n;
-    afm__tok_rev *rev;
-    size_t rev_cap, rev_n;
-    afm__tok_ids out; /* raw ids of the current word (before the unk merge) */
-    /* word cache: key = bytes of the word in the normalized text */
-    uint32_t *c_hash, *c_off, *c_len, *c_ids, *c_nids;
-    uint32_t c_mask, c_used;
-    afm__tok_ids c_pool;
-    const char *norm;
-    /* output */
-    int32_t *tokens;
-    size_t cap, n;
-    int prev_unk;
-    int failed;
-    int special;
-    /* first storage of sym / heap / out, so that short texts allocate nothing */
-    afm__tok_sym sym_local[48];
-    afm__tok_pair heap_local[148];
-    int32_t out_local[48];
-} afm__tok_enc;
-
 static int afm__tok_pair_better(const afm__tok_pair *a, const afm__tok_pair *b) {
     return a->score > b->score || (a->score == b->score && a->left < b->left);
 }
@@ -4286,20 +3516,6 @@ static void afm__tok_word(afm__tok_enc *e, size_t a, size_t b, uint32_t h) {
     }
 }
 
-static void afm__tok_enc_free(afm__tok_enc *e) {
-    const afm_allocator *m = &e->t->alloc;
-    if (e->sym != e->sym_local) afm__free(m, e->sym);
-    if (e->heap != e->heap_local) afm__free(m, e->heap);
-    afm__free(m, e->rev);
-    if (e->out.p != e->out_local) afm__free(m, e->out.p);
-    afm__free(m, e->c_hash);
-    afm__free(m, e->c_off);
-    afm__free(m, e->c_len);
-    afm__free(m, e->c_ids);
-    afm__free(m, e->c_nids);
-    afm__free(m, e->c_pool.p);
-}
-
 static int afm__tok_enc_cache(afm__tok_enc *e, size_t n) {
     const afm_tokenizer *t = e->t;
     size_t cap = 1024, i;
@@ -4483,458 +3699,14 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
     return r;
 }
 
-static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, size_t len, unsigned flags,
-                                     afm__tok_enc *e);
-
-AFMDEF afm_result afm_tokenize(const afm_tokenizer *t, const char *text, size_t len, unsigned flags, int32_t *tokens,
-                               size_t cap, size_t *n_tokens) {
-    afm__tok_enc e;
-    afm__tok_buf nb, tb;
-    afm_result res = AFM_OK;
-    char nb_local[2048];
-    if (n_tokens) *n_tokens = 0;
-    if (!t || !n_tokens || (!text && len) || (!tokens && cap)) return AFM_ERR_ARG;
-    if (len > (size_t)INT32_MAX / 4) return AFM_ERR_ARG;
-    memset(&e, 0, sizeof e);
-    memset(&nb, 0, sizeof nb);
-    memset(&tb, 0, sizeof tb);
-    nb.p = nb.local = nb_local;
-    nb.cap = sizeof nb_local;
-    e.sym = e.sym_local;
-    e.sym_cap = sizeof e.sym_local / sizeof e.sym_local[0];
-    e.heap = e.heap_local;
-    e.heap_cap = sizeof e.heap_local / sizeof e.heap_local[0];
-    e.out.p = e.out.local = e.out_local;
-    e.out.cap = sizeof e.out_local / sizeof e.out_local[0];
-    e.t = t;
-    e.tokens = tokens;
-    e.cap = cap;
-    if ((flags & AFM_TOK_NEWLINE) && t->special[AFM_SPECIAL_NEWLINE] >= 0 && len && memchr(text, '\n', len)) {
-        /* the AFM layer: newlines never reach the tokenizer, the literal <n> does */
-        size_t i, a = 0;
-        for (i = 0; i < len; i++) {
-            if (text[i] != '\n') continue;
-            if (!afm__tok_buf_put(&t->alloc, &tb, text + a, i - a) || !afm__tok_buf_put(&t->alloc, &tb, "<n>", 3)) {
-                res = AFM_ERR_NOMEM;
-                goto done;
-            }
-            a = i + 1;
-        }
-        if (!afm__tok_buf_put(&t->alloc, &tb, text + a, len - a)) { res = AFM_ERR_NOMEM; goto done; }
-        text = tb.p;
-        len = tb.n;
-        if (len > (size_t)INT32_MAX / 4) { res = AFM_ERR_ARG; goto done; }
-    }
-    if (t->kind == AFM_TOKENIZER_SENTENCEPIECE) {
-        if (!afm__tok_normalize(t, text, len, (flags & AFM_TOK_SPECIAL) != 0, &nb)) { res = AFM_ERR_NOMEM; goto done; }
-        if (nb.n > (size_t)INT32_MAX / 4) { res = AFM_ERR_ARG; goto done; }
-        if (nb.n) afm__tok_spm_encode_norm(&e, nb.p, nb.n, (flags & AFM_TOK_SPECIAL) != 0);
-        if (e.failed) res = AFM_ERR_NOMEM;
-    } else {
-        res = afm__tok_hf_encode(t, text, len, flags, &e);
-        if (res == AFM_OK && e.failed) res = AFM_ERR_NOMEM;
-    }
-    if (res == AFM_OK) {
-        *n_tokens = e.n;
-        if (e.n > cap) res = AFM_ERR_ARG;
-    }
-done:
-    afm__tok_enc_free(&e);
-    if (nb.p != nb.local) afm__free(&t->alloc, nb.p);
-    afm__free(&t->alloc, tb.p);
-    return res;
-}
-
-/* ---- decoding ---- */
-static void afm__tok_hf_piece_bytes(const afm_tokenizer *t, int32_t id, afm__tok_buf *scratch, const char **p, size_t *n);
-
-/* appends to out (bounded by cap; counts what would be written) */
-typedef struct afm__tok_sink {
-    char *p;
-    size_t cap, n;
-} afm__tok_sink;
-static void afm__tok_sink_put(afm__tok_sink *s, const char *b, size_t n) {
-    size_t k;
-    for (k = 0; k < n; k++) {
-        if (s->n + k < s->cap) s->p[s->n + k] = b[k];
-    }
-    s->n += n;
-}
-
-/* one valid character or one U+FFFD from the front of pending bytes; end: no more bytes will come */
-static int afm__tok_pending_step(afm_detokenizer *d, afm__tok_sink *s, int end) {
-    int hf = d->tok->kind == AFM_TOKENIZER_HF_JSON;
-    unsigned char *p = d->pending;
-    int n = d->n_pending, used;
-    if (!n) return 0;
-    if (!hf) {
-        size_t m;
-        int need = afm__tok_utf8_need(p[0]);
-        if (n < need && !end) return 0;
-        if (afm__tok_utf8(p, (size_t)n, &m) >= 0) {
-            afm__tok_sink_put(s, (const char *)p, m);
-            used = (int)m;
-        } else {
-            afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
-            used = 1;
-        }
-        d->text_empty = 0;
-    } else {
-        /* Rust's String::from_utf8_lossy: one U+FFFD per maximal invalid subpart */
-        int need, k;
-        unsigned char lo = 0x80, hi = 0xBF;
-        unsigned char c = p[0];
-        if (c < 0x80) need = 1;
-        else if (c >= 0xC2 && c <= 0xDF) need = 2;
-        else if (c >= 0xE0 && c <= 0xEF) { need = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
-        else if (c >= 0xF0 && c <= 0xF4) { need = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
-        else need = 0;
-        if (need == 0) {
-            afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
-            used = 1;
-        } else {
-            for (k = 1; k < need && k < n; k++) {
-                unsigned char b = p[k];
-                unsigned char l = k == 1 ? lo : 0x80, h = k == 1 ? hi : 0xBF;
-                if (b < l || b > h) break;
-            }
-            if (k == need) {
-                afm__tok_sink_put(s, (const char *)p, (size_t)need);
-                used = need;
-            } else if (k < n || end) {
-                afm__tok_sink_put(s, "\xEF\xBF\xBD", 3);
-                used = k;
-            } else return 0; /* a valid prefix so far: wait */
-        }
-        d->text_empty = 0;
-    }
-    memmove(p, p + used, (size_t)(n - used));
-    d->n_pending = n - used;
-    return 1;
-}
-
-AFMDEF void afm_detokenizer_init(afm_detokenizer *d, const afm_tokenizer *tok, unsigned flags) {
-    if (!d) return;
-    memset(d, 0, sizeof *d);
-    d->tok = tok;
-    d->flags = flags;
-    d->at_start = 1;
-    d->text_empty = 1;
-}
-
-static void afm__tok_detok_one(afm_detokenizer *d, int32_t id, afm__tok_sink *s) {
-    const afm_tokenizer *t = d->tok;
-    int ty = t->type[id];
-    const char *p = t->str + t->off[id];
-    size_t n = t->off[id + 1] - t->off[id];
-    if (t->kind == AFM_TOKENIZER_HF_JSON) {
-        afm__tok_buf scratch;
-        const char *bp;
-        size_t bn, k;
-        if (ty == AFM_TOKEN_CONTROL && !(d->flags & AFM_TOK_SPECIAL)) return;
-        memset(&scratch, 0, sizeof scratch);
-        afm__tok_hf_piece_bytes(t, id, &scratch, &bp, &bn);
-        for (k = 0; k < bn; k++) {
-            if (d->n_pending == 4) afm__tok_pending_step(d, s, 1);
-            d->pending[d->n_pending++] = (unsigned char)bp[k];
-            while (afm__tok_pending_step(d, s, 0)) {
-            }
-        }
-        afm__free(&t->alloc, scratch.p);
-        return;
-    }
-    if (ty == AFM_TOKEN_BYTE) {
-        unsigned char b = 0;
-        int k;
-        for (k = 0; k < 256; k++)
-            if (t->byte_id[k] == id) { b = (unsigned char)k; break; }
-        d->pending[d->n_pending++] = b;
-        while (afm__tok_pending_step(d, s, 0)) {
-        }
-        return;
-    }
-    while (afm__tok_pending_step(d, s, 1)) {
-    }
-    if (d->bos_ws_seen || !d->text_empty) d->at_start = 0;
-    if (ty == AFM_TOKEN_CONTROL) {
-        d->bos_ws_seen = 0;
-        if (d->flags & AFM_TOK_SPECIAL) {
-            afm__tok_sink_put(s, p, n);
-            if (n) d->text_empty = 0;
-        }
-        return;
-    }
-    if (ty == AFM_TOKEN_UNKNOWN) {
-        d->bos_ws_seen = 0;
-        afm__tok_sink_put(s, t->unk_surface, t->unk_surface_len);
-        if (t->unk_surface_len) d->text_empty = 0;
-        return;
-    }
-    if ((d->flags & AFM_TOK_NEWLINE) && id == t->special[AFM_SPECIAL_NEWLINE]) {
-        d->bos_ws_seen = 0;
-        afm__tok_sink_put(s, "\n", 1);
-        d->text_empty = 0;
-        return;
-    }
-    {
-        int has_bos_ws = 0;
-        size_t k, a;
-        if (d->at_start && (t->add_dummy_prefix || t->remove_extra_ws)) {
-            if (afm__tok_ws_at(p, 0, n)) {
-                p += 3;
-                n -= 3;
-                has_bos_ws = 1;
-            }
-            if (t->remove_extra_ws) has_bos_ws = 0;
-        }
-        d->bos_ws_seen = has_bos_ws;
-        for (k = 0, a = 0; k < n;) {
-            if (afm__tok_ws_at(p, k, n)) {
-                afm__tok_sink_put(s, p + a, k - a);
-                afm__tok_sink_put(s, " ", 1);
-                k += 3;
-                a = k;
-            } else k++;
-        }
-        afm__tok_sink_put(s, p + a, n - a);
-        if (n) d->text_empty = 0;
-    }
-}
-
-AFMDEF afm_result afm_detokenizer_push(afm_detokenizer *d, int32_t id, char *out, size_t cap, size_t *n_out) {
-    afm__tok_sink s;
-    afm_detokenizer save;
-    if (n_out) *n_out = 0;
-    if (!d || !d->tok || !n_out || (!out && cap) || id < 0 || id >= d->tok->n_vocab) return AFM_ERR_ARG;
-    save = *d;
-    s.p = out;
-    s.cap = cap;
-    s.n = 0;
-    afm__tok_detok_one(d, id, &s);
-    *n_out = s.n;
-    if (s.n > cap) {
-        *d = save;
-        return AFM_ERR_ARG;
-    }
-    return AFM_OK;
-}
-
-AFMDEF afm_result afm_detokenizer_flush(afm_detokenizer *d, char *out, size_t cap, size_t *n_out) {
-    afm__tok_sink s;
-    afm_detokenizer save;
-    if (n_out) *n_out = 0;
-    if (!d || !d->tok || !n_out || (!out && cap)) return AFM_ERR_ARG;
-    save = *d;
-    s.p = out;
-    s.cap = cap;
-    s.n = 0;
-    while (afm__tok_pending_step(d, &s, 1)) {
-    }
-    *n_out = s.n;
-    if (s.n > cap) {
-        *d = save;
-        return AFM_ERR_ARG;
-    }
-    return AFM_OK;
-}
-
-AFMDEF afm_result afm_detokenize(const afm_tokenizer *t, const int32_t *tokens, size_t n_tokens, unsigned flags,
-                                 char *text, size_t cap, size_t *len) {
-    afm_detokenizer d;
-    afm__tok_sink s;
-    size_t i;
-    if (len) *len = 0;
-    if (!t || !len || (!tokens && n_tokens) || (!text && cap)) return AFM_ERR_ARG;
-    for (i = 0; i < n_tokens; i++)
-        if (tokens[i] < 0 || tokens[i] >= t->n_vocab) return AFM_ERR_ARG;
-    afm_detokenizer_init(&d, t, flags);
-    s.p = text;
-    s.cap = cap ? cap - 1 : 0;
-    s.n = 0;
-    for (i = 0; i < n_tokens; i++) afm__tok_detok_one(&d, tokens[i], &s);
-    while (afm__tok_pending_step(&d, &s, 1)) {
-    }
-    *len = s.n;
-    if (cap) text[s.n < cap ? s.n : cap - 1] = 0;
-    return s.n < cap ? AFM_OK : AFM_ERR_ARG;
-}
-
-/* ---- AFM chat format ---- */
-static void afm__tok_sink_str(afm__tok_sink *s, const char *z) { afm__tok_sink_put(s, z, strlen(z)); }
-
-AFMDEF afm_result afm_chat_render(const afm_chat_message *messages, int n_messages, const char *const *tools,
-                                  int n_tools, int add_generation_prompt, char *text, size_t cap, size_t *len) {
-    afm__tok_sink s;
-    int i, first = 0;
-    const char *system = "A conversation between a user and a helpful assistant.";
-    if (len) *len = 0;
-    if (!len || n_messages < 0 || n_tools < 0 || (n_messages && !messages) || (n_tools && !tools) || (!text && cap))
-        return AFM_ERR_ARG;
-    for (i = 0; i < n_messages; i++)
-        if (!messages[i].role || !messages[i].content) return AFM_ERR_ARG;
-    for (i = 0; i < n_tools; i++)
-        if (!tools[i]) return AFM_ERR_ARG;
-    s.p = text;
-    s.cap = cap ? cap - 1 : 0;
-    s.n = 0;
-    if (n_messages > 0 && strcmp(messages[0].role, "system") == 0) {
-        system = messages[0].content;
-        first = 1;
-    }
-    afm__tok_sink_str(&s, "<turn_start> system<n>");
-    afm__tok_sink_str(&s, system);
-    if (n_tools > 0) {
-        afm__tok_sink_str(&s, "<n>system tools: ");
-        for (i = 0; i < n_tools; i++) {
-            if (i) afm__tok_sink_str(&s, "<n>");
-            afm__tok_sink_str(&s, tools[i]);
-        }
-    }
-    afm__tok_sink_str(&s, "<turn_end>");
-    for (i = first; i < n_messages; i++) {
-        afm__tok_sink_str(&s, "<turn_start> ");
-        afm__tok_sink_str(&s, messages[i].role);
-        afm__tok_sink_str(&s, "<n>");
-        afm__tok_sink_str(&s, messages[i].content);
-        afm__tok_sink_str(&s, "<turn_end>");
-    }
-    if (add_generation_prompt) afm__tok_sink_str(&s, "<turn_start> assistant<n>");
-    *len = s.n;
-    if (cap) text[s.n < cap ? s.n : cap - 1] = 0;
-    return s.n < cap ? AFM_OK : AFM_ERR_ARG;
-}
-
-AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *t, const afm_chat_message *messages, int n_messages,
-                                    const char *const *tools, int n_tools, int add_generation_prompt,
-                                    int32_t *tokens, size_t cap, size_t *n_tokens) {
-    char *text;
-    size_t len = 0, n = 0;
-    int32_t *ids;
-    afm_result r;
-    unsigned flags = AFM_TOK_NEWLINE;
-    if (n_tokens) *n_tokens = 0;
-    if (!t || !n_tokens || (!tokens && cap)) return AFM_ERR_ARG;
-    /* the template's markers must become tokens: if the vocabulary has them as CONTROL pieces rather than
-       user-defined ones, control pieces are matched in the text too */
-    if (t->special[AFM_SPECIAL_TURN_START] >= 0 && t->type[t->special[AFM_SPECIAL_TURN_START]] == AFM_TOKEN_CONTROL)
-        flags |= AFM_TOK_SPECIAL;
-    if (t->special[AFM_SPECIAL_EOS] < 0) return AFM_ERR_UNSUPPORTED;
-    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, NULL, 0, &len);
-    if (r != AFM_OK && r != AFM_ERR_ARG) return r;
-    if (len == 0 && r == AFM_ERR_ARG) return AFM_ERR_ARG;
-    text = (char *)afm__alloc(&t->alloc, len + 1);
-    if (!text) return AFM_ERR_NOMEM;
-    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, text, len + 1, &len);
-    if (r != AFM_OK) {
-        afm__free(&t->alloc, text);
-        return r;
-    }
-    r = afm_tokenize(t, text, len, flags, NULL, 0, &n);
-    if (r != AFM_OK && r != AFM_ERR_ARG) {
-        afm__free(&t->alloc, text);
-        return r;
-    }
-    ids = (int32_t *)afm__alloc(&t->alloc, (n + 1) * sizeof(int32_t));
-    if (!ids) {
-        afm__free(&t->alloc, text);
-        return AFM_ERR_NOMEM;
-    }
-    r = afm_tokenize(t, text, len, flags, ids, n, &n);
-    afm__free(&t->alloc, text);
-    if (r == AFM_OK) {
-        /* the sequence start rule: drop the first token, put EOS in front */
-        size_t i, total = n ? n : 1;
-        ids[0] = t->special[AFM_SPECIAL_EOS];
-        for (i = 0; i < total && i < cap; i++) tokens[i] = ids[i];
-        *n_tokens = total;
-        if (total > cap) r = AFM_ERR_ARG;
-    }
-    afm__free(&t->alloc, ids);
-    return r;
-}
-
-AFMDEF int afm_tool_call_next(const char *text, size_t len, size_t *pos, const char **call, size_t *call_len,
-                              int *complete) {
-    static const char open_tag[] = "<executable_start>", close_tag[] = "<executable_end>";
-    size_t i, a, b, end, ol = sizeof open_tag - 1, cl = sizeof close_tag - 1;
-    int done = 0;
-    if (!text || !pos || !call || !call_len || *pos > len) return 0;
-    for (i = *pos; i + ol <= len; i++)
-        if (memcmp(text + i, open_tag, ol) == 0) break;
-    if (i + ol > len) return 0;
-    a = i + ol;
-    for (b = a; b + cl <= len; b++)
-        if (memcmp(text + b, close_tag, cl) == 0) break;
-    if (b + cl <= len) {
-        done = 1;
-        end = b + cl;
-    } else {
-        b = len;
-        end = len;
-    }
-    /* strip whitespace and a ```function ... ``` fence */
-    while (a < b && (text[a] == ' ' || text[a] == '\n' || text[a] == '\t' || text[a] == '\r')) a++;
-    while (b > a && (text[b - 1] == ' ' || text[b - 1] == '\n' || text[b - 1] == '\t' || text[b - 1] == '\r')) b--;
-    if (b - a >= 3 && memcmp(text + a, "```", 3) == 0) {
-        size_t j = a + 3;
-        while (j < b && text[j] != '\n') j++; /* the fence's info string, e.g. "function" */
-        a = j < b ? j + 1 : b;
-        if (b - a >= 3 && memcmp(text + b - 3, "```", 3) == 0) b -= 3;
-        while (b > a && (text[b - 1] == '\n' || text[b - 1] == '\r')) b--;
-    }
-    *call = text + a;
-    *call_len = b - a;
-    *pos = end;
-    if (complete) *complete = done;
-    return 1;
-}
-
-/* ---- loading ---- */
-static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size);
-
-AFMDEF afm_result afm_tokenizer_load(const void *data, size_t size, int kind, const afm_allocator *allocator,
-                                     afm_tokenizer **out, char *err, size_t err_size) {
-    afm_allocator m;
-    afm_tokenizer *t;
-    afm_result r;
-    if (err && err_size) err[0] = 0;
-    if (out) *out = NULL;
-    if (!out || (!data && size)) return afm__fail(err, err_size, AFM_ERR_ARG, "afm_tokenizer_load: bad argument");
-    if (allocator && (!allocator->alloc || !allocator->free))
-        return afm__fail(err, err_size, AFM_ERR_ARG, "afm_tokenizer_load: allocator without alloc/free");
-    m = allocator ? *allocator : afm__malloc_allocator;
-    t = (afm_tokenizer *)afm__alloc(&m, sizeof *t);
-    if (!t) return AFM_ERR_NOMEM;
-    memset(t, 0, sizeof *t);
-    t->alloc = m;
-    t->kind = kind;
-    if (kind == AFM_TOKENIZER_SENTENCEPIECE) r = afm__tok_load_spm(t, (const uint8_t *)data, size, err, err_size);
-    else if (kind == AFM_TOKENIZER_HF_JSON) r = afm__tok_load_hf(t, (const uint8_t *)data, size, err, err_size);
-    else r = afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "afm_tokenizer_load: unknown tokenizer kind %d", kind);
-    if (r != AFM_OK) {
-        if (r == AFM_ERR_NOMEM && err && err_size && !err[0]) afm__fail(err, err_size, r, "tokenizer: out of memory");
-        afm_tokenizer_free(t);
-        return r;
-    }
-    *out = t;
-    return AFM_OK;
-}
-
-AFMDEF afm_result afm_model_tokenizer(const afm_model *model, const afm_allocator *allocator, afm_tokenizer **out,
-                                      char *err, size_t err_size) {
-    int kind = 0;
-    size_t size = 0;
-    const void *p;
-    if (out) *out = NULL;
-    if (!model || !out) return AFM_ERR_ARG;
-    p = afm_model_tokenizer_bytes(model, &kind, &size);
-    if (!p) return afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "the model file has no tokenizer");
-    return afm_tokenizer_load(p, size, kind, allocator, out, err, err_size);
-}
-
 /* ======================================================================================== */
 /* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) ========= */
 /* ======================================================================================== */
+/* Opt-in (AFM_HF_TOKENIZER): AFM models use SentencePiece, so the default build is afm.h alone. With
+   the macro, afm_tokenizer.h (Unicode 14 character classes, combining classes, decompositions and
+   compositions, generated by tools/gen_unicode_tables.py) must sit next to afm.h. */
+#ifdef AFM_HF_TOKENIZER
+#include "afm_tokenizer.h"
 
 /* undoes the JSON escapes of string node idx, appending to b; 0 when out of memory */
 static int afm__tok_json_str(const afm_allocator *m, const afm__json *j, int32_t idx, afm__tok_buf *b) {
@@ -6099,6 +4871,1285 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
     afm__free(&t->alloc, tb.p);
     return res;
 }
+#endif /* AFM_HF_TOKENIZER */
+
+/* ======================================================================================== */
+/* ==== KERNELS: weight types, scalar reference, AVX2, AVX-512, NEON ===================== */
+/* ======================================================================================== */
+/* The weight types (docs/FORMAT.md, "Types") and every compute kernel. Decode is a
+   matrix-vector product bound by memory bandwidth, prefill and verification are matrix-matrix
+   products bound by arithmetic; both go through the same calls: activations are prepared once
+   per product (int8 blocks for quantized weights, an f32 copy for float ones), then each thread
+   computes its own rows. A scalar kernel is always compiled and is what every SIMD kernel is
+   tested against (tests/test_kernels.c); x86 SIMD is chosen at run time from cpuid, arm64 NEON at
+   compile time. */
+
+/* ---- platform ---- */
+
+#if defined(_MSC_VER) && !defined(__clang__)
+#define AFM__FORCEINLINE static __forceinline
+#define AFM__ALIGN(n) __declspec(align(n))
+#else
+#define AFM__FORCEINLINE static inline __attribute__((always_inline))
+#define AFM__ALIGN(n) __attribute__((aligned(n)))
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define AFM__UNROLL _Pragma("GCC unroll 16")
+#elif defined(__clang__)
+#define AFM__UNROLL _Pragma("unroll")
+#else
+#define AFM__UNROLL
+#endif
+
+#if !defined(AFM_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64)) && \
+    (defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER))
+#define AFM__X86 1
+#include <immintrin.h>
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#define AFM__T_AVX2
+#define AFM__T_AVX512
+#define AFM__T_VNNI
+#else
+#include <cpuid.h>
+#define AFM__T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AFM__T_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+#define AFM__T_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+#endif
+#endif
+
+#if !defined(AFM_NO_SIMD) && (defined(__aarch64__) || defined(_M_ARM64)) && \
+    (defined(__ARM_NEON) || defined(_M_ARM64))
+#define AFM__NEON 1
+#include <arm_neon.h>
+#if defined(__ARM_FEATURE_DOTPROD)
+#define AFM__NEON_DOT 1
+#endif
+#endif
+
+/* Decode (one token) streams every weight once: prefetch this many bytes ahead in the code stream
+   (0: off). Software prefetch keeps more cache misses in flight than one hardware stream per thread. */
+#ifndef AFM__PF_DIST
+#define AFM__PF_DIST 4096
+#endif
+
+/* ---- prepared activations ---- */
+
+/* Activations prepared for one matrix product.
+   Quantized weights: each token's row, zero-padded to kpad (a multiple of 512), is cut in blocks
+   of 64; block b has d = max|x| / 127, codes q = round_even(x * (127 / max|x|)) in -127..127
+   (0 when the block is all zero), and m = d * sum(q) (for the -1.5 / -7.5 offset of Q2B / Q4).
+   Float weights: an f32 copy of X with row stride kpad (n_in rounded up to 16, zero-padded). */
+typedef struct afm__act {
+    int n_tok, n_in, kpad, nsb; /* nsb = kpad / 64 */
+    int quant;                  /* 1: int8 blocks (q, d, m); 0: f32 (x) */
+    int8_t *q;                  /* [n_tok][kpad] */
+    float *d, *m;               /* [n_tok][nsb] */
+    float *x;                   /* [n_tok][kpad] */
+} afm__act;
+
+static inline size_t afm__align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* Bytes afm__act_init needs for n_tok tokens of n_in features against weights of `type`
+   (includes 64 bytes of slack so that any buffer can be aligned). */
+static inline size_t afm__act_size(int type, int n_tok, int n_in) {
+    size_t kpad;
+    if (afm__type_is_quant(type)) {
+        kpad = ((size_t)n_in + 511) & ~(size_t)511;
+        return 64 + afm__align64((size_t)n_tok * kpad) + 2 * afm__align64((size_t)n_tok * (kpad / 64) * sizeof(float));
+    }
+    kpad = ((size_t)n_in + 15) & ~(size_t)15;
+    return 64 + afm__align64((size_t)n_tok * kpad * sizeof(float));
+}
+
+static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, void *buf) {
+    uint8_t *p = (uint8_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    memset(a, 0, sizeof *a);
+    a->n_tok = n_tok; a->n_in = n_in;
+    a->quant = afm__type_is_quant(type);
+    if (a->quant) {
+        a->kpad = (n_in + 511) & ~511;
+        a->nsb = a->kpad / 64;
+        a->q = (int8_t *)p; p += afm__align64((size_t)n_tok * (size_t)a->kpad);
+        a->d = (float *)p; p += afm__align64((size_t)n_tok * (size_t)a->nsb * sizeof(float));
+        a->m = (float *)p;
+    } else {
+        a->kpad = (n_in + 15) & ~15;
+        a->x = (float *)p;
+    }
+}
+
+/* ---- the kernel table ---- */
+
+/* prepare: fills tokens [t0, t1) of a from X (row t at X + t * ldx).
+   matmul: Y[t*ldy + r] for r in [r0, r1), every token of a (a prepared for w's type).
+   dequant: out[0 .. cols-1] = row `row` of w as f32.
+   kv_scores: s[h*lds + p] = scale * sum_i q[h*ldq + i] * k[p*k_stride + i], h < nq, p < n_pos.
+   kv_values: o[h*ldo + i] = scale * sum_p pr[h*ldp + p] * v[p*v_stride + i], h < nq, i < dim. */
+typedef void (*afm__prepare_fn)(afm__act *a, const float *X, size_t ldx, int t0, int t1);
+typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1);
+typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
+typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                  int n_pos, int dim, float scale, float *s, size_t lds);
+typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                  int n_pos, int dim, float scale, float *o, size_t ldo);
+
+typedef struct afm__kernels {
+    const char *name;
+    afm__prepare_fn prepare_q8;   /* for quantized weights */
+    afm__prepare_fn prepare_f32;  /* for float weights */
+    afm__matmul_fn matmul[AFM__NTYPES];
+    afm__dequant_fn dequant[AFM__NTYPES];
+    afm__kv_scores_fn kv_scores;
+    afm__kv_values_fn kv_values;
+} afm__kernels;
+
+/* Levels for afm__select_kernels's max_level (tests use it to force a lower level). */
+#define AFM__LEVEL_SCALAR 0
+#define AFM__LEVEL_AVX2 1       /* x86: AVX2 + FMA + F16C */
+#define AFM__LEVEL_AVX512 2     /* x86: AVX-512 F/BW/DQ/VL */
+#define AFM__LEVEL_AVX512VNNI 3 /* x86: + AVX512_VNNI */
+#define AFM__LEVEL_NEON 1       /* arm64: NEON (+dotprod if compiled with it) */
+#define AFM__LEVEL_MAX 99
+
+/* ---- scalar reference kernels ---- */
+
+/* Round to nearest, ties to even (the default FP environment); identical to cvtps_epi32/vcvtnq. */
+static inline int afm__round_even(float x) { return (int)lrintf(x); }
+
+static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    int t, b, i;
+    for (t = t0; t < t1; t++) {
+        const float *x = X + (size_t)t * ldx;
+        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        for (b = 0; b < a->nsb; b++) {
+            int n = a->n_in - b * 64, sum = 0;
+            float amax = 0.0f, id;
+            if (n > 64) n = 64;
+            if (n < 0) n = 0;
+            for (i = 0; i < n; i++) { float v = fabsf(x[b * 64 + i]); amax = amax > v ? amax : v; }
+            id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (i = 0; i < n; i++) { int c = afm__round_even(x[b * 64 + i] * id); q[b * 64 + i] = (int8_t)c; sum += c; }
+            for (; i < 64; i++) q[b * 64 + i] = 0;
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)sum;
+        }
+    }
+}
+
+static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    int t;
+    for (t = t0; t < t1; t++) {
+        float *x = a->x + (size_t)t * (size_t)a->kpad;
+        memcpy(x, X + (size_t)t * ldx, (size_t)a->n_in * sizeof(float));
+        memset(x + a->n_in, 0, (size_t)(a->kpad - a->n_in) * sizeof(float));
+    }
+}
+
+/* Integer dot of sub-block sb (64 weights) of a quantized row with 64 int8 activations. */
+static inline int32_t afm__dot_sb_scalar(int type, const uint8_t *row, int sb, const int8_t *q) {
+    int32_t s = 0;
+    int i;
+    if (type == AFM_TYPE_Q2B) { /* block sb/4, plane sb%4: byte j holds weights j, j+64, j+128, j+192 */
+        const uint8_t *b = row + (size_t)(sb >> 2) * 64;
+        int sh = (sb & 3) * 2;
+        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 3) * q[i];
+    } else if (type == AFM_TYPE_Q4) { /* block sb/2: byte j holds weight j (low nibble), j+64 (high) */
+        const uint8_t *b = row + (size_t)(sb >> 1) * 64;
+        int sh = (sb & 1) * 4;
+        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 15) * q[i];
+    } else {
+        const int8_t *b = (const int8_t *)row + (size_t)sb * 64;
+        for (i = 0; i < 64; i++) s += b[i] * q[i];
+    }
+    return s;
+}
+
+static inline float afm__type_offset(int type) { return type == AFM_TYPE_Q2B ? 1.5f : type == AFM_TYPE_Q4 ? 7.5f : 0.0f; }
+
+/* y = sum_sb s_g * (d_sb * dot_sb) - off * sum_sb s_g * m_sb  (the reference formula) */
+static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    const int nsb = w->kpad / 64;
+    const float off = afm__type_offset(w->type);
+    int r, t, sb;
+    for (r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+        for (t = 0; t < a->n_tok; t++) {
+            const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+            const float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+            float acc = 0.0f, accm = 0.0f;
+            for (sb = 0; sb < nsb; sb++) {
+                float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
+                int32_t dot = afm__dot_sb_scalar(w->type, row, sb, q + sb * 64);
+                acc += s * (d[sb] * (float)dot);
+                accm += s * m[sb];
+            }
+            Y[(size_t)t * ldy + (size_t)r] = acc - off * accm;
+        }
+    }
+}
+
+static inline float afm__wf_scalar(int type, const uint8_t *row, int i) {
+    if (type == AFM_TYPE_F32) { float f; memcpy(&f, row + 4 * (size_t)i, 4); return f; }
+    if (type == AFM_TYPE_F16) return afm__h2f(afm__rd16(row + 2 * (size_t)i));
+    return afm__bf2f(afm__rd16(row + 2 * (size_t)i));
+}
+
+static void afm__matmul_f_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    int r, t, i;
+    for (r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        for (t = 0; t < a->n_tok; t++) {
+            const float *x = a->x + (size_t)t * (size_t)a->kpad;
+            float acc = 0.0f;
+            for (i = 0; i < w->cols; i++) acc += afm__wf_scalar(w->type, row, i) * x[i];
+            Y[(size_t)t * ldy + (size_t)r] = acc;
+        }
+    }
+}
+
+static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
+    const uint8_t *p = w->data + (size_t)row * w->row_bytes;
+    int i;
+    if (!afm__type_is_quant(w->type)) {
+        for (i = 0; i < w->cols; i++) out[i] = afm__wf_scalar(w->type, p, i);
+        return;
+    }
+    {
+        const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
+        const int gs = 6 + w->gshift; /* log2(group) */
+        for (i = 0; i < w->cols; i++) {
+            float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(i >> gs)));
+            if (w->type == AFM_TYPE_Q2B) {
+                int c = (p[(i >> 8) * 64 + (i & 63)] >> (((i >> 6) & 3) * 2)) & 3;
+                out[i] = ((float)c - 1.5f) * s;
+            } else if (w->type == AFM_TYPE_Q4) {
+                int c = (p[(i >> 7) * 64 + (i & 63)] >> (((i >> 6) & 1) * 4)) & 15;
+                out[i] = ((float)c - 7.5f) * s;
+            } else {
+                out[i] = (float)(int8_t)p[i] * s;
+            }
+        }
+    }
+}
+
+static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                  int n_pos, int dim, float scale, float *s, size_t lds) {
+    int h, p, i;
+    for (h = 0; h < nq; h++)
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            float acc = 0.0f;
+            for (i = 0; i < dim; i++) acc += q[(size_t)h * ldq + (size_t)i] * (float)kp[i];
+            s[(size_t)h * lds + (size_t)p] = acc * scale;
+        }
+}
+
+static void afm__kv_values_scalar(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                  int n_pos, int dim, float scale, float *o, size_t ldo) {
+    int h, p, i;
+    for (h = 0; h < nq; h++) {
+        float *oh = o + (size_t)h * ldo;
+        for (i = 0; i < dim; i++) oh[i] = 0.0f;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *vp = v + (size_t)p * v_stride;
+            float w = pr[(size_t)h * ldp + (size_t)p];
+            for (i = 0; i < dim; i++) oh[i] += w * (float)vp[i];
+        }
+        for (i = 0; i < dim; i++) oh[i] *= scale;
+    }
+}
+
+/* Scales of sub-blocks c .. c+n-1 (n <= 8) of a row as floats. */
+static inline void afm__scales_chunk(const uint8_t *sc, int gshift, int c, int n, float *out) {
+    int j;
+    for (j = 0; j < n; j++) out[j] = afm__h2f(afm__rd16(sc + 2 * (size_t)((c + j) >> gshift)));
+}
+
+/* Drivers: rows [r0, r1) x all tokens of a kernel for one row (quantized) or R rows (float) x T tokens. */
+/* Rows [r0, r1) x all tokens: blocks of rows whose weights stay in L2 (~192 KB), inside each
+   token tiles of 8 (then one tile of the 1..7 left), rows inside those: a weight row is reused from registers across
+   the tile's tokens, a token tile's activations from L1/L2 across the block's rows. */
+static inline int afm__row_block(const afm__wmat *w) {
+    size_t rb = ((size_t)192 << 10) / (w->row_bytes + (size_t)w->n_groups * 2 + 1);
+    return rb < 8 ? 8 : rb > 4096 ? 4096 : (int)rb;
+}
+/* The body of a quantized driver: TILE is the ISA's token tile, TYPE the weight type (a constant,
+   so each afm__matmul_<type>_<isa> below gets its own specialised copy of the tile). */
+#define AFM__QMM_BODY(TILE, TYPE)                                                                           \
+        const int rb = a->n_tok > 8 ? afm__row_block(w) : r1 - r0;                                          \
+        int b0, t, r;                                                                                       \
+        for (b0 = r0; b0 < r1; b0 += rb) {                                                                  \
+            const int b1 = r1 - b0 > rb ? b0 + rb : r1;                                                     \
+            for (t = 0; t + 8 <= a->n_tok; t += 8)                                                          \
+                for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 8, TYPE);                                \
+            switch (a->n_tok - t) { /* the rest in one tile: a row's codes are read once more, not 3 times */ \
+            case 7: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 7, TYPE); break;                     \
+            case 6: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 6, TYPE); break;                     \
+            case 5: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 5, TYPE); break;                     \
+            case 4: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 4, TYPE); break;                     \
+            case 3: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 3, TYPE); break;                     \
+            case 2: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 2, TYPE); break;                     \
+            case 1: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 1, TYPE); break;                     \
+            default: break;                                                                                 \
+            }                                                                                               \
+        }
+/* The body of a float driver: TILE computes RB rows x TB tokens (then 4 x 1 and 1 x 1 for the rest). */
+#define AFM__FMM_BODY(TILE, TYPE, RB, TB)                                                                   \
+        int t = 0, r;                                                                                       \
+        for (; t + TB <= a->n_tok; t += TB) {                                                               \
+            for (r = r0; r + RB <= r1; r += RB) TILE(w, a, Y, ldy, r, t, RB, TB, TYPE);                     \
+            for (; r < r1; r++) TILE(w, a, Y, ldy, r, t, 1, TB, TYPE);                                      \
+        }                                                                                                   \
+        for (; t < a->n_tok; t++) {                                                                         \
+            for (r = r0; r + 4 <= r1; r += 4) TILE(w, a, Y, ldy, r, t, 4, 1, TYPE);                         \
+            for (; r < r1; r++) TILE(w, a, Y, ldy, r, t, 1, 1, TYPE);                                       \
+        }
+/* ---- x86-64: AVX2 + FMA + F16C ---- */
+#ifdef AFM__X86
+
+AFM__T_AVX2 static inline float afm__hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int t, b, i;
+    for (t = t0; t < t1; t++) {
+        const float *x = X + (size_t)t * ldx;
+        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        for (b = 0; b < a->nsb; b++) {
+            int n = a->n_in - b * 64;
+            if (n >= 64) {
+                __m256 v[8], mx;
+                __m128 h;
+                float amax, id;
+                __m256i q32[8], s16, s8, sum32;
+                for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
+                mx = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
+                                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask))),
+                                   _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[4], absmask), _mm256_and_ps(v[5], absmask)),
+                                                 _mm256_max_ps(_mm256_and_ps(v[6], absmask), _mm256_and_ps(v[7], absmask))));
+                h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_max_ss(h, _mm_movehdup_ps(h));
+                amax = _mm_cvtss_f32(h);
+                id = amax > 0.0f ? 127.0f / amax : 0.0f;
+                for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+                sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
+                                         _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
+                for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
+                    s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
+                    s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
+                    s8 = _mm256_packs_epi16(s16, s8);
+                    s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                    _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
+                }
+                {
+                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+                    d[b] = amax / 127.0f;
+                    m[b] = d[b] * (float)_mm_cvtsi128_si32(s4);
+                }
+            } else { /* partial or empty last block: the scalar reference on a copy */
+                afm__act one = *a;
+                float tmp[64];
+                int k;
+                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
+                one.n_in = 64; one.kpad = 64; one.nsb = 1;
+                one.q = q + b * 64; one.d = d + b; one.m = m + b;
+                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            }
+        }
+    }
+}
+
+/* 8 fp16 scales of sub-blocks c .. c+7 (c a multiple of 8) as floats. */
+AFM__T_AVX2 static inline __m256 afm__scales8_avx2(const uint8_t *sc, int gshift, int c) {
+    const uint8_t *p = sc + 2 * (size_t)(c >> gshift);
+    __m128i h;
+    uint64_t u64; uint32_t u32; uint16_t u16;
+    switch (gshift) {
+    case 0: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    case 1: memcpy(&u64, p, 8); h = _mm_cvtsi64_si128((long long)u64);
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    case 2: memcpy(&u32, p, 4); h = _mm_cvtsi32_si128((int)u32);
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    default: memcpy(&u16, p, 2); h = _mm_cvtsi32_si128((int)u16);
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setzero_si256());
+    }
+}
+
+/* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining).
+   Per sub-block sb (64 weights) the integer dot is formed in 8 int32 lanes, converted to float and
+   accumulated with the factor s_g * d_sb (times 1/4^plane for Q2B planes read without a shift);
+   the offset term -off * sum s_g m_sb is accumulated separately per 8 sub-blocks. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                                  int r, int t0, const int T, const int type) {
+    const int NA = 1; /* one accumulator per token whatever the tile: a token sums in the same order
+                         in a matvec and in any tile, so results do not depend on the batch */
+    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */
+    const int nsb = w->kpad >> 6, gshift = w->gshift;
+    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+    const float off = afm__type_offset(type);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
+                                       : _mm256_set1_ps(1.0f);
+    const int8_t *qb[8];
+    const float *db[8], *mb[8];
+    __m256 acc[8][4], accm[8];
+    float tailm[8];
+    AFM__ALIGN(32) float sd[8][8];
+    int t, j, c;
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
+        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
+        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
+        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm256_setzero_ps();
+        accm[t] = _mm256_setzero_ps();
+        tailm[t] = 0.0f;
+    }
+    for (c = 0; c < nsb; c += 8) {
+        const int n = nsb - c < 8 ? nsb - c : 8;
+        if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
+        if (n == 8) {
+            const __m256 S = afm__scales8_avx2(sc, gshift, c), SP = _mm256_mul_ps(S, pf);
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
+                if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+            }
+        } else {
+            float s8[8];
+            afm__scales_chunk(sc, gshift, c, n, s8);
+            AFM__UNROLL for (t = 0; t < T; t++)
+                for (j = 0; j < n; j++) {
+                    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+                    sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
+                    tailm[t] += s8[j] * mb[t][c + j];
+                }
+        }
+        for (j = 0; j < n; j += SBB) {
+            const int sb0 = c + j;
+            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)blk);
+            if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)blk + AFM__PF_DIST, _MM_HINT_T0);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(blk + 32));
+            int k;
+            AFM__UNROLL for (k = 0; k < SBB; k++) {
+                const int sb = sb0 + k;
+                __m256i c0, c1;
+                if (type == AFM_TYPE_Q2B) {
+                    /* planes 0,1,2 masked in place (codes x1, x4, x16), plane 3 shifted by 2 (x16) */
+                    if (k == 3) {
+                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2), _mm256_set1_epi8(0x30));
+                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2), _mm256_set1_epi8(0x30));
+                    } else {
+                        const __m256i mk = _mm256_set1_epi8((char)(3 << (2 * k)));
+                        c0 = _mm256_and_si256(v0, mk);
+                        c1 = _mm256_and_si256(v1, mk);
+                    }
+                } else if (type == AFM_TYPE_Q4) {
+                    if (k == 0) {
+                        c0 = _mm256_and_si256(v0, _mm256_set1_epi8(0x0f));
+                        c1 = _mm256_and_si256(v1, _mm256_set1_epi8(0x0f));
+                    } else {
+                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), _mm256_set1_epi8(0x0f));
+                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0f));
+                    }
+                } else {
+                    c0 = v0; c1 = v1;
+                }
+                AFM__UNROLL for (t = 0; t < T; t++) {
+                    const __m256i x0 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64));
+                    const __m256i x1 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64 + 32));
+                    __m256i i32;
+                    if (type == AFM_TYPE_Q8) {
+                        const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
+                        const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
+                        i32 = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+                    } else {
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
+                        i32 = _mm256_madd_epi16(p, ones);
+                    }
+                    acc[t][k % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t][k % NA]);
+                }
+            }
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        __m256 s = acc[t][0];
+        AFM__UNROLL for (j = 1; j < NA; j++) s = _mm256_add_ps(s, acc[t][j]);
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx2(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]);
+    }
+}
+
+AFM__T_AVX2 static void afm__matmul_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_avx2, AFM_TYPE_Q2B)
+}
+AFM__T_AVX2 static void afm__matmul_q4_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_avx2, AFM_TYPE_Q4)
+}
+AFM__T_AVX2 static void afm__matmul_q8_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_avx2, AFM_TYPE_Q8)
+}
+
+/* 8 weights of a float type as f32 */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__ld8_avx2(const uint8_t *row, int i, const int type) {
+    if (type == AFM_TYPE_F32) return _mm256_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
+    if (type == AFM_TYPE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i))), 16));
+}
+
+/* R rows x T tokens of a float matrix: dot products in 8 lanes, then a horizontal sum each. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__ftile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                                  int r, int t0, const int R, const int T, const int type) {
+    const int K = w->cols, K8 = K & ~7;
+    const uint8_t *rows[4];
+    const float *xs[4];
+    __m256 acc[4][4];
+    int i, u, t;
+    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
+    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm256_setzero_ps();
+    for (i = 0; i < K8; i += 8) {
+        __m256 wv[4];
+        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld8_avx2(rows[u], i, type);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const __m256 xv = _mm256_loadu_ps(xs[t] + i);
+            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm256_fmadd_ps(wv[u], xv, acc[u][t]);
+        }
+    }
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
+        float s = afm__hsum_avx2(acc[u][t]);
+        for (i = K8; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
+    }
+}
+
+AFM__T_AVX2 static void afm__matmul_f32_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_avx2, AFM_TYPE_F32, 4, 2)
+}
+AFM__T_AVX2 static void afm__matmul_f16_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_avx2, AFM_TYPE_F16, 4, 2)
+}
+AFM__T_AVX2 static void afm__matmul_bf16_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_avx2, AFM_TYPE_BF16, 4, 2)
+}
+
+AFM__T_AVX2 static void afm__prepare_f32_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    afm__prepare_f32_scalar(a, X, ldx, t0, t1);
+}
+
+/* Q4 row dequantization (the embedding lookup): 64-byte block -> 128 floats. */
+AFM__T_AVX2 static void afm__dequant_avx2(const afm__wmat *w, int row, float *out) {
+    if (w->type == AFM_TYPE_Q4 || w->type == AFM_TYPE_Q2B) {
+        const int Q4 = w->type == AFM_TYPE_Q4, per = Q4 ? 128 : 256, SBB = Q4 ? 2 : 4;
+        const uint8_t *p = w->data + (size_t)row * w->row_bytes;
+        const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
+        const __m256 offv = _mm256_set1_ps(Q4 ? 7.5f : 1.5f);
+        const __m128i mask = _mm_set1_epi8((char)(Q4 ? 15 : 3));
+        int b, k, h;
+        float tmp[256];
+        for (b = 0; b * per < w->cols; b++) {
+            const int full = (b + 1) * per <= w->cols;
+            float *o = full ? out + b * per : tmp;
+            for (k = 0; k < SBB; k++) {
+                const int sb = b * SBB + k;
+                const __m256 s = _mm256_set1_ps(afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift))));
+                for (h = 0; h < 4; h++) { /* 16 bytes -> 16 codes of plane k */
+                    __m128i v = _mm_loadu_si128((const __m128i *)(p + (size_t)b * 64 + 16 * h));
+                    v = _mm_and_si128(_mm_srli_epi16(v, Q4 ? 4 * k : 2 * k), mask);
+                    _mm256_storeu_ps(o + k * 64 + 16 * h, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), offv), s));
+                    _mm256_storeu_ps(o + k * 64 + 16 * h + 8,
+                                     _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), offv), s));
+                }
+            }
+            if (!full) memcpy(out + b * per, tmp, (size_t)(w->cols - b * per) * sizeof(float));
+        }
+        return;
+    }
+    if (w->type == AFM_TYPE_F16) {
+        const uint8_t *p = w->data + (size_t)row * w->row_bytes;
+        int i = 0;
+        for (; i + 8 <= w->cols; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * (size_t)i))));
+        for (; i < w->cols; i++) out[i] = afm__h2f(afm__rd16(p + 2 * (size_t)i));
+        return;
+    }
+    afm__dequant_scalar(w, row, out);
+}
+
+/* int8 -> f32 of 8 keys/values */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__i8x8_avx2(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
+}
+
+AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                            int n_pos, int dim, float scale, float *s, size_t lds) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            __m256 acc[4];
+            for (h = 0; h < 4; h++) acc[h] = _mm256_setzero_ps();
+            if (nh == 4) {
+                for (i = 0; i < d8; i += 8) {
+                    const __m256 kv = afm__i8x8_avx2(kp + i);
+                    AFM__UNROLL for (h = 0; h < 4; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
+                }
+            } else {
+                for (i = 0; i < d8; i += 8) {
+                    const __m256 kv = afm__i8x8_avx2(kp + i);
+                    for (h = 0; h < nh; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                float sum = afm__hsum_avx2(acc[h]);
+                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
+            }
+        }
+    }
+}
+
+AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                            int n_pos, int dim, float scale, float *o, size_t ldo) {
+    const int d8 = dim & ~7;
+    const __m256 sv = _mm256_set1_ps(scale);
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (i = 0; i < d8; i += 16) { /* 16 columns x up to 4 heads: 8 accumulators */
+            const int two = i + 16 <= d8;
+            __m256 acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+            for (p = 0; p < n_pos; p++) {
+                const int8_t *vp = v + (size_t)p * v_stride + i;
+                const __m256 x0 = afm__i8x8_avx2(vp);
+                const __m256 x1 = two ? afm__i8x8_avx2(vp + 8) : _mm256_setzero_ps();
+                for (h = 0; h < nh; h++) {
+                    const __m256 wgt = _mm256_broadcast_ss(pr + (size_t)(h0 + h) * ldp + p);
+                    acc[h][0] = _mm256_fmadd_ps(wgt, x0, acc[h][0]);
+                    acc[h][1] = _mm256_fmadd_ps(wgt, x1, acc[h][1]);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                _mm256_storeu_ps(o + (size_t)(h0 + h) * ldo + i, _mm256_mul_ps(acc[h][0], sv));
+                if (two) _mm256_storeu_ps(o + (size_t)(h0 + h) * ldo + i + 8, _mm256_mul_ps(acc[h][1], sv));
+            }
+        }
+        for (h = 0; h < nh; h++)
+            for (i = d8; i < dim; i++) {
+                float sum = 0.0f;
+                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
+            }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* x86-64: AVX-512 (F, BW, DQ, VL) and AVX-512 VNNI                                        */
+/* ---------------------------------------------------------------------------------------- */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push /* g++ 12 flags _mm512_undefined_*() inside its own headers */
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+AFM__T_AVX512 static inline float afm__hsum_avx512(__m512 v) {
+    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    return afm__hsum_avx2(s);
+}
+
+/* 8 scale factors of sub-blocks c..c+7 as the low 8 lanes of a zmm (upper lanes unused) */
+AFM__FORCEINLINE AFM__T_AVX512 void afm__sdprep_avx512(const afm__wmat *w, const afm__act *a, const uint8_t *sc, int c, int n,
+                                                       const int T, const int type, const float **db, const float **mb,
+                                                       float (*sd)[8], __m256 *accm, float *tailm) {
+    int t, j;
+    if (n == 8) {
+        const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
+                                           : _mm256_set1_ps(1.0f);
+        const __m256 S = afm__scales8_avx2(sc, w->gshift, c), SP = _mm256_mul_ps(S, pf);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
+            if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+        }
+    } else {
+        float s8[8];
+        static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+        afm__scales_chunk(sc, w->gshift, c, n, s8);
+        AFM__UNROLL for (t = 0; t < T; t++)
+            for (j = 0; j < n; j++) {
+                sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
+                tailm[t] += s8[j] * mb[t][c + j];
+            }
+    }
+    (void)a;
+}
+
+/* As afm__qtile_avx2 with one 64-byte block per zmm. VNNI: vpdpbusd (u8 x s8 -> s32);
+   otherwise vpmaddubsw + vpmaddwd. */
+AFM__FORCEINLINE AFM__T_AVX512 __m512i afm__dot64_avx512bw(__m512i u, __m512i s) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+}
+AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+}
+
+/* The AVX-512 token tile; DOT is the 64-byte unsigned x signed dot (AVX-512 BW or VNNI). */
+#define AFM__QTILE512_BODY(DOT)                                                                                  \
+        const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */                           \
+        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                          \
+        const int nsb = w->kpad >> 6;                                                                            \
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                 \
+        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                     \
+        const float off = afm__type_offset(type);                                                                \
+        const int8_t *qb[8];                                                                                     \
+        const float *db[8], *mb[8];                                                                              \
+        __m512 acc[8][4];                                                                                        \
+        __m256 accm[8];                                                                                          \
+        float tailm[8];                                                                                          \
+        AFM__ALIGN(32) float sd[8][8];                                                                           \
+        int t, j, c;                                                                                             \
+        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
+            qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;                                                   \
+            db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
+            mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
+            AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm512_setzero_ps();                                \
+            accm[t] = _mm256_setzero_ps();                                                                       \
+            tailm[t] = 0.0f;                                                                                     \
+        }                                                                                                        \
+        for (c = 0; c < nsb; c += 8) {                                                                           \
+            const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
+            if (T == 1 && AFM__PF_DIST > 0)                                                                      \
+                _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
+            afm__sdprep_avx512(w, a, sc, c, n, T, type, db, mb, sd, accm, tailm);                                \
+            for (j = 0; j < n; j += SBB) {                                                                       \
+                const int sb0 = c + j;                                                                           \
+                const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
+                if (T == 1 && AFM__PF_DIST > 0)                                                                  \
+                    _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);    \
+                int k;                                                                                           \
+                AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
+                    const int sb = sb0 + k;                                                                      \
+                    __m512i cv;                                                                                  \
+                    if (type == AFM_TYPE_Q2B)                                                                        \
+                        cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))          \
+                                    : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));               \
+                    else if (type == AFM_TYPE_Q4)                                                                    \
+                        cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
+                    else                                                                                         \
+                        cv = _mm512_abs_epi8(v);                                                                 \
+                    AFM__UNROLL for (t = 0; t < T; t++) {                                                        \
+                        __m512i x = _mm512_load_si512((const void *)(qb[t] + sb * 64));                          \
+                        if (type == AFM_TYPE_Q8) /* sign of the weight moved onto the activation */                 \
+                            x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);      \
+                        acc[t][k % NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(cv, x)),                         \
+                                                         _mm512_set1_ps(sd[t][j + k]), acc[t][k % NA]);          \
+                    }                                                                                            \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
+            __m512 s = acc[t][0];                                                                                \
+            AFM__UNROLL for (j = 1; j < NA; j++) s = _mm512_add_ps(s, acc[t][j]);                                \
+            Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx512(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]); \
+        }
+AFM__FORCEINLINE AFM__T_AVX512 void afm__qtile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                          int r, int t0, const int T, const int type) {
+    AFM__QTILE512_BODY(afm__dot64_avx512bw)
+}
+AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                          int r, int t0, const int T, const int type) {
+    AFM__QTILE512_BODY(afm__dot64_vnni)
+}
+AFM__T_AVX512 static void afm__matmul_q2b_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q2B)
+}
+AFM__T_AVX512 static void afm__matmul_q4_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q4)
+}
+AFM__T_AVX512 static void afm__matmul_q8_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q8)
+}
+AFM__T_VNNI static void afm__matmul_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q2B)
+}
+AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q4)
+}
+AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q8)
+}
+
+AFM__FORCEINLINE AFM__T_AVX512 __m512 afm__ld16_avx512(const uint8_t *row, int i, const int type) {
+    if (type == AFM_TYPE_F32) return _mm512_loadu_ps((const void *)(row + 4 * (size_t)i));
+    if (type == AFM_TYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i))), 16));
+}
+
+AFM__FORCEINLINE AFM__T_AVX512 void afm__ftile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                                      int r, int t0, const int R, const int T, const int type) {
+    const int K = w->cols, K16 = K & ~15;
+    const uint8_t *rows[4];
+    const float *xs[4];
+    __m512 acc[4][4];
+    int i, u, t;
+    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
+    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();
+    for (i = 0; i < K16; i += 16) {
+        __m512 wv[4];
+        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld16_avx512(rows[u], i, type);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const __m512 xv = _mm512_loadu_ps(xs[t] + i);
+            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm512_fmadd_ps(wv[u], xv, acc[u][t]);
+        }
+    }
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
+        float s = afm__hsum_avx512(acc[u][t]);
+        for (i = K16; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
+    }
+}
+AFM__T_AVX512 static void afm__matmul_f32_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F32, 4, 4)
+}
+AFM__T_AVX512 static void afm__matmul_f16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F16, 4, 4)
+}
+AFM__T_AVX512 static void afm__matmul_bf16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_BF16, 4, 4)
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+/* ---- run-time CPU detection ---- */
+#if defined(_MSC_VER) && !defined(__clang__)
+static void afm__cpuid(int leaf, int sub, uint32_t r[4]) {
+    int v[4];
+    __cpuidex(v, leaf, sub);
+    r[0] = (uint32_t)v[0]; r[1] = (uint32_t)v[1]; r[2] = (uint32_t)v[2]; r[3] = (uint32_t)v[3];
+}
+static uint64_t afm__xgetbv0(void) { return (uint64_t)_xgetbv(0); }
+#else
+static void afm__cpuid(int leaf, int sub, uint32_t r[4]) {
+    r[0] = r[1] = r[2] = r[3] = 0;
+    __cpuid_count((unsigned)leaf, (unsigned)sub, r[0], r[1], r[2], r[3]);
+}
+static uint64_t afm__xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+/* Highest AFM__LEVEL_* this CPU and OS support. */
+static int afm__x86_level(void) {
+    uint32_t r[4], max_leaf, ecx1, ebx7, ecx7;
+    uint64_t xcr0;
+    afm__cpuid(0, 0, r);
+    max_leaf = r[0];
+    if (max_leaf < 7) return AFM__LEVEL_SCALAR;
+    afm__cpuid(1, 0, r);
+    ecx1 = r[2];
+    /* FMA (12), OSXSAVE (27), AVX (28), F16C (29) */
+    if ((ecx1 & ((1u << 12) | (1u << 27) | (1u << 28) | (1u << 29))) != ((1u << 12) | (1u << 27) | (1u << 28) | (1u << 29)))
+        return AFM__LEVEL_SCALAR;
+    xcr0 = afm__xgetbv0();
+    if ((xcr0 & 6) != 6) return AFM__LEVEL_SCALAR; /* XMM and YMM state enabled by the OS */
+    afm__cpuid(7, 0, r);
+    ebx7 = r[1]; ecx7 = r[2];
+    if (!(ebx7 & (1u << 5))) return AFM__LEVEL_SCALAR; /* AVX2 */
+    /* AVX512F (16), DQ (17), BW (30), VL (31); opmask, ZMM_Hi256, Hi16_ZMM state (xcr0 bits 5-7) */
+    if ((ebx7 & ((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31))) != ((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31)) ||
+        (xcr0 & 0xe0) != 0xe0)
+        return AFM__LEVEL_AVX2;
+    if (!(ecx7 & (1u << 11))) return AFM__LEVEL_AVX512; /* AVX512_VNNI */
+    return AFM__LEVEL_AVX512VNNI;
+}
+#endif /* AFM__X86 */
+
+/* ---- arm64: NEON (baseline) and the dot-product extension (compile time) ---- */
+#ifdef AFM__NEON
+
+static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    int t, b, i;
+    for (t = t0; t < t1; t++) {
+        const float *x = X + (size_t)t * ldx;
+        int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
+        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        for (b = 0; b < a->nsb; b++) {
+            const int n = a->n_in - b * 64;
+            if (n >= 64) {
+                float32x4_t v[16], mx = vdupq_n_f32(0.0f), vid;
+                int32x4_t s = vdupq_n_s32(0);
+                float amax, id;
+                for (i = 0; i < 16; i++) { v[i] = vld1q_f32(x + b * 64 + 4 * i); mx = vmaxq_f32(mx, vabsq_f32(v[i])); }
+                amax = vmaxvq_f32(mx);
+                id = amax > 0.0f ? 127.0f / amax : 0.0f;
+                vid = vdupq_n_f32(id);
+                for (i = 0; i < 16; i += 4) {
+                    int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
+                    int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
+                    int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
+                    s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
+                    vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+                }
+                d[b] = amax / 127.0f;
+                m[b] = d[b] * (float)vaddvq_s32(s);
+            } else {
+                afm__act one = *a;
+                float tmp[64];
+                int k;
+                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
+                one.n_in = 64; one.kpad = 64; one.nsb = 1;
+                one.q = q + b * 64; one.d = d + b; one.m = m + b;
+                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            }
+        }
+    }
+}
+
+/* Scale factors for sub-blocks c..c+n-1 (vector conversion when all 8 groups are distinct). */
+static inline void afm__scales8_neon(const uint8_t *sc, int gshift, int c, int n, float *s8) {
+    if (n == 8) {
+        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        float f[8];
+        int j;
+        memcpy(h, sc + 2 * (size_t)(c >> gshift), (size_t)(16 >> gshift));
+        vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))));
+        vst1q_f32(f + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4))));
+        for (j = 0; j < 8; j++) s8[j] = f[j >> gshift];
+    } else {
+        afm__scales_chunk(sc, gshift, c, n, s8);
+    }
+}
+
+/* int32x4 dot of 64 weight codes (four 16-byte quarters, values fit int8) with 64 activations. */
+AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int type) {
+#ifdef AFM__NEON_DOT
+    int32x4_t s = vdupq_n_s32(0);
+    (void)type;
+    s = vdotq_s32(s, cq[0], vld1q_s8(x));
+    s = vdotq_s32(s, cq[1], vld1q_s8(x + 16));
+    s = vdotq_s32(s, cq[2], vld1q_s8(x + 32));
+    s = vdotq_s32(s, cq[3], vld1q_s8(x + 48));
+    return s;
+#else
+    int j;
+    if (type == AFM_TYPE_Q8) { /* products up to 127*127: two per int16 lane, then widen */
+        int32x4_t s = vdupq_n_s32(0);
+        for (j = 0; j < 4; j++) {
+            const int8x16_t xv = vld1q_s8(x + 16 * j);
+            int16x8_t p = vmull_s8(vget_low_s8(cq[j]), vget_low_s8(xv));
+            p = vmlal_high_s8(p, cq[j], xv);
+            s = vpadalq_s16(s, p);
+        }
+        return s;
+    } else { /* codes <= 15: eight products per int16 lane stay below 2^15 */
+        int16x8_t p = vdupq_n_s16(0);
+        for (j = 0; j < 4; j++) {
+            const int8x16_t xv = vld1q_s8(x + 16 * j);
+            p = vmlal_s8(p, vget_low_s8(cq[j]), vget_low_s8(xv));
+            p = vmlal_high_s8(p, cq[j], xv);
+        }
+        return vpaddlq_s16(p);
+    }
+#endif
+}
+
+AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                      int r, int t0, const int T, const int type) {
+    const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */
+    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
+    const int nsb = w->kpad >> 6;
+    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+    const float off = afm__type_offset(type);
+    const int8_t *qb[8];
+    const float *db[8], *mb[8];
+    float32x4_t acc[8][4], accm[8];
+    float sd[8][8];
+    int t, j, c;
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
+        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
+        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
+        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = vdupq_n_f32(0.0f);
+        accm[t] = vdupq_n_f32(0.0f);
+    }
+    for (c = 0; c < nsb; c += 8) {
+        const int n = nsb - c < 8 ? nsb - c : 8;
+        float s8[8];
+        afm__scales8_neon(sc, w->gshift, c, n, s8);
+        if (n == 8) {
+            const float32x4_t S0 = vld1q_f32(s8), S1 = vld1q_f32(s8 + 4);
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                vst1q_f32(sd[t], vmulq_f32(S0, vld1q_f32(db[t] + c)));
+                vst1q_f32(sd[t] + 4, vmulq_f32(S1, vld1q_f32(db[t] + c + 4)));
+                if (type != AFM_TYPE_Q8) {
+                    accm[t] = vfmaq_f32(accm[t], S0, vld1q_f32(mb[t] + c));
+                    accm[t] = vfmaq_f32(accm[t], S1, vld1q_f32(mb[t] + c + 4));
+                }
+            }
+        } else {
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                float tm = 0.0f;
+                for (j = 0; j < n; j++) { sd[t][j] = s8[j] * db[t][c + j]; tm += s8[j] * mb[t][c + j]; }
+                accm[t] = vsetq_lane_f32(vgetq_lane_f32(accm[t], 0) + tm, accm[t], 0);
+            }
+        }
+        for (j = 0; j < n; j += SBB) {
+            const int sb0 = c + j;
+            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
+            const uint8x16_t v0 = vld1q_u8(blk), v1 = vld1q_u8(blk + 16), v2 = vld1q_u8(blk + 32), v3 = vld1q_u8(blk + 48);
+#if defined(__GNUC__) || defined(__clang__)
+            if (T == 1 && AFM__PF_DIST > 0) __builtin_prefetch(blk + AFM__PF_DIST, 0, 3);
+#endif
+            int k;
+            AFM__UNROLL for (k = 0; k < SBB; k++) {
+                const int sb = sb0 + k;
+                int8x16_t cq[4];
+                if (type == AFM_TYPE_Q2B) {
+                    if (k == 0) {
+                        const uint8x16_t m3 = vdupq_n_u8(3);
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, m3));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, m3));
+                    } else if (k == 3) {
+                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 6)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 6));
+                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 6)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 6));
+                    } else {
+                        const uint8x16_t m3 = vdupq_n_u8(3);
+                        if (k == 1) {
+                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), m3));
+                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), m3));
+                        } else {
+                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 4), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 4), m3));
+                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 4), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 4), m3));
+                        }
+                    }
+                } else if (type == AFM_TYPE_Q4) {
+                    if (k == 0) {
+                        const uint8x16_t mf = vdupq_n_u8(15);
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mf)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mf));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mf)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mf));
+                    } else {
+                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
+                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 4)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 4));
+                    }
+                } else {
+                    cq[0] = vreinterpretq_s8_u8(v0); cq[1] = vreinterpretq_s8_u8(v1);
+                    cq[2] = vreinterpretq_s8_u8(v2); cq[3] = vreinterpretq_s8_u8(v3);
+                }
+                AFM__UNROLL for (t = 0; t < T; t++) {
+                    const int32x4_t i32 = afm__dot64_neon(cq, qb[t] + sb * 64, type);
+                    acc[t][k % NA] = vfmaq_n_f32(acc[t][k % NA], vcvtq_f32_s32(i32), sd[t][j + k]);
+                }
+            }
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        float32x4_t s = acc[t][0];
+        AFM__UNROLL for (j = 1; j < NA; j++) s = vaddq_f32(s, acc[t][j]);
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = vaddvq_f32(s) - off * vaddvq_f32(accm[t]);
+    }
+}
+static void afm__matmul_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q2B)
+}
+static void afm__matmul_q4_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q4)
+}
+static void afm__matmul_q8_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q8)
+}
+
+AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int type) {
+    if (type == AFM_TYPE_F32) return vld1q_f32((const float *)(const void *)(row + 4 * (size_t)i));
+    if (type == AFM_TYPE_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i))));
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i)), 16));
+}
+
+AFM__FORCEINLINE void afm__ftile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                      int r, int t0, const int R, const int T, const int type) {
+    const int K = w->cols, K4 = K & ~3;
+    const uint8_t *rows[4];
+    const float *xs[4];
+    float32x4_t acc[4][4];
+    int i, u, t;
+    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
+    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = vdupq_n_f32(0.0f);
+    for (i = 0; i < K4; i += 4) {
+        float32x4_t wv[4];
+        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld4_neon(rows[u], i, type);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const float32x4_t xv = vld1q_f32(xs[t] + i);
+            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = vfmaq_f32(acc[u][t], wv[u], xv);
+        }
+    }
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
+        float s = vaddvq_f32(acc[u][t]);
+        for (i = K4; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
+    }
+}
+static void afm__matmul_f32_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F32, 4, 3)
+}
+static void afm__matmul_f16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F16, 4, 3)
+}
+static void afm__matmul_bf16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 3)
+}
+
+static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                int n_pos, int dim, float scale, float *s, size_t lds) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            float32x4_t acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            for (i = 0; i < d8; i += 8) {
+                const int16x8_t k16 = vmovl_s8(vld1_s8(kp + i));
+                const float32x4_t k0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(k16))), k1 = vcvtq_f32_s32(vmovl_high_s16(k16));
+                for (h = 0; h < nh; h++) {
+                    const float *qh = q + (size_t)(h0 + h) * ldq + i;
+                    acc[h][0] = vfmaq_f32(acc[h][0], vld1q_f32(qh), k0);
+                    acc[h][1] = vfmaq_f32(acc[h][1], vld1q_f32(qh + 4), k1);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                float sum = vaddvq_f32(vaddq_f32(acc[h][0], acc[h][1]));
+                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
+            }
+        }
+    }
+}
+
+static void afm__kv_values_neon(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                int n_pos, int dim, float scale, float *o, size_t ldo) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (i = 0; i < d8; i += 8) {
+            float32x4_t acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            for (p = 0; p < n_pos; p++) {
+                const int16x8_t v16 = vmovl_s8(vld1_s8(v + (size_t)p * v_stride + i));
+                const float32x4_t x0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(v16))), x1 = vcvtq_f32_s32(vmovl_high_s16(v16));
+                for (h = 0; h < nh; h++) {
+                    const float wgt = pr[(size_t)(h0 + h) * ldp + (size_t)p];
+                    acc[h][0] = vfmaq_n_f32(acc[h][0], x0, wgt);
+                    acc[h][1] = vfmaq_n_f32(acc[h][1], x1, wgt);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i, vmulq_n_f32(acc[h][0], scale));
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i + 4, vmulq_n_f32(acc[h][1], scale));
+            }
+        }
+        for (h = 0; h < nh; h++)
+            for (i = d8; i < dim; i++) {
+                float sum = 0.0f;
+                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
+            }
+    }
+}
+#endif /* AFM__NEON */
+
+/* ---- selection and dispatch ---- */
+
+/* Fills k with the best kernels for this CPU, at most max_level (AFM__LEVEL_MAX: no limit).
+   Returns the level chosen. Scalar kernels fill every slot the SIMD level does not override. */
+static inline int afm__select_kernels(afm__kernels *k, int max_level) {
+    int i, level = AFM__LEVEL_SCALAR;
+    k->name = "scalar";
+    k->prepare_q8 = afm__prepare_q8_scalar;
+    k->prepare_f32 = afm__prepare_f32_scalar;
+    for (i = 0; i < AFM__NTYPES; i++) {
+        k->matmul[i] = i < 3 ? afm__matmul_f_scalar : afm__matmul_q_scalar;
+        k->dequant[i] = afm__dequant_scalar;
+    }
+    k->kv_scores = afm__kv_scores_scalar;
+    k->kv_values = afm__kv_values_scalar;
+#if defined(AFM__X86)
+    level = afm__x86_level();
+    if (level > max_level) level = max_level;
+    if (level >= AFM__LEVEL_AVX2) {
+        k->name = "avx2";
+        k->prepare_q8 = afm__prepare_q8_avx2;
+        k->prepare_f32 = afm__prepare_f32_avx2;
+        k->matmul[0] = afm__matmul_f32_avx2; k->matmul[1] = afm__matmul_f16_avx2; k->matmul[2] = afm__matmul_bf16_avx2;
+        k->matmul[3] = afm__matmul_q2b_avx2; k->matmul[4] = afm__matmul_q4_avx2; k->matmul[5] = afm__matmul_q8_avx2;
+        for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
+        k->kv_scores = afm__kv_scores_avx2;
+        k->kv_values = afm__kv_values_avx2;
+    }
+    if (level >= AFM__LEVEL_AVX512) {
+        k->name = "avx512";
+        k->matmul[0] = afm__matmul_f32_avx512; k->matmul[1] = afm__matmul_f16_avx512; k->matmul[2] = afm__matmul_bf16_avx512;
+        k->matmul[3] = afm__matmul_q2b_avx512; k->matmul[4] = afm__matmul_q4_avx512; k->matmul[5] = afm__matmul_q8_avx512;
+    }
+    if (level >= AFM__LEVEL_AVX512VNNI) {
+        k->name = "avx512vnni";
+        k->matmul[3] = afm__matmul_q2b_vnni; k->matmul[4] = afm__matmul_q4_vnni; k->matmul[5] = afm__matmul_q8_vnni;
+    }
+#elif defined(AFM__NEON)
+    if (max_level >= AFM__LEVEL_NEON) {
+        level = AFM__LEVEL_NEON;
+#ifdef AFM__NEON_DOT
+        k->name = "neon-dotprod";
+#else
+        k->name = "neon";
+#endif
+        k->prepare_q8 = afm__prepare_q8_neon;
+        k->matmul[0] = afm__matmul_f32_neon; k->matmul[1] = afm__matmul_f16_neon; k->matmul[2] = afm__matmul_bf16_neon;
+        k->matmul[3] = afm__matmul_q2b_neon; k->matmul[4] = afm__matmul_q4_neon; k->matmul[5] = afm__matmul_q8_neon;
+        k->kv_scores = afm__kv_scores_neon;
+        k->kv_values = afm__kv_values_neon;
+    }
+#else
+    (void)max_level;
+#endif
+    return level;
+}
+
+/* Prepares tokens [t0, t1) of a (for a matrix of type `type`). */
+static inline void afm__prepare_activations(const afm__kernels *k, afm__act *a, const float *X, size_t ldx, int t0, int t1) {
+    if (a->quant) k->prepare_q8(a, X, ldx, t0, t1);
+    else k->prepare_f32(a, X, ldx, t0, t1);
+}
+
+/* Y[t*ldy + r] = W[r] . X[t] for r in [r0, r1), every token of a. */
+static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    if (r0 >= r1 || a->n_tok <= 0) return;
+    k->matmul[afm__type_slot(w->type)](w, a, Y, ldy, r0, r1);
+}
+
+static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w, int row, float *out) {
+    k->dequant[afm__type_slot(w->type)](w, row, out);
+}
+
 
 /* ======================================================================================== */
 /* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======= */
@@ -6541,13 +6592,14 @@ AFMDEF void afm_adapter_get_info(const afm_adapter *ad, afm_adapter_info *info) 
 }
 
 /* ======================================================================================== */
-/* ==== FORWARD PASS (AFM_SPEC section 2) ================================================= */
+/* ==== SESSIONS ========================================================================== */
 /* ======================================================================================== */
 
 struct afm_session {
     afm_model *model;
     afm_session_params params;
     afm__pool pool;
+    afm__kernels kern;            /* chosen for this CPU when the session is created */
     afm_kv_type kv_type;
     int pos, n_ctx, cap;          /* tokens in the cache, context limit, KV positions allocated */
     int kv_dim;                   /* n_kv_heads * head_dim */
@@ -6580,6 +6632,185 @@ static afm_result afm__serr(afm_session *s, afm_result code, const char *fmt, ..
     va_end(ap);
     return code;
 }
+
+
+static void afm__session_release_buffers(afm_session *s) {
+    const afm_allocator *a = &s->model->alloc;
+    void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
+                      (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
+                      (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
+                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32 };
+    size_t i;
+    for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
+}
+
+/* Grows the KV cache (and the per-thread score rows) to hold at least `need` positions. */
+static afm_result afm__reserve(afm_session *s, int need) {
+    const afm_allocator *a = &s->model->alloc;
+    int cap = s->cap ? s->cap : 256, l, n_seg0 = s->model->n_seg0;
+    size_t row = (size_t)s->kv_dim * s->kv_elt;
+    unsigned char *k, *v;
+    float *scores;
+    int32_t *tokens;
+    if (need <= s->cap) return AFM_OK;
+    while (cap < need) cap = cap > s->n_ctx / 2 ? s->n_ctx : cap * 2;
+    if (cap > s->n_ctx) cap = s->n_ctx;
+    k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
+    v = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
+    scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * cap * (s->model->config.n_heads / s->model->config.n_kv_heads), sizeof(float));
+    tokens = (int32_t *)afm__calloc(a, (size_t)cap + 1, sizeof(int32_t)); /* +1: a pending token may sit past the end */
+    if (!k || !v || !scores || !tokens) {
+        afm__free(a, k); afm__free(a, v); afm__free(a, scores); afm__free(a, tokens);
+        return afm__serr(s, AFM_ERR_NOMEM, "out of memory growing the KV cache to %d positions", cap);
+    }
+    for (l = 0; l < n_seg0 && s->pos; l++) {
+        memcpy(k + (size_t)l * cap * row, s->k_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+        memcpy(v + (size_t)l * cap * row, s->v_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+    }
+    if (s->pos) memcpy(tokens, s->tokens, (size_t)s->pos * sizeof *tokens);
+    afm__free(a, s->k_cache); afm__free(a, s->v_cache); afm__free(a, s->scores); afm__free(a, s->tokens);
+    s->k_cache = k; s->v_cache = v; s->scores = scores; s->tokens = tokens;
+    s->cap = cap;
+    return AFM_OK;
+}
+
+/* Bytes of prepared activations for n_tok inputs of n_in features, whatever the weight type. */
+static size_t afm__act_need(int n_tok, int n_in) {
+    size_t q = afm__act_size(AFM_TYPE_Q2B, n_tok, n_in), f = afm__act_size(AFM_TYPE_F32, n_tok, n_in);
+    return q > f ? q : f;
+}
+
+AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *params, afm_session **out) {
+    const afm_allocator *a;
+    const afm_config *c;
+    afm_session *s;
+    afm_session_params p;
+    int B, qd, widest;
+    if (!out) return AFM_ERR_ARG;
+    *out = NULL;
+    if (!m) return AFM_ERR_ARG;
+    a = &m->alloc;
+    c = &m->config;
+    memset(&p, 0, sizeof p);
+    if (params) p = *params;
+    if (p.n_ctx < 0 || p.n_threads < 0 || p.n_batch < 0 || p.n_threads > 1024 || (int)p.kv_type < 0 || p.kv_type > AFM_KV_INT8) return AFM_ERR_ARG;
+    if (p.n_ctx == 0) p.n_ctx = c->context_length;
+    if (p.n_threads == 0) p.n_threads = 1;
+    if (p.n_batch == 0) p.n_batch = 256;
+    if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
+    if (p.kv_type == AFM_KV_AUTO) p.kv_type = c->has_kv_scales ? AFM_KV_INT8 : AFM_KV_F16;
+    if (p.kv_type == AFM_KV_INT8 && !c->has_kv_scales) return AFM_ERR_UNSUPPORTED;
+
+    s = (afm_session *)afm__calloc(a, 1, sizeof *s);
+    if (!s) return AFM_ERR_NOMEM;
+    s->model = m;
+    s->params = p;
+    s->kv_type = p.kv_type;
+    s->n_ctx = p.n_ctx;
+    s->kv_dim = c->n_kv_heads * c->head_dim;
+    s->kv_elt = s->kv_type == AFM_KV_INT8 ? 1 : s->kv_type == AFM_KV_F16 ? 2 : 4;
+    afm__select_kernels(&s->kern, AFM__LEVEL_MAX);
+    if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
+
+    B = p.n_batch;
+    qd = c->n_heads * c->head_dim;
+    widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
+    if (qd > widest) widest = qd;
+    if (c->head_dim > widest) widest = c->head_dim;
+    s->rowbuf_n = (widest + 15) & ~15;
+    s->x = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
+    s->xn = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
+    s->qkv = (float *)afm__alloc(a, (size_t)B * (qd + 2 * s->kv_dim) * 4);
+    s->att = (float *)afm__alloc(a, (size_t)B * qd * 4);
+    s->hb = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
+    s->hb2 = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
+    s->rope_cos = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
+    s->rope_sin = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
+    s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
+    s->logits_cap = 1;
+    s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
+    s->act_cap = afm__act_need(B, widest);
+    s->act_buf = afm__alloc(a, s->act_cap);
+    if ((c->dim | qd | c->ffn_dim) & 15) s->act_f32 = afm__alloc(a, s->act_cap);
+    if (!s->act_buf || (((c->dim | qd | c->ffn_dim) & 15) && !s->act_f32) ||
+        !s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->logits ||
+        afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
+        afm_session_free(s);
+        return AFM_ERR_NOMEM;
+    }
+    *out = s;
+    return AFM_OK;
+}
+
+AFMDEF void afm_session_free(afm_session *s) {
+    if (!s) return;
+    afm__pool_destroy(&s->model->alloc, &s->pool);
+    afm__session_release_buffers(s);
+    afm__free(&s->model->alloc, s);
+}
+
+/* Evaluates n tokens; keeps the logits of every position when want_all, else of the last. */
+AFMDEF const int32_t *afm_session_tokens(const afm_session *s, int *n) {
+    if (n) *n = s ? s->pos : 0;
+    return s ? s->tokens : NULL;
+}
+
+AFMDEF const float *afm_session_logits(const afm_session *s, int i) {
+    if (!s || s->n_logits == 0) return NULL;
+    if (i < 0) i += s->n_logits;
+    if (i < 0 || i >= s->n_logits) return NULL;
+    return s->logits + (size_t)i * s->model->config.vocab_size;
+}
+
+AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
+    if (!s) return AFM_ERR_ARG;
+    if (pos < 0 || pos > s->pos) return afm__serr(s, AFM_ERR_ARG, "cannot rewind to position %d: the session holds %d tokens", pos, s->pos);
+    s->pos = pos;
+    s->n_logits = 0; /* the logits belonged to positions that may be gone */
+    return AFM_OK;
+}
+
+AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
+AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
+
+AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad) {
+    const afm_config *c;
+    if (!s) return AFM_ERR_ARG;
+    c = &s->model->config;
+    if (ad == s->adapter) return AFM_OK;
+    if (ad && ad->model != s->model)
+        return afm__serr(s, AFM_ERR_ARG, "adapter '%s' was loaded for a different model", ad->identifier);
+    if (ad && ad->rank > s->lora_rank_cap) {
+        const afm_allocator *a = &s->model->alloc;
+        int widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim, qd = c->n_heads * c->head_dim;
+        float *t, *u;
+        if (qd > widest) widest = qd;
+        t = (float *)afm__alloc(a, (size_t)3 * s->params.n_batch * ((ad->rank + 15) & ~15) * 4);
+        u = (float *)afm__alloc(a, (size_t)3 * s->params.n_batch * widest * 4);
+        if (!t || !u) { afm__free(a, t); afm__free(a, u); return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch"); }
+        afm__free(a, s->lora_t);
+        afm__free(a, s->lora_u);
+        s->lora_t = t;
+        s->lora_u = u;
+        s->lora_rank_cap = ad->rank;
+    }
+    if (ad && afm__act_need(s->params.n_batch, ad->rank) > s->act_cap) { /* B's inputs are rank long */
+        size_t need = afm__act_need(s->params.n_batch, ad->rank);
+        void *buf = afm__alloc(&s->model->alloc, need);
+        if (!buf) return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch");
+        afm__free(&s->model->alloc, s->act_buf);
+        s->act_buf = buf;
+        s->act_cap = need;
+    }
+    s->adapter = ad;
+    s->pos = 0; /* the cached keys and values were computed with the previous adapter */
+    s->n_logits = 0;
+    return AFM_OK;
+}
+
+/* ======================================================================================== */
+/* ==== FORWARD PASS (AFM_SPEC section 2) ================================================= */
+/* ======================================================================================== */
 
 /* ---- matrix products: activations prepared once per input, then the rows of one or more
    products (a projection and its LoRA A matrices, gate and up, ...) spread over the pool in one
@@ -6620,10 +6851,17 @@ static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
     int lo, hi;
     afm__split(j->n_tok, ith, nth, &lo, &hi);
-    if (lo < hi) afm__prepare_activations(&j->s->model->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
+    if (lo < hi) afm__prepare_activations(&j->s->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
 }
 
-static float afm__dot(const float *a, const float *b, int n);
+static float afm__dot(const float *a, const float *b, int n) {
+    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    int i = 0, k;
+    for (; i + 8 <= n; i += 8)
+        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
 
 static void afm__mm_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
@@ -6632,12 +6870,12 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
         const afm__mm_item *it = &j->it[i];
         afm__split((int)it->W->dims[0], ith, nth, &lo, &hi);
         if (it->act.quant || !afm__type_is_quant((int)it->W->type)) {
-            afm__matmul_rows(&j->s->model->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi);
+            afm__matmul_rows(&j->s->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi);
         } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
             float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
             int r, t, n = (int)it->W->dims[1];
             for (r = lo; r < hi; r++) {
-                afm__dequantize_row(&j->s->model->kern, &it->W->w, r, row);
+                afm__dequantize_row(&j->s->kern, &it->W->w, r, row);
                 for (t = 0; t < it->act.n_tok; t++) it->Y[(size_t)t * it->ldy + r] = afm__dot(row, it->act.x + (size_t)t * it->act.kpad, n);
             }
         }
@@ -6657,7 +6895,7 @@ static void afm__mm_prepare(afm__mm_job *j, afm__act *a, int type, const float *
     if (j->n_tok >= 4) {
         j->prep = a; j->prep_x = X; j->prep_ldx = ldx;
         afm__pool_run(&s->pool, afm__mm_prepare_run, j);
-    } else afm__prepare_activations(&s->model->kern, a, X, (size_t)ldx, 0, j->n_tok);
+    } else afm__prepare_activations(&s->kern, a, X, (size_t)ldx, 0, j->n_tok);
 }
 
 /* Runs every product added since afm__mm_init. Quantized weights read int8 activations, one
@@ -6699,19 +6937,6 @@ static void afm__matmul(afm_session *s, const afm__tensor *W, const float *X, in
 }
 
 /* Bytes of prepared activations the widest product of n_tok tokens with n_in inputs needs. */
-static size_t afm__act_need(int n_tok, int n_in) {
-    size_t q = afm__act_size(AFM_TYPE_Q2B, n_tok, n_in), f = afm__act_size(AFM_TYPE_F32, n_tok, n_in);
-    return q > f ? q : f;
-}
-
-static float afm__dot(const float *a, const float *b, int n) {
-    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
-    int i = 0, k;
-    for (; i + 8 <= n; i += 8)
-        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
 
 /* ---- LoRA: y += scale * B (A x) on an adapted projection, in the reference's order: (x A^T)
    B^T first, then scaled, then added. The A products join the projection's own job (they read
@@ -6838,7 +7063,7 @@ static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
     const afm__layer *ly = &s->model->layers[j->layer];
-    const afm__kernels *k = &s->model->kern;
+    const afm__kernels *k = &s->kern;
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_kv_heads, kvh = task % c->n_kv_heads;
     int n_keys = s->pos + t + 1, h;
     size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
@@ -6924,7 +7149,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
     afm__mm_job mj;
     afm__lora_set ls;
 
-    for (t = 0; t < n_tok; t++) afm__dequantize_row(&m->kern, &m->tok_embd->w, tok[t], s->x + t * nd);
+    for (t = 0; t < n_tok; t++) afm__dequantize_row(&s->kern, &m->tok_embd->w, tok[t], s->x + t * nd);
     afm__rope_tables(s, n_tok);
 
     for (l = 0; l < c->n_layers; l++) {
@@ -6980,119 +7205,6 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
     }
 }
 
-/* ======================================================================================== */
-/* ==== SESSIONS ========================================================================== */
-/* ======================================================================================== */
-
-static void afm__session_release_buffers(afm_session *s) {
-    const afm_allocator *a = &s->model->alloc;
-    void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
-                      (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
-                      (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
-                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32 };
-    size_t i;
-    for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
-}
-
-/* Grows the KV cache (and the per-thread score rows) to hold at least `need` positions. */
-static afm_result afm__reserve(afm_session *s, int need) {
-    const afm_allocator *a = &s->model->alloc;
-    int cap = s->cap ? s->cap : 256, l, n_seg0 = s->model->n_seg0;
-    size_t row = (size_t)s->kv_dim * s->kv_elt;
-    unsigned char *k, *v;
-    float *scores;
-    int32_t *tokens;
-    if (need <= s->cap) return AFM_OK;
-    while (cap < need) cap = cap > s->n_ctx / 2 ? s->n_ctx : cap * 2;
-    if (cap > s->n_ctx) cap = s->n_ctx;
-    k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
-    v = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
-    scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * cap * (s->model->config.n_heads / s->model->config.n_kv_heads), sizeof(float));
-    tokens = (int32_t *)afm__calloc(a, (size_t)cap + 1, sizeof(int32_t)); /* +1: a pending token may sit past the end */
-    if (!k || !v || !scores || !tokens) {
-        afm__free(a, k); afm__free(a, v); afm__free(a, scores); afm__free(a, tokens);
-        return afm__serr(s, AFM_ERR_NOMEM, "out of memory growing the KV cache to %d positions", cap);
-    }
-    for (l = 0; l < n_seg0 && s->pos; l++) {
-        memcpy(k + (size_t)l * cap * row, s->k_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
-        memcpy(v + (size_t)l * cap * row, s->v_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
-    }
-    if (s->pos) memcpy(tokens, s->tokens, (size_t)s->pos * sizeof *tokens);
-    afm__free(a, s->k_cache); afm__free(a, s->v_cache); afm__free(a, s->scores); afm__free(a, s->tokens);
-    s->k_cache = k; s->v_cache = v; s->scores = scores; s->tokens = tokens;
-    s->cap = cap;
-    return AFM_OK;
-}
-
-AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *params, afm_session **out) {
-    const afm_allocator *a;
-    const afm_config *c;
-    afm_session *s;
-    afm_session_params p;
-    int B, qd, widest;
-    if (!out) return AFM_ERR_ARG;
-    *out = NULL;
-    if (!m) return AFM_ERR_ARG;
-    a = &m->alloc;
-    c = &m->config;
-    memset(&p, 0, sizeof p);
-    if (params) p = *params;
-    if (p.n_ctx < 0 || p.n_threads < 0 || p.n_batch < 0 || p.n_threads > 1024 || (int)p.kv_type < 0 || p.kv_type > AFM_KV_INT8) return AFM_ERR_ARG;
-    if (p.n_ctx == 0) p.n_ctx = c->context_length;
-    if (p.n_threads == 0) p.n_threads = 1;
-    if (p.n_batch == 0) p.n_batch = 256;
-    if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
-    if (p.kv_type == AFM_KV_AUTO) p.kv_type = c->has_kv_scales ? AFM_KV_INT8 : AFM_KV_F16;
-    if (p.kv_type == AFM_KV_INT8 && !c->has_kv_scales) return AFM_ERR_UNSUPPORTED;
-
-    s = (afm_session *)afm__calloc(a, 1, sizeof *s);
-    if (!s) return AFM_ERR_NOMEM;
-    s->model = m;
-    s->params = p;
-    s->kv_type = p.kv_type;
-    s->n_ctx = p.n_ctx;
-    s->kv_dim = c->n_kv_heads * c->head_dim;
-    s->kv_elt = s->kv_type == AFM_KV_INT8 ? 1 : s->kv_type == AFM_KV_F16 ? 2 : 4;
-    if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
-
-    B = p.n_batch;
-    qd = c->n_heads * c->head_dim;
-    widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
-    if (qd > widest) widest = qd;
-    if (c->head_dim > widest) widest = c->head_dim;
-    s->rowbuf_n = (widest + 15) & ~15;
-    s->x = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
-    s->xn = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
-    s->qkv = (float *)afm__alloc(a, (size_t)B * (qd + 2 * s->kv_dim) * 4);
-    s->att = (float *)afm__alloc(a, (size_t)B * qd * 4);
-    s->hb = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
-    s->hb2 = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
-    s->rope_cos = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
-    s->rope_sin = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
-    s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
-    s->logits_cap = 1;
-    s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
-    s->act_cap = afm__act_need(B, widest);
-    s->act_buf = afm__alloc(a, s->act_cap);
-    if ((c->dim | qd | c->ffn_dim) & 15) s->act_f32 = afm__alloc(a, s->act_cap);
-    if (!s->act_buf || (((c->dim | qd | c->ffn_dim) & 15) && !s->act_f32) ||
-        !s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->logits ||
-        afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
-        afm_session_free(s);
-        return AFM_ERR_NOMEM;
-    }
-    *out = s;
-    return AFM_OK;
-}
-
-AFMDEF void afm_session_free(afm_session *s) {
-    if (!s) return;
-    afm__pool_destroy(&s->model->alloc, &s->pool);
-    afm__session_release_buffers(s);
-    afm__free(&s->model->alloc, s);
-}
-
-/* Evaluates n tokens; keeps the logits of every position when want_all, else of the last. */
 static afm_result afm__eval(afm_session *s, const int32_t *tokens, int n, int want_all) {
     const afm_config *c;
     int i, done;
@@ -7130,64 +7242,6 @@ static afm_result afm__eval(afm_session *s, const int32_t *tokens, int n, int wa
 
 AFMDEF afm_result afm_session_eval(afm_session *s, const int32_t *tokens, int n) {
     return afm__eval(s, tokens, n, s ? s->params.all_logits : 0);
-}
-
-AFMDEF const int32_t *afm_session_tokens(const afm_session *s, int *n) {
-    if (n) *n = s ? s->pos : 0;
-    return s ? s->tokens : NULL;
-}
-
-AFMDEF const float *afm_session_logits(const afm_session *s, int i) {
-    if (!s || s->n_logits == 0) return NULL;
-    if (i < 0) i += s->n_logits;
-    if (i < 0 || i >= s->n_logits) return NULL;
-    return s->logits + (size_t)i * s->model->config.vocab_size;
-}
-
-AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
-    if (!s) return AFM_ERR_ARG;
-    if (pos < 0 || pos > s->pos) return afm__serr(s, AFM_ERR_ARG, "cannot rewind to position %d: the session holds %d tokens", pos, s->pos);
-    s->pos = pos;
-    s->n_logits = 0; /* the logits belonged to positions that may be gone */
-    return AFM_OK;
-}
-
-AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
-AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
-
-AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad) {
-    const afm_config *c;
-    if (!s) return AFM_ERR_ARG;
-    c = &s->model->config;
-    if (ad == s->adapter) return AFM_OK;
-    if (ad && ad->model != s->model)
-        return afm__serr(s, AFM_ERR_ARG, "adapter '%s' was loaded for a different model", ad->identifier);
-    if (ad && ad->rank > s->lora_rank_cap) {
-        const afm_allocator *a = &s->model->alloc;
-        int widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim, qd = c->n_heads * c->head_dim;
-        float *t, *u;
-        if (qd > widest) widest = qd;
-        t = (float *)afm__alloc(a, (size_t)3 * s->params.n_batch * ((ad->rank + 15) & ~15) * 4);
-        u = (float *)afm__alloc(a, (size_t)3 * s->params.n_batch * widest * 4);
-        if (!t || !u) { afm__free(a, t); afm__free(a, u); return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch"); }
-        afm__free(a, s->lora_t);
-        afm__free(a, s->lora_u);
-        s->lora_t = t;
-        s->lora_u = u;
-        s->lora_rank_cap = ad->rank;
-    }
-    if (ad && afm__act_need(s->params.n_batch, ad->rank) > s->act_cap) { /* B's inputs are rank long */
-        size_t need = afm__act_need(s->params.n_batch, ad->rank);
-        void *buf = afm__alloc(&s->model->alloc, need);
-        if (!buf) return afm__serr(s, AFM_ERR_NOMEM, "out of memory for LoRA scratch");
-        afm__free(&s->model->alloc, s->act_buf);
-        s->act_buf = buf;
-        s->act_cap = need;
-    }
-    s->adapter = ad;
-    s->pos = 0; /* the cached keys and values were computed with the previous adapter */
-    s->n_logits = 0;
-    return AFM_OK;
 }
 
 /* ======================================================================================== */

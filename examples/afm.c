@@ -13,6 +13,7 @@
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #endif
 #define AFM_IMPLEMENTATION
+#define AFM_HF_TOKENIZER /* --tokenizer also takes a tokenizer.json (needs afm_tokenizer.h) */
 #include "../afm.h"
 
 #include <stdio.h>

@@ -178,7 +178,7 @@ static afm__wmat *make_set(int type, int rows, int cols, int group, int n, uint8
                 uint16_t h = afm__f2h(0.01f + (float)(rnd() % 100) * 1e-4f);
                 memcpy((uint8_t *)w[m].scales + 2 * i, &h, 2);
             }
-        } else if (type == AFM__F16) {
+        } else if (type == AFM_TYPE_F16) {
             for (i = 0; i < sz / 2; i++) { uint16_t h = afm__f2h((float)((int)(rnd() % 2001) - 1000) * 1e-5f); memcpy(p + 2 * i, &h, 2); }
         }
     }
@@ -194,7 +194,7 @@ static double cpu_now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 static void ceilings(const afm__kernels *k) {
-    static const int types[] = {AFM__Q2B, AFM__Q4, AFM__Q8, AFM__F16};
+    static const int types[] = {AFM_TYPE_Q2B, AFM_TYPE_Q4, AFM_TYPE_Q8, AFM_TYPE_F16};
     static const struct { int rows, cols, n_tok; } shapes[] = {{128, 6656, 1}, {256, 2048, 1}, {64, 6656, 64}, {256, 6656, 512}};
     int ti, si;
     printf("\ncompute ceilings (in cache, 1 thread, CPU time): matvec in GB/s of weights, matmul in GFLOP/s\n");
@@ -246,8 +246,8 @@ int main(int argc, char **argv) {
     printf("\n%-6s %-16s %5s %3s %10s %9s %9s %8s\n", "type", "shape", "group", "thr", "bytes/pass", "ms/pass", "GB/s", "%bw");
     {
         static const struct { int type, rows, cols, group; } cases[] = {
-            {AFM__Q2B, 2048, 6656, 64}, {AFM__Q2B, 2048, 6656, 128}, {AFM__Q4, 2048, 6656, 64}, {AFM__Q8, 2048, 6656, 64},
-            {AFM__F16, 2048, 6656, 0},  {AFM__Q2B, 153600, 2048, 64}, {AFM__Q4, 153600, 2048, 64},
+            {AFM_TYPE_Q2B, 2048, 6656, 64}, {AFM_TYPE_Q2B, 2048, 6656, 128}, {AFM_TYPE_Q4, 2048, 6656, 64}, {AFM_TYPE_Q8, 2048, 6656, 64},
+            {AFM_TYPE_F16, 2048, 6656, 0},  {AFM_TYPE_Q2B, 153600, 2048, 64}, {AFM_TYPE_Q4, 153600, 2048, 64},
         };
         int c;
         for (c = 0; c < (int)(sizeof cases / sizeof cases[0]); c++) {
@@ -273,7 +273,7 @@ int main(int argc, char **argv) {
     printf("\nprefill (matrix-matrix), 2048x6656, activations prepared once per product\n");
     printf("%-6s %5s %5s %3s %10s %10s %14s\n", "type", "group", "n_tok", "thr", "ms", "GFLOP/s", "GFLOP/s+prep");
     {
-        static const int types[] = {AFM__Q2B, AFM__Q4, AFM__Q8, AFM__F16};
+        static const int types[] = {AFM_TYPE_Q2B, AFM_TYPE_Q4, AFM_TYPE_Q8, AFM_TYPE_F16};
         static const int toks[] = {64, 512};
         int ti, ni;
         for (ti = 0; ti < 4; ti++)

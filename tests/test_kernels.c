@@ -48,7 +48,7 @@ static uint8_t *make_weights(int type, int rows, int cols, int group, afm__wmat 
         printf("wmat_init failed\n");
         exit(2);
     }
-    if (type == AFM__Q8) /* codes in -127..127 */
+    if (type == AFM_TYPE_Q8) /* codes in -127..127 */
         for (i = 0; i < (size_t)rows * w->row_bytes; i++) if (p[i] == 0x80) p[i] = 0x81;
     if (afm__type_is_quant(type)) {
         size_t ns = (size_t)rows * (size_t)w->n_groups;
@@ -61,8 +61,8 @@ static uint8_t *make_weights(int type, int rows, int cols, int group, afm__wmat 
         int n = rows * cols;
         for (i = 0; i < (size_t)n; i++) {
             float f = rndf() * 0.1f;
-            if (type == AFM__F32) memcpy(p + 4 * i, &f, 4);
-            else if (type == AFM__F16) { uint16_t h = afm__f2h(f); memcpy(p + 2 * i, &h, 2); }
+            if (type == AFM_TYPE_F32) memcpy(p + 4 * i, &f, 4);
+            else if (type == AFM_TYPE_F16) { uint16_t h = afm__f2h(f); memcpy(p + 2 * i, &h, 2); }
             else { uint16_t h = (uint16_t)(afm__bits_from_f32(f) >> 16); memcpy(p + 2 * i, &h, 2); }
         }
     }
@@ -86,7 +86,7 @@ static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
                 int v = a->q[(size_t)t * (size_t)a->kpad + (size_t)(sb * 64 + i)];
                 aq[i] = (int8_t)(v < 0 ? -v : v);
             }
-            if (w->type == AFM__Q8) {
+            if (w->type == AFM_TYPE_Q8) {
                 dot = 0;
                 for (i = 0; i < 64; i++) { int c = (int8_t)row[sb * 64 + i]; dot += (c < 0 ? -c : c) * aq[i]; }
             } else {
@@ -148,14 +148,14 @@ static void test_fp16(void) {
 }
 
 static void test_sizes(void) {
-    check(afm__type_size(AFM__Q2B, 6656, 2048, 64) == 6656ull * (512 + 64), "Q2B size 6656x2048 g64");
-    check(afm__type_size(AFM__Q2B, 2048, 6656, 128) == 2048ull * (1664 + 104), "Q2B size 2048x6656 g128");
-    check(afm__type_size(AFM__Q4, 153600, 2048, 64) == 153600ull * (1024 + 64), "Q4 size 153600x2048 g64");
-    check(afm__type_size(AFM__Q8, 10, 100, 64) == 10ull * (128 + 4), "Q8 size 10x100 g64 (padded)");
-    check(afm__type_size(AFM__Q2B, 3, 300, 512) == 3ull * (128 + 2), "Q2B size 3x300 g512 (padded)");
-    check(afm__type_size(AFM__Q2B, 3, 300, 32) == 0, "Q2B group 32 rejected");
-    check(afm__type_size(AFM__F16, 3, 5, 0) == 30, "F16 size");
-    check(afm__type_size(AFM__F16, 3, 5, 64) == 0, "F16 with a group rejected");
+    check(afm__type_size(AFM_TYPE_Q2B, 6656, 2048, 64) == 6656ull * (512 + 64), "Q2B size 6656x2048 g64");
+    check(afm__type_size(AFM_TYPE_Q2B, 2048, 6656, 128) == 2048ull * (1664 + 104), "Q2B size 2048x6656 g128");
+    check(afm__type_size(AFM_TYPE_Q4, 153600, 2048, 64) == 153600ull * (1024 + 64), "Q4 size 153600x2048 g64");
+    check(afm__type_size(AFM_TYPE_Q8, 10, 100, 64) == 10ull * (128 + 4), "Q8 size 10x100 g64 (padded)");
+    check(afm__type_size(AFM_TYPE_Q2B, 3, 300, 512) == 3ull * (128 + 2), "Q2B size 3x300 g512 (padded)");
+    check(afm__type_size(AFM_TYPE_Q2B, 3, 300, 32) == 0, "Q2B group 32 rejected");
+    check(afm__type_size(AFM_TYPE_F16, 3, 5, 0) == 30, "F16 size");
+    check(afm__type_size(AFM_TYPE_F16, 3, 5, 64) == 0, "F16 with a group rejected");
     check(afm__type_size(7, 3, 5, 0) == 0, "unknown type rejected");
 }
 
@@ -168,14 +168,14 @@ static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const c
         for (nt = 1; nt <= 3; nt++) {
             const int n = sizes[si], ldx = n + 3;
             float *X = (float *)xmalloc(sizeof(float) * (size_t)(nt * ldx));
-            size_t sz = afm__act_size(AFM__Q2B, nt, n);
+            size_t sz = afm__act_size(AFM_TYPE_Q2B, nt, n);
             void *b1 = xmalloc(sz), *b2 = xmalloc(sz);
             afm__act a1, a2;
             int i, ok;
             for (i = 0; i < nt * ldx; i++) X[i] = rnd_act();
             memset(b1, 0x5a, sz); memset(b2, 0xa5, sz);
-            afm__act_init(&a1, AFM__Q2B, nt, n, b1);
-            afm__act_init(&a2, AFM__Q2B, nt, n, b2);
+            afm__act_init(&a1, AFM_TYPE_Q2B, nt, n, b1);
+            afm__act_init(&a2, AFM_TYPE_Q2B, nt, n, b2);
             ks->prepare_q8(&a1, X, (size_t)ldx, 0, nt);
             kk->prepare_q8(&a2, X, (size_t)ldx, 0, 1);
             if (nt > 1) kk->prepare_q8(&a2, X, (size_t)ldx, 1, nt); /* split over tokens */
@@ -281,7 +281,7 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
 }
 
 static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
-    static const int types[] = {AFM__Q2B, AFM__Q4, AFM__Q8, AFM__F32, AFM__F16, AFM__BF16};
+    static const int types[] = {AFM_TYPE_Q2B, AFM_TYPE_Q4, AFM_TYPE_Q8, AFM_TYPE_F32, AFM_TYPE_F16, AFM_TYPE_BF16};
     static const int cols_list[] = {1, 37, 64, 100, 255, 256, 300, 513, 777, 1000, 2048 + 65};
     static const int toks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 31, 64, 100};
     static const int groups[] = {64, 128, 256, 512};
@@ -300,13 +300,13 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
             }
     }
     /* one realistic shape */
-    test_matmul_case(ks, kk, lname, AFM__Q2B, 40, 6656, 64, 1, 0);
-    test_matmul_case(ks, kk, lname, AFM__Q2B, 40, 6656, 128, 9, 0);
-    test_matmul_case(ks, kk, lname, AFM__Q4, 33, 2048, 64, 5, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 64, 1, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 128, 9, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 33, 2048, 64, 5, 0);
 }
 
 static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
-    static const int types[] = {AFM__Q2B, AFM__Q4, AFM__Q8, AFM__F32, AFM__F16, AFM__BF16};
+    static const int types[] = {AFM_TYPE_Q2B, AFM_TYPE_Q4, AFM_TYPE_Q8, AFM_TYPE_F32, AFM_TYPE_F16, AFM_TYPE_BF16};
     static const int cols_list[] = {1, 63, 64, 65, 129, 255, 256, 257, 1000, 2048};
     static const int groups[] = {64, 128, 256, 512};
     int ti, ci, gi, r;

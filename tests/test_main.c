@@ -1016,7 +1016,7 @@ static double quant_vs_deq(int f32_activations, const char **kname) {
             if (fabs(b[v]) > ref_max) ref_max = fabs(b[v]);
         }
     }
-    *kname = q->kern.name;
+    *kname = sq->kern.name;
     afm_session_free(sq);
     afm_session_free(sf);
     afm_model_free(q);

@@ -7,6 +7,7 @@
          checks one vector file (KIND 1 SentencePiece, 2 tokenizer.json); used for the large local runs
    Closing line: "N passed, N failed". */
 #define AFM_IMPLEMENTATION
+#define AFM_HF_TOKENIZER /* tokenizer.json too (afm_tokenizer.h) */
 #include "../afm.h"
 
 #include <stdio.h>

@@ -5,6 +5,7 @@
    seconds and prints "lines MB/s", then the whole text as one call with the AFM newline mapping. */
 #define _POSIX_C_SOURCE 199309L
 #define AFM_IMPLEMENTATION
+#define AFM_HF_TOKENIZER /* tokenizer.json too (afm_tokenizer.h) */
 #include "../afm.h"
 #include <stdio.h>
 #include <stdlib.h>

@@ -4,6 +4,7 @@
    input, streaming decode against one-shot decode.
    Build: clang -fsanitize=fuzzer,address,undefined (make fuzz-tok), or -DAFM_FUZZ_MAIN to replay files. */
 #define AFM_IMPLEMENTATION
+#define AFM_HF_TOKENIZER /* tokenizer.json too (afm_tokenizer.h) */
 #include "../../afm.h"
 #include <stdio.h>
 #include <stdlib.h>

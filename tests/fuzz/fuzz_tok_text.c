@@ -5,6 +5,7 @@
    for valid UTF-8 on the lossless SentencePiece model.
    Run from the repository root (the models are read from tests/vectors). Build as fuzz_tok_load.c. */
 #define AFM_IMPLEMENTATION
+#define AFM_HF_TOKENIZER /* tokenizer.json too (afm_tokenizer.h) */
 #include "../../afm.h"
 #include <stdio.h>
 #include <stdlib.h>
