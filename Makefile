@@ -14,8 +14,8 @@ FUZZ_SECONDS ?= 60
 
 all: afm simple
 
-afm: examples/afm.c afm.h
-	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/afm.c $(LDLIBS)
+afm: examples/afm.c examples/afm_bench.c examples/cli.h afm.h afm_tokenizer.h
+	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/afm.c examples/afm_bench.c $(LDLIBS)
 
 simple: examples/simple.c afm.h
 	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/simple.c $(LDLIBS)

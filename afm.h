@@ -285,6 +285,8 @@ AFMDEF const float *afm_session_logits(const afm_session *session, int i);
 /* Forgets every token at index >= pos; the next eval continues from pos. */
 AFMDEF afm_result afm_session_rewind(afm_session *session, int pos);
 AFMDEF int afm_session_pos(const afm_session *session);
+/* The KV cache's element type (AFM_KV_AUTO resolved: what the session actually stores). */
+AFMDEF afm_kv_type afm_session_kv_type(const afm_session *session);
 AFMDEF const char *afm_session_error(const afm_session *session);
 
 /* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic. ---- */
@@ -6771,6 +6773,7 @@ AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
 }
 
 AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
+AFMDEF afm_kv_type afm_session_kv_type(const afm_session *s) { return s ? s->kv_type : AFM_KV_AUTO; }
 AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
 
 AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad) {

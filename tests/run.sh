@@ -14,7 +14,8 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
     # afm.h's implementation optimised once per compiler (flow-based warnings need -O2); the other
     # files that include it only for their own code (each compile of the implementation with every
     # kernel takes ~15 s)
-    if $cc $WARN -O2 -c examples/afm.c -o build/w.o && $cc $WARN -fsyntax-only examples/simple.c &&
+    if $cc $WARN -O2 -c examples/afm.c -o build/w.o && $cc $WARN -fsyntax-only examples/afm_bench.c &&
+       $cc $WARN -fsyntax-only examples/simple.c &&
        $cc $WARN -fsyntax-only tests/test_main.c && $cc $WARN -fsyntax-only tests/test_kernels.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c; then
         ok "warning-free with $cc"
@@ -48,6 +49,12 @@ else bad "build test_main with sanitizers"; fi
 
 echo "== CLI"
 if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad "make"; fi
+# the default drop-in is afm.h alone: simple.c built in a folder holding nothing else answers a question
+rm -rf build/solo && mkdir -p build/solo && cp afm.h build/solo/ && sed 's|"../afm.h"|"afm.h"|' examples/simple.c > build/solo/simple.c
+if (cd build/solo && cc -std=c99 $WARN -O2 simple.c -o simple $LIBS) &&
+   out=$(build/solo/simple models/mini/base.afm "Who created the heaven and the earth?" 2>&1) && [ -n "$out" ]; then
+    ok "afm.h alone (no afm_tokenizer.h) builds examples/simple.c, which answers from text: '$(echo "$out" | head -n 1 | head -c 50)...'"
+else bad "simple.c with afm.h alone: $out"; fi
 if ./afm --help | grep -q -- "--dump-logits"; then ok "afm --help"; else bad "afm --help"; fi
 if ./afm -m tests/vectors/does-not-exist.afm --ids 1 2>&1 | grep -q "does-not-exist"; then ok "afm names a missing file"; else bad "afm missing file message"; fi
 

@@ -1,0 +1,375 @@
+/* afm_bench.c - `afm bench`: prefill and decode speed, bytes read per decode token against the
+   memory bandwidth measured in the same run, adapter and speculative-decoding costs. Uses the
+   public API of afm.h only; the shared CLI helpers are in cli.h. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L
+#endif
+#include "../afm.h"
+#include "cli.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
+
+#if defined(__linux__) || defined(__APPLE__)
+#include <sys/resource.h>
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+#if defined(__APPLE__)
+    return ru.ru_maxrss / 1048576.0;
+#else
+    return ru.ru_maxrss / 1024.0;
+#endif
+}
+#else
+static double peak_rss_mb(void) { return 0; }
+#endif
+
+/* Memory read bandwidth: threads sum disjoint parts of a buffer much larger than the caches,
+   the same access pattern as a matrix-vector product over weights. Best of a few passes. */
+typedef struct bw_part { const uint64_t *p; size_t n; uint64_t sum; } bw_part;
+static void *bw_sum(void *arg) {
+    bw_part *b = (bw_part *)arg;
+    uint64_t s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    size_t i;
+    int k;
+    for (i = 0; i + 8 <= b->n; i += 8)
+        for (k = 0; k < 8; k++) s[k] += b->p[i + k];
+    b->sum = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+    return NULL;
+}
+
+static double measure_bandwidth(int n_threads, size_t bytes) {
+    bw_part parts[64];
+    uint64_t *buf = (uint64_t *)malloc(bytes);
+    size_t i, n = bytes / 8;
+    double best = 0;
+    int rep, t;
+    if (!buf) return 0;
+    if (n_threads > 64) n_threads = 64;
+    for (i = 0; i < n; i++) buf[i] = i; /* touch every page */
+    for (t = 0; t < n_threads; t++) {
+        parts[t].p = buf + n * t / n_threads;
+        parts[t].n = n * (t + 1) / n_threads - n * t / n_threads;
+    }
+    for (rep = 0; rep < 5; rep++) {
+        double t0 = now_seconds(), dt;
+#if defined(_WIN32)
+        for (t = 0; t < n_threads; t++) bw_sum(&parts[t]); /* one thread: no pthreads here */
+#else
+        pthread_t th[64];
+        int started[64];
+        for (t = 1; t < n_threads; t++) {
+            started[t] = pthread_create(&th[t], NULL, bw_sum, &parts[t]) == 0;
+            if (!started[t]) bw_sum(&parts[t]);
+        }
+        bw_sum(&parts[0]);
+        for (t = 1; t < n_threads; t++)
+            if (started[t]) pthread_join(th[t], NULL);
+#endif
+        dt = now_seconds() - t0;
+        if (bytes / dt > best) best = bytes / dt;
+    }
+    free(buf);
+    return best;
+}
+
+/* Bytes per cached key or value element. */
+static int kv_bytes(afm_kv_type t) { return t == AFM_KV_INT8 ? 1 : t == AFM_KV_F16 ? 2 : 4; }
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Bytes one decode step reads: every weight of the base once (the tied embedding as the
+   output head, one row of it as input), the adapter's A and B, and the KV cache: each
+   segment-0 layer reads its own cache and every segment-1 layer re-reads the last one's. */
+static double decode_bytes(const afm_model *m, const afm_adapter *ad, double kv_positions, int kv_elt) {
+    const afm_config *c = afm_model_config(m);
+    double w = 0;
+    int i;
+    for (i = 0; i < afm_model_n_tensors(m); i++) {
+        afm_tensor_info t;
+        afm_model_tensor(m, i, &t);
+        if (!strstr(t.name, ".lora_")) w += (double)t.n_bytes;
+    }
+    if (ad) {
+        afm_adapter_info info;
+        afm_adapter_get_info(ad, &info);
+        w += info.n_params * 2.0; /* upper bound: F16 */
+    }
+    return w + (double)c->n_layers * kv_positions * c->n_kv_heads * c->head_dim * 2.0 * kv_elt;
+}
+
+
+/* ---- afm bench --spec: verification cost and speedup against a controlled drafter ---- */
+
+/* Proposes the base's own greedy continuation (known from a plain run) with probability p per
+   token, else a wrong token, so the acceptance rate is controlled. */
+typedef struct controlled { const int32_t *ref; int n_prompt, n_ref, vocab; double p; uint64_t rng; } controlled;
+static int draft_controlled(void *u, const int32_t *ctx, int n, int k, int32_t *out) {
+    controlled *c = (controlled *)u;
+    int i, at = n - c->n_prompt; /* ctx ends with the pending token ref[at - 1] */
+    (void)ctx;
+    for (i = 0; i < k && at + i < c->n_ref; i++) {
+        c->rng = c->rng * 6364136223846793005ull + 1442695040888963407ull;
+        out[i] = (double)(c->rng >> 11) / 9007199254740992.0 < c->p ? c->ref[at + i] : (c->ref[at + i] + 1) % c->vocab;
+    }
+    return i;
+}
+
+static int cmd_bench_spec(afm_model *m, afm_adapter *ad, int n_threads, int n_prompt, int n_gen, int runs) {
+    const afm_config *c = afm_model_config(m);
+    afm_session_params sp;
+    afm_session *s;
+    int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen + 32) * sizeof *toks), *ref;
+    uint64_t x = 88172645463325252ull;
+    double t1_med = 0, plain_tps;
+    int i, n, r, pi;
+    static const double ps[] = { 0.0, 0.5, 0.7, 0.8, 0.9, 1.0 };
+    memset(&sp, 0, sizeof sp);
+    sp.n_threads = n_threads;
+    sp.n_ctx = n_prompt + n_gen + 64;
+    sp.all_logits = 1;
+    if (afm_session_create(m, &sp, &s) != AFM_OK) die("%s", "cannot create a session");
+    if (ad) afm_session_set_adapter(s, ad);
+    for (i = 0; i < n_prompt + 32; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; toks[i] = (int32_t)(x % (uint64_t)c->vocab_size); }
+    afm_session_eval(s, toks, n_prompt);
+    printf("verification cost at position %d, %d threads (median of %d):\n%6s %10s %10s\n", n_prompt, n_threads, runs, "tokens", "ms", "x decode");
+    for (n = 1; n <= 16; n++) {
+        double t[100];
+        for (r = 0; r < runs; r++) {
+            double t0 = now_seconds();
+            afm_session_eval(s, toks + n_prompt, n);
+            t[r] = now_seconds() - t0;
+            afm_session_rewind(s, n_prompt);
+        }
+        qsort(t, (size_t)runs, sizeof *t, cmp_double);
+        if (n == 1) t1_med = t[runs / 2];
+        printf("%6d %10.2f %10.2f\n", n, t[runs / 2] * 1e3, t[runs / 2] / t1_med);
+        fflush(stdout);
+    }
+    afm_session_free(s);
+    /* plain greedy reference, then speculative runs with the controlled drafter */
+    sp.all_logits = 0;
+    afm_session_create(m, &sp, &s);
+    if (ad) afm_session_set_adapter(s, ad);
+    ref = (int32_t *)malloc((size_t)n_gen * sizeof *ref);
+    {
+        afm_generate_params gp;
+        afm_generate_stats st;
+        double best = 0;
+        memset(&gp, 0, sizeof gp);
+        gp.n_predict = n_gen;
+        for (r = 0; r < runs; r++) {
+            afm_session_rewind(s, 0);
+            afm_generate(s, toks, n_prompt, &gp, &st);
+            if (r == 0 || st.n_generated / (st.t_total - st.t_prompt) > best) best = st.n_generated / (st.t_total - st.t_prompt);
+        }
+        {
+            int np;
+            const int32_t *all = afm_session_tokens(s, &np);
+            memcpy(ref, all + n_prompt, (size_t)n_gen * sizeof *ref);
+        }
+        plain_tps = best;
+    }
+    printf("\nspeculative greedy decoding, %d tokens after a %d-token prompt, %d threads, K chosen by the engine:\n", n_gen, n_prompt, n_threads);
+    printf("%6s %12s %12s %12s %10s %10s\n", "p", "acceptance", "tok/verify", "tok/s", "plain t/s", "speedup");
+    for (pi = 0; pi < (int)(sizeof ps / sizeof ps[0]); pi++) {
+        afm_generate_params gp;
+        afm_generate_stats st;
+        controlled cd;
+        double tps[100], acc = 0, per = 0;
+        for (r = 0; r < runs; r++) {
+            memset(&gp, 0, sizeof gp);
+            gp.n_predict = n_gen;
+            cd.ref = ref; cd.n_prompt = n_prompt; cd.n_ref = n_gen; cd.vocab = c->vocab_size; cd.p = ps[pi]; cd.rng = 12345 + (uint64_t)r;
+            gp.draft_fn = draft_controlled;
+            gp.draft_user = &cd;
+            afm_session_rewind(s, 0);
+            afm_generate(s, toks, n_prompt, &gp, &st);
+            {
+                int np;
+                const int32_t *all = afm_session_tokens(s, &np);
+                if (np < n_prompt + n_gen || memcmp(all + n_prompt, ref, (size_t)n_gen * sizeof *ref))
+                    die("%s", "speculative output differs from plain greedy output");
+            }
+            tps[r] = st.n_generated / (st.t_total - st.t_prompt);
+            acc = st.n_drafted ? (double)st.n_accepted / st.n_drafted : 0;
+            per = (double)st.n_generated / st.n_steps;
+        }
+        qsort(tps, (size_t)runs, sizeof *tps, cmp_double);
+        printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx\n", ps[pi], 100 * acc, per, tps[runs / 2], plain_tps, tps[runs / 2] / plain_tps);
+        fflush(stdout);
+    }
+    free(ref);
+    free(toks);
+    afm_session_free(s);
+    return 0;
+}
+
+int cmd_bench(int argc, char **argv) {
+    const char *path = NULL, *threads_text = "1,2", *adapter_path = NULL;
+    int n_prompt = 512, n_gen = 128, runs = 3, i, ti, n_threads_list[16], n_tl = 0, spec = 0;
+    afm_model *m;
+    afm_adapter *ad = NULL;
+    const afm_config *c;
+    for (i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { if (!v) die("option %s needs a value", a); threads_text = v; i++; }
+        else if (!strcmp(a, "-p") || !strcmp(a, "--n-prompt")) { n_prompt = (int)parse_int(v, a, 1, 1 << 16); i++; }
+        else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) { n_gen = (int)parse_int(v, a, 1, 1 << 16); i++; }
+        else if (!strcmp(a, "-r") || !strcmp(a, "--runs")) { runs = (int)parse_int(v, a, 1, 100); i++; }
+        else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
+        else if (!strcmp(a, "--spec")) spec = 1;
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); path = v; i++; }
+        else if (a[0] != '-' && !path) path = a;
+        else die("unknown bench option '%s' (see afm --help)", a);
+    }
+    if (!path) die("%s", "usage: afm bench FILE [-t 1,2] [-p 512] [-n 128] [-r 3]");
+    {
+        const char *q = threads_text;
+        while (*q && n_tl < 16) {
+            char *end;
+            long v = strtol(q, &end, 10);
+            if (end == q || v < 1 || v > 1024) die("-t: '%s' is not a list of thread counts", threads_text);
+            n_threads_list[n_tl++] = (int)v;
+            q = *end == ',' ? end + 1 : end;
+            if (*end && *end != ',') die("-t: '%s' is not a list of thread counts", threads_text);
+        }
+    }
+    m = load_or_die(path, 0);
+    c = afm_model_config(m);
+    if (adapter_path) ad = load_adapter_or_die(m, adapter_path);
+    if (ad) {
+        /* adapter cost: load and switch times, then decode with and without it, alternating */
+        double t_load[6], t_switch[6], t0;
+        afm_session *s;
+        afm_session_params sp;
+        afm_adapter *again;
+        int k;
+        char err[512];
+        for (k = 0; k < 6; k++) {
+            t0 = now_seconds();
+            if (afm_adapter_load(m, adapter_path, NULL, &again, err, sizeof err) != AFM_OK) die("%s", err);
+            t_load[k] = now_seconds() - t0;
+            afm_adapter_free(again);
+        }
+        memset(&sp, 0, sizeof sp);
+        afm_session_create(m, &sp, &s);
+        for (k = 0; k < 6; k++) {
+            t0 = now_seconds();
+            afm_session_set_adapter(s, k & 1 ? NULL : ad);
+            t_switch[k] = now_seconds() - t0;
+        }
+        afm_session_free(s);
+        qsort(t_load + 1, 5, sizeof *t_load, cmp_double);
+        qsort(t_switch, 6, sizeof *t_switch, cmp_double);
+        printf("adapter %s: load %.1f ms the first time, then %.1f ms (median of 5); switching a session %.3f ms\n",
+               adapter_path, t_load[0] * 1e3, t_load[3] * 1e3, t_switch[3] * 1e3);
+    }
+    if (ad && !spec) {
+        printf("decode tok/s with and without the adapter, alternating runs (prefill %d, decode %d), median of %d:\n", n_prompt, n_gen, runs);
+        printf("%7s %14s %14s %8s\n", "threads", "no adapter", "adapter", "ratio");
+        for (ti = 0; ti < n_tl; ti++) {
+            double with[100], without[100];
+            int r, k;
+            afm_session_params sp;
+            afm_session *s;
+            int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen) * sizeof *toks);
+            for (i = 0; i < n_prompt + n_gen; i++) toks[i] = (int32_t)((i * 7919 + 13) % c->vocab_size);
+            memset(&sp, 0, sizeof sp);
+            sp.n_threads = n_threads_list[ti];
+            sp.n_ctx = n_prompt + n_gen + 8;
+            afm_session_create(m, &sp, &s);
+            for (r = 0; r < runs; r++)
+                for (k = 0; k < 2; k++) {
+                    double t0, t1;
+                    afm_session_set_adapter(s, k ? ad : NULL);
+                    afm_session_rewind(s, 0);
+                    afm_session_eval(s, toks, n_prompt);
+                    t0 = now_seconds();
+                    for (i = 0; i < n_gen; i++) afm_session_eval(s, &toks[n_prompt + i], 1);
+                    t1 = now_seconds();
+                    (k ? with : without)[r] = n_gen / (t1 - t0);
+                }
+            qsort(with, (size_t)runs, sizeof *with, cmp_double);
+            qsort(without, (size_t)runs, sizeof *without, cmp_double);
+            printf("%7d %14.2f %14.2f %7.1f%%\n", n_threads_list[ti], without[runs / 2], with[runs / 2], 100 * with[runs / 2] / without[runs / 2]);
+            afm_session_free(s);
+            free(toks);
+        }
+        afm_adapter_free(ad);
+        afm_model_free(m);
+        return 0;
+    }
+    if (spec) {
+        for (ti = 0; ti < n_tl; ti++) cmd_bench_spec(m, ad, n_threads_list[ti], n_prompt, n_gen, runs);
+        afm_adapter_free(ad);
+        afm_model_free(m);
+        return 0;
+    }
+    printf("model %s: %d layers, dim %d, vocab %d%s%s\n", path, c->n_layers, c->dim, c->vocab_size, ad ? ", adapter " : "", ad ? adapter_path : "");
+    printf("prefill %d tokens, then decode %d tokens; median of %d runs\n", n_prompt, n_gen, runs);
+    {
+        double pre_med[16], dec_med[16], rss[16], bytes[16];
+        for (ti = 0; ti < n_tl; ti++) {
+            int nt = n_threads_list[ti], r;
+            double pre[100], dec[100];
+            afm_session_params sp;
+            afm_session *s;
+            int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen) * sizeof *toks);
+            uint64_t x = 88172645463325252ull;
+            memset(&sp, 0, sizeof sp);
+            sp.n_threads = nt;
+            sp.n_ctx = c->context_length;
+            sp.n_batch = n_prompt < 512 ? n_prompt : 512;
+            sp.preallocate = 1;
+            if (afm_session_create(m, &sp, &s) != AFM_OK) die("%s", "cannot create a session");
+            if (ad) afm_session_set_adapter(s, ad);
+            for (i = 0; i < n_prompt; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; toks[i] = (int32_t)(x % (uint64_t)c->vocab_size); }
+            for (r = 0; r < runs; r++) {
+                double t0, t1, t2;
+                afm_session_rewind(s, 0);
+                t0 = now_seconds();
+                if (afm_session_eval(s, toks, n_prompt) != AFM_OK) die("%s", afm_session_error(s));
+                t1 = now_seconds();
+                for (i = 0; i < n_gen; i++) {
+                    const float *lg = afm_session_logits(s, -1);
+                    int v, best = 0;
+                    for (v = 1; v < c->vocab_size; v++) if (lg[v] > lg[best]) best = v;
+                    toks[n_prompt + i] = best;
+                    if (afm_session_eval(s, &toks[n_prompt + i], 1) != AFM_OK) die("%s", afm_session_error(s));
+                }
+                t2 = now_seconds();
+                pre[r] = n_prompt / (t1 - t0);
+                dec[r] = n_gen / (t2 - t1);
+            }
+            qsort(pre, (size_t)runs, sizeof *pre, cmp_double);
+            qsort(dec, (size_t)runs, sizeof *dec, cmp_double);
+            pre_med[ti] = pre[runs / 2];
+            dec_med[ti] = dec[runs / 2];
+            rss[ti] = peak_rss_mb(); /* before the bandwidth buffer below inflates it */
+            bytes[ti] = decode_bytes(m, ad, n_prompt + n_gen / 2.0, kv_bytes(afm_session_kv_type(s)));
+            fprintf(stderr, "  %d threads: prefill %.1f tok/s, decode %.2f tok/s\n", nt, pre_med[ti], dec_med[ti]);
+            afm_session_free(s);
+            free(toks);
+        }
+        printf("%7s %12s %12s %14s %12s %12s %10s %12s\n", "threads", "prefill t/s", "decode t/s", "MB/decode tok", "read GB/s",
+               "roofline t/s", "% roofline", "peak RSS MB");
+        for (ti = 0; ti < n_tl; ti++) {
+            double bw = measure_bandwidth(n_threads_list[ti], (size_t)512 << 20);
+            printf("%7d %12.1f %12.2f %14.1f %12.2f %12.2f %9.1f%% %12.0f\n", n_threads_list[ti], pre_med[ti], dec_med[ti],
+                   bytes[ti] / 1e6, bw / 1e9, bw / bytes[ti], 100.0 * dec_med[ti] / (bw / bytes[ti]), rss[ti]);
+        }
+    }
+    afm_adapter_free(ad);
+    afm_model_free(m);
+    return 0;
+}
+
