@@ -6,28 +6,39 @@
    DO THIS in exactly one C or C++ file:
        #define AFM_IMPLEMENTATION
        #include "afm.h"
-   Everywhere else just #include "afm.h". The implementation includes afm_tokenizer.h (generated
-   Unicode tables for the tokenizer): keep it next to afm.h.
+   Everywhere else just #include "afm.h". afm.h alone is the whole library for AFM models; only
+   tokenizer.json support (AFM_HF_TOKENIZER below) needs afm_tokenizer.h next to it.
 
-   USAGE (see examples/simple.c for a complete program):
-       afm_model *m; char err[256];
+   USAGE (examples/simple.c is this program, complete):
+       afm_model *m; afm_tokenizer *tok; afm_session *s; char err[256];
        if (afm_model_load_file("model.afm", NULL, &m, err, sizeof err) != AFM_OK) { puts(err); return 1; }
-       afm_tokenizer *tok; afm_model_tokenizer(m, NULL, &tok, err, sizeof err);  // the model's own
-       afm_chat_message msg = { "user", "Hello!" };            // AFM chat format -> token ids
-       afm_chat_tokenize(tok, &msg, 1, NULL, 0, 1, tokens, cap, &n_tokens);
-       afm_session *s; afm_session_create(m, NULL, &s);
-       afm_session_eval(s, tokens, n_tokens);                  // prefill
-       const float *logits = afm_session_logits(s, -1);       // last position
-       ... sample a token t, stop if afm_tokenizer_is_stop(tok, t), print it with
-           afm_detokenizer_push, afm_session_eval(s, &t, 1), repeat ...
+       afm_model_tokenizer(m, NULL, &tok, err, sizeof err);             // stored in the model file
+       afm_chat_message msg = { "user", "Hello!" };                     // AFM chat format -> token ids
+       afm_chat_tokenize(tok, &msg, 1, NULL, 0, 1, prompt, cap, &n_prompt);
+       afm_session_create(m, NULL, &s);                                 // one conversation
+       afm_generate_params gp = {0};  gp.n_predict = 200;               // greedy; sampler params for more
+       gp.stop_tokens = &turn_end; gp.n_stop_tokens = 1;                // afm_tokenizer_special(...)
+       gp.on_token = print_piece;  gp.user = &detok;                    // afm_detokenizer_push -> text
+       afm_generate(s, prompt, n_prompt, &gp, NULL);
        afm_session_free(s); afm_tokenizer_free(tok); afm_model_free(m);
+   Lower level: afm_session_eval (prefill / one step), afm_session_logits, afm_sampler_sample.
+
+   Where things are: the implementation's sections follow a token from text to logits - errors,
+   allocation, platform (files, threads), file loader, JSON, tokenizer, kernels, LoRA adapters,
+   sessions, forward pass, sampling, generation - each under a "==== NAME ====" banner.
+   docs/ARCHITECTURE.md is the map; docs/MODEL.md the model's semantics; docs/FORMAT.md the files.
 
    CONFIGURATION MACROS (define before including the implementation)
        AFM_STATIC           make every API function static (private copy in one translation unit)
        AFM_NO_THREADS       no thread pool; everything runs on the caller's thread
        AFM_NO_MMAP          never map files; read them into memory instead
        AFM_NO_SIMD          scalar kernels only (the reference every SIMD kernel is tested against)
+       AFM_HF_TOKENIZER     also load Hugging Face tokenizer.json files (byte-level BPE); needs
+                            afm_tokenizer.h (generated Unicode tables) next to afm.h
        AFM_ASSERT(x)        your assert (default: assert from <assert.h>); only checks internal invariants
+       AFM__PF_DIST         tuning: bytes the decode kernels prefetch ahead in a weight row (default
+                            4096; 0 turns software prefetch off)
+       AFM_TESTING          test hooks for tests/test_main.c; never in a real build
 
    Models are converted once from Apple's assets with tools/convert.py; the file format is
    docs/FORMAT.md. The library never prints, never exits, and checks every byte of a model file
@@ -624,9 +635,11 @@ static long afm__atomic_add(afm__atomic *p, long v) { return __atomic_add_fetch(
 #define AFM__SPIN 2000 /* pause instructions (tens of microseconds) before sleeping */
 #endif
 
+struct afm__worker_arg;
 typedef struct afm__pool {
     int n_threads;
 #ifndef AFM_NO_THREADS
+    struct afm__worker_arg *args; /* [n_threads]: what each worker is started with (allocator hooks) */
 #if defined(_WIN32)
     HANDLE *threads;
     CRITICAL_SECTION lock;
@@ -685,9 +698,8 @@ static DWORD WINAPI afm__worker_main(LPVOID arg) {
 #else
 static void *afm__worker_main(void *arg) {
 #endif
-    afm__worker_arg a = *(afm__worker_arg *)arg;
-    free(arg);
-    afm__worker_loop(a.pool, a.ith);
+    afm__worker_arg *a = (afm__worker_arg *)arg;
+    afm__worker_loop(a->pool, a->ith);
     return 0;
 }
 #endif /* AFM_NO_THREADS */
@@ -717,7 +729,9 @@ static void afm__pool_destroy(const afm_allocator *a, afm__pool *p) {
     pthread_cond_destroy(&p->done);
 #endif
     afm__free(a, p->threads);
+    afm__free(a, p->args);
     p->threads = NULL;
+    p->args = NULL;
 #else
     (void)a; (void)p;
 #endif
@@ -740,7 +754,12 @@ static afm_result afm__pool_init(const afm_allocator *a, afm__pool *p, int n_thr
         pthread_t
 #endif
         *)afm__calloc(a, (size_t)n_threads, sizeof *p->threads);
-    if (!p->threads) return AFM_ERR_NOMEM;
+    p->args = (afm__worker_arg *)afm__calloc(a, (size_t)n_threads, sizeof *p->args);
+    if (!p->threads || !p->args) {
+        afm__free(a, p->threads);
+        afm__free(a, p->args);
+        return AFM_ERR_NOMEM;
+    }
 #if defined(_WIN32)
     InitializeCriticalSection(&p->lock);
     InitializeConditionVariable(&p->wake);
@@ -753,20 +772,16 @@ static afm_result afm__pool_init(const afm_allocator *a, afm__pool *p, int n_thr
     {
         int i;
         for (i = 1; i < n_threads; i++) {
-            afm__worker_arg *arg = (afm__worker_arg *)malloc(sizeof *arg);
+            afm__worker_arg *arg = &p->args[i];
             int ok;
-            if (!arg) ok = 0;
-            else {
-                arg->pool = p;
-                arg->ith = i;
+            arg->pool = p;
+            arg->ith = i;
 #if defined(_WIN32)
-                p->threads[i] = CreateThread(NULL, 0, afm__worker_main, arg, 0, NULL);
-                ok = p->threads[i] != NULL;
+            p->threads[i] = CreateThread(NULL, 0, afm__worker_main, arg, 0, NULL);
+            ok = p->threads[i] != NULL;
 #else
-                ok = pthread_create(&p->threads[i], NULL, afm__worker_main, arg) == 0;
+            ok = pthread_create(&p->threads[i], NULL, afm__worker_main, arg) == 0;
 #endif
-                if (!ok) free(arg);
-            }
             if (!ok) { p->n_threads = i; afm__pool_destroy(a, p); return AFM_ERR_THREAD; }
         }
     }
@@ -6619,7 +6634,9 @@ struct afm_session {
     float *logits;                /* [logits_cap][vocab] */
     int logits_cap, n_logits;
     int32_t *tokens;              /* [cap] the tokens in the cache, in order */
-    int test_accept_rule;         /* tests only: 1 accepts every draft, to show the tests can fail */
+#ifdef AFM_TESTING
+    int test_accept_rule;         /* 1 accepts every draft: shows the distribution tests can fail */
+#endif
     const afm_adapter *adapter;   /* LoRA applied on every adapted projection, or NULL */
     float *lora_t, *lora_u;       /* [3][n_batch][rank rounded up to 16] (A x of up to three
                                      projections), [n_batch][3 * widest output] (their B A x) */
@@ -7410,6 +7427,14 @@ static int afm__sampler_dist(afm_sampler *sm, const float *logits, float *out) {
 }
 
 
+/* Tests build with AFM_TESTING to plant a wrong acceptance rule and check that the statistics
+   catch it; everywhere else the rule is the real one. */
+#ifdef AFM_TESTING
+static int afm__test_accept_all(const afm_session *s) { return s->test_accept_rule; }
+#else
+static int afm__test_accept_all(const afm_session *s) { (void)s; return 0; }
+#endif
+
 /* ======================================================================================== */
 /* ==== GENERATION AND SPECULATIVE DECODING =============================================== */
 /* ======================================================================================== */
@@ -7590,7 +7615,7 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
             afm__sampler_dist(g->sm, lg, g->dist);
             pd = g->dist[d];
             qd = g->q_valid ? g->q[(size_t)j * g->V + d] : 1.0f;
-            if (!(afm__rng_uniform(g->sm->rng) * qd < pd) && !s->test_accept_rule) {
+            if (!(afm__rng_uniform(g->sm->rng) * qd < pd) && !afm__test_accept_all(s)) {
                 /* rejected: draw from the residual max(0, p - q), normalised */
                 int n = 0, v;
                 for (v = 0; v < g->V; v++) {

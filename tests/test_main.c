@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 #endif
 #define AFM_IMPLEMENTATION
+#define AFM_TESTING /* test hooks: session->test_accept_rule */
 #include "../afm.h"
 
 #include <stdio.h>
