@@ -1556,7 +1556,7 @@ AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *m, int *kind, size
 
 
 /* ======================================================================================== */
-/* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) ==== */
+/* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) === */
 /* ======================================================================================== */
 
 /* RFC 8259, strictly (escapes, surrogate pairs and numbers are checked while parsing), into a flat
@@ -3717,7 +3717,7 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
 }
 
 /* ======================================================================================== */
-/* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) ========= */
+/* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) =========== */
 /* ======================================================================================== */
 /* Opt-in (AFM_HF_TOKENIZER): AFM models use SentencePiece, so the default build is afm.h alone. With
    the macro, afm_tokenizer.h (Unicode 14 character classes, combining classes, decompositions and
@@ -4891,7 +4891,7 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 #endif /* AFM_HF_TOKENIZER */
 
 /* ======================================================================================== */
-/* ==== KERNELS: weight types, scalar reference, AVX2, AVX-512, NEON ===================== */
+/* ==== KERNELS: scalar reference, AVX2, AVX-512, NEON, selection ========================= */
 /* ======================================================================================== */
 /* The weight types (docs/FORMAT.md, "Types") and every compute kernel. Decode is a
    matrix-vector product bound by memory bandwidth, prefill and verification are matrix-matrix
@@ -6169,7 +6169,7 @@ static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w
 
 
 /* ======================================================================================== */
-/* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======= */
+/* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======== */
 /* ======================================================================================== */
 
 struct afm_adapter {
@@ -6829,7 +6829,7 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
 }
 
 /* ======================================================================================== */
-/* ==== FORWARD PASS (docs/MODEL.md section 2) ============================================= */
+/* ==== FORWARD PASS (docs/MODEL.md section 2) ============================================ */
 /* ======================================================================================== */
 
 /* ---- matrix products: activations prepared once per input, then the rows of one or more
