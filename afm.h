@@ -4021,6 +4021,15 @@ static int afm__tok_merge_find(const afm__tok_hf *h, int32_t a, int32_t b, uint3
     }
     return 0;
 }
+/* a repeated merge takes the later rank, as HF's map does */
+static void afm__tok_merge_put(afm__tok_hf *h, int32_t a, int32_t b, uint32_t rank, int32_t nw) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+    uint32_t i = afm__tok_mhash(key) & h->mmask;
+    while (h->mnew[i] >= 0 && h->mkey[i] != key) i = (i + 1) & h->mmask;
+    h->mkey[i] = key;
+    h->mrank[i] = rank;
+    h->mnew[i] = nw;
+}
 
 /* the byte-level alphabet: byte -> code point */
 static uint32_t afm__tok_byte_cp(unsigned b) {
@@ -4085,40 +4094,93 @@ static int32_t afm__tok_trie_longest(const afm__tok_trie_node *nodes, const int3
     return best;
 }
 
-#define AFM__TOK_HF_FAIL(code, ...)                                                                           \
-    do {                                                                                                    \
-        res = afm__fail(err, err_size, code, __VA_ARGS__);                                                  \
-        goto out;                                                                                           \
-    } while (0)
+/* ---- loading a tokenizer.json, one step after another ---- */
+/* The load's state. The tables being filled belong to t and t->hf (afm_tokenizer_free releases them after
+   a failure); the parsed JSON and the temporary buffers belong here and are freed in one place. */
+typedef struct afm__tok_hf_load {
+    afm_tokenizer *t;
+    afm__tok_hf *h;
+    char *err;
+    size_t err_size;
+    afm__json j;
+    int32_t model, vocab, added; /* nodes: model, model.vocab, added_tokens (-1: absent) */
+    afm__tok_buf tmp;            /* one JSON string at a time */
+    int32_t *node_of;            /* id -> its key in model.vocab, -1 */
+    int32_t *added_of;           /* id -> its index in h->added, -1 */
+    uint32_t *noff;              /* the final strings (offsets into fb) until they become t->off, t->str */
+    afm__tok_buf fb;
+} afm__tok_hf_load;
 
-static int afm__tok_hf_normalizer(const afm__json *j, int32_t nd, afm__tok_hf *h, char *err, size_t err_size) {
+static void afm__tok_hf_load_free(afm__tok_hf_load *L) {
+    const afm_allocator *m = &L->t->alloc;
+    afm__json_free(m, &L->j);
+    afm__free(m, L->tmp.p);
+    afm__free(m, L->node_of);
+    afm__free(m, L->added_of);
+    afm__free(m, L->noff);
+    afm__free(m, L->fb.p);
+}
+static afm_result afm__tok_hf_oom(afm__tok_hf_load *L) {
+    return afm__fail(L->err, L->err_size, AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+}
+
+static afm_result afm__tok_hf_parse(afm__tok_hf_load *L, const uint8_t *data, size_t size) {
+    size_t where = 0;
+    const char *why = "";
+    if (afm__json_parse(&L->t->alloc, (const char *)data, size, &L->j, &where, &why)) return AFM_OK;
+    if (strcmp(why, "out of memory") == 0) return afm__tok_hf_oom(L);
+    return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: invalid JSON at byte %lu: %s", (unsigned long)where, why);
+}
+
+/* the model: BPE without the options that byte-level BPE does not use */
+static afm_result afm__tok_hf_model_options(afm__tok_hf_load *L) {
+    static const char *affixes[2] = {"continuing_subword_prefix", "end_of_word_suffix"};
+    const afm__json *j = &L->j;
+    int32_t model = afm__json_get(j, 0, "model"), c;
+    int k;
+    if (model < 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: no \"model\"");
+    if (!afm__json_eq(j, afm__json_get(j, model, "type"), "BPE"))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: model type is not BPE (only byte-level BPE is supported)");
+    c = afm__json_get(j, model, "dropout");
+    if (!afm__json_isnull(j, c) && !(j->n[c].type == AFM__JNUM && strtod(j->src + j->n[c].start, NULL) == 0.0))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE dropout is not supported");
+    for (k = 0; k < 2; k++) {
+        c = afm__json_get(j, model, affixes[k]);
+        if (!afm__json_isnull(j, c) && !(j->n[c].type == AFM__JSTR && j->n[c].len == 0))
+            return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE %s is not supported", affixes[k]);
+    }
+    if (afm__json_bool(j, afm__json_get(j, model, "byte_fallback"), 0))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE byte_fallback is not supported (byte-level BPE only)");
+    L->model = model;
+    L->h->ignore_merges = afm__json_bool(j, afm__json_get(j, model, "ignore_merges"), 0);
+    L->h->fuse_unk = afm__json_bool(j, afm__json_get(j, model, "fuse_unk"), 0);
+    return AFM_OK;
+}
+
+/* the normalizer (node nd, null for none): a list of Unicode normal forms, applied in order */
+static afm_result afm__tok_hf_normalizer(afm__tok_hf_load *L, int32_t nd) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
     int32_t ty;
-    if (afm__json_isnull(j, nd)) return 1;
+    if (afm__json_isnull(j, nd)) return AFM_OK;
     ty = afm__json_get(j, nd, "type");
     if (afm__json_eq(j, ty, "Sequence")) {
         int32_t list = afm__json_get(j, nd, "normalizers"), c;
-        if (list < 0 || j->n[list].type != AFM__JARR) {
-            afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer Sequence without a normalizers list");
-            return 0;
-        }
-        for (c = j->n[list].child; c >= 0; c = j->n[c].next)
-            if (!afm__tok_hf_normalizer(j, c, h, err, err_size)) return 0;
-        return 1;
+        afm_result r = AFM_OK;
+        if (list < 0 || j->n[list].type != AFM__JARR)
+            return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer Sequence without a normalizers list");
+        for (c = j->n[list].child; c >= 0 && r == AFM_OK; c = j->n[c].next) r = afm__tok_hf_normalizer(L, c);
+        return r;
     }
-    if (h->n_nf >= 8) {
-        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: too many normalizers");
-        return 0;
-    }
+    if (h->n_nf >= 8) return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: too many normalizers");
     if (afm__json_eq(j, ty, "NFC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C;
     else if (afm__json_eq(j, ty, "NFKC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C | AFM__TOK_NF_K;
     else if (afm__json_eq(j, ty, "NFD")) h->nf_forms[h->n_nf++] = 4;
     else if (afm__json_eq(j, ty, "NFKD")) h->nf_forms[h->n_nf++] = 4 | AFM__TOK_NF_K;
-    else {
-        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer type %.*s is not supported (NFC, NFKC, NFD, NFKD, Sequence)",
-                  ty >= 0 ? (int)(j->n[ty].len > 40 ? 40 : j->n[ty].len) : 4, ty >= 0 ? j->src + j->n[ty].start : "none");
-        return 0;
-    }
-    return 1;
+    else
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer type %.*s is not supported (NFC, NFKC, NFD, NFKD, Sequence)",
+                         ty >= 0 ? (int)(j->n[ty].len > 40 ? 40 : j->n[ty].len) : 4, ty >= 0 ? j->src + j->n[ty].start : "none");
+    return AFM_OK;
 }
 
 static int afm__tok_hf_bytelevel(const afm__json *j, int32_t nd, afm__tok_hf *h, int in_sequence) {
@@ -4130,437 +4192,428 @@ static int afm__tok_hf_bytelevel(const afm__json *j, int32_t nd, afm__tok_hf *h,
     }
     return 1;
 }
+/* which of the split regexes we match by hand s[0, n) is; AFM__TOK_PAT_NONE if none */
+static int afm__tok_hf_pattern(const char *s, size_t n) {
+    if (n == strlen(afm__tok_pat_llama3) && memcmp(s, afm__tok_pat_llama3, n) == 0) return AFM__TOK_PAT_LLAMA3;
+    if (n == strlen(afm__tok_pat_qwen2) && memcmp(s, afm__tok_pat_qwen2, n) == 0) return AFM__TOK_PAT_QWEN2;
+    if (n == strlen(afm__tok_pat_gpt2) && memcmp(s, afm__tok_pat_gpt2, n) == 0) return AFM__TOK_PAT_GPT2;
+    return AFM__TOK_PAT_NONE;
+}
+/* a Split pre-tokenizer (node e): *ok when it isolates the matches of a regex; an error if that regex is
+   not one we know */
+static afm_result afm__tok_hf_split(afm__tok_hf_load *L, int32_t e, int *ok) {
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t pat = afm__json_get(j, afm__json_get(j, e, "pattern"), "Regex");
+    int is_str = pat >= 0 && j->n[pat].type == AFM__JSTR;
+    s->n = 0;
+    if (is_str && !afm__tok_json_str(&L->t->alloc, j, pat, s)) return afm__tok_hf_oom(L);
+    *ok = is_str && afm__json_eq(j, afm__json_get(j, e, "behavior"), "Isolated") && !afm__json_bool(j, afm__json_get(j, e, "invert"), 0);
+    if (!*ok) return AFM_OK;
+    L->h->pattern = afm__tok_hf_pattern(s->p, s->n);
+    if (L->h->pattern == AFM__TOK_PAT_NONE)
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: Split pattern %.*s%s is not one of the supported ones (GPT-2, Llama-3, Qwen2)",
+                         (int)(s->n > 60 ? 60 : s->n), s->p, s->n > 60 ? "..." : "");
+    return AFM_OK;
+}
+/* the pre-tokenizer: ByteLevel, or a Sequence of at most one Split then one ByteLevel */
+static afm_result afm__tok_hf_pre_tokenizer(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
+    int32_t pre = afm__json_get(j, 0, "pre_tokenizer"), ty = afm__json_get(j, pre, "type");
+    int ok = 0;
+    if (afm__json_eq(j, ty, "ByteLevel")) ok = afm__tok_hf_bytelevel(j, pre, h, 0);
+    else if (afm__json_eq(j, ty, "Sequence")) {
+        int32_t list = afm__json_get(j, pre, "pretokenizers"), e;
+        int n_bl = 0, n_other = 0;
+        ok = list >= 0 && j->n[list].type == AFM__JARR;
+        for (e = ok ? j->n[list].child : -1; e >= 0 && ok; e = j->n[e].next) {
+            int32_t et = afm__json_get(j, e, "type");
+            if (afm__json_eq(j, et, "ByteLevel")) ok = n_bl++ == 0 && afm__tok_hf_bytelevel(j, e, h, 1);
+            else if (afm__json_eq(j, et, "Split") && n_bl == 0 && n_other++ == 0) {
+                afm_result r = afm__tok_hf_split(L, e, &ok);
+                if (r != AFM_OK) return r;
+            } else ok = 0;
+        }
+        ok = ok && n_bl == 1 && !(n_other && h->add_prefix_space);
+    }
+    if (!ok)
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: pre_tokenizer is not supported (ByteLevel, or a Split with a GPT-2/Llama-3/Qwen2 pattern then ByteLevel)");
+    return AFM_OK;
+}
+static afm_result afm__tok_hf_decoder(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    if (afm__json_eq(j, afm__json_get(j, afm__json_get(j, 0, "decoder"), "type"), "ByteLevel")) return AFM_OK;
+    return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: decoder is not ByteLevel");
+}
+
+/* the ids of model.vocab and added_tokens, checked; the vocabulary's size and the tables of that size */
+static afm_result afm__tok_hf_ids(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    const afm__json *j = &L->j;
+    int32_t c, max_id = -1;
+    L->vocab = afm__json_get(j, L->model, "vocab");
+    if (L->vocab < 0 || j->n[L->vocab].type != AFM__JOBJ)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
+    for (c = j->n[L->vocab].child; c >= 0; c = j->n[j->n[c].next].next) {
+        int32_t id = afm__json_int(j, j->n[c].next);
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: vocab entry at byte %lu has a bad id", (unsigned long)j->n[c].start);
+        if (id > max_id) max_id = id;
+    }
+    L->added = afm__json_get(j, 0, "added_tokens");
+    if (L->added >= 0 && j->n[L->added].type != AFM__JARR)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: added_tokens is not a list");
+    for (c = L->added >= 0 ? j->n[L->added].child : -1; c >= 0; c = j->n[c].next) {
+        int32_t id = afm__json_int(j, afm__json_get(j, c, "id")), ct = afm__json_get(j, c, "content");
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB || ct < 0 || j->n[ct].type != AFM__JSTR)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: added token at byte %lu needs an id and a content", (unsigned long)j->n[c].start);
+        if (id > max_id) max_id = id;
+        h->n_added++;
+    }
+    if (max_id < 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
+    t->n_vocab = max_id + 1;
+    t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
+    t->type = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
+    h->added = (afm__tok_added *)afm__alloc(&t->alloc, ((size_t)h->n_added + 1) * sizeof(afm__tok_added));
+    if (!t->off || !t->score || !t->type || !h->added) return afm__tok_hf_oom(L);
+    return AFM_OK;
+}
+
+/* the model vocab's strings in id order (t->off, t->str); ids that are not in it get empty strings */
+static afm_result afm__tok_hf_vocab_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__json *j = &L->j;
+    afm__tok_buf sb;
+    afm_result res = AFM_OK;
+    int32_t c, *node_of;
+    size_t k;
+    node_of = L->node_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+    if (!node_of) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) node_of[k] = -1;
+    for (c = j->n[L->vocab].child; c >= 0; c = j->n[j->n[c].next].next) {
+        int32_t id = afm__json_int(j, j->n[c].next);
+        if (node_of[id] >= 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: id %ld appears twice in the vocab", (long)id);
+        node_of[id] = c;
+    }
+    memset(&sb, 0, sizeof sb);
+    for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
+        t->off[k] = (uint32_t)sb.n;
+        t->score[k] = 0.0f;
+        t->type[k] = (uint8_t)(node_of[k] >= 0 ? AFM_TOKEN_NORMAL : 0);
+        if (node_of[k] >= 0 && !afm__tok_json_str(&t->alloc, j, node_of[k], &sb)) res = afm__tok_hf_oom(L);
+        else if (sb.n >= 0xFFFFFFFFu) res = afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: vocabulary too large");
+    }
+    if (res == AFM_OK) {
+        t->off[t->n_vocab] = (uint32_t)sb.n;
+        /* every string may be empty: allocate anyway, pointer arithmetic on NULL is undefined */
+        if (!sb.p && !afm__tok_buf_put(&t->alloc, &sb, "", 0)) res = afm__tok_hf_oom(L);
+    }
+    t->str = sb.p;
+    return res;
+}
+
+/* appends added token at's content put through every normalizer to db (its normalized form); 0 when out of
+   memory */
+static int afm__tok_hf_normalize_added(afm__tok_hf_load *L, afm__tok_buf *db, afm__tok_added *at) {
+    const afm_allocator *m = &L->t->alloc;
+    afm__tok_buf *s = &L->tmp, nb;
+    int q, ok;
+    memset(&nb, 0, sizeof nb);
+    s->n = 0;
+    ok = afm__tok_buf_put(m, s, db->p + at->off, at->len);
+    for (q = 0; ok && q < L->h->n_nf; q++) {
+        nb.n = 0;
+        ok = afm__tok_nf(m, s->p, s->n, L->h->nf_forms[q] & 3, &nb);
+        s->n = 0;
+        ok = ok && afm__tok_buf_put(m, s, nb.p, nb.n);
+    }
+    afm__free(m, nb.p);
+    at->noff = (uint32_t)db->n;
+    ok = ok && afm__tok_buf_put(m, db, s->p, s->n);
+    at->nlen = (uint32_t)(db->n - at->noff);
+    return ok;
+}
+/* the added tokens (h->added, their strings in h->astr): their content replaces an id's string (HF decodes an
+   id through its added token first); HF matches and decodes a normalized one through its normalized form */
+static afm_result afm__tok_hf_added_tokens(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
+    afm__tok_buf db;
+    int32_t c, a = 0;
+    int ok = 1;
+    memset(&db, 0, sizeof db);
+    for (c = L->added >= 0 ? j->n[L->added].child : -1; ok && c >= 0; c = j->n[c].next, a++) {
+        afm__tok_added *at = &h->added[a];
+        at->id = afm__json_int(j, afm__json_get(j, c, "id"));
+        at->special = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "special"), 0);
+        at->lstrip = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "lstrip"), 0);
+        at->rstrip = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "rstrip"), 0);
+        at->single_word = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "single_word"), 0);
+        at->normalized = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "normalized"), !at->special);
+        at->off = (uint32_t)db.n;
+        ok = afm__tok_json_str(&L->t->alloc, j, afm__json_get(j, c, "content"), &db);
+        at->noff = at->off;
+        at->nlen = at->len = (uint32_t)(db.n - at->off);
+        if (ok && at->normalized && h->n_nf > 0 && at->len) ok = afm__tok_hf_normalize_added(L, &db, at);
+    }
+    h->astr = db.p;
+    return ok ? AFM_OK : afm__tok_hf_oom(L);
+}
+
+/* each id's final string: its added token's content, else its model vocab string */
+static afm_result afm__tok_hf_final_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__tok_hf *h = L->h;
+    size_t k;
+    int32_t a;
+    L->added_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+    L->noff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    if (!L->added_of || !L->noff || !afm__tok_buf_put(&t->alloc, &L->fb, "", 0)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) L->added_of[k] = -1;
+    for (a = 0; a < h->n_added; a++) L->added_of[h->added[a].id] = a;
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        int ok;
+        L->noff[k] = (uint32_t)L->fb.n;
+        if (L->added_of[k] >= 0) {
+            const afm__tok_added *at = &h->added[L->added_of[k]];
+            ok = !at->len || afm__tok_buf_put(&t->alloc, &L->fb, h->astr + at->off, at->len);
+            t->type[k] = (uint8_t)(at->special ? AFM_TOKEN_CONTROL : AFM_TOKEN_USER_DEFINED);
+        } else ok = afm__tok_buf_put(&t->alloc, &L->fb, t->str + t->off[k], t->off[k + 1] - t->off[k]);
+        if (!ok) return afm__tok_hf_oom(L);
+    }
+    L->noff[t->n_vocab] = (uint32_t)L->fb.n;
+    return AFM_OK;
+}
+
+/* the model vocab by its own strings, where BPE looks up byte tokens and merges (t->ht_normal; the reserved
+   index is filled with the final strings) */
+static afm_result afm__tok_hf_model_index(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    size_t k;
+    if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, (size_t)L->h->n_added + 1))
+        return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++)
+        if (t->off[k + 1] > t->off[k] || t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+    for (k = 0; k < 256; k++) {
+        char u8[4];
+        size_t ul = afm__utf8_put(u8, afm__tok_byte_cp((unsigned)k));
+        L->h->byte_tok[k] = afm__tok_ht_find(t, &t->ht_normal, u8, ul);
+    }
+    return AFM_OK;
+}
+static afm_result afm__tok_hf_unk(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    int32_t c = afm__json_get(j, L->model, "unk_token");
+    if (!afm__json_isnull(j, c)) {
+        if (j->n[c].type != AFM__JSTR) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: unk_token is not a string");
+        L->tmp.n = 0;
+        if (!afm__tok_json_str(&L->t->alloc, j, c, &L->tmp)) return afm__tok_hf_oom(L);
+        L->h->unk_id = afm__tok_ht_find(L->t, &L->t->ht_normal, L->tmp.p, L->tmp.n);
+    }
+    L->t->special[AFM_SPECIAL_UNK] = L->h->unk_id;
+    return AFM_OK;
+}
+
+/* merge node c ("left right", or ["left", "right"]) into L->tmp as "left right", *sp at the space;
+   AFM_ERR_FORMAT when it is neither */
+static afm_result afm__tok_hf_merge_text(afm__tok_hf_load *L, int32_t c, size_t *sp) {
+    const afm_allocator *m = &L->t->alloc;
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t left = j->n[c].type == AFM__JARR ? j->n[c].child : -1, right = left >= 0 ? j->n[left].next : -1;
+    s->n = 0;
+    if (j->n[c].type == AFM__JSTR) {
+        size_t q, nsp = 0;
+        if (!afm__tok_json_str(m, j, c, s)) return AFM_ERR_NOMEM;
+        for (q = 0; q < s->n; q++)
+            if (s->p[q] == ' ') { *sp = q; nsp++; }
+        return nsp == 1 ? AFM_OK : AFM_ERR_FORMAT;
+    }
+    if (right < 0 || j->n[right].next >= 0 || j->n[left].type != AFM__JSTR || j->n[right].type != AFM__JSTR) return AFM_ERR_FORMAT;
+    if (!afm__tok_json_str(m, j, left, s)) return AFM_ERR_NOMEM;
+    *sp = s->n;
+    return afm__tok_buf_put(m, s, " ", 1) && afm__tok_json_str(m, j, right, s) ? AFM_OK : AFM_ERR_NOMEM;
+}
+/* model.merges: (left id, right id) -> (rank, merged id), over the model vocab strings */
+static afm_result afm__tok_hf_merges(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t merges = afm__json_get(j, L->model, "merges"), c;
+    size_t nm = 0, cap = 16, k;
+    uint32_t rank = 0;
+    if (merges >= 0 && j->n[merges].type != AFM__JARR) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: model.merges is not a list");
+    for (c = merges >= 0 ? j->n[merges].child : -1; c >= 0; c = j->n[c].next) nm++;
+    while (cap < nm * 2) cap *= 2;
+    h->mkey = (uint64_t *)afm__alloc(&t->alloc, cap * sizeof(uint64_t));
+    h->mrank = (uint32_t *)afm__alloc(&t->alloc, cap * sizeof(uint32_t));
+    h->mnew = (int32_t *)afm__alloc(&t->alloc, cap * sizeof(int32_t));
+    h->mmask = (uint32_t)(cap - 1);
+    if (!h->mkey || !h->mrank || !h->mnew) return afm__tok_hf_oom(L);
+    for (k = 0; k < cap; k++) h->mnew[k] = -1;
+    for (c = merges >= 0 ? j->n[merges].child : -1; c >= 0; c = j->n[c].next, rank++) {
+        size_t sp = 0, lb;
+        int32_t ia, ib, inew;
+        afm_result r = afm__tok_hf_merge_text(L, c, &sp);
+        if (r == AFM_ERR_NOMEM) return afm__tok_hf_oom(L);
+        if (r != AFM_OK)
+            return afm__fail(L->err, L->err_size, r, "tokenizer.json: merge %lu at byte %lu is malformed", (unsigned long)rank, (unsigned long)j->n[c].start);
+        lb = s->n - sp - 1;
+        ia = afm__tok_ht_find(t, &t->ht_normal, s->p, sp);
+        ib = afm__tok_ht_find(t, &t->ht_normal, s->p + sp + 1, lb);
+        /* the merged token: the two strings joined */
+        memmove(s->p + sp, s->p + sp + 1, lb);
+        inew = afm__tok_ht_find(t, &t->ht_normal, s->p, sp + lb);
+        if (ia < 0 || ib < 0 || inew < 0)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: merge %lu uses a token that is not in the vocab", (unsigned long)rank);
+        afm__tok_merge_put(h, ia, ib, rank, inew);
+    }
+    return AFM_OK;
+}
+
+/* appends the bytes byte-level string s[0, n) decodes to (HF's ByteLevel decoder: when every character is
+   in the byte alphabet, their bytes; else the string's own UTF-8); 0 when out of memory */
+static int afm__tok_hf_put_decoded(const afm_allocator *m, afm__tok_buf *b, const char *s, size_t n) {
+    size_t mark = b->n, q, l;
+    char byte;
+    for (q = 0; q < n; q += l) {
+        int v = afm__tok_cp_byte(afm__tok_utf8((const unsigned char *)s + q, n - q, &l));
+        if (v < 0) {
+            b->n = mark;
+            return afm__tok_buf_put(m, b, s, n);
+        }
+        byte = (char)v;
+        if (!afm__tok_buf_put(m, b, &byte, 1)) return 0;
+    }
+    return 1;
+}
+/* the bytes each id decodes to (h->doff, h->dstr), from its final string (an added token's normalized form) */
+static afm_result afm__tok_hf_decoded_bytes(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    afm__tok_buf ob;
+    size_t k;
+    int ok;
+    memset(&ob, 0, sizeof ob);
+    h->doff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    ok = h->doff != NULL;
+    for (k = 0; ok && k < (size_t)t->n_vocab; k++) {
+        const afm__tok_added *at = L->added_of[k] >= 0 ? &h->added[L->added_of[k]] : NULL;
+        h->doff[k] = (uint32_t)ob.n;
+        if (at) ok = afm__tok_hf_put_decoded(&t->alloc, &ob, h->astr + at->noff, at->nlen);
+        else ok = afm__tok_hf_put_decoded(&t->alloc, &ob, L->fb.p + L->noff[k], L->noff[k + 1] - L->noff[k]);
+    }
+    if (ok) h->doff[t->n_vocab] = (uint32_t)ob.n;
+    h->dstr = ob.p;
+    return ok ? AFM_OK : afm__tok_hf_oom(L);
+}
+
+static int afm__tok_hf_in_byte_alphabet(const char *s, size_t n) {
+    size_t q, l;
+    for (q = 0; q < n; q += l)
+        if (afm__tok_cp_byte(afm__tok_utf8((const unsigned char *)s + q, n - q, &l)) < 0) return 0;
+    return 1;
+}
+/* ignore_merges: the model vocab by decoded bytes (h->ht_raw), so that a word which is a vocab entry is one
+   token; only strings made of the byte alphabet can match a word */
+static afm_result afm__tok_hf_raw_index(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    size_t k;
+    if (!afm__tok_ht_init(&t->alloc, &h->ht_raw, (size_t)t->n_vocab)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        size_t n = t->off[k + 1] - t->off[k]; /* 0: not in the model vocab */
+        if (n && afm__tok_hf_in_byte_alphabet(t->str + t->off[k], n))
+            afm__tok_ht_put(&h->ht_raw, h->dstr, h->doff[k], h->doff[k + 1] - h->doff[k], (int32_t)k);
+    }
+    return AFM_OK;
+}
+
+/* the final strings become the pieces; ht_normal is rebuilt on them (leaving out ids that are added tokens but
+   not model vocab entries), the added tokens go to ht_reserved; an id whose string is a special token's
+   content is skipped when decoding */
+static afm_result afm__tok_hf_use_final_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__tok_hf *h = L->h;
+    size_t k;
+    int32_t a;
+    afm__tok_ht_free(&t->alloc, &t->ht_normal);
+    afm__free(&t->alloc, t->off);
+    afm__free(&t->alloc, t->str);
+    t->off = L->noff;
+    t->str = L->fb.p;
+    L->noff = NULL;
+    L->fb.p = NULL;
+    if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        if (t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+        else if (t->type[k] != 0) afm__tok_ht_add(t, &t->ht_reserved, (int32_t)k);
+        if (t->off[k + 1] - t->off[k] > t->max_piece_len) t->max_piece_len = t->off[k + 1] - t->off[k];
+    }
+    t->max_token_bytes = t->max_piece_len * 3 + 16;
+    for (a = 0; a < h->n_added; a++) {
+        const afm__tok_added *at = &h->added[a];
+        int32_t id = at->special ? afm__tok_ht_find(t, &t->ht_normal, h->astr + at->off, at->len) : -1;
+        if (id >= 0) t->type[id] = AFM_TOKEN_CONTROL;
+    }
+    return AFM_OK;
+}
+/* the added-token matchers: [0] on the raw text (normalized = false), [1] on the normalized text */
+static afm_result afm__tok_hf_added_matchers(afm__tok_hf_load *L) {
+    afm__tok_hf *h = L->h;
+    int32_t a;
+    for (a = 0; a < h->n_added; a++) {
+        const afm__tok_added *at = &h->added[a];
+        int w = at->normalized && h->n_nf > 0 ? 1 : 0;
+        if (!at->len) continue; /* HF ignores empty added tokens */
+        if (!afm__tok_trie_add(&L->t->alloc, &h->trie[w], &h->n_trie_nodes[w], &h->trie_cap[w], h->trie_root[w],
+                               (const unsigned char *)h->astr + at->noff, at->nlen, a))
+            return afm__tok_hf_oom(L);
+    }
+    return AFM_OK;
+}
 
 static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size) {
-    afm__json j;
-    afm__tok_hf *h;
-    afm__tok_buf sb, db, tmp;
-    afm_result res = AFM_OK;
-    size_t where = 0, k;
-    const char *why = "";
-    int32_t root, model, vocab, merges, c, added, pre, dec;
-    int32_t max_id = -1;
-    memset(&j, 0, sizeof j);
-    memset(&sb, 0, sizeof sb);
-    memset(&db, 0, sizeof db);
-    memset(&tmp, 0, sizeof tmp);
-    h = (afm__tok_hf *)afm__alloc(&t->alloc, sizeof *h);
+    afm__tok_hf_load L;
+    afm__tok_hf *h = (afm__tok_hf *)afm__alloc(&t->alloc, sizeof *h);
+    afm_result res;
+    size_t k;
     if (!h) return AFM_ERR_NOMEM;
     memset(h, 0, sizeof *h);
     t->hf = h;
     h->unk_id = -1;
     for (k = 0; k < AFM_SPECIAL_COUNT; k++) t->special[k] = -1;
     for (k = 0; k < 256; k++) h->trie_root[0][k] = h->trie_root[1][k] = -1;
-    if (!afm__json_parse(&t->alloc, (const char *)data, size, &j, &where, &why)) {
-        if (strcmp(why, "out of memory") == 0) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: invalid JSON at byte %lu: %s", (unsigned long)where, why);
-    }
-    root = 0;
-    model = afm__json_get(&j, root, "model");
-    if (model < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: no \"model\"");
-    if (!afm__json_eq(&j, afm__json_get(&j, model, "type"), "BPE"))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: model type is not BPE (only byte-level BPE is supported)");
-    c = afm__json_get(&j, model, "dropout");
-    if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JNUM && strtod(j.src + j.n[c].start, NULL) == 0.0))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE dropout is not supported");
-    {
-        static const char *affixes[2] = {"continuing_subword_prefix", "end_of_word_suffix"};
-        for (k = 0; k < 2; k++) {
-            c = afm__json_get(&j, model, affixes[k]);
-            if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JSTR && j.n[c].len == 0))
-                AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE %s is not supported", affixes[k]);
-        }
-    }
-    if (afm__json_bool(&j, afm__json_get(&j, model, "byte_fallback"), 0))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE byte_fallback is not supported (byte-level BPE only)");
-    h->ignore_merges = afm__json_bool(&j, afm__json_get(&j, model, "ignore_merges"), 0);
-    h->fuse_unk = afm__json_bool(&j, afm__json_get(&j, model, "fuse_unk"), 0);
-    /* normalizer, pre-tokenizer, decoder */
-    if (!afm__tok_hf_normalizer(&j, afm__json_get(&j, root, "normalizer"), h, err, err_size)) {
-        res = AFM_ERR_UNSUPPORTED;
-        goto out;
-    }
-    pre = afm__json_get(&j, root, "pre_tokenizer");
-    {
-        int32_t ty = afm__json_get(&j, pre, "type");
-        int ok = 0;
-        if (afm__json_eq(&j, ty, "ByteLevel")) ok = afm__tok_hf_bytelevel(&j, pre, h, 0);
-        else if (afm__json_eq(&j, ty, "Sequence")) {
-            int32_t list = afm__json_get(&j, pre, "pretokenizers"), e;
-            int n_bl = 0, n_other = 0;
-            ok = list >= 0 && j.n[list].type == AFM__JARR;
-            for (e = ok ? j.n[list].child : -1; e >= 0 && ok; e = j.n[e].next) {
-                int32_t et = afm__json_get(&j, e, "type");
-                if (afm__json_eq(&j, et, "ByteLevel")) {
-                    ok = n_bl++ == 0 && afm__tok_hf_bytelevel(&j, e, h, 1);
-                } else if (afm__json_eq(&j, et, "Split") && n_bl == 0 && n_other++ == 0) {
-                    int32_t pat = afm__json_get(&j, afm__json_get(&j, e, "pattern"), "Regex");
-                    tmp.n = 0;
-                    if (pat >= 0 && j.n[pat].type == AFM__JSTR && !afm__tok_json_str(&t->alloc, &j, pat, &tmp))
-                        AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                    ok = pat >= 0 && j.n[pat].type == AFM__JSTR &&
-                         afm__json_eq(&j, afm__json_get(&j, e, "behavior"), "Isolated") &&
-                         !afm__json_bool(&j, afm__json_get(&j, e, "invert"), 0);
-                    if (ok) {
-                        if (tmp.n == strlen(afm__tok_pat_llama3) && memcmp(tmp.p, afm__tok_pat_llama3, tmp.n) == 0) h->pattern = AFM__TOK_PAT_LLAMA3;
-                        else if (tmp.n == strlen(afm__tok_pat_qwen2) && memcmp(tmp.p, afm__tok_pat_qwen2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_QWEN2;
-                        else if (tmp.n == strlen(afm__tok_pat_gpt2) && memcmp(tmp.p, afm__tok_pat_gpt2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_GPT2;
-                        else
-                            AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: Split pattern %.*s%s is not one of the supported ones (GPT-2, Llama-3, Qwen2)",
-                                             (int)(tmp.n > 60 ? 60 : tmp.n), tmp.p, tmp.n > 60 ? "..." : "");
-                    }
-                } else ok = 0;
-            }
-            ok = ok && n_bl == 1 && !(n_other && h->add_prefix_space);
-        }
-        if (!ok) AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: pre_tokenizer is not supported (ByteLevel, or a Split with a GPT-2/Llama-3/Qwen2 pattern then ByteLevel)");
-    }
-    dec = afm__json_get(&j, root, "decoder");
-    if (!afm__json_eq(&j, afm__json_get(&j, dec, "type"), "ByteLevel"))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: decoder is not ByteLevel");
-    /* vocabulary */
-    vocab = afm__json_get(&j, model, "vocab");
-    if (vocab < 0 || j.n[vocab].type != AFM__JOBJ) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
-    for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
-        int32_t id = afm__json_int(&j, j.n[c].next);
-        if (id < 0 || id >= AFM__TOK_MAX_VOCAB)
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocab entry at byte %lu has a bad id", (unsigned long)j.n[c].start);
-        if (id > max_id) max_id = id;
-    }
-    added = afm__json_get(&j, root, "added_tokens");
-    if (added >= 0 && j.n[added].type != AFM__JARR) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added_tokens is not a list");
-    for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next) {
-        int32_t id = afm__json_int(&j, afm__json_get(&j, c, "id")), ct = afm__json_get(&j, c, "content");
-        if (id < 0 || id >= AFM__TOK_MAX_VOCAB || ct < 0 || j.n[ct].type != AFM__JSTR)
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added token at byte %lu needs an id and a content", (unsigned long)j.n[c].start);
-        if (id > max_id) max_id = id;
-        h->n_added++;
-    }
-    if (max_id < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
-    t->n_vocab = max_id + 1;
-    t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-    t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
-    t->type = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
-    h->added = (afm__tok_added *)afm__alloc(&t->alloc, ((size_t)h->n_added + 1) * sizeof(afm__tok_added));
-    if (!t->off || !t->score || !t->type || !h->added) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    {
-        /* strings of every id, in id order: gather (id, node) then copy */
-        int32_t *node_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
-        if (!node_of) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        for (k = 0; k < (size_t)t->n_vocab; k++) node_of[k] = -1;
-        for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
-            int32_t id = afm__json_int(&j, j.n[c].next);
-            if (node_of[id] >= 0) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: id %ld appears twice in the vocab", (long)id);
-            }
-            node_of[id] = c;
-        }
-        for (k = 0; k < (size_t)t->n_vocab; k++) {
-            t->off[k] = (uint32_t)sb.n;
-            t->score[k] = 0.0f;
-            t->type[k] = (uint8_t)(node_of[k] >= 0 ? AFM_TOKEN_NORMAL : 0);
-            if (node_of[k] >= 0 && !afm__tok_json_str(&t->alloc, &j, node_of[k], &sb)) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            }
-            if (sb.n >= 0xFFFFFFFFu) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocabulary too large");
-            }
-        }
-        t->off[t->n_vocab] = (uint32_t)sb.n;
-        afm__free(&t->alloc, node_of);
-        /* every string may be empty: allocate anyway, pointer arithmetic on NULL is undefined */
-        if (!sb.p && !afm__tok_buf_put(&t->alloc, &sb, "", 0)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    }
-    /* added tokens: their content replaces an id's string (HF decodes an id through its added token first) */
-    {
-        int32_t a = 0;
-        for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next, a++) {
-            afm__tok_added *at = &h->added[a];
-            int32_t ct = afm__json_get(&j, c, "content");
-            at->id = afm__json_int(&j, afm__json_get(&j, c, "id"));
-            at->special = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "special"), 0);
-            at->lstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "lstrip"), 0);
-            at->rstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "rstrip"), 0);
-            at->single_word = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "single_word"), 0);
-            at->normalized = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "normalized"), !at->special);
-            at->off = (uint32_t)db.n;
-            if (!afm__tok_json_str(&t->alloc, &j, ct, &db)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            at->len = (uint32_t)(db.n - at->off);
-            at->noff = at->off;
-            at->nlen = at->len;
-            if (at->normalized && h->n_nf > 0 && at->len) {
-                /* HF matches (and decodes) a normalized token through its normalized form */
-                int q;
-                afm__tok_buf nb2;
-                memset(&nb2, 0, sizeof nb2);
-                tmp.n = 0;
-                if (!afm__tok_buf_put(&t->alloc, &tmp, db.p + at->off, at->len)) res = AFM_ERR_NOMEM;
-                for (q = 0; res == AFM_OK && q < h->n_nf; q++) {
-                    nb2.n = 0;
-                    if (!afm__tok_nf(&t->alloc, tmp.p, tmp.n, h->nf_forms[q] & 3, &nb2)) res = AFM_ERR_NOMEM;
-                    tmp.n = 0;
-                    if (res == AFM_OK && !afm__tok_buf_put(&t->alloc, &tmp, nb2.p, nb2.n)) res = AFM_ERR_NOMEM;
-                }
-                afm__free(&t->alloc, nb2.p);
-                at->noff = (uint32_t)db.n;
-                if (res != AFM_OK || !afm__tok_buf_put(&t->alloc, &db, tmp.p, tmp.n)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                at->nlen = (uint32_t)(db.n - at->noff);
-            }
-        }
-        h->astr = db.p;
-        memset(&db, 0, sizeof db);
-    }
-    /* final piece strings: vocab string, or the added token's content */
-    {
-        afm__tok_buf fb;
-        int32_t *added_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
-        uint32_t *noff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-        memset(&fb, 0, sizeof fb);
-        if (!added_of || !noff || !afm__tok_buf_put(&t->alloc, &fb, "", 0)) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        }
-        for (k = 0; k < (size_t)t->n_vocab; k++) added_of[k] = -1;
-        for (c = 0; c < h->n_added; c++) added_of[h->added[c].id] = c;
-        for (k = 0; k < (size_t)t->n_vocab; k++) {
-            int ok;
-            noff[k] = (uint32_t)fb.n;
-            if (added_of[k] >= 0) {
-                const afm__tok_added *at = &h->added[added_of[k]];
-                ok = !at->len || afm__tok_buf_put(&t->alloc, &fb, h->astr + at->off, at->len);
-                t->type[k] = (uint8_t)(at->special ? AFM_TOKEN_CONTROL : AFM_TOKEN_USER_DEFINED);
-            } else ok = afm__tok_buf_put(&t->alloc, &fb, sb.p + t->off[k], t->off[k + 1] - t->off[k]);
-            if (!ok) {
-                afm__free(&t->alloc, added_of);
-                afm__free(&t->alloc, noff);
-                afm__free(&t->alloc, fb.p);
-                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            }
-        }
-        noff[t->n_vocab] = (uint32_t)fb.n;
-        /* the model vocab keeps its own strings for BPE lookups: index them before switching */
-        if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, (size_t)h->n_added + 1)) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        }
-        t->str = sb.p;
-        for (k = 0; k < (size_t)t->n_vocab; k++)
-            if (t->off[k + 1] > t->off[k] || t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
-        /* byte -> vocab id, unk */
-        for (k = 0; k < 256; k++) {
-            char u8[4];
-            size_t ul = afm__utf8_put(u8, afm__tok_byte_cp((unsigned)k));
-            h->byte_tok[k] = afm__tok_ht_find(t, &t->ht_normal, u8, ul);
-        }
-        c = afm__json_get(&j, model, "unk_token");
-        if (!afm__json_isnull(&j, c)) {
-            tmp.n = 0;
-            if (j.n[c].type != AFM__JSTR || !afm__tok_json_str(&t->alloc, &j, c, &tmp)) {
-                afm__free(&t->alloc, added_of);
-                afm__free(&t->alloc, noff);
-                afm__free(&t->alloc, fb.p);
-                if (j.n[c].type == AFM__JSTR) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: unk_token is not a string");
-            }
-            h->unk_id = afm__tok_ht_find(t, &t->ht_normal, tmp.p, tmp.n);
-        }
-        /* merges: ranks over model vocab strings */
-        merges = afm__json_get(&j, model, "merges");
-        if (merges >= 0 && j.n[merges].type != AFM__JARR) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.merges is not a list");
-        }
-        {
-            size_t nm = 0, cap = 16;
-            uint32_t rank = 0;
-            for (c = merges >= 0 ? j.n[merges].child : -1; c >= 0; c = j.n[c].next) nm++;
-            while (cap < nm * 2) cap *= 2;
-            h->mkey = (uint64_t *)afm__alloc(&t->alloc, cap * sizeof(uint64_t));
-            h->mrank = (uint32_t *)afm__alloc(&t->alloc, cap * sizeof(uint32_t));
-            h->mnew = (int32_t *)afm__alloc(&t->alloc, cap * sizeof(int32_t));
-            h->mmask = (uint32_t)(cap - 1);
-            if (!h->mkey || !h->mrank || !h->mnew) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < cap; k++) h->mnew[k] = -1;
-            for (c = merges >= 0 ? j.n[merges].child : -1; res == AFM_OK && c >= 0; c = j.n[c].next, rank++) {
-                size_t sp = 0, la, lb;
-                int32_t ia, ib, inew;
-                tmp.n = 0;
-                if (j.n[c].type == AFM__JSTR) {
-                    size_t q, nsp = 0;
-                    if (!afm__tok_json_str(&t->alloc, &j, c, &tmp)) res = AFM_ERR_NOMEM;
-                    for (q = 0; q < tmp.n; q++)
-                        if (tmp.p[q] == ' ') { sp = q; nsp++; }
-                    if (res == AFM_OK && nsp != 1) res = AFM_ERR_FORMAT;
-                    la = sp;
-                    lb = tmp.n - sp - 1;
-                } else if (j.n[c].type == AFM__JARR && j.n[c].child >= 0 && j.n[j.n[c].child].next >= 0 &&
-                           j.n[j.n[j.n[c].child].next].next < 0 && j.n[j.n[c].child].type == AFM__JSTR &&
-                           j.n[j.n[j.n[c].child].next].type == AFM__JSTR) {
-                    if (!afm__tok_json_str(&t->alloc, &j, j.n[c].child, &tmp)) res = AFM_ERR_NOMEM;
-                    sp = tmp.n;
-                    if (res == AFM_OK && (!afm__tok_buf_put(&t->alloc, &tmp, " ", 1) || !afm__tok_json_str(&t->alloc, &j, j.n[j.n[c].child].next, &tmp))) res = AFM_ERR_NOMEM;
-                    la = sp;
-                    lb = tmp.n - sp - 1;
-                } else res = AFM_ERR_FORMAT;
-                if (res != AFM_OK) {
-                    afm__fail(err, err_size, res, "tokenizer.json: merge %lu at byte %lu is malformed", (unsigned long)rank, (unsigned long)j.n[c].start);
-                    break;
-                }
-                ia = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la);
-                ib = afm__tok_ht_find(t, &t->ht_normal, tmp.p + sp + 1, lb);
-                /* the merged token: the two strings joined */
-                memmove(tmp.p + sp, tmp.p + sp + 1, lb);
-                inew = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la + lb);
-                if (ia < 0 || ib < 0 || inew < 0) {
-                    res = afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.json: merge %lu uses a token that is not in the vocab", (unsigned long)rank);
-                    break;
-                }
-                {
-                    uint64_t key = ((uint64_t)(uint32_t)ia << 32) | (uint32_t)ib;
-                    uint32_t i = afm__tok_mhash(key) & h->mmask;
-                    while (h->mnew[i] >= 0 && h->mkey[i] != key) i = (i + 1) & h->mmask;
-                    h->mkey[i] = key;
-                    h->mrank[i] = rank; /* a repeated merge takes the later rank, as HF's map does */
-                    h->mnew[i] = inew;
-                }
-            }
-        }
-        if (res != AFM_OK) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            if (res == AFM_ERR_NOMEM) afm__fail(err, err_size, res, "tokenizer.json: out of memory");
-            goto out;
-        }
-        /* decoded bytes of every id (HF ByteLevel decoder: all characters in the alphabet -> bytes, else the
-           string's own UTF-8), computed on the final strings */
-        {
-            afm__tok_buf ob;
-            memset(&ob, 0, sizeof ob);
-            h->doff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-            if (!h->doff) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                const char *p = fb.p + noff[k];
-                size_t n = noff[k + 1] - noff[k], q = 0;
-                if (added_of[k] >= 0) {
-                    p = h->astr + h->added[added_of[k]].noff;
-                    n = h->added[added_of[k]].nlen;
-                }
-                size_t mark = ob.n;
-                int all = 1;
-                h->doff[k] = (uint32_t)ob.n;
-                while (q < n) {
-                    size_t l;
-                    int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
-                    int found = afm__tok_cp_byte(cp);
-                    if (found < 0) { all = 0; break; }
-                    {
-                        char bb = (char)found;
-                        if (!afm__tok_buf_put(&t->alloc, &ob, &bb, 1)) { res = AFM_ERR_NOMEM; break; }
-                    }
-                    q += l;
-                }
-                if (res != AFM_OK) break;
-                if (!all) {
-                    ob.n = mark;
-                    if (!afm__tok_buf_put(&t->alloc, &ob, p, n)) res = AFM_ERR_NOMEM;
-                }
-            }
-            if (res == AFM_OK) h->doff[t->n_vocab] = (uint32_t)ob.n;
-            h->dstr = ob.p;
-        }
-        /* raw-bytes index of the model vocabulary (for ignore_merges): keys are the vocab strings' bytes */
-        if (res == AFM_OK && h->ignore_merges) {
-            if (!afm__tok_ht_init(&t->alloc, &h->ht_raw, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                if (t->off[k + 1] == t->off[k]) continue; /* not in the model vocab */
-                {
-                    /* only strings made of the byte alphabet can match a word */
-                    const char *p = sb.p + t->off[k];
-                    size_t n = t->off[k + 1] - t->off[k], q = 0;
-                    int all = 1;
-                    while (q < n) {
-                        size_t l;
-                        int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
-                        if (afm__tok_cp_byte(cp) < 0) { all = 0; break; }
-                        q += l;
-                    }
-                    if (all) afm__tok_ht_put(&h->ht_raw, h->dstr, h->doff[k], h->doff[k + 1] - h->doff[k], (int32_t)k);
-                }
-            }
-        }
-        /* switch the piece strings to the final ones (the model-vocab index keeps working through
-           ht_normal only while t->off/t->str are the model strings: rebuild it on the final strings,
-           leaving out ids that are added tokens but not model vocab entries) */
-        if (res == AFM_OK) {
-            afm__tok_ht_free(&t->alloc, &t->ht_normal);
-            afm__free(&t->alloc, t->off);
-            t->off = noff;
-            t->str = fb.p;
-            afm__free(&t->alloc, sb.p);
-            memset(&sb, 0, sizeof sb);
-            noff = NULL;
-            fb.p = NULL;
-            if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                if (t->type[k] == 0) continue;
-                if (t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
-                else afm__tok_ht_add(t, &t->ht_reserved, (int32_t)k);
-            }
-        } else {
-            t->str = NULL;
-        }
-        afm__free(&t->alloc, added_of);
-        afm__free(&t->alloc, noff);
-        afm__free(&t->alloc, fb.p);
-        if (res != AFM_OK) {
-            afm__fail(err, err_size, res, "tokenizer.json: out of memory");
-            goto out;
-        }
-    }
-    /* special tokens by content: an id whose string is a special token's content is skipped when decoding */
-    for (c = 0; c < h->n_added; c++) {
-        const afm__tok_added *at = &h->added[c];
-        int32_t id;
-        if (!at->special) continue;
-        id = afm__tok_ht_find(t, &t->ht_normal, h->astr + at->off, at->len);
-        if (id >= 0) t->type[id] = AFM_TOKEN_CONTROL;
-    }
-    /* added-token matchers: [0] on the raw text (normalized = false), [1] on the normalized text */
-    for (c = 0; c < h->n_added; c++) {
-        const afm__tok_added *at = &h->added[c];
-        int which = at->normalized && h->n_nf > 0 ? 1 : 0;
-        const char *p = h->astr + at->noff;
-        size_t n = at->nlen;
-        if (!at->len) continue; /* HF ignores empty added tokens */
-        if (!afm__tok_trie_add(&t->alloc, &h->trie[which], &h->n_trie_nodes[which], &h->trie_cap[which],
-                               h->trie_root[which], (const unsigned char *)p, n, c))
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    }
-    for (k = 0; k < (size_t)t->n_vocab; k++) {
-        size_t n = t->off[k + 1] - t->off[k];
-        if (n > t->max_piece_len) t->max_piece_len = n;
-    }
-    t->max_token_bytes = t->max_piece_len * 3 + 16;
-    t->special[AFM_SPECIAL_UNK] = h->unk_id;
-out:
-    afm__free(&t->alloc, j.n);
-    if (t->str == sb.p) t->str = NULL; /* an error after the model strings were installed */
-    afm__free(&t->alloc, sb.p);
-    afm__free(&t->alloc, db.p);
-    afm__free(&t->alloc, tmp.p);
-    if (res == AFM_OK) {
-        /* t->str is the final string pool */
-    }
+    memset(&L, 0, sizeof L);
+    L.t = t;
+    L.h = h;
+    L.err = err;
+    L.err_size = err_size;
+    res = afm__tok_hf_parse(&L, data, size);
+    /* what the file asks for: byte-level BPE and a text pipeline we implement */
+    if (res == AFM_OK) res = afm__tok_hf_model_options(&L);
+    if (res == AFM_OK) res = afm__tok_hf_normalizer(&L, afm__json_get(&L.j, 0, "normalizer"));
+    if (res == AFM_OK) res = afm__tok_hf_pre_tokenizer(&L);
+    if (res == AFM_OK) res = afm__tok_hf_decoder(&L);
+    /* the pieces: the model vocab's strings, the added tokens, each id's final string */
+    if (res == AFM_OK) res = afm__tok_hf_ids(&L);
+    if (res == AFM_OK) res = afm__tok_hf_vocab_strings(&L);
+    if (res == AFM_OK) res = afm__tok_hf_added_tokens(&L);
+    if (res == AFM_OK) res = afm__tok_hf_final_strings(&L);
+    /* BPE's tables, over the model vocab's strings */
+    if (res == AFM_OK) res = afm__tok_hf_model_index(&L);
+    if (res == AFM_OK) res = afm__tok_hf_unk(&L);
+    if (res == AFM_OK) res = afm__tok_hf_merges(&L);
+    /* decoding and matching, over the final strings */
+    if (res == AFM_OK) res = afm__tok_hf_decoded_bytes(&L);
+    if (res == AFM_OK && h->ignore_merges) res = afm__tok_hf_raw_index(&L);
+    if (res == AFM_OK) res = afm__tok_hf_use_final_strings(&L);
+    if (res == AFM_OK) res = afm__tok_hf_added_matchers(&L);
+    afm__tok_hf_load_free(&L);
     return res;
 }
 
