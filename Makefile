@@ -5,6 +5,7 @@
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
 #   make fuzz       run each fuzz harness (model loader, .fmadapter reader) for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
+#   make fuzz-long  every harness for FUZZ_LONG_SECONDS each (default 900; docs/FUZZING.md)
 #   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels; see below)
 CC      ?= cc
 CFLAGS  ?= -O2 -g
@@ -54,6 +55,12 @@ fuzz-tok:
 	build/fuzz_tok_text -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 \
 	    build/corpus-fuzz_tok_text tests/fuzz/corpus/tok_text
 
+# Every harness for a longer time (make fuzz-long FUZZ_LONG_SECONDS=3600); the scratch corpora in
+# build/ grow from run to run. docs/FUZZING.md records the long runs made so far.
+FUZZ_LONG_SECONDS ?= 900
+fuzz-long:
+	$(MAKE) fuzz fuzz-tok FUZZ_SECONDS=$(FUZZ_LONG_SECONDS)
+
 # Benchmarks on the full-size synthetic AFMTextV7 (3.18B, 2-bit matrices, 4-bit head, int8 KV) and
 # its 48.8M draft, made once in BENCH_DIR (955 MB + 26 MB + a 133 MB rank-32 adapter, ~20 s):
 #   make bench           prefill, decode, bytes/token, bandwidth, % of roofline, peak RSS (1 and 2 threads)
@@ -86,4 +93,4 @@ bench-kernels:
 clean:
 	rm -rf build afm simple
 
-.PHONY: all demo test fuzz fuzz-tok bench bench-models bench-adapter bench-spec bench-kernels clean
+.PHONY: all demo test fuzz fuzz-tok fuzz-long bench bench-models bench-adapter bench-spec bench-kernels clean
