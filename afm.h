@@ -285,7 +285,9 @@ typedef enum afm_kv_type {
 typedef struct afm_session_params {
     int n_ctx;          /* context limit in tokens; 0: the model's context_length */
     int n_threads;      /* worker threads including the caller; 0: 1 */
-    int n_batch;        /* tokens per forward pass during prefill; 0: 256 */
+    int n_batch;        /* tokens per forward pass during prefill; 0: 256. Lowered when one batch's
+                           scratch would outweigh max(64 MiB, the model file's size): memory before
+                           any token is cached stays bounded by the file's size */
     int all_logits;     /* keep logits for every position of an eval, not just the last */
     int preallocate;    /* reserve the whole KV cache now instead of growing it on demand */
     afm_kv_type kv_type;
@@ -6811,6 +6813,14 @@ static void afm__session_release_buffers(afm_session *s) {
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
 
+/* Memory a session takes before it holds any tokens (one batch's activations, the first KV
+   positions) stays below max(64 MiB, the model file's size): a small hostile file with huge widths
+   (1024 heads x 1024 of a model dimension 1) would otherwise take gigabytes for a few tokens. */
+static uint64_t afm__scratch_budget(const afm_model *m) {
+    uint64_t floor_ = (uint64_t)64 << 20;
+    return m->blob.size > floor_ ? m->blob.size : floor_;
+}
+
 /* Grows the KV cache (and the per-thread score rows) to hold at least `need` positions. */
 static afm_result afm__reserve(afm_session *s, int need) {
     const afm_allocator *a = &s->model->alloc;
@@ -6820,6 +6830,10 @@ static afm_result afm__reserve(afm_session *s, int need) {
     float *scores;
     int32_t *tokens;
     if (need <= s->cap) return AFM_OK;
+    if (!s->cap) { /* the first 256 positions, or fewer if they would outweigh the budget */
+        uint64_t per_pos = 2 * (uint64_t)n_seg0 * row, most = afm__scratch_budget(s->model) / (per_pos ? per_pos : 1);
+        if ((uint64_t)cap > most) cap = most > 0 ? (int)most : 1;
+    }
     while (cap < need) cap = cap > s->n_ctx / 2 ? s->n_ctx : cap * 2;
     if (cap > s->n_ctx) cap = s->n_ctx;
     k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
@@ -6880,11 +6894,17 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     afm__select_kernels(&s->kern, AFM__LEVEL_MAX);
     if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
 
-    B = p.n_batch;
     qd = c->n_heads * c->head_dim;
     widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
     if (qd > widest) widest = qd;
     if (c->head_dim > widest) widest = c->head_dim;
+    {   /* fewer tokens per batch when one batch's activations would outweigh the budget */
+        uint64_t per_tok = 4 * (2 * (uint64_t)c->dim + 2 * (uint64_t)qd + 2 * (uint64_t)s->kv_dim + 2 * (uint64_t)c->ffn_dim + (uint64_t)c->head_dim) +
+                           2 * (uint64_t)afm__act_need(1, widest);
+        uint64_t most = afm__scratch_budget(m) / per_tok;
+        if ((uint64_t)p.n_batch > most) s->params.n_batch = p.n_batch = most > 0 ? (int)most : 1;
+    }
+    B = p.n_batch;
     s->rowbuf_n = (widest + 15) & ~15;
     s->x = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
     s->xn = (float *)afm__alloc(a, (size_t)B * c->dim * 4);

@@ -145,6 +145,16 @@ if python3 -c "import numpy" 2>/dev/null; then
         else bad "afm info on the full-size draft"; cat build/info_draft.txt; fi
     else bad "tools/synth.py full-size shapes"; fi
     rm -f build/base_zeros.afm build/draft_zeros.afm
+    # resource amplification: an 8 MB file with 1024 heads x 1024 on a model dimension of 1 took 1.1 GB
+    # for a few tokens; the session's scratch now stays within max(64 MiB, the file's size)
+    if python3 tools/synth.py --vocab 2 --dim 1 --layers 1 --reuse 0 --heads 1024 --kv-heads 1024 --head-dim 1024 --ffn 1 \
+           --context 16777216 --type f16 -q -o build/wide.afm && [ -x /usr/bin/time ]; then
+        /usr/bin/time -v ./afm -m build/wide.afm --ids 1,0,1,0,1,0,1,0 -n 4 > build/wide.log 2>&1
+        rss=$(grep "Maximum resident" build/wide.log | grep -o '[0-9]*$')
+        if [ -n "$rss" ] && [ "$rss" -lt 300000 ]; then ok "a wide 8 MB model (1024 x 1024 heads, dim 1) runs in $((rss / 1024)) MB (was 1.1 GB)"
+        else bad "wide model RSS: ${rss:-?} KB"; cat build/wide.log; fi
+    else skip "wide-model RSS check" "/usr/bin/time (GNU time)"; fi
+    rm -f build/wide.afm
     # converter, reader and writer checks; the committed fixtures must reconvert byte for byte
     run_counts "tools (converter, writer, reader)" python3 tests/test_tools.py
     if python3 tools/quantize.py --selftest > build/quant.log 2>&1; then ok "quantizer self-test: $(tail -n 1 build/quant.log)"
