@@ -12,6 +12,8 @@ CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic
 LDLIBS   = -lm -lpthread
 FUZZ_SECONDS ?= 60
+# extra libFuzzer flags for every harness, e.g. FUZZ_FLAGS=-fork=4 (four processes each)
+FUZZ_FLAGS ?=
 
 all: afm simple
 
@@ -41,11 +43,11 @@ fuzz:
 	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_gen tests/fuzz/fuzz_gen.c $(LDLIBS)
-	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
+	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-load tests/fuzz/corpus/load
-	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
-	build/fuzz_gen -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=20 -rss_limit_mb=2048 \
+	build/fuzz_gen -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-gen tests/fuzz/corpus/gen
 
 # Scalar kernels only here too (the tokenizer uses none).
@@ -53,9 +55,9 @@ fuzz-tok:
 	mkdir -p build build/corpus-fuzz_tok_load build/corpus-fuzz_tok_text
 	$(FUZZ_CC) -o build/fuzz_tok_load tests/fuzz/fuzz_tok_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_tok_text tests/fuzz/fuzz_tok_text.c $(LDLIBS)
-	build/fuzz_tok_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 \
+	build/fuzz_tok_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-fuzz_tok_load tests/fuzz/corpus/tok_load
-	build/fuzz_tok_text -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 \
+	build/fuzz_tok_text -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-fuzz_tok_text tests/fuzz/corpus/tok_text
 
 # Every harness (model file, .fmadapter, generation, tokenizer files, text) for a longer time each:
@@ -70,7 +72,7 @@ fuzz-long:
 fuzz-gen:
 	mkdir -p build build/corpus-gen
 	$(FUZZ_CC) -o build/fuzz_gen tests/fuzz/fuzz_gen.c $(LDLIBS)
-	build/fuzz_gen -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=20 -rss_limit_mb=2048 \
+	build/fuzz_gen -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-gen tests/fuzz/corpus/gen
 
 # Benchmarks on the full-size synthetic AFMTextV7 (3.18B, 2-bit matrices, 4-bit head, int8 KV) and
