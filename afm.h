@@ -4381,7 +4381,7 @@ static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t
     /* Tables are sized by the largest id: an id must be below the file's size in bytes (every id
        takes several bytes of it), so memory stays a bounded multiple of the file (~60 bytes an id). */
     if ((size_t)max_id >= size)
-        AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: id %ld is not below the file's size of %lu bytes (ids must be about dense)",
+        AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: id %ld is not below the file's size of %lu bytes (ids must be nearly dense)",
                          (long)max_id, (unsigned long)size);
     t->n_vocab = max_id + 1;
     t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
