@@ -240,7 +240,7 @@ AFMDEF afm_result afm_detokenizer_push(afm_detokenizer *d, int32_t id, char *out
 AFMDEF afm_result afm_detokenizer_flush(afm_detokenizer *d, char *out, size_t cap, size_t *n_out);
 AFMDEF size_t afm_tokenizer_max_token_bytes(const afm_tokenizer *tok);
 
-/* ---- AFM chat format (AFM_SPEC section 7). ---- */
+/* ---- AFM chat format (docs/MODEL.md section 7). ---- */
 typedef struct afm_chat_message {
     const char *role;    /* "system", "user", "assistant", ... */
     const char *content; /* UTF-8, may contain "\n" */
@@ -327,7 +327,7 @@ AFMDEF void afm_sampler_free(afm_sampler *sampler);
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
 
 
-/* ---- LoRA adapters (AFM_SPEC section 3): y = W x + (alpha / rank) * B (A x) on every adapted
+/* ---- LoRA adapters (docs/MODEL.md section 3): y = W x + (alpha / rank) * B (A x) on every adapted
    projection, applied at run time so a 2-bit base needs no merge. Several adapters may be loaded
    against one model; each session picks one (or none). An adapter must outlive the sessions that
    use it and the model must outlive the adapter. ---- */
@@ -1621,7 +1621,7 @@ AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *m, int *kind, size
 
 
 /* ======================================================================================== */
-/* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) ==== */
+/* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) === */
 /* ======================================================================================== */
 
 /* RFC 8259, strictly (escapes, surrogate pairs and numbers are checked while parsing), into a flat
@@ -3858,7 +3858,7 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
 }
 
 /* ======================================================================================== */
-/* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) ========= */
+/* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) =========== */
 /* ======================================================================================== */
 /* Opt-in (AFM_HF_TOKENIZER): AFM models use SentencePiece, so the default build is afm.h alone. With
    the macro, afm_tokenizer.h (Unicode 14 character classes, combining classes, decompositions and
@@ -5037,7 +5037,7 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 #endif /* AFM_HF_TOKENIZER */
 
 /* ======================================================================================== */
-/* ==== KERNELS: weight types, scalar reference, AVX2, AVX-512, NEON ===================== */
+/* ==== KERNELS: scalar reference, AVX2, AVX-512, NEON, selection ========================= */
 /* ======================================================================================== */
 /* The weight types (docs/FORMAT.md, "Types") and every compute kernel. Decode is a
    matrix-vector product bound by memory bandwidth, prefill and verification are matrix-matrix
@@ -6315,7 +6315,7 @@ static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w
 
 
 /* ======================================================================================== */
-/* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======= */
+/* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======== */
 /* ======================================================================================== */
 
 struct afm_adapter {
@@ -6501,7 +6501,7 @@ static afm_result afm__parse_adapter(afm__loader *L, afm_adapter *ad) {
     return AFM_OK;
 }
 
-/* ---- .fmadapter: Apple's package (AFM_SPEC section 6) ---- */
+/* ---- .fmadapter: Apple's package (docs/MODEL.md section 6) ---- */
 
 /* `fmadapter-NAME-VERSION` with NAME and VERSION made of [A-Za-z0-9_]: a hyphen inside NAME
    makes Apple's loader misread the identifier, so it is refused here too. */
@@ -6571,7 +6571,7 @@ static afm_result afm__fm_metadata(afm_adapter *ad, const char *json, size_t n, 
 /* Blob storage v2: a 64-byte header (u32 count, u32 version 2), then for each tensor a 64-byte
    record header (u32 0xDEADBEEF, u32 dtype 1 = fp16, u64 size, u64 absolute offset) and its data,
    each 64-byte aligned. The tensors carry no names: their order and sizes are those of the
-   toolkit's adapter keys (AFM_SPEC section 6), which is checked record by record. */
+   toolkit's adapter keys (docs/MODEL.md section 6.2), which is checked record by record. */
 static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint64_t size, const char *name, char *err, size_t errn) {
     const afm_model *m = ad->model;
     int n_layers = m->config.n_layers, expected = 0, i, p, k = 0;
@@ -7004,7 +7004,7 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
 }
 
 /* ======================================================================================== */
-/* ==== FORWARD PASS (AFM_SPEC section 2) ================================================= */
+/* ==== FORWARD PASS (docs/MODEL.md section 2) ============================================ */
 /* ======================================================================================== */
 
 /* ---- matrix products: activations prepared once per input, then the rows of one or more

@@ -65,7 +65,7 @@ static const char *usage_options =
     "  -f, --file FILE        read the prompt (detokenize: the ids) from FILE; '-' is stdin\n"
     "      --ids LIST         the prompt as token ids separated by commas or spaces; generate\n"
     "                         then prints token ids instead of text\n"
-    "      --chat             wrap the prompt in AFM's chat template (AFM_SPEC section 7) as the\n"
+    "      --chat             wrap the prompt in AFM's chat template (docs/MODEL.md section 7.3) as the\n"
     "                         user's turn; print only the reply. For chat adapters and\n"
     "                         instruction-tuned weights; not the default because base weights\n"
     "                         just continue text. tokenize --chat: the ids of that prompt\n"

@@ -149,7 +149,7 @@ def make_fmadapter_reproduces_the_package():
             for f in ("metadata.json", "adapter_weights.bin"):
                 with open(os.path.join(out, f), "rb") as f1, open(os.path.join(LORA, "test.fmadapter", f), "rb") as f2:
                     assert f1.read() == f2.read(), f
-        # adapter2.pt stores segment 1 first: the exporter's (checkpoint) order is not AFM_SPEC's
+        # adapter2.pt stores segment 1 first: the exporter's (checkpoint) order is not the one of docs/MODEL.md section 6.2
         out = os.path.join(td, "style.fmadapter")
         r = tool(os.path.join(TOOLS, "make_fmadapter.py"), os.path.join(LORA, "adapter2.pt"), "--base", BASE, "-o", out,
                  "--checkpoint-order")

@@ -79,7 +79,7 @@ if [ "$(printf '%s' "$T" | ./afm tokenize -m $M -f -)" = "$ids" ] &&
    [ "$(echo "$ids" | ./afm detokenize --tokenizer models/mini/tokenizer.model -f -)" = "$T" ]; then
     ok "tokenize from stdin and with --tokenizer tokenizer.model give the same ids"
 else bad "tokenize -f - / --tokenizer"; fi
-# AFM_SPEC 7: EOS, then the rendered template without its first token (ids from sentencepiece)
+# docs/MODEL.md section 7.4: EOS, then the rendered template without its first token (ids from sentencepiece)
 chat_ids="3 5 1033 4 8134 1332 8103 385 1481 269 1486 298 269 7844 1193 451 546 8115 6 5 1486 4 8165 8104 6 5 1193 451 546 4"
 rendered="<turn_start> system<n>A conversation between a user and a helpful assistant.<turn_end><turn_start> user<n>Hi<turn_end><turn_start> assistant<n>"
 if [ "$(./afm tokenize -m $M --chat Hi)" = "$chat_ids" ] &&

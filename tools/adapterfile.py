@@ -1,5 +1,5 @@
 """adapterfile.py - LoRA adapter files: the afm adapter file (`.afma`, docs/FORMAT.md "The afm adapter
-file", version 1) and Apple's `.fmadapter` packages (AFM_SPEC section 6). numpy only.
+file", version 1) and Apple's `.fmadapter` packages (docs/MODEL.md section 6). numpy only.
 
 .afma:
     write_adapter("a.afma", base_config, tensors, rank, alpha, draft_token_count=5,
@@ -137,7 +137,7 @@ def count_params(cfg, rank):
 # metadata
 
 def metadata_problems(md, require_fmadapter_keys=True):
-    """What is wrong with a .fmadapter metadata dict (AFM_SPEC section 6)."""
+    """What is wrong with a .fmadapter metadata dict (docs/MODEL.md section 6)."""
     p = []
     if not isinstance(md, dict):
         return ["metadata is a JSON %s, expected an object" % type(md).__name__]
@@ -511,7 +511,7 @@ def adapter_problems_for_model(a, model_config):
 # .fmadapter packages
 
 def fmadapter_specs(cfg, rank):
-    """[(afma name, (rows, cols))] of adapter_weights.bin in record order (AFM_SPEC section 6):
+    """[(afma name, (rows, cols))] of adapter_weights.bin in record order (docs/MODEL.md section 6.2):
     layer by layer (segment 0 then segment 1), per layer q a, b, k a, b, v a, b (or wq a, b), wo a, b,
     gate a, b, up a, b, down a, b; A written [r, in], B written [out, r]. Same order as the .afma."""
     return adapter_specs(cfg, rank)

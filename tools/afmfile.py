@@ -156,7 +156,7 @@ def permute_vec_to_interleaved(v):
 
 
 def kv_scale_from_range(range_min, range_max):
-    """AFM_SPEC section 4: scale = max(range_min / -128, range_max / 127), computed in float32."""
+    """docs/MODEL.md section 4.1: scale = max(range_min / -128, range_max / 127), computed in float32."""
     lo = np.float32(range_min)
     hi = np.float32(range_max)
     return np.float32(max(lo / np.float32(-128.0), hi / np.float32(127.0)))

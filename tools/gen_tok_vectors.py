@@ -11,7 +11,7 @@ Records, one a line, fields separated by tabs, texts in hex:
   N <text> <ids> <decode(ids)>            AFM layer: "\\n" -> <n> before encoding, <n> -> "\\n" after decoding
   D <ids> <decode(ids)>                   decode of an arbitrary id sequence
   C <gen> <ntools> <tool>... <nmsg> <role> <content>... <ids>    AFM chat prompt ids
-The expected values come only from the reference libraries (and, for N and C, from AFM_SPEC section 7
+The expected values come only from the reference libraries (and, for N and C, from docs/MODEL.md section 7
 applied in Python to their output); nothing is hand-written.
 """
 import json, os, random, sys
@@ -35,7 +35,7 @@ def ids_s(ids):
 AFM_DEFAULT_SYSTEM = "A conversation between a user and a helpful assistant."
 
 def render_chat(msgs, tools, gen):
-    # AFM_SPEC section 7
+    # docs/MODEL.md section 7
     system, first = AFM_DEFAULT_SYSTEM, 0
     if msgs and msgs[0][0] == "system":
         system, first = msgs[0][1], 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """make_fake_toolkit.py - small fake Apple adapter-toolkit checkpoints, saved with real torch.save,
-with the exact key names of AFM_SPEC section 5, plus their converted files and MLX references.
+with the exact key names of docs/MODEL.md section 5, plus their converted files and MLX references.
 
     python3 tools/make_fake_toolkit.py            # writes the files below
     python3 tools/make_fake_toolkit.py --check    # regenerate in a temp dir, compare bytes

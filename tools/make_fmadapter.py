@@ -18,7 +18,7 @@ convert_adapter.py, so that the two routes check each other):
     speculativeDecodingDraftTokenCount).
 The exporter writes records in the checkpoint's key order and hard-codes AFMTextV7's sizes (16 heads,
 2 KV heads, 2048 / 256 rows, loraRank 32); here the sizes come from --base and loraRank is the
-tensors' rank. Records are written in the order of AFM_SPEC section 6 (layer by layer; q, k, v or wq,
+tensors' rank. Records are written in the order of docs/MODEL.md section 6.2 (layer by layer; q, k, v or wq,
 wo, gate, up, down; a then b), which is the module order of a tamm state dict; --checkpoint-order
 writes them in the checkpoint's key order instead, exactly as the exporter (and warns when that differs).
 """
@@ -96,7 +96,7 @@ def export(ckpt_path, base_cfg, name, out_dir, adapter=None, signature=adf.APPLE
             raise SystemExit("error: %s: shape %s, expected %s" % (n, tuple(got[n].shape), sh))
     order = [n for n, _ in picked] if checkpoint_order else [n for n, _ in specs]
     if checkpoint_order and order != [n for n, _ in specs] and verbose:
-        print("warning: the checkpoint's order differs from AFM_SPEC section 6; afm.h will refuse this package")
+        print("warning: the checkpoint's order differs from docs/MODEL.md section 6.2; afm.h will refuse this package")
     arrays = []
     for n in order:
         a = got[n].detach().to(torch.float32).numpy()

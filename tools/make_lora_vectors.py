@@ -324,7 +324,7 @@ def write_fuzz(out, cfg):
     lines = ["# Hostile `.fmadapter` packages", "",
              "Written by `python3 tools/make_lora_vectors.py` (deterministic). Every package is for the fake "
              "toolkit base `tests/vectors/toolkit.afm` (vocab 256, dim 32, 2 + 2 layers, 4 heads x 8, 2 KV heads, "
-             "ffn 104) at rank 2: %d fp16 records in the order of AFM_SPEC section 6. `valid_rank2/` is the "
+             "ffn 104) at rank 2: %d fp16 records in the order of docs/MODEL.md section 6.2. `valid_rank2/` is the "
              "untouched package; each other folder changes one thing. A reader must refuse every package marked "
              "refuse with an error that names the file (metadata.json or adapter_weights.bin), the record or key "
              "and the byte offset where it applies, and must never read outside the file." % len(specs), "",

@@ -215,7 +215,7 @@ def main(argv=None):
     if a.tokenizer:
         import sentencepiece as spm
         sp = spm.SentencePieceProcessor(model_file=a.tokenizer)
-        if a.text.startswith("<turn_start>"):        # chat: AFM_SPEC 7 (first token dropped, EOS first)
+        if a.text.startswith("<turn_start>"):        # chat: docs/MODEL.md section 7 (first token dropped, EOS first)
             import mini_task
             prompt = mini_task.encode_prompt(sp, a.text)
         else:

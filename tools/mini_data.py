@@ -17,7 +17,7 @@ Steps (each skipped when its output exists; --force redoes them):
   3. tok     SentencePiece BPE (vocab 8192, byte fallback, identity normalization, AFM's special pieces
              <n> <turn_start> <turn_end> <executable_start> <executable_end> as user-defined symbols,
              ids pad 0 / unk 1 / bos 2 / eos 3) trained with sentencepiece on the train split.
-             Newlines never reach SentencePiece (AFM_SPEC 7): text is split at newlines for training
+             Newlines never reach SentencePiece (docs/MODEL.md section 7): text is split at newlines for training
              and "\\n" is replaced by "<n>" before encoding.
              -> WORK/tokenizer.model
   4. ids     every document encoded as [eos] + encode(text with "\\n" -> "<n>"), concatenated, uint16.

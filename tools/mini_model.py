@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mini_model.py - AFMTextV7 in PyTorch, for training the miniature AFM family (docs/TRAINING.md).
 
-The forward pass is the one of AFM_SPEC section 2 and of Apple's MLX port (mlx_lm.models.afm7):
+The forward pass is the one of docs/MODEL.md section 2 and of Apple's MLX port (mlx_lm.models.afm7):
 pre-norm blocks; a fused QKV projection (rows Q | K | V); RoPE on interleaved pairs (2i, 2i+1)
 *then* RMSNorm over each head (q_norm, k_norm); K and V through an int8 fake quantizer with a
 per-layer scale from a calibrated [min, max] range; causal attention with query head h reading KV
@@ -14,9 +14,9 @@ Training extras (all off for a plain forward pass):
     along each row, straight-through estimator (LSQ); the embedding likewise at 4 bits;
   * KV fake quantization with a moving min/max observer while training, the straight-through
     estimator, and calibrated ranges for export;
-  * LoRA (AFM_SPEC 3) on every adapted projection: y = W x + (alpha/r) ((x @ a_transpose) @ b_transpose).
+  * LoRA (docs/MODEL.md section 3) on every adapted projection: y = W x + (alpha/r) ((x @ a_transpose) @ b_transpose).
 
-Checkpoints use the key names of Apple's adapter toolkit (AFM_SPEC 5): see toolkit_state_dict().
+Checkpoints use the key names of Apple's adapter toolkit (docs/MODEL.md section 5): see toolkit_state_dict().
 """
 
 import math
@@ -342,7 +342,7 @@ class AFM(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Apple toolkit checkpoints (AFM_SPEC 5)
+# Apple toolkit checkpoints (docs/MODEL.md section 5)
 
 _MOD = {"wo": "attention.output_transform", "gate": "feed_forward.hidden_transform.linear_0",
         "up": "feed_forward.hidden_transform.linear_1", "down": "feed_forward.output_transform",
@@ -374,7 +374,7 @@ def deployed_weights(model):
 
 @torch.no_grad()
 def toolkit_state_dict(model, draft=False, with_lora=False, lora_only=False):
-    """The state dict with Apple's toolkit key names (AFM_SPEC 5). Projection weights hold the
+    """The state dict with Apple's toolkit key names (docs/MODEL.md section 5). Projection weights hold the
     deployed values (on the 2-/4-bit grid after QAT); `output_transform.weight` shares the embedding's
     storage (tied), as in Apple's base-model.pt; kv_quantizer ranges are [min, max]."""
     c = model.c

@@ -11,7 +11,7 @@ where words are the whitespace-separated pieces of the sentence and first / last
 punctuation. Sentences come from the corpus (corpus/{train,val}.jsonl of tools/mini_data.py): training
 examples from the training documents, the held-out task set from the held-out documents only.
 
-Prompts use AFM's chat format (AFM_SPEC 7): the rendered text is encoded, its first token (the
+Prompts use AFM's chat format (docs/MODEL.md section 7): the rendered text is encoded, its first token (the
 SentencePiece dummy-prefix piece) dropped and the EOS id prepended; the reply ends with <turn_end>.
 """
 
@@ -33,7 +33,7 @@ def render_prompt(user, system=SYSTEM):
 
 
 def encode_prompt(sp, text):
-    """AFM_SPEC 7: encode the rendered prompt, drop its first token, prepend EOS."""
+    """docs/MODEL.md section 7: encode the rendered prompt, drop its first token, prepend EOS."""
     ids = sp.encode(text.replace("\n", "<n>"))
     return [sp.eos_id()] + ids[1:]
 
