@@ -744,7 +744,7 @@ static int cmd_generate(int argc, char **argv) {
             if ((r = afm_session_create(dm, &dsp, &ds)) != AFM_OK) die("cannot create the draft session: %s", afm_result_string(r));
             if (draft_adapter_path) {
                 dad = load_adapter_or_die(dm, draft_adapter_path);
-                afm_session_set_adapter(ds, dad);
+                if (afm_session_set_adapter(ds, dad) != AFM_OK) die("%s", afm_session_error(ds));
             }
             gp.draft = ds;
         }
