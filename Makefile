@@ -101,7 +101,7 @@ bench-spec: bench-models
 # Kernel micro-benchmark: matvec GB/s and prefill GFLOP/s per type next to measured bandwidth.
 bench-kernels:
 	mkdir -p build
-	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_kernels tests/bench_kernels.c $(LDLIBS)
+	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_kernels bench/bench_kernels.c $(LDLIBS)
 	build/bench_kernels
 
 clean:

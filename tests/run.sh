@@ -129,7 +129,7 @@ if [ $same = 1 ]; then ok "--temp 0.8 -s 42: the same text plain, with --lookup 
 else bad "seeded sampling differs with --lookup / --draft"; fi
 if ./afm --help | grep -q -- "--show-prompt" && ./afm --help | grep -q "afm detokenize"; then ok "afm --help covers text prompts"
 else bad "afm --help: text options missing"; fi
-run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tools/mini_greedy.py)" python3 tools/mini_greedy.py check
+run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tests/gen/mini_greedy.py)" python3 tests/gen/mini_greedy.py check
 
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
@@ -157,10 +157,10 @@ if python3 -c "import numpy" 2>/dev/null; then
     rm -f build/wide.afm
     # converter, reader and writer checks; the committed fixtures must reconvert byte for byte
     run_counts "tools (converter, writer, reader)" python3 tests/test_tools.py
-    if python3 tools/quantize.py --selftest > build/quant.log 2>&1; then ok "quantizer self-test: $(tail -n 1 build/quant.log)"
-    else bad "tools/quantize.py --selftest"; tail -n 20 build/quant.log; fi
-    if python3 tools/make_quant_vectors.py --check | grep -q identical; then ok "quantized fixtures regenerate byte for byte (on-grid weights decode exactly)"
-    else bad "tools/make_quant_vectors.py --check"; fi
+    if python3 tests/gen/quantize.py --selftest > build/quant.log 2>&1; then ok "quantizer self-test: $(tail -n 1 build/quant.log)"
+    else bad "tests/gen/quantize.py --selftest"; tail -n 20 build/quant.log; fi
+    if python3 tests/gen/make_quant_vectors.py --check | grep -q identical; then ok "quantized fixtures regenerate byte for byte (on-grid weights decode exactly)"
+    else bad "tests/gen/make_quant_vectors.py --check"; fi
 else skip "tool tests" "python3 -m pip install numpy"; fi
 
 echo "== arm64 build under qemu"

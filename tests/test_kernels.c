@@ -382,7 +382,7 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
 }
 
 
-/* A fixture written by tools/quantize.py --fixtures: Python's encoding and its float32 decode.
+/* A fixture written by tests/gen/quantize.py --fixtures: Python's encoding and its float32 decode.
    The C decode (every level) must reproduce it bit for bit. */
 static void test_fixture(const char *path, const afm__kernels *kk, int nk) {
     FILE *f = fopen(path, "rb");

@@ -46,7 +46,7 @@ static unsigned char *read_file(const char *path, size_t *size) {
     return p;
 }
 
-/* A reference vector file written by tools/gen_ref.py: tokens and MLX logits per position. */
+/* A reference vector file written by tests/gen/gen_ref.py: tokens and MLX logits per position. */
 typedef struct ref {
     int n_prompt, n_decode, vocab;
     int32_t *tokens;
@@ -1039,7 +1039,7 @@ static void test_quantized(void) {
 
 /* ---- exact parity of the shipped miniature family (models/mini, docs/TRAINING.md) ---- */
 
-/* A top-k reference written by tools/gen_ref.py --mini: MLX's logits on the files' decoded weights,
+/* A top-k reference written by tests/gen/gen_ref.py --mini: MLX's logits on the files' decoded weights,
    every row's k largest (ids and values) and a few rows in full. The tokens were chosen so that no
    int8 K/V value lies within 1e-3 of a rounding boundary (margin) and every row's top-1 / top-2 gap
    is at least 0.25 of its std (gap), so float noise cannot change the reference's rounding or argmax. */

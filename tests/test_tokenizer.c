@@ -1,4 +1,4 @@
-/* Tokenizer tests: vectors from the reference libraries (tools/gen_tok_vectors.py), streaming ==
+/* Tokenizer tests: vectors from the reference libraries (tests/gen/gen_tok_vectors.py), streaming ==
    one-shot decoding, round trips, the AFM layer, bad inputs.
 
      cc -std=c99 tests/test_tokenizer.c -o test_tokenizer && ./test_tokenizer
@@ -472,7 +472,7 @@ static const char *g_vectors[][3] = {
 };
 
 /* --unicode-dump IN OUT: the Unicode tables and the hand-written pre-tokenizers/normalizers, for
-   tools/check_unicode_tables.py to compare with the `regex` module and unicodedata */
+   tests/gen/check_unicode_tables.py to compare with the `regex` module and unicodedata */
 static int unicode_dump(const char *in, const char *out) {
     size_t n = 0, a;
     unsigned char *d = read_file(in, &n);

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""test_tools.py - tests of the Python tools (tools/*.py) and the committed vectors.
+"""test_tools.py - tests of the Python tools (tools/*.py, the generators in tests/gen/) and the committed vectors.
 
     python3 tests/test_tools.py          # last line: "N passed, N failed"
 
@@ -25,9 +25,11 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
+GEN = os.path.join(ROOT, "tests", "gen")
 VEC = os.path.join(ROOT, "tests", "vectors")
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, GEN)  # gen_ref (imported by the tests that use it)
 import afmfile as af  # noqa: E402
 import ref_numpy  # noqa: E402
 import synth  # noqa: E402
@@ -601,7 +603,7 @@ def vectors_numpy_forward_matches_mlx():
 
 @test
 def mini_parity_vectors_match_float64():
-    """tests/vectors/mini_*.topk (MLX on the shipped files, tools/gen_ref.py --mini) against gen_ref's numpy
+    """tests/vectors/mini_*.topk (MLX on the shipped files, tests/gen/gen_ref.py --mini) against gen_ref's numpy
     float64 forward pass: the logits agree, no int8 K/V value of the sequence lies within 1e-3 of a rounding
     boundary, and every row's top-2 gap is at least 0.25 std (what the C parity test relies on)."""
     import gen_ref
@@ -650,7 +652,7 @@ def vectors_are_small_and_valid():
 def gen_ref_is_deterministic():
     if not have("mlx_lm"):
         raise Skip("needs mlx-lm")
-    r = run_tool(os.path.join(TOOLS, "gen_ref.py"), "--check", ok=False)
+    r = run_tool(os.path.join(GEN, "gen_ref.py"), "--check", ok=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -658,7 +660,7 @@ def gen_ref_is_deterministic():
 def fake_toolkit_is_deterministic():
     if not have("mlx_lm") or not have("torch"):
         raise Skip("needs mlx-lm and torch")
-    r = run_tool(os.path.join(TOOLS, "make_fake_toolkit.py"), "--check", ok=False)
+    r = run_tool(os.path.join(GEN, "make_fake_toolkit.py"), "--check", ok=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

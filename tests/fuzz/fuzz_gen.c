@@ -3,7 +3,7 @@
    fuzzed logits (NaN, infinities, huge and tiny values, fuzzed temperature / top-k / top-p / min-p).
 
    Input: a 32-byte header of parameters, then a model file (the seeds are the loader corpus's
-   tiny models behind headers: tools/make_fuzz_corpus.py --gen). Checks, beyond the sanitizers:
+   tiny models behind headers: tests/gen/make_fuzz_corpus.py --gen). Checks, beyond the sanitizers:
    - the sampler returns -1 exactly when the logits hold a NaN or +inf or are all -inf, else an
      id in range, and greedy is the lowest-id argmax;
    - afm_generate returns a known code; after it every emitted token is in the cache, in order

@@ -1,6 +1,6 @@
-/* tests/bench_kernels.c - throughput of the wip/kernels.h matrix kernels next to measured memory
+/* bench/bench_kernels.c - throughput of afm.h's matrix kernels next to measured memory
    bandwidth, in one run.
-     cc -O2 -std=c99 -D_GNU_SOURCE tests/bench_kernels.c -lpthread -lm -o bench && ./bench [options]
+     cc -O2 -std=c99 -D_GNU_SOURCE bench/bench_kernels.c -lpthread -lm -o bench && ./bench [options]
    Options: -l LEVEL  (0 scalar, 1 avx2/neon, 2 avx512, 3 avx512vnni; default best)
             -q        quick (fewer repetitions)
             -d        decode (matvec) table only

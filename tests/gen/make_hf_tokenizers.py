@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Makes the byte-level BPE tokenizer.json files the tokenizer tests use.
 
-    python3 tools/make_hf_tokenizers.py small CORPUSDIR OUTDIR
+    python3 tests/gen/make_hf_tokenizers.py small CORPUSDIR OUTDIR
         trains small byte-level BPE tokenizers with the `tokenizers` library on the test corpus, in four
         pre-tokenizer flavours: GPT-2 (ByteLevel regex) + NFKC + added tokens with lstrip/rstrip/single_word
         (and the same with add_prefix_space),
         Llama-3 (Split + ByteLevel, ignore_merges), Qwen2 (Split + ByteLevel, NFC). Small: committed.
-    python3 tools/make_hf_tokenizers.py real PKGDIR OUTDIR
-        PKGDIR holds files from PyPI packages (tools/get_tok_models.sh puts them there):
+    python3 tests/gen/make_hf_tokenizers.py real PKGDIR OUTDIR
+        PKGDIR holds files from PyPI packages (tests/gen/tok_parity.sh puts them there):
         anthropic_tokenizer.json (litellm, used as is) and the cl100k_base tiktoken ranks (litellm), which
         are converted to tokenizer.json with the Llama-3 and the Qwen2 pre-tokenizer patterns.
 """

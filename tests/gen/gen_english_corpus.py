@@ -2,7 +2,7 @@
 """English prose for the tokenizer benchmark and for training a realistic large test vocabulary:
 docstrings (paragraphs of running text only) from the Python files installed on this machine.
 
-    python3 tools/gen_english_corpus.py OUTDIR [--mb 40]
+    python3 tests/gen/gen_english_corpus.py OUTDIR [--mb 40]
 
 Writes OUTDIR/english_train.txt (7/8 of the files, by a hash of their path) and
 OUTDIR/english_bench.txt (the other 1/8, a few MB), so the benchmark text is not text the model

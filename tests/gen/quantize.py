@@ -4,10 +4,10 @@
 The encoders are the pure functions of tools/quant.py (what the converter calls); this is the
 command line around them.
 
-    python3 tools/quantize.py --selftest                  # layout, exact-grid and quality checks
-    python3 tools/quantize.py --type q2b --group 64 a.npy b.npy ...   # per-tensor error report
-    python3 tools/quantize.py --grid a.npy                # is a tensor already on a 2-bit grid?
-    python3 tools/quantize.py --fixtures DIR              # files wip/test_kernels checks its decode against
+    python3 tests/gen/quantize.py --selftest                  # layout, exact-grid and quality checks
+    python3 tests/gen/quantize.py --type q2b --group 64 a.npy b.npy ...   # per-tensor error report
+    python3 tests/gen/quantize.py --grid a.npy                # is a tensor already on a 2-bit grid?
+    python3 tests/gen/quantize.py --fixtures DIR              # files tests/test_kernels.c checks its decode against
 Inputs are .npy arrays (2-D [rows, cols] or more, flattened to [prod(leading), last]).
 --out FILE writes the encoded bytes of a single input.
 """
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools"))
 import quant as q  # noqa: E402
 
 
@@ -136,7 +136,7 @@ def selftest():
 
 
 def write_fixtures(outdir):
-    """Encoded tensors plus their float32 decode, for wip/test_kernels.c (--fixtures DIR)."""
+    """Encoded tensors plus their float32 decode, for tests/test_kernels.c (--fixtures DIR)."""
     os.makedirs(outdir, exist_ok=True)
     rng = np.random.default_rng(99)
     n = 0

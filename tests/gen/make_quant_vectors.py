@@ -7,7 +7,7 @@
     tests/vectors/quant_grid.afm  Q2B/Q4 of weights that already lie on the balanced grids
                                   (as 2-bit QAT weights do); must decode to them exactly
 
-    python3 tools/make_quant_vectors.py [--check]
+    python3 tests/gen/make_quant_vectors.py [--check]
 """
 import os
 import sys
@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools"))
 import afmfile as af  # noqa: E402
 import quant  # noqa: E402
 import synth  # noqa: E402

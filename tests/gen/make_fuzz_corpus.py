@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Writes the seed corpus of the model-loader fuzzer: tiny valid models and hostile variants.
 
-    python3 tools/make_fuzz_corpus.py [OUT_DIR]      (default tests/fuzz/corpus/load)
-    python3 tools/make_fuzz_corpus.py --fmadapter    (packs tests/fuzz/corpus/fmadapter/* into
-                                                      tests/fuzz/corpus/fmadapter_packed/)
-    python3 tools/make_fuzz_corpus.py --gen          (tests/fuzz/corpus/gen: the generation harness's
-                                                      seeds, tiny models of every weight type behind
-                                                      32-byte parameter headers)
+    python3 tests/gen/make_fuzz_corpus.py [OUT_DIR]      (default tests/fuzz/corpus/load)
+    python3 tests/gen/make_fuzz_corpus.py --fmadapter    (packs tests/fuzz/corpus/fmadapter/* into
+                                                            tests/fuzz/corpus/fmadapter_packed/)
+    python3 tests/gen/make_fuzz_corpus.py --gen          (tests/fuzz/corpus/gen: the generation harness's
+                                                            seeds, tiny models of every weight type behind
+                                                            32-byte parameter headers)
 
 Every file is small (a few KB) so libFuzzer can mutate it quickly. The hostile variants are the
 cases a loader must refuse with a clear message: bad magic and version, truncation at every
@@ -16,7 +16,7 @@ import os
 import struct
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools"))
 import afmfile as af  # noqa: E402
 import synth  # noqa: E402
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """mini_check.py - the three implementations agree on a miniature AFM checkpoint: the PyTorch training
-model (tools/mini_model.py), Apple's MLX port (mlx_lm.models.afm7) and the C engine (./afm).
+model (train/mini_model.py), Apple's MLX port (mlx_lm.models.afm7) and the C engine (./afm).
 
-    python3 tools/mini_check.py CKPT.pt [--draft] [--afm FILE.afm] [--adapter ADAPTER.pt]
-    python3 tools/mini_check.py --selftest          # random tiny models, PyTorch vs MLX only
-    python3 tools/mini_check.py --task DATA --afm BASE.afm [--afm-adapter A.afma] [--n 300]
+    python3 train/mini_check.py CKPT.pt [--draft] [--afm FILE.afm] [--adapter ADAPTER.pt]
+    python3 train/mini_check.py --selftest          # random tiny models, PyTorch vs MLX only
+    python3 train/mini_check.py --task DATA --afm BASE.afm [--afm-adapter A.afma] [--n 300]
                                                     # the adapter's task, greedy, through ./afm
 
-CKPT.pt is a toolkit checkpoint (tools/mini_train.py export) with CKPT-config.json beside it. The check
+CKPT.pt is a toolkit checkpoint (train/mini_train.py export) with CKPT-config.json beside it. The check
 feeds a fixed token sequence (EOS + the encoding of a fixed sentence when --tokenizer is given, else
 seeded ids) and compares logits: PyTorch (whole sequence, f32, int8 KV fake quant from the ranges) vs
 MLX (prefill, then single-token decode steps, the KV quant scales from the same ranges) and, with

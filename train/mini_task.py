@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """mini_task.py - the adapter's skill for the miniature AFM family: describe a sentence as JSON.
 
-    python3 tools/mini_task.py --work /work/scratch/mini      # -> WORK/gpu/task_{train,val}.jsonl
+    python3 train/mini_task.py --work /work/scratch/mini      # -> WORK/gpu/task_{train,val}.jsonl
 
 (one {"sentence": ...} a line: the prompt and the expected reply follow from it, see example()).
 
 The user sends `Describe as JSON: <sentence>`; the adapter answers with one line of fixed shape
     {"first": "<first word>", "last": "<last word>", "words": <number of words>}
 where words are the whitespace-separated pieces of the sentence and first / last lose surrounding
-punctuation. Sentences come from the corpus (corpus/{train,val}.jsonl of tools/mini_data.py): training
+punctuation. Sentences come from the corpus (corpus/{train,val}.jsonl of train/mini_data.py): training
 examples from the training documents, the held-out task set from the held-out documents only.
 
 Prompts use AFM's chat format (docs/MODEL.md section 7): the rendered text is encoded, its first token (the

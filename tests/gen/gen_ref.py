@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """gen_ref.py - reference vectors from Apple's MLX port (mlx_lm.models.afm7), float32.
 
-    python3 tools/gen_ref.py                 # all configs -> tests/vectors/NAME.afm + NAME.ref
-    python3 tools/gen_ref.py afm_mini        # one of them
-    python3 tools/gen_ref.py --check         # regenerate into a temp dir and compare bytes with tests/vectors
-    python3 tools/gen_ref.py --mini [--check] # the shipped miniature family's exact-parity vectors (below)
+    python3 tests/gen/gen_ref.py                 # all configs -> tests/vectors/NAME.afm + NAME.ref
+    python3 tests/gen/gen_ref.py afm_mini        # one of them
+    python3 tests/gen/gen_ref.py --check         # regenerate into a temp dir and compare bytes with tests/vectors
+    python3 tests/gen/gen_ref.py --mini [--check] # the shipped miniature family's exact-parity vectors (below)
 
 For each config: seeded random weights in MLX afm7 layout (interleaved RoPE), KV-quantizer scales
 calibrated on the same token sequence (see calibrate()), an MLX folder (config.json +
@@ -37,9 +37,10 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TOOLS = os.path.join(ROOT, "tools")
 VECTORS = os.path.join(ROOT, "tests", "vectors")
-sys.path.insert(0, HERE)
+sys.path[:0] = [TOOLS, os.path.join(ROOT, "train")]  # afmfile, adapterfile; mini_task
 import afmfile as af  # noqa: E402
 
 REF_MAGIC = b"AFMREF1\0"
@@ -217,7 +218,7 @@ def save_mlx_folder(folder, c, weights):
 
 
 def convert(src, dst, extra=()):
-    cmd = [sys.executable, os.path.join(HERE, "convert.py"), src, "-o", dst, "--type", "f32", "-q"] + list(extra)
+    cmd = [sys.executable, os.path.join(TOOLS, "convert.py"), src, "-o", dst, "--type", "f32", "-q"] + list(extra)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError("convert.py failed: %s\n%s%s" % (" ".join(cmd), r.stdout, r.stderr))

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Encode speed of afm.h's tokenizer next to the sentencepiece library and HF tokenizers, one core each.
 
-    python3 tools/bench_tokenizer.py ./bench_tokenizer MODEL.model TEXT [SECONDS] [RUNS]
+    python3 bench/bench_tokenizer.py ./bench_tokenizer MODEL.model TEXT [SECONDS] [RUNS]
 
 The text is encoded line by line (empty lines skipped) by all three: sentencepiece
 (SentencePieceProcessor.encode on a list, num_threads=1), tokenizers (the same model converted by
 transformers' LlamaTokenizerFast, encode_batch with RAYON_NUM_THREADS=1), and the C bench
-(tools/bench_tokenizer.c, its own timing loop: no Python overhead). Each measurement runs for SECONDS
+(bench/bench_tokenizer.c, its own timing loop: no Python overhead). Each measurement runs for SECONDS
 of CPU time (default 3); RUNS rounds (default 5) alternate the three, and the medians and the ratios
 of the medians are printed, then a Markdown table row."""
 import os, re, statistics, subprocess, sys, time

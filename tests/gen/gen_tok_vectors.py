@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes tokenizer test vectors from the reference libraries (sentencepiece, tokenizers).
 
-    python3 tools/gen_tok_vectors.py MODEL OUT.txt [--corpus DIR] [--sample N] [--seed S]
+    python3 tests/gen/gen_tok_vectors.py MODEL OUT.txt [--corpus DIR] [--sample N] [--seed S]
 
 MODEL is a SentencePiece model (*.model, or any file that is not JSON) or a tokenizer.json.
 Without --sample every line of DIR/corpus.txt (and DIR/invalid.bin for SentencePiece) is used;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mini_spec_bench.py - draft acceptance and speculative speedup of the shipped miniature pair.
 
-    python3 tools/mini_spec_bench.py [-t 2] [-n 128] [-r 5]
+    python3 bench/mini_spec_bench.py [-t 2] [-n 128] [-r 5]
 
 For the four text prompts of tests/vectors/mini_greedy.json: ./afm on models/mini/base.afm, greedy,
 with and without --draft models/mini/draft.afm, r alternating runs each (median tok/s); checks that

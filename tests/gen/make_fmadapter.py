@@ -2,7 +2,7 @@
 """make_fmadapter.py - write a `.fmadapter` package from a toolkit adapter checkpoint, applying the
 transforms of Apple's toolkit exporter (export/export_utils.py AdapterConverter), for tests.
 
-    python3 tools/make_fmadapter.py adapter.pt --base toolkit.afm -o out/test.fmadapter --name test
+    python3 tests/gen/make_fmadapter.py adapter.pt --base toolkit.afm -o out/test.fmadapter --name test
 
 What the exporter does, and this script does the same way (with torch, independently of
 convert_adapter.py, so that the two routes check each other):
@@ -31,7 +31,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools"))
 import adapterfile as adf  # noqa: E402
 import afmfile as af  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mini_data.py - the training corpus and tokenizer of the miniature AFM family (docs/TRAINING.md).
 
-    python3 tools/mini_data.py --work /work/scratch/mini          # everything below, deterministic
+    python3 train/mini_data.py --work /work/scratch/mini          # everything below, deterministic
 
 Steps (each skipped when its output exists; --force redoes them):
   1. debs    apt-get download the Debian packages that hold the text (bookworm), dpkg -x them.

@@ -2,8 +2,8 @@
 """make_lora_vectors.py - LoRA adapter fixtures and MLX reference logits for the adapter tests, and the
 hostile .fmadapter corpus.
 
-    python3 tools/make_lora_vectors.py            # writes the files below
-    python3 tools/make_lora_vectors.py --check    # regenerate in a temp dir, compare bytes
+    python3 tests/gen/make_lora_vectors.py            # writes the files below
+    python3 tests/gen/make_lora_vectors.py --check    # regenerate in a temp dir, compare bytes
 
 Base: the scaled-down fake toolkit base tests/vectors/toolkit/base-model.pt (= tests/vectors/toolkit.afm:
 vocab 256, dim 32, 2 regular + 2 KV-reuse layers, 4 heads x 8, 2 KV heads, ffn 104). Every reference
@@ -18,7 +18,7 @@ tests/vectors/lora/
                       (non-contiguous) view. Values are fp16-representable, so the fp16 .fmadapter is exact.
   adapter.afma        tools/convert_adapter.py adapter.pt --base toolkit.afm --type f32 --name test
                       --signature 9799725f... (F32)
-  test.fmadapter/     tools/make_fmadapter.py adapter.pt --name test (the exporter's transforms)
+  test.fmadapter/     tests/gen/make_fmadapter.py adapter.pt --name test (the exporter's transforms)
   adapter.ref         MLX afm7 with LoRA layers (FusedLoRALinear on qkv_proj: 3 LoRAs; LoRALinear on the
                       segment-1 q_proj, out_proj, gate/up/down) carrying adapter.pt's A/B at scale 0.5, float32
   adapter2.pt         a second adapter, `adapters.style.`, rank 16, no `model.` prefix, adapter keys only,
@@ -49,8 +49,9 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TOOLS = os.path.join(ROOT, "tools")
+sys.path[:0] = [HERE, TOOLS]  # gen_ref, make_fake_toolkit; the converters and file libraries
 import adapterfile as adf  # noqa: E402
 import afmfile as af  # noqa: E402
 import convert as cv  # noqa: E402
@@ -322,7 +323,7 @@ def write_fuzz(out, cfg):
     mk("nan_value", weights=patched(lambda b: struct.pack_into("<H", b, layout[0][1] + 6, 0x7E00)))
 
     lines = ["# Hostile `.fmadapter` packages", "",
-             "Written by `python3 tools/make_lora_vectors.py` (deterministic). Every package is for the fake "
+             "Written by `python3 tests/gen/make_lora_vectors.py` (deterministic). Every package is for the fake "
              "toolkit base `tests/vectors/toolkit.afm` (vocab 256, dim 32, 2 + 2 layers, 4 heads x 8, 2 KV heads, "
              "ffn 104) at rank 2: %d fp16 records in the order of docs/MODEL.md section 6.2. `valid_rank2/` is the "
              "untouched package; each other folder changes one thing. A reader must refuse every package marked "
@@ -359,7 +360,7 @@ def generate(outdir, fuzzdir, verbose=True):
     save_adapter_pt(pt1, t1, A["rank"], full=True)
     back = tamm_from_pt(pt1, A["name"])
     assert all(np.array_equal(back[k], t1[k]) for k in t1)
-    say(run(os.path.join(HERE, "convert_adapter.py"), pt1, "--base", BASE_AFM, "-o", os.path.join(outdir, "adapter.afma"),
+    say(run(os.path.join(TOOLS, "convert_adapter.py"), pt1, "--base", BASE_AFM, "-o", os.path.join(outdir, "adapter.afma"),
             "--type", "f32", "--name", "test", "--signature", SIG, "--alpha", A["alpha"], "--verify").rstrip())
     say(run(os.path.join(HERE, "make_fmadapter.py"), pt1, "--base", BASE_AFM, "-o", os.path.join(outdir, "test.fmadapter"),
             "--name", "test", "--signature", SIG).rstrip())
@@ -371,13 +372,13 @@ def generate(outdir, fuzzdir, verbose=True):
     t2 = random_adapter(cfg, B["seed"], B["rank"])
     pt2 = os.path.join(outdir, "adapter2.pt")
     save_adapter_pt(pt2, t2, B["rank"], full=False)
-    say(run(os.path.join(HERE, "convert_adapter.py"), pt2, "--base", BASE_AFM, "-o", os.path.join(outdir, "adapter2.afma"),
+    say(run(os.path.join(TOOLS, "convert_adapter.py"), pt2, "--base", BASE_AFM, "-o", os.path.join(outdir, "adapter2.afma"),
             "--type", "f16", "--alpha", B["alpha"], "--name", "style", "--verify").rstrip())
     lg2 = mlx_lora_logits(weights, t2, B["rank"], B["alpha"] / B["rank"], tokens)
     gen_ref.write_ref(os.path.join(outdir, "adapter2.ref"), tokens, lg2)
 
     # (vi): the base_adapter of base-model.pt
-    say(run(os.path.join(HERE, "convert_adapter.py"), "--from-base", BASE_PT, "-o",
+    say(run(os.path.join(TOOLS, "convert_adapter.py"), "--from-base", BASE_PT, "-o",
             os.path.join(outdir, "base_adapter.afma"), "--verify").rstrip())
     t3 = tamm_from_pt(BASE_PT)
     lg3 = mlx_lora_logits(weights, t3, C["rank"], C["alpha"] / C["rank"], tokens)

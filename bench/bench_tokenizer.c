@@ -1,5 +1,5 @@
 /* Tokenizer encode speed, one core.
-     cc -O2 -std=c99 tools/bench_tokenizer.c -o bench_tokenizer -lm -lpthread
+     cc -O2 -std=c99 bench/bench_tokenizer.c -o bench_tokenizer -lm -lpthread
      ./bench_tokenizer MODEL KIND TEXT [SECONDS]
    Encodes TEXT line by line (each line one call, as the reference benchmarks do) for about SECONDS
    seconds and prints "lines MB/s", then the whole text as one call with the AFM newline mapping. */

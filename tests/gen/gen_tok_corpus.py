@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generates the tokenizer test corpus (deterministic, seeded; not committed: it is large).
 
-    python3 tools/gen_tok_corpus.py OUTDIR [--mb 6]
+    python3 tests/gen/gen_tok_corpus.py OUTDIR [--mb 6]
 
 Writes OUTDIR/corpus.txt (UTF-8 lines, >= --mb MB): English prose (Python's own documentation,
 licence texts), pseudo-prose in many scripts (CJK, Japanese kana, Hangul, Arabic, Hebrew, Devanagari,

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """mini_train.py - train the miniature AFM family (base, draft, LoRA adapter); docs/TRAINING.md.
 
-Data: the output of tools/mini_data.py and tools/mini_task.py (a folder with train.bin, val.bin,
+Data: the output of train/mini_data.py and train/mini_task.py (a folder with train.bin, val.bin,
 tokenizer.model, task_train.jsonl, task_val.jsonl).
 
-    python3 tools/mini_train.py all --data DIR --out OUT            # base, then draft, then adapter
-    python3 tools/mini_train.py base --data DIR --out OUT
-    python3 tools/mini_train.py draft --data DIR --out OUT          # needs OUT/base.pack.pt
-    python3 tools/mini_train.py adapter --data DIR --out OUT        # needs OUT/base.pack.pt
-    python3 tools/mini_train.py export --out OUT --dest DIR         # toolkit .pt files from the packs
-    python3 tools/mini_train.py eval --ckpt DIR --data DIR          # numbers from toolkit .pt files
+    python3 train/mini_train.py all --data DIR --out OUT            # base, then draft, then adapter
+    python3 train/mini_train.py base --data DIR --out OUT
+    python3 train/mini_train.py draft --data DIR --out OUT          # needs OUT/base.pack.pt
+    python3 train/mini_train.py adapter --data DIR --out OUT        # needs OUT/base.pack.pt
+    python3 train/mini_train.py export --out OUT --dest DIR         # toolkit .pt files from the packs
+    python3 train/mini_train.py eval --ckpt DIR --data DIR          # numbers from toolkit .pt files
     ... --tiny                                                      # a tiny config for a CPU smoke run
 
 Training writes OUT/{base,draft}.pack.pt (2-/4-bit codes + fp16 scales: the exact deployed values,
@@ -473,7 +473,7 @@ def train_adapter(a, data, base, metrics):
 # export: packs -> Apple toolkit checkpoints
 
 def toolkit_config(c, kind):
-    return {"__comment": "miniature AFMTextV7 (%s) trained by tools/mini_train.py; docs/TRAINING.md" % kind,
+    return {"__comment": "miniature AFMTextV7 (%s) trained by train/mini_train.py; docs/TRAINING.md" % kind,
             "model_type": "afm7-mini-%s" % kind, "vocab_size": c.vocab, "hidden_dim": c.dim,
             "num_layers": c.n_layers, "num_kv_reuse_layers": c.n_reuse, "num_heads": c.n_heads,
             "num_kv_heads": c.n_kv_heads, "hidden_dim_scale_factor": c.ffn / c.dim, "ffn_dim": c.ffn,
@@ -501,7 +501,7 @@ def export(a):
         torch.save(ad, os.path.join(a.dest, "adapter-model.pt"))
         with open(os.path.join(a.dest, "adapter-model-config.json"), "w") as fh:
             json.dump({"rank": LORA_RANK, "alpha": LORA_ALPHA, "adapter": "base_adapter",
-                       "task": "describe a sentence as JSON (tools/mini_task.py)"}, fh, indent=1, sort_keys=True)
+                       "task": "describe a sentence as JSON (train/mini_task.py)"}, fh, indent=1, sort_keys=True)
         # the same LoRA embedded as base_adapter, as in Apple's base-model.pt (tools/convert.py keeps it)
         sd = mm.toolkit_state_dict(base)
         sd.update(ad)

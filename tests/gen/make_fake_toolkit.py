@@ -2,8 +2,8 @@
 """make_fake_toolkit.py - small fake Apple adapter-toolkit checkpoints, saved with real torch.save,
 with the exact key names of docs/MODEL.md section 5, plus their converted files and MLX references.
 
-    python3 tools/make_fake_toolkit.py            # writes the files below
-    python3 tools/make_fake_toolkit.py --check    # regenerate in a temp dir, compare bytes
+    python3 tests/gen/make_fake_toolkit.py            # writes the files below
+    python3 tests/gen/make_fake_toolkit.py --check    # regenerate in a temp dir, compare bytes
 
 Writes
   tests/vectors/toolkit/base-model.pt           base-shaped: 2 regular + 2 KV-reuse layers, kv_quantizer
@@ -36,7 +36,8 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "tools")
+sys.path[:0] = [HERE, TOOLS]  # gen_ref; afmfile
 import afmfile as af  # noqa: E402
 import gen_ref  # noqa: E402
 
@@ -228,7 +229,7 @@ def generate(outdir, verbose=True):
     os.makedirs(os.path.join(outdir, "toolkit"), exist_ok=True)
     write_fake_config(os.path.join(outdir, "toolkit", "base-model-config.json"), BASE)
     pt, sc = build(BASE, "base-model", outdir)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "convert.py"), pt, "-o", os.path.join(outdir, "toolkit.afm"),
+    r = subprocess.run([sys.executable, os.path.join(TOOLS, "convert.py"), pt, "-o", os.path.join(outdir, "toolkit.afm"),
                         "--type", "f32", "--verify"], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError("convert.py failed:\n" + r.stdout + r.stderr)
@@ -236,7 +237,7 @@ def generate(outdir, verbose=True):
         print(r.stdout.rstrip())
     pt2, sc2 = build(DRAFT, "draft-model", outdir, draft=True)
     with tempfile.TemporaryDirectory() as td:
-        r = subprocess.run([sys.executable, os.path.join(HERE, "convert.py"), pt2, "-o", os.path.join(td, "d.afm"),
+        r = subprocess.run([sys.executable, os.path.join(TOOLS, "convert.py"), pt2, "-o", os.path.join(td, "d.afm"),
                             "--type", "f32", "--verify"], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError("convert.py failed on the draft:\n" + r.stdout + r.stderr)

@@ -3,7 +3,7 @@
 the `regex` module for the character classes and the three pre-tokenizer patterns (GPT-2, Llama-3,
 Qwen2), Python's unicodedata (the tables' pinned version) for NFC/NFD/NFKC/NFKD.
 
-    python3 tools/check_unicode_tables.py ./test_tokenizer [WORKDIR]
+    python3 tests/gen/check_unicode_tables.py ./test_tokenizer [WORKDIR]
 
 The `regex` module may implement a newer Unicode version than the tables: a code point whose
 classes differ between the two versions is reported as a version difference, not as an error, and

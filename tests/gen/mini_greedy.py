@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """mini_greedy.py - greedy continuations of fixed prompts on the miniature AFM family.
 
-    python3 tools/mini_greedy.py make --ckpt RUN/toolkit -o tests/vectors/mini_greedy.json
-    python3 tools/mini_greedy.py check [--vectors tests/vectors/mini_greedy.json]   # numpy only
+    python3 tests/gen/mini_greedy.py make --ckpt RUN/toolkit -o tests/vectors/mini_greedy.json
+    python3 tests/gen/mini_greedy.py check [--vectors tests/vectors/mini_greedy.json]   # numpy only
 
 `make` (needs torch + sentencepiece) records, for each fixed prompt, the prompt ids (EOS + encoding,
 or AFM's chat rule for chat prompts) and the greedy continuation of the PyTorch model on the exported
@@ -20,9 +20,8 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "train"))  # mini_task, mini_train (only for `make`)
 
 PROMPTS = [
     ("text", "In the beginning God created the heaven and the earth.\n2 And"),

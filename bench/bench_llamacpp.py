@@ -7,9 +7,9 @@ afm model being measured (read from `afm info`), quantizes it with llama-quantiz
 2-bit types (TQ2_0 and Q2_K by default), then runs `afm bench` and `llama-bench` interleaved, per
 thread count and round, and prints both with the ratios afm / llama.cpp.
 
-    python3 tools/bench_llamacpp.py --afm base-q2b.afm            # an existing afm model
-    python3 tools/bench_llamacpp.py --synth f16                   # make one with tools/synth.py
-    python3 tools/bench_llamacpp.py --synth f16 --llama-types tq2_0,q2_k,f16 --rounds 2
+    python3 bench/bench_llamacpp.py --afm base-q2b.afm            # an existing afm model
+    python3 bench/bench_llamacpp.py --synth f16                   # make one with tools/synth.py
+    python3 bench/bench_llamacpp.py --synth f16 --llama-types tq2_0,q2_k,f16 --rounds 2
 
 How the two sides are measured (each median of --reps runs, then median over --rounds):
   afm        afm bench MODEL -t T -p P -n N -r R: prefill P tokens, then decode N tokens after them.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Trains the SentencePiece BPE test models that mimic AFM's tokenizer (not committed except the small ones
-copied to tests/vectors by tools/gen_tok_vectors.py).
+copied to tests/vectors by tests/gen/gen_tok_vectors.py).
 
-    python3 tools/train_tok_models.py CORPUSDIR OUTDIR [NAME ...]
+    python3 tests/gen/train_tok_models.py CORPUSDIR OUTDIR [NAME ...]
 
 Every model is BPE with AFM's special pieces as user-defined symbols; they differ in vocabulary size,
 normalization (identity / NFKC / NFKC+casefold), whitespace handling, byte fallback and digit splitting.
@@ -30,7 +30,7 @@ MODELS = {
                        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
                        pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
                        max_sentencepiece_length=16),
-    # AFM-sized, English-heavy (tools/gen_english_corpus.py's english_train.txt next to train.txt if present)
+    # AFM-sized, English-heavy (tests/gen/gen_english_corpus.py's english_train.txt next to train.txt if present)
     "afm150k_en": dict(vocab_size=153600, character_coverage=0.9999, normalization_rule_name="identity",
                        byte_fallback=True, remove_extra_whitespaces=False, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
                        hard_vocab_limit=False, extra_input="english_train.txt"),
@@ -66,7 +66,7 @@ def variants(src, out):
     """Edits a trained model's proto into configurations the trainer does not produce: UNUSED pieces
     (sentencepiece's resegmentation), escape_whitespaces=false, extra CONTROL pieces and user-defined
     pieces that share prefixes with the AFM markers.
-        python3 tools/train_tok_models.py --variants MODELS/afm1k_id.model OUTDIR"""
+        python3 tests/gen/train_tok_models.py --variants MODELS/afm1k_id.model OUTDIR"""
     from sentencepiece import sentencepiece_model_pb2 as pb
     base = pb.ModelProto()
     base.ParseFromString(open(src, "rb").read())
