@@ -132,10 +132,12 @@ static afm_result generate(afm_model *m, const uint8_t *h, const int32_t *prompt
     if (res == AFM_OK || res == AFM_ERR_CONTEXT_FULL || res == AFM_ERR_NUMERIC) {
         int n, i;
         const int32_t *toks = afm_session_tokens(s, &n);
-        /* every emitted token is in the cache, right after the prompt */
-        if (n != n_prompt + r->n) abort();
+        /* every emitted token is in the cache, right after the prompt (which is not there when it
+           did not fit: stats.n_prompt is 0 then, and nothing was generated) */
+        int base = st->n_prompt;
+        if ((base != 0 && base != n_prompt) || n != base + r->n) abort();
         for (i = 0; i < r->n && i < MAX_OUT; i++)
-            if (toks[n_prompt + i] != r->out[i]) abort();
+            if (toks[base + i] != r->out[i]) abort();
         if (st->n_generated != r->n) abort();
         if ((res == AFM_ERR_CONTEXT_FULL) != (st->stop == AFM_STOP_CONTEXT_FULL)) abort();
         if (res == AFM_OK && gp.n_predict > 0 && st->stop == AFM_STOP_NONE) abort();
