@@ -540,38 +540,49 @@ static void test_tokjson_huge_id_bounded(void) {
     free(j);
 }
 
-/* Freeing the model before its sessions was a silent use-after-free; the rule was not written. */
-static void test_model_freed_before_session(void) {
+/* Freeing the model before its sessions was a silent use-after-free; the rule was not written.
+   Each case runs in a child process: AFM_ASSERT aborts it. */
 #if !defined(_WIN32) && !defined(NDEBUG)
+static int child_status(int mode) {
     pid_t pid = fork();
+    int status = 0;
     if (pid == 0) {
-        afm_model *m = load("tests/vectors/afm_mini.afm");
-        afm_session *s;
-        FILE *devnull = freopen("/dev/null", "w", stderr);
-        (void)devnull;
-        afm_session_create(m, NULL, &s);
-        afm_model_free(m); /* must stop here */
-        _exit(0);
-    } else if (pid > 0) {
-        int status = 0;
-        waitpid(pid, &status, 0);
-        CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "afm_model_free with a live session stops at AFM_ASSERT");
-    }
-#endif
-    {   /* and the right order is fine, adapters included */
         afm_model *m = load("models/mini/base.afm");
         afm_adapter *ad = NULL;
         afm_session *s = NULL;
         char err[256];
+        FILE *devnull = freopen("/dev/null", "w", stderr);
+        (void)devnull;
         afm_session_create(m, NULL, &s);
         afm_adapter_load(m, "models/mini/json.afma", NULL, &ad, err, sizeof err);
         afm_session_set_adapter(s, ad);
-        afm_session_set_adapter(s, NULL);
-        afm_adapter_free(ad);
-        afm_session_free(s);
-        afm_model_free(m);
-        CHECK(1, "session, adapter, model freed in order");
+        if (mode == 1) {
+            afm_session_set_adapter(s, NULL); /* releases the adapter */
+            afm_adapter_free(ad);
+            afm_session_free(s);
+            afm_model_free(m);
+        } else if (mode == 2) {
+            afm_adapter_free(ad); /* the session still uses it: must stop here */
+        } else {
+            afm_model_free(m); /* the session and the adapter still alive: must stop here */
+        }
+        _exit(0);
     }
+    if (pid < 0) return -1;
+    waitpid(pid, &status, 0);
+    return status;
+}
+#endif
+
+static void test_model_freed_before_session(void) {
+#if !defined(_WIN32) && !defined(NDEBUG)
+    int st = child_status(0);
+    CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT, "afm_model_free with a live session and adapter stops at AFM_ASSERT");
+    st = child_status(2);
+    CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT, "afm_adapter_free while a session uses it stops at AFM_ASSERT");
+    st = child_status(1);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "session, adapter and model freed in order (set_adapter(NULL) releases): no assertion");
+#endif
 }
 
 int main(void) {
