@@ -35,7 +35,8 @@
        AFM_NO_SIMD          scalar kernels only (the reference every SIMD kernel is tested against)
        AFM_HF_TOKENIZER     also load Hugging Face tokenizer.json files (byte-level BPE); needs
                             afm_tokenizer.h (generated Unicode tables) next to afm.h
-       AFM_ASSERT(x)        your assert (default: assert from <assert.h>); only checks internal invariants
+       AFM_ASSERT(x)        your assert (default: assert from <assert.h>); checks internal invariants and
+                            the lifetime rules below (cheap counts, checked when a model or adapter is freed)
        AFM__PF_DIST         tuning: bytes the decode kernels prefetch ahead in a weight row (default
                             4096; 0 turns software prefetch off)
        AFM_TESTING          test hooks for tests/test_main.c; never in a real build
@@ -77,7 +78,9 @@ typedef enum afm_result {
     AFM_ERR_UNSUPPORTED,  /* valid, but uses something this build does not implement */
     AFM_ERR_NOMEM,        /* an allocation failed */
     AFM_ERR_CONTEXT_FULL, /* the session's context limit would be exceeded */
-    AFM_ERR_THREAD        /* a worker thread could not be started */
+    AFM_ERR_THREAD,       /* a worker thread could not be started */
+    AFM_ERR_NUMERIC       /* the model computed logits that are NaN or +inf (or all -inf): no token
+                             can be chosen; the message names the position */
 } afm_result;
 
 AFMDEF const char *afm_result_string(afm_result r);
@@ -268,7 +271,10 @@ AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *tok, const afm_chat_mes
 AFMDEF int afm_tool_call_next(const char *text, size_t len, size_t *pos, const char **call, size_t *call_len,
                               int *complete);
 
-/* ---- Sessions: one conversation timeline over a model. Many may share one model. ---- */
+/* ---- Sessions: one conversation timeline over a model. Many may share one model.
+   Lifetimes: a model must outlive its sessions and adapters, and an adapter the sessions that use
+   it (free in the reverse order of creation; afm_session_set_adapter(s, NULL) releases one).
+   Freeing out of order is a use-after-free; builds with assertions (AFM_ASSERT) stop there. ---- */
 typedef enum afm_kv_type {
     AFM_KV_AUTO = 0, /* int8 when the model has KV scales (exact to Apple), else F16 */
     AFM_KV_F32,
@@ -279,7 +285,9 @@ typedef enum afm_kv_type {
 typedef struct afm_session_params {
     int n_ctx;          /* context limit in tokens; 0: the model's context_length */
     int n_threads;      /* worker threads including the caller; 0: 1 */
-    int n_batch;        /* tokens per forward pass during prefill; 0: 256 */
+    int n_batch;        /* tokens per forward pass during prefill; 0: 256. Lowered when one batch's
+                           scratch would outweigh max(64 MiB, the model file's size): memory before
+                           any token is cached stays bounded by the file's size */
     int all_logits;     /* keep logits for every position of an eval, not just the last */
     int preallocate;    /* reserve the whole KV cache now instead of growing it on demand */
     afm_kv_type kv_type;
@@ -300,9 +308,10 @@ AFMDEF int afm_session_pos(const afm_session *session);
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *session);
 AFMDEF const char *afm_session_error(const afm_session *session);
 
-/* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic. ---- */
+/* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic: one uniform number of the
+   seed's stream per sampled token, picked by inverse cumulative probability in id order. ---- */
 typedef struct afm_sampler_params {
-    float temperature;  /* 0: greedy */
+    float temperature;  /* 0: greedy; +inf and NaN are refused; below ~3e-39 it is greedy */
     int top_k;          /* 0: off */
     float top_p;        /* 0 or 1: off */
     float min_p;        /* 0: off */
@@ -313,6 +322,8 @@ typedef struct afm_sampler afm_sampler;
 AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int vocab_size,
                                      const afm_allocator *allocator, afm_sampler **out);
 AFMDEF void afm_sampler_free(afm_sampler *sampler);
+/* A token id, or -1 when none can be chosen: logits is NULL, holds a NaN or +inf, or every logit
+   is -inf. (afm_generate turns that into AFM_ERR_NUMERIC.) */
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
 
 
@@ -353,12 +364,16 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *session, const afm_adapte
 
 /* ---- Generation: a sampling loop with streaming, stop tokens and speculative decoding. A
    drafter proposes up to K tokens, the base verifies them all in one forward pass and keeps the
-   longest valid prefix, so the output is what the base alone would produce: token for token when
-   greedy, the same distribution when sampling (accept with min(1, p/q), else resample from
-   max(0, p - q)). K adapts to the measured acceptance and costs; 0 means plain decoding. ---- */
+   drafts that equal its own picks, so the output is what the base alone produces, token for token,
+   greedy or sampled: the base draws every token with the same random number as without a drafter
+   (one per token, in order), whatever the drafter proposes and whatever K is. Same seed, same text:
+   across runs, thread counts, load, drafters and K. K adapts to the measured acceptance and costs
+   (timings change only the speed); 0 means plain decoding. A draft model draws its proposals with
+   the base's numbers, so it agrees whenever its distribution puts a number on the same token. ---- */
 
 /* A custom drafter: propose up to k tokens continuing context[0 .. n_context) into draft;
-   return how many (0 for none). Called with the base's context; must not keep the pointer. */
+   return how many (0 for none; more than k is taken as k, but the drafter must write at most k).
+   Called with the base's context; must not keep the pointer. */
 typedef int (*afm_draft_fn)(void *user, const int32_t *context, int n_context, int k, int32_t *draft);
 
 typedef struct afm_generate_params {
@@ -377,15 +392,29 @@ typedef struct afm_generate_params {
     int fixed_k;                    /* always draft draft_k tokens instead of adapting */
 } afm_generate_params;
 
+/* Why afm_generate stopped. */
+typedef enum afm_stop_reason {
+    AFM_STOP_NONE = 0,       /* n_predict was 0, or an error other than a full context */
+    AFM_STOP_N_PREDICT,      /* n_predict tokens were generated */
+    AFM_STOP_TOKEN,          /* one of the stop tokens was generated */
+    AFM_STOP_CALLBACK,       /* on_token returned non-zero */
+    AFM_STOP_CONTEXT_FULL    /* the session's context is full (afm_generate returned AFM_ERR_CONTEXT_FULL) */
+} afm_stop_reason;
+
 typedef struct afm_generate_stats {
     int n_prompt, n_generated;
     int n_steps;                    /* base forward passes after the prompt */
     int n_drafted, n_accepted;      /* acceptance rate = n_accepted / n_drafted */
     double t_prompt, t_draft, t_verify, t_total; /* seconds */
+    afm_stop_reason stop;
 } afm_generate_stats;
 
 /* Evaluates the prompt (may be empty to continue from the session's last logits), then
-   generates. Every emitted token is in the session's cache when it returns. */
+   generates. Every emitted token is in the session's cache when it returns, also after an error:
+   a token is handed to on_token only once its slot in the cache is sure. Returns
+   AFM_ERR_CONTEXT_FULL when the context fills up before n_predict tokens or a stop (the tokens
+   before stay generated; stats->stop says AFM_STOP_CONTEXT_FULL), AFM_ERR_NUMERIC when the model's
+   logits are NaN or +inf (the message names the position). */
 AFMDEF afm_result afm_generate(afm_session *session, const int32_t *prompt, int n_prompt,
                                const afm_generate_params *params, afm_generate_stats *stats);
 /* The tokens in the session's cache (n of them). Valid until the next call on the session. */
@@ -447,6 +476,7 @@ AFMDEF const char *afm_result_string(afm_result r) {
     case AFM_ERR_NOMEM: return "out of memory";
     case AFM_ERR_CONTEXT_FULL: return "context full";
     case AFM_ERR_THREAD: return "thread error";
+    case AFM_ERR_NUMERIC: return "non-finite logits";
     }
     return "unknown error";
 }
@@ -538,6 +568,7 @@ static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, in
         LARGE_INTEGER li;
         b->file = CreateFileA(path, GENERIC_READ, FILE_SHARE_READ, NULL, OPEN_EXISTING, FILE_ATTRIBUTE_NORMAL, NULL);
         if (b->file == INVALID_HANDLE_VALUE) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+        if (GetFileType(b->file) != FILE_TYPE_DISK) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path); }
         if (!GetFileSizeEx(b->file, &li)) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot get file size", path); }
         size = (uint64_t)li.QuadPart;
         if (size == 0) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
@@ -551,8 +582,13 @@ static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, in
     }
 #elif !defined(_WIN32) && !defined(AFM_NO_MMAP)
     if (!no_mmap) {
+        /* Refuse FIFOs, devices and directories before opening: opening a FIFO blocks until a
+           writer comes. O_NONBLOCK covers a path swapped after the stat (no effect on a file). */
         struct stat st;
-        int fd = open(path, O_RDONLY);
+        int fd;
+        if (stat(path, &st) != 0) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+        if (!S_ISREG(st.st_mode)) return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path);
+        fd = open(path, O_RDONLY | O_NONBLOCK);
         if (fd < 0) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
         if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path); }
         size = (uint64_t)st.st_size;
@@ -816,6 +852,16 @@ static void afm__pool_run(afm__pool *p, afm__job_fn fn, void *ctx) {
     fn(ctx, 0, 1);
 }
 
+/* Counts of live users (sessions of a model, ...): atomic, since threads may create and free
+   sessions of one model at once. */
+#ifdef AFM_NO_THREADS
+typedef long afm__count;
+static long afm__count_add(afm__count *p, long v) { return *p += v; }
+#else
+typedef afm__atomic afm__count;
+static long afm__count_add(afm__count *p, long v) { return afm__atomic_add(p, v); }
+#endif
+
 /* The share [*lo, *hi) of n items that thread ith of nth handles. */
 static void afm__split(int n, int ith, int nth, int *lo, int *hi) {
     *lo = (int)((int64_t)n * ith / nth);
@@ -1009,7 +1055,31 @@ struct afm_model {
     size_t tok_size;
     int tok_kind;
     uint64_t n_params, n_lora_params;
+    afm__count n_users;                      /* live sessions and adapters (afm_model_free checks) */
 };
+
+/* Sessions and adapters count themselves on their model; changing the count is not a change
+   of the model a caller sees, so it is allowed through a const pointer. */
+static void afm__model_use(const afm_model *m, long d) { afm__count_add(&((afm_model *)(void *)m)->n_users, d); }
+
+/* LoRA alpha beyond the largest f16 is no trained adapter's (Apple's: 16, so scale 0.5); 9e29 made
+   every logit infinite. */
+#define AFM__MAX_ALPHA 65504.0f
+
+/* A base-model signature field (models and adapters alike): 40 lowercase hex digits, or 40 zero
+   bytes for none. Writes the NUL-terminated text ("" for none) to out[41]; returns -1, or the
+   index of the first byte that breaks the rule. */
+static int afm__read_signature(const unsigned char *p, char *out) {
+    int i;
+    out[0] = 0;
+    for (i = 0; i < 40; i++) {
+        unsigned char ch = p[i];
+        if (p[0] ? !((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')) : ch != 0) return i;
+        out[i] = (char)ch;
+    }
+    out[40] = 0;
+    return -1;
+}
 
 static uint32_t afm__rd32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -1108,21 +1178,15 @@ static afm_result afm__parse_config(afm__loader *L, const unsigned char *c, afm_
         return AFM__BAD(L, "%s: offset %llu: config lora_rank is %u, expected 0..4096", L->name, (unsigned long long)(cfg_off + 60), v);
     cfg->lora_rank = (int)v;
     cfg->lora_alpha = afm__rdf32(c + 64);
-    if (cfg->lora_rank && !(cfg->lora_alpha > -1e30f && cfg->lora_alpha < 1e30f))
-        return AFM__BAD(L, "%s: offset %llu: config lora_alpha is not finite", L->name, (unsigned long long)(cfg_off + 64));
-    if (c[72]) {
-        for (i = 0; i < 40; i++) {
-            unsigned char ch = c[72 + i];
-            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
-                return AFM__BAD(L, "%s: offset %llu: signature byte 0x%02x is not a lowercase hex digit", L->name,
-                                (unsigned long long)(cfg_off + 72 + i), ch);
-            cfg->signature[i] = (char)ch;
-        }
-    } else {
-        for (i = 0; i < 40; i++)
-            if (c[72 + i]) return AFM__BAD(L, "%s: offset %llu: signature is neither 40 hex digits nor all zero", L->name, (unsigned long long)(cfg_off + 72 + i));
+    if (cfg->lora_rank && !(cfg->lora_alpha >= -AFM__MAX_ALPHA && cfg->lora_alpha <= AFM__MAX_ALPHA))
+        return AFM__BAD(L, "%s: offset %llu: config lora_alpha %g is outside [-%g, %g]", L->name, (unsigned long long)(cfg_off + 64),
+                        (double)cfg->lora_alpha, (double)AFM__MAX_ALPHA, (double)AFM__MAX_ALPHA);
+    {
+        int bad = afm__read_signature(c + 72, cfg->signature);
+        if (bad >= 0)
+            return AFM__BAD(L, "%s: offset %llu: signature byte 0x%02x: the signature is neither 40 lowercase hex digits nor all zero",
+                            L->name, (unsigned long long)(cfg_off + 72 + bad), c[72 + bad]);
     }
-    cfg->signature[40] = 0;
     return AFM_OK;
 }
 
@@ -1520,6 +1584,7 @@ AFMDEF afm_result afm_model_load_memory(const void *data, size_t size, const afm
 AFMDEF void afm_model_free(afm_model *m) {
     afm_allocator a;
     if (!m) return;
+    AFM_ASSERT(afm__count_add(&m->n_users, 0) == 0 && "afm_model_free: free its sessions and adapters first");
     a = m->alloc;
     afm__free(&a, m->tensors);
     afm__free(&a, m->layers);
@@ -1615,6 +1680,71 @@ static void afm__json_free(const afm_allocator *a, afm__json *j) {
     afm__free(a, j->n);
     j->n = NULL;
     j->count = j->cap = 0;
+}
+
+static size_t afm__json_unescape(const afm__json *j, int32_t idx, char *out);
+
+/* Key node k's text with escapes undone: the source bytes themselves when it has none, else a copy
+   in buf (which has room for the node's len bytes). */
+static const char *afm__json_key_text(const afm__json *j, int32_t k, char *buf, size_t *len) {
+    const afm__jnode *nd = &j->n[k];
+    if (!nd->escaped) { *len = nd->len; return j->src + nd->start; }
+    *len = afm__json_unescape(j, k, buf);
+    return buf;
+}
+
+/* Refuses an object with a key twice: RFC 8259 leaves the meaning open and readers differ (first
+   wins, last wins, refusal); the project's Python tools refuse too. Keys are compared with their
+   escapes undone. Linear in the document: one hash table over each object's keys. */
+static int afm__json_unique_keys(const afm_allocator *a, const afm__json *j, size_t *where, const char **why) {
+    size_t i, max_keys = 0, max_len = 0, cap = 16;
+    int32_t *slot, k;
+    char *b1, *b2;
+    int ok = 1;
+    for (i = 0; i < j->count; i++) {
+        size_t n = 0;
+        if (j->n[i].type != AFM__JOBJ) continue;
+        for (k = j->n[i].child; k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next) {
+            n++;
+            if (j->n[k].len > max_len) max_len = j->n[k].len;
+        }
+        if (n > max_keys) max_keys = n;
+    }
+    if (max_keys < 2) return 1;
+    while (cap < max_keys * 2) cap *= 2;
+    slot = (int32_t *)afm__alloc(a, cap * sizeof *slot);
+    b1 = (char *)afm__alloc(a, max_len + 1);
+    b2 = (char *)afm__alloc(a, max_len + 1);
+    if (!slot || !b1 || !b2) { *where = 0; *why = "out of memory"; ok = 0; }
+    for (i = 0; ok && i < j->count; i++) {
+        size_t n = 0, mask = 1;
+        if (j->n[i].type != AFM__JOBJ) continue;
+        for (k = j->n[i].child; k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next) n++;
+        if (n < 2) continue;
+        while (mask < n * 2) mask *= 2;
+        mask--;
+        memset(slot, 0xff, (mask + 1) * sizeof *slot);
+        for (k = j->n[i].child; ok && k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next) {
+            size_t l1, l2, q;
+            const char *t1 = afm__json_key_text(j, k, b1, &l1);
+            uint32_t h = 2166136261u;
+            for (q = 0; q < l1; q++) h = (h ^ (unsigned char)t1[q]) * 16777619u;
+            for (q = h & mask; slot[q] >= 0; q = (q + 1) & mask) {
+                const char *t2 = afm__json_key_text(j, slot[q], b2, &l2);
+                if (l1 == l2 && memcmp(t1, t2, l1) == 0) {
+                    *where = j->n[k].start - 1; /* the opening quote of the second one */
+                    *why = "the object has this key twice";
+                    ok = 0;
+                    break;
+                }
+            }
+            if (ok) slot[q] = k;
+        }
+    }
+    afm__free(a, slot);
+    afm__free(a, b1);
+    afm__free(a, b2);
+    return ok;
 }
 
 /* Parses s[0, n) into j (start from a zeroed afm__json; free it with afm__json_free, also after a
@@ -1773,7 +1903,7 @@ fail:
 done:
     afm__json_ws(s, n, &i);
     if (i != n) { *where = i; *why = "text after the JSON value"; return 0; }
-    return 1;
+    return afm__json_unique_keys(a, j, where, why);
 }
 
 /* Undoes the escapes of string node idx into out, which has room for the node's len bytes (the text
@@ -3652,10 +3782,18 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
         l = afm__utf8_put(u8, cp);
         t->cid[cp] = afm__tok_ht_find(t, &t->ht_normal, u8, l);
     }
-    /* the pair table: every split of every piece into two pieces */
+    /* the pair table: every split of every piece into two pieces. Only splits into two lengths that
+       some piece has are looked up: hashing every prefix and suffix of a long piece would take time
+       quadratic in its length (a 400 KB piece: 30 s). */
     {
         size_t count = 0, cap = 16;
         int pass;
+        uint8_t *has_len = (uint8_t *)afm__calloc(&t->alloc, t->max_piece_len + 1, 1);
+        if (!has_len) return AFM_ERR_NOMEM;
+        for (i = 0; i < t->n_vocab; i++) {
+            int ty = t->type[i];
+            if (ty == AFM_TOKEN_NORMAL || ty == AFM_TOKEN_USER_DEFINED || ty == AFM_TOKEN_UNUSED) has_len[t->off[i + 1] - t->off[i]] = 1;
+        }
         for (pass = 0; pass < 2; pass++) {
             for (i = 0; i < t->n_vocab; i++) {
                 const char *ps = t->str + t->off[i];
@@ -3663,7 +3801,9 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
                 int ty = t->type[i];
                 if (!(ty == AFM_TOKEN_NORMAL || ty == AFM_TOKEN_USER_DEFINED || ty == AFM_TOKEN_UNUSED)) continue;
                 for (; k < pl; k += afm__tok_onecharlen((unsigned char)ps[k])) {
-                    int32_t a = afm__tok_ht_find(t, &t->ht_normal, ps, k), b;
+                    int32_t a, b;
+                    if (!has_len[k] || !has_len[pl - k]) continue;
+                    a = afm__tok_ht_find(t, &t->ht_normal, ps, k);
                     if (a < 0) continue;
                     b = afm__tok_ht_find(t, &t->ht_normal, ps + k, pl - k);
                     if (b < 0) continue;
@@ -3682,11 +3822,12 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
                 size_t q;
                 while (cap < count * 2) cap *= 2;
                 t->pt = (afm__tok_pent *)afm__alloc(&t->alloc, cap * sizeof(afm__tok_pent));
-                if (!t->pt) return AFM_ERR_NOMEM;
+                if (!t->pt) { afm__free(&t->alloc, has_len); return AFM_ERR_NOMEM; }
                 for (q = 0; q < cap; q++) t->pt[q].id = -1;
                 t->pt_mask = (uint32_t)(cap - 1);
             }
         }
+        afm__free(&t->alloc, has_len);
     }
     memset(&e, 0, sizeof e);
     e.t = t;
@@ -4103,6 +4244,7 @@ typedef struct afm__tok_hf_load {
     char *err;
     size_t err_size;
     afm__json j;
+    size_t size;                 /* bytes of the file */
     int32_t model, vocab, added; /* nodes: model, model.vocab, added_tokens (-1: absent) */
     afm__tok_buf tmp;            /* one JSON string at a time */
     int32_t *node_of;            /* id -> its key in model.vocab, -1 */
@@ -4273,6 +4415,11 @@ static afm_result afm__tok_hf_ids(afm__tok_hf_load *L) {
         h->n_added++;
     }
     if (max_id < 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
+    /* Tables are sized by the largest id: an id must be below the file's size in bytes (every id
+       takes several bytes of it), so memory stays a bounded multiple of the file (~60 bytes an id). */
+    if ((size_t)max_id >= L->size)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: id %ld is not below the file's size of %lu bytes (ids must be nearly dense)",
+                         (long)max_id, (unsigned long)L->size);
     t->n_vocab = max_id + 1;
     t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
     t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
@@ -4589,6 +4736,7 @@ static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t
     for (k = 0; k < AFM_SPECIAL_COUNT; k++) t->special[k] = -1;
     for (k = 0; k < 256; k++) h->trie_root[0][k] = h->trie_root[1][k] = -1;
     memset(&L, 0, sizeof L);
+    L.size = size;
     L.t = t;
     L.h = h;
     L.err = err;
@@ -6236,7 +6384,12 @@ struct afm_adapter {
     float alpha, scale;
     char identifier[128], signature[41];
     char *metadata;                /* JSON text, NUL-terminated, or NULL */
+    afm__count n_users;            /* sessions using it (afm_adapter_free checks) */
 };
+
+static void afm__adapter_use(const afm_adapter *ad, long d) {
+    if (ad) afm__count_add(&((afm_adapter *)(void *)ad)->n_users, d);
+}
 
 /* Which projections layer i adapts: segment 0 the three of the fused QKV, segment 1 its query. */
 static int afm__adapted(const afm_model *m, int layer, int p) {
@@ -6256,6 +6409,7 @@ static afm_adapter *afm__adapter_new(const afm_model *m) {
     afm_adapter *ad = (afm_adapter *)afm__calloc(&m->alloc, 1, sizeof *ad);
     if (!ad) return NULL;
     ad->model = m;
+    afm__model_use(m, 1);
     ad->alloc = m->alloc;
     ad->a = (const afm__tensor **)afm__calloc(&m->alloc, (size_t)m->config.n_layers * AFM__N_PROJ, sizeof *ad->a);
     ad->b = (const afm__tensor **)afm__calloc(&m->alloc, (size_t)m->config.n_layers * AFM__N_PROJ, sizeof *ad->b);
@@ -6297,6 +6451,8 @@ static afm_result afm__adapter_check_finite(const afm_adapter *ad, const char *n
 AFMDEF void afm_adapter_free(afm_adapter *ad) {
     afm_allocator a;
     if (!ad) return;
+    AFM_ASSERT(afm__count_add(&ad->n_users, 0) == 0 && "afm_adapter_free: free or switch the sessions that use it first");
+    afm__model_use(ad->model, -1);
     a = ad->alloc;
     afm__free(&a, (void *)ad->a);
     afm__free(&a, (void *)ad->b);
@@ -6347,7 +6503,8 @@ static afm_result afm__parse_adapter(afm__loader *L, afm_adapter *ad) {
     if (v < 1 || v > 4096) return AFM__BAD(L, "%s: config rank is %u, expected 1..4096", L->name, v);
     ad->rank = (int)v;
     ad->alpha = afm__rdf32(cf + 8);
-    if (!(ad->alpha > -1e30f && ad->alpha < 1e30f)) return AFM__BAD(L, "%s: config alpha is not finite", L->name);
+    if (!(ad->alpha >= -AFM__MAX_ALPHA && ad->alpha <= AFM__MAX_ALPHA))
+        return AFM__BAD(L, "%s: config alpha %g is outside [-%g, %g]", L->name, (double)ad->alpha, (double)AFM__MAX_ALPHA, (double)AFM__MAX_ALPHA);
     ad->scale = ad->alpha / (float)ad->rank;
     v = afm__rd32(cf + 12);
     if (v > 64) return AFM__BAD(L, "%s: config draft_token_count is %u, expected 0..64", L->name, v);
@@ -6360,16 +6517,11 @@ static afm_result afm__parse_adapter(afm__loader *L, afm_adapter *ad) {
         if (base[i] != want[i])
             return AFM__BAD(L, "%s: adapter was made for a base with %s %d, this model has %d", L->name, names[i], base[i], want[i]);
     }
-    if (cf[48]) {
-        for (i = 0; i < 40; i++) {
-            unsigned char ch = cf[48 + i];
-            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
-                return AFM__BAD(L, "%s: signature byte 0x%02x is not a lowercase hex digit", L->name, ch);
-            ad->signature[i] = (char)ch;
-        }
-        if (c->signature[0] && memcmp(ad->signature, c->signature, 40))
-            return AFM__BAD(L, "%s: adapter is for base model %s, this model is %s", L->name, ad->signature, c->signature);
-    }
+    if ((i = afm__read_signature(cf + 48, ad->signature)) >= 0)
+        return AFM__BAD(L, "%s: config byte %d: signature byte 0x%02x: the signature is neither 40 lowercase hex digits nor all zero",
+                        L->name, 48 + i, cf[48 + i]);
+    if (ad->signature[0] && c->signature[0] && memcmp(ad->signature, c->signature, 40))
+        return AFM__BAD(L, "%s: adapter is for base model %s, this model is %s", L->name, ad->signature, c->signature);
     if (ct.extra) {
         if (ct.extra_kind != 3) return AFM__BAD(L, "%s: metadata section kind %u, expected 3 (JSON)", L->name, ct.extra_kind);
         ad->metadata = (char *)afm__alloc(&ad->alloc, (size_t)ct.extra_len + 1);
@@ -6540,7 +6692,7 @@ static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint6
     }
     /* coremltools pads the last record to 64 bytes at most, with zeros */
     for (i_tail = prev_end; i_tail < size; i_tail++)
-        if (w[i_tail] || i_tail - prev_end >= 64)
+        if (w[i_tail] || i_tail - prev_end >= 63)
             return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: %llu bytes after the last of the %d records (expected at most 63 zero bytes of padding)",
                               name, (unsigned long long)i_tail, (unsigned long long)(size - prev_end), k);
     return AFM_OK;
@@ -6716,6 +6868,14 @@ static void afm__session_release_buffers(afm_session *s) {
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
 
+/* Memory a session takes before it holds any tokens (one batch's activations, the first KV
+   positions) stays below max(64 MiB, the model file's size): a small hostile file with huge widths
+   (1024 heads x 1024 of a model dimension 1) would otherwise take gigabytes for a few tokens. */
+static uint64_t afm__scratch_budget(const afm_model *m) {
+    uint64_t floor_ = (uint64_t)64 << 20;
+    return m->blob.size > floor_ ? m->blob.size : floor_;
+}
+
 /* Grows the KV cache (and the per-thread score rows) to hold at least `need` positions. */
 static afm_result afm__reserve(afm_session *s, int need) {
     const afm_allocator *a = &s->model->alloc;
@@ -6725,6 +6885,10 @@ static afm_result afm__reserve(afm_session *s, int need) {
     float *scores;
     int32_t *tokens;
     if (need <= s->cap) return AFM_OK;
+    if (!s->cap) { /* the first 256 positions, or fewer if they would outweigh the budget */
+        uint64_t per_pos = 2 * (uint64_t)n_seg0 * row, most = afm__scratch_budget(s->model) / (per_pos ? per_pos : 1);
+        if ((uint64_t)cap > most) cap = most > 0 ? (int)most : 1;
+    }
     while (cap < need) cap = cap > s->n_ctx / 2 ? s->n_ctx : cap * 2;
     if (cap > s->n_ctx) cap = s->n_ctx;
     k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
@@ -6776,6 +6940,7 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s = (afm_session *)afm__calloc(a, 1, sizeof *s);
     if (!s) return AFM_ERR_NOMEM;
     s->model = m;
+    afm__model_use(m, 1);
     s->params = p;
     s->kv_type = p.kv_type;
     s->n_ctx = p.n_ctx;
@@ -6784,11 +6949,17 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     afm__select_kernels(&s->kern, AFM__LEVEL_MAX);
     if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
 
-    B = p.n_batch;
     qd = c->n_heads * c->head_dim;
     widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
     if (qd > widest) widest = qd;
     if (c->head_dim > widest) widest = c->head_dim;
+    {   /* fewer tokens per batch when one batch's activations would outweigh the budget */
+        uint64_t per_tok = 4 * (2 * (uint64_t)c->dim + 2 * (uint64_t)qd + 2 * (uint64_t)s->kv_dim + 2 * (uint64_t)c->ffn_dim + (uint64_t)c->head_dim) +
+                           2 * (uint64_t)afm__act_need(1, widest);
+        uint64_t most = afm__scratch_budget(m) / per_tok;
+        if ((uint64_t)p.n_batch > most) s->params.n_batch = p.n_batch = most > 0 ? (int)most : 1;
+    }
+    B = p.n_batch;
     s->rowbuf_n = (widest + 15) & ~15;
     s->x = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
     s->xn = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
@@ -6815,10 +6986,14 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
 }
 
 AFMDEF void afm_session_free(afm_session *s) {
+    afm_model *m;
     if (!s) return;
-    afm__pool_destroy(&s->model->alloc, &s->pool);
+    m = s->model;
+    afm__adapter_use(s->adapter, -1);
+    afm__pool_destroy(&m->alloc, &s->pool);
     afm__session_release_buffers(s);
-    afm__free(&s->model->alloc, s);
+    afm__free(&m->alloc, s);
+    afm__model_use(m, -1);
 }
 
 /* Evaluates n tokens; keeps the logits of every position when want_all, else of the last. */
@@ -6875,6 +7050,8 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
         s->act_buf = buf;
         s->act_cap = need;
     }
+    afm__adapter_use(s->adapter, -1);
+    afm__adapter_use(ad, 1);
     s->adapter = ad;
     s->pos = 0; /* the cached keys and values were computed with the previous adapter */
     s->n_logits = 0;
@@ -7358,7 +7535,7 @@ AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_voc
     if (!out) return AFM_ERR_ARG;
     *out = NULL;
     if (n_vocab < 1 || (params && (params->top_k < 0 || !(params->top_p >= 0 && params->top_p <= 1) ||
-                                   !(params->min_p >= 0 && params->min_p <= 1) || params->temperature != params->temperature)))
+                                   !(params->min_p >= 0 && params->min_p <= 1) || !(params->temperature <= FLT_MAX))))
         return AFM_ERR_ARG;
     sm = (afm_sampler *)afm__calloc(a, 1, sizeof *sm);
     if (!sm) return AFM_ERR_NOMEM;
@@ -7397,16 +7574,21 @@ static int afm__cmp_cand(const void *a, const void *b) {
 
 /* Applies temperature, min-p, top-k and top-p (in that order) to logits: sm->prob holds the
    unnormalised probabilities (largest 1) and sm->idx[0 .. return value) the surviving ids, in
-   increasing id order. For greedy sampling the one survivor is the argmax (lowest id on ties). */
+   increasing id order. For greedy sampling the one survivor is the argmax (lowest id on ties).
+   Returns -1 when no token can be chosen: a logit is NaN or +inf, or every one is -inf (a broken
+   model or adapter; reading the lowest id instead would hide it). */
 static int afm__sampler_filter(afm_sampler *sm, const float *logits) {
     int n = sm->n_vocab, i, nc = 0, best = 0, keep;
     float inv_t;
-    for (i = 1; i < n; i++)
-        if (logits[i] > logits[best]) best = i;
-    if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
-    inv_t = 1.0f / sm->p.temperature;
     for (i = 0; i < n; i++) {
-        float p = expf((logits[i] - logits[best]) * inv_t);
+        if (!(logits[i] <= FLT_MAX)) return -1; /* NaN or +inf */
+        if (logits[i] > logits[best]) best = i;
+    }
+    if (!(logits[best] >= -FLT_MAX)) return -1; /* all -inf */
+    if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
+    inv_t = 1.0f / sm->p.temperature; /* +inf for a temperature below ~3e-39: greedy, ties kept */
+    for (i = 0; i < n; i++) {
+        float d = logits[i] - logits[best], p = d == 0 ? 1.0f : expf(d * inv_t);
         sm->prob[i] = p;
         if (p > 0 && p >= sm->p.min_p) sm->idx[nc++] = i;
     }
@@ -7449,12 +7631,13 @@ static int afm__sampler_filter(afm_sampler *sm, const float *logits) {
     return nc;
 }
 
-/* Draws one id from weights w over ids idx[0..n) (weights need not be normalised). */
-static int32_t afm__draw(uint64_t *rng, const float *w, const int32_t *idx, int n) {
+/* The id that the uniform number u in [0, 1) picks from weights w over ids idx[0..n) (weights need
+   not be normalised): the inverse of their cumulative sum, in increasing id order. */
+static int32_t afm__draw_u(double u, const float *w, const int32_t *idx, int n) {
     double sum = 0, r, acc = 0;
     int i;
     for (i = 0; i < n; i++) sum += w[idx[i]];
-    r = afm__rng_uniform(rng) * sum;
+    r = u * sum;
     for (i = 0; i < n; i++) {
         acc += w[idx[i]];
         if (r < acc) return idx[i];
@@ -7462,14 +7645,23 @@ static int32_t afm__draw(uint64_t *rng, const float *w, const int32_t *idx, int 
     return idx[n - 1];
 }
 
-AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) {
+/* One token from the filtered logits with the uniform number u (unused when greedy); -1 when the
+   logits are not usable (afm__sampler_filter). */
+static int32_t afm__sampler_pick(afm_sampler *sm, const float *logits, double u) {
     int nc = afm__sampler_filter(sm, logits);
+    if (nc < 0) return -1;
     if (!(sm->p.temperature > 0)) return sm->idx[0];
-    return afm__draw(sm->rng, sm->prob, sm->idx, nc);
+    return afm__draw_u(u, sm->prob, sm->idx, nc);
 }
 
+AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) {
+    if (!sm || !logits) return -1;
+    return afm__sampler_pick(sm, logits, sm->p.temperature > 0 ? afm__rng_uniform(sm->rng) : 0);
+}
+
+#ifdef AFM_TESTING
 /* The sampler's full distribution over the vocabulary (zeros outside the filtered set);
-   returns the number of candidates, whose ids are left in sm->idx. */
+   returns the number of candidates, whose ids are left in sm->idx (tests compare against it). */
 static int afm__sampler_dist(afm_sampler *sm, const float *logits, float *out) {
     int nc = afm__sampler_filter(sm, logits), i;
     double sum = 0;
@@ -7478,6 +7670,7 @@ static int afm__sampler_dist(afm_sampler *sm, const float *logits, float *out) {
     for (i = 0; i < nc; i++) out[sm->idx[i]] = (float)(sm->prob[sm->idx[i]] / sum);
     return nc;
 }
+#endif
 
 
 /* Tests build with AFM_TESTING to plant a wrong acceptance rule and check that the statistics
@@ -7516,30 +7709,45 @@ typedef struct afm__gen {
     afm_session *s;
     const afm_generate_params *p;
     afm_generate_stats *st;
-    afm_sampler *sm, *dsm;       /* base sampler (its RNG also decides acceptance), draft sampler */
+    afm_sampler *sm, *dsm;       /* base sampler (its RNG draws every token), draft sampler */
     int V, kmax, sampled, done, generated, zero_streak, probe_every;
     int32_t draft[AFM__MAX_DRAFT];
-    float *q;                    /* [kmax][V] the draft model's distributions, when sampling */
-    float *dist;                 /* [V] scratch distribution */
-    int q_valid;                 /* the drafter filled q (a draft model while sampling) */
+    double u[AFM__MAX_DRAFT + 1]; /* the uniform numbers of this round's positions (sampling) */
     double tv[AFM__MAX_DRAFT + 2]; /* seconds to verify n tokens (EMA); 0 = not measured */
     double t_draft_tok;          /* seconds per drafted token (EMA) */
     double acc_hits, acc_trials; /* acceptance, decayed counts */
 } afm__gen;
 
-/* Hands a token to the caller; returns 1 when generation must stop after it. */
+/* Hands a token to the caller; returns the reason to stop after it, or 0. */
 static int afm__emit(afm__gen *g, int32_t tok) {
     int i;
     g->generated++;
     g->st->n_generated++;
-    if (g->p->on_token && g->p->on_token(g->p->user, tok)) return 1;
+    if (g->p->on_token && g->p->on_token(g->p->user, tok)) return g->st->stop = AFM_STOP_CALLBACK;
     for (i = 0; i < g->p->n_stop_tokens; i++)
-        if (g->p->stop_tokens[i] == tok) return 1;
-    return g->generated >= g->p->n_predict;
+        if (g->p->stop_tokens[i] == tok) return g->st->stop = AFM_STOP_TOKEN;
+    if (g->generated >= g->p->n_predict) return g->st->stop = AFM_STOP_N_PREDICT;
+    return 0;
+}
+
+/* The next token may be handed out only if it will fit in the cache (slot `slot`). */
+static afm_result afm__room_for(afm__gen *g, int slot) {
+    if (slot < g->s->n_ctx) return AFM_OK;
+    g->st->stop = AFM_STOP_CONTEXT_FULL;
+    g->done = 1;
+    return afm__serr(g->s, AFM_ERR_CONTEXT_FULL, "afm_generate: context full after %d generated tokens (the session's limit is %d)",
+                     g->generated, g->s->n_ctx);
+}
+
+static afm_result afm__not_finite(afm__gen *g, int pos) {
+    g->done = 1;
+    return afm__serr(g->s, AFM_ERR_NUMERIC, "afm_generate: the logits after position %d are not finite (NaN or +inf, or all -inf)", pos);
 }
 
 /* Proposes draft tokens with the draft model's session: syncs it to the context (everything
-   but the pending token is shared with the base; it re-evaluates what differs), then runs it. */
+   but the pending token is shared with the base; it re-evaluates what differs), then runs it.
+   When sampling, draft token i is drawn with the uniform number the base will use at that
+   position, so the two agree whenever their distributions put that number on the same token. */
 static int afm__draft_with_model(afm__gen *g, const int32_t *ctx, int n_ctx, int k) {
     afm_session *d = g->p->draft;
     int c = 0, i;
@@ -7547,14 +7755,10 @@ static int afm__draft_with_model(afm__gen *g, const int32_t *ctx, int n_ctx, int
     if (afm_session_rewind(d, c) != AFM_OK) return 0;
     if (n_ctx - c > d->n_ctx - d->pos || afm_session_eval(d, ctx + c, n_ctx - c) != AFM_OK) return 0;
     for (i = 0; i < k; i++) {
-        const float *lg = afm_session_logits(d, -1);
-        if (g->sampled) {
-            int nc = afm__sampler_dist(g->dsm, lg, g->q + (size_t)i * g->V);
-            g->draft[i] = afm__draw(g->dsm->rng, g->q + (size_t)i * g->V, g->dsm->idx, nc);
-        } else g->draft[i] = afm_sampler_sample(g->dsm, lg);
+        g->draft[i] = afm__sampler_pick(g->dsm, afm_session_logits(d, -1), g->u[i]);
+        if (g->draft[i] < 0) return i; /* the draft model's logits are not finite */
         if (i + 1 < k && (d->pos >= d->n_ctx || afm_session_eval(d, &g->draft[i], 1) != AFM_OK)) return i + 1;
     }
-    g->q_valid = g->sampled;
     return k;
 }
 
@@ -7616,31 +7820,37 @@ static int afm__choose_k(afm__gen *g) {
 
 static void afm__ema(double *v, double x) { *v = *v > 0 ? 0.8 * *v + 0.2 * x : x; }
 
-/* One round: verify [x, drafts] in one forward pass, keep the longest valid prefix, pick the
-   next pending token. Returns the new pending token through *x; sets g->done when finished. */
+/* One round: verify [x, drafts] in one forward pass, keep the longest prefix of drafts that
+   equals what the base picks at each position, then the base's own pick after it. The base picks
+   every token exactly as plain decoding does - greedy, or one uniform number of the sampler's
+   stream per token - so the output does not depend on the drafter or on K (which only change how
+   many forward passes it takes). Returns the new pending token through *x (its slot, s->pos, is
+   free); sets g->done when finished. */
 static afm_result afm__round(afm__gen *g, int32_t *x) {
     afm_session *s = g->s;
     const afm_generate_params *p = g->p;
-    int P = s->pos, k = 0, j, i, n_ctx;
-    int32_t batch[AFM__MAX_DRAFT + 1], next = 0;
+    int P = s->pos, k, asked, j, i, why = 0;
+    int32_t batch[AFM__MAX_DRAFT + 1], next = -1;
+    uint64_t rng[4];
     double t0, t1;
     afm_result r;
 
-    if (P + 1 >= s->n_ctx) { g->done = 1; return AFM_OK; }
     k = afm__choose_k(g);
-    if (k > s->n_ctx - P - 1) k = s->n_ctx - P - 1;
+    if (k > s->n_ctx - P - 1) k = s->n_ctx - P - 1; /* x goes at P, drafts at P+1 .. P+k */
     if (k > p->n_predict - g->generated) k = p->n_predict - g->generated;
-    g->q_valid = 0;
+    memcpy(rng, g->sm->rng, sizeof rng);        /* the numbers of positions P .. P+k, drawn below */
+    for (i = 0; i <= k; i++) g->u[i] = g->sampled ? afm__rng_uniform(rng) : 0;
     t0 = afm__now();
     if (k > 0) {
         /* the context the drafter continues: the session's tokens, then the pending one */
-        n_ctx = P + 1;
         s->tokens[P] = *x; /* the slot after the last evaluated token is free until the eval */
-        if (p->draft_fn) k = p->draft_fn(p->draft_user, s->tokens, n_ctx, k, g->draft);
-        else if (p->draft) k = afm__draft_with_model(g, s->tokens, n_ctx, k);
-        else if (p->lookup) k = afm__draft_lookup(g, s->tokens, n_ctx, k);
+        asked = k;
+        if (p->draft_fn) k = p->draft_fn(p->draft_user, s->tokens, P + 1, k, g->draft);
+        else if (p->draft) k = afm__draft_with_model(g, s->tokens, P + 1, k);
+        else if (p->lookup) k = afm__draft_lookup(g, s->tokens, P + 1, k);
         else k = 0;
         if (k < 0) k = 0;
+        if (k > asked) k = asked; /* a custom drafter may claim more than it was asked for */
         for (i = 0; i < k; i++)
             if (g->draft[i] < 0 || g->draft[i] >= g->V) k = i; /* a drafter's bad token ends the draft */
     }
@@ -7656,46 +7866,31 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
     g->st->n_steps++;
     g->st->n_drafted += k;
 
-    /* accept drafts while the base agrees (greedy) or by min(1, p/q) (sampling) */
-    for (j = 0; j < k; j++) {
-        const float *lg = afm_session_logits(s, j);
-        int32_t d = g->draft[j];
-        if (!g->sampled) {
-            next = afm_sampler_sample(g->sm, lg);
-            if (next != d) break;
-        } else {
-            float pd, qd;
-            afm__sampler_dist(g->sm, lg, g->dist);
-            pd = g->dist[d];
-            qd = g->q_valid ? g->q[(size_t)j * g->V + d] : 1.0f;
-            if (!(afm__rng_uniform(g->sm->rng) * qd < pd) && !afm__test_accept_all(s)) {
-                /* rejected: draw from the residual max(0, p - q), normalised */
-                int n = 0, v;
-                for (v = 0; v < g->V; v++) {
-                    float w = g->dist[v] - (g->q_valid ? g->q[(size_t)j * g->V + v] : (v == d ? 1.0f : 0.0f));
-                    g->dist[v] = w > 0 ? w : 0;
-                    if (w > 0) g->sm->idx[n++] = v;
-                }
-                next = n ? afm__draw(g->sm->rng, g->dist, g->sm->idx, n) : d;
-                break;
-            }
-        }
+    /* keep drafts while they equal the base's picks; the first pick that differs (or the pick
+       after the last draft) is the next pending token */
+    for (j = 0; j <= k; j++) {
+        next = afm__sampler_pick(g->sm, afm_session_logits(s, j), g->u[j]);
+        if (g->sampled) afm__rng_uniform(g->sm->rng); /* consume position P+j's number */
+        if (next < 0 || j == k) break;
+        if (next != g->draft[j] && !afm__test_accept_all(s)) break;
         g->st->n_accepted++;
     }
     if (k > 0) {
         g->acc_hits = 0.9 * g->acc_hits + j;
         g->acc_trials = 0.9 * g->acc_trials + j + (j < k);
     }
-    if (j == k) next = afm_sampler_sample(g->sm, afm_session_logits(s, k)); /* every draft accepted: a bonus token */
-    afm_session_rewind(s, P + 1 + j);
+    afm_session_rewind(s, P + 1 + j); /* x and the j kept drafts */
     for (i = 0; i < j; i++)
         if (afm__emit(g, g->draft[i])) {
             afm_session_rewind(s, P + 2 + i);
             g->done = 1;
             return AFM_OK;
         }
+    if (next < 0) return afm__not_finite(g, P + j);
+    if ((r = afm__room_for(g, P + 1 + j)) != AFM_OK) return r;
     *x = next;
-    if (afm__emit(g, next)) g->done = 2; /* stop, with the pending token still to evaluate */
+    why = afm__emit(g, next);
+    if (why) g->done = 2; /* stop, with the pending token still to evaluate */
     return AFM_OK;
 }
 
@@ -7703,7 +7898,6 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
                                afm_generate_stats *stats) {
     afm__gen g;
     afm_generate_stats local;
-    afm_sampler_params dp;
     afm_result r;
     int32_t x;
     double t_start = afm__now();
@@ -7728,12 +7922,7 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     if (n_prompt == 0 && !afm_session_logits(s, -1))
         return afm__serr(s, AFM_ERR_ARG, "afm_generate: no prompt and no logits to continue from");
     if ((r = afm_sampler_create(&p->sampler, g.V, &s->model->alloc, &g.sm)) != AFM_OK) return afm__serr(s, r, "afm_generate: bad sampler parameters");
-    dp = p->sampler;
-    dp.seed ^= 0x9e3779b97f4a7c15ull; /* the draft's own random stream */
-    r = afm_sampler_create(&dp, g.V, &s->model->alloc, &g.dsm);
-    g.dist = (float *)afm__alloc(&s->model->alloc, (size_t)g.V * sizeof(float));
-    g.q = p->draft && g.sampled ? (float *)afm__alloc(&s->model->alloc, (size_t)g.kmax * g.V * sizeof(float)) : NULL;
-    if (r != AFM_OK || !g.dist || (p->draft && g.sampled && !g.q)) { r = afm__serr(s, AFM_ERR_NOMEM, "afm_generate: out of memory"); goto out; }
+    if ((r = afm_sampler_create(&p->sampler, g.V, &s->model->alloc, &g.dsm)) != AFM_OK) { r = afm__serr(s, r, "afm_generate: out of memory"); goto out; }
 
     if (n_prompt > 0) {
         if ((r = afm_session_eval(s, prompt, n_prompt)) != AFM_OK) goto out;
@@ -7742,13 +7931,13 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     stats->t_prompt = afm__now() - t_start;
     if (p->n_predict == 0) goto out;
     x = afm_sampler_sample(g.sm, afm_session_logits(s, -1));
+    if (x < 0) { r = afm__not_finite(&g, s->pos - 1); goto out; }
+    if ((r = afm__room_for(&g, s->pos)) != AFM_OK) goto out;
     if (afm__emit(&g, x)) g.done = 2;
     while (!g.done && (r = afm__round(&g, &x)) == AFM_OK) {}
-    if (r == AFM_OK && g.done == 2 && s->pos < s->n_ctx) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache */
+    if (r == AFM_OK && g.done == 2) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache (afm__room_for) */
 out:
     stats->t_total = afm__now() - t_start;
-    afm__free(&s->model->alloc, g.dist);
-    afm__free(&s->model->alloc, g.q);
     afm_sampler_free(g.sm);
     afm_sampler_free(g.dsm);
     return r;

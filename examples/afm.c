@@ -87,13 +87,16 @@ static const char *usage_generation =
     "                         'base' for the base adapter embedded in the model file\n"
     "  -n, --n-predict N      tokens to generate (default 16)\n"
     "  -t, --threads N        threads (default 1)\n"
-    "  -c, --ctx-size N       context limit in tokens (default: the model's training context)\n"
+    "  -c, --ctx-size N       context limit in tokens (default and most: the model's training\n"
+    "                         context). Generation that fills it stops with \"context full\" and\n"
+    "                         exit status 1\n"
     "  -b, --batch-size N     tokens per forward pass during prefill (default 256)\n"
     "      --temp T           temperature; 0 is greedy (default 0)\n"
     "      --top-k K          keep the K most likely tokens (default 0: off)\n"
     "      --top-p P          nucleus sampling (default 1: off)\n"
     "      --min-p P          drop tokens below P x the top probability (default 0: off)\n"
-    "  -s, --seed N           sampler seed (default 0)\n"
+    "  -s, --seed N           sampler seed (default 0); the same seed gives the same text with\n"
+    "                         or without --draft / --lookup, at any -t and -b\n"
     "      --kv TYPE          KV cache: auto, f32, f16, int8 (default auto: int8 when the model\n"
     "                         carries KV scales, else f16)\n"
     "      --draft FILE       speculative decoding with a draft model (same vocabulary)\n"
@@ -109,6 +112,9 @@ static const char *usage_generation =
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
     "  -h, --help             this text\n"
+    "\n"
+    "exit status: 0 on success, 1 on any error (bad arguments or files, a full context, logits\n"
+    "that are not finite)\n"
     "\n"
     "examples:\n"
     "  afm -m models/mini/base.afm -p \"In the beginning\" -n 40\n"
@@ -651,6 +657,10 @@ static int cmd_generate(int argc, char **argv) {
             fprintf(stderr, "\n");
         }
     }
+    if (sp.n_ctx > afm_model_config(m)->context_length) {
+        fprintf(stderr, "afm: -c %d is above the model's training context of %d tokens\n", sp.n_ctx, afm_model_config(m)->context_length);
+        exit(1);
+    }
     if ((r = afm_session_create(m, &sp, &s)) != AFM_OK) die("cannot create a session: %s", afm_result_string(r));
     if (adapter_path) {
         adapter = load_adapter_or_die(m, adapter_path);
@@ -680,13 +690,19 @@ static int cmd_generate(int argc, char **argv) {
         t0 = now_seconds();
         if (afm_session_eval(s, prompt, n_prompt) != AFM_OK) die("%s", afm_session_error(s));
         t1 = now_seconds();
+        r = AFM_OK;
         for (i = 0; i < n_predict; i++) {
             const float *logits = afm_session_logits(s, -1);
             fwrite(logits, sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
             tok = afm_sampler_sample(sampler, logits);
+            if (tok < 0) {
+                fprintf(stderr, "\nafm: the logits after position %d are not finite (NaN or +inf, or all -inf)\n", afm_session_pos(s) - 1);
+                r = AFM_ERR_NUMERIC;
+                break;
+            }
             if (tokenizer) print_text(&out, tok);
             else printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
-            if (afm_session_eval(s, &tok, 1) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
+            if ((r = afm_session_eval(s, &tok, 1)) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
         }
         if (tokenizer) {
             text_out_end(&out);
@@ -728,7 +744,7 @@ static int cmd_generate(int argc, char **argv) {
             if ((r = afm_session_create(dm, &dsp, &ds)) != AFM_OK) die("cannot create the draft session: %s", afm_result_string(r));
             if (draft_adapter_path) {
                 dad = load_adapter_or_die(dm, draft_adapter_path);
-                afm_session_set_adapter(ds, dad);
+                if (afm_session_set_adapter(ds, dad) != AFM_OK) die("%s", afm_session_error(ds));
             }
             gp.draft = ds;
         }
@@ -749,7 +765,10 @@ static int cmd_generate(int argc, char **argv) {
         afm_adapter_free(dad);
         afm_model_free(dm);
     }
-    if (dump) fclose(dump);
+    if (dump && fclose(dump) != 0 && r == AFM_OK) {
+        fprintf(stderr, "afm: cannot write '%s'\n", dump_path);
+        r = AFM_ERR_IO;
+    }
     free(prompt);
     free(file_text);
     afm_tokenizer_free(tokenizer);
@@ -757,7 +776,7 @@ static int cmd_generate(int argc, char **argv) {
     afm_session_free(s);
     afm_adapter_free(adapter);
     afm_model_free(m);
-    return 0;
+    return r != AFM_OK; /* "context full" and other generation errors are failures too */
 }
 
 
@@ -772,6 +791,17 @@ static int is_directory(const char *path) {
 #endif
 }
 
+/* Only a regular file is opened to peek at its magic: opening a FIFO would block. */
+static int is_regular_file(const char *path) {
+#if defined(_WIN32)
+    DWORD a = GetFileAttributesA(path);
+    return a != INVALID_FILE_ATTRIBUTES && !(a & FILE_ATTRIBUTE_DIRECTORY);
+#else
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+#endif
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(argc < 2 ? stderr : stdout);
@@ -783,7 +813,7 @@ int main(int argc, char **argv) {
         int is_adapter;
         if (argc == 5 && (!strcmp(argv[3], "-m") || !strcmp(argv[3], "--model"))) return cmd_info_adapter(argv[2], argv[4]);
         if (argc != 3) die("%s", "usage: afm info FILE  |  afm info ADAPTER -m BASE.afm");
-        f = fopen(argv[2], "rb");
+        f = is_regular_file(argv[2]) ? fopen(argv[2], "rb") : NULL; /* anything else: the loader says what is wrong */
         is_adapter = f && fread(magic, 1, 8, f) == 8 && !memcmp(magic, "AFMADAPT", 8);
         if (f) fclose(f);
         if (is_adapter || is_directory(argv[2])) die("%s is an adapter: give its base model too (afm info ADAPTER -m BASE.afm)", argv[2]);

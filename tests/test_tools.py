@@ -664,6 +664,36 @@ def fake_toolkit_is_deterministic():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@test
+def json_duplicate_keys_refused():
+    """A key twice in metadata.json or a tokenizer.json is an error in the tools as in afm.h (the
+    C reader took the first, Python's json the last)."""
+    import adapterfile
+    with tempfile.TemporaryDirectory() as td:
+        pkg = os.path.join(td, "d.fmadapter")
+        shutil.copytree(os.path.join(ROOT, "tests", "vectors", "lora", "test.fmadapter"), pkg)
+        mp = os.path.join(pkg, "metadata.json")
+        text = open(mp, encoding="utf-8").read().rstrip()
+        for extra in (', "loraRank": 16}', ', "lora\\u0052ank": 32}'):
+            with open(mp, "w", encoding="utf-8") as f:
+                f.write(text[:-1] + extra)
+            try:
+                adapterfile.read_fmadapter_metadata(pkg)
+            except af.AfmError as e:
+                assert "twice" in str(e), e
+            else:
+                raise AssertionError("a duplicate key was accepted: %s" % extra)
+        tj = os.path.join(td, "tokenizer.json")
+        with open(tj, "w") as f:
+            f.write('{"model": {"type": "BPE", "vocab": {"a": 0, "a": 1}, "merges": []}}')
+        try:
+            af.read_tokenizer(tj)
+        except af.AfmError as e:
+            assert "twice" in str(e), e
+        else:
+            raise AssertionError("a tokenizer.json with a key twice was accepted")
+
+
 def main():
     npass = nfail = nskip = 0
     only = sys.argv[1:]

@@ -4,6 +4,9 @@
     python3 tests/gen/make_fuzz_corpus.py [OUT_DIR]      (default tests/fuzz/corpus/load)
     python3 tests/gen/make_fuzz_corpus.py --fmadapter    (packs tests/fuzz/corpus/fmadapter/* into
                                                             tests/fuzz/corpus/fmadapter_packed/)
+    python3 tests/gen/make_fuzz_corpus.py --gen          (tests/fuzz/corpus/gen: the generation harness's
+                                                            seeds, tiny models of every weight type behind
+                                                            32-byte parameter headers)
 
 Every file is small (a few KB) so libFuzzer can mutate it quickly. The hostile variants are the
 cases a loader must refuse with a clear message: bad magic and version, truncation at every
@@ -46,7 +49,57 @@ def pack_fmadapter_seeds(src, out):
     print("wrote %d packed packages to %s" % (n, out))
 
 
+def gen_header(flags, n_predict, n_ctx, n_batch, k_byte, top_k, top_p, min_p, temp, seed, prompt, claim):
+    """The parameter header of tests/fuzz/fuzz_gen.c (see its comments for each byte)."""
+    h = bytearray(32)
+    h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7] = flags, n_predict, n_ctx, n_batch, k_byte, top_k, top_p, min_p
+    struct.pack_into("<f", h, 8, temp)
+    struct.pack_into("<I", h, 12, seed)
+    h[16:16 + len(prompt)] = bytes(prompt)
+    h[24] = len(prompt)
+    h[25] = claim
+    h[26:32] = bytes([1, 2, 3, 4, 5, 6])
+    return bytes(h)
+
+
+def gen_seeds(out):
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, ".tmp.afm")
+    models = {}
+    for wtype in ("f32", "f16", "bf16", "q8", "q4", "q2b"):
+        models[wtype] = bytes(tiny(tmp, 1, wtype != "f16", wtype == "bf16", wtype))
+    cfg = af.make_config(vocab_size=11, dim=8, n_layers=3, n_reuse_layers=1, n_heads=2, n_kv_heads=1,
+                         head_dim=4, ffn_dim=6, context_length=16, kv_scales=True)
+    af.write_model(tmp, cfg, synth.synth_tensors(cfg, 1), wtype="f32")
+    rm = af.read_model(tmp)
+    e = rm.entries["out_norm"]  # set to NaN after writing (the writer refuses it): every logit is NaN
+    start = rm.header["data_offset"] + e["offset"]
+    b = bytearray(open(tmp, "rb").read())
+    b[start:start + 4 * cfg["dim"]] = struct.pack("<%df" % cfg["dim"], *([float("nan")] * cfg["dim"]))
+    with open(tmp, "wb") as f:
+        f.write(b)
+    models["nan_logits"] = open(tmp, "rb").read()
+    os.remove(tmp)
+    headers = {
+        "greedy": gen_header(0, 12, 40, 0, 0, 0, 0, 0, 0.0, 1, [3, 4, 5], 4),
+        "sampled_lookup": gen_header(1 | 4, 20, 47, 3, 4, 0, 0, 0, 0.8, 42, [1, 2, 1, 2, 1, 2], 4),
+        "sampled_custom_overclaim": gen_header(1 | 2 | 8, 30, 24, 1, 18, 3, 240, 0, 1.3, 7, [5, 6, 7], 40),
+        "draft_session_ctxfull": gen_header(6 | 8, 63, 9, 2, 5, 0, 0, 0, 0.0, 3, [1, 2, 3, 4], 4),
+        "tiny_temperature": gen_header(1 | 32, 8, 30, 0, 0, 0, 0, 0, 1e-40, 9, [2], 4),
+    }
+    n = 0
+    for wname, mb in sorted(models.items()):
+        for hname, h in sorted(headers.items()):
+            with open(os.path.join(out, "%s_%s" % (wname, hname)), "wb") as f:
+                f.write(h + mb)
+            n += 1
+    print("wrote %d generation seeds to %s" % (n, out))
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--gen":
+        gen_seeds(os.path.join("tests", "fuzz", "corpus", "gen"))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--fmadapter":
         pack_fmadapter_seeds(os.path.join("tests", "fuzz", "corpus", "fmadapter"),
                              os.path.join("tests", "fuzz", "corpus", "fmadapter_packed"))
