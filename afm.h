@@ -5030,28 +5030,79 @@ typedef struct afm__kernels {
 #define AFM__LEVEL_NEON 1       /* arm64: NEON (+dotprod if compiled with it) */
 #define AFM__LEVEL_MAX 99
 
+/* ---- the summation contract: every level computes the same bits ----
+
+   Every level (scalar, AVX2, AVX-512, AVX-512 VNNI, NEON, NEON dot product) returns the same
+   float bits for the same inputs, so that logits, greedy text and seeded samples do not depend on
+   the CPU, the thread count or how tokens are batched. Integer sums are exact in any order; float
+   sums are not, so each kernel's float work is defined here once and the scalar reference below
+   spells it out:
+   - Quantized rows (int8 activations): a sub-block sb of 64 weights gives 8 exact integer partial
+     dots P_g (g = 0..7: elements 4g..4g+3 and 32+4g..32+4g+3, the lanes of AVX2's maddubs/madd).
+     Lane g accumulates fma((float)P_g, sd_sb, lane_g) over sb in order, where sd_sb = (S * pf) * d_sb
+     (S the group's fp16 scale, d_sb the activation scale, pf = 4^-k for the Q2B planes k read in place
+     (codes x1, x4, x16, x16 with the last plane shifted by 2), else 1, with P_g taken on the codes as
+     read). The offset term has 8 lanes too: lane sb%8 accumulates fma(S, m_sb, .). The lanes are added
+     in one fixed tree (afm__sum8) and y = fma(-offset, M, A) (Q8: y = A).
+   - Float rows: lane i%8 accumulates fma(w_i, x_i, .) for i < cols rounded down to 8, the tree,
+     then the remaining i in order with fma.
+   - KV scores: the same as float rows (then times the scale); KV values: each output element is
+     fma over the positions in order, then times the scale.
+   - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0 and d = m = NaN,
+     so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block), codes
+     round_even(x * (127 / amax)).
+   - Elementwise math (exp, SiLU, softmax, RMSNorm, RoPE tables) is written once in C in this file,
+     no libm transcendental functions (C libraries differ in the last bit), every multiply-add that
+     rounds once is an explicit fmaf/fma, and products that must not be fused are taken in double
+     where they are exact. So results do not depend on -ffp-contract (gcc fuses a*b+c by default in
+     GNU and C++ modes, clang within an expression) or on the C library.
+   Threads split rows (and attention tasks), never a sum, so the thread count changes nothing, and
+   a token's sums do not depend on the other tokens of its batch. */
+
+/* The fixed tree every level uses to add 8 lanes. */
+static inline float afm__sum8(const float l[8]) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
 /* ---- scalar reference kernels ---- */
 
 /* Round to nearest, ties to even (the default FP environment); identical to cvtps_epi32/vcvtnq. */
 static inline int afm__round_even(float x) { return (int)lrintf(x); }
 
+/* Bits of |x|: as unsigned integers these order every finite |x| and put infinity, then NaN, above. */
+static inline uint32_t afm__abs_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u & 0x7fffffffu; }
+#define AFM__AMAX_INF 0x7f800000u /* abs bits at or above: the block holds infinity or NaN */
+#define AFM__AMAX_TINY 0x0d800000u /* abs bits below (2^-100): the block is quantized as zero */
+
+/* Quantizes one block of 64 given its amax bits (shared by every level for the rare cases). */
+static void afm__q8_block_scalar(const float *x, int n, int8_t *q, float *d, float *m) {
+    uint32_t amax_bits = 0;
+    int i, sum = 0;
+    float amax, id;
+    for (i = 0; i < n; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
+    memset(q, 0, 64);
+    if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+        *d = *m = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
+        return;
+    }
+    memcpy(&amax, &amax_bits, 4);
+    id = 127.0f / amax;
+    for (i = 0; i < n; i++) { int c = afm__round_even(x[i] * id); q[i] = (int8_t)c; sum += c; }
+    *d = amax / 127.0f;
+    *m = *d * (float)sum;
+}
+
 static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    int t, b, i;
+    int t, b;
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
         int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
-            int n = a->n_in - b * 64, sum = 0;
-            float amax = 0.0f, id;
+            int n = a->n_in - b * 64;
             if (n > 64) n = 64;
             if (n < 0) n = 0;
-            for (i = 0; i < n; i++) { float v = fabsf(x[b * 64 + i]); amax = amax > v ? amax : v; }
-            id = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (i = 0; i < n; i++) { int c = afm__round_even(x[b * 64 + i] * id); q[b * 64 + i] = (int8_t)c; sum += c; }
-            for (; i < 64; i++) q[b * 64 + i] = 0;
-            d[b] = amax / 127.0f;
-            m[b] = d[b] * (float)sum;
+            afm__q8_block_scalar(x + b * 64, n, q + b * 64, d + b, m + b);
         }
     }
 }
@@ -5065,46 +5116,50 @@ static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int
     }
 }
 
-/* Integer dot of sub-block sb (64 weights) of a quantized row with 64 int8 activations. */
-static inline int32_t afm__dot_sb_scalar(int type, const uint8_t *row, int sb, const int8_t *q) {
-    int32_t s = 0;
-    int i;
+/* Code of weight i (0..63) of sub-block sb as the SIMD kernels read it: Q2B planes 0..2 masked in
+   place (x1, x4, x16), plane 3 shifted by 2 (x16); Q4 nibbles shifted down; Q8 as is. */
+static inline int afm__code_scalar(int type, const uint8_t *row, int sb, int i) {
     if (type == AFM_TYPE_Q2B) { /* block sb/4, plane sb%4: byte j holds weights j, j+64, j+128, j+192 */
-        const uint8_t *b = row + (size_t)(sb >> 2) * 64;
-        int sh = (sb & 3) * 2;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 3) * q[i];
-    } else if (type == AFM_TYPE_Q4) { /* block sb/2: byte j holds weight j (low nibble), j+64 (high) */
-        const uint8_t *b = row + (size_t)(sb >> 1) * 64;
-        int sh = (sb & 1) * 4;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 15) * q[i];
-    } else {
-        const int8_t *b = (const int8_t *)row + (size_t)sb * 64;
-        for (i = 0; i < 64; i++) s += b[i] * q[i];
+        const uint8_t b = row[(size_t)(sb >> 2) * 64 + (size_t)i];
+        return (sb & 3) == 3 ? (b >> 2) & 0x30 : b & (3 << (2 * (sb & 3)));
     }
-    return s;
+    if (type == AFM_TYPE_Q4) return (row[(size_t)(sb >> 1) * 64 + (size_t)i] >> ((sb & 1) * 4)) & 15; /* j, j+64 */
+    return ((const int8_t *)row)[(size_t)sb * 64 + (size_t)i];
+}
+
+/* The factor pf that undoes the code's in-place scale (exact: a power of two). */
+static inline float afm__plane_factor(int type, int sb) {
+    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+    return type == AFM_TYPE_Q2B ? pq[sb & 3] : 1.0f;
 }
 
 static inline float afm__type_offset(int type) { return type == AFM_TYPE_Q2B ? 1.5f : type == AFM_TYPE_Q4 ? 7.5f : 0.0f; }
 
-/* y = sum_sb s_g * (d_sb * dot_sb) - off * sum_sb s_g * m_sb  (the reference formula) */
+/* The contract above, written out: 8 lanes of partial integer dots, fma in order. */
 static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     const int nsb = w->kpad / 64;
     const float off = afm__type_offset(w->type);
-    int r, t, sb;
+    int r, t, sb, g, i;
     for (r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
         for (t = 0; t < a->n_tok; t++) {
             const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
             const float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-            float acc = 0.0f, accm = 0.0f;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, accm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (sb = 0; sb < nsb; sb++) {
-                float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
-                int32_t dot = afm__dot_sb_scalar(w->type, row, sb, q + sb * 64);
-                acc += s * (d[sb] * (float)dot);
-                accm += s * m[sb];
+                const float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
+                const float sd = s * afm__plane_factor(w->type, sb) * d[sb];
+                for (g = 0; g < 8; g++) {
+                    int32_t p = 0;
+                    for (i = 4 * g; i < 4 * g + 4; i++)
+                        p += afm__code_scalar(w->type, row, sb, i) * q[sb * 64 + i] +
+                             afm__code_scalar(w->type, row, sb, i + 32) * q[sb * 64 + i + 32];
+                    acc[g] = fmaf((float)p, sd, acc[g]);
+                }
+                accm[sb & 7] = fmaf(s, m[sb], accm[sb & 7]);
             }
-            Y[(size_t)t * ldy + (size_t)r] = acc - off * accm;
+            Y[(size_t)t * ldy + (size_t)r] = w->type == AFM_TYPE_Q8 ? afm__sum8(acc) : fmaf(-off, afm__sum8(accm), afm__sum8(acc));
         }
     }
 }
@@ -5116,14 +5171,17 @@ static inline float afm__wf_scalar(int type, const uint8_t *row, int i) {
 }
 
 static void afm__matmul_f_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    const int K8 = w->cols & ~7;
     int r, t, i;
     for (r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         for (t = 0; t < a->n_tok; t++) {
             const float *x = a->x + (size_t)t * (size_t)a->kpad;
-            float acc = 0.0f;
-            for (i = 0; i < w->cols; i++) acc += afm__wf_scalar(w->type, row, i) * x[i];
-            Y[(size_t)t * ldy + (size_t)r] = acc;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s;
+            for (i = 0; i < K8; i++) acc[i & 7] = fmaf(afm__wf_scalar(w->type, row, i), x[i], acc[i & 7]);
+            s = afm__sum8(acc);
+            for (; i < w->cols; i++) s = fmaf(afm__wf_scalar(w->type, row, i), x[i], s);
+            Y[(size_t)t * ldy + (size_t)r] = s;
         }
     }
 }
@@ -5155,13 +5213,17 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
 
 static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds) {
+    const int d8 = dim & ~7;
     int h, p, i;
     for (h = 0; h < nq; h++)
         for (p = 0; p < n_pos; p++) {
             const int8_t *kp = k + (size_t)p * k_stride;
-            float acc = 0.0f;
-            for (i = 0; i < dim; i++) acc += q[(size_t)h * ldq + (size_t)i] * (float)kp[i];
-            s[(size_t)h * lds + (size_t)p] = acc * scale;
+            const float *qh = q + (size_t)h * ldq;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
+            for (i = 0; i < d8; i++) acc[i & 7] = fmaf(qh[i], (float)kp[i], acc[i & 7]);
+            sum = afm__sum8(acc);
+            for (; i < dim; i++) sum = fmaf(qh[i], (float)kp[i], sum);
+            s[(size_t)h * lds + (size_t)p] = sum * scale;
         }
 }
 
@@ -5174,7 +5236,7 @@ static void afm__kv_values_scalar(const float *pr, size_t ldp, int nq, const int
         for (p = 0; p < n_pos; p++) {
             const int8_t *vp = v + (size_t)p * v_stride;
             float w = pr[(size_t)h * ldp + (size_t)p];
-            for (i = 0; i < dim; i++) oh[i] += w * (float)vp[i];
+            for (i = 0; i < dim; i++) oh[i] = fmaf(w, (float)vp[i], oh[i]);
         }
         for (i = 0; i < dim; i++) oh[i] *= scale;
     }
@@ -5236,7 +5298,7 @@ AFM__T_AVX2 static inline float afm__hsum_avx2(__m256 v) {
 }
 
 AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
     int t, b, i;
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
@@ -5244,47 +5306,46 @@ AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             int n = a->n_in - b * 64;
-            if (n >= 64) {
-                __m256 v[8], mx;
-                __m128 h;
-                float amax, id;
-                __m256i q32[8], s16, s8, sum32;
-                for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
-                mx = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask))),
-                                   _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[4], absmask), _mm256_and_ps(v[5], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[6], absmask), _mm256_and_ps(v[7], absmask))));
-                h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_max_ss(h, _mm_movehdup_ps(h));
-                amax = _mm_cvtss_f32(h);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
-                sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
-                                         _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
-                for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
-                    s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
-                    s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
-                    s8 = _mm256_packs_epi16(s16, s8);
-                    s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                    _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
-                }
-                {
-                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-                    d[b] = amax / 127.0f;
-                    m[b] = d[b] * (float)_mm_cvtsi128_si32(s4);
-                }
-            } else { /* partial or empty last block: the scalar reference on a copy */
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            __m256 v[8];
+            __m256i mx, q32[8], s16, s8, sum32;
+            __m128i h;
+            uint32_t amax_bits;
+            float amax, id;
+            if (n < 64) { /* partial or empty last block */
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                continue;
             }
+            for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
+            /* max of |x| as integers: NaN and infinity sort above every finite value (afm__abs_bits) */
+#define AFM__ABS(k) _mm256_and_si256(_mm256_castps_si256(v[k]), absmask)
+            mx = _mm256_max_epu32(_mm256_max_epu32(_mm256_max_epu32(AFM__ABS(0), AFM__ABS(1)), _mm256_max_epu32(AFM__ABS(2), AFM__ABS(3))),
+                                  _mm256_max_epu32(_mm256_max_epu32(AFM__ABS(4), AFM__ABS(5)), _mm256_max_epu32(AFM__ABS(6), AFM__ABS(7))));
+#undef AFM__ABS
+            h = _mm_max_epu32(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+            h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xb1));
+            amax_bits = (uint32_t)_mm_cvtsi128_si32(h);
+            if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                continue;
+            }
+            memcpy(&amax, &amax_bits, 4);
+            id = 127.0f / amax;
+            for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+            sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
+                                     _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
+            for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
+                s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
+                s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
+                s8 = _mm256_packs_epi16(s16, s8);
+                s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
+            }
+            h = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)_mm_cvtsi128_si32(h);
         }
     }
 }
@@ -5305,55 +5366,55 @@ AFM__T_AVX2 static inline __m256 afm__scales8_avx2(const uint8_t *sc, int gshift
     }
 }
 
+/* Scale factors sd[t][j] = (S * pf) * d of sub-blocks c .. c+n-1 (n <= 8) for T tokens, and the
+   offset lanes accm[t] += S * m (lane j: sub-blocks j mod 8; a short last chunk adds S = 0 to the
+   lanes past its end, which changes nothing: a lane that starts at +0 never holds -0). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__sdprep_avx2(const uint8_t *sc, int gshift, int c, int n, const int T, const int type,
+                                                   const float *const *db, const float *const *mb, float (*sd)[8], __m256 *accm) {
+    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
+                                       : _mm256_set1_ps(1.0f);
+    __m256 S, SP;
+    int t;
+    if (n == 8) S = afm__scales8_avx2(sc, gshift, c);
+    else {
+        AFM__ALIGN(32) float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        afm__scales_chunk(sc, gshift, c, n, s8);
+        S = _mm256_load_ps(s8);
+    }
+    SP = _mm256_mul_ps(S, pf);
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
+        if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+    }
+}
+
 /* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining).
    Per sub-block sb (64 weights) the integer dot is formed in 8 int32 lanes, converted to float and
    accumulated with the factor s_g * d_sb (times 1/4^plane for Q2B planes read without a shift);
    the offset term -off * sum s_g m_sb is accumulated separately per 8 sub-blocks. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                                   int r, int t0, const int T, const int type) {
-    const int NA = 1; /* one accumulator per token whatever the tile: a token sums in the same order
-                         in a matvec and in any tile, so results do not depend on the batch */
     const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */
     const int nsb = w->kpad >> 6, gshift = w->gshift;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
     const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
     const float off = afm__type_offset(type);
     const __m256i ones = _mm256_set1_epi16(1);
-    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                       : _mm256_set1_ps(1.0f);
     const int8_t *qb[8];
     const float *db[8], *mb[8];
-    __m256 acc[8][4], accm[8];
-    float tailm[8];
+    __m256 acc[8], accm[8]; /* one accumulator per token whatever the tile: the contract's lanes */
     AFM__ALIGN(32) float sd[8][8];
     int t, j, c;
     AFM__UNROLL for (t = 0; t < T; t++) {
         qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
         db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
         mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm256_setzero_ps();
-        accm[t] = _mm256_setzero_ps();
-        tailm[t] = 0.0f;
+        acc[t] = accm[t] = _mm256_setzero_ps();
     }
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
         if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
-        if (n == 8) {
-            const __m256 S = afm__scales8_avx2(sc, gshift, c), SP = _mm256_mul_ps(S, pf);
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-                if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-            }
-        } else {
-            float s8[8];
-            afm__scales_chunk(sc, gshift, c, n, s8);
-            AFM__UNROLL for (t = 0; t < T; t++)
-                for (j = 0; j < n; j++) {
-                    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-                    sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                    tailm[t] += s8[j] * mb[t][c + j];
-                }
-        }
+        afm__sdprep_avx2(sc, gshift, c, n, T, type, db, mb, sd, accm);
         for (j = 0; j < n; j += SBB) {
             const int sb0 = c + j;
             const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
@@ -5397,16 +5458,14 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm_
                         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
                         i32 = _mm256_madd_epi16(p, ones);
                     }
-                    acc[t][k % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t][k % NA]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);
                 }
             }
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        __m256 s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = _mm256_add_ps(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx2(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]);
-    }
+    AFM__UNROLL for (t = 0; t < T; t++)
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])
+                                                : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
 }
 
 AFM__T_AVX2 static void afm__matmul_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
@@ -5447,7 +5506,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__ftile_avx2(const afm__wmat *w, const afm_
     }
     AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
         float s = afm__hsum_avx2(acc[u][t]);
-        for (i = K8; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        for (i = K8; i < K; i++) s = fmaf(afm__wf_scalar(type, rows[u], i), xs[t][i], s);
         Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
     }
 }
@@ -5532,7 +5591,7 @@ AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, 
             }
             for (h = 0; h < nh; h++) {
                 float sum = afm__hsum_avx2(acc[h]);
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
                 s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
             }
         }
@@ -5568,7 +5627,7 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
         for (h = 0; h < nh; h++)
             for (i = d8; i < dim; i++) {
                 float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
                 o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
             }
     }
@@ -5582,39 +5641,10 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-AFM__T_AVX512 static inline float afm__hsum_avx512(__m512 v) {
-    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    return afm__hsum_avx2(s);
-}
-
-/* 8 scale factors of sub-blocks c..c+7 as the low 8 lanes of a zmm (upper lanes unused) */
-AFM__FORCEINLINE AFM__T_AVX512 void afm__sdprep_avx512(const afm__wmat *w, const afm__act *a, const uint8_t *sc, int c, int n,
-                                                       const int T, const int type, const float **db, const float **mb,
-                                                       float (*sd)[8], __m256 *accm, float *tailm) {
-    int t, j;
-    if (n == 8) {
-        const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                           : _mm256_set1_ps(1.0f);
-        const __m256 S = afm__scales8_avx2(sc, w->gshift, c), SP = _mm256_mul_ps(S, pf);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-            if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-        }
-    } else {
-        float s8[8];
-        static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-        afm__scales_chunk(sc, w->gshift, c, n, s8);
-        AFM__UNROLL for (t = 0; t < T; t++)
-            for (j = 0; j < n; j++) {
-                sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                tailm[t] += s8[j] * mb[t][c + j];
-            }
-    }
-    (void)a;
-}
-
 /* As afm__qtile_avx2 with one 64-byte block per zmm. VNNI: vpdpbusd (u8 x s8 -> s32);
-   otherwise vpmaddubsw + vpmaddwd. */
+   otherwise vpmaddubsw + vpmaddwd. Either gives 16 partial dots of 4 elements; lanes l and l+8 added
+   are the contract's 8 lanes (elements 4g..4g+3 and 32+4g..32+4g+3), accumulated in a ymm as on AVX2.
+   Float weights use the AVX2 kernels at this level: 16 float lanes would sum in another order. */
 AFM__FORCEINLINE AFM__T_AVX512 __m512i afm__dot64_avx512bw(__m512i u, __m512i s) {
     return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
 }
@@ -5624,32 +5654,27 @@ AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
 
 /* The AVX-512 token tile; DOT is the 64-byte unsigned x signed dot (AVX-512 BW or VNNI). */
 #define AFM__QTILE512_BODY(DOT)                                                                                  \
-        const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */                           \
-        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                          \
+        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                  \
         const int nsb = w->kpad >> 6;                                                                            \
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                 \
         const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                     \
         const float off = afm__type_offset(type);                                                                \
         const int8_t *qb[8];                                                                                     \
         const float *db[8], *mb[8];                                                                              \
-        __m512 acc[8][4];                                                                                        \
-        __m256 accm[8];                                                                                          \
-        float tailm[8];                                                                                          \
+        __m256 acc[8], accm[8];                                                                                  \
         AFM__ALIGN(32) float sd[8][8];                                                                           \
         int t, j, c;                                                                                             \
         AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
             qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;                                                   \
             db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
             mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
-            AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm512_setzero_ps();                                \
-            accm[t] = _mm256_setzero_ps();                                                                       \
-            tailm[t] = 0.0f;                                                                                     \
+            acc[t] = accm[t] = _mm256_setzero_ps();                                                              \
         }                                                                                                        \
         for (c = 0; c < nsb; c += 8) {                                                                           \
             const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
             if (T == 1 && AFM__PF_DIST > 0)                                                                      \
                 _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
-            afm__sdprep_avx512(w, a, sc, c, n, T, type, db, mb, sd, accm, tailm);                                \
+            afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);                                    \
             for (j = 0; j < n; j += SBB) {                                                                       \
                 const int sb0 = c + j;                                                                           \
                 const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
@@ -5659,28 +5684,29 @@ AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
                 AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
                     const int sb = sb0 + k;                                                                      \
                     __m512i cv;                                                                                  \
-                    if (type == AFM_TYPE_Q2B)                                                                        \
+                    if (type == AFM_TYPE_Q2B)                                                                    \
                         cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))          \
                                     : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));               \
-                    else if (type == AFM_TYPE_Q4)                                                                    \
+                    else if (type == AFM_TYPE_Q4)                                                                \
                         cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
                     else                                                                                         \
                         cv = _mm512_abs_epi8(v);                                                                 \
                     AFM__UNROLL for (t = 0; t < T; t++) {                                                        \
                         __m512i x = _mm512_load_si512((const void *)(qb[t] + sb * 64));                          \
-                        if (type == AFM_TYPE_Q8) /* sign of the weight moved onto the activation */                 \
+                        __m512i p;                                                                               \
+                        if (type == AFM_TYPE_Q8) /* sign of the weight moved onto the activation */              \
                             x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);      \
-                        acc[t][k % NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(cv, x)),                         \
-                                                         _mm512_set1_ps(sd[t][j + k]), acc[t][k % NA]);          \
+                        p = DOT(cv, x);                                                                          \
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm512_castsi512_si256(p), \
+                                                                                     _mm512_extracti64x4_epi64(p, 1))), \
+                                                 _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);                    \
                     }                                                                                            \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
-            __m512 s = acc[t][0];                                                                                \
-            AFM__UNROLL for (j = 1; j < NA; j++) s = _mm512_add_ps(s, acc[t][j]);                                \
-            Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx512(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]); \
-        }
+        AFM__UNROLL for (t = 0; t < T; t++)                                                                      \
+            Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])                \
+                                                    : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
 AFM__FORCEINLINE AFM__T_AVX512 void afm__qtile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
     AFM__QTILE512_BODY(afm__dot64_avx512bw)
@@ -5706,46 +5732,6 @@ AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *
 }
 AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q8)
-}
-
-AFM__FORCEINLINE AFM__T_AVX512 __m512 afm__ld16_avx512(const uint8_t *row, int i, const int type) {
-    if (type == AFM_TYPE_F32) return _mm512_loadu_ps((const void *)(row + 4 * (size_t)i));
-    if (type == AFM_TYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i))), 16));
-}
-
-AFM__FORCEINLINE AFM__T_AVX512 void afm__ftile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                                      int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K16 = K & ~15;
-    const uint8_t *rows[4];
-    const float *xs[4];
-    __m512 acc[4][4];
-    int i, u, t;
-    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
-    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();
-    for (i = 0; i < K16; i += 16) {
-        __m512 wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld16_avx512(rows[u], i, type);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const __m512 xv = _mm512_loadu_ps(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm512_fmadd_ps(wv[u], xv, acc[u][t]);
-        }
-    }
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = afm__hsum_avx512(acc[u][t]);
-        for (i = K16; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
-        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
-    }
-}
-AFM__T_AVX512 static void afm__matmul_f32_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F32, 4, 4)
-}
-AFM__T_AVX512 static void afm__matmul_f16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F16, 4, 4)
-}
-AFM__T_AVX512 static void afm__matmul_bf16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_BF16, 4, 4)
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -6087,7 +6073,7 @@ static void afm__kv_values_neon(const float *pr, size_t ldp, int nq, const int8_
         for (h = 0; h < nh; h++)
             for (i = d8; i < dim; i++) {
                 float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
                 o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
             }
     }
@@ -6124,7 +6110,6 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     }
     if (level >= AFM__LEVEL_AVX512) {
         k->name = "avx512";
-        k->matmul[0] = afm__matmul_f32_avx512; k->matmul[1] = afm__matmul_f16_avx512; k->matmul[2] = afm__matmul_bf16_avx512;
         k->matmul[3] = afm__matmul_q2b_avx512; k->matmul[4] = afm__matmul_q4_avx512; k->matmul[5] = afm__matmul_q8_avx512;
     }
     if (level >= AFM__LEVEL_AVX512VNNI) {

@@ -86,13 +86,12 @@ static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
                 int v = a->q[(size_t)t * (size_t)a->kpad + (size_t)(sb * 64 + i)];
                 aq[i] = (int8_t)(v < 0 ? -v : v);
             }
-            if (w->type == AFM_TYPE_Q8) {
-                dot = 0;
-                for (i = 0; i < 64; i++) { int c = (int8_t)row[sb * 64 + i]; dot += (c < 0 ? -c : c) * aq[i]; }
-            } else {
-                dot = afm__dot_sb_scalar(w->type, row, sb, aq);
+            dot = 0;
+            for (i = 0; i < 64; i++) {
+                int c = afm__code_scalar(w->type, row, sb, i);
+                dot += (c < 0 ? -c : c) * aq[i];
             }
-            s += sg * (fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb] * dot) +
+            s += sg * (fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb] * afm__plane_factor(w->type, sb) * dot) +
                        afm__type_offset(w->type) * fabs((double)a->m[(size_t)t * (size_t)a->nsb + (size_t)sb]));
         }
     } else {
@@ -173,6 +172,11 @@ static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const c
             afm__act a1, a2;
             int i, ok;
             for (i = 0; i < nt * ldx; i++) X[i] = rnd_act();
+            if (si % 4 == 3) { /* blocks with NaN, infinity, huge and tiny values: same codes on every level */
+                static const float odd[] = {NAN, -INFINITY, 3e38f, -1e-38f, 1e-30f, 7e-31f, 0.0f};
+                for (i = 0; i < nt * ldx; i += 61) X[i] = odd[(i / 61) % 7];
+                for (i = 0; i < nt * ldx && i < 64; i++) X[i] *= 1e-29f; /* a block at the tiny threshold */
+            }
             memset(b1, 0x5a, sz); memset(b2, 0xa5, sz);
             afm__act_init(&a1, AFM_TYPE_Q2B, nt, n, b1);
             afm__act_init(&a2, AFM_TYPE_Q2B, nt, n, b2);
@@ -185,7 +189,7 @@ static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const c
             snprintf(msg, sizeof msg, "%s prepare_q8 n_in=%d n_tok=%d bit-exact", lname, n, nt);
             check(ok, msg);
             /* the scalar quantization is close to X */
-            if (si == 0 && nt == 1) {
+            if (si == 0 && nt == 1 && !(si % 4 == 3)) {
                 int t, bad = 0;
                 for (t = 0; t < nt; t++)
                     for (i = 0; i < n; i++) {
@@ -213,7 +217,6 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
     afm__act a1, a2;
     int i, t, r, bad = 0, poison_bad = 0;
     const int r0 = rows > 3 ? 1 : 0, r1 = rows > 3 ? rows - 1 : rows;
-    double worst = 0.0;
     char msg[256];
     for (i = 0; i < n_tok * ldx; i++) X[i] = rnd_act();
     afm__act_init(&a1, type, n_tok, cols, b1);
@@ -229,14 +232,10 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
         for (r = 0; r < (int)ldy; r++) {
             float y1 = Y1[(size_t)t * ldy + (size_t)r], y2 = Y2[(size_t)t * ldy + (size_t)r];
             if (r < r0 || r >= r1) { if (y2 != -777.0f) poison_bad++; continue; }
-            {
-                double tol = 4e-6 * abs_terms(&w, &a1, r, t) + 1e-30, err = fabs((double)y1 - (double)y2);
-                if (!(err <= tol)) { if (bad < 3) printf("  r=%d t=%d ref=%.9g got=%.9g tol=%.3g\n", r, t, y1, y2, tol); bad++; }
-                if (tol > 0 && err / tol > worst) worst = err / tol;
-            }
+            if (memcmp(&y1, &y2, sizeof y1) != 0) { if (bad < 3) printf("  r=%d t=%d ref=%.9g got=%.9g\n", r, t, y1, y2); bad++; }
         }
-    snprintf(msg, sizeof msg, "%s matmul %s rows=%d cols=%d group=%d n_tok=%d (worst err/tol %.2f)", lname,
-             afm__type_name(type), rows, cols, group, n_tok, worst);
+    snprintf(msg, sizeof msg, "%s matmul %s rows=%d cols=%d group=%d n_tok=%d == scalar, bit for bit", lname,
+             afm__type_name(type), rows, cols, group, n_tok);
     check(bad == 0 && poison_bad == 0, msg);
     if (n_tok > 1) { /* batch invariance: each token alone gives the same bits as inside the batch */
         afm__act one = a2;
@@ -347,19 +346,15 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
                 float *s1 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq), *s2 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq);
                 float *o1 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq), *o2 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
                 size_t i;
-                int h, p, j, bad = 0;
+                int h, p, bad = 0;
                 const float scale = 0.0123f;
                 for (i = 0; i < ks_ * (size_t)n; i++) K[i] = (int8_t)(rnd() % 255 - 127);
                 for (i = 0; i < ldq * (size_t)nq; i++) q[i] = rndf();
                 ks->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s1, lds);
                 kk->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s2, lds);
                 for (h = 0; h < nq; h++)
-                    for (p = 0; p < n; p++) {
-                        double sa = 0;
-                        for (j = 0; j < dim; j++) sa += fabs(q[(size_t)h * ldq + (size_t)j] * K[(size_t)p * ks_ + (size_t)j]);
-                        if (!(fabs(s1[(size_t)h * lds + (size_t)p] - s2[(size_t)h * lds + (size_t)p]) <= 2e-6 * sa * scale + 1e-30)) bad++;
-                    }
-                snprintf(msg, sizeof msg, "%s kv_scores dim=%d n_pos=%d nq=%d", lname, dim, n, nq);
+                    for (p = 0; p < n; p++) bad += memcmp(&s1[(size_t)h * lds + (size_t)p], &s2[(size_t)h * lds + (size_t)p], 4) != 0;
+                snprintf(msg, sizeof msg, "%s kv_scores dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
                 check(bad == 0, msg);
                 /* values: probabilities in s1 rows (positive) */
                 for (h = 0; h < nq; h++) for (p = 0; p < n; p++) s1[(size_t)h * lds + (size_t)p] = (float)(rnd() % 1000) / 1000.0f;
@@ -368,14 +363,10 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
                 kk->kv_values(s1, lds, nq, K, ks_, n, dim, scale, o2, ldq);
                 bad = 0;
                 for (h = 0; h < nq; h++) {
-                    for (j = 0; j < dim; j++) {
-                        double sa = 0;
-                        for (p = 0; p < n; p++) sa += fabs(s1[(size_t)h * lds + (size_t)p] * K[(size_t)p * ks_ + (size_t)j]);
-                        if (!(fabs(o1[(size_t)h * ldq + (size_t)j] - o2[(size_t)h * ldq + (size_t)j]) <= 2e-6 * sa * scale + 1e-30)) bad++;
-                    }
+                    bad += memcmp(o1 + (size_t)h * ldq, o2 + (size_t)h * ldq, sizeof(float) * (size_t)dim) != 0;
                     if (o2[(size_t)h * ldq + (size_t)dim] != -5.0f) bad++;
                 }
-                snprintf(msg, sizeof msg, "%s kv_values dim=%d n_pos=%d nq=%d", lname, dim, n, nq);
+                snprintf(msg, sizeof msg, "%s kv_values dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
                 check(bad == 0, msg);
                 free(K); free(q); free(s1); free(s2); free(o1); free(o2);
             }
