@@ -276,6 +276,26 @@ typedef enum afm_kv_type {
     AFM_KV_INT8      /* requires the model's KV scales */
 } afm_kv_type;
 
+/* Kernel levels: the SIMD code the matrix products use. Every level computes the same bits (the
+   summation contract in the KERNELS section), so the level changes speed, never results. */
+typedef enum afm_kernels {
+    AFM_KERNELS_AUTO = 0,       /* the best level this CPU and build have */
+    AFM_KERNELS_SCALAR,         /* portable C, the reference */
+    AFM_KERNELS_AVX2,           /* x86-64: AVX2 + FMA + F16C */
+    AFM_KERNELS_AVX512,         /* x86-64: AVX-512 F/BW/DQ/VL */
+    AFM_KERNELS_AVX512VNNI,     /* x86-64: AVX-512 + VNNI */
+    AFM_KERNELS_NEON,           /* arm64: NEON */
+    AFM_KERNELS_NEON_DOTPROD    /* arm64: NEON + the dot-product extension (a build with -march=...+dotprod) */
+} afm_kernels;
+/* "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon-dotprod" ("auto" for AFM_KERNELS_AUTO), NULL if unknown. */
+AFMDEF const char *afm_kernels_name(afm_kernels level);
+/* The level named (as afm_kernels_name writes it); -1 if the name is unknown. */
+AFMDEF int afm_kernels_from_name(const char *name);
+/* 1 if this CPU and build can run the level (AFM_KERNELS_AUTO: always). */
+AFMDEF int afm_kernels_supported(afm_kernels level);
+/* The level AFM_KERNELS_AUTO picks here. */
+AFMDEF afm_kernels afm_kernels_best(void);
+
 typedef struct afm_session_params {
     int n_ctx;          /* context limit in tokens; 0: the model's context_length */
     int n_threads;      /* worker threads including the caller; 0: 1 */
@@ -285,6 +305,8 @@ typedef struct afm_session_params {
     afm_kv_type kv_type;
     int f32_activations; /* quantized weights meet f32 activations (decoded row by row: slow, exact to
                             the decoded weights) instead of int8 activation blocks (fast, the default) */
+    afm_kernels kernels; /* AFM_KERNELS_AUTO (0): the best this CPU has; else that level, and
+                            afm_session_create fails with AFM_ERR_UNSUPPORTED if the CPU lacks it */
 } afm_session_params;
 
 AFMDEF afm_result afm_session_create(afm_model *model, const afm_session_params *params, afm_session **out);
@@ -296,6 +318,8 @@ AFMDEF const float *afm_session_logits(const afm_session *session, int i);
 /* Forgets every token at index >= pos; the next eval continues from pos. */
 AFMDEF afm_result afm_session_rewind(afm_session *session, int pos);
 AFMDEF int afm_session_pos(const afm_session *session);
+/* The kernel level the session runs (AFM_KERNELS_AUTO resolved). */
+AFMDEF afm_kernels afm_session_kernels(const afm_session *session);
 /* The KV cache's element type (AFM_KV_AUTO resolved: what the session actually stores). */
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *session);
 AFMDEF const char *afm_session_error(const afm_session *session);
@@ -5013,7 +5037,8 @@ typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int
                                   int n_pos, int dim, float scale, float *o, size_t ldo);
 
 typedef struct afm__kernels {
-    const char *name;
+    const char *name;             /* afm_kernels_name(level) */
+    int level;                    /* an afm_kernels value */
     afm__prepare_fn prepare_q8;   /* for quantized weights */
     afm__prepare_fn prepare_f32;  /* for float weights */
     afm__matmul_fn matmul[AFM__NTYPES];
@@ -5022,12 +5047,14 @@ typedef struct afm__kernels {
     afm__kv_values_fn kv_values;
 } afm__kernels;
 
-/* Levels for afm__select_kernels's max_level (tests use it to force a lower level). */
-#define AFM__LEVEL_SCALAR 0
-#define AFM__LEVEL_AVX2 1       /* x86: AVX2 + FMA + F16C */
-#define AFM__LEVEL_AVX512 2     /* x86: AVX-512 F/BW/DQ/VL */
-#define AFM__LEVEL_AVX512VNNI 3 /* x86: + AVX512_VNNI */
-#define AFM__LEVEL_NEON 1       /* arm64: NEON (+dotprod if compiled with it) */
+/* Levels for afm__select_kernels's max_level: the public afm_kernels values, ordered within each
+   architecture (tests use it to force a lower level). */
+#define AFM__LEVEL_SCALAR AFM_KERNELS_SCALAR
+#define AFM__LEVEL_AVX2 AFM_KERNELS_AVX2             /* x86: AVX2 + FMA + F16C */
+#define AFM__LEVEL_AVX512 AFM_KERNELS_AVX512         /* x86: AVX-512 F/BW/DQ/VL */
+#define AFM__LEVEL_AVX512VNNI AFM_KERNELS_AVX512VNNI /* x86: + AVX512_VNNI */
+#define AFM__LEVEL_NEON AFM_KERNELS_NEON             /* arm64: NEON */
+#define AFM__LEVEL_NEON_DOT AFM_KERNELS_NEON_DOTPROD /* arm64: + the dot-product extension (compile time) */
 #define AFM__LEVEL_MAX 99
 
 /* ---- the summation contract: every level computes the same bits ----
@@ -5787,6 +5814,13 @@ static int afm__x86_level(void) {
 /* ---- arm64: NEON (baseline) and the dot-product extension (compile time) ---- */
 #ifdef AFM__NEON
 
+/* afm__sum8's tree on lanes 0-3 (lo) and 4-7 (hi). */
+static inline float afm__hsum8_neon(float32x4_t lo, float32x4_t hi) {
+    const float32x4_t m = vaddq_f32(lo, hi);                      /* l0+l4, l1+l5, l2+l6, l3+l7 */
+    const float32x2_t h = vadd_f32(vget_low_f32(m), vget_high_f32(m)); /* (l0+l4)+(l2+l6), (l1+l5)+(l3+l7) */
+    return vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+}
+
 static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
     int t, b, i;
     for (t = t0; t < t1; t++) {
@@ -5795,87 +5829,67 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             const int n = a->n_in - b * 64;
-            if (n >= 64) {
-                float32x4_t v[16], mx = vdupq_n_f32(0.0f), vid;
-                int32x4_t s = vdupq_n_s32(0);
-                float amax, id;
-                for (i = 0; i < 16; i++) { v[i] = vld1q_f32(x + b * 64 + 4 * i); mx = vmaxq_f32(mx, vabsq_f32(v[i])); }
-                amax = vmaxvq_f32(mx);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                vid = vdupq_n_f32(id);
-                for (i = 0; i < 16; i += 4) {
-                    int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
-                    int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
-                    int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
-                    s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
-                    vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
-                }
-                d[b] = amax / 127.0f;
-                m[b] = d[b] * (float)vaddvq_s32(s);
-            } else {
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            float32x4_t v[16], vid;
+            uint32x4_t mx = vdupq_n_u32(0);
+            int32x4_t s = vdupq_n_s32(0);
+            uint32_t amax_bits;
+            float amax, id;
+            if (n < 64) {
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                continue;
             }
+            for (i = 0; i < 16; i++) { /* max of |x| as integers (afm__abs_bits) */
+                v[i] = vld1q_f32(x + b * 64 + 4 * i);
+                mx = vmaxq_u32(mx, vandq_u32(vreinterpretq_u32_f32(v[i]), vdupq_n_u32(0x7fffffffu)));
+            }
+            amax_bits = vmaxvq_u32(mx);
+            if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                continue;
+            }
+            memcpy(&amax, &amax_bits, 4);
+            id = 127.0f / amax;
+            vid = vdupq_n_f32(id);
+            for (i = 0; i < 16; i += 4) {
+                int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
+                int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
+                int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
+                s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
+                vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+            }
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)vaddvq_s32(s);
         }
     }
 }
 
-/* Scale factors for sub-blocks c..c+n-1 (vector conversion when all 8 groups are distinct). */
-static inline void afm__scales8_neon(const uint8_t *sc, int gshift, int c, int n, float *s8) {
-    if (n == 8) {
-        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        float f[8];
-        int j;
-        memcpy(h, sc + 2 * (size_t)(c >> gshift), (size_t)(16 >> gshift));
-        vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))));
-        vst1q_f32(f + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4))));
-        for (j = 0; j < 8; j++) s8[j] = f[j >> gshift];
-    } else {
-        afm__scales_chunk(sc, gshift, c, n, s8);
-    }
-}
-
-/* int32x4 dot of 64 weight codes (four 16-byte quarters, values fit int8) with 64 activations. */
-AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int type) {
+/* The contract's 8 partial dots of one sub-block, lanes 0-3 in lo and 4-7 in hi: lane g sums
+   elements 4g..4g+3 and 32+4g..32+4g+3, i.e. quarters 0 and 2 give lanes 0-3, quarters 1 and 3
+   lanes 4-7. Codes are at most 48 (Q2B planes in place) or int8 (Q8): two products per int16 lane
+   stay below 2^15 in the plain NEON path. */
+AFM__FORCEINLINE void afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int dot, int32x4_t *lo, int32x4_t *hi) {
+    const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16), x2 = vld1q_s8(x + 32), x3 = vld1q_s8(x + 48);
 #ifdef AFM__NEON_DOT
-    int32x4_t s = vdupq_n_s32(0);
-    (void)type;
-    s = vdotq_s32(s, cq[0], vld1q_s8(x));
-    s = vdotq_s32(s, cq[1], vld1q_s8(x + 16));
-    s = vdotq_s32(s, cq[2], vld1q_s8(x + 32));
-    s = vdotq_s32(s, cq[3], vld1q_s8(x + 48));
-    return s;
-#else
-    int j;
-    if (type == AFM_TYPE_Q8) { /* products up to 127*127: two per int16 lane, then widen */
-        int32x4_t s = vdupq_n_s32(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            int16x8_t p = vmull_s8(vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-            s = vpadalq_s16(s, p);
-        }
-        return s;
-    } else { /* codes <= 15: eight products per int16 lane stay below 2^15 */
-        int16x8_t p = vdupq_n_s16(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            p = vmlal_s8(p, vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-        }
-        return vpaddlq_s16(p);
+    if (dot) {
+        *lo = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[0], x0), cq[2], x2);
+        *hi = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[1], x1), cq[3], x3);
+        return;
     }
 #endif
+    (void)dot;
+    {
+        int16x8_t a = vmlal_s8(vmull_s8(vget_low_s8(cq[0]), vget_low_s8(x0)), vget_low_s8(cq[2]), vget_low_s8(x2));
+        int16x8_t b = vmlal_high_s8(vmull_high_s8(cq[0], x0), cq[2], x2);
+        *lo = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
+        a = vmlal_s8(vmull_s8(vget_low_s8(cq[1]), vget_low_s8(x1)), vget_low_s8(cq[3]), vget_low_s8(x3));
+        b = vmlal_high_s8(vmull_high_s8(cq[1], x1), cq[3], x3);
+        *hi = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
+    }
 }
 
+/* As afm__qtile_avx2: codes read the same way (Q2B planes in place), the same sd and offset lanes. */
 AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                      int r, int t0, const int T, const int type) {
-    const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */
+                                      int r, int t0, const int T, const int type, const int dot) {
     const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
     const int nsb = w->kpad >> 6;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
@@ -5883,35 +5897,31 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
     const float off = afm__type_offset(type);
     const int8_t *qb[8];
     const float *db[8], *mb[8];
-    float32x4_t acc[8][4], accm[8];
+    float32x4_t acc[8][2], accm[8][2];
     float sd[8][8];
     int t, j, c;
     AFM__UNROLL for (t = 0; t < T; t++) {
         qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
         db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
         mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = vdupq_n_f32(0.0f);
-        accm[t] = vdupq_n_f32(0.0f);
+        acc[t][0] = acc[t][1] = accm[t][0] = accm[t][1] = vdupq_n_f32(0.0f);
     }
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
-        float s8[8];
-        afm__scales8_neon(sc, w->gshift, c, n, s8);
-        if (n == 8) {
+        float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        afm__scales_chunk(sc, w->gshift, c, n, s8); /* zeros past a short last chunk (see afm__sdprep_avx2) */
+        {
             const float32x4_t S0 = vld1q_f32(s8), S1 = vld1q_f32(s8 + 4);
+            static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+            const float32x4_t P0 = type == AFM_TYPE_Q2B ? vmulq_f32(S0, vld1q_f32(pq)) : S0;
+            const float32x4_t P1 = type == AFM_TYPE_Q2B ? vmulq_f32(S1, vld1q_f32(pq)) : S1;
             AFM__UNROLL for (t = 0; t < T; t++) {
-                vst1q_f32(sd[t], vmulq_f32(S0, vld1q_f32(db[t] + c)));
-                vst1q_f32(sd[t] + 4, vmulq_f32(S1, vld1q_f32(db[t] + c + 4)));
+                vst1q_f32(sd[t], vmulq_f32(P0, vld1q_f32(db[t] + c)));
+                vst1q_f32(sd[t] + 4, vmulq_f32(P1, vld1q_f32(db[t] + c + 4)));
                 if (type != AFM_TYPE_Q8) {
-                    accm[t] = vfmaq_f32(accm[t], S0, vld1q_f32(mb[t] + c));
-                    accm[t] = vfmaq_f32(accm[t], S1, vld1q_f32(mb[t] + c + 4));
+                    accm[t][0] = vfmaq_f32(accm[t][0], S0, vld1q_f32(mb[t] + c));
+                    accm[t][1] = vfmaq_f32(accm[t][1], S1, vld1q_f32(mb[t] + c + 4));
                 }
-            }
-        } else {
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                float tm = 0.0f;
-                for (j = 0; j < n; j++) { sd[t][j] = s8[j] * db[t][c + j]; tm += s8[j] * mb[t][c + j]; }
-                accm[t] = vsetq_lane_f32(vgetq_lane_f32(accm[t], 0) + tm, accm[t], 0);
             }
         }
         for (j = 0; j < n; j += SBB) {
@@ -5925,23 +5935,14 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
             AFM__UNROLL for (k = 0; k < SBB; k++) {
                 const int sb = sb0 + k;
                 int8x16_t cq[4];
-                if (type == AFM_TYPE_Q2B) {
-                    if (k == 0) {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, m3));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, m3));
-                    } else if (k == 3) {
-                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 6)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 6));
-                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 6)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 6));
+                if (type == AFM_TYPE_Q2B) { /* planes 0-2 masked in place (x1, x4, x16), plane 3 shifted by 2 */
+                    const uint8x16_t mk = vdupq_n_u8((uint8_t)(k == 3 ? 0x30 : 3 << (2 * k)));
+                    if (k == 3) {
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), mk));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), mk));
                     } else {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        if (k == 1) {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), m3));
-                        } else {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 4), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 4), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 4), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 4), m3));
-                        }
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mk));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mk));
                     }
                 } else if (type == AFM_TYPE_Q4) {
                     if (k == 0) {
@@ -5957,27 +5958,40 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
                     cq[2] = vreinterpretq_s8_u8(v2); cq[3] = vreinterpretq_s8_u8(v3);
                 }
                 AFM__UNROLL for (t = 0; t < T; t++) {
-                    const int32x4_t i32 = afm__dot64_neon(cq, qb[t] + sb * 64, type);
-                    acc[t][k % NA] = vfmaq_n_f32(acc[t][k % NA], vcvtq_f32_s32(i32), sd[t][j + k]);
+                    int32x4_t lo, hi;
+                    afm__dot64_neon(cq, qb[t] + sb * 64, dot, &lo, &hi);
+                    acc[t][0] = vfmaq_n_f32(acc[t][0], vcvtq_f32_s32(lo), sd[t][j + k]);
+                    acc[t][1] = vfmaq_n_f32(acc[t][1], vcvtq_f32_s32(hi), sd[t][j + k]);
                 }
             }
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        float32x4_t s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = vaddq_f32(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = vaddvq_f32(s) - off * vaddvq_f32(accm[t]);
-    }
+    AFM__UNROLL for (t = 0; t < T; t++)
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum8_neon(acc[t][0], acc[t][1])
+                                                : fmaf(-off, afm__hsum8_neon(accm[t][0], accm[t][1]), afm__hsum8_neon(acc[t][0], acc[t][1]));
 }
+#define AFM__QTILE_NEON(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 0)
 static void afm__matmul_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q2B)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q2B)
 }
 static void afm__matmul_q4_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q4)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q4)
 }
 static void afm__matmul_q8_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q8)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q8)
 }
+#ifdef AFM__NEON_DOT
+#define AFM__QTILE_NEONDOT(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 1)
+static void afm__matmul_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q2B)
+}
+static void afm__matmul_q4_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q4)
+}
+static void afm__matmul_q8_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q8)
+}
+#endif
 
 AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int type) {
     if (type == AFM_TYPE_F32) return vld1q_f32((const float *)(const void *)(row + 4 * (size_t)i));
@@ -5985,38 +5999,42 @@ AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int 
     return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i)), 16));
 }
 
+/* R rows x T tokens of a float matrix: the contract's 8 lanes as two float32x4. */
 AFM__FORCEINLINE void afm__ftile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                       int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K4 = K & ~3;
+    const int K = w->cols, K8 = K & ~7;
     const uint8_t *rows[4];
     const float *xs[4];
-    float32x4_t acc[4][4];
+    float32x4_t acc[4][2][2];
     int i, u, t;
     AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
     AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = vdupq_n_f32(0.0f);
-    for (i = 0; i < K4; i += 4) {
-        float32x4_t wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld4_neon(rows[u], i, type);
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t][0] = acc[u][t][1] = vdupq_n_f32(0.0f);
+    for (i = 0; i < K8; i += 8) {
+        float32x4_t wv[4][2];
+        AFM__UNROLL for (u = 0; u < R; u++) { wv[u][0] = afm__ld4_neon(rows[u], i, type); wv[u][1] = afm__ld4_neon(rows[u], i + 4, type); }
         AFM__UNROLL for (t = 0; t < T; t++) {
-            const float32x4_t xv = vld1q_f32(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = vfmaq_f32(acc[u][t], wv[u], xv);
+            const float32x4_t x0 = vld1q_f32(xs[t] + i), x1 = vld1q_f32(xs[t] + i + 4);
+            AFM__UNROLL for (u = 0; u < R; u++) {
+                acc[u][t][0] = vfmaq_f32(acc[u][t][0], wv[u][0], x0);
+                acc[u][t][1] = vfmaq_f32(acc[u][t][1], wv[u][1], x1);
+            }
         }
     }
     AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = vaddvq_f32(acc[u][t]);
-        for (i = K4; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        float s = afm__hsum8_neon(acc[u][t][0], acc[u][t][1]);
+        for (i = K8; i < K; i++) s = fmaf(afm__wf_scalar(type, rows[u], i), xs[t][i], s);
         Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
     }
 }
 static void afm__matmul_f32_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F32, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F32, 4, 2)
 }
 static void afm__matmul_f16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F16, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F16, 4, 2)
 }
 static void afm__matmul_bf16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 2)
 }
 
 static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
@@ -6039,8 +6057,8 @@ static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t
                 }
             }
             for (h = 0; h < nh; h++) {
-                float sum = vaddvq_f32(vaddq_f32(acc[h][0], acc[h][1]));
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                float sum = afm__hsum8_neon(acc[h][0], acc[h][1]);
+                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
                 s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
             }
         }
@@ -6097,7 +6115,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     k->kv_values = afm__kv_values_scalar;
 #if defined(AFM__X86)
     level = afm__x86_level();
-    if (level > max_level) level = max_level;
+    if (level > max_level) level = max_level < AFM__LEVEL_SCALAR ? AFM__LEVEL_SCALAR : max_level;
     if (level >= AFM__LEVEL_AVX2) {
         k->name = "avx2";
         k->prepare_q8 = afm__prepare_q8_avx2;
@@ -6119,20 +6137,24 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
 #elif defined(AFM__NEON)
     if (max_level >= AFM__LEVEL_NEON) {
         level = AFM__LEVEL_NEON;
-#ifdef AFM__NEON_DOT
-        k->name = "neon-dotprod";
-#else
         k->name = "neon";
-#endif
         k->prepare_q8 = afm__prepare_q8_neon;
         k->matmul[0] = afm__matmul_f32_neon; k->matmul[1] = afm__matmul_f16_neon; k->matmul[2] = afm__matmul_bf16_neon;
         k->matmul[3] = afm__matmul_q2b_neon; k->matmul[4] = afm__matmul_q4_neon; k->matmul[5] = afm__matmul_q8_neon;
         k->kv_scores = afm__kv_scores_neon;
         k->kv_values = afm__kv_values_neon;
     }
+#ifdef AFM__NEON_DOT
+    if (max_level >= AFM__LEVEL_NEON_DOT) {
+        level = AFM__LEVEL_NEON_DOT;
+        k->name = "neon-dotprod";
+        k->matmul[3] = afm__matmul_q2b_neondot; k->matmul[4] = afm__matmul_q4_neondot; k->matmul[5] = afm__matmul_q8_neondot;
+    }
+#endif
 #else
     (void)max_level;
 #endif
+    k->level = level;
     return level;
 }
 
@@ -6150,6 +6172,31 @@ static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, c
 
 static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w, int row, float *out) {
     k->dequant[afm__type_slot(w->type)](w, row, out);
+}
+
+static const char *const afm__kernel_names[] = {"auto", "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon-dotprod"};
+
+AFMDEF const char *afm_kernels_name(afm_kernels level) {
+    return (int)level >= 0 && level <= AFM_KERNELS_NEON_DOTPROD ? afm__kernel_names[level] : NULL;
+}
+
+AFMDEF int afm_kernels_from_name(const char *name) {
+    int i;
+    for (i = 0; name && i <= AFM_KERNELS_NEON_DOTPROD; i++)
+        if (strcmp(name, afm__kernel_names[i]) == 0) return i;
+    return -1;
+}
+
+AFMDEF afm_kernels afm_kernels_best(void) {
+    afm__kernels k;
+    return (afm_kernels)afm__select_kernels(&k, AFM__LEVEL_MAX);
+}
+
+AFMDEF int afm_kernels_supported(afm_kernels level) {
+    afm__kernels k;
+    if (level == AFM_KERNELS_AUTO) return 1;
+    if ((int)level < 0 || level > AFM_KERNELS_NEON_DOTPROD) return 0;
+    return afm__select_kernels(&k, (int)level) == (int)level;
 }
 
 
@@ -6704,6 +6751,8 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
     if (p.kv_type == AFM_KV_AUTO) p.kv_type = c->has_kv_scales ? AFM_KV_INT8 : AFM_KV_F16;
     if (p.kv_type == AFM_KV_INT8 && !c->has_kv_scales) return AFM_ERR_UNSUPPORTED;
+    if ((int)p.kernels < 0 || p.kernels > AFM_KERNELS_NEON_DOTPROD) return AFM_ERR_ARG;
+    if (!afm_kernels_supported(p.kernels)) return AFM_ERR_UNSUPPORTED;
 
     s = (afm_session *)afm__calloc(a, 1, sizeof *s);
     if (!s) return AFM_ERR_NOMEM;
@@ -6713,7 +6762,7 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->n_ctx = p.n_ctx;
     s->kv_dim = c->n_kv_heads * c->head_dim;
     s->kv_elt = s->kv_type == AFM_KV_INT8 ? 1 : s->kv_type == AFM_KV_F16 ? 2 : 4;
-    afm__select_kernels(&s->kern, AFM__LEVEL_MAX);
+    afm__select_kernels(&s->kern, p.kernels == AFM_KERNELS_AUTO ? AFM__LEVEL_MAX : (int)p.kernels);
     if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
 
     B = p.n_batch;
@@ -6775,6 +6824,8 @@ AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
 }
 
 AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
+AFMDEF afm_kernels afm_session_kernels(const afm_session *s) { return s ? (afm_kernels)s->kern.level : AFM_KERNELS_AUTO; }
+
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *s) { return s ? s->kv_type : AFM_KV_AUTO; }
 AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
 

@@ -102,17 +102,6 @@ static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
     return s;
 }
 
-static const char *level_name(int level) {
-#if defined(AFM__X86)
-    static const char *n[] = {"scalar", "avx2", "avx512", "avx512vnni"};
-    return level >= 0 && level <= 3 ? n[level] : "?";
-#elif defined(AFM__NEON)
-    return level ? "neon" : "scalar";
-#else
-    (void)level;
-    return "scalar";
-#endif
-}
 
 /* ---- tests ---- */
 
@@ -426,7 +415,7 @@ int main(int argc, char **argv) {
         int got = afm__select_kernels(&kk, level);
         int before = n_fail;
         if (got != level) continue;
-        printf("testing level %s (%s)\n", level_name(level), kk.name);
+        printf("testing level %s\n", kk.name);
         test_prepare(&ks, &kk, kk.name);
         test_matmul(&ks, &kk, kk.name);
         test_dequant(&ks, &kk, kk.name);
