@@ -5033,6 +5033,8 @@ typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, 
 typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
 typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds);
+typedef void (*afm__silu_mul_fn)(float *h, const float *g, int n);
+typedef void (*afm__softmax_fn)(float *x, int n);
 typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
                                   int n_pos, int dim, float scale, float *o, size_t ldo);
 
@@ -5045,6 +5047,8 @@ typedef struct afm__kernels {
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
+    afm__silu_mul_fn silu_mul;    /* h[i] = silu(h[i]) * g[i] */
+    afm__softmax_fn softmax;      /* in place */
 } afm__kernels;
 
 /* Levels for afm__select_kernels's max_level: the public afm_kernels values, ordered within each
@@ -5089,6 +5093,125 @@ typedef struct afm__kernels {
 /* The fixed tree every level uses to add 8 lanes. */
 static inline float afm__sum8(const float l[8]) {
     return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+/* ---- elementwise math: written once, no libm transcendentals ----
+
+   C libraries round exp/sin/cos/pow differently in the last bit, and compilers may fuse a*b+c;
+   either would make results depend on the machine. So: exp in float with explicit fmaf (the AVX2
+   level runs the same operations 8 at a time), the RoPE tables from double-precision sin, cos, exp
+   and log written here with explicit fma, and products that the reference rounds on their own
+   taken through afm__mulr. */
+
+/* a*b rounded to float, never fused into a following add (the double product is exact). */
+static inline float afm__mulr(float a, float b) { return (float)((double)a * (double)b); }
+
+#define AFM__EXP_HI 88.72283935546875f  /* e^x overflows float from here */
+#define AFM__EXP_LO -87.33654022216797f /* below: e^x under FLT_MIN, taken as 0 */
+
+/* 2^e as a float, e in [-126, 127] */
+static inline float afm__pow2i(int e) { uint32_t b = (uint32_t)(e + 127) << 23; float f; memcpy(&f, &b, 4); return f; }
+
+/* e^x for x in [AFM__EXP_LO, AFM__EXP_HI): x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor series
+   to r^7 (truncation < 0.05 ulp), times 2^k (k in [-126, 128], as 2^(k-s) 2^s, s = k > 127).
+   Within 1 ulp of e^x. */
+static inline float afm__exp_core(float x) {
+    const float k = fmaf(x, 1.44269502f, 12582912.0f) - 12582912.0f; /* round(x / ln2): + 1.5 * 2^23 */
+    const int ki = (int)k, s = ki > 127;
+    float r = fmaf(k, -0.693145751953125f, x), p;                     /* ln2 in two parts */
+    r = fmaf(k, -1.42860682e-06f, r);
+    p = fmaf(1.98412701e-04f, r, 1.38888892e-03f);                    /* 1/7!, 1/6!, ..., 1/0! */
+    p = fmaf(p, r, 8.33333377e-03f);
+    p = fmaf(p, r, 4.16666679e-02f);
+    p = fmaf(p, r, 1.66666672e-01f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    return p * afm__pow2i(ki - s) * afm__pow2i(s);
+}
+
+/* e^x for any float: +inf above the range, 0 below, NaN for NaN. */
+static inline float afm__expf(float x) {
+    if (x != x) return x;
+    if (x >= AFM__EXP_HI) return INFINITY;
+    if (x < AFM__EXP_LO) return 0.0f;
+    return afm__exp_core(x);
+}
+
+static inline float afm__silu(float x) { return x / (1.0f + afm__expf(-x)); }
+
+/* h[i] = silu(h[i]) * g[i] */
+static void afm__silu_mul_scalar(float *h, const float *g, int n) {
+    int i;
+    for (i = 0; i < n; i++) h[i] = afm__silu(h[i]) * g[i];
+}
+
+/* Softmax over n scores in place. The maximum skips NaN (as on every level); the sum is the
+   contract's 8 lanes (i mod 8), the tree, then the last n % 8 in order. */
+static void afm__softmax_scalar(float *x, int n) {
+    float mx = -FLT_MAX, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum, inv;
+    int i;
+    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < (n & ~7); i++) { x[i] = afm__expf(x[i] - mx); acc[i & 7] += x[i]; }
+    sum = afm__sum8(acc);
+    for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
+    inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* Double precision for the RoPE tables, from +, -, *, /, fma, nearbyint, frexp and ldexp only (all
+   exact or correctly rounded, so the same on every machine). Taylor coefficients as literals. */
+static double afm__poly_d(const double *c, int n, double x) { /* c[0] + c[1] x + ... (Horner, fma) */
+    double p = c[n - 1];
+    int i;
+    for (i = n - 2; i >= 0; i--) p = fma(p, x, c[i]);
+    return p;
+}
+
+/* e^y, |y| < 700: y = n ln2 + r, e^r to r^14. */
+static double afm__exp_d(double y) {
+    static const double c[15] = {1, 1, 0.5, 0.16666666666666666, 0.041666666666666664, 0.0083333333333333332,
+        0.0013888888888888889, 0.00019841269841269841, 2.4801587301587302e-05, 2.7557319223985893e-06,
+        2.7557319223985888e-07, 2.505210838544172e-08, 2.08767569878681e-09, 1.6059043836821613e-10, 1.1470745597729725e-11};
+    const double n = nearbyint(y * 1.4426950408889634);
+    double r = fma(n, -6.93147180369123816490e-01, y); /* ln2 in two parts */
+    r = fma(n, -1.90821492927058770002e-10, r);
+    return ldexp(afm__poly_d(c, 15, r), (int)n);
+}
+
+/* ln x, x > 0 finite: x = 2^e m, m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1). */
+static double afm__log_d(double x) {
+    static const double c[13] = {1, 0.33333333333333331, 0.20000000000000001, 0.14285714285714285, 0.1111111111111111,
+        0.090909090909090912, 0.076923076923076927, 0.066666666666666666, 0.058823529411764705, 0.052631578947368418,
+        0.047619047619047616, 0.043478260869565216, 0.040000000000000001}; /* 1/(2i+1) */
+    double m, s;
+    int e;
+    m = frexp(x, &e);
+    if (m < 0.70710678118654752) { m *= 2; e--; }
+    s = (m - 1) / (m + 1);
+    return fma((double)e, 6.93147180369123816490e-01,
+               fma((double)e, 1.90821492927058770002e-10, 2 * s * afm__poly_d(c, 13, s * s)));
+}
+
+/* sin and cos of x (|x| < 2^40): x = n pi/2 + r, |r| <= pi/4, Taylor series to r^21 and r^20. */
+static void afm__sincos_d(double x, double *sn, double *cs) {
+    static const double cc[11] = {1, -0.5, 0.041666666666666664, -0.0013888888888888889, 2.4801587301587302e-05,
+        -2.7557319223985888e-07, 2.08767569878681e-09, -1.1470745597729725e-11, 4.7794773323873853e-14,
+        -1.5619206968586225e-16, 4.1103176233121648e-19};
+    static const double sc[11] = {1, -0.16666666666666666, 0.0083333333333333332, -0.00019841269841269841,
+        2.7557319223985893e-06, -2.505210838544172e-08, 1.6059043836821613e-10, -7.6471637318198164e-13,
+        2.8114572543455206e-15, -8.2206352466243295e-18, 1.9572941063391263e-20};
+    const double n = nearbyint(x * 0.63661977236758134);
+    double r = fma(n, -1.57079632673412561417e+00, x), r2, s, c; /* pi/2 in three parts */
+    int q;
+    r = fma(n, -6.07710050650619224932e-11, r);
+    r = fma(n, -3.5215598651832e-27, r);
+    r2 = r * r;
+    s = r * afm__poly_d(sc, 11, r2);
+    c = afm__poly_d(cc, 11, r2);
+    q = (int)(n - 4 * floor(n / 4)); /* n mod 4, exact */
+    *sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
+    *cs = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
 }
 
 /* ---- scalar reference kernels ---- */
@@ -5660,6 +5783,66 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
     }
 }
 
+/* afm__expf on 8 lanes: the same operations in the same order (out-of-range lanes are computed
+   and then replaced, as the scalar branches do). */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__expf_avx2(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    const __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269502f), magic), magic);
+    const __m256i ki = _mm256_cvtps_epi32(k);
+    const __m256i s = _mm256_and_si256(_mm256_cmpgt_epi32(ki, _mm256_set1_epi32(127)), _mm256_set1_epi32(1));
+    const __m256i b127 = _mm256_set1_epi32(127);
+    __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693145751953125f), x), p, y;
+    r = _mm256_fmadd_ps(k, _mm256_set1_ps(-1.42860682e-06f), r);
+    p = _mm256_fmadd_ps(_mm256_set1_ps(1.98412701e-04f), r, _mm256_set1_ps(1.38888892e-03f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333377e-03f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666679e-02f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666672e-01f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    y = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, s), b127), 23))),
+                      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(s, b127), 23)));
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_LO), _CMP_LT_OQ));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_HI), _CMP_GE_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+AFM__T_AVX2 static void afm__silu_mul_avx2(float *h, const float *g, int n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(h + i);
+        const __m256 e = afm__expf_avx2(_mm256_xor_ps(x, sign));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(g + i)));
+    }
+    afm__silu_mul_scalar(h + i, g + i, n - i);
+}
+
+AFM__T_AVX2 static void afm__softmax_avx2(float *x, int n) {
+    const int n8 = n & ~7;
+    __m256 mv = _mm256_set1_ps(-FLT_MAX), acc = _mm256_setzero_ps(), iv;
+    __m128 h;
+    float mx, sum, inv;
+    int i;
+    for (i = 0; i < n8; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv); /* a NaN lane keeps mv */
+    h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    mx = _mm_cvtss_f32(h);
+    for (; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < n8; i += 8) {
+        const __m256 e = afm__expf_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = afm__hsum_avx2(acc);
+    for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
+    inv = 1.0f / sum;
+    iv = _mm256_set1_ps(inv);
+    for (i = 0; i < n8; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), iv));
+    for (; i < n; i++) x[i] *= inv;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* x86-64: AVX-512 (F, BW, DQ, VL) and AVX-512 VNNI                                        */
 /* ---------------------------------------------------------------------------------------- */
@@ -6113,6 +6296,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     }
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
+    k->silu_mul = afm__silu_mul_scalar;
+    k->softmax = afm__softmax_scalar;
 #if defined(AFM__X86)
     level = afm__x86_level();
     if (level > max_level) level = max_level < AFM__LEVEL_SCALAR ? AFM__LEVEL_SCALAR : max_level;
@@ -6125,6 +6310,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
+        k->silu_mul = afm__silu_mul_avx2;
+        k->softmax = afm__softmax_avx2;
     }
     if (level >= AFM__LEVEL_AVX512) {
         k->name = "avx512";
@@ -6910,12 +7097,14 @@ static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
     if (lo < hi) afm__prepare_activations(&j->s->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
 }
 
+/* The f32 dot product of the exact paths (f32_activations, float KV caches): 8 lanes and a fixed
+   tree, each product rounded on its own (afm__mulr: no compiler fuses it into the add). */
 static float afm__dot(const float *a, const float *b, int n) {
     float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
     int i = 0, k;
     for (; i + 8 <= n; i += 8)
-        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
+        for (k = 0; k < 8; k++) s[k] += afm__mulr(a[i + k], b[i + k]);
+    for (k = 0; i < n; i++, k++) s[k] += afm__mulr(a[i], b[i]);
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
@@ -6938,7 +7127,7 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
         if (it->add_to) {
             int r, t;
             for (t = 0; t < it->act.n_tok; t++)
-                for (r = lo; r < hi; r++) it->add_to[(size_t)t * it->add_ld + r] += it->add_scale * it->Y[(size_t)t * it->ldy + r];
+                for (r = lo; r < hi; r++) it->add_to[(size_t)t * it->add_ld + r] += afm__mulr(it->add_scale, it->Y[(size_t)t * it->ldy + r]);
         }
     }
 }
@@ -7051,22 +7240,25 @@ static void afm__rope(float *v, const float *cs, const float *sn, int half) {
     int i;
     for (i = 0; i < half; i++) {
         float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = a * sn[i] + b * cs[i];
+        v[i] = afm__mulr(a, cs[i]) - afm__mulr(b, sn[i]);
+        v[i + half] = afm__mulr(a, sn[i]) + afm__mulr(b, cs[i]);
     }
 }
 
 static void afm__rope_tables(afm_session *s, int n_tok) {
     const afm_config *c = &s->model->config;
+    const double log_theta = afm__log_d((double)c->rope_theta);
     int half = c->head_dim / 2, t, i;
     for (t = 0; t < n_tok; t++) {
         double p = (double)(s->pos + t);
         for (i = 0; i < half; i++) {
-            /* inv_freq_i = theta^(-2i/d), as f32 like the reference, then the angle in double */
-            float inv = (float)pow((double)c->rope_theta, -2.0 * i / c->head_dim);
-            double ang = p * inv;
-            s->rope_cos[t * half + i] = (float)cos(ang);
-            s->rope_sin[t * half + i] = (float)sin(ang);
+            /* inv_freq_i = theta^(-2i/d), as f32 like the reference, then the angle in double (exact:
+               a 24-bit position times a 24-bit float) */
+            float inv = (float)afm__exp_d(-2.0 * i / c->head_dim * log_theta);
+            double sn, cs;
+            afm__sincos_d(p * inv, &sn, &cs);
+            s->rope_cos[t * half + i] = (float)cs;
+            s->rope_sin[t * half + i] = (float)sn;
         }
     }
 }
@@ -7103,16 +7295,6 @@ typedef struct afm__attn_job {
     int n_tok, q_stride;
 } afm__attn_job;
 
-/* Softmax over n scores in place; returns nothing, the row sums to 1. */
-static void afm__softmax(float *x, int n) {
-    float mx = -FLT_MAX, sum = 0, inv;
-    int i;
-    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
-    for (i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
-    inv = 1.0f / sum;
-    for (i = 0; i < n; i++) x[i] *= inv;
-}
-
 /* int8 cache: one task per (token, KV head) runs the group of query heads that share it
    through the SIMD kernels (scores over int8 keys, then values over int8 values). */
 static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
@@ -7127,7 +7309,7 @@ static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
     float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)kvh * group * hd;
     k->kv_scores(q, (size_t)hd, group, (const int8_t *)s->k_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
                  ly->k_scale / sqrtf((float)hd), scores, (size_t)s->cap);
-    for (h = 0; h < group; h++) afm__softmax(scores + (size_t)h * s->cap, n_keys);
+    for (h = 0; h < group; h++) k->softmax(scores + (size_t)h * s->cap, n_keys);
     k->kv_values(scores, (size_t)s->cap, group, (const int8_t *)s->v_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
                  ly->v_scale, out, (size_t)hd);
 }
@@ -7146,11 +7328,11 @@ static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv
         afm__kv_load(s, s->k_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
         scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
     }
-    afm__softmax(scores, n_keys);
+    s->kern.softmax(scores, n_keys);
     for (d = 0; d < hd; d++) out[d] = 0;
     for (i = 0; i < n_keys; i++) {
         afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
-        for (d = 0; d < hd; d++) out[d] += scores[i] * kv[d];
+        for (d = 0; d < hd; d++) out[d] += afm__mulr(scores[i], kv[d]);
     }
 }
 
@@ -7192,8 +7374,6 @@ static void afm__qkv_post(afm_session *s, int layer, int n_tok) {
         }
     }
 }
-
-static float afm__silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* Runs n_tok tokens at positions pos.. through the model; logits for the rows asked for. */
 static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *logits, int logits_from) {
@@ -7245,7 +7425,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         afm__lora_a(&mj, &ls, l, AFM__P_UP, s->xn, d, s->hb2, f);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        for (i = 0; i < n_tok * f; i++) s->hb[i] = afm__silu(s->hb[i]) * s->hb2[i];
+        s->kern.silu_mul(s->hb, s->hb2, n_tok * f);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->down, s->hb, f, s->xn, d);

@@ -361,6 +361,81 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
             }
 }
 
+/* n floats with the same bits, or both NaN (NaN payloads are not part of the contract: compilers
+   treat a + b as b + a, and x86 and arm64 make different NaNs). */
+static int same_floats(const float *a, const float *b, int n) {
+    int i;
+    for (i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], 4) != 0 && !(a[i] != a[i] && b[i] != b[i])) return 0;
+    return 1;
+}
+
+/* The shared elementwise math: exp within 1 ulp of the double-precision value over its whole range
+   (every 97th float), and silu_mul / softmax bit for bit against the scalar reference on values
+   that cover the range, with NaN and infinities, at every length mod 8. */
+static void test_math(const afm__kernels *ks, const afm__kernels *kk, const char *lname, int first) {
+    char msg[200];
+    int n, i, bad = 0;
+    if (first) {
+        uint32_t u;
+        double worst = 0;
+        for (u = 0; u < 0xffffffffu - 97; u += 97) {
+            float x, y;
+            double e, err;
+            memcpy(&x, &u, 4);
+            y = afm__expf(x);
+            if (x != x) { bad += y == y; continue; }
+            e = exp((double)x);
+            if (x < AFM__EXP_LO) { bad += y != 0.0f; continue; }
+            if (e > FLT_MAX) { bad += y != INFINITY; continue; }
+            err = fabs((double)y - e) / (e < 1.17549435e-38 ? 1.4e-45 : ldexp(1.0, ilogb(e) - 23));
+            if (err > worst) worst = err;
+        }
+        snprintf(msg, sizeof msg, "afm__expf within 1 ulp of exp (worst %.3f ulp) and its range rules", worst);
+        check(bad == 0 && worst < 1.0, msg);
+        {
+            double sn, cs, worst_t = 0;
+            for (i = 0; i < 200000; i++) {
+                double x = (double)(i * 37 % 65536) * ((i % 7) + 1) * 0.0123456789 - 100.0;
+                afm__sincos_d(x, &sn, &cs);
+                if (fabs(sn - sin(x)) > worst_t) worst_t = fabs(sn - sin(x));
+                if (fabs(cs - cos(x)) > worst_t) worst_t = fabs(cs - cos(x));
+            }
+            snprintf(msg, sizeof msg, "afm__sincos_d within %.3g of libm's sin and cos", worst_t);
+            check(worst_t < 1e-13, msg);
+            worst_t = 0;
+            for (i = 1; i < 64; i++) {
+                double e = -2.0 * i / 128 * afm__log_d(500000.0), want = pow(500000.0, -2.0 * i / 128);
+                if (fabs(afm__exp_d(e) - want) / want > worst_t) worst_t = fabs(afm__exp_d(e) - want) / want;
+            }
+            snprintf(msg, sizeof msg, "afm__exp_d(y * afm__log_d(theta)) within %.3g (relative) of pow", worst_t);
+            check(worst_t < 1e-14, msg);
+        }
+    }
+    for (n = 1; n <= 70; n += (n < 20 ? 1 : 7)) {
+        float *h1 = (float *)xmalloc(sizeof(float) * (size_t)n), *h2 = (float *)xmalloc(sizeof(float) * (size_t)n);
+        float *g = (float *)xmalloc(sizeof(float) * (size_t)n);
+        static const float odd[] = {NAN, INFINITY, -INFINITY, 89.0f, -89.0f, 88.7f, -87.4f, 0.0f, -0.0f, 1e-30f};
+        for (i = 0; i < n; i++) {
+            h1[i] = h2[i] = (rnd() % 5 == 0) ? odd[rnd() % 10] : (rndf() - 0.5f) * 60.0f;
+            g[i] = rndf();
+        }
+        ks->silu_mul(h1, g, n);
+        kk->silu_mul(h2, g, n);
+        bad = !same_floats(h1, h2, n);
+        for (i = 0; i < n; i++) h1[i] = h2[i] = (rnd() % 9 == 0) ? odd[rnd() % 10] : (rndf() - 0.5f) * 60.0f;
+        ks->softmax(h1, n);
+        kk->softmax(h2, n);
+        bad += !same_floats(h1, h2, n);
+        for (i = 0; i < n; i++) h1[i] = h2[i] = (rndf() - 0.5f) * 40.0f;
+        ks->softmax(h1, n);
+        kk->softmax(h2, n);
+        bad += !same_floats(h1, h2, n);
+        snprintf(msg, sizeof msg, "%s silu_mul and softmax n=%d == scalar, bit for bit", lname, n);
+        check(bad == 0, msg);
+        free(h1); free(h2); free(g);
+    }
+}
 
 /* A fixture written by tools/quantize.py --fixtures: Python's encoding and its float32 decode.
    The C decode (every level) must reproduce it bit for bit. */
@@ -420,6 +495,7 @@ int main(int argc, char **argv) {
         test_matmul(&ks, &kk, kk.name);
         test_dequant(&ks, &kk, kk.name);
         test_kv(&ks, &kk, kk.name);
+        test_math(&ks, &kk, kk.name, level == AFM__LEVEL_SCALAR);
         if (verbose || n_fail != before) printf("  %s: %d failures\n", kk.name, n_fail - before);
     }
 #if defined(AFM__X86)
