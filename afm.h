@@ -5100,11 +5100,10 @@ static inline float afm__sum8(const float l[8]) {
    C libraries round exp/sin/cos/pow differently in the last bit, and compilers may fuse a*b+c;
    either would make results depend on the machine. So: exp in float with explicit fmaf (the AVX2
    level runs the same operations 8 at a time), the RoPE tables from double-precision sin, cos, exp
-   and log written here with explicit fma, and products that the reference rounds on their own
-   taken through afm__mulr. */
-
-/* a*b rounded to float, never fused into a following add (the double product is exact). */
-static inline float afm__mulr(float a, float b) { return (float)((double)a * (double)b); }
+   and log written here with explicit fma, and float products that feed a sum outside the kernels
+   (RoPE, LoRA's scaled add, the f32 paths' dot products) taken in double, where they are exact, so
+   fusing them changes nothing. (Rounding a double product back to float does not help: compilers
+   narrow (float)((double)a * b) to a float multiply and then fuse it.) */
 
 #define AFM__EXP_HI 88.72283935546875f  /* e^x overflows float from here */
 #define AFM__EXP_LO -87.33654022216797f /* below: e^x under FLT_MIN, taken as 0 */
@@ -5113,21 +5112,22 @@ static inline float afm__mulr(float a, float b) { return (float)((double)a * (do
 static inline float afm__pow2i(int e) { uint32_t b = (uint32_t)(e + 127) << 23; float f; memcpy(&f, &b, 4); return f; }
 
 /* e^x for x in [AFM__EXP_LO, AFM__EXP_HI): x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor series
-   to r^7 (truncation < 0.05 ulp), times 2^k (k in [-126, 128], as 2^(k-s) 2^s, s = k > 127).
-   Within 1 ulp of e^x. */
+   to r^7 (truncation < 0.05 ulp) and times 2^k (k in [-126, 128]) as fma(q t, r, t) 2^s with
+   e^r = 1 + q r, t = 2^(k-s), s = k > 127: the result is an fma or an exact doubling, never a product
+   a compiler could fuse into the caller's next add. Within 1 ulp of e^x. */
 static inline float afm__exp_core(float x) {
     const float k = fmaf(x, 1.44269502f, 12582912.0f) - 12582912.0f; /* round(x / ln2): + 1.5 * 2^23 */
     const int ki = (int)k, s = ki > 127;
-    float r = fmaf(k, -0.693145751953125f, x), p;                     /* ln2 in two parts */
+    const float t = afm__pow2i(ki - s);
+    float r = fmaf(k, -0.693145751953125f, x), q;                     /* ln2 in two parts */
     r = fmaf(k, -1.42860682e-06f, r);
-    p = fmaf(1.98412701e-04f, r, 1.38888892e-03f);                    /* 1/7!, 1/6!, ..., 1/0! */
-    p = fmaf(p, r, 8.33333377e-03f);
-    p = fmaf(p, r, 4.16666679e-02f);
-    p = fmaf(p, r, 1.66666672e-01f);
-    p = fmaf(p, r, 0.5f);
-    p = fmaf(p, r, 1.0f);
-    p = fmaf(p, r, 1.0f);
-    return p * afm__pow2i(ki - s) * afm__pow2i(s);
+    q = fmaf(1.98412701e-04f, r, 1.38888892e-03f);                    /* 1/7!, 1/6!, ..., 1/1! */
+    q = fmaf(q, r, 8.33333377e-03f);
+    q = fmaf(q, r, 4.16666679e-02f);
+    q = fmaf(q, r, 1.66666672e-01f);
+    q = fmaf(q, r, 0.5f);
+    q = fmaf(q, r, 1.0f);
+    return fmaf(q * t, r, t) * afm__pow2i(s);
 }
 
 /* e^x for any float: +inf above the range, 0 below, NaN for NaN. */
@@ -5791,17 +5791,16 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__expf_avx2(__m256 x) {
     const __m256i ki = _mm256_cvtps_epi32(k);
     const __m256i s = _mm256_and_si256(_mm256_cmpgt_epi32(ki, _mm256_set1_epi32(127)), _mm256_set1_epi32(1));
     const __m256i b127 = _mm256_set1_epi32(127);
-    __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693145751953125f), x), p, y;
+    const __m256 t = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, s), b127), 23));
+    __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693145751953125f), x), q, y;
     r = _mm256_fmadd_ps(k, _mm256_set1_ps(-1.42860682e-06f), r);
-    p = _mm256_fmadd_ps(_mm256_set1_ps(1.98412701e-04f), r, _mm256_set1_ps(1.38888892e-03f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333377e-03f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666679e-02f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666672e-01f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    y = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, s), b127), 23))),
-                      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(s, b127), 23)));
+    q = _mm256_fmadd_ps(_mm256_set1_ps(1.98412701e-04f), r, _mm256_set1_ps(1.38888892e-03f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(8.33333377e-03f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(4.16666679e-02f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.66666672e-01f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+    y = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_mul_ps(q, t), r, t), _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(s, b127), 23)));
     y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_LO), _CMP_LT_OQ));
     y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_HI), _CMP_GE_OQ));
     return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
@@ -7097,15 +7096,15 @@ static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
     if (lo < hi) afm__prepare_activations(&j->s->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
 }
 
-/* The f32 dot product of the exact paths (f32_activations, float KV caches): 8 lanes and a fixed
-   tree, each product rounded on its own (afm__mulr: no compiler fuses it into the add). */
+/* The f32 dot product of the exact paths (f32_activations, float KV caches): products in double are
+   exact, so a compiler that fuses them into the adds changes nothing; 8 lanes and a fixed tree. */
 static float afm__dot(const float *a, const float *b, int n) {
-    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    double s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
     int i = 0, k;
     for (; i + 8 <= n; i += 8)
-        for (k = 0; k < 8; k++) s[k] += afm__mulr(a[i + k], b[i + k]);
-    for (k = 0; i < n; i++, k++) s[k] += afm__mulr(a[i], b[i]);
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        for (k = 0; k < 8; k++) s[k] += (double)a[i + k] * b[i + k];
+    for (k = 0; i < n; i++, k++) s[k] += (double)a[i] * b[i];
+    return (float)(((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
 }
 
 static void afm__mm_run(void *ctx, int ith, int nth) {
@@ -7127,7 +7126,10 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
         if (it->add_to) {
             int r, t;
             for (t = 0; t < it->act.n_tok; t++)
-                for (r = lo; r < hi; r++) it->add_to[(size_t)t * it->add_ld + r] += afm__mulr(it->add_scale, it->Y[(size_t)t * it->ldy + r]);
+                for (r = lo; r < hi; r++) { /* the product exact in double: fused or not, the same bits */
+                    float *y = &it->add_to[(size_t)t * it->add_ld + r];
+                    *y = (float)((double)*y + (double)it->add_scale * it->Y[(size_t)t * it->ldy + r]);
+                }
         }
     }
 }
@@ -7240,8 +7242,9 @@ static void afm__rope(float *v, const float *cs, const float *sn, int half) {
     int i;
     for (i = 0; i < half; i++) {
         float a = v[i], b = v[i + half];
-        v[i] = afm__mulr(a, cs[i]) - afm__mulr(b, sn[i]);
-        v[i + half] = afm__mulr(a, sn[i]) + afm__mulr(b, cs[i]);
+        /* products exact in double: fused or not, the same bits */
+        v[i] = (float)((double)a * cs[i] - (double)b * sn[i]);
+        v[i + half] = (float)((double)a * sn[i] + (double)b * cs[i]);
     }
 }
 
@@ -7319,7 +7322,7 @@ static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_heads, h = task % c->n_heads, kvh = h / group;
-    int n_keys = s->pos + t + 1, i, d;
+    int n_keys = s->pos + t + 1, i, d, d0;
     size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
     const float *q = s->q + (size_t)t * j->q_stride + (size_t)h * hd;
     float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)h * hd;
@@ -7329,10 +7332,15 @@ static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv
         scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
     }
     s->kern.softmax(scores, n_keys);
-    for (d = 0; d < hd; d++) out[d] = 0;
-    for (i = 0; i < n_keys; i++) {
-        afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
-        for (d = 0; d < hd; d++) out[d] += afm__mulr(scores[i], kv[d]);
+    for (d0 = 0; d0 < hd; d0 += 64) { /* 64 columns at a time in double: exact products, any fusing is harmless */
+        double acc[64];
+        const int nd = hd - d0 < 64 ? hd - d0 : 64;
+        for (d = 0; d < nd; d++) acc[d] = 0;
+        for (i = 0; i < n_keys; i++) {
+            afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim + (size_t)d0, kv, nd, 1.0f);
+            for (d = 0; d < nd; d++) acc[d] += (double)scores[i] * kv[d];
+        }
+        for (d = 0; d < nd; d++) out[d0 + d] = (float)acc[d];
     }
 }
 
