@@ -5850,18 +5850,28 @@ AFM__T_AVX2 static void afm__softmax_avx2(float *x, int n) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-/* As afm__qtile_avx2 with one 64-byte block per zmm. VNNI: vpdpbusd (u8 x s8 -> s32);
-   otherwise vpmaddubsw + vpmaddwd. Either gives 16 partial dots of 4 elements; lanes l and l+8 added
-   are the contract's 8 lanes (elements 4g..4g+3 and 32+4g..32+4g+3), accumulated in a ymm as on AVX2.
-   Float weights use the AVX2 kernels at this level: 16 float lanes would sum in another order. */
-AFM__FORCEINLINE AFM__T_AVX512 __m512i afm__dot64_avx512bw(__m512i u, __m512i s) {
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+/* As afm__qtile_avx2 with one 64-byte block of weights per zmm. The contract's 8 lanes (elements
+   4g..4g+3 and 32+4g..32+4g+3) come from vpmaddubsw + vpmaddwd over the zmm (16 partial dots of 4
+   elements) with lanes l and l+8 added, or with VNNI from two 256-bit vpdpbusd (u8 x s8 -> s32) over
+   the halves, the second accumulating onto the first; accumulated in a ymm as on AVX2. Float weights
+   use the AVX2 kernels at this level: 16 float lanes would sum in another order. */
+AFM__FORCEINLINE AFM__T_AVX512 __m256i afm__dot8_avx512bw(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
+    __m512i s = _mm512_load_si512((const void *)x), p;
+    if (q8) s = _mm512_mask_sub_epi8(s, neg, _mm512_setzero_si512(), s); /* the weight's sign moved onto x */
+    p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+    return _mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64(p, 1));
 }
-AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot8_vnni(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
+    __m256i lo = _mm256_load_si256((const __m256i *)(const void *)x), hi = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
+    if (q8) {
+        lo = _mm256_mask_sub_epi8(lo, (__mmask32)neg, _mm256_setzero_si256(), lo);
+        hi = _mm256_mask_sub_epi8(hi, (__mmask32)(neg >> 32), _mm256_setzero_si256(), hi);
+    }
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(u), lo),
+                               _mm512_extracti64x4_epi64(u, 1), hi);
 }
 
-/* The AVX-512 token tile; DOT is the 64-byte unsigned x signed dot (AVX-512 BW or VNNI). */
+/* The AVX-512 token tile; DOT gives the 8 lanes of a 64-byte unsigned x signed dot (BW or VNNI). */
 #define AFM__QTILE512_BODY(DOT)                                                                                  \
         const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                  \
         const int nsb = w->kpad >> 6;                                                                            \
@@ -5900,16 +5910,10 @@ AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
                         cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
                     else                                                                                         \
                         cv = _mm512_abs_epi8(v);                                                                 \
-                    AFM__UNROLL for (t = 0; t < T; t++) {                                                        \
-                        __m512i x = _mm512_load_si512((const void *)(qb[t] + sb * 64));                          \
-                        __m512i p;                                                                               \
-                        if (type == AFM_TYPE_Q8) /* sign of the weight moved onto the activation */              \
-                            x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);      \
-                        p = DOT(cv, x);                                                                          \
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm512_castsi512_si256(p), \
-                                                                                     _mm512_extracti64x4_epi64(p, 1))), \
+                    const __mmask64 neg = type == AFM_TYPE_Q8 ? _mm512_movepi8_mask(v) : 0;                      \
+                    AFM__UNROLL for (t = 0; t < T; t++)                                                          \
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(cv, qb[t] + sb * 64, type == AFM_TYPE_Q8, neg)), \
                                                  _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);                    \
-                    }                                                                                            \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
@@ -5918,11 +5922,11 @@ AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
                                                     : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
 AFM__FORCEINLINE AFM__T_AVX512 void afm__qtile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot64_avx512bw)
+    AFM__QTILE512_BODY(afm__dot8_avx512bw)
 }
 AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot64_vnni)
+    AFM__QTILE512_BODY(afm__dot8_vnni)
 }
 AFM__T_AVX512 static void afm__matmul_q2b_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q2B)
