@@ -8025,12 +8025,10 @@ static int afm__g_finish(afm__grammar *g, int32_t root) {
     for (r = 0; r < g->n_rule; r++) g->rule_alt0[r + 1] += g->rule_alt0[r];
     for (i = 0; i < g->n_alt; i++) g->ralt[g->rule_alt0[g->alt_rule[i]] + fill[g->alt_rule[i]]++] = g->alt_start[i];
     if (!afm__g_check_finish(g, fin, 0) || !afm__g_check_finish(g, nul, 1)) goto out;
+    for (r = 0; r < g->n_rule; r++) /* the cause first (a rule without alternatives), then what it blocks */
+        if (g->rule_alt0[r] == g->rule_alt0[r + 1]) { afm__g_fail(g, "rule '%s' matches nothing (an empty character class?)", afm__g_name(g, r)); goto out; }
     for (r = 0; r < g->n_rule; r++)
-        if (!fin[r]) {
-            if (g->rule_alt0[r] == g->rule_alt0[r + 1]) afm__g_fail(g, "rule '%s' matches nothing (an empty character class?)", afm__g_name(g, r));
-            else afm__g_fail(g, "rule '%s' can never finish: every alternative needs the rule itself again", afm__g_name(g, r));
-            goto out;
-        }
+        if (!fin[r]) { afm__g_fail(g, "rule '%s' can never finish: every alternative needs the rule itself again", afm__g_name(g, r)); goto out; }
     afm__g_check_left(g, nul);
 out:
     afm__free(a, fill);
@@ -8644,7 +8642,7 @@ static size_t afm__js_range_re(char *o, size_t cap, long long lo, long long hi) 
 static size_t afm__js_digits_re(char *o, size_t cap, const char *lo, const char *hi, size_t n) {
     size_t w = 0, k, all0 = 1, all9 = 1;
     int m;
-    if (cap < 8) return 0;
+    if (cap < 8 || n == 0 || n > 20) return 0;
     if (n == 1) { m = snprintf(o, cap, "[%c-%c]", lo[0], hi[0]); return m > 0 && (size_t)m < cap ? (size_t)m : 0; }
     if (lo[0] == hi[0]) {
         o[0] = lo[0];
@@ -8802,7 +8800,14 @@ static int32_t afm__js_object(afm__js *s, int32_t node) {
             if (s->j.n[r].type != AFM__JSTR) { afm__js_fail(s, "%s", "'required' must list strings"); goto out; }
             for (k = s->j.n[props].child, i = 0; k >= 0 && s->j.n[k].next >= 0; k = s->j.n[s->j.n[k].next].next, i++)
                 if (s->j.n[k].len == s->j.n[r].len && memcmp(s->j.src + s->j.n[k].start, s->j.src + s->j.n[r].start, s->j.n[k].len) == 0) found = i;
-            if (found < 0) { afm__js_fail(s, "required property '%.100s' is not in properties", s->j.src + s->j.n[r].start); goto out; }
+            if (found < 0) {
+                char name[101];
+                size_t nl = s->j.n[r].len < 100 ? s->j.n[r].len : 100;
+                memcpy(name, s->j.src + s->j.n[r].start, nl);
+                name[nl] = 0;
+                afm__js_fail(s, "required property '%s' is not in properties", name);
+                goto out;
+            }
             isreq[found] = 1;
         }
     }
@@ -9181,14 +9186,12 @@ AFMDEF void afm_constraint_vocab_free(afm_constraint_vocab *v) {
     afm__free(&a, v);
 }
 
+static afm_result afm__vocab_tree(afm_constraint_vocab *v);
 AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const afm_allocator *allocator, afm_constraint_vocab **out) {
     const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
     afm_constraint_vocab *v;
-    afm__vtok *vt = NULL;
-    int32_t *par = NULL, *first = NULL, *sib = NULL, *last = NULL, *order = NULL, *newid = NULL, *path = NULL;
-    uint8_t *byte = NULL;
-    size_t total = 0, max_nodes, nn = 1;
-    int32_t i, n, nt = 0, V;
+    size_t total = 0;
+    int32_t i, n, V;
     afm_result r = AFM_ERR_NOMEM;
     if (!out) return AFM_ERR_ARG;
     *out = NULL;
@@ -9207,10 +9210,32 @@ AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const af
         v->boff[i] = (uint32_t)total;
         if (afm_tokenizer_is_stop(tok, i) && v->n_stops < 8) { v->kind[i] = 2; v->stops[v->n_stops++] = i; continue; }
         n = afm__vocab_token_bytes(tok, i, v->bytes + total);
-        if (n > 0) { v->kind[i] = 1; total += (size_t)n; nt++; if (n > v->max_len) v->max_len = n; }
+        if (n > 0) { v->kind[i] = 1; total += (size_t)n; }
     }
     v->boff[V] = (uint32_t)total;
-    /* the prefix tree: tokens sorted by bytes, inserted along a path, then numbered breadth-first */
+    if (afm__vocab_tree(v) != AFM_OK) goto fail;
+    r = AFM_OK;
+fail:
+    if (r != AFM_OK) { afm_constraint_vocab_free(v); return r; }
+    *out = v;
+    return AFM_OK;
+}
+
+/* The prefix tree of v's text tokens (kind, boff and bytes filled in): tokens sorted by bytes,
+   inserted along a path, then numbered breadth-first. */
+static afm_result afm__vocab_tree(afm_constraint_vocab *v) {
+    const afm_allocator *a = &v->alloc;
+    afm__vtok *vt = NULL;
+    int32_t *par = NULL, *first = NULL, *sib = NULL, *last = NULL, *order = NULL, *newid = NULL, *path = NULL;
+    uint8_t *byte = NULL;
+    size_t max_nodes, nn = 1, total = v->boff[v->n_vocab];
+    int32_t i, n, nt = 0, V = v->n_vocab;
+    afm_result r = AFM_ERR_NOMEM;
+    for (i = 0; i < V; i++)
+        if (v->kind[i] == 1) {
+            nt++;
+            if ((int)(v->boff[i + 1] - v->boff[i]) > v->max_len) v->max_len = (int)(v->boff[i + 1] - v->boff[i]);
+        }
     if (!(vt = (afm__vtok *)afm__alloc(a, ((size_t)nt + 1) * sizeof *vt))) goto fail;
     for (i = 0, n = 0; i < V; i++)
         if (v->kind[i] == 1) { vt[n].p = v->bytes + v->boff[i]; vt[n].n = v->boff[i + 1] - v->boff[i]; vt[n].id = i; n++; }
@@ -9290,9 +9315,7 @@ AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const af
 fail:
     afm__free(a, vt); afm__free(a, par); afm__free(a, first); afm__free(a, sib); afm__free(a, last);
     afm__free(a, byte); afm__free(a, order); afm__free(a, newid); afm__free(a, path);
-    if (r != AFM_OK) { afm_constraint_vocab_free(v); return r; }
-    *out = v;
-    return AFM_OK;
+    return r;
 }
 
 /* ---- the matcher: interned stacks and states, memoised transitions ---- */
