@@ -8491,6 +8491,8 @@ static int32_t afm__gbnf_parse(afm__grammar *g, const char *s, size_t n) {
 /* ---- JSON Schema -> grammar. Output is compact JSON (no whitespace), properties in the schema's
    order, no properties beyond the declared ones; strings use one spelling per character (the short
    escapes \" \\ \n \r \t \b \f, \u00XX for other control characters, everything else raw UTF-8).
+   Numbers have at most 16 digits before the point, 16 after it and 3 in the exponent (a double
+   holds no more), so that a model cannot run on with digits forever.
    Supported: type (or a list of types), enum, const, object (properties, required,
    additionalProperties false), array (items, minItems, maxItems), string (minLength, maxLength,
    pattern), integer (minimum, maximum, exclusiveMinimum, exclusiveMaximum), number, boolean,
@@ -8514,7 +8516,7 @@ static const char afm__js_prelude[] =
     "json-array ::= \"[\" ( json-value ( \",\" json-value )* )? \"]\"\n"
     "json-string ::= \"\\\"\" json-char* \"\\\"\"\n"
     "json-char ::= [^\"\\\\\\x00-\\x1f] | \"\\\\\" [\"\\\\/bfnrt]\n"
-    "json-number ::= \"-\"? ( \"0\" | [1-9] [0-9]* ) ( \".\" [0-9]+ )? ( [eE] [-+]? [0-9]+ )?\n"
+    "json-number ::= \"-\"? ( \"0\" | [1-9] [0-9]{0,15} ) ( \".\" [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?\n"
     "root ::= json-value\n";
 
 static int afm__js_fail(afm__js *s, const char *fmt, const char *arg) {
@@ -8631,7 +8633,7 @@ static size_t afm__js_range_re(char *o, size_t cap, long long lo, long long hi) 
         w += k;
     }
     if (hi < 0) { /* and every longer number */
-        int m = snprintf(o + w, cap - w, "|[1-9][0-9]{%lu,}", (unsigned long)dl);
+        int m = dl < 16 ? snprintf(o + w, cap - w, "|[1-9][0-9]{%lu,15}", (unsigned long)dl) : 0;
         if (m < 0 || (size_t)m >= cap - w) return 0;
         w += (size_t)m;
     }
