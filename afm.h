@@ -7701,7 +7701,7 @@ static int afm__cp_normalize(afm__grammar *g, afm__cpset *c, int negate) {
     uint32_t next = 0;
     afm__cpset o;
     memset(&o, 0, sizeof o);
-    qsort(c->r, c->n, sizeof *c->r, afm__cp_cmp);
+    if (c->n > 1) qsort(c->r, c->n, sizeof *c->r, afm__cp_cmp);
     for (i = 0; i < c->n; i++) {
         if (m && c->r[i].lo <= c->r[m - 1].hi + 1) {
             if (c->r[i].hi > c->r[m - 1].hi) c->r[m - 1].hi = c->r[i].hi;
@@ -9130,6 +9130,12 @@ struct afm_constraint_vocab {
     uint16_t *nchild, *ntok;
     uint8_t *nbyte;
     int max_len;
+    /* nodes with many tokens below them: the bytes on the edges below (a 256-bit set) and the
+       range of toks[] below; a walk that reaches such a node in a state every one of those bytes
+       leaves unchanged (inside a string, say) allows them all without descending */
+    int32_t *big;           /* per node: index into bigset / biglo / bighi, -1 for small subtrees */
+    uint64_t *bigset;       /* [n_big][4] */
+    int32_t *biglo, *bighi, n_big;
 };
 
 typedef struct afm__vtok { const unsigned char *p; uint32_t n; int32_t id; } afm__vtok;
@@ -9184,11 +9190,54 @@ AFMDEF void afm_constraint_vocab_free(afm_constraint_vocab *v) {
     a = v->alloc;
     afm__free(&a, v->kind); afm__free(&a, v->boff); afm__free(&a, v->bytes); afm__free(&a, v->stops);
     afm__free(&a, v->child0); afm__free(&a, v->tok0); afm__free(&a, v->toks); afm__free(&a, v->nchild);
-    afm__free(&a, v->ntok); afm__free(&a, v->nbyte);
+    afm__free(&a, v->ntok); afm__free(&a, v->nbyte); afm__free(&a, v->big); afm__free(&a, v->bigset);
+    afm__free(&a, v->biglo); afm__free(&a, v->bighi);
     afm__free(&a, v);
 }
 
 static afm_result afm__vocab_tree(afm_constraint_vocab *v);
+/* The subtree summaries (bytes below, token range below) of nodes with at least 16 tokens below:
+   children are numbered after their parents, so one pass from the last node up suffices. */
+#ifndef AFM__VOCAB_BIG
+#define AFM__VOCAB_BIG 16
+#endif
+static afm_result afm__vocab_big(afm_constraint_vocab *v) {
+    const afm_allocator *a = &v->alloc;
+    int32_t n = v->n_nodes, u, nb = 0;
+    int32_t *r0 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r0), *r1 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r1);
+    uint64_t *set = (uint64_t *)afm__calloc(a, (size_t)n * 4, sizeof *set);
+    afm_result r = AFM_ERR_NOMEM;
+    v->big = (int32_t *)afm__alloc(a, (size_t)n * sizeof *v->big);
+    if (!r0 || !r1 || !set || !v->big) goto out;
+    for (u = n - 1; u >= 0; u--) {
+        int32_t c, e = v->child0[u] + v->nchild[u];
+        r0[u] = v->ntok[u] ? v->tok0[u] : v->nchild[u] ? r0[v->child0[u]] : 0;
+        r1[u] = v->nchild[u] ? r1[e - 1] : v->tok0[u] + v->ntok[u];
+        for (c = v->child0[u]; c < e; c++) {
+            int q;
+            for (q = 0; q < 4; q++) set[(size_t)u * 4 + q] |= set[(size_t)c * 4 + q];
+            set[(size_t)u * 4 + (v->nbyte[c] >> 6)] |= 1ull << (v->nbyte[c] & 63);
+        }
+        v->big[u] = r1[u] - r0[u] - v->ntok[u] >= AFM__VOCAB_BIG ? nb++ : -1;
+    }
+    v->n_big = nb;
+    v->bigset = (uint64_t *)afm__alloc(a, ((size_t)nb + 1) * 4 * sizeof *v->bigset);
+    v->biglo = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->biglo);
+    v->bighi = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->bighi);
+    if (!v->bigset || !v->biglo || !v->bighi) goto out;
+    for (u = 0; u < n; u++)
+        if (v->big[u] >= 0) {
+            memcpy(v->bigset + (size_t)v->big[u] * 4, set + (size_t)u * 4, 4 * sizeof *set);
+            v->biglo[v->big[u]] = r0[u] + v->ntok[u];
+            v->bighi[v->big[u]] = r1[u];
+        }
+    r = AFM_OK;
+out:
+    afm__free(a, r0);
+    afm__free(a, r1);
+    afm__free(a, set);
+    return r;
+}
 AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const afm_allocator *allocator, afm_constraint_vocab **out) {
     const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
     afm_constraint_vocab *v;
@@ -9313,6 +9362,7 @@ static afm_result afm__vocab_tree(afm_constraint_vocab *v) {
             v->ntok[u]++;
         }
     }
+    if (afm__vocab_big(v) != AFM_OK) goto fail;
     r = AFM_OK;
 fail:
     afm__free(a, vt); afm__free(a, par); afm__free(a, first); afm__free(a, sib); afm__free(a, last);
@@ -9351,6 +9401,8 @@ struct afm_constraint_state {
     int32_t *sht;
     size_t sht_cap;
     int32_t *trans;         /* 256 per state that has any, AFM__CM_UNKNOWN until computed */
+    uint64_t *loop;         /* per state [8]: bytes known so far to lead back to it (4 words), bytes looked at (4) */
+    size_t cap_loop;
     size_t n_trans, cap_trans;
     /* scratch */
     uint32_t *work;         /* (pos, parent) pairs */
@@ -9467,7 +9519,13 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
     size_t k, i;
     int32_t s;
     if (!m->n_out && !acc) return AFM__CM_DEAD;
-    qsort(m->out, m->n_out, sizeof *m->out, afm__cmp_i32);
+    if (m->n_out > 16) qsort(m->out, m->n_out, sizeof *m->out, afm__cmp_i32);
+    else for (i = 1; i < m->n_out; i++) { /* usually a handful: insertion sort */
+        int32_t x = m->out[i];
+        size_t j = i;
+        while (j > 0 && m->out[j - 1] > x) { m->out[j] = m->out[j - 1]; j--; }
+        m->out[j] = x;
+    }
     for (i = 0; i < m->n_out; i++) h = afm__mix(h, (uint32_t)m->out[i]);
     if ((m->n_s + 1) * 2 > m->sht_cap) {
         size_t nc = m->sht_cap ? m->sht_cap * 2 : 1024, q;
@@ -9505,6 +9563,8 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
     m->str[s] = -1;
     m->sslot[s] = -1;
     m->sht[k] = s;
+    if (!afm__grow(&m->alloc, (void **)&m->loop, &m->cap_loop, (m->n_s + 1) * 8, sizeof *m->loop)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
+    memset(m->loop + (size_t)s * 8, 0, 8 * sizeof *m->loop);
     return s;
 }
 
@@ -9543,6 +9603,31 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
         m->trans[(size_t)m->str[s] * 256 + b] = t;
     }
     return t;
+}
+
+/* 1 when every byte of the 256-bit set b leads from state s back to s (learnt byte by byte, kept
+   per state); -1 on failure. */
+static int afm__cm_loops_on(afm_constraint_state *m, int32_t s, const uint64_t *b) {
+    uint64_t *lp = m->loop + (size_t)s * 8;
+    int q;
+    for (q = 0; q < 4; q++) /* a byte already seen not to loop */
+        if (b[q] & lp[4 + q] & ~lp[q]) return 0;
+    for (q = 0; q < 4; q++) {
+        uint64_t todo = b[q] & ~lp[4 + q];
+        while (todo) {
+            int bit = 0;
+            int32_t t;
+            while (!((todo >> bit) & 1)) bit++;
+            todo &= todo - 1;
+            t = afm__cm_step(m, s, (unsigned)(q * 64 + bit));
+            if (t == AFM__CM_FAIL) return -1;
+            lp = m->loop + (size_t)s * 8; /* the step may have moved the array */
+            lp[4 + q] |= 1ull << bit;
+            if (t != s) return 0;
+            lp[q] |= 1ull << bit;
+        }
+    }
+    return 1;
 }
 
 /* The allowed-token bit set of state s (cached). NULL on failure. */
@@ -9584,6 +9669,15 @@ static const uint32_t *afm__cm_mask(afm_constraint_state *m, int32_t s) {
             int32_t id = v->toks[v->tok0[c] + i];
             mask[id >> 5] |= 1u << (id & 31);
         }
+        if (v->big[c] >= 0) { /* many tokens below: all allowed when their bytes cannot leave state t */
+            int all = afm__cm_loops_on(m, t, v->bigset + (size_t)v->big[c] * 4);
+            if (all < 0) return NULL;
+            if (all) {
+                int32_t k;
+                for (k = v->biglo[v->big[c]]; k < v->bighi[v->big[c]]; k++) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
+                continue;
+            }
+        }
         if (v->nchild[c]) {
             m->walk[sp].node = c;
             m->walk[sp].state = t;
@@ -9617,7 +9711,7 @@ AFMDEF void afm_constraint_state_free(afm_constraint_state *m) {
     afm__free(&a, m->fpos); afm__free(&a, m->fseen); afm__free(&a, m->fpar); afm__free(&a, m->fdepth); afm__free(&a, m->fht);
     afm__free(&a, m->soff); afm__free(&a, m->spool); afm__free(&a, m->str); afm__free(&a, m->sslot); afm__free(&a, m->sacc);
     afm__free(&a, m->sht); afm__free(&a, m->trans); afm__free(&a, m->work); afm__free(&a, m->out); afm__free(&a, m->masks);
-    afm__free(&a, m->walk); afm__free(&a, m->hist);
+    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__free(&a, m->loop);
     afm__free(&a, m);
 }
 

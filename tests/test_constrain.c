@@ -5,6 +5,7 @@
      cc -std=c99 tests/test_constrain.c -o test_constrain -lm -lpthread && ./test_constrain
    Closing line: "N passed, N failed". */
 #define AFM_IMPLEMENTATION
+#define AFM__VOCAB_BIG 2 /* the prefix tree's subtree shortcut on small vocabularies too */
 #include "../afm.h"
 
 #include <stdio.h>
