@@ -9131,11 +9131,13 @@ struct afm_constraint_vocab {
     uint8_t *nbyte;
     int max_len;
     /* nodes with many tokens below them: the bytes on the edges below (a 256-bit set) and the
-       range of toks[] below; a walk that reaches such a node in a state every one of those bytes
-       leaves unchanged (inside a string, say) allows them all without descending */
+       range of toks[] below; a walk that reaches such a node in a state where every one of those
+       bytes leads to one same live state, and so on as deep as the subtree goes (inside a string,
+       also one with a length limit), allows them all without descending */
     int32_t *big;           /* per node: index into bigset / biglo / bighi, -1 for small subtrees */
     uint64_t *bigset;       /* [n_big][4] */
     int32_t *biglo, *bighi, n_big;
+    uint8_t *bigdepth;      /* the most bytes below the node on one path */
 };
 
 typedef struct afm__vtok { const unsigned char *p; uint32_t n; int32_t id; } afm__vtok;
@@ -9191,7 +9193,7 @@ AFMDEF void afm_constraint_vocab_free(afm_constraint_vocab *v) {
     afm__free(&a, v->kind); afm__free(&a, v->boff); afm__free(&a, v->bytes); afm__free(&a, v->stops);
     afm__free(&a, v->child0); afm__free(&a, v->tok0); afm__free(&a, v->toks); afm__free(&a, v->nchild);
     afm__free(&a, v->ntok); afm__free(&a, v->nbyte); afm__free(&a, v->big); afm__free(&a, v->bigset);
-    afm__free(&a, v->biglo); afm__free(&a, v->bighi);
+    afm__free(&a, v->biglo); afm__free(&a, v->bighi); afm__free(&a, v->bigdepth);
     afm__free(&a, v);
 }
 
@@ -9205,10 +9207,11 @@ static afm_result afm__vocab_big(afm_constraint_vocab *v) {
     const afm_allocator *a = &v->alloc;
     int32_t n = v->n_nodes, u, nb = 0;
     int32_t *r0 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r0), *r1 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r1);
+    uint8_t *dep = (uint8_t *)afm__calloc(a, (size_t)n, 1);
     uint64_t *set = (uint64_t *)afm__calloc(a, (size_t)n * 4, sizeof *set);
     afm_result r = AFM_ERR_NOMEM;
     v->big = (int32_t *)afm__alloc(a, (size_t)n * sizeof *v->big);
-    if (!r0 || !r1 || !set || !v->big) goto out;
+    if (!r0 || !r1 || !set || !dep || !v->big) goto out;
     for (u = n - 1; u >= 0; u--) {
         int32_t c, e = v->child0[u] + v->nchild[u];
         r0[u] = v->ntok[u] ? v->tok0[u] : v->nchild[u] ? r0[v->child0[u]] : 0;
@@ -9217,6 +9220,7 @@ static afm_result afm__vocab_big(afm_constraint_vocab *v) {
             int q;
             for (q = 0; q < 4; q++) set[(size_t)u * 4 + q] |= set[(size_t)c * 4 + q];
             set[(size_t)u * 4 + (v->nbyte[c] >> 6)] |= 1ull << (v->nbyte[c] & 63);
+            if (dep[c] + 1 > dep[u]) dep[u] = (uint8_t)(dep[c] + 1 < 255 ? dep[c] + 1 : 255);
         }
         v->big[u] = r1[u] - r0[u] - v->ntok[u] >= AFM__VOCAB_BIG ? nb++ : -1;
     }
@@ -9224,18 +9228,21 @@ static afm_result afm__vocab_big(afm_constraint_vocab *v) {
     v->bigset = (uint64_t *)afm__alloc(a, ((size_t)nb + 1) * 4 * sizeof *v->bigset);
     v->biglo = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->biglo);
     v->bighi = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->bighi);
-    if (!v->bigset || !v->biglo || !v->bighi) goto out;
+    v->bigdepth = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
+    if (!v->bigset || !v->biglo || !v->bighi || !v->bigdepth) goto out;
     for (u = 0; u < n; u++)
         if (v->big[u] >= 0) {
             memcpy(v->bigset + (size_t)v->big[u] * 4, set + (size_t)u * 4, 4 * sizeof *set);
             v->biglo[v->big[u]] = r0[u] + v->ntok[u];
             v->bighi[v->big[u]] = r1[u];
+            v->bigdepth[v->big[u]] = dep[u];
         }
     r = AFM_OK;
 out:
     afm__free(a, r0);
     afm__free(a, r1);
     afm__free(a, set);
+    afm__free(a, dep);
     return r;
 }
 AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const afm_allocator *allocator, afm_constraint_vocab **out) {
@@ -9380,6 +9387,9 @@ fail:
 #define AFM__CM_FAIL (-3)
 
 typedef struct afm__cm_walk_entry { int32_t node, state; int k; } afm__cm_walk_entry;
+/* bytes known to lead from a state to state `to` (yes) and known not to (no) */
+typedef struct afm__cm_cls { int32_t to; uint64_t yes[4], no[4]; } afm__cm_cls;
+#define AFM__CM_NCLS 2
 
 struct afm_constraint_state {
     const afm_constraint *c;
@@ -9401,8 +9411,8 @@ struct afm_constraint_state {
     int32_t *sht;
     size_t sht_cap;
     int32_t *trans;         /* 256 per state that has any, AFM__CM_UNKNOWN until computed */
-    uint64_t *loop;         /* per state [8]: bytes known so far to lead back to it (4 words), bytes looked at (4) */
-    size_t cap_loop;
+    afm__cm_cls *cls;       /* per state AFM__CM_NCLS byte classes with one target each (learnt on demand) */
+    size_t cap_cls;
     size_t n_trans, cap_trans;
     /* scratch */
     uint32_t *work;         /* (pos, parent) pairs */
@@ -9563,8 +9573,9 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
     m->str[s] = -1;
     m->sslot[s] = -1;
     m->sht[k] = s;
-    if (!afm__grow(&m->alloc, (void **)&m->loop, &m->cap_loop, (m->n_s + 1) * 8, sizeof *m->loop)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
-    memset(m->loop + (size_t)s * 8, 0, 8 * sizeof *m->loop);
+    if (!afm__grow(&m->alloc, (void **)&m->cls, &m->cap_cls, (m->n_s + 1) * AFM__CM_NCLS, sizeof *m->cls)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
+    memset(m->cls + (size_t)s * AFM__CM_NCLS, 0, AFM__CM_NCLS * sizeof *m->cls);
+    for (i = 0; i < AFM__CM_NCLS; i++) m->cls[(size_t)s * AFM__CM_NCLS + i].to = AFM__CM_UNKNOWN;
     return s;
 }
 
@@ -9605,29 +9616,36 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
     return t;
 }
 
-/* 1 when every byte of the 256-bit set b leads from state s back to s (learnt byte by byte, kept
-   per state); -1 on failure. */
-static int afm__cm_loops_on(afm_constraint_state *m, int32_t s, const uint64_t *b) {
-    uint64_t *lp = m->loop + (size_t)s * 8;
-    int q;
-    for (q = 0; q < 4; q++) /* a byte already seen not to loop */
-        if (b[q] & lp[4 + q] & ~lp[q]) return 0;
+/* The state every byte of the 256-bit set b leads to from state s, if it is one and the same
+   live state; AFM__CM_DEAD if not; AFM__CM_FAIL on failure. What each byte does is learnt once per
+   state, in up to AFM__CM_NCLS classes (inside a JSON string: the plain characters). */
+static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_t *b) {
+    afm__cm_cls *c;
+    int32_t to;
+    int q, lo = 0, k;
+    while (!((b[lo >> 6] >> (lo & 63)) & 1)) lo++; /* b is never empty */
+    if ((to = afm__cm_step(m, s, (unsigned)lo)) < 0) return to;
+    c = m->cls + (size_t)s * AFM__CM_NCLS;
+    for (k = 0; k < AFM__CM_NCLS && c[k].to != to && c[k].to != AFM__CM_UNKNOWN; k++) {}
+    if (k == AFM__CM_NCLS) { k = AFM__CM_NCLS - 1; memset(&c[k], 0, sizeof c[k]); }
+    c[k].to = to;
+    for (q = 0; q < 4; q++)
+        if (b[q] & c[k].no[q]) return AFM__CM_DEAD;
     for (q = 0; q < 4; q++) {
-        uint64_t todo = b[q] & ~lp[4 + q];
+        uint64_t todo = b[q] & ~c[k].yes[q];
         while (todo) {
             int bit = 0;
             int32_t t;
             while (!((todo >> bit) & 1)) bit++;
             todo &= todo - 1;
             t = afm__cm_step(m, s, (unsigned)(q * 64 + bit));
-            if (t == AFM__CM_FAIL) return -1;
-            lp = m->loop + (size_t)s * 8; /* the step may have moved the array */
-            lp[4 + q] |= 1ull << bit;
-            if (t != s) return 0;
-            lp[q] |= 1ull << bit;
+            if (t == AFM__CM_FAIL) return t;
+            c = m->cls + (size_t)s * AFM__CM_NCLS; /* the step may have moved the array */
+            if (t != to) { c[k].no[q] |= 1ull << bit; return AFM__CM_DEAD; }
+            c[k].yes[q] |= 1ull << bit;
         }
     }
-    return 1;
+    return to;
 }
 
 /* The allowed-token bit set of state s (cached). NULL on failure. */
@@ -9669,10 +9687,11 @@ static const uint32_t *afm__cm_mask(afm_constraint_state *m, int32_t s) {
             int32_t id = v->toks[v->tok0[c] + i];
             mask[id >> 5] |= 1u << (id & 31);
         }
-        if (v->big[c] >= 0) { /* many tokens below: all allowed when their bytes cannot leave state t */
-            int all = afm__cm_loops_on(m, t, v->bigset + (size_t)v->big[c] * 4);
-            if (all < 0) return NULL;
-            if (all) {
+        if (v->big[c] >= 0) { /* many tokens below: all allowed when every path of their bytes stays alive */
+            int32_t b = v->big[c], u = t, d;
+            for (d = 0; d < v->bigdepth[b] && u >= 0; d++) u = afm__cm_uniform(m, u, v->bigset + (size_t)b * 4);
+            if (u == AFM__CM_FAIL) return NULL;
+            if (u >= 0) {
                 int32_t k;
                 for (k = v->biglo[v->big[c]]; k < v->bighi[v->big[c]]; k++) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
                 continue;
@@ -9711,7 +9730,7 @@ AFMDEF void afm_constraint_state_free(afm_constraint_state *m) {
     afm__free(&a, m->fpos); afm__free(&a, m->fseen); afm__free(&a, m->fpar); afm__free(&a, m->fdepth); afm__free(&a, m->fht);
     afm__free(&a, m->soff); afm__free(&a, m->spool); afm__free(&a, m->str); afm__free(&a, m->sslot); afm__free(&a, m->sacc);
     afm__free(&a, m->sht); afm__free(&a, m->trans); afm__free(&a, m->work); afm__free(&a, m->out); afm__free(&a, m->masks);
-    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__free(&a, m->loop);
+    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__free(&a, m->cls);
     afm__free(&a, m);
 }
 

@@ -3,11 +3,13 @@
    trains: see docs/BENCHMARKS.md).
 
      cc -std=c99 -O2 tools/bench_constrain.c -o build/bench_constrain -lm -lpthread
-     build/bench_constrain TOKENIZER.model [-w WALKS] SCHEMA.json ...
+     build/bench_constrain TOKENIZER.model [-w WALKS] [--reuse] SCHEMA.json ...
 
    For each schema: the median of 20 compiles; then WALKS outputs (default 20), each from a fresh
    constraint state (no mask computed before, as for a new reply), each token drawn uniformly from
-   the allowed ones (the stop token once allowed, with probability 1/4), up to 256 tokens. Prints the
+   the allowed ones (the stop token once allowed, with probability 1/4), up to 256 tokens; with
+   --reuse one state per schema, rewound to the start for each output (its transitions and masks
+   stay cached, as in a server that keeps a state per schema and thread). Prints the
    median and p99 of the time of afm_constraint_state_mask per token over all outputs of all
    schemas, and per schema (thread CPU time). */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
@@ -63,10 +65,11 @@ int main(int argc, char **argv) {
     afm_tokenizer *tok = NULL;
     afm_constraint_vocab *v = NULL;
     double t0, *all = (double *)malloc(cap * sizeof *all);
-    int i, walks = 20, first = 2;
+    int i, walks = 20, first = 2, reuse = 0;
     uint64_t rng = 88172645463325252ull;
     if (argc < 3) { fprintf(stderr, "usage: bench_constrain TOKENIZER.model [-w WALKS] SCHEMA.json ...\n"); return 1; }
-    if (!strcmp(argv[2], "-w") && argc > 4) { walks = atoi(argv[3]); first = 4; }
+    if (!strcmp(argv[first], "-w") && argc > first + 2) { walks = atoi(argv[first + 1]); first += 2; }
+    if (!strcmp(argv[first], "--reuse") && argc > first + 1) { reuse = 1; first++; }
     buf = slurp(argv[1], &n);
     if (afm_tokenizer_load(buf, n, AFM_TOKENIZER_SENTENCEPIECE, NULL, &tok, err, sizeof err) != AFM_OK) { fprintf(stderr, "%s\n", err); return 1; }
     free(buf);
@@ -90,10 +93,11 @@ int main(int argc, char **argv) {
             if (afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, buf, n, NULL, &c, err, sizeof err) != AFM_OK) { fprintf(stderr, "%s: %s\n", argv[i], err); return 1; }
             ct[k] = cpu_now() - t0;
         }
+        afm_constraint_state *s = NULL;
         for (w = 0; w < walks; w++) {
-            afm_constraint_state *s = NULL;
             int step;
-            afm_constraint_state_create(c, v, &s);
+            if (!reuse || !s) afm_constraint_state_create(c, v, &s);
+            else afm_constraint_state_rewind(s, 0);
             for (step = 0; step < 256; step++) {
                 const uint32_t *mask;
                 int32_t t, pick = -1, cnt = 0;
@@ -111,7 +115,7 @@ int main(int argc, char **argv) {
                 afm_constraint_state_advance(s, pick);
             }
             complete += afm_constraint_state_complete(s);
-            afm_constraint_state_free(s);
+            if (!reuse || w + 1 == walks) { afm_constraint_state_free(s); s = NULL; }
         }
         for (k = 0; k < (int)m && all_n < cap; k++) all[all_n++] = mt[k];
         snprintf(name, sizeof name, "%.*s", (int)(strlen(base) > 5 ? strlen(base) - 5 : strlen(base)), base);
