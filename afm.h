@@ -9895,12 +9895,21 @@ static const uint32_t *afm__gen_mask(afm__gen *g, afm_result *r) {
     if (!(m = afm_constraint_state_mask(g->cs))) *r = afm__serr(g->s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
     return m;
 }
+/* Where the constraint forces the next bytes, the next token is the first fast-forward token
+   (wherever it comes up: after a draft, at the start), so that drafting never changes the output;
+   -1 when there is a choice (or fast-forward is off). */
+static int32_t afm__gen_forced(afm__gen *g) {
+    int32_t f;
+    if (!g->cs || g->p->no_fast_forward || afm_constraint_state_forced(g->cs, &f, 1) != 1) return -1;
+    return f;
+}
 /* Samples the next token under the constraint and advances it; -1 with *r set on failure. */
 static int32_t afm__gen_sample(afm__gen *g, const float *logits, afm_result *r) {
     const uint32_t *m = afm__gen_mask(g, r);
     int32_t t;
     if (*r != AFM_OK) return -1;
-    t = afm_sampler_sample_masked(g->sm, logits, m);
+    t = afm__gen_forced(g);
+    if (t < 0) t = afm_sampler_sample_masked(g->sm, logits, m);
     if (t < 0) { *r = afm__serr(g->s, AFM_ERR_ARG, "constraint: no token is allowed here"); return -1; }
     if (g->cs && afm_constraint_state_advance(g->cs, t) != AFM_OK) { *r = afm__serr(g->s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs)); return -1; }
     return t;
@@ -9931,7 +9940,12 @@ static int afm__draft_with_model(afm__gen *g, const int32_t *ctx, int n_ctx, int
         afm_result r;
         const uint32_t *m = afm__gen_mask(g, &r); /* the constraint, advanced along the draft (the caller rewinds it) */
         if (r != AFM_OK) return i;
-        if (g->sampled) {
+        if ((g->draft[i] = afm__gen_forced(g)) >= 0) { /* forced: q is a certainty */
+            if (g->sampled) {
+                memset(g->q + (size_t)i * g->V, 0, (size_t)g->V * sizeof *g->q);
+                g->q[(size_t)i * g->V + g->draft[i]] = 1;
+            }
+        } else if (g->sampled) {
             int nc = afm__sampler_dist(g->dsm, lg, m, g->q + (size_t)i * g->V);
             if (nc == 0) return i;
             g->draft[i] = afm__draw(g->dsm->rng, g->q + (size_t)i * g->V, g->dsm->idx, nc);
@@ -10034,7 +10048,7 @@ static afm_result afm__fast_forward(afm__gen *g, int32_t *x) {
 static afm_result afm__round(afm__gen *g, int32_t *x) {
     afm_session *s = g->s;
     const afm_generate_params *p = g->p;
-    int P = s->pos, k = 0, j, i, n_ctx, c0 = g->cs ? afm_constraint_state_n_tokens(g->cs) : 0;
+    int P = s->pos, k = 0, j, i, n_ctx, c0 = g->cs ? afm_constraint_state_n_tokens(g->cs) : 0, finished = 0;
     int32_t batch[AFM__MAX_DRAFT + 1], next = 0;
     double t0, t1;
     afm_result r;
@@ -10080,8 +10094,12 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
         const float *lg = afm_session_logits(s, j);
         int32_t d = g->draft[j];
         const uint32_t *m = afm__gen_mask(g, &r);
+        int32_t f = afm__gen_forced(g);
         if (r != AFM_OK) return r;
-        if (!g->sampled) {
+        if (f >= 0) { /* forced here: the draft is right or not, no sampling */
+            next = f;
+            if (next != d) break;
+        } else if (!g->sampled) {
             next = afm_sampler_sample_masked(g->sm, lg, m);
             if (next != d) break;
         } else {
@@ -10103,12 +10121,14 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
         }
         g->st->n_accepted++;
         if (g->cs && afm_constraint_state_advance(g->cs, d) != AFM_OK) return afm__serr(s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
+        if (g->cs && g->cs->hist[g->cs->n_hist - 1] == -4) { j++; finished = 1; break; } /* an accepted stop token ends the output */
     }
     if (k > 0) {
         g->acc_hits = 0.9 * g->acc_hits + j;
         g->acc_trials = 0.9 * g->acc_trials + j + (j < k);
     }
-    if (j == k) { /* every draft accepted: a bonus token */
+    if (finished) next = -1; /* emitting the drafts ends at the stop token */
+    else if (j == k) { /* every draft accepted: a bonus token */
         if ((next = afm__gen_sample(g, afm_session_logits(s, k), &r)) < 0) return r;
     } else if (g->cs && (next < 0 || afm_constraint_state_advance(g->cs, next) != AFM_OK))
         return afm__serr(s, AFM_ERR_ARG, "constraint: no token is allowed here");

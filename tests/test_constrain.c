@@ -404,12 +404,133 @@ static void test_real_vocab(void) {
     afm_model_free(model);
 }
 
+/* afm_generate under a constraint on the shipped model: greedy output is the same with and without
+   drafting (draft model, prompt lookup) and always matches, also without fast-forward (which
+   spells forced bytes with its own tokens, so that output differs); sampled outputs with a
+   draft model match too; masks and advances stay consistent across rejected drafts. */
+typedef struct { int32_t toks[512]; int n; } gen_out;
+static int collect(void *user, int32_t t) {
+    gen_out *o = (gen_out *)user;
+    if (o->n < 512) o->toks[o->n++] = t;
+    return 0;
+}
+static int replays_complete(afm_constraint *c, afm_constraint_vocab *v, const gen_out *o) {
+    afm_constraint_state *m = NULL;
+    int i, ok = 1;
+    afm_constraint_state_create(c, v, &m);
+    for (i = 0; i < o->n && ok; i++) ok = afm_constraint_state_advance(m, o->toks[i]) == AFM_OK;
+    ok = ok && afm_constraint_state_complete(m);
+    afm_constraint_state_free(m);
+    return ok;
+}
+static void test_generate(void) {
+    afm_model *base = NULL, *draft = NULL;
+    afm_tokenizer *tok = NULL;
+    afm_constraint_vocab *v = NULL;
+    afm_constraint *c = NULL;
+    afm_session *s = NULL, *ds = NULL;
+    char err[256] = "";
+    const char *schema = "{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"string\",\"maxLength\":12},\"tags\":{\"type\":\"array\",\"items\":{\"enum\":[\"earth\",\"heaven\",\"light\"]},\"maxItems\":3},\"n\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":99}},\"required\":[\"name\",\"tags\",\"n\"]}";
+    afm_chat_message msg = { "user", "Describe the first day as JSON." };
+    int32_t prompt[256], stop;
+    size_t n_prompt = 0;
+    int mode, seed;
+    gen_out ref;
+    afm_session_params sp;
+    if (afm_model_load_file("models/mini/base.afm", NULL, &base, err, sizeof err) != AFM_OK ||
+        afm_model_load_file("models/mini/draft.afm", NULL, &draft, err, sizeof err) != AFM_OK) {
+        printf("skip: generation under a constraint (%s)\n", err);
+        afm_model_free(base);
+        return;
+    }
+    memset(&sp, 0, sizeof sp);
+    sp.n_ctx = 1024;
+    afm_model_tokenizer(base, NULL, &tok, err, sizeof err);
+    afm_constraint_vocab_create(tok, NULL, &v);
+    c = compile(AFM_CONSTRAINT_JSON_SCHEMA, schema, err, sizeof err);
+    CHECK(c && v, "schema for generation: %s", err);
+    afm_chat_tokenize(tok, &msg, 1, NULL, 0, 1, prompt, 256, &n_prompt);
+    stop = afm_tokenizer_special(tok, AFM_SPECIAL_TURN_END);
+    afm_session_create(base, &sp, &s);
+    afm_session_create(draft, &sp, &ds);
+    memset(&ref, 0, sizeof ref);
+    for (mode = 0; mode < 4 && c && v; mode++) { /* greedy: plain, draft model, lookup, no fast-forward */
+        afm_generate_params gp;
+        afm_constraint_state *cs = NULL;
+        gen_out o;
+        memset(&gp, 0, sizeof gp);
+        memset(&o, 0, sizeof o);
+        afm_constraint_state_create(c, v, &cs);
+        gp.n_predict = 200;
+        gp.constraint = cs;
+        gp.on_token = collect;
+        gp.user = &o;
+        gp.stop_tokens = &stop;
+        gp.n_stop_tokens = 1;
+        gp.draft = mode == 1 ? ds : NULL;
+        gp.lookup = mode == 2;
+        gp.no_fast_forward = mode == 3;
+        gp.draft_k = mode ? 4 : 0;
+        gp.fixed_k = mode == 1 || mode == 2;
+        afm_session_rewind(s, 0);
+        CHECK(afm_generate(s, prompt, (int)n_prompt, &gp, NULL) == AFM_OK, "generate mode %d: %s", mode, afm_session_error(s));
+        CHECK(afm_constraint_state_complete(cs) && o.n > 0 && v->kind[o.toks[o.n - 1]] == 2, "greedy mode %d ends complete with a stop token (%d tokens, last %d, complete %d, state tokens %d)", mode, o.n, o.n ? o.toks[o.n - 1] : -1, afm_constraint_state_complete(cs), afm_constraint_state_n_tokens(cs));
+        CHECK(replays_complete(c, v, &o), "greedy mode %d: the tokens replay to a complete match", mode);
+        CHECK(afm_constraint_state_n_tokens(cs) == o.n, "greedy mode %d: the state advanced once per emitted token", mode);
+        if (mode == 0) ref = o;
+        else if (mode < 3) CHECK(o.n == ref.n && memcmp(o.toks, ref.toks, (size_t)o.n * sizeof *o.toks) == 0, "greedy mode %d gives the plain greedy output", mode);
+        afm_constraint_state_free(cs);
+    }
+    if (ref.n) {
+        char text[2048];
+        size_t len = 0;
+        afm_detokenize(tok, ref.toks, (size_t)ref.n, AFM_TOK_NEWLINE, text, sizeof text, &len);
+        printf("greedy under the schema: %s\n", text);
+    }
+    for (seed = 1; seed <= 4 && c && v; seed++) { /* sampling with a draft model: drafts are rejected and rewound */
+        afm_generate_params gp;
+        afm_generate_stats st;
+        afm_constraint_state *cs = NULL;
+        gen_out o;
+        memset(&gp, 0, sizeof gp);
+        memset(&o, 0, sizeof o);
+        afm_constraint_state_create(c, v, &cs);
+        gp.n_predict = 300;
+        gp.sampler.temperature = 1.0f;
+        gp.sampler.top_p = seed == 2 ? 0.9f : 0;
+        gp.sampler.top_k = seed == 3 ? 20 : 0;
+        gp.sampler.min_p = seed == 4 ? 0.05f : 0;
+        gp.sampler.seed = (uint64_t)seed;
+        gp.constraint = cs;
+        gp.on_token = collect;
+        gp.user = &o;
+        gp.stop_tokens = &stop;
+        gp.n_stop_tokens = 1;
+        gp.draft = ds;
+        gp.draft_k = 4;
+        gp.fixed_k = 1;
+        afm_session_rewind(s, 0);
+        CHECK(afm_generate(s, prompt, (int)n_prompt, &gp, &st) == AFM_OK, "sampled generate seed %d: %s", seed, afm_session_error(s));
+        CHECK(afm_constraint_state_n_tokens(cs) == o.n && (o.n == 300 || replays_complete(c, v, &o)),
+              "sampled with drafts, seed %d: %d tokens, %d drafted, %d accepted, complete", seed, o.n, st.n_drafted, st.n_accepted);
+        afm_constraint_state_free(cs);
+    }
+    afm_session_free(s);
+    afm_session_free(ds);
+    afm_constraint_free(c);
+    afm_constraint_vocab_free(v);
+    afm_tokenizer_free(tok);
+    afm_model_free(base);
+    afm_model_free(draft);
+}
+
 int main(void) {
     afm_constraint_vocab *v = make_vocab();
     test_specs(v);
     test_errors();
     test_api(v);
     test_real_vocab();
+    test_generate();
     afm_constraint_vocab_free(v);
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail != 0;
