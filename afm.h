@@ -350,6 +350,58 @@ AFMDEF void afm_sampler_free(afm_sampler *sampler);
    is -inf. (afm_generate turns that into AFM_ERR_NUMERIC.) */
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
 
+/* ---- Constraints (guided generation): the output is guaranteed to match a regular expression, a
+   GBNF grammar (llama.cpp's format) or a JSON Schema. A constraint compiles once and is immutable
+   (share it across sessions and threads); a vocabulary object holds the tokenizer's token bytes
+   and their prefix tree (build it once per tokenizer); a constraint state follows one output
+   and gives the exact set of allowed tokens at each step: a token is allowed iff the output so far
+   plus its bytes can still be extended to a complete match, and the stop tokens (<turn_end>, EOS)
+   iff the output is complete. Token bytes are those of afm_detokenize with AFM_TOK_NEWLINE (U+2581
+   is a space, <n> a newline, byte tokens their byte), except that a leading space is never dropped;
+   chat markers and other control tokens are never allowed. The match is over the whole output. A
+   state is used by one thread at a time. docs/CONSTRAINTS.md has the details and the JSON Schema
+   subset (compact JSON, properties in schema order, no extra properties). ---- */
+typedef enum afm_constraint_kind {
+    AFM_CONSTRAINT_REGEX = 1,      /* a regular expression; the whole output must match */
+    AFM_CONSTRAINT_GBNF = 2,       /* a GBNF grammar; its rule `root` is the whole output */
+    AFM_CONSTRAINT_JSON_SCHEMA = 3 /* a JSON Schema (the subset in docs/CONSTRAINTS.md) */
+} afm_constraint_kind;
+typedef struct afm_constraint afm_constraint;
+typedef struct afm_constraint_vocab afm_constraint_vocab;
+typedef struct afm_constraint_state afm_constraint_state;
+
+/* Compiles text[0, len). On failure *out is NULL, AFM_ERR_FORMAT, and err says what and where
+   (offset, grammar line and column, or schema path). */
+AFMDEF afm_result afm_constraint_compile(afm_constraint_kind kind, const char *text, size_t len,
+                                         const afm_allocator *allocator, afm_constraint **out, char *err,
+                                         size_t err_size);
+AFMDEF void afm_constraint_free(afm_constraint *c);
+/* The tokens' bytes and their prefix tree; the tokenizer may be freed afterwards. */
+AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const afm_allocator *allocator,
+                                              afm_constraint_vocab **out);
+AFMDEF void afm_constraint_vocab_free(afm_constraint_vocab *v);
+/* A state at the start of the output. c and v must outlive it. */
+AFMDEF afm_result afm_constraint_state_create(const afm_constraint *c, const afm_constraint_vocab *v,
+                                              afm_constraint_state **out);
+AFMDEF void afm_constraint_state_free(afm_constraint_state *s);
+/* The allowed tokens now: a bit set of n_vocab bits (token t: bit t % 32 of word t / 32), valid until
+   the next call on the state. NULL when the state failed (afm_constraint_state_error says why). */
+AFMDEF const uint32_t *afm_constraint_state_mask(afm_constraint_state *s);
+AFMDEF int afm_constraint_state_allows(afm_constraint_state *s, int32_t token);
+/* Appends a token to the output; AFM_ERR_ARG (state unchanged) when it is not allowed. */
+AFMDEF afm_result afm_constraint_state_advance(afm_constraint_state *s, int32_t token);
+/* The number of tokens appended so far, and a return to the output's first n_tokens tokens. */
+AFMDEF int afm_constraint_state_n_tokens(const afm_constraint_state *s);
+AFMDEF afm_result afm_constraint_state_rewind(afm_constraint_state *s, int n_tokens);
+/* 1 when the output so far is a complete match (or ended with a stop token). */
+AFMDEF int afm_constraint_state_complete(const afm_constraint_state *s);
+/* Fast-forward: when the next bytes are the only possible continuation (the `{"name":"` of a
+   schema), tokens spelling them (greedily the longest), at most cap; 0 when there is a choice. */
+AFMDEF int afm_constraint_state_forced(afm_constraint_state *s, int32_t *tokens, int cap);
+AFMDEF const char *afm_constraint_state_error(const afm_constraint_state *s);
+/* Samples only among the tokens whose bit is set in allowed (NULL: all); -1 when none is. */
+AFMDEF int32_t afm_sampler_sample_masked(afm_sampler *sampler, const float *logits, const uint32_t *allowed);
+
 
 /* ---- LoRA adapters (docs/MODEL.md section 3): y = W x + (alpha / rank) * B (A x) on every adapted
    projection, applied at run time so a 2-bit base needs no merge. Several adapters may be loaded
@@ -414,6 +466,12 @@ typedef struct afm_generate_params {
     int lookup;                     /* prompt lookup: continue the latest earlier match of the last 2-4 tokens */
     int draft_k;                    /* most tokens per verification; 0: the adapter's count, else 5 (max 16) */
     int fixed_k;                    /* always draft draft_k tokens instead of adapting */
+    /* guided generation: every token (sampled, drafted, fast-forwarded) is one the constraint allows,
+       and the state advances with each; it must start where this generation starts (a fresh state
+       for a fresh reply). Generation ends after a stop token the constraint allowed (the output is
+       then complete) or at n_predict (afm_constraint_state_complete says whether it got there). */
+    afm_constraint_state *constraint;
+    int no_fast_forward;            /* sample even the tokens the constraint forces (default: appended as one batch) */
 } afm_generate_params;
 
 /* Why afm_generate stopped. */
@@ -7803,11 +7861,35 @@ static int afm__cmp_cand(const void *a, const void *b) {
 /* Applies temperature, min-p, top-k and top-p (in that order) to logits: sm->prob holds the
    unnormalised probabilities (largest 1) and sm->idx[0 .. return value) the surviving ids, in
    increasing id order. For greedy sampling the one survivor is the argmax (lowest id on ties).
-   Returns -1 when no token can be chosen: a logit is NaN or +inf, or every one is -inf (a broken
-   model or adapter; reading the lowest id instead would hide it). */
-static int afm__sampler_filter(afm_sampler *sm, const float *logits) {
-    int n = sm->n_vocab, i, nc = 0, best = 0, keep;
+   allowed (a constraint's mask, one bit per id; NULL: every id) limits the candidates. Returns -1
+   when no token can be chosen because a logit is NaN or +inf, or every one is -inf (a broken model
+   or adapter; reading the lowest id instead would hide it), and 0 when the mask allows nothing. */
+static int afm__sampler_filter(afm_sampler *sm, const float *logits, const uint32_t *allowed) {
+    int n = sm->n_vocab, i, nc = 0, best = -1, keep;
     float inv_t;
+    if (allowed) { /* a constraint: only the allowed ids take part (a word at a time: masks are sparse) */
+        int w, nw = (n + 31) / 32;
+        for (w = 0; w < nw; w++)
+            for (i = w * 32; allowed[w] && i < w * 32 + 32 && i < n; i++) {
+                if (!((allowed[w] >> (i & 31)) & 1)) continue;
+                if (!(logits[i] <= FLT_MAX)) return -1; /* NaN or +inf */
+                if (best < 0 || logits[i] > logits[best]) best = i;
+            }
+        if (best < 0) return 0;
+        if (!(logits[best] >= -FLT_MAX)) return -1; /* all -inf */
+        if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
+        inv_t = 1.0f / sm->p.temperature;
+        for (w = 0; w < nw; w++)
+            for (i = w * 32; allowed[w] && i < w * 32 + 32 && i < n; i++) {
+                float d, p;
+                if (!((allowed[w] >> (i & 31)) & 1)) continue;
+                d = logits[i] - logits[best];
+                p = d == 0 ? 1.0f : afm__expf(d * inv_t);
+                sm->prob[i] = p;
+                if (p > 0 && p >= sm->p.min_p) sm->idx[nc++] = i;
+            }
+    } else {
+    best = 0;
     for (i = 0; i < n; i++) {
         if (!(logits[i] <= FLT_MAX)) return -1; /* NaN or +inf */
         if (logits[i] > logits[best]) best = i;
@@ -7816,9 +7898,10 @@ static int afm__sampler_filter(afm_sampler *sm, const float *logits) {
     if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
     inv_t = 1.0f / sm->p.temperature; /* +inf for a temperature below ~3e-39: greedy, ties kept */
     for (i = 0; i < n; i++) {
-        float d = logits[i] - logits[best], p = d == 0 ? 1.0f : expf(d * inv_t);
+        float d = logits[i] - logits[best], p = d == 0 ? 1.0f : afm__expf(d * inv_t);
         sm->prob[i] = p;
         if (p > 0 && p >= sm->p.min_p) sm->idx[nc++] = i;
+    }
     }
     keep = nc;
     if (sm->p.top_k > 0 && sm->p.top_k < keep) keep = sm->p.top_k;
@@ -7874,24 +7957,28 @@ static int32_t afm__draw_u(double u, const float *w, const int32_t *idx, int n) 
 }
 
 /* One token from the filtered logits with the uniform number u (unused when greedy); -1 when the
-   logits are not usable (afm__sampler_filter). */
-static int32_t afm__sampler_pick(afm_sampler *sm, const float *logits, double u) {
-    int nc = afm__sampler_filter(sm, logits);
+   logits are not usable, -2 when the mask allows no token (afm__sampler_filter). */
+static int32_t afm__sampler_pick(afm_sampler *sm, const float *logits, const uint32_t *allowed, double u) {
+    int nc = afm__sampler_filter(sm, logits, allowed);
     if (nc < 0) return -1;
+    if (nc == 0) return -2;
     if (!(sm->p.temperature > 0)) return sm->idx[0];
     return afm__draw_u(u, sm->prob, sm->idx, nc);
 }
 
-AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) {
+AFMDEF int32_t afm_sampler_sample_masked(afm_sampler *sm, const float *logits, const uint32_t *allowed) {
+    int32_t t;
     if (!sm || !logits) return -1;
-    return afm__sampler_pick(sm, logits, sm->p.temperature > 0 ? afm__rng_uniform(sm->rng) : 0);
+    t = afm__sampler_pick(sm, logits, allowed, sm->p.temperature > 0 ? afm__rng_uniform(sm->rng) : 0);
+    return t < 0 ? -1 : t;
 }
+AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) { return afm_sampler_sample_masked(sm, logits, NULL); }
 
 #ifdef AFM_TESTING
 /* The sampler's full distribution over the vocabulary (zeros outside the filtered set);
    returns the number of candidates, whose ids are left in sm->idx (tests compare against it). */
 static int afm__sampler_dist(afm_sampler *sm, const float *logits, float *out) {
-    int nc = afm__sampler_filter(sm, logits), i;
+    int nc = afm__sampler_filter(sm, logits, NULL), i;
     double sum = 0;
     memset(out, 0, (size_t)sm->n_vocab * sizeof *out);
     for (i = 0; i < nc; i++) sum += sm->prob[sm->idx[i]];
@@ -7908,6 +7995,2363 @@ static int afm__test_accept_all(const afm_session *s) { return s->test_accept_ru
 #else
 static int afm__test_accept_all(const afm_session *s) { (void)s; return 0; }
 #endif
+
+/* ======================================================================================== */
+/* ==== CONSTRAINTS: regular expressions, GBNF grammars, JSON Schema -> exact token masks == */
+/* ======================================================================================== */
+
+/* Every front end (regular expression, GBNF grammar, JSON Schema) compiles to one grammar over
+   bytes: rules, each a list of alternatives, each a sequence of elements that are a byte range or a
+   reference to a rule. Code points become UTF-8 byte sequences, so matching goes byte by byte and a
+   token boundary may fall anywhere inside a character.
+   The matcher is a pushdown automaton that follows every parse at once. A stack is a chain of
+   frames (a position in an alternative, and the frame below), interned so that equal stacks are
+   one id; a matcher state is the set of stacks whose top is a byte range, plus whether the input
+   may end here. States are interned as well and their transitions (state, byte) -> state memoised,
+   so after a short warm-up the matcher runs as a lazily built DFA. A reference in tail position
+   replaces its frame instead of pushing one, so a loop (a string's characters, a number's digits)
+   comes back to the very same state after each character.
+   The token mask walks a prefix tree of the vocabulary's byte strings with those transitions and
+   prunes at the first dead byte: a token is allowed iff the walk reaches its node alive. Masks are
+   cached per state. A live state can always be completed because the compiler refuses rules that
+   never finish, so "alive" is exactly "extendable to a complete match". */
+
+#define AFM__G_END 0xFFFFFFFFu       /* ends every alternative */
+#define AFM__G_BYTES 0x80000000u     /* | hi << 8 | lo: one byte in [lo, hi]; else a rule id */
+#define AFM__G_MAX_ELEMS (1u << 23)  /* grammar size limit (32 MB of elements) */
+#define AFM__G_MAX_REPEAT 100000     /* x{n,m}: n, m at most this */
+#define AFM__G_MAX_NEST 200          /* parentheses, schema levels and $ref chains */
+
+typedef struct afm__grammar {
+    afm_allocator alloc;
+    uint32_t *el;                 /* every alternative's elements, each ended by AFM__G_END */
+    size_t n_el, cap_el;
+    uint32_t *alt_start;          /* alternative i starts at el[alt_start[i]] */
+    int32_t *alt_rule;            /* and belongs to this rule */
+    size_t n_alt, cap_alt;
+    uint32_t *name_off;           /* rule r is called names + name_off[r] (for messages) */
+    uint8_t *defined;             /* GBNF: the rule has a definition (not only a use) */
+    int32_t n_rule;
+    size_t cap_rule;
+    char *names;
+    size_t n_names, cap_names;
+    uint32_t *rule_alt0;          /* after packing: rule r's alternatives are ralt[rule_alt0[r] .. rule_alt0[r + 1]) */
+    uint32_t *ralt;
+    int32_t root;
+    char *err;
+    size_t err_size;
+    int failed;
+} afm__grammar;
+
+typedef struct afm__gseq { uint32_t *e; size_t n, cap; } afm__gseq;
+
+/* Grows *p (of *cap elements of size sz) to hold need elements; 0 when out of memory. */
+static int afm__grow(const afm_allocator *a, void **p, size_t *cap, size_t need, size_t sz) {
+    size_t nc = *cap ? *cap : 16;
+    void *np;
+    if (need <= *cap) return 1;
+    while (nc < need) {
+        if (nc > ((size_t)-1 >> 2) / sz) return 0;
+        nc *= 2;
+    }
+    np = afm__alloc(a, nc * sz);
+    if (!np) return 0;
+    if (*cap) memcpy(np, *p, *cap * sz);
+    afm__free(a, *p);
+    *p = np;
+    *cap = nc;
+    return 1;
+}
+
+/* Records the first error (later ones are consequences) and returns 0. */
+static int afm__g_fail(afm__grammar *g, const char *fmt, ...) {
+    if (!g->failed && g->err && g->err_size) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(g->err, g->err_size, fmt, ap);
+        va_end(ap);
+    }
+    g->failed = 1;
+    return 0;
+}
+static int afm__g_nomem(afm__grammar *g) { return afm__g_fail(g, "out of memory"); }
+
+static void afm__g_free(afm__grammar *g) {
+    afm__free(&g->alloc, g->el);
+    afm__free(&g->alloc, g->alt_start);
+    afm__free(&g->alloc, g->alt_rule);
+    afm__free(&g->alloc, g->name_off);
+    afm__free(&g->alloc, g->defined);
+    afm__free(&g->alloc, g->names);
+    afm__free(&g->alloc, g->rule_alt0);
+    afm__free(&g->alloc, g->ralt);
+    memset(g, 0, sizeof *g);
+}
+
+static const char *afm__g_name(const afm__grammar *g, int32_t r) { return g->names + g->name_off[r]; }
+
+/* A new rule without alternatives; -1 on failure. */
+static int32_t afm__g_rule(afm__grammar *g, const char *name, size_t len) {
+    int32_t r = g->n_rule;
+    size_t cr = g->cap_rule;
+    if (g->failed) return -1;
+    if (r >= 0x7FFFFFF) return (int32_t)afm__g_fail(g, "grammar too large") - 1;
+    if (len > 120) len = 120;
+    if (!afm__grow(&g->alloc, (void **)&g->name_off, &cr, (size_t)r + 1, sizeof *g->name_off) ||
+        !afm__grow(&g->alloc, (void **)&g->defined, &g->cap_rule, (size_t)r + 1, 1) ||
+        !afm__grow(&g->alloc, (void **)&g->names, &g->cap_names, g->n_names + len + 1, 1))
+        return (int32_t)afm__g_nomem(g) - 1;
+    g->name_off[r] = (uint32_t)g->n_names;
+    memcpy(g->names + g->n_names, name, len);
+    g->names[g->n_names + len] = 0;
+    g->n_names += len + 1;
+    g->defined[r] = 1;
+    g->n_rule++;
+    return r;
+}
+
+static int afm__g_push(afm__grammar *g, afm__gseq *s, uint32_t e) {
+    if (g->failed) return 0;
+    if (!afm__grow(&g->alloc, (void **)&s->e, &s->cap, s->n + 1, sizeof *s->e)) return afm__g_nomem(g);
+    s->e[s->n++] = e;
+    return 1;
+}
+static uint32_t afm__g_bytes(unsigned lo, unsigned hi) { return AFM__G_BYTES | hi << 8 | lo; }
+static int afm__g_lit(afm__grammar *g, afm__gseq *s, const char *p, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (!afm__g_push(g, s, afm__g_bytes((unsigned char)p[i], (unsigned char)p[i]))) return 0;
+    return 1;
+}
+static void afm__g_seq_free(afm__grammar *g, afm__gseq *s) {
+    afm__free(&g->alloc, s->e);
+    memset(s, 0, sizeof *s);
+}
+
+/* Adds the alternative s (may be empty) to rule r. */
+static int afm__g_alt(afm__grammar *g, int32_t r, const afm__gseq *s) {
+    size_t ca = g->cap_alt;
+    if (g->failed || r < 0) return 0;
+    if (g->n_el + s->n + 1 > AFM__G_MAX_ELEMS) return afm__g_fail(g, "grammar too large (more than %u elements)", AFM__G_MAX_ELEMS);
+    if (!afm__grow(&g->alloc, (void **)&g->el, &g->cap_el, g->n_el + s->n + 1, sizeof *g->el) ||
+        !afm__grow(&g->alloc, (void **)&g->alt_start, &ca, g->n_alt + 1, sizeof *g->alt_start) ||
+        !afm__grow(&g->alloc, (void **)&g->alt_rule, &g->cap_alt, g->n_alt + 1, sizeof *g->alt_rule))
+        return afm__g_nomem(g);
+    g->alt_start[g->n_alt] = (uint32_t)g->n_el;
+    g->alt_rule[g->n_alt++] = r;
+    if (s->n) memcpy(g->el + g->n_el, s->e, s->n * sizeof *s->e);
+    g->n_el += s->n;
+    g->el[g->n_el++] = AFM__G_END;
+    return 1;
+}
+
+/* A rule with the one alternative s; s is freed. */
+static int32_t afm__g_rule_of(afm__grammar *g, const char *name, afm__gseq *s) {
+    int32_t r = afm__g_rule(g, name, strlen(name));
+    if (r >= 0 && !afm__g_alt(g, r, s)) r = -1;
+    afm__g_seq_free(g, s);
+    return r;
+}
+
+/* Appends e repeated min..max times (max -1: unbounded) to s. Optional copies nest to the right
+   (x (x (x)?)?)?, so every reference sits in tail position and the state does not grow. */
+static int afm__g_repeat(afm__grammar *g, afm__gseq *s, uint32_t e, long min, long max, const char *name) {
+    afm__gseq t;
+    int32_t r = -1, prev = -1;
+    long i;
+    if (min < 0 || min > AFM__G_MAX_REPEAT || max > AFM__G_MAX_REPEAT || (max >= 0 && max < min))
+        return afm__g_fail(g, "%s: bad repetition count {%ld,%ld} (0 <= min <= max <= %d)", name, min, max, AFM__G_MAX_REPEAT);
+    for (i = 0; i < min; i++)
+        if (!afm__g_push(g, s, e)) return 0;
+    memset(&t, 0, sizeof t);
+    if (max < 0) { /* r ::= e r | () */
+        if ((r = afm__g_rule(g, name, strlen(name))) < 0) return 0;
+        if (!afm__g_push(g, &t, e) || !afm__g_push(g, &t, (uint32_t)r) || !afm__g_alt(g, r, &t)) goto fail;
+        t.n = 0;
+        if (!afm__g_alt(g, r, &t)) goto fail;
+    } else {
+        for (i = min; i < max; i++) { /* r ::= e prev | () */
+            if ((r = afm__g_rule(g, name, strlen(name))) < 0) goto fail;
+            t.n = 0;
+            if (!afm__g_push(g, &t, e) || (prev >= 0 && !afm__g_push(g, &t, (uint32_t)prev)) || !afm__g_alt(g, r, &t)) goto fail;
+            t.n = 0;
+            if (!afm__g_alt(g, r, &t)) goto fail;
+            prev = r;
+        }
+    }
+    afm__g_seq_free(g, &t);
+    return r < 0 || afm__g_push(g, s, (uint32_t)r);
+fail:
+    afm__g_seq_free(g, &t);
+    return 0;
+}
+
+/* ---- character classes: code point ranges -> UTF-8 byte sequences ---- */
+typedef struct afm__cprange { uint32_t lo, hi; } afm__cprange;
+typedef struct afm__cpset { afm__cprange *r; size_t n, cap; } afm__cpset;
+
+static int afm__cp_add(afm__grammar *g, afm__cpset *c, uint32_t lo, uint32_t hi) {
+    if (!afm__grow(&g->alloc, (void **)&c->r, &c->cap, c->n + 1, sizeof *c->r)) return afm__g_nomem(g);
+    c->r[c->n].lo = lo;
+    c->r[c->n].hi = hi;
+    c->n++;
+    return 1;
+}
+static int afm__cp_cmp(const void *a, const void *b) {
+    const afm__cprange *x = (const afm__cprange *)a, *y = (const afm__cprange *)b;
+    return (x->lo > y->lo) - (x->lo < y->lo);
+}
+/* Sorts and merges; with negate, the complement in [0, 0x10FFFF]. Surrogates are never characters. */
+static int afm__cp_normalize(afm__grammar *g, afm__cpset *c, int negate) {
+    size_t i, m = 0;
+    uint32_t next = 0;
+    afm__cpset o;
+    memset(&o, 0, sizeof o);
+    if (c->n > 1) qsort(c->r, c->n, sizeof *c->r, afm__cp_cmp);
+    for (i = 0; i < c->n; i++) {
+        if (m && c->r[i].lo <= c->r[m - 1].hi + 1) {
+            if (c->r[i].hi > c->r[m - 1].hi) c->r[m - 1].hi = c->r[i].hi;
+        } else c->r[m++] = c->r[i];
+    }
+    c->n = m;
+    if (negate) {
+        for (i = 0; i < c->n; i++) {
+            if (c->r[i].lo > next && !afm__cp_add(g, &o, next, c->r[i].lo - 1)) goto fail;
+            next = c->r[i].hi + 1;
+        }
+        if (next <= 0x10FFFF && !afm__cp_add(g, &o, next, 0x10FFFF)) goto fail;
+        afm__free(&g->alloc, c->r);
+        *c = o;
+        memset(&o, 0, sizeof o);
+    }
+    for (i = 0; i < c->n; i++) { /* cut out the surrogates */
+        afm__cprange r = c->r[i];
+        if (r.hi > 0x10FFFF) c->r[i].hi = r.hi = 0x10FFFF;
+        if (r.hi < 0xD800 || r.lo > 0xDFFF) continue;
+        if (r.lo < 0xD800) {
+            c->r[i].hi = 0xD7FF;
+            if (r.hi > 0xDFFF && !afm__cp_add(g, c, 0xE000, r.hi)) goto fail;
+        } else if (r.hi > 0xDFFF) c->r[i].lo = 0xE000;
+        else c->r[i].lo = 1, c->r[i].hi = 0; /* empty */
+    }
+    return 1;
+fail:
+    afm__free(&g->alloc, o.r);
+    return 0;
+}
+
+/* Adds to rule r one alternative per run of UTF-8 byte sequences of the code points [a, b]
+   (split until every byte position is one range: the classic construction). */
+static int afm__g_utf8(afm__grammar *g, int32_t r, uint32_t a, uint32_t b) {
+    static const uint32_t lim[3] = { 0x7F, 0x7FF, 0xFFFF };
+    char ea[4], eb[4];
+    afm__gseq s;
+    int i, n, ok = 1;
+    if (a > b) return 1;
+    for (i = 0; i < 3; i++)
+        if (a <= lim[i] && b > lim[i]) return afm__g_utf8(g, r, a, lim[i]) && afm__g_utf8(g, r, lim[i] + 1, b);
+    n = b < 0x80 ? 1 : b < 0x800 ? 2 : b < 0x10000 ? 3 : 4;
+    for (i = 1; i < n; i++) {
+        uint32_t m = (1u << (6 * i)) - 1;
+        if ((a & ~m) != (b & ~m)) {
+            if ((a & m) != 0) return afm__g_utf8(g, r, a, a | m) && afm__g_utf8(g, r, (a | m) + 1, b);
+            if ((b & m) != m) return afm__g_utf8(g, r, a, (b & ~m) - 1) && afm__g_utf8(g, r, b & ~m, b);
+        }
+    }
+    afm__utf8_put(ea, a);
+    afm__utf8_put(eb, b);
+    memset(&s, 0, sizeof s);
+    for (i = 0; i < n && ok; i++) ok = afm__g_push(g, &s, afm__g_bytes((unsigned char)ea[i], (unsigned char)eb[i]));
+    ok = ok && afm__g_alt(g, r, &s);
+    afm__g_seq_free(g, &s);
+    return ok;
+}
+
+/* The JSON string form of a character that must be escaped ('"', '\\', control characters). */
+static size_t afm__json_escape_char(uint32_t c, char *o) {
+    static const char *hex = "0123456789abcdef";
+    o[0] = '\\';
+    switch (c) {
+    case '"': o[1] = '"'; return 2;
+    case '\\': o[1] = '\\'; return 2;
+    case '\n': o[1] = 'n'; return 2;
+    case '\r': o[1] = 'r'; return 2;
+    case '\t': o[1] = 't'; return 2;
+    case '\b': o[1] = 'b'; return 2;
+    case '\f': o[1] = 'f'; return 2;
+    default: o[1] = 'u'; o[2] = '0'; o[3] = '0'; o[4] = hex[(c >> 4) & 15]; o[5] = hex[c & 15]; return 6;
+    }
+}
+static int afm__json_needs_escape(uint32_t c) { return c < 0x20 || c == '"' || c == '\\'; }
+
+/* Appends to s one element matching a character of the class c (consumed). json: the class is
+   written inside a JSON string, characters that need it escaped (one fixed spelling each). */
+static int afm__g_class(afm__grammar *g, afm__gseq *s, afm__cpset *c, int negate, int json, const char *name) {
+    int32_t r;
+    size_t i;
+    int ok = 1;
+    uint32_t k;
+    if (!afm__cp_normalize(g, c, negate)) goto done;
+    if (c->n == 1 && c->r[0].lo <= c->r[0].hi && c->r[0].hi < 0x80 &&
+        !(json && (c->r[0].lo < 0x20 || (c->r[0].lo <= '"' && c->r[0].hi >= '"') || (c->r[0].lo <= '\\' && c->r[0].hi >= '\\')))) {
+        ok = afm__g_push(g, s, afm__g_bytes(c->r[0].lo, c->r[0].hi));
+        goto done;
+    }
+    if ((r = afm__g_rule(g, name, strlen(name))) < 0) { ok = 0; goto done; }
+    for (i = 0; i < c->n && ok; i++) {
+        afm__cprange x = c->r[i];
+        if (x.lo > x.hi) continue;
+        if (json && x.lo < 0x60) { /* the characters below '`' that need escaping go one by one */
+            uint32_t top = x.hi < 0x5F ? x.hi : 0x5F, run = x.lo;
+            for (k = x.lo; k <= top + 1 && ok; k++) {
+                if (k <= top && !afm__json_needs_escape(k)) continue;
+                if (run < k) ok = afm__g_utf8(g, r, run, k - 1);
+                if (k <= top && ok) {
+                    char e[6];
+                    afm__gseq t;
+                    memset(&t, 0, sizeof t);
+                    ok = afm__g_lit(g, &t, e, afm__json_escape_char(k, e)) && afm__g_alt(g, r, &t);
+                    afm__g_seq_free(g, &t);
+                }
+                run = k + 1;
+            }
+            if (x.hi > 0x5F && ok) ok = afm__g_utf8(g, r, 0x60, x.hi);
+        } else ok = afm__g_utf8(g, r, x.lo, x.hi);
+    }
+    ok = ok && afm__g_push(g, s, (uint32_t)r);
+done:
+    afm__free(&g->alloc, c->r);
+    memset(c, 0, sizeof *c);
+    return ok && !g->failed;
+}
+
+/* Appends one code point (a one-character class). */
+static int afm__g_char(afm__grammar *g, afm__gseq *s, uint32_t cp, int json, const char *name) {
+    afm__cpset c;
+    memset(&c, 0, sizeof c);
+    if (!json && cp < 0x80) return afm__g_push(g, s, afm__g_bytes(cp, cp));
+    return afm__cp_add(g, &c, cp, cp) && afm__g_class(g, s, &c, 0, json, name);
+}
+
+/* Decodes one UTF-8 character at p[*i] (an invalid byte stands for itself as U+FFFD would be
+   wrong: grammars are UTF-8, so it is an error); returns the code point or -1. */
+static long afm__utf8_get(const char *p, size_t n, size_t *i) {
+    const unsigned char *u = (const unsigned char *)p + *i;
+    size_t left = n - *i;
+    uint32_t c;
+    int k, len;
+    if (u[0] < 0x80) { (*i)++; return u[0]; }
+    if (u[0] >= 0xC2 && u[0] < 0xE0) { len = 2; c = u[0] & 0x1F; }
+    else if (u[0] >= 0xE0 && u[0] < 0xF0) { len = 3; c = u[0] & 0x0F; }
+    else if (u[0] >= 0xF0 && u[0] < 0xF5) { len = 4; c = u[0] & 0x07; }
+    else return -1;
+    if (left < (size_t)len) return -1;
+    for (k = 1; k < len; k++) {
+        if ((u[k] & 0xC0) != 0x80) return -1;
+        c = c << 6 | (u[k] & 0x3F);
+    }
+    if ((len == 3 && c < 0x800) || (len == 4 && (c < 0x10000 || c > 0x10FFFF)) || (c >= 0xD800 && c <= 0xDFFF)) return -1;
+    *i += (size_t)len;
+    return (long)c;
+}
+
+static int afm__hexval(char c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+/* The escape after a backslash at s[*i] shared by regular expressions and GBNF: \n \r \t \f \v \0
+   \xHH \uHHHH \UHHHHHHHH, or any other character standing for itself. -1 for a bad escape. */
+static long afm__escape(const char *s, size_t n, size_t *i) {
+    char c;
+    int digits = 0, k;
+    long v = 0;
+    if (*i >= n) return -1;
+    c = s[*i];
+    switch (c) {
+    case 'n': (*i)++; return '\n';
+    case 'r': (*i)++; return '\r';
+    case 't': (*i)++; return '\t';
+    case 'f': (*i)++; return '\f';
+    case 'v': (*i)++; return '\v';
+    case '0': (*i)++; return 0;
+    case 'x': digits = 2; break;
+    case 'u': digits = 4; break;
+    case 'U': digits = 8; break;
+    default: return afm__utf8_get(s, n, i);
+    }
+    if (n - *i <= (size_t)digits) return -1;
+    for (k = 1; k <= digits; k++) {
+        int h = afm__hexval(s[*i + (size_t)k]);
+        if (h < 0) return -1;
+        v = v * 16 + h;
+    }
+    *i += (size_t)digits + 1;
+    return v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF) ? -1 : v;
+}
+
+/* ---- checks after building: every rule finishes, no left recursion; then the packed form ---- */
+
+/* Rules can finish (derive some byte string): worklist over alternatives, each waiting for the
+   rule references it still has. */
+static int afm__g_check_finish(afm__grammar *g, uint8_t *ok_rule, int nullable) {
+    const afm_allocator *a = &g->alloc;
+    size_t i, n_occ = 0;
+    uint32_t *need = (uint32_t *)afm__calloc(a, g->n_alt + 1, sizeof *need);
+    uint32_t *occ0 = (uint32_t *)afm__calloc(a, (size_t)g->n_rule + 2, sizeof *occ0);
+    uint32_t *occ = NULL, *fill = NULL, *queue = NULL;
+    size_t qh = 0, qt = 0;
+    int res = 0;
+    if (!need || !occ0) goto out;
+    for (i = 0; i < g->n_alt; i++) {
+        const uint32_t *e = g->el + g->alt_start[i];
+        for (; *e != AFM__G_END; e++) {
+            if (*e & AFM__G_BYTES) { if (nullable) need[i] = 0x80000000u; continue; }
+            need[i]++;
+            occ0[*e + 1]++;
+            n_occ++;
+        }
+    }
+    for (i = 0; i < (size_t)g->n_rule; i++) occ0[i + 1] += occ0[i];
+    occ = (uint32_t *)afm__alloc(a, (n_occ + 1) * sizeof *occ);
+    fill = (uint32_t *)afm__calloc(a, (size_t)g->n_rule + 1, sizeof *fill);
+    queue = (uint32_t *)afm__alloc(a, ((size_t)g->n_rule + 1) * sizeof *queue);
+    if (!occ || !fill || !queue) goto out;
+    for (i = 0; i < g->n_alt; i++) {
+        const uint32_t *e = g->el + g->alt_start[i];
+        for (; *e != AFM__G_END; e++)
+            if (!(*e & AFM__G_BYTES)) occ[occ0[*e] + fill[*e]++] = (uint32_t)i;
+    }
+    memset(ok_rule, 0, (size_t)g->n_rule);
+    for (i = 0; i < g->n_alt; i++)
+        if (need[i] == 0 && !ok_rule[g->alt_rule[i]]) { ok_rule[g->alt_rule[i]] = 1; queue[qt++] = (uint32_t)g->alt_rule[i]; }
+    while (qh < qt) {
+        uint32_t r = queue[qh++], k;
+        for (k = occ0[r]; k < occ0[r + 1]; k++) {
+            uint32_t al = occ[k];
+            if (need[al] & 0x80000000u) continue;
+            if (--need[al] == 0 && !ok_rule[g->alt_rule[al]]) { ok_rule[g->alt_rule[al]] = 1; queue[qt++] = (uint32_t)g->alt_rule[al]; }
+        }
+    }
+    res = 1;
+out:
+    afm__free(a, need);
+    afm__free(a, occ0);
+    afm__free(a, occ);
+    afm__free(a, fill);
+    afm__free(a, queue);
+    return res || afm__g_nomem(g);
+}
+
+/* Left recursion that grows the stack: a rule reaching itself without reading a byte through a
+   reference that is not the last element of its alternative (tail references replace their frame
+   and the matcher's duplicate check ends such loops). Strongly connected components of the
+   "leftmost reference" graph, iterative Tarjan. */
+static int afm__g_check_left(afm__grammar *g, const uint8_t *nullable) {
+    const afm_allocator *a = &g->alloc;
+    int32_t R = g->n_rule, r, idx = 0, sp = 0, cs = 0;
+    int32_t *ix = (int32_t *)afm__alloc(a, ((size_t)R + 1) * sizeof *ix), *low = (int32_t *)afm__alloc(a, ((size_t)R + 1) * sizeof *low);
+    int32_t *comp = (int32_t *)afm__alloc(a, ((size_t)R + 1) * sizeof *comp), *stk = (int32_t *)afm__alloc(a, ((size_t)R + 1) * sizeof *stk);
+    int32_t *cr = (int32_t *)afm__alloc(a, ((size_t)R + 1) * sizeof *cr);
+    uint32_t *ca = (uint32_t *)afm__alloc(a, ((size_t)R + 1) * sizeof *ca), *ce = (uint32_t *)afm__alloc(a, ((size_t)R + 1) * sizeof *ce);
+    uint8_t *on = (uint8_t *)afm__calloc(a, (size_t)R + 1, 1);
+    int res = 0, n_comp = 0;
+    if (!ix || !low || !comp || !stk || !cr || !ca || !ce || !on) { afm__g_nomem(g); goto out; }
+    for (r = 0; r < R; r++) ix[r] = -1;
+    for (r = 0; r < R; r++) {
+        if (ix[r] >= 0) continue;
+        cr[0] = r; ca[0] = g->rule_alt0[r]; ce[0] = 0; cs = 1;
+        ix[r] = low[r] = idx++; stk[sp++] = r; on[r] = 1;
+        while (cs > 0) {
+            int32_t u = cr[cs - 1], v = -1;
+            /* the next leftmost reference of u: alternative ca, element offset ce */
+            while (ca[cs - 1] < g->rule_alt0[u + 1]) {
+                const uint32_t *e = g->el + g->ralt[ca[cs - 1]];
+                uint32_t k = ce[cs - 1], j;
+                int blocked = 0;
+                for (j = 0; j < k && !blocked; j++) blocked = (e[j] & AFM__G_BYTES) || !nullable[e[j]];
+                if (blocked || e[k] == AFM__G_END || (e[k] & AFM__G_BYTES)) { ca[cs - 1]++; ce[cs - 1] = 0; continue; }
+                ce[cs - 1]++;
+                v = (int32_t)e[k];
+                break;
+            }
+            if (v < 0) { /* u is done */
+                cs--;
+                if (low[u] == ix[u]) {
+                    int32_t w;
+                    do { w = stk[--sp]; on[w] = 0; comp[w] = n_comp; } while (w != u);
+                    n_comp++;
+                }
+                if (cs > 0 && low[u] < low[cr[cs - 1]]) low[cr[cs - 1]] = low[u];
+                continue;
+            }
+            if (ix[v] < 0) {
+                ix[v] = low[v] = idx++; stk[sp++] = v; on[v] = 1;
+                cr[cs] = v; ca[cs] = g->rule_alt0[v]; ce[cs] = 0; cs++;
+            } else if (on[v] && ix[v] < low[u]) low[u] = ix[v];
+        }
+    }
+    for (r = 0; r < R; r++) { /* a growing edge inside a component is an endless loop */
+        uint32_t al;
+        for (al = g->rule_alt0[r]; al < g->rule_alt0[r + 1]; al++) {
+            const uint32_t *e = g->el + g->ralt[al];
+            for (; *e != AFM__G_END && !(*e & AFM__G_BYTES); e++) {
+                if (e[1] != AFM__G_END && comp[*e] == comp[r]) {
+                    afm__g_fail(g, "left recursion: rule '%s' can reach itself through '%s' without reading a character",
+                                afm__g_name(g, r), afm__g_name(g, (int32_t)*e));
+                    goto out;
+                }
+                if (!nullable[*e]) break;
+            }
+        }
+    }
+    res = 1;
+out:
+    afm__free(a, ix); afm__free(a, low); afm__free(a, comp); afm__free(a, stk);
+    afm__free(a, cr); afm__free(a, ca); afm__free(a, ce); afm__free(a, on);
+    return res;
+}
+
+/* Packs alternatives by rule and runs the checks. */
+static int afm__g_finish(afm__grammar *g, int32_t root) {
+    const afm_allocator *a = &g->alloc;
+    uint8_t *fin = NULL, *nul = NULL;
+    uint32_t *fill = NULL;
+    size_t i;
+    int32_t r;
+    if (g->failed) return 0;
+    g->root = root;
+    for (r = 0; r < g->n_rule; r++)
+        if (!g->defined[r]) return afm__g_fail(g, "rule '%s' is used but never defined", afm__g_name(g, r));
+    g->rule_alt0 = (uint32_t *)afm__calloc(a, (size_t)g->n_rule + 2, sizeof *g->rule_alt0);
+    g->ralt = (uint32_t *)afm__alloc(a, (g->n_alt + 1) * sizeof *g->ralt);
+    fill = (uint32_t *)afm__calloc(a, (size_t)g->n_rule + 1, sizeof *fill);
+    fin = (uint8_t *)afm__alloc(a, (size_t)g->n_rule + 1);
+    nul = (uint8_t *)afm__alloc(a, (size_t)g->n_rule + 1);
+    if (!g->rule_alt0 || !g->ralt || !fill || !fin || !nul) { afm__g_nomem(g); goto out; }
+    for (i = 0; i < g->n_alt; i++) g->rule_alt0[g->alt_rule[i] + 1]++;
+    for (r = 0; r < g->n_rule; r++) g->rule_alt0[r + 1] += g->rule_alt0[r];
+    for (i = 0; i < g->n_alt; i++) g->ralt[g->rule_alt0[g->alt_rule[i]] + fill[g->alt_rule[i]]++] = g->alt_start[i];
+    if (!afm__g_check_finish(g, fin, 0) || !afm__g_check_finish(g, nul, 1)) goto out;
+    for (r = 0; r < g->n_rule; r++) /* the cause first (a rule without alternatives), then what it blocks */
+        if (g->rule_alt0[r] == g->rule_alt0[r + 1]) { afm__g_fail(g, "rule '%s' matches nothing (an empty character class?)", afm__g_name(g, r)); goto out; }
+    for (r = 0; r < g->n_rule; r++)
+        if (!fin[r]) { afm__g_fail(g, "rule '%s' can never finish: every alternative needs the rule itself again", afm__g_name(g, r)); goto out; }
+    afm__g_check_left(g, nul);
+out:
+    afm__free(a, fill);
+    afm__free(a, fin);
+    afm__free(a, nul);
+    return !g->failed;
+}
+
+/* ---- regular expressions: | * + ? {n} {n,} {n,m} (lazy forms too), ( ) (?: ) (?<name> ), [ ] [^ ],
+   . (any character but \n), \d \w \s \D \W \S, escapes; ^ and $ only at the ends. A match is the
+   whole output. No backreferences or lookaround (they are not regular): a clear error. ---- */
+typedef struct afm__re {
+    afm__grammar *g;
+    const char *s;
+    size_t n, i;
+    int json, depth;
+    const char *what; /* "regex" or "pattern at /path" */
+} afm__re;
+
+static int afm__re_fail(afm__re *r, const char *why) {
+    return afm__g_fail(r->g, "%s: %s at offset %lu", r->what, why, (unsigned long)r->i);
+}
+
+/* \d \w \s and their negations as ranges into c; 0 if e is not one of them. */
+static int afm__re_shorthand(afm__grammar *g, afm__cpset *c, char e, int *negate) {
+    char l = (char)(e | 0x20);
+    int ok;
+    if (l != 'd' && l != 'w' && l != 's') return 0;
+    *negate = e != l;
+    if (l == 'd') ok = afm__cp_add(g, c, '0', '9');
+    else if (l == 'w') ok = afm__cp_add(g, c, '0', '9') && afm__cp_add(g, c, 'A', 'Z') && afm__cp_add(g, c, '_', '_') && afm__cp_add(g, c, 'a', 'z');
+    else ok = afm__cp_add(g, c, '\t', '\r') && afm__cp_add(g, c, ' ', ' ');
+    return ok ? 1 : -1;
+}
+
+/* A bracket class [...] (s[i] is just past '['), into c. */
+static int afm__re_class(afm__re *r, afm__cpset *c, int *negate) {
+    const char *s = r->s;
+    int first = 1;
+    *negate = 0;
+    if (r->i < r->n && s[r->i] == '^') { *negate = 1; r->i++; }
+    for (;;) {
+        long lo, hi;
+        if (r->i >= r->n) return afm__re_fail(r, "unterminated character class");
+        if (s[r->i] == ']' && !first) { r->i++; return 1; }
+        first = 0;
+        if (s[r->i] == '\\') {
+            int neg2 = 0, k;
+            afm__cpset sub;
+            r->i++;
+            memset(&sub, 0, sizeof sub);
+            if (r->i < r->n && (k = afm__re_shorthand(r->g, &sub, s[r->i], &neg2)) != 0) {
+                size_t q;
+                r->i++;
+                if (k < 0) return 0;
+                if (neg2) { /* [\D] etc.: the complement's ranges */
+                    if (!afm__cp_normalize(r->g, &sub, 1)) return 0;
+                }
+                for (q = 0; q < sub.n; q++)
+                    if (!afm__cp_add(r->g, c, sub.r[q].lo, sub.r[q].hi)) { afm__free(&r->g->alloc, sub.r); return 0; }
+                afm__free(&r->g->alloc, sub.r);
+                continue;
+            }
+            if (r->i < r->n && s[r->i] == 'b') { lo = 8; r->i++; }
+            else if ((lo = afm__escape(s, r->n, &r->i)) < 0) return afm__re_fail(r, "bad escape in a character class");
+        } else if ((lo = afm__utf8_get(s, r->n, &r->i)) < 0) return afm__re_fail(r, "invalid UTF-8");
+        hi = lo;
+        if (r->i + 1 < r->n && s[r->i] == '-' && s[r->i + 1] != ']') {
+            r->i++;
+            if (s[r->i] == '\\') {
+                r->i++;
+                if ((hi = afm__escape(s, r->n, &r->i)) < 0) return afm__re_fail(r, "bad escape in a character class");
+            } else if ((hi = afm__utf8_get(s, r->n, &r->i)) < 0) return afm__re_fail(r, "invalid UTF-8");
+            if (hi < lo) return afm__re_fail(r, "character range out of order");
+        }
+        if (!afm__cp_add(r->g, c, (uint32_t)lo, (uint32_t)hi)) return 0;
+    }
+}
+
+static int32_t afm__re_alternation(afm__re *r);
+
+/* One atom, appended to s as one element; 0 on error. */
+static int afm__re_atom(afm__re *r, afm__gseq *s) {
+    const char *p = r->s;
+    afm__cpset c;
+    int negate = 0, k;
+    long cp;
+    memset(&c, 0, sizeof c);
+    switch (p[r->i]) {
+    case '(': {
+        int32_t sub;
+        r->i++;
+        if (r->i < r->n && p[r->i] == '?') {
+            if (r->i + 1 < r->n && p[r->i + 1] == ':') r->i += 2;
+            else if (r->i + 2 < r->n && (p[r->i + 1] == '<' || (p[r->i + 1] == 'P' && p[r->i + 2] == '<')) &&
+                     p[r->i + 2] != '=' && p[r->i + 2] != '!') { /* a named group */
+                while (r->i < r->n && p[r->i] != '>') r->i++;
+                if (r->i >= r->n) return afm__re_fail(r, "unterminated group name");
+                r->i++;
+            } else return afm__re_fail(r, "unsupported group (lookaround, flags and conditionals are not regular)");
+        }
+        if (++r->depth > AFM__G_MAX_NEST) return afm__re_fail(r, "groups nested too deeply");
+        if ((sub = afm__re_alternation(r)) < 0) return 0;
+        r->depth--;
+        if (r->i >= r->n || p[r->i] != ')') return afm__re_fail(r, "missing ')'");
+        r->i++;
+        return afm__g_push(r->g, s, (uint32_t)sub);
+    }
+    case '[':
+        r->i++;
+        if (!afm__re_class(r, &c, &negate)) { afm__free(&r->g->alloc, c.r); return 0; }
+        return afm__g_class(r->g, s, &c, negate, r->json, r->what);
+    case '.':
+        r->i++;
+        return afm__cp_add(r->g, &c, '\n', '\n') && afm__g_class(r->g, s, &c, 1, r->json, r->what);
+    case '\\':
+        r->i++;
+        if (r->i >= r->n) return afm__re_fail(r, "trailing backslash");
+        if ((k = afm__re_shorthand(r->g, &c, p[r->i], &negate)) != 0) {
+            r->i++;
+            if (k < 0) return 0;
+            return afm__g_class(r->g, s, &c, negate, r->json, r->what);
+        }
+        if (p[r->i] >= '1' && p[r->i] <= '9') return afm__re_fail(r, "backreferences are not supported (not regular)");
+        if (strchr("bBAzZGkpP", p[r->i])) return afm__re_fail(r, "unsupported escape (word boundaries, anchors and Unicode properties)");
+        if ((cp = afm__escape(p, r->n, &r->i)) < 0) return afm__re_fail(r, "bad escape");
+        return afm__g_char(r->g, s, (uint32_t)cp, r->json, r->what);
+    case '*': case '+': case '?': case '{':
+        return afm__re_fail(r, "nothing to repeat");
+    case '^': case '$':
+        return afm__re_fail(r, "anchors are only supported at the start and end");
+    default:
+        if ((cp = afm__utf8_get(p, r->n, &r->i)) < 0) return afm__re_fail(r, "invalid UTF-8");
+        return afm__g_char(r->g, s, (uint32_t)cp, r->json, r->what);
+    }
+}
+
+/* A decimal repetition count at s[i]; -1 if none, -2 if too large. */
+static long afm__cs_number(const char *s, size_t n, size_t *i) {
+    long v = 0;
+    size_t i0 = *i;
+    while (*i < n && s[*i] >= '0' && s[*i] <= '9') {
+        v = v * 10 + (s[*i] - '0');
+        if (v > AFM__G_MAX_REPEAT) v = AFM__G_MAX_REPEAT + 1;
+        (*i)++;
+    }
+    return *i == i0 ? -1 : v;
+}
+
+/* A quantifier at s[*i] (* + ? {n} {n,} {n,m}); 1 with *min, *max (-1: unbounded), 0 if none,
+   -1 for a malformed brace. */
+static int afm__quantifier(const char *s, size_t n, size_t *i, long *min, long *max) {
+    size_t j;
+    if (*i >= n) return 0;
+    switch (s[*i]) {
+    case '*': *min = 0; *max = -1; (*i)++; return 1;
+    case '+': *min = 1; *max = -1; (*i)++; return 1;
+    case '?': *min = 0; *max = 1; (*i)++; return 1;
+    case '{':
+        j = *i + 1;
+        if ((*min = afm__cs_number(s, n, &j)) < 0) return -1;
+        *max = *min;
+        if (j < n && s[j] == ',') {
+            j++;
+            *max = afm__cs_number(s, n, &j);
+        }
+        if (j >= n || s[j] != '}') return -1;
+        *i = j + 1;
+        return 1;
+    }
+    return 0;
+}
+
+/* A sequence up to '|', ')' or the end, as one alternative of rule into. */
+static int afm__re_concat(afm__re *r, int32_t into) {
+    afm__gseq s;
+    int ok = 1;
+    memset(&s, 0, sizeof s);
+    while (ok && r->i < r->n && r->s[r->i] != '|' && r->s[r->i] != ')') {
+        size_t before = s.n;
+        long min, max;
+        int q;
+        if (r->s[r->i] == '$' && r->i + 1 == r->n && (r->i == 0 || r->s[r->i - 1] != '\\')) { r->i++; break; }
+        if (!(ok = afm__re_atom(r, &s))) break;
+        while ((q = afm__quantifier(r->s, r->n, &r->i, &min, &max)) != 0) {
+            uint32_t e;
+            if (q < 0) { ok = afm__re_fail(r, "malformed repetition {n,m}"); break; }
+            if (r->i < r->n && (r->s[r->i] == '?' || r->s[r->i] == '+')) r->i++; /* lazy / possessive: same language */
+            if (s.n != before + 1) { /* the atom is several elements: wrap them */
+                afm__gseq w;
+                int32_t wr;
+                memset(&w, 0, sizeof w);
+                if (!afm__g_lit(r->g, &w, "", 0)) { ok = 0; break; }
+                for (; before < s.n; before++) if (!afm__g_push(r->g, &w, s.e[before])) break;
+                s.n -= w.n;
+                if ((wr = afm__g_rule_of(r->g, r->what, &w)) < 0 || !afm__g_push(r->g, &s, (uint32_t)wr)) { ok = 0; break; }
+                before = s.n - 1;
+            }
+            e = s.e[--s.n];
+            if (!(ok = afm__g_repeat(r->g, &s, e, min, max, r->what))) break;
+            if (s.n > before + 1) { /* x{2,} became several elements: wrap for a following quantifier */
+                afm__gseq w;
+                int32_t wr;
+                memset(&w, 0, sizeof w);
+                for (; before < s.n; before++) if (!afm__g_push(r->g, &w, s.e[before])) break;
+                s.n -= w.n;
+                if ((wr = afm__g_rule_of(r->g, r->what, &w)) < 0 || !afm__g_push(r->g, &s, (uint32_t)wr)) { ok = 0; break; }
+                before = s.n - 1;
+            } else if (s.n == before) { /* x{0} */
+                afm__gseq w;
+                int32_t wr;
+                memset(&w, 0, sizeof w);
+                if ((wr = afm__g_rule_of(r->g, r->what, &w)) < 0 || !afm__g_push(r->g, &s, (uint32_t)wr)) { ok = 0; break; }
+            }
+        }
+    }
+    ok = ok && afm__g_alt(r->g, into, &s);
+    afm__g_seq_free(r->g, &s);
+    return ok && !r->g->failed;
+}
+
+static int32_t afm__re_alternation(afm__re *r) {
+    int32_t rule = afm__g_rule(r->g, r->what, strlen(r->what));
+    if (rule < 0) return -1;
+    for (;;) {
+        if (!afm__re_concat(r, rule)) return -1;
+        if (r->i < r->n && r->s[r->i] == '|') { r->i++; continue; }
+        return rule;
+    }
+}
+
+/* Compiles a whole regular expression into a rule; -1 on error. */
+static int32_t afm__re_compile(afm__grammar *g, const char *s, size_t n, int json, const char *what) {
+    afm__re r;
+    int32_t rule;
+    memset(&r, 0, sizeof r);
+    r.g = g;
+    r.s = s;
+    r.n = n;
+    r.json = json;
+    r.what = what;
+    if (n && s[0] == '^') r.i = 1;
+    rule = afm__re_alternation(&r);
+    if (rule >= 0 && r.i < n) return (int32_t)afm__re_fail(&r, "unmatched ')'") - 1;
+    return rule;
+}
+
+/* ---- GBNF (llama.cpp's grammar format): rules `name ::= alternatives`, "literals", [classes],
+   (groups), . (any character), * + ? {n} {n,} {n,m}, # comments; the start rule is `root`.
+   A rule ends at a line break, except inside parentheses or after '|'. ---- */
+typedef struct afm__gbnf {
+    afm__grammar *g;
+    const char *s;
+    size_t n, i;
+    int32_t *ht;       /* rule names -> rule ids (open addressing; -1 empty) */
+    size_t ht_cap;
+    int depth;
+} afm__gbnf;
+
+static int afm__gbnf_fail(afm__gbnf *p, const char *why) {
+    size_t line = 1, col = 1, k;
+    for (k = 0; k < p->i && k < p->n; k++) { if (p->s[k] == '\n') { line++; col = 1; } else col++; }
+    return afm__g_fail(p->g, "grammar line %lu column %lu: %s", (unsigned long)line, (unsigned long)col, why);
+}
+
+static void afm__gbnf_space(afm__gbnf *p, int newlines) {
+    while (p->i < p->n) {
+        char c = p->s[p->i];
+        if (c == '#') { while (p->i < p->n && p->s[p->i] != '\n') p->i++; continue; }
+        if (c == ' ' || c == '\t' || c == '\r' || (newlines && c == '\n')) { p->i++; continue; }
+        break;
+    }
+}
+static int afm__gbnf_namechar(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_'; }
+static uint32_t afm__hash_bytes(const char *s, size_t n) {
+    uint32_t h = 2166136261u;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+/* The rule called s[0, n): found, or created as "used, not yet defined". -1 on failure. */
+static int32_t afm__gbnf_rule(afm__gbnf *p, const char *s, size_t n) {
+    afm__grammar *g = p->g;
+    uint32_t h;
+    size_t k;
+    int32_t r;
+    if ((size_t)g->n_rule * 2 + 2 > p->ht_cap) { /* rehash every named rule */
+        size_t nc = p->ht_cap ? p->ht_cap * 2 : 256;
+        int32_t *nt = (int32_t *)afm__alloc(&g->alloc, nc * sizeof *nt);
+        if (!nt) return (int32_t)afm__g_nomem(g) - 1;
+        memset(nt, 0xFF, nc * sizeof *nt);
+        for (k = 0; k < p->ht_cap; k++) {
+            size_t q;
+            if (p->ht[k] < 0) continue;
+            q = afm__hash_bytes(afm__g_name(g, p->ht[k]), strlen(afm__g_name(g, p->ht[k]))) & (nc - 1);
+            while (nt[q] >= 0) q = (q + 1) & (nc - 1);
+            nt[q] = p->ht[k];
+        }
+        afm__free(&g->alloc, p->ht);
+        p->ht = nt;
+        p->ht_cap = nc;
+    }
+    h = afm__hash_bytes(s, n);
+    for (k = h & (p->ht_cap - 1); p->ht[k] >= 0; k = (k + 1) & (p->ht_cap - 1)) {
+        const char *nm = afm__g_name(g, p->ht[k]);
+        if (strlen(nm) == n && memcmp(nm, s, n) == 0) return p->ht[k];
+    }
+    if (n > 120) return (int32_t)afm__gbnf_fail(p, "rule name longer than 120 characters") - 1;
+    if ((r = afm__g_rule(g, s, n)) < 0) return -1;
+    g->defined[r] = 0;
+    p->ht[k] = r;
+    return r;
+}
+
+static int afm__gbnf_alternates(afm__gbnf *p, int32_t rule, int nested);
+
+/* One item (literal, class, name, group, '.') with its quantifiers, appended to s. */
+static int afm__gbnf_item(afm__gbnf *p, afm__gseq *s) {
+    afm__grammar *g = p->g;
+    const char *t = p->s;
+    size_t before = s->n;
+    long min, max, cp;
+    int q;
+    afm__cpset c;
+    memset(&c, 0, sizeof c);
+    if (t[p->i] == '"') {
+        p->i++;
+        for (;;) {
+            if (p->i >= p->n || t[p->i] == '\n') return afm__gbnf_fail(p, "unterminated string literal");
+            if (t[p->i] == '"') { p->i++; break; }
+            if (t[p->i] == '\\') {
+                p->i++;
+                if ((cp = afm__escape(t, p->n, &p->i)) < 0) return afm__gbnf_fail(p, "bad escape");
+            } else if ((cp = afm__utf8_get(t, p->n, &p->i)) < 0) return afm__gbnf_fail(p, "invalid UTF-8");
+            if (!afm__g_char(g, s, (uint32_t)cp, 0, "literal")) return 0;
+        }
+    } else if (t[p->i] == '[') {
+        int negate = 0, first = 1;
+        p->i++;
+        if (p->i < p->n && t[p->i] == '^') { negate = 1; p->i++; }
+        for (;;) {
+            long lo, hi;
+            if (p->i >= p->n) { afm__free(&g->alloc, c.r); return afm__gbnf_fail(p, "unterminated character class"); }
+            if (t[p->i] == ']' && !first) { p->i++; break; }
+            first = 0;
+            if (t[p->i] == '\\') { p->i++; lo = afm__escape(t, p->n, &p->i); }
+            else lo = afm__utf8_get(t, p->n, &p->i);
+            hi = lo;
+            if (lo >= 0 && p->i + 1 < p->n && t[p->i] == '-' && t[p->i + 1] != ']') {
+                p->i++;
+                if (t[p->i] == '\\') { p->i++; hi = afm__escape(t, p->n, &p->i); }
+                else hi = afm__utf8_get(t, p->n, &p->i);
+            }
+            if (lo < 0 || hi < 0) { afm__free(&g->alloc, c.r); return afm__gbnf_fail(p, "bad character in a class"); }
+            if (hi < lo) { afm__free(&g->alloc, c.r); return afm__gbnf_fail(p, "character range out of order"); }
+            if (!afm__cp_add(g, &c, (uint32_t)lo, (uint32_t)hi)) { afm__free(&g->alloc, c.r); return 0; }
+        }
+        if (!afm__g_class(g, s, &c, negate, 0, "class")) return 0;
+    } else if (t[p->i] == '.') {
+        p->i++;
+        if (!afm__cp_add(g, &c, 0, 0x10FFFF) || !afm__g_class(g, s, &c, 0, 0, "any character")) return 0;
+    } else if (t[p->i] == '(') {
+        int32_t sub;
+        p->i++;
+        if (++p->depth > AFM__G_MAX_NEST) return afm__gbnf_fail(p, "parentheses nested too deeply");
+        if ((sub = afm__g_rule(g, "group", 5)) < 0 || !afm__gbnf_alternates(p, sub, 1)) return 0;
+        p->depth--;
+        if (p->i >= p->n || t[p->i] != ')') return afm__gbnf_fail(p, "missing ')'");
+        p->i++;
+        if (!afm__g_push(g, s, (uint32_t)sub)) return 0;
+    } else if (afm__gbnf_namechar(t[p->i])) {
+        size_t a = p->i;
+        int32_t r;
+        while (p->i < p->n && afm__gbnf_namechar(t[p->i])) p->i++;
+        if ((r = afm__gbnf_rule(p, t + a, p->i - a)) < 0 || !afm__g_push(g, s, (uint32_t)r)) return 0;
+    } else return afm__gbnf_fail(p, "expected a string, a class, a rule name or '('");
+    while ((q = afm__quantifier(t, p->n, &p->i, &min, &max)) != 0) {
+        if (q < 0) return afm__gbnf_fail(p, "malformed repetition {n,m}");
+        if (s->n != before + 1) { /* a literal of several bytes (or x{2,} before): one rule */
+            afm__gseq w;
+            int32_t wr;
+            memset(&w, 0, sizeof w);
+            for (; before < s->n; before++) if (!afm__g_push(g, &w, s->e[before])) return 0;
+            s->n -= w.n;
+            if ((wr = afm__g_rule_of(g, "repeated", &w)) < 0 || !afm__g_push(g, s, (uint32_t)wr)) return 0;
+            before = s->n - 1;
+        }
+        if (!afm__g_repeat(g, s, s->e[--s->n], min, max, "repetition")) return 0;
+        if (s->n == before) { /* x{0}: nothing, but keep one element for a following quantifier */
+            afm__gseq w;
+            int32_t wr;
+            memset(&w, 0, sizeof w);
+            if ((wr = afm__g_rule_of(g, "empty", &w)) < 0 || !afm__g_push(g, s, (uint32_t)wr)) return 0;
+        }
+    }
+    return 1;
+}
+
+static int afm__gbnf_alternates(afm__gbnf *p, int32_t rule, int nested) {
+    for (;;) {
+        afm__gseq s;
+        int ok = 1;
+        memset(&s, 0, sizeof s);
+        for (;;) {
+            afm__gbnf_space(p, nested);
+            if (p->i >= p->n || p->s[p->i] == '|' || p->s[p->i] == ')' || p->s[p->i] == '\n') break;
+            /* the next rule's "name ::=" ends this one (a rule may run on over lines in a group only) */
+            if (!(ok = afm__gbnf_item(p, &s))) break;
+        }
+        ok = ok && afm__g_alt(p->g, rule, &s);
+        afm__g_seq_free(p->g, &s);
+        if (!ok) return 0;
+        if (!nested && p->i < p->n && p->s[p->i] == '\n') { /* a line starting with '|' continues the rule */
+            size_t save = p->i;
+            afm__gbnf_space(p, 1);
+            if (p->i >= p->n || p->s[p->i] != '|') p->i = save;
+        }
+        if (p->i < p->n && p->s[p->i] == '|') { p->i++; afm__gbnf_space(p, 1); continue; }
+        if (p->i < p->n && p->s[p->i] == ')' && !nested) return afm__gbnf_fail(p, "unmatched ')'");
+        return 1;
+    }
+}
+
+/* Parses a GBNF text into g; returns the root rule or -1. */
+static int32_t afm__gbnf_parse(afm__grammar *g, const char *s, size_t n) {
+    afm__gbnf p;
+    int32_t root = -1;
+    memset(&p, 0, sizeof p);
+    p.g = g;
+    p.s = s;
+    p.n = n;
+    for (;;) {
+        size_t a;
+        int32_t r;
+        afm__gbnf_space(&p, 1);
+        if (p.i >= n) break;
+        a = p.i;
+        while (p.i < n && afm__gbnf_namechar(s[p.i])) p.i++;
+        if (p.i == a) { afm__gbnf_fail(&p, "expected a rule name"); break; }
+        if ((r = afm__gbnf_rule(&p, s + a, p.i - a)) < 0) break;
+        if (g->defined[r]) { afm__gbnf_fail(&p, "rule defined twice"); break; }
+        g->defined[r] = 1;
+        afm__gbnf_space(&p, 0);
+        if (n - p.i < 3 || memcmp(s + p.i, "::=", 3) != 0) { afm__gbnf_fail(&p, "expected '::='"); break; }
+        p.i += 3;
+        afm__gbnf_space(&p, 1);
+        if (!afm__gbnf_alternates(&p, r, 0)) break;
+    }
+    if (!g->failed) {
+        size_t k;
+        for (k = 0; k < p.ht_cap; k++)
+            if (p.ht[k] >= 0 && strcmp(afm__g_name(g, p.ht[k]), "root") == 0) root = p.ht[k];
+        if (root < 0) afm__g_fail(g, "grammar: no rule named 'root' (the start rule)");
+    }
+    afm__free(&g->alloc, p.ht);
+    return g->failed ? -1 : root;
+}
+
+/* ---- JSON Schema -> grammar. Output is compact JSON (no whitespace), properties in the schema's
+   order, no properties beyond the declared ones; strings use one spelling per character (the short
+   escapes \" \\ \n \r \t \b \f, \u00XX for other control characters, everything else raw UTF-8).
+   Numbers have at most 16 digits before the point, 16 after it and 3 in the exponent (a double
+   holds no more), so that a model cannot run on with digits forever.
+   Supported: type (or a list of types), enum, const, object (properties, required,
+   additionalProperties false), array (items, minItems, maxItems), string (minLength, maxLength,
+   pattern), integer (minimum, maximum, exclusiveMinimum, exclusiveMaximum), number, boolean,
+   null, anyOf, oneOf (taken as anyOf: keep the alternatives disjoint), allOf of one schema,
+   $ref to "#" or a JSON pointer into the document ($defs, definitions), recursion; annotations
+   (description, title, examples, default, $schema, $id, $comment) are ignored. Anything else is
+   an error naming the schema path. ---- */
+typedef struct afm__js {
+    afm__grammar *g;
+    afm__json j;
+    int32_t *ref_rule;   /* per node: the rule of a $ref target, -1 none yet */
+    int32_t any, obj, str, chr, num; /* the prelude's rules */
+    char path[512];
+    size_t plen;
+    int depth;
+} afm__js;
+
+static const char afm__js_prelude[] =
+    "json-value ::= json-object | json-array | json-string | json-number | \"true\" | \"false\" | \"null\"\n"
+    "json-object ::= \"{\" ( json-string \":\" json-value ( \",\" json-string \":\" json-value )* )? \"}\"\n"
+    "json-array ::= \"[\" ( json-value ( \",\" json-value )* )? \"]\"\n"
+    "json-string ::= \"\\\"\" json-char* \"\\\"\"\n"
+    "json-char ::= [^\"\\\\\\x00-\\x1f] | \"\\\\\" [\"\\\\/bfnrt]\n"
+    "json-number ::= \"-\"? ( \"0\" | [1-9] [0-9]{0,15} ) ( \".\" [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?\n"
+    "root ::= json-value\n";
+
+static int afm__js_fail(afm__js *s, const char *fmt, const char *arg) {
+    char m[200];
+    snprintf(m, sizeof m, fmt, arg);
+    return afm__g_fail(s->g, "json schema at %s: %s", s->plen ? s->path : "(root)", m);
+}
+/* Appends "/seg" to the path; returns the old length to restore. */
+static size_t afm__js_push(afm__js *s, const char *seg, size_t n) {
+    size_t old = s->plen;
+    if (n > sizeof s->path - 2 - s->plen) n = sizeof s->path - 2 - s->plen;
+    s->path[s->plen++] = '/';
+    memcpy(s->path + s->plen, seg, n);
+    s->plen += n;
+    s->path[s->plen] = 0;
+    return old;
+}
+static void afm__js_pop(afm__js *s, size_t old) { s->plen = old; s->path[old] = 0; }
+static size_t afm__js_push_idx(afm__js *s, const char *kw, int i) {
+    char b[64];
+    snprintf(b, sizeof b, "%s/%d", kw, i);
+    return afm__js_push(s, b, strlen(b));
+}
+static size_t afm__js_push_key(afm__js *s, const char *kw, int32_t key) {
+    size_t old = afm__js_push(s, kw, strlen(kw));
+    const afm__jnode *k = &s->j.n[key];
+    afm__js_push(s, s->j.src + k->start, k->len);
+    return old;
+}
+
+/* Appends value node v as compact JSON text (the literal of enum / const). */
+static int afm__js_literal(afm__js *s, afm__gseq *q, int32_t v) {
+    const afm__jnode *nd = &s->j.n[v];
+    afm__grammar *g = s->g;
+    int32_t c;
+    int first = 1;
+    switch (nd->type) {
+    case AFM__JNULL: return afm__g_lit(g, q, "null", 4);
+    case AFM__JTRUE: return afm__g_lit(g, q, "true", 4);
+    case AFM__JFALSE: return afm__g_lit(g, q, "false", 5);
+    case AFM__JNUM: return afm__g_lit(g, q, s->j.src + nd->start, nd->len);
+    case AFM__JSTR: {
+        char *u = (char *)afm__alloc(&g->alloc, (size_t)nd->len + 1), e[6];
+        size_t n, i;
+        int ok;
+        if (!u) return afm__g_nomem(g);
+        n = afm__json_unescape(&s->j, v, u);
+        ok = afm__g_lit(g, q, "\"", 1);
+        for (i = 0; i < n && ok; i++) {
+            unsigned char b = (unsigned char)u[i];
+            ok = afm__json_needs_escape(b) ? afm__g_lit(g, q, e, afm__json_escape_char(b, e)) : afm__g_lit(g, q, u + i, 1);
+        }
+        afm__free(&g->alloc, u);
+        return ok && afm__g_lit(g, q, "\"", 1);
+    }
+    case AFM__JARR:
+        if (!afm__g_lit(g, q, "[", 1)) return 0;
+        for (c = nd->child; c >= 0; c = s->j.n[c].next, first = 0)
+            if ((!first && !afm__g_lit(g, q, ",", 1)) || !afm__js_literal(s, q, c)) return 0;
+        return afm__g_lit(g, q, "]", 1);
+    default:
+        if (!afm__g_lit(g, q, "{", 1)) return 0;
+        for (c = nd->child; c >= 0 && s->j.n[c].next >= 0; c = s->j.n[s->j.n[c].next].next, first = 0)
+            if ((!first && !afm__g_lit(g, q, ",", 1)) || !afm__js_literal(s, q, c) || !afm__g_lit(g, q, ":", 1) ||
+                !afm__js_literal(s, q, s->j.n[c].next))
+                return 0;
+        return afm__g_lit(g, q, "}", 1);
+    }
+}
+
+/* A number keyword's value as a double; 0 when absent, -1 when not a number. */
+static int afm__js_num(afm__js *s, int32_t obj, const char *kw, double *v) {
+    int32_t n = afm__json_get(&s->j, obj, kw);
+    char b[64];
+    if (n < 0) return 0;
+    if (s->j.n[n].type != AFM__JNUM || s->j.n[n].len >= sizeof b) return -1;
+    memcpy(b, s->j.src + s->j.n[n].start, s->j.n[n].len);
+    b[s->j.n[n].len] = 0;
+    *v = strtod(b, NULL);
+    return 1;
+}
+/* A count keyword (minLength, maxItems, ...): *v, or dflt when absent; 0 on a bad value. */
+static int afm__js_count(afm__js *s, int32_t obj, const char *kw, long dflt, long *v) {
+    int32_t n = afm__json_get(&s->j, obj, kw);
+    *v = dflt;
+    if (n < 0) return 1;
+    *v = afm__json_int(&s->j, n);
+    if (*v < 0) return afm__js_fail(s, "'%s' must be a non-negative integer", kw);
+    if (*v > AFM__G_MAX_REPEAT) return afm__js_fail(s, "'%s' is too large (at most 100000)", kw);
+    return 1;
+}
+
+/* Regular expression text for the decimal numbers [lo, hi] (hi < 0: unbounded), lo >= 0, all
+   written with their digits only. Returns the text length, 0 if it does not fit. */
+static size_t afm__js_digits_re(char *o, size_t cap, const char *lo, const char *hi, size_t n);
+static size_t afm__js_range_re(char *o, size_t cap, long long lo, long long hi) {
+    size_t w = 0, len, dl, dh;
+    char a[24], b[24];
+    int first = 1;
+    snprintf(a, sizeof a, "%lld", lo);
+    dl = strlen(a);
+    if (hi >= 0) { snprintf(b, sizeof b, "%lld", hi); dh = strlen(b); }
+    else dh = dl;
+    for (len = dl; len <= dh; len++) {
+        char l[24], h[24];
+        size_t k;
+        if (len == dl) memcpy(l, a, len + 1);
+        else { l[0] = '1'; for (k = 1; k < len; k++) l[k] = '0'; l[len] = 0; }
+        if (hi >= 0 && len == dh) memcpy(h, b, len + 1);
+        else { for (k = 0; k < len; k++) h[k] = '9'; h[len] = 0; }
+        if (!first) { if (w + 1 >= cap) return 0; o[w++] = '|'; }
+        first = 0;
+        if (!(k = afm__js_digits_re(o + w, cap - w, l, h, len))) return 0;
+        w += k;
+    }
+    if (hi < 0) { /* and every longer number */
+        int m = dl < 16 ? snprintf(o + w, cap - w, "|[1-9][0-9]{%lu,15}", (unsigned long)dl) : 0;
+        if (m < 0 || (size_t)m >= cap - w) return 0;
+        w += (size_t)m;
+    }
+    o[w] = 0;
+    return w;
+}
+/* Same-length digit strings lo <= hi: one digit position at a time. */
+static size_t afm__js_digits_re(char *o, size_t cap, const char *lo, const char *hi, size_t n) {
+    size_t w = 0, k, all0 = 1, all9 = 1;
+    int m;
+    if (cap < 8 || n == 0 || n > 20) return 0;
+    if (n == 1) { m = snprintf(o, cap, "[%c-%c]", lo[0], hi[0]); return m > 0 && (size_t)m < cap ? (size_t)m : 0; }
+    if (lo[0] == hi[0]) {
+        o[0] = lo[0];
+        k = afm__js_digits_re(o + 1, cap - 1, lo + 1, hi + 1, n - 1);
+        if (!k || k + 3 >= cap) return 0;
+        memmove(o + 2, o + 1, k); o[1] = '('; o[k + 2] = ')'; o[k + 3] = 0;
+        return k + 3;
+    }
+    for (k = 1; k < n; k++) { if (lo[k] != '0') all0 = 0; if (hi[k] != '9') all9 = 0; }
+    {
+        char d0 = all0 ? lo[0] : (char)(lo[0] + 1), d1 = all9 ? hi[0] : (char)(hi[0] - 1);
+        char nines[24], zeros[24];
+        for (k = 0; k < n - 1; k++) { nines[k] = '9'; zeros[k] = '0'; }
+        nines[n - 1] = zeros[n - 1] = 0;
+        if (!all0) {
+            o[w++] = lo[0]; o[w++] = '(';
+            if (!(k = afm__js_digits_re(o + w, cap - w, lo + 1, nines, n - 1))) return 0;
+            w += k;
+            if (w + 2 >= cap) return 0;
+            o[w++] = ')'; o[w++] = '|';
+        }
+        if (d0 <= d1) {
+            m = snprintf(o + w, cap - w, "[%c-%c][0-9]{%lu}|", d0, d1, (unsigned long)(n - 1));
+            if (m < 0 || (size_t)m >= cap - w) return 0;
+            w += (size_t)m;
+        }
+        if (!all9) {
+            if (w + 2 >= cap) return 0;
+            o[w++] = hi[0]; o[w++] = '(';
+            if (!(k = afm__js_digits_re(o + w, cap - w, zeros, hi + 1, n - 1))) return 0;
+            w += k;
+            if (w + 2 >= cap) return 0;
+            o[w++] = ')'; o[w++] = '|';
+        }
+        o[--w] = 0; /* the last '|' */
+    }
+    return w;
+}
+
+/* An integer in [lo, hi] (has_lo / has_hi: bounded on that side) as a rule. */
+static int32_t afm__js_integer(afm__js *s, int has_lo, long long lo, int has_hi, long long hi) {
+    char re[4096];
+    size_t w = 0, k;
+    if (has_lo && has_hi && lo > hi) return (int32_t)afm__js_fail(s, "%s", "no integer lies between the minimum and the maximum") - 1;
+    if (!has_hi || hi >= 0) { /* the non-negative part */
+        long long a = has_lo && lo > 0 ? lo : 0;
+        re[w++] = '(';
+        if (!(k = afm__js_range_re(re + w, sizeof re - w - 4, a, has_hi ? hi : -1))) goto big;
+        w += k;
+        re[w++] = ')';
+    }
+    if (!has_lo || lo < 0) { /* the negative part: "-" and its magnitude */
+        long long a = has_hi && hi < 0 ? -hi : 1;
+        if (w) re[w++] = '|';
+        re[w++] = '-'; re[w++] = '(';
+        if (!(k = afm__js_range_re(re + w, sizeof re - w - 4, a, has_lo ? -lo : -1))) goto big;
+        w += k;
+        re[w++] = ')';
+    }
+    return afm__re_compile(s->g, re, w, 0, "integer range");
+big:
+    return (int32_t)afm__js_fail(s, "%s", "integer range too complex") - 1;
+}
+
+static int32_t afm__js_schema(afm__js *s, int32_t node);
+
+/* Keywords a schema object may carry; anything else is an error. */
+static int afm__js_check_keys(afm__js *s, int32_t node) {
+    static const char *const known[] = {
+        "type", "enum", "const", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+        "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf",
+        "oneOf", "allOf", "$ref", "$defs", "definitions", "description", "title", "examples", "default", "$schema",
+        "$id", "$comment", NULL };
+    int32_t k;
+    for (k = s->j.n[node].child; k >= 0 && s->j.n[k].next >= 0; k = s->j.n[s->j.n[k].next].next) {
+        int i, found = 0;
+        char name[64];
+        for (i = 0; known[i] && !found; i++) found = afm__json_eq(&s->j, k, known[i]);
+        if (!found) {
+            size_t n = s->j.n[k].len < sizeof name - 1 ? s->j.n[k].len : sizeof name - 1;
+            memcpy(name, s->j.src + s->j.n[k].start, n);
+            name[n] = 0;
+            return afm__js_fail(s, "unsupported keyword '%s'", name);
+        }
+    }
+    return 1;
+}
+
+/* The rule of the schema at JSON pointer ref ("#", "#/$defs/name", ...). */
+static int32_t afm__js_ref(afm__js *s, int32_t refnode) {
+    char ref[512], seg[256], saved[512];
+    const char *p;
+    int32_t t = 0, r, body;
+    afm__gseq q;
+    size_t old;
+    if (!afm__json_cstr(&s->j, refnode, ref, sizeof ref) || ref[0] != '#')
+        return (int32_t)afm__js_fail(s, "%s", "$ref must be a local reference starting with '#'") - 1;
+    for (p = ref + 1; *p;) {
+        size_t n = 0;
+        if (*p != '/') return (int32_t)afm__js_fail(s, "bad $ref '%s'", ref) - 1;
+        for (p++; *p && *p != '/' && n < sizeof seg - 1; p++) {
+            if (*p == '~' && (p[1] == '0' || p[1] == '1')) { seg[n++] = p[1] == '0' ? '~' : '/'; p++; }
+            else seg[n++] = *p;
+        }
+        seg[n] = 0;
+        if (s->j.n[t].type == AFM__JOBJ) t = afm__json_get(&s->j, t, seg);
+        else if (s->j.n[t].type == AFM__JARR) {
+            long i = atol(seg);
+            for (t = s->j.n[t].child; t >= 0 && i > 0; i--) t = s->j.n[t].next;
+        } else t = -1;
+        if (t < 0) return (int32_t)afm__js_fail(s, "$ref '%s' points to nothing", ref) - 1;
+    }
+    if (s->ref_rule[t] >= 0) return s->ref_rule[t];
+    if ((r = afm__g_rule(s->g, ref, strlen(ref))) < 0) return -1;
+    s->ref_rule[t] = r;
+    memcpy(saved, s->path, s->plen + 1); /* errors inside name the target's own path */
+    old = s->plen;
+    s->plen = strlen(ref + 1);
+    memcpy(s->path, ref + 1, s->plen + 1);
+    body = afm__js_schema(s, t);
+    memcpy(s->path, saved, old + 1);
+    s->plen = old;
+    if (body < 0) return -1;
+    memset(&q, 0, sizeof q);
+    if (!afm__g_push(s->g, &q, (uint32_t)body) || !afm__g_alt(s->g, r, &q)) r = -1;
+    afm__g_seq_free(s->g, &q);
+    return r;
+}
+
+static int32_t afm__js_object(afm__js *s, int32_t node) {
+    afm__grammar *g = s->g;
+    int32_t props = afm__json_get(&s->j, node, "properties"), req = afm__json_get(&s->j, node, "required");
+    int32_t add = afm__json_get(&s->j, node, "additionalProperties"), k, *rr = NULL, *vr = NULL, out = -1;
+    uint8_t *isreq = NULL;
+    int n = 0, i, f;
+    afm__gseq q;
+    memset(&q, 0, sizeof q);
+    if (add >= 0 && s->j.n[add].type != AFM__JFALSE && !(s->j.n[add].type == AFM__JTRUE && props < 0))
+        return (int32_t)afm__js_fail(s, "%s", "additionalProperties other than false is not supported with properties") - 1;
+    if (props < 0) { /* no declared properties: any object, or {} without additional ones */
+        if (add < 0 || s->j.n[add].type != AFM__JFALSE) return s->obj;
+        return afm__g_lit(g, &q, "{}", 2) ? afm__g_rule_of(g, "empty object", &q) : -1;
+    }
+    if (s->j.n[props].type != AFM__JOBJ) return (int32_t)afm__js_fail(s, "%s", "'properties' must be an object") - 1;
+    for (k = s->j.n[props].child; k >= 0 && s->j.n[k].next >= 0; k = s->j.n[s->j.n[k].next].next) n++;
+    rr = (int32_t *)afm__alloc(&g->alloc, ((size_t)n + 1) * 2 * sizeof *rr);
+    vr = (int32_t *)afm__alloc(&g->alloc, ((size_t)n + 1) * sizeof *vr);
+    isreq = (uint8_t *)afm__calloc(&g->alloc, (size_t)n + 1, 1);
+    if (!rr || !vr || !isreq) { afm__g_nomem(g); goto out; }
+    if (req >= 0) { /* every required name must be a declared property */
+        int32_t r;
+        if (s->j.n[req].type != AFM__JARR) { afm__js_fail(s, "%s", "'required' must be an array"); goto out; }
+        for (r = s->j.n[req].child; r >= 0; r = s->j.n[r].next) {
+            int found = -1;
+            if (s->j.n[r].type != AFM__JSTR) { afm__js_fail(s, "%s", "'required' must list strings"); goto out; }
+            for (k = s->j.n[props].child, i = 0; k >= 0 && s->j.n[k].next >= 0; k = s->j.n[s->j.n[k].next].next, i++)
+                if (s->j.n[k].len == s->j.n[r].len && memcmp(s->j.src + s->j.n[k].start, s->j.src + s->j.n[r].start, s->j.n[k].len) == 0) found = i;
+            if (found < 0) {
+                char name[101];
+                size_t nl = s->j.n[r].len < 100 ? s->j.n[r].len : 100;
+                memcpy(name, s->j.src + s->j.n[r].start, nl);
+                name[nl] = 0;
+                afm__js_fail(s, "required property '%s' is not in properties", name);
+                goto out;
+            }
+            isreq[found] = 1;
+        }
+    }
+    for (k = s->j.n[props].child, i = 0; k >= 0 && s->j.n[k].next >= 0; k = s->j.n[s->j.n[k].next].next, i++) {
+        size_t old = afm__js_push_key(s, "properties", k);
+        vr[i] = afm__js_schema(s, s->j.n[k].next);
+        afm__js_pop(s, old);
+        if (vr[i] < 0) goto out;
+    }
+    /* rr[2i + f]: the properties from i on, f = 1 when one was written before (a comma first) */
+    for (i = 0; i <= n; i++)
+        for (f = 0; f < 2; f++)
+            if ((rr[2 * i + f] = afm__g_rule(g, "properties", 10)) < 0) goto out;
+    for (i = n; i >= 0; i--)
+        for (f = 0; f < 2; f++) {
+            q.n = 0;
+            if (i == n) { if (!afm__g_alt(g, rr[2 * i + f], &q)) goto out; continue; }
+            k = s->j.n[props].child;
+            { int m; for (m = 0; m < i; m++) k = s->j.n[s->j.n[k].next].next; }
+            if ((f && !afm__g_lit(g, &q, ",", 1)) || !afm__js_literal(s, &q, k) || !afm__g_lit(g, &q, ":", 1) ||
+                !afm__g_push(g, &q, (uint32_t)vr[i]) || !afm__g_push(g, &q, (uint32_t)rr[2 * (i + 1) + 1]) ||
+                !afm__g_alt(g, rr[2 * i + f], &q))
+                goto out;
+            q.n = 0;
+            if (!isreq[i] && (!afm__g_push(g, &q, (uint32_t)rr[2 * (i + 1) + f]) || !afm__g_alt(g, rr[2 * i + f], &q))) goto out;
+        }
+    q.n = 0;
+    if (afm__g_lit(g, &q, "{", 1) && afm__g_push(g, &q, (uint32_t)rr[0]) && afm__g_lit(g, &q, "}", 1)) out = afm__g_rule_of(g, "object", &q);
+out:
+    afm__g_seq_free(g, &q);
+    afm__free(&g->alloc, rr);
+    afm__free(&g->alloc, vr);
+    afm__free(&g->alloc, isreq);
+    return out;
+}
+
+static int32_t afm__js_array(afm__js *s, int32_t node) {
+    afm__grammar *g = s->g;
+    int32_t items = afm__json_get(&s->j, node, "items"), item, sep, body;
+    long mn, mx;
+    afm__gseq q, c;
+    size_t old;
+    if (!afm__js_count(s, node, "minItems", 0, &mn) || !afm__js_count(s, node, "maxItems", -1, &mx)) return -1;
+    if (mx >= 0 && mx < mn) return (int32_t)afm__js_fail(s, "%s", "maxItems is less than minItems") - 1;
+    if (items >= 0 && s->j.n[items].type == AFM__JARR) return (int32_t)afm__js_fail(s, "%s", "'items' as an array (tuples) is not supported") - 1;
+    old = afm__js_push(s, "items", 5);
+    item = items >= 0 ? afm__js_schema(s, items) : s->any;
+    afm__js_pop(s, old);
+    if (item < 0) return -1;
+    memset(&q, 0, sizeof q);
+    memset(&c, 0, sizeof c);
+    if (mx == 0) return afm__g_lit(g, &q, "[]", 2) ? afm__g_rule_of(g, "empty array", &q) : -1;
+    /* item ("," item){max(mn-1,0), mx-1} */
+    if (!afm__g_lit(g, &c, ",", 1) || !afm__g_push(g, &c, (uint32_t)item) || (sep = afm__g_rule_of(g, "array item", &c)) < 0) return -1;
+    if (!afm__g_push(g, &q, (uint32_t)item) || !afm__g_repeat(g, &q, (uint32_t)sep, mn > 0 ? mn - 1 : 0, mx < 0 ? -1 : mx - 1, "array items") ||
+        (body = afm__g_rule_of(g, "array items", &q)) < 0)
+        return -1;
+    if (!afm__g_lit(g, &q, "[", 1) || (mn == 0 ? !afm__g_repeat(g, &q, (uint32_t)body, 0, 1, "array") : !afm__g_push(g, &q, (uint32_t)body)) ||
+        !afm__g_lit(g, &q, "]", 1)) {
+        afm__g_seq_free(g, &q);
+        return -1;
+    }
+    return afm__g_rule_of(g, "array", &q);
+}
+
+static int32_t afm__js_string(afm__js *s, int32_t node) {
+    afm__grammar *g = s->g;
+    int32_t pat = afm__json_get(&s->j, node, "pattern"), r;
+    long mn, mx;
+    afm__gseq q;
+    if (!afm__js_count(s, node, "minLength", 0, &mn) || !afm__js_count(s, node, "maxLength", -1, &mx)) return -1;
+    if (mx >= 0 && mx < mn) return (int32_t)afm__js_fail(s, "%s", "maxLength is less than minLength") - 1;
+    memset(&q, 0, sizeof q);
+    if (!afm__g_lit(g, &q, "\"", 1)) return -1;
+    if (pat >= 0) {
+        char *re, what[600];
+        size_t n;
+        int32_t body, any = -1;
+        int lead, trail, ok;
+        afm__cpset c;
+        afm__gseq t;
+        if (mn > 0 || mx >= 0) { afm__g_seq_free(g, &q); return (int32_t)afm__js_fail(s, "%s", "pattern together with minLength/maxLength is not supported") - 1; }
+        if (s->j.n[pat].type != AFM__JSTR) { afm__g_seq_free(g, &q); return (int32_t)afm__js_fail(s, "%s", "'pattern' must be a string") - 1; }
+        re = (char *)afm__alloc(&g->alloc, (size_t)s->j.n[pat].len + 1);
+        if (!re) { afm__g_seq_free(g, &q); return (int32_t)afm__g_nomem(g) - 1; }
+        n = afm__json_unescape(&s->j, pat, re);
+        snprintf(what, sizeof what, "json schema at %s/pattern", s->plen ? s->path : "");
+        /* JSON Schema patterns search: an unanchored end matches anything around the pattern (and a
+           full match of the pattern alone satisfies an anchor, so an anchored end just drops it) */
+        lead = n && re[0] == '^';
+        trail = n > (size_t)lead && re[n - 1] == '$' && (n < 2 || re[n - 2] != '\\');
+        memset(&c, 0, sizeof c);
+        memset(&t, 0, sizeof t);
+        if (!lead || !trail) {
+            if (!afm__cp_add(g, &c, 0, 0x10FFFF) || !afm__g_class(g, &t, &c, 0, 1, "any character")) any = -1;
+            else any = (int32_t)t.e[0];
+            afm__g_seq_free(g, &t);
+        }
+        ok = !(!lead || !trail) || any >= 0;
+        ok = ok && (lead || afm__g_repeat(g, &q, (uint32_t)any, 0, -1, "pattern prefix"));
+        body = ok ? afm__re_compile(g, re + lead, n - (size_t)lead - (size_t)trail, 1, what) : -1;
+        afm__free(&g->alloc, re);
+        if (body < 0 || !afm__g_push(g, &q, (uint32_t)body) || (!trail && !afm__g_repeat(g, &q, (uint32_t)any, 0, -1, "pattern suffix"))) {
+            afm__g_seq_free(g, &q);
+            return -1;
+        }
+    } else if (!afm__g_repeat(g, &q, (uint32_t)s->chr, mn, mx, "string characters")) {
+        afm__g_seq_free(g, &q);
+        return -1;
+    }
+    if (!afm__g_lit(g, &q, "\"", 1)) { afm__g_seq_free(g, &q); return -1; }
+    r = afm__g_rule_of(g, "string", &q);
+    return r;
+}
+
+/* The rule for a schema node restricted to one type name. */
+static int32_t afm__js_typed(afm__js *s, int32_t node, int32_t tnode) {
+    afm__gseq q;
+    memset(&q, 0, sizeof q);
+    if (afm__json_eq(&s->j, tnode, "object")) return afm__js_object(s, node);
+    if (afm__json_eq(&s->j, tnode, "array")) return afm__js_array(s, node);
+    if (afm__json_eq(&s->j, tnode, "string")) return afm__js_string(s, node);
+    if (afm__json_eq(&s->j, tnode, "boolean")) {
+        int32_t r = afm__g_rule(s->g, "boolean", 7);
+        int ok = r >= 0 && afm__g_lit(s->g, &q, "true", 4) && afm__g_alt(s->g, r, &q);
+        q.n = 0;
+        ok = ok && afm__g_lit(s->g, &q, "false", 5) && afm__g_alt(s->g, r, &q);
+        afm__g_seq_free(s->g, &q);
+        return ok ? r : -1;
+    }
+    if (afm__json_eq(&s->j, tnode, "null")) return afm__g_lit(s->g, &q, "null", 4) ? afm__g_rule_of(s->g, "null", &q) : -1;
+    if (afm__json_eq(&s->j, tnode, "integer")) {
+        double lo = 0, hi = 0, x;
+        int has_lo, has_hi, k;
+        if ((has_lo = afm__js_num(s, node, "minimum", &lo)) < 0 || (has_hi = afm__js_num(s, node, "maximum", &hi)) < 0 ||
+            (k = afm__js_num(s, node, "exclusiveMinimum", &x)) < 0)
+            return (int32_t)afm__js_fail(s, "%s", "bounds must be numbers") - 1;
+        lo = has_lo ? ceil(lo) : lo;
+        if (k) { x = floor(x) + 1; if (!has_lo || x > lo) lo = x; has_lo = 1; }
+        if ((k = afm__js_num(s, node, "exclusiveMaximum", &x)) < 0) return (int32_t)afm__js_fail(s, "%s", "bounds must be numbers") - 1;
+        hi = has_hi ? floor(hi) : hi;
+        if (k) { x = ceil(x) - 1; if (!has_hi || x < hi) hi = x; has_hi = 1; }
+        if ((has_lo && !(fabs(lo) < 1e15)) || (has_hi && !(fabs(hi) < 1e15)))
+            return (int32_t)afm__js_fail(s, "%s", "integer bounds beyond +-1e15 are not supported") - 1;
+        return afm__js_integer(s, has_lo, (long long)lo, has_hi, (long long)hi);
+    }
+    if (afm__json_eq(&s->j, tnode, "number")) {
+        int32_t k;
+        const char *const kw[4] = { "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum" };
+        for (k = 0; k < 4; k++)
+            if (afm__json_get(&s->j, node, kw[k]) >= 0)
+                return (int32_t)afm__js_fail(s, "'%s' on type number is not supported (it is on integer)", kw[k]) - 1;
+        return s->num;
+    }
+    return (int32_t)afm__js_fail(s, "%s", "unknown type (expected object, array, string, integer, number, boolean or null)") - 1;
+}
+
+/* The rule of one schema node (an object, true or false). */
+static int32_t afm__js_schema(afm__js *s, int32_t node) {
+    afm__grammar *g = s->g;
+    const afm__jnode *nd = &s->j.n[node];
+    int32_t kw, t, r = -1;
+    afm__gseq q;
+    size_t old;
+    int i;
+    if (g->failed) return -1;
+    if (nd->type == AFM__JTRUE) return s->any;
+    if (nd->type == AFM__JFALSE) return (int32_t)afm__js_fail(s, "%s", "the schema false matches nothing") - 1;
+    if (nd->type != AFM__JOBJ) return (int32_t)afm__js_fail(s, "%s", "a schema must be an object or a boolean") - 1;
+    if (++s->depth > AFM__G_MAX_NEST) return (int32_t)afm__js_fail(s, "%s", "schema nested too deeply (counting $ref)") - 1;
+    if (!afm__js_check_keys(s, node)) goto out;
+    memset(&q, 0, sizeof q);
+    if ((kw = afm__json_get(&s->j, node, "$ref")) >= 0) { r = afm__js_ref(s, kw); goto out; }
+    if ((kw = afm__json_get(&s->j, node, "const")) >= 0) {
+        r = afm__js_literal(s, &q, kw) ? afm__g_rule_of(g, "const", &q) : -1;
+        goto out;
+    }
+    if ((kw = afm__json_get(&s->j, node, "enum")) >= 0) {
+        if (s->j.n[kw].type != AFM__JARR || s->j.n[kw].child < 0) { afm__js_fail(s, "%s", "'enum' must be a non-empty array"); goto out; }
+        if ((r = afm__g_rule(g, "enum", 4)) < 0) goto out;
+        for (t = s->j.n[kw].child; t >= 0; t = s->j.n[t].next) {
+            q.n = 0;
+            if (!afm__js_literal(s, &q, t) || !afm__g_alt(g, r, &q)) { r = -1; break; }
+        }
+        afm__g_seq_free(g, &q);
+        goto out;
+    }
+    if ((kw = afm__json_get(&s->j, node, "anyOf")) >= 0 || (kw = afm__json_get(&s->j, node, "oneOf")) >= 0 ||
+        (kw = afm__json_get(&s->j, node, "allOf")) >= 0) {
+        const char *name = afm__json_get(&s->j, node, "anyOf") >= 0 ? "anyOf" : afm__json_get(&s->j, node, "oneOf") >= 0 ? "oneOf" : "allOf";
+        if (s->j.n[kw].type != AFM__JARR || s->j.n[kw].child < 0) { afm__js_fail(s, "'%s' must be a non-empty array", name); goto out; }
+        if (name[1] == 'l' && s->j.n[s->j.n[kw].child].next >= 0) { afm__js_fail(s, "%s", "allOf with more than one schema is not supported"); goto out; }
+        if ((r = afm__g_rule(g, name, strlen(name))) < 0) goto out;
+        for (t = s->j.n[kw].child, i = 0; t >= 0; t = s->j.n[t].next, i++) {
+            int32_t sub;
+            old = afm__js_push_idx(s, name, i);
+            sub = afm__js_schema(s, t);
+            afm__js_pop(s, old);
+            q.n = 0;
+            if (sub < 0 || !afm__g_push(g, &q, (uint32_t)sub) || !afm__g_alt(g, r, &q)) { r = -1; break; }
+        }
+        afm__g_seq_free(g, &q);
+        goto out;
+    }
+    if ((kw = afm__json_get(&s->j, node, "type")) >= 0) {
+        if (s->j.n[kw].type == AFM__JSTR) { r = afm__js_typed(s, node, kw); goto out; }
+        if (s->j.n[kw].type != AFM__JARR || s->j.n[kw].child < 0) { afm__js_fail(s, "%s", "'type' must be a string or a non-empty array"); goto out; }
+        if ((r = afm__g_rule(g, "types", 5)) < 0) goto out;
+        for (t = s->j.n[kw].child; t >= 0; t = s->j.n[t].next) {
+            int32_t sub = afm__js_typed(s, node, t);
+            q.n = 0;
+            if (sub < 0 || !afm__g_push(g, &q, (uint32_t)sub) || !afm__g_alt(g, r, &q)) { r = -1; break; }
+        }
+        afm__g_seq_free(g, &q);
+        goto out;
+    }
+    /* no type: implied by the keywords present, else any value */
+    if (afm__json_get(&s->j, node, "properties") >= 0) r = afm__js_object(s, node);
+    else if (afm__json_get(&s->j, node, "items") >= 0) r = afm__js_array(s, node);
+    else r = s->any;
+out:
+    s->depth--;
+    return g->failed ? -1 : r;
+}
+
+static int32_t afm__g_find(const afm__grammar *g, const char *name) {
+    int32_t r;
+    for (r = 0; r < g->n_rule; r++)
+        if (strcmp(afm__g_name(g, r), name) == 0) return r;
+    return -1;
+}
+
+/* Compiles a JSON Schema text into g; returns the root rule or -1. */
+static int32_t afm__js_compile(afm__grammar *g, const char *text, size_t len) {
+    afm__js s;
+    size_t where = 0, k;
+    const char *why = "";
+    int32_t root = -1;
+    memset(&s, 0, sizeof s);
+    s.g = g;
+    if (!afm__json_parse(&g->alloc, text, len, &s.j, &where, &why)) {
+        afm__g_fail(g, "json schema: invalid JSON at byte %lu: %s", (unsigned long)where, why);
+        goto out;
+    }
+    if (afm__gbnf_parse(g, afm__js_prelude, sizeof afm__js_prelude - 1) < 0) goto out;
+    s.any = afm__g_find(g, "json-value");
+    s.obj = afm__g_find(g, "json-object");
+    s.str = afm__g_find(g, "json-string");
+    s.chr = afm__g_find(g, "json-char");
+    s.num = afm__g_find(g, "json-number");
+    s.ref_rule = (int32_t *)afm__alloc(&g->alloc, s.j.count * sizeof *s.ref_rule);
+    if (!s.ref_rule) { afm__g_nomem(g); goto out; }
+    for (k = 0; k < s.j.count; k++) s.ref_rule[k] = -1;
+    root = afm__js_schema(&s, 0);
+out:
+    afm__free(&g->alloc, s.ref_rule);
+    afm__json_free(&g->alloc, &s.j);
+    return g->failed ? -1 : root;
+}
+
+/* ---- the compiled constraint ---- */
+struct afm_constraint {
+    afm__grammar g;
+    int kind;
+};
+
+AFMDEF afm_result afm_constraint_compile(afm_constraint_kind kind, const char *text, size_t len, const afm_allocator *allocator,
+                                         afm_constraint **out, char *err, size_t err_size) {
+    const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
+    afm_constraint *c;
+    int32_t root = -1;
+    if (err && err_size) err[0] = 0;
+    if (!out) return afm__fail(err, err_size, AFM_ERR_ARG, "afm_constraint_compile: out is NULL");
+    *out = NULL;
+    if (!text && len) return afm__fail(err, err_size, AFM_ERR_ARG, "afm_constraint_compile: text is NULL");
+    if (kind != AFM_CONSTRAINT_REGEX && kind != AFM_CONSTRAINT_GBNF && kind != AFM_CONSTRAINT_JSON_SCHEMA)
+        return afm__fail(err, err_size, AFM_ERR_ARG, "afm_constraint_compile: unknown kind %d", (int)kind);
+    if (!(c = (afm_constraint *)afm__calloc(a, 1, sizeof *c))) return afm__fail(err, err_size, AFM_ERR_NOMEM, "out of memory");
+    c->g.alloc = *a;
+    c->g.err = err;
+    c->g.err_size = err_size;
+    c->kind = (int)kind;
+    if (kind == AFM_CONSTRAINT_REGEX) root = afm__re_compile(&c->g, text ? text : "", len, 0, "regex");
+    else if (kind == AFM_CONSTRAINT_GBNF) root = afm__gbnf_parse(&c->g, text ? text : "", len);
+    else root = afm__js_compile(&c->g, text ? text : "", len);
+    if (root < 0 || !afm__g_finish(&c->g, root)) {
+        afm_result r = strstr(c->g.err ? c->g.err : "", "out of memory") ? AFM_ERR_NOMEM : AFM_ERR_FORMAT;
+        if (!c->g.failed) afm__fail(err, err_size, AFM_ERR_FORMAT, "constraint compile failed");
+        afm_constraint_free(c);
+        return r;
+    }
+    c->g.err = NULL;
+    c->g.err_size = 0;
+    *out = c;
+    return AFM_OK;
+}
+
+AFMDEF void afm_constraint_free(afm_constraint *c) {
+    afm_allocator a;
+    if (!c) return;
+    a = c->g.alloc;
+    afm__g_free(&c->g);
+    afm__free(&a, c);
+}
+
+/* ---- the vocabulary as bytes, and its prefix tree ---- */
+struct afm_constraint_vocab {
+    afm_allocator alloc;
+    int n_vocab;
+    uint8_t *kind;          /* per token: 0 never allowed, 1 text (its bytes), 2 stop (allowed when complete) */
+    uint32_t *boff;         /* token bytes: bytes[boff[t] .. boff[t + 1]) */
+    unsigned char *bytes;
+    int32_t *stops;
+    int n_stops;
+    /* prefix tree: node 0 is the root; a node's children are the consecutive nodes child0 ..
+       child0 + nchild - 1 (breadth-first numbering), each entered by byte nbyte[] */
+    int32_t n_nodes, *child0, *tok0, *toks;
+    uint16_t *nchild, *ntok;
+    uint8_t *nbyte;
+    int max_len;
+    /* nodes with many tokens below them: the bytes on the edges below (a 256-bit set) and the
+       range of toks[] below; a walk that reaches such a node in a state where every one of those
+       bytes leads to one same live state, and so on as deep as the subtree goes (inside a string,
+       also one with a length limit), allows them all without descending */
+    int32_t *big;           /* per node: index into bigset / biglo / bighi, -1 for small subtrees */
+    uint64_t *bigset;       /* [n_big][4] */
+    int32_t *biglo, *bighi, n_big;
+    uint8_t *bigdepth;      /* the most bytes below the node on one path */
+};
+
+typedef struct afm__vtok { const unsigned char *p; uint32_t n; int32_t id; } afm__vtok;
+static int afm__vtok_cmp(const void *a, const void *b) {
+    const afm__vtok *x = (const afm__vtok *)a, *y = (const afm__vtok *)b;
+    uint32_t n = x->n < y->n ? x->n : y->n;
+    int c = n ? memcmp(x->p, y->p, n) : 0;
+    if (c) return c;
+    if (x->n != y->n) return x->n < y->n ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* The bytes a token adds to the output (AFM_TOK_NEWLINE decoding, U+2581 as a space), into o
+   (room for the piece); -1 when the token is never text (control, unknown, unused, chat markers). */
+static int afm__vocab_token_bytes(const afm_tokenizer *tok, int32_t id, unsigned char *o) {
+    afm_token_type ty = afm_tokenizer_token_type(tok, id);
+    size_t n, k, w = 0;
+    const char *p = afm_tokenizer_piece(tok, id, &n);
+    int s;
+    for (s = 0; s < AFM_SPECIAL_COUNT; s++)
+        if (s != AFM_SPECIAL_NEWLINE && afm_tokenizer_special(tok, (afm_special_token)s) == id) return -1;
+    if (id == afm_tokenizer_special(tok, AFM_SPECIAL_NEWLINE)) { o[0] = '\n'; return 1; }
+#ifdef AFM_HF_TOKENIZER
+    if (tok->kind == AFM_TOKENIZER_HF_JSON) {
+        afm__tok_buf scratch;
+        const char *bp;
+        if (ty == AFM_TOKEN_CONTROL) return -1;
+        memset(&scratch, 0, sizeof scratch);
+        afm__tok_hf_piece_bytes(tok, id, &scratch, &bp, &n);
+        if (n > tok->max_token_bytes) n = 0;
+        memcpy(o, bp, n);
+        afm__free(&tok->alloc, scratch.p);
+        return n ? (int)n : -1;
+    }
+#endif
+    if (ty == AFM_TOKEN_BYTE) {
+        for (k = 0; k < 256; k++)
+            if (tok->byte_id[k] == id) { o[0] = (unsigned char)k; return 1; }
+        return -1;
+    }
+    if (!p || (ty != AFM_TOKEN_NORMAL && ty != AFM_TOKEN_USER_DEFINED)) return -1;
+    for (k = 0; k < n;) {
+        if (afm__tok_ws_at(p, k, n)) { o[w++] = ' '; k += 3; }
+        else o[w++] = (unsigned char)p[k++];
+    }
+    return w ? (int)w : -1;
+}
+
+AFMDEF void afm_constraint_vocab_free(afm_constraint_vocab *v) {
+    afm_allocator a;
+    if (!v) return;
+    a = v->alloc;
+    afm__free(&a, v->kind); afm__free(&a, v->boff); afm__free(&a, v->bytes); afm__free(&a, v->stops);
+    afm__free(&a, v->child0); afm__free(&a, v->tok0); afm__free(&a, v->toks); afm__free(&a, v->nchild);
+    afm__free(&a, v->ntok); afm__free(&a, v->nbyte); afm__free(&a, v->big); afm__free(&a, v->bigset);
+    afm__free(&a, v->biglo); afm__free(&a, v->bighi); afm__free(&a, v->bigdepth);
+    afm__free(&a, v);
+}
+
+static afm_result afm__vocab_tree(afm_constraint_vocab *v);
+/* The subtree summaries (bytes below, token range below) of nodes with at least 16 tokens below:
+   children are numbered after their parents, so one pass from the last node up suffices. */
+#ifndef AFM__VOCAB_BIG
+#define AFM__VOCAB_BIG 16
+#endif
+static afm_result afm__vocab_big(afm_constraint_vocab *v) {
+    const afm_allocator *a = &v->alloc;
+    int32_t n = v->n_nodes, u, nb = 0;
+    int32_t *r0 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r0), *r1 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r1);
+    uint8_t *dep = (uint8_t *)afm__calloc(a, (size_t)n, 1);
+    uint64_t *set = (uint64_t *)afm__calloc(a, (size_t)n * 4, sizeof *set);
+    afm_result r = AFM_ERR_NOMEM;
+    v->big = (int32_t *)afm__alloc(a, (size_t)n * sizeof *v->big);
+    if (!r0 || !r1 || !set || !dep || !v->big) goto out;
+    for (u = n - 1; u >= 0; u--) {
+        int32_t c, e = v->child0[u] + v->nchild[u];
+        r0[u] = v->ntok[u] ? v->tok0[u] : v->nchild[u] ? r0[v->child0[u]] : 0;
+        r1[u] = v->nchild[u] ? r1[e - 1] : v->tok0[u] + v->ntok[u];
+        for (c = v->child0[u]; c < e; c++) {
+            int q;
+            for (q = 0; q < 4; q++) set[(size_t)u * 4 + q] |= set[(size_t)c * 4 + q];
+            set[(size_t)u * 4 + (v->nbyte[c] >> 6)] |= 1ull << (v->nbyte[c] & 63);
+            if (dep[c] + 1 > dep[u]) dep[u] = (uint8_t)(dep[c] + 1 < 255 ? dep[c] + 1 : 255);
+        }
+        v->big[u] = r1[u] - r0[u] - v->ntok[u] >= AFM__VOCAB_BIG ? nb++ : -1;
+    }
+    v->n_big = nb;
+    v->bigset = (uint64_t *)afm__alloc(a, ((size_t)nb + 1) * 4 * sizeof *v->bigset);
+    v->biglo = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->biglo);
+    v->bighi = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->bighi);
+    v->bigdepth = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
+    if (!v->bigset || !v->biglo || !v->bighi || !v->bigdepth) goto out;
+    for (u = 0; u < n; u++)
+        if (v->big[u] >= 0) {
+            memcpy(v->bigset + (size_t)v->big[u] * 4, set + (size_t)u * 4, 4 * sizeof *set);
+            v->biglo[v->big[u]] = r0[u] + v->ntok[u];
+            v->bighi[v->big[u]] = r1[u];
+            v->bigdepth[v->big[u]] = dep[u];
+        }
+    r = AFM_OK;
+out:
+    afm__free(a, r0);
+    afm__free(a, r1);
+    afm__free(a, set);
+    afm__free(a, dep);
+    return r;
+}
+AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const afm_allocator *allocator, afm_constraint_vocab **out) {
+    const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
+    afm_constraint_vocab *v;
+    size_t total = 0;
+    int32_t i, n, V;
+    afm_result r = AFM_ERR_NOMEM;
+    if (!out) return AFM_ERR_ARG;
+    *out = NULL;
+    if (!tok) return AFM_ERR_ARG;
+    V = afm_tokenizer_n_vocab(tok);
+    if (!(v = (afm_constraint_vocab *)afm__calloc(a, 1, sizeof *v))) return AFM_ERR_NOMEM;
+    v->alloc = *a;
+    v->n_vocab = V;
+    v->kind = (uint8_t *)afm__calloc(a, (size_t)V, 1);
+    v->boff = (uint32_t *)afm__alloc(a, ((size_t)V + 1) * sizeof *v->boff);
+    v->stops = (int32_t *)afm__alloc(a, 8 * sizeof *v->stops);
+    for (i = 0; i < V; i++) { size_t pn; afm_tokenizer_piece(tok, i, &pn); total += pn + 1; }
+    v->bytes = (unsigned char *)afm__alloc(a, total + 1);
+    if (!v->kind || !v->boff || !v->stops || !v->bytes) goto fail;
+    for (i = 0, total = 0; i < V; i++) { /* each token's bytes */
+        v->boff[i] = (uint32_t)total;
+        if (afm_tokenizer_is_stop(tok, i) && v->n_stops < 8) { v->kind[i] = 2; v->stops[v->n_stops++] = i; continue; }
+        n = afm__vocab_token_bytes(tok, i, v->bytes + total);
+        if (n > 0) { v->kind[i] = 1; total += (size_t)n; }
+    }
+    v->boff[V] = (uint32_t)total;
+    if (afm__vocab_tree(v) != AFM_OK) goto fail;
+    r = AFM_OK;
+fail:
+    if (r != AFM_OK) { afm_constraint_vocab_free(v); return r; }
+    *out = v;
+    return AFM_OK;
+}
+
+/* The prefix tree of v's text tokens (kind, boff and bytes filled in): tokens sorted by bytes,
+   inserted along a path, then numbered breadth-first. */
+static afm_result afm__vocab_tree(afm_constraint_vocab *v) {
+    const afm_allocator *a = &v->alloc;
+    afm__vtok *vt = NULL;
+    int32_t *par = NULL, *first = NULL, *sib = NULL, *last = NULL, *order = NULL, *newid = NULL, *path = NULL;
+    uint8_t *byte = NULL;
+    size_t max_nodes, nn = 1, total = v->boff[v->n_vocab];
+    int32_t i, n, nt = 0, V = v->n_vocab;
+    afm_result r = AFM_ERR_NOMEM;
+    for (i = 0; i < V; i++)
+        if (v->kind[i] == 1) {
+            nt++;
+            if ((int)(v->boff[i + 1] - v->boff[i]) > v->max_len) v->max_len = (int)(v->boff[i + 1] - v->boff[i]);
+        }
+    if (!(vt = (afm__vtok *)afm__alloc(a, ((size_t)nt + 1) * sizeof *vt))) goto fail;
+    for (i = 0, n = 0; i < V; i++)
+        if (v->kind[i] == 1) { vt[n].p = v->bytes + v->boff[i]; vt[n].n = v->boff[i + 1] - v->boff[i]; vt[n].id = i; n++; }
+    qsort(vt, (size_t)nt, sizeof *vt, afm__vtok_cmp);
+    max_nodes = total + 1;
+    par = (int32_t *)afm__alloc(a, max_nodes * sizeof *par);
+    first = (int32_t *)afm__alloc(a, max_nodes * sizeof *first);
+    sib = (int32_t *)afm__alloc(a, max_nodes * sizeof *sib);
+    last = (int32_t *)afm__alloc(a, max_nodes * sizeof *last);
+    byte = (uint8_t *)afm__alloc(a, max_nodes);
+    order = (int32_t *)afm__alloc(a, max_nodes * sizeof *order);
+    newid = (int32_t *)afm__alloc(a, max_nodes * sizeof *newid);
+    path = (int32_t *)afm__alloc(a, ((size_t)v->max_len + 2) * sizeof *path);
+    v->tok0 = (int32_t *)afm__alloc(a, max_nodes * sizeof *v->tok0);
+    v->ntok = (uint16_t *)afm__calloc(a, max_nodes, sizeof *v->ntok);
+    v->toks = (int32_t *)afm__alloc(a, ((size_t)nt + 1) * sizeof *v->toks);
+    if (!par || !first || !sib || !last || !byte || !order || !newid || !path || !v->tok0 || !v->ntok || !v->toks) goto fail;
+    first[0] = last[0] = -1;
+    path[0] = 0;
+    {
+        uint32_t depth = 0; /* path[0 .. depth] is the previous token's node chain */
+        for (i = 0; i < nt; i++) {
+            uint32_t k = 0;
+            if (i > 0) while (k < depth && k < vt[i].n && vt[i - 1].p[k] == vt[i].p[k]) k++;
+            for (; k < vt[i].n; k++) { /* new nodes below path[k] */
+                int32_t u = (int32_t)nn++, p = path[k];
+                par[u] = p; byte[u] = vt[i].p[k]; first[u] = last[u] = sib[u] = -1;
+                if (last[p] < 0) first[p] = u; else sib[last[p]] = u;
+                last[p] = u;
+                path[k + 1] = u;
+            }
+            depth = vt[i].n;
+            v->toks[i] = vt[i].id;
+        }
+    }
+    {   /* breadth-first: the children of each node get consecutive numbers */
+        size_t qh = 0, qt = 1;
+        int32_t u, c;
+        order[0] = 0;
+        newid[0] = 0;
+        v->n_nodes = (int32_t)nn;
+        v->child0 = (int32_t *)afm__alloc(a, nn * sizeof *v->child0);
+        v->nchild = (uint16_t *)afm__calloc(a, nn, sizeof *v->nchild);
+        v->nbyte = (uint8_t *)afm__alloc(a, nn);
+        if (!v->child0 || !v->nchild || !v->nbyte) goto fail;
+        v->nbyte[0] = 0;
+        while (qh < qt) {
+            u = order[qh++];
+            v->child0[newid[u]] = (int32_t)qt;
+            for (c = first[u]; c >= 0; c = sib[c]) {
+                newid[c] = (int32_t)qt;
+                v->nbyte[qt] = byte[c];
+                order[qt++] = c;
+                v->nchild[newid[u]]++;
+            }
+        }
+    }
+    for (i = 0; i < (int32_t)nn; i++) v->tok0[i] = 0;
+    { /* tokens end at the node of their last byte: equal byte strings are adjacent in vt */
+        int32_t u = 0;
+        uint32_t k;
+        for (i = 0; i < nt; i++) {
+            if (i == 0 || vt[i].n != vt[i - 1].n || memcmp(vt[i].p, vt[i - 1].p, vt[i].n) != 0) {
+                int32_t node = 0;
+                for (k = 0; k < vt[i].n; k++) { /* follow the children (old numbering) */
+                    int32_t c = first[node];
+                    while (byte[c] != vt[i].p[k]) c = sib[c];
+                    node = c;
+                }
+                u = newid[node];
+                v->tok0[u] = i;
+            }
+            v->ntok[u]++;
+        }
+    }
+    if (afm__vocab_big(v) != AFM_OK) goto fail;
+    r = AFM_OK;
+fail:
+    afm__free(a, vt); afm__free(a, par); afm__free(a, first); afm__free(a, sib); afm__free(a, last);
+    afm__free(a, byte); afm__free(a, order); afm__free(a, newid); afm__free(a, path);
+    return r;
+}
+
+/* ---- the matcher: interned stacks and states, memoised transitions ---- */
+#define AFM__CM_MAX_DEPTH 2000     /* frames per stack: deeper nesting is not generated */
+#define AFM__CM_MAX_STACKS 20000   /* parses followed at once */
+#define AFM__CM_MAX_STATES 2000000
+#define AFM__CM_SLOTS 64           /* cached masks */
+#define AFM__CM_DEAD (-1)
+#define AFM__CM_UNKNOWN (-2)
+#define AFM__CM_FAIL (-3)
+
+typedef struct afm__cm_walk_entry { int32_t node, state; int k; } afm__cm_walk_entry;
+/* bytes known to lead from a state to state `to` (yes) and known not to (no) */
+typedef struct afm__cm_cls { int32_t to; uint64_t yes[4], no[4]; } afm__cm_cls;
+#define AFM__CM_NCLS 2
+
+struct afm_constraint_state {
+    const afm_constraint *c;
+    const afm_constraint_vocab *v;
+    afm_allocator alloc;
+    const uint32_t *el, *rule_alt0, *ralt;
+    /* stack frames: (pos, parent), interned */
+    uint32_t *fpos, *fseen;
+    int32_t *fpar;
+    uint16_t *fdepth;
+    size_t n_f, cap_f, c1, c2, c3;
+    int32_t *fht;
+    size_t fht_cap;
+    /* states: sorted frame ids spool[soff[s] .. soff[s + 1]), accepting flag, transitions */
+    uint32_t *soff;
+    int32_t *spool, *str, *sslot;
+    uint8_t *sacc;
+    size_t n_s, cap_s, n_spool, cap_spool, s1, s2, s3;
+    int32_t *sht;
+    size_t sht_cap;
+    int32_t *trans;         /* 256 per state that has any, AFM__CM_UNKNOWN until computed */
+    afm__cm_cls *cls;       /* per state AFM__CM_NCLS byte classes with one target each (learnt on demand) */
+    size_t cap_cls;
+    size_t n_trans, cap_trans;
+    /* scratch */
+    uint32_t *work;         /* (pos, parent) pairs */
+    size_t n_work, cap_work;
+    int32_t *out;
+    size_t n_out, cap_out;
+    uint32_t gen;
+    /* masks */
+    int words;
+    uint32_t *masks;        /* [AFM__CM_SLOTS][words] */
+    int32_t slot_state[AFM__CM_SLOTS];
+    int next_slot;
+    afm__cm_walk_entry *walk;
+    /* the output so far: hist[i] is the state after i tokens */
+    int32_t *hist;
+    size_t n_hist, cap_hist;
+    int failed;
+    char err[200];
+};
+
+static int afm__cm_fail(afm_constraint_state *m, const char *why) {
+    if (!m->failed) snprintf(m->err, sizeof m->err, "%s", why);
+    m->failed = 1;
+    return 0;
+}
+
+static uint32_t afm__mix(uint32_t h, uint32_t x) { h ^= x; h *= 0x9E3779B1u; return h ^ (h >> 15); }
+
+/* The frame (pos, parent), interned; -1 when too deep, -3 on failure. */
+static int32_t afm__cm_frame(afm_constraint_state *m, uint32_t pos, int32_t parent) {
+    uint32_t h = afm__mix(afm__mix(0x12345u, pos), (uint32_t)parent);
+    size_t k;
+    int32_t f;
+    unsigned d = parent >= 0 ? m->fdepth[parent] + 1u : 1u;
+    if (d > AFM__CM_MAX_DEPTH) return -1;
+    if ((m->n_f + 1) * 2 > m->fht_cap) { /* grow and rehash */
+        size_t nc = m->fht_cap ? m->fht_cap * 2 : 1024, q;
+        int32_t *nt = (int32_t *)afm__alloc(&m->alloc, nc * sizeof *nt);
+        if (!nt) return (int32_t)afm__cm_fail(m, "out of memory") - 3;
+        memset(nt, 0xFF, nc * sizeof *nt);
+        for (q = 0; q < m->n_f; q++) {
+            size_t j = afm__mix(afm__mix(0x12345u, m->fpos[q]), (uint32_t)m->fpar[q]) & (nc - 1);
+            while (nt[j] >= 0) j = (j + 1) & (nc - 1);
+            nt[j] = (int32_t)q;
+        }
+        afm__free(&m->alloc, m->fht);
+        m->fht = nt;
+        m->fht_cap = nc;
+    }
+    for (k = h & (m->fht_cap - 1); (f = m->fht[k]) >= 0; k = (k + 1) & (m->fht_cap - 1))
+        if (m->fpos[f] == pos && m->fpar[f] == parent) return f;
+    if (!afm__grow(&m->alloc, (void **)&m->fpos, &m->cap_f, m->n_f + 1, sizeof *m->fpos) ||
+        !afm__grow(&m->alloc, (void **)&m->fseen, &m->c1, m->n_f + 1, sizeof *m->fseen) ||
+        !afm__grow(&m->alloc, (void **)&m->fpar, &m->c2, m->n_f + 1, sizeof *m->fpar) ||
+        !afm__grow(&m->alloc, (void **)&m->fdepth, &m->c3, m->n_f + 1, sizeof *m->fdepth))
+        return (int32_t)afm__cm_fail(m, "out of memory") - 3;
+    f = (int32_t)m->n_f++;
+    m->fpos[f] = pos;
+    m->fpar[f] = parent;
+    m->fdepth[f] = (uint16_t)d;
+    m->fseen[f] = 0;
+    m->fht[k] = f;
+    return f;
+}
+
+static int afm__cm_work(afm_constraint_state *m, uint32_t pos, int32_t parent) {
+    if (!afm__grow(&m->alloc, (void **)&m->work, &m->cap_work, m->n_work + 2, sizeof *m->work)) return afm__cm_fail(m, "out of memory");
+    m->work[m->n_work++] = pos;
+    m->work[m->n_work++] = (uint32_t)parent;
+    return 1;
+}
+
+/* Every stack reachable from the pending work items without reading a byte: those whose top is a
+   byte range go to out; *acc is set when one finishes the root. */
+static int afm__cm_close(afm_constraint_state *m, int *acc) {
+    while (m->n_work) {
+        int32_t parent = (int32_t)m->work[--m->n_work];
+        uint32_t pos = m->work[--m->n_work], e, al;
+        int32_t f = afm__cm_frame(m, pos, parent), np;
+        if (f == -1) continue; /* too deep: this parse is dropped */
+        if (f < -1) return 0;
+        if (m->fseen[f] == m->gen) continue;
+        m->fseen[f] = m->gen;
+        e = m->el[pos];
+        if (e == AFM__G_END) {
+            if (parent < 0) *acc = 1;
+            else if (!afm__cm_work(m, m->fpos[parent], m->fpar[parent])) return 0;
+            continue;
+        }
+        if (e & AFM__G_BYTES) {
+            if (m->n_out >= AFM__CM_MAX_STACKS) return afm__cm_fail(m, "the grammar is too ambiguous: more than 20000 parses at once");
+            if (!afm__grow(&m->alloc, (void **)&m->out, &m->cap_out, m->n_out + 1, sizeof *m->out)) return afm__cm_fail(m, "out of memory");
+            m->out[m->n_out++] = f;
+            continue;
+        }
+        /* a reference: its alternatives, returning to pos + 1 (or to the parent from a tail call) */
+        if (m->el[pos + 1] == AFM__G_END) np = parent;
+        else if ((np = afm__cm_frame(m, pos + 1, parent)) == -1) continue;
+        else if (np < -1) return 0;
+        for (al = m->rule_alt0[e]; al < m->rule_alt0[e + 1]; al++)
+            if (!afm__cm_work(m, m->ralt[al], np)) return 0;
+    }
+    return 1;
+}
+
+static int afm__cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The state of m->out plus acc, interned; AFM__CM_DEAD when empty, AFM__CM_FAIL on failure. */
+static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
+    uint32_t h = 0x51ED27u ^ (uint32_t)acc;
+    size_t k, i;
+    int32_t s;
+    if (!m->n_out && !acc) return AFM__CM_DEAD;
+    if (m->n_out > 16) qsort(m->out, m->n_out, sizeof *m->out, afm__cmp_i32);
+    else for (i = 1; i < m->n_out; i++) { /* usually a handful: insertion sort */
+        int32_t x = m->out[i];
+        size_t j = i;
+        while (j > 0 && m->out[j - 1] > x) { m->out[j] = m->out[j - 1]; j--; }
+        m->out[j] = x;
+    }
+    for (i = 0; i < m->n_out; i++) h = afm__mix(h, (uint32_t)m->out[i]);
+    if ((m->n_s + 1) * 2 > m->sht_cap) {
+        size_t nc = m->sht_cap ? m->sht_cap * 2 : 1024, q;
+        int32_t *nt = (int32_t *)afm__alloc(&m->alloc, nc * sizeof *nt);
+        if (!nt) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
+        memset(nt, 0xFF, nc * sizeof *nt);
+        for (q = 0; q < m->n_s; q++) {
+            uint32_t hq = 0x51ED27u ^ m->sacc[q];
+            size_t j;
+            for (i = m->soff[q]; i < m->soff[q + 1]; i++) hq = afm__mix(hq, (uint32_t)m->spool[i]);
+            for (j = hq & (nc - 1); nt[j] >= 0; j = (j + 1) & (nc - 1)) {}
+            nt[j] = (int32_t)q;
+        }
+        afm__free(&m->alloc, m->sht);
+        m->sht = nt;
+        m->sht_cap = nc;
+    }
+    for (k = h & (m->sht_cap - 1); (s = m->sht[k]) >= 0; k = (k + 1) & (m->sht_cap - 1))
+        if (m->sacc[s] == acc && m->soff[s + 1] - m->soff[s] == m->n_out &&
+            (m->n_out == 0 || memcmp(m->spool + m->soff[s], m->out, m->n_out * sizeof *m->out) == 0))
+            return s;
+    if (m->n_s >= AFM__CM_MAX_STATES) return (int32_t)afm__cm_fail(m, "too many matcher states") + AFM__CM_FAIL;
+    if (!afm__grow(&m->alloc, (void **)&m->soff, &m->cap_s, m->n_s + 2, sizeof *m->soff) ||
+        !afm__grow(&m->alloc, (void **)&m->str, &m->s1, m->n_s + 1, sizeof *m->str) ||
+        !afm__grow(&m->alloc, (void **)&m->sslot, &m->s2, m->n_s + 1, sizeof *m->sslot) ||
+        !afm__grow(&m->alloc, (void **)&m->sacc, &m->s3, m->n_s + 1, 1) ||
+        !afm__grow(&m->alloc, (void **)&m->spool, &m->cap_spool, m->n_spool + m->n_out, sizeof *m->spool))
+        return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
+    s = (int32_t)m->n_s++;
+    if (m->n_out) memcpy(m->spool + m->n_spool, m->out, m->n_out * sizeof *m->out);
+    m->n_spool += m->n_out;
+    m->soff[s] = (uint32_t)(m->n_spool - m->n_out);
+    m->soff[s + 1] = (uint32_t)m->n_spool;
+    m->sacc[s] = (uint8_t)acc;
+    m->str[s] = -1;
+    m->sslot[s] = -1;
+    m->sht[k] = s;
+    if (!afm__grow(&m->alloc, (void **)&m->cls, &m->cap_cls, (m->n_s + 1) * AFM__CM_NCLS, sizeof *m->cls)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
+    memset(m->cls + (size_t)s * AFM__CM_NCLS, 0, AFM__CM_NCLS * sizeof *m->cls);
+    for (i = 0; i < AFM__CM_NCLS; i++) m->cls[(size_t)s * AFM__CM_NCLS + i].to = AFM__CM_UNKNOWN;
+    return s;
+}
+
+/* (state, byte) -> state, computed. */
+static int32_t afm__cm_step_slow(afm_constraint_state *m, int32_t s, unsigned b) {
+    uint32_t i;
+    int acc = 0;
+    m->gen++;
+    m->n_out = 0;
+    m->n_work = 0;
+    for (i = m->soff[s]; i < m->soff[s + 1]; i++) {
+        int32_t f = m->spool[i];
+        uint32_t e = m->el[m->fpos[f]];
+        if (b >= (e & 0xFF) && b <= ((e >> 8) & 0xFF) && !afm__cm_work(m, m->fpos[f] + 1, m->fpar[f])) return AFM__CM_FAIL;
+        if (!afm__cm_close(m, &acc)) return AFM__CM_FAIL;
+    }
+    return afm__cm_state(m, acc);
+}
+
+/* (state, byte) -> state, memoised. */
+static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
+    int32_t t;
+    if (s < 0) return AFM__CM_DEAD;
+    if (m->str[s] < 0) {
+        size_t k;
+        if (m->soff[s + 1] == m->soff[s]) return AFM__CM_DEAD; /* accepting, nothing can follow */
+        if (!afm__grow(&m->alloc, (void **)&m->trans, &m->cap_trans, m->n_trans + 256, sizeof *m->trans)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
+        for (k = 0; k < 256; k++) m->trans[m->n_trans + k] = AFM__CM_UNKNOWN;
+        m->str[s] = (int32_t)(m->n_trans / 256);
+        m->n_trans += 256;
+    }
+    t = m->trans[(size_t)m->str[s] * 256 + b];
+    if (t == AFM__CM_UNKNOWN) {
+        t = afm__cm_step_slow(m, s, b);
+        if (t == AFM__CM_FAIL) return t;
+        m->trans[(size_t)m->str[s] * 256 + b] = t;
+    }
+    return t;
+}
+
+/* The state every byte of the 256-bit set b leads to from state s, if it is one and the same
+   live state; AFM__CM_DEAD if not; AFM__CM_FAIL on failure. What each byte does is learnt once per
+   state, in up to AFM__CM_NCLS classes (inside a JSON string: the plain characters). */
+static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_t *b) {
+    afm__cm_cls *c;
+    int32_t to;
+    int q, lo = 0, k;
+    while (!((b[lo >> 6] >> (lo & 63)) & 1)) lo++; /* b is never empty */
+    if ((to = afm__cm_step(m, s, (unsigned)lo)) < 0) return to;
+    c = m->cls + (size_t)s * AFM__CM_NCLS;
+    for (k = 0; k < AFM__CM_NCLS && c[k].to != to && c[k].to != AFM__CM_UNKNOWN; k++) {}
+    if (k == AFM__CM_NCLS) { k = AFM__CM_NCLS - 1; memset(&c[k], 0, sizeof c[k]); }
+    c[k].to = to;
+    for (q = 0; q < 4; q++)
+        if (b[q] & c[k].no[q]) return AFM__CM_DEAD;
+    for (q = 0; q < 4; q++) {
+        uint64_t todo = b[q] & ~c[k].yes[q];
+        while (todo) {
+            int bit = 0;
+            int32_t t;
+            while (!((todo >> bit) & 1)) bit++;
+            todo &= todo - 1;
+            t = afm__cm_step(m, s, (unsigned)(q * 64 + bit));
+            if (t == AFM__CM_FAIL) return t;
+            c = m->cls + (size_t)s * AFM__CM_NCLS; /* the step may have moved the array */
+            if (t != to) { c[k].no[q] |= 1ull << bit; return AFM__CM_DEAD; }
+            c[k].yes[q] |= 1ull << bit;
+        }
+    }
+    return to;
+}
+
+/* The allowed-token bit set of state s (cached). NULL on failure. */
+static const uint32_t *afm__cm_mask(afm_constraint_state *m, int32_t s) {
+    const afm_constraint_vocab *v = m->v;
+    uint32_t *mask;
+    int slot, sp = 0, i;
+    if (m->failed) return NULL;
+    if (s < 0) { /* dead or finished: nothing */
+        slot = m->next_slot;
+        m->next_slot = (m->next_slot + 1) % AFM__CM_SLOTS;
+        if (m->slot_state[slot] >= 0) m->sslot[m->slot_state[slot]] = -1;
+        m->slot_state[slot] = -1;
+        mask = m->masks + (size_t)slot * (size_t)m->words;
+        memset(mask, 0, (size_t)m->words * sizeof *mask);
+        return mask;
+    }
+    if (m->sslot[s] >= 0) return m->masks + (size_t)m->sslot[s] * (size_t)m->words;
+    slot = m->next_slot;
+    m->next_slot = (m->next_slot + 1) % AFM__CM_SLOTS;
+    if (m->slot_state[slot] >= 0) m->sslot[m->slot_state[slot]] = -1;
+    m->slot_state[slot] = -1;
+    mask = m->masks + (size_t)slot * (size_t)m->words;
+    memset(mask, 0, (size_t)m->words * sizeof *mask);
+    m->walk[0].node = 0;
+    m->walk[0].state = s;
+    m->walk[0].k = 0;
+    sp = 1;
+    while (sp > 0) { /* depth-first over the prefix tree, alive nodes only */
+        int32_t u = m->walk[sp - 1].node, c, t;
+        if (m->walk[sp - 1].k == v->nchild[u]) { sp--; continue; }
+        c = v->child0[u] + m->walk[sp - 1].k++;
+        t = afm__cm_step(m, m->walk[sp - 1].state, v->nbyte[c]);
+        if (t < 0) {
+            if (t == AFM__CM_FAIL) return NULL;
+            continue;
+        }
+        for (i = 0; i < v->ntok[c]; i++) {
+            int32_t id = v->toks[v->tok0[c] + i];
+            mask[id >> 5] |= 1u << (id & 31);
+        }
+        if (v->big[c] >= 0) { /* many tokens below: all allowed when every path of their bytes stays alive */
+            int32_t b = v->big[c], u = t, d;
+            for (d = 0; d < v->bigdepth[b] && u >= 0; d++) u = afm__cm_uniform(m, u, v->bigset + (size_t)b * 4);
+            if (u == AFM__CM_FAIL) return NULL;
+            if (u >= 0) {
+                int32_t k;
+                for (k = v->biglo[v->big[c]]; k < v->bighi[v->big[c]]; k++) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
+                continue;
+            }
+        }
+        if (v->nchild[c]) {
+            m->walk[sp].node = c;
+            m->walk[sp].state = t;
+            m->walk[sp].k = 0;
+            sp++;
+        }
+    }
+    if (m->sacc[s])
+        for (i = 0; i < v->n_stops; i++) mask[v->stops[i] >> 5] |= 1u << (v->stops[i] & 31);
+    m->slot_state[slot] = s;
+    m->sslot[s] = slot;
+    return mask;
+}
+
+/* The state after the bytes of token id from state s (stop tokens: the finished state when s
+   is accepting). */
+static int32_t afm__cm_token(afm_constraint_state *m, int32_t s, int32_t id) {
+    const afm_constraint_vocab *v = m->v;
+    uint32_t k;
+    if (s < 0 || id < 0 || id >= v->n_vocab || !v->kind[id]) return AFM__CM_DEAD;
+    if (v->kind[id] == 2) return m->sacc[s] ? -4 : AFM__CM_DEAD; /* -4: finished */
+    for (k = v->boff[id]; k < v->boff[id + 1] && s >= 0; k++) s = afm__cm_step(m, s, v->bytes[k]);
+    return s;
+}
+
+/* ---- constraint states: the public face ---- */
+AFMDEF void afm_constraint_state_free(afm_constraint_state *m) {
+    afm_allocator a;
+    if (!m) return;
+    a = m->alloc;
+    afm__free(&a, m->fpos); afm__free(&a, m->fseen); afm__free(&a, m->fpar); afm__free(&a, m->fdepth); afm__free(&a, m->fht);
+    afm__free(&a, m->soff); afm__free(&a, m->spool); afm__free(&a, m->str); afm__free(&a, m->sslot); afm__free(&a, m->sacc);
+    afm__free(&a, m->sht); afm__free(&a, m->trans); afm__free(&a, m->work); afm__free(&a, m->out); afm__free(&a, m->masks);
+    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__free(&a, m->cls);
+    afm__free(&a, m);
+}
+
+AFMDEF afm_result afm_constraint_state_create(const afm_constraint *c, const afm_constraint_vocab *v, afm_constraint_state **out) {
+    afm_constraint_state *m;
+    int32_t s0;
+    uint32_t al;
+    int acc = 0, i;
+    if (!out) return AFM_ERR_ARG;
+    *out = NULL;
+    if (!c || !v) return AFM_ERR_ARG;
+    if (!(m = (afm_constraint_state *)afm__calloc(&v->alloc, 1, sizeof *m))) return AFM_ERR_NOMEM;
+    m->c = c;
+    m->v = v;
+    m->alloc = v->alloc;
+    m->el = c->g.el;
+    m->rule_alt0 = c->g.rule_alt0;
+    m->ralt = c->g.ralt;
+    m->words = (v->n_vocab + 31) / 32;
+    for (i = 0; i < AFM__CM_SLOTS; i++) m->slot_state[i] = -1;
+    m->masks = (uint32_t *)afm__alloc(&m->alloc, (size_t)AFM__CM_SLOTS * (size_t)m->words * sizeof *m->masks);
+    m->walk = (afm__cm_walk_entry *)afm__alloc(&m->alloc, ((size_t)v->max_len + 2) * sizeof *m->walk);
+    if (!m->masks || !m->walk) { afm_constraint_state_free(m); return AFM_ERR_NOMEM; }
+    m->gen = 1;
+    for (al = m->rule_alt0[c->g.root]; al < m->rule_alt0[c->g.root + 1]; al++)
+        if (!afm__cm_work(m, m->ralt[al], -1)) break;
+    if (m->failed || !afm__cm_close(m, &acc) || (s0 = afm__cm_state(m, acc)) < 0 ||
+        !afm__grow(&m->alloc, (void **)&m->hist, &m->cap_hist, 64, sizeof *m->hist)) {
+        afm_constraint_state_free(m);
+        return AFM_ERR_NOMEM;
+    }
+    m->hist[0] = s0;
+    m->n_hist = 1;
+    *out = m;
+    return AFM_OK;
+}
+
+AFMDEF const uint32_t *afm_constraint_state_mask(afm_constraint_state *m) {
+    return m ? afm__cm_mask(m, m->hist[m->n_hist - 1]) : NULL;
+}
+
+AFMDEF int afm_constraint_state_allows(afm_constraint_state *m, int32_t token) {
+    int32_t t;
+    if (!m) return 0;
+    t = afm__cm_token(m, m->hist[m->n_hist - 1], token);
+    return t >= 0 || t == -4;
+}
+
+AFMDEF afm_result afm_constraint_state_advance(afm_constraint_state *m, int32_t token) {
+    int32_t t;
+    if (!m) return AFM_ERR_ARG;
+    if (m->failed) return AFM_ERR_NOMEM;
+    t = afm__cm_token(m, m->hist[m->n_hist - 1], token);
+    if (t == AFM__CM_FAIL) return AFM_ERR_NOMEM;
+    if (t == AFM__CM_DEAD) return AFM_ERR_ARG;
+    if (!afm__grow(&m->alloc, (void **)&m->hist, &m->cap_hist, m->n_hist + 1, sizeof *m->hist)) return AFM_ERR_NOMEM;
+    m->hist[m->n_hist++] = t;
+    return AFM_OK;
+}
+
+AFMDEF int afm_constraint_state_n_tokens(const afm_constraint_state *m) { return m ? (int)m->n_hist - 1 : 0; }
+
+AFMDEF afm_result afm_constraint_state_rewind(afm_constraint_state *m, int n_tokens) {
+    if (!m || n_tokens < 0 || (size_t)n_tokens >= m->n_hist) return AFM_ERR_ARG;
+    m->n_hist = (size_t)n_tokens + 1;
+    return AFM_OK;
+}
+
+AFMDEF int afm_constraint_state_complete(const afm_constraint_state *m) {
+    int32_t s;
+    if (!m) return 0;
+    s = m->hist[m->n_hist - 1];
+    return s == -4 || (s >= 0 && m->sacc[s]);
+}
+
+AFMDEF int afm_constraint_state_forced(afm_constraint_state *m, int32_t *tokens, int cap) {
+    const afm_constraint_vocab *v;
+    unsigned char forced[256];
+    int nf = 0, nt = 0, pos = 0;
+    int32_t s;
+    if (!m || !tokens || cap <= 0) return 0;
+    v = m->v;
+    s = m->hist[m->n_hist - 1];
+    while (s >= 0 && !m->sacc[s] && nf < (int)sizeof forced) { /* the bytes every continuation starts with */
+        int32_t only = AFM__CM_DEAD, t;
+        unsigned b, ob = 0, n_live = 0;
+        for (b = 0; b < 256 && n_live < 2; b++) {
+            t = afm__cm_step(m, s, b);
+            if (t == AFM__CM_FAIL) return 0;
+            if (t >= 0) { n_live++; only = t; ob = b; }
+        }
+        if (n_live != 1) break;
+        forced[nf++] = (unsigned char)ob;
+        s = only;
+    }
+    while (pos < nf && nt < cap) { /* greedy: the longest token spelling the next forced bytes */
+        int32_t u = 0, best = -1;
+        int k, blen = 0;
+        for (k = pos; k < nf; k++) {
+            int32_t c = v->child0[u], e = c + v->nchild[u], lo = c, hi = e;
+            while (lo < hi) { int32_t mid = (lo + hi) / 2; if (v->nbyte[mid] < forced[k]) lo = mid + 1; else hi = mid; }
+            if (lo >= e || v->nbyte[lo] != forced[k]) break;
+            u = lo;
+            if (v->ntok[u]) { best = v->toks[v->tok0[u]]; blen = k + 1 - pos; }
+        }
+        if (best < 0) break;
+        tokens[nt++] = best;
+        pos += blen;
+    }
+    return nt;
+}
+
+AFMDEF const char *afm_constraint_state_error(const afm_constraint_state *m) {
+    return !m ? "no constraint state" : m->failed ? m->err : "";
+}
 
 /* ======================================================================================== */
 /* ==== GENERATION AND SPECULATIVE DECODING =============================================== */
@@ -7944,7 +10388,44 @@ typedef struct afm__gen {
     double tv[AFM__MAX_DRAFT + 2]; /* seconds to verify n tokens (EMA); 0 = not measured */
     double t_draft_tok;          /* seconds per drafted token (EMA) */
     double acc_hits, acc_trials; /* acceptance, decayed counts */
+    afm_constraint_state *cs;    /* the constraint, or NULL */
 } afm__gen;
+
+/* The constraint's allowed tokens now (NULL: no constraint, or it failed: *r says which). */
+static const uint32_t *afm__gen_mask(afm__gen *g, afm_result *r) {
+    const uint32_t *m;
+    *r = AFM_OK;
+    if (!g->cs) return NULL;
+    if (!(m = afm_constraint_state_mask(g->cs))) *r = afm__serr(g->s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
+    return m;
+}
+/* Where the constraint forces the next bytes, the next token is the first fast-forward token
+   (wherever it comes up: after a draft, at the start), so that drafting never changes the output;
+   -1 when there is a choice (or fast-forward is off). */
+static int32_t afm__gen_forced(afm__gen *g) {
+    int32_t f;
+    if (!g->cs || g->p->no_fast_forward || afm_constraint_state_forced(g->cs, &f, 1) != 1) return -1;
+    return f;
+}
+/* The base's pick at a position, with the uniform number u: the forced token where the constraint
+   leaves no choice, else the sampler's pick among the allowed tokens. -1 with *r set on failure
+   (AFM_ERR_NUMERIC for non-finite logits: the caller names the position). The constraint is not
+   advanced here. */
+static int32_t afm__gen_pick(afm__gen *g, afm_sampler *sm, const float *logits, double u, afm_result *r) {
+    const uint32_t *m = afm__gen_mask(g, r);
+    int32_t t;
+    if (*r != AFM_OK) return -1;
+    if ((t = afm__gen_forced(g)) >= 0) return t;
+    t = afm__sampler_pick(sm, logits, m, u);
+    if (t == -1) *r = AFM_ERR_NUMERIC;
+    if (t == -2) *r = afm__serr(g->s, AFM_ERR_ARG, "constraint: no token is allowed here");
+    return t < 0 ? -1 : t;
+}
+/* Advances the constraint over a token the output now holds. */
+static afm_result afm__gen_advance(afm__gen *g, int32_t t) {
+    if (!g->cs || afm_constraint_state_advance(g->cs, t) == AFM_OK) return AFM_OK;
+    return afm__serr(g->s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
+}
 
 /* Hands a token to the caller; returns the reason to stop after it, or 0. */
 static int afm__emit(afm__gen *g, int32_t tok) {
@@ -7952,6 +10433,8 @@ static int afm__emit(afm__gen *g, int32_t tok) {
     g->generated++;
     g->st->n_generated++;
     if (g->p->on_token && g->p->on_token(g->p->user, tok)) return g->st->stop = AFM_STOP_CALLBACK;
+    if (g->cs && afm_constraint_state_complete(g->cs) && tok >= 0 && tok < g->cs->v->n_vocab && g->cs->v->kind[tok] == 2)
+        return g->st->stop = AFM_STOP_TOKEN; /* the constraint's end-of-output token */
     for (i = 0; i < g->p->n_stop_tokens; i++)
         if (g->p->stop_tokens[i] == tok) return g->st->stop = AFM_STOP_TOKEN;
     if (g->generated >= g->p->n_predict) return g->st->stop = AFM_STOP_N_PREDICT;
@@ -7983,8 +10466,11 @@ static int afm__draft_with_model(afm__gen *g, const int32_t *ctx, int n_ctx, int
     if (afm_session_rewind(d, c) != AFM_OK) return 0;
     if (n_ctx - c > d->n_ctx - d->pos || afm_session_eval(d, ctx + c, n_ctx - c) != AFM_OK) return 0;
     for (i = 0; i < k; i++) {
-        g->draft[i] = afm__sampler_pick(g->dsm, afm_session_logits(d, -1), g->u[i]);
-        if (g->draft[i] < 0) return i; /* the draft model's logits are not finite */
+        const float *lg = afm_session_logits(d, -1);
+        afm_result r;
+        /* the constraint, advanced along the draft (the caller rewinds it) */
+        if ((g->draft[i] = afm__gen_pick(g, g->dsm, lg, g->u[i], &r)) < 0) return i;
+        if (afm__gen_advance(g, g->draft[i]) != AFM_OK) return i;
         if (i + 1 < k && (d->pos >= d->n_ctx || afm_session_eval(d, &g->draft[i], 1) != AFM_OK)) return i + 1;
     }
     return k;
@@ -8048,16 +10534,45 @@ static int afm__choose_k(afm__gen *g) {
 
 static void afm__ema(double *v, double x) { *v = *v > 0 ? 0.8 * *v + 0.2 * x : x; }
 
+/* Fast-forward: the tokens the constraint forces after the pending token x are emitted without
+   sampling and evaluated with x in one batch; the last becomes the pending token. */
+static afm_result afm__fast_forward(afm__gen *g, int32_t *x) {
+    afm_session *s = g->s;
+    int32_t f[AFM__MAX_DRAFT], batch[AFM__MAX_DRAFT];
+    int P = s->pos, m, cap = AFM__MAX_DRAFT, i;
+    afm_result r;
+    if (!g->cs || g->p->no_fast_forward) return AFM_OK;
+    if (cap > g->p->n_predict - g->generated) cap = g->p->n_predict - g->generated;
+    if (cap > s->n_ctx - P - 2) cap = s->n_ctx - P - 2;
+    if (cap <= 0 || (m = afm_constraint_state_forced(g->cs, f, cap)) == 0) return AFM_OK;
+    batch[0] = *x;
+    for (i = 0; i + 1 < m; i++) batch[i + 1] = f[i];
+    if ((r = afm__eval(s, batch, m, 0)) != AFM_OK) return r;
+    g->st->n_steps++;
+    for (i = 0; i < m; i++) {
+        if (g->sampled) afm__rng_uniform(g->sm->rng); /* every emitted token uses one number, forced or not */
+        if (afm_constraint_state_advance(g->cs, f[i]) != AFM_OK) return afm__serr(s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
+        if (afm__emit(g, f[i])) {
+            if (i + 1 < m) { afm_session_rewind(s, P + 2 + i); g->done = 1; }
+            else g->done = 2;
+            *x = f[i];
+            return AFM_OK;
+        }
+    }
+    *x = f[m - 1];
+    return AFM_OK;
+}
+
 /* One round: verify [x, drafts] in one forward pass, keep the longest prefix of drafts that
    equals what the base picks at each position, then the base's own pick after it. The base picks
-   every token exactly as plain decoding does - greedy, or one uniform number of the sampler's
-   stream per token - so the output does not depend on the drafter or on K (which only change how
-   many forward passes it takes). Returns the new pending token through *x (its slot, s->pos, is
-   free); sets g->done when finished. */
+   every token exactly as plain decoding does - the forced token of a constraint, greedy, or one
+   uniform number of the sampler's stream per token - so the output does not depend on the drafter
+   or on K (which only change how many forward passes it takes). Returns the new pending token
+   through *x (its slot, s->pos, is free); sets g->done when finished. */
 static afm_result afm__round(afm__gen *g, int32_t *x) {
     afm_session *s = g->s;
     const afm_generate_params *p = g->p;
-    int P = s->pos, k, asked, j, i, why = 0;
+    int P = s->pos, k, asked, j, i, why = 0, c0 = g->cs ? afm_constraint_state_n_tokens(g->cs) : 0, finished = 0;
     int32_t batch[AFM__MAX_DRAFT + 1], next = -1;
     uint64_t rng[4];
     double t0, t1;
@@ -8081,6 +10596,12 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
         if (k > asked) k = asked; /* a custom drafter may claim more than it was asked for */
         for (i = 0; i < k; i++)
             if (g->draft[i] < 0 || g->draft[i] >= g->V) k = i; /* a drafter's bad token ends the draft */
+        if (g->cs) { /* so does a token the constraint does not allow */
+            afm_constraint_state_rewind(g->cs, c0);
+            for (i = 0; i < k; i++)
+                if (afm_constraint_state_advance(g->cs, g->draft[i]) != AFM_OK) k = i;
+            afm_constraint_state_rewind(g->cs, c0);
+        }
     }
     t1 = afm__now();
     if (k > 0) { g->st->t_draft += t1 - t0; afm__ema(&g->t_draft_tok, (t1 - t0) / k); }
@@ -8097,23 +10618,32 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
     /* keep drafts while they equal the base's picks; the first pick that differs (or the pick
        after the last draft) is the next pending token */
     for (j = 0; j <= k; j++) {
-        next = afm__sampler_pick(g->sm, afm_session_logits(s, j), g->u[j]);
+        next = afm__gen_pick(g, g->sm, afm_session_logits(s, j), g->u[j], &r);
         if (g->sampled) afm__rng_uniform(g->sm->rng); /* consume position P+j's number */
-        if (next < 0 || j == k) break;
+        if (next < 0) {
+            if (r != AFM_ERR_NUMERIC) return r;
+            break;
+        }
+        if (j == k) break;
         if (next != g->draft[j] && !afm__test_accept_all(s)) break;
         g->st->n_accepted++;
+        if ((r = afm__gen_advance(g, g->draft[j])) != AFM_OK) return r;
+        if (g->cs && g->cs->hist[g->cs->n_hist - 1] == -4) { j++; finished = 1; break; } /* an accepted stop token ends the output */
     }
     if (k > 0) {
         g->acc_hits = 0.9 * g->acc_hits + j;
         g->acc_trials = 0.9 * g->acc_trials + j + (j < k);
     }
+    if (!finished && next >= 0 && (r = afm__gen_advance(g, next)) != AFM_OK) return r;
     afm_session_rewind(s, P + 1 + j); /* x and the j kept drafts */
     for (i = 0; i < j; i++)
         if (afm__emit(g, g->draft[i])) {
             afm_session_rewind(s, P + 2 + i);
+            if (g->cs) afm_constraint_state_rewind(g->cs, c0 + i + 1);
             g->done = 1;
             return AFM_OK;
         }
+    if (finished) { g->done = 1; return AFM_OK; } /* the drafts ended with the constraint's stop token */
     if (next < 0) return afm__not_finite(g, P + j);
     if ((r = afm__room_for(g, P + 1 + j)) != AFM_OK) return r;
     *x = next;
@@ -8134,6 +10664,9 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
         return s ? afm__serr(s, AFM_ERR_ARG, "afm_generate: invalid parameters") : AFM_ERR_ARG;
     if (p->draft && (p->draft == s || p->draft->model->config.vocab_size != s->model->config.vocab_size))
         return afm__serr(s, AFM_ERR_ARG, "afm_generate: the draft session must be another session with the same vocabulary");
+    if (p->constraint && p->constraint->v->n_vocab != s->model->config.vocab_size)
+        return afm__serr(s, AFM_ERR_ARG, "afm_generate: the constraint's vocabulary has %d tokens, the model %d",
+                         p->constraint->v->n_vocab, s->model->config.vocab_size);
     if (!stats) stats = &local;
     memset(stats, 0, sizeof *stats);
     memset(&g, 0, sizeof g);
@@ -8145,6 +10678,7 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     g.kmax = p->draft_k ? p->draft_k : s->adapter ? s->adapter->draft_token_count : 5;
     if (g.kmax > AFM__MAX_DRAFT) g.kmax = AFM__MAX_DRAFT;
     g.probe_every = 16;
+    g.cs = p->constraint;
     g.acc_hits = 3;   /* prior: 60% acceptance until measured */
     g.acc_trials = 5;
     if (n_prompt == 0 && !afm_session_logits(s, -1))
@@ -8158,11 +10692,15 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     }
     stats->t_prompt = afm__now() - t_start;
     if (p->n_predict == 0) goto out;
-    x = afm_sampler_sample(g.sm, afm_session_logits(s, -1));
-    if (x < 0) { r = afm__not_finite(&g, s->pos - 1); goto out; }
+    x = afm__gen_pick(&g, g.sm, afm_session_logits(s, -1), g.sampled ? afm__rng_uniform(g.sm->rng) : 0, &r);
+    if (x < 0) {
+        if (r == AFM_ERR_NUMERIC) r = afm__not_finite(&g, s->pos - 1);
+        goto out;
+    }
+    if ((r = afm__gen_advance(&g, x)) != AFM_OK) goto out;
     if ((r = afm__room_for(&g, s->pos)) != AFM_OK) goto out;
     if (afm__emit(&g, x)) g.done = 2;
-    while (!g.done && (r = afm__round(&g, &x)) == AFM_OK) {}
+    while (!g.done && (r = afm__fast_forward(&g, &x)) == AFM_OK && !g.done && (r = afm__round(&g, &x)) == AFM_OK) {}
     if (r == AFM_OK && g.done == 2) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache (afm__room_for) */
 out:
     stats->t_total = afm__now() - t_start;

@@ -106,6 +106,13 @@ static const char *usage_generation =
     "                         speculativeDecodingDraftTokenCount, else 5; adapted at run time)\n"
     "      --fixed-k          always draft --draft-k tokens instead of adapting\n"
     "      --stop ID,...      also stop after generating one of these token ids\n"
+    "      --json-schema FILE guided generation: the output is JSON valid under the schema in FILE\n"
+    "                         (compact, properties in schema order; docs/CONSTRAINTS.md lists the\n"
+    "                         supported keywords), then the stop token\n"
+    "      --grammar FILE     the output matches the GBNF grammar in FILE (llama.cpp's format,\n"
+    "                         start rule root)\n"
+    "      --regex RE         the whole output matches the regular expression RE\n"
+    "      --no-fast-forward  sample every token, even those the constraint forces\n"
     "      --ignore-eos       text prompts: do not stop at EOS and <turn_end> (stopping there is\n"
     "                         the default; --ids prompts stop only at --stop ids)\n"
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
@@ -123,6 +130,8 @@ static const char *usage_generation =
     "  afm -m models/mini/base.afm -p \"In the beginning\" -n 40\n"
     "  afm -m models/mini/base.afm --adapter models/mini/json.afma --chat \\\n"
     "      -p \"Describe as JSON: Blessed are the meek: for they shall inherit the earth.\"\n"
+    "  afm -m models/mini/base.afm --chat -p \"Describe Genesis 1:1\" -n 80 --temp 1 \\\n"
+    "      --json-schema schema.json\n"
     "  afm tokenize -m models/mini/base.afm \"Hello world\"\n"
     "  afm detokenize -m models/mini/base.afm 3 825 272\n";
 
@@ -569,6 +578,8 @@ static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
     const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL;
+    const char *schema_path = NULL, *grammar_path = NULL, *regex = NULL;
+    int no_fast_forward = 0;
     int lookup = 0, draft_k = 0, fixed_k = 0, chat = 0, show_prompt = 0, ignore_eos = 0, display_prompt = 1;
     int n_predict = 16, no_mmap = 0, i, n_prompt, n_eog = 0;
     unsigned tok_flags = AFM_TOK_AFM;
@@ -624,6 +635,10 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--dump-logits")) { if (!v) die("option %s needs a value", a); dump_path = v; i++; }
         else if (!strcmp(a, "--no-mmap")) no_mmap = 1;
         else if (!strcmp(a, "--kernels")) { sp.kernels = kernels_or_die(v); i++; }
+        else if (!strcmp(a, "--json-schema")) { if (!v) die("option %s needs a value", a); schema_path = v; i++; }
+        else if (!strcmp(a, "--grammar")) { if (!v) die("option %s needs a value", a); grammar_path = v; i++; }
+        else if (!strcmp(a, "--regex")) { if (!v) die("option %s needs a value", a); regex = v; i++; }
+        else if (!strcmp(a, "--no-fast-forward")) no_fast_forward = 1;
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
             if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;
@@ -639,6 +654,8 @@ static int cmd_generate(int argc, char **argv) {
     if (ids_text && (chat || tok_path)) die("%s", "--ids is a prompt of token ids: leave out --chat, --system and --tokenizer");
     if (smp.top_p <= 0 || smp.top_p > 1) die("%s", "--top-p must be in (0, 1]");
     if (smp.min_p < 0 || smp.min_p > 1) die("%s", "--min-p must be in [0, 1]");
+    if (!!schema_path + !!grammar_path + !!regex > 1) die("%s", "give one constraint: --json-schema, --grammar or --regex");
+    if ((schema_path || grammar_path || regex) && (ids_text || dump_path)) die("%s", "a constraint needs a text prompt and the generation loop (no --ids, --dump-logits)");
     if (file) {
         size_t len;
         text = file_text = read_all(file, &len);
@@ -742,8 +759,25 @@ static int cmd_generate(int argc, char **argv) {
         afm_model *dm = NULL;
         afm_session *ds = NULL;
         afm_adapter *dad = NULL;
+        afm_constraint *con = NULL;
+        afm_constraint_vocab *cv = NULL;
+        afm_constraint_state *cs = NULL;
         int32_t *stops = NULL;
         memset(&gp, 0, sizeof gp);
+        if (schema_path || grammar_path || regex) { /* guided generation */
+            char err[512];
+            size_t len = 0;
+            char *ctext = regex ? NULL : read_all(schema_path ? schema_path : grammar_path, &len);
+            afm_constraint_kind kind = regex ? AFM_CONSTRAINT_REGEX : schema_path ? AFM_CONSTRAINT_JSON_SCHEMA : AFM_CONSTRAINT_GBNF;
+            if (regex) len = strlen(regex);
+            if (afm_constraint_compile(kind, regex ? regex : ctext, len, NULL, &con, err, sizeof err) != AFM_OK)
+                die("%s", err);
+            free(ctext);
+            if (afm_constraint_vocab_create(tokenizer, NULL, &cv) != AFM_OK || afm_constraint_state_create(con, cv, &cs) != AFM_OK)
+                die("%s", "out of memory building the constraint");
+            gp.constraint = cs;
+            gp.no_fast_forward = no_fast_forward;
+        }
         gp.n_predict = n_predict;
         gp.sampler = smp;
         gp.on_token = tokenizer ? print_text : print_token;
@@ -776,6 +810,8 @@ static int cmd_generate(int argc, char **argv) {
         printf("\n");
         fflush(stdout);
         if (r != AFM_OK) fprintf(stderr, "afm: %s\n", afm_session_error(s));
+        if (cs && r == AFM_OK && !afm_constraint_state_complete(cs))
+            fprintf(stderr, "afm: the output is incomplete: generation stopped at -n %d tokens before the constraint was satisfied\n", n_predict);
         fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tok/s); generated: %d tokens in %.3f s (%.1f tok/s)\n", st.n_prompt,
                 st.t_prompt, st.n_prompt / (st.t_prompt + 1e-12), st.n_generated, st.t_total - st.t_prompt,
                 st.n_generated / (st.t_total - st.t_prompt + 1e-12));
@@ -784,6 +820,9 @@ static int cmd_generate(int argc, char **argv) {
                     st.n_drafted, st.n_accepted, 100.0 * st.n_accepted / st.n_drafted, (double)st.n_generated / (st.n_steps + 1e-12),
                     st.t_draft, st.t_verify);
         free(stops);
+        afm_constraint_state_free(cs);
+        afm_constraint_vocab_free(cv);
+        afm_constraint_free(con);
         afm_session_free(ds);
         afm_adapter_free(dad);
         afm_model_free(dm);

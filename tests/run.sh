@@ -18,6 +18,7 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
        $cc $WARN -fsyntax-only examples/simple.c &&
        $cc $WARN -fsyntax-only tests/test_main.c && $cc $WARN -fsyntax-only tests/test_kernels.c &&
        $cc $WARN -fsyntax-only tests/test_hostile.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_gen.c &&
+       $cc $WARN -fsyntax-only tests/test_constrain.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_constrain.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
@@ -55,6 +56,13 @@ if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefi
        tests/test_hostile.c -o build/test_hostile_san $LIBS; then
     run_counts "test_hostile asan+ubsan" build/test_hostile_san
 else bad "build test_hostile with sanitizers"; fi
+
+echo "== constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
+if gcc -std=c99 $WARN -O2 tests/test_constrain.c -o build/test_constrain $LIBS; then run_counts "test_constrain -O2" build/test_constrain
+else bad "build test_constrain"; fi
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
+    run_counts "test_constrain asan+ubsan" build/test_constrain_san
+else bad "build test_constrain with sanitizers"; fi
 
 echo "== CLI"
 if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad "make"; fi
@@ -131,6 +139,21 @@ if ./afm --help | grep -q -- "--show-prompt" && ./afm --help | grep -q "afm deto
 else bad "afm --help: text options missing"; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tests/gen/mini_greedy.py)" python3 tests/gen/mini_greedy.py check
 
+echo "== guided generation on the shipped model: outputs checked by the jsonschema package"
+if python3 -c "import jsonschema" 2>/dev/null; then
+    # 24 schemas x 3 sampled generations at temperature 1.0 (tests/check_constrain.py --runs 20 is the full check)
+    if python3 tests/check_constrain.py --runs 3 > build/check_constrain.log 2>&1; then ok "guided generation: $(tail -n 1 build/check_constrain.log) (24 schemas x 3 samples, jsonschema)"
+    else bad "guided generation (build/check_constrain.log)"; grep FAIL build/check_constrain.log | head -n 5; fi
+    out=$(./afm -m models/mini/base.afm --chat -p "A date" -n 40 --temp 1 --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}' 2>/dev/null)
+    if echo "$out" | grep -qE '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'; then ok "afm --regex: '$out'"; else bad "afm --regex: '$out'"; fi
+    printf 'root ::= "yes" | "no" | "maybe"\n' > build/yn.gbnf
+    out=$(./afm -m models/mini/base.afm --chat -p "Is it?" -n 10 --temp 1 --seed 2 --grammar build/yn.gbnf 2>/dev/null)
+    if echo "$out" | grep -qE '^(yes|no|maybe)$'; then ok "afm --grammar: '$out'"; else bad "afm --grammar: '$out'"; fi
+    if ./afm -m models/mini/base.afm --chat -p x --regex '(?=a)' 2>&1 | grep -q "lookaround"; then ok "afm --regex names a bad pattern's problem"
+    else bad "afm --regex error message"; fi
+elif [ "$CI" = true ]; then bad "python3 -m pip install jsonschema (guided generation check)"
+else skip "guided generation check" "python3 -m pip install jsonschema"; fi
+
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
     if python3 tools/synth.py --preset base --lora --zeros --type bf16 -q -o build/base_zeros.afm &&
@@ -191,6 +214,10 @@ if gcc -std=c99 $SAN tests/fuzz/fuzz_fmadapter.c -o build/fuzz_fm_replay $LIBS &
    build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
     ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
 else bad ".fmadapter corpus replay"; fi
+if gcc -std=c99 $SAN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
+   build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
+    ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
+else bad "constraint corpus replay"; fi
 if have clang && clang -fsanitize=fuzzer -x c /dev/null -o /dev/null 2>/dev/null ||
    (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;(void)n;return 0;}' > build/f.c &&
     clang -fsanitize=fuzzer build/f.c -o build/f 2>/dev/null); then
