@@ -2,7 +2,7 @@
    along sampled outputs, on a SentencePiece tokenizer (the 153,600-piece one tools/train_tok_models.py
    trains: see docs/BENCHMARKS.md).
 
-     cc -std=c99 -O2 tools/bench_constrain.c -o build/bench_constrain -lm -lpthread
+     cc -std=c99 -O2 bench/bench_constrain.c -o build/bench_constrain -lm -lpthread
      build/bench_constrain TOKENIZER.model [-w WALKS] [--reuse] SCHEMA.json ...
 
    For each schema: the median of 20 compiles; then WALKS outputs (default 20), each from a fresh
