@@ -3,7 +3,8 @@
 #   make demo       build, then generate from the small model in the repository
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
-#   make fuzz       run each fuzz harness (model loader, .fmadapter reader) for FUZZ_SECONDS (default 60)
+#   make fuzz       run each fuzz harness (model loader, .fmadapter reader, session state files)
+#                   for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
 #   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels; see below)
 CC      ?= cc
@@ -36,13 +37,16 @@ test:
 # kernels takes minutes per file.
 FUZZ_CC = clang -std=c99 -g -O1 -DAFM_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 fuzz:
-	mkdir -p build build/corpus-load build/corpus-fmadapter
+	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-session
 	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
+	$(FUZZ_CC) -o build/fuzz_session tests/fuzz/fuzz_session.c $(LDLIBS)
 	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
 	    build/corpus-load tests/fuzz/corpus/load
 	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
+	build/fuzz_session -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+	    build/corpus-session tests/fuzz/corpus/session
 
 # Scalar kernels only here too (the tokenizer uses none).
 fuzz-tok:

@@ -300,6 +300,21 @@ AFMDEF int afm_session_pos(const afm_session *session);
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *session);
 AFMDEF const char *afm_session_error(const afm_session *session);
 
+/* ---- Saved sessions (prompt caching): a session's tokens, KV cache and last logits as bytes, in a
+   buffer or a file (docs/FORMAT.md, "The session state file"). A state is tied to the model and the
+   adapter it was made with: loading it into a session on another model, or with another adapter
+   chosen (afm_session_set_adapter first), or with another KV type, is refused with a message saying
+   which. Loading checks every field before it changes the session; on failure the session is as it
+   was. A loaded session continues exactly as the saved one would have: same cache, same logits. ---- */
+/* Bytes afm_session_save writes for the session as it is now. */
+AFMDEF size_t afm_session_state_size(const afm_session *session);
+/* Writes the state to buf; *size gets its length. AFM_ERR_ARG (nothing written) when cap is smaller
+   than afm_session_state_size(). */
+AFMDEF afm_result afm_session_save(const afm_session *session, void *buf, size_t cap, size_t *size);
+AFMDEF afm_result afm_session_load(afm_session *session, const void *data, size_t size, char *err, size_t err_size);
+AFMDEF afm_result afm_session_save_file(const afm_session *session, const char *path, char *err, size_t err_size);
+AFMDEF afm_result afm_session_load_file(afm_session *session, const char *path, char *err, size_t err_size);
+
 /* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic. ---- */
 typedef struct afm_sampler_params {
     float temperature;  /* 0: greedy */
@@ -6825,6 +6840,236 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
     s->adapter = ad;
     s->pos = 0; /* the cached keys and values were computed with the previous adapter */
     s->n_logits = 0;
+    return AFM_OK;
+}
+
+/* ---- Saved sessions: the state file (docs/FORMAT.md). A 128-byte header, then the tokens, the
+   keys and values of every segment-0 layer for those positions, and the last logits if kept. The
+   model and adapter are identified by fingerprints: 64-bit hashes of their shapes and of samples of
+   their bytes (cheap for a 3B model, and any two trainings differ in every sample). A checksum of
+   the payload catches a damaged file, since wrong keys and values would only make silent garbage. ---- */
+
+#define AFM__STATE_VERSION 1u
+#define AFM__STATE_HEADER 128
+
+static uint64_t afm__hash(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i + 8 <= n; i += 8) {
+        uint64_t x = h ^ afm__rd64(p + i);
+        h = (((x << 27) | (x >> 37)) + 0x9e3779b97f4a7c15ull) * 0xff51afd7ed558ccdull;
+    }
+    for (; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return h ^ (h >> 29);
+}
+
+static uint64_t afm__hash_u64(uint64_t h, uint64_t v) {
+    unsigned char b[8];
+    int i;
+    for (i = 0; i < 8; i++) b[i] = (unsigned char)(v >> (8 * i));
+    return afm__hash(h, b, 8);
+}
+
+/* A tensor's shape and 16 evenly spaced 64-byte samples of its data. */
+static uint64_t afm__hash_tensor(uint64_t h, const afm__tensor *t) {
+    const unsigned char *d = (const unsigned char *)t->data;
+    uint64_t i, step = t->n_bytes / 16;
+    int k;
+    h = afm__hash(h, t->name, strlen(t->name));
+    h = afm__hash_u64(h, (uint64_t)t->type);
+    for (k = 0; k < t->n_dims; k++) h = afm__hash_u64(h, t->dims[k]);
+    for (i = 0; d && i < 16; i++) {
+        uint64_t off = i * step, len = t->n_bytes - off < 64 ? t->n_bytes - off : 64;
+        h = afm__hash(h, d + off, (size_t)len);
+    }
+    return h;
+}
+
+static uint64_t afm__model_fingerprint(const afm_model *m) {
+    const afm_config *c = &m->config;
+    uint64_t h = 0x41464d4d4f44454cull;
+    int i, v[10];
+    float f[4];
+    v[0] = c->vocab_size; v[1] = c->dim; v[2] = c->n_layers; v[3] = c->n_reuse_layers; v[4] = c->n_heads;
+    v[5] = c->n_kv_heads; v[6] = c->head_dim; v[7] = c->ffn_dim; v[8] = c->has_kv_scales; v[9] = c->lora_rank;
+    f[0] = c->rope_theta; f[1] = c->norm_eps; f[2] = c->qk_norm_eps; f[3] = c->lora_alpha;
+    for (i = 0; i < 10; i++) h = afm__hash_u64(h, (uint64_t)(uint32_t)v[i]);
+    for (i = 0; i < 4; i++) { uint32_t u; memcpy(&u, &f[i], 4); h = afm__hash_u64(h, u); }
+    h = afm__hash(h, c->signature, strlen(c->signature));
+    for (i = 0; i < m->n_tensors; i++) h = afm__hash_tensor(h, &m->tensors[i]);
+    return h ? h : 1;
+}
+
+/* 0 for no adapter. */
+static uint64_t afm__adapter_fingerprint(const afm_adapter *ad) {
+    uint64_t h = 0x41464d4144415054ull;
+    uint32_t u;
+    int i, n = ad ? ad->model->config.n_layers * AFM__N_PROJ : 0;
+    if (!ad) return 0;
+    memcpy(&u, &ad->scale, 4);
+    h = afm__hash_u64(afm__hash_u64(h, (uint64_t)ad->rank), u);
+    for (i = 0; i < n; i++) {
+        if (ad->a[i]) h = afm__hash_tensor(afm__hash_u64(h, (uint64_t)i), ad->a[i]);
+        if (ad->b[i]) h = afm__hash_tensor(afm__hash_u64(h, (uint64_t)i), ad->b[i]);
+    }
+    return h ? h : 1;
+}
+
+static void afm__wr32(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24); }
+static void afm__wr64(unsigned char *p, uint64_t v) { afm__wr32(p, (uint32_t)v); afm__wr32(p + 4, (uint32_t)(v >> 32)); }
+
+/* Payload bytes for n tokens: ids, keys, values, then the logits. */
+static uint64_t afm__state_payload(const afm_session *s, uint64_t n, int has_logits) {
+    uint64_t kv = (uint64_t)s->model->n_seg0 * n * (uint64_t)s->kv_dim * s->kv_elt;
+    return 4 * n + 2 * kv + (has_logits ? 4 * (uint64_t)s->model->config.vocab_size : 0);
+}
+
+AFMDEF size_t afm_session_state_size(const afm_session *s) {
+    return s ? (size_t)(AFM__STATE_HEADER + afm__state_payload(s, (uint64_t)s->pos, s->n_logits > 0)) : 0;
+}
+
+AFMDEF afm_result afm_session_save(const afm_session *s, void *buf, size_t cap, size_t *size) {
+    unsigned char *p = (unsigned char *)buf, *q;
+    size_t need = afm_session_state_size(s), row;
+    int l, has_logits;
+    if (size) *size = need;
+    if (!s || !buf || cap < need) return AFM_ERR_ARG;
+    has_logits = s->n_logits > 0;
+    row = (size_t)s->kv_dim * s->kv_elt;
+    memset(p, 0, AFM__STATE_HEADER);
+    memcpy(p, "AFMSTATE", 8);
+    afm__wr32(p + 8, AFM__STATE_VERSION);
+    afm__wr32(p + 12, AFM__STATE_HEADER);
+    afm__wr64(p + 16, afm__model_fingerprint(s->model));
+    afm__wr64(p + 24, afm__adapter_fingerprint(s->adapter));
+    afm__wr32(p + 32, (uint32_t)s->kv_type);
+    afm__wr32(p + 36, (uint32_t)s->model->config.vocab_size);
+    afm__wr32(p + 40, (uint32_t)s->model->n_seg0);
+    afm__wr32(p + 44, (uint32_t)s->kv_dim);
+    afm__wr32(p + 48, (uint32_t)s->pos);
+    afm__wr32(p + 52, (uint32_t)has_logits);
+    if (s->adapter) { /* for messages only; at most 55 bytes and a NUL */
+        size_t len = strlen(s->adapter->identifier);
+        memcpy(p + 64, s->adapter->identifier, len < 55 ? len : 55);
+    }
+    q = p + AFM__STATE_HEADER;
+    for (l = 0; l < s->pos; l++, q += 4) afm__wr32(q, (uint32_t)s->tokens[l]);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)s->pos * row) memcpy(q, s->k_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)s->pos * row) memcpy(q, s->v_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+    if (has_logits) memcpy(q, s->logits + (size_t)(s->n_logits - 1) * s->model->config.vocab_size, 4 * (size_t)s->model->config.vocab_size);
+    afm__wr64(p + 56, afm__hash(0, p + AFM__STATE_HEADER, need - AFM__STATE_HEADER));
+    return AFM_OK;
+}
+
+static const char *afm__kv_name(uint32_t t) {
+    return t == AFM_KV_F32 ? "f32" : t == AFM_KV_F16 ? "f16" : t == AFM_KV_INT8 ? "int8" : "unknown";
+}
+
+/* Every check of a state against the session, before anything changes. */
+static afm_result afm__state_check(const afm_session *s, const unsigned char *p, uint64_t size, const char *name, char *err, size_t errn) {
+    uint32_t kv, vocab, n_seg0, kv_dim, n, has_logits, i;
+    uint64_t need, fp;
+    char ident[56];
+    if (size < AFM__STATE_HEADER) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: %llu bytes is too short for a session state (the header is %d)", name, (unsigned long long)size, AFM__STATE_HEADER);
+    if (memcmp(p, "AFMSTATE", 8)) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 0: not a session state file (magic is not AFMSTATE)", name);
+    if (afm__rd32(p + 8) != AFM__STATE_VERSION) return afm__fail(err, errn, AFM_ERR_UNSUPPORTED, "%s: offset 8: version %u, this build reads version %u", name, afm__rd32(p + 8), AFM__STATE_VERSION);
+    if (afm__rd32(p + 12) != AFM__STATE_HEADER) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 12: header_size %u, expected %d", name, afm__rd32(p + 12), AFM__STATE_HEADER);
+    for (i = 0; i < 8; i++)
+        if (p[120 + i]) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %u: reserved byte is not zero", name, 120 + i);
+    memcpy(ident, p + 64, 56);
+    if (memchr(ident, 0, 56) == NULL) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 64: adapter identifier is not NUL-terminated", name);
+    fp = afm__rd64(p + 16);
+    if (fp != afm__model_fingerprint(s->model))
+        return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 16: the state was made with another model (model fingerprint %016llx, this model's is %016llx)",
+                         name, (unsigned long long)fp, (unsigned long long)afm__model_fingerprint(s->model));
+    fp = afm__rd64(p + 24);
+    if (fp != afm__adapter_fingerprint(s->adapter)) {
+        if (!fp) return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 24: the state was made without an adapter, but this session uses adapter '%s'", name, s->adapter->identifier);
+        return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 24: the state was made with adapter '%s' (fingerprint %016llx), but this session uses %s%s%s", name, ident[0] ? ident : "?",
+                         (unsigned long long)fp, s->adapter ? "adapter '" : "no adapter", s->adapter ? s->adapter->identifier : "", s->adapter ? "'" : "");
+    }
+    kv = afm__rd32(p + 32); vocab = afm__rd32(p + 36); n_seg0 = afm__rd32(p + 40); kv_dim = afm__rd32(p + 44);
+    n = afm__rd32(p + 48); has_logits = afm__rd32(p + 52);
+    if (kv != (uint32_t)s->kv_type)
+        return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 32: the state's KV cache is %s, this session's is %s (create the session with that kv_type)", name, afm__kv_name(kv), afm__kv_name((uint32_t)s->kv_type));
+    if (vocab != (uint32_t)s->model->config.vocab_size || n_seg0 != (uint32_t)s->model->n_seg0 || kv_dim != (uint32_t)s->kv_dim)
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 36: vocab_size %u, layers %u, kv_dim %u do not match the model's %d, %d, %d", name, vocab, n_seg0, kv_dim,
+                         s->model->config.vocab_size, s->model->n_seg0, s->kv_dim);
+    if (n > (uint32_t)s->n_ctx) return afm__fail(err, errn, AFM_ERR_CONTEXT_FULL, "%s: offset 48: %u tokens do not fit the session's context of %d", name, n, s->n_ctx);
+    if (has_logits > 1) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 52: has_logits is %u, expected 0 or 1", name, has_logits);
+    need = AFM__STATE_HEADER + afm__state_payload(s, n, (int)has_logits);
+    if (size != need) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: the file has %llu bytes, its header says %llu", name, (unsigned long long)size, (unsigned long long)need);
+    if (afm__rd64(p + 56) != afm__hash(0, p + AFM__STATE_HEADER, (size_t)(need - AFM__STATE_HEADER)))
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 56: the payload's checksum does not match (the file is damaged)", name);
+    for (i = 0; i < n; i++) {
+        uint32_t t = afm__rd32(p + AFM__STATE_HEADER + 4 * (size_t)i);
+        if (t >= vocab) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: token %u is %u, outside the vocabulary of %u", name,
+                                         (unsigned long long)(AFM__STATE_HEADER + 4 * (uint64_t)i), i, t, vocab);
+    }
+    {   /* float caches and logits must be finite: NaN keys would poison every later position */
+        const unsigned char *kvp = p + AFM__STATE_HEADER + 4 * (size_t)n;
+        uint64_t n_kv = 2 * (uint64_t)n_seg0 * n * kv_dim, j, n_lg = has_logits ? vocab : 0;
+        for (j = 0; kv == AFM_KV_F16 && j < n_kv; j++)
+            if ((kvp[2 * j + 1] & 0x7c) == 0x7c) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: cached value is not finite", name, (unsigned long long)(kvp - p + 2 * j));
+        for (j = 0; kv == AFM_KV_F32 && j < n_kv; j++)
+            if ((afm__rd32(kvp + 4 * j) & 0x7f800000u) == 0x7f800000u) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: cached value is not finite", name, (unsigned long long)(kvp - p + 4 * j));
+        kvp += n_kv * s->kv_elt;
+        for (j = 0; j < n_lg; j++)
+            if ((afm__rd32(kvp + 4 * j) & 0x7f800000u) == 0x7f800000u) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: logit %llu is not finite", name, (unsigned long long)(kvp - p + 4 * j), (unsigned long long)j);
+    }
+    return AFM_OK;
+}
+
+static afm_result afm__state_load(afm_session *s, const unsigned char *p, uint64_t size, const char *name, char *err, size_t errn) {
+    afm_result r;
+    uint32_t n, i;
+    size_t row;
+    int l;
+    const unsigned char *q;
+    if (err && errn) err[0] = 0;
+    if (!s || (!p && size)) return afm__fail(err, errn, AFM_ERR_ARG, "afm_session_load: no session or no data");
+    if ((r = afm__state_check(s, p, size, name, err, errn)) != AFM_OK) return r;
+    n = afm__rd32(p + 48);
+    if (afm__reserve(s, (int)n) != AFM_OK) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: out of memory for a KV cache of %u positions", name, n);
+    row = (size_t)s->kv_dim * s->kv_elt;
+    q = p + AFM__STATE_HEADER;
+    for (i = 0; i < n; i++, q += 4) s->tokens[i] = (int32_t)afm__rd32(q);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)n * row) memcpy(s->k_cache + (size_t)l * s->cap * row, q, (size_t)n * row);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)n * row) memcpy(s->v_cache + (size_t)l * s->cap * row, q, (size_t)n * row);
+    s->pos = (int)n;
+    s->n_logits = afm__rd32(p + 52) ? 1 : 0;
+    if (s->n_logits) memcpy(s->logits, q, 4 * (size_t)s->model->config.vocab_size);
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_session_load(afm_session *s, const void *data, size_t size, char *err, size_t errn) {
+    return afm__state_load(s, (const unsigned char *)data, size, "session state", err, errn);
+}
+
+AFMDEF afm_result afm_session_load_file(afm_session *s, const char *path, char *err, size_t errn) {
+    afm__blob b;
+    afm_result r;
+    if (!s || !path) return afm__fail(err, errn, AFM_ERR_ARG, "afm_session_load_file: no session or no path");
+    memset(&b, 0, sizeof b);
+    if ((r = afm__blob_open(&s->model->alloc, path, 0, &b, err, errn)) != AFM_OK) return r;
+    r = afm__state_load(s, b.data, b.size, path, err, errn);
+    afm__blob_close(&s->model->alloc, &b);
+    return r;
+}
+
+AFMDEF afm_result afm_session_save_file(const afm_session *s, const char *path, char *err, size_t errn) {
+    size_t need = afm_session_state_size(s), n = 0;
+    void *buf;
+    FILE *f;
+    afm_result r;
+    if (!s || !path) return afm__fail(err, errn, AFM_ERR_ARG, "afm_session_save_file: no session or no path");
+    if (!(buf = afm__alloc(&s->model->alloc, need))) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: out of memory for a state of %llu bytes", path, (unsigned long long)need);
+    afm_session_save(s, buf, need, &n);
+    f = fopen(path, "wb");
+    r = f && fwrite(buf, 1, n, f) == n ? AFM_OK : AFM_ERR_IO;
+    if (f && fclose(f) != 0) r = AFM_ERR_IO;
+    afm__free(&s->model->alloc, buf);
+    if (r != AFM_OK) return afm__fail(err, errn, r, "%s: cannot write the session state", path);
     return AFM_OK;
 }
 

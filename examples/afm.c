@@ -105,6 +105,11 @@ static const char *usage_generation =
     "      --stop ID,...      also stop after generating one of these token ids\n"
     "      --ignore-eos       text prompts: do not stop at EOS and <turn_end> (stopping there is\n"
     "                         the default; --ids prompts stop only at --stop ids)\n"
+    "      --prompt-cache FILE  keep the session's state after the prompt in FILE (KV cache, tokens,\n"
+    "                         logits; docs/FORMAT.md) and, when FILE exists, start from it: only\n"
+    "                         the part of the prompt after the longest prefix it shares with the\n"
+    "                         saved tokens is evaluated. The file is tied to the model, adapter and\n"
+    "                         --kv type; another one is refused\n"
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
@@ -537,10 +542,33 @@ static int cmd_info(const char *path) {
 
 /* ---- afm generate ---- */
 
+/* --prompt-cache: loads FILE when it exists, keeps the longest prefix its tokens share with the
+   prompt, evaluates the rest and saves the state after the prompt back to FILE. Afterwards the
+   session's last logits are those of the prompt's last token. */
+static void prompt_cache(afm_session *s, const char *path, const int32_t *prompt, int n_prompt) {
+    char err[512];
+    const int32_t *have;
+    int n_have = 0, common = 0;
+    FILE *f = fopen(path, "rb");
+    if (f) {
+        fclose(f);
+        if (afm_session_load_file(s, path, err, sizeof err) != AFM_OK) die("--prompt-cache: %s", err);
+        have = afm_session_tokens(s, &n_have);
+        while (common < n_have && common < n_prompt && have[common] == prompt[common]) common++;
+    }
+    /* without the saved logits of exactly this prompt, its last token is evaluated again */
+    if (common == n_prompt && !(n_have == n_prompt && afm_session_logits(s, -1))) common--;
+    if ((common < afm_session_pos(s) && afm_session_rewind(s, common) != AFM_OK) ||
+        (common < n_prompt && afm_session_eval(s, prompt + common, n_prompt - common) != AFM_OK))
+        die("%s", afm_session_error(s));
+    fprintf(stderr, "prompt cache %s: %d of %d prompt tokens reused\n", path, common, n_prompt);
+    if (common < n_prompt && afm_session_save_file(s, path, err, sizeof err) != AFM_OK) die("--prompt-cache: %s", err);
+}
+
 static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
-    const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL;
+    const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL, *cache_path = NULL;
     int lookup = 0, draft_k = 0, fixed_k = 0, chat = 0, show_prompt = 0, ignore_eos = 0, display_prompt = 1;
     int n_predict = 16, no_mmap = 0, i, n_prompt, n_eog = 0;
     unsigned tok_flags = AFM_TOK_AFM;
@@ -594,6 +622,7 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--min-p")) { smp.min_p = parse_float(v, a); i++; }
         else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { smp.seed = (uint64_t)parse_int(v, a, 0, 0x7fffffffL); i++; }
         else if (!strcmp(a, "--dump-logits")) { if (!v) die("option %s needs a value", a); dump_path = v; i++; }
+        else if (!strcmp(a, "--prompt-cache")) { if (!v) die("option %s needs a value", a); cache_path = v; i++; }
         else if (!strcmp(a, "--no-mmap")) no_mmap = 1;
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
@@ -660,6 +689,7 @@ static int cmd_generate(int argc, char **argv) {
         die("cannot create the sampler: %s", afm_result_string(r));
     if (dump_path && !(dump = fopen(dump_path, "wb"))) die("cannot open '%s' for writing", dump_path);
     if (dump && (draft_path || lookup)) die("%s", "--dump-logits runs the plain loop; leave out --draft and --lookup");
+    if (dump && cache_path) die("%s", "--dump-logits writes the prompt's logits: leave out --prompt-cache");
     if (tokenizer) {
         /* text output; the prompt is pushed through the detokenizer first so that the continuation
            is spaced as in the whole text, and printed too unless it is a chat or not wanted */
@@ -732,7 +762,10 @@ static int cmd_generate(int argc, char **argv) {
             }
             gp.draft = ds;
         }
-        r = afm_generate(s, prompt, n_prompt, &gp, &st);
+        if (cache_path) { /* the prompt goes in here, reusing the cached prefix; generation continues */
+            prompt_cache(s, cache_path, prompt, n_prompt);
+            r = afm_generate(s, NULL, 0, &gp, &st);
+        } else r = afm_generate(s, prompt, n_prompt, &gp, &st);
         if (tokenizer) text_out_end(&out);
         printf("\n");
         fflush(stdout);

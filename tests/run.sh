@@ -17,7 +17,8 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
     if $cc $WARN -O2 -c examples/afm.c -o build/w.o && $cc $WARN -fsyntax-only examples/afm_bench.c &&
        $cc $WARN -fsyntax-only examples/simple.c &&
        $cc $WARN -fsyntax-only tests/test_main.c && $cc $WARN -fsyntax-only tests/test_kernels.c &&
-       $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c; then
+       $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c &&
+       $cc $WARN -fsyntax-only tests/test_session.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_session.c; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
 done
@@ -46,6 +47,12 @@ if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefi
        tests/test_main.c -o build/test_main_san $LIBS; then
     run_counts "test_main asan+ubsan" env AFM_TEST_LIGHT=1 build/test_main_san
 else bad "build test_main with sanitizers"; fi
+
+echo "== saved sessions: a state saved after a 500-token prompt, loaded in a new process"
+if gcc -std=c99 $WARN -O2 tests/test_session.c -o build/test_session $LIBS &&
+   build/test_session save build/session.state build/session.logits > build/session_save.log 2>&1; then
+    run_counts "session state: same logits in a new process, refusals" build/test_session load build/session.state build/session.logits
+else bad "test_session save"; cat build/session_save.log; fi
 
 echo "== CLI"
 if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad "make"; fi
@@ -95,6 +102,19 @@ if fails_with "build/truncated.model: not a usable SentencePiece model" ./afm to
 else bad "CLI error handling"; cat build/cli.out; fi
 if ./afm --help | grep -q -- "--show-prompt" && ./afm --help | grep -q "afm detokenize"; then ok "afm --help covers text prompts"
 else bad "afm --help: text options missing"; fi
+rm -f build/pc.state
+P="In the beginning God created the heaven and the earth"
+want=$(./afm -m $M -p "$P" -n 16 2>/dev/null)
+if [ "$(./afm -m $M -p "$P" -n 16 --prompt-cache build/pc.state 2>build/pc1.err)" = "$want" ] &&
+   [ "$(./afm -m $M -p "$P" -n 16 --prompt-cache build/pc.state 2>build/pc2.err)" = "$want" ] &&
+   grep -q "0 of 11 prompt tokens reused" build/pc1.err && grep -q "11 of 11 prompt tokens reused" build/pc2.err &&
+   [ "$(./afm -m $M -p "$P, and" -n 16 --prompt-cache build/pc.state 2>build/pc3.err)" = "$(./afm -m $M -p "$P, and" -n 16 2>/dev/null)" ] &&
+   grep -q "11 of 13 prompt tokens reused" build/pc3.err &&
+   fails_with "the state was made without an adapter, but this session uses adapter 'json.afma'" \
+       ./afm -m $M --adapter models/mini/json.afma -p "$P" --prompt-cache build/pc.state &&
+   fails_with "the state was made with another model" ./afm -m models/mini/draft.afm -p "$P" --prompt-cache build/pc.state; then
+    ok "--prompt-cache: same output cold, warm and extended (11 of 13 tokens reused); another adapter or model refused"
+else bad "--prompt-cache"; cat build/pc*.err build/cli.out; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tools/mini_greedy.py)" python3 tools/mini_greedy.py check
 
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
@@ -144,6 +164,16 @@ if gcc -std=c99 $SAN tests/fuzz/fuzz_fmadapter.c -o build/fuzz_fm_replay $LIBS &
    build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
     ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
 else bad ".fmadapter corpus replay"; fi
+# the session corpus: its valid states load, each hostile one is refused for its own reason
+if gcc -std=c99 $SAN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
+   build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
+   [ "$(grep -c ': loaded$' build/session_replay.log)" -eq 6 ] &&
+   grep -q "bad_checksum: .*checksum does not match" build/session_replay.log &&
+   grep -q "token_out_of_range: .*offset 132: token 1 is 8192" build/session_replay.log &&
+   grep -q "f32_nan_logit: .*not finite" build/session_replay.log &&
+   grep -q "other_model: .*another model" build/session_replay.log; then
+    ok "session-state corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/session | wc -l) inputs, 6 valid)"
+else bad "session-state corpus replay"; cat build/session_replay.log; fi
 if have clang && clang -fsanitize=fuzzer -x c /dev/null -o /dev/null 2>/dev/null ||
    (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;(void)n;return 0;}' > build/f.c &&
     clang -fsanitize=fuzzer build/f.c -o build/f 2>/dev/null); then
