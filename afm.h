@@ -322,6 +322,15 @@ typedef struct afm_sampler_params {
     float top_p;        /* 0 or 1: off */
     float min_p;        /* 0: off */
     uint64_t seed;
+    /* penalties on the tokens among the last penalty_last_n ones the sampler accepted (afm_sampler_accept;
+       afm_generate accepts the context before the first new token - prompt included, as llama.cpp does -
+       and every token it generates). All 0: off. */
+    float repeat_penalty;     /* 0 or 1: off; > 1 divides a seen token's positive logit, multiplies a negative one */
+    float presence_penalty;   /* subtracted once from the logit of every seen token (OpenAI; -2 .. 2 there) */
+    float frequency_penalty;  /* subtracted once per occurrence (OpenAI) */
+    int penalty_last_n;       /* the window; 0: 64, -1: every accepted token */
+    const struct afm_logit_bias *logit_bias; /* added to the logits first; -INFINITY bans a token. Copied */
+    int n_logit_bias;
 } afm_sampler_params;
 
 typedef struct afm_sampler afm_sampler;
@@ -329,6 +338,36 @@ AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int vocab
                                      const afm_allocator *allocator, afm_sampler **out);
 AFMDEF void afm_sampler_free(afm_sampler *sampler);
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
+
+/* ---- Sampler additions: logit bias, penalties, stop strings, token counts. ---- */
+typedef struct afm_logit_bias {
+    int32_t token;
+    float bias;               /* finite, or -INFINITY */
+} afm_logit_bias;
+/* Records a token in the sampler's penalty window (the sampled ones are not recorded by themselves:
+   the caller decides what the model actually continued with). AFM_ERR_ARG for an id out of range. */
+AFMDEF afm_result afm_sampler_accept(afm_sampler *sampler, int32_t token);
+/* Empties the penalty window. */
+AFMDEF void afm_sampler_reset(afm_sampler *sampler);
+
+/* Stop strings: generation ends when the generated text contains one of them, also when it is split
+   across tokens. Text is pushed as it is decoded; what comes back is the text that is certain not to
+   belong to a stop string (a tail that could still become one is held back until it cannot). */
+typedef struct afm_stop afm_stop;
+/* n_stops strings (each non-empty; copied). */
+AFMDEF afm_result afm_stop_create(const char *const *stops, int n_stops, const afm_allocator *allocator, afm_stop **out);
+AFMDEF void afm_stop_free(afm_stop *stop);
+/* Pushes the next piece of text. *out (valid until the next call) and *n_out get the text to show
+   now. Returns 1 when a stop string has completed - *out then ends just before it and everything from
+   it on is dropped, as are later pushes - 0 otherwise, -1 when out of memory. */
+AFMDEF int afm_stop_push(afm_stop *stop, const char *text, size_t len, const char **out, size_t *n_out);
+/* At the end of generation without a stop: the held-back tail. */
+AFMDEF void afm_stop_flush(afm_stop *stop, const char **out, size_t *n_out);
+
+/* Exact token counts: the number of ids afm_tokenize / afm_chat_tokenize produce; -1 on an error. */
+AFMDEF long afm_token_count(const afm_tokenizer *tok, const char *text, size_t len, unsigned flags);
+AFMDEF long afm_chat_token_count(const afm_tokenizer *tok, const afm_chat_message *messages, int n_messages,
+                                 const char *const *tools, int n_tools, int add_generation_prompt);
 
 
 /* ---- LoRA adapters (AFM_SPEC section 3): y = W x + (alpha / rank) * B (A x) on every adapted
@@ -7521,6 +7560,11 @@ struct afm_sampler {
     float *prob;         /* [n_vocab] */
     int32_t *idx;        /* [n_vocab] candidate ids */
     struct afm__cand *cand; /* [n_vocab] candidates being sorted */
+    float *adjusted;     /* [n_vocab] logits after bias and penalties, when there are any (else NULL) */
+    afm_logit_bias *bias;
+    uint32_t *seen;      /* [n_vocab] occurrences in the penalty window */
+    int32_t *window;     /* [window_cap] the window's tokens, a ring (NULL: unbounded, counts only) */
+    int window_cap, window_n, window_head;
 };
 
 static uint64_t afm__splitmix64(uint64_t *x) {
@@ -7543,6 +7587,9 @@ static uint64_t afm__rng_next(uint64_t *s) {
 /* Uniform in [0, 1) with 53 random bits. */
 static double afm__rng_uniform(uint64_t *s) { return (double)(afm__rng_next(s) >> 11) * (1.0 / 9007199254740992.0); }
 
+static afm_result afm__sampler_extras(afm_sampler *sm); /* the sampler additions, at the end of this section */
+static const float *afm__sampler_adjust(afm_sampler *sm, const float *logits);
+
 AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_vocab, const afm_allocator *allocator, afm_sampler **out) {
     const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
     afm_sampler *sm;
@@ -7561,6 +7608,7 @@ AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_voc
     sm->idx = (int32_t *)afm__alloc(a, (size_t)n_vocab * sizeof(int32_t));
     sm->cand = (struct afm__cand *)afm__alloc(a, (size_t)n_vocab * 8);
     if (!sm->prob || !sm->idx || !sm->cand) { afm_sampler_free(sm); return AFM_ERR_NOMEM; }
+    { afm_result r = afm__sampler_extras(sm); if (r != AFM_OK) { afm_sampler_free(sm); return r; } }
     seed = sm->p.seed;
     sm->rng[0] = afm__splitmix64(&seed); sm->rng[1] = afm__splitmix64(&seed);
     sm->rng[2] = afm__splitmix64(&seed); sm->rng[3] = afm__splitmix64(&seed);
@@ -7575,6 +7623,7 @@ AFMDEF void afm_sampler_free(afm_sampler *sm) {
     afm__free(&a, sm->prob);
     afm__free(&a, sm->idx);
     afm__free(&a, sm->cand);
+    afm__free(&a, sm->adjusted); afm__free(&a, sm->bias); afm__free(&a, sm->seen); afm__free(&a, sm->window);
     afm__free(&a, sm);
 }
 
@@ -7593,6 +7642,7 @@ static int afm__cmp_cand(const void *a, const void *b) {
 static int afm__sampler_filter(afm_sampler *sm, const float *logits) {
     int n = sm->n_vocab, i, nc = 0, best = 0, keep;
     float inv_t;
+    logits = afm__sampler_adjust(sm, logits);
     for (i = 1; i < n; i++)
         if (logits[i] > logits[best]) best = i;
     if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
@@ -7679,6 +7729,198 @@ static int afm__test_accept_all(const afm_session *s) { return s->test_accept_ru
 #else
 static int afm__test_accept_all(const afm_session *s) { (void)s; return 0; }
 #endif
+
+/* ---- Sampler additions: logit bias and penalties (applied to a copy of the logits before
+   temperature and the filters), stop strings, exact token counts. ---- */
+
+static afm_result afm__sampler_extras(afm_sampler *sm) {
+    const afm_sampler_params *p = &sm->p;
+    const afm_allocator *a = &sm->alloc;
+    int i, n_banned = 0;
+    if (!(p->repeat_penalty >= 0 && p->repeat_penalty <= 1e6f) || !(p->presence_penalty >= -1e6f && p->presence_penalty <= 1e6f) ||
+        !(p->frequency_penalty >= -1e6f && p->frequency_penalty <= 1e6f) || p->penalty_last_n < -1 || p->penalty_last_n > (1 << 24) ||
+        p->n_logit_bias < 0 || (p->n_logit_bias && !p->logit_bias))
+        return AFM_ERR_ARG;
+    if (p->n_logit_bias) { /* a copy: the caller's array need not outlive the call */
+        if (!(sm->bias = (afm_logit_bias *)afm__alloc(a, (size_t)p->n_logit_bias * sizeof *sm->bias))) return AFM_ERR_NOMEM;
+        memcpy(sm->bias, p->logit_bias, (size_t)p->n_logit_bias * sizeof *sm->bias);
+    }
+    sm->p.logit_bias = NULL;
+    if (p->n_logit_bias || (p->repeat_penalty != 0 && p->repeat_penalty != 1) || p->presence_penalty != 0 || p->frequency_penalty != 0) {
+        sm->adjusted = (float *)afm__alloc(a, (size_t)sm->n_vocab * sizeof(float));
+        sm->seen = (uint32_t *)afm__calloc(a, (size_t)sm->n_vocab, sizeof(uint32_t));
+        sm->window_cap = p->penalty_last_n == 0 ? 64 : p->penalty_last_n;
+        if (sm->window_cap > 0) sm->window = (int32_t *)afm__alloc(a, (size_t)sm->window_cap * sizeof(int32_t));
+        if (!sm->adjusted || !sm->seen || (sm->window_cap > 0 && !sm->window)) return AFM_ERR_NOMEM;
+    }
+    for (i = 0; i < p->n_logit_bias; i++) { /* in range, not NaN, never +inf; not every token banned */
+        const afm_logit_bias *b = &sm->bias[i];
+        if (b->token < 0 || b->token >= sm->n_vocab || !(b->bias == -INFINITY || (b->bias >= -1e6f && b->bias <= 1e6f))) return AFM_ERR_ARG;
+        if (b->bias == -INFINITY && !sm->seen[b->token]) { sm->seen[b->token] = 1; n_banned++; }
+    }
+    if (n_banned == sm->n_vocab) return AFM_ERR_ARG;
+    if (sm->seen) memset(sm->seen, 0, (size_t)sm->n_vocab * sizeof(uint32_t));
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_sampler_accept(afm_sampler *sm, int32_t token) {
+    if (!sm || token < 0 || token >= sm->n_vocab) return AFM_ERR_ARG;
+    if (!sm->seen) return AFM_OK; /* no penalties: nothing to remember */
+    if (sm->window) {
+        if (sm->window_n == sm->window_cap) sm->seen[sm->window[sm->window_head]]--; /* the oldest leaves */
+        else sm->window_n++;
+        sm->window[sm->window_head] = token;
+        sm->window_head = (sm->window_head + 1) % sm->window_cap;
+    }
+    if (sm->seen[token] < 0xffffffffu) sm->seen[token]++;
+    return AFM_OK;
+}
+
+/* afm_generate's start: the context's last window of tokens enter the penalty window. */
+static void afm__sampler_accept_context(afm_sampler *sm, const int32_t *tokens, int n) {
+    int i = sm->window && n > sm->window_cap ? n - sm->window_cap : 0;
+    if (!sm->seen) return;
+    for (; i < n; i++) afm_sampler_accept(sm, tokens[i]);
+}
+
+AFMDEF void afm_sampler_reset(afm_sampler *sm) {
+    if (!sm || !sm->seen) return;
+    memset(sm->seen, 0, (size_t)sm->n_vocab * sizeof(uint32_t));
+    sm->window_n = sm->window_head = 0;
+}
+
+/* The logits the filters see: the caller's, or a copy with the bias added and the penalties applied. */
+static const float *afm__sampler_adjust(afm_sampler *sm, const float *logits) {
+    const afm_sampler_params *p = &sm->p;
+    float *o = sm->adjusted;
+    int i;
+    if (!o) return logits;
+    memcpy(o, logits, (size_t)sm->n_vocab * sizeof(float));
+    for (i = 0; i < p->n_logit_bias; i++) o[sm->bias[i].token] += sm->bias[i].bias;
+    for (i = 0; i < sm->n_vocab; i++) {
+        if (!sm->seen[i]) continue;
+        if (p->repeat_penalty > 0 && p->repeat_penalty != 1) o[i] = o[i] > 0 ? o[i] / p->repeat_penalty : o[i] * p->repeat_penalty;
+        o[i] -= p->presence_penalty + p->frequency_penalty * (float)sm->seen[i];
+    }
+    return o;
+}
+
+struct afm_stop {
+    afm_allocator alloc;
+    char **stops;
+    size_t *lens, max_len;
+    int n, stopped;
+    char *held, *out;             /* text not yet shown; what the last call returned */
+    size_t n_held, cap;
+};
+
+AFMDEF void afm_stop_free(afm_stop *st) {
+    int i;
+    if (!st) return;
+    for (i = 0; i < st->n && st->stops; i++) afm__free(&st->alloc, st->stops[i]);
+    afm__free(&st->alloc, st->stops); afm__free(&st->alloc, st->lens);
+    afm__free(&st->alloc, st->held); afm__free(&st->alloc, st->out);
+    afm__free(&st->alloc, st);
+}
+
+AFMDEF afm_result afm_stop_create(const char *const *stops, int n, const afm_allocator *allocator, afm_stop **out) {
+    const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
+    afm_stop *st;
+    int i;
+    if (!out) return AFM_ERR_ARG;
+    *out = NULL;
+    if (n < 0 || (n && !stops)) return AFM_ERR_ARG;
+    for (i = 0; i < n; i++)
+        if (!stops[i] || !stops[i][0]) return AFM_ERR_ARG;
+    if (!(st = (afm_stop *)afm__calloc(a, 1, sizeof *st))) return AFM_ERR_NOMEM;
+    st->alloc = *a;
+    st->n = n;
+    st->stops = (char **)afm__calloc(a, (size_t)n + 1, sizeof *st->stops);
+    st->lens = (size_t *)afm__calloc(a, (size_t)n + 1, sizeof *st->lens);
+    if (!st->stops || !st->lens) { afm_stop_free(st); return AFM_ERR_NOMEM; }
+    for (i = 0; i < n; i++) {
+        st->lens[i] = strlen(stops[i]);
+        if (!(st->stops[i] = (char *)afm__alloc(a, st->lens[i] + 1))) { afm_stop_free(st); return AFM_ERR_NOMEM; }
+        memcpy(st->stops[i], stops[i], st->lens[i] + 1);
+        if (st->lens[i] > st->max_len) st->max_len = st->lens[i];
+    }
+    *out = st;
+    return AFM_OK;
+}
+
+/* Makes room for `need` bytes in held and out. */
+static int afm__stop_room(afm_stop *st, size_t need) {
+    char *h, *o;
+    size_t cap = st->cap ? st->cap : 64;
+    if (need <= st->cap) return 1;
+    while (cap < need) cap *= 2;
+    h = (char *)afm__alloc(&st->alloc, cap);
+    o = (char *)afm__alloc(&st->alloc, cap);
+    if (!h || !o) { afm__free(&st->alloc, h); afm__free(&st->alloc, o); return 0; }
+    if (st->n_held) memcpy(h, st->held, st->n_held);
+    afm__free(&st->alloc, st->held); afm__free(&st->alloc, st->out);
+    st->held = h; st->out = o; st->cap = cap;
+    return 1;
+}
+
+AFMDEF int afm_stop_push(afm_stop *st, const char *text, size_t len, const char **out, size_t *n_out) {
+    size_t first = (size_t)-1, keep = 0, k, pos;
+    int i;
+    *out = "";
+    *n_out = 0;
+    if (st->stopped) return 1;
+    if (len > (size_t)-1 / 2 - st->n_held || !afm__stop_room(st, st->n_held + len + 1)) return -1;
+    if (len) memcpy(st->held + st->n_held, text, len);
+    st->n_held += len;
+    /* the earliest stop string in the held text (it can only begin in the held text's last
+       max_len - 1 + len bytes, and the held part before the new text matched none) */
+    for (i = 0; i < st->n; i++) {
+        size_t L = st->lens[i];
+        for (pos = 0; pos + L <= st->n_held && pos < first; pos++)
+            if (!memcmp(st->held + pos, st->stops[i], L)) { first = pos; break; }
+    }
+    if (first != (size_t)-1) {
+        memcpy(st->out, st->held, first);
+        *out = st->out;
+        *n_out = first;
+        st->stopped = 1;
+        st->n_held = 0;
+        return 1;
+    }
+    /* hold back the longest tail that is the beginning of a stop string */
+    for (i = 0; i < st->n; i++)
+        for (k = st->lens[i] - 1; k > keep; k--)
+            if (k <= st->n_held && !memcmp(st->held + st->n_held - k, st->stops[i], k)) { keep = k; break; }
+    memcpy(st->out, st->held, st->n_held - keep);
+    *out = st->out;
+    *n_out = st->n_held - keep;
+    memmove(st->held, st->held + st->n_held - keep, keep);
+    st->n_held = keep;
+    return 0;
+}
+
+AFMDEF void afm_stop_flush(afm_stop *st, const char **out, size_t *n_out) {
+    *out = "";
+    *n_out = 0;
+    if (st->stopped || !st->n_held) return;
+    memcpy(st->out, st->held, st->n_held);
+    *out = st->out;
+    *n_out = st->n_held;
+    st->n_held = 0;
+}
+
+AFMDEF long afm_token_count(const afm_tokenizer *tok, const char *text, size_t len, unsigned flags) {
+    size_t n = 0;
+    afm_result r = afm_tokenize(tok, text, len, flags, NULL, 0, &n);
+    return (r == AFM_OK || (r == AFM_ERR_ARG && n > 0)) && n <= (size_t)0x7fffffff ? (long)n : -1;
+}
+
+AFMDEF long afm_chat_token_count(const afm_tokenizer *tok, const afm_chat_message *messages, int n_messages,
+                                 const char *const *tools, int n_tools, int add_generation_prompt) {
+    size_t n = 0;
+    afm_result r = afm_chat_tokenize(tok, messages, n_messages, tools, n_tools, add_generation_prompt, NULL, 0, &n);
+    return (r == AFM_OK || (r == AFM_ERR_ARG && n > 0)) && n <= (size_t)0x7fffffff ? (long)n : -1;
+}
 
 /* ======================================================================================== */
 /* ==== GENERATION AND SPECULATIVE DECODING =============================================== */
@@ -7873,12 +8115,14 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
             }
         }
         g->st->n_accepted++;
+        afm_sampler_accept(g->sm, d); /* the next row's penalties count it */
     }
     if (k > 0) {
         g->acc_hits = 0.9 * g->acc_hits + j;
         g->acc_trials = 0.9 * g->acc_trials + j + (j < k);
     }
     if (j == k) next = afm_sampler_sample(g->sm, afm_session_logits(s, k)); /* every draft accepted: a bonus token */
+    afm_sampler_accept(g->sm, next);
     afm_session_rewind(s, P + 1 + j);
     for (i = 0; i < j; i++)
         if (afm__emit(g, g->draft[i])) {
@@ -7933,7 +8177,9 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     }
     stats->t_prompt = afm__now() - t_start;
     if (p->n_predict == 0) goto out;
+    afm__sampler_accept_context(g.sm, s->tokens, s->pos);
     x = afm_sampler_sample(g.sm, afm_session_logits(s, -1));
+    afm_sampler_accept(g.sm, x);
     if (afm__emit(&g, x)) g.done = 2;
     while (!g.done && (r = afm__round(&g, &x)) == AFM_OK) {}
     if (r == AFM_OK && g.done == 2 && s->pos < s->n_ctx) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache */

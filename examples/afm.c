@@ -93,6 +93,15 @@ static const char *usage_generation =
     "      --top-k K          keep the K most likely tokens (default 0: off)\n"
     "      --top-p P          nucleus sampling (default 1: off)\n"
     "      --min-p P          drop tokens below P x the top probability (default 0: off)\n"
+    "      --repeat-penalty F penalize tokens in the last --repeat-last-n ones (prompt included):\n"
+    "                         positive logits divided by F, negative ones multiplied (default 1: off)\n"
+    "      --presence-penalty F   subtract F from the logit of every such token (default 0)\n"
+    "      --frequency-penalty F  subtract F per occurrence (default 0)\n"
+    "      --repeat-last-n N  the penalties' window in tokens (default 64; -1: the whole context)\n"
+    "  -l, --logit-bias ID(+|-)BIAS  add BIAS to token ID's logit, e.g. 15+1 or 15-inf (bans it);\n"
+    "                         may be given several times\n"
+    "      --stop-string TEXT text prompts: stop when the generated text contains TEXT, also across\n"
+    "                         tokens; TEXT is not printed (may be given several times)\n"
     "  -s, --seed N           sampler seed (default 0)\n"
     "      --kv TYPE          KV cache: auto, f32, f16, int8 (default auto: int8 when the model\n"
     "                         carries KV scales, else f16)\n"
@@ -315,6 +324,7 @@ static int32_t *encode_or_die(const afm_tokenizer *t, const char *text, int chat
 typedef struct text_out {
     const afm_tokenizer *tok;
     afm_detokenizer d;
+    afm_stop *stop;         /* --stop-string, or NULL */
     const int32_t *stops;
     int n_stops;
     char *buf;
@@ -326,6 +336,7 @@ static void text_out_init(text_out *o, const afm_tokenizer *tok, unsigned flags,
     afm_detokenizer_init(&o->d, tok, flags);
     o->stops = stops;
     o->n_stops = n_stops;
+    o->stop = NULL;
     o->cap = afm_tokenizer_max_token_bytes(tok) + 16;
     o->buf = (char *)malloc(o->cap);
     if (!o->buf) die("%s", "out of memory");
@@ -337,14 +348,31 @@ static int print_text(void *user, int32_t token) {
     int i;
     for (i = 0; i < o->n_stops; i++)
         if (token == o->stops[i]) return 0;
-    if (afm_detokenizer_push(&o->d, token, o->buf, o->cap, &n) == AFM_OK) fwrite(o->buf, 1, n, stdout);
+    if (afm_detokenizer_push(&o->d, token, o->buf, o->cap, &n) != AFM_OK) return 0;
+    if (o->stop) { /* text that may begin a stop string waits until it cannot */
+        const char *shown;
+        int r = afm_stop_push(o->stop, o->buf, n, &shown, &n);
+        if (r < 0) die("%s", "out of memory");
+        fwrite(shown, 1, n, stdout);
+        fflush(stdout);
+        return r;
+    }
+    fwrite(o->buf, 1, n, stdout);
     fflush(stdout);
     return 0;
 }
 
 static void text_out_end(text_out *o) {
     size_t n = 0;
-    if (afm_detokenizer_flush(&o->d, o->buf, o->cap, &n) == AFM_OK) fwrite(o->buf, 1, n, stdout);
+    const char *shown;
+    if (afm_detokenizer_flush(&o->d, o->buf, o->cap, &n) == AFM_OK) {
+        if (o->stop && afm_stop_push(o->stop, o->buf, n, &shown, &n) == 0) fwrite(shown, 1, n, stdout);
+        else if (!o->stop) fwrite(o->buf, 1, n, stdout);
+    }
+    if (o->stop) {
+        afm_stop_flush(o->stop, &shown, &n);
+        fwrite(shown, 1, n, stdout);
+    }
     free(o->buf);
 }
 
@@ -578,6 +606,9 @@ static int cmd_generate(int argc, char **argv) {
     int32_t eog[2];
     afm_session_params sp;
     afm_sampler_params smp;
+    afm_logit_bias biases[64];
+    const char *stop_strings[16];
+    int n_stop_strings = 0;
     afm_model *m;
     afm_session *s;
     afm_sampler *sampler;
@@ -620,6 +651,29 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--top-k")) { smp.top_k = (int)parse_int(v, a, 0, 1 << 30); i++; }
         else if (!strcmp(a, "--top-p")) { smp.top_p = parse_float(v, a); i++; }
         else if (!strcmp(a, "--min-p")) { smp.min_p = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--repeat-penalty")) { smp.repeat_penalty = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--presence-penalty")) { smp.presence_penalty = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--frequency-penalty")) { smp.frequency_penalty = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--repeat-last-n")) { smp.penalty_last_n = (int)parse_int(v, a, -1, 1 << 24); i++; }
+        else if (!strcmp(a, "-l") || !strcmp(a, "--logit-bias")) {
+            char *end;
+            long id;
+            if (!v) die("option %s needs a value", a);
+            if (smp.n_logit_bias == 64) die("%s: at most 64 biases", a);
+            id = strtol(v, &end, 10);
+            if (end == v || (*end != '+' && *end != '-') || id < 0 || id > 0x7fffffffL) die("--logit-bias: '%s' is not ID+BIAS or ID-BIAS", v);
+            biases[smp.n_logit_bias].token = (int32_t)id;
+            if (!strcmp(end, "-inf")) biases[smp.n_logit_bias].bias = -INFINITY;
+            else biases[smp.n_logit_bias].bias = parse_float(end, a);
+            smp.logit_bias = biases;
+            smp.n_logit_bias++;
+            i++;
+        } else if (!strcmp(a, "--stop-string")) {
+            if (!v || !v[0]) die("%s needs a non-empty text", a);
+            if (n_stop_strings == 16) die("%s: at most 16 stop strings", a);
+            stop_strings[n_stop_strings++] = v;
+            i++;
+        }
         else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { smp.seed = (uint64_t)parse_int(v, a, 0, 0x7fffffffL); i++; }
         else if (!strcmp(a, "--dump-logits")) { if (!v) die("option %s needs a value", a); dump_path = v; i++; }
         else if (!strcmp(a, "--prompt-cache")) { if (!v) die("option %s needs a value", a); cache_path = v; i++; }
@@ -686,7 +740,8 @@ static int cmd_generate(int argc, char **argv) {
         if (afm_session_set_adapter(s, adapter) != AFM_OK) die("%s", afm_session_error(s));
     }
     if ((r = afm_sampler_create(&smp, afm_model_config(m)->vocab_size, NULL, &sampler)) != AFM_OK)
-        die("cannot create the sampler: %s", afm_result_string(r));
+        die("cannot create the sampler: %s (a --logit-bias id out of the vocabulary, every token banned, or a bad penalty)", afm_result_string(r));
+    if (n_stop_strings && !tokenizer) die("%s", "--stop-string needs a text prompt (not --ids)");
     if (dump_path && !(dump = fopen(dump_path, "wb"))) die("cannot open '%s' for writing", dump_path);
     if (dump && (draft_path || lookup)) die("%s", "--dump-logits runs the plain loop; leave out --draft and --lookup");
     if (dump && cache_path) die("%s", "--dump-logits writes the prompt's logits: leave out --prompt-cache");
@@ -694,6 +749,7 @@ static int cmd_generate(int argc, char **argv) {
         /* text output; the prompt is pushed through the detokenizer first so that the continuation
            is spaced as in the whole text, and printed too unless it is a chat or not wanted */
         text_out_init(&out, tokenizer, tok_flags, eog, n_eog);
+        if (n_stop_strings && afm_stop_create(stop_strings, n_stop_strings, NULL, &out.stop) != AFM_OK) die("%s", "out of memory");
         if (!chat) {
             int k;
             for (k = 0; k < n_prompt; k++) {
@@ -714,7 +770,7 @@ static int cmd_generate(int argc, char **argv) {
             const float *logits = afm_session_logits(s, -1);
             fwrite(logits, sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
             tok = afm_sampler_sample(sampler, logits);
-            if (tokenizer) print_text(&out, tok);
+            if (tokenizer && print_text(&out, tok)) { i++; break; } /* a stop string */
             else printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
             if (afm_session_eval(s, &tok, 1) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
         }
@@ -785,6 +841,7 @@ static int cmd_generate(int argc, char **argv) {
     if (dump) fclose(dump);
     free(prompt);
     free(file_text);
+    if (tokenizer) afm_stop_free(out.stop);
     afm_tokenizer_free(tokenizer);
     afm_sampler_free(sampler);
     afm_session_free(s);

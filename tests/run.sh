@@ -18,7 +18,8 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
        $cc $WARN -fsyntax-only examples/simple.c &&
        $cc $WARN -fsyntax-only tests/test_main.c && $cc $WARN -fsyntax-only tests/test_kernels.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c &&
-       $cc $WARN -fsyntax-only tests/test_session.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_session.c; then
+       $cc $WARN -fsyntax-only tests/test_session.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_session.c &&
+       $cc $WARN -fsyntax-only tests/test_sampler.c; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
 done
@@ -47,6 +48,11 @@ if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefi
        tests/test_main.c -o build/test_main_san $LIBS; then
     run_counts "test_main asan+ubsan" env AFM_TEST_LIGHT=1 build/test_main_san
 else bad "build test_main with sanitizers"; fi
+
+echo "== sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
+if gcc -std=c99 $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_sampler.c -o build/test_sampler $LIBS; then
+    run_counts "test_sampler asan+ubsan" build/test_sampler
+else bad "build test_sampler"; fi
 
 echo "== saved sessions: a state saved after a 500-token prompt, loaded in a new process"
 if gcc -std=c99 $WARN -O2 tests/test_session.c -o build/test_session $LIBS &&
@@ -115,6 +121,14 @@ if [ "$(./afm -m $M -p "$P" -n 16 --prompt-cache build/pc.state 2>build/pc1.err)
    fails_with "the state was made with another model" ./afm -m models/mini/draft.afm -p "$P" --prompt-cache build/pc.state; then
     ok "--prompt-cache: same output cold, warm and extended (11 of 13 tokens reused); another adapter or model refused"
 else bad "--prompt-cache"; cat build/pc*.err build/cli.out; fi
+out=$(./afm -m $M -p "$P" -n 30 --stop-string "Moses" --stop-string "never appears" 2>/dev/null)
+full=$(./afm -m $M -p "$P" -n 30 2>/dev/null)
+case "$full" in "$out"Moses*) stopped=1 ;; *) stopped=0 ;; esac
+if [ $stopped = 1 ] && [ -n "$out" ] && ! echo "$out" | grep -q Moses &&
+   [ "$(./afm -m $M -p "$P" -n 30 --frequency-penalty 1 --repeat-last-n -1 2>/dev/null)" != "$full" ] &&
+   fails_with "cannot create the sampler" ./afm -m $M -p "$P" -l 8192+1; then
+    ok "--stop-string ends the text just before it; --frequency-penalty changes the output; a bias id out of range is refused"
+else bad "CLI sampler additions: '$out'"; cat build/cli.out; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tools/mini_greedy.py)" python3 tools/mini_greedy.py check
 
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
