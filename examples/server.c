@@ -571,9 +571,10 @@ typedef struct server {
     afm_adapter *adapters[16];
     slot *slots;
     int n_slots, n_ctx, n_waiting, n_conn, max_conn, max_queue, timeout_s, max_time_s;
+    struct waiter *queue;           /* requests waiting for a session, oldest first */
     long long max_body, clock, next_id;
     pthread_mutex_t mu;
-    pthread_cond_t cv;              /* a slot was freed, a connection ended, or shutdown began */
+    pthread_cond_t cv;              /* a connection ended, or shutdown began */
     volatile int stopping;
     int32_t eog[2];
     int n_eog;
@@ -647,43 +648,87 @@ static int client_gone(int fd) {
     return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
-/* Waits for a free slot (queueing beyond --parallel); prefers the one whose cached tokens share the
-   longest prefix with the prompt, then the least recently used. NULL when the queue is full, the wait
-   timed out or the server is stopping. */
-static slot *slot_acquire(server *sv, int fd, const int32_t *prompt, int n_prompt, const afm_adapter *ad, int *status) {
+/* A request waiting for a session: waiters are served first come, first served (a freed session is
+   handed to the oldest waiter), so that no request starves under load. */
+typedef struct waiter {
+    pthread_cond_t cv;
+    slot *granted;
+    struct waiter *next;
+} waiter;
+
+/* The free slot whose cached tokens share the longest prefix with the prompt (with the same
+   adapter), then the least recently used; NULL when every slot is busy. */
+static slot *slot_pick(server *sv, const int32_t *prompt, int n_prompt, const afm_adapter *ad) {
     slot *best = NULL;
-    struct timespec until;
     int i, best_common = -1;
+    for (i = 0; i < sv->n_slots; i++) {
+        slot *sl = &sv->slots[i];
+        int n = 0, c = 0;
+        const int32_t *t;
+        if (sl->busy) continue;
+        t = afm_session_tokens(sl->s, &n);
+        while (sl->adapter == ad && c < n && c < n_prompt && t[c] == prompt[c]) c++;
+        if (c > best_common || (c == best_common && sl->used < best->used)) { best = sl; best_common = c; }
+    }
+    return best;
+}
+
+/* Hands a slot to the oldest waiter, or frees it. Called with the lock held. */
+static void slot_pass_on(server *sv, slot *sl) {
+    waiter *w = sv->queue;
+    if (w && !sv->stopping) {
+        sv->queue = w->next;
+        w->granted = sl;
+        sl->used = ++sv->clock;
+        pthread_cond_signal(&w->cv);
+    } else sl->busy = 0;
+    pthread_cond_broadcast(&sv->cv);
+}
+
+/* Takes a session: a free one at once (the best for this prompt), else waits in the queue. NULL (and
+   *status 503) when the queue is full, the wait timed out, the client left or the server is stopping. */
+static slot *slot_acquire(server *sv, int fd, const int32_t *prompt, int n_prompt, const afm_adapter *ad, int *status) {
+    slot *got;
+    waiter me, **pp;
+    struct timespec until;
+    *status = 503;
+    pthread_mutex_lock(&sv->mu);
+    if (!sv->queue && !sv->stopping && (got = slot_pick(sv, prompt, n_prompt, ad)) != NULL) {
+        got->busy = 1;
+        got->used = ++sv->clock;
+        pthread_mutex_unlock(&sv->mu);
+        return got;
+    }
+    if (sv->n_waiting >= sv->max_queue || sv->stopping) { pthread_mutex_unlock(&sv->mu); return NULL; }
+    memset(&me, 0, sizeof me);
+    pthread_cond_init(&me.cv, NULL);
+    for (pp = &sv->queue; *pp; pp = &(*pp)->next) {}
+    *pp = &me;
+    sv->n_waiting++;
     clock_gettime(CLOCK_REALTIME, &until);
     until.tv_sec += sv->timeout_s * 6;
-    pthread_mutex_lock(&sv->mu);
-    if (sv->n_waiting >= sv->max_queue) { pthread_mutex_unlock(&sv->mu); *status = 503; return NULL; }
-    sv->n_waiting++;
-    for (;;) {
-        for (i = 0; i < sv->n_slots; i++) {
-            slot *sl = &sv->slots[i];
-            int n = 0, c = 0;
-            const int32_t *t;
-            if (sl->busy) continue;
-            t = afm_session_tokens(sl->s, &n);
-            while (sl->adapter == ad && c < n && c < n_prompt && t[c] == prompt[c]) c++;
-            if (c > best_common || (c == best_common && sl->used < best->used)) { best = sl; best_common = c; }
-        }
-        if (best || sv->stopping) break;
-        if (pthread_cond_timedwait(&sv->cv, &sv->mu, &until) == ETIMEDOUT || client_gone(fd)) break;
+    while (!me.granted && !sv->stopping) {
+        struct timespec tick;
+        clock_gettime(CLOCK_REALTIME, &tick);
+        tick.tv_sec += 1; /* wake each second to notice a client that left */
+        if (tick.tv_sec > until.tv_sec) tick = until;
+        if (pthread_cond_timedwait(&me.cv, &sv->mu, &tick) == ETIMEDOUT && !me.granted &&
+            (tick.tv_sec >= until.tv_sec || client_gone(fd))) break;
     }
     sv->n_waiting--;
-    if (best && !sv->stopping) { best->busy = 1; best->used = ++sv->clock; }
-    else best = NULL;
+    got = me.granted;
+    if (!got) /* leaving the queue without a slot */
+        for (pp = &sv->queue; *pp; pp = &(*pp)->next)
+            if (*pp == &me) { *pp = me.next; break; }
+    if (got && sv->stopping) { slot_pass_on(sv, got); got = NULL; }
     pthread_mutex_unlock(&sv->mu);
-    *status = 503;
-    return best;
+    pthread_cond_destroy(&me.cv);
+    return got;
 }
 
 static void slot_release(server *sv, slot *sl) {
     pthread_mutex_lock(&sv->mu);
-    sl->busy = 0;
-    pthread_cond_broadcast(&sv->cv);
+    slot_pass_on(sv, sl);
     pthread_mutex_unlock(&sv->mu);
 }
 
@@ -876,7 +921,7 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
         afm_session_rewind(sl->s, 0); /* nothing half-done is reused */
         goto done;
     }
-    if (o.failed) goto done; /* the client left, or the server is stopping: nothing more to send */
+    if (o.failed) goto logged; /* the client left, or the server is stopping: nothing more to send */
     if (!o.finish) { /* ended by max_tokens, the context or the time limit: the held-back text goes out */
         const char *rest;
         size_t n = 0, m = 0;
@@ -884,6 +929,8 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
         if (afm_stop_push(o.stop, o.piece, n, &rest, &m) == 0) emit_text(&o, rest, m);
         if (!o.finish) { afm_stop_flush(o.stop, &rest, &m); emit_text(&o, rest, m); }
     }
+    slot_release(sv, sl); /* before the reply goes out: the client's next request finds it free */
+    sl = NULL;
     {
         sbuf b = { 0 };
         const char *finish = o.finish ? o.finish : "length";
@@ -911,6 +958,9 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
         }
         free(b.p);
     }
+logged:
+    fprintf(stderr, "afm-server: %s: model %s, %d prompt tokens (%d cached), %d generated, %s\n", o.id, g->model, n_prompt, common,
+            o.n_generated, !o.failed ? (o.finish ? o.finish : "length") : sv->stopping ? "stopped by shutdown" : "client gone");
 done:
     if (sl) slot_release(sv, sl); /* its cache holds every emitted token, reusable by the next request */
     afm_stop_free(o.stop);
@@ -1193,6 +1243,10 @@ int main(int argc, char **argv) {
     pthread_mutex_lock(&sv.mu);
     sv.stopping = 1;
     pthread_cond_broadcast(&sv.cv);
+    {
+        struct waiter *w;
+        for (w = sv.queue; w; w = w->next) pthread_cond_signal(&w->cv);
+    }
     while (sv.n_conn > 0) pthread_cond_wait(&sv.cv, &sv.mu);
     pthread_mutex_unlock(&sv.mu);
     for (i = 0; i < sv.n_slots; i++) afm_session_free(sv.slots[i].s);

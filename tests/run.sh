@@ -19,7 +19,8 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
        $cc $WARN -fsyntax-only tests/test_main.c && $cc $WARN -fsyntax-only tests/test_kernels.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c &&
        $cc $WARN -fsyntax-only tests/test_session.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_session.c &&
-       $cc $WARN -fsyntax-only tests/test_sampler.c; then
+       $cc $WARN -fsyntax-only tests/test_sampler.c && $cc $WARN -fsyntax-only examples/server.c &&
+       $cc $WARN -fsyntax-only tests/fuzz/fuzz_http.c; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
 done
@@ -131,6 +132,40 @@ if [ $stopped = 1 ] && [ -n "$out" ] && ! echo "$out" | grep -q Moses &&
 else bad "CLI sampler additions: '$out'"; cat build/cli.out; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tools/mini_greedy.py)" python3 tools/mini_greedy.py check
 
+echo "== server: examples/server.c with the real openai client, then 200 requests from 16 clients under ASan"
+if make -s afm-server >/dev/null; then
+    if python3 -c "import openai" 2>/dev/null; then
+        run_counts "afm-server with the openai client (tests/test_server.py)" python3 tests/test_server.py ./afm-server ./afm
+        if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+               examples/server.c -o build/afm-server-san $LIBS; then
+            run_counts "load test, server under ASan/UBSan (tests/load_server.py)" python3 tests/load_server.py build/afm-server-san 200 16
+        else bad "build afm-server with sanitizers"; fi
+    else skip "server tests" "python3 -m pip install openai"; fi
+else bad "make afm-server"; fi
+
+echo "== Python bindings: make lib; a fresh venv, pip install ./python, the README's example; pytest"
+if make -s lib >/dev/null && [ -f libafm.so ]; then ok "make lib builds libafm.so"; else bad "make lib"; fi
+rm -rf build/pyvenv
+if python3 -m venv --system-site-packages build/pyvenv 2>/dev/null; then
+    # the one install command (it compiles afm.h into the package); offline, without build isolation
+    if build/pyvenv/bin/pip install -q ./python > build/pip.log 2>&1 ||
+       build/pyvenv/bin/pip install -q --no-build-isolation ./python >> build/pip.log 2>&1; then
+        sed -n '/^```python/,/^```/p' python/README.md | sed '1d;$d' > build/readme_example.py
+        out=$(build/pyvenv/bin/python build/readme_example.py 2>&1)
+        if [ $? -eq 0 ] && echo "$out" | grep -q "king's house" && echo "$out" | grep -qF '{"first": "Jesus", "last": "wept", "words": 4}'; then
+            ok "pip install ./python in a fresh venv; the README's $(wc -l < build/readme_example.py)-line example prints text"
+        else bad "python/README.md example: $out"; fi
+        if build/pyvenv/bin/python -c "import pytest" 2>/dev/null; then
+            # pytest's summary ("1 failed, 6 passed in 2.2s") as the "N passed, N failed" line run_counts reads
+            run_counts "pytest python/tests" sh -c 'out=$(build/pyvenv/bin/python -m pytest -q -p no:cacheprovider python/tests 2>&1)
+                echo "$out" | tail -n 30; last=$(echo "$out" | tail -n 1)
+                echo "$(echo "$last" | grep -o "[0-9]* passed" | cut -d" " -f1 || true) passed, $(echo "$last" | grep -o "[0-9]* failed" | cut -d" " -f1 || true) failed" |
+                sed -e "s/^ passed/0 passed/" -e "s/,  failed/, 0 failed/"'
+        else skip "pytest of the bindings" "python3 -m pip install pytest"; fi
+    else bad "pip install ./python"; tail -n 20 build/pip.log; fi
+else skip "Python bindings" "python3 -m venv (apt-get install python3-venv)"; fi
+rm -rf python/build python/*.egg-info
+
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
     if python3 tools/synth.py --preset base --lora --zeros --type bf16 -q -o build/base_zeros.afm &&
@@ -178,6 +213,16 @@ if gcc -std=c99 $SAN tests/fuzz/fuzz_fmadapter.c -o build/fuzz_fm_replay $LIBS &
    build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
     ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
 else bad ".fmadapter corpus replay"; fi
+# the server's request parsers: each hostile request refused with its status
+if gcc -std=c99 $SAN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
+   build/fuzz_http_replay tests/fuzz/corpus/http/* > build/http_replay.log &&
+   grep -A1 "bare_lf$" build/http_replay.log | grep -q "400 lines must end in CRLF" &&
+   grep -A1 "long_head$" build/http_replay.log | grep -q "431" && grep -A1 "chunked$" build/http_replay.log | grep -q "501" &&
+   grep -A1 "http2$" build/http_replay.log | grep -q "505" && grep -A1 "json_deep$" build/http_replay.log | grep -q "incomplete" &&
+   grep -A2 "json_deep$" build/http_replay.log | grep -q "nested too deeply" &&
+   grep -A2 "post_chat$" build/http_replay.log | grep -q "body: 200 ok"; then
+    ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
+else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
 # the session corpus: its valid states load, each hostile one is refused for its own reason
 if gcc -std=c99 $SAN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
    build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
