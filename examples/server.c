@@ -629,7 +629,7 @@ static int send_response(int fd, int status, const char *type, const char *body,
 
 /* {"error": {"message", "type", "param", "code"}} */
 static void send_error(int fd, int status, const char *msg, const char *param, const char *code) {
-    sbuf b = { 0 };
+    sbuf b = { NULL, 0, 0, 0 };
     sb_str(&b, "{\"error\":{\"message\":");
     sb_json(&b, msg, strlen(msg));
     sb_printf(&b, ",\"type\":\"%s\",\"param\":", status >= 500 ? "server_error" : "invalid_request_error");
@@ -756,7 +756,7 @@ static double now_s(void) {
 }
 
 static int send_chunk(gen_out *o, const char *text, size_t n, const char *finish) {
-    sbuf b = { 0 };
+    sbuf b = { NULL, 0, 0, 0 };
     int r;
     sb_printf(&b, "data: {\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":", o->id, o->chat ? "chat.completion.chunk" : "text_completion", o->created);
     sb_json(&b, o->model, strlen(o->model));
@@ -901,7 +901,7 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
         const char *head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
         if (send_all(fd, head, strlen(head)) < 0) goto done;
         if (chat) {
-            sbuf b = { 0 };
+            sbuf b = { NULL, 0, 0, 0 };
             sb_printf(&b, "data: {\"id\":\"%s\",\"object\":\"chat.completion.chunk\",\"created\":%ld,\"model\":", o.id, o.created);
             sb_json(&b, o.model, strlen(o.model));
             sb_str(&b, ",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n");
@@ -932,7 +932,7 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
     slot_release(sv, sl); /* before the reply goes out: the client's next request finds it free */
     sl = NULL;
     {
-        sbuf b = { 0 };
+        sbuf b = { NULL, 0, 0, 0 };
         const char *finish = o.finish ? o.finish : "length";
         if (o.stream) {
             if (send_chunk(&o, NULL, 0, finish) < 0) goto done;
@@ -972,7 +972,7 @@ done:
 }
 
 static void handle_models(server *sv, int fd) {
-    sbuf b = { 0 };
+    sbuf b = { NULL, 0, 0, 0 };
     int i;
     sb_str(&b, "{\"object\":\"list\",\"data\":[");
     for (i = -1; i < sv->n_adapters; i++) {
@@ -1153,7 +1153,7 @@ int main(int argc, char **argv) {
         sv.model_name = name_buf;
     }
     for (i = 0; i < sv.n_adapters; i++) {
-        char *eq = strchr(sv.adapter_names[i], '='), *name = (char *)sv.adapter_names[i];
+        char *name = (char *)sv.adapter_names[i], *eq = strchr(name, '=');
         int k;
         *eq = 0; /* argv's own storage */
         for (k = 0; k < i; k++)

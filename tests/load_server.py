@@ -60,7 +60,7 @@ def run(client, kind, stream):
         extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "d", "schema": {"type": "object"}}}
     try:
         if chat:
-            args = dict(model=model, messages=[{"role": "user", "content": content}], max_tokens=24, temperature=0, stop=stop, **extra)
+            args = dict(model=model, messages=[{"role": "user", "content": content}], max_tokens=16, temperature=0, stop=stop, **extra)
             if stream:
                 chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
                 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -69,7 +69,7 @@ def run(client, kind, stream):
                 return (text, finish[0] if finish else None, usage[0] if usage else None), time.time() - t0
             r = client.chat.completions.create(**args)
             return (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens), time.time() - t0
-        args = dict(model=model, prompt=content, max_tokens=24, temperature=0, stop=stop)
+        args = dict(model=model, prompt=content, max_tokens=16, temperature=0, stop=stop)
         if stream:
             chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
             text = "".join(c.choices[0].text for c in chunks if c.choices)

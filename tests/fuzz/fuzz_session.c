@@ -45,7 +45,7 @@ static afm_session *session(int kv, int adapter) {
 
 /* Loads one state; err gets the refusal ("" when it loaded). */
 static afm_result try_state(const uint8_t *data, size_t size, char *err, size_t errn) {
-    int kv = size >= 36 && data[32] >= 1 && data[32] <= 3 ? data[32] : AFM_KV_INT8, adapter = 0, i;
+    int kv = size >= 36 && data[32] >= 1 && data[32] <= 3 ? (int)data[32] : (int)AFM_KV_INT8, adapter = 0, i;
     afm_session *s;
     afm_result r;
     for (i = 24; i < 32 && (size_t)i < size; i++) adapter |= data[i] != 0;
