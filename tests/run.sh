@@ -134,6 +134,11 @@ run_counts "greedy outputs on models/mini against PyTorch, from ids and from tex
 
 echo "== server: examples/server.c with the real openai client, then 200 requests from 16 clients under ASan"
 if make -s afm-server >/dev/null; then
+    if ./afm-server --help | grep -q -- "--adapter NAME=PATH" && ./afm --help | grep -q -- "--prompt-cache" &&
+       fails_with "adapter x: README.md: offset 0: bad magic" ./afm-server -m models/mini/base.afm --adapter x=README.md --port 0 &&
+       fails_with "is the base model's name" ./afm-server -m models/mini/base.afm --adapter base=models/mini/json.afma; then
+        ok "afm-server --help; a bad adapter file or name: a clear message and exit status 1"
+    else bad "afm-server --help / startup errors"; cat build/cli.out; fi
     if python3 -c "import openai" 2>/dev/null; then
         run_counts "afm-server with the openai client (tests/test_server.py)" python3 tests/test_server.py ./afm-server ./afm
         if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
