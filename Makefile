@@ -1,9 +1,11 @@
 # afm.h - build the CLI and examples, run the tests.
-#   make            build ./afm and ./simple
+#   make            build ./afm, ./simple and ./afm-server (the OpenAI-compatible server)
+#   make lib        libafm.so, the shared library of the Python bindings (python/)
 #   make demo       build, then generate from the small model in the repository
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
-#   make fuzz       run each fuzz harness (model loader, .fmadapter reader, generation, constraint compilers)
+#   make fuzz       run each fuzz harness (model loader, .fmadapter reader, generation, constraint compilers,
+#                   session state files, the server's HTTP/JSON request parsers)
 #                   for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
 #   make fuzz-long  every harness for FUZZ_LONG_SECONDS each (default 900; docs/FUZZING.md)
@@ -16,10 +18,18 @@ FUZZ_SECONDS ?= 60
 # extra libFuzzer flags for every harness, e.g. FUZZ_FLAGS=-fork=4 (four processes each)
 FUZZ_FLAGS ?=
 
-all: afm simple
+all: afm simple afm-server
 
 afm: examples/afm.c examples/afm_bench.c examples/cli.h afm.h afm_tokenizer.h
 	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/afm.c examples/afm_bench.c $(LDLIBS)
+
+# The shared library the Python bindings load (python/, docs: python/README.md).
+lib: libafm.so
+libafm.so: afm.h
+	$(CC) -std=c99 $(WARN) $(CFLAGS) -shared -fPIC -DAFM_IMPLEMENTATION -x c afm.h -o $@ $(LDLIBS)
+
+afm-server: examples/server.c afm.h
+	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/server.c $(LDLIBS)
 
 simple: examples/simple.c afm.h
 	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/simple.c $(LDLIBS)
@@ -40,11 +50,13 @@ test:
 # kernels takes minutes per file.
 FUZZ_CC = clang -std=c99 -g -O1 -DAFM_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 fuzz:
-	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-gen build/corpus-constrain
+	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-gen build/corpus-constrain build/corpus-session build/corpus-http
 	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_gen tests/fuzz/fuzz_gen.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_constrain tests/fuzz/fuzz_constrain.c $(LDLIBS)
+	$(FUZZ_CC) -o build/fuzz_session tests/fuzz/fuzz_session.c $(LDLIBS)
+	$(FUZZ_CC) -o build/fuzz_http tests/fuzz/fuzz_http.c $(LDLIBS)
 	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-load tests/fuzz/corpus/load
 	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
@@ -53,6 +65,10 @@ fuzz:
 	    build/corpus-gen tests/fuzz/corpus/gen
 	build/fuzz_constrain -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-constrain tests/fuzz/corpus/constrain
+	build/fuzz_session -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
+	    build/corpus-session tests/fuzz/corpus/session
+	build/fuzz_http -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
+	    build/corpus-http tests/fuzz/corpus/http
 
 # Scalar kernels only here too (the tokenizer uses none).
 fuzz-tok:
@@ -109,6 +125,6 @@ bench-kernels:
 	build/bench_kernels
 
 clean:
-	rm -rf build afm simple
+	rm -rf build afm simple afm-server libafm.so
 
-.PHONY: all demo test fuzz fuzz-tok fuzz-long fuzz-gen bench bench-models bench-adapter bench-spec bench-kernels clean
+.PHONY: all lib demo test fuzz fuzz-tok fuzz-long fuzz-gen bench bench-models bench-adapter bench-spec bench-kernels clean

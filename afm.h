@@ -332,6 +332,21 @@ AFMDEF afm_kernels afm_session_kernels(const afm_session *session);
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *session);
 AFMDEF const char *afm_session_error(const afm_session *session);
 
+/* ---- Saved sessions (prompt caching): a session's tokens, KV cache and last logits as bytes, in a
+   buffer or a file (docs/FORMAT.md, "The session state file"). A state is tied to the model and the
+   adapter it was made with: loading it into a session on another model, or with another adapter
+   chosen (afm_session_set_adapter first), or with another KV type, is refused with a message saying
+   which. Loading checks every field before it changes the session; on failure the session is as it
+   was. A loaded session continues exactly as the saved one would have: same cache, same logits. ---- */
+/* Bytes afm_session_save writes for the session as it is now. */
+AFMDEF size_t afm_session_state_size(const afm_session *session);
+/* Writes the state to buf; *size gets its length. AFM_ERR_ARG (nothing written) when cap is smaller
+   than afm_session_state_size(). */
+AFMDEF afm_result afm_session_save(const afm_session *session, void *buf, size_t cap, size_t *size);
+AFMDEF afm_result afm_session_load(afm_session *session, const void *data, size_t size, char *err, size_t err_size);
+AFMDEF afm_result afm_session_save_file(const afm_session *session, const char *path, char *err, size_t err_size);
+AFMDEF afm_result afm_session_load_file(afm_session *session, const char *path, char *err, size_t err_size);
+
 /* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic: one uniform number of the
    seed's stream per sampled token, picked by inverse cumulative probability in id order. ---- */
 typedef struct afm_sampler_params {
@@ -340,6 +355,15 @@ typedef struct afm_sampler_params {
     float top_p;        /* 0 or 1: off */
     float min_p;        /* 0: off */
     uint64_t seed;
+    /* penalties on the tokens among the last penalty_last_n ones the sampler accepted (afm_sampler_accept;
+       afm_generate accepts the context before the first new token - prompt included, as llama.cpp does -
+       and every token it generates). All 0: off. */
+    float repeat_penalty;     /* 0 or 1: off; > 1 divides a seen token's positive logit, multiplies a negative one */
+    float presence_penalty;   /* subtracted once from the logit of every seen token (OpenAI; -2 .. 2 there) */
+    float frequency_penalty;  /* subtracted once per occurrence (OpenAI) */
+    int penalty_last_n;       /* the window; 0: 64, -1: every accepted token */
+    const struct afm_logit_bias *logit_bias; /* added to the logits first; -INFINITY bans a token. Copied */
+    int n_logit_bias;
 } afm_sampler_params;
 
 typedef struct afm_sampler afm_sampler;
@@ -349,6 +373,36 @@ AFMDEF void afm_sampler_free(afm_sampler *sampler);
 /* A token id, or -1 when none can be chosen: logits is NULL, holds a NaN or +inf, or every logit
    is -inf. (afm_generate turns that into AFM_ERR_NUMERIC.) */
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
+
+/* ---- Sampler additions: logit bias, penalties, stop strings, token counts. ---- */
+typedef struct afm_logit_bias {
+    int32_t token;
+    float bias;               /* finite, or -INFINITY */
+} afm_logit_bias;
+/* Records a token in the sampler's penalty window (the sampled ones are not recorded by themselves:
+   the caller decides what the model actually continued with). AFM_ERR_ARG for an id out of range. */
+AFMDEF afm_result afm_sampler_accept(afm_sampler *sampler, int32_t token);
+/* Empties the penalty window. */
+AFMDEF void afm_sampler_reset(afm_sampler *sampler);
+
+/* Stop strings: generation ends when the generated text contains one of them, also when it is split
+   across tokens. Text is pushed as it is decoded; what comes back is the text that is certain not to
+   belong to a stop string (a tail that could still become one is held back until it cannot). */
+typedef struct afm_stop afm_stop;
+/* n_stops strings (each non-empty; copied). */
+AFMDEF afm_result afm_stop_create(const char *const *stops, int n_stops, const afm_allocator *allocator, afm_stop **out);
+AFMDEF void afm_stop_free(afm_stop *stop);
+/* Pushes the next piece of text. *out (valid until the next call) and *n_out get the text to show
+   now. Returns 1 when a stop string has completed - *out then ends just before it and everything from
+   it on is dropped, as are later pushes - 0 otherwise, -1 when out of memory. */
+AFMDEF int afm_stop_push(afm_stop *stop, const char *text, size_t len, const char **out, size_t *n_out);
+/* At the end of generation without a stop: the held-back tail. */
+AFMDEF void afm_stop_flush(afm_stop *stop, const char **out, size_t *n_out);
+
+/* Exact token counts: the number of ids afm_tokenize / afm_chat_tokenize produce; -1 on an error. */
+AFMDEF long afm_token_count(const afm_tokenizer *tok, const char *text, size_t len, unsigned flags);
+AFMDEF long afm_chat_token_count(const afm_tokenizer *tok, const afm_chat_message *messages, int n_messages,
+                                 const char *const *tools, int n_tools, int add_generation_prompt);
 
 /* ---- Constraints (guided generation): the output is guaranteed to match a regular expression, a
    GBNF grammar (llama.cpp's format) or a JSON Schema. A constraint compiles once and is immutable
@@ -7342,6 +7396,236 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
     return AFM_OK;
 }
 
+/* ---- Saved sessions: the state file (docs/FORMAT.md). A 128-byte header, then the tokens, the
+   keys and values of every segment-0 layer for those positions, and the last logits if kept. The
+   model and adapter are identified by fingerprints: 64-bit hashes of their shapes and of samples of
+   their bytes (cheap for a 3B model, and any two trainings differ in every sample). A checksum of
+   the payload catches a damaged file, since wrong keys and values would only make silent garbage. ---- */
+
+#define AFM__STATE_VERSION 1u
+#define AFM__STATE_HEADER 128
+
+static uint64_t afm__hash(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i + 8 <= n; i += 8) {
+        uint64_t x = h ^ afm__rd64(p + i);
+        h = (((x << 27) | (x >> 37)) + 0x9e3779b97f4a7c15ull) * 0xff51afd7ed558ccdull;
+    }
+    for (; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return h ^ (h >> 29);
+}
+
+static uint64_t afm__hash_u64(uint64_t h, uint64_t v) {
+    unsigned char b[8];
+    int i;
+    for (i = 0; i < 8; i++) b[i] = (unsigned char)(v >> (8 * i));
+    return afm__hash(h, b, 8);
+}
+
+/* A tensor's shape and 16 evenly spaced 64-byte samples of its data. */
+static uint64_t afm__hash_tensor(uint64_t h, const afm__tensor *t) {
+    const unsigned char *d = (const unsigned char *)t->data;
+    uint64_t i, step = t->n_bytes / 16;
+    int k;
+    h = afm__hash(h, t->name, strlen(t->name));
+    h = afm__hash_u64(h, (uint64_t)t->type);
+    for (k = 0; k < t->n_dims; k++) h = afm__hash_u64(h, t->dims[k]);
+    for (i = 0; d && i < 16; i++) {
+        uint64_t off = i * step, len = t->n_bytes - off < 64 ? t->n_bytes - off : 64;
+        h = afm__hash(h, d + off, (size_t)len);
+    }
+    return h;
+}
+
+static uint64_t afm__model_fingerprint(const afm_model *m) {
+    const afm_config *c = &m->config;
+    uint64_t h = 0x41464d4d4f44454cull;
+    int i, v[10];
+    float f[4];
+    v[0] = c->vocab_size; v[1] = c->dim; v[2] = c->n_layers; v[3] = c->n_reuse_layers; v[4] = c->n_heads;
+    v[5] = c->n_kv_heads; v[6] = c->head_dim; v[7] = c->ffn_dim; v[8] = c->has_kv_scales; v[9] = c->lora_rank;
+    f[0] = c->rope_theta; f[1] = c->norm_eps; f[2] = c->qk_norm_eps; f[3] = c->lora_alpha;
+    for (i = 0; i < 10; i++) h = afm__hash_u64(h, (uint64_t)(uint32_t)v[i]);
+    for (i = 0; i < 4; i++) { uint32_t u; memcpy(&u, &f[i], 4); h = afm__hash_u64(h, u); }
+    h = afm__hash(h, c->signature, strlen(c->signature));
+    for (i = 0; i < m->n_tensors; i++) h = afm__hash_tensor(h, &m->tensors[i]);
+    return h ? h : 1;
+}
+
+/* 0 for no adapter. */
+static uint64_t afm__adapter_fingerprint(const afm_adapter *ad) {
+    uint64_t h = 0x41464d4144415054ull;
+    uint32_t u;
+    int i, n = ad ? ad->model->config.n_layers * AFM__N_PROJ : 0;
+    if (!ad) return 0;
+    memcpy(&u, &ad->scale, 4);
+    h = afm__hash_u64(afm__hash_u64(h, (uint64_t)ad->rank), u);
+    for (i = 0; i < n; i++) {
+        if (ad->a[i]) h = afm__hash_tensor(afm__hash_u64(h, (uint64_t)i), ad->a[i]);
+        if (ad->b[i]) h = afm__hash_tensor(afm__hash_u64(h, (uint64_t)i), ad->b[i]);
+    }
+    return h ? h : 1;
+}
+
+static void afm__wr32(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24); }
+static void afm__wr64(unsigned char *p, uint64_t v) { afm__wr32(p, (uint32_t)v); afm__wr32(p + 4, (uint32_t)(v >> 32)); }
+
+/* Payload bytes for n tokens: ids, keys, values, then the logits. */
+static uint64_t afm__state_payload(const afm_session *s, uint64_t n, int has_logits) {
+    uint64_t kv = (uint64_t)s->model->n_seg0 * n * (uint64_t)s->kv_dim * s->kv_elt;
+    return 4 * n + 2 * kv + (has_logits ? 4 * (uint64_t)s->model->config.vocab_size : 0);
+}
+
+AFMDEF size_t afm_session_state_size(const afm_session *s) {
+    return s ? (size_t)(AFM__STATE_HEADER + afm__state_payload(s, (uint64_t)s->pos, s->n_logits > 0)) : 0;
+}
+
+AFMDEF afm_result afm_session_save(const afm_session *s, void *buf, size_t cap, size_t *size) {
+    unsigned char *p = (unsigned char *)buf, *q;
+    size_t need = afm_session_state_size(s), row;
+    int l, has_logits;
+    if (size) *size = need;
+    if (!s || !buf || cap < need) return AFM_ERR_ARG;
+    has_logits = s->n_logits > 0;
+    row = (size_t)s->kv_dim * s->kv_elt;
+    memset(p, 0, AFM__STATE_HEADER);
+    memcpy(p, "AFMSTATE", 8);
+    afm__wr32(p + 8, AFM__STATE_VERSION);
+    afm__wr32(p + 12, AFM__STATE_HEADER);
+    afm__wr64(p + 16, afm__model_fingerprint(s->model));
+    afm__wr64(p + 24, afm__adapter_fingerprint(s->adapter));
+    afm__wr32(p + 32, (uint32_t)s->kv_type);
+    afm__wr32(p + 36, (uint32_t)s->model->config.vocab_size);
+    afm__wr32(p + 40, (uint32_t)s->model->n_seg0);
+    afm__wr32(p + 44, (uint32_t)s->kv_dim);
+    afm__wr32(p + 48, (uint32_t)s->pos);
+    afm__wr32(p + 52, (uint32_t)has_logits);
+    if (s->adapter) { /* for messages only; at most 55 bytes and a NUL */
+        size_t len = strlen(s->adapter->identifier);
+        memcpy(p + 64, s->adapter->identifier, len < 55 ? len : 55);
+    }
+    q = p + AFM__STATE_HEADER;
+    for (l = 0; l < s->pos; l++, q += 4) afm__wr32(q, (uint32_t)s->tokens[l]);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)s->pos * row) memcpy(q, s->k_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)s->pos * row) memcpy(q, s->v_cache + (size_t)l * s->cap * row, (size_t)s->pos * row);
+    if (has_logits) memcpy(q, s->logits + (size_t)(s->n_logits - 1) * s->model->config.vocab_size, 4 * (size_t)s->model->config.vocab_size);
+    afm__wr64(p + 56, afm__hash(0, p + AFM__STATE_HEADER, need - AFM__STATE_HEADER));
+    return AFM_OK;
+}
+
+static const char *afm__kv_name(uint32_t t) {
+    return t == AFM_KV_F32 ? "f32" : t == AFM_KV_F16 ? "f16" : t == AFM_KV_INT8 ? "int8" : "unknown";
+}
+
+/* Every check of a state against the session, before anything changes. */
+static afm_result afm__state_check(const afm_session *s, const unsigned char *p, uint64_t size, const char *name, char *err, size_t errn) {
+    uint32_t kv, vocab, n_seg0, kv_dim, n, has_logits, i;
+    uint64_t need, fp;
+    char ident[56];
+    if (size < AFM__STATE_HEADER) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: %llu bytes is too short for a session state (the header is %d)", name, (unsigned long long)size, AFM__STATE_HEADER);
+    if (memcmp(p, "AFMSTATE", 8)) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 0: not a session state file (magic is not AFMSTATE)", name);
+    if (afm__rd32(p + 8) != AFM__STATE_VERSION) return afm__fail(err, errn, AFM_ERR_UNSUPPORTED, "%s: offset 8: version %u, this build reads version %u", name, afm__rd32(p + 8), AFM__STATE_VERSION);
+    if (afm__rd32(p + 12) != AFM__STATE_HEADER) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 12: header_size %u, expected %d", name, afm__rd32(p + 12), AFM__STATE_HEADER);
+    for (i = 0; i < 8; i++)
+        if (p[120 + i]) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %u: reserved byte is not zero", name, 120 + i);
+    memcpy(ident, p + 64, 56);
+    if (memchr(ident, 0, 56) == NULL) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 64: adapter identifier is not NUL-terminated", name);
+    fp = afm__rd64(p + 16);
+    if (fp != afm__model_fingerprint(s->model))
+        return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 16: the state was made with another model (model fingerprint %016llx, this model's is %016llx)",
+                         name, (unsigned long long)fp, (unsigned long long)afm__model_fingerprint(s->model));
+    fp = afm__rd64(p + 24);
+    if (fp != afm__adapter_fingerprint(s->adapter)) {
+        if (!fp) return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 24: the state was made without an adapter, but this session uses adapter '%s'", name, s->adapter->identifier);
+        return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 24: the state was made with adapter '%s' (fingerprint %016llx), but this session uses %s%s%s", name, ident[0] ? ident : "?",
+                         (unsigned long long)fp, s->adapter ? "adapter '" : "no adapter", s->adapter ? s->adapter->identifier : "", s->adapter ? "'" : "");
+    }
+    kv = afm__rd32(p + 32); vocab = afm__rd32(p + 36); n_seg0 = afm__rd32(p + 40); kv_dim = afm__rd32(p + 44);
+    n = afm__rd32(p + 48); has_logits = afm__rd32(p + 52);
+    if (kv != (uint32_t)s->kv_type)
+        return afm__fail(err, errn, AFM_ERR_ARG, "%s: offset 32: the state's KV cache is %s, this session's is %s (create the session with that kv_type)", name, afm__kv_name(kv), afm__kv_name((uint32_t)s->kv_type));
+    if (vocab != (uint32_t)s->model->config.vocab_size || n_seg0 != (uint32_t)s->model->n_seg0 || kv_dim != (uint32_t)s->kv_dim)
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 36: vocab_size %u, layers %u, kv_dim %u do not match the model's %d, %d, %d", name, vocab, n_seg0, kv_dim,
+                         s->model->config.vocab_size, s->model->n_seg0, s->kv_dim);
+    if (n > (uint32_t)s->n_ctx) return afm__fail(err, errn, AFM_ERR_CONTEXT_FULL, "%s: offset 48: %u tokens do not fit the session's context of %d", name, n, s->n_ctx);
+    if (has_logits > 1) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 52: has_logits is %u, expected 0 or 1", name, has_logits);
+    need = AFM__STATE_HEADER + afm__state_payload(s, n, (int)has_logits);
+    if (size != need) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: the file has %llu bytes, its header says %llu", name, (unsigned long long)size, (unsigned long long)need);
+    if (afm__rd64(p + 56) != afm__hash(0, p + AFM__STATE_HEADER, (size_t)(need - AFM__STATE_HEADER)))
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset 56: the payload's checksum does not match (the file is damaged)", name);
+    for (i = 0; i < n; i++) {
+        uint32_t t = afm__rd32(p + AFM__STATE_HEADER + 4 * (size_t)i);
+        if (t >= vocab) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: token %u is %u, outside the vocabulary of %u", name,
+                                         (unsigned long long)(AFM__STATE_HEADER + 4 * (uint64_t)i), i, t, vocab);
+    }
+    {   /* float caches and logits must be finite: NaN keys would poison every later position */
+        const unsigned char *kvp = p + AFM__STATE_HEADER + 4 * (size_t)n;
+        uint64_t n_kv = 2 * (uint64_t)n_seg0 * n * kv_dim, j, n_lg = has_logits ? vocab : 0;
+        for (j = 0; kv == AFM_KV_F16 && j < n_kv; j++)
+            if ((kvp[2 * j + 1] & 0x7c) == 0x7c) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: cached value is not finite", name, (unsigned long long)(kvp - p + 2 * j));
+        for (j = 0; kv == AFM_KV_F32 && j < n_kv; j++)
+            if ((afm__rd32(kvp + 4 * j) & 0x7f800000u) == 0x7f800000u) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: cached value is not finite", name, (unsigned long long)(kvp - p + 4 * j));
+        kvp += n_kv * s->kv_elt;
+        for (j = 0; j < n_lg; j++)
+            if ((afm__rd32(kvp + 4 * j) & 0x7f800000u) == 0x7f800000u) return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: offset %llu: logit %llu is not finite", name, (unsigned long long)(kvp - p + 4 * j), (unsigned long long)j);
+    }
+    return AFM_OK;
+}
+
+static afm_result afm__state_load(afm_session *s, const unsigned char *p, uint64_t size, const char *name, char *err, size_t errn) {
+    afm_result r;
+    uint32_t n, i;
+    size_t row;
+    int l;
+    const unsigned char *q;
+    if (err && errn) err[0] = 0;
+    if (!s || (!p && size)) return afm__fail(err, errn, AFM_ERR_ARG, "afm_session_load: no session or no data");
+    if ((r = afm__state_check(s, p, size, name, err, errn)) != AFM_OK) return r;
+    n = afm__rd32(p + 48);
+    if (afm__reserve(s, (int)n) != AFM_OK) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: out of memory for a KV cache of %u positions", name, n);
+    row = (size_t)s->kv_dim * s->kv_elt;
+    q = p + AFM__STATE_HEADER;
+    for (i = 0; i < n; i++, q += 4) s->tokens[i] = (int32_t)afm__rd32(q);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)n * row) memcpy(s->k_cache + (size_t)l * s->cap * row, q, (size_t)n * row);
+    for (l = 0; l < s->model->n_seg0; l++, q += (size_t)n * row) memcpy(s->v_cache + (size_t)l * s->cap * row, q, (size_t)n * row);
+    s->pos = (int)n;
+    s->n_logits = afm__rd32(p + 52) ? 1 : 0;
+    if (s->n_logits) memcpy(s->logits, q, 4 * (size_t)s->model->config.vocab_size);
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_session_load(afm_session *s, const void *data, size_t size, char *err, size_t errn) {
+    return afm__state_load(s, (const unsigned char *)data, size, "session state", err, errn);
+}
+
+AFMDEF afm_result afm_session_load_file(afm_session *s, const char *path, char *err, size_t errn) {
+    afm__blob b;
+    afm_result r;
+    if (!s || !path) return afm__fail(err, errn, AFM_ERR_ARG, "afm_session_load_file: no session or no path");
+    memset(&b, 0, sizeof b);
+    if ((r = afm__blob_open(&s->model->alloc, path, 0, &b, err, errn)) != AFM_OK) return r;
+    r = afm__state_load(s, b.data, b.size, path, err, errn);
+    afm__blob_close(&s->model->alloc, &b);
+    return r;
+}
+
+AFMDEF afm_result afm_session_save_file(const afm_session *s, const char *path, char *err, size_t errn) {
+    size_t need = afm_session_state_size(s), n = 0;
+    void *buf;
+    FILE *f;
+    afm_result r;
+    if (!s || !path) return afm__fail(err, errn, AFM_ERR_ARG, "afm_session_save_file: no session or no path");
+    if (!(buf = afm__alloc(&s->model->alloc, need))) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: out of memory for a state of %llu bytes", path, (unsigned long long)need);
+    afm_session_save(s, buf, need, &n);
+    f = fopen(path, "wb");
+    r = f && fwrite(buf, 1, n, f) == n ? AFM_OK : AFM_ERR_IO;
+    if (f && fclose(f) != 0) r = AFM_ERR_IO;
+    afm__free(&s->model->alloc, buf);
+    if (r != AFM_OK) return afm__fail(err, errn, r, "%s: cannot write the session state", path);
+    return AFM_OK;
+}
+
 /* ======================================================================================== */
 /* ==== FORWARD PASS (docs/MODEL.md section 2) ============================================ */
 /* ======================================================================================== */
@@ -7792,6 +8076,11 @@ struct afm_sampler {
     float *prob;         /* [n_vocab] */
     int32_t *idx;        /* [n_vocab] candidate ids */
     struct afm__cand *cand; /* [n_vocab] candidates being sorted */
+    float *adjusted;     /* [n_vocab] logits after bias and penalties, when there are any (else NULL) */
+    afm_logit_bias *bias;
+    uint32_t *seen;      /* [n_vocab] occurrences in the penalty window */
+    int32_t *window;     /* [window_cap] the window's tokens, a ring (NULL: unbounded, counts only) */
+    int window_cap, window_n, window_head;
 };
 
 static uint64_t afm__splitmix64(uint64_t *x) {
@@ -7814,6 +8103,9 @@ static uint64_t afm__rng_next(uint64_t *s) {
 /* Uniform in [0, 1) with 53 random bits. */
 static double afm__rng_uniform(uint64_t *s) { return (double)(afm__rng_next(s) >> 11) * (1.0 / 9007199254740992.0); }
 
+static afm_result afm__sampler_extras(afm_sampler *sm); /* the sampler additions, at the end of this section */
+static const float *afm__sampler_adjust(afm_sampler *sm, const float *logits);
+
 AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_vocab, const afm_allocator *allocator, afm_sampler **out) {
     const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
     afm_sampler *sm;
@@ -7832,6 +8124,7 @@ AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_voc
     sm->idx = (int32_t *)afm__alloc(a, (size_t)n_vocab * sizeof(int32_t));
     sm->cand = (struct afm__cand *)afm__alloc(a, (size_t)n_vocab * 8);
     if (!sm->prob || !sm->idx || !sm->cand) { afm_sampler_free(sm); return AFM_ERR_NOMEM; }
+    { afm_result r = afm__sampler_extras(sm); if (r != AFM_OK) { afm_sampler_free(sm); return r; } }
     seed = sm->p.seed;
     sm->rng[0] = afm__splitmix64(&seed); sm->rng[1] = afm__splitmix64(&seed);
     sm->rng[2] = afm__splitmix64(&seed); sm->rng[3] = afm__splitmix64(&seed);
@@ -7846,6 +8139,7 @@ AFMDEF void afm_sampler_free(afm_sampler *sm) {
     afm__free(&a, sm->prob);
     afm__free(&a, sm->idx);
     afm__free(&a, sm->cand);
+    afm__free(&a, sm->adjusted); afm__free(&a, sm->bias); afm__free(&a, sm->seen); afm__free(&a, sm->window);
     afm__free(&a, sm);
 }
 
@@ -7867,6 +8161,7 @@ static int afm__cmp_cand(const void *a, const void *b) {
 static int afm__sampler_filter(afm_sampler *sm, const float *logits, const uint32_t *allowed) {
     int n = sm->n_vocab, i, nc = 0, best = -1, keep;
     float inv_t;
+    logits = afm__sampler_adjust(sm, logits); /* logit bias and penalties, when set */
     if (allowed) { /* a constraint: only the allowed ids take part (a word at a time: masks are sparse) */
         int w, nw = (n + 31) / 32;
         for (w = 0; w < nw; w++)
@@ -7995,6 +8290,198 @@ static int afm__test_accept_all(const afm_session *s) { return s->test_accept_ru
 #else
 static int afm__test_accept_all(const afm_session *s) { (void)s; return 0; }
 #endif
+
+/* ---- Sampler additions: logit bias and penalties (applied to a copy of the logits before
+   temperature and the filters), stop strings, exact token counts. ---- */
+
+static afm_result afm__sampler_extras(afm_sampler *sm) {
+    const afm_sampler_params *p = &sm->p;
+    const afm_allocator *a = &sm->alloc;
+    int i, n_banned = 0;
+    if (!(p->repeat_penalty >= 0 && p->repeat_penalty <= 1e6f) || !(p->presence_penalty >= -1e6f && p->presence_penalty <= 1e6f) ||
+        !(p->frequency_penalty >= -1e6f && p->frequency_penalty <= 1e6f) || p->penalty_last_n < -1 || p->penalty_last_n > (1 << 24) ||
+        p->n_logit_bias < 0 || (p->n_logit_bias && !p->logit_bias))
+        return AFM_ERR_ARG;
+    if (p->n_logit_bias) { /* a copy: the caller's array need not outlive the call */
+        if (!(sm->bias = (afm_logit_bias *)afm__alloc(a, (size_t)p->n_logit_bias * sizeof *sm->bias))) return AFM_ERR_NOMEM;
+        memcpy(sm->bias, p->logit_bias, (size_t)p->n_logit_bias * sizeof *sm->bias);
+    }
+    sm->p.logit_bias = NULL;
+    if (p->n_logit_bias || (p->repeat_penalty != 0 && p->repeat_penalty != 1) || p->presence_penalty != 0 || p->frequency_penalty != 0) {
+        sm->adjusted = (float *)afm__alloc(a, (size_t)sm->n_vocab * sizeof(float));
+        sm->seen = (uint32_t *)afm__calloc(a, (size_t)sm->n_vocab, sizeof(uint32_t));
+        sm->window_cap = p->penalty_last_n == 0 ? 64 : p->penalty_last_n;
+        if (sm->window_cap > 0) sm->window = (int32_t *)afm__alloc(a, (size_t)sm->window_cap * sizeof(int32_t));
+        if (!sm->adjusted || !sm->seen || (sm->window_cap > 0 && !sm->window)) return AFM_ERR_NOMEM;
+    }
+    for (i = 0; i < p->n_logit_bias; i++) { /* in range, not NaN, never +inf; not every token banned */
+        const afm_logit_bias *b = &sm->bias[i];
+        if (b->token < 0 || b->token >= sm->n_vocab || !(b->bias == -INFINITY || (b->bias >= -1e6f && b->bias <= 1e6f))) return AFM_ERR_ARG;
+        if (b->bias == -INFINITY && !sm->seen[b->token]) { sm->seen[b->token] = 1; n_banned++; }
+    }
+    if (n_banned == sm->n_vocab) return AFM_ERR_ARG;
+    if (sm->seen) memset(sm->seen, 0, (size_t)sm->n_vocab * sizeof(uint32_t));
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_sampler_accept(afm_sampler *sm, int32_t token) {
+    if (!sm || token < 0 || token >= sm->n_vocab) return AFM_ERR_ARG;
+    if (!sm->seen) return AFM_OK; /* no penalties: nothing to remember */
+    if (sm->window) {
+        if (sm->window_n == sm->window_cap) sm->seen[sm->window[sm->window_head]]--; /* the oldest leaves */
+        else sm->window_n++;
+        sm->window[sm->window_head] = token;
+        sm->window_head = (sm->window_head + 1) % sm->window_cap;
+    }
+    if (sm->seen[token] < 0xffffffffu) sm->seen[token]++;
+    return AFM_OK;
+}
+
+/* afm_generate's start: the context's last window of tokens enter the penalty window. */
+static void afm__sampler_accept_context(afm_sampler *sm, const int32_t *tokens, int n) {
+    int i = sm->window && n > sm->window_cap ? n - sm->window_cap : 0;
+    if (!sm->seen) return;
+    for (; i < n; i++) afm_sampler_accept(sm, tokens[i]);
+}
+
+AFMDEF void afm_sampler_reset(afm_sampler *sm) {
+    if (!sm || !sm->seen) return;
+    memset(sm->seen, 0, (size_t)sm->n_vocab * sizeof(uint32_t));
+    sm->window_n = sm->window_head = 0;
+}
+
+/* The logits the filters see: the caller's, or a copy with the bias added and the penalties applied. */
+static const float *afm__sampler_adjust(afm_sampler *sm, const float *logits) {
+    const afm_sampler_params *p = &sm->p;
+    float *o = sm->adjusted;
+    int i;
+    if (!o) return logits;
+    memcpy(o, logits, (size_t)sm->n_vocab * sizeof(float));
+    for (i = 0; i < p->n_logit_bias; i++) o[sm->bias[i].token] += sm->bias[i].bias;
+    for (i = 0; i < sm->n_vocab; i++) {
+        if (!sm->seen[i]) continue;
+        if (p->repeat_penalty > 0 && p->repeat_penalty != 1) o[i] = o[i] > 0 ? o[i] / p->repeat_penalty : o[i] * p->repeat_penalty;
+        o[i] -= p->presence_penalty + p->frequency_penalty * (float)sm->seen[i];
+    }
+    return o;
+}
+
+struct afm_stop {
+    afm_allocator alloc;
+    char **stops;
+    size_t *lens, max_len;
+    int n, stopped;
+    char *held, *out;             /* text not yet shown; what the last call returned */
+    size_t n_held, cap;
+};
+
+AFMDEF void afm_stop_free(afm_stop *st) {
+    int i;
+    if (!st) return;
+    for (i = 0; i < st->n && st->stops; i++) afm__free(&st->alloc, st->stops[i]);
+    afm__free(&st->alloc, st->stops); afm__free(&st->alloc, st->lens);
+    afm__free(&st->alloc, st->held); afm__free(&st->alloc, st->out);
+    afm__free(&st->alloc, st);
+}
+
+AFMDEF afm_result afm_stop_create(const char *const *stops, int n, const afm_allocator *allocator, afm_stop **out) {
+    const afm_allocator *a = allocator ? allocator : &afm__malloc_allocator;
+    afm_stop *st;
+    int i;
+    if (!out) return AFM_ERR_ARG;
+    *out = NULL;
+    if (n < 0 || (n && !stops)) return AFM_ERR_ARG;
+    for (i = 0; i < n; i++)
+        if (!stops[i] || !stops[i][0]) return AFM_ERR_ARG;
+    if (!(st = (afm_stop *)afm__calloc(a, 1, sizeof *st))) return AFM_ERR_NOMEM;
+    st->alloc = *a;
+    st->n = n;
+    st->stops = (char **)afm__calloc(a, (size_t)n + 1, sizeof *st->stops);
+    st->lens = (size_t *)afm__calloc(a, (size_t)n + 1, sizeof *st->lens);
+    if (!st->stops || !st->lens) { afm_stop_free(st); return AFM_ERR_NOMEM; }
+    for (i = 0; i < n; i++) {
+        st->lens[i] = strlen(stops[i]);
+        if (!(st->stops[i] = (char *)afm__alloc(a, st->lens[i] + 1))) { afm_stop_free(st); return AFM_ERR_NOMEM; }
+        memcpy(st->stops[i], stops[i], st->lens[i] + 1);
+        if (st->lens[i] > st->max_len) st->max_len = st->lens[i];
+    }
+    *out = st;
+    return AFM_OK;
+}
+
+/* Makes room for `need` bytes in held and out. */
+static int afm__stop_room(afm_stop *st, size_t need) {
+    char *h, *o;
+    size_t cap = st->cap ? st->cap : 64;
+    if (need <= st->cap) return 1;
+    while (cap < need) cap *= 2;
+    h = (char *)afm__alloc(&st->alloc, cap);
+    o = (char *)afm__alloc(&st->alloc, cap);
+    if (!h || !o) { afm__free(&st->alloc, h); afm__free(&st->alloc, o); return 0; }
+    if (st->n_held) memcpy(h, st->held, st->n_held);
+    afm__free(&st->alloc, st->held); afm__free(&st->alloc, st->out);
+    st->held = h; st->out = o; st->cap = cap;
+    return 1;
+}
+
+AFMDEF int afm_stop_push(afm_stop *st, const char *text, size_t len, const char **out, size_t *n_out) {
+    size_t first = (size_t)-1, keep = 0, k, pos;
+    int i;
+    *out = "";
+    *n_out = 0;
+    if (st->stopped) return 1;
+    if (len > (size_t)-1 / 2 - st->n_held || !afm__stop_room(st, st->n_held + len + 1)) return -1;
+    if (len) memcpy(st->held + st->n_held, text, len);
+    st->n_held += len;
+    /* the earliest stop string in the held text (it can only begin in the held text's last
+       max_len - 1 + len bytes, and the held part before the new text matched none) */
+    for (i = 0; i < st->n; i++) {
+        size_t L = st->lens[i];
+        for (pos = 0; pos + L <= st->n_held && pos < first; pos++)
+            if (!memcmp(st->held + pos, st->stops[i], L)) { first = pos; break; }
+    }
+    if (first != (size_t)-1) {
+        memcpy(st->out, st->held, first);
+        *out = st->out;
+        *n_out = first;
+        st->stopped = 1;
+        st->n_held = 0;
+        return 1;
+    }
+    /* hold back the longest tail that is the beginning of a stop string */
+    for (i = 0; i < st->n; i++)
+        for (k = st->lens[i] - 1; k > keep; k--)
+            if (k <= st->n_held && !memcmp(st->held + st->n_held - k, st->stops[i], k)) { keep = k; break; }
+    memcpy(st->out, st->held, st->n_held - keep);
+    *out = st->out;
+    *n_out = st->n_held - keep;
+    memmove(st->held, st->held + st->n_held - keep, keep);
+    st->n_held = keep;
+    return 0;
+}
+
+AFMDEF void afm_stop_flush(afm_stop *st, const char **out, size_t *n_out) {
+    *out = "";
+    *n_out = 0;
+    if (st->stopped || !st->n_held) return;
+    memcpy(st->out, st->held, st->n_held);
+    *out = st->out;
+    *n_out = st->n_held;
+    st->n_held = 0;
+}
+
+AFMDEF long afm_token_count(const afm_tokenizer *tok, const char *text, size_t len, unsigned flags) {
+    size_t n = 0;
+    afm_result r = afm_tokenize(tok, text, len, flags, NULL, 0, &n);
+    return (r == AFM_OK || (r == AFM_ERR_ARG && n > 0)) && n <= (size_t)0x7fffffff ? (long)n : -1;
+}
+
+AFMDEF long afm_chat_token_count(const afm_tokenizer *tok, const afm_chat_message *messages, int n_messages,
+                                 const char *const *tools, int n_tools, int add_generation_prompt) {
+    size_t n = 0;
+    afm_result r = afm_chat_tokenize(tok, messages, n_messages, tools, n_tools, add_generation_prompt, NULL, 0, &n);
+    return (r == AFM_OK || (r == AFM_ERR_ARG && n > 0)) && n <= (size_t)0x7fffffff ? (long)n : -1;
+}
 
 /* ======================================================================================== */
 /* ==== CONSTRAINTS: regular expressions, GBNF grammars, JSON Schema -> exact token masks == */
@@ -10551,6 +11038,7 @@ static afm_result afm__fast_forward(afm__gen *g, int32_t *x) {
     g->st->n_steps++;
     for (i = 0; i < m; i++) {
         if (g->sampled) afm__rng_uniform(g->sm->rng); /* every emitted token uses one number, forced or not */
+        afm_sampler_accept(g->sm, f[i]);
         if (afm_constraint_state_advance(g->cs, f[i]) != AFM_OK) return afm__serr(s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
         if (afm__emit(g, f[i])) {
             if (i + 1 < m) { afm_session_rewind(s, P + 2 + i); g->done = 1; }
@@ -10627,6 +11115,7 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
         if (j == k) break;
         if (next != g->draft[j] && !afm__test_accept_all(s)) break;
         g->st->n_accepted++;
+        afm_sampler_accept(g->sm, g->draft[j]); /* the next position's penalties count it */
         if ((r = afm__gen_advance(g, g->draft[j])) != AFM_OK) return r;
         if (g->cs && g->cs->hist[g->cs->n_hist - 1] == -4) { j++; finished = 1; break; } /* an accepted stop token ends the output */
     }
@@ -10634,7 +11123,10 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
         g->acc_hits = 0.9 * g->acc_hits + j;
         g->acc_trials = 0.9 * g->acc_trials + j + (j < k);
     }
-    if (!finished && next >= 0 && (r = afm__gen_advance(g, next)) != AFM_OK) return r;
+    if (!finished && next >= 0) {
+        afm_sampler_accept(g->sm, next);
+        if ((r = afm__gen_advance(g, next)) != AFM_OK) return r;
+    }
     afm_session_rewind(s, P + 1 + j); /* x and the j kept drafts */
     for (i = 0; i < j; i++)
         if (afm__emit(g, g->draft[i])) {
@@ -10692,11 +11184,13 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     }
     stats->t_prompt = afm__now() - t_start;
     if (p->n_predict == 0) goto out;
+    afm__sampler_accept_context(g.sm, s->tokens, s->pos); /* penalties count the context */
     x = afm__gen_pick(&g, g.sm, afm_session_logits(s, -1), g.sampled ? afm__rng_uniform(g.sm->rng) : 0, &r);
     if (x < 0) {
         if (r == AFM_ERR_NUMERIC) r = afm__not_finite(&g, s->pos - 1);
         goto out;
     }
+    afm_sampler_accept(g.sm, x);
     if ((r = afm__gen_advance(&g, x)) != AFM_OK) goto out;
     if ((r = afm__room_for(&g, s->pos)) != AFM_OK) goto out;
     if (afm__emit(&g, x)) g.done = 2;

@@ -95,6 +95,15 @@ static const char *usage_generation =
     "      --top-k K          keep the K most likely tokens (default 0: off)\n"
     "      --top-p P          nucleus sampling (default 1: off)\n"
     "      --min-p P          drop tokens below P x the top probability (default 0: off)\n"
+    "      --repeat-penalty F penalize tokens in the last --repeat-last-n ones (prompt included):\n"
+    "                         positive logits divided by F, negative ones multiplied (default 1: off)\n"
+    "      --presence-penalty F   subtract F from the logit of every such token (default 0)\n"
+    "      --frequency-penalty F  subtract F per occurrence (default 0)\n"
+    "      --repeat-last-n N  the penalties' window in tokens (default 64; -1: the whole context)\n"
+    "  -l, --logit-bias ID(+|-)BIAS  add BIAS to token ID's logit, e.g. 15+1 or 15-inf (bans it);\n"
+    "                         may be given several times\n"
+    "      --stop-string TEXT text prompts: stop when the generated text contains TEXT, also across\n"
+    "                         tokens; TEXT is not printed (may be given several times)\n"
     "  -s, --seed N           sampler seed (default 0); the same seed gives the same text with\n"
     "                         or without --draft / --lookup, at any -t and -b\n"
     "      --kv TYPE          KV cache: auto, f32, f16, int8 (default auto: int8 when the model\n"
@@ -105,7 +114,9 @@ static const char *usage_generation =
     "      --draft-k N        most draft tokens per verification (default: the adapter's\n"
     "                         speculativeDecodingDraftTokenCount, else 5; adapted at run time)\n"
     "      --fixed-k          always draft --draft-k tokens instead of adapting\n"
-    "      --stop ID,...      also stop after generating one of these token ids\n"
+    "      --stop ID,...      also stop after generating one of these token ids\n";
+
+static const char *usage_more =
     "      --json-schema FILE guided generation: the output is JSON valid under the schema in FILE\n"
     "                         (compact, properties in schema order; docs/CONSTRAINTS.md lists the\n"
     "                         supported keywords), then the stop token\n"
@@ -115,6 +126,11 @@ static const char *usage_generation =
     "      --no-fast-forward  sample every token, even those the constraint forces\n"
     "      --ignore-eos       text prompts: do not stop at EOS and <turn_end> (stopping there is\n"
     "                         the default; --ids prompts stop only at --stop ids)\n"
+    "      --prompt-cache FILE  keep the session's state after the prompt in FILE (KV cache, tokens,\n"
+    "                         logits; docs/FORMAT.md) and, when FILE exists, start from it: only\n"
+    "                         the part of the prompt after the longest prefix it shares with the\n"
+    "                         saved tokens is evaluated. The file is tied to the model, adapter and\n"
+    "                         --kv type; another one is refused\n"
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
@@ -139,6 +155,7 @@ static void usage(FILE *f) {
     fputs(usage_text, f);
     fputs(usage_options, f);
     fputs(usage_generation, f);
+    fputs(usage_more, f);
 }
 
 void die(const char *fmt, const char *arg) {
@@ -328,6 +345,7 @@ static int32_t *encode_or_die(const afm_tokenizer *t, const char *text, int chat
 typedef struct text_out {
     const afm_tokenizer *tok;
     afm_detokenizer d;
+    afm_stop *stop;         /* --stop-string, or NULL */
     const int32_t *stops;
     int n_stops;
     char *buf;
@@ -339,6 +357,7 @@ static void text_out_init(text_out *o, const afm_tokenizer *tok, unsigned flags,
     afm_detokenizer_init(&o->d, tok, flags);
     o->stops = stops;
     o->n_stops = n_stops;
+    o->stop = NULL;
     o->cap = afm_tokenizer_max_token_bytes(tok) + 16;
     o->buf = (char *)malloc(o->cap);
     if (!o->buf) die("%s", "out of memory");
@@ -350,14 +369,31 @@ static int print_text(void *user, int32_t token) {
     int i;
     for (i = 0; i < o->n_stops; i++)
         if (token == o->stops[i]) return 0;
-    if (afm_detokenizer_push(&o->d, token, o->buf, o->cap, &n) == AFM_OK) fwrite(o->buf, 1, n, stdout);
+    if (afm_detokenizer_push(&o->d, token, o->buf, o->cap, &n) != AFM_OK) return 0;
+    if (o->stop) { /* text that may begin a stop string waits until it cannot */
+        const char *shown;
+        int r = afm_stop_push(o->stop, o->buf, n, &shown, &n);
+        if (r < 0) die("%s", "out of memory");
+        fwrite(shown, 1, n, stdout);
+        fflush(stdout);
+        return r;
+    }
+    fwrite(o->buf, 1, n, stdout);
     fflush(stdout);
     return 0;
 }
 
 static void text_out_end(text_out *o) {
     size_t n = 0;
-    if (afm_detokenizer_flush(&o->d, o->buf, o->cap, &n) == AFM_OK) fwrite(o->buf, 1, n, stdout);
+    const char *shown;
+    if (afm_detokenizer_flush(&o->d, o->buf, o->cap, &n) == AFM_OK) {
+        if (o->stop && afm_stop_push(o->stop, o->buf, n, &shown, &n) == 0) fwrite(shown, 1, n, stdout);
+        else if (!o->stop) fwrite(o->buf, 1, n, stdout);
+    }
+    if (o->stop) {
+        afm_stop_flush(o->stop, &shown, &n);
+        fwrite(shown, 1, n, stdout);
+    }
     free(o->buf);
 }
 
@@ -574,10 +610,33 @@ static int cmd_info(const char *path) {
 
 /* ---- afm generate ---- */
 
+/* --prompt-cache: loads FILE when it exists, keeps the longest prefix its tokens share with the
+   prompt, evaluates the rest and saves the state after the prompt back to FILE. Afterwards the
+   session's last logits are those of the prompt's last token. */
+static void prompt_cache(afm_session *s, const char *path, const int32_t *prompt, int n_prompt) {
+    char err[512];
+    const int32_t *have;
+    int n_have = 0, common = 0;
+    FILE *f = fopen(path, "rb");
+    if (f) {
+        fclose(f);
+        if (afm_session_load_file(s, path, err, sizeof err) != AFM_OK) die("--prompt-cache: %s", err);
+        have = afm_session_tokens(s, &n_have);
+        while (common < n_have && common < n_prompt && have[common] == prompt[common]) common++;
+    }
+    /* without the saved logits of exactly this prompt, its last token is evaluated again */
+    if (common == n_prompt && !(n_have == n_prompt && afm_session_logits(s, -1))) common--;
+    if ((common < afm_session_pos(s) && afm_session_rewind(s, common) != AFM_OK) ||
+        (common < n_prompt && afm_session_eval(s, prompt + common, n_prompt - common) != AFM_OK))
+        die("%s", afm_session_error(s));
+    fprintf(stderr, "prompt cache %s: %d of %d prompt tokens reused\n", path, common, n_prompt);
+    if (common < n_prompt && afm_session_save_file(s, path, err, sizeof err) != AFM_OK) die("--prompt-cache: %s", err);
+}
+
 static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
-    const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL;
+    const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL, *cache_path = NULL;
     const char *schema_path = NULL, *grammar_path = NULL, *regex = NULL;
     int no_fast_forward = 0;
     int lookup = 0, draft_k = 0, fixed_k = 0, chat = 0, show_prompt = 0, ignore_eos = 0, display_prompt = 1;
@@ -589,6 +648,9 @@ static int cmd_generate(int argc, char **argv) {
     int32_t eog[2];
     afm_session_params sp;
     afm_sampler_params smp;
+    afm_logit_bias biases[64];
+    const char *stop_strings[16];
+    int n_stop_strings = 0;
     afm_model *m;
     afm_session *s;
     afm_sampler *sampler;
@@ -631,8 +693,32 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--top-k")) { smp.top_k = (int)parse_int(v, a, 0, 1 << 30); i++; }
         else if (!strcmp(a, "--top-p")) { smp.top_p = parse_float(v, a); i++; }
         else if (!strcmp(a, "--min-p")) { smp.min_p = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--repeat-penalty")) { smp.repeat_penalty = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--presence-penalty")) { smp.presence_penalty = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--frequency-penalty")) { smp.frequency_penalty = parse_float(v, a); i++; }
+        else if (!strcmp(a, "--repeat-last-n")) { smp.penalty_last_n = (int)parse_int(v, a, -1, 1 << 24); i++; }
+        else if (!strcmp(a, "-l") || !strcmp(a, "--logit-bias")) {
+            char *end;
+            long id;
+            if (!v) die("option %s needs a value", a);
+            if (smp.n_logit_bias == 64) die("%s: at most 64 biases", a);
+            id = strtol(v, &end, 10);
+            if (end == v || (*end != '+' && *end != '-') || id < 0 || id > 0x7fffffffL) die("--logit-bias: '%s' is not ID+BIAS or ID-BIAS", v);
+            biases[smp.n_logit_bias].token = (int32_t)id;
+            if (!strcmp(end, "-inf")) biases[smp.n_logit_bias].bias = -INFINITY;
+            else biases[smp.n_logit_bias].bias = parse_float(end, a);
+            smp.logit_bias = biases;
+            smp.n_logit_bias++;
+            i++;
+        } else if (!strcmp(a, "--stop-string")) {
+            if (!v || !v[0]) die("%s needs a non-empty text", a);
+            if (n_stop_strings == 16) die("%s: at most 16 stop strings", a);
+            stop_strings[n_stop_strings++] = v;
+            i++;
+        }
         else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { smp.seed = (uint64_t)parse_int(v, a, 0, 0x7fffffffL); i++; }
         else if (!strcmp(a, "--dump-logits")) { if (!v) die("option %s needs a value", a); dump_path = v; i++; }
+        else if (!strcmp(a, "--prompt-cache")) { if (!v) die("option %s needs a value", a); cache_path = v; i++; }
         else if (!strcmp(a, "--no-mmap")) no_mmap = 1;
         else if (!strcmp(a, "--kernels")) { sp.kernels = kernels_or_die(v); i++; }
         else if (!strcmp(a, "--json-schema")) { if (!v) die("option %s needs a value", a); schema_path = v; i++; }
@@ -707,13 +793,16 @@ static int cmd_generate(int argc, char **argv) {
         if (afm_session_set_adapter(s, adapter) != AFM_OK) die("%s", afm_session_error(s));
     }
     if ((r = afm_sampler_create(&smp, afm_model_config(m)->vocab_size, NULL, &sampler)) != AFM_OK)
-        die("cannot create the sampler: %s", afm_result_string(r));
+        die("cannot create the sampler: %s (a --logit-bias id out of the vocabulary, every token banned, or a bad penalty)", afm_result_string(r));
+    if (n_stop_strings && !tokenizer) die("%s", "--stop-string needs a text prompt (not --ids)");
     if (dump_path && !(dump = fopen(dump_path, "wb"))) die("cannot open '%s' for writing", dump_path);
     if (dump && (draft_path || lookup)) die("%s", "--dump-logits runs the plain loop; leave out --draft and --lookup");
+    if (dump && cache_path) die("%s", "--dump-logits writes the prompt's logits: leave out --prompt-cache");
     if (tokenizer) {
         /* text output; the prompt is pushed through the detokenizer first so that the continuation
            is spaced as in the whole text, and printed too unless it is a chat or not wanted */
         text_out_init(&out, tokenizer, tok_flags, eog, n_eog);
+        if (n_stop_strings && afm_stop_create(stop_strings, n_stop_strings, NULL, &out.stop) != AFM_OK) die("%s", "out of memory");
         if (!chat) {
             int k;
             for (k = 0; k < n_prompt; k++) {
@@ -740,7 +829,7 @@ static int cmd_generate(int argc, char **argv) {
                 r = AFM_ERR_NUMERIC;
                 break;
             }
-            if (tokenizer) print_text(&out, tok);
+            if (tokenizer && print_text(&out, tok)) { i++; break; } /* a stop string */
             else printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
             if ((r = afm_session_eval(s, &tok, 1)) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
         }
@@ -805,7 +894,10 @@ static int cmd_generate(int argc, char **argv) {
             }
             gp.draft = ds;
         }
-        r = afm_generate(s, prompt, n_prompt, &gp, &st);
+        if (cache_path) { /* the prompt goes in here, reusing the cached prefix; generation continues */
+            prompt_cache(s, cache_path, prompt, n_prompt);
+            r = afm_generate(s, NULL, 0, &gp, &st);
+        } else r = afm_generate(s, prompt, n_prompt, &gp, &st);
         if (tokenizer) text_out_end(&out);
         printf("\n");
         fflush(stdout);
@@ -833,6 +925,7 @@ static int cmd_generate(int argc, char **argv) {
     }
     free(prompt);
     free(file_text);
+    if (tokenizer) afm_stop_free(out.stop);
     afm_tokenizer_free(tokenizer);
     afm_sampler_free(sampler);
     afm_session_free(s);

@@ -19,6 +19,9 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
        $cc $WARN -fsyntax-only tests/test_main.c && $cc $WARN -fsyntax-only tests/test_kernels.c &&
        $cc $WARN -fsyntax-only tests/test_hostile.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_gen.c &&
        $cc $WARN -fsyntax-only tests/test_constrain.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_constrain.c &&
+       $cc $WARN -fsyntax-only tests/test_session.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_session.c &&
+       $cc $WARN -fsyntax-only tests/test_sampler.c && $cc $WARN -fsyntax-only examples/server.c &&
+       $cc $WARN -fsyntax-only tests/fuzz/fuzz_http.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
@@ -63,6 +66,17 @@ else bad "build test_constrain"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
+
+echo "== sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
+if gcc -std=c99 $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_sampler.c -o build/test_sampler $LIBS; then
+    run_counts "test_sampler asan+ubsan" build/test_sampler
+else bad "build test_sampler"; fi
+
+echo "== saved sessions: a state saved after a 500-token prompt, loaded in a new process"
+if gcc -std=c99 $WARN -O2 tests/test_session.c -o build/test_session $LIBS &&
+   build/test_session save build/session.state build/session.logits > build/session_save.log 2>&1; then
+    run_counts "session state: same logits in a new process, refusals" build/test_session load build/session.state build/session.logits
+else bad "test_session save"; cat build/session_save.log; fi
 
 echo "== CLI"
 if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad "make"; fi
@@ -137,6 +151,27 @@ if [ $same = 1 ]; then ok "--temp 0.8 -s 42: the same text plain, with --lookup 
 else bad "seeded sampling differs with --lookup / --draft"; fi
 if ./afm --help | grep -q -- "--show-prompt" && ./afm --help | grep -q "afm detokenize"; then ok "afm --help covers text prompts"
 else bad "afm --help: text options missing"; fi
+rm -f build/pc.state
+P="In the beginning God created the heaven and the earth"
+want=$(./afm -m $M -p "$P" -n 16 2>/dev/null)
+if [ "$(./afm -m $M -p "$P" -n 16 --prompt-cache build/pc.state 2>build/pc1.err)" = "$want" ] &&
+   [ "$(./afm -m $M -p "$P" -n 16 --prompt-cache build/pc.state 2>build/pc2.err)" = "$want" ] &&
+   grep -q "0 of 11 prompt tokens reused" build/pc1.err && grep -q "11 of 11 prompt tokens reused" build/pc2.err &&
+   [ "$(./afm -m $M -p "$P, and" -n 16 --prompt-cache build/pc.state 2>build/pc3.err)" = "$(./afm -m $M -p "$P, and" -n 16 2>/dev/null)" ] &&
+   grep -q "11 of 13 prompt tokens reused" build/pc3.err &&
+   fails_with "the state was made without an adapter, but this session uses adapter 'json.afma'" \
+       ./afm -m $M --adapter models/mini/json.afma -p "$P" --prompt-cache build/pc.state &&
+   fails_with "the state was made with another model" ./afm -m models/mini/draft.afm -p "$P" --prompt-cache build/pc.state; then
+    ok "--prompt-cache: same output cold, warm and extended (11 of 13 tokens reused); another adapter or model refused"
+else bad "--prompt-cache"; cat build/pc*.err build/cli.out; fi
+out=$(./afm -m $M -p "$P" -n 30 --stop-string "Moses" --stop-string "never appears" 2>/dev/null)
+full=$(./afm -m $M -p "$P" -n 30 2>/dev/null)
+case "$full" in "$out"Moses*) stopped=1 ;; *) stopped=0 ;; esac
+if [ $stopped = 1 ] && [ -n "$out" ] && ! echo "$out" | grep -q Moses &&
+   [ "$(./afm -m $M -p "$P" -n 30 --frequency-penalty 1 --repeat-last-n -1 2>/dev/null)" != "$full" ] &&
+   fails_with "cannot create the sampler" ./afm -m $M -p "$P" -l 8192+1; then
+    ok "--stop-string ends the text just before it; --frequency-penalty changes the output; a bias id out of range is refused"
+else bad "CLI sampler additions: '$out'"; cat build/cli.out; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tests/gen/mini_greedy.py)" python3 tests/gen/mini_greedy.py check
 
 echo "== guided generation on the shipped model: outputs checked by the jsonschema package"
@@ -153,6 +188,45 @@ if python3 -c "import jsonschema" 2>/dev/null; then
     else bad "afm --regex error message"; fi
 elif [ "$CI" = true ]; then bad "python3 -m pip install jsonschema (guided generation check)"
 else skip "guided generation check" "python3 -m pip install jsonschema"; fi
+
+echo "== server: examples/server.c with the real openai client, then 200 requests from 16 clients under ASan"
+if make -s afm-server >/dev/null; then
+    if ./afm-server --help | grep -q -- "--adapter NAME=PATH" && ./afm --help | grep -q -- "--prompt-cache" &&
+       fails_with "adapter x: README.md: offset 0: bad magic" ./afm-server -m models/mini/base.afm --adapter x=README.md --port 0 &&
+       fails_with "is the base model's name" ./afm-server -m models/mini/base.afm --adapter base=models/mini/json.afma; then
+        ok "afm-server --help; a bad adapter file or name: a clear message and exit status 1"
+    else bad "afm-server --help / startup errors"; cat build/cli.out; fi
+    if python3 -c "import openai" 2>/dev/null; then
+        run_counts "afm-server with the openai client (tests/test_server.py)" python3 tests/test_server.py ./afm-server ./afm
+        if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+               examples/server.c -o build/afm-server-san $LIBS; then
+            run_counts "load test, server under ASan/UBSan (tests/load_server.py)" python3 tests/load_server.py build/afm-server-san 200 16
+        else bad "build afm-server with sanitizers"; fi
+    else skip "server tests" "python3 -m pip install openai"; fi
+else bad "make afm-server"; fi
+
+echo "== Python bindings: make lib; a fresh venv, pip install ./python, the README's example; pytest"
+if make -s lib >/dev/null && [ -f libafm.so ]; then ok "make lib builds libafm.so"; else bad "make lib"; fi
+rm -rf build/pyvenv
+if python3 -m venv --system-site-packages build/pyvenv 2>/dev/null; then
+    # the one install command (it compiles afm.h into the package); offline, without build isolation
+    if build/pyvenv/bin/pip install -q ./python > build/pip.log 2>&1 ||
+       build/pyvenv/bin/pip install -q --no-build-isolation ./python >> build/pip.log 2>&1; then
+        sed -n '/^```python/,/^```/p' python/README.md | sed '1d;$d' > build/readme_example.py
+        out=$(build/pyvenv/bin/python build/readme_example.py 2>&1)
+        if [ $? -eq 0 ] && echo "$out" | grep -q "king's house" && echo "$out" | grep -qF '{"first": "Jesus", "last": "wept", "words": 4}'; then
+            ok "pip install ./python in a fresh venv; the README's $(wc -l < build/readme_example.py)-line example prints text"
+        else bad "python/README.md example: $out"; fi
+        if build/pyvenv/bin/python -c "import pytest" 2>/dev/null; then
+            # pytest's summary ("1 failed, 6 passed in 2.2s") as the "N passed, N failed" line run_counts reads
+            run_counts "pytest python/tests" sh -c 'out=$(build/pyvenv/bin/python -m pytest -q -p no:cacheprovider python/tests 2>&1)
+                echo "$out" | tail -n 30; last=$(echo "$out" | tail -n 1)
+                echo "$(echo "$last" | grep -o "[0-9]* passed" | cut -d" " -f1 || true) passed, $(echo "$last" | grep -o "[0-9]* failed" | cut -d" " -f1 || true) failed" |
+                sed -e "s/^ passed/0 passed/" -e "s/,  failed/, 0 failed/"'
+        else skip "pytest of the bindings" "python3 -m pip install pytest"; fi
+    else bad "pip install ./python"; tail -n 20 build/pip.log; fi
+else skip "Python bindings" "python3 -m venv (apt-get install python3-venv)"; fi
+rm -rf python/build python/*.egg-info
 
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
@@ -218,6 +292,26 @@ if gcc -std=c99 $SAN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay 
    build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
     ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
 else bad "constraint corpus replay"; fi
+# the server's request parsers: each hostile request refused with its status
+if gcc -std=c99 $SAN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
+   build/fuzz_http_replay tests/fuzz/corpus/http/* > build/http_replay.log &&
+   grep -A1 "bare_lf$" build/http_replay.log | grep -q "400 lines must end in CRLF" &&
+   grep -A1 "long_head$" build/http_replay.log | grep -q "431" && grep -A1 "chunked$" build/http_replay.log | grep -q "501" &&
+   grep -A1 "http2$" build/http_replay.log | grep -q "505" && grep -A1 "json_deep$" build/http_replay.log | grep -q "incomplete" &&
+   grep -A2 "json_deep$" build/http_replay.log | grep -q "nested too deeply" &&
+   grep -A2 "post_chat$" build/http_replay.log | grep -q "body: 200 ok"; then
+    ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
+else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
+# the session corpus: its valid states load, each hostile one is refused for its own reason
+if gcc -std=c99 $SAN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
+   build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
+   [ "$(grep -c ': loaded$' build/session_replay.log)" -eq 6 ] &&
+   grep -q "bad_checksum: .*checksum does not match" build/session_replay.log &&
+   grep -q "token_out_of_range: .*offset 132: token 1 is 8192" build/session_replay.log &&
+   grep -q "f32_nan_logit: .*not finite" build/session_replay.log &&
+   grep -q "other_model: .*another model" build/session_replay.log; then
+    ok "session-state corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/session | wc -l) inputs, 6 valid)"
+else bad "session-state corpus replay"; cat build/session_replay.log; fi
 if have clang && clang -fsanitize=fuzzer -x c /dev/null -o /dev/null 2>/dev/null ||
    (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;(void)n;return 0;}' > build/f.c &&
     clang -fsanitize=fuzzer build/f.c -o build/f 2>/dev/null); then
