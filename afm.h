@@ -282,6 +282,26 @@ typedef enum afm_kv_type {
     AFM_KV_INT8      /* requires the model's KV scales */
 } afm_kv_type;
 
+/* Kernel levels: the SIMD code the matrix products use. Every level computes the same bits (the
+   summation contract in the KERNELS section), so the level changes speed, never results. */
+typedef enum afm_kernels {
+    AFM_KERNELS_AUTO = 0,       /* the best level this CPU and build have */
+    AFM_KERNELS_SCALAR,         /* portable C, the reference */
+    AFM_KERNELS_AVX2,           /* x86-64: AVX2 + FMA + F16C */
+    AFM_KERNELS_AVX512,         /* x86-64: AVX-512 F/BW/DQ/VL */
+    AFM_KERNELS_AVX512VNNI,     /* x86-64: AVX-512 + VNNI */
+    AFM_KERNELS_NEON,           /* arm64: NEON */
+    AFM_KERNELS_NEON_DOTPROD    /* arm64: NEON + the dot-product extension (a build with -march=...+dotprod) */
+} afm_kernels;
+/* "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon-dotprod" ("auto" for AFM_KERNELS_AUTO), NULL if unknown. */
+AFMDEF const char *afm_kernels_name(afm_kernels level);
+/* The level named (as afm_kernels_name writes it); -1 if the name is unknown. */
+AFMDEF int afm_kernels_from_name(const char *name);
+/* 1 if this CPU and build can run the level (AFM_KERNELS_AUTO: always). */
+AFMDEF int afm_kernels_supported(afm_kernels level);
+/* The level AFM_KERNELS_AUTO picks here. */
+AFMDEF afm_kernels afm_kernels_best(void);
+
 typedef struct afm_session_params {
     int n_ctx;          /* context limit in tokens; 0: the model's context_length */
     int n_threads;      /* worker threads including the caller; 0: 1 */
@@ -293,6 +313,8 @@ typedef struct afm_session_params {
     afm_kv_type kv_type;
     int f32_activations; /* quantized weights meet f32 activations (decoded row by row: slow, exact to
                             the decoded weights) instead of int8 activation blocks (fast, the default) */
+    afm_kernels kernels; /* AFM_KERNELS_AUTO (0): the best this CPU has; else that level, and
+                            afm_session_create fails with AFM_ERR_UNSUPPORTED if the CPU lacks it */
 } afm_session_params;
 
 AFMDEF afm_result afm_session_create(afm_model *model, const afm_session_params *params, afm_session **out);
@@ -304,6 +326,8 @@ AFMDEF const float *afm_session_logits(const afm_session *session, int i);
 /* Forgets every token at index >= pos; the next eval continues from pos. */
 AFMDEF afm_result afm_session_rewind(afm_session *session, int pos);
 AFMDEF int afm_session_pos(const afm_session *session);
+/* The kernel level the session runs (AFM_KERNELS_AUTO resolved). */
+AFMDEF afm_kernels afm_session_kernels(const afm_session *session);
 /* The KV cache's element type (AFM_KV_AUTO resolved: what the session actually stores). */
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *session);
 AFMDEF const char *afm_session_error(const afm_session *session);
@@ -4162,6 +4186,15 @@ static int afm__tok_merge_find(const afm__tok_hf *h, int32_t a, int32_t b, uint3
     }
     return 0;
 }
+/* a repeated merge takes the later rank, as HF's map does */
+static void afm__tok_merge_put(afm__tok_hf *h, int32_t a, int32_t b, uint32_t rank, int32_t nw) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+    uint32_t i = afm__tok_mhash(key) & h->mmask;
+    while (h->mnew[i] >= 0 && h->mkey[i] != key) i = (i + 1) & h->mmask;
+    h->mkey[i] = key;
+    h->mrank[i] = rank;
+    h->mnew[i] = nw;
+}
 
 /* the byte-level alphabet: byte -> code point */
 static uint32_t afm__tok_byte_cp(unsigned b) {
@@ -4226,40 +4259,94 @@ static int32_t afm__tok_trie_longest(const afm__tok_trie_node *nodes, const int3
     return best;
 }
 
-#define AFM__TOK_HF_FAIL(code, ...)                                                                           \
-    do {                                                                                                    \
-        res = afm__fail(err, err_size, code, __VA_ARGS__);                                                  \
-        goto out;                                                                                           \
-    } while (0)
+/* ---- loading a tokenizer.json, one step after another ---- */
+/* The load's state. The tables being filled belong to t and t->hf (afm_tokenizer_free releases them after
+   a failure); the parsed JSON and the temporary buffers belong here and are freed in one place. */
+typedef struct afm__tok_hf_load {
+    afm_tokenizer *t;
+    afm__tok_hf *h;
+    char *err;
+    size_t err_size;
+    afm__json j;
+    size_t size;                 /* bytes of the file */
+    int32_t model, vocab, added; /* nodes: model, model.vocab, added_tokens (-1: absent) */
+    afm__tok_buf tmp;            /* one JSON string at a time */
+    int32_t *node_of;            /* id -> its key in model.vocab, -1 */
+    int32_t *added_of;           /* id -> its index in h->added, -1 */
+    uint32_t *noff;              /* the final strings (offsets into fb) until they become t->off, t->str */
+    afm__tok_buf fb;
+} afm__tok_hf_load;
 
-static int afm__tok_hf_normalizer(const afm__json *j, int32_t nd, afm__tok_hf *h, char *err, size_t err_size) {
+static void afm__tok_hf_load_free(afm__tok_hf_load *L) {
+    const afm_allocator *m = &L->t->alloc;
+    afm__json_free(m, &L->j);
+    afm__free(m, L->tmp.p);
+    afm__free(m, L->node_of);
+    afm__free(m, L->added_of);
+    afm__free(m, L->noff);
+    afm__free(m, L->fb.p);
+}
+static afm_result afm__tok_hf_oom(afm__tok_hf_load *L) {
+    return afm__fail(L->err, L->err_size, AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+}
+
+static afm_result afm__tok_hf_parse(afm__tok_hf_load *L, const uint8_t *data, size_t size) {
+    size_t where = 0;
+    const char *why = "";
+    if (afm__json_parse(&L->t->alloc, (const char *)data, size, &L->j, &where, &why)) return AFM_OK;
+    if (strcmp(why, "out of memory") == 0) return afm__tok_hf_oom(L);
+    return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: invalid JSON at byte %lu: %s", (unsigned long)where, why);
+}
+
+/* the model: BPE without the options that byte-level BPE does not use */
+static afm_result afm__tok_hf_model_options(afm__tok_hf_load *L) {
+    static const char *affixes[2] = {"continuing_subword_prefix", "end_of_word_suffix"};
+    const afm__json *j = &L->j;
+    int32_t model = afm__json_get(j, 0, "model"), c;
+    int k;
+    if (model < 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: no \"model\"");
+    if (!afm__json_eq(j, afm__json_get(j, model, "type"), "BPE"))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: model type is not BPE (only byte-level BPE is supported)");
+    c = afm__json_get(j, model, "dropout");
+    if (!afm__json_isnull(j, c) && !(j->n[c].type == AFM__JNUM && strtod(j->src + j->n[c].start, NULL) == 0.0))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE dropout is not supported");
+    for (k = 0; k < 2; k++) {
+        c = afm__json_get(j, model, affixes[k]);
+        if (!afm__json_isnull(j, c) && !(j->n[c].type == AFM__JSTR && j->n[c].len == 0))
+            return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE %s is not supported", affixes[k]);
+    }
+    if (afm__json_bool(j, afm__json_get(j, model, "byte_fallback"), 0))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE byte_fallback is not supported (byte-level BPE only)");
+    L->model = model;
+    L->h->ignore_merges = afm__json_bool(j, afm__json_get(j, model, "ignore_merges"), 0);
+    L->h->fuse_unk = afm__json_bool(j, afm__json_get(j, model, "fuse_unk"), 0);
+    return AFM_OK;
+}
+
+/* the normalizer (node nd, null for none): a list of Unicode normal forms, applied in order */
+static afm_result afm__tok_hf_normalizer(afm__tok_hf_load *L, int32_t nd) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
     int32_t ty;
-    if (afm__json_isnull(j, nd)) return 1;
+    if (afm__json_isnull(j, nd)) return AFM_OK;
     ty = afm__json_get(j, nd, "type");
     if (afm__json_eq(j, ty, "Sequence")) {
         int32_t list = afm__json_get(j, nd, "normalizers"), c;
-        if (list < 0 || j->n[list].type != AFM__JARR) {
-            afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer Sequence without a normalizers list");
-            return 0;
-        }
-        for (c = j->n[list].child; c >= 0; c = j->n[c].next)
-            if (!afm__tok_hf_normalizer(j, c, h, err, err_size)) return 0;
-        return 1;
+        afm_result r = AFM_OK;
+        if (list < 0 || j->n[list].type != AFM__JARR)
+            return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer Sequence without a normalizers list");
+        for (c = j->n[list].child; c >= 0 && r == AFM_OK; c = j->n[c].next) r = afm__tok_hf_normalizer(L, c);
+        return r;
     }
-    if (h->n_nf >= 8) {
-        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: too many normalizers");
-        return 0;
-    }
+    if (h->n_nf >= 8) return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: too many normalizers");
     if (afm__json_eq(j, ty, "NFC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C;
     else if (afm__json_eq(j, ty, "NFKC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C | AFM__TOK_NF_K;
     else if (afm__json_eq(j, ty, "NFD")) h->nf_forms[h->n_nf++] = 4;
     else if (afm__json_eq(j, ty, "NFKD")) h->nf_forms[h->n_nf++] = 4 | AFM__TOK_NF_K;
-    else {
-        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer type %.*s is not supported (NFC, NFKC, NFD, NFKD, Sequence)",
-                  ty >= 0 ? (int)(j->n[ty].len > 40 ? 40 : j->n[ty].len) : 4, ty >= 0 ? j->src + j->n[ty].start : "none");
-        return 0;
-    }
-    return 1;
+    else
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer type %.*s is not supported (NFC, NFKC, NFD, NFKD, Sequence)",
+                         ty >= 0 ? (int)(j->n[ty].len > 40 ? 40 : j->n[ty].len) : 4, ty >= 0 ? j->src + j->n[ty].start : "none");
+    return AFM_OK;
 }
 
 static int afm__tok_hf_bytelevel(const afm__json *j, int32_t nd, afm__tok_hf *h, int in_sequence) {
@@ -4271,442 +4358,434 @@ static int afm__tok_hf_bytelevel(const afm__json *j, int32_t nd, afm__tok_hf *h,
     }
     return 1;
 }
+/* which of the split regexes we match by hand s[0, n) is; AFM__TOK_PAT_NONE if none */
+static int afm__tok_hf_pattern(const char *s, size_t n) {
+    if (n == strlen(afm__tok_pat_llama3) && memcmp(s, afm__tok_pat_llama3, n) == 0) return AFM__TOK_PAT_LLAMA3;
+    if (n == strlen(afm__tok_pat_qwen2) && memcmp(s, afm__tok_pat_qwen2, n) == 0) return AFM__TOK_PAT_QWEN2;
+    if (n == strlen(afm__tok_pat_gpt2) && memcmp(s, afm__tok_pat_gpt2, n) == 0) return AFM__TOK_PAT_GPT2;
+    return AFM__TOK_PAT_NONE;
+}
+/* a Split pre-tokenizer (node e): *ok when it isolates the matches of a regex; an error if that regex is
+   not one we know */
+static afm_result afm__tok_hf_split(afm__tok_hf_load *L, int32_t e, int *ok) {
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t pat = afm__json_get(j, afm__json_get(j, e, "pattern"), "Regex");
+    int is_str = pat >= 0 && j->n[pat].type == AFM__JSTR;
+    s->n = 0;
+    if (is_str && !afm__tok_json_str(&L->t->alloc, j, pat, s)) return afm__tok_hf_oom(L);
+    *ok = is_str && afm__json_eq(j, afm__json_get(j, e, "behavior"), "Isolated") && !afm__json_bool(j, afm__json_get(j, e, "invert"), 0);
+    if (!*ok) return AFM_OK;
+    L->h->pattern = afm__tok_hf_pattern(s->p, s->n);
+    if (L->h->pattern == AFM__TOK_PAT_NONE)
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: Split pattern %.*s%s is not one of the supported ones (GPT-2, Llama-3, Qwen2)",
+                         (int)(s->n > 60 ? 60 : s->n), s->p, s->n > 60 ? "..." : "");
+    return AFM_OK;
+}
+/* the pre-tokenizer: ByteLevel, or a Sequence of at most one Split then one ByteLevel */
+static afm_result afm__tok_hf_pre_tokenizer(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
+    int32_t pre = afm__json_get(j, 0, "pre_tokenizer"), ty = afm__json_get(j, pre, "type");
+    int ok = 0;
+    if (afm__json_eq(j, ty, "ByteLevel")) ok = afm__tok_hf_bytelevel(j, pre, h, 0);
+    else if (afm__json_eq(j, ty, "Sequence")) {
+        int32_t list = afm__json_get(j, pre, "pretokenizers"), e;
+        int n_bl = 0, n_other = 0;
+        ok = list >= 0 && j->n[list].type == AFM__JARR;
+        for (e = ok ? j->n[list].child : -1; e >= 0 && ok; e = j->n[e].next) {
+            int32_t et = afm__json_get(j, e, "type");
+            if (afm__json_eq(j, et, "ByteLevel")) ok = n_bl++ == 0 && afm__tok_hf_bytelevel(j, e, h, 1);
+            else if (afm__json_eq(j, et, "Split") && n_bl == 0 && n_other++ == 0) {
+                afm_result r = afm__tok_hf_split(L, e, &ok);
+                if (r != AFM_OK) return r;
+            } else ok = 0;
+        }
+        ok = ok && n_bl == 1 && !(n_other && h->add_prefix_space);
+    }
+    if (!ok)
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: pre_tokenizer is not supported (ByteLevel, or a Split with a GPT-2/Llama-3/Qwen2 pattern then ByteLevel)");
+    return AFM_OK;
+}
+static afm_result afm__tok_hf_decoder(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    if (afm__json_eq(j, afm__json_get(j, afm__json_get(j, 0, "decoder"), "type"), "ByteLevel")) return AFM_OK;
+    return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: decoder is not ByteLevel");
+}
+
+/* the ids of model.vocab and added_tokens, checked; the vocabulary's size and the tables of that size */
+static afm_result afm__tok_hf_ids(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    const afm__json *j = &L->j;
+    int32_t c, max_id = -1;
+    L->vocab = afm__json_get(j, L->model, "vocab");
+    if (L->vocab < 0 || j->n[L->vocab].type != AFM__JOBJ)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
+    for (c = j->n[L->vocab].child; c >= 0; c = j->n[j->n[c].next].next) {
+        int32_t id = afm__json_int(j, j->n[c].next);
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: vocab entry at byte %lu has a bad id", (unsigned long)j->n[c].start);
+        if (id > max_id) max_id = id;
+    }
+    L->added = afm__json_get(j, 0, "added_tokens");
+    if (L->added >= 0 && j->n[L->added].type != AFM__JARR)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: added_tokens is not a list");
+    for (c = L->added >= 0 ? j->n[L->added].child : -1; c >= 0; c = j->n[c].next) {
+        int32_t id = afm__json_int(j, afm__json_get(j, c, "id")), ct = afm__json_get(j, c, "content");
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB || ct < 0 || j->n[ct].type != AFM__JSTR)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: added token at byte %lu needs an id and a content", (unsigned long)j->n[c].start);
+        if (id > max_id) max_id = id;
+        h->n_added++;
+    }
+    if (max_id < 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
+    /* Tables are sized by the largest id: an id must be below the file's size in bytes (every id
+       takes several bytes of it), so memory stays a bounded multiple of the file (~60 bytes an id). */
+    if ((size_t)max_id >= L->size)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: id %ld is not below the file's size of %lu bytes (ids must be nearly dense)",
+                         (long)max_id, (unsigned long)L->size);
+    t->n_vocab = max_id + 1;
+    t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
+    t->type = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
+    h->added = (afm__tok_added *)afm__alloc(&t->alloc, ((size_t)h->n_added + 1) * sizeof(afm__tok_added));
+    if (!t->off || !t->score || !t->type || !h->added) return afm__tok_hf_oom(L);
+    return AFM_OK;
+}
+
+/* the model vocab's strings in id order (t->off, t->str); ids that are not in it get empty strings */
+static afm_result afm__tok_hf_vocab_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__json *j = &L->j;
+    afm__tok_buf sb;
+    afm_result res = AFM_OK;
+    int32_t c, *node_of;
+    size_t k;
+    node_of = L->node_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+    if (!node_of) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) node_of[k] = -1;
+    for (c = j->n[L->vocab].child; c >= 0; c = j->n[j->n[c].next].next) {
+        int32_t id = afm__json_int(j, j->n[c].next);
+        if (node_of[id] >= 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: id %ld appears twice in the vocab", (long)id);
+        node_of[id] = c;
+    }
+    memset(&sb, 0, sizeof sb);
+    for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
+        t->off[k] = (uint32_t)sb.n;
+        t->score[k] = 0.0f;
+        t->type[k] = (uint8_t)(node_of[k] >= 0 ? AFM_TOKEN_NORMAL : 0);
+        if (node_of[k] >= 0 && !afm__tok_json_str(&t->alloc, j, node_of[k], &sb)) res = afm__tok_hf_oom(L);
+        else if (sb.n >= 0xFFFFFFFFu) res = afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: vocabulary too large");
+    }
+    if (res == AFM_OK) {
+        t->off[t->n_vocab] = (uint32_t)sb.n;
+        /* every string may be empty: allocate anyway, pointer arithmetic on NULL is undefined */
+        if (!sb.p && !afm__tok_buf_put(&t->alloc, &sb, "", 0)) res = afm__tok_hf_oom(L);
+    }
+    t->str = sb.p;
+    return res;
+}
+
+/* appends added token at's content put through every normalizer to db (its normalized form); 0 when out of
+   memory */
+static int afm__tok_hf_normalize_added(afm__tok_hf_load *L, afm__tok_buf *db, afm__tok_added *at) {
+    const afm_allocator *m = &L->t->alloc;
+    afm__tok_buf *s = &L->tmp, nb;
+    int q, ok;
+    memset(&nb, 0, sizeof nb);
+    s->n = 0;
+    ok = afm__tok_buf_put(m, s, db->p + at->off, at->len);
+    for (q = 0; ok && q < L->h->n_nf; q++) {
+        nb.n = 0;
+        ok = afm__tok_nf(m, s->p, s->n, L->h->nf_forms[q] & 3, &nb);
+        s->n = 0;
+        ok = ok && afm__tok_buf_put(m, s, nb.p, nb.n);
+    }
+    afm__free(m, nb.p);
+    at->noff = (uint32_t)db->n;
+    ok = ok && afm__tok_buf_put(m, db, s->p, s->n);
+    at->nlen = (uint32_t)(db->n - at->noff);
+    return ok;
+}
+/* the added tokens (h->added, their strings in h->astr): their content replaces an id's string (HF decodes an
+   id through its added token first); HF matches and decodes a normalized one through its normalized form */
+static afm_result afm__tok_hf_added_tokens(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
+    afm__tok_buf db;
+    int32_t c, a = 0;
+    int ok = 1;
+    memset(&db, 0, sizeof db);
+    for (c = L->added >= 0 ? j->n[L->added].child : -1; ok && c >= 0; c = j->n[c].next, a++) {
+        afm__tok_added *at = &h->added[a];
+        at->id = afm__json_int(j, afm__json_get(j, c, "id"));
+        at->special = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "special"), 0);
+        at->lstrip = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "lstrip"), 0);
+        at->rstrip = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "rstrip"), 0);
+        at->single_word = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "single_word"), 0);
+        at->normalized = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "normalized"), !at->special);
+        at->off = (uint32_t)db.n;
+        ok = afm__tok_json_str(&L->t->alloc, j, afm__json_get(j, c, "content"), &db);
+        at->noff = at->off;
+        at->nlen = at->len = (uint32_t)(db.n - at->off);
+        if (ok && at->normalized && h->n_nf > 0 && at->len) ok = afm__tok_hf_normalize_added(L, &db, at);
+    }
+    h->astr = db.p;
+    return ok ? AFM_OK : afm__tok_hf_oom(L);
+}
+
+/* each id's final string: its added token's content, else its model vocab string */
+static afm_result afm__tok_hf_final_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__tok_hf *h = L->h;
+    size_t k;
+    int32_t a;
+    L->added_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+    L->noff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    if (!L->added_of || !L->noff || !afm__tok_buf_put(&t->alloc, &L->fb, "", 0)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) L->added_of[k] = -1;
+    for (a = 0; a < h->n_added; a++) L->added_of[h->added[a].id] = a;
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        int ok;
+        L->noff[k] = (uint32_t)L->fb.n;
+        if (L->added_of[k] >= 0) {
+            const afm__tok_added *at = &h->added[L->added_of[k]];
+            ok = !at->len || afm__tok_buf_put(&t->alloc, &L->fb, h->astr + at->off, at->len);
+            t->type[k] = (uint8_t)(at->special ? AFM_TOKEN_CONTROL : AFM_TOKEN_USER_DEFINED);
+        } else ok = afm__tok_buf_put(&t->alloc, &L->fb, t->str + t->off[k], t->off[k + 1] - t->off[k]);
+        if (!ok) return afm__tok_hf_oom(L);
+    }
+    L->noff[t->n_vocab] = (uint32_t)L->fb.n;
+    return AFM_OK;
+}
+
+/* the model vocab by its own strings, where BPE looks up byte tokens and merges (t->ht_normal; the reserved
+   index is filled with the final strings) */
+static afm_result afm__tok_hf_model_index(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    size_t k;
+    if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, (size_t)L->h->n_added + 1))
+        return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++)
+        if (t->off[k + 1] > t->off[k] || t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+    for (k = 0; k < 256; k++) {
+        char u8[4];
+        size_t ul = afm__utf8_put(u8, afm__tok_byte_cp((unsigned)k));
+        L->h->byte_tok[k] = afm__tok_ht_find(t, &t->ht_normal, u8, ul);
+    }
+    return AFM_OK;
+}
+static afm_result afm__tok_hf_unk(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    int32_t c = afm__json_get(j, L->model, "unk_token");
+    if (!afm__json_isnull(j, c)) {
+        if (j->n[c].type != AFM__JSTR) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: unk_token is not a string");
+        L->tmp.n = 0;
+        if (!afm__tok_json_str(&L->t->alloc, j, c, &L->tmp)) return afm__tok_hf_oom(L);
+        L->h->unk_id = afm__tok_ht_find(L->t, &L->t->ht_normal, L->tmp.p, L->tmp.n);
+    }
+    L->t->special[AFM_SPECIAL_UNK] = L->h->unk_id;
+    return AFM_OK;
+}
+
+/* merge node c ("left right", or ["left", "right"]) into L->tmp as "left right", *sp at the space;
+   AFM_ERR_FORMAT when it is neither */
+static afm_result afm__tok_hf_merge_text(afm__tok_hf_load *L, int32_t c, size_t *sp) {
+    const afm_allocator *m = &L->t->alloc;
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t left = j->n[c].type == AFM__JARR ? j->n[c].child : -1, right = left >= 0 ? j->n[left].next : -1;
+    s->n = 0;
+    if (j->n[c].type == AFM__JSTR) {
+        size_t q, nsp = 0;
+        if (!afm__tok_json_str(m, j, c, s)) return AFM_ERR_NOMEM;
+        for (q = 0; q < s->n; q++)
+            if (s->p[q] == ' ') { *sp = q; nsp++; }
+        return nsp == 1 ? AFM_OK : AFM_ERR_FORMAT;
+    }
+    if (right < 0 || j->n[right].next >= 0 || j->n[left].type != AFM__JSTR || j->n[right].type != AFM__JSTR) return AFM_ERR_FORMAT;
+    if (!afm__tok_json_str(m, j, left, s)) return AFM_ERR_NOMEM;
+    *sp = s->n;
+    return afm__tok_buf_put(m, s, " ", 1) && afm__tok_json_str(m, j, right, s) ? AFM_OK : AFM_ERR_NOMEM;
+}
+/* model.merges: (left id, right id) -> (rank, merged id), over the model vocab strings */
+static afm_result afm__tok_hf_merges(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t merges = afm__json_get(j, L->model, "merges"), c;
+    size_t nm = 0, cap = 16, k;
+    uint32_t rank = 0;
+    if (merges >= 0 && j->n[merges].type != AFM__JARR) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: model.merges is not a list");
+    for (c = merges >= 0 ? j->n[merges].child : -1; c >= 0; c = j->n[c].next) nm++;
+    while (cap < nm * 2) cap *= 2;
+    h->mkey = (uint64_t *)afm__alloc(&t->alloc, cap * sizeof(uint64_t));
+    h->mrank = (uint32_t *)afm__alloc(&t->alloc, cap * sizeof(uint32_t));
+    h->mnew = (int32_t *)afm__alloc(&t->alloc, cap * sizeof(int32_t));
+    h->mmask = (uint32_t)(cap - 1);
+    if (!h->mkey || !h->mrank || !h->mnew) return afm__tok_hf_oom(L);
+    for (k = 0; k < cap; k++) h->mnew[k] = -1;
+    for (c = merges >= 0 ? j->n[merges].child : -1; c >= 0; c = j->n[c].next, rank++) {
+        size_t sp = 0, lb;
+        int32_t ia, ib, inew;
+        afm_result r = afm__tok_hf_merge_text(L, c, &sp);
+        if (r == AFM_ERR_NOMEM) return afm__tok_hf_oom(L);
+        if (r != AFM_OK)
+            return afm__fail(L->err, L->err_size, r, "tokenizer.json: merge %lu at byte %lu is malformed", (unsigned long)rank, (unsigned long)j->n[c].start);
+        lb = s->n - sp - 1;
+        ia = afm__tok_ht_find(t, &t->ht_normal, s->p, sp);
+        ib = afm__tok_ht_find(t, &t->ht_normal, s->p + sp + 1, lb);
+        /* the merged token: the two strings joined */
+        memmove(s->p + sp, s->p + sp + 1, lb);
+        inew = afm__tok_ht_find(t, &t->ht_normal, s->p, sp + lb);
+        if (ia < 0 || ib < 0 || inew < 0)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: merge %lu uses a token that is not in the vocab", (unsigned long)rank);
+        afm__tok_merge_put(h, ia, ib, rank, inew);
+    }
+    return AFM_OK;
+}
+
+/* appends the bytes byte-level string s[0, n) decodes to (HF's ByteLevel decoder: when every character is
+   in the byte alphabet, their bytes; else the string's own UTF-8); 0 when out of memory */
+static int afm__tok_hf_put_decoded(const afm_allocator *m, afm__tok_buf *b, const char *s, size_t n) {
+    size_t mark = b->n, q, l;
+    char byte;
+    for (q = 0; q < n; q += l) {
+        int v = afm__tok_cp_byte(afm__tok_utf8((const unsigned char *)s + q, n - q, &l));
+        if (v < 0) {
+            b->n = mark;
+            return afm__tok_buf_put(m, b, s, n);
+        }
+        byte = (char)v;
+        if (!afm__tok_buf_put(m, b, &byte, 1)) return 0;
+    }
+    return 1;
+}
+/* the bytes each id decodes to (h->doff, h->dstr), from its final string (an added token's normalized form) */
+static afm_result afm__tok_hf_decoded_bytes(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    afm__tok_buf ob;
+    size_t k;
+    int ok;
+    memset(&ob, 0, sizeof ob);
+    h->doff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    ok = h->doff != NULL;
+    for (k = 0; ok && k < (size_t)t->n_vocab; k++) {
+        const afm__tok_added *at = L->added_of[k] >= 0 ? &h->added[L->added_of[k]] : NULL;
+        h->doff[k] = (uint32_t)ob.n;
+        if (at) ok = afm__tok_hf_put_decoded(&t->alloc, &ob, h->astr + at->noff, at->nlen);
+        else ok = afm__tok_hf_put_decoded(&t->alloc, &ob, L->fb.p + L->noff[k], L->noff[k + 1] - L->noff[k]);
+    }
+    if (ok) h->doff[t->n_vocab] = (uint32_t)ob.n;
+    h->dstr = ob.p;
+    return ok ? AFM_OK : afm__tok_hf_oom(L);
+}
+
+static int afm__tok_hf_in_byte_alphabet(const char *s, size_t n) {
+    size_t q, l;
+    for (q = 0; q < n; q += l)
+        if (afm__tok_cp_byte(afm__tok_utf8((const unsigned char *)s + q, n - q, &l)) < 0) return 0;
+    return 1;
+}
+/* ignore_merges: the model vocab by decoded bytes (h->ht_raw), so that a word which is a vocab entry is one
+   token; only strings made of the byte alphabet can match a word */
+static afm_result afm__tok_hf_raw_index(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    size_t k;
+    if (!afm__tok_ht_init(&t->alloc, &h->ht_raw, (size_t)t->n_vocab)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        size_t n = t->off[k + 1] - t->off[k]; /* 0: not in the model vocab */
+        if (n && afm__tok_hf_in_byte_alphabet(t->str + t->off[k], n))
+            afm__tok_ht_put(&h->ht_raw, h->dstr, h->doff[k], h->doff[k + 1] - h->doff[k], (int32_t)k);
+    }
+    return AFM_OK;
+}
+
+/* the final strings become the pieces; ht_normal is rebuilt on them (leaving out ids that are added tokens but
+   not model vocab entries), the added tokens go to ht_reserved; an id whose string is a special token's
+   content is skipped when decoding */
+static afm_result afm__tok_hf_use_final_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__tok_hf *h = L->h;
+    size_t k;
+    int32_t a;
+    afm__tok_ht_free(&t->alloc, &t->ht_normal);
+    afm__free(&t->alloc, t->off);
+    afm__free(&t->alloc, t->str);
+    t->off = L->noff;
+    t->str = L->fb.p;
+    L->noff = NULL;
+    L->fb.p = NULL;
+    if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        if (t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+        else if (t->type[k] != 0) afm__tok_ht_add(t, &t->ht_reserved, (int32_t)k);
+        if (t->off[k + 1] - t->off[k] > t->max_piece_len) t->max_piece_len = t->off[k + 1] - t->off[k];
+    }
+    t->max_token_bytes = t->max_piece_len * 3 + 16;
+    for (a = 0; a < h->n_added; a++) {
+        const afm__tok_added *at = &h->added[a];
+        int32_t id = at->special ? afm__tok_ht_find(t, &t->ht_normal, h->astr + at->off, at->len) : -1;
+        if (id >= 0) t->type[id] = AFM_TOKEN_CONTROL;
+    }
+    return AFM_OK;
+}
+/* the added-token matchers: [0] on the raw text (normalized = false), [1] on the normalized text */
+static afm_result afm__tok_hf_added_matchers(afm__tok_hf_load *L) {
+    afm__tok_hf *h = L->h;
+    int32_t a;
+    for (a = 0; a < h->n_added; a++) {
+        const afm__tok_added *at = &h->added[a];
+        int w = at->normalized && h->n_nf > 0 ? 1 : 0;
+        if (!at->len) continue; /* HF ignores empty added tokens */
+        if (!afm__tok_trie_add(&L->t->alloc, &h->trie[w], &h->n_trie_nodes[w], &h->trie_cap[w], h->trie_root[w],
+                               (const unsigned char *)h->astr + at->noff, at->nlen, a))
+            return afm__tok_hf_oom(L);
+    }
+    return AFM_OK;
+}
 
 static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size) {
-    afm__json j;
-    afm__tok_hf *h;
-    afm__tok_buf sb, db, tmp;
-    afm_result res = AFM_OK;
-    size_t where = 0, k;
-    const char *why = "";
-    int32_t root, model, vocab, merges, c, added, pre, dec;
-    int32_t max_id = -1;
-    memset(&j, 0, sizeof j);
-    memset(&sb, 0, sizeof sb);
-    memset(&db, 0, sizeof db);
-    memset(&tmp, 0, sizeof tmp);
-    h = (afm__tok_hf *)afm__alloc(&t->alloc, sizeof *h);
+    afm__tok_hf_load L;
+    afm__tok_hf *h = (afm__tok_hf *)afm__alloc(&t->alloc, sizeof *h);
+    afm_result res;
+    size_t k;
     if (!h) return AFM_ERR_NOMEM;
     memset(h, 0, sizeof *h);
     t->hf = h;
     h->unk_id = -1;
     for (k = 0; k < AFM_SPECIAL_COUNT; k++) t->special[k] = -1;
     for (k = 0; k < 256; k++) h->trie_root[0][k] = h->trie_root[1][k] = -1;
-    if (!afm__json_parse(&t->alloc, (const char *)data, size, &j, &where, &why)) {
-        if (strcmp(why, "out of memory") == 0) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: invalid JSON at byte %lu: %s", (unsigned long)where, why);
-    }
-    root = 0;
-    model = afm__json_get(&j, root, "model");
-    if (model < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: no \"model\"");
-    if (!afm__json_eq(&j, afm__json_get(&j, model, "type"), "BPE"))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: model type is not BPE (only byte-level BPE is supported)");
-    c = afm__json_get(&j, model, "dropout");
-    if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JNUM && strtod(j.src + j.n[c].start, NULL) == 0.0))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE dropout is not supported");
-    {
-        static const char *affixes[2] = {"continuing_subword_prefix", "end_of_word_suffix"};
-        for (k = 0; k < 2; k++) {
-            c = afm__json_get(&j, model, affixes[k]);
-            if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JSTR && j.n[c].len == 0))
-                AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE %s is not supported", affixes[k]);
-        }
-    }
-    if (afm__json_bool(&j, afm__json_get(&j, model, "byte_fallback"), 0))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE byte_fallback is not supported (byte-level BPE only)");
-    h->ignore_merges = afm__json_bool(&j, afm__json_get(&j, model, "ignore_merges"), 0);
-    h->fuse_unk = afm__json_bool(&j, afm__json_get(&j, model, "fuse_unk"), 0);
-    /* normalizer, pre-tokenizer, decoder */
-    if (!afm__tok_hf_normalizer(&j, afm__json_get(&j, root, "normalizer"), h, err, err_size)) {
-        res = AFM_ERR_UNSUPPORTED;
-        goto out;
-    }
-    pre = afm__json_get(&j, root, "pre_tokenizer");
-    {
-        int32_t ty = afm__json_get(&j, pre, "type");
-        int ok = 0;
-        if (afm__json_eq(&j, ty, "ByteLevel")) ok = afm__tok_hf_bytelevel(&j, pre, h, 0);
-        else if (afm__json_eq(&j, ty, "Sequence")) {
-            int32_t list = afm__json_get(&j, pre, "pretokenizers"), e;
-            int n_bl = 0, n_other = 0;
-            ok = list >= 0 && j.n[list].type == AFM__JARR;
-            for (e = ok ? j.n[list].child : -1; e >= 0 && ok; e = j.n[e].next) {
-                int32_t et = afm__json_get(&j, e, "type");
-                if (afm__json_eq(&j, et, "ByteLevel")) {
-                    ok = n_bl++ == 0 && afm__tok_hf_bytelevel(&j, e, h, 1);
-                } else if (afm__json_eq(&j, et, "Split") && n_bl == 0 && n_other++ == 0) {
-                    int32_t pat = afm__json_get(&j, afm__json_get(&j, e, "pattern"), "Regex");
-                    tmp.n = 0;
-                    if (pat >= 0 && j.n[pat].type == AFM__JSTR && !afm__tok_json_str(&t->alloc, &j, pat, &tmp))
-                        AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                    ok = pat >= 0 && j.n[pat].type == AFM__JSTR &&
-                         afm__json_eq(&j, afm__json_get(&j, e, "behavior"), "Isolated") &&
-                         !afm__json_bool(&j, afm__json_get(&j, e, "invert"), 0);
-                    if (ok) {
-                        if (tmp.n == strlen(afm__tok_pat_llama3) && memcmp(tmp.p, afm__tok_pat_llama3, tmp.n) == 0) h->pattern = AFM__TOK_PAT_LLAMA3;
-                        else if (tmp.n == strlen(afm__tok_pat_qwen2) && memcmp(tmp.p, afm__tok_pat_qwen2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_QWEN2;
-                        else if (tmp.n == strlen(afm__tok_pat_gpt2) && memcmp(tmp.p, afm__tok_pat_gpt2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_GPT2;
-                        else
-                            AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: Split pattern %.*s%s is not one of the supported ones (GPT-2, Llama-3, Qwen2)",
-                                             (int)(tmp.n > 60 ? 60 : tmp.n), tmp.p, tmp.n > 60 ? "..." : "");
-                    }
-                } else ok = 0;
-            }
-            ok = ok && n_bl == 1 && !(n_other && h->add_prefix_space);
-        }
-        if (!ok) AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: pre_tokenizer is not supported (ByteLevel, or a Split with a GPT-2/Llama-3/Qwen2 pattern then ByteLevel)");
-    }
-    dec = afm__json_get(&j, root, "decoder");
-    if (!afm__json_eq(&j, afm__json_get(&j, dec, "type"), "ByteLevel"))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: decoder is not ByteLevel");
-    /* vocabulary */
-    vocab = afm__json_get(&j, model, "vocab");
-    if (vocab < 0 || j.n[vocab].type != AFM__JOBJ) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
-    for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
-        int32_t id = afm__json_int(&j, j.n[c].next);
-        if (id < 0 || id >= AFM__TOK_MAX_VOCAB)
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocab entry at byte %lu has a bad id", (unsigned long)j.n[c].start);
-        if (id > max_id) max_id = id;
-    }
-    added = afm__json_get(&j, root, "added_tokens");
-    if (added >= 0 && j.n[added].type != AFM__JARR) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added_tokens is not a list");
-    for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next) {
-        int32_t id = afm__json_int(&j, afm__json_get(&j, c, "id")), ct = afm__json_get(&j, c, "content");
-        if (id < 0 || id >= AFM__TOK_MAX_VOCAB || ct < 0 || j.n[ct].type != AFM__JSTR)
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added token at byte %lu needs an id and a content", (unsigned long)j.n[c].start);
-        if (id > max_id) max_id = id;
-        h->n_added++;
-    }
-    if (max_id < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
-    /* Tables are sized by the largest id: an id must be below the file's size in bytes (every id
-       takes several bytes of it), so memory stays a bounded multiple of the file (~60 bytes an id). */
-    if ((size_t)max_id >= size)
-        AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: id %ld is not below the file's size of %lu bytes (ids must be nearly dense)",
-                         (long)max_id, (unsigned long)size);
-    t->n_vocab = max_id + 1;
-    t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-    t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
-    t->type = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
-    h->added = (afm__tok_added *)afm__alloc(&t->alloc, ((size_t)h->n_added + 1) * sizeof(afm__tok_added));
-    if (!t->off || !t->score || !t->type || !h->added) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    {
-        /* strings of every id, in id order: gather (id, node) then copy */
-        int32_t *node_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
-        if (!node_of) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        for (k = 0; k < (size_t)t->n_vocab; k++) node_of[k] = -1;
-        for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
-            int32_t id = afm__json_int(&j, j.n[c].next);
-            if (node_of[id] >= 0) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: id %ld appears twice in the vocab", (long)id);
-            }
-            node_of[id] = c;
-        }
-        for (k = 0; k < (size_t)t->n_vocab; k++) {
-            t->off[k] = (uint32_t)sb.n;
-            t->score[k] = 0.0f;
-            t->type[k] = (uint8_t)(node_of[k] >= 0 ? AFM_TOKEN_NORMAL : 0);
-            if (node_of[k] >= 0 && !afm__tok_json_str(&t->alloc, &j, node_of[k], &sb)) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            }
-            if (sb.n >= 0xFFFFFFFFu) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocabulary too large");
-            }
-        }
-        t->off[t->n_vocab] = (uint32_t)sb.n;
-        afm__free(&t->alloc, node_of);
-        /* every string may be empty: allocate anyway, pointer arithmetic on NULL is undefined */
-        if (!sb.p && !afm__tok_buf_put(&t->alloc, &sb, "", 0)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    }
-    /* added tokens: their content replaces an id's string (HF decodes an id through its added token first) */
-    {
-        int32_t a = 0;
-        for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next, a++) {
-            afm__tok_added *at = &h->added[a];
-            int32_t ct = afm__json_get(&j, c, "content");
-            at->id = afm__json_int(&j, afm__json_get(&j, c, "id"));
-            at->special = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "special"), 0);
-            at->lstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "lstrip"), 0);
-            at->rstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "rstrip"), 0);
-            at->single_word = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "single_word"), 0);
-            at->normalized = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "normalized"), !at->special);
-            at->off = (uint32_t)db.n;
-            if (!afm__tok_json_str(&t->alloc, &j, ct, &db)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            at->len = (uint32_t)(db.n - at->off);
-            at->noff = at->off;
-            at->nlen = at->len;
-            if (at->normalized && h->n_nf > 0 && at->len) {
-                /* HF matches (and decodes) a normalized token through its normalized form */
-                int q;
-                afm__tok_buf nb2;
-                memset(&nb2, 0, sizeof nb2);
-                tmp.n = 0;
-                if (!afm__tok_buf_put(&t->alloc, &tmp, db.p + at->off, at->len)) res = AFM_ERR_NOMEM;
-                for (q = 0; res == AFM_OK && q < h->n_nf; q++) {
-                    nb2.n = 0;
-                    if (!afm__tok_nf(&t->alloc, tmp.p, tmp.n, h->nf_forms[q] & 3, &nb2)) res = AFM_ERR_NOMEM;
-                    tmp.n = 0;
-                    if (res == AFM_OK && !afm__tok_buf_put(&t->alloc, &tmp, nb2.p, nb2.n)) res = AFM_ERR_NOMEM;
-                }
-                afm__free(&t->alloc, nb2.p);
-                at->noff = (uint32_t)db.n;
-                if (res != AFM_OK || !afm__tok_buf_put(&t->alloc, &db, tmp.p, tmp.n)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                at->nlen = (uint32_t)(db.n - at->noff);
-            }
-        }
-        h->astr = db.p;
-        memset(&db, 0, sizeof db);
-    }
-    /* final piece strings: vocab string, or the added token's content */
-    {
-        afm__tok_buf fb;
-        int32_t *added_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
-        uint32_t *noff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-        memset(&fb, 0, sizeof fb);
-        if (!added_of || !noff || !afm__tok_buf_put(&t->alloc, &fb, "", 0)) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        }
-        for (k = 0; k < (size_t)t->n_vocab; k++) added_of[k] = -1;
-        for (c = 0; c < h->n_added; c++) added_of[h->added[c].id] = c;
-        for (k = 0; k < (size_t)t->n_vocab; k++) {
-            int ok;
-            noff[k] = (uint32_t)fb.n;
-            if (added_of[k] >= 0) {
-                const afm__tok_added *at = &h->added[added_of[k]];
-                ok = !at->len || afm__tok_buf_put(&t->alloc, &fb, h->astr + at->off, at->len);
-                t->type[k] = (uint8_t)(at->special ? AFM_TOKEN_CONTROL : AFM_TOKEN_USER_DEFINED);
-            } else ok = afm__tok_buf_put(&t->alloc, &fb, sb.p + t->off[k], t->off[k + 1] - t->off[k]);
-            if (!ok) {
-                afm__free(&t->alloc, added_of);
-                afm__free(&t->alloc, noff);
-                afm__free(&t->alloc, fb.p);
-                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            }
-        }
-        noff[t->n_vocab] = (uint32_t)fb.n;
-        /* the model vocab keeps its own strings for BPE lookups: index them before switching */
-        if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, (size_t)h->n_added + 1)) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        }
-        t->str = sb.p;
-        for (k = 0; k < (size_t)t->n_vocab; k++)
-            if (t->off[k + 1] > t->off[k] || t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
-        /* byte -> vocab id, unk */
-        for (k = 0; k < 256; k++) {
-            char u8[4];
-            size_t ul = afm__utf8_put(u8, afm__tok_byte_cp((unsigned)k));
-            h->byte_tok[k] = afm__tok_ht_find(t, &t->ht_normal, u8, ul);
-        }
-        c = afm__json_get(&j, model, "unk_token");
-        if (!afm__json_isnull(&j, c)) {
-            tmp.n = 0;
-            if (j.n[c].type != AFM__JSTR || !afm__tok_json_str(&t->alloc, &j, c, &tmp)) {
-                afm__free(&t->alloc, added_of);
-                afm__free(&t->alloc, noff);
-                afm__free(&t->alloc, fb.p);
-                if (j.n[c].type == AFM__JSTR) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: unk_token is not a string");
-            }
-            h->unk_id = afm__tok_ht_find(t, &t->ht_normal, tmp.p, tmp.n);
-        }
-        /* merges: ranks over model vocab strings */
-        merges = afm__json_get(&j, model, "merges");
-        if (merges >= 0 && j.n[merges].type != AFM__JARR) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.merges is not a list");
-        }
-        {
-            size_t nm = 0, cap = 16;
-            uint32_t rank = 0;
-            for (c = merges >= 0 ? j.n[merges].child : -1; c >= 0; c = j.n[c].next) nm++;
-            while (cap < nm * 2) cap *= 2;
-            h->mkey = (uint64_t *)afm__alloc(&t->alloc, cap * sizeof(uint64_t));
-            h->mrank = (uint32_t *)afm__alloc(&t->alloc, cap * sizeof(uint32_t));
-            h->mnew = (int32_t *)afm__alloc(&t->alloc, cap * sizeof(int32_t));
-            h->mmask = (uint32_t)(cap - 1);
-            if (!h->mkey || !h->mrank || !h->mnew) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < cap; k++) h->mnew[k] = -1;
-            for (c = merges >= 0 ? j.n[merges].child : -1; res == AFM_OK && c >= 0; c = j.n[c].next, rank++) {
-                size_t sp = 0, la, lb;
-                int32_t ia, ib, inew;
-                tmp.n = 0;
-                if (j.n[c].type == AFM__JSTR) {
-                    size_t q, nsp = 0;
-                    if (!afm__tok_json_str(&t->alloc, &j, c, &tmp)) res = AFM_ERR_NOMEM;
-                    for (q = 0; q < tmp.n; q++)
-                        if (tmp.p[q] == ' ') { sp = q; nsp++; }
-                    if (res == AFM_OK && nsp != 1) res = AFM_ERR_FORMAT;
-                    la = sp;
-                    lb = tmp.n - sp - 1;
-                } else if (j.n[c].type == AFM__JARR && j.n[c].child >= 0 && j.n[j.n[c].child].next >= 0 &&
-                           j.n[j.n[j.n[c].child].next].next < 0 && j.n[j.n[c].child].type == AFM__JSTR &&
-                           j.n[j.n[j.n[c].child].next].type == AFM__JSTR) {
-                    if (!afm__tok_json_str(&t->alloc, &j, j.n[c].child, &tmp)) res = AFM_ERR_NOMEM;
-                    sp = tmp.n;
-                    if (res == AFM_OK && (!afm__tok_buf_put(&t->alloc, &tmp, " ", 1) || !afm__tok_json_str(&t->alloc, &j, j.n[j.n[c].child].next, &tmp))) res = AFM_ERR_NOMEM;
-                    la = sp;
-                    lb = tmp.n - sp - 1;
-                } else res = AFM_ERR_FORMAT;
-                if (res != AFM_OK) {
-                    afm__fail(err, err_size, res, "tokenizer.json: merge %lu at byte %lu is malformed", (unsigned long)rank, (unsigned long)j.n[c].start);
-                    break;
-                }
-                ia = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la);
-                ib = afm__tok_ht_find(t, &t->ht_normal, tmp.p + sp + 1, lb);
-                /* the merged token: the two strings joined */
-                memmove(tmp.p + sp, tmp.p + sp + 1, lb);
-                inew = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la + lb);
-                if (ia < 0 || ib < 0 || inew < 0) {
-                    res = afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.json: merge %lu uses a token that is not in the vocab", (unsigned long)rank);
-                    break;
-                }
-                {
-                    uint64_t key = ((uint64_t)(uint32_t)ia << 32) | (uint32_t)ib;
-                    uint32_t i = afm__tok_mhash(key) & h->mmask;
-                    while (h->mnew[i] >= 0 && h->mkey[i] != key) i = (i + 1) & h->mmask;
-                    h->mkey[i] = key;
-                    h->mrank[i] = rank; /* a repeated merge takes the later rank, as HF's map does */
-                    h->mnew[i] = inew;
-                }
-            }
-        }
-        if (res != AFM_OK) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            if (res == AFM_ERR_NOMEM) afm__fail(err, err_size, res, "tokenizer.json: out of memory");
-            goto out;
-        }
-        /* decoded bytes of every id (HF ByteLevel decoder: all characters in the alphabet -> bytes, else the
-           string's own UTF-8), computed on the final strings */
-        {
-            afm__tok_buf ob;
-            memset(&ob, 0, sizeof ob);
-            h->doff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-            if (!h->doff) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                const char *p = fb.p + noff[k];
-                size_t n = noff[k + 1] - noff[k], q = 0;
-                if (added_of[k] >= 0) {
-                    p = h->astr + h->added[added_of[k]].noff;
-                    n = h->added[added_of[k]].nlen;
-                }
-                size_t mark = ob.n;
-                int all = 1;
-                h->doff[k] = (uint32_t)ob.n;
-                while (q < n) {
-                    size_t l;
-                    int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
-                    int found = afm__tok_cp_byte(cp);
-                    if (found < 0) { all = 0; break; }
-                    {
-                        char bb = (char)found;
-                        if (!afm__tok_buf_put(&t->alloc, &ob, &bb, 1)) { res = AFM_ERR_NOMEM; break; }
-                    }
-                    q += l;
-                }
-                if (res != AFM_OK) break;
-                if (!all) {
-                    ob.n = mark;
-                    if (!afm__tok_buf_put(&t->alloc, &ob, p, n)) res = AFM_ERR_NOMEM;
-                }
-            }
-            if (res == AFM_OK) h->doff[t->n_vocab] = (uint32_t)ob.n;
-            h->dstr = ob.p;
-        }
-        /* raw-bytes index of the model vocabulary (for ignore_merges): keys are the vocab strings' bytes */
-        if (res == AFM_OK && h->ignore_merges) {
-            if (!afm__tok_ht_init(&t->alloc, &h->ht_raw, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                if (t->off[k + 1] == t->off[k]) continue; /* not in the model vocab */
-                {
-                    /* only strings made of the byte alphabet can match a word */
-                    const char *p = sb.p + t->off[k];
-                    size_t n = t->off[k + 1] - t->off[k], q = 0;
-                    int all = 1;
-                    while (q < n) {
-                        size_t l;
-                        int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
-                        if (afm__tok_cp_byte(cp) < 0) { all = 0; break; }
-                        q += l;
-                    }
-                    if (all) afm__tok_ht_put(&h->ht_raw, h->dstr, h->doff[k], h->doff[k + 1] - h->doff[k], (int32_t)k);
-                }
-            }
-        }
-        /* switch the piece strings to the final ones (the model-vocab index keeps working through
-           ht_normal only while t->off/t->str are the model strings: rebuild it on the final strings,
-           leaving out ids that are added tokens but not model vocab entries) */
-        if (res == AFM_OK) {
-            afm__tok_ht_free(&t->alloc, &t->ht_normal);
-            afm__free(&t->alloc, t->off);
-            t->off = noff;
-            t->str = fb.p;
-            afm__free(&t->alloc, sb.p);
-            memset(&sb, 0, sizeof sb);
-            noff = NULL;
-            fb.p = NULL;
-            if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                if (t->type[k] == 0) continue;
-                if (t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
-                else afm__tok_ht_add(t, &t->ht_reserved, (int32_t)k);
-            }
-        } else {
-            t->str = NULL;
-        }
-        afm__free(&t->alloc, added_of);
-        afm__free(&t->alloc, noff);
-        afm__free(&t->alloc, fb.p);
-        if (res != AFM_OK) {
-            afm__fail(err, err_size, res, "tokenizer.json: out of memory");
-            goto out;
-        }
-    }
-    /* special tokens by content: an id whose string is a special token's content is skipped when decoding */
-    for (c = 0; c < h->n_added; c++) {
-        const afm__tok_added *at = &h->added[c];
-        int32_t id;
-        if (!at->special) continue;
-        id = afm__tok_ht_find(t, &t->ht_normal, h->astr + at->off, at->len);
-        if (id >= 0) t->type[id] = AFM_TOKEN_CONTROL;
-    }
-    /* added-token matchers: [0] on the raw text (normalized = false), [1] on the normalized text */
-    for (c = 0; c < h->n_added; c++) {
-        const afm__tok_added *at = &h->added[c];
-        int which = at->normalized && h->n_nf > 0 ? 1 : 0;
-        const char *p = h->astr + at->noff;
-        size_t n = at->nlen;
-        if (!at->len) continue; /* HF ignores empty added tokens */
-        if (!afm__tok_trie_add(&t->alloc, &h->trie[which], &h->n_trie_nodes[which], &h->trie_cap[which],
-                               h->trie_root[which], (const unsigned char *)p, n, c))
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    }
-    for (k = 0; k < (size_t)t->n_vocab; k++) {
-        size_t n = t->off[k + 1] - t->off[k];
-        if (n > t->max_piece_len) t->max_piece_len = n;
-    }
-    t->max_token_bytes = t->max_piece_len * 3 + 16;
-    t->special[AFM_SPECIAL_UNK] = h->unk_id;
-out:
-    afm__free(&t->alloc, j.n);
-    if (t->str == sb.p) t->str = NULL; /* an error after the model strings were installed */
-    afm__free(&t->alloc, sb.p);
-    afm__free(&t->alloc, db.p);
-    afm__free(&t->alloc, tmp.p);
-    if (res == AFM_OK) {
-        /* t->str is the final string pool */
-    }
+    memset(&L, 0, sizeof L);
+    L.size = size;
+    L.t = t;
+    L.h = h;
+    L.err = err;
+    L.err_size = err_size;
+    res = afm__tok_hf_parse(&L, data, size);
+    /* what the file asks for: byte-level BPE and a text pipeline we implement */
+    if (res == AFM_OK) res = afm__tok_hf_model_options(&L);
+    if (res == AFM_OK) res = afm__tok_hf_normalizer(&L, afm__json_get(&L.j, 0, "normalizer"));
+    if (res == AFM_OK) res = afm__tok_hf_pre_tokenizer(&L);
+    if (res == AFM_OK) res = afm__tok_hf_decoder(&L);
+    /* the pieces: the model vocab's strings, the added tokens, each id's final string */
+    if (res == AFM_OK) res = afm__tok_hf_ids(&L);
+    if (res == AFM_OK) res = afm__tok_hf_vocab_strings(&L);
+    if (res == AFM_OK) res = afm__tok_hf_added_tokens(&L);
+    if (res == AFM_OK) res = afm__tok_hf_final_strings(&L);
+    /* BPE's tables, over the model vocab's strings */
+    if (res == AFM_OK) res = afm__tok_hf_model_index(&L);
+    if (res == AFM_OK) res = afm__tok_hf_unk(&L);
+    if (res == AFM_OK) res = afm__tok_hf_merges(&L);
+    /* decoding and matching, over the final strings */
+    if (res == AFM_OK) res = afm__tok_hf_decoded_bytes(&L);
+    if (res == AFM_OK && h->ignore_merges) res = afm__tok_hf_raw_index(&L);
+    if (res == AFM_OK) res = afm__tok_hf_use_final_strings(&L);
+    if (res == AFM_OK) res = afm__tok_hf_added_matchers(&L);
+    afm__tok_hf_load_free(&L);
     return res;
 }
 
@@ -5155,49 +5234,226 @@ typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, 
 typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
 typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds);
+typedef void (*afm__silu_mul_fn)(float *h, const float *g, int n);
+typedef void (*afm__softmax_fn)(float *x, int n);
 typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
                                   int n_pos, int dim, float scale, float *o, size_t ldo);
 
 typedef struct afm__kernels {
-    const char *name;
+    const char *name;             /* afm_kernels_name(level) */
+    int level;                    /* an afm_kernels value */
     afm__prepare_fn prepare_q8;   /* for quantized weights */
     afm__prepare_fn prepare_f32;  /* for float weights */
     afm__matmul_fn matmul[AFM__NTYPES];
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
+    afm__silu_mul_fn silu_mul;    /* h[i] = silu(h[i]) * g[i] */
+    afm__softmax_fn softmax;      /* in place */
 } afm__kernels;
 
-/* Levels for afm__select_kernels's max_level (tests use it to force a lower level). */
-#define AFM__LEVEL_SCALAR 0
-#define AFM__LEVEL_AVX2 1       /* x86: AVX2 + FMA + F16C */
-#define AFM__LEVEL_AVX512 2     /* x86: AVX-512 F/BW/DQ/VL */
-#define AFM__LEVEL_AVX512VNNI 3 /* x86: + AVX512_VNNI */
-#define AFM__LEVEL_NEON 1       /* arm64: NEON (+dotprod if compiled with it) */
+/* Levels for afm__select_kernels's max_level: the public afm_kernels values, ordered within each
+   architecture (tests use it to force a lower level). */
+#define AFM__LEVEL_SCALAR AFM_KERNELS_SCALAR
+#define AFM__LEVEL_AVX2 AFM_KERNELS_AVX2             /* x86: AVX2 + FMA + F16C */
+#define AFM__LEVEL_AVX512 AFM_KERNELS_AVX512         /* x86: AVX-512 F/BW/DQ/VL */
+#define AFM__LEVEL_AVX512VNNI AFM_KERNELS_AVX512VNNI /* x86: + AVX512_VNNI */
+#define AFM__LEVEL_NEON AFM_KERNELS_NEON             /* arm64: NEON */
+#define AFM__LEVEL_NEON_DOT AFM_KERNELS_NEON_DOTPROD /* arm64: + the dot-product extension (compile time) */
 #define AFM__LEVEL_MAX 99
+
+/* ---- the summation contract: every level computes the same bits ----
+
+   Every level (scalar, AVX2, AVX-512, AVX-512 VNNI, NEON, NEON dot product) returns the same
+   float bits for the same inputs, so that logits, greedy text and seeded samples do not depend on
+   the CPU, the thread count or how tokens are batched. Integer sums are exact in any order; float
+   sums are not, so each kernel's float work is defined here once and the scalar reference below
+   spells it out:
+   - Quantized rows (int8 activations): a sub-block sb of 64 weights gives 8 exact integer partial
+     dots P_g (g = 0..7: elements 4g..4g+3 and 32+4g..32+4g+3, the lanes of AVX2's maddubs/madd).
+     Lane g accumulates fma((float)P_g, sd_sb, lane_g) over sb in order, where sd_sb = (S * pf) * d_sb
+     (S the group's fp16 scale, d_sb the activation scale, pf = 4^-k for the Q2B planes k read in place
+     (codes x1, x4, x16, x16 with the last plane shifted by 2), else 1, with P_g taken on the codes as
+     read). The offset term has 8 lanes too: lane sb%8 accumulates fma(S, m_sb, .). The lanes are added
+     in one fixed tree (afm__sum8) and y = fma(-offset, M, A) (Q8: y = A).
+   - Float rows: lane i%8 accumulates fma(w_i, x_i, .) for i < cols rounded down to 8, the tree,
+     then the remaining i in order with fma.
+   - KV scores: the same as float rows (then times the scale); KV values: each output element is
+     fma over the positions in order, then times the scale.
+   - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0 and d = m = NaN,
+     so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block), codes
+     round_even(x * (127 / amax)).
+   - Elementwise math (exp, SiLU, softmax, RMSNorm, RoPE tables) is written once in C in this file,
+     no libm transcendental functions (C libraries differ in the last bit), every multiply-add that
+     rounds once is an explicit fmaf/fma, and products that must not be fused are taken in double
+     where they are exact. So results do not depend on -ffp-contract (gcc fuses a*b+c by default in
+     GNU and C++ modes, clang within an expression) or on the C library.
+   Threads split rows (and attention tasks), never a sum, so the thread count changes nothing, and
+   a token's sums do not depend on the other tokens of its batch. */
+
+/* The fixed tree every level uses to add 8 lanes. */
+static inline float afm__sum8(const float l[8]) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+/* ---- elementwise math: written once, no libm transcendentals ----
+
+   C libraries round exp/sin/cos/pow differently in the last bit, and compilers may fuse a*b+c;
+   either would make results depend on the machine. So: exp in float with explicit fmaf (the AVX2
+   level runs the same operations 8 at a time), the RoPE tables from double-precision sin, cos, exp
+   and log written here with explicit fma, and float products that feed a sum outside the kernels
+   (RoPE, LoRA's scaled add, the f32 paths' dot products) taken in double, where they are exact, so
+   fusing them changes nothing. (Rounding a double product back to float does not help: compilers
+   narrow (float)((double)a * b) to a float multiply and then fuse it.) */
+
+#define AFM__EXP_HI 88.72283935546875f  /* e^x overflows float from here */
+#define AFM__EXP_LO -87.33654022216797f /* below: e^x under FLT_MIN, taken as 0 */
+
+/* 2^e as a float, e in [-126, 127] */
+static inline float afm__pow2i(int e) { uint32_t b = (uint32_t)(e + 127) << 23; float f; memcpy(&f, &b, 4); return f; }
+
+/* e^x for x in [AFM__EXP_LO, AFM__EXP_HI): x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor series
+   to r^7 (truncation < 0.05 ulp) and times 2^k (k in [-126, 128]) as fma(q t, r, t) 2^s with
+   e^r = 1 + q r, t = 2^(k-s), s = k > 127: the result is an fma or an exact doubling, never a product
+   a compiler could fuse into the caller's next add. Within 1 ulp of e^x. */
+static inline float afm__exp_core(float x) {
+    const float k = fmaf(x, 1.44269502f, 12582912.0f) - 12582912.0f; /* round(x / ln2): + 1.5 * 2^23 */
+    const int ki = (int)k, s = ki > 127;
+    const float t = afm__pow2i(ki - s);
+    float r = fmaf(k, -0.693145751953125f, x), q;                     /* ln2 in two parts */
+    r = fmaf(k, -1.42860682e-06f, r);
+    q = fmaf(1.98412701e-04f, r, 1.38888892e-03f);                    /* 1/7!, 1/6!, ..., 1/1! */
+    q = fmaf(q, r, 8.33333377e-03f);
+    q = fmaf(q, r, 4.16666679e-02f);
+    q = fmaf(q, r, 1.66666672e-01f);
+    q = fmaf(q, r, 0.5f);
+    q = fmaf(q, r, 1.0f);
+    return fmaf(q * t, r, t) * afm__pow2i(s);
+}
+
+/* e^x for any float: +inf above the range, 0 below, NaN for NaN. */
+static inline float afm__expf(float x) {
+    if (x != x) return x;
+    if (x >= AFM__EXP_HI) return INFINITY;
+    if (x < AFM__EXP_LO) return 0.0f;
+    return afm__exp_core(x);
+}
+
+static inline float afm__silu(float x) { return x / (1.0f + afm__expf(-x)); }
+
+/* h[i] = silu(h[i]) * g[i] */
+static void afm__silu_mul_scalar(float *h, const float *g, int n) {
+    int i;
+    for (i = 0; i < n; i++) h[i] = afm__silu(h[i]) * g[i];
+}
+
+/* Softmax over n scores in place. The maximum skips NaN (as on every level); the sum is the
+   contract's 8 lanes (i mod 8), the tree, then the last n % 8 in order. */
+static void afm__softmax_scalar(float *x, int n) {
+    float mx = -FLT_MAX, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum, inv;
+    int i;
+    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < (n & ~7); i++) { x[i] = afm__expf(x[i] - mx); acc[i & 7] += x[i]; }
+    sum = afm__sum8(acc);
+    for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
+    inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* Double precision for the RoPE tables, from +, -, *, /, fma, nearbyint, frexp and ldexp only (all
+   exact or correctly rounded, so the same on every machine). Taylor coefficients as literals. */
+static double afm__poly_d(const double *c, int n, double x) { /* c[0] + c[1] x + ... (Horner, fma) */
+    double p = c[n - 1];
+    int i;
+    for (i = n - 2; i >= 0; i--) p = fma(p, x, c[i]);
+    return p;
+}
+
+/* e^y, |y| < 700: y = n ln2 + r, e^r to r^14. */
+static double afm__exp_d(double y) {
+    static const double c[15] = {1, 1, 0.5, 0.16666666666666666, 0.041666666666666664, 0.0083333333333333332,
+        0.0013888888888888889, 0.00019841269841269841, 2.4801587301587302e-05, 2.7557319223985893e-06,
+        2.7557319223985888e-07, 2.505210838544172e-08, 2.08767569878681e-09, 1.6059043836821613e-10, 1.1470745597729725e-11};
+    const double n = nearbyint(y * 1.4426950408889634);
+    double r = fma(n, -6.93147180369123816490e-01, y); /* ln2 in two parts */
+    r = fma(n, -1.90821492927058770002e-10, r);
+    return ldexp(afm__poly_d(c, 15, r), (int)n);
+}
+
+/* ln x, x > 0 finite: x = 2^e m, m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1). */
+static double afm__log_d(double x) {
+    static const double c[13] = {1, 0.33333333333333331, 0.20000000000000001, 0.14285714285714285, 0.1111111111111111,
+        0.090909090909090912, 0.076923076923076927, 0.066666666666666666, 0.058823529411764705, 0.052631578947368418,
+        0.047619047619047616, 0.043478260869565216, 0.040000000000000001}; /* 1/(2i+1) */
+    double m, s;
+    int e;
+    m = frexp(x, &e);
+    if (m < 0.70710678118654752) { m *= 2; e--; }
+    s = (m - 1) / (m + 1);
+    return fma((double)e, 6.93147180369123816490e-01,
+               fma((double)e, 1.90821492927058770002e-10, 2 * s * afm__poly_d(c, 13, s * s)));
+}
+
+/* sin and cos of x (|x| < 2^40): x = n pi/2 + r, |r| <= pi/4, Taylor series to r^21 and r^20. */
+static void afm__sincos_d(double x, double *sn, double *cs) {
+    static const double cc[11] = {1, -0.5, 0.041666666666666664, -0.0013888888888888889, 2.4801587301587302e-05,
+        -2.7557319223985888e-07, 2.08767569878681e-09, -1.1470745597729725e-11, 4.7794773323873853e-14,
+        -1.5619206968586225e-16, 4.1103176233121648e-19};
+    static const double sc[11] = {1, -0.16666666666666666, 0.0083333333333333332, -0.00019841269841269841,
+        2.7557319223985893e-06, -2.505210838544172e-08, 1.6059043836821613e-10, -7.6471637318198164e-13,
+        2.8114572543455206e-15, -8.2206352466243295e-18, 1.9572941063391263e-20};
+    const double n = nearbyint(x * 0.63661977236758134);
+    double r = fma(n, -1.57079632673412561417e+00, x), r2, s, c; /* pi/2 in three parts */
+    int q;
+    r = fma(n, -6.07710050650619224932e-11, r);
+    r = fma(n, -3.5215598651832e-27, r);
+    r2 = r * r;
+    s = r * afm__poly_d(sc, 11, r2);
+    c = afm__poly_d(cc, 11, r2);
+    q = (int)(n - 4 * floor(n / 4)); /* n mod 4, exact */
+    *sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
+    *cs = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
+}
 
 /* ---- scalar reference kernels ---- */
 
 /* Round to nearest, ties to even (the default FP environment); identical to cvtps_epi32/vcvtnq. */
 static inline int afm__round_even(float x) { return (int)lrintf(x); }
 
+/* Bits of |x|: as unsigned integers these order every finite |x| and put infinity, then NaN, above. */
+static inline uint32_t afm__abs_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u & 0x7fffffffu; }
+#define AFM__AMAX_INF 0x7f800000u /* abs bits at or above: the block holds infinity or NaN */
+#define AFM__AMAX_TINY 0x0d800000u /* abs bits below (2^-100): the block is quantized as zero */
+
+/* Quantizes one block of 64 given its amax bits (shared by every level for the rare cases). */
+static void afm__q8_block_scalar(const float *x, int n, int8_t *q, float *d, float *m) {
+    uint32_t amax_bits = 0;
+    int i, sum = 0;
+    float amax, id;
+    for (i = 0; i < n; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
+    memset(q, 0, 64);
+    if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+        *d = *m = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
+        return;
+    }
+    memcpy(&amax, &amax_bits, 4);
+    id = 127.0f / amax;
+    for (i = 0; i < n; i++) { int c = afm__round_even(x[i] * id); q[i] = (int8_t)c; sum += c; }
+    *d = amax / 127.0f;
+    *m = *d * (float)sum;
+}
+
 static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    int t, b, i;
+    int t, b;
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
         int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
-            int n = a->n_in - b * 64, sum = 0;
-            float amax = 0.0f, id;
+            int n = a->n_in - b * 64;
             if (n > 64) n = 64;
             if (n < 0) n = 0;
-            for (i = 0; i < n; i++) { float v = fabsf(x[b * 64 + i]); amax = amax > v ? amax : v; }
-            id = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (i = 0; i < n; i++) { int c = afm__round_even(x[b * 64 + i] * id); q[b * 64 + i] = (int8_t)c; sum += c; }
-            for (; i < 64; i++) q[b * 64 + i] = 0;
-            d[b] = amax / 127.0f;
-            m[b] = d[b] * (float)sum;
+            afm__q8_block_scalar(x + b * 64, n, q + b * 64, d + b, m + b);
         }
     }
 }
@@ -5211,46 +5467,50 @@ static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int
     }
 }
 
-/* Integer dot of sub-block sb (64 weights) of a quantized row with 64 int8 activations. */
-static inline int32_t afm__dot_sb_scalar(int type, const uint8_t *row, int sb, const int8_t *q) {
-    int32_t s = 0;
-    int i;
+/* Code of weight i (0..63) of sub-block sb as the SIMD kernels read it: Q2B planes 0..2 masked in
+   place (x1, x4, x16), plane 3 shifted by 2 (x16); Q4 nibbles shifted down; Q8 as is. */
+static inline int afm__code_scalar(int type, const uint8_t *row, int sb, int i) {
     if (type == AFM_TYPE_Q2B) { /* block sb/4, plane sb%4: byte j holds weights j, j+64, j+128, j+192 */
-        const uint8_t *b = row + (size_t)(sb >> 2) * 64;
-        int sh = (sb & 3) * 2;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 3) * q[i];
-    } else if (type == AFM_TYPE_Q4) { /* block sb/2: byte j holds weight j (low nibble), j+64 (high) */
-        const uint8_t *b = row + (size_t)(sb >> 1) * 64;
-        int sh = (sb & 1) * 4;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 15) * q[i];
-    } else {
-        const int8_t *b = (const int8_t *)row + (size_t)sb * 64;
-        for (i = 0; i < 64; i++) s += b[i] * q[i];
+        const uint8_t b = row[(size_t)(sb >> 2) * 64 + (size_t)i];
+        return (sb & 3) == 3 ? (b >> 2) & 0x30 : b & (3 << (2 * (sb & 3)));
     }
-    return s;
+    if (type == AFM_TYPE_Q4) return (row[(size_t)(sb >> 1) * 64 + (size_t)i] >> ((sb & 1) * 4)) & 15; /* j, j+64 */
+    return ((const int8_t *)row)[(size_t)sb * 64 + (size_t)i];
+}
+
+/* The factor pf that undoes the code's in-place scale (exact: a power of two). */
+static inline float afm__plane_factor(int type, int sb) {
+    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+    return type == AFM_TYPE_Q2B ? pq[sb & 3] : 1.0f;
 }
 
 static inline float afm__type_offset(int type) { return type == AFM_TYPE_Q2B ? 1.5f : type == AFM_TYPE_Q4 ? 7.5f : 0.0f; }
 
-/* y = sum_sb s_g * (d_sb * dot_sb) - off * sum_sb s_g * m_sb  (the reference formula) */
+/* The contract above, written out: 8 lanes of partial integer dots, fma in order. */
 static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     const int nsb = w->kpad / 64;
     const float off = afm__type_offset(w->type);
-    int r, t, sb;
+    int r, t, sb, g, i;
     for (r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
         for (t = 0; t < a->n_tok; t++) {
             const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
             const float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-            float acc = 0.0f, accm = 0.0f;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, accm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (sb = 0; sb < nsb; sb++) {
-                float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
-                int32_t dot = afm__dot_sb_scalar(w->type, row, sb, q + sb * 64);
-                acc += s * (d[sb] * (float)dot);
-                accm += s * m[sb];
+                const float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
+                const float sd = s * afm__plane_factor(w->type, sb) * d[sb];
+                for (g = 0; g < 8; g++) {
+                    int32_t p = 0;
+                    for (i = 4 * g; i < 4 * g + 4; i++)
+                        p += afm__code_scalar(w->type, row, sb, i) * q[sb * 64 + i] +
+                             afm__code_scalar(w->type, row, sb, i + 32) * q[sb * 64 + i + 32];
+                    acc[g] = fmaf((float)p, sd, acc[g]);
+                }
+                accm[sb & 7] = fmaf(s, m[sb], accm[sb & 7]);
             }
-            Y[(size_t)t * ldy + (size_t)r] = acc - off * accm;
+            Y[(size_t)t * ldy + (size_t)r] = w->type == AFM_TYPE_Q8 ? afm__sum8(acc) : fmaf(-off, afm__sum8(accm), afm__sum8(acc));
         }
     }
 }
@@ -5262,14 +5522,17 @@ static inline float afm__wf_scalar(int type, const uint8_t *row, int i) {
 }
 
 static void afm__matmul_f_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    const int K8 = w->cols & ~7;
     int r, t, i;
     for (r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         for (t = 0; t < a->n_tok; t++) {
             const float *x = a->x + (size_t)t * (size_t)a->kpad;
-            float acc = 0.0f;
-            for (i = 0; i < w->cols; i++) acc += afm__wf_scalar(w->type, row, i) * x[i];
-            Y[(size_t)t * ldy + (size_t)r] = acc;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s;
+            for (i = 0; i < K8; i++) acc[i & 7] = fmaf(afm__wf_scalar(w->type, row, i), x[i], acc[i & 7]);
+            s = afm__sum8(acc);
+            for (; i < w->cols; i++) s = fmaf(afm__wf_scalar(w->type, row, i), x[i], s);
+            Y[(size_t)t * ldy + (size_t)r] = s;
         }
     }
 }
@@ -5301,13 +5564,17 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
 
 static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds) {
+    const int d8 = dim & ~7;
     int h, p, i;
     for (h = 0; h < nq; h++)
         for (p = 0; p < n_pos; p++) {
             const int8_t *kp = k + (size_t)p * k_stride;
-            float acc = 0.0f;
-            for (i = 0; i < dim; i++) acc += q[(size_t)h * ldq + (size_t)i] * (float)kp[i];
-            s[(size_t)h * lds + (size_t)p] = acc * scale;
+            const float *qh = q + (size_t)h * ldq;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
+            for (i = 0; i < d8; i++) acc[i & 7] = fmaf(qh[i], (float)kp[i], acc[i & 7]);
+            sum = afm__sum8(acc);
+            for (; i < dim; i++) sum = fmaf(qh[i], (float)kp[i], sum);
+            s[(size_t)h * lds + (size_t)p] = sum * scale;
         }
 }
 
@@ -5320,7 +5587,7 @@ static void afm__kv_values_scalar(const float *pr, size_t ldp, int nq, const int
         for (p = 0; p < n_pos; p++) {
             const int8_t *vp = v + (size_t)p * v_stride;
             float w = pr[(size_t)h * ldp + (size_t)p];
-            for (i = 0; i < dim; i++) oh[i] += w * (float)vp[i];
+            for (i = 0; i < dim; i++) oh[i] = fmaf(w, (float)vp[i], oh[i]);
         }
         for (i = 0; i < dim; i++) oh[i] *= scale;
     }
@@ -5382,7 +5649,7 @@ AFM__T_AVX2 static inline float afm__hsum_avx2(__m256 v) {
 }
 
 AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
     int t, b, i;
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
@@ -5390,47 +5657,46 @@ AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             int n = a->n_in - b * 64;
-            if (n >= 64) {
-                __m256 v[8], mx;
-                __m128 h;
-                float amax, id;
-                __m256i q32[8], s16, s8, sum32;
-                for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
-                mx = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask))),
-                                   _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[4], absmask), _mm256_and_ps(v[5], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[6], absmask), _mm256_and_ps(v[7], absmask))));
-                h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_max_ss(h, _mm_movehdup_ps(h));
-                amax = _mm_cvtss_f32(h);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
-                sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
-                                         _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
-                for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
-                    s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
-                    s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
-                    s8 = _mm256_packs_epi16(s16, s8);
-                    s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                    _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
-                }
-                {
-                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-                    d[b] = amax / 127.0f;
-                    m[b] = d[b] * (float)_mm_cvtsi128_si32(s4);
-                }
-            } else { /* partial or empty last block: the scalar reference on a copy */
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            __m256 v[8];
+            __m256i mx, q32[8], s16, s8, sum32;
+            __m128i h;
+            uint32_t amax_bits;
+            float amax, id;
+            if (n < 64) { /* partial or empty last block */
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                continue;
             }
+            for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
+            /* max of |x| as integers: NaN and infinity sort above every finite value (afm__abs_bits) */
+#define AFM__ABS(k) _mm256_and_si256(_mm256_castps_si256(v[k]), absmask)
+            mx = _mm256_max_epu32(_mm256_max_epu32(_mm256_max_epu32(AFM__ABS(0), AFM__ABS(1)), _mm256_max_epu32(AFM__ABS(2), AFM__ABS(3))),
+                                  _mm256_max_epu32(_mm256_max_epu32(AFM__ABS(4), AFM__ABS(5)), _mm256_max_epu32(AFM__ABS(6), AFM__ABS(7))));
+#undef AFM__ABS
+            h = _mm_max_epu32(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+            h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xb1));
+            amax_bits = (uint32_t)_mm_cvtsi128_si32(h);
+            if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                continue;
+            }
+            memcpy(&amax, &amax_bits, 4);
+            id = 127.0f / amax;
+            for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+            sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
+                                     _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
+            for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
+                s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
+                s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
+                s8 = _mm256_packs_epi16(s16, s8);
+                s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
+            }
+            h = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)_mm_cvtsi128_si32(h);
         }
     }
 }
@@ -5451,55 +5717,55 @@ AFM__T_AVX2 static inline __m256 afm__scales8_avx2(const uint8_t *sc, int gshift
     }
 }
 
+/* Scale factors sd[t][j] = (S * pf) * d of sub-blocks c .. c+n-1 (n <= 8) for T tokens, and the
+   offset lanes accm[t] += S * m (lane j: sub-blocks j mod 8; a short last chunk adds S = 0 to the
+   lanes past its end, which changes nothing: a lane that starts at +0 never holds -0). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__sdprep_avx2(const uint8_t *sc, int gshift, int c, int n, const int T, const int type,
+                                                   const float *const *db, const float *const *mb, float (*sd)[8], __m256 *accm) {
+    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
+                                       : _mm256_set1_ps(1.0f);
+    __m256 S, SP;
+    int t;
+    if (n == 8) S = afm__scales8_avx2(sc, gshift, c);
+    else {
+        AFM__ALIGN(32) float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        afm__scales_chunk(sc, gshift, c, n, s8);
+        S = _mm256_load_ps(s8);
+    }
+    SP = _mm256_mul_ps(S, pf);
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
+        if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+    }
+}
+
 /* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining).
    Per sub-block sb (64 weights) the integer dot is formed in 8 int32 lanes, converted to float and
    accumulated with the factor s_g * d_sb (times 1/4^plane for Q2B planes read without a shift);
    the offset term -off * sum s_g m_sb is accumulated separately per 8 sub-blocks. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                                   int r, int t0, const int T, const int type) {
-    const int NA = 1; /* one accumulator per token whatever the tile: a token sums in the same order
-                         in a matvec and in any tile, so results do not depend on the batch */
     const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */
     const int nsb = w->kpad >> 6, gshift = w->gshift;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
     const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
     const float off = afm__type_offset(type);
     const __m256i ones = _mm256_set1_epi16(1);
-    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                       : _mm256_set1_ps(1.0f);
     const int8_t *qb[8];
     const float *db[8], *mb[8];
-    __m256 acc[8][4], accm[8];
-    float tailm[8];
+    __m256 acc[8], accm[8]; /* one accumulator per token whatever the tile: the contract's lanes */
     AFM__ALIGN(32) float sd[8][8];
     int t, j, c;
     AFM__UNROLL for (t = 0; t < T; t++) {
         qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
         db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
         mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm256_setzero_ps();
-        accm[t] = _mm256_setzero_ps();
-        tailm[t] = 0.0f;
+        acc[t] = accm[t] = _mm256_setzero_ps();
     }
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
         if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
-        if (n == 8) {
-            const __m256 S = afm__scales8_avx2(sc, gshift, c), SP = _mm256_mul_ps(S, pf);
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-                if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-            }
-        } else {
-            float s8[8];
-            afm__scales_chunk(sc, gshift, c, n, s8);
-            AFM__UNROLL for (t = 0; t < T; t++)
-                for (j = 0; j < n; j++) {
-                    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-                    sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                    tailm[t] += s8[j] * mb[t][c + j];
-                }
-        }
+        afm__sdprep_avx2(sc, gshift, c, n, T, type, db, mb, sd, accm);
         for (j = 0; j < n; j += SBB) {
             const int sb0 = c + j;
             const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
@@ -5543,16 +5809,14 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm_
                         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
                         i32 = _mm256_madd_epi16(p, ones);
                     }
-                    acc[t][k % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t][k % NA]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);
                 }
             }
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        __m256 s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = _mm256_add_ps(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx2(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]);
-    }
+    AFM__UNROLL for (t = 0; t < T; t++)
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])
+                                                : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
 }
 
 AFM__T_AVX2 static void afm__matmul_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
@@ -5593,7 +5857,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__ftile_avx2(const afm__wmat *w, const afm_
     }
     AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
         float s = afm__hsum_avx2(acc[u][t]);
-        for (i = K8; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        for (i = K8; i < K; i++) s = fmaf(afm__wf_scalar(type, rows[u], i), xs[t][i], s);
         Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
     }
 }
@@ -5678,7 +5942,7 @@ AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, 
             }
             for (h = 0; h < nh; h++) {
                 float sum = afm__hsum_avx2(acc[h]);
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
                 s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
             }
         }
@@ -5714,10 +5978,69 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
         for (h = 0; h < nh; h++)
             for (i = d8; i < dim; i++) {
                 float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
                 o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
             }
     }
+}
+
+/* afm__expf on 8 lanes: the same operations in the same order (out-of-range lanes are computed
+   and then replaced, as the scalar branches do). */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__expf_avx2(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    const __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269502f), magic), magic);
+    const __m256i ki = _mm256_cvtps_epi32(k);
+    const __m256i s = _mm256_and_si256(_mm256_cmpgt_epi32(ki, _mm256_set1_epi32(127)), _mm256_set1_epi32(1));
+    const __m256i b127 = _mm256_set1_epi32(127);
+    const __m256 t = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, s), b127), 23));
+    __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693145751953125f), x), q, y;
+    r = _mm256_fmadd_ps(k, _mm256_set1_ps(-1.42860682e-06f), r);
+    q = _mm256_fmadd_ps(_mm256_set1_ps(1.98412701e-04f), r, _mm256_set1_ps(1.38888892e-03f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(8.33333377e-03f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(4.16666679e-02f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.66666672e-01f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+    y = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_mul_ps(q, t), r, t), _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(s, b127), 23)));
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_LO), _CMP_LT_OQ));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_HI), _CMP_GE_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+AFM__T_AVX2 static void afm__silu_mul_avx2(float *h, const float *g, int n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(h + i);
+        const __m256 e = afm__expf_avx2(_mm256_xor_ps(x, sign));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(g + i)));
+    }
+    afm__silu_mul_scalar(h + i, g + i, n - i);
+}
+
+AFM__T_AVX2 static void afm__softmax_avx2(float *x, int n) {
+    const int n8 = n & ~7;
+    __m256 mv = _mm256_set1_ps(-FLT_MAX), acc = _mm256_setzero_ps(), iv;
+    __m128 h;
+    float mx, sum, inv;
+    int i;
+    for (i = 0; i < n8; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv); /* a NaN lane keeps mv */
+    h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    mx = _mm_cvtss_f32(h);
+    for (; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < n8; i += 8) {
+        const __m256 e = afm__expf_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = afm__hsum_avx2(acc);
+    for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
+    inv = 1.0f / sum;
+    iv = _mm256_set1_ps(inv);
+    for (i = 0; i < n8; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), iv));
+    for (; i < n; i++) x[i] *= inv;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -5728,74 +6051,50 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-AFM__T_AVX512 static inline float afm__hsum_avx512(__m512 v) {
-    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    return afm__hsum_avx2(s);
+/* As afm__qtile_avx2 with one 64-byte block of weights per zmm. The contract's 8 lanes (elements
+   4g..4g+3 and 32+4g..32+4g+3) come from vpmaddubsw + vpmaddwd over the zmm (16 partial dots of 4
+   elements) with lanes l and l+8 added, or with VNNI from two 256-bit vpdpbusd (u8 x s8 -> s32) over
+   the halves, the second accumulating onto the first; accumulated in a ymm as on AVX2. Float weights
+   use the AVX2 kernels at this level: 16 float lanes would sum in another order. */
+AFM__FORCEINLINE AFM__T_AVX512 __m256i afm__dot8_avx512bw(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
+    __m512i s = _mm512_load_si512((const void *)x), p;
+    if (q8) s = _mm512_mask_sub_epi8(s, neg, _mm512_setzero_si512(), s); /* the weight's sign moved onto x */
+    p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+    return _mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64(p, 1));
 }
-
-/* 8 scale factors of sub-blocks c..c+7 as the low 8 lanes of a zmm (upper lanes unused) */
-AFM__FORCEINLINE AFM__T_AVX512 void afm__sdprep_avx512(const afm__wmat *w, const afm__act *a, const uint8_t *sc, int c, int n,
-                                                       const int T, const int type, const float **db, const float **mb,
-                                                       float (*sd)[8], __m256 *accm, float *tailm) {
-    int t, j;
-    if (n == 8) {
-        const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                           : _mm256_set1_ps(1.0f);
-        const __m256 S = afm__scales8_avx2(sc, w->gshift, c), SP = _mm256_mul_ps(S, pf);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-            if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-        }
-    } else {
-        float s8[8];
-        static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-        afm__scales_chunk(sc, w->gshift, c, n, s8);
-        AFM__UNROLL for (t = 0; t < T; t++)
-            for (j = 0; j < n; j++) {
-                sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                tailm[t] += s8[j] * mb[t][c + j];
-            }
+AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot8_vnni(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
+    __m256i lo = _mm256_load_si256((const __m256i *)(const void *)x), hi = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
+    if (q8) {
+        lo = _mm256_mask_sub_epi8(lo, (__mmask32)neg, _mm256_setzero_si256(), lo);
+        hi = _mm256_mask_sub_epi8(hi, (__mmask32)(neg >> 32), _mm256_setzero_si256(), hi);
     }
-    (void)a;
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(u), lo),
+                               _mm512_extracti64x4_epi64(u, 1), hi);
 }
 
-/* As afm__qtile_avx2 with one 64-byte block per zmm. VNNI: vpdpbusd (u8 x s8 -> s32);
-   otherwise vpmaddubsw + vpmaddwd. */
-AFM__FORCEINLINE AFM__T_AVX512 __m512i afm__dot64_avx512bw(__m512i u, __m512i s) {
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-}
-AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
-}
-
-/* The AVX-512 token tile; DOT is the 64-byte unsigned x signed dot (AVX-512 BW or VNNI). */
+/* The AVX-512 token tile; DOT gives the 8 lanes of a 64-byte unsigned x signed dot (BW or VNNI). */
 #define AFM__QTILE512_BODY(DOT)                                                                                  \
-        const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */                           \
-        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                          \
+        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                  \
         const int nsb = w->kpad >> 6;                                                                            \
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                 \
         const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                     \
         const float off = afm__type_offset(type);                                                                \
         const int8_t *qb[8];                                                                                     \
         const float *db[8], *mb[8];                                                                              \
-        __m512 acc[8][4];                                                                                        \
-        __m256 accm[8];                                                                                          \
-        float tailm[8];                                                                                          \
+        __m256 acc[8], accm[8];                                                                                  \
         AFM__ALIGN(32) float sd[8][8];                                                                           \
         int t, j, c;                                                                                             \
         AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
             qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;                                                   \
             db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
             mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
-            AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm512_setzero_ps();                                \
-            accm[t] = _mm256_setzero_ps();                                                                       \
-            tailm[t] = 0.0f;                                                                                     \
+            acc[t] = accm[t] = _mm256_setzero_ps();                                                              \
         }                                                                                                        \
         for (c = 0; c < nsb; c += 8) {                                                                           \
             const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
             if (T == 1 && AFM__PF_DIST > 0)                                                                      \
                 _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
-            afm__sdprep_avx512(w, a, sc, c, n, T, type, db, mb, sd, accm, tailm);                                \
+            afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);                                    \
             for (j = 0; j < n; j += SBB) {                                                                       \
                 const int sb0 = c + j;                                                                           \
                 const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
@@ -5805,35 +6104,30 @@ AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
                 AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
                     const int sb = sb0 + k;                                                                      \
                     __m512i cv;                                                                                  \
-                    if (type == AFM_TYPE_Q2B)                                                                        \
+                    if (type == AFM_TYPE_Q2B)                                                                    \
                         cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))          \
                                     : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));               \
-                    else if (type == AFM_TYPE_Q4)                                                                    \
+                    else if (type == AFM_TYPE_Q4)                                                                \
                         cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
                     else                                                                                         \
                         cv = _mm512_abs_epi8(v);                                                                 \
-                    AFM__UNROLL for (t = 0; t < T; t++) {                                                        \
-                        __m512i x = _mm512_load_si512((const void *)(qb[t] + sb * 64));                          \
-                        if (type == AFM_TYPE_Q8) /* sign of the weight moved onto the activation */                 \
-                            x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);      \
-                        acc[t][k % NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(cv, x)),                         \
-                                                         _mm512_set1_ps(sd[t][j + k]), acc[t][k % NA]);          \
-                    }                                                                                            \
+                    const __mmask64 neg = type == AFM_TYPE_Q8 ? _mm512_movepi8_mask(v) : 0;                      \
+                    AFM__UNROLL for (t = 0; t < T; t++)                                                          \
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(cv, qb[t] + sb * 64, type == AFM_TYPE_Q8, neg)), \
+                                                 _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);                    \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
-            __m512 s = acc[t][0];                                                                                \
-            AFM__UNROLL for (j = 1; j < NA; j++) s = _mm512_add_ps(s, acc[t][j]);                                \
-            Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx512(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]); \
-        }
+        AFM__UNROLL for (t = 0; t < T; t++)                                                                      \
+            Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])                \
+                                                    : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
 AFM__FORCEINLINE AFM__T_AVX512 void afm__qtile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot64_avx512bw)
+    AFM__QTILE512_BODY(afm__dot8_avx512bw)
 }
 AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot64_vnni)
+    AFM__QTILE512_BODY(afm__dot8_vnni)
 }
 AFM__T_AVX512 static void afm__matmul_q2b_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q2B)
@@ -5852,46 +6146,6 @@ AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *
 }
 AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q8)
-}
-
-AFM__FORCEINLINE AFM__T_AVX512 __m512 afm__ld16_avx512(const uint8_t *row, int i, const int type) {
-    if (type == AFM_TYPE_F32) return _mm512_loadu_ps((const void *)(row + 4 * (size_t)i));
-    if (type == AFM_TYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i))), 16));
-}
-
-AFM__FORCEINLINE AFM__T_AVX512 void afm__ftile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                                      int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K16 = K & ~15;
-    const uint8_t *rows[4];
-    const float *xs[4];
-    __m512 acc[4][4];
-    int i, u, t;
-    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
-    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();
-    for (i = 0; i < K16; i += 16) {
-        __m512 wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld16_avx512(rows[u], i, type);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const __m512 xv = _mm512_loadu_ps(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm512_fmadd_ps(wv[u], xv, acc[u][t]);
-        }
-    }
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = afm__hsum_avx512(acc[u][t]);
-        for (i = K16; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
-        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
-    }
-}
-AFM__T_AVX512 static void afm__matmul_f32_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F32, 4, 4)
-}
-AFM__T_AVX512 static void afm__matmul_f16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F16, 4, 4)
-}
-AFM__T_AVX512 static void afm__matmul_bf16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_BF16, 4, 4)
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -5947,6 +6201,13 @@ static int afm__x86_level(void) {
 /* ---- arm64: NEON (baseline) and the dot-product extension (compile time) ---- */
 #ifdef AFM__NEON
 
+/* afm__sum8's tree on lanes 0-3 (lo) and 4-7 (hi). */
+static inline float afm__hsum8_neon(float32x4_t lo, float32x4_t hi) {
+    const float32x4_t m = vaddq_f32(lo, hi);                      /* l0+l4, l1+l5, l2+l6, l3+l7 */
+    const float32x2_t h = vadd_f32(vget_low_f32(m), vget_high_f32(m)); /* (l0+l4)+(l2+l6), (l1+l5)+(l3+l7) */
+    return vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+}
+
 static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
     int t, b, i;
     for (t = t0; t < t1; t++) {
@@ -5955,87 +6216,67 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             const int n = a->n_in - b * 64;
-            if (n >= 64) {
-                float32x4_t v[16], mx = vdupq_n_f32(0.0f), vid;
-                int32x4_t s = vdupq_n_s32(0);
-                float amax, id;
-                for (i = 0; i < 16; i++) { v[i] = vld1q_f32(x + b * 64 + 4 * i); mx = vmaxq_f32(mx, vabsq_f32(v[i])); }
-                amax = vmaxvq_f32(mx);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                vid = vdupq_n_f32(id);
-                for (i = 0; i < 16; i += 4) {
-                    int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
-                    int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
-                    int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
-                    s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
-                    vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
-                }
-                d[b] = amax / 127.0f;
-                m[b] = d[b] * (float)vaddvq_s32(s);
-            } else {
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            float32x4_t v[16], vid;
+            uint32x4_t mx = vdupq_n_u32(0);
+            int32x4_t s = vdupq_n_s32(0);
+            uint32_t amax_bits;
+            float amax, id;
+            if (n < 64) {
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                continue;
             }
+            for (i = 0; i < 16; i++) { /* max of |x| as integers (afm__abs_bits) */
+                v[i] = vld1q_f32(x + b * 64 + 4 * i);
+                mx = vmaxq_u32(mx, vandq_u32(vreinterpretq_u32_f32(v[i]), vdupq_n_u32(0x7fffffffu)));
+            }
+            amax_bits = vmaxvq_u32(mx);
+            if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                continue;
+            }
+            memcpy(&amax, &amax_bits, 4);
+            id = 127.0f / amax;
+            vid = vdupq_n_f32(id);
+            for (i = 0; i < 16; i += 4) {
+                int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
+                int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
+                int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
+                s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
+                vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+            }
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)vaddvq_s32(s);
         }
     }
 }
 
-/* Scale factors for sub-blocks c..c+n-1 (vector conversion when all 8 groups are distinct). */
-static inline void afm__scales8_neon(const uint8_t *sc, int gshift, int c, int n, float *s8) {
-    if (n == 8) {
-        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        float f[8];
-        int j;
-        memcpy(h, sc + 2 * (size_t)(c >> gshift), (size_t)(16 >> gshift));
-        vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))));
-        vst1q_f32(f + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4))));
-        for (j = 0; j < 8; j++) s8[j] = f[j >> gshift];
-    } else {
-        afm__scales_chunk(sc, gshift, c, n, s8);
-    }
-}
-
-/* int32x4 dot of 64 weight codes (four 16-byte quarters, values fit int8) with 64 activations. */
-AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int type) {
+/* The contract's 8 partial dots of one sub-block, lanes 0-3 in lo and 4-7 in hi: lane g sums
+   elements 4g..4g+3 and 32+4g..32+4g+3, i.e. quarters 0 and 2 give lanes 0-3, quarters 1 and 3
+   lanes 4-7. Codes are at most 48 (Q2B planes in place) or int8 (Q8): two products per int16 lane
+   stay below 2^15 in the plain NEON path. */
+AFM__FORCEINLINE void afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int dot, int32x4_t *lo, int32x4_t *hi) {
+    const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16), x2 = vld1q_s8(x + 32), x3 = vld1q_s8(x + 48);
 #ifdef AFM__NEON_DOT
-    int32x4_t s = vdupq_n_s32(0);
-    (void)type;
-    s = vdotq_s32(s, cq[0], vld1q_s8(x));
-    s = vdotq_s32(s, cq[1], vld1q_s8(x + 16));
-    s = vdotq_s32(s, cq[2], vld1q_s8(x + 32));
-    s = vdotq_s32(s, cq[3], vld1q_s8(x + 48));
-    return s;
-#else
-    int j;
-    if (type == AFM_TYPE_Q8) { /* products up to 127*127: two per int16 lane, then widen */
-        int32x4_t s = vdupq_n_s32(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            int16x8_t p = vmull_s8(vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-            s = vpadalq_s16(s, p);
-        }
-        return s;
-    } else { /* codes <= 15: eight products per int16 lane stay below 2^15 */
-        int16x8_t p = vdupq_n_s16(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            p = vmlal_s8(p, vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-        }
-        return vpaddlq_s16(p);
+    if (dot) {
+        *lo = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[0], x0), cq[2], x2);
+        *hi = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[1], x1), cq[3], x3);
+        return;
     }
 #endif
+    (void)dot;
+    {
+        int16x8_t a = vmlal_s8(vmull_s8(vget_low_s8(cq[0]), vget_low_s8(x0)), vget_low_s8(cq[2]), vget_low_s8(x2));
+        int16x8_t b = vmlal_high_s8(vmull_high_s8(cq[0], x0), cq[2], x2);
+        *lo = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
+        a = vmlal_s8(vmull_s8(vget_low_s8(cq[1]), vget_low_s8(x1)), vget_low_s8(cq[3]), vget_low_s8(x3));
+        b = vmlal_high_s8(vmull_high_s8(cq[1], x1), cq[3], x3);
+        *hi = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
+    }
 }
 
+/* As afm__qtile_avx2: codes read the same way (Q2B planes in place), the same sd and offset lanes. */
 AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                      int r, int t0, const int T, const int type) {
-    const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */
+                                      int r, int t0, const int T, const int type, const int dot) {
     const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
     const int nsb = w->kpad >> 6;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
@@ -6043,35 +6284,31 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
     const float off = afm__type_offset(type);
     const int8_t *qb[8];
     const float *db[8], *mb[8];
-    float32x4_t acc[8][4], accm[8];
+    float32x4_t acc[8][2], accm[8][2];
     float sd[8][8];
     int t, j, c;
     AFM__UNROLL for (t = 0; t < T; t++) {
         qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
         db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
         mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = vdupq_n_f32(0.0f);
-        accm[t] = vdupq_n_f32(0.0f);
+        acc[t][0] = acc[t][1] = accm[t][0] = accm[t][1] = vdupq_n_f32(0.0f);
     }
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
-        float s8[8];
-        afm__scales8_neon(sc, w->gshift, c, n, s8);
-        if (n == 8) {
+        float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        afm__scales_chunk(sc, w->gshift, c, n, s8); /* zeros past a short last chunk (see afm__sdprep_avx2) */
+        {
             const float32x4_t S0 = vld1q_f32(s8), S1 = vld1q_f32(s8 + 4);
+            static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+            const float32x4_t P0 = type == AFM_TYPE_Q2B ? vmulq_f32(S0, vld1q_f32(pq)) : S0;
+            const float32x4_t P1 = type == AFM_TYPE_Q2B ? vmulq_f32(S1, vld1q_f32(pq)) : S1;
             AFM__UNROLL for (t = 0; t < T; t++) {
-                vst1q_f32(sd[t], vmulq_f32(S0, vld1q_f32(db[t] + c)));
-                vst1q_f32(sd[t] + 4, vmulq_f32(S1, vld1q_f32(db[t] + c + 4)));
+                vst1q_f32(sd[t], vmulq_f32(P0, vld1q_f32(db[t] + c)));
+                vst1q_f32(sd[t] + 4, vmulq_f32(P1, vld1q_f32(db[t] + c + 4)));
                 if (type != AFM_TYPE_Q8) {
-                    accm[t] = vfmaq_f32(accm[t], S0, vld1q_f32(mb[t] + c));
-                    accm[t] = vfmaq_f32(accm[t], S1, vld1q_f32(mb[t] + c + 4));
+                    accm[t][0] = vfmaq_f32(accm[t][0], S0, vld1q_f32(mb[t] + c));
+                    accm[t][1] = vfmaq_f32(accm[t][1], S1, vld1q_f32(mb[t] + c + 4));
                 }
-            }
-        } else {
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                float tm = 0.0f;
-                for (j = 0; j < n; j++) { sd[t][j] = s8[j] * db[t][c + j]; tm += s8[j] * mb[t][c + j]; }
-                accm[t] = vsetq_lane_f32(vgetq_lane_f32(accm[t], 0) + tm, accm[t], 0);
             }
         }
         for (j = 0; j < n; j += SBB) {
@@ -6085,23 +6322,14 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
             AFM__UNROLL for (k = 0; k < SBB; k++) {
                 const int sb = sb0 + k;
                 int8x16_t cq[4];
-                if (type == AFM_TYPE_Q2B) {
-                    if (k == 0) {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, m3));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, m3));
-                    } else if (k == 3) {
-                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 6)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 6));
-                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 6)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 6));
+                if (type == AFM_TYPE_Q2B) { /* planes 0-2 masked in place (x1, x4, x16), plane 3 shifted by 2 */
+                    const uint8x16_t mk = vdupq_n_u8((uint8_t)(k == 3 ? 0x30 : 3 << (2 * k)));
+                    if (k == 3) {
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), mk));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), mk));
                     } else {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        if (k == 1) {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), m3));
-                        } else {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 4), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 4), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 4), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 4), m3));
-                        }
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mk));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mk));
                     }
                 } else if (type == AFM_TYPE_Q4) {
                     if (k == 0) {
@@ -6117,27 +6345,40 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
                     cq[2] = vreinterpretq_s8_u8(v2); cq[3] = vreinterpretq_s8_u8(v3);
                 }
                 AFM__UNROLL for (t = 0; t < T; t++) {
-                    const int32x4_t i32 = afm__dot64_neon(cq, qb[t] + sb * 64, type);
-                    acc[t][k % NA] = vfmaq_n_f32(acc[t][k % NA], vcvtq_f32_s32(i32), sd[t][j + k]);
+                    int32x4_t lo, hi;
+                    afm__dot64_neon(cq, qb[t] + sb * 64, dot, &lo, &hi);
+                    acc[t][0] = vfmaq_n_f32(acc[t][0], vcvtq_f32_s32(lo), sd[t][j + k]);
+                    acc[t][1] = vfmaq_n_f32(acc[t][1], vcvtq_f32_s32(hi), sd[t][j + k]);
                 }
             }
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        float32x4_t s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = vaddq_f32(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = vaddvq_f32(s) - off * vaddvq_f32(accm[t]);
-    }
+    AFM__UNROLL for (t = 0; t < T; t++)
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum8_neon(acc[t][0], acc[t][1])
+                                                : fmaf(-off, afm__hsum8_neon(accm[t][0], accm[t][1]), afm__hsum8_neon(acc[t][0], acc[t][1]));
 }
+#define AFM__QTILE_NEON(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 0)
 static void afm__matmul_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q2B)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q2B)
 }
 static void afm__matmul_q4_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q4)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q4)
 }
 static void afm__matmul_q8_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q8)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q8)
 }
+#ifdef AFM__NEON_DOT
+#define AFM__QTILE_NEONDOT(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 1)
+static void afm__matmul_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q2B)
+}
+static void afm__matmul_q4_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q4)
+}
+static void afm__matmul_q8_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q8)
+}
+#endif
 
 AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int type) {
     if (type == AFM_TYPE_F32) return vld1q_f32((const float *)(const void *)(row + 4 * (size_t)i));
@@ -6145,38 +6386,42 @@ AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int 
     return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i)), 16));
 }
 
+/* R rows x T tokens of a float matrix: the contract's 8 lanes as two float32x4. */
 AFM__FORCEINLINE void afm__ftile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                       int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K4 = K & ~3;
+    const int K = w->cols, K8 = K & ~7;
     const uint8_t *rows[4];
     const float *xs[4];
-    float32x4_t acc[4][4];
+    float32x4_t acc[4][2][2];
     int i, u, t;
     AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
     AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = vdupq_n_f32(0.0f);
-    for (i = 0; i < K4; i += 4) {
-        float32x4_t wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld4_neon(rows[u], i, type);
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t][0] = acc[u][t][1] = vdupq_n_f32(0.0f);
+    for (i = 0; i < K8; i += 8) {
+        float32x4_t wv[4][2];
+        AFM__UNROLL for (u = 0; u < R; u++) { wv[u][0] = afm__ld4_neon(rows[u], i, type); wv[u][1] = afm__ld4_neon(rows[u], i + 4, type); }
         AFM__UNROLL for (t = 0; t < T; t++) {
-            const float32x4_t xv = vld1q_f32(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = vfmaq_f32(acc[u][t], wv[u], xv);
+            const float32x4_t x0 = vld1q_f32(xs[t] + i), x1 = vld1q_f32(xs[t] + i + 4);
+            AFM__UNROLL for (u = 0; u < R; u++) {
+                acc[u][t][0] = vfmaq_f32(acc[u][t][0], wv[u][0], x0);
+                acc[u][t][1] = vfmaq_f32(acc[u][t][1], wv[u][1], x1);
+            }
         }
     }
     AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = vaddvq_f32(acc[u][t]);
-        for (i = K4; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        float s = afm__hsum8_neon(acc[u][t][0], acc[u][t][1]);
+        for (i = K8; i < K; i++) s = fmaf(afm__wf_scalar(type, rows[u], i), xs[t][i], s);
         Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
     }
 }
 static void afm__matmul_f32_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F32, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F32, 4, 2)
 }
 static void afm__matmul_f16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F16, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F16, 4, 2)
 }
 static void afm__matmul_bf16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 2)
 }
 
 static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
@@ -6199,8 +6444,8 @@ static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t
                 }
             }
             for (h = 0; h < nh; h++) {
-                float sum = vaddvq_f32(vaddq_f32(acc[h][0], acc[h][1]));
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                float sum = afm__hsum8_neon(acc[h][0], acc[h][1]);
+                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
                 s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
             }
         }
@@ -6233,7 +6478,7 @@ static void afm__kv_values_neon(const float *pr, size_t ldp, int nq, const int8_
         for (h = 0; h < nh; h++)
             for (i = d8; i < dim; i++) {
                 float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
                 o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
             }
     }
@@ -6255,9 +6500,11 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     }
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
+    k->silu_mul = afm__silu_mul_scalar;
+    k->softmax = afm__softmax_scalar;
 #if defined(AFM__X86)
     level = afm__x86_level();
-    if (level > max_level) level = max_level;
+    if (level > max_level) level = max_level < AFM__LEVEL_SCALAR ? AFM__LEVEL_SCALAR : max_level;
     if (level >= AFM__LEVEL_AVX2) {
         k->name = "avx2";
         k->prepare_q8 = afm__prepare_q8_avx2;
@@ -6267,10 +6514,11 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
+        k->silu_mul = afm__silu_mul_avx2;
+        k->softmax = afm__softmax_avx2;
     }
     if (level >= AFM__LEVEL_AVX512) {
         k->name = "avx512";
-        k->matmul[0] = afm__matmul_f32_avx512; k->matmul[1] = afm__matmul_f16_avx512; k->matmul[2] = afm__matmul_bf16_avx512;
         k->matmul[3] = afm__matmul_q2b_avx512; k->matmul[4] = afm__matmul_q4_avx512; k->matmul[5] = afm__matmul_q8_avx512;
     }
     if (level >= AFM__LEVEL_AVX512VNNI) {
@@ -6280,20 +6528,24 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
 #elif defined(AFM__NEON)
     if (max_level >= AFM__LEVEL_NEON) {
         level = AFM__LEVEL_NEON;
-#ifdef AFM__NEON_DOT
-        k->name = "neon-dotprod";
-#else
         k->name = "neon";
-#endif
         k->prepare_q8 = afm__prepare_q8_neon;
         k->matmul[0] = afm__matmul_f32_neon; k->matmul[1] = afm__matmul_f16_neon; k->matmul[2] = afm__matmul_bf16_neon;
         k->matmul[3] = afm__matmul_q2b_neon; k->matmul[4] = afm__matmul_q4_neon; k->matmul[5] = afm__matmul_q8_neon;
         k->kv_scores = afm__kv_scores_neon;
         k->kv_values = afm__kv_values_neon;
     }
+#ifdef AFM__NEON_DOT
+    if (max_level >= AFM__LEVEL_NEON_DOT) {
+        level = AFM__LEVEL_NEON_DOT;
+        k->name = "neon-dotprod";
+        k->matmul[3] = afm__matmul_q2b_neondot; k->matmul[4] = afm__matmul_q4_neondot; k->matmul[5] = afm__matmul_q8_neondot;
+    }
+#endif
 #else
     (void)max_level;
 #endif
+    k->level = level;
     return level;
 }
 
@@ -6311,6 +6563,31 @@ static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, c
 
 static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w, int row, float *out) {
     k->dequant[afm__type_slot(w->type)](w, row, out);
+}
+
+static const char *const afm__kernel_names[] = {"auto", "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon-dotprod"};
+
+AFMDEF const char *afm_kernels_name(afm_kernels level) {
+    return (int)level >= 0 && level <= AFM_KERNELS_NEON_DOTPROD ? afm__kernel_names[level] : NULL;
+}
+
+AFMDEF int afm_kernels_from_name(const char *name) {
+    int i;
+    for (i = 0; name && i <= AFM_KERNELS_NEON_DOTPROD; i++)
+        if (strcmp(name, afm__kernel_names[i]) == 0) return i;
+    return -1;
+}
+
+AFMDEF afm_kernels afm_kernels_best(void) {
+    afm__kernels k;
+    return (afm_kernels)afm__select_kernels(&k, AFM__LEVEL_MAX);
+}
+
+AFMDEF int afm_kernels_supported(afm_kernels level) {
+    afm__kernels k;
+    if (level == AFM_KERNELS_AUTO) return 1;
+    if ((int)level < 0 || level > AFM_KERNELS_NEON_DOTPROD) return 0;
+    return afm__select_kernels(&k, (int)level) == (int)level;
 }
 
 
@@ -6881,6 +7158,8 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
     if (p.kv_type == AFM_KV_AUTO) p.kv_type = c->has_kv_scales ? AFM_KV_INT8 : AFM_KV_F16;
     if (p.kv_type == AFM_KV_INT8 && !c->has_kv_scales) return AFM_ERR_UNSUPPORTED;
+    if ((int)p.kernels < 0 || p.kernels > AFM_KERNELS_NEON_DOTPROD) return AFM_ERR_ARG;
+    if (!afm_kernels_supported(p.kernels)) return AFM_ERR_UNSUPPORTED;
 
     s = (afm_session *)afm__calloc(a, 1, sizeof *s);
     if (!s) return AFM_ERR_NOMEM;
@@ -6891,7 +7170,7 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->n_ctx = p.n_ctx;
     s->kv_dim = c->n_kv_heads * c->head_dim;
     s->kv_elt = s->kv_type == AFM_KV_INT8 ? 1 : s->kv_type == AFM_KV_F16 ? 2 : 4;
-    afm__select_kernels(&s->kern, AFM__LEVEL_MAX);
+    afm__select_kernels(&s->kern, p.kernels == AFM_KERNELS_AUTO ? AFM__LEVEL_MAX : (int)p.kernels);
     if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
 
     qd = c->n_heads * c->head_dim;
@@ -6963,6 +7242,8 @@ AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
 }
 
 AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
+AFMDEF afm_kernels afm_session_kernels(const afm_session *s) { return s ? (afm_kernels)s->kern.level : AFM_KERNELS_AUTO; }
+
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *s) { return s ? s->kv_type : AFM_KV_AUTO; }
 AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
 
@@ -7049,13 +7330,15 @@ static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
     if (lo < hi) afm__prepare_activations(&j->s->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
 }
 
+/* The f32 dot product of the exact paths (f32_activations, float KV caches): products in double are
+   exact, so a compiler that fuses them into the adds changes nothing; 8 lanes and a fixed tree. */
 static float afm__dot(const float *a, const float *b, int n) {
-    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    double s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
     int i = 0, k;
     for (; i + 8 <= n; i += 8)
-        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        for (k = 0; k < 8; k++) s[k] += (double)a[i + k] * b[i + k];
+    for (k = 0; i < n; i++, k++) s[k] += (double)a[i] * b[i];
+    return (float)(((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
 }
 
 static void afm__mm_run(void *ctx, int ith, int nth) {
@@ -7077,7 +7360,10 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
         if (it->add_to) {
             int r, t;
             for (t = 0; t < it->act.n_tok; t++)
-                for (r = lo; r < hi; r++) it->add_to[(size_t)t * it->add_ld + r] += it->add_scale * it->Y[(size_t)t * it->ldy + r];
+                for (r = lo; r < hi; r++) { /* the product exact in double: fused or not, the same bits */
+                    float *y = &it->add_to[(size_t)t * it->add_ld + r];
+                    *y = (float)((double)*y + (double)it->add_scale * it->Y[(size_t)t * it->ldy + r]);
+                }
         }
     }
 }
@@ -7190,22 +7476,26 @@ static void afm__rope(float *v, const float *cs, const float *sn, int half) {
     int i;
     for (i = 0; i < half; i++) {
         float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = a * sn[i] + b * cs[i];
+        /* products exact in double: fused or not, the same bits */
+        v[i] = (float)((double)a * cs[i] - (double)b * sn[i]);
+        v[i + half] = (float)((double)a * sn[i] + (double)b * cs[i]);
     }
 }
 
 static void afm__rope_tables(afm_session *s, int n_tok) {
     const afm_config *c = &s->model->config;
+    const double log_theta = afm__log_d((double)c->rope_theta);
     int half = c->head_dim / 2, t, i;
     for (t = 0; t < n_tok; t++) {
         double p = (double)(s->pos + t);
         for (i = 0; i < half; i++) {
-            /* inv_freq_i = theta^(-2i/d), as f32 like the reference, then the angle in double */
-            float inv = (float)pow((double)c->rope_theta, -2.0 * i / c->head_dim);
-            double ang = p * inv;
-            s->rope_cos[t * half + i] = (float)cos(ang);
-            s->rope_sin[t * half + i] = (float)sin(ang);
+            /* inv_freq_i = theta^(-2i/d), as f32 like the reference, then the angle in double (exact:
+               a 24-bit position times a 24-bit float) */
+            float inv = (float)afm__exp_d(-2.0 * i / c->head_dim * log_theta);
+            double sn, cs;
+            afm__sincos_d(p * inv, &sn, &cs);
+            s->rope_cos[t * half + i] = (float)cs;
+            s->rope_sin[t * half + i] = (float)sn;
         }
     }
 }
@@ -7242,16 +7532,6 @@ typedef struct afm__attn_job {
     int n_tok, q_stride;
 } afm__attn_job;
 
-/* Softmax over n scores in place; returns nothing, the row sums to 1. */
-static void afm__softmax(float *x, int n) {
-    float mx = -FLT_MAX, sum = 0, inv;
-    int i;
-    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
-    for (i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
-    inv = 1.0f / sum;
-    for (i = 0; i < n; i++) x[i] *= inv;
-}
-
 /* int8 cache: one task per (token, KV head) runs the group of query heads that share it
    through the SIMD kernels (scores over int8 keys, then values over int8 values). */
 static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
@@ -7266,7 +7546,7 @@ static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
     float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)kvh * group * hd;
     k->kv_scores(q, (size_t)hd, group, (const int8_t *)s->k_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
                  ly->k_scale / sqrtf((float)hd), scores, (size_t)s->cap);
-    for (h = 0; h < group; h++) afm__softmax(scores + (size_t)h * s->cap, n_keys);
+    for (h = 0; h < group; h++) k->softmax(scores + (size_t)h * s->cap, n_keys);
     k->kv_values(scores, (size_t)s->cap, group, (const int8_t *)s->v_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
                  ly->v_scale, out, (size_t)hd);
 }
@@ -7276,7 +7556,7 @@ static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_heads, h = task % c->n_heads, kvh = h / group;
-    int n_keys = s->pos + t + 1, i, d;
+    int n_keys = s->pos + t + 1, i, d, d0;
     size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
     const float *q = s->q + (size_t)t * j->q_stride + (size_t)h * hd;
     float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)h * hd;
@@ -7285,11 +7565,16 @@ static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv
         afm__kv_load(s, s->k_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
         scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
     }
-    afm__softmax(scores, n_keys);
-    for (d = 0; d < hd; d++) out[d] = 0;
-    for (i = 0; i < n_keys; i++) {
-        afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
-        for (d = 0; d < hd; d++) out[d] += scores[i] * kv[d];
+    s->kern.softmax(scores, n_keys);
+    for (d0 = 0; d0 < hd; d0 += 64) { /* 64 columns at a time in double: exact products, any fusing is harmless */
+        double acc[64];
+        const int nd = hd - d0 < 64 ? hd - d0 : 64;
+        for (d = 0; d < nd; d++) acc[d] = 0;
+        for (i = 0; i < n_keys; i++) {
+            afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim + (size_t)d0, kv, nd, 1.0f);
+            for (d = 0; d < nd; d++) acc[d] += (double)scores[i] * kv[d];
+        }
+        for (d = 0; d < nd; d++) out[d0 + d] = (float)acc[d];
     }
 }
 
@@ -7331,8 +7616,6 @@ static void afm__qkv_post(afm_session *s, int layer, int n_tok) {
         }
     }
 }
-
-static float afm__silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* Runs n_tok tokens at positions pos.. through the model; logits for the rows asked for. */
 static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *logits, int logits_from) {
@@ -7384,7 +7667,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         afm__lora_a(&mj, &ls, l, AFM__P_UP, s->xn, d, s->hb2, f);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        for (i = 0; i < n_tok * f; i++) s->hb[i] = afm__silu(s->hb[i]) * s->hb2[i];
+        s->kern.silu_mul(s->hb, s->hb2, n_tok * f);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->down, s->hb, f, s->xn, d);

@@ -111,6 +111,9 @@ static const char *usage_generation =
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
+    "      --kernels NAME     kernel level: scalar, avx2, avx512, avx512vnni (x86-64), neon,\n"
+    "                         neon-dotprod (arm64); default: the best this CPU has (afm info\n"
+    "                         prints it). Every level gives the same results, bit for bit\n"
     "  -h, --help             this text\n"
     "\n"
     "exit status: 0 on success, 1 on any error (bad arguments or files, a full context, logits\n"
@@ -473,6 +476,24 @@ static void print_count(const char *label, unsigned long long n) {
     printf("  %-22s %15s\n", label, out);
 }
 
+afm_kernels kernels_or_die(const char *name) {
+    int k = afm_kernels_from_name(name);
+    if (!name) die("%s", "option --kernels needs a value");
+    if (k < 0 || k == AFM_KERNELS_AUTO)
+        die("--kernels: '%s' is not one of scalar, avx2, avx512, avx512vnni, neon, neon-dotprod", name);
+    if (!afm_kernels_supported((afm_kernels)k)) die("--kernels: this CPU (or this build) cannot run '%s'", name);
+    return (afm_kernels)k;
+}
+
+/* "avx2 (also: scalar)": the level sessions use by default, then the others this CPU can run. */
+static void print_kernels(void) {
+    int k, first = 1;
+    printf("kernels: %s (also:", afm_kernels_name(afm_kernels_best()));
+    for (k = AFM_KERNELS_SCALAR; k <= AFM_KERNELS_NEON_DOTPROD; k++)
+        if (k != (int)afm_kernels_best() && afm_kernels_supported((afm_kernels)k)) { printf("%s%s", first ? " " : ", ", afm_kernels_name((afm_kernels)k)); first = 0; }
+    printf("%s); every level gives the same results\n", first ? " none" : "");
+}
+
 static int cmd_info(const char *path) {
     afm_model *m = load_or_die(path, 0);
     const afm_config *c = afm_model_config(m);
@@ -500,6 +521,7 @@ static int cmd_info(const char *path) {
     afm_model_tokenizer_bytes(m, &tok_kind, &tok_size);
 
     printf("%s\n", path);
+    print_kernels();
     printf("config:\n");
     printf("  vocab_size %d, dim %d, layers %d (segment 0: %d, segment 1 / KV reuse: %d)\n", c->vocab_size, c->dim,
            c->n_layers, n_seg0, c->n_reuse_layers);
@@ -601,6 +623,7 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { smp.seed = (uint64_t)parse_int(v, a, 0, 0x7fffffffL); i++; }
         else if (!strcmp(a, "--dump-logits")) { if (!v) die("option %s needs a value", a); dump_path = v; i++; }
         else if (!strcmp(a, "--no-mmap")) no_mmap = 1;
+        else if (!strcmp(a, "--kernels")) { sp.kernels = kernels_or_die(v); i++; }
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
             if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;
