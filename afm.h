@@ -11179,7 +11179,10 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     if ((r = afm_sampler_create(&p->sampler, g.V, &s->model->alloc, &g.dsm)) != AFM_OK) { r = afm__serr(s, r, "afm_generate: out of memory"); goto out; }
 
     if (n_prompt > 0) {
-        if ((r = afm_session_eval(s, prompt, n_prompt)) != AFM_OK) goto out;
+        if ((r = afm_session_eval(s, prompt, n_prompt)) != AFM_OK) {
+            if (r == AFM_ERR_CONTEXT_FULL) stats->stop = AFM_STOP_CONTEXT_FULL; /* the prompt alone does not fit */
+            goto out;
+        }
         stats->n_prompt = n_prompt;
     }
     stats->t_prompt = afm__now() - t_start;

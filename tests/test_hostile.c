@@ -269,7 +269,7 @@ static void test_seeded_sampling_reproducible_with_drafters(void) {
 /* At the context limit afm_generate returned OK while the last emitted token was not in the cache. */
 static void test_ctxend_every_emitted_token_cached(void) {
     afm_model *m = load("models/mini/base.afm"), *dm = load("models/mini/draft.afm");
-    int32_t prompt[16] = { 3, 100, 200, 300, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 };
+    int32_t prompt[16] = { 3, 100, 200, 300, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 }, long_prompt[17] = { 0 };
     int drafter, ok = 1;
     if (!m || !dm) { CHECK(0, "load"); return; }
     for (drafter = 0; drafter < 3; drafter++) {
@@ -308,8 +308,16 @@ static void test_ctxend_every_emitted_token_cached(void) {
         afm_session_rewind(s, 0);
         c.n = 0;
         r = afm_generate(s, prompt, 16, &gp, &st);
-        CHECK(r == AFM_ERR_CONTEXT_FULL && c.n == 0 && afm_session_pos(s) == 16, "drafter %d: a full prompt: no token, context full (%s)",
-              drafter, afm_result_string(r));
+        CHECK(r == AFM_ERR_CONTEXT_FULL && st.stop == AFM_STOP_CONTEXT_FULL && c.n == 0 && afm_session_pos(s) == 16,
+              "drafter %d: a full prompt: no token, context full (%s)", drafter, afm_result_string(r));
+        /* a prompt longer than the context: nothing evaluated, the same result and stop reason */
+        afm_session_rewind(s, 0);
+        c.n = 0;
+        memcpy(long_prompt, prompt, sizeof prompt);
+        r = afm_generate(s, long_prompt, 17, &gp, &st);
+        CHECK(r == AFM_ERR_CONTEXT_FULL && st.stop == AFM_STOP_CONTEXT_FULL && c.n == 0 && afm_session_pos(s) == 0 && st.n_prompt == 0,
+              "drafter %d: a prompt of 17 in n_ctx 16: context full, stop reason context full (found by fuzz_gen): %s, stop %d", drafter,
+              afm_result_string(r), (int)st.stop);
         afm_session_free(ds);
         afm_session_free(s);
     }
