@@ -763,7 +763,7 @@ static double spec_chi2(afm_model *m, afm_session *ds, int drafter, int wrong_ru
     afm_sampler_create(&sp, V, NULL, &sm);
     /* exact distribution: p(a) p(b|a) p(c|a,b) over the top-3 sets */
     afm_session_eval(e, prompt, 6);
-    afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+    afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
     for (i = 0, a = 0; i < V; i++) if (dist[i] > 0) { p1[a] = dist[i]; top1[a++] = i; }
     for (a = 0; a < K; a++) {
         float pa = p1[a];
@@ -771,13 +771,13 @@ static double spec_chi2(afm_model *m, afm_session *ds, int drafter, int wrong_ru
         float *d2 = (float *)malloc((size_t)V * 4);
         afm_session_rewind(e, 6);
         afm_session_eval(e, &ta, 1);
-        afm__sampler_dist(sm, afm_session_logits(e, -1), d2);
+        afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, d2);
         for (i = 0, b = 0; i < V; i++) if (d2[i] > 0) top2[b++] = i;
         for (b = 0; b < K; b++) {
             int32_t tb = top2[b];
             afm_session_rewind(e, 7);
             afm_session_eval(e, &tb, 1);
-            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
             for (i = 0, c = 0; i < V; i++)
                 if (dist[i] > 0) { prob[(a * K + b) * K + c] = (double)pa * d2[tb] * dist[i]; c++; }
         }
@@ -810,12 +810,12 @@ static double spec_chi2(afm_model *m, afm_session *ds, int drafter, int wrong_ru
             if (ca < 0) { outside++; continue; }
             afm_session_rewind(e, 6);
             afm_session_eval(e, &seq[0], 1);
-            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
             for (i = 0, b = 0; i < V; i++) if (dist[i] > 0) t2[b++] = i;
             for (b = 0; b < K; b++) if (t2[b] == seq[1]) cb = b;
             if (cb < 0) { outside++; continue; }
             afm_session_eval(e, &seq[1], 1);
-            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
             for (i = 0, c = 0; i < V; i++) if (dist[i] > 0) t3[c++] = i;
             for (c = 0; c < K; c++) if (t3[c] == seq[2]) cc = c;
             if (cc < 0) { outside++; continue; }
