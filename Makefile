@@ -3,14 +3,17 @@
 #   make demo       build, then generate from the small model in the repository
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
-#   make fuzz       run each fuzz harness (model loader, .fmadapter reader, constraint compilers) for FUZZ_SECONDS (default 60)
+#   make fuzz       run each fuzz harness (model loader, .fmadapter reader, generation, constraint compilers) for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
+#   make fuzz-long  every harness for FUZZ_LONG_SECONDS each (default 900; docs/FUZZING.md)
 #   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels; see below)
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic
 LDLIBS   = -lm -lpthread
 FUZZ_SECONDS ?= 60
+# extra libFuzzer flags for every harness, e.g. FUZZ_FLAGS=-fork=4 (four processes each)
+FUZZ_FLAGS ?=
 
 all: afm simple
 
@@ -36,15 +39,18 @@ test:
 # kernels takes minutes per file.
 FUZZ_CC = clang -std=c99 -g -O1 -DAFM_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 fuzz:
-	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-constrain
+	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-gen build/corpus-constrain
 	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
+	$(FUZZ_CC) -o build/fuzz_gen tests/fuzz/fuzz_gen.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_constrain tests/fuzz/fuzz_constrain.c $(LDLIBS)
-	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
+	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-load tests/fuzz/corpus/load
-	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-fmadapter tests/fuzz/corpus/fmadapter_packed
-	build/fuzz_constrain -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 -rss_limit_mb=2048 \
+	build/fuzz_gen -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
+	    build/corpus-gen tests/fuzz/corpus/gen
+	build/fuzz_constrain -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-constrain tests/fuzz/corpus/constrain
 
 # Scalar kernels only here too (the tokenizer uses none).
@@ -52,10 +58,25 @@ fuzz-tok:
 	mkdir -p build build/corpus-fuzz_tok_load build/corpus-fuzz_tok_text
 	$(FUZZ_CC) -o build/fuzz_tok_load tests/fuzz/fuzz_tok_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_tok_text tests/fuzz/fuzz_tok_text.c $(LDLIBS)
-	build/fuzz_tok_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 \
+	build/fuzz_tok_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-fuzz_tok_load tests/fuzz/corpus/tok_load
-	build/fuzz_tok_text -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 \
+	build/fuzz_tok_text -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-fuzz_tok_text tests/fuzz/corpus/tok_text
+
+# Every harness (model file, .fmadapter, generation, tokenizer files, text) for a longer time each:
+# make fuzz-long FUZZ_LONG_SECONDS=3600. The scratch corpora in build/ grow from run to run;
+# docs/FUZZING.md records the long runs made so far.
+FUZZ_LONG_SECONDS ?= 900
+fuzz-long:
+	$(MAKE) fuzz fuzz-tok FUZZ_SECONDS=$(FUZZ_LONG_SECONDS)
+
+# Only the generation harness (eval + sampler + afm_generate on fuzzed models, parameters, drafters
+# and logits).
+fuzz-gen:
+	mkdir -p build build/corpus-gen
+	$(FUZZ_CC) -o build/fuzz_gen tests/fuzz/fuzz_gen.c $(LDLIBS)
+	build/fuzz_gen -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=20 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
+	    build/corpus-gen tests/fuzz/corpus/gen
 
 # Benchmarks on the full-size synthetic AFMTextV7 (3.18B, 2-bit matrices, 4-bit head, int8 KV) and
 # its 48.8M draft, made once in BENCH_DIR (955 MB + 26 MB + a 133 MB rank-32 adapter, ~20 s):
@@ -83,10 +104,10 @@ bench-spec: bench-models
 # Kernel micro-benchmark: matvec GB/s and prefill GFLOP/s per type next to measured bandwidth.
 bench-kernels:
 	mkdir -p build
-	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_kernels tests/bench_kernels.c $(LDLIBS)
+	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_kernels bench/bench_kernels.c $(LDLIBS)
 	build/bench_kernels
 
 clean:
 	rm -rf build afm simple
 
-.PHONY: all demo test fuzz fuzz-tok bench bench-models bench-adapter bench-spec bench-kernels clean
+.PHONY: all demo test fuzz fuzz-tok fuzz-long fuzz-gen bench bench-models bench-adapter bench-spec bench-kernels clean

@@ -6,28 +6,40 @@
    DO THIS in exactly one C or C++ file:
        #define AFM_IMPLEMENTATION
        #include "afm.h"
-   Everywhere else just #include "afm.h". The implementation includes afm_tokenizer.h (generated
-   Unicode tables for the tokenizer): keep it next to afm.h.
+   Everywhere else just #include "afm.h". afm.h alone is the whole library for AFM models; only
+   tokenizer.json support (AFM_HF_TOKENIZER below) needs afm_tokenizer.h next to it.
 
-   USAGE (see examples/simple.c for a complete program):
-       afm_model *m; char err[256];
+   USAGE (examples/simple.c is this program, complete):
+       afm_model *m; afm_tokenizer *tok; afm_session *s; char err[256];
        if (afm_model_load_file("model.afm", NULL, &m, err, sizeof err) != AFM_OK) { puts(err); return 1; }
-       afm_tokenizer *tok; afm_model_tokenizer(m, NULL, &tok, err, sizeof err);  // the model's own
-       afm_chat_message msg = { "user", "Hello!" };            // AFM chat format -> token ids
-       afm_chat_tokenize(tok, &msg, 1, NULL, 0, 1, tokens, cap, &n_tokens);
-       afm_session *s; afm_session_create(m, NULL, &s);
-       afm_session_eval(s, tokens, n_tokens);                  // prefill
-       const float *logits = afm_session_logits(s, -1);       // last position
-       ... sample a token t, stop if afm_tokenizer_is_stop(tok, t), print it with
-           afm_detokenizer_push, afm_session_eval(s, &t, 1), repeat ...
+       afm_model_tokenizer(m, NULL, &tok, err, sizeof err);             // stored in the model file
+       afm_chat_message msg = { "user", "Hello!" };                     // AFM chat format -> token ids
+       afm_chat_tokenize(tok, &msg, 1, NULL, 0, 1, prompt, cap, &n_prompt);
+       afm_session_create(m, NULL, &s);                                 // one conversation
+       afm_generate_params gp = {0};  gp.n_predict = 200;               // greedy; sampler params for more
+       gp.stop_tokens = &turn_end; gp.n_stop_tokens = 1;                // afm_tokenizer_special(...)
+       gp.on_token = print_piece;  gp.user = &detok;                    // afm_detokenizer_push -> text
+       afm_generate(s, prompt, n_prompt, &gp, NULL);
        afm_session_free(s); afm_tokenizer_free(tok); afm_model_free(m);
+   Lower level: afm_session_eval (prefill / one step), afm_session_logits, afm_sampler_sample.
+
+   Where things are: the implementation's sections follow a token from text to logits - errors,
+   allocation, platform (files, threads), file loader, JSON, tokenizer, kernels, LoRA adapters,
+   sessions, forward pass, sampling, generation - each under a "==== NAME ====" banner.
+   docs/ARCHITECTURE.md is the map; docs/MODEL.md the model's semantics; docs/FORMAT.md the files.
 
    CONFIGURATION MACROS (define before including the implementation)
        AFM_STATIC           make every API function static (private copy in one translation unit)
        AFM_NO_THREADS       no thread pool; everything runs on the caller's thread
        AFM_NO_MMAP          never map files; read them into memory instead
        AFM_NO_SIMD          scalar kernels only (the reference every SIMD kernel is tested against)
-       AFM_ASSERT(x)        your assert (default: assert from <assert.h>); only checks internal invariants
+       AFM_HF_TOKENIZER     also load Hugging Face tokenizer.json files (byte-level BPE); needs
+                            afm_tokenizer.h (generated Unicode tables) next to afm.h
+       AFM_ASSERT(x)        your assert (default: assert from <assert.h>); checks internal invariants and
+                            the lifetime rules below (cheap counts, checked when a model or adapter is freed)
+       AFM__PF_DIST         tuning: bytes the decode kernels prefetch ahead in a weight row (default
+                            4096; 0 turns software prefetch off)
+       AFM_TESTING          test hooks for tests/test_main.c; never in a real build
 
    Models are converted once from Apple's assets with tools/convert.py; the file format is
    docs/FORMAT.md. The library never prints, never exits, and checks every byte of a model file
@@ -66,7 +78,9 @@ typedef enum afm_result {
     AFM_ERR_UNSUPPORTED,  /* valid, but uses something this build does not implement */
     AFM_ERR_NOMEM,        /* an allocation failed */
     AFM_ERR_CONTEXT_FULL, /* the session's context limit would be exceeded */
-    AFM_ERR_THREAD        /* a worker thread could not be started */
+    AFM_ERR_THREAD,       /* a worker thread could not be started */
+    AFM_ERR_NUMERIC       /* the model computed logits that are NaN or +inf (or all -inf): no token
+                             can be chosen; the message names the position */
 } afm_result;
 
 AFMDEF const char *afm_result_string(afm_result r);
@@ -226,7 +240,7 @@ AFMDEF afm_result afm_detokenizer_push(afm_detokenizer *d, int32_t id, char *out
 AFMDEF afm_result afm_detokenizer_flush(afm_detokenizer *d, char *out, size_t cap, size_t *n_out);
 AFMDEF size_t afm_tokenizer_max_token_bytes(const afm_tokenizer *tok);
 
-/* ---- AFM chat format (AFM_SPEC section 7). ---- */
+/* ---- AFM chat format (docs/MODEL.md section 7). ---- */
 typedef struct afm_chat_message {
     const char *role;    /* "system", "user", "assistant", ... */
     const char *content; /* UTF-8, may contain "\n" */
@@ -257,7 +271,10 @@ AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *tok, const afm_chat_mes
 AFMDEF int afm_tool_call_next(const char *text, size_t len, size_t *pos, const char **call, size_t *call_len,
                               int *complete);
 
-/* ---- Sessions: one conversation timeline over a model. Many may share one model. ---- */
+/* ---- Sessions: one conversation timeline over a model. Many may share one model.
+   Lifetimes: a model must outlive its sessions and adapters, and an adapter the sessions that use
+   it (free in the reverse order of creation; afm_session_set_adapter(s, NULL) releases one).
+   Freeing out of order is a use-after-free; builds with assertions (AFM_ASSERT) stop there. ---- */
 typedef enum afm_kv_type {
     AFM_KV_AUTO = 0, /* int8 when the model has KV scales (exact to Apple), else F16 */
     AFM_KV_F32,
@@ -265,15 +282,39 @@ typedef enum afm_kv_type {
     AFM_KV_INT8      /* requires the model's KV scales */
 } afm_kv_type;
 
+/* Kernel levels: the SIMD code the matrix products use. Every level computes the same bits (the
+   summation contract in the KERNELS section), so the level changes speed, never results. */
+typedef enum afm_kernels {
+    AFM_KERNELS_AUTO = 0,       /* the best level this CPU and build have */
+    AFM_KERNELS_SCALAR,         /* portable C, the reference */
+    AFM_KERNELS_AVX2,           /* x86-64: AVX2 + FMA + F16C */
+    AFM_KERNELS_AVX512,         /* x86-64: AVX-512 F/BW/DQ/VL */
+    AFM_KERNELS_AVX512VNNI,     /* x86-64: AVX-512 + VNNI */
+    AFM_KERNELS_NEON,           /* arm64: NEON */
+    AFM_KERNELS_NEON_DOTPROD    /* arm64: NEON + the dot-product extension (a build with -march=...+dotprod) */
+} afm_kernels;
+/* "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon-dotprod" ("auto" for AFM_KERNELS_AUTO), NULL if unknown. */
+AFMDEF const char *afm_kernels_name(afm_kernels level);
+/* The level named (as afm_kernels_name writes it); -1 if the name is unknown. */
+AFMDEF int afm_kernels_from_name(const char *name);
+/* 1 if this CPU and build can run the level (AFM_KERNELS_AUTO: always). */
+AFMDEF int afm_kernels_supported(afm_kernels level);
+/* The level AFM_KERNELS_AUTO picks here. */
+AFMDEF afm_kernels afm_kernels_best(void);
+
 typedef struct afm_session_params {
     int n_ctx;          /* context limit in tokens; 0: the model's context_length */
     int n_threads;      /* worker threads including the caller; 0: 1 */
-    int n_batch;        /* tokens per forward pass during prefill; 0: 256 */
+    int n_batch;        /* tokens per forward pass during prefill; 0: 256. Lowered when one batch's
+                           scratch would outweigh max(64 MiB, the model file's size): memory before
+                           any token is cached stays bounded by the file's size */
     int all_logits;     /* keep logits for every position of an eval, not just the last */
     int preallocate;    /* reserve the whole KV cache now instead of growing it on demand */
     afm_kv_type kv_type;
     int f32_activations; /* quantized weights meet f32 activations (decoded row by row: slow, exact to
                             the decoded weights) instead of int8 activation blocks (fast, the default) */
+    afm_kernels kernels; /* AFM_KERNELS_AUTO (0): the best this CPU has; else that level, and
+                            afm_session_create fails with AFM_ERR_UNSUPPORTED if the CPU lacks it */
 } afm_session_params;
 
 AFMDEF afm_result afm_session_create(afm_model *model, const afm_session_params *params, afm_session **out);
@@ -285,13 +326,16 @@ AFMDEF const float *afm_session_logits(const afm_session *session, int i);
 /* Forgets every token at index >= pos; the next eval continues from pos. */
 AFMDEF afm_result afm_session_rewind(afm_session *session, int pos);
 AFMDEF int afm_session_pos(const afm_session *session);
+/* The kernel level the session runs (AFM_KERNELS_AUTO resolved). */
+AFMDEF afm_kernels afm_session_kernels(const afm_session *session);
 /* The KV cache's element type (AFM_KV_AUTO resolved: what the session actually stores). */
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *session);
 AFMDEF const char *afm_session_error(const afm_session *session);
 
-/* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic. ---- */
+/* ---- Sampling: greedy when temperature <= 0. Seeded and deterministic: one uniform number of the
+   seed's stream per sampled token, picked by inverse cumulative probability in id order. ---- */
 typedef struct afm_sampler_params {
-    float temperature;  /* 0: greedy */
+    float temperature;  /* 0: greedy; +inf and NaN are refused; below ~3e-39 it is greedy */
     int top_k;          /* 0: off */
     float top_p;        /* 0 or 1: off */
     float min_p;        /* 0: off */
@@ -302,6 +346,8 @@ typedef struct afm_sampler afm_sampler;
 AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int vocab_size,
                                      const afm_allocator *allocator, afm_sampler **out);
 AFMDEF void afm_sampler_free(afm_sampler *sampler);
+/* A token id, or -1 when none can be chosen: logits is NULL, holds a NaN or +inf, or every logit
+   is -inf. (afm_generate turns that into AFM_ERR_NUMERIC.) */
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sampler, const float *logits);
 
 /* ---- Constraints (guided generation): the output is guaranteed to match a regular expression, a
@@ -357,7 +403,7 @@ AFMDEF const char *afm_constraint_state_error(const afm_constraint_state *s);
 AFMDEF int32_t afm_sampler_sample_masked(afm_sampler *sampler, const float *logits, const uint32_t *allowed);
 
 
-/* ---- LoRA adapters (AFM_SPEC section 3): y = W x + (alpha / rank) * B (A x) on every adapted
+/* ---- LoRA adapters (docs/MODEL.md section 3): y = W x + (alpha / rank) * B (A x) on every adapted
    projection, applied at run time so a 2-bit base needs no merge. Several adapters may be loaded
    against one model; each session picks one (or none). An adapter must outlive the sessions that
    use it and the model must outlive the adapter. ---- */
@@ -394,12 +440,16 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *session, const afm_adapte
 
 /* ---- Generation: a sampling loop with streaming, stop tokens and speculative decoding. A
    drafter proposes up to K tokens, the base verifies them all in one forward pass and keeps the
-   longest valid prefix, so the output is what the base alone would produce: token for token when
-   greedy, the same distribution when sampling (accept with min(1, p/q), else resample from
-   max(0, p - q)). K adapts to the measured acceptance and costs; 0 means plain decoding. ---- */
+   drafts that equal its own picks, so the output is what the base alone produces, token for token,
+   greedy or sampled: the base draws every token with the same random number as without a drafter
+   (one per token, in order), whatever the drafter proposes and whatever K is. Same seed, same text:
+   across runs, thread counts, load, drafters and K. K adapts to the measured acceptance and costs
+   (timings change only the speed); 0 means plain decoding. A draft model draws its proposals with
+   the base's numbers, so it agrees whenever its distribution puts a number on the same token. ---- */
 
 /* A custom drafter: propose up to k tokens continuing context[0 .. n_context) into draft;
-   return how many (0 for none). Called with the base's context; must not keep the pointer. */
+   return how many (0 for none; more than k is taken as k, but the drafter must write at most k).
+   Called with the base's context; must not keep the pointer. */
 typedef int (*afm_draft_fn)(void *user, const int32_t *context, int n_context, int k, int32_t *draft);
 
 typedef struct afm_generate_params {
@@ -424,15 +474,29 @@ typedef struct afm_generate_params {
     int no_fast_forward;            /* sample even the tokens the constraint forces (default: appended as one batch) */
 } afm_generate_params;
 
+/* Why afm_generate stopped. */
+typedef enum afm_stop_reason {
+    AFM_STOP_NONE = 0,       /* n_predict was 0, or an error other than a full context */
+    AFM_STOP_N_PREDICT,      /* n_predict tokens were generated */
+    AFM_STOP_TOKEN,          /* one of the stop tokens was generated */
+    AFM_STOP_CALLBACK,       /* on_token returned non-zero */
+    AFM_STOP_CONTEXT_FULL    /* the session's context is full (afm_generate returned AFM_ERR_CONTEXT_FULL) */
+} afm_stop_reason;
+
 typedef struct afm_generate_stats {
     int n_prompt, n_generated;
     int n_steps;                    /* base forward passes after the prompt */
     int n_drafted, n_accepted;      /* acceptance rate = n_accepted / n_drafted */
     double t_prompt, t_draft, t_verify, t_total; /* seconds */
+    afm_stop_reason stop;
 } afm_generate_stats;
 
 /* Evaluates the prompt (may be empty to continue from the session's last logits), then
-   generates. Every emitted token is in the session's cache when it returns. */
+   generates. Every emitted token is in the session's cache when it returns, also after an error:
+   a token is handed to on_token only once its slot in the cache is sure. Returns
+   AFM_ERR_CONTEXT_FULL when the context fills up before n_predict tokens or a stop (the tokens
+   before stay generated; stats->stop says AFM_STOP_CONTEXT_FULL), AFM_ERR_NUMERIC when the model's
+   logits are NaN or +inf (the message names the position). */
 AFMDEF afm_result afm_generate(afm_session *session, const int32_t *prompt, int n_prompt,
                                const afm_generate_params *params, afm_generate_stats *stats);
 /* The tokens in the session's cache (n of them). Valid until the next call on the session. */
@@ -494,6 +558,7 @@ AFMDEF const char *afm_result_string(afm_result r) {
     case AFM_ERR_NOMEM: return "out of memory";
     case AFM_ERR_CONTEXT_FULL: return "context full";
     case AFM_ERR_THREAD: return "thread error";
+    case AFM_ERR_NUMERIC: return "non-finite logits";
     }
     return "unknown error";
 }
@@ -585,6 +650,7 @@ static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, in
         LARGE_INTEGER li;
         b->file = CreateFileA(path, GENERIC_READ, FILE_SHARE_READ, NULL, OPEN_EXISTING, FILE_ATTRIBUTE_NORMAL, NULL);
         if (b->file == INVALID_HANDLE_VALUE) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+        if (GetFileType(b->file) != FILE_TYPE_DISK) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path); }
         if (!GetFileSizeEx(b->file, &li)) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot get file size", path); }
         size = (uint64_t)li.QuadPart;
         if (size == 0) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
@@ -598,8 +664,13 @@ static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, in
     }
 #elif !defined(_WIN32) && !defined(AFM_NO_MMAP)
     if (!no_mmap) {
+        /* Refuse FIFOs, devices and directories before opening: opening a FIFO blocks until a
+           writer comes. O_NONBLOCK covers a path swapped after the stat (no effect on a file). */
         struct stat st;
-        int fd = open(path, O_RDONLY);
+        int fd;
+        if (stat(path, &st) != 0) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
+        if (!S_ISREG(st.st_mode)) return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path);
+        fd = open(path, O_RDONLY | O_NONBLOCK);
         if (fd < 0) return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot open file", path);
         if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); return afm__fail(err, errn, AFM_ERR_IO, "%s: not a regular file", path); }
         size = (uint64_t)st.st_size;
@@ -682,9 +753,11 @@ static long afm__atomic_add(afm__atomic *p, long v) { return __atomic_add_fetch(
 #define AFM__SPIN 2000 /* pause instructions (tens of microseconds) before sleeping */
 #endif
 
+struct afm__worker_arg;
 typedef struct afm__pool {
     int n_threads;
 #ifndef AFM_NO_THREADS
+    struct afm__worker_arg *args; /* [n_threads]: what each worker is started with (allocator hooks) */
 #if defined(_WIN32)
     HANDLE *threads;
     CRITICAL_SECTION lock;
@@ -743,9 +816,8 @@ static DWORD WINAPI afm__worker_main(LPVOID arg) {
 #else
 static void *afm__worker_main(void *arg) {
 #endif
-    afm__worker_arg a = *(afm__worker_arg *)arg;
-    free(arg);
-    afm__worker_loop(a.pool, a.ith);
+    afm__worker_arg *a = (afm__worker_arg *)arg;
+    afm__worker_loop(a->pool, a->ith);
     return 0;
 }
 #endif /* AFM_NO_THREADS */
@@ -775,7 +847,9 @@ static void afm__pool_destroy(const afm_allocator *a, afm__pool *p) {
     pthread_cond_destroy(&p->done);
 #endif
     afm__free(a, p->threads);
+    afm__free(a, p->args);
     p->threads = NULL;
+    p->args = NULL;
 #else
     (void)a; (void)p;
 #endif
@@ -798,7 +872,12 @@ static afm_result afm__pool_init(const afm_allocator *a, afm__pool *p, int n_thr
         pthread_t
 #endif
         *)afm__calloc(a, (size_t)n_threads, sizeof *p->threads);
-    if (!p->threads) return AFM_ERR_NOMEM;
+    p->args = (afm__worker_arg *)afm__calloc(a, (size_t)n_threads, sizeof *p->args);
+    if (!p->threads || !p->args) {
+        afm__free(a, p->threads);
+        afm__free(a, p->args);
+        return AFM_ERR_NOMEM;
+    }
 #if defined(_WIN32)
     InitializeCriticalSection(&p->lock);
     InitializeConditionVariable(&p->wake);
@@ -811,20 +890,16 @@ static afm_result afm__pool_init(const afm_allocator *a, afm__pool *p, int n_thr
     {
         int i;
         for (i = 1; i < n_threads; i++) {
-            afm__worker_arg *arg = (afm__worker_arg *)malloc(sizeof *arg);
+            afm__worker_arg *arg = &p->args[i];
             int ok;
-            if (!arg) ok = 0;
-            else {
-                arg->pool = p;
-                arg->ith = i;
+            arg->pool = p;
+            arg->ith = i;
 #if defined(_WIN32)
-                p->threads[i] = CreateThread(NULL, 0, afm__worker_main, arg, 0, NULL);
-                ok = p->threads[i] != NULL;
+            p->threads[i] = CreateThread(NULL, 0, afm__worker_main, arg, 0, NULL);
+            ok = p->threads[i] != NULL;
 #else
-                ok = pthread_create(&p->threads[i], NULL, afm__worker_main, arg) == 0;
+            ok = pthread_create(&p->threads[i], NULL, afm__worker_main, arg) == 0;
 #endif
-                if (!ok) free(arg);
-            }
             if (!ok) { p->n_threads = i; afm__pool_destroy(a, p); return AFM_ERR_THREAD; }
         }
     }
@@ -858,6 +933,16 @@ static void afm__pool_run(afm__pool *p, afm__job_fn fn, void *ctx) {
 #endif
     fn(ctx, 0, 1);
 }
+
+/* Counts of live users (sessions of a model, ...): atomic, since threads may create and free
+   sessions of one model at once. */
+#ifdef AFM_NO_THREADS
+typedef long afm__count;
+static long afm__count_add(afm__count *p, long v) { return *p += v; }
+#else
+typedef afm__atomic afm__count;
+static long afm__count_add(afm__count *p, long v) { return afm__atomic_add(p, v); }
+#endif
 
 /* The share [*lo, *hi) of n items that thread ith of nth handles. */
 static void afm__split(int n, int ith, int nth, int *lo, int *hi) {
@@ -1052,7 +1137,31 @@ struct afm_model {
     size_t tok_size;
     int tok_kind;
     uint64_t n_params, n_lora_params;
+    afm__count n_users;                      /* live sessions and adapters (afm_model_free checks) */
 };
+
+/* Sessions and adapters count themselves on their model; changing the count is not a change
+   of the model a caller sees, so it is allowed through a const pointer. */
+static void afm__model_use(const afm_model *m, long d) { afm__count_add(&((afm_model *)(void *)m)->n_users, d); }
+
+/* LoRA alpha beyond the largest f16 is no trained adapter's (Apple's: 16, so scale 0.5); 9e29 made
+   every logit infinite. */
+#define AFM__MAX_ALPHA 65504.0f
+
+/* A base-model signature field (models and adapters alike): 40 lowercase hex digits, or 40 zero
+   bytes for none. Writes the NUL-terminated text ("" for none) to out[41]; returns -1, or the
+   index of the first byte that breaks the rule. */
+static int afm__read_signature(const unsigned char *p, char *out) {
+    int i;
+    out[0] = 0;
+    for (i = 0; i < 40; i++) {
+        unsigned char ch = p[i];
+        if (p[0] ? !((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')) : ch != 0) return i;
+        out[i] = (char)ch;
+    }
+    out[40] = 0;
+    return -1;
+}
 
 static uint32_t afm__rd32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -1151,21 +1260,15 @@ static afm_result afm__parse_config(afm__loader *L, const unsigned char *c, afm_
         return AFM__BAD(L, "%s: offset %llu: config lora_rank is %u, expected 0..4096", L->name, (unsigned long long)(cfg_off + 60), v);
     cfg->lora_rank = (int)v;
     cfg->lora_alpha = afm__rdf32(c + 64);
-    if (cfg->lora_rank && !(cfg->lora_alpha > -1e30f && cfg->lora_alpha < 1e30f))
-        return AFM__BAD(L, "%s: offset %llu: config lora_alpha is not finite", L->name, (unsigned long long)(cfg_off + 64));
-    if (c[72]) {
-        for (i = 0; i < 40; i++) {
-            unsigned char ch = c[72 + i];
-            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
-                return AFM__BAD(L, "%s: offset %llu: signature byte 0x%02x is not a lowercase hex digit", L->name,
-                                (unsigned long long)(cfg_off + 72 + i), ch);
-            cfg->signature[i] = (char)ch;
-        }
-    } else {
-        for (i = 0; i < 40; i++)
-            if (c[72 + i]) return AFM__BAD(L, "%s: offset %llu: signature is neither 40 hex digits nor all zero", L->name, (unsigned long long)(cfg_off + 72 + i));
+    if (cfg->lora_rank && !(cfg->lora_alpha >= -AFM__MAX_ALPHA && cfg->lora_alpha <= AFM__MAX_ALPHA))
+        return AFM__BAD(L, "%s: offset %llu: config lora_alpha %g is outside [-%g, %g]", L->name, (unsigned long long)(cfg_off + 64),
+                        (double)cfg->lora_alpha, (double)AFM__MAX_ALPHA, (double)AFM__MAX_ALPHA);
+    {
+        int bad = afm__read_signature(c + 72, cfg->signature);
+        if (bad >= 0)
+            return AFM__BAD(L, "%s: offset %llu: signature byte 0x%02x: the signature is neither 40 lowercase hex digits nor all zero",
+                            L->name, (unsigned long long)(cfg_off + 72 + bad), c[72 + bad]);
     }
-    cfg->signature[40] = 0;
     return AFM_OK;
 }
 
@@ -1563,6 +1666,7 @@ AFMDEF afm_result afm_model_load_memory(const void *data, size_t size, const afm
 AFMDEF void afm_model_free(afm_model *m) {
     afm_allocator a;
     if (!m) return;
+    AFM_ASSERT(afm__count_add(&m->n_users, 0) == 0 && "afm_model_free: free its sessions and adapters first");
     a = m->alloc;
     afm__free(&a, m->tensors);
     afm__free(&a, m->layers);
@@ -1599,7 +1703,7 @@ AFMDEF const void *afm_model_tokenizer_bytes(const afm_model *m, int *kind, size
 
 
 /* ======================================================================================== */
-/* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) ==== */
+/* ==== JSON: a bounds-checked, non-recursive reader (adapter metadata, tokenizer.json) === */
 /* ======================================================================================== */
 
 /* RFC 8259, strictly (escapes, surrogate pairs and numbers are checked while parsing), into a flat
@@ -1658,6 +1762,71 @@ static void afm__json_free(const afm_allocator *a, afm__json *j) {
     afm__free(a, j->n);
     j->n = NULL;
     j->count = j->cap = 0;
+}
+
+static size_t afm__json_unescape(const afm__json *j, int32_t idx, char *out);
+
+/* Key node k's text with escapes undone: the source bytes themselves when it has none, else a copy
+   in buf (which has room for the node's len bytes). */
+static const char *afm__json_key_text(const afm__json *j, int32_t k, char *buf, size_t *len) {
+    const afm__jnode *nd = &j->n[k];
+    if (!nd->escaped) { *len = nd->len; return j->src + nd->start; }
+    *len = afm__json_unescape(j, k, buf);
+    return buf;
+}
+
+/* Refuses an object with a key twice: RFC 8259 leaves the meaning open and readers differ (first
+   wins, last wins, refusal); the project's Python tools refuse too. Keys are compared with their
+   escapes undone. Linear in the document: one hash table over each object's keys. */
+static int afm__json_unique_keys(const afm_allocator *a, const afm__json *j, size_t *where, const char **why) {
+    size_t i, max_keys = 0, max_len = 0, cap = 16;
+    int32_t *slot, k;
+    char *b1, *b2;
+    int ok = 1;
+    for (i = 0; i < j->count; i++) {
+        size_t n = 0;
+        if (j->n[i].type != AFM__JOBJ) continue;
+        for (k = j->n[i].child; k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next) {
+            n++;
+            if (j->n[k].len > max_len) max_len = j->n[k].len;
+        }
+        if (n > max_keys) max_keys = n;
+    }
+    if (max_keys < 2) return 1;
+    while (cap < max_keys * 2) cap *= 2;
+    slot = (int32_t *)afm__alloc(a, cap * sizeof *slot);
+    b1 = (char *)afm__alloc(a, max_len + 1);
+    b2 = (char *)afm__alloc(a, max_len + 1);
+    if (!slot || !b1 || !b2) { *where = 0; *why = "out of memory"; ok = 0; }
+    for (i = 0; ok && i < j->count; i++) {
+        size_t n = 0, mask = 1;
+        if (j->n[i].type != AFM__JOBJ) continue;
+        for (k = j->n[i].child; k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next) n++;
+        if (n < 2) continue;
+        while (mask < n * 2) mask *= 2;
+        mask--;
+        memset(slot, 0xff, (mask + 1) * sizeof *slot);
+        for (k = j->n[i].child; ok && k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next) {
+            size_t l1, l2, q;
+            const char *t1 = afm__json_key_text(j, k, b1, &l1);
+            uint32_t h = 2166136261u;
+            for (q = 0; q < l1; q++) h = (h ^ (unsigned char)t1[q]) * 16777619u;
+            for (q = h & mask; slot[q] >= 0; q = (q + 1) & mask) {
+                const char *t2 = afm__json_key_text(j, slot[q], b2, &l2);
+                if (l1 == l2 && memcmp(t1, t2, l1) == 0) {
+                    *where = j->n[k].start - 1; /* the opening quote of the second one */
+                    *why = "the object has this key twice";
+                    ok = 0;
+                    break;
+                }
+            }
+            if (ok) slot[q] = k;
+        }
+    }
+    afm__free(a, slot);
+    afm__free(a, b1);
+    afm__free(a, b2);
+    return ok;
 }
 
 /* Parses s[0, n) into j (start from a zeroed afm__json; free it with afm__json_free, also after a
@@ -1816,7 +1985,7 @@ fail:
 done:
     afm__json_ws(s, n, &i);
     if (i != n) { *where = i; *why = "text after the JSON value"; return 0; }
-    return 1;
+    return afm__json_unique_keys(a, j, where, why);
 }
 
 /* Undoes the escapes of string node idx into out, which has room for the node's len bytes (the text
@@ -3695,10 +3864,18 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
         l = afm__utf8_put(u8, cp);
         t->cid[cp] = afm__tok_ht_find(t, &t->ht_normal, u8, l);
     }
-    /* the pair table: every split of every piece into two pieces */
+    /* the pair table: every split of every piece into two pieces. Only splits into two lengths that
+       some piece has are looked up: hashing every prefix and suffix of a long piece would take time
+       quadratic in its length (a 400 KB piece: 30 s). */
     {
         size_t count = 0, cap = 16;
         int pass;
+        uint8_t *has_len = (uint8_t *)afm__calloc(&t->alloc, t->max_piece_len + 1, 1);
+        if (!has_len) return AFM_ERR_NOMEM;
+        for (i = 0; i < t->n_vocab; i++) {
+            int ty = t->type[i];
+            if (ty == AFM_TOKEN_NORMAL || ty == AFM_TOKEN_USER_DEFINED || ty == AFM_TOKEN_UNUSED) has_len[t->off[i + 1] - t->off[i]] = 1;
+        }
         for (pass = 0; pass < 2; pass++) {
             for (i = 0; i < t->n_vocab; i++) {
                 const char *ps = t->str + t->off[i];
@@ -3706,7 +3883,9 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
                 int ty = t->type[i];
                 if (!(ty == AFM_TOKEN_NORMAL || ty == AFM_TOKEN_USER_DEFINED || ty == AFM_TOKEN_UNUSED)) continue;
                 for (; k < pl; k += afm__tok_onecharlen((unsigned char)ps[k])) {
-                    int32_t a = afm__tok_ht_find(t, &t->ht_normal, ps, k), b;
+                    int32_t a, b;
+                    if (!has_len[k] || !has_len[pl - k]) continue;
+                    a = afm__tok_ht_find(t, &t->ht_normal, ps, k);
                     if (a < 0) continue;
                     b = afm__tok_ht_find(t, &t->ht_normal, ps + k, pl - k);
                     if (b < 0) continue;
@@ -3725,11 +3904,12 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
                 size_t q;
                 while (cap < count * 2) cap *= 2;
                 t->pt = (afm__tok_pent *)afm__alloc(&t->alloc, cap * sizeof(afm__tok_pent));
-                if (!t->pt) return AFM_ERR_NOMEM;
+                if (!t->pt) { afm__free(&t->alloc, has_len); return AFM_ERR_NOMEM; }
                 for (q = 0; q < cap; q++) t->pt[q].id = -1;
                 t->pt_mask = (uint32_t)(cap - 1);
             }
         }
+        afm__free(&t->alloc, has_len);
     }
     memset(&e, 0, sizeof e);
     e.t = t;
@@ -3760,11 +3940,11 @@ static afm_result afm__tok_spm_pflags(afm_tokenizer *t) {
 }
 
 /* ======================================================================================== */
-/* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) ========= */
+/* ==== TOKENIZER: byte-level BPE from tokenizer.json (Hugging Face tokenizers) =========== */
 /* ======================================================================================== */
 /* Opt-in (AFM_HF_TOKENIZER): AFM models use SentencePiece, so the default build is afm.h alone. With
    the macro, afm_tokenizer.h (Unicode 14 character classes, combining classes, decompositions and
-   compositions, generated by tools/gen_unicode_tables.py) must sit next to afm.h. */
+   compositions, generated by tests/gen/gen_unicode_tables.py) must sit next to afm.h. */
 #ifdef AFM_HF_TOKENIZER
 #include "afm_tokenizer.h"
 
@@ -4064,6 +4244,15 @@ static int afm__tok_merge_find(const afm__tok_hf *h, int32_t a, int32_t b, uint3
     }
     return 0;
 }
+/* a repeated merge takes the later rank, as HF's map does */
+static void afm__tok_merge_put(afm__tok_hf *h, int32_t a, int32_t b, uint32_t rank, int32_t nw) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+    uint32_t i = afm__tok_mhash(key) & h->mmask;
+    while (h->mnew[i] >= 0 && h->mkey[i] != key) i = (i + 1) & h->mmask;
+    h->mkey[i] = key;
+    h->mrank[i] = rank;
+    h->mnew[i] = nw;
+}
 
 /* the byte-level alphabet: byte -> code point */
 static uint32_t afm__tok_byte_cp(unsigned b) {
@@ -4128,40 +4317,94 @@ static int32_t afm__tok_trie_longest(const afm__tok_trie_node *nodes, const int3
     return best;
 }
 
-#define AFM__TOK_HF_FAIL(code, ...)                                                                           \
-    do {                                                                                                    \
-        res = afm__fail(err, err_size, code, __VA_ARGS__);                                                  \
-        goto out;                                                                                           \
-    } while (0)
+/* ---- loading a tokenizer.json, one step after another ---- */
+/* The load's state. The tables being filled belong to t and t->hf (afm_tokenizer_free releases them after
+   a failure); the parsed JSON and the temporary buffers belong here and are freed in one place. */
+typedef struct afm__tok_hf_load {
+    afm_tokenizer *t;
+    afm__tok_hf *h;
+    char *err;
+    size_t err_size;
+    afm__json j;
+    size_t size;                 /* bytes of the file */
+    int32_t model, vocab, added; /* nodes: model, model.vocab, added_tokens (-1: absent) */
+    afm__tok_buf tmp;            /* one JSON string at a time */
+    int32_t *node_of;            /* id -> its key in model.vocab, -1 */
+    int32_t *added_of;           /* id -> its index in h->added, -1 */
+    uint32_t *noff;              /* the final strings (offsets into fb) until they become t->off, t->str */
+    afm__tok_buf fb;
+} afm__tok_hf_load;
 
-static int afm__tok_hf_normalizer(const afm__json *j, int32_t nd, afm__tok_hf *h, char *err, size_t err_size) {
+static void afm__tok_hf_load_free(afm__tok_hf_load *L) {
+    const afm_allocator *m = &L->t->alloc;
+    afm__json_free(m, &L->j);
+    afm__free(m, L->tmp.p);
+    afm__free(m, L->node_of);
+    afm__free(m, L->added_of);
+    afm__free(m, L->noff);
+    afm__free(m, L->fb.p);
+}
+static afm_result afm__tok_hf_oom(afm__tok_hf_load *L) {
+    return afm__fail(L->err, L->err_size, AFM_ERR_NOMEM, "tokenizer.json: out of memory");
+}
+
+static afm_result afm__tok_hf_parse(afm__tok_hf_load *L, const uint8_t *data, size_t size) {
+    size_t where = 0;
+    const char *why = "";
+    if (afm__json_parse(&L->t->alloc, (const char *)data, size, &L->j, &where, &why)) return AFM_OK;
+    if (strcmp(why, "out of memory") == 0) return afm__tok_hf_oom(L);
+    return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: invalid JSON at byte %lu: %s", (unsigned long)where, why);
+}
+
+/* the model: BPE without the options that byte-level BPE does not use */
+static afm_result afm__tok_hf_model_options(afm__tok_hf_load *L) {
+    static const char *affixes[2] = {"continuing_subword_prefix", "end_of_word_suffix"};
+    const afm__json *j = &L->j;
+    int32_t model = afm__json_get(j, 0, "model"), c;
+    int k;
+    if (model < 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: no \"model\"");
+    if (!afm__json_eq(j, afm__json_get(j, model, "type"), "BPE"))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: model type is not BPE (only byte-level BPE is supported)");
+    c = afm__json_get(j, model, "dropout");
+    if (!afm__json_isnull(j, c) && !(j->n[c].type == AFM__JNUM && strtod(j->src + j->n[c].start, NULL) == 0.0))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE dropout is not supported");
+    for (k = 0; k < 2; k++) {
+        c = afm__json_get(j, model, affixes[k]);
+        if (!afm__json_isnull(j, c) && !(j->n[c].type == AFM__JSTR && j->n[c].len == 0))
+            return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE %s is not supported", affixes[k]);
+    }
+    if (afm__json_bool(j, afm__json_get(j, model, "byte_fallback"), 0))
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE byte_fallback is not supported (byte-level BPE only)");
+    L->model = model;
+    L->h->ignore_merges = afm__json_bool(j, afm__json_get(j, model, "ignore_merges"), 0);
+    L->h->fuse_unk = afm__json_bool(j, afm__json_get(j, model, "fuse_unk"), 0);
+    return AFM_OK;
+}
+
+/* the normalizer (node nd, null for none): a list of Unicode normal forms, applied in order */
+static afm_result afm__tok_hf_normalizer(afm__tok_hf_load *L, int32_t nd) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
     int32_t ty;
-    if (afm__json_isnull(j, nd)) return 1;
+    if (afm__json_isnull(j, nd)) return AFM_OK;
     ty = afm__json_get(j, nd, "type");
     if (afm__json_eq(j, ty, "Sequence")) {
         int32_t list = afm__json_get(j, nd, "normalizers"), c;
-        if (list < 0 || j->n[list].type != AFM__JARR) {
-            afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer Sequence without a normalizers list");
-            return 0;
-        }
-        for (c = j->n[list].child; c >= 0; c = j->n[c].next)
-            if (!afm__tok_hf_normalizer(j, c, h, err, err_size)) return 0;
-        return 1;
+        afm_result r = AFM_OK;
+        if (list < 0 || j->n[list].type != AFM__JARR)
+            return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer Sequence without a normalizers list");
+        for (c = j->n[list].child; c >= 0 && r == AFM_OK; c = j->n[c].next) r = afm__tok_hf_normalizer(L, c);
+        return r;
     }
-    if (h->n_nf >= 8) {
-        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: too many normalizers");
-        return 0;
-    }
+    if (h->n_nf >= 8) return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: too many normalizers");
     if (afm__json_eq(j, ty, "NFC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C;
     else if (afm__json_eq(j, ty, "NFKC")) h->nf_forms[h->n_nf++] = AFM__TOK_NF_C | AFM__TOK_NF_K;
     else if (afm__json_eq(j, ty, "NFD")) h->nf_forms[h->n_nf++] = 4;
     else if (afm__json_eq(j, ty, "NFKD")) h->nf_forms[h->n_nf++] = 4 | AFM__TOK_NF_K;
-    else {
-        afm__fail(err, err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer type %.*s is not supported (NFC, NFKC, NFD, NFKD, Sequence)",
-                  ty >= 0 ? (int)(j->n[ty].len > 40 ? 40 : j->n[ty].len) : 4, ty >= 0 ? j->src + j->n[ty].start : "none");
-        return 0;
-    }
-    return 1;
+    else
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: normalizer type %.*s is not supported (NFC, NFKC, NFD, NFKD, Sequence)",
+                         ty >= 0 ? (int)(j->n[ty].len > 40 ? 40 : j->n[ty].len) : 4, ty >= 0 ? j->src + j->n[ty].start : "none");
+    return AFM_OK;
 }
 
 static int afm__tok_hf_bytelevel(const afm__json *j, int32_t nd, afm__tok_hf *h, int in_sequence) {
@@ -4173,437 +4416,434 @@ static int afm__tok_hf_bytelevel(const afm__json *j, int32_t nd, afm__tok_hf *h,
     }
     return 1;
 }
+/* which of the split regexes we match by hand s[0, n) is; AFM__TOK_PAT_NONE if none */
+static int afm__tok_hf_pattern(const char *s, size_t n) {
+    if (n == strlen(afm__tok_pat_llama3) && memcmp(s, afm__tok_pat_llama3, n) == 0) return AFM__TOK_PAT_LLAMA3;
+    if (n == strlen(afm__tok_pat_qwen2) && memcmp(s, afm__tok_pat_qwen2, n) == 0) return AFM__TOK_PAT_QWEN2;
+    if (n == strlen(afm__tok_pat_gpt2) && memcmp(s, afm__tok_pat_gpt2, n) == 0) return AFM__TOK_PAT_GPT2;
+    return AFM__TOK_PAT_NONE;
+}
+/* a Split pre-tokenizer (node e): *ok when it isolates the matches of a regex; an error if that regex is
+   not one we know */
+static afm_result afm__tok_hf_split(afm__tok_hf_load *L, int32_t e, int *ok) {
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t pat = afm__json_get(j, afm__json_get(j, e, "pattern"), "Regex");
+    int is_str = pat >= 0 && j->n[pat].type == AFM__JSTR;
+    s->n = 0;
+    if (is_str && !afm__tok_json_str(&L->t->alloc, j, pat, s)) return afm__tok_hf_oom(L);
+    *ok = is_str && afm__json_eq(j, afm__json_get(j, e, "behavior"), "Isolated") && !afm__json_bool(j, afm__json_get(j, e, "invert"), 0);
+    if (!*ok) return AFM_OK;
+    L->h->pattern = afm__tok_hf_pattern(s->p, s->n);
+    if (L->h->pattern == AFM__TOK_PAT_NONE)
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: Split pattern %.*s%s is not one of the supported ones (GPT-2, Llama-3, Qwen2)",
+                         (int)(s->n > 60 ? 60 : s->n), s->p, s->n > 60 ? "..." : "");
+    return AFM_OK;
+}
+/* the pre-tokenizer: ByteLevel, or a Sequence of at most one Split then one ByteLevel */
+static afm_result afm__tok_hf_pre_tokenizer(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
+    int32_t pre = afm__json_get(j, 0, "pre_tokenizer"), ty = afm__json_get(j, pre, "type");
+    int ok = 0;
+    if (afm__json_eq(j, ty, "ByteLevel")) ok = afm__tok_hf_bytelevel(j, pre, h, 0);
+    else if (afm__json_eq(j, ty, "Sequence")) {
+        int32_t list = afm__json_get(j, pre, "pretokenizers"), e;
+        int n_bl = 0, n_other = 0;
+        ok = list >= 0 && j->n[list].type == AFM__JARR;
+        for (e = ok ? j->n[list].child : -1; e >= 0 && ok; e = j->n[e].next) {
+            int32_t et = afm__json_get(j, e, "type");
+            if (afm__json_eq(j, et, "ByteLevel")) ok = n_bl++ == 0 && afm__tok_hf_bytelevel(j, e, h, 1);
+            else if (afm__json_eq(j, et, "Split") && n_bl == 0 && n_other++ == 0) {
+                afm_result r = afm__tok_hf_split(L, e, &ok);
+                if (r != AFM_OK) return r;
+            } else ok = 0;
+        }
+        ok = ok && n_bl == 1 && !(n_other && h->add_prefix_space);
+    }
+    if (!ok)
+        return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: pre_tokenizer is not supported (ByteLevel, or a Split with a GPT-2/Llama-3/Qwen2 pattern then ByteLevel)");
+    return AFM_OK;
+}
+static afm_result afm__tok_hf_decoder(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    if (afm__json_eq(j, afm__json_get(j, afm__json_get(j, 0, "decoder"), "type"), "ByteLevel")) return AFM_OK;
+    return afm__fail(L->err, L->err_size, AFM_ERR_UNSUPPORTED, "tokenizer.json: decoder is not ByteLevel");
+}
+
+/* the ids of model.vocab and added_tokens, checked; the vocabulary's size and the tables of that size */
+static afm_result afm__tok_hf_ids(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    const afm__json *j = &L->j;
+    int32_t c, max_id = -1;
+    L->vocab = afm__json_get(j, L->model, "vocab");
+    if (L->vocab < 0 || j->n[L->vocab].type != AFM__JOBJ)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
+    for (c = j->n[L->vocab].child; c >= 0; c = j->n[j->n[c].next].next) {
+        int32_t id = afm__json_int(j, j->n[c].next);
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: vocab entry at byte %lu has a bad id", (unsigned long)j->n[c].start);
+        if (id > max_id) max_id = id;
+    }
+    L->added = afm__json_get(j, 0, "added_tokens");
+    if (L->added >= 0 && j->n[L->added].type != AFM__JARR)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: added_tokens is not a list");
+    for (c = L->added >= 0 ? j->n[L->added].child : -1; c >= 0; c = j->n[c].next) {
+        int32_t id = afm__json_int(j, afm__json_get(j, c, "id")), ct = afm__json_get(j, c, "content");
+        if (id < 0 || id >= AFM__TOK_MAX_VOCAB || ct < 0 || j->n[ct].type != AFM__JSTR)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: added token at byte %lu needs an id and a content", (unsigned long)j->n[c].start);
+        if (id > max_id) max_id = id;
+        h->n_added++;
+    }
+    if (max_id < 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
+    /* Tables are sized by the largest id: an id must be below the file's size in bytes (every id
+       takes several bytes of it), so memory stays a bounded multiple of the file (~60 bytes an id). */
+    if ((size_t)max_id >= L->size)
+        return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: id %ld is not below the file's size of %lu bytes (ids must be nearly dense)",
+                         (long)max_id, (unsigned long)L->size);
+    t->n_vocab = max_id + 1;
+    t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
+    t->type = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
+    h->added = (afm__tok_added *)afm__alloc(&t->alloc, ((size_t)h->n_added + 1) * sizeof(afm__tok_added));
+    if (!t->off || !t->score || !t->type || !h->added) return afm__tok_hf_oom(L);
+    return AFM_OK;
+}
+
+/* the model vocab's strings in id order (t->off, t->str); ids that are not in it get empty strings */
+static afm_result afm__tok_hf_vocab_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__json *j = &L->j;
+    afm__tok_buf sb;
+    afm_result res = AFM_OK;
+    int32_t c, *node_of;
+    size_t k;
+    node_of = L->node_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+    if (!node_of) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) node_of[k] = -1;
+    for (c = j->n[L->vocab].child; c >= 0; c = j->n[j->n[c].next].next) {
+        int32_t id = afm__json_int(j, j->n[c].next);
+        if (node_of[id] >= 0) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: id %ld appears twice in the vocab", (long)id);
+        node_of[id] = c;
+    }
+    memset(&sb, 0, sizeof sb);
+    for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
+        t->off[k] = (uint32_t)sb.n;
+        t->score[k] = 0.0f;
+        t->type[k] = (uint8_t)(node_of[k] >= 0 ? AFM_TOKEN_NORMAL : 0);
+        if (node_of[k] >= 0 && !afm__tok_json_str(&t->alloc, j, node_of[k], &sb)) res = afm__tok_hf_oom(L);
+        else if (sb.n >= 0xFFFFFFFFu) res = afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: vocabulary too large");
+    }
+    if (res == AFM_OK) {
+        t->off[t->n_vocab] = (uint32_t)sb.n;
+        /* every string may be empty: allocate anyway, pointer arithmetic on NULL is undefined */
+        if (!sb.p && !afm__tok_buf_put(&t->alloc, &sb, "", 0)) res = afm__tok_hf_oom(L);
+    }
+    t->str = sb.p;
+    return res;
+}
+
+/* appends added token at's content put through every normalizer to db (its normalized form); 0 when out of
+   memory */
+static int afm__tok_hf_normalize_added(afm__tok_hf_load *L, afm__tok_buf *db, afm__tok_added *at) {
+    const afm_allocator *m = &L->t->alloc;
+    afm__tok_buf *s = &L->tmp, nb;
+    int q, ok;
+    memset(&nb, 0, sizeof nb);
+    s->n = 0;
+    ok = afm__tok_buf_put(m, s, db->p + at->off, at->len);
+    for (q = 0; ok && q < L->h->n_nf; q++) {
+        nb.n = 0;
+        ok = afm__tok_nf(m, s->p, s->n, L->h->nf_forms[q] & 3, &nb);
+        s->n = 0;
+        ok = ok && afm__tok_buf_put(m, s, nb.p, nb.n);
+    }
+    afm__free(m, nb.p);
+    at->noff = (uint32_t)db->n;
+    ok = ok && afm__tok_buf_put(m, db, s->p, s->n);
+    at->nlen = (uint32_t)(db->n - at->noff);
+    return ok;
+}
+/* the added tokens (h->added, their strings in h->astr): their content replaces an id's string (HF decodes an
+   id through its added token first); HF matches and decodes a normalized one through its normalized form */
+static afm_result afm__tok_hf_added_tokens(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    afm__tok_hf *h = L->h;
+    afm__tok_buf db;
+    int32_t c, a = 0;
+    int ok = 1;
+    memset(&db, 0, sizeof db);
+    for (c = L->added >= 0 ? j->n[L->added].child : -1; ok && c >= 0; c = j->n[c].next, a++) {
+        afm__tok_added *at = &h->added[a];
+        at->id = afm__json_int(j, afm__json_get(j, c, "id"));
+        at->special = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "special"), 0);
+        at->lstrip = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "lstrip"), 0);
+        at->rstrip = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "rstrip"), 0);
+        at->single_word = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "single_word"), 0);
+        at->normalized = (uint8_t)afm__json_bool(j, afm__json_get(j, c, "normalized"), !at->special);
+        at->off = (uint32_t)db.n;
+        ok = afm__tok_json_str(&L->t->alloc, j, afm__json_get(j, c, "content"), &db);
+        at->noff = at->off;
+        at->nlen = at->len = (uint32_t)(db.n - at->off);
+        if (ok && at->normalized && h->n_nf > 0 && at->len) ok = afm__tok_hf_normalize_added(L, &db, at);
+    }
+    h->astr = db.p;
+    return ok ? AFM_OK : afm__tok_hf_oom(L);
+}
+
+/* each id's final string: its added token's content, else its model vocab string */
+static afm_result afm__tok_hf_final_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__tok_hf *h = L->h;
+    size_t k;
+    int32_t a;
+    L->added_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
+    L->noff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    if (!L->added_of || !L->noff || !afm__tok_buf_put(&t->alloc, &L->fb, "", 0)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) L->added_of[k] = -1;
+    for (a = 0; a < h->n_added; a++) L->added_of[h->added[a].id] = a;
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        int ok;
+        L->noff[k] = (uint32_t)L->fb.n;
+        if (L->added_of[k] >= 0) {
+            const afm__tok_added *at = &h->added[L->added_of[k]];
+            ok = !at->len || afm__tok_buf_put(&t->alloc, &L->fb, h->astr + at->off, at->len);
+            t->type[k] = (uint8_t)(at->special ? AFM_TOKEN_CONTROL : AFM_TOKEN_USER_DEFINED);
+        } else ok = afm__tok_buf_put(&t->alloc, &L->fb, t->str + t->off[k], t->off[k + 1] - t->off[k]);
+        if (!ok) return afm__tok_hf_oom(L);
+    }
+    L->noff[t->n_vocab] = (uint32_t)L->fb.n;
+    return AFM_OK;
+}
+
+/* the model vocab by its own strings, where BPE looks up byte tokens and merges (t->ht_normal; the reserved
+   index is filled with the final strings) */
+static afm_result afm__tok_hf_model_index(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    size_t k;
+    if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, (size_t)L->h->n_added + 1))
+        return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++)
+        if (t->off[k + 1] > t->off[k] || t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+    for (k = 0; k < 256; k++) {
+        char u8[4];
+        size_t ul = afm__utf8_put(u8, afm__tok_byte_cp((unsigned)k));
+        L->h->byte_tok[k] = afm__tok_ht_find(t, &t->ht_normal, u8, ul);
+    }
+    return AFM_OK;
+}
+static afm_result afm__tok_hf_unk(afm__tok_hf_load *L) {
+    const afm__json *j = &L->j;
+    int32_t c = afm__json_get(j, L->model, "unk_token");
+    if (!afm__json_isnull(j, c)) {
+        if (j->n[c].type != AFM__JSTR) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: unk_token is not a string");
+        L->tmp.n = 0;
+        if (!afm__tok_json_str(&L->t->alloc, j, c, &L->tmp)) return afm__tok_hf_oom(L);
+        L->h->unk_id = afm__tok_ht_find(L->t, &L->t->ht_normal, L->tmp.p, L->tmp.n);
+    }
+    L->t->special[AFM_SPECIAL_UNK] = L->h->unk_id;
+    return AFM_OK;
+}
+
+/* merge node c ("left right", or ["left", "right"]) into L->tmp as "left right", *sp at the space;
+   AFM_ERR_FORMAT when it is neither */
+static afm_result afm__tok_hf_merge_text(afm__tok_hf_load *L, int32_t c, size_t *sp) {
+    const afm_allocator *m = &L->t->alloc;
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t left = j->n[c].type == AFM__JARR ? j->n[c].child : -1, right = left >= 0 ? j->n[left].next : -1;
+    s->n = 0;
+    if (j->n[c].type == AFM__JSTR) {
+        size_t q, nsp = 0;
+        if (!afm__tok_json_str(m, j, c, s)) return AFM_ERR_NOMEM;
+        for (q = 0; q < s->n; q++)
+            if (s->p[q] == ' ') { *sp = q; nsp++; }
+        return nsp == 1 ? AFM_OK : AFM_ERR_FORMAT;
+    }
+    if (right < 0 || j->n[right].next >= 0 || j->n[left].type != AFM__JSTR || j->n[right].type != AFM__JSTR) return AFM_ERR_FORMAT;
+    if (!afm__tok_json_str(m, j, left, s)) return AFM_ERR_NOMEM;
+    *sp = s->n;
+    return afm__tok_buf_put(m, s, " ", 1) && afm__tok_json_str(m, j, right, s) ? AFM_OK : AFM_ERR_NOMEM;
+}
+/* model.merges: (left id, right id) -> (rank, merged id), over the model vocab strings */
+static afm_result afm__tok_hf_merges(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    const afm__json *j = &L->j;
+    afm__tok_buf *s = &L->tmp;
+    int32_t merges = afm__json_get(j, L->model, "merges"), c;
+    size_t nm = 0, cap = 16, k;
+    uint32_t rank = 0;
+    if (merges >= 0 && j->n[merges].type != AFM__JARR) return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: model.merges is not a list");
+    for (c = merges >= 0 ? j->n[merges].child : -1; c >= 0; c = j->n[c].next) nm++;
+    while (cap < nm * 2) cap *= 2;
+    h->mkey = (uint64_t *)afm__alloc(&t->alloc, cap * sizeof(uint64_t));
+    h->mrank = (uint32_t *)afm__alloc(&t->alloc, cap * sizeof(uint32_t));
+    h->mnew = (int32_t *)afm__alloc(&t->alloc, cap * sizeof(int32_t));
+    h->mmask = (uint32_t)(cap - 1);
+    if (!h->mkey || !h->mrank || !h->mnew) return afm__tok_hf_oom(L);
+    for (k = 0; k < cap; k++) h->mnew[k] = -1;
+    for (c = merges >= 0 ? j->n[merges].child : -1; c >= 0; c = j->n[c].next, rank++) {
+        size_t sp = 0, lb;
+        int32_t ia, ib, inew;
+        afm_result r = afm__tok_hf_merge_text(L, c, &sp);
+        if (r == AFM_ERR_NOMEM) return afm__tok_hf_oom(L);
+        if (r != AFM_OK)
+            return afm__fail(L->err, L->err_size, r, "tokenizer.json: merge %lu at byte %lu is malformed", (unsigned long)rank, (unsigned long)j->n[c].start);
+        lb = s->n - sp - 1;
+        ia = afm__tok_ht_find(t, &t->ht_normal, s->p, sp);
+        ib = afm__tok_ht_find(t, &t->ht_normal, s->p + sp + 1, lb);
+        /* the merged token: the two strings joined */
+        memmove(s->p + sp, s->p + sp + 1, lb);
+        inew = afm__tok_ht_find(t, &t->ht_normal, s->p, sp + lb);
+        if (ia < 0 || ib < 0 || inew < 0)
+            return afm__fail(L->err, L->err_size, AFM_ERR_FORMAT, "tokenizer.json: merge %lu uses a token that is not in the vocab", (unsigned long)rank);
+        afm__tok_merge_put(h, ia, ib, rank, inew);
+    }
+    return AFM_OK;
+}
+
+/* appends the bytes byte-level string s[0, n) decodes to (HF's ByteLevel decoder: when every character is
+   in the byte alphabet, their bytes; else the string's own UTF-8); 0 when out of memory */
+static int afm__tok_hf_put_decoded(const afm_allocator *m, afm__tok_buf *b, const char *s, size_t n) {
+    size_t mark = b->n, q, l;
+    char byte;
+    for (q = 0; q < n; q += l) {
+        int v = afm__tok_cp_byte(afm__tok_utf8((const unsigned char *)s + q, n - q, &l));
+        if (v < 0) {
+            b->n = mark;
+            return afm__tok_buf_put(m, b, s, n);
+        }
+        byte = (char)v;
+        if (!afm__tok_buf_put(m, b, &byte, 1)) return 0;
+    }
+    return 1;
+}
+/* the bytes each id decodes to (h->doff, h->dstr), from its final string (an added token's normalized form) */
+static afm_result afm__tok_hf_decoded_bytes(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    afm__tok_buf ob;
+    size_t k;
+    int ok;
+    memset(&ob, 0, sizeof ob);
+    h->doff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
+    ok = h->doff != NULL;
+    for (k = 0; ok && k < (size_t)t->n_vocab; k++) {
+        const afm__tok_added *at = L->added_of[k] >= 0 ? &h->added[L->added_of[k]] : NULL;
+        h->doff[k] = (uint32_t)ob.n;
+        if (at) ok = afm__tok_hf_put_decoded(&t->alloc, &ob, h->astr + at->noff, at->nlen);
+        else ok = afm__tok_hf_put_decoded(&t->alloc, &ob, L->fb.p + L->noff[k], L->noff[k + 1] - L->noff[k]);
+    }
+    if (ok) h->doff[t->n_vocab] = (uint32_t)ob.n;
+    h->dstr = ob.p;
+    return ok ? AFM_OK : afm__tok_hf_oom(L);
+}
+
+static int afm__tok_hf_in_byte_alphabet(const char *s, size_t n) {
+    size_t q, l;
+    for (q = 0; q < n; q += l)
+        if (afm__tok_cp_byte(afm__tok_utf8((const unsigned char *)s + q, n - q, &l)) < 0) return 0;
+    return 1;
+}
+/* ignore_merges: the model vocab by decoded bytes (h->ht_raw), so that a word which is a vocab entry is one
+   token; only strings made of the byte alphabet can match a word */
+static afm_result afm__tok_hf_raw_index(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    afm__tok_hf *h = L->h;
+    size_t k;
+    if (!afm__tok_ht_init(&t->alloc, &h->ht_raw, (size_t)t->n_vocab)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        size_t n = t->off[k + 1] - t->off[k]; /* 0: not in the model vocab */
+        if (n && afm__tok_hf_in_byte_alphabet(t->str + t->off[k], n))
+            afm__tok_ht_put(&h->ht_raw, h->dstr, h->doff[k], h->doff[k + 1] - h->doff[k], (int32_t)k);
+    }
+    return AFM_OK;
+}
+
+/* the final strings become the pieces; ht_normal is rebuilt on them (leaving out ids that are added tokens but
+   not model vocab entries), the added tokens go to ht_reserved; an id whose string is a special token's
+   content is skipped when decoding */
+static afm_result afm__tok_hf_use_final_strings(afm__tok_hf_load *L) {
+    afm_tokenizer *t = L->t;
+    const afm__tok_hf *h = L->h;
+    size_t k;
+    int32_t a;
+    afm__tok_ht_free(&t->alloc, &t->ht_normal);
+    afm__free(&t->alloc, t->off);
+    afm__free(&t->alloc, t->str);
+    t->off = L->noff;
+    t->str = L->fb.p;
+    L->noff = NULL;
+    L->fb.p = NULL;
+    if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab)) return afm__tok_hf_oom(L);
+    for (k = 0; k < (size_t)t->n_vocab; k++) {
+        if (t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
+        else if (t->type[k] != 0) afm__tok_ht_add(t, &t->ht_reserved, (int32_t)k);
+        if (t->off[k + 1] - t->off[k] > t->max_piece_len) t->max_piece_len = t->off[k + 1] - t->off[k];
+    }
+    t->max_token_bytes = t->max_piece_len * 3 + 16;
+    for (a = 0; a < h->n_added; a++) {
+        const afm__tok_added *at = &h->added[a];
+        int32_t id = at->special ? afm__tok_ht_find(t, &t->ht_normal, h->astr + at->off, at->len) : -1;
+        if (id >= 0) t->type[id] = AFM_TOKEN_CONTROL;
+    }
+    return AFM_OK;
+}
+/* the added-token matchers: [0] on the raw text (normalized = false), [1] on the normalized text */
+static afm_result afm__tok_hf_added_matchers(afm__tok_hf_load *L) {
+    afm__tok_hf *h = L->h;
+    int32_t a;
+    for (a = 0; a < h->n_added; a++) {
+        const afm__tok_added *at = &h->added[a];
+        int w = at->normalized && h->n_nf > 0 ? 1 : 0;
+        if (!at->len) continue; /* HF ignores empty added tokens */
+        if (!afm__tok_trie_add(&L->t->alloc, &h->trie[w], &h->n_trie_nodes[w], &h->trie_cap[w], h->trie_root[w],
+                               (const unsigned char *)h->astr + at->noff, at->nlen, a))
+            return afm__tok_hf_oom(L);
+    }
+    return AFM_OK;
+}
 
 static afm_result afm__tok_load_hf(afm_tokenizer *t, const uint8_t *data, size_t size, char *err, size_t err_size) {
-    afm__json j;
-    afm__tok_hf *h;
-    afm__tok_buf sb, db, tmp;
-    afm_result res = AFM_OK;
-    size_t where = 0, k;
-    const char *why = "";
-    int32_t root, model, vocab, merges, c, added, pre, dec;
-    int32_t max_id = -1;
-    memset(&j, 0, sizeof j);
-    memset(&sb, 0, sizeof sb);
-    memset(&db, 0, sizeof db);
-    memset(&tmp, 0, sizeof tmp);
-    h = (afm__tok_hf *)afm__alloc(&t->alloc, sizeof *h);
+    afm__tok_hf_load L;
+    afm__tok_hf *h = (afm__tok_hf *)afm__alloc(&t->alloc, sizeof *h);
+    afm_result res;
+    size_t k;
     if (!h) return AFM_ERR_NOMEM;
     memset(h, 0, sizeof *h);
     t->hf = h;
     h->unk_id = -1;
     for (k = 0; k < AFM_SPECIAL_COUNT; k++) t->special[k] = -1;
     for (k = 0; k < 256; k++) h->trie_root[0][k] = h->trie_root[1][k] = -1;
-    if (!afm__json_parse(&t->alloc, (const char *)data, size, &j, &where, &why)) {
-        if (strcmp(why, "out of memory") == 0) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: invalid JSON at byte %lu: %s", (unsigned long)where, why);
-    }
-    root = 0;
-    model = afm__json_get(&j, root, "model");
-    if (model < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: no \"model\"");
-    if (!afm__json_eq(&j, afm__json_get(&j, model, "type"), "BPE"))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: model type is not BPE (only byte-level BPE is supported)");
-    c = afm__json_get(&j, model, "dropout");
-    if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JNUM && strtod(j.src + j.n[c].start, NULL) == 0.0))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE dropout is not supported");
-    {
-        static const char *affixes[2] = {"continuing_subword_prefix", "end_of_word_suffix"};
-        for (k = 0; k < 2; k++) {
-            c = afm__json_get(&j, model, affixes[k]);
-            if (!afm__json_isnull(&j, c) && !(j.n[c].type == AFM__JSTR && j.n[c].len == 0))
-                AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE %s is not supported", affixes[k]);
-        }
-    }
-    if (afm__json_bool(&j, afm__json_get(&j, model, "byte_fallback"), 0))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: BPE byte_fallback is not supported (byte-level BPE only)");
-    h->ignore_merges = afm__json_bool(&j, afm__json_get(&j, model, "ignore_merges"), 0);
-    h->fuse_unk = afm__json_bool(&j, afm__json_get(&j, model, "fuse_unk"), 0);
-    /* normalizer, pre-tokenizer, decoder */
-    if (!afm__tok_hf_normalizer(&j, afm__json_get(&j, root, "normalizer"), h, err, err_size)) {
-        res = AFM_ERR_UNSUPPORTED;
-        goto out;
-    }
-    pre = afm__json_get(&j, root, "pre_tokenizer");
-    {
-        int32_t ty = afm__json_get(&j, pre, "type");
-        int ok = 0;
-        if (afm__json_eq(&j, ty, "ByteLevel")) ok = afm__tok_hf_bytelevel(&j, pre, h, 0);
-        else if (afm__json_eq(&j, ty, "Sequence")) {
-            int32_t list = afm__json_get(&j, pre, "pretokenizers"), e;
-            int n_bl = 0, n_other = 0;
-            ok = list >= 0 && j.n[list].type == AFM__JARR;
-            for (e = ok ? j.n[list].child : -1; e >= 0 && ok; e = j.n[e].next) {
-                int32_t et = afm__json_get(&j, e, "type");
-                if (afm__json_eq(&j, et, "ByteLevel")) {
-                    ok = n_bl++ == 0 && afm__tok_hf_bytelevel(&j, e, h, 1);
-                } else if (afm__json_eq(&j, et, "Split") && n_bl == 0 && n_other++ == 0) {
-                    int32_t pat = afm__json_get(&j, afm__json_get(&j, e, "pattern"), "Regex");
-                    tmp.n = 0;
-                    if (pat >= 0 && j.n[pat].type == AFM__JSTR && !afm__tok_json_str(&t->alloc, &j, pat, &tmp))
-                        AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                    ok = pat >= 0 && j.n[pat].type == AFM__JSTR &&
-                         afm__json_eq(&j, afm__json_get(&j, e, "behavior"), "Isolated") &&
-                         !afm__json_bool(&j, afm__json_get(&j, e, "invert"), 0);
-                    if (ok) {
-                        if (tmp.n == strlen(afm__tok_pat_llama3) && memcmp(tmp.p, afm__tok_pat_llama3, tmp.n) == 0) h->pattern = AFM__TOK_PAT_LLAMA3;
-                        else if (tmp.n == strlen(afm__tok_pat_qwen2) && memcmp(tmp.p, afm__tok_pat_qwen2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_QWEN2;
-                        else if (tmp.n == strlen(afm__tok_pat_gpt2) && memcmp(tmp.p, afm__tok_pat_gpt2, tmp.n) == 0) h->pattern = AFM__TOK_PAT_GPT2;
-                        else
-                            AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: Split pattern %.*s%s is not one of the supported ones (GPT-2, Llama-3, Qwen2)",
-                                             (int)(tmp.n > 60 ? 60 : tmp.n), tmp.p, tmp.n > 60 ? "..." : "");
-                    }
-                } else ok = 0;
-            }
-            ok = ok && n_bl == 1 && !(n_other && h->add_prefix_space);
-        }
-        if (!ok) AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: pre_tokenizer is not supported (ByteLevel, or a Split with a GPT-2/Llama-3/Qwen2 pattern then ByteLevel)");
-    }
-    dec = afm__json_get(&j, root, "decoder");
-    if (!afm__json_eq(&j, afm__json_get(&j, dec, "type"), "ByteLevel"))
-        AFM__TOK_HF_FAIL(AFM_ERR_UNSUPPORTED, "tokenizer.json: decoder is not ByteLevel");
-    /* vocabulary */
-    vocab = afm__json_get(&j, model, "vocab");
-    if (vocab < 0 || j.n[vocab].type != AFM__JOBJ) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
-    for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
-        int32_t id = afm__json_int(&j, j.n[c].next);
-        if (id < 0 || id >= AFM__TOK_MAX_VOCAB)
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocab entry at byte %lu has a bad id", (unsigned long)j.n[c].start);
-        if (id > max_id) max_id = id;
-    }
-    added = afm__json_get(&j, root, "added_tokens");
-    if (added >= 0 && j.n[added].type != AFM__JARR) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added_tokens is not a list");
-    for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next) {
-        int32_t id = afm__json_int(&j, afm__json_get(&j, c, "id")), ct = afm__json_get(&j, c, "content");
-        if (id < 0 || id >= AFM__TOK_MAX_VOCAB || ct < 0 || j.n[ct].type != AFM__JSTR)
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: added token at byte %lu needs an id and a content", (unsigned long)j.n[c].start);
-        if (id > max_id) max_id = id;
-        h->n_added++;
-    }
-    if (max_id < 0) AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: empty vocabulary");
-    t->n_vocab = max_id + 1;
-    t->off = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-    t->score = (float *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(float));
-    t->type = (uint8_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab);
-    h->added = (afm__tok_added *)afm__alloc(&t->alloc, ((size_t)h->n_added + 1) * sizeof(afm__tok_added));
-    if (!t->off || !t->score || !t->type || !h->added) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    {
-        /* strings of every id, in id order: gather (id, node) then copy */
-        int32_t *node_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
-        if (!node_of) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        for (k = 0; k < (size_t)t->n_vocab; k++) node_of[k] = -1;
-        for (c = j.n[vocab].child; c >= 0; c = j.n[j.n[c].next].next) {
-            int32_t id = afm__json_int(&j, j.n[c].next);
-            if (node_of[id] >= 0) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: id %ld appears twice in the vocab", (long)id);
-            }
-            node_of[id] = c;
-        }
-        for (k = 0; k < (size_t)t->n_vocab; k++) {
-            t->off[k] = (uint32_t)sb.n;
-            t->score[k] = 0.0f;
-            t->type[k] = (uint8_t)(node_of[k] >= 0 ? AFM_TOKEN_NORMAL : 0);
-            if (node_of[k] >= 0 && !afm__tok_json_str(&t->alloc, &j, node_of[k], &sb)) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            }
-            if (sb.n >= 0xFFFFFFFFu) {
-                afm__free(&t->alloc, node_of);
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: vocabulary too large");
-            }
-        }
-        t->off[t->n_vocab] = (uint32_t)sb.n;
-        afm__free(&t->alloc, node_of);
-        /* every string may be empty: allocate anyway, pointer arithmetic on NULL is undefined */
-        if (!sb.p && !afm__tok_buf_put(&t->alloc, &sb, "", 0)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    }
-    /* added tokens: their content replaces an id's string (HF decodes an id through its added token first) */
-    {
-        int32_t a = 0;
-        for (c = added >= 0 ? j.n[added].child : -1; c >= 0; c = j.n[c].next, a++) {
-            afm__tok_added *at = &h->added[a];
-            int32_t ct = afm__json_get(&j, c, "content");
-            at->id = afm__json_int(&j, afm__json_get(&j, c, "id"));
-            at->special = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "special"), 0);
-            at->lstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "lstrip"), 0);
-            at->rstrip = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "rstrip"), 0);
-            at->single_word = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "single_word"), 0);
-            at->normalized = (uint8_t)afm__json_bool(&j, afm__json_get(&j, c, "normalized"), !at->special);
-            at->off = (uint32_t)db.n;
-            if (!afm__tok_json_str(&t->alloc, &j, ct, &db)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            at->len = (uint32_t)(db.n - at->off);
-            at->noff = at->off;
-            at->nlen = at->len;
-            if (at->normalized && h->n_nf > 0 && at->len) {
-                /* HF matches (and decodes) a normalized token through its normalized form */
-                int q;
-                afm__tok_buf nb2;
-                memset(&nb2, 0, sizeof nb2);
-                tmp.n = 0;
-                if (!afm__tok_buf_put(&t->alloc, &tmp, db.p + at->off, at->len)) res = AFM_ERR_NOMEM;
-                for (q = 0; res == AFM_OK && q < h->n_nf; q++) {
-                    nb2.n = 0;
-                    if (!afm__tok_nf(&t->alloc, tmp.p, tmp.n, h->nf_forms[q] & 3, &nb2)) res = AFM_ERR_NOMEM;
-                    tmp.n = 0;
-                    if (res == AFM_OK && !afm__tok_buf_put(&t->alloc, &tmp, nb2.p, nb2.n)) res = AFM_ERR_NOMEM;
-                }
-                afm__free(&t->alloc, nb2.p);
-                at->noff = (uint32_t)db.n;
-                if (res != AFM_OK || !afm__tok_buf_put(&t->alloc, &db, tmp.p, tmp.n)) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                at->nlen = (uint32_t)(db.n - at->noff);
-            }
-        }
-        h->astr = db.p;
-        memset(&db, 0, sizeof db);
-    }
-    /* final piece strings: vocab string, or the added token's content */
-    {
-        afm__tok_buf fb;
-        int32_t *added_of = (int32_t *)afm__alloc(&t->alloc, (size_t)t->n_vocab * sizeof(int32_t));
-        uint32_t *noff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-        memset(&fb, 0, sizeof fb);
-        if (!added_of || !noff || !afm__tok_buf_put(&t->alloc, &fb, "", 0)) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        }
-        for (k = 0; k < (size_t)t->n_vocab; k++) added_of[k] = -1;
-        for (c = 0; c < h->n_added; c++) added_of[h->added[c].id] = c;
-        for (k = 0; k < (size_t)t->n_vocab; k++) {
-            int ok;
-            noff[k] = (uint32_t)fb.n;
-            if (added_of[k] >= 0) {
-                const afm__tok_added *at = &h->added[added_of[k]];
-                ok = !at->len || afm__tok_buf_put(&t->alloc, &fb, h->astr + at->off, at->len);
-                t->type[k] = (uint8_t)(at->special ? AFM_TOKEN_CONTROL : AFM_TOKEN_USER_DEFINED);
-            } else ok = afm__tok_buf_put(&t->alloc, &fb, sb.p + t->off[k], t->off[k + 1] - t->off[k]);
-            if (!ok) {
-                afm__free(&t->alloc, added_of);
-                afm__free(&t->alloc, noff);
-                afm__free(&t->alloc, fb.p);
-                AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-            }
-        }
-        noff[t->n_vocab] = (uint32_t)fb.n;
-        /* the model vocab keeps its own strings for BPE lookups: index them before switching */
-        if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab) || !afm__tok_ht_init(&t->alloc, &t->ht_reserved, (size_t)h->n_added + 1)) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-        }
-        t->str = sb.p;
-        for (k = 0; k < (size_t)t->n_vocab; k++)
-            if (t->off[k + 1] > t->off[k] || t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
-        /* byte -> vocab id, unk */
-        for (k = 0; k < 256; k++) {
-            char u8[4];
-            size_t ul = afm__utf8_put(u8, afm__tok_byte_cp((unsigned)k));
-            h->byte_tok[k] = afm__tok_ht_find(t, &t->ht_normal, u8, ul);
-        }
-        c = afm__json_get(&j, model, "unk_token");
-        if (!afm__json_isnull(&j, c)) {
-            tmp.n = 0;
-            if (j.n[c].type != AFM__JSTR || !afm__tok_json_str(&t->alloc, &j, c, &tmp)) {
-                afm__free(&t->alloc, added_of);
-                afm__free(&t->alloc, noff);
-                afm__free(&t->alloc, fb.p);
-                if (j.n[c].type == AFM__JSTR) AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-                AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: unk_token is not a string");
-            }
-            h->unk_id = afm__tok_ht_find(t, &t->ht_normal, tmp.p, tmp.n);
-        }
-        /* merges: ranks over model vocab strings */
-        merges = afm__json_get(&j, model, "merges");
-        if (merges >= 0 && j.n[merges].type != AFM__JARR) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            AFM__TOK_HF_FAIL(AFM_ERR_FORMAT, "tokenizer.json: model.merges is not a list");
-        }
-        {
-            size_t nm = 0, cap = 16;
-            uint32_t rank = 0;
-            for (c = merges >= 0 ? j.n[merges].child : -1; c >= 0; c = j.n[c].next) nm++;
-            while (cap < nm * 2) cap *= 2;
-            h->mkey = (uint64_t *)afm__alloc(&t->alloc, cap * sizeof(uint64_t));
-            h->mrank = (uint32_t *)afm__alloc(&t->alloc, cap * sizeof(uint32_t));
-            h->mnew = (int32_t *)afm__alloc(&t->alloc, cap * sizeof(int32_t));
-            h->mmask = (uint32_t)(cap - 1);
-            if (!h->mkey || !h->mrank || !h->mnew) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < cap; k++) h->mnew[k] = -1;
-            for (c = merges >= 0 ? j.n[merges].child : -1; res == AFM_OK && c >= 0; c = j.n[c].next, rank++) {
-                size_t sp = 0, la, lb;
-                int32_t ia, ib, inew;
-                tmp.n = 0;
-                if (j.n[c].type == AFM__JSTR) {
-                    size_t q, nsp = 0;
-                    if (!afm__tok_json_str(&t->alloc, &j, c, &tmp)) res = AFM_ERR_NOMEM;
-                    for (q = 0; q < tmp.n; q++)
-                        if (tmp.p[q] == ' ') { sp = q; nsp++; }
-                    if (res == AFM_OK && nsp != 1) res = AFM_ERR_FORMAT;
-                    la = sp;
-                    lb = tmp.n - sp - 1;
-                } else if (j.n[c].type == AFM__JARR && j.n[c].child >= 0 && j.n[j.n[c].child].next >= 0 &&
-                           j.n[j.n[j.n[c].child].next].next < 0 && j.n[j.n[c].child].type == AFM__JSTR &&
-                           j.n[j.n[j.n[c].child].next].type == AFM__JSTR) {
-                    if (!afm__tok_json_str(&t->alloc, &j, j.n[c].child, &tmp)) res = AFM_ERR_NOMEM;
-                    sp = tmp.n;
-                    if (res == AFM_OK && (!afm__tok_buf_put(&t->alloc, &tmp, " ", 1) || !afm__tok_json_str(&t->alloc, &j, j.n[j.n[c].child].next, &tmp))) res = AFM_ERR_NOMEM;
-                    la = sp;
-                    lb = tmp.n - sp - 1;
-                } else res = AFM_ERR_FORMAT;
-                if (res != AFM_OK) {
-                    afm__fail(err, err_size, res, "tokenizer.json: merge %lu at byte %lu is malformed", (unsigned long)rank, (unsigned long)j.n[c].start);
-                    break;
-                }
-                ia = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la);
-                ib = afm__tok_ht_find(t, &t->ht_normal, tmp.p + sp + 1, lb);
-                /* the merged token: the two strings joined */
-                memmove(tmp.p + sp, tmp.p + sp + 1, lb);
-                inew = afm__tok_ht_find(t, &t->ht_normal, tmp.p, la + lb);
-                if (ia < 0 || ib < 0 || inew < 0) {
-                    res = afm__fail(err, err_size, AFM_ERR_FORMAT, "tokenizer.json: merge %lu uses a token that is not in the vocab", (unsigned long)rank);
-                    break;
-                }
-                {
-                    uint64_t key = ((uint64_t)(uint32_t)ia << 32) | (uint32_t)ib;
-                    uint32_t i = afm__tok_mhash(key) & h->mmask;
-                    while (h->mnew[i] >= 0 && h->mkey[i] != key) i = (i + 1) & h->mmask;
-                    h->mkey[i] = key;
-                    h->mrank[i] = rank; /* a repeated merge takes the later rank, as HF's map does */
-                    h->mnew[i] = inew;
-                }
-            }
-        }
-        if (res != AFM_OK) {
-            afm__free(&t->alloc, added_of);
-            afm__free(&t->alloc, noff);
-            afm__free(&t->alloc, fb.p);
-            if (res == AFM_ERR_NOMEM) afm__fail(err, err_size, res, "tokenizer.json: out of memory");
-            goto out;
-        }
-        /* decoded bytes of every id (HF ByteLevel decoder: all characters in the alphabet -> bytes, else the
-           string's own UTF-8), computed on the final strings */
-        {
-            afm__tok_buf ob;
-            memset(&ob, 0, sizeof ob);
-            h->doff = (uint32_t *)afm__alloc(&t->alloc, ((size_t)t->n_vocab + 1) * sizeof(uint32_t));
-            if (!h->doff) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                const char *p = fb.p + noff[k];
-                size_t n = noff[k + 1] - noff[k], q = 0;
-                if (added_of[k] >= 0) {
-                    p = h->astr + h->added[added_of[k]].noff;
-                    n = h->added[added_of[k]].nlen;
-                }
-                size_t mark = ob.n;
-                int all = 1;
-                h->doff[k] = (uint32_t)ob.n;
-                while (q < n) {
-                    size_t l;
-                    int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
-                    int found = afm__tok_cp_byte(cp);
-                    if (found < 0) { all = 0; break; }
-                    {
-                        char bb = (char)found;
-                        if (!afm__tok_buf_put(&t->alloc, &ob, &bb, 1)) { res = AFM_ERR_NOMEM; break; }
-                    }
-                    q += l;
-                }
-                if (res != AFM_OK) break;
-                if (!all) {
-                    ob.n = mark;
-                    if (!afm__tok_buf_put(&t->alloc, &ob, p, n)) res = AFM_ERR_NOMEM;
-                }
-            }
-            if (res == AFM_OK) h->doff[t->n_vocab] = (uint32_t)ob.n;
-            h->dstr = ob.p;
-        }
-        /* raw-bytes index of the model vocabulary (for ignore_merges): keys are the vocab strings' bytes */
-        if (res == AFM_OK && h->ignore_merges) {
-            if (!afm__tok_ht_init(&t->alloc, &h->ht_raw, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                if (t->off[k + 1] == t->off[k]) continue; /* not in the model vocab */
-                {
-                    /* only strings made of the byte alphabet can match a word */
-                    const char *p = sb.p + t->off[k];
-                    size_t n = t->off[k + 1] - t->off[k], q = 0;
-                    int all = 1;
-                    while (q < n) {
-                        size_t l;
-                        int32_t cp = afm__tok_utf8((const unsigned char *)p + q, n - q, &l);
-                        if (afm__tok_cp_byte(cp) < 0) { all = 0; break; }
-                        q += l;
-                    }
-                    if (all) afm__tok_ht_put(&h->ht_raw, h->dstr, h->doff[k], h->doff[k + 1] - h->doff[k], (int32_t)k);
-                }
-            }
-        }
-        /* switch the piece strings to the final ones (the model-vocab index keeps working through
-           ht_normal only while t->off/t->str are the model strings: rebuild it on the final strings,
-           leaving out ids that are added tokens but not model vocab entries) */
-        if (res == AFM_OK) {
-            afm__tok_ht_free(&t->alloc, &t->ht_normal);
-            afm__free(&t->alloc, t->off);
-            t->off = noff;
-            t->str = fb.p;
-            afm__free(&t->alloc, sb.p);
-            memset(&sb, 0, sizeof sb);
-            noff = NULL;
-            fb.p = NULL;
-            if (!afm__tok_ht_init(&t->alloc, &t->ht_normal, (size_t)t->n_vocab)) res = AFM_ERR_NOMEM;
-            for (k = 0; res == AFM_OK && k < (size_t)t->n_vocab; k++) {
-                if (t->type[k] == 0) continue;
-                if (t->type[k] == AFM_TOKEN_NORMAL) afm__tok_ht_add(t, &t->ht_normal, (int32_t)k);
-                else afm__tok_ht_add(t, &t->ht_reserved, (int32_t)k);
-            }
-        } else {
-            t->str = NULL;
-        }
-        afm__free(&t->alloc, added_of);
-        afm__free(&t->alloc, noff);
-        afm__free(&t->alloc, fb.p);
-        if (res != AFM_OK) {
-            afm__fail(err, err_size, res, "tokenizer.json: out of memory");
-            goto out;
-        }
-    }
-    /* special tokens by content: an id whose string is a special token's content is skipped when decoding */
-    for (c = 0; c < h->n_added; c++) {
-        const afm__tok_added *at = &h->added[c];
-        int32_t id;
-        if (!at->special) continue;
-        id = afm__tok_ht_find(t, &t->ht_normal, h->astr + at->off, at->len);
-        if (id >= 0) t->type[id] = AFM_TOKEN_CONTROL;
-    }
-    /* added-token matchers: [0] on the raw text (normalized = false), [1] on the normalized text */
-    for (c = 0; c < h->n_added; c++) {
-        const afm__tok_added *at = &h->added[c];
-        int which = at->normalized && h->n_nf > 0 ? 1 : 0;
-        const char *p = h->astr + at->noff;
-        size_t n = at->nlen;
-        if (!at->len) continue; /* HF ignores empty added tokens */
-        if (!afm__tok_trie_add(&t->alloc, &h->trie[which], &h->n_trie_nodes[which], &h->trie_cap[which],
-                               h->trie_root[which], (const unsigned char *)p, n, c))
-            AFM__TOK_HF_FAIL(AFM_ERR_NOMEM, "tokenizer.json: out of memory");
-    }
-    for (k = 0; k < (size_t)t->n_vocab; k++) {
-        size_t n = t->off[k + 1] - t->off[k];
-        if (n > t->max_piece_len) t->max_piece_len = n;
-    }
-    t->max_token_bytes = t->max_piece_len * 3 + 16;
-    t->special[AFM_SPECIAL_UNK] = h->unk_id;
-out:
-    afm__free(&t->alloc, j.n);
-    if (t->str == sb.p) t->str = NULL; /* an error after the model strings were installed */
-    afm__free(&t->alloc, sb.p);
-    afm__free(&t->alloc, db.p);
-    afm__free(&t->alloc, tmp.p);
-    if (res == AFM_OK) {
-        /* t->str is the final string pool */
-    }
+    memset(&L, 0, sizeof L);
+    L.size = size;
+    L.t = t;
+    L.h = h;
+    L.err = err;
+    L.err_size = err_size;
+    res = afm__tok_hf_parse(&L, data, size);
+    /* what the file asks for: byte-level BPE and a text pipeline we implement */
+    if (res == AFM_OK) res = afm__tok_hf_model_options(&L);
+    if (res == AFM_OK) res = afm__tok_hf_normalizer(&L, afm__json_get(&L.j, 0, "normalizer"));
+    if (res == AFM_OK) res = afm__tok_hf_pre_tokenizer(&L);
+    if (res == AFM_OK) res = afm__tok_hf_decoder(&L);
+    /* the pieces: the model vocab's strings, the added tokens, each id's final string */
+    if (res == AFM_OK) res = afm__tok_hf_ids(&L);
+    if (res == AFM_OK) res = afm__tok_hf_vocab_strings(&L);
+    if (res == AFM_OK) res = afm__tok_hf_added_tokens(&L);
+    if (res == AFM_OK) res = afm__tok_hf_final_strings(&L);
+    /* BPE's tables, over the model vocab's strings */
+    if (res == AFM_OK) res = afm__tok_hf_model_index(&L);
+    if (res == AFM_OK) res = afm__tok_hf_unk(&L);
+    if (res == AFM_OK) res = afm__tok_hf_merges(&L);
+    /* decoding and matching, over the final strings */
+    if (res == AFM_OK) res = afm__tok_hf_decoded_bytes(&L);
+    if (res == AFM_OK && h->ignore_merges) res = afm__tok_hf_raw_index(&L);
+    if (res == AFM_OK) res = afm__tok_hf_use_final_strings(&L);
+    if (res == AFM_OK) res = afm__tok_hf_added_matchers(&L);
+    afm__tok_hf_load_free(&L);
     return res;
 }
 
@@ -4934,7 +5174,7 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 #endif /* AFM_HF_TOKENIZER */
 
 /* ======================================================================================== */
-/* ==== KERNELS: weight types, scalar reference, AVX2, AVX-512, NEON ===================== */
+/* ==== KERNELS: scalar reference, AVX2, AVX-512, NEON, selection ========================= */
 /* ======================================================================================== */
 /* The weight types (docs/FORMAT.md, "Types") and every compute kernel. Decode is a
    matrix-vector product bound by memory bandwidth, prefill and verification are matrix-matrix
@@ -5052,49 +5292,226 @@ typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, 
 typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
 typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds);
+typedef void (*afm__silu_mul_fn)(float *h, const float *g, int n);
+typedef void (*afm__softmax_fn)(float *x, int n);
 typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
                                   int n_pos, int dim, float scale, float *o, size_t ldo);
 
 typedef struct afm__kernels {
-    const char *name;
+    const char *name;             /* afm_kernels_name(level) */
+    int level;                    /* an afm_kernels value */
     afm__prepare_fn prepare_q8;   /* for quantized weights */
     afm__prepare_fn prepare_f32;  /* for float weights */
     afm__matmul_fn matmul[AFM__NTYPES];
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
+    afm__silu_mul_fn silu_mul;    /* h[i] = silu(h[i]) * g[i] */
+    afm__softmax_fn softmax;      /* in place */
 } afm__kernels;
 
-/* Levels for afm__select_kernels's max_level (tests use it to force a lower level). */
-#define AFM__LEVEL_SCALAR 0
-#define AFM__LEVEL_AVX2 1       /* x86: AVX2 + FMA + F16C */
-#define AFM__LEVEL_AVX512 2     /* x86: AVX-512 F/BW/DQ/VL */
-#define AFM__LEVEL_AVX512VNNI 3 /* x86: + AVX512_VNNI */
-#define AFM__LEVEL_NEON 1       /* arm64: NEON (+dotprod if compiled with it) */
+/* Levels for afm__select_kernels's max_level: the public afm_kernels values, ordered within each
+   architecture (tests use it to force a lower level). */
+#define AFM__LEVEL_SCALAR AFM_KERNELS_SCALAR
+#define AFM__LEVEL_AVX2 AFM_KERNELS_AVX2             /* x86: AVX2 + FMA + F16C */
+#define AFM__LEVEL_AVX512 AFM_KERNELS_AVX512         /* x86: AVX-512 F/BW/DQ/VL */
+#define AFM__LEVEL_AVX512VNNI AFM_KERNELS_AVX512VNNI /* x86: + AVX512_VNNI */
+#define AFM__LEVEL_NEON AFM_KERNELS_NEON             /* arm64: NEON */
+#define AFM__LEVEL_NEON_DOT AFM_KERNELS_NEON_DOTPROD /* arm64: + the dot-product extension (compile time) */
 #define AFM__LEVEL_MAX 99
+
+/* ---- the summation contract: every level computes the same bits ----
+
+   Every level (scalar, AVX2, AVX-512, AVX-512 VNNI, NEON, NEON dot product) returns the same
+   float bits for the same inputs, so that logits, greedy text and seeded samples do not depend on
+   the CPU, the thread count or how tokens are batched. Integer sums are exact in any order; float
+   sums are not, so each kernel's float work is defined here once and the scalar reference below
+   spells it out:
+   - Quantized rows (int8 activations): a sub-block sb of 64 weights gives 8 exact integer partial
+     dots P_g (g = 0..7: elements 4g..4g+3 and 32+4g..32+4g+3, the lanes of AVX2's maddubs/madd).
+     Lane g accumulates fma((float)P_g, sd_sb, lane_g) over sb in order, where sd_sb = (S * pf) * d_sb
+     (S the group's fp16 scale, d_sb the activation scale, pf = 4^-k for the Q2B planes k read in place
+     (codes x1, x4, x16, x16 with the last plane shifted by 2), else 1, with P_g taken on the codes as
+     read). The offset term has 8 lanes too: lane sb%8 accumulates fma(S, m_sb, .). The lanes are added
+     in one fixed tree (afm__sum8) and y = fma(-offset, M, A) (Q8: y = A).
+   - Float rows: lane i%8 accumulates fma(w_i, x_i, .) for i < cols rounded down to 8, the tree,
+     then the remaining i in order with fma.
+   - KV scores: the same as float rows (then times the scale); KV values: each output element is
+     fma over the positions in order, then times the scale.
+   - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0 and d = m = NaN,
+     so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block), codes
+     round_even(x * (127 / amax)).
+   - Elementwise math (exp, SiLU, softmax, RMSNorm, RoPE tables) is written once in C in this file,
+     no libm transcendental functions (C libraries differ in the last bit), every multiply-add that
+     rounds once is an explicit fmaf/fma, and products that must not be fused are taken in double
+     where they are exact. So results do not depend on -ffp-contract (gcc fuses a*b+c by default in
+     GNU and C++ modes, clang within an expression) or on the C library.
+   Threads split rows (and attention tasks), never a sum, so the thread count changes nothing, and
+   a token's sums do not depend on the other tokens of its batch. */
+
+/* The fixed tree every level uses to add 8 lanes. */
+static inline float afm__sum8(const float l[8]) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+/* ---- elementwise math: written once, no libm transcendentals ----
+
+   C libraries round exp/sin/cos/pow differently in the last bit, and compilers may fuse a*b+c;
+   either would make results depend on the machine. So: exp in float with explicit fmaf (the AVX2
+   level runs the same operations 8 at a time), the RoPE tables from double-precision sin, cos, exp
+   and log written here with explicit fma, and float products that feed a sum outside the kernels
+   (RoPE, LoRA's scaled add, the f32 paths' dot products) taken in double, where they are exact, so
+   fusing them changes nothing. (Rounding a double product back to float does not help: compilers
+   narrow (float)((double)a * b) to a float multiply and then fuse it.) */
+
+#define AFM__EXP_HI 88.72283935546875f  /* e^x overflows float from here */
+#define AFM__EXP_LO -87.33654022216797f /* below: e^x under FLT_MIN, taken as 0 */
+
+/* 2^e as a float, e in [-126, 127] */
+static inline float afm__pow2i(int e) { uint32_t b = (uint32_t)(e + 127) << 23; float f; memcpy(&f, &b, 4); return f; }
+
+/* e^x for x in [AFM__EXP_LO, AFM__EXP_HI): x = k ln2 + r, |r| <= ln2/2, e^r by its Taylor series
+   to r^7 (truncation < 0.05 ulp) and times 2^k (k in [-126, 128]) as fma(q t, r, t) 2^s with
+   e^r = 1 + q r, t = 2^(k-s), s = k > 127: the result is an fma or an exact doubling, never a product
+   a compiler could fuse into the caller's next add. Within 1 ulp of e^x. */
+static inline float afm__exp_core(float x) {
+    const float k = fmaf(x, 1.44269502f, 12582912.0f) - 12582912.0f; /* round(x / ln2): + 1.5 * 2^23 */
+    const int ki = (int)k, s = ki > 127;
+    const float t = afm__pow2i(ki - s);
+    float r = fmaf(k, -0.693145751953125f, x), q;                     /* ln2 in two parts */
+    r = fmaf(k, -1.42860682e-06f, r);
+    q = fmaf(1.98412701e-04f, r, 1.38888892e-03f);                    /* 1/7!, 1/6!, ..., 1/1! */
+    q = fmaf(q, r, 8.33333377e-03f);
+    q = fmaf(q, r, 4.16666679e-02f);
+    q = fmaf(q, r, 1.66666672e-01f);
+    q = fmaf(q, r, 0.5f);
+    q = fmaf(q, r, 1.0f);
+    return fmaf(q * t, r, t) * afm__pow2i(s);
+}
+
+/* e^x for any float: +inf above the range, 0 below, NaN for NaN. */
+static inline float afm__expf(float x) {
+    if (x != x) return x;
+    if (x >= AFM__EXP_HI) return INFINITY;
+    if (x < AFM__EXP_LO) return 0.0f;
+    return afm__exp_core(x);
+}
+
+static inline float afm__silu(float x) { return x / (1.0f + afm__expf(-x)); }
+
+/* h[i] = silu(h[i]) * g[i] */
+static void afm__silu_mul_scalar(float *h, const float *g, int n) {
+    int i;
+    for (i = 0; i < n; i++) h[i] = afm__silu(h[i]) * g[i];
+}
+
+/* Softmax over n scores in place. The maximum skips NaN (as on every level); the sum is the
+   contract's 8 lanes (i mod 8), the tree, then the last n % 8 in order. */
+static void afm__softmax_scalar(float *x, int n) {
+    float mx = -FLT_MAX, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum, inv;
+    int i;
+    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < (n & ~7); i++) { x[i] = afm__expf(x[i] - mx); acc[i & 7] += x[i]; }
+    sum = afm__sum8(acc);
+    for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
+    inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* Double precision for the RoPE tables, from +, -, *, /, fma, nearbyint, frexp and ldexp only (all
+   exact or correctly rounded, so the same on every machine). Taylor coefficients as literals. */
+static double afm__poly_d(const double *c, int n, double x) { /* c[0] + c[1] x + ... (Horner, fma) */
+    double p = c[n - 1];
+    int i;
+    for (i = n - 2; i >= 0; i--) p = fma(p, x, c[i]);
+    return p;
+}
+
+/* e^y, |y| < 700: y = n ln2 + r, e^r to r^14. */
+static double afm__exp_d(double y) {
+    static const double c[15] = {1, 1, 0.5, 0.16666666666666666, 0.041666666666666664, 0.0083333333333333332,
+        0.0013888888888888889, 0.00019841269841269841, 2.4801587301587302e-05, 2.7557319223985893e-06,
+        2.7557319223985888e-07, 2.505210838544172e-08, 2.08767569878681e-09, 1.6059043836821613e-10, 1.1470745597729725e-11};
+    const double n = nearbyint(y * 1.4426950408889634);
+    double r = fma(n, -6.93147180369123816490e-01, y); /* ln2 in two parts */
+    r = fma(n, -1.90821492927058770002e-10, r);
+    return ldexp(afm__poly_d(c, 15, r), (int)n);
+}
+
+/* ln x, x > 0 finite: x = 2^e m, m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1). */
+static double afm__log_d(double x) {
+    static const double c[13] = {1, 0.33333333333333331, 0.20000000000000001, 0.14285714285714285, 0.1111111111111111,
+        0.090909090909090912, 0.076923076923076927, 0.066666666666666666, 0.058823529411764705, 0.052631578947368418,
+        0.047619047619047616, 0.043478260869565216, 0.040000000000000001}; /* 1/(2i+1) */
+    double m, s;
+    int e;
+    m = frexp(x, &e);
+    if (m < 0.70710678118654752) { m *= 2; e--; }
+    s = (m - 1) / (m + 1);
+    return fma((double)e, 6.93147180369123816490e-01,
+               fma((double)e, 1.90821492927058770002e-10, 2 * s * afm__poly_d(c, 13, s * s)));
+}
+
+/* sin and cos of x (|x| < 2^40): x = n pi/2 + r, |r| <= pi/4, Taylor series to r^21 and r^20. */
+static void afm__sincos_d(double x, double *sn, double *cs) {
+    static const double cc[11] = {1, -0.5, 0.041666666666666664, -0.0013888888888888889, 2.4801587301587302e-05,
+        -2.7557319223985888e-07, 2.08767569878681e-09, -1.1470745597729725e-11, 4.7794773323873853e-14,
+        -1.5619206968586225e-16, 4.1103176233121648e-19};
+    static const double sc[11] = {1, -0.16666666666666666, 0.0083333333333333332, -0.00019841269841269841,
+        2.7557319223985893e-06, -2.505210838544172e-08, 1.6059043836821613e-10, -7.6471637318198164e-13,
+        2.8114572543455206e-15, -8.2206352466243295e-18, 1.9572941063391263e-20};
+    const double n = nearbyint(x * 0.63661977236758134);
+    double r = fma(n, -1.57079632673412561417e+00, x), r2, s, c; /* pi/2 in three parts */
+    int q;
+    r = fma(n, -6.07710050650619224932e-11, r);
+    r = fma(n, -3.5215598651832e-27, r);
+    r2 = r * r;
+    s = r * afm__poly_d(sc, 11, r2);
+    c = afm__poly_d(cc, 11, r2);
+    q = (int)(n - 4 * floor(n / 4)); /* n mod 4, exact */
+    *sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
+    *cs = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
+}
 
 /* ---- scalar reference kernels ---- */
 
 /* Round to nearest, ties to even (the default FP environment); identical to cvtps_epi32/vcvtnq. */
 static inline int afm__round_even(float x) { return (int)lrintf(x); }
 
+/* Bits of |x|: as unsigned integers these order every finite |x| and put infinity, then NaN, above. */
+static inline uint32_t afm__abs_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u & 0x7fffffffu; }
+#define AFM__AMAX_INF 0x7f800000u /* abs bits at or above: the block holds infinity or NaN */
+#define AFM__AMAX_TINY 0x0d800000u /* abs bits below (2^-100): the block is quantized as zero */
+
+/* Quantizes one block of 64 given its amax bits (shared by every level for the rare cases). */
+static void afm__q8_block_scalar(const float *x, int n, int8_t *q, float *d, float *m) {
+    uint32_t amax_bits = 0;
+    int i, sum = 0;
+    float amax, id;
+    for (i = 0; i < n; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
+    memset(q, 0, 64);
+    if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+        *d = *m = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
+        return;
+    }
+    memcpy(&amax, &amax_bits, 4);
+    id = 127.0f / amax;
+    for (i = 0; i < n; i++) { int c = afm__round_even(x[i] * id); q[i] = (int8_t)c; sum += c; }
+    *d = amax / 127.0f;
+    *m = *d * (float)sum;
+}
+
 static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    int t, b, i;
+    int t, b;
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
         int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
-            int n = a->n_in - b * 64, sum = 0;
-            float amax = 0.0f, id;
+            int n = a->n_in - b * 64;
             if (n > 64) n = 64;
             if (n < 0) n = 0;
-            for (i = 0; i < n; i++) { float v = fabsf(x[b * 64 + i]); amax = amax > v ? amax : v; }
-            id = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (i = 0; i < n; i++) { int c = afm__round_even(x[b * 64 + i] * id); q[b * 64 + i] = (int8_t)c; sum += c; }
-            for (; i < 64; i++) q[b * 64 + i] = 0;
-            d[b] = amax / 127.0f;
-            m[b] = d[b] * (float)sum;
+            afm__q8_block_scalar(x + b * 64, n, q + b * 64, d + b, m + b);
         }
     }
 }
@@ -5108,46 +5525,50 @@ static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int
     }
 }
 
-/* Integer dot of sub-block sb (64 weights) of a quantized row with 64 int8 activations. */
-static inline int32_t afm__dot_sb_scalar(int type, const uint8_t *row, int sb, const int8_t *q) {
-    int32_t s = 0;
-    int i;
+/* Code of weight i (0..63) of sub-block sb as the SIMD kernels read it: Q2B planes 0..2 masked in
+   place (x1, x4, x16), plane 3 shifted by 2 (x16); Q4 nibbles shifted down; Q8 as is. */
+static inline int afm__code_scalar(int type, const uint8_t *row, int sb, int i) {
     if (type == AFM_TYPE_Q2B) { /* block sb/4, plane sb%4: byte j holds weights j, j+64, j+128, j+192 */
-        const uint8_t *b = row + (size_t)(sb >> 2) * 64;
-        int sh = (sb & 3) * 2;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 3) * q[i];
-    } else if (type == AFM_TYPE_Q4) { /* block sb/2: byte j holds weight j (low nibble), j+64 (high) */
-        const uint8_t *b = row + (size_t)(sb >> 1) * 64;
-        int sh = (sb & 1) * 4;
-        for (i = 0; i < 64; i++) s += ((b[i] >> sh) & 15) * q[i];
-    } else {
-        const int8_t *b = (const int8_t *)row + (size_t)sb * 64;
-        for (i = 0; i < 64; i++) s += b[i] * q[i];
+        const uint8_t b = row[(size_t)(sb >> 2) * 64 + (size_t)i];
+        return (sb & 3) == 3 ? (b >> 2) & 0x30 : b & (3 << (2 * (sb & 3)));
     }
-    return s;
+    if (type == AFM_TYPE_Q4) return (row[(size_t)(sb >> 1) * 64 + (size_t)i] >> ((sb & 1) * 4)) & 15; /* j, j+64 */
+    return ((const int8_t *)row)[(size_t)sb * 64 + (size_t)i];
+}
+
+/* The factor pf that undoes the code's in-place scale (exact: a power of two). */
+static inline float afm__plane_factor(int type, int sb) {
+    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+    return type == AFM_TYPE_Q2B ? pq[sb & 3] : 1.0f;
 }
 
 static inline float afm__type_offset(int type) { return type == AFM_TYPE_Q2B ? 1.5f : type == AFM_TYPE_Q4 ? 7.5f : 0.0f; }
 
-/* y = sum_sb s_g * (d_sb * dot_sb) - off * sum_sb s_g * m_sb  (the reference formula) */
+/* The contract above, written out: 8 lanes of partial integer dots, fma in order. */
 static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     const int nsb = w->kpad / 64;
     const float off = afm__type_offset(w->type);
-    int r, t, sb;
+    int r, t, sb, g, i;
     for (r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
         for (t = 0; t < a->n_tok; t++) {
             const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
             const float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-            float acc = 0.0f, accm = 0.0f;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, accm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (sb = 0; sb < nsb; sb++) {
-                float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
-                int32_t dot = afm__dot_sb_scalar(w->type, row, sb, q + sb * 64);
-                acc += s * (d[sb] * (float)dot);
-                accm += s * m[sb];
+                const float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
+                const float sd = s * afm__plane_factor(w->type, sb) * d[sb];
+                for (g = 0; g < 8; g++) {
+                    int32_t p = 0;
+                    for (i = 4 * g; i < 4 * g + 4; i++)
+                        p += afm__code_scalar(w->type, row, sb, i) * q[sb * 64 + i] +
+                             afm__code_scalar(w->type, row, sb, i + 32) * q[sb * 64 + i + 32];
+                    acc[g] = fmaf((float)p, sd, acc[g]);
+                }
+                accm[sb & 7] = fmaf(s, m[sb], accm[sb & 7]);
             }
-            Y[(size_t)t * ldy + (size_t)r] = acc - off * accm;
+            Y[(size_t)t * ldy + (size_t)r] = w->type == AFM_TYPE_Q8 ? afm__sum8(acc) : fmaf(-off, afm__sum8(accm), afm__sum8(acc));
         }
     }
 }
@@ -5159,14 +5580,17 @@ static inline float afm__wf_scalar(int type, const uint8_t *row, int i) {
 }
 
 static void afm__matmul_f_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    const int K8 = w->cols & ~7;
     int r, t, i;
     for (r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         for (t = 0; t < a->n_tok; t++) {
             const float *x = a->x + (size_t)t * (size_t)a->kpad;
-            float acc = 0.0f;
-            for (i = 0; i < w->cols; i++) acc += afm__wf_scalar(w->type, row, i) * x[i];
-            Y[(size_t)t * ldy + (size_t)r] = acc;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s;
+            for (i = 0; i < K8; i++) acc[i & 7] = fmaf(afm__wf_scalar(w->type, row, i), x[i], acc[i & 7]);
+            s = afm__sum8(acc);
+            for (; i < w->cols; i++) s = fmaf(afm__wf_scalar(w->type, row, i), x[i], s);
+            Y[(size_t)t * ldy + (size_t)r] = s;
         }
     }
 }
@@ -5198,13 +5622,17 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
 
 static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds) {
+    const int d8 = dim & ~7;
     int h, p, i;
     for (h = 0; h < nq; h++)
         for (p = 0; p < n_pos; p++) {
             const int8_t *kp = k + (size_t)p * k_stride;
-            float acc = 0.0f;
-            for (i = 0; i < dim; i++) acc += q[(size_t)h * ldq + (size_t)i] * (float)kp[i];
-            s[(size_t)h * lds + (size_t)p] = acc * scale;
+            const float *qh = q + (size_t)h * ldq;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
+            for (i = 0; i < d8; i++) acc[i & 7] = fmaf(qh[i], (float)kp[i], acc[i & 7]);
+            sum = afm__sum8(acc);
+            for (; i < dim; i++) sum = fmaf(qh[i], (float)kp[i], sum);
+            s[(size_t)h * lds + (size_t)p] = sum * scale;
         }
 }
 
@@ -5217,7 +5645,7 @@ static void afm__kv_values_scalar(const float *pr, size_t ldp, int nq, const int
         for (p = 0; p < n_pos; p++) {
             const int8_t *vp = v + (size_t)p * v_stride;
             float w = pr[(size_t)h * ldp + (size_t)p];
-            for (i = 0; i < dim; i++) oh[i] += w * (float)vp[i];
+            for (i = 0; i < dim; i++) oh[i] = fmaf(w, (float)vp[i], oh[i]);
         }
         for (i = 0; i < dim; i++) oh[i] *= scale;
     }
@@ -5279,7 +5707,7 @@ AFM__T_AVX2 static inline float afm__hsum_avx2(__m256 v) {
 }
 
 AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
     int t, b, i;
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
@@ -5287,47 +5715,46 @@ AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             int n = a->n_in - b * 64;
-            if (n >= 64) {
-                __m256 v[8], mx;
-                __m128 h;
-                float amax, id;
-                __m256i q32[8], s16, s8, sum32;
-                for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
-                mx = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask))),
-                                   _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[4], absmask), _mm256_and_ps(v[5], absmask)),
-                                                 _mm256_max_ps(_mm256_and_ps(v[6], absmask), _mm256_and_ps(v[7], absmask))));
-                h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_max_ss(h, _mm_movehdup_ps(h));
-                amax = _mm_cvtss_f32(h);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
-                sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
-                                         _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
-                for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
-                    s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
-                    s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
-                    s8 = _mm256_packs_epi16(s16, s8);
-                    s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                    _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
-                }
-                {
-                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-                    d[b] = amax / 127.0f;
-                    m[b] = d[b] * (float)_mm_cvtsi128_si32(s4);
-                }
-            } else { /* partial or empty last block: the scalar reference on a copy */
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            __m256 v[8];
+            __m256i mx, q32[8], s16, s8, sum32;
+            __m128i h;
+            uint32_t amax_bits;
+            float amax, id;
+            if (n < 64) { /* partial or empty last block */
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                continue;
             }
+            for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
+            /* max of |x| as integers: NaN and infinity sort above every finite value (afm__abs_bits) */
+#define AFM__ABS(k) _mm256_and_si256(_mm256_castps_si256(v[k]), absmask)
+            mx = _mm256_max_epu32(_mm256_max_epu32(_mm256_max_epu32(AFM__ABS(0), AFM__ABS(1)), _mm256_max_epu32(AFM__ABS(2), AFM__ABS(3))),
+                                  _mm256_max_epu32(_mm256_max_epu32(AFM__ABS(4), AFM__ABS(5)), _mm256_max_epu32(AFM__ABS(6), AFM__ABS(7))));
+#undef AFM__ABS
+            h = _mm_max_epu32(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+            h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xb1));
+            amax_bits = (uint32_t)_mm_cvtsi128_si32(h);
+            if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                continue;
+            }
+            memcpy(&amax, &amax_bits, 4);
+            id = 127.0f / amax;
+            for (i = 0; i < 8; i++) q32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+            sum32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])),
+                                     _mm256_add_epi32(_mm256_add_epi32(q32[4], q32[5]), _mm256_add_epi32(q32[6], q32[7])));
+            for (i = 0; i < 2; i++) { /* pack 32 -> 16 -> 8 and undo the lane interleave */
+                s16 = _mm256_packs_epi32(q32[4 * i + 0], q32[4 * i + 1]);
+                s8 = _mm256_packs_epi32(q32[4 * i + 2], q32[4 * i + 3]);
+                s8 = _mm256_packs_epi16(s16, s8);
+                s8 = _mm256_permutevar8x32_epi32(s8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)(q + b * 64 + 32 * i), s8);
+            }
+            h = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)_mm_cvtsi128_si32(h);
         }
     }
 }
@@ -5348,55 +5775,55 @@ AFM__T_AVX2 static inline __m256 afm__scales8_avx2(const uint8_t *sc, int gshift
     }
 }
 
+/* Scale factors sd[t][j] = (S * pf) * d of sub-blocks c .. c+n-1 (n <= 8) for T tokens, and the
+   offset lanes accm[t] += S * m (lane j: sub-blocks j mod 8; a short last chunk adds S = 0 to the
+   lanes past its end, which changes nothing: a lane that starts at +0 never holds -0). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__sdprep_avx2(const uint8_t *sc, int gshift, int c, int n, const int T, const int type,
+                                                   const float *const *db, const float *const *mb, float (*sd)[8], __m256 *accm) {
+    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
+                                       : _mm256_set1_ps(1.0f);
+    __m256 S, SP;
+    int t;
+    if (n == 8) S = afm__scales8_avx2(sc, gshift, c);
+    else {
+        AFM__ALIGN(32) float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        afm__scales_chunk(sc, gshift, c, n, s8);
+        S = _mm256_load_ps(s8);
+    }
+    SP = _mm256_mul_ps(S, pf);
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
+        if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+    }
+}
+
 /* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining).
    Per sub-block sb (64 weights) the integer dot is formed in 8 int32 lanes, converted to float and
    accumulated with the factor s_g * d_sb (times 1/4^plane for Q2B planes read without a shift);
    the offset term -off * sum s_g m_sb is accumulated separately per 8 sub-blocks. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                                   int r, int t0, const int T, const int type) {
-    const int NA = 1; /* one accumulator per token whatever the tile: a token sums in the same order
-                         in a matvec and in any tile, so results do not depend on the batch */
     const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */
     const int nsb = w->kpad >> 6, gshift = w->gshift;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
     const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
     const float off = afm__type_offset(type);
     const __m256i ones = _mm256_set1_epi16(1);
-    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                       : _mm256_set1_ps(1.0f);
     const int8_t *qb[8];
     const float *db[8], *mb[8];
-    __m256 acc[8][4], accm[8];
-    float tailm[8];
+    __m256 acc[8], accm[8]; /* one accumulator per token whatever the tile: the contract's lanes */
     AFM__ALIGN(32) float sd[8][8];
     int t, j, c;
     AFM__UNROLL for (t = 0; t < T; t++) {
         qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
         db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
         mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm256_setzero_ps();
-        accm[t] = _mm256_setzero_ps();
-        tailm[t] = 0.0f;
+        acc[t] = accm[t] = _mm256_setzero_ps();
     }
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
         if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
-        if (n == 8) {
-            const __m256 S = afm__scales8_avx2(sc, gshift, c), SP = _mm256_mul_ps(S, pf);
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-                if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-            }
-        } else {
-            float s8[8];
-            afm__scales_chunk(sc, gshift, c, n, s8);
-            AFM__UNROLL for (t = 0; t < T; t++)
-                for (j = 0; j < n; j++) {
-                    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-                    sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                    tailm[t] += s8[j] * mb[t][c + j];
-                }
-        }
+        afm__sdprep_avx2(sc, gshift, c, n, T, type, db, mb, sd, accm);
         for (j = 0; j < n; j += SBB) {
             const int sb0 = c + j;
             const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
@@ -5440,16 +5867,14 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm_
                         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
                         i32 = _mm256_madd_epi16(p, ones);
                     }
-                    acc[t][k % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t][k % NA]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);
                 }
             }
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        __m256 s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = _mm256_add_ps(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx2(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]);
-    }
+    AFM__UNROLL for (t = 0; t < T; t++)
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])
+                                                : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
 }
 
 AFM__T_AVX2 static void afm__matmul_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
@@ -5490,7 +5915,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__ftile_avx2(const afm__wmat *w, const afm_
     }
     AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
         float s = afm__hsum_avx2(acc[u][t]);
-        for (i = K8; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        for (i = K8; i < K; i++) s = fmaf(afm__wf_scalar(type, rows[u], i), xs[t][i], s);
         Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
     }
 }
@@ -5575,7 +6000,7 @@ AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, 
             }
             for (h = 0; h < nh; h++) {
                 float sum = afm__hsum_avx2(acc[h]);
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
                 s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
             }
         }
@@ -5611,10 +6036,69 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
         for (h = 0; h < nh; h++)
             for (i = d8; i < dim; i++) {
                 float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
                 o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
             }
     }
+}
+
+/* afm__expf on 8 lanes: the same operations in the same order (out-of-range lanes are computed
+   and then replaced, as the scalar branches do). */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__expf_avx2(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    const __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269502f), magic), magic);
+    const __m256i ki = _mm256_cvtps_epi32(k);
+    const __m256i s = _mm256_and_si256(_mm256_cmpgt_epi32(ki, _mm256_set1_epi32(127)), _mm256_set1_epi32(1));
+    const __m256i b127 = _mm256_set1_epi32(127);
+    const __m256 t = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, s), b127), 23));
+    __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693145751953125f), x), q, y;
+    r = _mm256_fmadd_ps(k, _mm256_set1_ps(-1.42860682e-06f), r);
+    q = _mm256_fmadd_ps(_mm256_set1_ps(1.98412701e-04f), r, _mm256_set1_ps(1.38888892e-03f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(8.33333377e-03f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(4.16666679e-02f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.66666672e-01f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+    y = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_mul_ps(q, t), r, t), _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(s, b127), 23)));
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_LO), _CMP_LT_OQ));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(AFM__EXP_HI), _CMP_GE_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+AFM__T_AVX2 static void afm__silu_mul_avx2(float *h, const float *g, int n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(h + i);
+        const __m256 e = afm__expf_avx2(_mm256_xor_ps(x, sign));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(g + i)));
+    }
+    afm__silu_mul_scalar(h + i, g + i, n - i);
+}
+
+AFM__T_AVX2 static void afm__softmax_avx2(float *x, int n) {
+    const int n8 = n & ~7;
+    __m256 mv = _mm256_set1_ps(-FLT_MAX), acc = _mm256_setzero_ps(), iv;
+    __m128 h;
+    float mx, sum, inv;
+    int i;
+    for (i = 0; i < n8; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv); /* a NaN lane keeps mv */
+    h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    mx = _mm_cvtss_f32(h);
+    for (; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < n8; i += 8) {
+        const __m256 e = afm__expf_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = afm__hsum_avx2(acc);
+    for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
+    inv = 1.0f / sum;
+    iv = _mm256_set1_ps(inv);
+    for (i = 0; i < n8; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), iv));
+    for (; i < n; i++) x[i] *= inv;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -5625,74 +6109,50 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-AFM__T_AVX512 static inline float afm__hsum_avx512(__m512 v) {
-    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    return afm__hsum_avx2(s);
+/* As afm__qtile_avx2 with one 64-byte block of weights per zmm. The contract's 8 lanes (elements
+   4g..4g+3 and 32+4g..32+4g+3) come from vpmaddubsw + vpmaddwd over the zmm (16 partial dots of 4
+   elements) with lanes l and l+8 added, or with VNNI from two 256-bit vpdpbusd (u8 x s8 -> s32) over
+   the halves, the second accumulating onto the first; accumulated in a ymm as on AVX2. Float weights
+   use the AVX2 kernels at this level: 16 float lanes would sum in another order. */
+AFM__FORCEINLINE AFM__T_AVX512 __m256i afm__dot8_avx512bw(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
+    __m512i s = _mm512_load_si512((const void *)x), p;
+    if (q8) s = _mm512_mask_sub_epi8(s, neg, _mm512_setzero_si512(), s); /* the weight's sign moved onto x */
+    p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+    return _mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64(p, 1));
 }
-
-/* 8 scale factors of sub-blocks c..c+7 as the low 8 lanes of a zmm (upper lanes unused) */
-AFM__FORCEINLINE AFM__T_AVX512 void afm__sdprep_avx512(const afm__wmat *w, const afm__act *a, const uint8_t *sc, int c, int n,
-                                                       const int T, const int type, const float **db, const float **mb,
-                                                       float (*sd)[8], __m256 *accm, float *tailm) {
-    int t, j;
-    if (n == 8) {
-        const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                           : _mm256_set1_ps(1.0f);
-        const __m256 S = afm__scales8_avx2(sc, w->gshift, c), SP = _mm256_mul_ps(S, pf);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-            if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
-        }
-    } else {
-        float s8[8];
-        static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-        afm__scales_chunk(sc, w->gshift, c, n, s8);
-        AFM__UNROLL for (t = 0; t < T; t++)
-            for (j = 0; j < n; j++) {
-                sd[t][j] = s8[j] * (type == AFM_TYPE_Q2B ? pq[j & 3] : 1.0f) * db[t][c + j];
-                tailm[t] += s8[j] * mb[t][c + j];
-            }
+AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot8_vnni(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
+    __m256i lo = _mm256_load_si256((const __m256i *)(const void *)x), hi = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
+    if (q8) {
+        lo = _mm256_mask_sub_epi8(lo, (__mmask32)neg, _mm256_setzero_si256(), lo);
+        hi = _mm256_mask_sub_epi8(hi, (__mmask32)(neg >> 32), _mm256_setzero_si256(), hi);
     }
-    (void)a;
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(u), lo),
+                               _mm512_extracti64x4_epi64(u, 1), hi);
 }
 
-/* As afm__qtile_avx2 with one 64-byte block per zmm. VNNI: vpdpbusd (u8 x s8 -> s32);
-   otherwise vpmaddubsw + vpmaddwd. */
-AFM__FORCEINLINE AFM__T_AVX512 __m512i afm__dot64_avx512bw(__m512i u, __m512i s) {
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-}
-AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
-}
-
-/* The AVX-512 token tile; DOT is the 64-byte unsigned x signed dot (AVX-512 BW or VNNI). */
+/* The AVX-512 token tile; DOT gives the 8 lanes of a 64-byte unsigned x signed dot (BW or VNNI). */
 #define AFM__QTILE512_BODY(DOT)                                                                                  \
-        const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */                           \
-        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                          \
+        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                  \
         const int nsb = w->kpad >> 6;                                                                            \
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                 \
         const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                     \
         const float off = afm__type_offset(type);                                                                \
         const int8_t *qb[8];                                                                                     \
         const float *db[8], *mb[8];                                                                              \
-        __m512 acc[8][4];                                                                                        \
-        __m256 accm[8];                                                                                          \
-        float tailm[8];                                                                                          \
+        __m256 acc[8], accm[8];                                                                                  \
         AFM__ALIGN(32) float sd[8][8];                                                                           \
         int t, j, c;                                                                                             \
         AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
             qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;                                                   \
             db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
             mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
-            AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = _mm512_setzero_ps();                                \
-            accm[t] = _mm256_setzero_ps();                                                                       \
-            tailm[t] = 0.0f;                                                                                     \
+            acc[t] = accm[t] = _mm256_setzero_ps();                                                              \
         }                                                                                                        \
         for (c = 0; c < nsb; c += 8) {                                                                           \
             const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
             if (T == 1 && AFM__PF_DIST > 0)                                                                      \
                 _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
-            afm__sdprep_avx512(w, a, sc, c, n, T, type, db, mb, sd, accm, tailm);                                \
+            afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);                                    \
             for (j = 0; j < n; j += SBB) {                                                                       \
                 const int sb0 = c + j;                                                                           \
                 const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
@@ -5702,35 +6162,30 @@ AFM__FORCEINLINE AFM__T_VNNI __m512i afm__dot64_vnni(__m512i u, __m512i s) {
                 AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
                     const int sb = sb0 + k;                                                                      \
                     __m512i cv;                                                                                  \
-                    if (type == AFM_TYPE_Q2B)                                                                        \
+                    if (type == AFM_TYPE_Q2B)                                                                    \
                         cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))          \
                                     : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));               \
-                    else if (type == AFM_TYPE_Q4)                                                                    \
+                    else if (type == AFM_TYPE_Q4)                                                                \
                         cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
                     else                                                                                         \
                         cv = _mm512_abs_epi8(v);                                                                 \
-                    AFM__UNROLL for (t = 0; t < T; t++) {                                                        \
-                        __m512i x = _mm512_load_si512((const void *)(qb[t] + sb * 64));                          \
-                        if (type == AFM_TYPE_Q8) /* sign of the weight moved onto the activation */                 \
-                            x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);      \
-                        acc[t][k % NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(cv, x)),                         \
-                                                         _mm512_set1_ps(sd[t][j + k]), acc[t][k % NA]);          \
-                    }                                                                                            \
+                    const __mmask64 neg = type == AFM_TYPE_Q8 ? _mm512_movepi8_mask(v) : 0;                      \
+                    AFM__UNROLL for (t = 0; t < T; t++)                                                          \
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(cv, qb[t] + sb * 64, type == AFM_TYPE_Q8, neg)), \
+                                                 _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);                    \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
-            __m512 s = acc[t][0];                                                                                \
-            AFM__UNROLL for (j = 1; j < NA; j++) s = _mm512_add_ps(s, acc[t][j]);                                \
-            Y[(size_t)(t0 + t) * ldy + (size_t)r] = afm__hsum_avx512(s) - off * (afm__hsum_avx2(accm[t]) + tailm[t]); \
-        }
+        AFM__UNROLL for (t = 0; t < T; t++)                                                                      \
+            Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])                \
+                                                    : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
 AFM__FORCEINLINE AFM__T_AVX512 void afm__qtile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot64_avx512bw)
+    AFM__QTILE512_BODY(afm__dot8_avx512bw)
 }
 AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot64_vnni)
+    AFM__QTILE512_BODY(afm__dot8_vnni)
 }
 AFM__T_AVX512 static void afm__matmul_q2b_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q2B)
@@ -5749,46 +6204,6 @@ AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *
 }
 AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q8)
-}
-
-AFM__FORCEINLINE AFM__T_AVX512 __m512 afm__ld16_avx512(const uint8_t *row, int i, const int type) {
-    if (type == AFM_TYPE_F32) return _mm512_loadu_ps((const void *)(row + 4 * (size_t)i));
-    if (type == AFM_TYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i))), 16));
-}
-
-AFM__FORCEINLINE AFM__T_AVX512 void afm__ftile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                                      int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K16 = K & ~15;
-    const uint8_t *rows[4];
-    const float *xs[4];
-    __m512 acc[4][4];
-    int i, u, t;
-    AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
-    AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();
-    for (i = 0; i < K16; i += 16) {
-        __m512 wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld16_avx512(rows[u], i, type);
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const __m512 xv = _mm512_loadu_ps(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = _mm512_fmadd_ps(wv[u], xv, acc[u][t]);
-        }
-    }
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = afm__hsum_avx512(acc[u][t]);
-        for (i = K16; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
-        Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
-    }
-}
-AFM__T_AVX512 static void afm__matmul_f32_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F32, 4, 4)
-}
-AFM__T_AVX512 static void afm__matmul_f16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_F16, 4, 4)
-}
-AFM__T_AVX512 static void afm__matmul_bf16_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_avx512, AFM_TYPE_BF16, 4, 4)
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -5844,6 +6259,13 @@ static int afm__x86_level(void) {
 /* ---- arm64: NEON (baseline) and the dot-product extension (compile time) ---- */
 #ifdef AFM__NEON
 
+/* afm__sum8's tree on lanes 0-3 (lo) and 4-7 (hi). */
+static inline float afm__hsum8_neon(float32x4_t lo, float32x4_t hi) {
+    const float32x4_t m = vaddq_f32(lo, hi);                      /* l0+l4, l1+l5, l2+l6, l3+l7 */
+    const float32x2_t h = vadd_f32(vget_low_f32(m), vget_high_f32(m)); /* (l0+l4)+(l2+l6), (l1+l5)+(l3+l7) */
+    return vget_lane_f32(h, 0) + vget_lane_f32(h, 1);
+}
+
 static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
     int t, b, i;
     for (t = t0; t < t1; t++) {
@@ -5852,87 +6274,67 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
         float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             const int n = a->n_in - b * 64;
-            if (n >= 64) {
-                float32x4_t v[16], mx = vdupq_n_f32(0.0f), vid;
-                int32x4_t s = vdupq_n_s32(0);
-                float amax, id;
-                for (i = 0; i < 16; i++) { v[i] = vld1q_f32(x + b * 64 + 4 * i); mx = vmaxq_f32(mx, vabsq_f32(v[i])); }
-                amax = vmaxvq_f32(mx);
-                id = amax > 0.0f ? 127.0f / amax : 0.0f;
-                vid = vdupq_n_f32(id);
-                for (i = 0; i < 16; i += 4) {
-                    int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
-                    int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
-                    int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
-                    s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
-                    vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
-                }
-                d[b] = amax / 127.0f;
-                m[b] = d[b] * (float)vaddvq_s32(s);
-            } else {
-                afm__act one = *a;
-                float tmp[64];
-                int k;
-                for (k = 0; k < 64; k++) tmp[k] = k < n ? x[b * 64 + k] : 0.0f;
-                one.n_in = 64; one.kpad = 64; one.nsb = 1;
-                one.q = q + b * 64; one.d = d + b; one.m = m + b;
-                afm__prepare_q8_scalar(&one, tmp, 64, 0, 1);
+            float32x4_t v[16], vid;
+            uint32x4_t mx = vdupq_n_u32(0);
+            int32x4_t s = vdupq_n_s32(0);
+            uint32_t amax_bits;
+            float amax, id;
+            if (n < 64) {
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                continue;
             }
+            for (i = 0; i < 16; i++) { /* max of |x| as integers (afm__abs_bits) */
+                v[i] = vld1q_f32(x + b * 64 + 4 * i);
+                mx = vmaxq_u32(mx, vandq_u32(vreinterpretq_u32_f32(v[i]), vdupq_n_u32(0x7fffffffu)));
+            }
+            amax_bits = vmaxvq_u32(mx);
+            if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                continue;
+            }
+            memcpy(&amax, &amax_bits, 4);
+            id = 127.0f / amax;
+            vid = vdupq_n_f32(id);
+            for (i = 0; i < 16; i += 4) {
+                int32x4_t a0 = vcvtnq_s32_f32(vmulq_f32(v[i + 0], vid)), a1 = vcvtnq_s32_f32(vmulq_f32(v[i + 1], vid));
+                int32x4_t a2 = vcvtnq_s32_f32(vmulq_f32(v[i + 2], vid)), a3 = vcvtnq_s32_f32(vmulq_f32(v[i + 3], vid));
+                int16x8_t h0 = vcombine_s16(vmovn_s32(a0), vmovn_s32(a1)), h1 = vcombine_s16(vmovn_s32(a2), vmovn_s32(a3));
+                s = vaddq_s32(s, vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)));
+                vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+            }
+            d[b] = amax / 127.0f;
+            m[b] = d[b] * (float)vaddvq_s32(s);
         }
     }
 }
 
-/* Scale factors for sub-blocks c..c+n-1 (vector conversion when all 8 groups are distinct). */
-static inline void afm__scales8_neon(const uint8_t *sc, int gshift, int c, int n, float *s8) {
-    if (n == 8) {
-        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        float f[8];
-        int j;
-        memcpy(h, sc + 2 * (size_t)(c >> gshift), (size_t)(16 >> gshift));
-        vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))));
-        vst1q_f32(f + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4))));
-        for (j = 0; j < 8; j++) s8[j] = f[j >> gshift];
-    } else {
-        afm__scales_chunk(sc, gshift, c, n, s8);
-    }
-}
-
-/* int32x4 dot of 64 weight codes (four 16-byte quarters, values fit int8) with 64 activations. */
-AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int type) {
+/* The contract's 8 partial dots of one sub-block, lanes 0-3 in lo and 4-7 in hi: lane g sums
+   elements 4g..4g+3 and 32+4g..32+4g+3, i.e. quarters 0 and 2 give lanes 0-3, quarters 1 and 3
+   lanes 4-7. Codes are at most 48 (Q2B planes in place) or int8 (Q8): two products per int16 lane
+   stay below 2^15 in the plain NEON path. */
+AFM__FORCEINLINE void afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int dot, int32x4_t *lo, int32x4_t *hi) {
+    const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16), x2 = vld1q_s8(x + 32), x3 = vld1q_s8(x + 48);
 #ifdef AFM__NEON_DOT
-    int32x4_t s = vdupq_n_s32(0);
-    (void)type;
-    s = vdotq_s32(s, cq[0], vld1q_s8(x));
-    s = vdotq_s32(s, cq[1], vld1q_s8(x + 16));
-    s = vdotq_s32(s, cq[2], vld1q_s8(x + 32));
-    s = vdotq_s32(s, cq[3], vld1q_s8(x + 48));
-    return s;
-#else
-    int j;
-    if (type == AFM_TYPE_Q8) { /* products up to 127*127: two per int16 lane, then widen */
-        int32x4_t s = vdupq_n_s32(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            int16x8_t p = vmull_s8(vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-            s = vpadalq_s16(s, p);
-        }
-        return s;
-    } else { /* codes <= 15: eight products per int16 lane stay below 2^15 */
-        int16x8_t p = vdupq_n_s16(0);
-        for (j = 0; j < 4; j++) {
-            const int8x16_t xv = vld1q_s8(x + 16 * j);
-            p = vmlal_s8(p, vget_low_s8(cq[j]), vget_low_s8(xv));
-            p = vmlal_high_s8(p, cq[j], xv);
-        }
-        return vpaddlq_s16(p);
+    if (dot) {
+        *lo = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[0], x0), cq[2], x2);
+        *hi = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[1], x1), cq[3], x3);
+        return;
     }
 #endif
+    (void)dot;
+    {
+        int16x8_t a = vmlal_s8(vmull_s8(vget_low_s8(cq[0]), vget_low_s8(x0)), vget_low_s8(cq[2]), vget_low_s8(x2));
+        int16x8_t b = vmlal_high_s8(vmull_high_s8(cq[0], x0), cq[2], x2);
+        *lo = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
+        a = vmlal_s8(vmull_s8(vget_low_s8(cq[1]), vget_low_s8(x1)), vget_low_s8(cq[3]), vget_low_s8(x3));
+        b = vmlal_high_s8(vmull_high_s8(cq[1], x1), cq[3], x3);
+        *hi = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
+    }
 }
 
+/* As afm__qtile_avx2: codes read the same way (Q2B planes in place), the same sd and offset lanes. */
 AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                      int r, int t0, const int T, const int type) {
-    const int NA = 1; /* batch-invariant summation order, as in afm__qtile_avx2 */
+                                      int r, int t0, const int T, const int type, const int dot) {
     const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
     const int nsb = w->kpad >> 6;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
@@ -5940,35 +6342,31 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
     const float off = afm__type_offset(type);
     const int8_t *qb[8];
     const float *db[8], *mb[8];
-    float32x4_t acc[8][4], accm[8];
+    float32x4_t acc[8][2], accm[8][2];
     float sd[8][8];
     int t, j, c;
     AFM__UNROLL for (t = 0; t < T; t++) {
         qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
         db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
         mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        AFM__UNROLL for (j = 0; j < NA; j++) acc[t][j] = vdupq_n_f32(0.0f);
-        accm[t] = vdupq_n_f32(0.0f);
+        acc[t][0] = acc[t][1] = accm[t][0] = accm[t][1] = vdupq_n_f32(0.0f);
     }
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
-        float s8[8];
-        afm__scales8_neon(sc, w->gshift, c, n, s8);
-        if (n == 8) {
+        float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        afm__scales_chunk(sc, w->gshift, c, n, s8); /* zeros past a short last chunk (see afm__sdprep_avx2) */
+        {
             const float32x4_t S0 = vld1q_f32(s8), S1 = vld1q_f32(s8 + 4);
+            static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
+            const float32x4_t P0 = type == AFM_TYPE_Q2B ? vmulq_f32(S0, vld1q_f32(pq)) : S0;
+            const float32x4_t P1 = type == AFM_TYPE_Q2B ? vmulq_f32(S1, vld1q_f32(pq)) : S1;
             AFM__UNROLL for (t = 0; t < T; t++) {
-                vst1q_f32(sd[t], vmulq_f32(S0, vld1q_f32(db[t] + c)));
-                vst1q_f32(sd[t] + 4, vmulq_f32(S1, vld1q_f32(db[t] + c + 4)));
+                vst1q_f32(sd[t], vmulq_f32(P0, vld1q_f32(db[t] + c)));
+                vst1q_f32(sd[t] + 4, vmulq_f32(P1, vld1q_f32(db[t] + c + 4)));
                 if (type != AFM_TYPE_Q8) {
-                    accm[t] = vfmaq_f32(accm[t], S0, vld1q_f32(mb[t] + c));
-                    accm[t] = vfmaq_f32(accm[t], S1, vld1q_f32(mb[t] + c + 4));
+                    accm[t][0] = vfmaq_f32(accm[t][0], S0, vld1q_f32(mb[t] + c));
+                    accm[t][1] = vfmaq_f32(accm[t][1], S1, vld1q_f32(mb[t] + c + 4));
                 }
-            }
-        } else {
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                float tm = 0.0f;
-                for (j = 0; j < n; j++) { sd[t][j] = s8[j] * db[t][c + j]; tm += s8[j] * mb[t][c + j]; }
-                accm[t] = vsetq_lane_f32(vgetq_lane_f32(accm[t], 0) + tm, accm[t], 0);
             }
         }
         for (j = 0; j < n; j += SBB) {
@@ -5982,23 +6380,14 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
             AFM__UNROLL for (k = 0; k < SBB; k++) {
                 const int sb = sb0 + k;
                 int8x16_t cq[4];
-                if (type == AFM_TYPE_Q2B) {
-                    if (k == 0) {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, m3));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, m3));
-                    } else if (k == 3) {
-                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 6)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 6));
-                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 6)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 6));
+                if (type == AFM_TYPE_Q2B) { /* planes 0-2 masked in place (x1, x4, x16), plane 3 shifted by 2 */
+                    const uint8x16_t mk = vdupq_n_u8((uint8_t)(k == 3 ? 0x30 : 3 << (2 * k)));
+                    if (k == 3) {
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), mk));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), mk));
                     } else {
-                        const uint8x16_t m3 = vdupq_n_u8(3);
-                        if (k == 1) {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), m3));
-                        } else {
-                            cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 4), m3)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 4), m3));
-                            cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 4), m3)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 4), m3));
-                        }
+                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mk));
+                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mk));
                     }
                 } else if (type == AFM_TYPE_Q4) {
                     if (k == 0) {
@@ -6014,27 +6403,40 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
                     cq[2] = vreinterpretq_s8_u8(v2); cq[3] = vreinterpretq_s8_u8(v3);
                 }
                 AFM__UNROLL for (t = 0; t < T; t++) {
-                    const int32x4_t i32 = afm__dot64_neon(cq, qb[t] + sb * 64, type);
-                    acc[t][k % NA] = vfmaq_n_f32(acc[t][k % NA], vcvtq_f32_s32(i32), sd[t][j + k]);
+                    int32x4_t lo, hi;
+                    afm__dot64_neon(cq, qb[t] + sb * 64, dot, &lo, &hi);
+                    acc[t][0] = vfmaq_n_f32(acc[t][0], vcvtq_f32_s32(lo), sd[t][j + k]);
+                    acc[t][1] = vfmaq_n_f32(acc[t][1], vcvtq_f32_s32(hi), sd[t][j + k]);
                 }
             }
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        float32x4_t s = acc[t][0];
-        AFM__UNROLL for (j = 1; j < NA; j++) s = vaddq_f32(s, acc[t][j]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = vaddvq_f32(s) - off * vaddvq_f32(accm[t]);
-    }
+    AFM__UNROLL for (t = 0; t < T; t++)
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum8_neon(acc[t][0], acc[t][1])
+                                                : fmaf(-off, afm__hsum8_neon(accm[t][0], accm[t][1]), afm__hsum8_neon(acc[t][0], acc[t][1]));
 }
+#define AFM__QTILE_NEON(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 0)
 static void afm__matmul_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q2B)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q2B)
 }
 static void afm__matmul_q4_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q4)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q4)
 }
 static void afm__matmul_q8_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_neon, AFM_TYPE_Q8)
+    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q8)
 }
+#ifdef AFM__NEON_DOT
+#define AFM__QTILE_NEONDOT(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 1)
+static void afm__matmul_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q2B)
+}
+static void afm__matmul_q4_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q4)
+}
+static void afm__matmul_q8_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q8)
+}
+#endif
 
 AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int type) {
     if (type == AFM_TYPE_F32) return vld1q_f32((const float *)(const void *)(row + 4 * (size_t)i));
@@ -6042,38 +6444,42 @@ AFM__FORCEINLINE float32x4_t afm__ld4_neon(const uint8_t *row, int i, const int 
     return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)(const void *)(row + 2 * (size_t)i)), 16));
 }
 
+/* R rows x T tokens of a float matrix: the contract's 8 lanes as two float32x4. */
 AFM__FORCEINLINE void afm__ftile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                       int r, int t0, const int R, const int T, const int type) {
-    const int K = w->cols, K4 = K & ~3;
+    const int K = w->cols, K8 = K & ~7;
     const uint8_t *rows[4];
     const float *xs[4];
-    float32x4_t acc[4][4];
+    float32x4_t acc[4][2][2];
     int i, u, t;
     AFM__UNROLL for (u = 0; u < R; u++) rows[u] = w->data + (size_t)(r + u) * w->row_bytes;
     AFM__UNROLL for (t = 0; t < T; t++) xs[t] = a->x + (size_t)(t0 + t) * (size_t)a->kpad;
-    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t] = vdupq_n_f32(0.0f);
-    for (i = 0; i < K4; i += 4) {
-        float32x4_t wv[4];
-        AFM__UNROLL for (u = 0; u < R; u++) wv[u] = afm__ld4_neon(rows[u], i, type);
+    AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) acc[u][t][0] = acc[u][t][1] = vdupq_n_f32(0.0f);
+    for (i = 0; i < K8; i += 8) {
+        float32x4_t wv[4][2];
+        AFM__UNROLL for (u = 0; u < R; u++) { wv[u][0] = afm__ld4_neon(rows[u], i, type); wv[u][1] = afm__ld4_neon(rows[u], i + 4, type); }
         AFM__UNROLL for (t = 0; t < T; t++) {
-            const float32x4_t xv = vld1q_f32(xs[t] + i);
-            AFM__UNROLL for (u = 0; u < R; u++) acc[u][t] = vfmaq_f32(acc[u][t], wv[u], xv);
+            const float32x4_t x0 = vld1q_f32(xs[t] + i), x1 = vld1q_f32(xs[t] + i + 4);
+            AFM__UNROLL for (u = 0; u < R; u++) {
+                acc[u][t][0] = vfmaq_f32(acc[u][t][0], wv[u][0], x0);
+                acc[u][t][1] = vfmaq_f32(acc[u][t][1], wv[u][1], x1);
+            }
         }
     }
     AFM__UNROLL for (u = 0; u < R; u++) AFM__UNROLL for (t = 0; t < T; t++) {
-        float s = vaddvq_f32(acc[u][t]);
-        for (i = K4; i < K; i++) s += afm__wf_scalar(type, rows[u], i) * xs[t][i];
+        float s = afm__hsum8_neon(acc[u][t][0], acc[u][t][1]);
+        for (i = K8; i < K; i++) s = fmaf(afm__wf_scalar(type, rows[u], i), xs[t][i], s);
         Y[(size_t)(t0 + t) * ldy + (size_t)(r + u)] = s;
     }
 }
 static void afm__matmul_f32_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F32, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F32, 4, 2)
 }
 static void afm__matmul_f16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F16, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_F16, 4, 2)
 }
 static void afm__matmul_bf16_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 3)
+    AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 2)
 }
 
 static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
@@ -6096,8 +6502,8 @@ static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t
                 }
             }
             for (h = 0; h < nh; h++) {
-                float sum = vaddvq_f32(vaddq_f32(acc[h][0], acc[h][1]));
-                for (i = d8; i < dim; i++) sum += q[(size_t)(h0 + h) * ldq + (size_t)i] * (float)kp[i];
+                float sum = afm__hsum8_neon(acc[h][0], acc[h][1]);
+                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
                 s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
             }
         }
@@ -6130,7 +6536,7 @@ static void afm__kv_values_neon(const float *pr, size_t ldp, int nq, const int8_
         for (h = 0; h < nh; h++)
             for (i = d8; i < dim; i++) {
                 float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum += pr[(size_t)(h0 + h) * ldp + (size_t)p] * (float)v[(size_t)p * v_stride + (size_t)i];
+                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
                 o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
             }
     }
@@ -6152,9 +6558,11 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     }
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
+    k->silu_mul = afm__silu_mul_scalar;
+    k->softmax = afm__softmax_scalar;
 #if defined(AFM__X86)
     level = afm__x86_level();
-    if (level > max_level) level = max_level;
+    if (level > max_level) level = max_level < AFM__LEVEL_SCALAR ? AFM__LEVEL_SCALAR : max_level;
     if (level >= AFM__LEVEL_AVX2) {
         k->name = "avx2";
         k->prepare_q8 = afm__prepare_q8_avx2;
@@ -6164,10 +6572,11 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
+        k->silu_mul = afm__silu_mul_avx2;
+        k->softmax = afm__softmax_avx2;
     }
     if (level >= AFM__LEVEL_AVX512) {
         k->name = "avx512";
-        k->matmul[0] = afm__matmul_f32_avx512; k->matmul[1] = afm__matmul_f16_avx512; k->matmul[2] = afm__matmul_bf16_avx512;
         k->matmul[3] = afm__matmul_q2b_avx512; k->matmul[4] = afm__matmul_q4_avx512; k->matmul[5] = afm__matmul_q8_avx512;
     }
     if (level >= AFM__LEVEL_AVX512VNNI) {
@@ -6177,20 +6586,24 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
 #elif defined(AFM__NEON)
     if (max_level >= AFM__LEVEL_NEON) {
         level = AFM__LEVEL_NEON;
-#ifdef AFM__NEON_DOT
-        k->name = "neon-dotprod";
-#else
         k->name = "neon";
-#endif
         k->prepare_q8 = afm__prepare_q8_neon;
         k->matmul[0] = afm__matmul_f32_neon; k->matmul[1] = afm__matmul_f16_neon; k->matmul[2] = afm__matmul_bf16_neon;
         k->matmul[3] = afm__matmul_q2b_neon; k->matmul[4] = afm__matmul_q4_neon; k->matmul[5] = afm__matmul_q8_neon;
         k->kv_scores = afm__kv_scores_neon;
         k->kv_values = afm__kv_values_neon;
     }
+#ifdef AFM__NEON_DOT
+    if (max_level >= AFM__LEVEL_NEON_DOT) {
+        level = AFM__LEVEL_NEON_DOT;
+        k->name = "neon-dotprod";
+        k->matmul[3] = afm__matmul_q2b_neondot; k->matmul[4] = afm__matmul_q4_neondot; k->matmul[5] = afm__matmul_q8_neondot;
+    }
+#endif
 #else
     (void)max_level;
 #endif
+    k->level = level;
     return level;
 }
 
@@ -6210,9 +6623,34 @@ static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w
     k->dequant[afm__type_slot(w->type)](w, row, out);
 }
 
+static const char *const afm__kernel_names[] = {"auto", "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon-dotprod"};
+
+AFMDEF const char *afm_kernels_name(afm_kernels level) {
+    return (int)level >= 0 && level <= AFM_KERNELS_NEON_DOTPROD ? afm__kernel_names[level] : NULL;
+}
+
+AFMDEF int afm_kernels_from_name(const char *name) {
+    int i;
+    for (i = 0; name && i <= AFM_KERNELS_NEON_DOTPROD; i++)
+        if (strcmp(name, afm__kernel_names[i]) == 0) return i;
+    return -1;
+}
+
+AFMDEF afm_kernels afm_kernels_best(void) {
+    afm__kernels k;
+    return (afm_kernels)afm__select_kernels(&k, AFM__LEVEL_MAX);
+}
+
+AFMDEF int afm_kernels_supported(afm_kernels level) {
+    afm__kernels k;
+    if (level == AFM_KERNELS_AUTO) return 1;
+    if ((int)level < 0 || level > AFM_KERNELS_NEON_DOTPROD) return 0;
+    return afm__select_kernels(&k, (int)level) == (int)level;
+}
+
 
 /* ======================================================================================== */
-/* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======= */
+/* ==== LORA ADAPTERS: .afma files, .fmadapter packages, the embedded base adapter ======== */
 /* ======================================================================================== */
 
 struct afm_adapter {
@@ -6226,7 +6664,12 @@ struct afm_adapter {
     float alpha, scale;
     char identifier[128], signature[41];
     char *metadata;                /* JSON text, NUL-terminated, or NULL */
+    afm__count n_users;            /* sessions using it (afm_adapter_free checks) */
 };
+
+static void afm__adapter_use(const afm_adapter *ad, long d) {
+    if (ad) afm__count_add(&((afm_adapter *)(void *)ad)->n_users, d);
+}
 
 /* Which projections layer i adapts: segment 0 the three of the fused QKV, segment 1 its query. */
 static int afm__adapted(const afm_model *m, int layer, int p) {
@@ -6246,6 +6689,7 @@ static afm_adapter *afm__adapter_new(const afm_model *m) {
     afm_adapter *ad = (afm_adapter *)afm__calloc(&m->alloc, 1, sizeof *ad);
     if (!ad) return NULL;
     ad->model = m;
+    afm__model_use(m, 1);
     ad->alloc = m->alloc;
     ad->a = (const afm__tensor **)afm__calloc(&m->alloc, (size_t)m->config.n_layers * AFM__N_PROJ, sizeof *ad->a);
     ad->b = (const afm__tensor **)afm__calloc(&m->alloc, (size_t)m->config.n_layers * AFM__N_PROJ, sizeof *ad->b);
@@ -6287,6 +6731,8 @@ static afm_result afm__adapter_check_finite(const afm_adapter *ad, const char *n
 AFMDEF void afm_adapter_free(afm_adapter *ad) {
     afm_allocator a;
     if (!ad) return;
+    AFM_ASSERT(afm__count_add(&ad->n_users, 0) == 0 && "afm_adapter_free: free or switch the sessions that use it first");
+    afm__model_use(ad->model, -1);
     a = ad->alloc;
     afm__free(&a, (void *)ad->a);
     afm__free(&a, (void *)ad->b);
@@ -6337,7 +6783,8 @@ static afm_result afm__parse_adapter(afm__loader *L, afm_adapter *ad) {
     if (v < 1 || v > 4096) return AFM__BAD(L, "%s: config rank is %u, expected 1..4096", L->name, v);
     ad->rank = (int)v;
     ad->alpha = afm__rdf32(cf + 8);
-    if (!(ad->alpha > -1e30f && ad->alpha < 1e30f)) return AFM__BAD(L, "%s: config alpha is not finite", L->name);
+    if (!(ad->alpha >= -AFM__MAX_ALPHA && ad->alpha <= AFM__MAX_ALPHA))
+        return AFM__BAD(L, "%s: config alpha %g is outside [-%g, %g]", L->name, (double)ad->alpha, (double)AFM__MAX_ALPHA, (double)AFM__MAX_ALPHA);
     ad->scale = ad->alpha / (float)ad->rank;
     v = afm__rd32(cf + 12);
     if (v > 64) return AFM__BAD(L, "%s: config draft_token_count is %u, expected 0..64", L->name, v);
@@ -6350,16 +6797,11 @@ static afm_result afm__parse_adapter(afm__loader *L, afm_adapter *ad) {
         if (base[i] != want[i])
             return AFM__BAD(L, "%s: adapter was made for a base with %s %d, this model has %d", L->name, names[i], base[i], want[i]);
     }
-    if (cf[48]) {
-        for (i = 0; i < 40; i++) {
-            unsigned char ch = cf[48 + i];
-            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
-                return AFM__BAD(L, "%s: signature byte 0x%02x is not a lowercase hex digit", L->name, ch);
-            ad->signature[i] = (char)ch;
-        }
-        if (c->signature[0] && memcmp(ad->signature, c->signature, 40))
-            return AFM__BAD(L, "%s: adapter is for base model %s, this model is %s", L->name, ad->signature, c->signature);
-    }
+    if ((i = afm__read_signature(cf + 48, ad->signature)) >= 0)
+        return AFM__BAD(L, "%s: config byte %d: signature byte 0x%02x: the signature is neither 40 lowercase hex digits nor all zero",
+                        L->name, 48 + i, cf[48 + i]);
+    if (ad->signature[0] && c->signature[0] && memcmp(ad->signature, c->signature, 40))
+        return AFM__BAD(L, "%s: adapter is for base model %s, this model is %s", L->name, ad->signature, c->signature);
     if (ct.extra) {
         if (ct.extra_kind != 3) return AFM__BAD(L, "%s: metadata section kind %u, expected 3 (JSON)", L->name, ct.extra_kind);
         ad->metadata = (char *)afm__alloc(&ad->alloc, (size_t)ct.extra_len + 1);
@@ -6394,7 +6836,7 @@ static afm_result afm__parse_adapter(afm__loader *L, afm_adapter *ad) {
     return AFM_OK;
 }
 
-/* ---- .fmadapter: Apple's package (AFM_SPEC section 6) ---- */
+/* ---- .fmadapter: Apple's package (docs/MODEL.md section 6) ---- */
 
 /* `fmadapter-NAME-VERSION` with NAME and VERSION made of [A-Za-z0-9_]: a hyphen inside NAME
    makes Apple's loader misread the identifier, so it is refused here too. */
@@ -6464,7 +6906,7 @@ static afm_result afm__fm_metadata(afm_adapter *ad, const char *json, size_t n, 
 /* Blob storage v2: a 64-byte header (u32 count, u32 version 2), then for each tensor a 64-byte
    record header (u32 0xDEADBEEF, u32 dtype 1 = fp16, u64 size, u64 absolute offset) and its data,
    each 64-byte aligned. The tensors carry no names: their order and sizes are those of the
-   toolkit's adapter keys (AFM_SPEC section 6), which is checked record by record. */
+   toolkit's adapter keys (docs/MODEL.md section 6.2), which is checked record by record. */
 static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint64_t size, const char *name, char *err, size_t errn) {
     const afm_model *m = ad->model;
     int n_layers = m->config.n_layers, expected = 0, i, p, k = 0;
@@ -6530,7 +6972,7 @@ static afm_result afm__fm_weights(afm_adapter *ad, const unsigned char *w, uint6
     }
     /* coremltools pads the last record to 64 bytes at most, with zeros */
     for (i_tail = prev_end; i_tail < size; i_tail++)
-        if (w[i_tail] || i_tail - prev_end >= 64)
+        if (w[i_tail] || i_tail - prev_end >= 63)
             return afm__fail(err, errn, AFM_ERR_FORMAT, "%s/adapter_weights.bin: offset %llu: %llu bytes after the last of the %d records (expected at most 63 zero bytes of padding)",
                               name, (unsigned long long)i_tail, (unsigned long long)(size - prev_end), k);
     return AFM_OK;
@@ -6677,7 +7119,9 @@ struct afm_session {
     float *logits;                /* [logits_cap][vocab] */
     int logits_cap, n_logits;
     int32_t *tokens;              /* [cap] the tokens in the cache, in order */
-    int test_accept_rule;         /* tests only: 1 accepts every draft, to show the tests can fail */
+#ifdef AFM_TESTING
+    int test_accept_rule;         /* 1 accepts every draft: shows the distribution tests can fail */
+#endif
     const afm_adapter *adapter;   /* LoRA applied on every adapted projection, or NULL */
     float *lora_t, *lora_u;       /* [3][n_batch][rank rounded up to 16] (A x of up to three
                                      projections), [n_batch][3 * widest output] (their B A x) */
@@ -6704,6 +7148,14 @@ static void afm__session_release_buffers(afm_session *s) {
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
 
+/* Memory a session takes before it holds any tokens (one batch's activations, the first KV
+   positions) stays below max(64 MiB, the model file's size): a small hostile file with huge widths
+   (1024 heads x 1024 of a model dimension 1) would otherwise take gigabytes for a few tokens. */
+static uint64_t afm__scratch_budget(const afm_model *m) {
+    uint64_t floor_ = (uint64_t)64 << 20;
+    return m->blob.size > floor_ ? m->blob.size : floor_;
+}
+
 /* Grows the KV cache (and the per-thread score rows) to hold at least `need` positions. */
 static afm_result afm__reserve(afm_session *s, int need) {
     const afm_allocator *a = &s->model->alloc;
@@ -6713,6 +7165,10 @@ static afm_result afm__reserve(afm_session *s, int need) {
     float *scores;
     int32_t *tokens;
     if (need <= s->cap) return AFM_OK;
+    if (!s->cap) { /* the first 256 positions, or fewer if they would outweigh the budget */
+        uint64_t per_pos = 2 * (uint64_t)n_seg0 * row, most = afm__scratch_budget(s->model) / (per_pos ? per_pos : 1);
+        if ((uint64_t)cap > most) cap = most > 0 ? (int)most : 1;
+    }
     while (cap < need) cap = cap > s->n_ctx / 2 ? s->n_ctx : cap * 2;
     if (cap > s->n_ctx) cap = s->n_ctx;
     k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
@@ -6760,23 +7216,32 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
     if (p.kv_type == AFM_KV_AUTO) p.kv_type = c->has_kv_scales ? AFM_KV_INT8 : AFM_KV_F16;
     if (p.kv_type == AFM_KV_INT8 && !c->has_kv_scales) return AFM_ERR_UNSUPPORTED;
+    if ((int)p.kernels < 0 || p.kernels > AFM_KERNELS_NEON_DOTPROD) return AFM_ERR_ARG;
+    if (!afm_kernels_supported(p.kernels)) return AFM_ERR_UNSUPPORTED;
 
     s = (afm_session *)afm__calloc(a, 1, sizeof *s);
     if (!s) return AFM_ERR_NOMEM;
     s->model = m;
+    afm__model_use(m, 1);
     s->params = p;
     s->kv_type = p.kv_type;
     s->n_ctx = p.n_ctx;
     s->kv_dim = c->n_kv_heads * c->head_dim;
     s->kv_elt = s->kv_type == AFM_KV_INT8 ? 1 : s->kv_type == AFM_KV_F16 ? 2 : 4;
-    afm__select_kernels(&s->kern, AFM__LEVEL_MAX);
+    afm__select_kernels(&s->kern, p.kernels == AFM_KERNELS_AUTO ? AFM__LEVEL_MAX : (int)p.kernels);
     if (afm__pool_init(a, &s->pool, p.n_threads) != AFM_OK) { afm__free(a, s); return AFM_ERR_THREAD; }
 
-    B = p.n_batch;
     qd = c->n_heads * c->head_dim;
     widest = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
     if (qd > widest) widest = qd;
     if (c->head_dim > widest) widest = c->head_dim;
+    {   /* fewer tokens per batch when one batch's activations would outweigh the budget */
+        uint64_t per_tok = 4 * (2 * (uint64_t)c->dim + 2 * (uint64_t)qd + 2 * (uint64_t)s->kv_dim + 2 * (uint64_t)c->ffn_dim + (uint64_t)c->head_dim) +
+                           2 * (uint64_t)afm__act_need(1, widest);
+        uint64_t most = afm__scratch_budget(m) / per_tok;
+        if ((uint64_t)p.n_batch > most) s->params.n_batch = p.n_batch = most > 0 ? (int)most : 1;
+    }
+    B = p.n_batch;
     s->rowbuf_n = (widest + 15) & ~15;
     s->x = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
     s->xn = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
@@ -6803,10 +7268,14 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
 }
 
 AFMDEF void afm_session_free(afm_session *s) {
+    afm_model *m;
     if (!s) return;
-    afm__pool_destroy(&s->model->alloc, &s->pool);
+    m = s->model;
+    afm__adapter_use(s->adapter, -1);
+    afm__pool_destroy(&m->alloc, &s->pool);
     afm__session_release_buffers(s);
-    afm__free(&s->model->alloc, s);
+    afm__free(&m->alloc, s);
+    afm__model_use(m, -1);
 }
 
 /* Evaluates n tokens; keeps the logits of every position when want_all, else of the last. */
@@ -6831,6 +7300,8 @@ AFMDEF afm_result afm_session_rewind(afm_session *s, int pos) {
 }
 
 AFMDEF int afm_session_pos(const afm_session *s) { return s ? s->pos : 0; }
+AFMDEF afm_kernels afm_session_kernels(const afm_session *s) { return s ? (afm_kernels)s->kern.level : AFM_KERNELS_AUTO; }
+
 AFMDEF afm_kv_type afm_session_kv_type(const afm_session *s) { return s ? s->kv_type : AFM_KV_AUTO; }
 AFMDEF const char *afm_session_error(const afm_session *s) { return s ? s->err : "session is NULL"; }
 
@@ -6863,6 +7334,8 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
         s->act_buf = buf;
         s->act_cap = need;
     }
+    afm__adapter_use(s->adapter, -1);
+    afm__adapter_use(ad, 1);
     s->adapter = ad;
     s->pos = 0; /* the cached keys and values were computed with the previous adapter */
     s->n_logits = 0;
@@ -6870,7 +7343,7 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
 }
 
 /* ======================================================================================== */
-/* ==== FORWARD PASS (AFM_SPEC section 2) ================================================= */
+/* ==== FORWARD PASS (docs/MODEL.md section 2) ============================================ */
 /* ======================================================================================== */
 
 /* ---- matrix products: activations prepared once per input, then the rows of one or more
@@ -6915,13 +7388,15 @@ static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
     if (lo < hi) afm__prepare_activations(&j->s->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
 }
 
+/* The f32 dot product of the exact paths (f32_activations, float KV caches): products in double are
+   exact, so a compiler that fuses them into the adds changes nothing; 8 lanes and a fixed tree. */
 static float afm__dot(const float *a, const float *b, int n) {
-    float s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    double s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
     int i = 0, k;
     for (; i + 8 <= n; i += 8)
-        for (k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (k = 0; i < n; i++, k++) s[k] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        for (k = 0; k < 8; k++) s[k] += (double)a[i + k] * b[i + k];
+    for (k = 0; i < n; i++, k++) s[k] += (double)a[i] * b[i];
+    return (float)(((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
 }
 
 static void afm__mm_run(void *ctx, int ith, int nth) {
@@ -6943,7 +7418,10 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
         if (it->add_to) {
             int r, t;
             for (t = 0; t < it->act.n_tok; t++)
-                for (r = lo; r < hi; r++) it->add_to[(size_t)t * it->add_ld + r] += it->add_scale * it->Y[(size_t)t * it->ldy + r];
+                for (r = lo; r < hi; r++) { /* the product exact in double: fused or not, the same bits */
+                    float *y = &it->add_to[(size_t)t * it->add_ld + r];
+                    *y = (float)((double)*y + (double)it->add_scale * it->Y[(size_t)t * it->ldy + r]);
+                }
         }
     }
 }
@@ -7056,22 +7534,26 @@ static void afm__rope(float *v, const float *cs, const float *sn, int half) {
     int i;
     for (i = 0; i < half; i++) {
         float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = a * sn[i] + b * cs[i];
+        /* products exact in double: fused or not, the same bits */
+        v[i] = (float)((double)a * cs[i] - (double)b * sn[i]);
+        v[i + half] = (float)((double)a * sn[i] + (double)b * cs[i]);
     }
 }
 
 static void afm__rope_tables(afm_session *s, int n_tok) {
     const afm_config *c = &s->model->config;
+    const double log_theta = afm__log_d((double)c->rope_theta);
     int half = c->head_dim / 2, t, i;
     for (t = 0; t < n_tok; t++) {
         double p = (double)(s->pos + t);
         for (i = 0; i < half; i++) {
-            /* inv_freq_i = theta^(-2i/d), as f32 like the reference, then the angle in double */
-            float inv = (float)pow((double)c->rope_theta, -2.0 * i / c->head_dim);
-            double ang = p * inv;
-            s->rope_cos[t * half + i] = (float)cos(ang);
-            s->rope_sin[t * half + i] = (float)sin(ang);
+            /* inv_freq_i = theta^(-2i/d), as f32 like the reference, then the angle in double (exact:
+               a 24-bit position times a 24-bit float) */
+            float inv = (float)afm__exp_d(-2.0 * i / c->head_dim * log_theta);
+            double sn, cs;
+            afm__sincos_d(p * inv, &sn, &cs);
+            s->rope_cos[t * half + i] = (float)cs;
+            s->rope_sin[t * half + i] = (float)sn;
         }
     }
 }
@@ -7108,16 +7590,6 @@ typedef struct afm__attn_job {
     int n_tok, q_stride;
 } afm__attn_job;
 
-/* Softmax over n scores in place; returns nothing, the row sums to 1. */
-static void afm__softmax(float *x, int n) {
-    float mx = -FLT_MAX, sum = 0, inv;
-    int i;
-    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
-    for (i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
-    inv = 1.0f / sum;
-    for (i = 0; i < n; i++) x[i] *= inv;
-}
-
 /* int8 cache: one task per (token, KV head) runs the group of query heads that share it
    through the SIMD kernels (scores over int8 keys, then values over int8 values). */
 static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
@@ -7132,7 +7604,7 @@ static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
     float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)kvh * group * hd;
     k->kv_scores(q, (size_t)hd, group, (const int8_t *)s->k_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
                  ly->k_scale / sqrtf((float)hd), scores, (size_t)s->cap);
-    for (h = 0; h < group; h++) afm__softmax(scores + (size_t)h * s->cap, n_keys);
+    for (h = 0; h < group; h++) k->softmax(scores + (size_t)h * s->cap, n_keys);
     k->kv_values(scores, (size_t)s->cap, group, (const int8_t *)s->v_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
                  ly->v_scale, out, (size_t)hd);
 }
@@ -7142,7 +7614,7 @@ static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_heads, h = task % c->n_heads, kvh = h / group;
-    int n_keys = s->pos + t + 1, i, d;
+    int n_keys = s->pos + t + 1, i, d, d0;
     size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
     const float *q = s->q + (size_t)t * j->q_stride + (size_t)h * hd;
     float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)h * hd;
@@ -7151,11 +7623,16 @@ static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv
         afm__kv_load(s, s->k_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
         scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
     }
-    afm__softmax(scores, n_keys);
-    for (d = 0; d < hd; d++) out[d] = 0;
-    for (i = 0; i < n_keys; i++) {
-        afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
-        for (d = 0; d < hd; d++) out[d] += scores[i] * kv[d];
+    s->kern.softmax(scores, n_keys);
+    for (d0 = 0; d0 < hd; d0 += 64) { /* 64 columns at a time in double: exact products, any fusing is harmless */
+        double acc[64];
+        const int nd = hd - d0 < 64 ? hd - d0 : 64;
+        for (d = 0; d < nd; d++) acc[d] = 0;
+        for (i = 0; i < n_keys; i++) {
+            afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim + (size_t)d0, kv, nd, 1.0f);
+            for (d = 0; d < nd; d++) acc[d] += (double)scores[i] * kv[d];
+        }
+        for (d = 0; d < nd; d++) out[d0 + d] = (float)acc[d];
     }
 }
 
@@ -7197,8 +7674,6 @@ static void afm__qkv_post(afm_session *s, int layer, int n_tok) {
         }
     }
 }
-
-static float afm__silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* Runs n_tok tokens at positions pos.. through the model; logits for the rows asked for. */
 static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *logits, int logits_from) {
@@ -7250,7 +7725,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         afm__lora_a(&mj, &ls, l, AFM__P_UP, s->xn, d, s->hb2, f);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        for (i = 0; i < n_tok * f; i++) s->hb[i] = afm__silu(s->hb[i]) * s->hb2[i];
+        s->kern.silu_mul(s->hb, s->hb2, n_tok * f);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->down, s->hb, f, s->xn, d);
@@ -7346,7 +7821,7 @@ AFMDEF afm_result afm_sampler_create(const afm_sampler_params *params, int n_voc
     if (!out) return AFM_ERR_ARG;
     *out = NULL;
     if (n_vocab < 1 || (params && (params->top_k < 0 || !(params->top_p >= 0 && params->top_p <= 1) ||
-                                   !(params->min_p >= 0 && params->min_p <= 1) || params->temperature != params->temperature)))
+                                   !(params->min_p >= 0 && params->min_p <= 1) || !(params->temperature <= FLT_MAX))))
         return AFM_ERR_ARG;
     sm = (afm_sampler *)afm__calloc(a, 1, sizeof *sm);
     if (!sm) return AFM_ERR_NOMEM;
@@ -7385,7 +7860,10 @@ static int afm__cmp_cand(const void *a, const void *b) {
 
 /* Applies temperature, min-p, top-k and top-p (in that order) to logits: sm->prob holds the
    unnormalised probabilities (largest 1) and sm->idx[0 .. return value) the surviving ids, in
-   increasing id order. For greedy sampling the one survivor is the argmax (lowest id on ties). */
+   increasing id order. For greedy sampling the one survivor is the argmax (lowest id on ties).
+   Only the ids whose bit is set in allowed take part (NULL: all; a constraint's mask). Returns -1
+   when no token can be chosen: a logit is NaN or +inf, or every one is -inf (a broken model or
+   adapter; reading the lowest id instead would hide it); 0 when allowed holds no id. */
 static int afm__sampler_filter(afm_sampler *sm, const float *logits, const uint32_t *allowed) {
     int n = sm->n_vocab, i, nc = 0, best = 0, keep;
     float inv_t;
@@ -7394,25 +7872,33 @@ static int afm__sampler_filter(afm_sampler *sm, const float *logits, const uint3
         best = -1;
         for (w = 0; w < nw; w++)
             for (i = w * 32; allowed[w] && i < w * 32 + 32 && i < n; i++)
-                if (((allowed[w] >> (i & 31)) & 1) && (best < 0 || logits[i] > logits[best])) best = i;
+                if ((allowed[w] >> (i & 31)) & 1) {
+                    if (!(logits[i] <= FLT_MAX)) return -1; /* NaN or +inf */
+                    if (best < 0 || logits[i] > logits[best]) best = i;
+                }
         if (best < 0) return 0;
+        if (!(logits[best] >= -FLT_MAX)) return -1; /* all -inf */
         if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
         inv_t = 1.0f / sm->p.temperature;
         for (w = 0; w < nw; w++)
             for (i = w * 32; allowed[w] && i < w * 32 + 32 && i < n; i++) {
-                float p;
+                float d, p;
                 if (!((allowed[w] >> (i & 31)) & 1)) continue;
-                p = expf((logits[i] - logits[best]) * inv_t);
+                d = logits[i] - logits[best];
+                p = d == 0 ? 1.0f : expf(d * inv_t);
                 sm->prob[i] = p;
                 if ((p > 0 && p >= sm->p.min_p) || i == best) sm->idx[nc++] = i;
             }
     } else {
-    for (i = 1; i < n; i++)
-        if (logits[i] > logits[best]) best = i;
-    if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
-    inv_t = 1.0f / sm->p.temperature;
     for (i = 0; i < n; i++) {
-        float p = expf((logits[i] - logits[best]) * inv_t);
+        if (!(logits[i] <= FLT_MAX)) return -1; /* NaN or +inf */
+        if (logits[i] > logits[best]) best = i;
+    }
+    if (!(logits[best] >= -FLT_MAX)) return -1; /* all -inf */
+    if (!(sm->p.temperature > 0)) { sm->idx[0] = best; sm->prob[best] = 1; return 1; }
+    inv_t = 1.0f / sm->p.temperature; /* +inf for a temperature below ~3e-39: greedy, ties kept */
+    for (i = 0; i < n; i++) {
+        float d = logits[i] - logits[best], p = d == 0 ? 1.0f : expf(d * inv_t);
         sm->prob[i] = p;
         if (p > 0 && p >= sm->p.min_p) sm->idx[nc++] = i;
     }
@@ -7456,12 +7942,13 @@ static int afm__sampler_filter(afm_sampler *sm, const float *logits, const uint3
     return nc;
 }
 
-/* Draws one id from weights w over ids idx[0..n) (weights need not be normalised). */
-static int32_t afm__draw(uint64_t *rng, const float *w, const int32_t *idx, int n) {
+/* The id that the uniform number u in [0, 1) picks from weights w over ids idx[0..n) (weights need
+   not be normalised): the inverse of their cumulative sum, in increasing id order. */
+static int32_t afm__draw_u(double u, const float *w, const int32_t *idx, int n) {
     double sum = 0, r, acc = 0;
     int i;
     for (i = 0; i < n; i++) sum += w[idx[i]];
-    r = afm__rng_uniform(rng) * sum;
+    r = u * sum;
     for (i = 0; i < n; i++) {
         acc += w[idx[i]];
         if (r < acc) return idx[i];
@@ -7469,26 +7956,43 @@ static int32_t afm__draw(uint64_t *rng, const float *w, const int32_t *idx, int 
     return idx[n - 1];
 }
 
-AFMDEF int32_t afm_sampler_sample_masked(afm_sampler *sm, const float *logits, const uint32_t *allowed) {
+/* One token from the filtered logits (only the allowed ids; NULL: all) with the uniform number u
+   (unused when greedy); -1 when the logits are not usable (afm__sampler_filter) or none is allowed. */
+static int32_t afm__sampler_pick(afm_sampler *sm, const float *logits, const uint32_t *allowed, double u) {
     int nc = afm__sampler_filter(sm, logits, allowed);
-    if (nc == 0) return -1;
+    if (nc <= 0) return -1;
     if (!(sm->p.temperature > 0)) return sm->idx[0];
-    return afm__draw(sm->rng, sm->prob, sm->idx, nc);
+    return afm__draw_u(u, sm->prob, sm->idx, nc);
+}
+
+AFMDEF int32_t afm_sampler_sample_masked(afm_sampler *sm, const float *logits, const uint32_t *allowed) {
+    if (!sm || !logits) return -1;
+    return afm__sampler_pick(sm, logits, allowed, sm->p.temperature > 0 ? afm__rng_uniform(sm->rng) : 0);
 }
 
 AFMDEF int32_t afm_sampler_sample(afm_sampler *sm, const float *logits) { return afm_sampler_sample_masked(sm, logits, NULL); }
 
+#ifdef AFM_TESTING
 /* The sampler's full distribution over the vocabulary (zeros outside the filtered set);
-   returns the number of candidates, whose ids are left in sm->idx. */
-static int afm__sampler_dist(afm_sampler *sm, const float *logits, const uint32_t *allowed, float *out) {
-    int nc = afm__sampler_filter(sm, logits, allowed), i;
+   returns the number of candidates, whose ids are left in sm->idx (tests compare against it). */
+static int afm__sampler_dist(afm_sampler *sm, const float *logits, float *out) {
+    int nc = afm__sampler_filter(sm, logits, NULL), i;
     double sum = 0;
     memset(out, 0, (size_t)sm->n_vocab * sizeof *out);
     for (i = 0; i < nc; i++) sum += sm->prob[sm->idx[i]];
     for (i = 0; i < nc; i++) out[sm->idx[i]] = (float)(sm->prob[sm->idx[i]] / sum);
     return nc;
 }
+#endif
 
+
+/* Tests build with AFM_TESTING to plant a wrong acceptance rule and check that the statistics
+   catch it; everywhere else the rule is the real one. */
+#ifdef AFM_TESTING
+static int afm__test_accept_all(const afm_session *s) { return s->test_accept_rule; }
+#else
+static int afm__test_accept_all(const afm_session *s) { (void)s; return 0; }
+#endif
 
 /* ======================================================================================== */
 /* ==== CONSTRAINTS: regular expressions, GBNF grammars, JSON Schema -> exact token masks == */
@@ -8167,7 +8671,7 @@ static int afm__re_atom(afm__re *r, afm__gseq *s) {
 }
 
 /* A decimal count at s[i]; -1 if none, -2 if too large. */
-static long afm__count(const char *s, size_t n, size_t *i) {
+static long afm__g_count(const char *s, size_t n, size_t *i) {
     long v = 0;
     size_t i0 = *i;
     while (*i < n && s[*i] >= '0' && s[*i] <= '9') {
@@ -8189,11 +8693,11 @@ static int afm__quantifier(const char *s, size_t n, size_t *i, long *min, long *
     case '?': *min = 0; *max = 1; (*i)++; return 1;
     case '{':
         j = *i + 1;
-        if ((*min = afm__count(s, n, &j)) < 0) return -1;
+        if ((*min = afm__g_count(s, n, &j)) < 0) return -1;
         *max = *min;
         if (j < n && s[j] == ',') {
             j++;
-            *max = afm__count(s, n, &j);
+            *max = afm__g_count(s, n, &j);
         }
         if (j >= n || s[j] != '}') return -1;
         *i = j + 1;
@@ -9875,12 +10379,10 @@ typedef struct afm__gen {
     afm_session *s;
     const afm_generate_params *p;
     afm_generate_stats *st;
-    afm_sampler *sm, *dsm;       /* base sampler (its RNG also decides acceptance), draft sampler */
+    afm_sampler *sm, *dsm;       /* base sampler (its RNG draws every token), draft sampler */
     int V, kmax, sampled, done, generated, zero_streak, probe_every;
     int32_t draft[AFM__MAX_DRAFT];
-    float *q;                    /* [kmax][V] the draft model's distributions, when sampling */
-    float *dist;                 /* [V] scratch distribution */
-    int q_valid;                 /* the drafter filled q (a draft model while sampling) */
+    double u[AFM__MAX_DRAFT + 1]; /* the uniform numbers of this round's positions (sampling) */
     double tv[AFM__MAX_DRAFT + 2]; /* seconds to verify n tokens (EMA); 0 = not measured */
     double t_draft_tok;          /* seconds per drafted token (EMA) */
     double acc_hits, acc_trials; /* acceptance, decayed counts */
@@ -9903,57 +10405,57 @@ static int32_t afm__gen_forced(afm__gen *g) {
     if (!g->cs || g->p->no_fast_forward || afm_constraint_state_forced(g->cs, &f, 1) != 1) return -1;
     return f;
 }
-/* Samples the next token under the constraint and advances it; -1 with *r set on failure. */
-static int32_t afm__gen_sample(afm__gen *g, const float *logits, afm_result *r) {
-    const uint32_t *m = afm__gen_mask(g, r);
-    int32_t t;
-    if (*r != AFM_OK) return -1;
-    t = afm__gen_forced(g);
-    if (t < 0) t = afm_sampler_sample_masked(g->sm, logits, m);
-    if (t < 0) { *r = afm__serr(g->s, AFM_ERR_ARG, "constraint: no token is allowed here"); return -1; }
-    if (g->cs && afm_constraint_state_advance(g->cs, t) != AFM_OK) { *r = afm__serr(g->s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs)); return -1; }
-    return t;
-}
-
-/* Hands a token to the caller; returns 1 when generation must stop after it. */
+/* Hands a token to the caller; returns the reason to stop after it, or 0. */
 static int afm__emit(afm__gen *g, int32_t tok) {
     int i;
     g->generated++;
     g->st->n_generated++;
-    if (g->p->on_token && g->p->on_token(g->p->user, tok)) return 1;
-    if (g->cs && afm_constraint_state_complete(g->cs) && tok >= 0 && tok < g->cs->v->n_vocab && g->cs->v->kind[tok] == 2) return 1;
+    if (g->p->on_token && g->p->on_token(g->p->user, tok)) return g->st->stop = AFM_STOP_CALLBACK;
+    if (g->cs && afm_constraint_state_complete(g->cs) && tok >= 0 && tok < g->cs->v->n_vocab && g->cs->v->kind[tok] == 2)
+        return g->st->stop = AFM_STOP_TOKEN; /* the constraint's output is complete */
     for (i = 0; i < g->p->n_stop_tokens; i++)
-        if (g->p->stop_tokens[i] == tok) return 1;
-    return g->generated >= g->p->n_predict;
+        if (g->p->stop_tokens[i] == tok) return g->st->stop = AFM_STOP_TOKEN;
+    if (g->generated >= g->p->n_predict) return g->st->stop = AFM_STOP_N_PREDICT;
+    return 0;
+}
+
+/* The next token may be handed out only if it will fit in the cache (slot `slot`). */
+static afm_result afm__room_for(afm__gen *g, int slot) {
+    if (slot < g->s->n_ctx) return AFM_OK;
+    g->st->stop = AFM_STOP_CONTEXT_FULL;
+    g->done = 1;
+    return afm__serr(g->s, AFM_ERR_CONTEXT_FULL, "afm_generate: context full after %d generated tokens (the session's limit is %d)",
+                     g->generated, g->s->n_ctx);
+}
+
+static afm_result afm__not_finite(afm__gen *g, int pos) {
+    g->done = 1;
+    return afm__serr(g->s, AFM_ERR_NUMERIC, "afm_generate: the logits after position %d are not finite (NaN or +inf, or all -inf)", pos);
 }
 
 /* Proposes draft tokens with the draft model's session: syncs it to the context (everything
-   but the pending token is shared with the base; it re-evaluates what differs), then runs it. */
+   but the pending token is shared with the base; it re-evaluates what differs), then runs it.
+   When sampling, draft token i is drawn with the uniform number the base will use at that
+   position, so the two agree whenever their distributions put that number on the same token. */
 static int afm__draft_with_model(afm__gen *g, const int32_t *ctx, int n_ctx, int k) {
     afm_session *d = g->p->draft;
     int c = 0, i;
+    uint64_t u[4]; /* the base's stream from here on: draft token i gets the number of position i */
     while (c < d->pos && c < n_ctx - 1 && d->tokens[c] == ctx[c]) c++;
     if (afm_session_rewind(d, c) != AFM_OK) return 0;
     if (n_ctx - c > d->n_ctx - d->pos || afm_session_eval(d, ctx + c, n_ctx - c) != AFM_OK) return 0;
+    memcpy(u, g->sm->rng, sizeof u);
     for (i = 0; i < k; i++) {
-        const float *lg = afm_session_logits(d, -1);
         afm_result r;
         const uint32_t *m = afm__gen_mask(g, &r); /* the constraint, advanced along the draft (the caller rewinds it) */
         if (r != AFM_OK) return i;
-        if ((g->draft[i] = afm__gen_forced(g)) >= 0) { /* forced: q is a certainty */
-            if (g->sampled) {
-                memset(g->q + (size_t)i * g->V, 0, (size_t)g->V * sizeof *g->q);
-                g->q[(size_t)i * g->V + g->draft[i]] = 1;
-            }
-        } else if (g->sampled) {
-            int nc = afm__sampler_dist(g->dsm, lg, m, g->q + (size_t)i * g->V);
-            if (nc == 0) return i;
-            g->draft[i] = afm__draw(g->dsm->rng, g->q + (size_t)i * g->V, g->dsm->idx, nc);
-        } else if ((g->draft[i] = afm_sampler_sample_masked(g->dsm, lg, m)) < 0) return i;
+        if ((g->draft[i] = afm__gen_forced(g)) < 0) {
+            g->draft[i] = afm__sampler_pick(g->dsm, afm_session_logits(d, -1), m, g->sampled ? afm__rng_uniform(u) : 0);
+            if (g->draft[i] < 0) return i; /* the draft model's logits are not finite, or nothing is allowed */
+        }
         if (g->cs && afm_constraint_state_advance(g->cs, g->draft[i]) != AFM_OK) return i;
-        if (i + 1 < k && (d->pos >= d->n_ctx || afm_session_eval(d, &g->draft[i], 1) != AFM_OK)) { g->q_valid = g->sampled; return i + 1; }
+        if (i + 1 < k && (d->pos >= d->n_ctx || afm_session_eval(d, &g->draft[i], 1) != AFM_OK)) return i + 1;
     }
-    g->q_valid = g->sampled;
     return k;
 }
 
@@ -10043,31 +10545,34 @@ static afm_result afm__fast_forward(afm__gen *g, int32_t *x) {
     return AFM_OK;
 }
 
-/* One round: verify [x, drafts] in one forward pass, keep the longest valid prefix, pick the
-   next pending token. Returns the new pending token through *x; sets g->done when finished. */
+/* One round: verify [x, drafts] in one forward pass, keep the longest prefix of drafts that
+   equals what the base picks at each position, then the base's own pick after it. The base picks
+   every token exactly as plain decoding does - greedy, or one uniform number of the sampler's
+   stream per token - so the output does not depend on the drafter or on K (which only change how
+   many forward passes it takes). Returns the new pending token through *x (its slot, s->pos, is
+   free); sets g->done when finished. */
 static afm_result afm__round(afm__gen *g, int32_t *x) {
     afm_session *s = g->s;
     const afm_generate_params *p = g->p;
-    int P = s->pos, k = 0, j, i, n_ctx, c0 = g->cs ? afm_constraint_state_n_tokens(g->cs) : 0, finished = 0;
-    int32_t batch[AFM__MAX_DRAFT + 1], next = 0;
+    int P = s->pos, k, asked, j, i, why = 0, c0 = g->cs ? afm_constraint_state_n_tokens(g->cs) : 0, finished = 0;
+    int32_t batch[AFM__MAX_DRAFT + 1], next = -1;
     double t0, t1;
     afm_result r;
 
-    if (P + 1 >= s->n_ctx) { g->done = 1; return AFM_OK; }
     k = afm__choose_k(g);
-    if (k > s->n_ctx - P - 1) k = s->n_ctx - P - 1;
+    if (k > s->n_ctx - P - 1) k = s->n_ctx - P - 1; /* x goes at P, drafts at P+1 .. P+k */
     if (k > p->n_predict - g->generated) k = p->n_predict - g->generated;
-    g->q_valid = 0;
     t0 = afm__now();
     if (k > 0) {
         /* the context the drafter continues: the session's tokens, then the pending one */
-        n_ctx = P + 1;
         s->tokens[P] = *x; /* the slot after the last evaluated token is free until the eval */
-        if (p->draft_fn) k = p->draft_fn(p->draft_user, s->tokens, n_ctx, k, g->draft);
-        else if (p->draft) k = afm__draft_with_model(g, s->tokens, n_ctx, k);
-        else if (p->lookup) k = afm__draft_lookup(g, s->tokens, n_ctx, k);
+        asked = k;
+        if (p->draft_fn) k = p->draft_fn(p->draft_user, s->tokens, P + 1, k, g->draft);
+        else if (p->draft) k = afm__draft_with_model(g, s->tokens, P + 1, k);
+        else if (p->lookup) k = afm__draft_lookup(g, s->tokens, P + 1, k);
         else k = 0;
         if (k < 0) k = 0;
+        if (k > asked) k = asked; /* a custom drafter may claim more than it was asked for */
         for (i = 0; i < k; i++)
             if (g->draft[i] < 0 || g->draft[i] >= g->V) k = i; /* a drafter's bad token ends the draft */
         if (g->cs) { /* so does a token the constraint does not allow */
@@ -10089,38 +10594,18 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
     g->st->n_steps++;
     g->st->n_drafted += k;
 
-    /* accept drafts while the base agrees (greedy) or by min(1, p/q) (sampling) */
-    for (j = 0; j < k; j++) {
-        const float *lg = afm_session_logits(s, j);
-        int32_t d = g->draft[j];
+    /* keep drafts while they equal the base's picks; the first pick that differs (or the pick
+       after the last draft) is the next pending token. Where the constraint forces the next bytes
+       the pick is the forced token and takes no number from the stream (as in fast-forward). */
+    for (j = 0; j <= k; j++) {
         const uint32_t *m = afm__gen_mask(g, &r);
-        int32_t f = afm__gen_forced(g);
         if (r != AFM_OK) return r;
-        if (f >= 0) { /* forced here: the draft is right or not, no sampling */
-            next = f;
-            if (next != d) break;
-        } else if (!g->sampled) {
-            next = afm_sampler_sample_masked(g->sm, lg, m);
-            if (next != d) break;
-        } else {
-            float pd, qd;
-            afm__sampler_dist(g->sm, lg, m, g->dist);
-            pd = g->dist[d];
-            qd = g->q_valid ? g->q[(size_t)j * g->V + d] : 1.0f;
-            if (!(afm__rng_uniform(g->sm->rng) * qd < pd) && !s->test_accept_rule) {
-                /* rejected: draw from the residual max(0, p - q), normalised */
-                int n = 0, v;
-                for (v = 0; v < g->V; v++) {
-                    float w = g->dist[v] - (g->q_valid ? g->q[(size_t)j * g->V + v] : (v == d ? 1.0f : 0.0f));
-                    g->dist[v] = w > 0 ? w : 0;
-                    if (w > 0) g->sm->idx[n++] = v;
-                }
-                next = n ? afm__draw(g->sm->rng, g->dist, g->sm->idx, n) : d;
-                break;
-            }
-        }
+        if ((next = afm__gen_forced(g)) < 0)
+            next = afm__sampler_pick(g->sm, afm_session_logits(s, j), m, g->sampled ? afm__rng_uniform(g->sm->rng) : 0);
+        if (next < 0 || j == k) break;
+        if (next != g->draft[j] && !afm__test_accept_all(s)) break;
         g->st->n_accepted++;
-        if (g->cs && afm_constraint_state_advance(g->cs, d) != AFM_OK) return afm__serr(s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
+        if (g->cs && afm_constraint_state_advance(g->cs, g->draft[j]) != AFM_OK) return afm__serr(s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
         if (g->cs && g->cs->hist[g->cs->n_hist - 1] == -4) { j++; finished = 1; break; } /* an accepted stop token ends the output */
     }
     if (k > 0) {
@@ -10128,11 +10613,7 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
         g->acc_trials = 0.9 * g->acc_trials + j + (j < k);
     }
     if (finished) next = -1; /* emitting the drafts ends at the stop token */
-    else if (j == k) { /* every draft accepted: a bonus token */
-        if ((next = afm__gen_sample(g, afm_session_logits(s, k), &r)) < 0) return r;
-    } else if (g->cs && (next < 0 || afm_constraint_state_advance(g->cs, next) != AFM_OK))
-        return afm__serr(s, AFM_ERR_ARG, "constraint: no token is allowed here");
-    afm_session_rewind(s, P + 1 + j);
+    afm_session_rewind(s, P + 1 + j); /* x and the j kept drafts */
     for (i = 0; i < j; i++)
         if (afm__emit(g, g->draft[i])) {
             afm_session_rewind(s, P + 2 + i);
@@ -10140,8 +10621,12 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
             g->done = 1;
             return AFM_OK;
         }
+    if (next < 0) return afm__not_finite(g, P + j);
+    if ((r = afm__room_for(g, P + 1 + j)) != AFM_OK) return r;
+    if (g->cs && afm_constraint_state_advance(g->cs, next) != AFM_OK) return afm__serr(s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g->cs));
     *x = next;
-    if (afm__emit(g, next)) g->done = 2; /* stop, with the pending token still to evaluate */
+    why = afm__emit(g, next);
+    if (why) g->done = 2; /* stop, with the pending token still to evaluate */
     return AFM_OK;
 }
 
@@ -10149,7 +10634,6 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
                                afm_generate_stats *stats) {
     afm__gen g;
     afm_generate_stats local;
-    afm_sampler_params dp;
     afm_result r;
     int32_t x;
     double t_start = afm__now();
@@ -10178,12 +10662,7 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     if (n_prompt == 0 && !afm_session_logits(s, -1))
         return afm__serr(s, AFM_ERR_ARG, "afm_generate: no prompt and no logits to continue from");
     if ((r = afm_sampler_create(&p->sampler, g.V, &s->model->alloc, &g.sm)) != AFM_OK) return afm__serr(s, r, "afm_generate: bad sampler parameters");
-    dp = p->sampler;
-    dp.seed ^= 0x9e3779b97f4a7c15ull; /* the draft's own random stream */
-    r = afm_sampler_create(&dp, g.V, &s->model->alloc, &g.dsm);
-    g.dist = (float *)afm__alloc(&s->model->alloc, (size_t)g.V * sizeof(float));
-    g.q = p->draft && g.sampled ? (float *)afm__alloc(&s->model->alloc, (size_t)g.kmax * g.V * sizeof(float)) : NULL;
-    if (r != AFM_OK || !g.dist || (p->draft && g.sampled && !g.q)) { r = afm__serr(s, AFM_ERR_NOMEM, "afm_generate: out of memory"); goto out; }
+    if ((r = afm_sampler_create(&p->sampler, g.V, &s->model->alloc, &g.dsm)) != AFM_OK) { r = afm__serr(s, r, "afm_generate: out of memory"); goto out; }
 
     if (n_prompt > 0) {
         if ((r = afm_session_eval(s, prompt, n_prompt)) != AFM_OK) goto out;
@@ -10191,14 +10670,20 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     }
     stats->t_prompt = afm__now() - t_start;
     if (p->n_predict == 0) goto out;
-    if ((x = afm__gen_sample(&g, afm_session_logits(s, -1), &r)) < 0) goto out;
+    x = afm__gen_forced(&g);
+    if (x < 0) {
+        const uint32_t *m = afm__gen_mask(&g, &r);
+        if (r != AFM_OK) goto out;
+        x = afm_sampler_sample_masked(g.sm, afm_session_logits(s, -1), m);
+    }
+    if (x < 0) { r = afm__not_finite(&g, s->pos - 1); goto out; }
+    if ((r = afm__room_for(&g, s->pos)) != AFM_OK) goto out;
+    if (g.cs && afm_constraint_state_advance(g.cs, x) != AFM_OK) { r = afm__serr(s, AFM_ERR_NOMEM, "constraint: %s", afm_constraint_state_error(g.cs)); goto out; }
     if (afm__emit(&g, x)) g.done = 2;
     while (!g.done && (r = afm__fast_forward(&g, &x)) == AFM_OK && !g.done && (r = afm__round(&g, &x)) == AFM_OK) {}
-    if (r == AFM_OK && g.done == 2 && s->pos < s->n_ctx) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache */
+    if (r == AFM_OK && g.done == 2) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache (afm__room_for) */
 out:
     stats->t_total = afm__now() - t_start;
-    afm__free(&s->model->alloc, g.dist);
-    afm__free(&s->model->alloc, g.q);
     afm_sampler_free(g.sm);
     afm_sampler_free(g.dsm);
     return r;

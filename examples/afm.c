@@ -65,7 +65,7 @@ static const char *usage_options =
     "  -f, --file FILE        read the prompt (detokenize: the ids) from FILE; '-' is stdin\n"
     "      --ids LIST         the prompt as token ids separated by commas or spaces; generate\n"
     "                         then prints token ids instead of text\n"
-    "      --chat             wrap the prompt in AFM's chat template (AFM_SPEC section 7) as the\n"
+    "      --chat             wrap the prompt in AFM's chat template (docs/MODEL.md section 7.3) as the\n"
     "                         user's turn; print only the reply. For chat adapters and\n"
     "                         instruction-tuned weights; not the default because base weights\n"
     "                         just continue text. tokenize --chat: the ids of that prompt\n"
@@ -87,13 +87,16 @@ static const char *usage_generation =
     "                         'base' for the base adapter embedded in the model file\n"
     "  -n, --n-predict N      tokens to generate (default 16)\n"
     "  -t, --threads N        threads (default 1)\n"
-    "  -c, --ctx-size N       context limit in tokens (default: the model's training context)\n"
+    "  -c, --ctx-size N       context limit in tokens (default and most: the model's training\n"
+    "                         context). Generation that fills it stops with \"context full\" and\n"
+    "                         exit status 1\n"
     "  -b, --batch-size N     tokens per forward pass during prefill (default 256)\n"
     "      --temp T           temperature; 0 is greedy (default 0)\n"
     "      --top-k K          keep the K most likely tokens (default 0: off)\n"
     "      --top-p P          nucleus sampling (default 1: off)\n"
     "      --min-p P          drop tokens below P x the top probability (default 0: off)\n"
-    "  -s, --seed N           sampler seed (default 0)\n"
+    "  -s, --seed N           sampler seed (default 0); the same seed gives the same text with\n"
+    "                         or without --draft / --lookup, at any -t and -b\n"
     "      --kv TYPE          KV cache: auto, f32, f16, int8 (default auto: int8 when the model\n"
     "                         carries KV scales, else f16)\n"
     "      --draft FILE       speculative decoding with a draft model (same vocabulary)\n"
@@ -115,7 +118,13 @@ static const char *usage_generation =
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
+    "      --kernels NAME     kernel level: scalar, avx2, avx512, avx512vnni (x86-64), neon,\n"
+    "                         neon-dotprod (arm64); default: the best this CPU has (afm info\n"
+    "                         prints it). Every level gives the same results, bit for bit\n"
     "  -h, --help             this text\n"
+    "\n"
+    "exit status: 0 on success, 1 on any error (bad arguments or files, a full context, logits\n"
+    "that are not finite)\n"
     "\n"
     "examples:\n"
     "  afm -m models/mini/base.afm -p \"In the beginning\" -n 40\n"
@@ -476,6 +485,24 @@ static void print_count(const char *label, unsigned long long n) {
     printf("  %-22s %15s\n", label, out);
 }
 
+afm_kernels kernels_or_die(const char *name) {
+    int k = afm_kernels_from_name(name);
+    if (!name) die("%s", "option --kernels needs a value");
+    if (k < 0 || k == AFM_KERNELS_AUTO)
+        die("--kernels: '%s' is not one of scalar, avx2, avx512, avx512vnni, neon, neon-dotprod", name);
+    if (!afm_kernels_supported((afm_kernels)k)) die("--kernels: this CPU (or this build) cannot run '%s'", name);
+    return (afm_kernels)k;
+}
+
+/* "avx2 (also: scalar)": the level sessions use by default, then the others this CPU can run. */
+static void print_kernels(void) {
+    int k, first = 1;
+    printf("kernels: %s (also:", afm_kernels_name(afm_kernels_best()));
+    for (k = AFM_KERNELS_SCALAR; k <= AFM_KERNELS_NEON_DOTPROD; k++)
+        if (k != (int)afm_kernels_best() && afm_kernels_supported((afm_kernels)k)) { printf("%s%s", first ? " " : ", ", afm_kernels_name((afm_kernels)k)); first = 0; }
+    printf("%s); every level gives the same results\n", first ? " none" : "");
+}
+
 static int cmd_info(const char *path) {
     afm_model *m = load_or_die(path, 0);
     const afm_config *c = afm_model_config(m);
@@ -503,6 +530,7 @@ static int cmd_info(const char *path) {
     afm_model_tokenizer_bytes(m, &tok_kind, &tok_size);
 
     printf("%s\n", path);
+    print_kernels();
     printf("config:\n");
     printf("  vocab_size %d, dim %d, layers %d (segment 0: %d, segment 1 / KV reuse: %d)\n", c->vocab_size, c->dim,
            c->n_layers, n_seg0, c->n_reuse_layers);
@@ -610,6 +638,7 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--grammar")) { if (!v) die("option %s needs a value", a); grammar_path = v; i++; }
         else if (!strcmp(a, "--regex")) { if (!v) die("option %s needs a value", a); regex = v; i++; }
         else if (!strcmp(a, "--no-fast-forward")) no_fast_forward = 1;
+        else if (!strcmp(a, "--kernels")) { sp.kernels = kernels_or_die(v); i++; }
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
             if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;
@@ -668,6 +697,10 @@ static int cmd_generate(int argc, char **argv) {
             fprintf(stderr, "\n");
         }
     }
+    if (sp.n_ctx > afm_model_config(m)->context_length) {
+        fprintf(stderr, "afm: -c %d is above the model's training context of %d tokens\n", sp.n_ctx, afm_model_config(m)->context_length);
+        exit(1);
+    }
     if ((r = afm_session_create(m, &sp, &s)) != AFM_OK) die("cannot create a session: %s", afm_result_string(r));
     if (adapter_path) {
         adapter = load_adapter_or_die(m, adapter_path);
@@ -697,13 +730,19 @@ static int cmd_generate(int argc, char **argv) {
         t0 = now_seconds();
         if (afm_session_eval(s, prompt, n_prompt) != AFM_OK) die("%s", afm_session_error(s));
         t1 = now_seconds();
+        r = AFM_OK;
         for (i = 0; i < n_predict; i++) {
             const float *logits = afm_session_logits(s, -1);
             fwrite(logits, sizeof(float), (size_t)afm_model_config(m)->vocab_size, dump);
             tok = afm_sampler_sample(sampler, logits);
+            if (tok < 0) {
+                fprintf(stderr, "\nafm: the logits after position %d are not finite (NaN or +inf, or all -inf)\n", afm_session_pos(s) - 1);
+                r = AFM_ERR_NUMERIC;
+                break;
+            }
             if (tokenizer) print_text(&out, tok);
             else printf("%d%s", (int)tok, i + 1 < n_predict ? " " : "\n");
-            if (afm_session_eval(s, &tok, 1) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
+            if ((r = afm_session_eval(s, &tok, 1)) != AFM_OK) { fprintf(stderr, "\nafm: %s\n", afm_session_error(s)); break; }
         }
         if (tokenizer) {
             text_out_end(&out);
@@ -762,7 +801,7 @@ static int cmd_generate(int argc, char **argv) {
             if ((r = afm_session_create(dm, &dsp, &ds)) != AFM_OK) die("cannot create the draft session: %s", afm_result_string(r));
             if (draft_adapter_path) {
                 dad = load_adapter_or_die(dm, draft_adapter_path);
-                afm_session_set_adapter(ds, dad);
+                if (afm_session_set_adapter(ds, dad) != AFM_OK) die("%s", afm_session_error(ds));
             }
             gp.draft = ds;
         }
@@ -788,7 +827,10 @@ static int cmd_generate(int argc, char **argv) {
         afm_adapter_free(dad);
         afm_model_free(dm);
     }
-    if (dump) fclose(dump);
+    if (dump && fclose(dump) != 0 && r == AFM_OK) {
+        fprintf(stderr, "afm: cannot write '%s'\n", dump_path);
+        r = AFM_ERR_IO;
+    }
     free(prompt);
     free(file_text);
     afm_tokenizer_free(tokenizer);
@@ -796,7 +838,7 @@ static int cmd_generate(int argc, char **argv) {
     afm_session_free(s);
     afm_adapter_free(adapter);
     afm_model_free(m);
-    return 0;
+    return r != AFM_OK; /* "context full" and other generation errors are failures too */
 }
 
 
@@ -811,6 +853,17 @@ static int is_directory(const char *path) {
 #endif
 }
 
+/* Only a regular file is opened to peek at its magic: opening a FIFO would block. */
+static int is_regular_file(const char *path) {
+#if defined(_WIN32)
+    DWORD a = GetFileAttributesA(path);
+    return a != INVALID_FILE_ATTRIBUTES && !(a & FILE_ATTRIBUTE_DIRECTORY);
+#else
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+#endif
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(argc < 2 ? stderr : stdout);
@@ -822,7 +875,7 @@ int main(int argc, char **argv) {
         int is_adapter;
         if (argc == 5 && (!strcmp(argv[3], "-m") || !strcmp(argv[3], "--model"))) return cmd_info_adapter(argv[2], argv[4]);
         if (argc != 3) die("%s", "usage: afm info FILE  |  afm info ADAPTER -m BASE.afm");
-        f = fopen(argv[2], "rb");
+        f = is_regular_file(argv[2]) ? fopen(argv[2], "rb") : NULL; /* anything else: the loader says what is wrong */
         is_adapter = f && fread(magic, 1, 8, f) == 8 && !memcmp(magic, "AFMADAPT", 8);
         if (f) fclose(f);
         if (is_adapter || is_directory(argv[2])) die("%s is an adapter: give its base model too (afm info ADAPTER -m BASE.afm)", argv[2]);

@@ -123,7 +123,7 @@ static int draft_controlled(void *u, const int32_t *ctx, int n, int k, int32_t *
     return i;
 }
 
-static int cmd_bench_spec(afm_model *m, afm_adapter *ad, int n_threads, int n_prompt, int n_gen, int runs) {
+static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, int n_threads, int n_prompt, int n_gen, int runs) {
     const afm_config *c = afm_model_config(m);
     afm_session_params sp;
     afm_session *s;
@@ -133,6 +133,7 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, int n_threads, int n_pr
     int i, n, r, pi;
     static const double ps[] = { 0.0, 0.5, 0.7, 0.8, 0.9, 1.0 };
     memset(&sp, 0, sizeof sp);
+    sp.kernels = kernels;
     sp.n_threads = n_threads;
     sp.n_ctx = n_prompt + n_gen + 64;
     sp.all_logits = 1;
@@ -216,6 +217,7 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, int n_threads, int n_pr
 int cmd_bench(int argc, char **argv) {
     const char *path = NULL, *threads_text = "1,2", *adapter_path = NULL;
     int n_prompt = 512, n_gen = 128, runs = 3, i, ti, n_threads_list[16], n_tl = 0, spec = 0;
+    afm_kernels kernels = AFM_KERNELS_AUTO;
     afm_model *m;
     afm_adapter *ad = NULL;
     const afm_config *c;
@@ -227,6 +229,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-r") || !strcmp(a, "--runs")) { runs = (int)parse_int(v, a, 1, 100); i++; }
         else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
         else if (!strcmp(a, "--spec")) spec = 1;
+        else if (!strcmp(a, "--kernels")) { kernels = kernels_or_die(v); i++; }
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); path = v; i++; }
         else if (a[0] != '-' && !path) path = a;
         else die("unknown bench option '%s' (see afm --help)", a);
@@ -261,6 +264,7 @@ int cmd_bench(int argc, char **argv) {
             afm_adapter_free(again);
         }
         memset(&sp, 0, sizeof sp);
+        sp.kernels = kernels;
         afm_session_create(m, &sp, &s);
         for (k = 0; k < 6; k++) {
             t0 = now_seconds();
@@ -284,6 +288,7 @@ int cmd_bench(int argc, char **argv) {
             int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen) * sizeof *toks);
             for (i = 0; i < n_prompt + n_gen; i++) toks[i] = (int32_t)((i * 7919 + 13) % c->vocab_size);
             memset(&sp, 0, sizeof sp);
+            sp.kernels = kernels;
             sp.n_threads = n_threads_list[ti];
             sp.n_ctx = n_prompt + n_gen + 8;
             afm_session_create(m, &sp, &s);
@@ -309,12 +314,13 @@ int cmd_bench(int argc, char **argv) {
         return 0;
     }
     if (spec) {
-        for (ti = 0; ti < n_tl; ti++) cmd_bench_spec(m, ad, n_threads_list[ti], n_prompt, n_gen, runs);
+        for (ti = 0; ti < n_tl; ti++) cmd_bench_spec(m, ad, kernels, n_threads_list[ti], n_prompt, n_gen, runs);
         afm_adapter_free(ad);
         afm_model_free(m);
         return 0;
     }
-    printf("model %s: %d layers, dim %d, vocab %d%s%s\n", path, c->n_layers, c->dim, c->vocab_size, ad ? ", adapter " : "", ad ? adapter_path : "");
+    printf("model %s: %d layers, dim %d, vocab %d%s%s; kernels %s\n", path, c->n_layers, c->dim, c->vocab_size, ad ? ", adapter " : "",
+           ad ? adapter_path : "", afm_kernels_name(kernels ? kernels : afm_kernels_best()));
     printf("prefill %d tokens, then decode %d tokens; median of %d runs\n", n_prompt, n_gen, runs);
     {
         double pre_med[16], dec_med[16], rss[16], bytes[16];
@@ -326,6 +332,7 @@ int cmd_bench(int argc, char **argv) {
             int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen) * sizeof *toks);
             uint64_t x = 88172645463325252ull;
             memset(&sp, 0, sizeof sp);
+            sp.kernels = kernels;
             sp.n_threads = nt;
             sp.n_ctx = c->context_length;
             sp.n_batch = n_prompt < 512 ? n_prompt : 512;

@@ -10,6 +10,7 @@ float parse_float(const char *s, const char *opt);
 double now_seconds(void);
 afm_model *load_or_die(const char *path, int no_mmap);
 afm_adapter *load_adapter_or_die(afm_model *m, const char *path);
+afm_kernels kernels_or_die(const char *name); /* --kernels NAME: a level this CPU has */
 
 int cmd_bench(int argc, char **argv); /* afm_bench.c */
 

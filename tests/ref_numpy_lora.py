@@ -11,7 +11,7 @@ Checks
   * test.fmadapter -> .afma through tools/convert_adapter.py (F16 and F32): logits vs adapter.ref, tensors
     identical to adapter.afma's, and the F32 file byte-identical to adapter.afma (same metadata, same
     signature, same layout: the two routes agree exactly);
-  * tools/make_fmadapter.py on adapter.pt reproduces test.fmadapter byte for byte (also with
+  * tests/gen/make_fmadapter.py on adapter.pt reproduces test.fmadapter byte for byte (also with
     --checkpoint-order, which is the same order for adapter.pt), and adapter2.pt in checkpoint order
     gives a package whose records are in another order (so afm.h must refuse it);
   * every hostile package of tests/fuzz/corpus/fmadapter/ is refused by tools/adapterfile.py, the two
@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
+GEN = os.path.join(ROOT, "tests", "gen")
 VEC = os.path.join(ROOT, "tests", "vectors")
 LORA = os.path.join(VEC, "lora")
 FUZZ = os.path.join(ROOT, "tests", "fuzz", "corpus", "fmadapter")
@@ -143,15 +144,15 @@ def make_fmadapter_reproduces_the_package():
     with tempfile.TemporaryDirectory() as td:
         for extra in ((), ("--checkpoint-order",)):
             out = os.path.join(td, "test.fmadapter")
-            r = tool(os.path.join(TOOLS, "make_fmadapter.py"), os.path.join(LORA, "adapter.pt"), "--base", BASE,
+            r = tool(os.path.join(GEN, "make_fmadapter.py"), os.path.join(LORA, "adapter.pt"), "--base", BASE,
                      "-o", out, "--name", "test", *extra)
             assert r.returncode == 0 and "warning" not in r.stdout, r.stdout + r.stderr
             for f in ("metadata.json", "adapter_weights.bin"):
                 with open(os.path.join(out, f), "rb") as f1, open(os.path.join(LORA, "test.fmadapter", f), "rb") as f2:
                     assert f1.read() == f2.read(), f
-        # adapter2.pt stores segment 1 first: the exporter's (checkpoint) order is not AFM_SPEC's
+        # adapter2.pt stores segment 1 first: the exporter's (checkpoint) order is not the one of docs/MODEL.md section 6.2
         out = os.path.join(td, "style.fmadapter")
-        r = tool(os.path.join(TOOLS, "make_fmadapter.py"), os.path.join(LORA, "adapter2.pt"), "--base", BASE, "-o", out,
+        r = tool(os.path.join(GEN, "make_fmadapter.py"), os.path.join(LORA, "adapter2.pt"), "--base", BASE, "-o", out,
                  "--checkpoint-order")
         assert r.returncode == 0 and "warning" in r.stdout, r.stdout + r.stderr
         try:
@@ -159,7 +160,7 @@ def make_fmadapter_reproduces_the_package():
             raise AssertionError("a package in another record order was accepted")
         except af.AfmError as e:
             assert "record 3" in str(e), e   # records 0-2 have the sizes of q a, b and k a by chance
-        r = tool(os.path.join(TOOLS, "make_fmadapter.py"), os.path.join(LORA, "adapter2.pt"), "--base", BASE, "-o", out)
+        r = tool(os.path.join(GEN, "make_fmadapter.py"), os.path.join(LORA, "adapter2.pt"), "--base", BASE, "-o", out)
         assert r.returncode == 0
         r = tool(os.path.join(TOOLS, "convert_adapter.py"), out, "--base", BASE, "-o", os.path.join(td, "s.afma"),
                  "--alpha", "12", "--type", "f16")

@@ -17,6 +17,7 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
     if $cc $WARN -O2 -c examples/afm.c -o build/w.o && $cc $WARN -fsyntax-only examples/afm_bench.c &&
        $cc $WARN -fsyntax-only examples/simple.c &&
        $cc $WARN -fsyntax-only tests/test_main.c && $cc $WARN -fsyntax-only tests/test_kernels.c &&
+       $cc $WARN -fsyntax-only tests/test_hostile.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_gen.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c &&
        $cc $WARN -fsyntax-only tests/test_constrain.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_constrain.c; then
         ok "warning-free with $cc"
@@ -48,6 +49,14 @@ if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefi
     run_counts "test_main asan+ubsan" env AFM_TEST_LIGHT=1 build/test_main_san
 else bad "build test_main with sanitizers"; fi
 
+echo "== hostile inputs: a regression test per defect (tests/test_hostile.c), optimised and sanitized"
+if gcc -std=c99 -O2 -g tests/test_hostile.c -o build/test_hostile $LIBS; then run_counts "test_hostile -O2" build/test_hostile
+else bad "build test_hostile"; fi
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+       tests/test_hostile.c -o build/test_hostile_san $LIBS; then
+    run_counts "test_hostile asan+ubsan" build/test_hostile_san
+else bad "build test_hostile with sanitizers"; fi
+
 echo "== constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
 if gcc -std=c99 $WARN -O2 tests/test_constrain.c -o build/test_constrain $LIBS; then run_counts "test_constrain -O2" build/test_constrain
 else bad "build test_constrain"; fi
@@ -78,7 +87,7 @@ if [ "$(printf '%s' "$T" | ./afm tokenize -m $M -f -)" = "$ids" ] &&
    [ "$(echo "$ids" | ./afm detokenize --tokenizer models/mini/tokenizer.model -f -)" = "$T" ]; then
     ok "tokenize from stdin and with --tokenizer tokenizer.model give the same ids"
 else bad "tokenize -f - / --tokenizer"; fi
-# AFM_SPEC 7: EOS, then the rendered template without its first token (ids from sentencepiece)
+# docs/MODEL.md section 7.4: EOS, then the rendered template without its first token (ids from sentencepiece)
 chat_ids="3 5 1033 4 8134 1332 8103 385 1481 269 1486 298 269 7844 1193 451 546 8115 6 5 1486 4 8165 8104 6 5 1193 451 546 4"
 rendered="<turn_start> system<n>A conversation between a user and a helpful assistant.<turn_end><turn_start> user<n>Hi<turn_end><turn_start> assistant<n>"
 if [ "$(./afm tokenize -m $M --chat Hi)" = "$chat_ids" ] &&
@@ -101,9 +110,34 @@ if fails_with "build/truncated.model: not a usable SentencePiece model" ./afm to
    fails_with "out of range" ./afm detokenize -m $M 8192; then
     ok "bad tokenizer files, a model without tokenizer, an id out of range: a clear message and exit status 1"
 else bad "CLI error handling"; cat build/cli.out; fi
+# every error is exit status 1: a context that fills up, -c above the training context, non-finite logits, a FIFO
+rm -f build/cli.fifo && mkfifo build/cli.fifo 2>/dev/null
+if fails_with "context full" ./afm -m $M -p "In the beginning God" -c 6 -n 4 &&
+   fails_with "context full" ./afm -m $M --ids 3,100,200 -c 5 -n 4 --lookup &&
+   fails_with "above the model's training context of 1024" ./afm -m $M --ids 3 -c 1025 &&
+   fails_with "not finite" ./afm -m tests/vectors/hostile/sampler_nan_logits.afm --ids 1,2 -n 6 --temp 0.8 &&
+   fails_with "not finite" ./afm -m tests/vectors/hostile/sampler_nan_logits.afm --ids 1,2 -n 6 --dump-logits build/nan.f32 &&
+   fails_with "not a regular file" timeout 20 ./afm info build/cli.fifo &&
+   fails_with "not a regular file" timeout 20 ./afm -m build/cli.fifo -p hi &&
+   fails_with "not a regular file" timeout 20 ./afm -m $M --adapter build/cli.fifo -p hi &&
+   [ "$(./afm -m $M --ids 3,100,200 -n 6 --temp 1e-40 2>/dev/null)" = "$(./afm -m $M --ids 3,100,200 -n 6 2>/dev/null)" ]; then
+    ok "exit status 1 with a message: context full, -c 1025, NaN logits, FIFOs; --temp 1e-40 is greedy"
+else bad "CLI exit status on errors"; cat build/cli.out; fi
+rm -f build/cli.fifo
+# seeded sampling gives the same text with --lookup and --draft, run after run, under load (two runs at once)
+ref=$(./afm -m $M -p "In the beginning God created the heaven and the earth. And the earth" -n 48 --temp 0.8 -s 42 2>/dev/null)
+same=1
+for i in 1 2 3 4 5; do
+    ./afm -m $M -p "In the beginning God created the heaven and the earth. And the earth" -n 48 --temp 0.8 -s 42 --lookup -t 2 > build/seed_a.txt 2>/dev/null &
+    b=$(./afm -m $M -p "In the beginning God created the heaven and the earth. And the earth" -n 48 --temp 0.8 -s 42 --draft models/mini/draft.afm 2>/dev/null)
+    wait
+    [ "$(cat build/seed_a.txt)" = "$ref" ] && [ "$b" = "$ref" ] || same=0
+done
+if [ $same = 1 ]; then ok "--temp 0.8 -s 42: the same text plain, with --lookup and with --draft, 5 runs each under load"
+else bad "seeded sampling differs with --lookup / --draft"; fi
 if ./afm --help | grep -q -- "--show-prompt" && ./afm --help | grep -q "afm detokenize"; then ok "afm --help covers text prompts"
 else bad "afm --help: text options missing"; fi
-run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tools/mini_greedy.py)" python3 tools/mini_greedy.py check
+run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tests/gen/mini_greedy.py)" python3 tests/gen/mini_greedy.py check
 
 echo "== guided generation on the shipped model: outputs checked by the jsonschema package"
 if python3 -c "import jsonschema" 2>/dev/null; then
@@ -134,12 +168,22 @@ if python3 -c "import numpy" 2>/dev/null; then
         else bad "afm info on the full-size draft"; cat build/info_draft.txt; fi
     else bad "tools/synth.py full-size shapes"; fi
     rm -f build/base_zeros.afm build/draft_zeros.afm
+    # resource amplification: an 8 MB file with 1024 heads x 1024 on a model dimension of 1 took 1.1 GB
+    # for a few tokens; the session's scratch now stays within max(64 MiB, the file's size)
+    if python3 tools/synth.py --vocab 2 --dim 1 --layers 1 --reuse 0 --heads 1024 --kv-heads 1024 --head-dim 1024 --ffn 1 \
+           --context 16777216 --type f16 -q -o build/wide.afm && [ -x /usr/bin/time ]; then
+        /usr/bin/time -v ./afm -m build/wide.afm --ids 1,0,1,0,1,0,1,0 -n 4 > build/wide.log 2>&1
+        rss=$(grep "Maximum resident" build/wide.log | grep -o '[0-9]*$')
+        if [ -n "$rss" ] && [ "$rss" -lt 300000 ]; then ok "a wide 8 MB model (1024 x 1024 heads, dim 1) runs in $((rss / 1024)) MB (was 1.1 GB)"
+        else bad "wide model RSS: ${rss:-?} KB"; cat build/wide.log; fi
+    else skip "wide-model RSS check" "/usr/bin/time (GNU time)"; fi
+    rm -f build/wide.afm
     # converter, reader and writer checks; the committed fixtures must reconvert byte for byte
     run_counts "tools (converter, writer, reader)" python3 tests/test_tools.py
-    if python3 tools/quantize.py --selftest > build/quant.log 2>&1; then ok "quantizer self-test: $(tail -n 1 build/quant.log)"
-    else bad "tools/quantize.py --selftest"; tail -n 20 build/quant.log; fi
-    if python3 tools/make_quant_vectors.py --check | grep -q identical; then ok "quantized fixtures regenerate byte for byte (on-grid weights decode exactly)"
-    else bad "tools/make_quant_vectors.py --check"; fi
+    if python3 tests/gen/quantize.py --selftest > build/quant.log 2>&1; then ok "quantizer self-test: $(tail -n 1 build/quant.log)"
+    else bad "tests/gen/quantize.py --selftest"; tail -n 20 build/quant.log; fi
+    if python3 tests/gen/make_quant_vectors.py --check | grep -q identical; then ok "quantized fixtures regenerate byte for byte (on-grid weights decode exactly)"
+    else bad "tests/gen/make_quant_vectors.py --check"; fi
 else skip "tool tests" "python3 -m pip install numpy"; fi
 
 echo "== arm64 build under qemu"
@@ -163,6 +207,9 @@ SAN="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_F
 if gcc -std=c99 $SAN tests/fuzz/fuzz_load.c -o build/fuzz_replay $LIBS && build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
     ok "model-file corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
 else bad "model-file corpus replay"; fi
+if gcc -std=c99 $SAN tests/fuzz/fuzz_gen.c -o build/fuzz_gen_replay $LIBS && build/fuzz_gen_replay tests/fuzz/corpus/gen/* >/dev/null; then
+    ok "generation corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/gen | wc -l) inputs)"
+else bad "generation corpus replay"; fi
 if gcc -std=c99 $SAN tests/fuzz/fuzz_fmadapter.c -o build/fuzz_fm_replay $LIBS &&
    build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
     ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"

@@ -17,7 +17,7 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
     set -- $cc
     if ! have "$1"; then skip "tokenizer warnings with $cc" "$1 not installed"; continue; fi
     if $cc $WARN -O1 -DAFM_NO_SIMD -c tests/test_tokenizer.c -o build/wt.o && $cc $WARN -O1 -DAFM_NO_SIMD -c tests/fuzz/fuzz_tok_load.c -o build/wt.o &&
-       $cc $WARN -O1 -DAFM_NO_SIMD -c tests/fuzz/fuzz_tok_text.c -o build/wt.o && $cc $WARN -O1 -DAFM_NO_SIMD -c tools/bench_tokenizer.c -o build/wt.o; then
+       $cc $WARN -O1 -DAFM_NO_SIMD -c tests/fuzz/fuzz_tok_text.c -o build/wt.o && $cc $WARN -O1 -DAFM_NO_SIMD -c bench/bench_tokenizer.c -o build/wt.o; then
         ok "tokenizer sources warning-free with $cc"
     else bad "tokenizer warnings with $cc"; fi
 done
@@ -61,7 +61,7 @@ fi
 
 echo "== Unicode tables against the regex module and unicodedata"
 if python3 -c "import regex" 2>/dev/null; then
-    if [ -x build/test_tokenizer ] && python3 tools/check_unicode_tables.py build/test_tokenizer build/unicode > build/unicode.log 2>&1; then
+    if [ -x build/test_tokenizer ] && python3 tests/gen/check_unicode_tables.py build/test_tokenizer build/unicode > build/unicode.log 2>&1; then
         ok "afm_tokenizer.h matches regex/unicodedata code point by code point"; tail -n 8 build/unicode.log | sed 's/^/    /'
     else bad "Unicode tables (build/unicode.log)"; tail -n 20 build/unicode.log; fi
 else skip "Unicode table check" "python3 -m pip install regex"; fi

@@ -86,13 +86,12 @@ static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
                 int v = a->q[(size_t)t * (size_t)a->kpad + (size_t)(sb * 64 + i)];
                 aq[i] = (int8_t)(v < 0 ? -v : v);
             }
-            if (w->type == AFM_TYPE_Q8) {
-                dot = 0;
-                for (i = 0; i < 64; i++) { int c = (int8_t)row[sb * 64 + i]; dot += (c < 0 ? -c : c) * aq[i]; }
-            } else {
-                dot = afm__dot_sb_scalar(w->type, row, sb, aq);
+            dot = 0;
+            for (i = 0; i < 64; i++) {
+                int c = afm__code_scalar(w->type, row, sb, i);
+                dot += (c < 0 ? -c : c) * aq[i];
             }
-            s += sg * (fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb] * dot) +
+            s += sg * (fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb] * afm__plane_factor(w->type, sb) * dot) +
                        afm__type_offset(w->type) * fabs((double)a->m[(size_t)t * (size_t)a->nsb + (size_t)sb]));
         }
     } else {
@@ -103,17 +102,6 @@ static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
     return s;
 }
 
-static const char *level_name(int level) {
-#if defined(AFM__X86)
-    static const char *n[] = {"scalar", "avx2", "avx512", "avx512vnni"};
-    return level >= 0 && level <= 3 ? n[level] : "?";
-#elif defined(AFM__NEON)
-    return level ? "neon" : "scalar";
-#else
-    (void)level;
-    return "scalar";
-#endif
-}
 
 /* ---- tests ---- */
 
@@ -173,6 +161,11 @@ static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const c
             afm__act a1, a2;
             int i, ok;
             for (i = 0; i < nt * ldx; i++) X[i] = rnd_act();
+            if (si % 4 == 3) { /* blocks with NaN, infinity, huge and tiny values: same codes on every level */
+                static const float odd[] = {NAN, -INFINITY, 3e38f, -1e-38f, 1e-30f, 7e-31f, 0.0f};
+                for (i = 0; i < nt * ldx; i += 61) X[i] = odd[(i / 61) % 7];
+                for (i = 0; i < nt * ldx && i < 64; i++) X[i] *= 1e-29f; /* a block at the tiny threshold */
+            }
             memset(b1, 0x5a, sz); memset(b2, 0xa5, sz);
             afm__act_init(&a1, AFM_TYPE_Q2B, nt, n, b1);
             afm__act_init(&a2, AFM_TYPE_Q2B, nt, n, b2);
@@ -185,7 +178,7 @@ static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const c
             snprintf(msg, sizeof msg, "%s prepare_q8 n_in=%d n_tok=%d bit-exact", lname, n, nt);
             check(ok, msg);
             /* the scalar quantization is close to X */
-            if (si == 0 && nt == 1) {
+            if (si == 0 && nt == 1 && !(si % 4 == 3)) {
                 int t, bad = 0;
                 for (t = 0; t < nt; t++)
                     for (i = 0; i < n; i++) {
@@ -213,7 +206,6 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
     afm__act a1, a2;
     int i, t, r, bad = 0, poison_bad = 0;
     const int r0 = rows > 3 ? 1 : 0, r1 = rows > 3 ? rows - 1 : rows;
-    double worst = 0.0;
     char msg[256];
     for (i = 0; i < n_tok * ldx; i++) X[i] = rnd_act();
     afm__act_init(&a1, type, n_tok, cols, b1);
@@ -229,14 +221,10 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
         for (r = 0; r < (int)ldy; r++) {
             float y1 = Y1[(size_t)t * ldy + (size_t)r], y2 = Y2[(size_t)t * ldy + (size_t)r];
             if (r < r0 || r >= r1) { if (y2 != -777.0f) poison_bad++; continue; }
-            {
-                double tol = 4e-6 * abs_terms(&w, &a1, r, t) + 1e-30, err = fabs((double)y1 - (double)y2);
-                if (!(err <= tol)) { if (bad < 3) printf("  r=%d t=%d ref=%.9g got=%.9g tol=%.3g\n", r, t, y1, y2, tol); bad++; }
-                if (tol > 0 && err / tol > worst) worst = err / tol;
-            }
+            if (memcmp(&y1, &y2, sizeof y1) != 0) { if (bad < 3) printf("  r=%d t=%d ref=%.9g got=%.9g\n", r, t, y1, y2); bad++; }
         }
-    snprintf(msg, sizeof msg, "%s matmul %s rows=%d cols=%d group=%d n_tok=%d (worst err/tol %.2f)", lname,
-             afm__type_name(type), rows, cols, group, n_tok, worst);
+    snprintf(msg, sizeof msg, "%s matmul %s rows=%d cols=%d group=%d n_tok=%d == scalar, bit for bit", lname,
+             afm__type_name(type), rows, cols, group, n_tok);
     check(bad == 0 && poison_bad == 0, msg);
     if (n_tok > 1) { /* batch invariance: each token alone gives the same bits as inside the batch */
         afm__act one = a2;
@@ -347,19 +335,15 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
                 float *s1 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq), *s2 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq);
                 float *o1 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq), *o2 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
                 size_t i;
-                int h, p, j, bad = 0;
+                int h, p, bad = 0;
                 const float scale = 0.0123f;
                 for (i = 0; i < ks_ * (size_t)n; i++) K[i] = (int8_t)(rnd() % 255 - 127);
                 for (i = 0; i < ldq * (size_t)nq; i++) q[i] = rndf();
                 ks->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s1, lds);
                 kk->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s2, lds);
                 for (h = 0; h < nq; h++)
-                    for (p = 0; p < n; p++) {
-                        double sa = 0;
-                        for (j = 0; j < dim; j++) sa += fabs(q[(size_t)h * ldq + (size_t)j] * K[(size_t)p * ks_ + (size_t)j]);
-                        if (!(fabs(s1[(size_t)h * lds + (size_t)p] - s2[(size_t)h * lds + (size_t)p]) <= 2e-6 * sa * scale + 1e-30)) bad++;
-                    }
-                snprintf(msg, sizeof msg, "%s kv_scores dim=%d n_pos=%d nq=%d", lname, dim, n, nq);
+                    for (p = 0; p < n; p++) bad += memcmp(&s1[(size_t)h * lds + (size_t)p], &s2[(size_t)h * lds + (size_t)p], 4) != 0;
+                snprintf(msg, sizeof msg, "%s kv_scores dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
                 check(bad == 0, msg);
                 /* values: probabilities in s1 rows (positive) */
                 for (h = 0; h < nq; h++) for (p = 0; p < n; p++) s1[(size_t)h * lds + (size_t)p] = (float)(rnd() % 1000) / 1000.0f;
@@ -368,21 +352,92 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
                 kk->kv_values(s1, lds, nq, K, ks_, n, dim, scale, o2, ldq);
                 bad = 0;
                 for (h = 0; h < nq; h++) {
-                    for (j = 0; j < dim; j++) {
-                        double sa = 0;
-                        for (p = 0; p < n; p++) sa += fabs(s1[(size_t)h * lds + (size_t)p] * K[(size_t)p * ks_ + (size_t)j]);
-                        if (!(fabs(o1[(size_t)h * ldq + (size_t)j] - o2[(size_t)h * ldq + (size_t)j]) <= 2e-6 * sa * scale + 1e-30)) bad++;
-                    }
+                    bad += memcmp(o1 + (size_t)h * ldq, o2 + (size_t)h * ldq, sizeof(float) * (size_t)dim) != 0;
                     if (o2[(size_t)h * ldq + (size_t)dim] != -5.0f) bad++;
                 }
-                snprintf(msg, sizeof msg, "%s kv_values dim=%d n_pos=%d nq=%d", lname, dim, n, nq);
+                snprintf(msg, sizeof msg, "%s kv_values dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
                 check(bad == 0, msg);
                 free(K); free(q); free(s1); free(s2); free(o1); free(o2);
             }
 }
 
+/* n floats with the same bits, or both NaN (NaN payloads are not part of the contract: compilers
+   treat a + b as b + a, and x86 and arm64 make different NaNs). */
+static int same_floats(const float *a, const float *b, int n) {
+    int i;
+    for (i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], 4) != 0 && !(a[i] != a[i] && b[i] != b[i])) return 0;
+    return 1;
+}
 
-/* A fixture written by tools/quantize.py --fixtures: Python's encoding and its float32 decode.
+/* The shared elementwise math: exp within 1 ulp of the double-precision value over its whole range
+   (every 97th float), and silu_mul / softmax bit for bit against the scalar reference on values
+   that cover the range, with NaN and infinities, at every length mod 8. */
+static void test_math(const afm__kernels *ks, const afm__kernels *kk, const char *lname, int first) {
+    char msg[200];
+    int n, i, bad = 0;
+    if (first) {
+        uint32_t u;
+        double worst = 0;
+        for (u = 0; u < 0xffffffffu - 97; u += 97) {
+            float x, y;
+            double e, err;
+            memcpy(&x, &u, 4);
+            y = afm__expf(x);
+            if (x != x) { bad += y == y; continue; }
+            e = exp((double)x);
+            if (x < AFM__EXP_LO) { bad += y != 0.0f; continue; }
+            if (e > FLT_MAX) { bad += y != INFINITY; continue; }
+            err = fabs((double)y - e) / (e < 1.17549435e-38 ? 1.4e-45 : ldexp(1.0, ilogb(e) - 23));
+            if (err > worst) worst = err;
+        }
+        snprintf(msg, sizeof msg, "afm__expf within 1 ulp of exp (worst %.3f ulp) and its range rules", worst);
+        check(bad == 0 && worst < 1.0, msg);
+        {
+            double sn, cs, worst_t = 0;
+            for (i = 0; i < 200000; i++) {
+                double x = (double)(i * 37 % 65536) * ((i % 7) + 1) * 0.0123456789 - 100.0;
+                afm__sincos_d(x, &sn, &cs);
+                if (fabs(sn - sin(x)) > worst_t) worst_t = fabs(sn - sin(x));
+                if (fabs(cs - cos(x)) > worst_t) worst_t = fabs(cs - cos(x));
+            }
+            snprintf(msg, sizeof msg, "afm__sincos_d within %.3g of libm's sin and cos", worst_t);
+            check(worst_t < 1e-13, msg);
+            worst_t = 0;
+            for (i = 1; i < 64; i++) {
+                double e = -2.0 * i / 128 * afm__log_d(500000.0), want = pow(500000.0, -2.0 * i / 128);
+                if (fabs(afm__exp_d(e) - want) / want > worst_t) worst_t = fabs(afm__exp_d(e) - want) / want;
+            }
+            snprintf(msg, sizeof msg, "afm__exp_d(y * afm__log_d(theta)) within %.3g (relative) of pow", worst_t);
+            check(worst_t < 1e-14, msg);
+        }
+    }
+    for (n = 1; n <= 70; n += (n < 20 ? 1 : 7)) {
+        float *h1 = (float *)xmalloc(sizeof(float) * (size_t)n), *h2 = (float *)xmalloc(sizeof(float) * (size_t)n);
+        float *g = (float *)xmalloc(sizeof(float) * (size_t)n);
+        static const float odd[] = {NAN, INFINITY, -INFINITY, 89.0f, -89.0f, 88.7f, -87.4f, 0.0f, -0.0f, 1e-30f};
+        for (i = 0; i < n; i++) {
+            h1[i] = h2[i] = (rnd() % 5 == 0) ? odd[rnd() % 10] : (rndf() - 0.5f) * 60.0f;
+            g[i] = rndf();
+        }
+        ks->silu_mul(h1, g, n);
+        kk->silu_mul(h2, g, n);
+        bad = !same_floats(h1, h2, n);
+        for (i = 0; i < n; i++) h1[i] = h2[i] = (rnd() % 9 == 0) ? odd[rnd() % 10] : (rndf() - 0.5f) * 60.0f;
+        ks->softmax(h1, n);
+        kk->softmax(h2, n);
+        bad += !same_floats(h1, h2, n);
+        for (i = 0; i < n; i++) h1[i] = h2[i] = (rndf() - 0.5f) * 40.0f;
+        ks->softmax(h1, n);
+        kk->softmax(h2, n);
+        bad += !same_floats(h1, h2, n);
+        snprintf(msg, sizeof msg, "%s silu_mul and softmax n=%d == scalar, bit for bit", lname, n);
+        check(bad == 0, msg);
+        free(h1); free(h2); free(g);
+    }
+}
+
+/* A fixture written by tests/gen/quantize.py --fixtures: Python's encoding and its float32 decode.
    The C decode (every level) must reproduce it bit for bit. */
 static void test_fixture(const char *path, const afm__kernels *kk, int nk) {
     FILE *f = fopen(path, "rb");
@@ -435,11 +490,12 @@ int main(int argc, char **argv) {
         int got = afm__select_kernels(&kk, level);
         int before = n_fail;
         if (got != level) continue;
-        printf("testing level %s (%s)\n", level_name(level), kk.name);
+        printf("testing level %s\n", kk.name);
         test_prepare(&ks, &kk, kk.name);
         test_matmul(&ks, &kk, kk.name);
         test_dequant(&ks, &kk, kk.name);
         test_kv(&ks, &kk, kk.name);
+        test_math(&ks, &kk, kk.name, level == AFM__LEVEL_SCALAR);
         if (verbose || n_fail != before) printf("  %s: %d failures\n", kk.name, n_fail - before);
     }
 #if defined(AFM__X86)

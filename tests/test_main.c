@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 #endif
 #define AFM_IMPLEMENTATION
+#define AFM_TESTING /* test hooks: session->test_accept_rule */
 #include "../afm.h"
 
 #include <stdio.h>
@@ -45,7 +46,7 @@ static unsigned char *read_file(const char *path, size_t *size) {
     return p;
 }
 
-/* A reference vector file written by tools/gen_ref.py: tokens and MLX logits per position. */
+/* A reference vector file written by tests/gen/gen_ref.py: tokens and MLX logits per position. */
 typedef struct ref {
     int n_prompt, n_decode, vocab;
     int32_t *tokens;
@@ -763,7 +764,7 @@ static double spec_chi2(afm_model *m, afm_session *ds, int drafter, int wrong_ru
     afm_sampler_create(&sp, V, NULL, &sm);
     /* exact distribution: p(a) p(b|a) p(c|a,b) over the top-3 sets */
     afm_session_eval(e, prompt, 6);
-    afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
+    afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
     for (i = 0, a = 0; i < V; i++) if (dist[i] > 0) { p1[a] = dist[i]; top1[a++] = i; }
     for (a = 0; a < K; a++) {
         float pa = p1[a];
@@ -771,13 +772,13 @@ static double spec_chi2(afm_model *m, afm_session *ds, int drafter, int wrong_ru
         float *d2 = (float *)malloc((size_t)V * 4);
         afm_session_rewind(e, 6);
         afm_session_eval(e, &ta, 1);
-        afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, d2);
+        afm__sampler_dist(sm, afm_session_logits(e, -1), d2);
         for (i = 0, b = 0; i < V; i++) if (d2[i] > 0) top2[b++] = i;
         for (b = 0; b < K; b++) {
             int32_t tb = top2[b];
             afm_session_rewind(e, 7);
             afm_session_eval(e, &tb, 1);
-            afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
             for (i = 0, c = 0; i < V; i++)
                 if (dist[i] > 0) { prob[(a * K + b) * K + c] = (double)pa * d2[tb] * dist[i]; c++; }
         }
@@ -810,12 +811,12 @@ static double spec_chi2(afm_model *m, afm_session *ds, int drafter, int wrong_ru
             if (ca < 0) { outside++; continue; }
             afm_session_rewind(e, 6);
             afm_session_eval(e, &seq[0], 1);
-            afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
             for (i = 0, b = 0; i < V; i++) if (dist[i] > 0) t2[b++] = i;
             for (b = 0; b < K; b++) if (t2[b] == seq[1]) cb = b;
             if (cb < 0) { outside++; continue; }
             afm_session_eval(e, &seq[1], 1);
-            afm__sampler_dist(sm, afm_session_logits(e, -1), NULL, dist);
+            afm__sampler_dist(sm, afm_session_logits(e, -1), dist);
             for (i = 0, c = 0; i < V; i++) if (dist[i] > 0) t3[c++] = i;
             for (c = 0; c < K; c++) if (t3[c] == seq[2]) cc = c;
             if (cc < 0) { outside++; continue; }
@@ -1038,7 +1039,7 @@ static void test_quantized(void) {
 
 /* ---- exact parity of the shipped miniature family (models/mini, docs/TRAINING.md) ---- */
 
-/* A top-k reference written by tools/gen_ref.py --mini: MLX's logits on the files' decoded weights,
+/* A top-k reference written by tests/gen/gen_ref.py --mini: MLX's logits on the files' decoded weights,
    every row's k largest (ids and values) and a few rows in full. The tokens were chosen so that no
    int8 K/V value lies within 1e-3 of a rounding boundary (margin) and every row's top-1 / top-2 gap
    is at least 0.25 of its std (gap), so float noise cannot change the reference's rounding or argmax. */

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""test_tools.py - tests of the Python tools (tools/*.py) and the committed vectors.
+"""test_tools.py - tests of the Python tools (tools/*.py, the generators in tests/gen/) and the committed vectors.
 
     python3 tests/test_tools.py          # last line: "N passed, N failed"
 
@@ -25,9 +25,11 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
+GEN = os.path.join(ROOT, "tests", "gen")
 VEC = os.path.join(ROOT, "tests", "vectors")
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, GEN)  # gen_ref (imported by the tests that use it)
 import afmfile as af  # noqa: E402
 import ref_numpy  # noqa: E402
 import synth  # noqa: E402
@@ -601,7 +603,7 @@ def vectors_numpy_forward_matches_mlx():
 
 @test
 def mini_parity_vectors_match_float64():
-    """tests/vectors/mini_*.topk (MLX on the shipped files, tools/gen_ref.py --mini) against gen_ref's numpy
+    """tests/vectors/mini_*.topk (MLX on the shipped files, tests/gen/gen_ref.py --mini) against gen_ref's numpy
     float64 forward pass: the logits agree, no int8 K/V value of the sequence lies within 1e-3 of a rounding
     boundary, and every row's top-2 gap is at least 0.25 std (what the C parity test relies on)."""
     import gen_ref
@@ -650,7 +652,7 @@ def vectors_are_small_and_valid():
 def gen_ref_is_deterministic():
     if not have("mlx_lm"):
         raise Skip("needs mlx-lm")
-    r = run_tool(os.path.join(TOOLS, "gen_ref.py"), "--check", ok=False)
+    r = run_tool(os.path.join(GEN, "gen_ref.py"), "--check", ok=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -658,8 +660,38 @@ def gen_ref_is_deterministic():
 def fake_toolkit_is_deterministic():
     if not have("mlx_lm") or not have("torch"):
         raise Skip("needs mlx-lm and torch")
-    r = run_tool(os.path.join(TOOLS, "make_fake_toolkit.py"), "--check", ok=False)
+    r = run_tool(os.path.join(GEN, "make_fake_toolkit.py"), "--check", ok=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@test
+def json_duplicate_keys_refused():
+    """A key twice in metadata.json or a tokenizer.json is an error in the tools as in afm.h (the
+    C reader took the first, Python's json the last)."""
+    import adapterfile
+    with tempfile.TemporaryDirectory() as td:
+        pkg = os.path.join(td, "d.fmadapter")
+        shutil.copytree(os.path.join(ROOT, "tests", "vectors", "lora", "test.fmadapter"), pkg)
+        mp = os.path.join(pkg, "metadata.json")
+        text = open(mp, encoding="utf-8").read().rstrip()
+        for extra in (', "loraRank": 16}', ', "lora\\u0052ank": 32}'):
+            with open(mp, "w", encoding="utf-8") as f:
+                f.write(text[:-1] + extra)
+            try:
+                adapterfile.read_fmadapter_metadata(pkg)
+            except af.AfmError as e:
+                assert "twice" in str(e), e
+            else:
+                raise AssertionError("a duplicate key was accepted: %s" % extra)
+        tj = os.path.join(td, "tokenizer.json")
+        with open(tj, "w") as f:
+            f.write('{"model": {"type": "BPE", "vocab": {"a": 0, "a": 1}, "merges": []}}')
+        try:
+            af.read_tokenizer(tj)
+        except af.AfmError as e:
+            assert "twice" in str(e), e
+        else:
+            raise AssertionError("a tokenizer.json with a key twice was accepted")
 
 
 def main():

@@ -1,5 +1,5 @@
 """adapterfile.py - LoRA adapter files: the afm adapter file (`.afma`, docs/FORMAT.md "The afm adapter
-file", version 1) and Apple's `.fmadapter` packages (AFM_SPEC section 6). numpy only.
+file", version 1) and Apple's `.fmadapter` packages (docs/MODEL.md section 6). numpy only.
 
 .afma:
     write_adapter("a.afma", base_config, tensors, rank, alpha, draft_token_count=5,
@@ -27,7 +27,6 @@ between records; coremltools does not pad after the last one (a reader accepts u
 """
 
 import json
-import math
 import os
 import re
 import struct
@@ -57,6 +56,7 @@ BLOB_VERSION = 2
 BLOB_SENTINEL = 0xDEADBEEF
 BLOB_FP16 = 1
 BLOB_ALIGN = 64
+MAX_ALPHA = 65504.0  # the largest f16, as afm.h: no trained adapter's alpha is near it (Apple's: 16)
 _BLOB_HEADER = struct.Struct("<II56x")
 _BLOB_RECORD = struct.Struct("<IIQQ40x")
 assert _BLOB_HEADER.size == 64 and _BLOB_RECORD.size == 64
@@ -137,7 +137,7 @@ def count_params(cfg, rank):
 # metadata
 
 def metadata_problems(md, require_fmadapter_keys=True):
-    """What is wrong with a .fmadapter metadata dict (AFM_SPEC section 6)."""
+    """What is wrong with a .fmadapter metadata dict (docs/MODEL.md section 6)."""
     p = []
     if not isinstance(md, dict):
         return ["metadata is a JSON %s, expected an object" % type(md).__name__]
@@ -205,8 +205,8 @@ def write_adapter(path, base_config, tensors, rank, alpha, draft_token_count=0, 
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise AfmError("rank %r, expected 1 .. %d" % (rank, MAX_RANK))
     alpha = float(alpha)
-    if not math.isfinite(float(np.float32(alpha))):
-        raise AfmError("alpha %r is not a finite float32" % alpha)
+    if not abs(float(np.float32(alpha))) <= MAX_ALPHA:
+        raise AfmError("alpha %r is outside [-%g, %g]" % (alpha, MAX_ALPHA, MAX_ALPHA))
     if not 0 <= int(draft_token_count) <= 0xFFFFFFFF:
         raise AfmError("draft_token_count %r out of range" % draft_token_count)
     if signature not in (None, "") and not (isinstance(signature, str) and SIG_RE.fullmatch(signature)):
@@ -218,7 +218,7 @@ def write_adapter(path, base_config, tensors, rank, alpha, draft_token_count=0, 
         else:
             meta = metadata_json.encode("utf-8") if isinstance(metadata_json, str) else bytes(metadata_json)
             try:
-                j = json.loads(meta.decode("utf-8"))
+                j = af.loads_json(meta.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as e:
                 raise AfmError("metadata is not UTF-8 JSON: %s" % e)
             if not isinstance(j, dict):
@@ -314,7 +314,7 @@ class AfmAdapter:
         self.header = header
         self.config = config
         self.metadata_bytes = metadata_bytes_
-        self.metadata = json.loads(metadata_bytes_.decode("utf-8")) if metadata_bytes_ is not None else None
+        self.metadata = af.loads_json(metadata_bytes_.decode("utf-8")) if metadata_bytes_ is not None else None
         self.entries = entries
         self._buf = buf
 
@@ -403,8 +403,8 @@ def parse_adapter(buf, path="<buffer>"):
         err("config offset %d: kind %d, expected %d (LoRA adapter)" % (co, kind, KIND_LORA))
     if not 1 <= rank <= MAX_RANK:
         err("config offset %d: rank %d, expected 1 .. %d" % (co + 4, rank, MAX_RANK))
-    if not math.isfinite(alpha):
-        err("config offset %d: alpha %r is not finite" % (co + 8, alpha))
+    if not abs(alpha) <= MAX_ALPHA:
+        err("config offset %d: alpha %r is outside [-%g, %g]" % (co + 8, alpha, MAX_ALPHA, MAX_ALPHA))
     p = shape_problems(shape)
     if p:
         err("config offset %d: base shape: %s" % (co + 16, "; ".join(p)))
@@ -429,7 +429,7 @@ def parse_adapter(buf, path="<buffer>"):
             err("metadata offset %d: length %d does not fit the %d-byte section" % (mo + 8, mlen, hdr["metadata_size"]))
         meta = bytes(mv[mo + 16: mo + 16 + mlen])
         try:
-            j = json.loads(meta.decode("utf-8"))
+            j = af.loads_json(meta.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             err("metadata offset %d: not UTF-8 JSON: %s" % (mo + 16, e))
         if not isinstance(j, dict):
@@ -511,7 +511,7 @@ def adapter_problems_for_model(a, model_config):
 # .fmadapter packages
 
 def fmadapter_specs(cfg, rank):
-    """[(afma name, (rows, cols))] of adapter_weights.bin in record order (AFM_SPEC section 6):
+    """[(afma name, (rows, cols))] of adapter_weights.bin in record order (docs/MODEL.md section 6.2):
     layer by layer (segment 0 then segment 1), per layer q a, b, k a, b, v a, b (or wq a, b), wo a, b,
     gate a, b, up a, b, down a, b; A written [r, in], B written [out, r]. Same order as the .afma."""
     return adapter_specs(cfg, rank)
@@ -607,7 +607,7 @@ def read_fmadapter_metadata(path):
     with open(mp, "rb") as f:
         raw = f.read()
     try:
-        md = json.loads(raw.decode("utf-8"))
+        md = af.loads_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise AfmError("%s: not UTF-8 JSON: %s" % (mp, e))
     p = metadata_problems(md)

@@ -19,6 +19,7 @@ Helpers: permute_rows_to_halfsplit / permute_vec_to_halfsplit (and their inverse
 kv_scale_from_range, f32_to_bf16_bits / bf16_bits_to_f32, count_params.
 """
 
+import json
 import math
 import os
 import re
@@ -73,6 +74,21 @@ _CONFIG_FIELDS = ("arch", "vocab_size", "dim", "n_layers", "n_reuse_layers", "n_
 
 class AfmError(Exception):
     """Any problem with a model file or with what a caller asked to write."""
+
+
+def _unique_keys(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError("the object has the key %r twice" % k)
+        d[k] = v
+    return d
+
+
+def loads_json(text):
+    """json.loads that refuses an object with a key twice (ValueError), as afm.h does: RFC 8259
+    leaves the meaning open, and readers differ (first wins, last wins)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +156,7 @@ def permute_vec_to_interleaved(v):
 
 
 def kv_scale_from_range(range_min, range_max):
-    """AFM_SPEC section 4: scale = max(range_min / -128, range_max / 127), computed in float32."""
+    """docs/MODEL.md section 4.1: scale = max(range_min / -128, range_max / 127), computed in float32."""
     lo = np.float32(range_min)
     hi = np.float32(range_max)
     return np.float32(max(lo / np.float32(-128.0), hi / np.float32(127.0)))
@@ -213,8 +229,8 @@ def config_problems(cfg):
             af = _f32(a)
         except (TypeError, ValueError):
             af = float("nan")
-        if not math.isfinite(af):
-            p.append("lora_alpha = %r, expected a finite float32" % (a,))
+        if not abs(af) <= 65504.0:  # the largest f16, as afm.h (Apple's alpha: 16)
+            p.append("lora_alpha = %r, expected a float32 in [-65504, 65504]" % (a,))
     sig = cfg.get("signature")
     if sig not in (None, "", b"\0" * 40) and not (isinstance(sig, str) and re.fullmatch(r"[0-9a-f]{40}", sig)):
         p.append("signature = %r, expected 40 lowercase hex digits or none" % (sig,))
@@ -723,9 +739,8 @@ def read_tokenizer(path):
     if not b:
         raise AfmError("%s: empty tokenizer file" % path)
     if b.lstrip()[:1] == b"{":
-        import json
         try:
-            j = json.loads(b.decode("utf-8"))
+            j = loads_json(b.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise AfmError("%s: looks like JSON but does not parse: %s" % (path, e))
         if not isinstance(j, dict) or "model" not in j:

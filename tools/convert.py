@@ -3,7 +3,7 @@
 
 Sources (detected automatically):
   * Apple's adapter-toolkit checkpoints: base-model.pt / draft-model.pt (PyTorch zip, key names
-    of AFM_SPEC section 5; `.wrapped.` path components, a leading `model.`, the tied
+    of docs/MODEL.md section 5; `.wrapped.` path components, a leading `model.`, the tied
     output_transform.weight, kv_quantizer ranges and the embedded base_adapter LoRA are handled);
   * a folder in Apple's MLX afm7 layout: config.json + *.safetensors (sharded or not, plain or
     affine-quantized, which is dequantized here);

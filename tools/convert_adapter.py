@@ -3,7 +3,7 @@
 
 Sources:
   (a) an adapter-toolkit training checkpoint (.pt): a tamm state dict with the adapter tensors of
-      AFM_SPEC section 5 (`layers.segment_S.layer_K.<module>.adapters.<name>.lora_{0,1,2}.{a,b}_transpose`
+      docs/MODEL.md section 5 (`layers.segment_S.layer_K.<module>.adapters.<name>.lora_{0,1,2}.{a,b}_transpose`
       on the fused QKV, `...adapters.<name>.{a,b}_transpose` elsewhere; a leading `model.` and `.wrapped.`
       path components are allowed; base weights in the same file are ignored):
         python3 tools/convert_adapter.py adapter.pt --base afm-base.afm -o adapter.afma
@@ -18,7 +18,7 @@ The file stores A as [r, in] and B as [out, r], B of q, k (segment 0) and wq (se
 half-split RoPE layout. From a checkpoint the converter transposes a_transpose / b_transpose and permutes
 those B rows GPT-J -> NeoX; a .fmadapter already holds exactly that layout (the exporter's transforms are
 the file's layout), so its fp16 tensors are copied as they are. Alpha is not in a .fmadapter or a
-training checkpoint: it is 16 (AFM_SPEC section 3; scale = alpha / rank) unless --alpha says otherwise.
+training checkpoint: it is 16 (docs/MODEL.md section 3; scale = alpha / rank) unless --alpha says otherwise.
 
 Errors are one `error:` line listing every missing or unknown key, never a traceback (--debug shows one).
 """

@@ -12,7 +12,7 @@ Pure functions for the model converter (tools/afmfile.py calls these; nothing he
 `w` is a 2-D array [rows, cols] (an nn.Linear weight [out, in], or the embedding [vocab, d]) of
 float32/float16/float64; higher-dimensional arrays are flattened to [prod(leading dims), last dim].
 
-Layouts (docs/FORMAT.md, section "Quantized types"; wip/FORMAT_quant.md until merged):
+Layouts (docs/FORMAT.md, section "Quantized types"):
   * every row is padded with zero codes to kpad = a multiple of max(unit, group) elements,
     unit = 256 (Q2B), 128 (Q4), 64 (Q8); group is 64, 128, 256 or 512;
   * the tensor is the codes of all rows (row after row), then the fp16 scales of all rows

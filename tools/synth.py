@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import afmfile as af  # noqa: E402
 
 PRESETS = {
-    # exact AFMTextV7 base (AFM_SPEC section 1)
+    # exact AFMTextV7 base (docs/MODEL.md section 1)
     "base": dict(vocab=153600, dim=2048, layers=56, reuse=21, heads=16, kv_heads=2, head_dim=128, ffn=6656,
                  context=4096, rope_theta=500000.0, norm_eps=1e-5, qk_norm_eps=1e-5),
     # the draft model
@@ -168,7 +168,7 @@ def main(argv=None):
                                                     "head_dim", "ffn"))
         if same:
             ok = base == exp_base and (not a.lora or exp_lora is None or a.lora_rank != 32 or lora == exp_lora)
-            print("preset %s: parameter count %s" % (a.preset, "matches AFM_SPEC" if ok else "MISMATCH"))
+            print("preset %s: parameter count %s" % (a.preset, "matches docs/MODEL.md section 1" if ok else "MISMATCH"))
             if not ok:
                 return 1
     if a.count:

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <float.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -36,8 +37,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             sp.top_p = 0.9f;
             if (afm_session_create(m, &p, &s) == AFM_OK) {
                 if (afm_session_eval(s, toks, 3) == AFM_OK && afm_sampler_create(&sp, c->vocab_size, NULL, &sm) == AFM_OK) {
-                    int32_t t = afm_sampler_sample(sm, afm_session_logits(s, -1));
-                    if (t < 0 || t >= c->vocab_size) abort();
+                    const float *lg = afm_session_logits(s, -1);
+                    int32_t t = afm_sampler_sample(sm, lg), i, finite = 0, usable = 1;
+                    for (i = 0; i < c->vocab_size; i++) {
+                        if (lg[i] != lg[i] || lg[i] > FLT_MAX) usable = 0;
+                        if (lg[i] >= -FLT_MAX) finite = 1;
+                    }
+                    if (usable && finite ? t < 0 || t >= c->vocab_size : t != -1) abort(); /* -1: logits not usable */
                     afm_sampler_free(sm);
                 }
                 afm_session_free(s);
