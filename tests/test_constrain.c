@@ -406,8 +406,8 @@ static void test_real_vocab(void) {
 
 /* afm_generate under a constraint on the shipped model: greedy output is the same with and without
    drafting (draft model, prompt lookup) and always matches, also without fast-forward (which
-   spells forced bytes with its own tokens, so that output differs); sampled outputs with a
-   draft model match too; masks and advances stay consistent across rejected drafts. */
+   spells forced bytes with its own tokens, so that output differs); sampled outputs are the same
+   with and without a draft model and match too; masks and advances stay consistent across rejected drafts. */
 typedef struct { int32_t toks[512]; int n; } gen_out;
 static int collect(void *user, int32_t t) {
     gen_out *o = (gen_out *)user;
@@ -487,32 +487,37 @@ static void test_generate(void) {
         afm_detokenize(tok, ref.toks, (size_t)ref.n, AFM_TOK_NEWLINE, text, sizeof text, &len);
         printf("greedy under the schema: %s\n", text);
     }
-    for (seed = 1; seed <= 4 && c && v; seed++) { /* sampling with a draft model: drafts are rejected and rewound */
+    for (seed = 1; seed <= 8 && c && v; seed++) { /* sampling without, then with a draft model: the same output */
         afm_generate_params gp;
         afm_generate_stats st;
         afm_constraint_state *cs = NULL;
         gen_out o;
+        int with_draft = seed > 4, sd = with_draft ? seed - 4 : seed;
+        static gen_out plain[5];
         memset(&gp, 0, sizeof gp);
         memset(&o, 0, sizeof o);
         afm_constraint_state_create(c, v, &cs);
         gp.n_predict = 300;
         gp.sampler.temperature = 1.0f;
-        gp.sampler.top_p = seed == 2 ? 0.9f : 0;
-        gp.sampler.top_k = seed == 3 ? 20 : 0;
-        gp.sampler.min_p = seed == 4 ? 0.05f : 0;
-        gp.sampler.seed = (uint64_t)seed;
+        gp.sampler.top_p = sd == 2 ? 0.9f : 0;
+        gp.sampler.top_k = sd == 3 ? 20 : 0;
+        gp.sampler.min_p = sd == 4 ? 0.05f : 0;
+        gp.sampler.seed = (uint64_t)sd;
         gp.constraint = cs;
         gp.on_token = collect;
         gp.user = &o;
         gp.stop_tokens = &stop;
         gp.n_stop_tokens = 1;
-        gp.draft = ds;
+        gp.draft = with_draft ? ds : NULL;
         gp.draft_k = 4;
         gp.fixed_k = 1;
         afm_session_rewind(s, 0);
         CHECK(afm_generate(s, prompt, (int)n_prompt, &gp, &st) == AFM_OK, "sampled generate seed %d: %s", seed, afm_session_error(s));
         CHECK(afm_constraint_state_n_tokens(cs) == o.n && (o.n == 300 || replays_complete(c, v, &o)),
-              "sampled with drafts, seed %d: %d tokens, %d drafted, %d accepted, complete", seed, o.n, st.n_drafted, st.n_accepted);
+              "sampled, seed %d, draft %d: %d tokens, %d drafted, %d accepted, complete", sd, with_draft, o.n, st.n_drafted, st.n_accepted);
+        if (!with_draft) plain[sd] = o;
+        else CHECK(o.n == plain[sd].n && memcmp(o.toks, plain[sd].toks, (size_t)o.n * sizeof *o.toks) == 0,
+                   "sampled, seed %d: the same output with a draft model as without", sd);
         afm_constraint_state_free(cs);
     }
     afm_session_free(s);
