@@ -427,7 +427,7 @@ static int req_from_json(gen_req *g, jdoc *d, int chat) {
             if (d->nodes[c].type != J_OBJ || role < 0 || d->nodes[role].type != J_STR)
                 return req_fail(g, 400, "messages", "invalid_type", "each message must be an object with a string 'role'");
             if (jget(d, c, "tool_calls") >= 0 || !strcmp(d->nodes[role].s, "tool"))
-                return req_fail(g, 400, "messages", "unsupported", "tool calls are not supported yet (they need afm.h's constraint engine)");
+                return req_fail(g, 400, "messages", "unsupported", "tool calls are not supported yet: afm-server does not use afm.h's constraint engine yet");
             g->msgs[g->n_msgs].role = d->nodes[role].s;
             if (!(g->msgs[g->n_msgs].content = req_content(g, d, jget(d, c, "content")))) return -1;
             g->n_msgs++;
@@ -495,10 +495,10 @@ static int req_from_json(gen_req *g, jdoc *d, int chat) {
         int t = jget(d, v, "type");
         if (t < 0 || d->nodes[t].type != J_STR) return req_fail(g, 400, "response_format", "invalid_type", "'response_format' must be an object with a 'type'");
         if (strcmp(d->nodes[t].s, "text"))
-            return req_fail(g, 400, "response_format", "unsupported", "response_format '%.40s' is not supported yet: constrained decoding (JSON schema) is not in this build of afm.h", d->nodes[t].s);
+            return req_fail(g, 400, "response_format", "unsupported", "response_format '%.40s' is not supported yet: afm-server does not use afm.h's constraint engine yet", d->nodes[t].s);
     }
     if ((v = jget(d, root, "tools")) >= 0 && d->nodes[v].type != J_NULL && !(d->nodes[v].type == J_ARR && d->nodes[v].n == 0))
-        return req_fail(g, 400, "tools", "unsupported", "'tools' is not supported yet: tool calling needs constrained decoding, which is not in this build of afm.h");
+        return req_fail(g, 400, "tools", "unsupported", "'tools' is not supported yet: afm-server does not use afm.h's constraint engine yet");
     return 0;
 }
 
@@ -1082,7 +1082,7 @@ static const char *usage_text =
     "max_tokens, stop, temperature (default 1), top_p, seed, presence_penalty, frequency_penalty\n"
     "(over the last 64 tokens, prompt included), logit_bias (-100 bans), stream,\n"
     "stream_options.include_usage; n must be 1. response_format other than text and tools are\n"
-    "refused with 400: they need constrained decoding, which this build of afm.h does not have.\n"
+    "refused with 400: the server does not use afm.h's constraint engine for them yet.\n"
     "SIGINT or SIGTERM: stop accepting, end running generations, exit 0.\n";
 
 static long arg_int(const char *v, const char *opt, long lo, long hi) {

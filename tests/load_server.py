@@ -4,8 +4,8 @@ AddressSanitizer + UndefinedBehaviorSanitizer (leak check at exit).
     python3 tests/load_server.py SERVER_BINARY [N_REQUESTS] [N_CLIENTS]
 
 The mix: chat and completions, streamed and not, the base model and the JSON adapter, some with a
-stop string, and one in ten with response_format json_schema (refused with 400 until afm.h has
-constrained decoding). Every greedy answer must equal the one the same server gave when it was
+stop string, and one in ten with response_format json_schema (refused with 400 until the server
+uses afm.h's constraint engine). Every greedy answer must equal the one the same server gave when it was
 idle; every refusal must be the expected 400. Then SIGTERM: the server must exit 0 with no
 sanitizer report. Prints p50/p99 latency and tokens/s, then "N passed, N failed"."""
 import concurrent.futures

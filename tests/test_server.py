@@ -179,10 +179,10 @@ def main():
         "outside the vocabulary", "logit_bias id out of range")
     err(lambda: client.chat.completions.create(model="base", messages=msgs, response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}), openai.BadRequestError,
-        "not supported yet", "response_format json_schema (no constraint engine in this afm.h yet)")
+        "not supported yet", "response_format json_schema (not wired to the constraint engine yet)")
     err(lambda: client.chat.completions.create(model="base", messages=msgs, tools=[
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), openai.BadRequestError,
-        "not supported yet", "tools (no constraint engine in this afm.h yet)")
+        "not supported yet", "tools (not wired to the constraint engine yet)")
     st, body = raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 9\r\n\r\n{\"model\":")
     check(st == 400 and body["error"]["code"] == "invalid_json" and "byte 9" in body["error"]["message"], "malformed JSON: 400 naming the byte")
     st, body = raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 70000\r\n\r\n")
