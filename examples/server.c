@@ -46,6 +46,8 @@ typedef struct jnode {
     int type, child, next, n;  /* first child, next sibling (-1: none), number of children */
     const char *key, *s;       /* member name (objects' children), string value; NUL-terminated */
     size_t key_len, len;
+    const char *raw;           /* the value's JSON text in the input (raw_len bytes) */
+    size_t raw_len;
     double num;
 } jnode;
 typedef struct jdoc {
@@ -167,9 +169,20 @@ static int j_container(jdoc *d, int obj) {
     }
 }
 
+static int j_value_at(jdoc *d);
+
+/* A value, with the span of its text kept (a schema is handed on as text). */
 static int j_value(jdoc *d) {
+    const char *start;
     int v;
     j_ws(d);
+    start = d->p;
+    if ((v = j_value_at(d)) >= 0) { d->nodes[v].raw = start; d->nodes[v].raw_len = (size_t)(d->p - start); }
+    return v;
+}
+
+static int j_value_at(jdoc *d) {
+    int v;
     if (d->p >= d->end) return j_fail(d, "unexpected end");
     switch (*d->p) {
     case '{': return j_container(d, 1);
@@ -342,6 +355,8 @@ static long http_parse_head(const char *buf, size_t n, http_req *r, int *status,
 typedef struct gen_req {
     int chat, stream, include_usage, max_tokens, n_stops, n_msgs, n_bias;
     const char *model, *prompt;              /* into the JSON document */
+    const char *schema;                      /* response_format json_schema: the schema's JSON text */
+    size_t schema_len;
     const char *stops[MAX_STOPS];
     afm_chat_message msgs[MAX_MESSAGES];
     afm_sampler_params sp;
@@ -427,7 +442,7 @@ static int req_from_json(gen_req *g, jdoc *d, int chat) {
             if (d->nodes[c].type != J_OBJ || role < 0 || d->nodes[role].type != J_STR)
                 return req_fail(g, 400, "messages", "invalid_type", "each message must be an object with a string 'role'");
             if (jget(d, c, "tool_calls") >= 0 || !strcmp(d->nodes[role].s, "tool"))
-                return req_fail(g, 400, "messages", "unsupported", "tool calls are not supported yet (they need afm.h's constraint engine)");
+                return req_fail(g, 400, "messages", "unsupported", "tool calls are not supported yet: afm-server does not use afm.h's constraint engine yet");
             g->msgs[g->n_msgs].role = d->nodes[role].s;
             if (!(g->msgs[g->n_msgs].content = req_content(g, d, jget(d, c, "content")))) return -1;
             g->n_msgs++;
@@ -494,11 +509,17 @@ static int req_from_json(gen_req *g, jdoc *d, int chat) {
     if ((v = jget(d, root, "response_format")) >= 0 && d->nodes[v].type != J_NULL) {
         int t = jget(d, v, "type");
         if (t < 0 || d->nodes[t].type != J_STR) return req_fail(g, 400, "response_format", "invalid_type", "'response_format' must be an object with a 'type'");
-        if (strcmp(d->nodes[t].s, "text"))
-            return req_fail(g, 400, "response_format", "unsupported", "response_format '%.40s' is not supported yet: constrained decoding (JSON schema) is not in this build of afm.h", d->nodes[t].s);
+        if (!strcmp(d->nodes[t].s, "json_schema")) { /* {"type": "json_schema", "json_schema": {"name", "schema"}} */
+            int js = jget(d, v, "json_schema"), sc = jget(d, js, "schema");
+            if (sc < 0 || d->nodes[sc].type != J_OBJ)
+                return req_fail(g, 400, "response_format", "invalid_type", "response_format json_schema needs json_schema.schema, an object");
+            g->schema = d->nodes[sc].raw;
+            g->schema_len = d->nodes[sc].raw_len;
+        } else if (strcmp(d->nodes[t].s, "text"))
+            return req_fail(g, 400, "response_format", "unsupported", "response_format '%.40s' is not supported: use text or json_schema", d->nodes[t].s);
     }
     if ((v = jget(d, root, "tools")) >= 0 && d->nodes[v].type != J_NULL && !(d->nodes[v].type == J_ARR && d->nodes[v].n == 0))
-        return req_fail(g, 400, "tools", "unsupported", "'tools' is not supported yet: tool calling needs constrained decoding, which is not in this build of afm.h");
+        return req_fail(g, 400, "tools", "unsupported", "'tools' is not supported yet: afm-server does not use afm.h's constraint engine yet");
     return 0;
 }
 
@@ -578,6 +599,7 @@ typedef struct server {
     volatile int stopping;
     int32_t eog[2];
     int n_eog;
+    afm_constraint_vocab *cvocab;   /* the tokenizer's bytes for constraints (response_format) */
 } server;
 
 static volatile sig_atomic_t g_signal;  /* the signal handler's flag (the one global: handlers need it) */
@@ -832,6 +854,8 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
     const int32_t *have;
     afm_generate_params gp;
     afm_result r;
+    afm_constraint *cons = NULL;
+    afm_constraint_state *cstate = NULL;
     memset(&o, 0, sizeof o);
     if (!g) { send_error(fd, 500, "out of memory", NULL, NULL); return; }
     if (json_parse(&d, body, body_len) < 0) {
@@ -853,6 +877,15 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
     }
     for (i = 0; i < g->n_bias; i++)
         if (g->bias[i].token >= afm_tokenizer_n_vocab(sv->tok)) { send_error(fd, 400, "a logit_bias token id is outside the vocabulary", "logit_bias", "invalid_value"); goto done; }
+    if (g->schema) { /* compiled per request: a bad schema is the client's 400 */
+        char cerr[256], msg[400];
+        if (afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, g->schema, g->schema_len, NULL, &cons, cerr, sizeof cerr) != AFM_OK) {
+            snprintf(msg, sizeof msg, "response_format json_schema: %s", cerr);
+            send_error(fd, 400, msg, "response_format", "invalid_schema");
+            goto done;
+        }
+        if (afm_constraint_state_create(cons, sv->cvocab, &cstate) != AFM_OK) { send_error(fd, 500, "out of memory", NULL, NULL); goto done; }
+    }
     if (!(prompt = encode_prompt(sv, g, &n_prompt))) { send_error(fd, 400, "the prompt cannot be encoded", chat ? "messages" : "prompt", NULL); goto done; }
     if (n_prompt >= sv->n_ctx) {
         char msg[200];
@@ -915,6 +948,7 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
     gp.sampler = g->sp;
     gp.on_token = on_token;
     gp.user = &o;
+    gp.constraint = cstate;
     r = afm_generate(sl->s, prompt + common, n_prompt - common, &gp, NULL);
     if (r != AFM_OK) {
         if (!o.stream) send_error(fd, 500, afm_session_error(sl->s), NULL, NULL);
@@ -964,6 +998,8 @@ logged:
 done:
     if (sl) slot_release(sv, sl); /* its cache holds every emitted token, reusable by the next request */
     afm_stop_free(o.stop);
+    afm_constraint_state_free(cstate);
+    afm_constraint_free(cons);
     free(o.piece);
     free(o.text.p);
     free(prompt);
@@ -1081,8 +1117,9 @@ static const char *usage_text =
     "Requests: model (the base's name or an adapter's), messages (chat) or prompt (completions),\n"
     "max_tokens, stop, temperature (default 1), top_p, seed, presence_penalty, frequency_penalty\n"
     "(over the last 64 tokens, prompt included), logit_bias (-100 bans), stream,\n"
-    "stream_options.include_usage; n must be 1. response_format other than text and tools are\n"
-    "refused with 400: they need constrained decoding, which this build of afm.h does not have.\n"
+    "stream_options.include_usage, response_format json_schema (the output follows the schema:\n"
+    "afm.h's constraint engine, docs/CONSTRAINTS.md); n must be 1. tools are refused with 400:\n"
+    "the server does not map them to AFM's tool format yet.\n"
     "SIGINT or SIGTERM: stop accepting, end running generations, exit 0.\n";
 
 static long arg_int(const char *v, const char *opt, long lo, long hi) {
@@ -1143,6 +1180,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "afm-server: %s: the tokenizer has no EOS or <turn_start>: not an AFM chat model\n", model_path);
         return 1;
     }
+    if (afm_constraint_vocab_create(sv.tok, NULL, &sv.cvocab) != AFM_OK) { fprintf(stderr, "afm-server: out of memory\n"); return 1; }
     sv.eog[sv.n_eog++] = afm_tokenizer_special(sv.tok, AFM_SPECIAL_EOS);
     if (afm_tokenizer_special(sv.tok, AFM_SPECIAL_TURN_END) >= 0) sv.eog[sv.n_eog++] = afm_tokenizer_special(sv.tok, AFM_SPECIAL_TURN_END);
     if (!sv.model_name) {
@@ -1252,6 +1290,7 @@ int main(int argc, char **argv) {
     for (i = 0; i < sv.n_slots; i++) afm_session_free(sv.slots[i].s);
     for (i = 0; i < sv.n_adapters; i++) afm_adapter_free(sv.adapters[i]);
     free(sv.slots);
+    afm_constraint_vocab_free(sv.cvocab);
     afm_tokenizer_free(sv.tok);
     afm_model_free(sv.model);
     pthread_mutex_destroy(&sv.mu);

@@ -56,7 +56,7 @@ class _SamplerParams(C.Structure):
 
 class _SessionParams(C.Structure):
     _fields_ = [(n, C.c_int) for n in ("n_ctx", "n_threads", "n_batch", "all_logits", "preallocate", "kv_type",
-                                       "f32_activations")]
+                                       "f32_activations", "kernels")]
 
 
 class _ChatMessage(C.Structure):
@@ -242,6 +242,8 @@ class Session:
                 if not lg:
                     raise Error("nothing to continue from: give prompt tokens")
                 tok = _lib.afm_sampler_sample(sm, lg)
+                if tok < 0:
+                    raise Error("the logits are not finite (NaN or +inf, or every token banned)")
                 _lib.afm_sampler_accept(sm, tok)
                 if _ids_out is not None:
                     _ids_out.append(tok)
