@@ -5234,9 +5234,10 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
    matrix-vector product bound by memory bandwidth, prefill and verification are matrix-matrix
    products bound by arithmetic; both go through the same calls: activations are prepared once
    per product (int8 blocks for quantized weights, an f32 copy for float ones), then each thread
-   computes its own rows. A scalar kernel is always compiled and is what every SIMD kernel is
-   tested against (tests/test_kernels.c); x86 SIMD is chosen at run time from cpuid, arm64 NEON at
-   compile time. */
+   computes its own rows. A scalar kernel is always compiled and every SIMD kernel returns its bits
+   exactly (the summation contract below; tests/test_kernels.c, tests/levels.sh); x86 SIMD is chosen
+   at run time from cpuid, arm64 NEON at compile time (the dot-product kernels when built with it),
+   or a session names its level (afm_session_params.kernels). */
 
 /* ---- platform ---- */
 
@@ -5395,13 +5396,17 @@ typedef struct afm__kernels {
    - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0 and d = m = NaN,
      so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block), codes
      round_even(x * (127 / amax)).
+   - Softmax: the maximum (NaN skipped), afm__expf, the sum as for float rows, times 1/sum.
    - Elementwise math (exp, SiLU, softmax, RMSNorm, RoPE tables) is written once in C in this file,
      no libm transcendental functions (C libraries differ in the last bit), every multiply-add that
      rounds once is an explicit fmaf/fma, and products that must not be fused are taken in double
      where they are exact. So results do not depend on -ffp-contract (gcc fuses a*b+c by default in
      GNU and C++ modes, clang within an expression) or on the C library.
    Threads split rows (and attention tasks), never a sum, so the thread count changes nothing, and
-   a token's sums do not depend on the other tokens of its batch. */
+   a token's sums do not depend on the other tokens of its batch.
+   The contract covers every non-NaN result. A NaN stays NaN on every level, but its sign and payload
+   may differ (compilers take a + b as b + a, x86 and arm64 make different default NaNs). It assumes
+   the default floating-point environment (round to nearest, no flush-to-zero). */
 
 /* The fixed tree every level uses to add 8 lanes. */
 static inline float afm__sum8(const float l[8]) {

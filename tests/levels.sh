@@ -78,6 +78,21 @@ echo "$cases" | while IFS='|' read -r name model opts; do
     if [ "$sum" = "$want" ]; then echo "ok   $name: logits match the record (tests/vectors/levels.md5) made on another machine"
     else echo "FAIL $name: logits MD5 $sum, recorded ${want:-nothing} (results depend on the machine, or need --record)"; fi
 done > $OUT/results.txt
+# a sampled continuation (temperature, top-p, seed): the same ids on every level and thread count,
+# and the ids recorded (the sampler's own arithmetic is part of what must not depend on the machine)
+{
+    ref=""
+    for lv in scalar $(echo $levels | tr " " "\n" | grep -vx scalar); do
+        for t in 1 2; do
+            got=$($RUN -m models/mini/base.afm --ids 3,100,200 -n 24 --temp 0.8 --top-p 0.95 -s 7 -t $t --kernels $lv 2>/dev/null | tr -s ' \n' ' ')
+            [ -n "$ref" ] || { ref=$got; continue; }
+            if [ "$got" = "$ref" ]; then echo "ok   sampled --kernels $lv -t $t == scalar -t 1"; else echo "FAIL sampled --kernels $lv -t $t: $got, scalar: $ref"; fi
+        done
+    done
+    if [ $RECORD = 1 ]; then echo "sampled $(echo "$ref" | md5sum | cut -c1-32) -" >> $REC.new
+    elif [ "$(echo "$ref" | md5sum | cut -c1-32) -" = "$(sed -n 's/^sampled //p' $REC)" ]; then echo "ok   sampled ids match the record: $ref"
+    else echo "FAIL sampled ids $ref differ from the record (tests/vectors/levels.md5)"; fi
+} >> $OUT/results.txt
 cat $OUT/results.txt
 PASS=$(grep -c '^ok' $OUT/results.txt); FAIL=$(grep -c '^FAIL' $OUT/results.txt)
 if [ $RECORD = 1 ]; then mv $REC.new $REC; echo "recorded $REC"; fi

@@ -228,6 +228,13 @@ if python3 -m venv --system-site-packages build/pyvenv 2>/dev/null; then
 else skip "Python bindings" "python3 -m venv (apt-get install python3-venv)"; fi
 rm -rf python/build python/*.egg-info
 
+echo "== kernel levels: the same bits on every level, thread count, batch size and machine (tests/levels.sh)"
+run_counts "kernel levels, byte-identical logits and the recorded ones" sh tests/levels.sh ./afm
+# a build that lets the compiler fuse every a*b+c it can (GNU mode, -O3, this CPU's FMA): same record
+if gcc -std=gnu99 -O3 -march=native -ffp-contract=fast -o build/afm_fused examples/afm.c examples/afm_bench.c $LIBS; then
+    run_counts "kernel levels, gcc -O3 -march=native -ffp-contract=fast" sh tests/levels.sh build/afm_fused
+else bad "build afm with -ffp-contract=fast"; fi
+
 echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
     if python3 tools/synth.py --preset base --lora --zeros --type bf16 -q -o build/base_zeros.afm &&
@@ -274,6 +281,11 @@ if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
     if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static -march=armv8.2-a+dotprod tests/test_kernels.c -o build/test_kernels_dot $LIBS; then
         run_counts "test_kernels NEON dotprod (qemu)" qemu-aarch64 -cpu max build/test_kernels_dot
     else bad "aarch64 cross build of test_kernels with dotprod"; fi
+    # the CLI on arm64 (GNU mode: gcc fuses multiply-adds there by default): scalar, NEON and NEON
+    # dot product give the logits recorded on x86
+    if aarch64-linux-gnu-gcc -std=gnu99 -O2 -static -march=armv8.2-a+dotprod examples/afm.c examples/afm_bench.c -o build/afm_arm64 $LIBS; then
+        run_counts "kernel levels arm64 (qemu)" sh tests/levels.sh build/afm_arm64 qemu-aarch64 -cpu max
+    else bad "aarch64 cross build of the CLI"; fi
 else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
 
 echo "== fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"

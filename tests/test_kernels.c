@@ -361,6 +361,34 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
             }
 }
 
+/* Regression (hostile case q8_nan_activations_ubsan.afm): NaN, infinite, huge and tiny activations
+   once overflowed the int8 block's code sum (signed overflow, UBSan). Now a block with NaN or
+   infinity gets codes 0 and NaN scales, a block under 2^-100 is zero, and huge finite values quantize
+   normally; the same on every level (this file also runs under ASan/UBSan). */
+static void test_q8_nan_activations_ubsan(const afm__kernels *kk, const char *lname) {
+    static const float fill[5] = {NAN, INFINITY, 3.4e38f, 1e-35f, -2.5f};
+    float X[5 * 64];
+    size_t sz = afm__act_size(AFM_TYPE_Q8, 1, 5 * 64);
+    void *buf = xmalloc(sz);
+    afm__act a;
+    char msg[200];
+    int b, i, ok = 1;
+    for (b = 0; b < 5; b++)
+        for (i = 0; i < 64; i++) X[b * 64 + i] = i == 7 ? fill[b] : (float)(i % 5) - 2.0f; /* one odd value per block */
+    afm__act_init(&a, AFM_TYPE_Q8, 1, 5 * 64, buf);
+    kk->prepare_q8(&a, X, 5 * 64, 0, 1);
+    for (b = 0; b < 2; b++) { /* NaN, infinity */
+        ok &= a.d[b] != a.d[b] && a.m[b] != a.m[b];
+        for (i = 0; i < 64; i++) ok &= a.q[b * 64 + i] == 0;
+    }
+    ok &= a.d[2] == 3.4e38f / 127.0f && a.q[2 * 64 + 7] == 127 && a.q[2 * 64 + 0] == 0; /* huge: that value alone counts */
+    ok &= a.d[3] > 0 && a.q[3 * 64 + 7] == 0 && a.q[3 * 64 + 4] == 127;                 /* tiny next to 2: rounds to 0 */
+    ok &= a.d[4] == 2.5f / 127.0f && a.q[4 * 64 + 7] == -127;
+    snprintf(msg, sizeof msg, "%s q8_nan_activations_ubsan: NaN/inf blocks give codes 0 and NaN scales, huge and tiny values quantize, no overflow", lname);
+    check(ok, msg);
+    free(buf);
+}
+
 /* n floats with the same bits, or both NaN (NaN payloads are not part of the contract: compilers
    treat a + b as b + a, and x86 and arm64 make different NaNs). */
 static int same_floats(const float *a, const float *b, int n) {
@@ -496,6 +524,7 @@ int main(int argc, char **argv) {
         test_dequant(&ks, &kk, kk.name);
         test_kv(&ks, &kk, kk.name);
         test_math(&ks, &kk, kk.name, level == AFM__LEVEL_SCALAR);
+        test_q8_nan_activations_ubsan(&kk, kk.name);
         if (verbose || n_fail != before) printf("  %s: %d failures\n", kk.name, n_fail - before);
     }
 #if defined(AFM__X86)
