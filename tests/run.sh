@@ -2,7 +2,7 @@
 # The test runner behind `make test`. Each step adds its counts; the last line is
 # "N passed, N failed" and the exit status is non-zero on any failure.
 # Environment: CI=true makes missing tools (clang, aarch64 cross compiler, qemu, numpy, regex)
-# failures instead of skips; FUZZ_SECONDS bounds the libFuzzer run of each engine harness (default 30),
+# failures instead of skips; FUZZ_SECONDS bounds the libFuzzer run of each engine harness (default 15),
 # TOK_FUZZ_SECONDS that of each tokenizer harness (default 15).
 cd "$(dirname "$0")/.." || exit 1
 . tests/lib.sh
@@ -327,7 +327,7 @@ else bad "session-state corpus replay"; cat build/session_replay.log; fi
 if have clang && clang -fsanitize=fuzzer -x c /dev/null -o /dev/null 2>/dev/null ||
    (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;(void)n;return 0;}' > build/f.c &&
     clang -fsanitize=fuzzer build/f.c -o build/f 2>/dev/null); then
-    if make -s fuzz FUZZ_SECONDS="${FUZZ_SECONDS:-30}" > build/fuzz.log 2>&1; then ok "libFuzzer, ${FUZZ_SECONDS:-30} s per harness: $(grep -o 'Done [0-9]* runs' build/fuzz.log | tr '\n' ' ')"
+    if make -s fuzz FUZZ_SECONDS="${FUZZ_SECONDS:-15}" > build/fuzz.log 2>&1; then ok "libFuzzer, ${FUZZ_SECONDS:-15} s per harness: $(grep -o 'Done [0-9]* runs' build/fuzz.log | tr '\n' ' ')"
     else bad "libFuzzer found a problem (build/fuzz.log)"; tail -n 30 build/fuzz.log; fi
 else skip "libFuzzer run" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"; fi
 
