@@ -6242,9 +6242,84 @@ AFM__FORCEINLINE AFM__T_AVX512 void afm__qtile_avx512(const afm__wmat *w, const 
                                           int r, int t0, const int T, const int type) {
     AFM__QTILE512_BODY(afm__dot8_avx512bw)
 }
+/* The VNNI tile takes tokens in pairs, so that every vpdpbusd is 512 bits wide and no lanes need
+   folding: [w lo | w lo] x [token t lo | token t+1 lo], then [w hi | w hi] x [t hi | t+1 hi]
+   accumulated onto it, leaves lane g of each half holding exactly the contract's P_g for its token
+   (integer sums are exact). Each half is then one token's 8 float lanes, fma'd in the contract's
+   order. An odd last token goes through afm__dot8_vnni. */
+AFM__FORCEINLINE AFM__T_VNNI __m512i afm__pair_vnni(const int8_t *x0, const int8_t *x1) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(const void *)x0)),
+                              _mm256_load_si256((const __m256i *)(const void *)x1), 1);
+}
 AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                           int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot8_vnni)
+    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
+    const int nsb = w->kpad >> 6, TP = T & ~1;
+    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
+    const float off = afm__type_offset(type);
+    const int8_t *qb[8];
+    const float *db[8], *mb[8];
+    __m512 acc2[4];
+    __m256 acc1 = _mm256_setzero_ps(), accm[8];
+    AFM__ALIGN(32) float sd[8][8];
+    int t, j, c;
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
+        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
+        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
+        accm[t] = _mm256_setzero_ps();
+    }
+    AFM__UNROLL for (t = 0; t < 4; t++) acc2[t] = _mm512_setzero_ps();
+    for (c = 0; c < nsb; c += 8) {
+        const int n = nsb - c < 8 ? nsb - c : 8;
+        if (T == 1 && AFM__PF_DIST > 0)
+            _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
+        afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);
+        for (j = 0; j < n; j += SBB) {
+            const int sb0 = c + j;
+            const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));
+            if (T == 1 && AFM__PF_DIST > 0)
+                _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);
+            int k;
+            AFM__UNROLL for (k = 0; k < SBB; k++) {
+                const int sb = sb0 + k;
+                __m512i cv;
+                if (type == AFM_TYPE_Q2B)
+                    cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))
+                                : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));
+                else if (type == AFM_TYPE_Q4)
+                    cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));
+                else
+                    cv = _mm512_abs_epi8(v);
+                const __mmask64 neg = type == AFM_TYPE_Q8 ? _mm512_movepi8_mask(v) : 0;
+                const __mmask64 nlo = (neg & 0xffffffffu) | (neg << 32), nhi = (neg >> 32) | (neg & ~(__mmask64)0xffffffffu);
+                const __m512i ulo = _mm512_shuffle_i64x2(cv, cv, 0x44), uhi = _mm512_shuffle_i64x2(cv, cv, 0xee);
+                AFM__UNROLL for (t = 0; t < TP; t += 2) {
+                    __m512i xl = afm__pair_vnni(qb[t] + sb * 64, qb[t + 1] + sb * 64);
+                    __m512i xh = afm__pair_vnni(qb[t] + sb * 64 + 32, qb[t + 1] + sb * 64 + 32);
+                    if (type == AFM_TYPE_Q8) { /* the weight's sign moved onto x */
+                        xl = _mm512_mask_sub_epi8(xl, nlo, _mm512_setzero_si512(), xl);
+                        xh = _mm512_mask_sub_epi8(xh, nhi, _mm512_setzero_si512(), xh);
+                    }
+                    const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ulo, xl), uhi, xh);
+                    const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(sd[t][j + k]), (__mmask16)0xff00,
+                                                                _mm_load_ss(&sd[t + 1][j + k]));
+                    acc2[t >> 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc2[t >> 1]);
+                }
+                if (T & 1)
+                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(afm__dot8_vnni(cv, qb[T - 1] + sb * 64, type == AFM_TYPE_Q8, neg)),
+                                           _mm256_broadcast_ss(&sd[T - 1][j + k]), acc1);
+            }
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        const __m256 A = t == TP ? acc1
+                       : (t & 1) ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc2[t >> 1]), 1))
+                                 : _mm512_castps512_ps256(acc2[t >> 1]);
+        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(A)
+                                                : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(A));
+    }
 }
 AFM__T_AVX512 static void afm__matmul_q2b_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q2B)
