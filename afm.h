@@ -11503,6 +11503,35 @@ AFMDEF afm_result afm_transcript_add_tool_output(afm_transcript *t, const char *
     return afm__transcript_push(t, AFM_ENTRY_TOOL_OUTPUT, "tool", content, name, "", failed);
 }
 
+static char *afm__call_schema(const afm_allocator *a, const afm_tool *tools, int n_tools, const char *only);
+/* The parameters compile on their own (errors name paths inside them) and inside a call's schema
+   ({"name":N,"arguments":PARAMETERS}, where a "$ref" to "#..." would point outside them). */
+static afm_result afm__tool_params_check(afm_transcript *t, const char *name, const char *params, char *err, size_t errn) {
+    afm_constraint *c = NULL;
+    afm_tool tool;
+    char *call, msg[256];
+    afm_result r = afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, params, strlen(params), &t->alloc, &c, err, errn);
+    afm_constraint_free(c);
+    c = NULL;
+    if (r == AFM_OK) {
+        tool.name = name;
+        tool.description = "";
+        tool.parameters = params;
+        if (!(call = afm__call_schema(&t->alloc, &tool, 1, NULL))) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+        r = afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, call, strlen(call), &t->alloc, &c, err, errn);
+        afm_constraint_free(c);
+        afm__free(&t->alloc, call);
+        if (r != AFM_OK) {
+            snprintf(msg, sizeof msg, "%s", err && errn ? err : "");
+            return afm__fail(err, errn, r, "tool '%s': parameters: inside the call's schema "
+                             "(\"$ref\" must not point into the parameters): %s", name, msg);
+        }
+        return AFM_OK;
+    }
+    snprintf(msg, sizeof msg, "%s", err && errn ? err : "");
+    return afm__fail(err, errn, r, "tool '%s': parameters: %s", name, msg);
+}
+
 /* A tool name: what a model can spell inside a JSON string without escapes. */
 static int afm__tool_name_ok(const char *z) {
     if (!z[0] || strlen(z) > 128) return 0;
@@ -11515,7 +11544,6 @@ AFMDEF afm_result afm_transcript_add_tool(afm_transcript *t, const char *name, c
                                           const char *parameters, char *err, size_t errn) {
     const char *why;
     char *params;
-    afm_constraint *c = NULL;
     afm_tool *tool;
     afm_result r;
     int i;
@@ -11528,14 +11556,9 @@ AFMDEF afm_result afm_transcript_add_tool(afm_transcript *t, const char *name, c
     if (!parameters) parameters = "{\"type\":\"object\",\"properties\":{}}";
     if (!(params = afm__json_compact_object(&t->alloc, parameters, strlen(parameters), &why)))
         return afm__fail(err, errn, AFM_ERR_FORMAT, "tool '%s': parameters: %s", name, why);
-    /* the arguments' schema must compile on its own: its errors name paths inside it */
-    r = afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, params, strlen(params), &t->alloc, &c, err, errn);
-    afm_constraint_free(c);
-    if (r != AFM_OK) {
-        char msg[256];
-        snprintf(msg, sizeof msg, "%s", err && errn ? err : "");
+    if ((r = afm__tool_params_check(t, name, params, err, errn)) != AFM_OK) {
         afm__free(&t->alloc, params);
-        return afm__fail(err, errn, r, "tool '%s': parameters: %s", name, msg);
+        return r;
     }
     if (t->n_tools == t->cap_tools) {
         int nc = t->cap_tools ? t->cap_tools * 2 : 8;
@@ -11726,7 +11749,8 @@ static afm_result afm__entry_from_json(afm_transcript *t, const afm__json *j, in
     if ((k = afm__json_unknown_key(j, m, keys)) >= 0)
         return afm__fail(err, errn, r, "transcript: messages[%d]: unknown key (a message has role, content, name, tool_call, failed)", i);
     call = afm__json_get(j, m, "tool_call");
-    if (!(role = afm__json_dup(&t->alloc, j, afm__json_get(j, m, "role"), &why)) || !role[0]) { field = ".role"; goto bad; }
+    if (!(role = afm__json_dup(&t->alloc, j, afm__json_get(j, m, "role"), &why))) { field = ".role"; goto bad; }
+    if (!role[0]) { why = "the role is empty"; field = ".role"; goto bad; }
     if (!(content = afm__json_dup(&t->alloc, j, afm__json_get(j, m, "content"), &why))) { field = ".content"; goto bad; }
     if (!strcmp(role, "tool")) {
         if (!(name = afm__json_dup(&t->alloc, j, afm__json_get(j, m, "name"), &why))) { field = ".name"; goto bad; }
@@ -11847,18 +11871,18 @@ static char *afm__transcript_render(const afm_transcript *t, const char *reply) 
 }
 
 /* The schema of a call: {"name":N,"arguments":A} for each declared tool (or only `only`). */
-static char *afm__call_schema(const afm_transcript *t, const char *only) {
+static char *afm__call_schema(const afm_allocator *a, const afm_tool *tools, int n_tools, const char *only) {
     afm__tb b;
     int i, first = 1;
-    afm__tb_init(&b, &t->alloc);
+    afm__tb_init(&b, a);
     afm__tb_str(&b, "{\"anyOf\":[");
-    for (i = 0; i < t->n_tools; i++) {
-        if (only && strcmp(only, t->tools[i].name) != 0) continue;
+    for (i = 0; i < n_tools; i++) {
+        if (only && strcmp(only, tools[i].name) != 0) continue;
         afm__tb_str(&b, first ? "" : ",");
         afm__tb_str(&b, "{\"type\":\"object\",\"properties\":{\"name\":{\"const\":");
-        afm__tb_jstr(&b, t->tools[i].name);
+        afm__tb_jstr(&b, tools[i].name);
         afm__tb_str(&b, "},\"arguments\":");
-        afm__tb_str(&b, t->tools[i].parameters);
+        afm__tb_str(&b, tools[i].parameters);
         afm__tb_str(&b, "},\"required\":[\"name\",\"arguments\"],\"additionalProperties\":false}");
         first = 0;
     }
@@ -12092,7 +12116,7 @@ AFMDEF afm_result afm_tool_run(afm_session *s, const afm_tokenizer *tok, afm_tra
     for (i = 0; i < 2 && r == AFM_OK && t->n_tools; i++) { /* the call schema: any tool, and the one required */
         afm_constraint **c = i ? &forced : &any;
         if (i && !p->tool_name) break;
-        if (!(schema = afm__call_schema(t, i ? p->tool_name : NULL))) r = afm__serr(s, AFM_ERR_NOMEM, "tool loop: out of memory");
+        if (!(schema = afm__call_schema(&t->alloc, t->tools, t->n_tools, i ? p->tool_name : NULL))) r = afm__serr(s, AFM_ERR_NOMEM, "tool loop: out of memory");
         else if ((r = afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, schema, strlen(schema), &t->alloc, c, cerr, sizeof cerr)) != AFM_OK)
             r = afm__serr(s, r, "tool loop: the call schema: %s", cerr);
         afm__free(&t->alloc, schema);

@@ -22,6 +22,7 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
        $cc $WARN -fsyntax-only tests/test_session.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_session.c &&
        $cc $WARN -fsyntax-only tests/test_sampler.c && $cc $WARN -fsyntax-only examples/server.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_http.c &&
+       $cc $WARN -fsyntax-only tests/test_toolcall.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_transcript.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
@@ -66,6 +67,13 @@ else bad "build test_constrain"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
+
+echo "== tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
+if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
+else bad "build test_toolcall"; fi
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_toolcall.c -o build/test_toolcall_san $LIBS; then
+    run_counts "test_toolcall asan+ubsan" build/test_toolcall_san
+else bad "build test_toolcall with sanitizers"; fi
 
 echo "== sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
 if gcc -std=c99 $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_sampler.c -o build/test_sampler $LIBS; then
@@ -314,6 +322,15 @@ if gcc -std=c99 $SAN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
    grep -A2 "post_chat$" build/http_replay.log | grep -q "body: 200 ok"; then
     ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
 else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
+# the tool-calling readers: each hostile tools array / transcript refused for its own reason
+if gcc -std=c99 $SAN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
+   build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
+   [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
+   grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
+   grep -q "transcript: messages\[0\].tool_call.arguments: expected an object" build/transcript_replay.log &&
+   grep -q "transcript: byte 140: nested too deeply" build/transcript_replay.log; then
+    ok "tools/transcript corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/transcript | wc -l) inputs, 3 valid)"
+else bad "tools/transcript corpus replay"; cat build/transcript_replay.log; fi
 # the session corpus: its valid states load, each hostile one is refused for its own reason
 if gcc -std=c99 $SAN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
    build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
