@@ -556,7 +556,7 @@ AFMDEF afm_result afm_generate(afm_session *session, const int32_t *prompt, int 
 /* The tokens in the session's cache (n of them). Valid until the next call on the session. */
 AFMDEF const int32_t *afm_session_tokens(const afm_session *session, int *n);
 
-/* ---- Tool calling (docs/TOOLS_CALLING.md): the app declares tools (name, description, a JSON Schema
+/* ---- Tool calling (docs/TOOL_CALLING.md): the app declares tools (name, description, a JSON Schema
    of the arguments); they are rendered into the system turn in AFM's tool format; when the model
    opens a call (<executable_start>) the call is constrained to {"name":N,"arguments":A} where N is a
    declared tool and A matches its schema, so every call is valid by construction. afm_tool_run runs
@@ -603,7 +603,7 @@ AFMDEF afm_result afm_transcript_add_tool_output(afm_transcript *t, const char *
 /* The entries and tools in order; valid until the next change to the transcript. */
 AFMDEF const afm_transcript_entry *afm_transcript_entries(const afm_transcript *t, int *n);
 AFMDEF const afm_tool *afm_transcript_tools(const afm_transcript *t, int *n);
-/* {"tools":[...],"messages":[...]} (docs/TOOLS_CALLING.md). Buffer rules as afm_chat_render. */
+/* {"tools":[...],"messages":[...]} (docs/TOOL_CALLING.md). Buffer rules as afm_chat_render. */
 AFMDEF afm_result afm_transcript_to_json(const afm_transcript *t, char *buf, size_t cap, size_t *len);
 /* Reads a saved transcript into t, which must be empty; on failure t stays empty and err names the
    place (byte offset, or a path such as messages[3].tool_call.arguments). */
