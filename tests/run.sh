@@ -182,6 +182,24 @@ if [ $stopped = 1 ] && [ -n "$out" ] && ! echo "$out" | grep -q Moses &&
 else bad "CLI sampler additions: '$out'"; cat build/cli.out; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tests/gen/mini_greedy.py)" python3 tests/gen/mini_greedy.py check
 
+echo "== CLI tool calling: --tools, --tool-exec, --tool-mode, --transcript on models/mini"
+rm -f build/cli_transcript.json
+if ./afm -m $M -p "Weather in Paris?" --tools tests/toolcall/tools.json --tool-exec tests/toolcall/tool.sh --tool-mode required \
+       --transcript build/cli_transcript.json -n 60 --temp 1 --seed 3 > build/cli_tools.out 2> build/cli_tools.err &&
+   grep -qE '^call: (get_weather|cancel_order) \{' build/cli_tools.err &&
+   grep -qE '^(get_weather returned: \{"sky":"clear","celsius":21\}|cancel_order failed: order database offline)$' build/cli_tools.err &&
+   ./afm -m $M -p "Cancel B123" --tool-exec tests/toolcall/tool.sh --tool-mode required --tool-rounds 1 \
+       --transcript build/cli_transcript.json -n 60 > build/cli_tools.out 2> build/cli_tools.err &&
+   grep -q "stopped at the round limit" build/cli_tools.err &&
+   [ "$(grep -c '"role":"tool"' build/cli_transcript.json)" -eq 2 ] &&
+   fails_with "declares its tools already" ./afm -m $M -p x --tools tests/toolcall/tools.json --transcript build/cli_transcript.json &&
+   fails_with "need --tools or --transcript" ./afm -m $M -p x --tool-mode none &&
+   printf '[{"name":"x","parameters":{"properties":{"d":{"type":"string","format":"date"}}}}]' > build/bad_tools.json &&
+   fails_with "build/bad_tools.json: tools[0]: tool 'x': parameters: json schema at /properties/d: unsupported keyword 'format'" \
+       ./afm -m $M -p x --tools build/bad_tools.json; then
+    ok "afm --tools/--tool-exec: a forced call run by a shell command, its output fed back, the transcript continued; bad tools named"
+else bad "afm tool calling"; cat build/cli_tools.err build/cli.out; fi
+
 echo "== guided generation on the shipped model: outputs checked by the jsonschema package"
 if python3 -c "import jsonschema" 2>/dev/null; then
     # 24 schemas x 3 sampled generations at temperature 1.0 (tests/check_constrain.py --runs 20 is the full check)
