@@ -5,7 +5,7 @@
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
 #   make fuzz       run each fuzz harness (model loader, .fmadapter reader, generation, constraint compilers,
-#                   session state files, the server's HTTP/JSON request parsers)
+#                   session state files, the server's HTTP/JSON request parsers, tools and transcripts)
 #                   for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
 #   make fuzz-long  every harness for FUZZ_LONG_SECONDS each (default 900; docs/FUZZING.md)
@@ -50,13 +50,14 @@ test:
 # kernels takes minutes per file.
 FUZZ_CC = clang -std=c99 -g -O1 -DAFM_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 fuzz:
-	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-gen build/corpus-constrain build/corpus-session build/corpus-http
+	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-gen build/corpus-constrain build/corpus-session build/corpus-http build/corpus-transcript
 	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_gen tests/fuzz/fuzz_gen.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_constrain tests/fuzz/fuzz_constrain.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_session tests/fuzz/fuzz_session.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_http tests/fuzz/fuzz_http.c $(LDLIBS)
+	$(FUZZ_CC) -o build/fuzz_transcript tests/fuzz/fuzz_transcript.c $(LDLIBS)
 	build/fuzz_load -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-load tests/fuzz/corpus/load
 	build/fuzz_fmadapter -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
@@ -69,6 +70,8 @@ fuzz:
 	    build/corpus-session tests/fuzz/corpus/session
 	build/fuzz_http -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
 	    build/corpus-http tests/fuzz/corpus/http
+	build/fuzz_transcript -artifact_prefix=build/ -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 -rss_limit_mb=2048 $(FUZZ_FLAGS) \
+	    build/corpus-transcript tests/fuzz/corpus/transcript
 
 # Scalar kernels only here too (the tokenizer uses none).
 fuzz-tok:

@@ -556,6 +556,104 @@ AFMDEF afm_result afm_generate(afm_session *session, const int32_t *prompt, int 
 /* The tokens in the session's cache (n of them). Valid until the next call on the session. */
 AFMDEF const int32_t *afm_session_tokens(const afm_session *session, int *n);
 
+/* ---- Tool calling (docs/TOOL_CALLING.md): the app declares tools (name, description, a JSON Schema
+   of the arguments); they are rendered into the system turn in AFM's tool format; when the model
+   opens a call (<executable_start>) the call is constrained to {"name":N,"arguments":A} where N is a
+   declared tool and A matches its schema, so every call is valid by construction. afm_tool_run runs
+   the loop: the app's callback executes each call, its result becomes a "tool" turn, and the model
+   continues until it answers. A transcript holds the conversation (messages, calls, outputs); it is
+   saved as JSON and restored from it, and afm_tool_run renders it anew each round, so a session
+   restored from a saved transcript continues exactly as the original would (same seed, same tokens). ---- */
+typedef struct afm_transcript afm_transcript;
+typedef struct afm_tool {
+    const char *name;        /* letters, digits, '_', '-', '.'; unique in a transcript */
+    const char *description; /* "" when none */
+    const char *parameters;  /* the arguments' JSON Schema, compact JSON (docs/CONSTRAINTS.md's subset) */
+} afm_tool;
+typedef enum afm_entry_kind {
+    AFM_ENTRY_MESSAGE = 0,   /* role and content */
+    AFM_ENTRY_TOOL_CALL,     /* role "assistant": content (the reply's text before the call), name, arguments */
+    AFM_ENTRY_TOOL_OUTPUT    /* role "tool": name, content (the result, or the error when failed) */
+} afm_entry_kind;
+typedef struct afm_transcript_entry {
+    afm_entry_kind kind;
+    const char *role, *content;
+    const char *name;        /* tool calls and outputs; "" for messages */
+    const char *arguments;   /* tool calls: compact JSON object; "" otherwise */
+    int failed;              /* tool outputs: 1 when the tool failed */
+} afm_transcript_entry;
+
+AFMDEF afm_result afm_transcript_create(const afm_allocator *allocator, afm_transcript **out);
+AFMDEF void afm_transcript_free(afm_transcript *t);
+/* Declares a tool. parameters: a JSON Schema text (NULL: no arguments, {}); refused with a message
+   naming the problem (e.g. "tool 'f': parameters: json schema at /properties/x: unsupported keyword
+   'format'"). */
+AFMDEF afm_result afm_transcript_add_tool(afm_transcript *t, const char *name, const char *description,
+                                          const char *parameters, char *err, size_t err_size);
+/* Declares the tools of a JSON array: each {"name", "description"?, "parameters"?} or OpenAI's
+   {"type":"function","function":{...}}. Errors name the element (tools[2].parameters: ...). */
+AFMDEF afm_result afm_transcript_add_tools_json(afm_transcript *t, const char *json, size_t len, char *err,
+                                                size_t err_size);
+AFMDEF afm_result afm_transcript_add_message(afm_transcript *t, const char *role, const char *content);
+/* arguments: a JSON object (stored compact); AFM_ERR_FORMAT when it is not one. */
+AFMDEF afm_result afm_transcript_add_tool_call(afm_transcript *t, const char *content, const char *name,
+                                               const char *arguments);
+AFMDEF afm_result afm_transcript_add_tool_output(afm_transcript *t, const char *name, const char *content,
+                                                 int failed);
+/* The entries and tools in order; valid until the next change to the transcript. */
+AFMDEF const afm_transcript_entry *afm_transcript_entries(const afm_transcript *t, int *n);
+AFMDEF const afm_tool *afm_transcript_tools(const afm_transcript *t, int *n);
+/* {"tools":[...],"messages":[...]} (docs/TOOL_CALLING.md). Buffer rules as afm_chat_render. */
+AFMDEF afm_result afm_transcript_to_json(const afm_transcript *t, char *buf, size_t cap, size_t *len);
+/* Reads a saved transcript into t, which must be empty; on failure t stays empty and err names the
+   place (byte offset, or a path such as messages[3].tool_call.arguments). */
+AFMDEF afm_result afm_transcript_from_json(afm_transcript *t, const char *json, size_t len, char *err,
+                                           size_t err_size);
+
+typedef enum afm_tool_mode {
+    AFM_TOOL_ALLOWED = 0,    /* the model may call a tool or answer */
+    AFM_TOOL_REQUIRED,       /* the first reply is a call (opened by the loop itself); later ones as ALLOWED */
+    AFM_TOOL_NONE            /* no calls: <executable_start> is masked out (tools are still shown) */
+} afm_tool_mode;
+/* What the app's callback returns. */
+typedef enum afm_tool_status {
+    AFM_TOOL_OK = 0,         /* *result is the tool's output */
+    AFM_TOOL_FAILED,         /* *result is the error; it is fed back to the model as the tool's output */
+    AFM_TOOL_HANDOFF         /* stop: the call stays the transcript's last entry for the app to answer */
+} afm_tool_status;
+/* Runs a call. *result (may stay NULL: "") is copied before the loop goes on. */
+typedef afm_tool_status (*afm_tool_fn)(void *user, const char *name, const char *arguments, const char **result);
+typedef enum afm_tool_stop {
+    AFM_TOOL_STOP_NONE = 0,  /* an error */
+    AFM_TOOL_STOP_ANSWER,    /* the model answered: the last entry is its message */
+    AFM_TOOL_STOP_HANDOFF,   /* a call waits for its output (no callback, or it returned AFM_TOOL_HANDOFF) */
+    AFM_TOOL_STOP_ROUNDS,    /* max_rounds replies were calls: the last entry is the last call's output */
+    AFM_TOOL_STOP_N_PREDICT, /* a reply reached n_predict (a text reply is kept; an unfinished call is not) */
+    AFM_TOOL_STOP_CALLBACK,  /* gen.on_token asked to stop (as with N_PREDICT) */
+    AFM_TOOL_STOP_CONTEXT_FULL
+} afm_tool_stop;
+typedef struct afm_tool_params {
+    afm_generate_params gen; /* each reply: n_predict, sampler (same seed each reply), drafters, on_token
+                                (sees every token); its constraint and stop tokens are the loop's own */
+    afm_tool_mode mode;
+    const char *tool_name;   /* REQUIRED: this tool (NULL: any declared one) */
+    int max_rounds;          /* replies per afm_tool_run at most (0: 8); the loop stops after the last one's call */
+    afm_tool_fn call;        /* NULL: every call is handed back (a step-wise loop) */
+    void *call_user;
+    const afm_constraint_vocab *vocab; /* the tokenizer's (NULL: built for this call, which takes time) */
+} afm_tool_params;
+typedef struct afm_tool_stats {
+    afm_tool_stop stop;
+    int n_calls;             /* calls run */
+    int n_generated;         /* tokens generated */
+} afm_tool_stats;
+/* Continues the conversation in t: renders it (tools in the system turn), brings the session's
+   cache to those tokens (keeping the common prefix), generates the assistant's reply, and loops over
+   tool calls as described above, appending every reply, call and output to t. The last entry must not
+   be a call without its output. Errors: the session's message (afm_session_error). */
+AFMDEF afm_result afm_tool_run(afm_session *session, const afm_tokenizer *tok, afm_transcript *t,
+                               const afm_tool_params *params, afm_tool_stats *stats);
+
 #ifdef __cplusplus
 }
 #endif
@@ -2834,43 +2932,24 @@ AFMDEF afm_result afm_chat_render(const afm_chat_message *messages, int n_messag
     return s.n < cap ? AFM_OK : AFM_ERR_ARG;
 }
 
-AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *t, const afm_chat_message *messages, int n_messages,
-                                    const char *const *tools, int n_tools, int add_generation_prompt,
-                                    int32_t *tokens, size_t cap, size_t *n_tokens) {
-    char *text;
-    size_t len = 0, n = 0;
+/* Encodes rendered chat text the way AFM's prompts start (afm_chat_tokenize; the tool loop renders
+   its own text, a reply cut short included). */
+static afm_result afm__chat_encode(const afm_tokenizer *t, const char *text, size_t len, int32_t *tokens, size_t cap,
+                                   size_t *n_tokens) {
+    size_t n = 0;
     int32_t *ids;
     afm_result r;
     unsigned flags = AFM_TOK_NEWLINE;
-    if (n_tokens) *n_tokens = 0;
-    if (!t || !n_tokens || (!tokens && cap)) return AFM_ERR_ARG;
     /* the template's markers must become tokens: if the vocabulary has them as CONTROL pieces rather than
        user-defined ones, control pieces are matched in the text too */
     if (t->special[AFM_SPECIAL_TURN_START] >= 0 && t->type[t->special[AFM_SPECIAL_TURN_START]] == AFM_TOKEN_CONTROL)
         flags |= AFM_TOK_SPECIAL;
     if (t->special[AFM_SPECIAL_EOS] < 0) return AFM_ERR_UNSUPPORTED;
-    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, NULL, 0, &len);
-    if (r != AFM_OK && r != AFM_ERR_ARG) return r;
-    if (len == 0 && r == AFM_ERR_ARG) return AFM_ERR_ARG;
-    text = (char *)afm__alloc(&t->alloc, len + 1);
-    if (!text) return AFM_ERR_NOMEM;
-    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, text, len + 1, &len);
-    if (r != AFM_OK) {
-        afm__free(&t->alloc, text);
-        return r;
-    }
     r = afm_tokenize(t, text, len, flags, NULL, 0, &n);
-    if (r != AFM_OK && r != AFM_ERR_ARG) {
-        afm__free(&t->alloc, text);
-        return r;
-    }
+    if (r != AFM_OK && r != AFM_ERR_ARG) return r;
     ids = (int32_t *)afm__alloc(&t->alloc, (n + 1) * sizeof(int32_t));
-    if (!ids) {
-        afm__free(&t->alloc, text);
-        return AFM_ERR_NOMEM;
-    }
+    if (!ids) return AFM_ERR_NOMEM;
     r = afm_tokenize(t, text, len, flags, ids, n, &n);
-    afm__free(&t->alloc, text);
     if (r == AFM_OK) {
         /* the sequence start rule: drop the first token, put EOS in front */
         size_t i, total = n ? n : 1;
@@ -2880,6 +2959,26 @@ AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *t, const afm_chat_messa
         if (total > cap) r = AFM_ERR_ARG;
     }
     afm__free(&t->alloc, ids);
+    return r;
+}
+
+AFMDEF afm_result afm_chat_tokenize(const afm_tokenizer *t, const afm_chat_message *messages, int n_messages,
+                                    const char *const *tools, int n_tools, int add_generation_prompt,
+                                    int32_t *tokens, size_t cap, size_t *n_tokens) {
+    char *text;
+    size_t len = 0;
+    afm_result r;
+    if (n_tokens) *n_tokens = 0;
+    if (!t || !n_tokens || (!tokens && cap)) return AFM_ERR_ARG;
+    if (t->special[AFM_SPECIAL_EOS] < 0) return AFM_ERR_UNSUPPORTED;
+    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, NULL, 0, &len);
+    if (r != AFM_OK && r != AFM_ERR_ARG) return r;
+    if (len == 0 && r == AFM_ERR_ARG) return AFM_ERR_ARG;
+    text = (char *)afm__alloc(&t->alloc, len + 1);
+    if (!text) return AFM_ERR_NOMEM;
+    r = afm_chat_render(messages, n_messages, tools, n_tools, add_generation_prompt, text, len + 1, &len);
+    if (r == AFM_OK) r = afm__chat_encode(t, text, len, tokens, cap, n_tokens);
+    afm__free(&t->alloc, text);
     return r;
 }
 
@@ -11283,6 +11382,825 @@ out:
     stats->t_total = afm__now() - t_start;
     afm_sampler_free(g.sm);
     afm_sampler_free(g.dsm);
+    return r;
+}
+
+
+/* ======================================================================================== */
+/* ==== TOOL CALLING: declared tools, constrained calls, the loop, the transcript ========= */
+/* ======================================================================================== */
+
+struct afm_transcript {
+    afm_allocator alloc;
+    afm_tool *tools;
+    afm_transcript_entry *e;
+    int n_tools, cap_tools, n, cap;
+};
+
+/* ---- text building: a growing buffer that remembers running out of memory ---- */
+typedef struct afm__tb {
+    const afm_allocator *a;
+    afm__tok_buf b;
+    int failed;
+} afm__tb;
+static void afm__tb_put(afm__tb *t, const char *s, size_t n) {
+    if (!t->failed && !afm__tok_buf_put(t->a, &t->b, s, n)) t->failed = 1;
+}
+static void afm__tb_str(afm__tb *t, const char *z) { afm__tb_put(t, z, strlen(z)); }
+/* z as a JSON string: quotes, backslashes and control characters escaped, everything else raw UTF-8 */
+static void afm__tb_jstr(afm__tb *t, const char *z) {
+    char esc[8];
+    afm__tb_put(t, "\"", 1);
+    for (; *z; z++) {
+        unsigned char c = (unsigned char)*z;
+        const char *e = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t" : NULL;
+        if (!e && c < 0x20) { snprintf(esc, sizeof esc, "\\u%04x", c); e = esc; }
+        if (e) afm__tb_str(t, e);
+        else afm__tb_put(t, z, 1);
+    }
+    afm__tb_put(t, "\"", 1);
+}
+/* The buffer's text as a NUL-terminated string the caller owns (NULL when out of memory). */
+static char *afm__tb_take(afm__tb *t) {
+    afm__tb_put(t, "", 0);
+    if (t->failed) { afm__free(t->a, t->b.p); return NULL; }
+    t->b.p[t->b.n] = 0;
+    return t->b.p;
+}
+static void afm__tb_init(afm__tb *t, const afm_allocator *a) { memset(t, 0, sizeof *t); t->a = a; }
+
+/* Node idx of a parsed document written back as compact JSON (strings keep their escapes). The
+   parser bounds the depth, so the recursion is bounded too. */
+static void afm__tb_json(afm__tb *t, const afm__json *j, int32_t idx) {
+    const afm__jnode *nd = &j->n[idx];
+    int32_t k;
+    int i = 0, obj = nd->type == AFM__JOBJ;
+    switch (nd->type) {
+    case AFM__JNULL: afm__tb_str(t, "null"); return;
+    case AFM__JTRUE: afm__tb_str(t, "true"); return;
+    case AFM__JFALSE: afm__tb_str(t, "false"); return;
+    case AFM__JNUM: afm__tb_put(t, j->src + nd->start, nd->len); return;
+    case AFM__JSTR: afm__tb_put(t, "\"", 1); afm__tb_put(t, j->src + nd->start, nd->len); afm__tb_put(t, "\"", 1); return;
+    default: break;
+    }
+    afm__tb_put(t, obj ? "{" : "[", 1);
+    for (k = nd->child; k >= 0; k = j->n[k].next, i++) {
+        if (i) afm__tb_put(t, obj && i % 2 ? ":" : ",", 1);
+        afm__tb_json(t, j, k);
+    }
+    afm__tb_put(t, obj ? "}" : "]", 1);
+}
+
+static char *afm__strdup(const afm_allocator *a, const char *z) {
+    size_t n = strlen(z);
+    char *p = (char *)afm__alloc(a, n + 1);
+    if (p) memcpy(p, z, n + 1);
+    return p;
+}
+/* String node idx, escapes undone, as an owned C string; NULL when it is not a string, holds a NUL or
+   memory runs out (*why says which). */
+static char *afm__json_dup(const afm_allocator *a, const afm__json *j, int32_t idx, const char **why) {
+    char *p;
+    size_t n;
+    *why = "expected a string";
+    if (idx < 0 || j->n[idx].type != AFM__JSTR) return NULL;
+    *why = "out of memory";
+    if (!(p = (char *)afm__alloc(a, (size_t)j->n[idx].len + 1))) return NULL;
+    n = afm__json_unescape(j, idx, p);
+    p[n] = 0;
+    if (memchr(p, 0, n)) { afm__free(a, p); *why = "a string holds a NUL character"; return NULL; }
+    return p;
+}
+/* JSON text -> compact JSON of an object (NULL: not one; *why says why). */
+static char *afm__json_compact_object(const afm_allocator *a, const char *text, size_t len, const char **why) {
+    afm__json j;
+    afm__tb t;
+    size_t where;
+    memset(&j, 0, sizeof j);
+    if (!afm__json_parse(a, text, len, &j, &where, why)) { afm__json_free(a, &j); return NULL; }
+    *why = "expected a JSON object";
+    if (j.n[0].type != AFM__JOBJ) { afm__json_free(a, &j); return NULL; }
+    afm__tb_init(&t, a);
+    afm__tb_json(&t, &j, 0);
+    afm__json_free(a, &j);
+    *why = "out of memory";
+    return afm__tb_take(&t);
+}
+
+/* ---- the transcript ---- */
+AFMDEF afm_result afm_transcript_create(const afm_allocator *allocator, afm_transcript **out) {
+    afm_allocator a = allocator ? *allocator : afm__malloc_allocator;
+    if (!out || (allocator && (!allocator->alloc || !allocator->free))) return AFM_ERR_ARG;
+    if (!(*out = (afm_transcript *)afm__calloc(&a, 1, sizeof **out))) return AFM_ERR_NOMEM;
+    (*out)->alloc = a;
+    return AFM_OK;
+}
+static void afm__transcript_clear(afm_transcript *t) {
+    int i;
+    for (i = 0; i < t->n_tools; i++) {
+        afm__free(&t->alloc, (void *)t->tools[i].name);
+        afm__free(&t->alloc, (void *)t->tools[i].description);
+        afm__free(&t->alloc, (void *)t->tools[i].parameters);
+    }
+    for (i = 0; i < t->n; i++) {
+        afm__free(&t->alloc, (void *)t->e[i].role);
+        afm__free(&t->alloc, (void *)t->e[i].content);
+        afm__free(&t->alloc, (void *)t->e[i].name);
+        afm__free(&t->alloc, (void *)t->e[i].arguments);
+    }
+    afm__free(&t->alloc, t->tools);
+    afm__free(&t->alloc, t->e);
+    t->tools = NULL;
+    t->e = NULL;
+    t->n_tools = t->cap_tools = t->n = t->cap = 0;
+}
+AFMDEF void afm_transcript_free(afm_transcript *t) {
+    if (!t) return;
+    afm__transcript_clear(t);
+    afm__free(&t->alloc, t);
+}
+AFMDEF const afm_transcript_entry *afm_transcript_entries(const afm_transcript *t, int *n) {
+    if (n) *n = t ? t->n : 0;
+    return t ? t->e : NULL;
+}
+AFMDEF const afm_tool *afm_transcript_tools(const afm_transcript *t, int *n) {
+    if (n) *n = t ? t->n_tools : 0;
+    return t ? t->tools : NULL;
+}
+
+/* Appends an entry; the strings are copied (arguments already compact). */
+static afm_result afm__transcript_push(afm_transcript *t, afm_entry_kind kind, const char *role, const char *content,
+                                       const char *name, const char *arguments, int failed) {
+    afm_transcript_entry *e;
+    if (t->n == t->cap) {
+        int nc = t->cap ? t->cap * 2 : 16;
+        afm_transcript_entry *ne = (afm_transcript_entry *)afm__alloc(&t->alloc, (size_t)nc * sizeof *ne);
+        if (!ne) return AFM_ERR_NOMEM;
+        if (t->n) memcpy(ne, t->e, (size_t)t->n * sizeof *ne);
+        afm__free(&t->alloc, t->e);
+        t->e = ne;
+        t->cap = nc;
+    }
+    e = &t->e[t->n];
+    e->kind = kind;
+    e->failed = failed != 0;
+    e->role = afm__strdup(&t->alloc, role);
+    e->content = afm__strdup(&t->alloc, content);
+    e->name = afm__strdup(&t->alloc, name);
+    e->arguments = afm__strdup(&t->alloc, arguments);
+    if (!e->role || !e->content || !e->name || !e->arguments) {
+        afm__free(&t->alloc, (void *)e->role);
+        afm__free(&t->alloc, (void *)e->content);
+        afm__free(&t->alloc, (void *)e->name);
+        afm__free(&t->alloc, (void *)e->arguments);
+        return AFM_ERR_NOMEM;
+    }
+    t->n++;
+    return AFM_OK;
+}
+AFMDEF afm_result afm_transcript_add_message(afm_transcript *t, const char *role, const char *content) {
+    if (!t || !role || !content || !role[0]) return AFM_ERR_ARG;
+    return afm__transcript_push(t, AFM_ENTRY_MESSAGE, role, content, "", "", 0);
+}
+AFMDEF afm_result afm_transcript_add_tool_call(afm_transcript *t, const char *content, const char *name,
+                                               const char *arguments) {
+    const char *why;
+    char *args;
+    afm_result r;
+    if (!t || !name || !arguments) return AFM_ERR_ARG;
+    if (!(args = afm__json_compact_object(&t->alloc, arguments, strlen(arguments), &why))) return AFM_ERR_FORMAT;
+    r = afm__transcript_push(t, AFM_ENTRY_TOOL_CALL, "assistant", content ? content : "", name, args, 0);
+    afm__free(&t->alloc, args);
+    return r;
+}
+AFMDEF afm_result afm_transcript_add_tool_output(afm_transcript *t, const char *name, const char *content, int failed) {
+    if (!t || !name || !content) return AFM_ERR_ARG;
+    return afm__transcript_push(t, AFM_ENTRY_TOOL_OUTPUT, "tool", content, name, "", failed);
+}
+
+static char *afm__call_schema(const afm_allocator *a, const afm_tool *tools, int n_tools, const char *only);
+/* The parameters compile on their own (errors name paths inside them) and inside a call's schema
+   ({"name":N,"arguments":PARAMETERS}, where a "$ref" to "#..." would point outside them). */
+static afm_result afm__tool_params_check(afm_transcript *t, const char *name, const char *params, char *err, size_t errn) {
+    afm_constraint *c = NULL;
+    afm_tool tool;
+    char *call, msg[256];
+    afm_result r = afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, params, strlen(params), &t->alloc, &c, err, errn);
+    afm_constraint_free(c);
+    c = NULL;
+    if (r == AFM_OK) {
+        tool.name = name;
+        tool.description = "";
+        tool.parameters = params;
+        if (!(call = afm__call_schema(&t->alloc, &tool, 1, NULL))) return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+        r = afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, call, strlen(call), &t->alloc, &c, err, errn);
+        afm_constraint_free(c);
+        afm__free(&t->alloc, call);
+        if (r != AFM_OK) {
+            snprintf(msg, sizeof msg, "%s", err && errn ? err : "");
+            return afm__fail(err, errn, r, "tool '%s': parameters: inside the call's schema "
+                             "(\"$ref\" must not point into the parameters): %s", name, msg);
+        }
+        return AFM_OK;
+    }
+    snprintf(msg, sizeof msg, "%s", err && errn ? err : "");
+    return afm__fail(err, errn, r, "tool '%s': parameters: %s", name, msg);
+}
+
+/* A tool name: what a model can spell inside a JSON string without escapes. */
+static int afm__tool_name_ok(const char *z) {
+    if (!z[0] || strlen(z) > 128) return 0;
+    for (; *z; z++)
+        if (!((*z >= 'a' && *z <= 'z') || (*z >= 'A' && *z <= 'Z') || (*z >= '0' && *z <= '9') || *z == '_' || *z == '-' || *z == '.'))
+            return 0;
+    return 1;
+}
+AFMDEF afm_result afm_transcript_add_tool(afm_transcript *t, const char *name, const char *description,
+                                          const char *parameters, char *err, size_t errn) {
+    const char *why;
+    char *params;
+    afm_tool *tool;
+    afm_result r;
+    int i;
+    if (err && errn) err[0] = 0;
+    if (!t || !name) return afm__fail(err, errn, AFM_ERR_ARG, "afm_transcript_add_tool: no transcript or no name");
+    if (!afm__tool_name_ok(name))
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "tool name '%.64s': use 1 to 128 letters, digits, '_', '-' or '.'", name);
+    for (i = 0; i < t->n_tools; i++)
+        if (!strcmp(t->tools[i].name, name)) return afm__fail(err, errn, AFM_ERR_FORMAT, "tool '%s' is declared twice", name);
+    if (!parameters) parameters = "{\"type\":\"object\",\"properties\":{}}";
+    if (!(params = afm__json_compact_object(&t->alloc, parameters, strlen(parameters), &why)))
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "tool '%s': parameters: %s", name, why);
+    if ((r = afm__tool_params_check(t, name, params, err, errn)) != AFM_OK) {
+        afm__free(&t->alloc, params);
+        return r;
+    }
+    if (t->n_tools == t->cap_tools) {
+        int nc = t->cap_tools ? t->cap_tools * 2 : 8;
+        afm_tool *nt = (afm_tool *)afm__alloc(&t->alloc, (size_t)nc * sizeof *nt);
+        if (!nt) { afm__free(&t->alloc, params); return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory"); }
+        if (t->n_tools) memcpy(nt, t->tools, (size_t)t->n_tools * sizeof *nt);
+        afm__free(&t->alloc, t->tools);
+        t->tools = nt;
+        t->cap_tools = nc;
+    }
+    tool = &t->tools[t->n_tools];
+    tool->name = afm__strdup(&t->alloc, name);
+    tool->description = afm__strdup(&t->alloc, description ? description : "");
+    tool->parameters = params;
+    if (!tool->name || !tool->description) {
+        afm__free(&t->alloc, (void *)tool->name);
+        afm__free(&t->alloc, (void *)tool->description);
+        afm__free(&t->alloc, params);
+        return afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory");
+    }
+    t->n_tools++;
+    return AFM_OK;
+}
+
+/* Refuses keys other than the allowed ones (a misspelt "parameters" must not silently vanish). */
+static int32_t afm__json_unknown_key(const afm__json *j, int32_t obj, const char *const *allowed) {
+    int32_t k;
+    for (k = j->n[obj].child; k >= 0 && j->n[k].next >= 0; k = j->n[j->n[k].next].next) {
+        int a, found = 0;
+        for (a = 0; allowed[a]; a++) found |= afm__json_eq(j, k, allowed[a]);
+        if (!found) return k;
+    }
+    return -1;
+}
+
+/* One tool object of a tools array (node idx) into t; err names "PATH.field". */
+static afm_result afm__tool_from_json(afm_transcript *t, const afm__json *j, int32_t idx, const char *path, char *err,
+                                      size_t errn) {
+    static const char *const keys[] = { "name", "description", "parameters", NULL };
+    static const char *const outer[] = { "type", "function", NULL };
+    char *name = NULL, *desc = NULL, *params = NULL, bad[64];
+    const char *why = "expected an object";
+    int32_t f, k;
+    afm__tb tb;
+    afm_result r = AFM_ERR_FORMAT;
+    if (idx < 0 || j->n[idx].type != AFM__JOBJ) return afm__fail(err, errn, r, "%s: %s", path, why);
+    if ((f = afm__json_get(j, idx, "function")) >= 0) { /* OpenAI's {"type":"function","function":{...}} */
+        if ((k = afm__json_unknown_key(j, idx, outer)) >= 0 || !afm__json_eq(j, afm__json_get(j, idx, "type"), "function"))
+            return afm__fail(err, errn, r, "%s: an OpenAI tool must be {\"type\":\"function\",\"function\":{...}}", path);
+        if (j->n[f].type != AFM__JOBJ) return afm__fail(err, errn, r, "%s.function: expected an object", path);
+        idx = f;
+    }
+    if ((k = afm__json_unknown_key(j, idx, keys)) >= 0) {
+        if (!afm__json_cstr(j, k, bad, sizeof bad)) snprintf(bad, sizeof bad, "?");
+        return afm__fail(err, errn, r, "%s: unknown key '%s' (a tool has name, description, parameters)", path, bad);
+    }
+    if (!(name = afm__json_dup(&t->alloc, j, afm__json_get(j, idx, "name"), &why)))
+        return afm__fail(err, errn, r, "%s.name: %s", path, why);
+    if (afm__json_get(j, idx, "description") >= 0 && !(desc = afm__json_dup(&t->alloc, j, afm__json_get(j, idx, "description"), &why))) {
+        afm__fail(err, errn, r, "%s.description: %s", path, why);
+        goto out;
+    }
+    if ((k = afm__json_get(j, idx, "parameters")) >= 0) {
+        if (j->n[k].type != AFM__JOBJ) { afm__fail(err, errn, r, "%s.parameters: expected a JSON Schema object", path); goto out; }
+        afm__tb_init(&tb, &t->alloc);
+        afm__tb_json(&tb, j, k);
+        if (!(params = afm__tb_take(&tb))) { r = afm__fail(err, errn, AFM_ERR_NOMEM, "out of memory"); goto out; }
+    }
+    if ((r = afm_transcript_add_tool(t, name, desc, params, err, errn)) != AFM_OK) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", err && errn ? err : "");
+        afm__fail(err, errn, r, "%s: %s", path, msg);
+    }
+out:
+    afm__free(&t->alloc, name);
+    afm__free(&t->alloc, desc);
+    afm__free(&t->alloc, params);
+    return r;
+}
+/* The tools array at node arr into t (all or none). */
+static afm_result afm__tools_from_json(afm_transcript *t, const afm__json *j, int32_t arr, const char *prefix, char *err,
+                                       size_t errn) {
+    int32_t k;
+    int i = 0, before = t->n_tools;
+    afm_result r = AFM_OK;
+    char path[64];
+    if (j->n[arr].type != AFM__JARR) return afm__fail(err, errn, AFM_ERR_FORMAT, "%stools: expected an array of tools", prefix);
+    for (k = j->n[arr].child; k >= 0 && r == AFM_OK; k = j->n[k].next, i++) {
+        snprintf(path, sizeof path, "%stools[%d]", prefix, i);
+        r = afm__tool_from_json(t, j, k, path, err, errn);
+    }
+    while (r != AFM_OK && t->n_tools > before) { /* undo the ones declared before the error */
+        afm_tool *tl = &t->tools[--t->n_tools];
+        afm__free(&t->alloc, (void *)tl->name);
+        afm__free(&t->alloc, (void *)tl->description);
+        afm__free(&t->alloc, (void *)tl->parameters);
+    }
+    return r;
+}
+AFMDEF afm_result afm_transcript_add_tools_json(afm_transcript *t, const char *json, size_t len, char *err, size_t errn) {
+    afm__json j;
+    size_t where = 0;
+    const char *why = "";
+    afm_result r;
+    if (err && errn) err[0] = 0;
+    if (!t || (!json && len)) return afm__fail(err, errn, AFM_ERR_ARG, "afm_transcript_add_tools_json: bad argument");
+    memset(&j, 0, sizeof j);
+    if (!afm__json_parse(&t->alloc, json ? json : "", len, &j, &where, &why)) {
+        afm__json_free(&t->alloc, &j);
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "tools: byte %lu: %s", (unsigned long)where, why);
+    }
+    r = afm__tools_from_json(t, &j, 0, "", err, errn);
+    afm__json_free(&t->alloc, &j);
+    return r;
+}
+
+/* ---- the transcript as JSON ---- */
+static void afm__tb_entry(afm__tb *b, const afm_transcript_entry *e) {
+    afm__tb_str(b, "{\"role\":");
+    afm__tb_jstr(b, e->role);
+    if (e->kind == AFM_ENTRY_TOOL_OUTPUT) {
+        afm__tb_str(b, ",\"name\":");
+        afm__tb_jstr(b, e->name);
+    }
+    afm__tb_str(b, ",\"content\":");
+    afm__tb_jstr(b, e->content);
+    if (e->kind == AFM_ENTRY_TOOL_CALL) {
+        afm__tb_str(b, ",\"tool_call\":{\"name\":");
+        afm__tb_jstr(b, e->name);
+        afm__tb_str(b, ",\"arguments\":");
+        afm__tb_str(b, e->arguments);
+        afm__tb_str(b, "}");
+    }
+    if (e->kind == AFM_ENTRY_TOOL_OUTPUT) afm__tb_str(b, e->failed ? ",\"failed\":true" : ",\"failed\":false");
+    afm__tb_str(b, "}");
+}
+/* One tool as it is saved and as the model sees it in the system turn. */
+static void afm__tb_tool(afm__tb *b, const afm_tool *tool) {
+    afm__tb_str(b, "{\"name\":");
+    afm__tb_jstr(b, tool->name);
+    afm__tb_str(b, ",\"description\":");
+    afm__tb_jstr(b, tool->description);
+    afm__tb_str(b, ",\"parameters\":");
+    afm__tb_str(b, tool->parameters);
+    afm__tb_str(b, "}");
+}
+AFMDEF afm_result afm_transcript_to_json(const afm_transcript *t, char *buf, size_t cap, size_t *len) {
+    afm__tb b;
+    char *s;
+    int i;
+    size_t n;
+    if (len) *len = 0;
+    if (!t || !len || (!buf && cap)) return AFM_ERR_ARG;
+    afm__tb_init(&b, &t->alloc);
+    afm__tb_str(&b, "{\"tools\":[");
+    for (i = 0; i < t->n_tools; i++) {
+        if (i) afm__tb_str(&b, ",");
+        afm__tb_tool(&b, &t->tools[i]);
+    }
+    afm__tb_str(&b, "],\"messages\":[");
+    for (i = 0; i < t->n; i++) {
+        afm__tb_str(&b, i ? ",\n" : "\n");
+        afm__tb_entry(&b, &t->e[i]);
+    }
+    afm__tb_str(&b, "\n]}\n");
+    if (!(s = afm__tb_take(&b))) return AFM_ERR_NOMEM;
+    n = b.b.n;
+    *len = n;
+    if (cap) {
+        memcpy(buf, s, n < cap ? n : cap - 1);
+        buf[n < cap ? n : cap - 1] = 0;
+    }
+    afm__free(&t->alloc, s);
+    return n < cap ? AFM_OK : AFM_ERR_ARG;
+}
+
+/* One saved message (node m, path "messages[i]") into t. */
+static afm_result afm__entry_from_json(afm_transcript *t, const afm__json *j, int32_t m, int i, char *err, size_t errn) {
+    static const char *const keys[] = { "role", "content", "name", "tool_call", "failed", NULL };
+    static const char *const call_keys[] = { "name", "arguments", NULL };
+    char *role = NULL, *content = NULL, *name = NULL, *args = NULL;
+    const char *why = "", *field = "";
+    int32_t call, f, k;
+    int failed = 0;
+    afm_result r = AFM_ERR_FORMAT;
+    afm__tb tb;
+    if (j->n[m].type != AFM__JOBJ) return afm__fail(err, errn, r, "transcript: messages[%d]: expected an object", i);
+    if ((k = afm__json_unknown_key(j, m, keys)) >= 0)
+        return afm__fail(err, errn, r, "transcript: messages[%d]: unknown key (a message has role, content, name, tool_call, failed)", i);
+    call = afm__json_get(j, m, "tool_call");
+    if (!(role = afm__json_dup(&t->alloc, j, afm__json_get(j, m, "role"), &why))) { field = ".role"; goto bad; }
+    if (!role[0]) { why = "the role is empty"; field = ".role"; goto bad; }
+    if (!(content = afm__json_dup(&t->alloc, j, afm__json_get(j, m, "content"), &why))) { field = ".content"; goto bad; }
+    if (!strcmp(role, "tool")) {
+        if (!(name = afm__json_dup(&t->alloc, j, afm__json_get(j, m, "name"), &why))) { field = ".name"; goto bad; }
+        f = afm__json_get(j, m, "failed");
+        why = "expected true or false";
+        if (f >= 0 && j->n[f].type != AFM__JTRUE && j->n[f].type != AFM__JFALSE) { field = ".failed"; goto bad; }
+        failed = f >= 0 && j->n[f].type == AFM__JTRUE;
+        if (call >= 0) { why = "a tool output has no tool_call"; field = ".tool_call"; goto bad; }
+        r = afm_transcript_add_tool_output(t, name, content, failed);
+    } else if (call >= 0) {
+        why = "only an assistant message carries a tool call";
+        if (strcmp(role, "assistant") != 0) { field = ".tool_call"; goto bad; }
+        why = "expected {\"name\":...,\"arguments\":{...}}";
+        if (j->n[call].type != AFM__JOBJ || afm__json_unknown_key(j, call, call_keys) >= 0) { field = ".tool_call"; goto bad; }
+        if (!(name = afm__json_dup(&t->alloc, j, afm__json_get(j, call, "name"), &why))) { field = ".tool_call.name"; goto bad; }
+        k = afm__json_get(j, call, "arguments");
+        why = "expected an object";
+        if (k < 0 || j->n[k].type != AFM__JOBJ) { field = ".tool_call.arguments"; goto bad; }
+        afm__tb_init(&tb, &t->alloc);
+        afm__tb_json(&tb, j, k);
+        if (!(args = afm__tb_take(&tb))) { why = "out of memory"; goto bad; }
+        r = afm__transcript_push(t, AFM_ENTRY_TOOL_CALL, "assistant", content, name, args, 0);
+    } else {
+        why = "only tool outputs and calls carry these";
+        if (afm__json_get(j, m, "name") >= 0 || afm__json_get(j, m, "failed") >= 0) { field = ""; goto bad; }
+        r = afm_transcript_add_message(t, role, content);
+    }
+    if (r != AFM_OK) { why = "out of memory"; goto bad; }
+    goto out;
+bad:
+    r = afm__fail(err, errn, r == AFM_OK ? AFM_ERR_FORMAT : r, "transcript: messages[%d]%s: %s", i, field, why);
+out:
+    afm__free(&t->alloc, role);
+    afm__free(&t->alloc, content);
+    afm__free(&t->alloc, name);
+    afm__free(&t->alloc, args);
+    return r;
+}
+AFMDEF afm_result afm_transcript_from_json(afm_transcript *t, const char *json, size_t len, char *err, size_t errn) {
+    static const char *const keys[] = { "tools", "messages", NULL };
+    afm__json j;
+    size_t where = 0;
+    const char *why = "";
+    int32_t tools, msgs, m;
+    int i = 0;
+    afm_result r = AFM_OK;
+    if (err && errn) err[0] = 0;
+    if (!t || (!json && len)) return afm__fail(err, errn, AFM_ERR_ARG, "afm_transcript_from_json: bad argument");
+    if (t->n || t->n_tools) return afm__fail(err, errn, AFM_ERR_ARG, "afm_transcript_from_json: the transcript is not empty");
+    memset(&j, 0, sizeof j);
+    if (!afm__json_parse(&t->alloc, json ? json : "", len, &j, &where, &why)) {
+        afm__json_free(&t->alloc, &j);
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "transcript: byte %lu: %s", (unsigned long)where, why);
+    }
+    if (j.n[0].type != AFM__JOBJ || afm__json_unknown_key(&j, 0, keys) >= 0 || (msgs = afm__json_get(&j, 0, "messages")) < 0 ||
+        j.n[msgs].type != AFM__JARR) {
+        r = afm__fail(err, errn, AFM_ERR_FORMAT, "transcript: expected {\"tools\":[...],\"messages\":[...]}");
+        goto out;
+    }
+    if ((tools = afm__json_get(&j, 0, "tools")) >= 0 && (r = afm__tools_from_json(t, &j, tools, "transcript: ", err, errn)) != AFM_OK)
+        goto out;
+    for (m = j.n[msgs].child; m >= 0 && r == AFM_OK; m = j.n[m].next, i++) r = afm__entry_from_json(t, &j, m, i, err, errn);
+out:
+    afm__json_free(&t->alloc, &j);
+    if (r != AFM_OK) afm__transcript_clear(t);
+    return r;
+}
+
+/* ---- rendering: the transcript as AFM chat text ---- */
+static const char afm__call_open[] = "<executable_start> ```function\n";
+static const char afm__call_close[] = "\n```<executable_end>";
+
+/* An entry's content as the model sees it in its turn. */
+static char *afm__entry_text(const afm_allocator *a, const afm_transcript_entry *e) {
+    afm__tb b;
+    afm__tb_init(&b, a);
+    if (e->kind == AFM_ENTRY_TOOL_OUTPUT && e->failed) afm__tb_str(&b, "error: ");
+    afm__tb_str(&b, e->content);
+    if (e->kind == AFM_ENTRY_TOOL_CALL) {
+        afm__tb_str(&b, afm__call_open);
+        afm__tb_str(&b, "{\"name\":");
+        afm__tb_jstr(&b, e->name);
+        afm__tb_str(&b, ",\"arguments\":");
+        afm__tb_str(&b, e->arguments);
+        afm__tb_str(&b, "}");
+        afm__tb_str(&b, afm__call_close);
+    }
+    return afm__tb_take(&b);
+}
+/* The whole conversation, the assistant's turn opened, then `reply` (a reply's start; may be ""). */
+static char *afm__transcript_render(const afm_transcript *t, const char *reply) {
+    const afm_allocator *a = &t->alloc;
+    afm_chat_message *msg = (afm_chat_message *)afm__calloc(a, (size_t)t->n + 1, sizeof *msg);
+    char **tools = (char **)afm__calloc(a, (size_t)t->n_tools + 1, sizeof *tools);
+    char *text = NULL;
+    size_t len = 0;
+    int i, ok = msg && tools;
+    for (i = 0; ok && i < t->n; i++) {
+        msg[i].role = t->e[i].role;
+        ok = (msg[i].content = afm__entry_text(a, &t->e[i])) != NULL;
+    }
+    for (i = 0; ok && i < t->n_tools; i++) {
+        afm__tb b;
+        afm__tb_init(&b, a);
+        afm__tb_tool(&b, &t->tools[i]);
+        ok = (tools[i] = afm__tb_take(&b)) != NULL;
+    }
+    if (ok) afm_chat_render(msg, t->n, (const char *const *)tools, t->n_tools, 1, NULL, 0, &len);
+    if (ok && (text = (char *)afm__alloc(a, len + strlen(reply) + 1)) != NULL) {
+        afm_chat_render(msg, t->n, (const char *const *)tools, t->n_tools, 1, text, len + 1, &len);
+        memcpy(text + len, reply, strlen(reply) + 1);
+    }
+    for (i = 0; msg && i < t->n; i++) afm__free(a, (void *)msg[i].content);
+    for (i = 0; tools && i < t->n_tools; i++) afm__free(a, tools[i]);
+    afm__free(a, msg);
+    afm__free(a, tools);
+    return text;
+}
+
+/* The schema of a call: {"name":N,"arguments":A} for each declared tool (or only `only`). */
+static char *afm__call_schema(const afm_allocator *a, const afm_tool *tools, int n_tools, const char *only) {
+    afm__tb b;
+    int i, first = 1;
+    afm__tb_init(&b, a);
+    afm__tb_str(&b, "{\"anyOf\":[");
+    for (i = 0; i < n_tools; i++) {
+        if (only && strcmp(only, tools[i].name) != 0) continue;
+        afm__tb_str(&b, first ? "" : ",");
+        afm__tb_str(&b, "{\"type\":\"object\",\"properties\":{\"name\":{\"const\":");
+        afm__tb_jstr(&b, tools[i].name);
+        afm__tb_str(&b, "},\"arguments\":");
+        afm__tb_str(&b, tools[i].parameters);
+        afm__tb_str(&b, "},\"required\":[\"name\",\"arguments\"],\"additionalProperties\":false}");
+        first = 0;
+    }
+    afm__tb_str(&b, "]}");
+    return afm__tb_take(&b);
+}
+
+/* ---- the loop ---- */
+typedef struct afm__toolrun {
+    afm_session *s;
+    const afm_tokenizer *tok;
+    afm_transcript *t;
+    const afm_tool_params *p;
+    afm_tool_stats *st;
+    const afm_constraint_vocab *vocab;
+    afm_constraint *call;        /* the call schema */
+    int32_t *out;                /* the reply's tokens */
+    int n_out, cap_out, user_stop;
+} afm__toolrun;
+
+static int afm__toolrun_token(void *user, int32_t token) {
+    afm__toolrun *R = (afm__toolrun *)user;
+    if (R->n_out == R->cap_out) {
+        int nc = R->cap_out ? R->cap_out * 2 : 256;
+        int32_t *no = (int32_t *)afm__alloc(&R->t->alloc, (size_t)nc * sizeof *no);
+        if (!no) return 1; /* out of memory: stop; the caller sees a reply cut short */
+        if (R->n_out) memcpy(no, R->out, (size_t)R->n_out * sizeof *no);
+        afm__free(&R->t->alloc, R->out);
+        R->out = no;
+        R->cap_out = nc;
+    }
+    R->out[R->n_out++] = token;
+    R->st->n_generated++;
+    if (R->p->gen.on_token && R->p->gen.on_token(R->p->gen.user, token)) R->user_stop = 1;
+    return R->user_stop;
+}
+
+/* Generates after the transcript rendered with `reply` appended: the session keeps the longest
+   common prefix of its cache and those tokens and evaluates the rest. The reply's tokens end up
+   in R->out; *why is afm_generate's stop reason. */
+static afm_result afm__tool_generate(afm__toolrun *R, const char *reply, afm_generate_params *gp, afm_stop_reason *why) {
+    char *text = afm__transcript_render(R->t, reply);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int nc = 0, keep = 0;
+    const int32_t *cached;
+    afm_generate_stats gs;
+    afm_result r;
+    if (!text) return afm__serr(R->s, AFM_ERR_NOMEM, "tool loop: out of memory");
+    r = afm__chat_encode(R->tok, text, strlen(text), NULL, 0, &n);
+    if ((r == AFM_OK || r == AFM_ERR_ARG) && (ids = (int32_t *)afm__alloc(&R->t->alloc, (n + 1) * sizeof *ids)) != NULL)
+        r = afm__chat_encode(R->tok, text, strlen(text), ids, n, &n);
+    afm__free(&R->t->alloc, text);
+    if (!ids || r != AFM_OK) {
+        afm__free(&R->t->alloc, ids);
+        return afm__serr(R->s, r == AFM_OK ? AFM_ERR_NOMEM : r, "tool loop: cannot encode the conversation");
+    }
+    cached = afm_session_tokens(R->s, &nc);
+    while (keep < nc && (size_t)keep + 1 < n && cached[keep] == ids[keep]) keep++; /* the last token is always evaluated */
+    if ((r = afm_session_rewind(R->s, keep)) == AFM_OK) {
+        R->n_out = 0;
+        gp->on_token = afm__toolrun_token;
+        gp->user = R;
+        r = afm_generate(R->s, ids + keep, (int)n - keep, gp, &gs);
+        *why = gs.stop;
+    }
+    afm__free(&R->t->alloc, ids);
+    return r;
+}
+
+/* The reply's text: tokens R->out[0, n) detokenized (the newline layer undone). */
+static char *afm__tool_text(afm__toolrun *R, int n) {
+    size_t len = 0;
+    char *s;
+    afm_detokenize(R->tok, R->out, (size_t)n, AFM_TOK_NEWLINE, NULL, 0, &len);
+    if (!(s = (char *)afm__alloc(&R->t->alloc, len + 1))) return NULL;
+    afm_detokenize(R->tok, R->out, (size_t)n, AFM_TOK_NEWLINE, s, len + 1, &len);
+    return s;
+}
+
+static afm_tool_stop afm__tool_stop_of(afm__toolrun *R, afm_stop_reason why) {
+    return R->user_stop ? AFM_TOOL_STOP_CALLBACK : why == AFM_STOP_CONTEXT_FULL ? AFM_TOOL_STOP_CONTEXT_FULL : AFM_TOOL_STOP_N_PREDICT;
+}
+
+/* A reply that is text (the model may open a call: then *call_open is 1 and *before its text so far). */
+static afm_result afm__tool_text_reply(afm__toolrun *R, int allow_calls, int *call_open, char **before) {
+    afm_generate_params gp = R->p->gen;
+    int32_t stops[3];
+    afm_logit_bias *bias = NULL;
+    afm_stop_reason why = AFM_STOP_NONE;
+    afm_result r;
+    int n, ends;
+    stops[0] = afm_tokenizer_special(R->tok, AFM_SPECIAL_TURN_END);
+    stops[1] = afm_tokenizer_special(R->tok, AFM_SPECIAL_EOS);
+    stops[2] = afm_tokenizer_special(R->tok, AFM_SPECIAL_EXEC_START);
+    gp.stop_tokens = stops;
+    gp.n_stop_tokens = allow_calls ? 3 : 2;
+    gp.constraint = NULL;
+    if (!allow_calls && stops[2] >= 0) { /* AFM_TOOL_NONE: <executable_start> can never be picked */
+        if (!(bias = (afm_logit_bias *)afm__alloc(&R->t->alloc, ((size_t)gp.sampler.n_logit_bias + 1) * sizeof *bias)))
+            return afm__serr(R->s, AFM_ERR_NOMEM, "tool loop: out of memory");
+        if (gp.sampler.n_logit_bias) memcpy(bias, gp.sampler.logit_bias, (size_t)gp.sampler.n_logit_bias * sizeof *bias);
+        bias[gp.sampler.n_logit_bias].token = stops[2];
+        bias[gp.sampler.n_logit_bias].bias = -INFINITY;
+        gp.sampler.logit_bias = bias;
+        gp.sampler.n_logit_bias++;
+    }
+    r = afm__tool_generate(R, "", &gp, &why);
+    afm__free(&R->t->alloc, bias);
+    if (r != AFM_OK && r != AFM_ERR_CONTEXT_FULL) return r;
+    ends = why == AFM_STOP_TOKEN && R->n_out > 0;
+    *call_open = ends && allow_calls && R->out[R->n_out - 1] == stops[2];
+    n = R->n_out - ends; /* without the stop token */
+    if (!(*before = afm__tool_text(R, n))) return afm__serr(R->s, AFM_ERR_NOMEM, "tool loop: out of memory");
+    if (*call_open) return AFM_OK;
+    if (afm_transcript_add_message(R->t, "assistant", *before) != AFM_OK) return afm__serr(R->s, AFM_ERR_NOMEM, "tool loop: out of memory");
+    R->st->stop = ends ? AFM_TOOL_STOP_ANSWER : afm__tool_stop_of(R, why);
+    return AFM_OK;
+}
+
+/* The call after `before<executable_start> ```function\n`, constrained to the call schema; appended
+   to the transcript. *done is 0 when it was not finished (R->st->stop says why). */
+static afm_result afm__tool_call_reply(afm__toolrun *R, const afm_constraint *schema, const char *before, int *done) {
+    afm_generate_params gp = R->p->gen;
+    afm_constraint_state *cs = NULL;
+    afm_stop_reason why = AFM_STOP_NONE;
+    afm_result r;
+    afm__tb b;
+    char *reply, *call = NULL;
+    afm__json j;
+    size_t where;
+    const char *err = "";
+    *done = 0;
+    afm__tb_init(&b, &R->t->alloc);
+    afm__tb_str(&b, before);
+    afm__tb_str(&b, afm__call_open);
+    if (!(reply = afm__tb_take(&b)) || afm_constraint_state_create(schema, R->vocab, &cs) != AFM_OK) {
+        afm__free(&R->t->alloc, reply);
+        return afm__serr(R->s, AFM_ERR_NOMEM, "tool loop: out of memory");
+    }
+    gp.stop_tokens = NULL;
+    gp.n_stop_tokens = 0;
+    gp.constraint = cs;
+    r = afm__tool_generate(R, reply, &gp, &why);
+    afm__free(&R->t->alloc, reply);
+    if (r == AFM_OK || r == AFM_ERR_CONTEXT_FULL) {
+        if (!afm_constraint_state_complete(cs)) R->st->stop = afm__tool_stop_of(R, why);
+        else if (!(call = afm__tool_text(R, R->n_out - (why == AFM_STOP_TOKEN)))) r = afm__serr(R->s, AFM_ERR_NOMEM, "tool loop: out of memory");
+    }
+    afm_constraint_state_free(cs);
+    if (!call) return r;
+    memset(&j, 0, sizeof j);
+    if (afm__json_parse(&R->t->alloc, call, strlen(call), &j, &where, &err)) { /* valid by construction; checked anyway */
+        char *name = afm__json_dup(&R->t->alloc, &j, afm__json_get(&j, 0, "name"), &err);
+        int32_t args = afm__json_get(&j, 0, "arguments");
+        afm__tb_init(&b, &R->t->alloc);
+        if (args >= 0) afm__tb_json(&b, &j, args);
+        {
+            char *a = afm__tb_take(&b);
+            if (!name || !a || afm_transcript_add_tool_call(R->t, before, name, a) != AFM_OK)
+                r = afm__serr(R->s, AFM_ERR_FORMAT, "tool loop: the call '%.200s' does not parse", call);
+            else *done = 1;
+            afm__free(&R->t->alloc, a);
+        }
+        afm__free(&R->t->alloc, name);
+    } else r = afm__serr(R->s, AFM_ERR_FORMAT, "tool loop: the call '%.200s' does not parse: %s", call, err);
+    afm__json_free(&R->t->alloc, &j);
+    afm__free(&R->t->alloc, call);
+    return r;
+}
+
+/* Runs the transcript's last entry (a call) through the app's callback; 0 when the app takes over. */
+static int afm__tool_execute(afm__toolrun *R, afm_result *r) {
+    const afm_transcript_entry *e = &R->t->e[R->t->n - 1];
+    const char *result = NULL;
+    afm_tool_status status;
+    if (!R->p->call) return 0;
+    status = R->p->call(R->p->call_user, e->name, e->arguments, &result);
+    if (status == AFM_TOOL_HANDOFF) return 0;
+    if (afm_transcript_add_tool_output(R->t, e->name, result ? result : "", status != AFM_TOOL_OK) != AFM_OK)
+        *r = afm__serr(R->s, AFM_ERR_NOMEM, "tool loop: out of memory");
+    R->st->n_calls++;
+    return 1;
+}
+
+static afm_result afm__tool_loop(afm__toolrun *R, const afm_constraint *any, const afm_constraint *forced) {
+    int max_rounds = R->p->max_rounds > 0 ? R->p->max_rounds : 8, first = 1, rounds = 0;
+    afm_result r = AFM_OK;
+    for (;;) {
+        int call_open = 0, done = 0;
+        char *before = NULL;
+        if (first && R->p->mode == AFM_TOOL_REQUIRED) call_open = 1; /* open the call ourselves */
+        else if ((r = afm__tool_text_reply(R, R->p->mode != AFM_TOOL_NONE && R->t->n_tools > 0, &call_open, &before)) != AFM_OK)
+            return r;
+        if (call_open) r = afm__tool_call_reply(R, first && forced ? forced : any, before ? before : "", &done);
+        afm__free(&R->t->alloc, before);
+        first = 0;
+        if (r != AFM_OK || !done) return r;
+        if (!afm__tool_execute(R, &r)) { R->st->stop = AFM_TOOL_STOP_HANDOFF; return r; }
+        if (r != AFM_OK) return r;
+        if (++rounds >= max_rounds) { R->st->stop = AFM_TOOL_STOP_ROUNDS; return AFM_OK; } /* ends with the output */
+    }
+}
+
+AFMDEF afm_result afm_tool_run(afm_session *s, const afm_tokenizer *tok, afm_transcript *t, const afm_tool_params *p,
+                               afm_tool_stats *stats) {
+    afm__toolrun R;
+    afm_tool_stats local;
+    afm_constraint_vocab *own = NULL;
+    afm_constraint *any = NULL, *forced = NULL;
+    char *schema = NULL, cerr[256];
+    afm_result r = AFM_OK;
+    int i, found = 0;
+    if (!stats) stats = &local;
+    memset(stats, 0, sizeof *stats);
+    if (!s || !tok || !t || !p) return s ? afm__serr(s, AFM_ERR_ARG, "afm_tool_run: bad argument") : AFM_ERR_ARG;
+    if (p->mode == AFM_TOOL_REQUIRED && !t->n_tools) return afm__serr(s, AFM_ERR_ARG, "afm_tool_run: tool mode 'required' with no tools declared");
+    for (i = 0; p->tool_name && i < t->n_tools; i++) found |= !strcmp(t->tools[i].name, p->tool_name);
+    if (p->tool_name && !found) return afm__serr(s, AFM_ERR_ARG, "afm_tool_run: no tool named '%.64s' is declared", p->tool_name);
+    if (t->n && t->e[t->n - 1].kind == AFM_ENTRY_TOOL_CALL)
+        return afm__serr(s, AFM_ERR_ARG, "afm_tool_run: the last tool call has no output yet (afm_transcript_add_tool_output)");
+    memset(&R, 0, sizeof R);
+    R.s = s;
+    R.tok = tok;
+    R.t = t;
+    R.p = p;
+    R.st = stats;
+    R.vocab = p->vocab;
+    if (t->n_tools && !R.vocab && (r = afm_constraint_vocab_create(tok, &t->alloc, &own)) != AFM_OK) return afm__serr(s, r, "tool loop: out of memory");
+    if (!R.vocab) R.vocab = own;
+    for (i = 0; i < 2 && r == AFM_OK && t->n_tools; i++) { /* the call schema: any tool, and the one required */
+        afm_constraint **c = i ? &forced : &any;
+        if (i && !p->tool_name) break;
+        if (!(schema = afm__call_schema(&t->alloc, t->tools, t->n_tools, i ? p->tool_name : NULL))) r = afm__serr(s, AFM_ERR_NOMEM, "tool loop: out of memory");
+        else if ((r = afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, schema, strlen(schema), &t->alloc, c, cerr, sizeof cerr)) != AFM_OK)
+            r = afm__serr(s, r, "tool loop: the call schema: %s", cerr);
+        afm__free(&t->alloc, schema);
+    }
+    if (r == AFM_OK) r = afm__tool_loop(&R, any, forced);
+    afm_constraint_free(any);
+    afm_constraint_free(forced);
+    afm_constraint_vocab_free(own);
+    afm__free(&t->alloc, R.out);
     return r;
 }
 

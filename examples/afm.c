@@ -124,6 +124,22 @@ static const char *usage_more =
     "                         start rule root)\n"
     "      --regex RE         the whole output matches the regular expression RE\n"
     "      --no-fast-forward  sample every token, even those the constraint forces\n"
+    "      --tools FILE       tool calling (a chat; docs/TOOL_CALLING.md): FILE is a JSON array of\n"
+    "                         tools, each {\"name\", \"description\", \"parameters\": a JSON Schema}\n"
+    "                         (or OpenAI's {\"type\":\"function\",\"function\":{...}}), shown in the\n"
+    "                         system turn. A call is valid by construction: a declared tool's name\n"
+    "                         and arguments matching its schema. Calls and outputs go to stderr,\n"
+    "                         the answer to stdout; -n bounds each reply\n"
+    "      --tool-exec CMD    run each call with the shell command CMD: the call's JSON\n"
+    "                         {\"name\":...,\"arguments\":{...}} on its stdin, the result from its\n"
+    "                         stdout; a non-zero exit status is a failure, fed back as the error.\n"
+    "                         Without it the loop stops at the first call (the app's turn)\n"
+    "      --tool-mode MODE   allowed (the model may call or answer; default), required (the\n"
+    "                         first reply is a call), none (no calls)\n"
+    "      --tool-rounds N    stop after N replies that are calls (default 8)\n"
+    "      --transcript FILE  the conversation as JSON (messages, calls, outputs, tools): read\n"
+    "                         from FILE when it exists (-p adds the next user turn), written back\n"
+    "                         after the run; the same seed continues it as the original session\n"
     "      --ignore-eos       text prompts: do not stop at EOS and <turn_end> (stopping there is\n"
     "                         the default; --ids prompts stop only at --stop ids)\n"
     "      --prompt-cache FILE  keep the session's state after the prompt in FILE (KV cache, tokens,\n"
@@ -633,12 +649,160 @@ static void prompt_cache(afm_session *s, const char *path, const int32_t *prompt
     if (common < n_prompt && afm_session_save_file(s, path, err, sizeof err) != AFM_OK) die("--prompt-cache: %s", err);
 }
 
+/* ---- tool calling: --tools, --tool-exec, --tool-mode, --transcript ---- */
+
+typedef struct tool_cli {
+    const char *tools_path, *exec, *mode, *transcript_path;
+    int max_rounds;
+    char *result; /* the last tool's output (kept until the next call) */
+} tool_cli;
+
+#if defined(_WIN32)
+#define popen _popen
+#define pclose _pclose
+#endif
+
+/* --tool-exec CMD: the call's JSON {"name":...,"arguments":{...}} on CMD's stdin (through a
+   temporary file), its stdout the result; a non-zero exit status makes it a failure whose error is
+   that output (or the exit status when there is none). */
+static afm_tool_status exec_tool(void *user, const char *name, const char *arguments, const char **result) {
+    tool_cli *o = (tool_cli *)user;
+    char path[64], *cmd;
+    size_t cap = 4096, len = 0, got;
+    FILE *in, *p;
+    int status;
+    free(o->result);
+    o->result = NULL;
+    *result = "";
+#if defined(_WIN32)
+    if (!tmpnam(path)) return AFM_TOOL_FAILED;
+    in = fopen(path, "wb");
+#else
+    {
+        int fd;
+        snprintf(path, sizeof path, "/tmp/afm-tool-XXXXXX");
+        fd = mkstemp(path);
+        in = fd >= 0 ? fdopen(fd, "wb") : NULL;
+    }
+#endif
+    if (!in) { *result = "afm: cannot create a temporary file for the tool's input"; return AFM_TOOL_FAILED; }
+    fprintf(in, "{\"name\":\"%s\",\"arguments\":%s}\n", name, arguments); /* tool names need no escapes */
+    fclose(in);
+    if (!(cmd = (char *)malloc(strlen(o->exec) + strlen(path) + 8)) || !(o->result = (char *)malloc(cap))) die("%s", "out of memory");
+    sprintf(cmd, "%s < %s", o->exec, path);
+    fflush(stdout);
+    if (!(p = popen(cmd, "r"))) { remove(path); free(cmd); *result = "afm: cannot run --tool-exec"; return AFM_TOOL_FAILED; }
+    while ((got = fread(o->result + len, 1, cap - 1 - len, p)) > 0) {
+        len += got;
+        if (len + 1 == cap && !(o->result = (char *)realloc(o->result, cap *= 2))) die("%s", "out of memory");
+    }
+    o->result[len] = 0;
+    while (len && (o->result[len - 1] == '\n' || o->result[len - 1] == '\r')) o->result[--len] = 0;
+    status = pclose(p);
+    remove(path);
+    free(cmd);
+    if (memchr(o->result, 0, len)) { *result = "the tool's output contains a NUL byte"; return AFM_TOOL_FAILED; }
+    if (status != 0 && !len) {
+        free(o->result);
+        if (!(o->result = (char *)malloc(64))) die("%s", "out of memory");
+        snprintf(o->result, 64, "the tool exited with status %d", status);
+    }
+    *result = o->result;
+    return status == 0 ? AFM_TOOL_OK : AFM_TOOL_FAILED;
+}
+
+/* The conversation: the saved transcript when --transcript names an existing file, else a new one
+   with --system; then the tools of --tools and the user's turn. */
+static afm_transcript *tool_transcript(const tool_cli *o, const char *text, const char *system) {
+    afm_transcript *t;
+    char err[512];
+    size_t len;
+    int n = 0;
+    FILE *f = o->transcript_path ? fopen(o->transcript_path, "rb") : NULL;
+    if (afm_transcript_create(NULL, &t) != AFM_OK) die("%s", "out of memory");
+    if (f) {
+        char *json;
+        fclose(f);
+        json = read_all(o->transcript_path, &len);
+        if (afm_transcript_from_json(t, json, len, err, sizeof err) != AFM_OK) {
+            fprintf(stderr, "afm: %s: %s\n", o->transcript_path, err);
+            exit(1);
+        }
+        free(json);
+        if (system) die("%s", "--system: the transcript has its system turn already");
+    } else if (system && afm_transcript_add_message(t, "system", system) != AFM_OK) die("%s", "out of memory");
+    if (o->tools_path && (afm_transcript_tools(t, &n), n > 0))
+        die("%s declares its tools already: leave out --tools", o->transcript_path);
+    if (o->tools_path) {
+        char *json = read_all(o->tools_path, &len);
+        if (afm_transcript_add_tools_json(t, json, len, err, sizeof err) != AFM_OK) {
+            fprintf(stderr, "afm: %s: %s\n", o->tools_path, err);
+            exit(1);
+        }
+        free(json);
+    }
+    if (afm_transcript_add_message(t, "user", text) != AFM_OK) die("%s", "out of memory");
+    return t;
+}
+
+static void save_transcript(const afm_transcript *t, const char *path) {
+    size_t n = 0;
+    char *json;
+    FILE *f;
+    afm_transcript_to_json(t, NULL, 0, &n);
+    if (!(json = (char *)malloc(n + 1)) || afm_transcript_to_json(t, json, n + 1, &n) != AFM_OK) die("%s", "out of memory");
+    if (!(f = fopen(path, "wb")) || fwrite(json, 1, n, f) != n || fclose(f) != 0) die("cannot write the transcript '%s'", path);
+    free(json);
+}
+
+/* The tool loop: each call and output on stderr, the answer on stdout. */
+static afm_result run_tools(afm_session *s, const afm_tokenizer *tok, const char *text, const char *system, tool_cli *o,
+                            const afm_generate_params *gp) {
+    static const char *stops[] = { "error", "answer", "the app's turn (no --tool-exec)", "the round limit (--tool-rounds)",
+                                   "-n tokens", "a callback", "a full context" };
+    afm_transcript *t = tool_transcript(o, text, system);
+    afm_tool_params tp;
+    afm_tool_stats st;
+    const afm_transcript_entry *e;
+    int n0, n, i;
+    afm_result r;
+    memset(&tp, 0, sizeof tp);
+    tp.gen = *gp;
+    tp.max_rounds = o->max_rounds;
+    if (!o->mode || !strcmp(o->mode, "allowed")) tp.mode = AFM_TOOL_ALLOWED;
+    else if (!strcmp(o->mode, "required")) tp.mode = AFM_TOOL_REQUIRED;
+    else if (!strcmp(o->mode, "none")) tp.mode = AFM_TOOL_NONE;
+    else die("--tool-mode: '%s' is not one of allowed, required, none", o->mode);
+    if (o->exec) {
+        tp.call = exec_tool;
+        tp.call_user = o;
+    }
+    afm_transcript_entries(t, &n0);
+    r = afm_tool_run(s, tok, t, &tp, &st);
+    e = afm_transcript_entries(t, &n);
+    for (i = n0; i < n; i++) {
+        if (e[i].kind == AFM_ENTRY_TOOL_CALL)
+            fprintf(stderr, "%s%scall: %s %s\n", e[i].content, e[i].content[0] ? "\n" : "", e[i].name, e[i].arguments);
+        else if (e[i].kind == AFM_ENTRY_TOOL_OUTPUT) fprintf(stderr, "%s %s: %s\n", e[i].name, e[i].failed ? "failed" : "returned", e[i].content);
+        else if (i == n - 1) printf("%s\n", e[i].content);
+        else fprintf(stderr, "%s\n", e[i].content);
+    }
+    fflush(stdout);
+    if (r != AFM_OK) fprintf(stderr, "afm: %s\n", afm_session_error(s));
+    else fprintf(stderr, "tools: %d calls, %d tokens; stopped at %s\n", st.n_calls, st.n_generated, stops[st.stop]);
+    if (o->transcript_path && r == AFM_OK) save_transcript(t, o->transcript_path);
+    afm_transcript_free(t);
+    free(o->result);
+    return r;
+}
+
 static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
     const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL, *cache_path = NULL;
     const char *schema_path = NULL, *grammar_path = NULL, *regex = NULL;
     int no_fast_forward = 0;
+    tool_cli tools;
     int lookup = 0, draft_k = 0, fixed_k = 0, chat = 0, show_prompt = 0, ignore_eos = 0, display_prompt = 1;
     int n_predict = 16, no_mmap = 0, i, n_prompt, n_eog = 0;
     unsigned tok_flags = AFM_TOK_AFM;
@@ -662,6 +826,7 @@ static int cmd_generate(int argc, char **argv) {
 
     memset(&sp, 0, sizeof sp);
     memset(&smp, 0, sizeof smp);
+    memset(&tools, 0, sizeof tools);
     smp.top_p = 1.0f;
     for (i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -725,6 +890,11 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--grammar")) { if (!v) die("option %s needs a value", a); grammar_path = v; i++; }
         else if (!strcmp(a, "--regex")) { if (!v) die("option %s needs a value", a); regex = v; i++; }
         else if (!strcmp(a, "--no-fast-forward")) no_fast_forward = 1;
+        else if (!strcmp(a, "--tools")) { if (!v) die("option %s needs a value", a); tools.tools_path = v; i++; }
+        else if (!strcmp(a, "--tool-exec")) { if (!v) die("option %s needs a value", a); tools.exec = v; i++; }
+        else if (!strcmp(a, "--tool-mode")) { if (!v) die("option %s needs a value", a); tools.mode = v; i++; }
+        else if (!strcmp(a, "--tool-rounds")) { tools.max_rounds = (int)parse_int(v, a, 1, 1000); i++; }
+        else if (!strcmp(a, "--transcript")) { if (!v) die("option %s needs a value", a); tools.transcript_path = v; i++; }
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
             if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;
@@ -742,6 +912,12 @@ static int cmd_generate(int argc, char **argv) {
     if (smp.min_p < 0 || smp.min_p > 1) die("%s", "--min-p must be in [0, 1]");
     if (!!schema_path + !!grammar_path + !!regex > 1) die("%s", "give one constraint: --json-schema, --grammar or --regex");
     if ((schema_path || grammar_path || regex) && (ids_text || dump_path)) die("%s", "a constraint needs a text prompt and the generation loop (no --ids, --dump-logits)");
+    if (tools.tools_path || tools.transcript_path) { /* the tool loop is a chat */
+        if (ids_text || dump_path || cache_path || draft_path || schema_path || grammar_path || regex || n_stop_strings || stop_text)
+            die("%s", "--tools / --transcript run the tool loop: leave out --ids, --dump-logits, --prompt-cache, --draft, "
+                      "--json-schema, --grammar, --regex, --stop and --stop-string");
+        chat = 1;
+    } else if (tools.exec || tools.mode || tools.max_rounds) die("%s", "--tool-exec, --tool-mode and --tool-rounds need --tools or --transcript");
     if (file) {
         size_t len;
         text = file_text = read_all(file, &len);
@@ -814,7 +990,18 @@ static int cmd_generate(int argc, char **argv) {
         }
     }
 
-    if (dump) {
+    if (tools.tools_path || tools.transcript_path) {
+        afm_generate_params gp;
+        memset(&gp, 0, sizeof gp);
+        gp.n_predict = n_predict;
+        gp.sampler = smp;
+        gp.lookup = lookup;
+        gp.draft_k = draft_k;
+        gp.fixed_k = fixed_k;
+        gp.no_fast_forward = no_fast_forward;
+        r = run_tools(s, tokenizer, text, system, &tools, &gp);
+        free(out.buf); /* the text printer is not used */
+    } else if (dump) {
         /* the plain loop, one step at a time, writing each step's logits */
         t0 = now_seconds();
         if (afm_session_eval(s, prompt, n_prompt) != AFM_OK) die("%s", afm_session_error(s));

@@ -357,6 +357,13 @@ typedef struct gen_req {
     const char *model, *prompt;              /* into the JSON document */
     const char *schema;                      /* response_format json_schema: the schema's JSON text */
     size_t schema_len;
+    /* tool calling: the tools array's JSON text, the mode (tool_choice), each message's node */
+    const char *tools;
+    size_t tools_len;
+    int use_tools;                           /* tools given, or tool calls / outputs among the messages */
+    afm_tool_mode tool_mode;
+    const char *tool_name;                   /* tool_choice {"type":"function","function":{"name"}} */
+    int msg_node[MAX_MESSAGES];
     const char *stops[MAX_STOPS];
     afm_chat_message msgs[MAX_MESSAGES];
     afm_sampler_params sp;
@@ -419,6 +426,54 @@ static const char *req_content(gen_req *g, jdoc *d, int c) {
     return joined;
 }
 
+/* A message's tool parts: an assistant's tool_calls ([{"id","type":"function","function":{"name",
+   "arguments": a JSON string}}]) or a "tool" message (its tool_call_id names an earlier call). */
+static int req_tool_message(gen_req *g, const jdoc *d, int c, int role) {
+    int calls = jget(d, c, "tool_calls"), k;
+    if (!strcmp(d->nodes[role].s, "tool")) {
+        int id = jget(d, c, "tool_call_id");
+        if (id < 0 || d->nodes[id].type != J_STR) return req_fail(g, 400, "messages", "invalid_type", "a tool message needs its 'tool_call_id'");
+        g->use_tools = 1;
+    }
+    if (calls < 0 || d->nodes[calls].type == J_NULL) return 0;
+    if (d->nodes[calls].type != J_ARR || strcmp(d->nodes[role].s, "assistant"))
+        return req_fail(g, 400, "messages", "invalid_type", "'tool_calls' must be an array, on an assistant message");
+    for (k = d->nodes[calls].child; k >= 0; k = d->nodes[k].next) {
+        int f = jget(d, k, "function"), id = jget(d, k, "id"), name = jget(d, f, "name"), args = jget(d, f, "arguments");
+        if (id < 0 || d->nodes[id].type != J_STR || name < 0 || d->nodes[name].type != J_STR || args < 0 || d->nodes[args].type != J_STR)
+            return req_fail(g, 400, "messages", "invalid_type", "each tool call needs 'id', 'function.name' and 'function.arguments' (a JSON string)");
+    }
+    g->use_tools = 1;
+    return 0;
+}
+
+/* tools (OpenAI's function tools, passed to afm_transcript_add_tools_json) and tool_choice. */
+static int req_tools(gen_req *g, const jdoc *d, int root) {
+    int v = jget(d, root, "tools"), c = jget(d, root, "tool_choice");
+    g->tool_mode = AFM_TOOL_ALLOWED;
+    if (v >= 0 && d->nodes[v].type != J_NULL) {
+        if (d->nodes[v].type != J_ARR) return req_fail(g, 400, "tools", "invalid_type", "'tools' must be an array");
+        g->tools = d->nodes[v].raw;
+        g->tools_len = d->nodes[v].raw_len;
+        g->use_tools = 1;
+    }
+    if (c >= 0 && d->nodes[c].type == J_STR) {
+        if (!strcmp(d->nodes[c].s, "none")) g->tool_mode = AFM_TOOL_NONE;
+        else if (!strcmp(d->nodes[c].s, "required")) g->tool_mode = AFM_TOOL_REQUIRED;
+        else if (strcmp(d->nodes[c].s, "auto")) return req_fail(g, 400, "tool_choice", "invalid_value", "tool_choice must be auto, none, required or a function");
+    } else if (c >= 0 && d->nodes[c].type == J_OBJ) {
+        int name = jget(d, jget(d, c, "function"), "name");
+        if (name < 0 || d->nodes[name].type != J_STR) return req_fail(g, 400, "tool_choice", "invalid_value", "tool_choice: {\"type\":\"function\",\"function\":{\"name\":...}}");
+        g->tool_mode = AFM_TOOL_REQUIRED;
+        g->tool_name = d->nodes[name].s;
+    } else if (c >= 0 && d->nodes[c].type != J_NULL) return req_fail(g, 400, "tool_choice", "invalid_type", "tool_choice must be a string or an object");
+    if (g->tool_mode != AFM_TOOL_ALLOWED && !g->tools) return req_fail(g, 400, "tool_choice", "invalid_value", "tool_choice needs 'tools'");
+    if (g->use_tools && !g->chat) return req_fail(g, 400, "tools", "unsupported", "tools are for /v1/chat/completions");
+    if (g->use_tools && (g->stream || g->schema))
+        return req_fail(g, 400, g->stream ? "stream" : "response_format", "unsupported", "tools work without stream and response_format");
+    return 0;
+}
+
 /* Fills g from a parsed body. chat: /v1/chat/completions, else /v1/completions. */
 static int req_from_json(gen_req *g, jdoc *d, int chat) {
     int root = 0, v, c;
@@ -441,10 +496,11 @@ static int req_from_json(gen_req *g, jdoc *d, int chat) {
             int role = jget(d, c, "role");
             if (d->nodes[c].type != J_OBJ || role < 0 || d->nodes[role].type != J_STR)
                 return req_fail(g, 400, "messages", "invalid_type", "each message must be an object with a string 'role'");
-            if (jget(d, c, "tool_calls") >= 0 || !strcmp(d->nodes[role].s, "tool"))
-                return req_fail(g, 400, "messages", "unsupported", "tool calls are not supported yet: afm-server does not use afm.h's constraint engine yet");
+            if (req_tool_message(g, d, c, role) < 0) return -1;
+            g->msg_node[g->n_msgs] = c;
             g->msgs[g->n_msgs].role = d->nodes[role].s;
-            if (!(g->msgs[g->n_msgs].content = req_content(g, d, jget(d, c, "content")))) return -1;
+            if (g->use_tools && (jget(d, c, "content") < 0 || d->nodes[jget(d, c, "content")].type == J_NULL)) g->msgs[g->n_msgs].content = "";
+            else if (!(g->msgs[g->n_msgs].content = req_content(g, d, jget(d, c, "content")))) return -1;
             g->n_msgs++;
         }
     } else {
@@ -518,9 +574,7 @@ static int req_from_json(gen_req *g, jdoc *d, int chat) {
         } else if (strcmp(d->nodes[t].s, "text"))
             return req_fail(g, 400, "response_format", "unsupported", "response_format '%.40s' is not supported: use text or json_schema", d->nodes[t].s);
     }
-    if ((v = jget(d, root, "tools")) >= 0 && d->nodes[v].type != J_NULL && !(d->nodes[v].type == J_ARR && d->nodes[v].n == 0))
-        return req_fail(g, 400, "tools", "unsupported", "'tools' is not supported yet: afm-server does not use afm.h's constraint engine yet");
-    return 0;
+    return req_tools(g, d, root);
 }
 
 #ifndef AFM_SERVER_NO_MAIN
@@ -843,6 +897,106 @@ static int32_t *encode_prompt(server *sv, const gen_req *g, int *n_out) {
     return ids;
 }
 
+/* ---- tool calling: the request as an afm_transcript, the reply from afm_tool_run ---- */
+
+/* The tool named by an earlier call's id (OpenAI's tool messages carry only the id). */
+static const char *call_name(const gen_req *g, const jdoc *d, int upto, const char *id) {
+    int i, k;
+    for (i = upto - 1; i >= 0; i--) {
+        int calls = jget(d, g->msg_node[i], "tool_calls");
+        for (k = calls >= 0 && d->nodes[calls].type == J_ARR ? d->nodes[calls].child : -1; k >= 0; k = d->nodes[k].next)
+            if (!strcmp(d->nodes[jget(d, k, "id")].s, id)) return d->nodes[jget(d, jget(d, k, "function"), "name")].s;
+    }
+    return NULL;
+}
+
+/* NULL after sending the 400 that says what is wrong. */
+static afm_transcript *request_transcript(const gen_req *g, const jdoc *d, int fd) {
+    afm_transcript *t;
+    char err[300], msg[400];
+    int i, k;
+    if (afm_transcript_create(NULL, &t) != AFM_OK) { send_error(fd, 500, "out of memory", NULL, NULL); return NULL; }
+    if (g->tools && afm_transcript_add_tools_json(t, g->tools, g->tools_len, err, sizeof err) != AFM_OK) {
+        snprintf(msg, sizeof msg, "%s", err);
+        send_error(fd, 400, msg, "tools", "invalid_value");
+        afm_transcript_free(t);
+        return NULL;
+    }
+    for (i = 0; i < g->n_msgs; i++) {
+        int node = g->msg_node[i], calls = jget(d, node, "tool_calls");
+        afm_result r = AFM_OK;
+        const char *content = g->msgs[i].content;
+        if (!strcmp(g->msgs[i].role, "tool")) {
+            const char *name = call_name(g, d, i, d->nodes[jget(d, node, "tool_call_id")].s);
+            if (!name) {
+                snprintf(msg, sizeof msg, "messages[%d]: tool_call_id '%.100s' names no earlier tool call", i, d->nodes[jget(d, node, "tool_call_id")].s);
+                send_error(fd, 400, msg, "messages", "invalid_value");
+                afm_transcript_free(t);
+                return NULL;
+            }
+            r = afm_transcript_add_tool_output(t, name, content, 0);
+        } else if (calls >= 0 && d->nodes[calls].type == J_ARR && d->nodes[calls].n > 0) {
+            for (k = d->nodes[calls].child; k >= 0 && r == AFM_OK; k = d->nodes[k].next, content = "") {
+                int f = jget(d, k, "function");
+                r = afm_transcript_add_tool_call(t, content, d->nodes[jget(d, f, "name")].s, d->nodes[jget(d, f, "arguments")].s);
+            }
+        } else r = afm_transcript_add_message(t, g->msgs[i].role, content);
+        if (r != AFM_OK) {
+            snprintf(msg, sizeof msg, "messages[%d]: %s", i, r == AFM_ERR_FORMAT ? "tool call arguments must be a JSON object" : "out of memory");
+            send_error(fd, r == AFM_ERR_FORMAT ? 400 : 500, msg, "messages", "invalid_value");
+            afm_transcript_free(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+/* Runs the loop until the model answers or calls a tool (handed back to the client), and sends the
+   chat completion: the answer, or tool_calls with finish_reason "tool_calls". */
+static void tool_reply(server *sv, int fd, slot *sl, gen_req *g, afm_transcript *t, gen_out *o, int n_prompt) {
+    afm_tool_params tp;
+    afm_tool_stats st;
+    const afm_transcript_entry *e;
+    int n_before, n;
+    sbuf b = { NULL, 0, 0, 0 };
+    const char *finish;
+    memset(&tp, 0, sizeof tp);
+    tp.gen.n_predict = g->max_tokens;
+    tp.gen.sampler = g->sp;
+    tp.mode = g->tool_mode;
+    tp.tool_name = g->tool_name;
+    tp.vocab = sv->cvocab;
+    afm_transcript_entries(t, &n_before);
+    if (afm_tool_run(sl->s, sv->tok, t, &tp, &st) != AFM_OK) {
+        int bad = strstr(afm_session_error(sl->s), "no tool named") != NULL;
+        send_error(fd, bad ? 400 : 500, afm_session_error(sl->s), bad ? "tool_choice" : NULL, NULL);
+        afm_session_rewind(sl->s, 0);
+        return;
+    }
+    e = afm_transcript_entries(t, &n);
+    o->n_generated = st.n_generated;
+    finish = st.stop == AFM_TOOL_STOP_HANDOFF ? "tool_calls" : st.stop == AFM_TOOL_STOP_ANSWER ? "stop" : "length";
+    sb_printf(&b, "{\"id\":\"%s\",\"object\":\"chat.completion\",\"created\":%ld,\"model\":", o->id, o->created);
+    sb_json(&b, o->model, strlen(o->model));
+    sb_str(&b, ",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+    if (n > n_before) sb_json(&b, e[n - 1].content, strlen(e[n - 1].content));
+    else sb_str(&b, "\"\"");
+    if (st.stop == AFM_TOOL_STOP_HANDOFF) {
+        sb_printf(&b, ",\"tool_calls\":[{\"id\":\"call_%s\",\"type\":\"function\",\"function\":{\"name\":", o->id);
+        sb_json(&b, e[n - 1].name, strlen(e[n - 1].name));
+        sb_str(&b, ",\"arguments\":");
+        sb_json(&b, e[n - 1].arguments, strlen(e[n - 1].arguments));
+        sb_str(&b, "}}]");
+    }
+    sb_printf(&b, "},\"logprobs\":null,\"finish_reason\":\"%s\"}],", finish);
+    sb_printf(&b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d}}", n_prompt, st.n_generated,
+              n_prompt + st.n_generated);
+    o->finish = finish;
+    if (b.oom) send_error(fd, 500, "out of memory", NULL, NULL);
+    else send_response(fd, 200, "application/json", b.p, b.n);
+    free(b.p);
+}
+
 static void handle_generate(server *sv, int fd, const char *body, size_t body_len, int chat) {
     jdoc d;
     gen_req *g = (gen_req *)calloc(1, sizeof *g);
@@ -856,6 +1010,7 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
     afm_result r;
     afm_constraint *cons = NULL;
     afm_constraint_state *cstate = NULL;
+    afm_transcript *tr = NULL;
     memset(&o, 0, sizeof o);
     if (!g) { send_error(fd, 500, "out of memory", NULL, NULL); return; }
     if (json_parse(&d, body, body_len) < 0) {
@@ -886,6 +1041,7 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
         }
         if (afm_constraint_state_create(cons, sv->cvocab, &cstate) != AFM_OK) { send_error(fd, 500, "out of memory", NULL, NULL); goto done; }
     }
+    if (g->use_tools && !(tr = request_transcript(g, &d, fd))) goto done;
     if (!(prompt = encode_prompt(sv, g, &n_prompt))) { send_error(fd, 400, "the prompt cannot be encoded", chat ? "messages" : "prompt", NULL); goto done; }
     if (n_prompt >= sv->n_ctx) {
         char msg[200];
@@ -942,6 +1098,10 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
             free(b.p);
             if (i < 0) goto done;
         }
+    }
+    if (tr) { /* the tool loop keeps the cached prefix itself */
+        tool_reply(sv, fd, sl, g, tr, &o, n_prompt);
+        goto logged;
     }
     memset(&gp, 0, sizeof gp);
     gp.n_predict = g->max_tokens;
@@ -1000,6 +1160,7 @@ done:
     afm_stop_free(o.stop);
     afm_constraint_state_free(cstate);
     afm_constraint_free(cons);
+    afm_transcript_free(tr);
     free(o.piece);
     free(o.text.p);
     free(prompt);
@@ -1118,8 +1279,10 @@ static const char *usage_text =
     "max_tokens, stop, temperature (default 1), top_p, seed, presence_penalty, frequency_penalty\n"
     "(over the last 64 tokens, prompt included), logit_bias (-100 bans), stream,\n"
     "stream_options.include_usage, response_format json_schema (the output follows the schema:\n"
-    "afm.h's constraint engine, docs/CONSTRAINTS.md); n must be 1. tools are refused with 400:\n"
-    "the server does not map them to AFM's tool format yet.\n"
+    "afm.h's constraint engine, docs/CONSTRAINTS.md); n must be 1. tools (function tools) and\n"
+    "tool_choice (auto, required, none, a function): a call the model makes is valid under its\n"
+    "tool's schema and comes back as tool_calls with finish_reason \"tool_calls\"; the client runs\n"
+    "it and sends the result as a tool message (docs/TOOL_CALLING.md). Not with stream.\n"
     "SIGINT or SIGTERM: stop accepting, end running generations, exit 0.\n";
 
 static long arg_int(const char *v, const char *opt, long lo, long hi) {

@@ -22,6 +22,7 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
        $cc $WARN -fsyntax-only tests/test_session.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_session.c &&
        $cc $WARN -fsyntax-only tests/test_sampler.c && $cc $WARN -fsyntax-only examples/server.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_http.c &&
+       $cc $WARN -fsyntax-only tests/test_toolcall.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_transcript.c &&
        $cc $WARN -fsyntax-only tests/fuzz/fuzz_load.c && $cc $WARN -fsyntax-only tests/fuzz/fuzz_fmadapter.c; then
         ok "warning-free with $cc"
     else bad "warnings with $cc"; fi
@@ -66,6 +67,13 @@ else bad "build test_constrain"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
+
+echo "== tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
+if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
+else bad "build test_toolcall"; fi
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_toolcall.c -o build/test_toolcall_san $LIBS; then
+    run_counts "test_toolcall asan+ubsan" build/test_toolcall_san
+else bad "build test_toolcall with sanitizers"; fi
 
 echo "== sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
 if gcc -std=c99 $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_sampler.c -o build/test_sampler $LIBS; then
@@ -173,6 +181,24 @@ if [ $stopped = 1 ] && [ -n "$out" ] && ! echo "$out" | grep -q Moses &&
     ok "--stop-string ends the text just before it; --frequency-penalty changes the output; a bias id out of range is refused"
 else bad "CLI sampler additions: '$out'"; cat build/cli.out; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tests/gen/mini_greedy.py)" python3 tests/gen/mini_greedy.py check
+
+echo "== CLI tool calling: --tools, --tool-exec, --tool-mode, --transcript on models/mini"
+rm -f build/cli_transcript.json
+if ./afm -m $M -p "Weather in Paris?" --tools tests/toolcall/tools.json --tool-exec tests/toolcall/tool.sh --tool-mode required \
+       --transcript build/cli_transcript.json -n 60 --temp 1 --seed 3 > build/cli_tools.out 2> build/cli_tools.err &&
+   grep -qE '^call: (get_weather|cancel_order) \{' build/cli_tools.err &&
+   grep -qE '^(get_weather returned: \{"sky":"clear","celsius":21\}|cancel_order failed: order database offline)$' build/cli_tools.err &&
+   ./afm -m $M -p "Cancel B123" --tool-exec tests/toolcall/tool.sh --tool-mode required --tool-rounds 1 \
+       --transcript build/cli_transcript.json -n 60 > build/cli_tools.out 2> build/cli_tools.err &&
+   grep -q "stopped at the round limit" build/cli_tools.err &&
+   [ "$(grep -c '"role":"tool"' build/cli_transcript.json)" -eq 2 ] &&
+   fails_with "declares its tools already" ./afm -m $M -p x --tools tests/toolcall/tools.json --transcript build/cli_transcript.json &&
+   fails_with "need --tools or --transcript" ./afm -m $M -p x --tool-mode none &&
+   printf '[{"name":"x","parameters":{"properties":{"d":{"type":"string","format":"date"}}}}]' > build/bad_tools.json &&
+   fails_with "build/bad_tools.json: tools[0]: tool 'x': parameters: json schema at /properties/d: unsupported keyword 'format'" \
+       ./afm -m $M -p x --tools build/bad_tools.json; then
+    ok "afm --tools/--tool-exec: a forced call run by a shell command, its output fed back, the transcript continued; bad tools named"
+else bad "afm tool calling"; cat build/cli_tools.err build/cli.out; fi
 
 echo "== guided generation on the shipped model: outputs checked by the jsonschema package"
 if python3 -c "import jsonschema" 2>/dev/null; then
@@ -314,6 +340,15 @@ if gcc -std=c99 $SAN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
    grep -A2 "post_chat$" build/http_replay.log | grep -q "body: 200 ok"; then
     ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
 else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
+# the tool-calling readers: each hostile tools array / transcript refused for its own reason
+if gcc -std=c99 $SAN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
+   build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
+   [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
+   grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
+   grep -q "transcript: messages\[0\].tool_call.arguments: expected an object" build/transcript_replay.log &&
+   grep -q "transcript: byte 140: nested too deeply" build/transcript_replay.log; then
+    ok "tools/transcript corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/transcript | wc -l) inputs, 3 valid)"
+else bad "tools/transcript corpus replay"; cat build/transcript_replay.log; fi
 # the session corpus: its valid states load, each hostile one is refused for its own reason
 if gcc -std=c99 $SAN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
    build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&

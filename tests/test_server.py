@@ -4,7 +4,8 @@
 
 Starts the server on a free port (context 512, 2 sessions, the JSON adapter as model "json"),
 checks chat (streamed and not), completions, the adapter, response_format json_schema (validated
-with jsonschema), stop strings, max_tokens, usage against
+with jsonschema), tools (tool_choice required / a named function / none / auto, calls validated with
+jsonschema, a tool result sent back), stop strings, max_tokens, usage against
 `afm tokenize`, seeds, logit_bias, KV-prefix reuse, every error case with its status code, a client
 that disconnects mid-stream, and a clean SIGTERM. Prints "N passed, N failed"."""
 import http.client
@@ -178,6 +179,47 @@ def main():
             valid = False
         check(valid, "response_format json_schema, model %s, temperature %g: valid per jsonschema: %s" % (model, temp, out[:80]))
 
+    # tools: OpenAI function tools mapped to afm.h's tool loop; the call comes back as tool_calls
+    weather = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]},
+                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+               "required": ["city", "days"], "additionalProperties": False}
+    cancel = {"type": "object", "properties": {"order": {"type": "string", "pattern": "^[A-Z][0-9]{3}$"}},
+              "required": ["order"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": weather}},
+             {"type": "function", "function": {"name": "cancel_order", "description": "Cancels an order", "parameters": cancel}}]
+    schemas = {"get_weather": weather, "cancel_order": cancel}
+    conv = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def valid_call(choice, want=None):
+        calls = choice.message.tool_calls or []
+        try:
+            c = calls[0].function
+            jsonschema.validate(json.loads(c.arguments), schemas[c.name])
+            return choice.finish_reason == "tool_calls" and len(calls) == 1 and (want is None or c.name == want)
+        except (IndexError, KeyError, ValueError, jsonschema.ValidationError):
+            return False
+    r = client.chat.completions.create(model="base", messages=conv, tools=tools, tool_choice="required", max_tokens=60,
+                                       temperature=1.0, seed=5)
+    call = r.choices[0].message.tool_calls[0] if r.choices[0].message.tool_calls else None
+    check(valid_call(r.choices[0]), "tool_choice required: finish_reason tool_calls, arguments valid per jsonschema: %s" %
+          (call.function.name + " " + call.function.arguments if call else r.choices[0]))
+    r2 = client.chat.completions.create(model="base", messages=conv, tools=tools, max_tokens=60, temperature=1.0, seed=5,
+                                        tool_choice={"type": "function", "function": {"name": "cancel_order"}})
+    check(valid_call(r2.choices[0], "cancel_order"), "tool_choice naming cancel_order: %s" %
+          (r2.choices[0].message.tool_calls[0].function.arguments if r2.choices[0].message.tool_calls else r2.choices[0]))
+    if call:  # the client runs the tool and sends its result back: the model continues from it
+        conv2 = conv + [{"role": "assistant", "content": r.choices[0].message.content or "",
+                         "tool_calls": [{"id": call.id, "type": "function",
+                                         "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+                        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear", "celsius": 21}'}]
+        r3 = client.chat.completions.create(model="base", messages=conv2, tools=tools, tool_choice="none", max_tokens=30, seed=5)
+        check(r3.choices[0].finish_reason in ("stop", "length") and not r3.choices[0].message.tool_calls and
+              r3.usage.prompt_tokens > 0, "round trip: the tool's result sent back, tool_choice none answers: %r (%s)" %
+              (r3.choices[0].message.content[:60], r3.choices[0].finish_reason))
+        r4 = client.chat.completions.create(model="base", messages=conv2, tools=tools, tool_choice="auto", max_tokens=60, seed=9)
+        check(r4.choices[0].finish_reason in ("stop", "length") or valid_call(r4.choices[0]),
+              "round trip, tool_choice auto: an answer or a valid call (%s)" % r4.choices[0].finish_reason)
+
     # errors, each with its status code
     def err(fn, cls, code_part, what):
         try:
@@ -199,8 +241,15 @@ def main():
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}), openai.BadRequestError,
         "invalid_schema", "response_format with a schema the engine refuses")
     err(lambda: client.chat.completions.create(model="base", messages=msgs, tools=[
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), openai.BadRequestError,
-        "not supported yet", "tools (not wired to the constraint engine yet)")
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"d": {"format": "date"}}}}}]),
+        openai.BadRequestError, "unsupported keyword 'format'", "tools with a schema keyword the engine refuses")
+    err(lambda: client.chat.completions.create(model="base", messages=msgs, tools=tools, stream=True), openai.BadRequestError,
+        "without stream", "tools with stream")
+    err(lambda: client.chat.completions.create(model="base", messages=msgs, tools=tools,
+                                               tool_choice={"type": "function", "function": {"name": "nope"}}),
+        openai.BadRequestError, "no tool named 'nope'", "tool_choice naming an undeclared tool")
+    err(lambda: client.chat.completions.create(model="base", messages=msgs + [{"role": "tool", "tool_call_id": "x", "content": "1"}]),
+        openai.BadRequestError, "names no earlier tool call", "a tool message answering no call")
     st, body = raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 9\r\n\r\n{\"model\":")
     check(st == 400 and body["error"]["code"] == "invalid_json" and "byte 9" in body["error"]["message"], "malformed JSON: 400 naming the byte")
     st, body = raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 70000\r\n\r\n")
