@@ -23,3 +23,8 @@ run_counts() {
     if [ "$status" -ne 0 ] && [ "$f" -eq 0 ]; then bad "$label: exit status $status"; fi
     echo "---- $label: $p passed, $f failed"
 }
+
+# section TITLE: a step's banner with the seconds since the run began, so slow steps show up in
+# CI logs (the suite should stay under 20 minutes on a 2-core machine).
+T0=${T0:-$(date +%s)}
+section() { echo "== $* ($(( $(date +%s) - T0 )) s)"; }

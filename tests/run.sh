@@ -7,7 +7,7 @@
 cd "$(dirname "$0")/.." || exit 1
 . tests/lib.sh
 
-echo "== warnings: -Wall -Wextra -Wpedantic as C99 and C++, gcc and clang"
+section "warnings: -Wall -Wextra -Wpedantic as C99 and C++, gcc and clang"
 for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
     set -- $cc
     if ! have "$1"; then skip "warnings with $cc" "$1 not installed"; continue; fi
@@ -28,32 +28,32 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
     else bad "warnings with $cc"; fi
 done
 
-echo "== tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
+section "tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
 run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
 
-echo "== engine tests, optimised"
+section "engine tests, optimised"
 if gcc -std=c99 -O2 -g tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
 else bad "build test_main"; fi
 
-echo "== kernels: every SIMD kernel against the scalar reference (ragged shapes)"
+section "kernels: every SIMD kernel against the scalar reference (ragged shapes)"
 if gcc -std=c99 $WARN -O2 tests/test_kernels.c -o build/test_kernels $LIBS; then run_counts "test_kernels -O2" build/test_kernels
 else bad "build test_kernels"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
     run_counts "test_kernels asan+ubsan" build/test_kernels_san
 else bad "build test_kernels with sanitizers"; fi
 
-echo "== engine tests, built with AFM_NO_THREADS AFM_NO_MMAP (portable fallbacks)"
+section "engine tests, built with AFM_NO_THREADS AFM_NO_MMAP (portable fallbacks)"
 if gcc -std=c99 $WARN -O2 -DAFM_NO_THREADS -DAFM_NO_MMAP tests/test_main.c -o build/test_main_nothreads -lm; then
     run_counts "test_main no threads, no mmap" build/test_main_nothreads
 else bad "build with AFM_NO_THREADS AFM_NO_MMAP"; fi
 
-echo "== engine tests, AddressSanitizer + UndefinedBehaviorSanitizer"
+section "engine tests, AddressSanitizer + UndefinedBehaviorSanitizer"
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
        tests/test_main.c -o build/test_main_san $LIBS; then
     run_counts "test_main asan+ubsan" env AFM_TEST_LIGHT=1 build/test_main_san
 else bad "build test_main with sanitizers"; fi
 
-echo "== hostile inputs: a regression test per defect (tests/test_hostile.c), optimised and sanitized"
+section "hostile inputs: a regression test per defect (tests/test_hostile.c), optimised and sanitized"
 if gcc -std=c99 -O2 -g tests/test_hostile.c -o build/test_hostile $LIBS; then run_counts "test_hostile -O2" build/test_hostile
 else bad "build test_hostile"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
@@ -61,32 +61,32 @@ if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefi
     run_counts "test_hostile asan+ubsan" build/test_hostile_san
 else bad "build test_hostile with sanitizers"; fi
 
-echo "== constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
+section "constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
 if gcc -std=c99 $WARN -O2 tests/test_constrain.c -o build/test_constrain $LIBS; then run_counts "test_constrain -O2" build/test_constrain
 else bad "build test_constrain"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
 
-echo "== tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
+section "tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
 if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
 else bad "build test_toolcall"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_toolcall.c -o build/test_toolcall_san $LIBS; then
     run_counts "test_toolcall asan+ubsan" build/test_toolcall_san
 else bad "build test_toolcall with sanitizers"; fi
 
-echo "== sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
+section "sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
 if gcc -std=c99 $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_sampler.c -o build/test_sampler $LIBS; then
     run_counts "test_sampler asan+ubsan" build/test_sampler
 else bad "build test_sampler"; fi
 
-echo "== saved sessions: a state saved after a 500-token prompt, loaded in a new process"
+section "saved sessions: a state saved after a 500-token prompt, loaded in a new process"
 if gcc -std=c99 $WARN -O2 tests/test_session.c -o build/test_session $LIBS &&
    build/test_session save build/session.state build/session.logits > build/session_save.log 2>&1; then
     run_counts "session state: same logits in a new process, refusals" build/test_session load build/session.state build/session.logits
 else bad "test_session save"; cat build/session_save.log; fi
 
-echo "== CLI"
+section "CLI"
 if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad "make"; fi
 # the default drop-in is afm.h alone: simple.c built in a folder holding nothing else answers a question
 rm -rf build/solo && mkdir -p build/solo && cp afm.h build/solo/ && sed 's|"../afm.h"|"afm.h"|' examples/simple.c > build/solo/simple.c
@@ -97,7 +97,7 @@ else bad "simple.c with afm.h alone: $out"; fi
 if ./afm --help | grep -q -- "--dump-logits"; then ok "afm --help"; else bad "afm --help"; fi
 if ./afm -m tests/vectors/does-not-exist.afm --ids 1 2>&1 | grep -q "does-not-exist"; then ok "afm names a missing file"; else bad "afm missing file message"; fi
 
-echo "== CLI with text: the trained model in models/mini (embedded SentencePiece tokenizer)"
+section "CLI with text: the trained model in models/mini (embedded SentencePiece tokenizer)"
 M=models/mini/base.afm
 T="In the beginning God created the heaven
 and the earth. Ünïcödé, 日本語 and 🙂!"
@@ -182,7 +182,7 @@ if [ $stopped = 1 ] && [ -n "$out" ] && ! echo "$out" | grep -q Moses &&
 else bad "CLI sampler additions: '$out'"; cat build/cli.out; fi
 run_counts "greedy outputs on models/mini against PyTorch, from ids and from text (tests/gen/mini_greedy.py)" python3 tests/gen/mini_greedy.py check
 
-echo "== CLI tool calling: --tools, --tool-exec, --tool-mode, --transcript on models/mini"
+section "CLI tool calling: --tools, --tool-exec, --tool-mode, --transcript on models/mini"
 rm -f build/cli_transcript.json
 if ./afm -m $M -p "Weather in Paris?" --tools tests/toolcall/tools.json --tool-exec tests/toolcall/tool.sh --tool-mode required \
        --transcript build/cli_transcript.json -n 60 --temp 1 --seed 3 > build/cli_tools.out 2> build/cli_tools.err &&
@@ -200,7 +200,7 @@ if ./afm -m $M -p "Weather in Paris?" --tools tests/toolcall/tools.json --tool-e
     ok "afm --tools/--tool-exec: a forced call run by a shell command, its output fed back, the transcript continued; bad tools named"
 else bad "afm tool calling"; cat build/cli_tools.err build/cli.out; fi
 
-echo "== guided generation on the shipped model: outputs checked by the jsonschema package"
+section "guided generation on the shipped model: outputs checked by the jsonschema package"
 if python3 -c "import jsonschema" 2>/dev/null; then
     # 24 schemas x 3 sampled generations at temperature 1.0 (tests/check_constrain.py --runs 20 is the full check)
     if python3 tests/check_constrain.py --runs 3 > build/check_constrain.log 2>&1; then ok "guided generation: $(tail -n 1 build/check_constrain.log) (24 schemas x 3 samples, jsonschema)"
@@ -215,7 +215,7 @@ if python3 -c "import jsonschema" 2>/dev/null; then
 elif [ "$CI" = true ]; then bad "python3 -m pip install jsonschema (guided generation check)"
 else skip "guided generation check" "python3 -m pip install jsonschema"; fi
 
-echo "== server: examples/server.c with the real openai client, then 200 requests from 16 clients under ASan"
+section "server: examples/server.c with the real openai client, then 200 requests from 16 clients under ASan"
 if make -s afm-server >/dev/null; then
     if ./afm-server --help | grep -q -- "--adapter NAME=PATH" && ./afm --help | grep -q -- "--prompt-cache" &&
        fails_with "adapter x: README.md: offset 0: bad magic" ./afm-server -m models/mini/base.afm --adapter x=README.md --port 0 &&
@@ -231,7 +231,7 @@ if make -s afm-server >/dev/null; then
     else skip "server tests" "python3 -m pip install openai"; fi
 else bad "make afm-server"; fi
 
-echo "== Python bindings: make lib; a fresh venv, pip install ./python, the README's example; pytest"
+section "Python bindings: make lib; a fresh venv, pip install ./python, the README's example; pytest"
 if make -s lib >/dev/null && [ -f libafm.so ]; then ok "make lib builds libafm.so"; else bad "make lib"; fi
 rm -rf build/pyvenv
 if python3 -m venv --system-site-packages build/pyvenv 2>/dev/null; then
@@ -254,14 +254,14 @@ if python3 -m venv --system-site-packages build/pyvenv 2>/dev/null; then
 else skip "Python bindings" "python3 -m venv (apt-get install python3-venv)"; fi
 rm -rf python/build python/*.egg-info
 
-echo "== kernel levels: the same bits on every level, thread count, batch size and machine (tests/levels.sh)"
+section "kernel levels: the same bits on every level, thread count, batch size and machine (tests/levels.sh)"
 run_counts "kernel levels, byte-identical logits and the recorded ones" sh tests/levels.sh ./afm
 # a build that lets the compiler fuse every a*b+c it can (GNU mode, -O3, this CPU's FMA): same record
 if gcc -std=gnu99 -O3 -march=native -ffp-contract=fast -o build/afm_fused examples/afm.c examples/afm_bench.c $LIBS; then
     run_counts "kernel levels, gcc -O3 -march=native -ffp-contract=fast" sh tests/levels.sh build/afm_fused
 else bad "build afm with -ffp-contract=fast"; fi
 
-echo "== tools: synthetic full-size models and exact parameter counts (afm info)"
+section "tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
     if python3 tools/synth.py --preset base --lora --zeros --type bf16 -q -o build/base_zeros.afm &&
        python3 tools/synth.py --preset draft --zeros --type f16 -q -o build/draft_zeros.afm; then
@@ -293,7 +293,7 @@ if python3 -c "import numpy" 2>/dev/null; then
     else bad "tests/gen/make_quant_vectors.py --check"; fi
 else skip "tool tests" "python3 -m pip install numpy"; fi
 
-echo "== arm64 build under qemu"
+section "arm64 build under qemu"
 if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
     if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_main.c -o build/test_main_arm64 $LIBS; then
         run_counts "test_main arm64 (qemu)" env AFM_TEST_LIGHT=1 qemu-aarch64 build/test_main_arm64
@@ -314,7 +314,7 @@ if have aarch64-linux-gnu-gcc && have qemu-aarch64; then
     else bad "aarch64 cross build of the CLI"; fi
 else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
 
-echo "== fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"
+section "fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"
 SAN="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN"
 if gcc -std=c99 $SAN tests/fuzz/fuzz_load.c -o build/fuzz_replay $LIBS && build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
     ok "model-file corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
@@ -367,5 +367,6 @@ if have clang && clang -fsanitize=fuzzer -x c /dev/null -o /dev/null 2>/dev/null
 else skip "libFuzzer run" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"; fi
 
 if [ "$SKIP" -gt 0 ]; then echo "($SKIP steps skipped: tools missing on this machine)"; fi
+echo "(suite time $(( $(date +%s) - T0 )) s)"
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]
