@@ -10,6 +10,7 @@ Sampling parameters everywhere: temperature, top_k, top_p, min_p, seed, repeat_p
 presence_penalty, frequency_penalty, penalty_last_n, logit_bias ({id: bias}), stop (strings).
 Errors raise afm.Error with the library's message."""
 import ctypes as C
+import json
 import os
 
 import numpy as np
@@ -70,6 +71,12 @@ class _Detokenizer(C.Structure):
 
 _lib = C.CDLL(library_path())
 _P, _I, _SZ, _ERR = C.c_void_p, C.c_int, C.c_size_t, C.c_char_p
+_REGEX, _GBNF, _JSON_SCHEMA = 1, 2, 3  # afm_constraint_kind
+
+
+class _StateHandle(C.c_void_p):
+    """A constraint state pointer that also keeps its compiled constraint."""
+    _constraint = None
 for name, res, args in [
     ("afm_result_string", C.c_char_p, [_I]),
     ("afm_model_load_file", _I, [C.c_char_p, _P, C.POINTER(_P), _ERR, _SZ]),
@@ -107,6 +114,16 @@ for name, res, args in [
     ("afm_stop_free", None, [_P]),
     ("afm_stop_push", _I, [_P, C.c_char_p, _SZ, C.POINTER(C.c_void_p), C.POINTER(_SZ)]),
     ("afm_stop_flush", None, [_P, C.POINTER(C.c_void_p), C.POINTER(_SZ)]),
+    ("afm_constraint_compile", _I, [_I, C.c_char_p, _SZ, _P, C.POINTER(_P), _ERR, _SZ]),
+    ("afm_constraint_free", None, [_P]),
+    ("afm_constraint_vocab_create", _I, [_P, _P, C.POINTER(_P)]),
+    ("afm_constraint_vocab_free", None, [_P]),
+    ("afm_constraint_state_create", _I, [_P, _P, C.POINTER(_P)]),
+    ("afm_constraint_state_free", None, [_P]),
+    ("afm_constraint_state_mask", C.POINTER(C.c_uint32), [_P]),
+    ("afm_constraint_state_advance", _I, [_P, C.c_int32]),
+    ("afm_constraint_state_error", C.c_char_p, [_P]),
+    ("afm_sampler_sample_masked", C.c_int32, [_P, C.POINTER(C.c_float), C.POINTER(C.c_uint32)]),
 ]:
     f = getattr(_lib, name)
     f.restype, f.argtypes = res, args
@@ -206,11 +223,19 @@ class Session:
 
     def stream(self, prompt_tokens, max_tokens=64, stop=None, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
                repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, penalty_last_n=0, logit_bias=None,
-               stop_tokens=None, continuation=False, _ids_out=None):
+               stop_tokens=None, continuation=False, json_schema=None, grammar=None, regex=None, _ids_out=None):
         """Evaluates prompt_tokens (may be empty to continue) and yields the generated text piece by
         piece (whole UTF-8 characters), until max_tokens, EOS / <turn_end>, or a stop string.
-        continuation: the prompt is text being continued (its pieces set the spacing of the first one)."""
+        continuation: the prompt is text being continued (its pieces set the spacing of the first one).
+        json_schema (a dict or JSON text), grammar (GBNF) or regex: guided generation - every token
+        is sampled among those that keep the output a possible match (docs/CONSTRAINTS.md)."""
         m = self._model
+        cs = None
+        given = [(k, v) for k, v in ((_JSON_SCHEMA, json_schema), (_GBNF, grammar), (_REGEX, regex)) if v is not None]
+        if len(given) > 1:
+            raise Error("give one of json_schema, grammar, regex")
+        if given:
+            cs = m._constraint_state(*given[0])
         bias = list((logit_bias or {}).items())
         barr = (_LogitBias * max(1, len(bias)))(*[_LogitBias(int(k), float(v)) for k, v in bias])
         sp = _SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
@@ -241,9 +266,17 @@ class Session:
                 lg = _lib.afm_session_logits(self._ptr, -1)
                 if not lg:
                     raise Error("nothing to continue from: give prompt tokens")
-                tok = _lib.afm_sampler_sample(sm, lg)
+                if cs:
+                    mask = _lib.afm_constraint_state_mask(cs)
+                    if not mask:
+                        raise Error("constraint: %s" % _lib.afm_constraint_state_error(cs).decode(errors="replace"))
+                    tok = _lib.afm_sampler_sample_masked(sm, lg, mask)
+                else:
+                    tok = _lib.afm_sampler_sample(sm, lg)
                 if tok < 0:
                     raise Error("the logits are not finite (NaN or +inf, or every token banned)")
+                if cs:
+                    _check(_lib.afm_constraint_state_advance(cs, tok), "constraint advance")
                 _lib.afm_sampler_accept(sm, tok)
                 if _ids_out is not None:
                     _ids_out.append(tok)
@@ -274,6 +307,9 @@ class Session:
         finally:
             _lib.afm_sampler_free(sm)
             _lib.afm_stop_free(st)
+            if cs:
+                _lib.afm_constraint_state_free(cs)
+                _lib.afm_constraint_free(cs._constraint)
 
 
 class Model:
@@ -293,7 +329,29 @@ class Model:
         self._eog = [t for t in (self._eos, _lib.afm_tokenizer_special(self._tok, _TURN_END)) if t >= 0]
         self._adapters = {}
 
+    def _constraint_state(self, kind, text):
+        """A constraint compiled from text (a dict is written as JSON) and a state at its start."""
+        if isinstance(text, dict):
+            text = json.dumps(text)
+        b = text.encode() if isinstance(text, str) else bytes(text)
+        if not getattr(self, "_cvocab", None):
+            self._cvocab = _P()
+            _check(_lib.afm_constraint_vocab_create(self._tok, None, C.byref(self._cvocab)), "constraint vocabulary")
+        c, st = _P(), _StateHandle()
+        err = C.create_string_buffer(512)
+        if _lib.afm_constraint_compile(kind, b, len(b), None, C.byref(c), err, 512) != 0:
+            raise Error(err.value.decode(errors="replace"))
+        r = _lib.afm_constraint_state_create(c, self._cvocab, C.byref(st))
+        if r != 0:
+            _lib.afm_constraint_free(c)
+            _check(r, "constraint state")
+        st._constraint = c
+        return st
+
     def __del__(self):
+        if getattr(self, "_cvocab", None):
+            _lib.afm_constraint_vocab_free(self._cvocab)
+            self._cvocab = None
         if getattr(self, "_tok", None):
             _lib.afm_tokenizer_free(self._tok)
         if getattr(self, "_ptr", None):

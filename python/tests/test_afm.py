@@ -95,3 +95,26 @@ def test_errors(model):
     s = model.session(n_ctx=8)
     with pytest.raises(afm.Error, match="eval"):
         s.eval(list(range(10, 30)))
+
+
+def test_guided_generation(model):
+    # the base model without its adapter: the schema alone makes the output valid JSON
+    schema = {"type": "object", "properties": {"first": {"type": "string", "maxLength": 12},
+                                               "words": {"type": "integer", "minimum": 1, "maximum": 99}},
+              "required": ["first", "words"]}
+    for seed in range(5):
+        out = model.generate("Describe as JSON: In the beginning God created the heaven and the earth.", chat=True,
+                             json_schema=schema, temperature=1.0, seed=seed, max_tokens=60)
+        v = json.loads(out)
+        assert list(v) == ["first", "words"] and isinstance(v["first"], str) and len(v["first"]) <= 12
+        assert isinstance(v["words"], int) and 1 <= v["words"] <= 99
+    out = model.generate("Answer:", chat=True, regex="(yes|no)", max_tokens=8, temperature=1.0, seed=3)
+    assert out in ("yes", "no")
+    out = model.generate("Count:", chat=True, grammar='root ::= [0-9] [0-9]?', max_tokens=8, temperature=1.0, seed=4)
+    assert out.isdigit() and 1 <= len(out) <= 2
+    with pytest.raises(afm.Error, match="unsupported|format"):
+        model.generate("x", chat=True, json_schema={"type": "string", "format": "email"}, max_tokens=4)
+    with pytest.raises(afm.Error):
+        model.generate("x", chat=True, regex="(", max_tokens=4)
+    with pytest.raises(afm.Error, match="one of"):
+        model.generate("x", chat=True, regex="a", grammar='root ::= "a"', max_tokens=4)
