@@ -384,6 +384,12 @@ typedef struct afm_logit_bias {
 AFMDEF afm_result afm_sampler_accept(afm_sampler *sampler, int32_t token);
 /* Empties the penalty window. */
 AFMDEF void afm_sampler_reset(afm_sampler *sampler);
+/* The sampler's state - its random-number generator and penalty window - as bytes (*size gets the
+   length; buf may be NULL to ask), and back into a sampler made with the same vocabulary size and
+   penalty window, so a generation saved with afm_session_save and this continues as if never
+   interrupted. Loading checks everything (AFM_ERR_FORMAT and err saying what, sampler unchanged). */
+AFMDEF afm_result afm_sampler_save(const afm_sampler *sampler, void *buf, size_t cap, size_t *size);
+AFMDEF afm_result afm_sampler_load(afm_sampler *sampler, const void *data, size_t size, char *err, size_t err_size);
 
 /* Stop strings: generation ends when the generated text contains one of them, also when it is split
    across tokens. Text is pushed as it is decoded; what comes back is the text that is certain not to
@@ -8527,6 +8533,73 @@ AFMDEF void afm_sampler_reset(afm_sampler *sm) {
     if (!sm || !sm->seen) return;
     memset(sm->seen, 0, (size_t)sm->n_vocab * sizeof(uint32_t));
     sm->window_n = sm->window_head = 0;
+}
+
+/* Saved sampler state: "AFMSMPL1", u32 n_vocab, i32 window (window_cap, 0: counts only, -1: no
+   penalties), u32 n, u64 rng[4], then n window tokens oldest first (i32), or n (id, count) pairs of
+   u32 with ids increasing. Little-endian. */
+#define AFM__SMPL_HEAD 52
+static int32_t afm__sampler_window_kind(const afm_sampler *sm) { return !sm->seen ? -1 : sm->window ? sm->window_cap : 0; }
+
+AFMDEF afm_result afm_sampler_save(const afm_sampler *sm, void *buf, size_t cap, size_t *size) {
+    unsigned char *o = (unsigned char *)buf;
+    uint32_t n = 0, i;
+    int k;
+    if (!sm || !size) return AFM_ERR_ARG;
+    if (sm->window) n = (uint32_t)sm->window_n;
+    else if (sm->seen) for (k = 0; k < sm->n_vocab; k++) n += sm->seen[k] != 0;
+    *size = AFM__SMPL_HEAD + (size_t)n * (sm->window ? 4 : 8);
+    if (!buf) return AFM_OK;
+    if (cap < *size) return AFM_ERR_ARG;
+    memcpy(o, "AFMSMPL1", 8);
+    afm__wr32(o + 8, (uint32_t)sm->n_vocab);
+    afm__wr32(o + 12, (uint32_t)afm__sampler_window_kind(sm));
+    afm__wr32(o + 16, n);
+    for (k = 0; k < 4; k++) afm__wr64(o + 20 + 8 * k, sm->rng[k]);
+    o += AFM__SMPL_HEAD;
+    if (sm->window) /* oldest first: the ring starts at head once full, at 0 before */
+        for (i = 0; i < n; i++)
+            afm__wr32(o + 4 * i, (uint32_t)sm->window[(sm->window_n == sm->window_cap ? (uint32_t)sm->window_head + i : i) % (uint32_t)sm->window_cap]);
+    else if (sm->seen)
+        for (k = 0; k < sm->n_vocab; k++)
+            if (sm->seen[k]) { afm__wr32(o, (uint32_t)k); afm__wr32(o + 4, sm->seen[k]); o += 8; }
+    return AFM_OK;
+}
+
+AFMDEF afm_result afm_sampler_load(afm_sampler *sm, const void *data, size_t size, char *err, size_t errn) {
+    const unsigned char *p = (const unsigned char *)data;
+    uint32_t n, i, prev = 0;
+    int32_t kind;
+    int k;
+    if (!sm || (!data && size)) return afm__fail(err, errn, AFM_ERR_ARG, "afm_sampler_load: no sampler or no data");
+    if (size < AFM__SMPL_HEAD || memcmp(p, "AFMSMPL1", 8))
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "sampler state: not a saved sampler state (%zu bytes, no \"AFMSMPL1\" at offset 0)", size);
+    if (afm__rd32(p + 8) != (uint32_t)sm->n_vocab)
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "sampler state: vocabulary of %u tokens at offset 8, this sampler has %d", afm__rd32(p + 8), sm->n_vocab);
+    kind = (int32_t)afm__rd32(p + 12);
+    if (kind != afm__sampler_window_kind(sm))
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "sampler state: penalty window %d at offset 12, this sampler's is %d (-1: no penalties, 0: unbounded)",
+                         (int)kind, (int)afm__sampler_window_kind(sm));
+    n = afm__rd32(p + 16);
+    if ((kind > 0 && n > (uint32_t)kind) || (kind == 0 && n > (uint32_t)sm->n_vocab) || (kind < 0 && n) ||
+        size != AFM__SMPL_HEAD + (size_t)n * (kind > 0 ? 4 : 8))
+        return afm__fail(err, errn, AFM_ERR_FORMAT, "sampler state: %u entries at offset 16 do not fit the window or the %zu bytes", n, size);
+    for (i = 0; i < n; i++) { /* check everything before changing anything */
+        const unsigned char *e = p + AFM__SMPL_HEAD + (size_t)i * (kind > 0 ? 4 : 8);
+        uint32_t id = afm__rd32(e);
+        if (id >= (uint32_t)sm->n_vocab || (kind == 0 && ((i && id <= prev) || !afm__rd32(e + 4))))
+            return afm__fail(err, errn, AFM_ERR_FORMAT, "sampler state: entry %u at offset %zu: token %u out of range, out of order or counted 0",
+                             i, (size_t)(e - p), id);
+        prev = id;
+    }
+    afm_sampler_reset(sm);
+    for (k = 0; k < 4; k++) sm->rng[k] = afm__rd64(p + 20 + 8 * k);
+    for (i = 0; i < n; i++) {
+        const unsigned char *e = p + AFM__SMPL_HEAD + (size_t)i * (kind > 0 ? 4 : 8);
+        if (kind > 0) afm_sampler_accept(sm, (int32_t)afm__rd32(e));
+        else sm->seen[afm__rd32(e)] = afm__rd32(e + 4);
+    }
+    return AFM_OK;
 }
 
 /* The logits the filters see: the caller's, or a copy with the bias added and the penalties applied. */

@@ -214,9 +214,61 @@ static void test_with_model(void) {
     afm_model_free(m);
 }
 
+
+/* afm_sampler_save / afm_sampler_load: a sampler restored mid-way draws what the original draws, for
+   each kind of penalty window; a state for another sampler or a damaged one is refused, unchanged. */
+static void sample_run(afm_sampler *sm, int n, int32_t *out) {
+    float lg[64];
+    int i, j;
+    for (i = 0; i < n; i++) {
+        for (j = 0; j < 64; j++) lg[j] = (float)((j * 37 + i * 11) % 23) * 0.25f;
+        out[i] = afm_sampler_sample(sm, lg);
+        afm_sampler_accept(sm, out[i]);
+    }
+}
+static void test_sampler_state(void) {
+    static const int windows[3] = { 8, -1, 0 };
+    int w;
+    for (w = 0; w < 3; w++) {
+        afm_sampler_params p;
+        afm_sampler *a, *b, *c;
+        int32_t x[40], y[20];
+        unsigned char buf[4096], bad[4096];
+        size_t n = 0, m = 0;
+        char err[256], what[160];
+        memset(&p, 0, sizeof p);
+        p.temperature = 1.0f; p.seed = 99; p.top_p = 0.95f;
+        if (w < 2) { p.presence_penalty = 0.7f; p.frequency_penalty = 0.3f; p.penalty_last_n = windows[w]; }
+        a = make(p, 64); b = make(p, 64);
+        sample_run(a, 20, x);
+        check(afm_sampler_save(a, NULL, 0, &n) == AFM_OK && n <= sizeof buf && afm_sampler_save(a, buf, sizeof buf, &m) == AFM_OK && m == n,
+              "sampler state: size, then the bytes");
+        check(afm_sampler_load(b, buf, n, err, sizeof err) == AFM_OK, "sampler state loads into a sampler made alike");
+        sample_run(a, 20, x + 20);
+        sample_run(b, 20, y);
+        snprintf(what, sizeof what, "sampler state (window %d): the restored sampler draws the same 20 tokens", w < 2 ? windows[w] : -2);
+        check(!memcmp(x + 20, y, sizeof y), what);
+        memcpy(bad, buf, n);
+        bad[8] ^= 1;
+        check(afm_sampler_load(b, bad, n, err, sizeof err) == AFM_ERR_FORMAT && strstr(err, "vocabulary"), "sampler state: another vocabulary is refused");
+        check(afm_sampler_load(b, buf, n - 1, err, sizeof err) == AFM_ERR_FORMAT, "sampler state: a truncated state is refused");
+        check(afm_sampler_load(b, "AFMSTATE", 8, err, sizeof err) == AFM_ERR_FORMAT && strstr(err, "AFMSMPL1"), "sampler state: another file is refused");
+        if (n > 52) {
+            memcpy(bad, buf, n);
+            bad[52] = 0xff; bad[53] = 0xff; /* a token id out of range */
+            check(afm_sampler_load(b, bad, n, err, sizeof err) == AFM_ERR_FORMAT && strstr(err, "offset 52"), "sampler state: a token out of range is refused, naming its offset");
+        }
+        p.penalty_last_n = w == 0 ? 9 : 8; p.presence_penalty = 0.5f;
+        c = make(p, 64);
+        check(afm_sampler_load(c, buf, n, err, sizeof err) == AFM_ERR_FORMAT && strstr(err, "penalty window"), "sampler state: another penalty window is refused");
+        afm_sampler_free(a); afm_sampler_free(b); afm_sampler_free(c);
+    }
+}
+
 int main(void) {
     test_bias_and_penalties();
     test_stop_strings();
+    test_sampler_state();
     test_with_model();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;

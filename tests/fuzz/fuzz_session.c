@@ -61,9 +61,32 @@ static afm_result try_state(const uint8_t *data, size_t size, char *err, size_t 
     return r;
 }
 
+/* A saved sampler state (afm_sampler_save): loaded into samplers with a penalty window of 8, an
+   unbounded one and none; what loads must save back to the same bytes. */
+static void try_sampler_state(const uint8_t *data, size_t size) {
+    static const int windows[3] = { 8, -1, 0 };
+    int w;
+    for (w = 0; w < 3; w++) {
+        afm_sampler_params p;
+        afm_sampler *sm;
+        char err[256];
+        memset(&p, 0, sizeof p);
+        if (w < 2) { p.presence_penalty = 0.5f; p.penalty_last_n = windows[w]; }
+        if (afm_sampler_create(&p, 64, NULL, &sm) != AFM_OK) abort();
+        if (afm_sampler_load(sm, data, size, err, sizeof err) == AFM_OK) {
+            unsigned char *back = (unsigned char *)malloc(size + 1);
+            size_t n = 0;
+            if (!back || afm_sampler_save(sm, back, size + 1, &n) != AFM_OK || n != size || memcmp(back, data, size)) abort();
+            free(back);
+        } else if (!err[0]) abort(); /* a refusal always says why */
+        afm_sampler_free(sm);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char err[512];
     try_state(data, size, err, sizeof err);
+    if (size >= 8 && !memcmp(data, "AFMSMPL1", 8)) try_sampler_state(data, size);
     return 0;
 }
 
