@@ -124,6 +124,10 @@ static const char *usage_more =
     "                         start rule root)\n"
     "      --regex RE         the whole output matches the regular expression RE\n"
     "      --no-fast-forward  sample every token, even those the constraint forces\n"
+    "      --no-schema-prompt with --json-schema: do not show the schema to the model (by default\n"
+    "                         the user's message is followed by a blank line, \"" AFM_SCHEMA_PROMPT_INTRO "\"\n"
+    "                         and the schema as compact JSON)\n"
+    "      --schema-prompt TEXT  with --json-schema: show TEXT after the user's message instead\n"
     "      --ignore-eos       text prompts: do not stop at EOS and <turn_end> (stopping there is\n"
     "                         the default; --ids prompts stop only at --stop ids)\n"
     "      --prompt-cache FILE  keep the session's state after the prompt in FILE (KV cache, tokens,\n"
@@ -637,8 +641,9 @@ static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
     const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL, *cache_path = NULL;
-    const char *schema_path = NULL, *grammar_path = NULL, *regex = NULL;
-    int no_fast_forward = 0;
+    const char *schema_path = NULL, *grammar_path = NULL, *regex = NULL, *schema_prompt = NULL;
+    int no_fast_forward = 0, no_schema_prompt = 0;
+    char *prompt_with_schema = NULL;
     int lookup = 0, draft_k = 0, fixed_k = 0, chat = 0, show_prompt = 0, ignore_eos = 0, display_prompt = 1;
     int n_predict = 16, no_mmap = 0, i, n_prompt, n_eog = 0;
     unsigned tok_flags = AFM_TOK_AFM;
@@ -725,6 +730,8 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--grammar")) { if (!v) die("option %s needs a value", a); grammar_path = v; i++; }
         else if (!strcmp(a, "--regex")) { if (!v) die("option %s needs a value", a); regex = v; i++; }
         else if (!strcmp(a, "--no-fast-forward")) no_fast_forward = 1;
+        else if (!strcmp(a, "--no-schema-prompt")) no_schema_prompt = 1;
+        else if (!strcmp(a, "--schema-prompt")) { if (!v) die("option %s needs a value", a); schema_prompt = v; i++; }
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
             if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;
@@ -757,6 +764,19 @@ static int cmd_generate(int argc, char **argv) {
         int32_t stop_ids[2];
         int k;
         tokenizer = tokenizer_or_die(m, model_path, tok_path);
+        if (schema_path && !no_schema_prompt) { /* the schema shown to the model too (docs/CONSTRAINTS.md) */
+            size_t slen = 0, plen = 0, tlen = strlen(text);
+            char *stext = schema_prompt ? NULL : read_all(schema_path, &slen);
+            if (stext && afm_schema_prompt(stext, slen, NULL, 0, &plen) != AFM_OK) die("%s: not one JSON value", schema_path);
+            if (schema_prompt) plen = strlen(schema_prompt);
+            if (!(prompt_with_schema = (char *)malloc(tlen + plen + 3))) die("%s", "out of memory");
+            memcpy(prompt_with_schema, text, tlen);
+            memcpy(prompt_with_schema + tlen, "\n\n", 2);
+            if (schema_prompt) memcpy(prompt_with_schema + tlen + 2, schema_prompt, plen + 1);
+            else afm_schema_prompt(stext, slen, prompt_with_schema + tlen + 2, plen + 1, &plen);
+            free(stext);
+            text = prompt_with_schema;
+        }
         prompt = encode_or_die(tokenizer, text, chat, system, tok_flags, 1, &n_prompt);
         if (n_prompt == 0) die("%s", "the prompt is empty");
         stop_ids[0] = afm_tokenizer_special(tokenizer, AFM_SPECIAL_EOS);
@@ -925,6 +945,7 @@ static int cmd_generate(int argc, char **argv) {
     }
     free(prompt);
     free(file_text);
+    free(prompt_with_schema);
     if (tokenizer) afm_stop_free(out.stop);
     afm_tokenizer_free(tokenizer);
     afm_sampler_free(sampler);
