@@ -193,6 +193,14 @@ static const spec k_specs[] = {
     { AFM_CONSTRAINT_JSON_SCHEMA, "{\"$defs\":{\"node\":{\"type\":\"object\",\"properties\":{\"v\":{\"type\":\"integer\"},\"next\":{\"anyOf\":[{\"$ref\":\"#/$defs/node\"},{\"type\":\"null\"}]}},\"required\":[\"v\",\"next\"]}},\"$ref\":\"#/$defs/node\"}",
       { "{\"v\":1,\"next\":{\"v\":2,\"next\":null}}" }, { "{\"v\":1}" } },
     { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":[\"string\",\"null\"],\"maxLength\":1}", { "null", "\"a\"" }, { "\"ab\"" } },
+    /* length bounds at 0, 1, max and a large maxLength (the masks test whole characters and cut by
+       the characters left: multi-byte characters, escapes and the closing quote at each bound) */
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"string\",\"maxLength\":0}", { "\"\"" }, { "\"a\"" } },
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"string\",\"minLength\":1,\"maxLength\":1}", { "\"\xE6\x97\xA5\"", "\"\\n\"" }, { "\"\"", "\"ab\"" } },
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"string\",\"minLength\":3,\"maxLength\":10000}", { "\"abc\"", "\"\xC3\xA9\xE6\x97\xA5\xF0\x9F\x98\x80\"" }, { "\"ab\"" } },
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"array\",\"items\":{\"type\":\"string\",\"maxLength\":4},\"maxItems\":3}", { "[]", "[\"abcd\",\"\"]" }, { "[\"abcde\"]" } },
+    { AFM_CONSTRAINT_REGEX, "[a-z\xC3\xA9]{2,6}!", { "ab!", "\xC3\xA9\xC3\xA9" "abcd!" }, { "a!", "abcdefg!" } },
+    { AFM_CONSTRAINT_REGEX, ".{0,10000}", { "", "abc" }, { "\n" } },
     { AFM_CONSTRAINT_JSON_SCHEMA, "{}", { "{\"a\":[1,\"x\",true]}", "-0.5" }, { "{a:1}" } },
     { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"object\",\"properties\":{\"tags\":{\"type\":\"array\",\"items\":{\"enum\":[\"x\",\"yes\"]}},\"id\":{\"type\":\"integer\",\"minimum\":100,\"maximum\":1234}},\"required\":[\"id\"],\"additionalProperties\":false}",
       { "{\"id\":100}", "{\"tags\":[\"x\"],\"id\":1234}" }, { "{\"id\":99}", "{\"id\":1235}", "{\"tags\":[]}" } },
