@@ -8538,6 +8538,7 @@ typedef struct afm__grammar {
     size_t n_names, cap_names;
     uint32_t *rule_alt0;          /* after packing: rule r's alternatives are ralt[rule_alt0[r] .. rule_alt0[r + 1]) */
     uint32_t *ralt;
+    uint8_t brep[256];            /* after packing: the first byte of b's class (bytes no range tells apart) */
     int32_t root;
     char *err;
     size_t err_size;
@@ -9037,6 +9038,15 @@ static int afm__g_finish(afm__grammar *g, int32_t root) {
     for (r = 0; r < g->n_rule; r++)
         if (!fin[r]) { afm__g_fail(g, "rule '%s' can never finish: every alternative needs the rule itself again", afm__g_name(g, r)); goto out; }
     afm__g_check_left(g, nul);
+    { /* byte classes: a range starts a class at lo and at hi + 1, so bytes between two such
+         boundaries pass every range test alike and step every state to the same state */
+        uint8_t cut[257];
+        unsigned b;
+        memset(cut, 0, sizeof cut);
+        for (i = 0; i < g->n_el; i++)
+            if (g->el[i] != AFM__G_END && (g->el[i] & AFM__G_BYTES)) { cut[g->el[i] & 0xFF] = 1; cut[((g->el[i] >> 8) & 0xFF) + 1] = 1; }
+        for (b = 0; b < 256; b++) g->brep[b] = (uint8_t)(b == 0 || cut[b] ? b : g->brep[b - 1]);
+    }
 out:
     afm__free(a, fill);
     afm__free(a, fin);
@@ -10685,10 +10695,12 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
         m->n_trans += 256;
     }
     t = m->trans[(size_t)m->str[s] * 256 + b];
-    if (t == AFM__CM_UNKNOWN) {
-        t = afm__cm_step_slow(m, s, b);
+    if (t == AFM__CM_UNKNOWN) { /* computed once per byte class, for every byte of it */
+        const uint8_t *brep = m->c->g.brep;
+        unsigned r = brep[b], x;
+        t = afm__cm_step_slow(m, s, r);
         if (t == AFM__CM_FAIL) return t;
-        m->trans[(size_t)m->str[s] * 256 + b] = t;
+        for (x = r; x < 256 && brep[x] == r; x++) m->trans[(size_t)m->str[s] * 256 + x] = t;
     }
     return t;
 }
