@@ -10706,6 +10706,10 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
 }
 
 static int32_t afm__cm_char_step(afm_constraint_state *m, int32_t s, unsigned b);
+/* What a byte is in UTF-8, as far as the continuations a character starting with it needs. */
+static int afm__utf8_kind(unsigned b) {
+    return b < 0x80 ? 0 : b < 0xC2 ? 1 : b < 0xE0 ? 2 : b == 0xE0 ? 3 : b == 0xED ? 4 : b < 0xF0 ? 5 : b == 0xF0 ? 6 : b < 0xF4 ? 7 : b == 0xF4 ? 8 : 1;
+}
 
 /* The state every byte of the 256-bit set b leads to from state s (chars: every character whose
    first byte is in b), if it is one and the same: a live state, or AFM__CM_DEAD when all are dead;
@@ -10735,8 +10739,17 @@ static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_
             t = chars ? afm__cm_char_step(m, s, (unsigned)(q * 64 + bit)) : afm__cm_step(m, s, (unsigned)(q * 64 + bit));
             if (t == AFM__CM_FAIL) return t;
             c = (chars ? m->ccls : m->cls) + (size_t)s * AFM__CM_NCLS; /* the step may have moved the array */
-            if (t != to) { c[k].no[q] |= 1ull << bit; return AFM__CM_MIXED; }
-            c[k].yes[q] |= 1ull << bit;
+            { /* the byte's class alike (by characters: of the same UTF-8 length and continuation range) */
+                const uint8_t *brep = m->c->g.brep;
+                unsigned x0 = (unsigned)(q * 64 + bit), r = brep[x0], x;
+                for (x = r; x < 256 && brep[x] == r; x++)
+                    if (!chars || afm__utf8_kind(x) == afm__utf8_kind(x0)) {
+                        if (t != to) c[k].no[x >> 6] |= 1ull << (x & 63);
+                        else c[k].yes[x >> 6] |= 1ull << (x & 63);
+                    }
+                if (t != to) return AFM__CM_MIXED;
+                todo &= ~c[k].yes[q];
+            }
         }
     }
     return to;
