@@ -10163,6 +10163,12 @@ struct afm_constraint_vocab {
        deeper than the characters left; by characters, the tokens short enough are allowed at once. */
     uint64_t *bigfirst;     /* [n_big][4] */
     uint8_t *bigcrel, *bigcdep, *tokc;
+    /* subtrees of AFM__VOCAB_HUGE or more tokens: their tokens as (word, bits) pairs of the mask,
+       ordered by length in characters below the node, so that allowing them (or those within d
+       characters) costs one OR per word instead of one per token */
+    int32_t *bighuge;       /* per big node: index of its pairs, -1 if not huge */
+    uint32_t *hoff;         /* [n_huge][257]: pairs of length < L start at hoff[h * 257] and end at hoff[h * 257 + L] */
+    uint32_t *hword, *hbits;
     uint8_t *bigowed, *bigclo, *bigchi; /* inside a character: continuation bytes still owed (255: the
                                subtree is not whole characters), the range of the next one */
 };
@@ -10223,6 +10229,7 @@ AFMDEF void afm_constraint_vocab_free(afm_constraint_vocab *v) {
     afm__free(&a, v->biglo); afm__free(&a, v->bighi); afm__free(&a, v->bigdepth);
     afm__free(&a, v->bigfirst); afm__free(&a, v->bigcrel); afm__free(&a, v->bigcdep); afm__free(&a, v->tokc);
     afm__free(&a, v->bigowed); afm__free(&a, v->bigclo); afm__free(&a, v->bigchi);
+    afm__free(&a, v->bighuge); afm__free(&a, v->hoff); afm__free(&a, v->hword); afm__free(&a, v->hbits);
     afm__free(&a, v);
 }
 
@@ -10232,6 +10239,51 @@ static afm_result afm__vocab_tree(afm_constraint_vocab *v);
 #ifndef AFM__VOCAB_BIG
 #define AFM__VOCAB_BIG 4
 #endif
+#ifndef AFM__VOCAB_HUGE
+#define AFM__VOCAB_HUGE 1024
+#endif
+static int afm__u64_cmp(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+/* The (word, bits) pairs of the huge subtrees (v's big summaries filled in). */
+static afm_result afm__vocab_huge(afm_constraint_vocab *v) {
+    const afm_allocator *a = &v->alloc;
+    int32_t b, nh = 0;
+    size_t np = 0, cap = 0;
+    uint64_t *key = NULL;
+    if (!(v->bighuge = (int32_t *)afm__alloc(a, ((size_t)v->n_big + 1) * sizeof *v->bighuge))) return AFM_ERR_NOMEM;
+    for (b = 0; b < v->n_big; b++) {
+        v->bighuge[b] = v->bighi[b] - v->biglo[b] >= AFM__VOCAB_HUGE ? nh++ : -1;
+        if (v->bighuge[b] >= 0) cap += (size_t)(v->bighi[b] - v->biglo[b]);
+    }
+    v->hoff = (uint32_t *)afm__calloc(a, (size_t)nh * 257 + 1, sizeof *v->hoff);
+    v->hword = (uint32_t *)afm__alloc(a, (cap + 1) * sizeof *v->hword);
+    v->hbits = (uint32_t *)afm__alloc(a, (cap + 1) * sizeof *v->hbits);
+    key = (uint64_t *)afm__alloc(a, (size_t)(v->n_vocab + 1) * sizeof *key);
+    if (!v->hoff || !v->hword || !v->hbits || !key) { afm__free(a, key); return AFM_ERR_NOMEM; }
+    for (b = 0; b < v->n_big; b++) {
+        int32_t h = v->bighuge[b], i, n = 0, L;
+        if (h < 0) continue;
+        for (i = v->biglo[b]; i < v->bighi[b]; i++) { /* length below the node, word, bit */
+            int len = v->tokc[i] - v->bigcdep[b];
+            len = len < 0 ? 0 : len > 255 ? 255 : len;
+            key[n++] = (uint64_t)len << 40 | (uint64_t)(uint32_t)(v->toks[i] >> 5) << 8 | (uint64_t)(v->toks[i] & 31);
+        }
+        qsort(key, (size_t)n, sizeof *key, afm__u64_cmp);
+        L = 0;
+        for (i = 0; i < n; i++) {
+            int len = (int)(key[i] >> 40);
+            uint32_t w = (uint32_t)(key[i] >> 8) & 0xFFFFFFFFu;
+            while (L <= len) v->hoff[(size_t)h * 257 + L++] = (uint32_t)np;
+            if (i == 0 || (key[i] >> 8) != (key[i - 1] >> 8)) { v->hword[np] = w; v->hbits[np++] = 0; }
+            v->hbits[np - 1] |= 1u << (key[i] & 31);
+        }
+        while (L <= 256) v->hoff[(size_t)h * 257 + L++] = (uint32_t)np;
+    }
+    afm__free(a, key);
+    return AFM_OK;
+}
 /* UTF-8 as the tree spells it: per node, the continuation bytes still owed (0 at a character
    boundary, 255 after a byte that cannot be there) and the range the next one must be in. */
 static void afm__vocab_utf8_step(uint8_t owed, uint8_t lo, uint8_t hi, unsigned x, uint8_t *o_owed, uint8_t *o_lo, uint8_t *o_hi) {
@@ -10310,7 +10362,7 @@ static afm_result afm__vocab_big(afm_constraint_vocab *v) {
             v->bigowed[b] = owed[u] != 255 && ok8[u] && amax[u] < 254 && amax[u] >= v->bigcdep[b] ? owed[u] : 255;
             v->bigcrel[b] = (uint8_t)(v->bigowed[b] != 255 ? amax[u] - v->bigcdep[b] : 0);
         }
-    r = AFM_OK;
+    r = afm__vocab_huge(v);
 out:
     afm__free(a, r0);
     afm__free(a, r1);
@@ -10844,15 +10896,23 @@ static const uint32_t *afm__cm_mask(afm_constraint_state *m, int32_t s) {
                 if (x == AFM__CM_FAIL) return NULL;
                 if (x >= 0 || x == AFM__CM_DEAD) {
                     int lim = v->bigcdep[b] + d;
-                    for (k = v->biglo[b]; k < v->bighi[b]; k++)
-                        if (v->tokc[k] <= lim) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
+                    if (v->bighuge[b] >= 0) {
+                        size_t h = (size_t)v->bighuge[b] * 257, e = v->hoff[h + (d < 256 ? d + 1 : 256)];
+                        for (k = (int32_t)v->hoff[h]; k < (int32_t)e; k++) mask[v->hword[k]] |= v->hbits[k];
+                    } else
+                        for (k = v->biglo[b]; k < v->bighi[b]; k++)
+                            if (v->tokc[k] <= lim) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
                     continue;
                 }
             } else {
                 for (d = 0; d < v->bigdepth[b] && u >= 0; d++) u = afm__cm_uniform(m, u, v->bigset + (size_t)b * 4, 0);
                 if (u == AFM__CM_FAIL) return NULL;
                 if (u >= 0) {
-                    for (k = v->biglo[b]; k < v->bighi[b]; k++) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
+                    if (v->bighuge[b] >= 0) {
+                        size_t h = (size_t)v->bighuge[b] * 257;
+                        for (k = (int32_t)v->hoff[h]; k < (int32_t)v->hoff[h + 256]; k++) mask[v->hword[k]] |= v->hbits[k];
+                    } else
+                        for (k = v->biglo[b]; k < v->bighi[b]; k++) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
                     continue;
                 }
             }
