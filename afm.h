@@ -10663,7 +10663,7 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
     size_t k, i;
     int32_t s;
     if (!m->n_out && !acc) return AFM__CM_DEAD;
-    if (m->n_out > 16) qsort(m->out, m->n_out, sizeof *m->out, afm__cmp_i32);
+    if (m->n_out > 64) qsort(m->out, m->n_out, sizeof *m->out, afm__cmp_i32);
     else for (i = 1; i < m->n_out; i++) { /* usually a handful: insertion sort */
         int32_t x = m->out[i];
         size_t j = i;
@@ -10747,17 +10747,40 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
         m->n_trans += 256;
     }
     t = m->trans[(size_t)m->str[s] * 256 + b];
-    if (t == AFM__CM_UNKNOWN) { /* computed once per byte class, for every byte of it */
+    if (t == AFM__CM_UNKNOWN) {
+        /* computed once, then filled in for every byte that passes the same range tests of this
+           state's stacks (whole byte classes: bytes no range of the grammar tells apart) */
         const uint8_t *brep = m->c->g.brep;
-        unsigned r = brep[b], x;
+        unsigned r = brep[b], x, y;
+        int32_t *row;
         t = afm__cm_step_slow(m, s, r);
         if (t == AFM__CM_FAIL) return t;
-        for (x = r; x < 256 && brep[x] == r; x++) m->trans[(size_t)m->str[s] * 256 + x] = t;
+        row = m->trans + (size_t)m->str[s] * 256;
+        for (x = 0; x < 256; x = y) {
+            uint32_t i;
+            int same = row[x] == AFM__CM_UNKNOWN;
+            for (y = x + 1; y < 256 && brep[y] == x; y++) {}
+            for (i = m->soff[s]; i < m->soff[s + 1] && same; i++) {
+                uint32_t e = m->el[m->fpos[m->spool[i]]], lo = e & 0xFF, hi = (e >> 8) & 0xFF;
+                same = (r >= lo && r <= hi) == (x >= lo && x <= hi);
+            }
+            if (same) while (x < y) row[x++] = t;
+        }
     }
     return t;
 }
 
 static int32_t afm__cm_char_step(afm_constraint_state *m, int32_t s, unsigned b);
+/* The index of the lowest set bit of x (not 0). */
+static int afm__ctz64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(x);
+#else
+    int n = 0;
+    while (!(x & 1)) { x >>= 1; n++; }
+    return n;
+#endif
+}
 /* What a byte is in UTF-8, as far as the continuations a character starting with it needs. */
 static int afm__utf8_kind(unsigned b) {
     return b < 0x80 ? 0 : b < 0xC2 ? 1 : b < 0xE0 ? 2 : b == 0xE0 ? 3 : b == 0xED ? 4 : b < 0xF0 ? 5 : b == 0xF0 ? 6 : b < 0xF4 ? 7 : b == 0xF4 ? 8 : 1;
@@ -10772,7 +10795,8 @@ static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_
     int32_t to;
     int q, lo = 0, k;
     if (s < 0) return s;
-    while (!((b[lo >> 6] >> (lo & 63)) & 1)) lo++; /* b is never empty */
+    while (!b[lo >> 6]) lo += 64; /* b is never empty */
+    lo += afm__ctz64(b[lo >> 6]);
     to = chars ? afm__cm_char_step(m, s, (unsigned)lo) : afm__cm_step(m, s, (unsigned)lo);
     if (to < AFM__CM_DEAD) return to == AFM__CM_FAIL ? to : AFM__CM_MIXED;
     c = (chars ? m->ccls : m->cls) + (size_t)s * AFM__CM_NCLS;
@@ -10784,9 +10808,8 @@ static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_
     for (q = 0; q < 4; q++) {
         uint64_t todo = b[q] & ~c[k].yes[q];
         while (todo) {
-            int bit = 0;
+            int bit = afm__ctz64(todo);
             int32_t t;
-            while (!((todo >> bit) & 1)) bit++;
             todo &= todo - 1;
             t = chars ? afm__cm_char_step(m, s, (unsigned)(q * 64 + bit)) : afm__cm_step(m, s, (unsigned)(q * 64 + bit));
             if (t == AFM__CM_FAIL) return t;
