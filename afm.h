@@ -458,8 +458,8 @@ AFMDEF const char *afm_constraint_state_error(const afm_constraint_state *s);
    schema as compact JSON (whitespace outside strings dropped; descriptions kept, since they tell
    the model what each field means). The CLI appends it to the user's message after a blank line.
    Writes at most cap bytes with a NUL (text may be NULL with cap 0 to ask for the length); *len is
-   the length without the NUL. AFM_ERR_ARG when the text does not fit, AFM_ERR_FORMAT when schema
-   is not one JSON value (strings unterminated, brackets unbalanced). docs/CONSTRAINTS.md. */
+   the length without the NUL. AFM_ERR_ARG when the text does not fit, AFM_ERR_FORMAT when the
+   schema's strings or brackets do not match up (or nest deeper than 256). docs/CONSTRAINTS.md. */
 #define AFM_SCHEMA_PROMPT_INTRO "Respond with JSON that follows this JSON schema:"
 AFMDEF afm_result afm_schema_prompt(const char *schema, size_t schema_len, char *text, size_t cap, size_t *len);
 /* Samples only among the tokens whose bit is set in allowed (NULL: all); -1 when none is. */
@@ -11095,8 +11095,8 @@ AFMDEF const char *afm_constraint_state_error(const afm_constraint_state *m) {
 AFMDEF afm_result afm_schema_prompt(const char *schema, size_t schema_len, char *text, size_t cap, size_t *len) {
     static const char intro[] = AFM_SCHEMA_PROMPT_INTRO "\n";
     size_t i, n = 0;
-    int in_str = 0, esc = 0;
-    long depth = 0;
+    int in_str = 0, esc = 0, depth = 0;
+    char open[256]; /* the brackets open (deeper nesting than a schema compiles with is refused) */
     if (len) *len = 0;
     if (!schema && schema_len) return AFM_ERR_ARG;
     for (i = 0; i < sizeof intro - 1; i++, n++)
@@ -11109,8 +11109,12 @@ AFMDEF afm_result afm_schema_prompt(const char *schema, size_t schema_len, char 
             else if (ch == '"') in_str = 0;
         } else if (ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r') continue;
         else if (ch == '"') in_str = 1;
-        else if (ch == '{' || ch == '[') depth++;
-        else if ((ch == '}' || ch == ']') && --depth < 0) return AFM_ERR_FORMAT;
+        else if (ch == '{' || ch == '[') {
+            if (depth == (int)sizeof open) return AFM_ERR_FORMAT;
+            open[depth++] = ch;
+        } else if (ch == '}' || ch == ']') {
+            if (!depth || open[--depth] != (ch == '}' ? '{' : '[')) return AFM_ERR_FORMAT;
+        }
         if (n + 1 < cap && text) text[n] = ch;
         n++;
     }

@@ -537,8 +537,24 @@ static void test_generate(void) {
     afm_model_free(draft);
 }
 
+/* afm_schema_prompt: the documented rendering, its length query, a buffer too small, bad JSON. */
+static void test_schema_prompt(void) {
+    const char *schema = "{\n  \"type\": \"object\",\n  \"properties\": {\"name\": {\"type\": \"string\", \"description\": \"a \\\"full\\\" name, e.g. { Adam }\"}}\n}";
+    const char *want = AFM_SCHEMA_PROMPT_INTRO "\n{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"string\",\"description\":\"a \\\"full\\\" name, e.g. { Adam }\"}}}";
+    char buf[512], small[16];
+    size_t len = 0;
+    CHECK(afm_schema_prompt(schema, strlen(schema), NULL, 0, &len) == AFM_OK && len == strlen(want), "schema prompt: length %d", (int)len);
+    CHECK(afm_schema_prompt(schema, strlen(schema), buf, sizeof buf, &len) == AFM_OK && !strcmp(buf, want), "schema prompt: '%s'", buf);
+    CHECK(afm_schema_prompt(schema, strlen(schema), small, sizeof small, &len) == AFM_ERR_ARG && len == strlen(want) && strlen(small) == sizeof small - 1,
+          "schema prompt: a buffer too small is an error, truncated and terminated");
+    CHECK(afm_schema_prompt("{\"a\":\"b", 7, buf, sizeof buf, &len) == AFM_ERR_FORMAT, "schema prompt: an unterminated string");
+    CHECK(afm_schema_prompt("{\"a\":1}}", 8, buf, sizeof buf, &len) == AFM_ERR_FORMAT, "schema prompt: unbalanced brackets");
+    CHECK(afm_schema_prompt("[{]}", 4, buf, sizeof buf, &len) == AFM_ERR_FORMAT, "schema prompt: mismatched brackets");
+}
+
 int main(void) {
     afm_constraint_vocab *v = make_vocab();
+    test_schema_prompt();
     test_specs(v);
     test_errors();
     test_api(v);
