@@ -9,7 +9,7 @@
 #                   for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
 #   make fuzz-long  every harness for FUZZ_LONG_SECONDS each (default 900; docs/FUZZING.md)
-#   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels; see below)
+#   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels, bench-grammar; see below)
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic
@@ -121,6 +121,16 @@ bench-adapter: bench-models
 
 bench-spec: bench-models
 	./afm bench $(BENCH_DIR)/base-q2b.afm --spec -t 2 -p 64 -n 64 -r 3
+
+# Guided generation (docs/BENCHMARKS.md): compile time, token mask time (median, p99) on the
+# 153,600-piece tokenizer the tokenizer tests train (trained here once, a few minutes), and decode
+# tok/s with and without each schema of tests/constrain on the shipped model.
+build/tok/models/afm150k_id.model:
+	python3 tests/gen/gen_tok_corpus.py build/tok/corpus
+	python3 tests/gen/train_tok_models.py build/tok/corpus build/tok/models afm150k_id
+bench-grammar: afm build/tok/models/afm150k_id.model
+	./afm bench models/mini/base.afm --grammar --tokenizer build/tok/models/afm150k_id.model -w 10 -n 40 -t 1 \
+	    $$(ls tests/constrain/*.json | grep -v prompts.json)
 
 # Kernel micro-benchmark: matvec GB/s and prefill GFLOP/s per type next to measured bandwidth.
 bench-kernels:

@@ -26,7 +26,7 @@
 #endif
 
 static const char *usage_text =
-    "usage: afm bench FILE [-t N[,N...]] [-p N] [-n N] [-r N] [--adapter PATH]\n"
+    "usage: afm bench FILE [-t N[,N...]] [-p N] [-n N] [-r N] [--adapter PATH]\n"    "       afm bench FILE --grammar [--tokenizer TOK.model] [-w N] [-n N] [-t N] SCHEMA.json ...\n"
     "       afm info FILE\n"
     "       afm info ADAPTER -m BASE.afm\n"
     "       afm [generate] -m FILE (-p TEXT | -f FILE | --ids ID,ID,...) [options]\n"
@@ -43,6 +43,11 @@ static const char *usage_text =
     "  tokenize               print the token ids of a text, separated by spaces (with the AFM\n"
     "                         layer: \"\\n\" is the <n> token); no sequence-start token unless --chat\n"
     "  detokenize             print the text of token ids (arguments, --ids or -f; '-' is stdin)\n"
+    "  bench FILE --grammar [--tokenizer TOK] [-w N] SCHEMA.json ...  guided generation: per JSON\n"
+    "                         schema the compile time (median of 20), the token mask time along\n"
+    "                         -w random walks (default 20; median, p99; on TOK's vocabulary if\n"
+    "                         given) and decode tok/s with and without the schema (-n tokens, the\n"
+    "                         first -t thread count)\n"
     "  bench FILE --spec      speculative decoding: time to verify 1..16 tokens relative to one\n"
     "                         decode step, and speedup over plain greedy decoding with a drafter\n"
     "                         that proposes the base's own next token with probability p\n"
