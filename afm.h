@@ -10155,10 +10155,10 @@ struct afm_constraint_vocab {
     uint64_t *bigset;       /* [n_big][4] */
     int32_t *biglo, *bighi, n_big;
     uint8_t *bigdepth;      /* the most bytes below the node on one path */
-    /* the same by characters, for nodes at a character boundary whose subtree is whole UTF-8
-       characters (bigcrel 0 otherwise): the first bytes of the characters below, the most
-       characters below the node on one path, the node's own depth in characters; and per entry
-       of toks[] the token's length in characters. A length-bounded string is a different state
+    /* the same by characters, for nodes whose subtree is whole UTF-8 characters (after the rest of
+       one begun above, see bigowed): the first bytes of the characters below, the most characters
+       below the node on one path, the node's depth in characters (counting one begun); and per
+       entry of toks[] the token's length in characters. A length-bounded string is a different state
        at each character, so the byte test above fails on multi-byte characters and on subtrees
        deeper than the characters left; by characters, the tokens short enough are allowed at once. */
     uint64_t *bigfirst;     /* [n_big][4] */
