@@ -10516,9 +10516,16 @@ fail:
 #define AFM__CM_MIXED (-5)         /* afm__cm_uniform: the bytes lead to different states */
 
 typedef struct afm__cm_walk_entry { int32_t node, state; int k; } afm__cm_walk_entry;
+/* Rows of 256 transitions in blocks of AFM__CM_ROWS rows: growing never copies them (a copy of
+   megabytes would land on one unlucky token's mask). */
+#define AFM__CM_ROWS 256
+typedef struct afm__cm_rows { int32_t **blk; size_t n, cap; } afm__cm_rows;
+#define AFM__CM_ROW(t, r) ((t).blk[(size_t)(r) / AFM__CM_ROWS] + (size_t)(r) % AFM__CM_ROWS * 256)
 /* bytes known to lead from a state to state `to` (yes) and known not to (no) */
 typedef struct afm__cm_cls { int32_t to; uint64_t yes[4], no[4]; } afm__cm_cls;
 #define AFM__CM_NCLS 3
+typedef struct afm__cm_clsrows { afm__cm_cls **blk; size_t n, cap; } afm__cm_clsrows; /* the same in blocks */
+#define AFM__CM_CLS(t, s) ((t).blk[(size_t)(s) / AFM__CM_ROWS] + (size_t)(s) % AFM__CM_ROWS * AFM__CM_NCLS)
 
 struct afm_constraint_state {
     const afm_constraint *c;
@@ -10536,18 +10543,16 @@ struct afm_constraint_state {
     uint32_t *soff;
     int32_t *spool, *str, *sslot;
     uint8_t *sacc;
-    size_t n_s, cap_s, n_spool, cap_spool, s1, s2, s3;
+    uint32_t *shash;        /* per state its hash (rehashing the table then reads no stacks) */
+    size_t n_s, cap_s, n_spool, cap_spool, s1, s2, s3, s4;
     int32_t *sht;
     size_t sht_cap;
-    int32_t *trans;         /* 256 per state that has any, AFM__CM_UNKNOWN until computed */
-    afm__cm_cls *cls;       /* per state AFM__CM_NCLS byte classes with one target each (learnt on demand) */
-    size_t cap_cls;
+    afm__cm_rows trans;     /* a row of 256 per state that has any, AFM__CM_UNKNOWN until computed */
+    afm__cm_clsrows cls;    /* per state AFM__CM_NCLS byte classes with one target each (learnt on demand) */
     int32_t *ctr;           /* per state: index into ctrans, -1 until needed */
-    int32_t *ctrans;        /* 256 per state: the state after the whole character starting with the byte */
-    size_t n_ctrans, cap_ctrans, cap_ctr;
-    afm__cm_cls *ccls;      /* as cls, for those character steps */
-    size_t cap_ccls;
-    size_t n_trans, cap_trans;
+    afm__cm_rows ctrans;    /* 256 per state: the state after the whole character starting with the byte */
+    size_t cap_ctr;
+    afm__cm_clsrows ccls;   /* as cls, for those character steps */
     /* scratch */
     uint32_t *work;         /* (pos, parent) pairs */
     size_t n_work, cap_work;
@@ -10571,6 +10576,48 @@ static int afm__cm_fail(afm_constraint_state *m, const char *why) {
     if (!m->failed) snprintf(m->err, sizeof m->err, "%s", why);
     m->failed = 1;
     return 0;
+}
+
+/* A new row of t, every entry AFM__CM_UNKNOWN; its index, or -1 when out of memory. */
+static int32_t afm__cm_row(afm_constraint_state *m, afm__cm_rows *t) {
+    size_t r = t->n, q;
+    int32_t *row;
+    if (r % AFM__CM_ROWS == 0) {
+        size_t nb = r / AFM__CM_ROWS;
+        if (r >= 0x7FFFFFFF || !afm__grow(&m->alloc, (void **)&t->blk, &t->cap, nb + 1, sizeof *t->blk) ||
+            !(t->blk[nb] = (int32_t *)afm__alloc(&m->alloc, (size_t)AFM__CM_ROWS * 256 * sizeof **t->blk)))
+            return afm__cm_fail(m, "out of memory") - 1;
+    }
+    row = AFM__CM_ROW(*t, r);
+    for (q = 0; q < 256; q++) row[q] = AFM__CM_UNKNOWN;
+    t->n++;
+    return (int32_t)r;
+}
+static void afm__cm_rows_free(afm_allocator *a, afm__cm_rows *t) {
+    size_t i;
+    for (i = 0; i * AFM__CM_ROWS < t->n; i++) afm__free(a, t->blk[i]);
+    afm__free(a, t->blk);
+}
+/* The next state's classes, all unknown; 0 when out of memory. */
+static int afm__cm_cls_row(afm_constraint_state *m, afm__cm_clsrows *t) {
+    size_t r = t->n, q;
+    afm__cm_cls *c;
+    if (r % AFM__CM_ROWS == 0) {
+        size_t nb = r / AFM__CM_ROWS;
+        if (!afm__grow(&m->alloc, (void **)&t->blk, &t->cap, nb + 1, sizeof *t->blk) ||
+            !(t->blk[nb] = (afm__cm_cls *)afm__alloc(&m->alloc, (size_t)AFM__CM_ROWS * AFM__CM_NCLS * sizeof **t->blk)))
+            return afm__cm_fail(m, "out of memory");
+    }
+    c = AFM__CM_CLS(*t, r);
+    memset(c, 0, AFM__CM_NCLS * sizeof *c);
+    for (q = 0; q < AFM__CM_NCLS; q++) c[q].to = AFM__CM_UNKNOWN;
+    t->n++;
+    return 1;
+}
+static void afm__cm_cls_free(afm_allocator *a, afm__cm_clsrows *t) {
+    size_t i;
+    for (i = 0; i * AFM__CM_ROWS < t->n; i++) afm__free(a, t->blk[i]);
+    afm__free(a, t->blk);
 }
 
 static uint32_t afm__mix(uint32_t h, uint32_t x) { h ^= x; h *= 0x9E3779B1u; return h ^ (h >> 15); }
@@ -10677,10 +10724,8 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
         if (!nt) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
         memset(nt, 0xFF, nc * sizeof *nt);
         for (q = 0; q < m->n_s; q++) {
-            uint32_t hq = 0x51ED27u ^ m->sacc[q];
             size_t j;
-            for (i = m->soff[q]; i < m->soff[q + 1]; i++) hq = afm__mix(hq, (uint32_t)m->spool[i]);
-            for (j = hq & (nc - 1); nt[j] >= 0; j = (j + 1) & (nc - 1)) {}
+            for (j = m->shash[q] & (nc - 1); nt[j] >= 0; j = (j + 1) & (nc - 1)) {}
             nt[j] = (int32_t)q;
         }
         afm__free(&m->alloc, m->sht);
@@ -10696,6 +10741,7 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
         !afm__grow(&m->alloc, (void **)&m->str, &m->s1, m->n_s + 1, sizeof *m->str) ||
         !afm__grow(&m->alloc, (void **)&m->sslot, &m->s2, m->n_s + 1, sizeof *m->sslot) ||
         !afm__grow(&m->alloc, (void **)&m->sacc, &m->s3, m->n_s + 1, 1) ||
+        !afm__grow(&m->alloc, (void **)&m->shash, &m->s4, m->n_s + 1, sizeof *m->shash) ||
         !afm__grow(&m->alloc, (void **)&m->spool, &m->cap_spool, m->n_spool + m->n_out, sizeof *m->spool))
         return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
     s = (int32_t)m->n_s++;
@@ -10704,16 +10750,13 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
     m->soff[s] = (uint32_t)(m->n_spool - m->n_out);
     m->soff[s + 1] = (uint32_t)m->n_spool;
     m->sacc[s] = (uint8_t)acc;
+    m->shash[s] = h;
     m->str[s] = -1;
     m->sslot[s] = -1;
     m->sht[k] = s;
-    if (!afm__grow(&m->alloc, (void **)&m->cls, &m->cap_cls, (m->n_s + 1) * AFM__CM_NCLS, sizeof *m->cls) ||
-        !afm__grow(&m->alloc, (void **)&m->ccls, &m->cap_ccls, (m->n_s + 1) * AFM__CM_NCLS, sizeof *m->ccls) ||
+    if (!afm__cm_cls_row(m, &m->cls) || !afm__cm_cls_row(m, &m->ccls) ||
         !afm__grow(&m->alloc, (void **)&m->ctr, &m->cap_ctr, m->n_s + 1, sizeof *m->ctr))
         return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
-    memset(m->cls + (size_t)s * AFM__CM_NCLS, 0, AFM__CM_NCLS * sizeof *m->cls);
-    memset(m->ccls + (size_t)s * AFM__CM_NCLS, 0, AFM__CM_NCLS * sizeof *m->ccls);
-    for (i = 0; i < AFM__CM_NCLS; i++) m->cls[(size_t)s * AFM__CM_NCLS + i].to = m->ccls[(size_t)s * AFM__CM_NCLS + i].to = AFM__CM_UNKNOWN;
     m->ctr[s] = -1;
     return s;
 }
@@ -10739,14 +10782,10 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
     int32_t t;
     if (s < 0) return AFM__CM_DEAD;
     if (m->str[s] < 0) {
-        size_t k;
         if (m->soff[s + 1] == m->soff[s]) return AFM__CM_DEAD; /* accepting, nothing can follow */
-        if (!afm__grow(&m->alloc, (void **)&m->trans, &m->cap_trans, m->n_trans + 256, sizeof *m->trans)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
-        for (k = 0; k < 256; k++) m->trans[m->n_trans + k] = AFM__CM_UNKNOWN;
-        m->str[s] = (int32_t)(m->n_trans / 256);
-        m->n_trans += 256;
+        if ((m->str[s] = afm__cm_row(m, &m->trans)) < 0) return AFM__CM_FAIL;
     }
-    t = m->trans[(size_t)m->str[s] * 256 + b];
+    t = AFM__CM_ROW(m->trans, m->str[s])[b];
     if (t == AFM__CM_UNKNOWN) {
         /* computed once, then filled in for every byte that passes the same range tests of this
            state's stacks (whole byte classes: bytes no range of the grammar tells apart) */
@@ -10755,7 +10794,7 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
         int32_t *row;
         t = afm__cm_step_slow(m, s, r);
         if (t == AFM__CM_FAIL) return t;
-        row = m->trans + (size_t)m->str[s] * 256;
+        row = AFM__CM_ROW(m->trans, m->str[s]);
         for (x = 0; x < 256; x = y) {
             uint32_t i;
             int same = row[x] == AFM__CM_UNKNOWN;
@@ -10799,7 +10838,7 @@ static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_
     lo += afm__ctz64(b[lo >> 6]);
     to = chars ? afm__cm_char_step(m, s, (unsigned)lo) : afm__cm_step(m, s, (unsigned)lo);
     if (to < AFM__CM_DEAD) return to == AFM__CM_FAIL ? to : AFM__CM_MIXED;
-    c = (chars ? m->ccls : m->cls) + (size_t)s * AFM__CM_NCLS;
+    c = chars ? AFM__CM_CLS(m->ccls, s) : AFM__CM_CLS(m->cls, s);
     for (k = 0; k < AFM__CM_NCLS && c[k].to != to && c[k].to != AFM__CM_UNKNOWN; k++) {}
     if (k == AFM__CM_NCLS) { k = AFM__CM_NCLS - 1; memset(&c[k], 0, sizeof c[k]); }
     c[k].to = to;
@@ -10813,7 +10852,7 @@ static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_
             todo &= todo - 1;
             t = chars ? afm__cm_char_step(m, s, (unsigned)(q * 64 + bit)) : afm__cm_step(m, s, (unsigned)(q * 64 + bit));
             if (t == AFM__CM_FAIL) return t;
-            c = (chars ? m->ccls : m->cls) + (size_t)s * AFM__CM_NCLS; /* the step may have moved the array */
+            c = chars ? AFM__CM_CLS(m->ccls, s) : AFM__CM_CLS(m->cls, s); /* blocks never move; still, reread */
             { /* the byte's class alike (by characters: of the same UTF-8 length and continuation range) */
                 const uint8_t *brep = m->c->g.brep;
                 unsigned x0 = (unsigned)(q * 64 + bit), r = brep[x0], x;
@@ -10846,19 +10885,13 @@ static int32_t afm__cm_char_step(afm_constraint_state *m, int32_t s, unsigned b)
     else if (b >= 0xE0 && b <= 0xEF) { n = 2; first = b == 0xE0 ? cont[1] : b == 0xED ? cont[2] : cont[0]; }
     else if (b >= 0xF0 && b <= 0xF4) { n = 3; first = b == 0xF0 ? cont[3] : b == 0xF4 ? cont_f4 : cont[0]; }
     else return AFM__CM_MIXED;
-    if (m->ctr[s] < 0) {
-        size_t q;
-        if (!afm__grow(&m->alloc, (void **)&m->ctrans, &m->cap_ctrans, m->n_ctrans + 256, sizeof *m->ctrans)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
-        for (q = 0; q < 256; q++) m->ctrans[m->n_ctrans + q] = AFM__CM_UNKNOWN;
-        m->ctr[s] = (int32_t)(m->n_ctrans / 256);
-        m->n_ctrans += 256;
-    }
-    t = m->ctrans[(size_t)m->ctr[s] * 256 + b];
+    if (m->ctr[s] < 0 && (m->ctr[s] = afm__cm_row(m, &m->ctrans)) < 0) return AFM__CM_FAIL;
+    t = AFM__CM_ROW(m->ctrans, m->ctr[s])[b];
     if (t != AFM__CM_UNKNOWN) return t;
     w = afm__cm_step(m, s, b);
     for (k = 0; k < n && w >= 0; k++) w = afm__cm_uniform(m, w, k ? cont[0] : first, 0);
     if (w == AFM__CM_FAIL) return w;
-    m->ctrans[(size_t)m->ctr[s] * 256 + b] = w;
+    AFM__CM_ROW(m->ctrans, m->ctr[s])[b] = w;
     return w;
 }
 
@@ -10972,10 +11005,10 @@ AFMDEF void afm_constraint_state_free(afm_constraint_state *m) {
     if (!m) return;
     a = m->alloc;
     afm__free(&a, m->fpos); afm__free(&a, m->fseen); afm__free(&a, m->fpar); afm__free(&a, m->fdepth); afm__free(&a, m->fht);
-    afm__free(&a, m->soff); afm__free(&a, m->spool); afm__free(&a, m->str); afm__free(&a, m->sslot); afm__free(&a, m->sacc);
-    afm__free(&a, m->sht); afm__free(&a, m->trans); afm__free(&a, m->work); afm__free(&a, m->out); afm__free(&a, m->masks);
-    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__free(&a, m->cls);
-    afm__free(&a, m->ctr); afm__free(&a, m->ctrans); afm__free(&a, m->ccls);
+    afm__free(&a, m->soff); afm__free(&a, m->spool); afm__free(&a, m->str); afm__free(&a, m->sslot); afm__free(&a, m->sacc); afm__free(&a, m->shash);
+    afm__free(&a, m->sht); afm__cm_rows_free(&a, &m->trans); afm__free(&a, m->work); afm__free(&a, m->out); afm__free(&a, m->masks);
+    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__cm_cls_free(&a, &m->cls);
+    afm__free(&a, m->ctr); afm__cm_rows_free(&a, &m->ctrans); afm__cm_cls_free(&a, &m->ccls);
     afm__free(&a, m);
 }
 

@@ -90,7 +90,7 @@ static int memo_agrees(afm_constraint_state *m) {
     unsigned b;
     for (s = 0; s < n; s++)
         for (b = 0; b < 256 && m->str[s] >= 0; b++) {
-            int32_t memo = m->trans[(size_t)m->str[s] * 256 + b];
+            int32_t memo = AFM__CM_ROW(m->trans, m->str[s])[b];
             if (memo != AFM__CM_UNKNOWN && memo != afm__cm_step_slow(m, (int32_t)s, b)) return 0;
         }
     return 1;
