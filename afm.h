@@ -10777,6 +10777,17 @@ static int32_t afm__cm_step_slow(afm_constraint_state *m, int32_t s, unsigned b)
     return afm__cm_state(m, acc);
 }
 
+/* The index of the lowest set bit of x (not 0). */
+static int afm__ctz64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(x);
+#else
+    int n = 0;
+    while (!(x & 1)) { x >>= 1; n++; }
+    return n;
+#endif
+}
+
 /* (state, byte) -> state, memoised. */
 static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
     int32_t t;
@@ -10788,38 +10799,33 @@ static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
     t = AFM__CM_ROW(m->trans, m->str[s])[b];
     if (t == AFM__CM_UNKNOWN) {
         /* computed once, then filled in for every byte that passes the same range tests of this
-           state's stacks (whole byte classes: bytes no range of the grammar tells apart) */
-        const uint8_t *brep = m->c->g.brep;
-        unsigned r = brep[b], x, y;
+           state's stacks (inside a JSON string: every plain character's byte at once) */
+        uint64_t same[4] = { ~0ull, ~0ull, ~0ull, ~0ull };
+        uint32_t i;
         int32_t *row;
-        t = afm__cm_step_slow(m, s, r);
+        int q;
+        t = afm__cm_step_slow(m, s, b);
         if (t == AFM__CM_FAIL) return t;
         row = AFM__CM_ROW(m->trans, m->str[s]);
-        for (x = 0; x < 256; x = y) {
-            uint32_t i;
-            int same = row[x] == AFM__CM_UNKNOWN;
-            for (y = x + 1; y < 256 && brep[y] == x; y++) {}
-            for (i = m->soff[s]; i < m->soff[s + 1] && same; i++) {
-                uint32_t e = m->el[m->fpos[m->spool[i]]], lo = e & 0xFF, hi = (e >> 8) & 0xFF;
-                same = (r >= lo && r <= hi) == (x >= lo && x <= hi);
+        for (i = m->soff[s]; i < m->soff[s + 1]; i++) { /* the bytes inside (outside) every range b is inside (outside) of */
+            uint32_t e = m->el[m->fpos[m->spool[i]]], lo = e & 0xFF, hi = (e >> 8) & 0xFF;
+            int in = b >= lo && b <= hi;
+            for (q = 0; q < 4; q++) {
+                uint32_t a0 = (uint32_t)q * 64, a1 = a0 + 63;
+                uint64_t w = lo > a1 || hi < a0 ? 0 : (~0ull << ((lo > a0 ? lo : a0) - a0)) & (~0ull >> (a1 - (hi < a1 ? hi : a1)));
+                same[q] &= in ? w : ~w;
             }
-            if (same) while (x < y) row[x++] = t;
         }
+        for (q = 0; q < 4; q++)
+            while (same[q]) {
+                row[q * 64 + afm__ctz64(same[q])] = t;
+                same[q] &= same[q] - 1;
+            }
     }
     return t;
 }
 
 static int32_t afm__cm_char_step(afm_constraint_state *m, int32_t s, unsigned b);
-/* The index of the lowest set bit of x (not 0). */
-static int afm__ctz64(uint64_t x) {
-#if defined(__GNUC__) || defined(__clang__)
-    return __builtin_ctzll(x);
-#else
-    int n = 0;
-    while (!(x & 1)) { x >>= 1; n++; }
-    return n;
-#endif
-}
 /* What a byte is in UTF-8, as far as the continuations a character starting with it needs. */
 static int afm__utf8_kind(unsigned b) {
     return b < 0x80 ? 0 : b < 0xC2 ? 1 : b < 0xE0 ? 2 : b == 0xE0 ? 3 : b == 0xED ? 4 : b < 0xF0 ? 5 : b == 0xF0 ? 6 : b < 0xF4 ? 7 : b == 0xF4 ? 8 : 1;
