@@ -1,7 +1,7 @@
 # afm.h - build the CLI and examples, run the tests.
 #   make            build ./afm, ./simple and ./afm-server (the OpenAI-compatible server)
 #   make lib        libafm.so, the shared library of the Python bindings (python/)
-#   make demo       build, then generate from the small model in the repository
+#   make demo       build, then generate from the small model in the repository (also guided: JSON by schema)
 #   make test       every test: warnings (gcc/clang, C99/C++), optimised and sanitized runs,
 #                   tools, arm64 under qemu, fuzz replay + a bounded libFuzzer run
 #   make fuzz       run each fuzz harness (model loader, .fmadapter reader, generation, constraint compilers,
@@ -9,7 +9,7 @@
 #                   for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
 #   make fuzz-long  every harness for FUZZ_LONG_SECONDS each (default 900; docs/FUZZING.md)
-#   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels; see below)
+#   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels, bench-grammar; see below)
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic
@@ -35,12 +35,16 @@ simple: examples/simple.c afm.h
 	$(CC) -std=c99 $(WARN) $(CFLAGS) -o $@ examples/simple.c $(LDLIBS)
 
 # The main job: generate from the small trained model in the repository (models/mini, docs/TRAINING.md):
-# a text continuation, then a chat turn with its JSON adapter; text on stdout, speed on stderr.
+# a text continuation, a chat turn with its JSON adapter, and guided generation (--json-schema) from the
+# base model alone; text on stdout, speed on stderr.
 demo: afm
 	./afm info models/mini/base.afm
 	./afm -m models/mini/base.afm -p "In the beginning God created" -n 48 --temp 0.8 --top-p 0.95 --seed 1 -t 2
 	./afm -m models/mini/base.afm --adapter models/mini/json.afma --chat -n 40 -t 2 \
 	    -p "Describe as JSON: Blessed are the meek: for they shall inherit the earth."
+	@echo "guided generation: the base model without its adapter, JSON valid under tests/constrain/person.json by construction"
+	./afm -m models/mini/base.afm --chat -n 80 -t 2 --temp 1 --seed 1 --json-schema tests/constrain/person.json \
+	    -p "Describe a person from Genesis."
 
 test:
 	sh tests/run.sh
@@ -120,6 +124,16 @@ bench-adapter: bench-models
 
 bench-spec: bench-models
 	./afm bench $(BENCH_DIR)/base-q2b.afm --spec -t 2 -p 64 -n 64 -r 3
+
+# Guided generation (docs/BENCHMARKS.md): compile time, token mask time (median, p99) on the
+# 153,600-piece tokenizer the tokenizer tests train (trained here once, a few minutes), and decode
+# tok/s with and without each schema of tests/constrain on the shipped model.
+build/tok/models/afm150k_id.model:
+	python3 tests/gen/gen_tok_corpus.py build/tok/corpus
+	python3 tests/gen/train_tok_models.py build/tok/corpus build/tok/models afm150k_id
+bench-grammar: afm build/tok/models/afm150k_id.model
+	./afm bench models/mini/base.afm --grammar --tokenizer build/tok/models/afm150k_id.model -w 10 -n 40 -t 1 \
+	    $$(ls tests/constrain/*.json | grep -v prompts.json)
 
 # Kernel micro-benchmark: matvec GB/s and prefill GFLOP/s per type next to measured bandwidth.
 bench-kernels:

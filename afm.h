@@ -459,6 +459,15 @@ AFMDEF int afm_constraint_state_complete(const afm_constraint_state *s);
    schema), tokens spelling them (greedily the longest), at most cap; 0 when there is a choice. */
 AFMDEF int afm_constraint_state_forced(afm_constraint_state *s, int32_t *tokens, int cap);
 AFMDEF const char *afm_constraint_state_error(const afm_constraint_state *s);
+/* Apple's way of prompting for guided generation: the schema shown to the model as well. Renders
+   the instruction text for a JSON Schema: the line AFM_SCHEMA_PROMPT_INTRO, a line break, then the
+   schema as compact JSON (whitespace outside strings dropped; descriptions kept, since they tell
+   the model what each field means). The CLI appends it to the user's message after a blank line.
+   Writes at most cap bytes with a NUL (text may be NULL with cap 0 to ask for the length); *len is
+   the length without the NUL. AFM_ERR_ARG when the text does not fit, AFM_ERR_FORMAT when the
+   schema's strings or brackets do not match up (or nest deeper than 256). docs/CONSTRAINTS.md. */
+#define AFM_SCHEMA_PROMPT_INTRO "Respond with JSON that follows this JSON schema:"
+AFMDEF afm_result afm_schema_prompt(const char *schema, size_t schema_len, char *text, size_t cap, size_t *len);
 /* Samples only among the tokens whose bit is set in allowed (NULL: all); -1 when none is. */
 AFMDEF int32_t afm_sampler_sample_masked(afm_sampler *sampler, const float *logits, const uint32_t *allowed);
 
@@ -8776,6 +8785,7 @@ typedef struct afm__grammar {
     size_t n_names, cap_names;
     uint32_t *rule_alt0;          /* after packing: rule r's alternatives are ralt[rule_alt0[r] .. rule_alt0[r + 1]) */
     uint32_t *ralt;
+    uint8_t brep[256];            /* after packing: the first byte of b's class (bytes no range tells apart) */
     int32_t root;
     char *err;
     size_t err_size;
@@ -9275,6 +9285,15 @@ static int afm__g_finish(afm__grammar *g, int32_t root) {
     for (r = 0; r < g->n_rule; r++)
         if (!fin[r]) { afm__g_fail(g, "rule '%s' can never finish: every alternative needs the rule itself again", afm__g_name(g, r)); goto out; }
     afm__g_check_left(g, nul);
+    { /* byte classes: a range starts a class at lo and at hi + 1, so bytes between two such
+         boundaries pass every range test alike and step every state to the same state */
+        uint8_t cut[257];
+        unsigned b;
+        memset(cut, 0, sizeof cut);
+        for (i = 0; i < g->n_el; i++)
+            if (g->el[i] != AFM__G_END && (g->el[i] & AFM__G_BYTES)) { cut[g->el[i] & 0xFF] = 1; cut[((g->el[i] >> 8) & 0xFF) + 1] = 1; }
+        for (b = 0; b < 256; b++) g->brep[b] = (uint8_t)(b == 0 || cut[b] ? b : g->brep[b - 1]);
+    }
 out:
     afm__free(a, fill);
     afm__free(a, fin);
@@ -10383,6 +10402,22 @@ struct afm_constraint_vocab {
     uint64_t *bigset;       /* [n_big][4] */
     int32_t *biglo, *bighi, n_big;
     uint8_t *bigdepth;      /* the most bytes below the node on one path */
+    /* the same by characters, for nodes whose subtree is whole UTF-8 characters (after the rest of
+       one begun above, see bigowed): the first bytes of the characters below, the most characters
+       below the node on one path, the node's depth in characters (counting one begun); and per
+       entry of toks[] the token's length in characters. A length-bounded string is a different state
+       at each character, so the byte test above fails on multi-byte characters and on subtrees
+       deeper than the characters left; by characters, the tokens short enough are allowed at once. */
+    uint64_t *bigfirst;     /* [n_big][4] */
+    uint8_t *bigcrel, *bigcdep, *tokc;
+    /* subtrees of AFM__VOCAB_HUGE or more tokens: their tokens as (word, bits) pairs of the mask,
+       ordered by length in characters below the node, so that allowing them (or those within d
+       characters) costs one OR per word instead of one per token */
+    int32_t *bighuge;       /* per big node: index of its pairs, -1 if not huge */
+    uint32_t *hoff;         /* [n_huge][257]: pairs of length < L start at hoff[h * 257] and end at hoff[h * 257 + L] */
+    uint32_t *hword, *hbits;
+    uint8_t *bigowed, *bigclo, *bigchi; /* inside a character: continuation bytes still owed (255: the
+                               subtree is not whole characters), the range of the next one */
 };
 
 typedef struct afm__vtok { const unsigned char *p; uint32_t n; int32_t id; } afm__vtok;
@@ -10439,6 +10474,9 @@ AFMDEF void afm_constraint_vocab_free(afm_constraint_vocab *v) {
     afm__free(&a, v->child0); afm__free(&a, v->tok0); afm__free(&a, v->toks); afm__free(&a, v->nchild);
     afm__free(&a, v->ntok); afm__free(&a, v->nbyte); afm__free(&a, v->big); afm__free(&a, v->bigset);
     afm__free(&a, v->biglo); afm__free(&a, v->bighi); afm__free(&a, v->bigdepth);
+    afm__free(&a, v->bigfirst); afm__free(&a, v->bigcrel); afm__free(&a, v->bigcdep); afm__free(&a, v->tokc);
+    afm__free(&a, v->bigowed); afm__free(&a, v->bigclo); afm__free(&a, v->bigchi);
+    afm__free(&a, v->bighuge); afm__free(&a, v->hoff); afm__free(&a, v->hword); afm__free(&a, v->hbits);
     afm__free(&a, v);
 }
 
@@ -10446,26 +10484,101 @@ static afm_result afm__vocab_tree(afm_constraint_vocab *v);
 /* The subtree summaries (bytes below, token range below) of nodes with at least 16 tokens below:
    children are numbered after their parents, so one pass from the last node up suffices. */
 #ifndef AFM__VOCAB_BIG
-#define AFM__VOCAB_BIG 16
+#define AFM__VOCAB_BIG 4
 #endif
+#ifndef AFM__VOCAB_HUGE
+#define AFM__VOCAB_HUGE 1024
+#endif
+static int afm__u64_cmp(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+/* The (word, bits) pairs of the huge subtrees (v's big summaries filled in). */
+static afm_result afm__vocab_huge(afm_constraint_vocab *v) {
+    const afm_allocator *a = &v->alloc;
+    int32_t b, nh = 0;
+    size_t np = 0, cap = 0;
+    uint64_t *key = NULL;
+    if (!(v->bighuge = (int32_t *)afm__alloc(a, ((size_t)v->n_big + 1) * sizeof *v->bighuge))) return AFM_ERR_NOMEM;
+    for (b = 0; b < v->n_big; b++) {
+        v->bighuge[b] = v->bighi[b] - v->biglo[b] >= AFM__VOCAB_HUGE ? nh++ : -1;
+        if (v->bighuge[b] >= 0) cap += (size_t)(v->bighi[b] - v->biglo[b]);
+    }
+    v->hoff = (uint32_t *)afm__calloc(a, (size_t)nh * 257 + 1, sizeof *v->hoff);
+    v->hword = (uint32_t *)afm__alloc(a, (cap + 1) * sizeof *v->hword);
+    v->hbits = (uint32_t *)afm__alloc(a, (cap + 1) * sizeof *v->hbits);
+    key = (uint64_t *)afm__alloc(a, (size_t)(v->n_vocab + 1) * sizeof *key);
+    if (!v->hoff || !v->hword || !v->hbits || !key) { afm__free(a, key); return AFM_ERR_NOMEM; }
+    for (b = 0; b < v->n_big; b++) {
+        int32_t h = v->bighuge[b], i, n = 0, L;
+        if (h < 0) continue;
+        for (i = v->biglo[b]; i < v->bighi[b]; i++) { /* length below the node, word, bit */
+            int len = v->tokc[i] - v->bigcdep[b];
+            len = len < 0 ? 0 : len > 255 ? 255 : len;
+            key[n++] = (uint64_t)len << 40 | (uint64_t)(uint32_t)(v->toks[i] >> 5) << 8 | (uint64_t)(v->toks[i] & 31);
+        }
+        qsort(key, (size_t)n, sizeof *key, afm__u64_cmp);
+        L = 0;
+        for (i = 0; i < n; i++) {
+            int len = (int)(key[i] >> 40);
+            uint32_t w = (uint32_t)(key[i] >> 8) & 0xFFFFFFFFu;
+            while (L <= len) v->hoff[(size_t)h * 257 + L++] = (uint32_t)np;
+            if (i == 0 || (key[i] >> 8) != (key[i - 1] >> 8)) { v->hword[np] = w; v->hbits[np++] = 0; }
+            v->hbits[np - 1] |= 1u << (key[i] & 31);
+        }
+        while (L <= 256) v->hoff[(size_t)h * 257 + L++] = (uint32_t)np;
+    }
+    afm__free(a, key);
+    return AFM_OK;
+}
+/* UTF-8 as the tree spells it: per node, the continuation bytes still owed (0 at a character
+   boundary, 255 after a byte that cannot be there) and the range the next one must be in. */
+static void afm__vocab_utf8_step(uint8_t owed, uint8_t lo, uint8_t hi, unsigned x, uint8_t *o_owed, uint8_t *o_lo, uint8_t *o_hi) {
+    *o_lo = 0x80; *o_hi = 0xBF; *o_owed = 255;
+    if (owed == 255) return;
+    if (owed) { if (x >= lo && x <= hi) *o_owed = (uint8_t)(owed - 1); return; }
+    if (x < 0x80) *o_owed = 0;
+    else if (x >= 0xC2 && x <= 0xDF) *o_owed = 1;
+    else if (x >= 0xE0 && x <= 0xEF) { *o_owed = 2; if (x == 0xE0) *o_lo = 0xA0; if (x == 0xED) *o_hi = 0x9F; }
+    else if (x >= 0xF0 && x <= 0xF4) { *o_owed = 3; if (x == 0xF0) *o_lo = 0x90; if (x == 0xF4) *o_hi = 0x8F; }
+}
 static afm_result afm__vocab_big(afm_constraint_vocab *v) {
     const afm_allocator *a = &v->alloc;
     int32_t n = v->n_nodes, u, nb = 0;
     int32_t *r0 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r0), *r1 = (int32_t *)afm__alloc(a, (size_t)n * sizeof *r1);
     uint8_t *dep = (uint8_t *)afm__calloc(a, (size_t)n, 1);
     uint64_t *set = (uint64_t *)afm__calloc(a, (size_t)n * 4, sizeof *set);
+    uint64_t *fset = (uint64_t *)afm__calloc(a, (size_t)n * 4, sizeof *fset);
+    uint8_t *owed = (uint8_t *)afm__alloc(a, (size_t)n), *nlo = (uint8_t *)afm__alloc(a, (size_t)n), *nhi = (uint8_t *)afm__alloc(a, (size_t)n);
+    uint8_t *cdep = (uint8_t *)afm__alloc(a, (size_t)n), *amax = (uint8_t *)afm__alloc(a, (size_t)n), *ok8 = (uint8_t *)afm__alloc(a, (size_t)n);
     afm_result r = AFM_ERR_NOMEM;
     v->big = (int32_t *)afm__alloc(a, (size_t)n * sizeof *v->big);
-    if (!r0 || !r1 || !set || !dep || !v->big) goto out;
+    v->tokc = (uint8_t *)afm__alloc(a, (size_t)v->n_vocab + 1);
+    if (!r0 || !r1 || !set || !fset || !dep || !owed || !nlo || !nhi || !cdep || !amax || !ok8 || !v->big || !v->tokc) goto out;
+    owed[0] = 0; cdep[0] = 0; nlo[0] = 0x80; nhi[0] = 0xBF;
+    for (u = 0; u < n; u++) { /* top down (parents are numbered first): UTF-8 position, depth in characters */
+        int32_t c, e = v->child0[u] + v->nchild[u];
+        for (c = v->child0[u]; c < e; c++) {
+            afm__vocab_utf8_step(owed[u], nlo[u], nhi[u], v->nbyte[c], &owed[c], &nlo[c], &nhi[c]);
+            cdep[c] = (uint8_t)(cdep[u] + (owed[c] == 0 && cdep[u] < 254));
+        }
+        for (c = 0; c < v->ntok[u]; c++) v->tokc[v->tok0[u] + c] = cdep[u];
+    }
     for (u = n - 1; u >= 0; u--) {
         int32_t c, e = v->child0[u] + v->nchild[u];
         r0[u] = v->ntok[u] ? v->tok0[u] : v->nchild[u] ? r0[v->child0[u]] : 0;
         r1[u] = v->nchild[u] ? r1[e - 1] : v->tok0[u] + v->ntok[u];
+        ok8[u] = 1;
+        amax[u] = v->ntok[u] ? cdep[u] : 0;
         for (c = v->child0[u]; c < e; c++) {
             int q;
             for (q = 0; q < 4; q++) set[(size_t)u * 4 + q] |= set[(size_t)c * 4 + q];
+            for (q = 0; q < 4; q++) fset[(size_t)u * 4 + q] |= fset[(size_t)c * 4 + q];
             set[(size_t)u * 4 + (v->nbyte[c] >> 6)] |= 1ull << (v->nbyte[c] & 63);
+            if (owed[u] == 0) fset[(size_t)u * 4 + (v->nbyte[c] >> 6)] |= 1ull << (v->nbyte[c] & 63);
             if (dep[c] + 1 > dep[u]) dep[u] = (uint8_t)(dep[c] + 1 < 255 ? dep[c] + 1 : 255);
+            if (owed[c] == 255 || (owed[c] && (v->ntok[c] || !v->nchild[c])) || !ok8[c]) ok8[u] = 0;
+            if (amax[c] > amax[u]) amax[u] = amax[c];
         }
         v->big[u] = r1[u] - r0[u] - v->ntok[u] >= AFM__VOCAB_BIG ? nb++ : -1;
     }
@@ -10474,20 +10587,37 @@ static afm_result afm__vocab_big(afm_constraint_vocab *v) {
     v->biglo = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->biglo);
     v->bighi = (int32_t *)afm__alloc(a, ((size_t)nb + 1) * sizeof *v->bighi);
     v->bigdepth = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
-    if (!v->bigset || !v->biglo || !v->bighi || !v->bigdepth) goto out;
+    v->bigfirst = (uint64_t *)afm__alloc(a, ((size_t)nb + 1) * 4 * sizeof *v->bigfirst);
+    v->bigcrel = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
+    v->bigcdep = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
+    v->bigowed = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
+    v->bigclo = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
+    v->bigchi = (uint8_t *)afm__alloc(a, (size_t)nb + 1);
+    if (!v->bigset || !v->biglo || !v->bighi || !v->bigdepth || !v->bigfirst || !v->bigcrel || !v->bigcdep ||
+        !v->bigowed || !v->bigclo || !v->bigchi) goto out;
     for (u = 0; u < n; u++)
         if (v->big[u] >= 0) {
-            memcpy(v->bigset + (size_t)v->big[u] * 4, set + (size_t)u * 4, 4 * sizeof *set);
-            v->biglo[v->big[u]] = r0[u] + v->ntok[u];
-            v->bighi[v->big[u]] = r1[u];
-            v->bigdepth[v->big[u]] = dep[u];
+            int32_t b = v->big[u];
+            memcpy(v->bigset + (size_t)b * 4, set + (size_t)u * 4, 4 * sizeof *set);
+            memcpy(v->bigfirst + (size_t)b * 4, fset + (size_t)u * 4, 4 * sizeof *fset);
+            v->biglo[b] = r0[u] + v->ntok[u];
+            v->bighi[b] = r1[u];
+            v->bigdepth[b] = dep[u];
+            v->bigcdep[b] = (uint8_t)(cdep[u] + (owed[u] != 0)); /* counting the character begun */
+            v->bigclo[b] = nlo[u];
+            v->bigchi[b] = nhi[u];
+            v->bigowed[b] = owed[u] != 255 && ok8[u] && amax[u] < 254 && amax[u] >= v->bigcdep[b] ? owed[u] : 255;
+            v->bigcrel[b] = (uint8_t)(v->bigowed[b] != 255 ? amax[u] - v->bigcdep[b] : 0);
         }
-    r = AFM_OK;
+    r = afm__vocab_huge(v);
 out:
     afm__free(a, r0);
     afm__free(a, r1);
     afm__free(a, set);
+    afm__free(a, fset);
     afm__free(a, dep);
+    afm__free(a, owed); afm__free(a, nlo); afm__free(a, nhi);
+    afm__free(a, cdep); afm__free(a, amax); afm__free(a, ok8);
     return r;
 }
 AFMDEF afm_result afm_constraint_vocab_create(const afm_tokenizer *tok, const afm_allocator *allocator, afm_constraint_vocab **out) {
@@ -10630,11 +10760,19 @@ fail:
 #define AFM__CM_DEAD (-1)
 #define AFM__CM_UNKNOWN (-2)
 #define AFM__CM_FAIL (-3)
+#define AFM__CM_MIXED (-5)         /* afm__cm_uniform: the bytes lead to different states */
 
 typedef struct afm__cm_walk_entry { int32_t node, state; int k; } afm__cm_walk_entry;
+/* Rows of 256 transitions in blocks of AFM__CM_ROWS rows: growing never copies them (a copy of
+   megabytes would land on one unlucky token's mask). */
+#define AFM__CM_ROWS 256
+typedef struct afm__cm_rows { int32_t **blk; size_t n, cap; } afm__cm_rows;
+#define AFM__CM_ROW(t, r) ((t).blk[(size_t)(r) / AFM__CM_ROWS] + (size_t)(r) % AFM__CM_ROWS * 256)
 /* bytes known to lead from a state to state `to` (yes) and known not to (no) */
 typedef struct afm__cm_cls { int32_t to; uint64_t yes[4], no[4]; } afm__cm_cls;
-#define AFM__CM_NCLS 2
+#define AFM__CM_NCLS 3
+typedef struct afm__cm_clsrows { afm__cm_cls **blk; size_t n, cap; } afm__cm_clsrows; /* the same in blocks */
+#define AFM__CM_CLS(t, s) ((t).blk[(size_t)(s) / AFM__CM_ROWS] + (size_t)(s) % AFM__CM_ROWS * AFM__CM_NCLS)
 
 struct afm_constraint_state {
     const afm_constraint *c;
@@ -10652,13 +10790,16 @@ struct afm_constraint_state {
     uint32_t *soff;
     int32_t *spool, *str, *sslot;
     uint8_t *sacc;
-    size_t n_s, cap_s, n_spool, cap_spool, s1, s2, s3;
+    uint32_t *shash;        /* per state its hash (rehashing the table then reads no stacks) */
+    size_t n_s, cap_s, n_spool, cap_spool, s1, s2, s3, s4;
     int32_t *sht;
     size_t sht_cap;
-    int32_t *trans;         /* 256 per state that has any, AFM__CM_UNKNOWN until computed */
-    afm__cm_cls *cls;       /* per state AFM__CM_NCLS byte classes with one target each (learnt on demand) */
-    size_t cap_cls;
-    size_t n_trans, cap_trans;
+    afm__cm_rows trans;     /* a row of 256 per state that has any, AFM__CM_UNKNOWN until computed */
+    afm__cm_clsrows cls;    /* per state AFM__CM_NCLS byte classes with one target each (learnt on demand) */
+    int32_t *ctr;           /* per state: index into ctrans, -1 until needed */
+    afm__cm_rows ctrans;    /* 256 per state: the state after the whole character starting with the byte */
+    size_t cap_ctr;
+    afm__cm_clsrows ccls;   /* as cls, for those character steps */
     /* scratch */
     uint32_t *work;         /* (pos, parent) pairs */
     size_t n_work, cap_work;
@@ -10682,6 +10823,48 @@ static int afm__cm_fail(afm_constraint_state *m, const char *why) {
     if (!m->failed) snprintf(m->err, sizeof m->err, "%s", why);
     m->failed = 1;
     return 0;
+}
+
+/* A new row of t, every entry AFM__CM_UNKNOWN; its index, or -1 when out of memory. */
+static int32_t afm__cm_row(afm_constraint_state *m, afm__cm_rows *t) {
+    size_t r = t->n, q;
+    int32_t *row;
+    if (r % AFM__CM_ROWS == 0) {
+        size_t nb = r / AFM__CM_ROWS;
+        if (r >= 0x7FFFFFFF || !afm__grow(&m->alloc, (void **)&t->blk, &t->cap, nb + 1, sizeof *t->blk) ||
+            !(t->blk[nb] = (int32_t *)afm__alloc(&m->alloc, (size_t)AFM__CM_ROWS * 256 * sizeof **t->blk)))
+            return afm__cm_fail(m, "out of memory") - 1;
+    }
+    row = AFM__CM_ROW(*t, r);
+    for (q = 0; q < 256; q++) row[q] = AFM__CM_UNKNOWN;
+    t->n++;
+    return (int32_t)r;
+}
+static void afm__cm_rows_free(afm_allocator *a, afm__cm_rows *t) {
+    size_t i;
+    for (i = 0; i * AFM__CM_ROWS < t->n; i++) afm__free(a, t->blk[i]);
+    afm__free(a, t->blk);
+}
+/* The next state's classes, all unknown; 0 when out of memory. */
+static int afm__cm_cls_row(afm_constraint_state *m, afm__cm_clsrows *t) {
+    size_t r = t->n, q;
+    afm__cm_cls *c;
+    if (r % AFM__CM_ROWS == 0) {
+        size_t nb = r / AFM__CM_ROWS;
+        if (!afm__grow(&m->alloc, (void **)&t->blk, &t->cap, nb + 1, sizeof *t->blk) ||
+            !(t->blk[nb] = (afm__cm_cls *)afm__alloc(&m->alloc, (size_t)AFM__CM_ROWS * AFM__CM_NCLS * sizeof **t->blk)))
+            return afm__cm_fail(m, "out of memory");
+    }
+    c = AFM__CM_CLS(*t, r);
+    memset(c, 0, AFM__CM_NCLS * sizeof *c);
+    for (q = 0; q < AFM__CM_NCLS; q++) c[q].to = AFM__CM_UNKNOWN;
+    t->n++;
+    return 1;
+}
+static void afm__cm_cls_free(afm_allocator *a, afm__cm_clsrows *t) {
+    size_t i;
+    for (i = 0; i * AFM__CM_ROWS < t->n; i++) afm__free(a, t->blk[i]);
+    afm__free(a, t->blk);
 }
 
 static uint32_t afm__mix(uint32_t h, uint32_t x) { h ^= x; h *= 0x9E3779B1u; return h ^ (h >> 15); }
@@ -10774,7 +10957,7 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
     size_t k, i;
     int32_t s;
     if (!m->n_out && !acc) return AFM__CM_DEAD;
-    if (m->n_out > 16) qsort(m->out, m->n_out, sizeof *m->out, afm__cmp_i32);
+    if (m->n_out > 64) qsort(m->out, m->n_out, sizeof *m->out, afm__cmp_i32);
     else for (i = 1; i < m->n_out; i++) { /* usually a handful: insertion sort */
         int32_t x = m->out[i];
         size_t j = i;
@@ -10788,10 +10971,8 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
         if (!nt) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
         memset(nt, 0xFF, nc * sizeof *nt);
         for (q = 0; q < m->n_s; q++) {
-            uint32_t hq = 0x51ED27u ^ m->sacc[q];
             size_t j;
-            for (i = m->soff[q]; i < m->soff[q + 1]; i++) hq = afm__mix(hq, (uint32_t)m->spool[i]);
-            for (j = hq & (nc - 1); nt[j] >= 0; j = (j + 1) & (nc - 1)) {}
+            for (j = m->shash[q] & (nc - 1); nt[j] >= 0; j = (j + 1) & (nc - 1)) {}
             nt[j] = (int32_t)q;
         }
         afm__free(&m->alloc, m->sht);
@@ -10807,6 +10988,7 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
         !afm__grow(&m->alloc, (void **)&m->str, &m->s1, m->n_s + 1, sizeof *m->str) ||
         !afm__grow(&m->alloc, (void **)&m->sslot, &m->s2, m->n_s + 1, sizeof *m->sslot) ||
         !afm__grow(&m->alloc, (void **)&m->sacc, &m->s3, m->n_s + 1, 1) ||
+        !afm__grow(&m->alloc, (void **)&m->shash, &m->s4, m->n_s + 1, sizeof *m->shash) ||
         !afm__grow(&m->alloc, (void **)&m->spool, &m->cap_spool, m->n_spool + m->n_out, sizeof *m->spool))
         return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
     s = (int32_t)m->n_s++;
@@ -10815,12 +10997,14 @@ static int32_t afm__cm_state(afm_constraint_state *m, int acc) {
     m->soff[s] = (uint32_t)(m->n_spool - m->n_out);
     m->soff[s + 1] = (uint32_t)m->n_spool;
     m->sacc[s] = (uint8_t)acc;
+    m->shash[s] = h;
     m->str[s] = -1;
     m->sslot[s] = -1;
     m->sht[k] = s;
-    if (!afm__grow(&m->alloc, (void **)&m->cls, &m->cap_cls, (m->n_s + 1) * AFM__CM_NCLS, sizeof *m->cls)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
-    memset(m->cls + (size_t)s * AFM__CM_NCLS, 0, AFM__CM_NCLS * sizeof *m->cls);
-    for (i = 0; i < AFM__CM_NCLS; i++) m->cls[(size_t)s * AFM__CM_NCLS + i].to = AFM__CM_UNKNOWN;
+    if (!afm__cm_cls_row(m, &m->cls) || !afm__cm_cls_row(m, &m->ccls) ||
+        !afm__grow(&m->alloc, (void **)&m->ctr, &m->cap_ctr, m->n_s + 1, sizeof *m->ctr))
+        return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
+    m->ctr[s] = -1;
     return s;
 }
 
@@ -10840,57 +11024,128 @@ static int32_t afm__cm_step_slow(afm_constraint_state *m, int32_t s, unsigned b)
     return afm__cm_state(m, acc);
 }
 
+/* The index of the lowest set bit of x (not 0). */
+static int afm__ctz64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(x);
+#else
+    int n = 0;
+    while (!(x & 1)) { x >>= 1; n++; }
+    return n;
+#endif
+}
+
 /* (state, byte) -> state, memoised. */
 static int32_t afm__cm_step(afm_constraint_state *m, int32_t s, unsigned b) {
     int32_t t;
     if (s < 0) return AFM__CM_DEAD;
     if (m->str[s] < 0) {
-        size_t k;
         if (m->soff[s + 1] == m->soff[s]) return AFM__CM_DEAD; /* accepting, nothing can follow */
-        if (!afm__grow(&m->alloc, (void **)&m->trans, &m->cap_trans, m->n_trans + 256, sizeof *m->trans)) return (int32_t)afm__cm_fail(m, "out of memory") + AFM__CM_FAIL;
-        for (k = 0; k < 256; k++) m->trans[m->n_trans + k] = AFM__CM_UNKNOWN;
-        m->str[s] = (int32_t)(m->n_trans / 256);
-        m->n_trans += 256;
+        if ((m->str[s] = afm__cm_row(m, &m->trans)) < 0) return AFM__CM_FAIL;
     }
-    t = m->trans[(size_t)m->str[s] * 256 + b];
+    t = AFM__CM_ROW(m->trans, m->str[s])[b];
     if (t == AFM__CM_UNKNOWN) {
+        /* computed once, then filled in for every byte that passes the same range tests of this
+           state's stacks (inside a JSON string: every plain character's byte at once) */
+        uint64_t same[4] = { ~0ull, ~0ull, ~0ull, ~0ull };
+        uint32_t i;
+        int32_t *row;
+        int q;
         t = afm__cm_step_slow(m, s, b);
         if (t == AFM__CM_FAIL) return t;
-        m->trans[(size_t)m->str[s] * 256 + b] = t;
+        row = AFM__CM_ROW(m->trans, m->str[s]);
+        for (i = m->soff[s]; i < m->soff[s + 1]; i++) { /* the bytes inside (outside) every range b is inside (outside) of */
+            uint32_t e = m->el[m->fpos[m->spool[i]]], lo = e & 0xFF, hi = (e >> 8) & 0xFF;
+            int in = b >= lo && b <= hi;
+            for (q = 0; q < 4; q++) {
+                uint32_t a0 = (uint32_t)q * 64, a1 = a0 + 63;
+                uint64_t w = lo > a1 || hi < a0 ? 0 : (~0ull << ((lo > a0 ? lo : a0) - a0)) & (~0ull >> (a1 - (hi < a1 ? hi : a1)));
+                same[q] &= in ? w : ~w;
+            }
+        }
+        for (q = 0; q < 4; q++)
+            while (same[q]) {
+                row[q * 64 + afm__ctz64(same[q])] = t;
+                same[q] &= same[q] - 1;
+            }
     }
     return t;
 }
 
-/* The state every byte of the 256-bit set b leads to from state s, if it is one and the same
-   live state; AFM__CM_DEAD if not; AFM__CM_FAIL on failure. What each byte does is learnt once per
-   state, in up to AFM__CM_NCLS classes (inside a JSON string: the plain characters). */
-static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_t *b) {
+static int32_t afm__cm_char_step(afm_constraint_state *m, int32_t s, unsigned b);
+/* What a byte is in UTF-8, as far as the continuations a character starting with it needs. */
+static int afm__utf8_kind(unsigned b) {
+    return b < 0x80 ? 0 : b < 0xC2 ? 1 : b < 0xE0 ? 2 : b == 0xE0 ? 3 : b == 0xED ? 4 : b < 0xF0 ? 5 : b == 0xF0 ? 6 : b < 0xF4 ? 7 : b == 0xF4 ? 8 : 1;
+}
+
+/* The state every byte of the 256-bit set b leads to from state s (chars: every character whose
+   first byte is in b), if it is one and the same: a live state, or AFM__CM_DEAD when all are dead;
+   AFM__CM_MIXED if not; AFM__CM_FAIL on failure. What each byte does is learnt once per state, in
+   up to AFM__CM_NCLS classes (inside a JSON string: the plain characters, the dead ones). */
+static int32_t afm__cm_uniform(afm_constraint_state *m, int32_t s, const uint64_t *b, int chars) {
     afm__cm_cls *c;
     int32_t to;
     int q, lo = 0, k;
-    while (!((b[lo >> 6] >> (lo & 63)) & 1)) lo++; /* b is never empty */
-    if ((to = afm__cm_step(m, s, (unsigned)lo)) < 0) return to;
-    c = m->cls + (size_t)s * AFM__CM_NCLS;
+    if (s < 0) return s;
+    while (!b[lo >> 6]) lo += 64; /* b is never empty */
+    lo += afm__ctz64(b[lo >> 6]);
+    to = chars ? afm__cm_char_step(m, s, (unsigned)lo) : afm__cm_step(m, s, (unsigned)lo);
+    if (to < AFM__CM_DEAD) return to == AFM__CM_FAIL ? to : AFM__CM_MIXED;
+    c = chars ? AFM__CM_CLS(m->ccls, s) : AFM__CM_CLS(m->cls, s);
     for (k = 0; k < AFM__CM_NCLS && c[k].to != to && c[k].to != AFM__CM_UNKNOWN; k++) {}
     if (k == AFM__CM_NCLS) { k = AFM__CM_NCLS - 1; memset(&c[k], 0, sizeof c[k]); }
     c[k].to = to;
     for (q = 0; q < 4; q++)
-        if (b[q] & c[k].no[q]) return AFM__CM_DEAD;
+        if (b[q] & c[k].no[q]) return AFM__CM_MIXED;
     for (q = 0; q < 4; q++) {
         uint64_t todo = b[q] & ~c[k].yes[q];
         while (todo) {
-            int bit = 0;
+            int bit = afm__ctz64(todo);
             int32_t t;
-            while (!((todo >> bit) & 1)) bit++;
             todo &= todo - 1;
-            t = afm__cm_step(m, s, (unsigned)(q * 64 + bit));
+            t = chars ? afm__cm_char_step(m, s, (unsigned)(q * 64 + bit)) : afm__cm_step(m, s, (unsigned)(q * 64 + bit));
             if (t == AFM__CM_FAIL) return t;
-            c = m->cls + (size_t)s * AFM__CM_NCLS; /* the step may have moved the array */
-            if (t != to) { c[k].no[q] |= 1ull << bit; return AFM__CM_DEAD; }
-            c[k].yes[q] |= 1ull << bit;
+            c = chars ? AFM__CM_CLS(m->ccls, s) : AFM__CM_CLS(m->cls, s); /* blocks never move; still, reread */
+            { /* the byte's class alike (by characters: of the same UTF-8 length and continuation range) */
+                const uint8_t *brep = m->c->g.brep;
+                unsigned x0 = (unsigned)(q * 64 + bit), r = brep[x0], x;
+                for (x = r; x < 256 && brep[x] == r; x++)
+                    if (!chars || afm__utf8_kind(x) == afm__utf8_kind(x0)) {
+                        if (t != to) c[k].no[x >> 6] |= 1ull << (x & 63);
+                        else c[k].yes[x >> 6] |= 1ull << (x & 63);
+                    }
+                if (t != to) return AFM__CM_MIXED;
+                todo &= ~c[k].yes[q];
+            }
         }
     }
     return to;
+}
+
+/* The state after a whole UTF-8 character starting with byte b from state s, when every
+   continuation leads to one same state (memoised); AFM__CM_DEAD when none lives, AFM__CM_MIXED
+   when they differ (or b starts no character). */
+static int32_t afm__cm_char_step(afm_constraint_state *m, int32_t s, unsigned b) {
+    static const uint64_t cont[4][4] = { /* continuation ranges 80-BF, A0-BF, 80-9F, 90-BF, 80-8F */
+        { 0, 0, ~0ull, 0 }, { 0, 0, 0xFFFFFFFF00000000ull, 0 }, { 0, 0, 0x00000000FFFFFFFFull, 0 }, { 0, 0, 0xFFFFFFFFFFFF0000ull, 0 } };
+    static const uint64_t cont_f4[4] = { 0, 0, 0xFFFFull, 0 };
+    const uint64_t *first;
+    int32_t t, w;
+    int n, k;
+    if (s < 0) return AFM__CM_DEAD;
+    if (b < 0x80) return afm__cm_step(m, s, b);
+    if (b >= 0xC2 && b <= 0xDF) { n = 1; first = cont[0]; }
+    else if (b >= 0xE0 && b <= 0xEF) { n = 2; first = b == 0xE0 ? cont[1] : b == 0xED ? cont[2] : cont[0]; }
+    else if (b >= 0xF0 && b <= 0xF4) { n = 3; first = b == 0xF0 ? cont[3] : b == 0xF4 ? cont_f4 : cont[0]; }
+    else return AFM__CM_MIXED;
+    if (m->ctr[s] < 0 && (m->ctr[s] = afm__cm_row(m, &m->ctrans)) < 0) return AFM__CM_FAIL;
+    t = AFM__CM_ROW(m->ctrans, m->ctr[s])[b];
+    if (t != AFM__CM_UNKNOWN) return t;
+    w = afm__cm_step(m, s, b);
+    for (k = 0; k < n && w >= 0; k++) w = afm__cm_uniform(m, w, k ? cont[0] : first, 0);
+    if (w == AFM__CM_FAIL) return w;
+    AFM__CM_ROW(m->ctrans, m->ctr[s])[b] = w;
+    return w;
 }
 
 /* The allowed-token bit set of state s (cached). NULL on failure. */
@@ -10933,15 +11188,45 @@ static const uint32_t *afm__cm_mask(afm_constraint_state *m, int32_t s) {
             mask[id >> 5] |= 1u << (id & 31);
         }
         if (v->big[c] >= 0) { /* many tokens below: all allowed when every path of their bytes stays alive */
-            int32_t b = v->big[c], u = t, d;
-            for (d = 0; d < v->bigdepth[b] && u >= 0; d++) u = afm__cm_uniform(m, u, v->bigset + (size_t)b * 4);
-            if (u == AFM__CM_FAIL) return NULL;
-            if (u >= 0) {
-                int32_t k;
-                for (k = v->biglo[v->big[c]]; k < v->bighi[v->big[c]]; k++) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
-                continue;
+            int32_t b = v->big[c], u = t, x = t, d, k;
+            if (v->bigowed[b] != 255) { /* by characters: those within d characters when every one after d dies */
+                uint64_t cont[4] = { 0, 0, 0, 0 };
+                for (d = v->bigclo[b]; d <= v->bigchi[b]; d++) cont[d >> 6] |= 1ull << (d & 63);
+                for (d = 0; d < v->bigowed[b] && u >= 0; d++) { /* first the rest of the character begun */
+                    u = afm__cm_uniform(m, u, cont, 0);
+                    cont[2] = ~0ull;
+                }
+                if (u == AFM__CM_FAIL) return NULL;
+                if (u < 0) {
+                    if (u == AFM__CM_DEAD) continue; /* none of them */
+                    goto descend;
+                }
+                for (d = 0; d < v->bigcrel[b] && (x = afm__cm_uniform(m, u, v->bigfirst + (size_t)b * 4, 1)) >= 0; d++) u = x;
+                if (x == AFM__CM_FAIL) return NULL;
+                if (x >= 0 || x == AFM__CM_DEAD) {
+                    int lim = v->bigcdep[b] + d;
+                    if (v->bighuge[b] >= 0) {
+                        size_t h = (size_t)v->bighuge[b] * 257, e = v->hoff[h + (d < 256 ? d + 1 : 256)];
+                        for (k = (int32_t)v->hoff[h]; k < (int32_t)e; k++) mask[v->hword[k]] |= v->hbits[k];
+                    } else
+                        for (k = v->biglo[b]; k < v->bighi[b]; k++)
+                            if (v->tokc[k] <= lim) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
+                    continue;
+                }
+            } else {
+                for (d = 0; d < v->bigdepth[b] && u >= 0; d++) u = afm__cm_uniform(m, u, v->bigset + (size_t)b * 4, 0);
+                if (u == AFM__CM_FAIL) return NULL;
+                if (u >= 0) {
+                    if (v->bighuge[b] >= 0) {
+                        size_t h = (size_t)v->bighuge[b] * 257;
+                        for (k = (int32_t)v->hoff[h]; k < (int32_t)v->hoff[h + 256]; k++) mask[v->hword[k]] |= v->hbits[k];
+                    } else
+                        for (k = v->biglo[b]; k < v->bighi[b]; k++) mask[v->toks[k] >> 5] |= 1u << (v->toks[k] & 31);
+                    continue;
+                }
             }
         }
+    descend:
         if (v->nchild[c]) {
             m->walk[sp].node = c;
             m->walk[sp].state = t;
@@ -10973,9 +11258,10 @@ AFMDEF void afm_constraint_state_free(afm_constraint_state *m) {
     if (!m) return;
     a = m->alloc;
     afm__free(&a, m->fpos); afm__free(&a, m->fseen); afm__free(&a, m->fpar); afm__free(&a, m->fdepth); afm__free(&a, m->fht);
-    afm__free(&a, m->soff); afm__free(&a, m->spool); afm__free(&a, m->str); afm__free(&a, m->sslot); afm__free(&a, m->sacc);
-    afm__free(&a, m->sht); afm__free(&a, m->trans); afm__free(&a, m->work); afm__free(&a, m->out); afm__free(&a, m->masks);
-    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__free(&a, m->cls);
+    afm__free(&a, m->soff); afm__free(&a, m->spool); afm__free(&a, m->str); afm__free(&a, m->sslot); afm__free(&a, m->sacc); afm__free(&a, m->shash);
+    afm__free(&a, m->sht); afm__cm_rows_free(&a, &m->trans); afm__free(&a, m->work); afm__free(&a, m->out); afm__free(&a, m->masks);
+    afm__free(&a, m->walk); afm__free(&a, m->hist); afm__cm_cls_free(&a, &m->cls);
+    afm__free(&a, m->ctr); afm__cm_rows_free(&a, &m->ctrans); afm__cm_cls_free(&a, &m->ccls);
     afm__free(&a, m);
 }
 
@@ -11090,6 +11376,38 @@ AFMDEF int afm_constraint_state_forced(afm_constraint_state *m, int32_t *tokens,
 
 AFMDEF const char *afm_constraint_state_error(const afm_constraint_state *m) {
     return !m ? "no constraint state" : m->failed ? m->err : "";
+}
+
+AFMDEF afm_result afm_schema_prompt(const char *schema, size_t schema_len, char *text, size_t cap, size_t *len) {
+    static const char intro[] = AFM_SCHEMA_PROMPT_INTRO "\n";
+    size_t i, n = 0;
+    int in_str = 0, esc = 0, depth = 0;
+    char open[256]; /* the brackets open (deeper nesting than a schema compiles with is refused) */
+    if (len) *len = 0;
+    if (!schema && schema_len) return AFM_ERR_ARG;
+    for (i = 0; i < sizeof intro - 1; i++, n++)
+        if (n + 1 < cap && text) text[n] = intro[i];
+    for (i = 0; i < schema_len; i++) { /* compact: whitespace outside strings dropped */
+        char ch = schema[i];
+        if (in_str) {
+            if (esc) esc = 0;
+            else if (ch == '\\') esc = 1;
+            else if (ch == '"') in_str = 0;
+        } else if (ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r') continue;
+        else if (ch == '"') in_str = 1;
+        else if (ch == '{' || ch == '[') {
+            if (depth == (int)sizeof open) return AFM_ERR_FORMAT;
+            open[depth++] = ch;
+        } else if (ch == '}' || ch == ']') {
+            if (!depth || open[--depth] != (ch == '}' ? '{' : '[')) return AFM_ERR_FORMAT;
+        }
+        if (n + 1 < cap && text) text[n] = ch;
+        n++;
+    }
+    if (in_str || depth) return AFM_ERR_FORMAT;
+    if (len) *len = n;
+    if (text && cap) text[n < cap ? n : cap - 1] = 0;
+    return text && n < cap ? AFM_OK : text || cap ? AFM_ERR_ARG : AFM_OK;
 }
 
 /* ======================================================================================== */

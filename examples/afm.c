@@ -26,7 +26,7 @@
 #endif
 
 static const char *usage_text =
-    "usage: afm bench FILE [-t N[,N...]] [-p N] [-n N] [-r N] [--adapter PATH]\n"
+    "usage: afm bench FILE [-t N[,N...]] [-p N] [-n N] [-r N] [--adapter PATH]\n"    "       afm bench FILE --grammar [--tokenizer TOK.model] [-w N] [-n N] [-t N] SCHEMA.json ...\n"
     "       afm info FILE\n"
     "       afm info ADAPTER -m BASE.afm\n"
     "       afm [generate] -m FILE (-p TEXT | -f FILE | --ids ID,ID,...) [options]\n"
@@ -43,6 +43,11 @@ static const char *usage_text =
     "  tokenize               print the token ids of a text, separated by spaces (with the AFM\n"
     "                         layer: \"\\n\" is the <n> token); no sequence-start token unless --chat\n"
     "  detokenize             print the text of token ids (arguments, --ids or -f; '-' is stdin)\n"
+    "  bench FILE --grammar [--tokenizer TOK] [-w N] SCHEMA.json ...  guided generation: per JSON\n"
+    "                         schema the compile time (median of 20), the token mask time along\n"
+    "                         -w random walks (default 20; median, p99; on TOK's vocabulary if\n"
+    "                         given) and decode tok/s with and without the schema (-n tokens, the\n"
+    "                         first -t thread count)\n"
     "  bench FILE --spec      speculative decoding: time to verify 1..16 tokens relative to one\n"
     "                         decode step, and speedup over plain greedy decoding with a drafter\n"
     "                         that proposes the base's own next token with probability p\n"
@@ -140,6 +145,10 @@ static const char *usage_more =
     "      --transcript FILE  the conversation as JSON (messages, calls, outputs, tools): read\n"
     "                         from FILE when it exists (-p adds the next user turn), written back\n"
     "                         after the run; the same seed continues it as the original session\n"
+    "      --no-schema-prompt with --json-schema: do not show the schema to the model (by default\n"
+    "                         the user's message is followed by a blank line, \"" AFM_SCHEMA_PROMPT_INTRO "\"\n"
+    "                         and the schema as compact JSON)\n"
+    "      --schema-prompt TEXT  with --json-schema: show TEXT after the user's message instead\n"
     "      --ignore-eos       text prompts: do not stop at EOS and <turn_end> (stopping there is\n"
     "                         the default; --ids prompts stop only at --stop ids)\n"
     "      --prompt-cache FILE  keep the session's state after the prompt in FILE (KV cache, tokens,\n"
@@ -800,8 +809,9 @@ static int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *ids_text = NULL, *dump_path = NULL, *adapter_path = NULL;
     const char *draft_path = NULL, *draft_adapter_path = NULL, *stop_text = NULL;
     const char *text = NULL, *file = NULL, *system = NULL, *tok_path = NULL, *cache_path = NULL;
-    const char *schema_path = NULL, *grammar_path = NULL, *regex = NULL;
-    int no_fast_forward = 0;
+    const char *schema_path = NULL, *grammar_path = NULL, *regex = NULL, *schema_prompt = NULL;
+    int no_fast_forward = 0, no_schema_prompt = 0;
+    char *prompt_with_schema = NULL;
     tool_cli tools;
     int lookup = 0, draft_k = 0, fixed_k = 0, chat = 0, show_prompt = 0, ignore_eos = 0, display_prompt = 1;
     int n_predict = 16, no_mmap = 0, i, n_prompt, n_eog = 0;
@@ -895,6 +905,8 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--tool-mode")) { if (!v) die("option %s needs a value", a); tools.mode = v; i++; }
         else if (!strcmp(a, "--tool-rounds")) { tools.max_rounds = (int)parse_int(v, a, 1, 1000); i++; }
         else if (!strcmp(a, "--transcript")) { if (!v) die("option %s needs a value", a); tools.transcript_path = v; i++; }
+        else if (!strcmp(a, "--no-schema-prompt")) no_schema_prompt = 1;
+        else if (!strcmp(a, "--schema-prompt")) { if (!v) die("option %s needs a value", a); schema_prompt = v; i++; }
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
             if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;
@@ -933,6 +945,19 @@ static int cmd_generate(int argc, char **argv) {
         int32_t stop_ids[2];
         int k;
         tokenizer = tokenizer_or_die(m, model_path, tok_path);
+        if (schema_path && !no_schema_prompt) { /* the schema shown to the model too (docs/CONSTRAINTS.md) */
+            size_t slen = 0, plen = 0, tlen = strlen(text);
+            char *stext = schema_prompt ? NULL : read_all(schema_path, &slen);
+            if (stext && afm_schema_prompt(stext, slen, NULL, 0, &plen) != AFM_OK) die("%s: not one JSON value", schema_path);
+            if (schema_prompt) plen = strlen(schema_prompt);
+            if (!(prompt_with_schema = (char *)malloc(tlen + plen + 3))) die("%s", "out of memory");
+            memcpy(prompt_with_schema, text, tlen);
+            memcpy(prompt_with_schema + tlen, "\n\n", 2);
+            if (schema_prompt) memcpy(prompt_with_schema + tlen + 2, schema_prompt, plen + 1);
+            else afm_schema_prompt(stext, slen, prompt_with_schema + tlen + 2, plen + 1, &plen);
+            free(stext);
+            text = prompt_with_schema;
+        }
         prompt = encode_or_die(tokenizer, text, chat, system, tok_flags, 1, &n_prompt);
         if (n_prompt == 0) die("%s", "the prompt is empty");
         stop_ids[0] = afm_tokenizer_special(tokenizer, AFM_SPECIAL_EOS);
@@ -1112,6 +1137,7 @@ static int cmd_generate(int argc, char **argv) {
     }
     free(prompt);
     free(file_text);
+    free(prompt_with_schema);
     if (tokenizer) afm_stop_free(out.stop);
     afm_tokenizer_free(tokenizer);
     afm_sampler_free(sampler);

@@ -214,9 +214,172 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
     return 0;
 }
 
+/* ---- afm bench FILE --grammar: guided generation's costs ---- */
+/* The thread's CPU time where there is one (on a shared machine, wall time also counts the moments
+   the scheduler gives the core to someone else). */
+static double thread_seconds(void) {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+#else
+    return now_seconds();
+#endif
+}
+static char *slurp_or_die(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    char *p;
+    long sz = 0;
+    if (!f || fseek(f, 0, SEEK_END) != 0 || (sz = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) die("cannot read '%s'", path);
+    if (!(p = (char *)malloc((size_t)sz + 1)) || fread(p, 1, (size_t)sz, f) != (size_t)sz) die("cannot read '%s'", path);
+    fclose(f);
+    p[sz] = 0;
+    *n = (size_t)sz;
+    return p;
+}
+static double pctl(double *v, size_t n, double p) {
+    if (!n) return 0;
+    qsort(v, n, sizeof *v, cmp_double);
+    return v[(size_t)(p * (double)(n - 1) + 0.5)];
+}
+static double decode_tps(afm_model *m, const int32_t *prompt, int n_prompt, int n_gen, int n_threads, afm_kernels kernels,
+                         afm_constraint_state *cs, const int32_t *stops, int n_stops) {
+    afm_session *s;
+    afm_session_params sp;
+    afm_generate_params gp;
+    afm_generate_stats st;
+    memset(&sp, 0, sizeof sp);
+    sp.n_threads = n_threads;
+    sp.kernels = kernels;
+    if (afm_session_create(m, &sp, &s) != AFM_OK) die("%s", "cannot create a session");
+    memset(&gp, 0, sizeof gp);
+    gp.n_predict = n_gen;
+    gp.sampler.temperature = 1.0f;
+    gp.sampler.seed = 1;
+    gp.constraint = cs;
+    gp.stop_tokens = stops;
+    gp.n_stop_tokens = n_stops;
+    if (afm_generate(s, prompt, n_prompt, &gp, &st) != AFM_OK) die("%s", afm_session_error(s));
+    afm_session_free(s);
+    return st.n_generated / (st.t_total - st.t_prompt + 1e-12);
+}
+/* Per schema: the median of 20 compiles; then walks outputs from a fresh constraint state, each
+   token drawn uniformly among the allowed ones (the stop token, once allowed, with probability 1/4),
+   up to 256 tokens, timing afm_constraint_state_mask (thread CPU time); then, with a model, decode
+   tok/s at temperature 1 under the schema and without it. */
+static int cmd_bench_grammar(afm_model *m, const char *tok_path, char **schemas, int n_schemas, int walks, int n_gen,
+                             int n_threads, afm_kernels kernels) {
+    afm_tokenizer *tok = NULL, *mtok = NULL;
+    afm_constraint_vocab *v = NULL, *mv = NULL;
+    char err[512];
+    double t0, *all = NULL;
+    size_t n_all = 0, n;
+    int i, V;
+    uint64_t rng = 88172645463325252ull;
+    int32_t prompt[512], stops[2];
+    size_t n_prompt = 0;
+    int n_stops = 0;
+    if (afm_model_tokenizer(m, NULL, &mtok, err, sizeof err) != AFM_OK) die("%s", err);
+    if (tok_path) {
+        char *d = slurp_or_die(tok_path, &n);
+        if (afm_tokenizer_load(d, n, AFM_TOKENIZER_SENTENCEPIECE, NULL, &tok, err, sizeof err) != AFM_OK) die("%s", err);
+        free(d);
+    } else tok = mtok;
+    V = afm_tokenizer_n_vocab(tok);
+    t0 = thread_seconds();
+    if (afm_constraint_vocab_create(tok, NULL, &v) != AFM_OK) die("%s", "out of memory");
+    printf("masks on %s (%d pieces): vocabulary object built in %.1f ms\n", tok_path ? tok_path : "the model's tokenizer", V,
+           (thread_seconds() - t0) * 1e3);
+    if (tok != mtok && afm_constraint_vocab_create(mtok, NULL, &mv) != AFM_OK) die("%s", "out of memory");
+    if (!mv) mv = v;
+    {
+        afm_chat_message msg;
+        msg.role = "user";
+        msg.content = "Describe a person from Genesis as JSON.";
+        if (afm_chat_tokenize(mtok, &msg, 1, NULL, 0, 1, prompt, 512, &n_prompt) != AFM_OK) die("%s", "cannot encode the prompt");
+        stops[n_stops] = afm_tokenizer_special(mtok, AFM_SPECIAL_EOS);
+        if (stops[n_stops] >= 0) n_stops++;
+        stops[n_stops] = afm_tokenizer_special(mtok, AFM_SPECIAL_TURN_END);
+        if (stops[n_stops] >= 0) n_stops++;
+    }
+    if (!(all = (double *)malloc((size_t)n_schemas * (size_t)walks * 256 * sizeof *all))) die("%s", "out of memory");
+    printf("%-20s %9s %10s %10s %7s %9s %10s %10s\n", "schema", "compile", "mask med", "mask p99", "tokens", "complete",
+           "free tok/s", "JSON tok/s");
+    for (i = 0; i < n_schemas; i++) {
+        afm_constraint *c = NULL;
+        double ct[20], *mt = all + n_all, tps_free = 0, tps_con = 0;
+        size_t m_n = 0;
+        int k, w, complete = 0;
+        char *text = slurp_or_die(schemas[i], &n);
+        const char *base = strrchr(schemas[i], '/') ? strrchr(schemas[i], '/') + 1 : schemas[i];
+        for (k = 0; k < 20; k++) {
+            afm_constraint_free(c);
+            c = NULL;
+            t0 = thread_seconds();
+            if (afm_constraint_compile(AFM_CONSTRAINT_JSON_SCHEMA, text, n, NULL, &c, err, sizeof err) != AFM_OK) {
+                fprintf(stderr, "afm: %s: %s\n", schemas[i], err);
+                exit(1);
+            }
+            ct[k] = thread_seconds() - t0;
+        }
+        for (w = 0; w < walks; w++) {
+            afm_constraint_state *cs = NULL;
+            int step;
+            if (afm_constraint_state_create(c, v, &cs) != AFM_OK) die("%s", "out of memory");
+            for (step = 0; step < 256; step++) {
+                const uint32_t *mask;
+                int32_t t, pick = -1, cnt = 0;
+                t0 = thread_seconds();
+                mask = afm_constraint_state_mask(cs);
+                mt[m_n++] = thread_seconds() - t0;
+                if (!mask) die("%s", afm_constraint_state_error(cs));
+                if (afm_constraint_state_complete(cs) && (rng = rng * 6364136223846793005ull + 1442695040888963407ull) >> 62 == 0) break;
+                for (t = 0; t < V; t++)
+                    if (((mask[t >> 5] >> (t & 31)) & 1) && !afm_tokenizer_is_stop(tok, t)) {
+                        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+                        if ((rng >> 33) % (uint64_t)++cnt == 0) pick = t;
+                    }
+                if (pick < 0) break;
+                afm_constraint_state_advance(cs, pick);
+            }
+            complete += afm_constraint_state_complete(cs);
+            afm_constraint_state_free(cs);
+        }
+        if (n_gen > 0) {
+            afm_constraint_state *cs = NULL;
+            if (afm_constraint_state_create(c, mv, &cs) != AFM_OK) die("%s", "out of memory");
+            tps_free = decode_tps(m, prompt, (int)n_prompt, n_gen, n_threads, kernels, NULL, NULL, 0);
+            tps_con = decode_tps(m, prompt, (int)n_prompt, n_gen, n_threads, kernels, cs, stops, n_stops);
+            afm_constraint_state_free(cs);
+        }
+        n_all += m_n;
+        {
+            double med, p99;
+            med = pctl(mt, m_n, 0.5);
+            p99 = pctl(mt, m_n, 0.99);
+            printf("%-20.20s %6.3f ms %7.1f us %7.1f us %7d %6d/%-3d %10.1f %10.1f\n", base, pctl(ct, 20, 0.5) * 1e3, med * 1e6,
+                   p99 * 1e6, (int)m_n, complete, walks, tps_free, tps_con);
+        }
+        afm_constraint_free(c);
+        free(text);
+    }
+    {
+        double med = pctl(all, n_all, 0.5), p99 = pctl(all, n_all, 0.99), mx = n_all ? all[n_all - 1] : 0;
+        printf("all schemas: mask median %.1f us, p99 %.1f us, max %.1f us over %d tokens (thread CPU time)\n", med * 1e6, p99 * 1e6,
+               mx * 1e6, (int)n_all);
+    }
+    free(all);
+    if (mv != v) afm_constraint_vocab_free(mv);
+    afm_constraint_vocab_free(v);
+    if (tok != mtok) afm_tokenizer_free(tok);
+    afm_tokenizer_free(mtok);
+    return 0;
+}
+
 int cmd_bench(int argc, char **argv) {
-    const char *path = NULL, *threads_text = "1,2", *adapter_path = NULL;
-    int n_prompt = 512, n_gen = 128, runs = 3, i, ti, n_threads_list[16], n_tl = 0, spec = 0;
+    const char *path = NULL, *threads_text = "1,2", *adapter_path = NULL, *tok_path = NULL;
+    int n_prompt = 512, n_gen = 128, runs = 3, i, ti, n_threads_list[16], n_tl = 0, spec = 0, grammar = 0, walks = 20, n_schemas = 0;
+    char **schemas = (char **)malloc(((size_t)argc + 1) * sizeof *schemas);
     afm_kernels kernels = AFM_KERNELS_AUTO;
     afm_model *m;
     afm_adapter *ad = NULL;
@@ -229,6 +392,10 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-r") || !strcmp(a, "--runs")) { runs = (int)parse_int(v, a, 1, 100); i++; }
         else if (!strcmp(a, "--adapter")) { if (!v) die("option %s needs a value", a); adapter_path = v; i++; }
         else if (!strcmp(a, "--spec")) spec = 1;
+        else if (!strcmp(a, "--grammar")) grammar = 1;
+        else if (!strcmp(a, "--tokenizer")) { if (!v) die("option %s needs a value", a); tok_path = v; i++; }
+        else if (!strcmp(a, "-w") || !strcmp(a, "--walks")) { walks = (int)parse_int(v, a, 1, 10000); i++; }
+        else if (a[0] != '-' && path && schemas) schemas[n_schemas++] = argv[i];
         else if (!strcmp(a, "--kernels")) { kernels = kernels_or_die(v); i++; }
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!v) die("option %s needs a value", a); path = v; i++; }
         else if (a[0] != '-' && !path) path = a;
@@ -246,8 +413,18 @@ int cmd_bench(int argc, char **argv) {
             if (*end && *end != ',') die("-t: '%s' is not a list of thread counts", threads_text);
         }
     }
+    if (!schemas) die("%s", "out of memory");
     m = load_or_die(path, 0);
     c = afm_model_config(m);
+    if (grammar) {
+        if (!n_schemas) die("%s", "usage: afm bench FILE --grammar [--tokenizer TOK.model] [-w WALKS] [-n N] [-t N] SCHEMA.json ...");
+        i = cmd_bench_grammar(m, tok_path, schemas, n_schemas, walks, n_gen, n_threads_list[0], kernels);
+        free(schemas);
+        afm_model_free(m);
+        return i;
+    }
+    if (n_schemas) die("unknown bench argument '%s' (schemas go with --grammar)", schemas[0]);
+    free(schemas);
     if (adapter_path) ad = load_adapter_or_die(m, adapter_path);
     if (ad) {
         /* adapter cost: load and switch times, then decode with and without it, alternating */

@@ -67,6 +67,11 @@ else bad "build test_constrain"; fi
 if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
+# the subtree summaries (by characters, word/bit pairs) on every subtree of the small vocabularies too
+if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 \
+       tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
+    run_counts "test_constrain, summaries on subtrees of 2+ tokens, pairs on 4+ (asan+ubsan)" build/test_constrain_sum
+else bad "build test_constrain with small summaries"; fi
 
 section "tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
 if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
@@ -212,6 +217,20 @@ if python3 -c "import jsonschema" 2>/dev/null; then
     if echo "$out" | grep -qE '^(yes|no|maybe)$'; then ok "afm --grammar: '$out'"; else bad "afm --grammar: '$out'"; fi
     if ./afm -m models/mini/base.afm --chat -p x --regex '(?=a)' 2>&1 | grep -q "lookaround"; then ok "afm --regex names a bad pattern's problem"
     else bad "afm --regex error message"; fi
+    # the schema shown to the model (default), replaced (--schema-prompt) or left out (--no-schema-prompt)
+    sp=$(./afm -m models/mini/base.afm --chat -p "A person" -n 1 --json-schema tests/constrain/person.json --show-prompt 2>&1 >/dev/null)
+    sp2=$(./afm -m models/mini/base.afm --chat -p "A person" -n 1 --json-schema tests/constrain/person.json --schema-prompt "Answer in JSON." --show-prompt 2>&1 >/dev/null)
+    sp3=$(./afm -m models/mini/base.afm --chat -p "A person" -n 1 --json-schema tests/constrain/person.json --no-schema-prompt --show-prompt 2>&1 >/dev/null)
+    if echo "$sp" | grep -q 'follows this JSON schema:' && echo "$sp" | grep -q '^{"type":"object","properties":{"name":' &&
+       echo "$sp2" | grep -q '^Answer in JSON.<turn_end>' && ! echo "$sp2" | grep -q 'JSON schema:' &&
+       ! echo "$sp3" | grep -q 'JSON' && echo "$sp3" | grep -q 'A person<turn_end>'; then
+        ok "afm --json-schema shows the schema in the prompt; --schema-prompt replaces it, --no-schema-prompt leaves it out"
+    else bad "schema prompt: '$sp' '$sp2' '$sp3'"; fi
+    # afm bench --grammar on the shipped model: a compile time, mask times and both decode speeds per schema
+    if ./afm bench models/mini/base.afm --grammar -w 2 -n 8 -t 1 tests/constrain/person.json tests/constrain/nullable.json > build/bench_grammar.log 2>&1 &&
+       grep -qE '^person.json +[0-9.]+ ms +[0-9.]+ us +[0-9.]+ us +[0-9]+ +2/2 +[0-9.]+ +[0-9.]+$' build/bench_grammar.log &&
+       grep -q '^all schemas: mask median' build/bench_grammar.log; then ok "afm bench --grammar: $(tail -n 1 build/bench_grammar.log)"
+    else bad "afm bench --grammar (build/bench_grammar.log)"; cat build/bench_grammar.log; fi
 elif [ "$CI" = true ]; then bad "python3 -m pip install jsonschema (guided generation check)"
 else skip "guided generation check" "python3 -m pip install jsonschema"; fi
 

@@ -90,7 +90,7 @@ static int memo_agrees(afm_constraint_state *m) {
     unsigned b;
     for (s = 0; s < n; s++)
         for (b = 0; b < 256 && m->str[s] >= 0; b++) {
-            int32_t memo = m->trans[(size_t)m->str[s] * 256 + b];
+            int32_t memo = AFM__CM_ROW(m->trans, m->str[s])[b];
             if (memo != AFM__CM_UNKNOWN && memo != afm__cm_step_slow(m, (int32_t)s, b)) return 0;
         }
     return 1;
@@ -193,6 +193,14 @@ static const spec k_specs[] = {
     { AFM_CONSTRAINT_JSON_SCHEMA, "{\"$defs\":{\"node\":{\"type\":\"object\",\"properties\":{\"v\":{\"type\":\"integer\"},\"next\":{\"anyOf\":[{\"$ref\":\"#/$defs/node\"},{\"type\":\"null\"}]}},\"required\":[\"v\",\"next\"]}},\"$ref\":\"#/$defs/node\"}",
       { "{\"v\":1,\"next\":{\"v\":2,\"next\":null}}" }, { "{\"v\":1}" } },
     { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":[\"string\",\"null\"],\"maxLength\":1}", { "null", "\"a\"" }, { "\"ab\"" } },
+    /* length bounds at 0, 1, max and a large maxLength (the masks test whole characters and cut by
+       the characters left: multi-byte characters, escapes and the closing quote at each bound) */
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"string\",\"maxLength\":0}", { "\"\"" }, { "\"a\"" } },
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"string\",\"minLength\":1,\"maxLength\":1}", { "\"\xE6\x97\xA5\"", "\"\\n\"" }, { "\"\"", "\"ab\"" } },
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"string\",\"minLength\":3,\"maxLength\":10000}", { "\"abc\"", "\"\xC3\xA9\xE6\x97\xA5\xF0\x9F\x98\x80\"" }, { "\"ab\"" } },
+    { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"array\",\"items\":{\"type\":\"string\",\"maxLength\":4},\"maxItems\":3}", { "[]", "[\"abcd\",\"\"]" }, { "[\"abcde\"]" } },
+    { AFM_CONSTRAINT_REGEX, "[a-z\xC3\xA9]{2,6}!", { "ab!", "\xC3\xA9\xC3\xA9" "abcd!" }, { "a!", "abcdefg!" } },
+    { AFM_CONSTRAINT_REGEX, ".{0,10000}", { "", "abc" }, { "\n" } },
     { AFM_CONSTRAINT_JSON_SCHEMA, "{}", { "{\"a\":[1,\"x\",true]}", "-0.5" }, { "{a:1}" } },
     { AFM_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"object\",\"properties\":{\"tags\":{\"type\":\"array\",\"items\":{\"enum\":[\"x\",\"yes\"]}},\"id\":{\"type\":\"integer\",\"minimum\":100,\"maximum\":1234}},\"required\":[\"id\"],\"additionalProperties\":false}",
       { "{\"id\":100}", "{\"tags\":[\"x\"],\"id\":1234}" }, { "{\"id\":99}", "{\"id\":1235}", "{\"tags\":[]}" } },
@@ -529,8 +537,24 @@ static void test_generate(void) {
     afm_model_free(draft);
 }
 
+/* afm_schema_prompt: the documented rendering, its length query, a buffer too small, bad JSON. */
+static void test_schema_prompt(void) {
+    const char *schema = "{\n  \"type\": \"object\",\n  \"properties\": {\"name\": {\"type\": \"string\", \"description\": \"a \\\"full\\\" name, e.g. { Adam }\"}}\n}";
+    const char *want = AFM_SCHEMA_PROMPT_INTRO "\n{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"string\",\"description\":\"a \\\"full\\\" name, e.g. { Adam }\"}}}";
+    char buf[512], small[16];
+    size_t len = 0;
+    CHECK(afm_schema_prompt(schema, strlen(schema), NULL, 0, &len) == AFM_OK && len == strlen(want), "schema prompt: length %d", (int)len);
+    CHECK(afm_schema_prompt(schema, strlen(schema), buf, sizeof buf, &len) == AFM_OK && !strcmp(buf, want), "schema prompt: '%s'", buf);
+    CHECK(afm_schema_prompt(schema, strlen(schema), small, sizeof small, &len) == AFM_ERR_ARG && len == strlen(want) && strlen(small) == sizeof small - 1,
+          "schema prompt: a buffer too small is an error, truncated and terminated");
+    CHECK(afm_schema_prompt("{\"a\":\"b", 7, buf, sizeof buf, &len) == AFM_ERR_FORMAT, "schema prompt: an unterminated string");
+    CHECK(afm_schema_prompt("{\"a\":1}}", 8, buf, sizeof buf, &len) == AFM_ERR_FORMAT, "schema prompt: unbalanced brackets");
+    CHECK(afm_schema_prompt("[{]}", 4, buf, sizeof buf, &len) == AFM_ERR_FORMAT, "schema prompt: mismatched brackets");
+}
+
 int main(void) {
     afm_constraint_vocab *v = make_vocab();
+    test_schema_prompt();
     test_specs(v);
     test_errors();
     test_api(v);
