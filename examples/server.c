@@ -646,6 +646,7 @@ typedef struct server {
     afm_adapter *adapters[16];
     slot *slots;
     int n_slots, n_ctx, n_waiting, n_conn, max_conn, max_queue, timeout_s, max_time_s;
+    int no_schema_prompt;            /* --no-schema-prompt: response_format schemas are not shown to the model */
     struct waiter *queue;           /* requests waiting for a session, oldest first */
     long long max_body, clock, next_id;
     pthread_mutex_t mu;
@@ -997,6 +998,25 @@ static void tool_reply(server *sv, int fd, slot *sl, gen_req *g, afm_transcript 
     free(b.p);
 }
 
+/* Apple's way of guided generation: the schema is also shown to the model. The last user message
+   gets a blank line and afm_schema_prompt's text (the CLI's --json-schema does the same); the new
+   content is returned for the caller to free, NULL when the schema cannot be rendered. */
+static char *show_schema(gen_req *g) {
+    size_t n = 0, len;
+    char *m;
+    int i = g->n_msgs - 1;
+    while (i >= 0 && strcmp(g->msgs[i].role, "user")) i--;
+    if (i < 0) return (char *)calloc(1, 1); /* no user turn to append to: nothing shown */
+    if (afm_schema_prompt(g->schema, g->schema_len, NULL, 0, &n) != AFM_OK) return NULL;
+    len = strlen(g->msgs[i].content);
+    if (!(m = (char *)malloc(len + 2 + n + 1))) return NULL;
+    memcpy(m, g->msgs[i].content, len);
+    memcpy(m + len, "\n\n", 2);
+    if (afm_schema_prompt(g->schema, g->schema_len, m + len + 2, n + 1, &n) != AFM_OK) { free(m); return NULL; }
+    g->msgs[i].content = m;
+    return m;
+}
+
 static void handle_generate(server *sv, int fd, const char *body, size_t body_len, int chat) {
     jdoc d;
     gen_req *g = (gen_req *)calloc(1, sizeof *g);
@@ -1011,6 +1031,7 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
     afm_constraint *cons = NULL;
     afm_constraint_state *cstate = NULL;
     afm_transcript *tr = NULL;
+    char *schema_msg = NULL;
     memset(&o, 0, sizeof o);
     if (!g) { send_error(fd, 500, "out of memory", NULL, NULL); return; }
     if (json_parse(&d, body, body_len) < 0) {
@@ -1042,6 +1063,10 @@ static void handle_generate(server *sv, int fd, const char *body, size_t body_le
         if (afm_constraint_state_create(cons, sv->cvocab, &cstate) != AFM_OK) { send_error(fd, 500, "out of memory", NULL, NULL); goto done; }
     }
     if (g->use_tools && !(tr = request_transcript(g, &d, fd))) goto done;
+    if (g->schema && chat && !sv->no_schema_prompt && !(schema_msg = show_schema(g))) {
+        send_error(fd, 400, "response_format json_schema: the schema cannot be shown to the model (unbalanced brackets or strings, or nested deeper than 256)", "response_format", "invalid_schema");
+        goto done;
+    }
     if (!(prompt = encode_prompt(sv, g, &n_prompt))) { send_error(fd, 400, "the prompt cannot be encoded", chat ? "messages" : "prompt", NULL); goto done; }
     if (n_prompt >= sv->n_ctx) {
         char msg[200];
@@ -1161,6 +1186,7 @@ done:
     afm_constraint_state_free(cstate);
     afm_constraint_free(cons);
     afm_transcript_free(tr);
+    free(schema_msg);
     free(o.piece);
     free(o.text.p);
     free(prompt);
@@ -1263,6 +1289,9 @@ static const char *usage_text =
     "                         for the embedded one) as model NAME; may be given up to 16 times\n"
     "      --host ADDR        address to listen on (default 127.0.0.1)\n"
     "      --port N           port (default 8080; 0 picks a free one, printed on stderr)\n"
+    "      --no-schema-prompt  response_format json_schema constrains the output only (by default the\n"
+    "                         schema is also shown to the model: appended to the last user message\n"
+    "                         after a blank line, as afm --json-schema does)\n"
     "      --parallel N       sessions generating at once (default 2); more requests wait\n"
     "      --queue N          requests that may wait for a session (default 64); beyond: 503\n"
     "  -t, --threads N        threads per session (default 1)\n"
@@ -1326,6 +1355,7 @@ int main(int argc, char **argv) {
         }
         else if (!strcmp(a, "--port")) { port = (int)arg_int(v, a, 0, 65535); i++; }
         else if (!strcmp(a, "--parallel")) { sv.n_slots = (int)arg_int(v, a, 1, 256); i++; }
+        else if (!strcmp(a, "--no-schema-prompt")) sv.no_schema_prompt = 1;
         else if (!strcmp(a, "--queue")) { sv.max_queue = (int)arg_int(v, a, 0, 100000); i++; }
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { n_threads = (int)arg_int(v, a, 1, 1024); i++; }
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) { sp.n_ctx = (int)arg_int(v, a, 1, 1 << 24); i++; }

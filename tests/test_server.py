@@ -178,6 +178,13 @@ def main():
         except (ValueError, jsonschema.ValidationError):
             valid = False
         check(valid, "response_format json_schema, model %s, temperature %g: valid per jsonschema: %s" % (model, temp, out[:80]))
+    # the schema is also shown to the model (Apple's way): the user's turn gains the schema prompt's tokens
+    plain = client.chat.completions.create(model="base", messages=[{"role": "user", "content": JSON_Q}], max_tokens=1)
+    shown = "%s\n\nRespond with JSON that follows this JSON schema:\n%s" % (JSON_Q, json.dumps(schema, separators=(",", ":")))
+    want = len(subprocess.run([AFM, "tokenize", "-m", M, "--chat", shown], capture_output=True, text=True).stdout.split())
+    check(r.usage.prompt_tokens == want and want > plain.usage.prompt_tokens,
+          "response_format: the schema is shown in the user's turn (%d prompt tokens = afm tokenize of the rendered turn; %d without)"
+          % (r.usage.prompt_tokens, plain.usage.prompt_tokens))
 
     # tools: OpenAI function tools mapped to afm.h's tool loop; the call comes back as tool_calls
     weather = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]},
