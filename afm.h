@@ -5462,7 +5462,7 @@ typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
 typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds);
 typedef void (*afm__silu_mul_fn)(float *h, const float *g, int n);
-typedef void (*afm__softmax_fn)(float *x, int n);
+typedef float (*afm__expsum_fn)(float *x, int n, float *max);
 typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
                                   int n_pos, int dim, float scale, float *o, size_t ldo);
 
@@ -5476,7 +5476,7 @@ typedef struct afm__kernels {
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
     afm__silu_mul_fn silu_mul;    /* h[i] = silu(h[i]) * g[i] */
-    afm__softmax_fn softmax;      /* in place */
+    afm__expsum_fn expsum;        /* x[i] = exp(x[i] - max) in place; returns the sum (softmax without the 1/sum) */
 } afm__kernels;
 
 /* Levels for afm__select_kernels's max_level: the public afm_kernels values, ordered within each
@@ -5510,13 +5510,16 @@ typedef struct afm__kernels {
    - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0 and d = m = NaN,
      so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block), codes
      round_even(x * (127 / amax)).
-   - Softmax: the maximum (NaN skipped), afm__expf, the sum as for float rows, times 1/sum.
+   - Softmax: the maximum (NaN skipped), afm__expf, the sum as for float rows, times 1/sum. A token
+     attending to more than AFM__KV_CHUNK keys takes them in chunks of that many positions, each
+     chunk's exp-sum and weighted values merged in chunk order (FORWARD PASS, attention), whatever
+     the threads and the batch.
    - Elementwise math (exp, SiLU, softmax, RMSNorm, RoPE tables) is written once in C in this file,
      no libm transcendental functions (C libraries differ in the last bit), every multiply-add that
      rounds once is an explicit fmaf/fma, and products that must not be fused are taken in double
      where they are exact. So results do not depend on -ffp-contract (gcc fuses a*b+c by default in
      GNU and C++ modes, clang within an expression) or on the C library.
-   Threads split rows (and attention tasks), never a sum, so the thread count changes nothing, and
+   Threads split rows (and attention chunks), never a sum, so the thread count changes nothing, and
    a token's sums do not depend on the other tokens of its batch.
    The contract covers every non-NaN result. A NaN stays NaN on every level, but its sign and payload
    may differ (compilers take a + b as b + a, x86 and arm64 make different default NaNs). It assumes
@@ -5578,17 +5581,18 @@ static void afm__silu_mul_scalar(float *h, const float *g, int n) {
     for (i = 0; i < n; i++) h[i] = afm__silu(h[i]) * g[i];
 }
 
-/* Softmax over n scores in place. The maximum skips NaN (as on every level); the sum is the
-   contract's 8 lanes (i mod 8), the tree, then the last n % 8 in order. */
-static void afm__softmax_scalar(float *x, int n) {
-    float mx = -FLT_MAX, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum, inv;
+/* Softmax's first half over n scores in place: *max = the maximum (NaN skipped, as on every level),
+   x[i] = afm__expf(x[i] - max), and the sum returned: the contract's 8 lanes (i mod 8), the tree,
+   then the last n % 8 in order. afm__softmax divides; chunked attention merges the sums instead. */
+static float afm__expsum_scalar(float *x, int n, float *max) {
+    float mx = -FLT_MAX, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
     int i;
     for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
     for (i = 0; i < (n & ~7); i++) { x[i] = afm__expf(x[i] - mx); acc[i & 7] += x[i]; }
     sum = afm__sum8(acc);
     for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
-    inv = 1.0f / sum;
-    for (i = 0; i < n; i++) x[i] *= inv;
+    *max = mx;
+    return sum;
 }
 
 /* Double precision for the RoPE tables, from +, -, *, /, fma, nearbyint, frexp and ldexp only (all
@@ -6249,11 +6253,11 @@ AFM__T_AVX2 static void afm__silu_mul_avx2(float *h, const float *g, int n) {
     afm__silu_mul_scalar(h + i, g + i, n - i);
 }
 
-AFM__T_AVX2 static void afm__softmax_avx2(float *x, int n) {
+AFM__T_AVX2 static float afm__expsum_avx2(float *x, int n, float *max) {
     const int n8 = n & ~7;
-    __m256 mv = _mm256_set1_ps(-FLT_MAX), acc = _mm256_setzero_ps(), iv;
+    __m256 mv = _mm256_set1_ps(-FLT_MAX), acc = _mm256_setzero_ps();
     __m128 h;
-    float mx, sum, inv;
+    float mx, sum;
     int i;
     for (i = 0; i < n8; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv); /* a NaN lane keeps mv */
     h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
@@ -6268,10 +6272,8 @@ AFM__T_AVX2 static void afm__softmax_avx2(float *x, int n) {
     }
     sum = afm__hsum_avx2(acc);
     for (; i < n; i++) { x[i] = afm__expf(x[i] - mx); sum += x[i]; }
-    inv = 1.0f / sum;
-    iv = _mm256_set1_ps(inv);
-    for (i = 0; i < n8; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), iv));
-    for (; i < n; i++) x[i] *= inv;
+    *max = mx;
+    return sum;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -6807,7 +6809,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
     k->silu_mul = afm__silu_mul_scalar;
-    k->softmax = afm__softmax_scalar;
+    k->expsum = afm__expsum_scalar;
 #if defined(AFM__X86)
     level = afm__x86_level();
     if (level > max_level) level = max_level < AFM__LEVEL_SCALAR ? AFM__LEVEL_SCALAR : max_level;
@@ -6821,7 +6823,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
         k->silu_mul = afm__silu_mul_avx2;
-        k->softmax = afm__softmax_avx2;
+        k->expsum = afm__expsum_avx2;
     }
     if (level >= AFM__LEVEL_AVX512) {
         k->name = "avx512";
@@ -7357,7 +7359,7 @@ struct afm_session {
     unsigned char *k_cache, *v_cache; /* [n_seg0][cap][kv_dim] */
     /* scratch for one batch of up to n_batch tokens */
     float *x, *xn, *qkv, *q, *att, *hb, *hb2, *rope_cos, *rope_sin;
-    float *scores;                /* [n_threads][cap] attention scores */
+    float *scores;                /* [n_threads][afm__att_scratch] attention scores and chunk partials */
     float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches) */
     void *act_buf;                /* int8 activations prepared for one job's quantized products */
     void *act_f32;                /* f32 copies of an input whose rows are not laid out for the
@@ -7404,7 +7406,33 @@ static uint64_t afm__scratch_budget(const afm_model *m) {
     return m->blob.size > floor_ ? m->blob.size : floor_;
 }
 
-/* Grows the KV cache (and the per-thread score rows) to hold at least `need` positions. */
+/* Attention cuts a token's keys into chunks of AFM__KV_CHUNK positions and hands out groups of up
+   to AFM__ATT_HEADS query heads (FORWARD PASS, "attention"); each thread's scratch holds one
+   chunk's scores for a KV head's query heads and the partial results of every chunk of one group. */
+#define AFM__KV_CHUNK 128
+#define AFM__ATT_HEADS 4
+
+typedef struct afm__attn_job {
+    afm_session *s;
+    int layer;                    /* whose cache is read */
+    int n_tok, q_stride;
+    int hs, nhg;                  /* query heads per unit, units per KV head */
+    int n_groups;                 /* n_tok * n_kv_heads * nhg */
+    int deep;                     /* chunks of a group are separate units (few groups) */
+    int n_units;
+    afm__count next;              /* units are taken in order by whichever thread is free */
+} afm__attn_job;
+
+static int afm__att_chunks(int n_keys) { return n_keys <= AFM__KV_CHUNK ? 1 : (n_keys + AFM__KV_CHUNK - 1) / AFM__KV_CHUNK; }
+
+/* Floats of one partial (o_c of hd values, then m_c and l_c) and of a thread's attention scratch. */
+static size_t afm__att_part(int hd) { return (size_t)hd + 2; }
+static size_t afm__att_scratch(const afm_config *c, int cap) {
+    int group = c->n_heads / c->n_kv_heads;
+    return (size_t)AFM__KV_CHUNK * group + (size_t)afm__att_chunks(cap) * AFM__ATT_HEADS * afm__att_part(c->head_dim);
+}
+
+/* Grows the KV cache (and the per-thread attention scratch) to hold at least `need` positions. */
 static afm_result afm__reserve(afm_session *s, int need) {
     const afm_allocator *a = &s->model->alloc;
     int cap = s->cap ? s->cap : 256, l, n_seg0 = s->model->n_seg0;
@@ -7421,7 +7449,7 @@ static afm_result afm__reserve(afm_session *s, int need) {
     if (cap > s->n_ctx) cap = s->n_ctx;
     k = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
     v = (unsigned char *)afm__calloc(a, (size_t)n_seg0 * cap, row);
-    scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * cap * (s->model->config.n_heads / s->model->config.n_kv_heads), sizeof(float));
+    scores = (float *)afm__calloc(a, (size_t)s->pool.n_threads * afm__att_scratch(&s->model->config, cap), sizeof(float));
     tokens = (int32_t *)afm__calloc(a, (size_t)cap + 1, sizeof(int32_t)); /* +1: a pending token may sit past the end */
     if (!k || !v || !scores || !tokens) {
         afm__free(a, k); afm__free(a, v); afm__free(a, scores); afm__free(a, tokens);
@@ -7845,6 +7873,9 @@ typedef struct afm__mm_job {
     afm_session *s;
     int n_tok, n;
     afm__mm_item it[AFM__MM_MAX];
+    int chunk_rows[AFM__MM_MAX];  /* rows are handed out in chunks, about 4 per thread per product */
+    int first_chunk[AFM__MM_MAX + 1];
+    afm__count next;              /* the next chunk: whichever thread is free takes it */
     afm__act *prep;               /* the activations being prepared by afm__mm_prepare_run */
     const float *prep_x;
     int prep_ldx;
@@ -7877,30 +7908,42 @@ static float afm__dot(const float *a, const float *b, int n) {
     return (float)(((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
 }
 
+/* Rows [lo, hi) of item i: the product, then the scaled add of a LoRA B product. */
+static void afm__mm_rows(afm__mm_job *j, int i, int lo, int hi, int ith) {
+    const afm__mm_item *it = &j->it[i];
+    if (it->act.quant || !afm__type_is_quant((int)it->W->type)) {
+        afm__matmul_rows(&j->s->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi);
+    } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
+        float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
+        int r, t, n = (int)it->W->dims[1];
+        for (r = lo; r < hi; r++) {
+            afm__dequantize_row(&j->s->kern, &it->W->w, r, row);
+            for (t = 0; t < it->act.n_tok; t++) it->Y[(size_t)t * it->ldy + r] = afm__dot(row, it->act.x + (size_t)t * it->act.kpad, n);
+        }
+    }
+    if (it->add_to) {
+        int r, t;
+        for (t = 0; t < it->act.n_tok; t++)
+            for (r = lo; r < hi; r++) { /* the product exact in double: fused or not, the same bits */
+                float *y = &it->add_to[(size_t)t * it->add_ld + r];
+                *y = (float)((double)*y + (double)it->add_scale * it->Y[(size_t)t * it->ldy + r]);
+            }
+    }
+}
+
+/* Threads take chunks of rows until none is left: a thread slowed by the machine (other work, a
+   busy sibling core) takes fewer, instead of every other thread waiting for its fixed share. Each
+   row is computed alone, so who computes it changes no bit. */
 static void afm__mm_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
-    int i, lo, hi;
-    for (i = 0; i < j->n; i++) {
-        const afm__mm_item *it = &j->it[i];
-        afm__split((int)it->W->dims[0], ith, nth, &lo, &hi);
-        if (it->act.quant || !afm__type_is_quant((int)it->W->type)) {
-            afm__matmul_rows(&j->s->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi);
-        } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
-            float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
-            int r, t, n = (int)it->W->dims[1];
-            for (r = lo; r < hi; r++) {
-                afm__dequantize_row(&j->s->kern, &it->W->w, r, row);
-                for (t = 0; t < it->act.n_tok; t++) it->Y[(size_t)t * it->ldy + r] = afm__dot(row, it->act.x + (size_t)t * it->act.kpad, n);
-            }
-        }
-        if (it->add_to) {
-            int r, t;
-            for (t = 0; t < it->act.n_tok; t++)
-                for (r = lo; r < hi; r++) { /* the product exact in double: fused or not, the same bits */
-                    float *y = &it->add_to[(size_t)t * it->add_ld + r];
-                    *y = (float)((double)*y + (double)it->add_scale * it->Y[(size_t)t * it->ldy + r]);
-                }
-        }
+    int u, i = 0;
+    (void)nth;
+    while ((u = (int)afm__count_add(&j->next, 1) - 1) < j->first_chunk[j->n]) {
+        int rows, lo;
+        while (u >= j->first_chunk[i + 1]) i++;
+        rows = (int)j->it[i].W->dims[0];
+        lo = (u - j->first_chunk[i]) * j->chunk_rows[i];
+        afm__mm_rows(j, i, lo, rows - lo > j->chunk_rows[i] ? lo + j->chunk_rows[i] : rows, ith);
     }
 }
 
@@ -7942,6 +7985,13 @@ static void afm__mm_go(afm__mm_job *j) {
             fx = it->X; fa = &it->act;
         }
     }
+    j->first_chunk[0] = 0;
+    for (i = 0; i < j->n; i++) {
+        const int rows = (int)j->it[i].W->dims[0], per = 4 * s->pool.n_threads;
+        j->chunk_rows[i] = rows > per ? ((rows + per - 1) / per + 7) & ~7 : 8;
+        j->first_chunk[i + 1] = j->first_chunk[i] + (rows + j->chunk_rows[i] - 1) / j->chunk_rows[i];
+    }
+    j->next = 0;
     afm__pool_run(&s->pool, afm__mm_run, j);
 }
 
@@ -8061,105 +8111,245 @@ static void afm__kv_load(const afm_session *s, const unsigned char *base, size_t
     else memcpy(out, (const float *)(const void *)base + at, (size_t)n * 4);
 }
 
-/* ---- attention for every (token, head) of the batch, spread over the pool ---- */
-typedef struct afm__attn_job {
-    afm_session *s;
-    int layer;       /* whose cache is read */
-    int n_tok, q_stride;
-} afm__attn_job;
+/* ---- attention, split into fixed-size chunks of KV positions ----
+   A token's keys are cut at multiples of AFM__KV_CHUNK positions. With one chunk (up to
+   AFM__KV_CHUNK keys) it is plain softmax and a weighted sum of values. With more, each chunk
+   gives its maximum m_c, its sum of exp(s - m_c) l_c and its unnormalized output o_c, and the
+   chunks are merged in order: w_c = exp(m_c - max m), out = (sum w_c o_c) / (sum w_c l_c). The
+   chunking depends only on the number of keys, so a token's bits depend neither on the thread
+   count nor on the batch it came in; the split only decides who computes each chunk. Work units:
+   (token, KV head, group of up to AFM__ATT_HEADS query heads) and, when those are fewer than the
+   threads (decode, verification), each chunk of them too, merged after a second hand-off. */
+static void afm__softmax(const afm__kernels *k, float *x, int n) {
+    float mx, inv = 1.0f / k->expsum(x, n, &mx);
+    int i;
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
 
-/* int8 cache: one task per (token, KV head) runs the group of query heads that share it
-   through the SIMD kernels (scores over int8 keys, then values over int8 values). */
-static void afm__attn_int8(afm__attn_job *j, int task, float *scores) {
+/* One group's (token t, KV head kvh, heads h0 .. h0+nh-1) keys [p0, p1): with `part` NULL (the only
+   chunk) the normalized output, else each head's o_c, m_c, l_c into part[h * afm__att_part]. */
+static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int nh, int p0, int p1, float *scores, float *kv, float *part) {
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
     const afm__layer *ly = &s->model->layers[j->layer];
     const afm__kernels *k = &s->kern;
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_kv_heads, kvh = task % c->n_kv_heads;
-    int n_keys = s->pos + t + 1, h;
-    size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
-    const float *q = s->q + (size_t)t * j->q_stride + (size_t)kvh * group * hd;
-    float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)kvh * group * hd;
-    k->kv_scores(q, (size_t)hd, group, (const int8_t *)s->k_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
-                 ly->k_scale / sqrtf((float)hd), scores, (size_t)s->cap);
-    for (h = 0; h < group; h++) k->softmax(scores + (size_t)h * s->cap, n_keys);
-    k->kv_values(scores, (size_t)s->cap, group, (const int8_t *)s->v_cache + layer_off, (size_t)s->kv_dim, n_keys, hd,
-                 ly->v_scale, out, (size_t)hd);
+    const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, n = p1 - p0;
+    const size_t pstride = afm__att_part(hd), layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
+    const float *q = s->q + (size_t)t * j->q_stride + (size_t)(kvh * group + h0) * hd;
+    float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)(kvh * group + h0) * hd;
+    int h, i, d, d0;
+    if (s->kv_type == AFM_KV_INT8) {
+        const size_t at = layer_off + (size_t)p0 * s->kv_dim;
+        k->kv_scores(q, (size_t)hd, nh, (const int8_t *)s->k_cache + at, (size_t)s->kv_dim, n, hd,
+                     ly->k_scale / sqrtf((float)hd), scores, (size_t)AFM__KV_CHUNK);
+        for (h = 0; h < nh; h++) {
+            float *sc = scores + (size_t)h * AFM__KV_CHUNK;
+            if (part) part[h * pstride + hd + 1] = k->expsum(sc, n, &part[h * pstride + hd]);
+            else afm__softmax(k, sc, n);
+        }
+        k->kv_values(scores, (size_t)AFM__KV_CHUNK, nh, (const int8_t *)s->v_cache + at, (size_t)s->kv_dim, n, hd,
+                     ly->v_scale, part ? part : out, part ? pstride : (size_t)hd);
+        return;
+    }
+    /* float caches (F16, F32): scalar, products exact in double */
+    for (h = 0; h < nh; h++) {
+        float *o = part ? part + h * pstride : out + (size_t)h * hd, inv_sqrt = 1.0f / sqrtf((float)hd);
+        const float *qh = q + (size_t)h * hd;
+        for (i = 0; i < n; i++) {
+            afm__kv_load(s, s->k_cache, layer_off + (size_t)(p0 + i) * s->kv_dim, kv, hd, 1.0f);
+            scores[i] = afm__dot(qh, kv, hd) * inv_sqrt;
+        }
+        if (part) part[h * pstride + hd + 1] = k->expsum(scores, n, &part[h * pstride + hd]);
+        else afm__softmax(k, scores, n);
+        for (d0 = 0; d0 < hd; d0 += 64) { /* 64 columns at a time in double: exact products, any fusing is harmless */
+            double acc[64];
+            const int nd = hd - d0 < 64 ? hd - d0 : 64;
+            for (d = 0; d < nd; d++) acc[d] = 0;
+            for (i = 0; i < n; i++) {
+                afm__kv_load(s, s->v_cache, layer_off + (size_t)(p0 + i) * s->kv_dim + (size_t)d0, kv, nd, 1.0f);
+                for (d = 0; d < nd; d++) acc[d] += (double)scores[i] * kv[d];
+            }
+            for (d = 0; d < nd; d++) o[d0 + d] = (float)acc[d];
+        }
+    }
 }
 
-/* float caches (F16, F32): one task per (token, query head), scalar. */
-static void afm__attn_float(afm__attn_job *j, int task, float *scores, float *kv) {
-    afm_session *s = j->s;
-    const afm_config *c = &s->model->config;
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, t = task / c->n_heads, h = task % c->n_heads, kvh = h / group;
-    int n_keys = s->pos + t + 1, i, d, d0;
-    size_t layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
-    const float *q = s->q + (size_t)t * j->q_stride + (size_t)h * hd;
-    float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)h * hd;
-    float inv_sqrt = 1.0f / sqrtf((float)hd);
-    for (i = 0; i < n_keys; i++) {
-        afm__kv_load(s, s->k_cache, layer_off + (size_t)i * s->kv_dim, kv, hd, 1.0f);
-        scores[i] = afm__dot(q, kv, hd) * inv_sqrt;
-    }
-    s->kern.softmax(scores, n_keys);
-    for (d0 = 0; d0 < hd; d0 += 64) { /* 64 columns at a time in double: exact products, any fusing is harmless */
-        double acc[64];
-        const int nd = hd - d0 < 64 ? hd - d0 : 64;
-        for (d = 0; d < nd; d++) acc[d] = 0;
-        for (i = 0; i < n_keys; i++) {
-            afm__kv_load(s, s->v_cache, layer_off + (size_t)i * s->kv_dim + (size_t)d0, kv, nd, 1.0f);
-            for (d = 0; d < nd; d++) acc[d] += (double)scores[i] * kv[d];
+/* Merges nc chunks' partials (chunk c of head h at part[(c * AFM__ATT_HEADS + h) * afm__att_part])
+   into the normalized outputs of nh heads, chunks in order. */
+static void afm__attn_merge(int hd, int nh, int nc, const float *part, float *out) {
+    const size_t ps = afm__att_part(hd);
+    int h, c, i;
+    for (h = 0; h < nh; h++) {
+        float mx = -FLT_MAX, sum = 0.0f, inv, *o = out + (size_t)h * hd;
+        for (c = 0; c < nc; c++) { float m = part[(c * AFM__ATT_HEADS + h) * ps + hd]; if (m > mx) mx = m; }
+        for (i = 0; i < hd; i++) o[i] = 0.0f;
+        for (c = 0; c < nc; c++) {
+            const float *p = part + (c * AFM__ATT_HEADS + h) * ps, w = afm__expf(p[hd] - mx);
+            sum = fmaf(w, p[hd + 1], sum);
+            for (i = 0; i < hd; i++) o[i] = fmaf(w, p[i], o[i]);
         }
-        for (d = 0; d < nd; d++) out[d0 + d] = (float)acc[d];
+        inv = 1.0f / sum;
+        for (i = 0; i < hd; i++) o[i] *= inv;
     }
+}
+
+/* Group g (longest contexts first): its token, KV head, first head and head count. */
+static void afm__attn_group(const afm__attn_job *j, int g, int *t, int *kvh, int *h0, int *nh) {
+    const int n_kv = j->s->model->config.n_kv_heads, group = j->s->model->config.n_heads / n_kv;
+    int hg = g % j->nhg;
+    *kvh = g / j->nhg % n_kv;
+    *t = j->n_tok - 1 - g / (j->nhg * n_kv);
+    *h0 = hg * j->hs;
+    *nh = group - *h0 < j->hs ? group - *h0 : j->hs;
+}
+
+/* Thread ith's partials: a group's chunks in the wide split, group ith's in the deep one. */
+static float *afm__attn_parts(const afm__attn_job *j, int slot) {
+    const afm_config *c = &j->s->model->config;
+    return j->s->scores + (size_t)slot * afm__att_scratch(c, j->s->cap) + (size_t)AFM__KV_CHUNK * (c->n_heads / c->n_kv_heads);
 }
 
 static void afm__attn_run(void *ctx, int ith, int nth) {
     afm__attn_job *j = (afm__attn_job *)ctx;
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
-    int int8 = s->kv_type == AFM_KV_INT8, lo, hi, task;
-    float *scores = s->scores + (size_t)ith * s->cap * (c->n_heads / c->n_kv_heads);
-    afm__split(j->n_tok * (int8 ? c->n_kv_heads : c->n_heads), ith, nth, &lo, &hi);
-    for (task = lo; task < hi; task++) {
-        if (int8) afm__attn_int8(j, task, scores);
-        else afm__attn_float(j, task, scores, s->rowbuf + (size_t)ith * s->rowbuf_n);
+    const size_t ps = afm__att_part(c->head_dim);
+    float *scores = s->scores + (size_t)ith * afm__att_scratch(c, s->cap), *kv = s->rowbuf + (size_t)ith * s->rowbuf_n;
+    int u, t, kvh, h0, nh;
+    (void)nth;
+    while ((u = (int)afm__count_add(&j->next, 1) - 1) < j->n_units) {
+        int g = u, ch = 0, nc, n_keys;
+        if (j->deep) { g = u / afm__att_chunks(s->pos + j->n_tok); ch = u % afm__att_chunks(s->pos + j->n_tok); }
+        afm__attn_group(j, g, &t, &kvh, &h0, &nh);
+        n_keys = s->pos + t + 1;
+        nc = afm__att_chunks(n_keys);
+        if (nc == 1) {
+            if (ch == 0) afm__attn_span(j, t, kvh, h0, nh, 0, n_keys, scores, kv, NULL);
+        } else if (j->deep) {
+            if (ch < nc) {
+                int p0 = ch * AFM__KV_CHUNK, p1 = p0 + AFM__KV_CHUNK < n_keys ? p0 + AFM__KV_CHUNK : n_keys;
+                afm__attn_span(j, t, kvh, h0, nh, p0, p1, scores, kv, afm__attn_parts(j, g) + (size_t)ch * AFM__ATT_HEADS * ps);
+            }
+        } else {
+            float *part = afm__attn_parts(j, ith);
+            for (ch = 0; ch < nc; ch++) {
+                int p0 = ch * AFM__KV_CHUNK, p1 = p0 + AFM__KV_CHUNK < n_keys ? p0 + AFM__KV_CHUNK : n_keys;
+                afm__attn_span(j, t, kvh, h0, nh, p0, p1, scores, kv, part + (size_t)ch * AFM__ATT_HEADS * ps);
+            }
+            afm__attn_merge(c->head_dim, nh, nc, part, s->att + (size_t)t * c->n_heads * c->head_dim + (size_t)(kvh * (c->n_heads / c->n_kv_heads) + h0) * c->head_dim);
+        }
     }
 }
 
-/* q, k: RoPE then per-head RMSNorm; k and v are stored into the layer's cache. */
-static void afm__qkv_post(afm_session *s, int layer, int n_tok) {
+/* The deep split's second hand-off: each group with several chunks merges them. */
+static void afm__attn_merge_run(void *ctx, int ith, int nth) {
+    afm__attn_job *j = (afm__attn_job *)ctx;
+    const afm_config *c = &j->s->model->config;
+    int lo, hi, g, t, kvh, h0, nh;
+    afm__split(j->n_groups, ith, nth, &lo, &hi);
+    for (g = lo; g < hi; g++) {
+        afm__attn_group(j, g, &t, &kvh, &h0, &nh);
+        if (afm__att_chunks(j->s->pos + t + 1) > 1)
+            afm__attn_merge(c->head_dim, nh, afm__att_chunks(j->s->pos + t + 1), afm__attn_parts(j, g),
+                            j->s->att + (size_t)t * c->n_heads * c->head_dim + (size_t)(kvh * (c->n_heads / c->n_kv_heads) + h0) * c->head_dim);
+    }
+}
+
+/* Attention of the batch's n_tok tokens over layer `layer`'s cache (queries in s->q). */
+static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
+    const afm_config *c = &s->model->config;
+    const int group = c->n_heads / c->n_kv_heads, nth = s->pool.n_threads;
+    afm__attn_job j;
+    j.s = s; j.layer = layer; j.n_tok = n_tok; j.q_stride = q_stride;
+    j.hs = group < AFM__ATT_HEADS ? group : AFM__ATT_HEADS;
+    j.nhg = (group + j.hs - 1) / j.hs;
+    j.n_groups = n_tok * c->n_kv_heads * j.nhg;
+    /* deep: one unit per chunk when the groups cannot keep the threads busy; the partials of group
+       g go to thread slot g's scratch, so there may be no more groups than threads */
+    j.deep = nth > 1 && j.n_groups < nth && afm__att_chunks(s->pos + n_tok) > 1;
+    j.n_units = j.deep ? j.n_groups * afm__att_chunks(s->pos + n_tok) : j.n_groups;
+    j.next = 0;
+    afm__pool_run(&s->pool, afm__attn_run, &j);
+    if (j.deep) afm__pool_run(&s->pool, afm__attn_merge_run, &j);
+}
+
+/* ---- per-token passes between the products: norms, RoPE, residuals, SiLU. Each token's
+   arithmetic is the same whoever runs it; a prefill batch spreads its tokens over the pool (at
+   16 threads these passes, left on one thread, took a tenth of prefill), a decode step runs them
+   in place. ---- */
+enum { AFM__PASS_ATTN_IN, AFM__PASS_QKV, AFM__PASS_FFN_IN, AFM__PASS_SILU, AFM__PASS_OUT };
+
+typedef struct afm__tok_job {
+    afm_session *s;
+    int layer, n_tok, pass;
+} afm__tok_job;
+
+/* q, k of token t: RoPE then per-head RMSNorm; k and v are stored into the layer's cache. */
+static void afm__qkv_post(afm_session *s, int layer, int t) {
     const afm_config *c = &s->model->config;
     const afm__layer *ly = &s->model->layers[layer];
-    int hd = c->head_dim, half = hd / 2, qd = c->n_heads * hd, t, h;
+    int hd = c->head_dim, half = hd / 2, qd = c->n_heads * hd, h;
     int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
-    for (t = 0; t < n_tok; t++) {
-        float *row = s->qkv + (size_t)t * stride;
-        const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
-        for (h = 0; h < c->n_heads; h++) {
-            afm__rope(row + h * hd, cs, sn, half);
-            afm__rmsnorm(row + h * hd, row + h * hd, ly->q_norm, hd, c->qk_norm_eps);
-        }
-        if (!ly->reuse) {
-            float *k = row + qd, *v = row + qd + s->kv_dim;
-            size_t at = ((size_t)layer * s->cap + (size_t)(s->pos + t)) * s->kv_dim;
-            for (h = 0; h < c->n_kv_heads; h++) {
-                afm__rope(k + h * hd, cs, sn, half);
-                afm__rmsnorm(k + h * hd, k + h * hd, ly->k_norm, hd, c->qk_norm_eps);
-            }
-            afm__kv_store(s, s->k_cache, at, k, s->kv_dim, ly->k_scale);
-            afm__kv_store(s, s->v_cache, at, v, s->kv_dim, ly->v_scale);
-        }
+    float *row = s->qkv + (size_t)t * stride;
+    const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
+    for (h = 0; h < c->n_heads; h++) {
+        afm__rope(row + h * hd, cs, sn, half);
+        afm__rmsnorm(row + h * hd, row + h * hd, ly->q_norm, hd, c->qk_norm_eps);
     }
+    if (!ly->reuse) {
+        float *k = row + qd, *v = row + qd + s->kv_dim;
+        size_t at = ((size_t)layer * s->cap + (size_t)(s->pos + t)) * s->kv_dim;
+        for (h = 0; h < c->n_kv_heads; h++) {
+            afm__rope(k + h * hd, cs, sn, half);
+            afm__rmsnorm(k + h * hd, k + h * hd, ly->k_norm, hd, c->qk_norm_eps);
+        }
+        afm__kv_store(s, s->k_cache, at, k, s->kv_dim, ly->k_scale);
+        afm__kv_store(s, s->v_cache, at, v, s->kv_dim, ly->v_scale);
+    }
+}
+
+static void afm__tok_pass_one(const afm__tok_job *j, int t) {
+    afm_session *s = j->s;
+    const afm_config *c = &s->model->config;
+    const afm__layer *ly = &s->model->layers[j->layer < c->n_layers ? j->layer : 0];
+    const size_t d = (size_t)c->dim;
+    float *x = s->x + t * d, *xn = s->xn + t * d;
+    int i;
+    switch (j->pass) {
+    case AFM__PASS_ATTN_IN: /* the previous layer's FFN output joins the residual, then the norm */
+        if (j->layer > 0) for (i = 0; i < c->dim; i++) x[i] += xn[i];
+        afm__rmsnorm(xn, x, ly->attn_norm, c->dim, c->norm_eps);
+        break;
+    case AFM__PASS_QKV: afm__qkv_post(s, j->layer, t); break;
+    case AFM__PASS_FFN_IN:
+        for (i = 0; i < c->dim; i++) x[i] += xn[i];
+        afm__rmsnorm(xn, x, ly->ffn_norm, c->dim, c->norm_eps);
+        break;
+    case AFM__PASS_SILU: s->kern.silu_mul(s->hb + (size_t)t * c->ffn_dim, s->hb2 + (size_t)t * c->ffn_dim, c->ffn_dim); break;
+    default: for (i = 0; i < c->dim; i++) x[i] += xn[i]; break; /* AFM__PASS_OUT: the last layer's residual */
+    }
+}
+
+static void afm__tok_pass_run(void *ctx, int ith, int nth) {
+    const afm__tok_job *j = (const afm__tok_job *)ctx;
+    int lo, hi, t;
+    afm__split(j->n_tok, ith, nth, &lo, &hi);
+    for (t = lo; t < hi; t++) afm__tok_pass_one(j, t);
+}
+
+static void afm__tok_pass(afm_session *s, int layer, int n_tok, int pass) {
+    afm__tok_job j;
+    j.s = s; j.layer = layer; j.n_tok = n_tok; j.pass = pass;
+    if (n_tok >= 4) afm__pool_run(&s->pool, afm__tok_pass_run, &j);
+    else afm__tok_pass_run(&j, 0, 1);
 }
 
 /* Runs n_tok tokens at positions pos.. through the model; logits for the rows asked for. */
 static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *logits, int logits_from) {
     const afm_model *m = s->model;
     const afm_config *c = &m->config;
-    int d = c->dim, qd = c->n_heads * c->head_dim, f = c->ffn_dim, l, t, i;
+    int d = c->dim, qd = c->n_heads * c->head_dim, f = c->ffn_dim, l, t;
     size_t nd = (size_t)d;
-    afm__attn_job aj;
     afm__mm_job mj;
     afm__lora_set ls;
 
@@ -8169,7 +8359,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
     for (l = 0; l < c->n_layers; l++) {
         const afm__layer *ly = &m->layers[l];
         int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
-        for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->attn_norm, d, c->norm_eps);
+        afm__tok_pass(s, l, n_tok, AFM__PASS_ATTN_IN);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->reuse ? ly->wq : ly->qkv, s->xn, d, s->qkv, stride);
@@ -8181,20 +8371,17 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         }
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        afm__qkv_post(s, l, n_tok);
+        afm__tok_pass(s, l, n_tok, AFM__PASS_QKV);
         /* queries are the first qd values of each row; segment 1 reads the last segment-0 cache */
         s->q = s->qkv;
-        aj.s = s; aj.layer = ly->reuse ? m->n_seg0 - 1 : l; aj.n_tok = n_tok; aj.q_stride = stride;
-        afm__pool_run(&s->pool, afm__attn_run, &aj);
+        afm__attention(s, ly->reuse ? m->n_seg0 - 1 : l, n_tok, stride);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->wo, s->att, qd, s->xn, d);
         afm__lora_a(&mj, &ls, l, AFM__P_WO, s->att, qd, s->xn, d);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
-
-        for (t = 0; t < n_tok; t++) afm__rmsnorm(s->xn + t * nd, s->x + t * nd, ly->ffn_norm, d, c->norm_eps);
+        afm__tok_pass(s, l, n_tok, AFM__PASS_FFN_IN);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->gate, s->xn, d, s->hb, f);
@@ -8203,15 +8390,15 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         afm__lora_a(&mj, &ls, l, AFM__P_UP, s->xn, d, s->hb2, f);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        s->kern.silu_mul(s->hb, s->hb2, n_tok * f);
+        afm__tok_pass(s, l, n_tok, AFM__PASS_SILU);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->down, s->hb, f, s->xn, d);
         afm__lora_a(&mj, &ls, l, AFM__P_DOWN, s->hb, f, s->xn, d);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        for (i = 0; i < n_tok * d; i++) s->x[i] += s->xn[i];
     }
+    afm__tok_pass(s, c->n_layers, n_tok, AFM__PASS_OUT);
     if (logits_from < n_tok) {
         int n_out = n_tok - logits_from;
         for (t = 0; t < n_out; t++) afm__rmsnorm(s->xn + t * nd, s->x + (logits_from + t) * nd, m->out_norm, d, c->norm_eps);

@@ -22,6 +22,9 @@ PASS=0; FAIL=0
 ok()  { PASS=$((PASS + 1)); echo "ok   $1"; }
 bad() { FAIL=$((FAIL + 1)); echo "FAIL $1"; }
 IDS=3,100,200,300,400,500,600,700,800,900,1000
+# 150 ids: attention then spans two chunks of KV positions, merged (FORWARD PASS, attention); the
+# thread counts above the KV-head groups and the odd batches change who computes each chunk
+LONG=$(seq -s, 10 52 7800)
 
 levels=$($RUN info models/mini/base.afm | sed -n 's/^kernels: \([a-z0-9-]*\) (also: \(.*\)); .*/\1, \2/p' | tr -d ' ' | tr ',' ' ' | sed 's/none//')
 [ -n "$levels" ] || { bad "cannot read the kernel levels from '$AFM info'"; echo "$PASS passed, $FAIL failed"; exit 1; }
@@ -32,7 +35,9 @@ cases="base|models/mini/base.afm|
 json|models/mini/base.afm|--adapter models/mini/json.afma
 draft|models/mini/draft.afm|
 kvf16|models/mini/base.afm|--kv f16
-kvf32|models/mini/base.afm|--kv f32"
+kvf32|models/mini/base.afm|--kv f32
+long|models/mini/base.afm|--tb 1-256,4-1,3-7,2-256,16-5 --ids $LONG
+longf16|models/mini/base.afm|--kv f16 --tb 1-256,4-1,3-7 --ids $LONG"
 if python3 -c "import numpy" 2>/dev/null; then
     # every weight type; odd widths (not multiples of 64) and group sizes exercise the ragged tails
     for ty in f32 f16 bf16 q2b q4 q8; do
@@ -48,13 +53,16 @@ else echo "note: numpy missing, synthetic models skipped"; fi
 echo "$cases" | while IFS='|' read -r name model opts; do
     ref=""
     ids=$IDS
+    tbs="1-256 2-1 2-256 1-1"
     case "$opts" in *--ids*) ids=${opts##*--ids }; opts=${opts%%--ids*};; esac
+    case "$opts" in *--tb*) tbs=$(echo ${opts##*--tb } | tr ',' ' '); opts=${opts%%--tb*};; esac
     best=${levels%% *}
     for lv in scalar $(echo $levels | tr " " "\n" | grep -vx scalar); do
-        # every level at -t 1 -b 256 and -t 2 -b 1; the best level also at -t 2 -b 256 and -t 1 -b 1
-        for tb in 1-256 2-1 2-256 1-1; do
-            t=${tb%-*}; b=${tb#*-}
-            case "$lv $tb" in scalar\ 1-256|scalar\ 2-1|"$best "*|*\ 1-256|*\ 2-1) ;; *) continue;; esac
+        # every level at the first two threads-batch pairs (-t 1 -b 256, -t 2 -b 1 by default); the best level at all
+        n=0
+        for tb in $tbs; do
+            t=${tb%-*}; b=${tb#*-}; n=$((n + 1))
+            [ $n -le 2 ] || [ "$lv" = "$best" ] || continue
             {
                 f=$OUT/$name-$lv-$t-$b.bin
                 rm -f $f
