@@ -37,8 +37,9 @@
                             afm_tokenizer.h (generated Unicode tables) next to afm.h
        AFM_ASSERT(x)        your assert (default: assert from <assert.h>); checks internal invariants and
                             the lifetime rules below (cheap counts, checked when a model or adapter is freed)
-       AFM__PF_DIST         tuning: bytes the decode kernels prefetch ahead in a weight row (default
-                            4096; 0 turns software prefetch off)
+       AFM__PF_DIST         tuning: bytes the kernels prefetch ahead in a weight row when one tile holds
+                            every token of the batch (decode, verification of up to 8 tokens: each row is
+                            read once, from memory); default 4096, 0 turns software prefetch off
        AFM_TESTING          test hooks for tests/test_main.c; never in a real build
 
    Models are converted once from Apple's assets with tools/convert.py; the file format is
@@ -5999,13 +6000,13 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm_
     }
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
-        if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
+        if (T == a->n_tok && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
         afm__sdprep_avx2(sc, gshift, c, n, T, type, db, mb, sd, accm);
         for (j = 0; j < n; j += SBB) {
             const int sb0 = c + j;
             const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)blk);
-            if (T == 1 && AFM__PF_DIST > 0) _mm_prefetch((const char *)blk + AFM__PF_DIST, _MM_HINT_T0);
+            if (T == a->n_tok && AFM__PF_DIST > 0) _mm_prefetch((const char *)blk + AFM__PF_DIST, _MM_HINT_T0);
             const __m256i v1 = _mm256_loadu_si256((const __m256i *)(blk + 32));
             int k;
             AFM__UNROLL for (k = 0; k < SBB; k++) {
@@ -6325,13 +6326,13 @@ AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot8_vnni(__m512i u, const int8_t *x, 
         }                                                                                                        \
         for (c = 0; c < nsb; c += 8) {                                                                           \
             const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
-            if (T == 1 && AFM__PF_DIST > 0)                                                                      \
+            if (T == a->n_tok && AFM__PF_DIST > 0)                                                                      \
                 _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
             afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);                                    \
             for (j = 0; j < n; j += SBB) {                                                                       \
                 const int sb0 = c + j;                                                                           \
                 const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
-                if (T == 1 && AFM__PF_DIST > 0)                                                                  \
+                if (T == a->n_tok && AFM__PF_DIST > 0)                                                                  \
                     _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);    \
                 int k;                                                                                           \
                 AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
@@ -6389,13 +6390,13 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm_
     AFM__UNROLL for (t = 0; t < 4; t++) acc2[t] = _mm512_setzero_ps();
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
-        if (T == 1 && AFM__PF_DIST > 0)
+        if (T == a->n_tok && AFM__PF_DIST > 0)
             _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
         afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);
         for (j = 0; j < n; j += SBB) {
             const int sb0 = c + j;
             const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));
-            if (T == 1 && AFM__PF_DIST > 0)
+            if (T == a->n_tok && AFM__PF_DIST > 0)
                 _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);
             int k;
             AFM__UNROLL for (k = 0; k < SBB; k++) {
@@ -6624,7 +6625,7 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
             const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
             const uint8x16_t v0 = vld1q_u8(blk), v1 = vld1q_u8(blk + 16), v2 = vld1q_u8(blk + 32), v3 = vld1q_u8(blk + 48);
 #if defined(__GNUC__) || defined(__clang__)
-            if (T == 1 && AFM__PF_DIST > 0) __builtin_prefetch(blk + AFM__PF_DIST, 0, 3);
+            if (T == a->n_tok && AFM__PF_DIST > 0) __builtin_prefetch(blk + AFM__PF_DIST, 0, 3);
 #endif
             int k;
             AFM__UNROLL for (k = 0; k < SBB; k++) {
@@ -7361,6 +7362,7 @@ struct afm_session {
     float *x, *xn, *qkv, *q, *att, *hb, *hb2, *rope_cos, *rope_sin;
     float *scores;                /* [n_threads][afm__att_scratch] attention scores and chunk partials */
     float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches) */
+    afm__count *att_done;         /* [n_threads] chunks finished per attention group (decode) */
     void *act_buf;                /* int8 activations prepared for one job's quantized products */
     void *act_f32;                /* f32 copies of an input whose rows are not laid out for the
                                      kernels (a width not a multiple of 16), else NULL */
@@ -7393,7 +7395,8 @@ static void afm__session_release_buffers(afm_session *s) {
     void **bufs[] = { (void **)&s->x, (void **)&s->xn, (void **)&s->qkv, (void **)&s->att, (void **)&s->hb,
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
-                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32 };
+                      (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32,
+                      (void **)&s->att_done };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -7528,13 +7531,14 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->rope_cos = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
     s->rope_sin = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
     s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
+    s->att_done = (afm__count *)afm__calloc(a, (size_t)s->pool.n_threads, sizeof *s->att_done);
     s->logits_cap = 1;
     s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
     s->act_cap = afm__act_need(B, widest);
     s->act_buf = afm__alloc(a, s->act_cap);
     if ((c->dim | qd | c->ffn_dim) & 15) s->act_f32 = afm__alloc(a, s->act_cap);
     if (!s->act_buf || (((c->dim | qd | c->ffn_dim) & 15) && !s->act_f32) ||
-        !s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->logits ||
+        !s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->att_done || !s->logits ||
         afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
         afm_session_free(s);
         return AFM_ERR_NOMEM;
@@ -8119,7 +8123,8 @@ static void afm__kv_load(const afm_session *s, const unsigned char *base, size_t
    chunking depends only on the number of keys, so a token's bits depend neither on the thread
    count nor on the batch it came in; the split only decides who computes each chunk. Work units:
    (token, KV head, group of up to AFM__ATT_HEADS query heads) and, when those are fewer than the
-   threads (decode, verification), each chunk of them too, merged after a second hand-off. */
+   threads (decode, verification), each chunk of them too, merged by whichever thread finishes a
+   group's last chunk. */
 static void afm__softmax(const afm__kernels *k, float *x, int n) {
     float mx, inv = 1.0f / k->expsum(x, n, &mx);
     int i;
@@ -8229,6 +8234,10 @@ static void afm__attn_run(void *ctx, int ith, int nth) {
             if (ch < nc) {
                 int p0 = ch * AFM__KV_CHUNK, p1 = p0 + AFM__KV_CHUNK < n_keys ? p0 + AFM__KV_CHUNK : n_keys;
                 afm__attn_span(j, t, kvh, h0, nh, p0, p1, scores, kv, afm__attn_parts(j, g) + (size_t)ch * AFM__ATT_HEADS * ps);
+                /* whoever finishes a group's last chunk merges it (the count is a full barrier, so
+                   the other chunks' partials are visible): no second hand-off */
+                if (afm__count_add(&s->att_done[g], 1) == nc)
+                    afm__attn_merge(c->head_dim, nh, nc, afm__attn_parts(j, g), s->att + (size_t)t * c->n_heads * c->head_dim + (size_t)(kvh * (c->n_heads / c->n_kv_heads) + h0) * c->head_dim);
             }
         } else {
             float *part = afm__attn_parts(j, ith);
@@ -8241,24 +8250,11 @@ static void afm__attn_run(void *ctx, int ith, int nth) {
     }
 }
 
-/* The deep split's second hand-off: each group with several chunks merges them. */
-static void afm__attn_merge_run(void *ctx, int ith, int nth) {
-    afm__attn_job *j = (afm__attn_job *)ctx;
-    const afm_config *c = &j->s->model->config;
-    int lo, hi, g, t, kvh, h0, nh;
-    afm__split(j->n_groups, ith, nth, &lo, &hi);
-    for (g = lo; g < hi; g++) {
-        afm__attn_group(j, g, &t, &kvh, &h0, &nh);
-        if (afm__att_chunks(j->s->pos + t + 1) > 1)
-            afm__attn_merge(c->head_dim, nh, afm__att_chunks(j->s->pos + t + 1), afm__attn_parts(j, g),
-                            j->s->att + (size_t)t * c->n_heads * c->head_dim + (size_t)(kvh * (c->n_heads / c->n_kv_heads) + h0) * c->head_dim);
-    }
-}
-
 /* Attention of the batch's n_tok tokens over layer `layer`'s cache (queries in s->q). */
 static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
     const afm_config *c = &s->model->config;
     const int group = c->n_heads / c->n_kv_heads, nth = s->pool.n_threads;
+    int g;
     afm__attn_job j;
     j.s = s; j.layer = layer; j.n_tok = n_tok; j.q_stride = q_stride;
     j.hs = group < AFM__ATT_HEADS ? group : AFM__ATT_HEADS;
@@ -8269,8 +8265,8 @@ static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
     j.deep = nth > 1 && j.n_groups < nth && afm__att_chunks(s->pos + n_tok) > 1;
     j.n_units = j.deep ? j.n_groups * afm__att_chunks(s->pos + n_tok) : j.n_groups;
     j.next = 0;
+    if (j.deep) for (g = 0; g < j.n_groups; g++) s->att_done[g] = 0;
     afm__pool_run(&s->pool, afm__attn_run, &j);
-    if (j.deep) afm__pool_run(&s->pool, afm__attn_merge_run, &j);
 }
 
 /* ---- per-token passes between the products: norms, RoPE, residuals, SiLU. Each token's
