@@ -129,12 +129,12 @@ def parse_afm_bench(text):
     for line in text.splitlines():
         f = line.split()
         # threads, prefill, decode, MB/tok, achieved GB/s, probe GB/s (same threads), % probe,
-        # all-core GB/s, % all-core, peak RSS MB
+        # saturated (all-core) GB/s, % saturated, peak RSS MB
         if len(f) >= 10 and f[0].isdigit():
             rows[int(f[0])] = {"pp": float(f[1]), "tg": float(f[2]), "mb_per_tok": float(f[3]),
                                "achieved_gbs": float(f[4]), "read_gbs": float(f[5]),
-                               "pct_probe": float(f[6].rstrip("%")), "allcore_gbs": float(f[7]),
-                               "pct_allcore": float(f[8].rstrip("%")), "rss_mb": float(f[9])}
+                               "pct_probe": float(f[6].rstrip("%")), "saturated_gbs": float(f[7]),
+                               "pct_saturated": float(f[8].rstrip("%")), "rss_mb": float(f[9])}
     return rows
 
 
