@@ -128,10 +128,13 @@ def parse_afm_bench(text):
     rows = {}
     for line in text.splitlines():
         f = line.split()
-        if len(f) >= 8 and f[0].isdigit():
+        # threads, prefill, decode, MB/tok, achieved GB/s, probe GB/s (same threads), % probe,
+        # saturated (all-core) GB/s, % saturated, peak RSS MB
+        if len(f) >= 10 and f[0].isdigit():
             rows[int(f[0])] = {"pp": float(f[1]), "tg": float(f[2]), "mb_per_tok": float(f[3]),
-                               "read_gbs": float(f[4]), "roofline_tps": float(f[5]),
-                               "pct_roofline": float(f[6].rstrip("%")), "rss_mb": float(f[7])}
+                               "achieved_gbs": float(f[4]), "read_gbs": float(f[5]),
+                               "pct_probe": float(f[6].rstrip("%")), "saturated_gbs": float(f[7]),
+                               "pct_saturated": float(f[8].rstrip("%")), "rss_mb": float(f[9])}
     return rows
 
 

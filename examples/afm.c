@@ -54,8 +54,10 @@ static const char *usage_text =
     "  bench FILE             prefill -p tokens (default 512), then decode -n tokens (default\n"
     "                         128), -r runs each (default 3, median reported), for each thread\n"
     "                         count in -t (default 1,2); prints tok/s, bytes read per decode\n"
-    "                         token, memory read bandwidth measured in the same run, decode as\n"
-    "                         a percentage of that roofline, and peak RSS; with --adapter:\n"
+    "                         token (weights, output head, KV cache), the read rate that makes\n"
+    "                         (bytes x tok/s), the memory read bandwidth measured in the same\n"
+    "                         run at that thread count and on all cores (the roofline) with\n"
+    "                         the rate as a percentage of each, and peak RSS; with --adapter:\n"
     "                         adapter load and switch times, and decode tok/s with and without\n"
     "                         it in alternating runs\n"
     "\n";

@@ -29,53 +29,345 @@ static double peak_rss_mb(void) {
 static double peak_rss_mb(void) { return 0; }
 #endif
 
-/* Memory read bandwidth: threads sum disjoint parts of a buffer much larger than the caches,
-   the same access pattern as a matrix-vector product over weights. Best of a few passes. */
-typedef struct bw_part { const uint64_t *p; size_t n; uint64_t sum; } bw_part;
-static void *bw_sum(void *arg) {
-    bw_part *b = (bw_part *)arg;
-    uint64_t s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
-    size_t i;
-    int k;
-    for (i = 0; i + 8 <= b->n; i += 8)
-        for (k = 0; k < 8; k++) s[k] += b->p[i + k];
-    b->sum = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
-    return NULL;
+/* ---- the roofline: memory read bandwidth, measured ----
+
+   A decode step is a read stream over every weight (about 1 GB for the full-size model), its rows
+   split among the threads. The roofline is how fast the memory system delivers such a stream, so the
+   probe reads a buffer much larger than the caches, each thread summing its own part, first touched
+   by that same thread (on a NUMA machine the pages then sit on the reading thread's node). It
+   measures at the benchmark's thread count and with one thread on every online core: the saturated
+   figure, which no read stream of afm's can beat. A core's share of the bandwidth is bounded by the
+   cache misses it keeps in flight, and that depends on the loads: one Zen 3 core reads 13-15 GB/s
+   with 8-byte loads and 18-23 with 32-byte ones. (The first probe, 8-byte loads on the benchmark's threads
+   only, read less than afm itself did on a 16-core Xeon.) So the probe tries several read patterns -
+   the widest vector loads the CPU has, one to four sequential streams per thread, with and without
+   software prefetch as afm's decode kernels use - and keeps the best pass of the best pattern. */
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define BW_X86 1 /* AVX2 / AVX-512 variants, compiled for their targets, chosen at run time */
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define BW_NEON 1
+#endif
+#if defined(__GNUC__)
+#define BW_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define BW_PREFETCH(p) ((void)(p))
+#endif
+#if defined(_WIN32)
+#include <windows.h>
+#else
+#include <unistd.h>
+#endif
+
+/* Every pattern reads its part as `streams` equal contiguous ranges in lockstep, BW_STEP bytes of each
+   per step (two 64-byte lines: two misses per stream in flight from the loop alone); with prefetch it
+   also asks for the lines BW_PF bytes ahead (inside its range: a pointer past the buffer would be
+   undefined). Parts are multiples of BW_ALIGN, so every pattern reads every byte of its part. */
+#define BW_STEP 128
+#define BW_PF 1024
+#define BW_MAX_STREAMS 4
+#define BW_ALIGN (BW_STEP * BW_MAX_STREAMS)
+
+typedef uint64_t (*bw_read_fn)(const unsigned char *p, size_t n, int streams, int prefetch);
+
+/* Portable: 16 independent 8-byte sums per step, so no add waits on another. */
+static uint64_t bw_read_scalar(const unsigned char *p, size_t n, int streams, int prefetch) {
+    uint64_t s[16] = { 0 }, total = 0;
+    size_t len = n / (size_t)streams, i;
+    int j, k;
+    for (i = 0; i < len; i += BW_STEP)
+        for (j = 0; j < streams; j++) {
+            const uint64_t *q = (const uint64_t *)(p + (size_t)j * len + i);
+            if (prefetch && i + BW_PF < len) BW_PREFETCH(p + (size_t)j * len + i + BW_PF);
+            for (k = 0; k < 16; k++) s[k] += q[k];
+        }
+    for (k = 0; k < 16; k++) total += s[k];
+    return total;
 }
 
-static double measure_bandwidth(int n_threads, size_t bytes) {
-    bw_part parts[64];
-    uint64_t *buf = (uint64_t *)malloc(bytes);
-    size_t i, n = bytes / 8;
-    double best = 0;
-    int rep, t;
-    if (!buf) return 0;
-    if (n_threads > 64) n_threads = 64;
-    for (i = 0; i < n; i++) buf[i] = i; /* touch every page */
-    for (t = 0; t < n_threads; t++) {
-        parts[t].p = buf + n * t / n_threads;
-        parts[t].n = n * (t + 1) / n_threads - n * t / n_threads;
-    }
-    for (rep = 0; rep < 5; rep++) {
-        double t0 = now_seconds(), dt;
-#if defined(_WIN32)
-        for (t = 0; t < n_threads; t++) bw_sum(&parts[t]); /* one thread: no pthreads here */
-#else
-        pthread_t th[64];
-        int started[64];
-        for (t = 1; t < n_threads; t++) {
-            started[t] = pthread_create(&th[t], NULL, bw_sum, &parts[t]) == 0;
-            if (!started[t]) bw_sum(&parts[t]);
+#if defined(BW_X86)
+__attribute__((target("avx2"))) static uint64_t bw_read_avx2(const unsigned char *p, size_t n, int streams, int prefetch) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    uint64_t o[4];
+    size_t len = n / (size_t)streams, i;
+    int j;
+    for (i = 0; i < len; i += BW_STEP)
+        for (j = 0; j < streams; j++) {
+            const unsigned char *q = p + (size_t)j * len + i;
+            if (prefetch && i + BW_PF < len) { BW_PREFETCH(q + BW_PF); BW_PREFETCH(q + BW_PF + 64); }
+            a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)q));
+            a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(q + 32)));
+            a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(q + 64)));
+            a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(q + 96)));
         }
-        bw_sum(&parts[0]);
-        for (t = 1; t < n_threads; t++)
-            if (started[t]) pthread_join(th[t], NULL);
+    a0 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+    _mm256_storeu_si256((__m256i *)o, a0);
+    return o[0] + o[1] + o[2] + o[3];
+}
+__attribute__((target("avx512f"))) static uint64_t bw_read_avx512(const unsigned char *p, size_t n, int streams, int prefetch) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+    uint64_t o[8];
+    size_t len = n / (size_t)streams, i;
+    int j, k;
+    for (i = 0; i < len; i += BW_STEP)
+        for (j = 0; j < streams; j++) {
+            const unsigned char *q = p + (size_t)j * len + i;
+            if (prefetch && i + BW_PF < len) { BW_PREFETCH(q + BW_PF); BW_PREFETCH(q + BW_PF + 64); }
+            a0 = _mm512_add_epi64(a0, _mm512_loadu_si512((const void *)q));
+            a1 = _mm512_add_epi64(a1, _mm512_loadu_si512((const void *)(q + 64)));
+        }
+    _mm512_storeu_si512((void *)o, _mm512_add_epi64(a0, a1));
+    for (k = 1; k < 8; k++) o[0] += o[k];
+    return o[0];
+}
 #endif
-        dt = now_seconds() - t0;
-        if (bytes / dt > best) best = bytes / dt;
+
+#if defined(BW_NEON)
+static uint64_t bw_read_neon(const unsigned char *p, size_t n, int streams, int prefetch) {
+    uint64x2_t a[8];
+    size_t len = n / (size_t)streams, i;
+    int j, k;
+    for (k = 0; k < 8; k++) a[k] = vdupq_n_u64(0);
+    for (i = 0; i < len; i += BW_STEP)
+        for (j = 0; j < streams; j++) {
+            const uint64_t *q = (const uint64_t *)(p + (size_t)j * len + i);
+            if (prefetch && i + BW_PF < len) { BW_PREFETCH((const unsigned char *)q + BW_PF); BW_PREFETCH((const unsigned char *)q + BW_PF + 64); }
+            for (k = 0; k < 8; k++) a[k] = vaddq_u64(a[k], vld1q_u64(q + 2 * k));
+        }
+    for (k = 1; k < 8; k++) a[0] = vaddq_u64(a[0], a[k]);
+    return vgetq_lane_u64(a[0], 0) + vgetq_lane_u64(a[0], 1);
+}
+#endif
+
+typedef struct bw_pattern { const char *name; bw_read_fn fn; int streams, prefetch; } bw_pattern;
+
+/* Six patterns of one read function: 1, 2 and 4 streams, each without and with prefetch. */
+static int bw_add_level(bw_pattern *out, int n, const char *name, bw_read_fn fn) {
+    int s;
+    for (s = 1; s <= BW_MAX_STREAMS; s *= 2) {
+        out[n].name = name; out[n].fn = fn; out[n].streams = s; out[n].prefetch = 0; n++;
+        out[n].name = name; out[n].fn = fn; out[n].streams = s; out[n].prefetch = 1; n++;
     }
-    free(buf);
+    return n;
+}
+
+/* The patterns this CPU can run (at most 24): scalar always, each vector level where afm's own
+   kernel selection says the CPU (and the OS) have it. */
+static int bw_patterns(bw_pattern *out) {
+    int n = bw_add_level(out, 0, "scalar", bw_read_scalar);
+#if defined(BW_X86)
+    if (afm_kernels_supported(AFM_KERNELS_AVX2)) n = bw_add_level(out, n, "avx2", bw_read_avx2);
+    if (afm_kernels_supported(AFM_KERNELS_AVX512)) n = bw_add_level(out, n, "avx512", bw_read_avx512);
+#endif
+#if defined(BW_NEON)
+    n = bw_add_level(out, n, "neon", bw_read_neon);
+#endif
+    return n;
+}
+
+/* Online cores; the fallback where the system cannot say. */
+static int bw_online_cores(int fallback) {
+    long n = 0;
+#if defined(_WIN32)
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    n = (long)si.dwNumberOfProcessors;
+#elif defined(_SC_NPROCESSORS_ONLN)
+    n = sysconf(_SC_NPROCESSORS_ONLN);
+#endif
+    return n >= 1 ? (n > 1024 ? 1024 : (int)n) : fallback;
+}
+
+/* The probe's threads: persistent for all its passes, so the thread that first touched a part is
+   the one that reads it. Thread 0 is the caller; each job (touch, or a timed pass) is handed to all
+   by bumping `gen` and ends when `pending` reaches 0. */
+typedef struct bw_probe bw_probe;
+typedef struct bw_thread { bw_probe *pr; int ith; uint64_t sum; } bw_thread;
+struct bw_probe {
+    unsigned char *buf;
+    size_t part; /* bytes per thread, a multiple of BW_ALIGN */
+    int n_threads, pattern, gen, pending, quit;
+    const bw_pattern *pat;
+    bw_thread *th;
+#if defined(_WIN32)
+    HANDLE *handles;
+    CRITICAL_SECTION lock;
+    CONDITION_VARIABLE wake, done;
+#else
+    pthread_t *handles;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+#endif
+};
+#if defined(_WIN32)
+#define BW_LOCK(pr) EnterCriticalSection(&(pr)->lock)
+#define BW_UNLOCK(pr) LeaveCriticalSection(&(pr)->lock)
+#define BW_WAIT(pr, cv) SleepConditionVariableCS(&(pr)->cv, &(pr)->lock, INFINITE)
+#define BW_BROADCAST(pr, cv) WakeAllConditionVariable(&(pr)->cv)
+#else
+#define BW_LOCK(pr) pthread_mutex_lock(&(pr)->lock)
+#define BW_UNLOCK(pr) pthread_mutex_unlock(&(pr)->lock)
+#define BW_WAIT(pr, cv) pthread_cond_wait(&(pr)->cv, &(pr)->lock)
+#define BW_BROADCAST(pr, cv) pthread_cond_broadcast(&(pr)->cv)
+#endif
+
+/* One job on thread t's part: pattern < 0 first-touches it (writes every page), else reads it. */
+static void bw_job(bw_thread *t) {
+    bw_probe *pr = t->pr;
+    unsigned char *p = pr->buf + (size_t)t->ith * pr->part;
+    if (pr->pattern < 0) {
+        size_t i;
+        for (i = 0; i < pr->part; i += 8) { uint64_t v = i; memcpy(p + i, &v, 8); }
+    } else {
+        const bw_pattern *pat = &pr->pat[pr->pattern];
+        t->sum += pat->fn(p, pr->part, pat->streams, pat->prefetch);
+    }
+}
+
+#if defined(_WIN32)
+static DWORD WINAPI bw_worker(LPVOID arg) {
+#else
+static void *bw_worker(void *arg) {
+#endif
+    bw_thread *t = (bw_thread *)arg;
+    bw_probe *pr = t->pr;
+    int seen = 0;
+    for (;;) {
+        BW_LOCK(pr);
+        while (pr->gen == seen && !pr->quit) BW_WAIT(pr, wake);
+        seen = pr->gen;
+        if (pr->quit) { BW_UNLOCK(pr); return 0; }
+        BW_UNLOCK(pr);
+        bw_job(t);
+        BW_LOCK(pr);
+        if (--pr->pending == 0) BW_BROADCAST(pr, done);
+        BW_UNLOCK(pr);
+    }
+}
+
+/* Runs one job on every thread; returns its wall time. */
+static double bw_run(bw_probe *pr, int pattern) {
+    double t0 = now_seconds();
+    BW_LOCK(pr);
+    pr->pattern = pattern;
+    pr->pending = pr->n_threads - 1;
+    pr->gen++;
+    BW_BROADCAST(pr, wake);
+    BW_UNLOCK(pr);
+    bw_job(&pr->th[0]);
+    BW_LOCK(pr);
+    while (pr->pending > 0) BW_WAIT(pr, done);
+    BW_UNLOCK(pr);
+    return now_seconds() - t0;
+}
+
+#define BW_PASSES 3
+
+/* Read bandwidth in bytes/s with n_threads threads over about `bytes` bytes: the best of `passes`
+   passes of every pattern and 2 x `passes` more of the best (0 if nothing could be allocated).
+   best_pattern: the winning pattern's name. */
+static double measure_bandwidth(int n_threads, size_t bytes, int passes, char *best_pattern, size_t best_cap) {
+    bw_pattern pats[32];
+    bw_probe pr;
+    int n_pat = bw_patterns(pats), i, k, started = 1, best_k = 0;
+    double best = 0;
+    memset(&pr, 0, sizeof pr);
+    if (best_pattern && best_cap) best_pattern[0] = 0;
+    pr.n_threads = n_threads < 1 ? 1 : n_threads;
+    pr.part = bytes / (size_t)pr.n_threads / BW_ALIGN * BW_ALIGN;
+    if (pr.part == 0) return 0;
+    /* 64-byte aligned start: every load of a step then lies in one cache line */
+    pr.buf = (unsigned char *)malloc(pr.part * (size_t)pr.n_threads + 64);
+    pr.th = (bw_thread *)calloc((size_t)pr.n_threads, sizeof *pr.th);
+    pr.handles = (
+#if defined(_WIN32)
+        HANDLE
+#else
+        pthread_t
+#endif
+        *)calloc((size_t)pr.n_threads, sizeof *pr.handles);
+    if (!pr.buf || !pr.th || !pr.handles) { free(pr.buf); free(pr.th); free(pr.handles); return 0; }
+    {
+        unsigned char *base = pr.buf;
+        pr.buf = base + (64 - (size_t)((uintptr_t)base % 64)) % 64;
+        pr.pat = pats;
+#if defined(_WIN32)
+        InitializeCriticalSection(&pr.lock);
+        InitializeConditionVariable(&pr.wake);
+        InitializeConditionVariable(&pr.done);
+#else
+        pthread_mutex_init(&pr.lock, NULL);
+        pthread_cond_init(&pr.wake, NULL);
+        pthread_cond_init(&pr.done, NULL);
+#endif
+        for (i = 0; i < pr.n_threads; i++) { pr.th[i].pr = &pr; pr.th[i].ith = i; }
+        for (i = 1; i < pr.n_threads && started; i++) {
+#if defined(_WIN32)
+            pr.handles[i] = CreateThread(NULL, 0, bw_worker, &pr.th[i], 0, NULL);
+            started = pr.handles[i] != NULL;
+#else
+            started = pthread_create(&pr.handles[i], NULL, bw_worker, &pr.th[i]) == 0;
+#endif
+        }
+        if (!started) pr.n_threads = i - 1; /* the threads that run; the rest of the buffer is unused */
+        bw_run(&pr, -1);
+        /* every pattern `passes` times, then the best one as often again: on a shared machine a pass
+           can lose its core to another job, and more passes of the pattern that matters find a quiet one */
+        for (k = 0, i = 0; k <= n_pat; k++) {
+            int kk = k < n_pat ? k : best_k, reps = k < n_pat ? passes : 2 * passes;
+            for (i = 0; i < reps; i++) {
+                double rate = (double)pr.part * pr.n_threads / bw_run(&pr, kk);
+                if (rate > best) {
+                    best = rate;
+                    best_k = kk;
+                }
+            }
+        }
+        if (best_pattern) snprintf(best_pattern, best_cap, "%s, %d stream%s%s", pats[best_k].name, pats[best_k].streams,
+                                   pats[best_k].streams > 1 ? "s" : "", pats[best_k].prefetch ? ", prefetch" : "");
+        BW_LOCK(&pr);
+        pr.quit = 1;
+        BW_BROADCAST(&pr, wake);
+        BW_UNLOCK(&pr);
+        for (i = 1; i < pr.n_threads; i++) {
+#if defined(_WIN32)
+            WaitForSingleObject(pr.handles[i], INFINITE);
+            CloseHandle(pr.handles[i]);
+#else
+            pthread_join(pr.handles[i], NULL);
+#endif
+        }
+#if defined(_WIN32)
+        DeleteCriticalSection(&pr.lock);
+#else
+        pthread_mutex_destroy(&pr.lock);
+        pthread_cond_destroy(&pr.wake);
+        pthread_cond_destroy(&pr.done);
+#endif
+        free(base);
+    }
+    free(pr.th);
+    free(pr.handles);
     return best;
+}
+
+/* The probe at n_threads: 1 GiB (32x the largest L3 of one Zen 3 chiplet, many times any L2), or a
+   quarter of physical memory if that is less; halved while it cannot be allocated. *used: the size. */
+static double probe_bandwidth(int n_threads, char *best_pattern, size_t best_cap, size_t *used) {
+    size_t bytes = (size_t)1 << 30;
+    double bw = 0;
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+    {
+        long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+        if (pages > 0 && psz > 0 && (double)pages * psz / 4 < (double)bytes) bytes = (size_t)((double)pages * psz / 4);
+    }
+#endif
+    for (; bytes >= ((size_t)64 << 20) && bw == 0; bytes /= 2)
+        if ((bw = measure_bandwidth(n_threads, bytes, BW_PASSES, best_pattern, best_cap)) > 0 && used) *used = bytes;
+    return bw;
 }
 
 /* Bytes per cached key or value element. */
@@ -86,24 +378,31 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* Bytes one decode step reads: every weight of the base once (the tied embedding as the
-   output head, one row of it as input), the adapter's A and B, and the KV cache: each
-   segment-0 layer reads its own cache and every segment-1 layer re-reads the last one's. */
-static double decode_bytes(const afm_model *m, const afm_adapter *ad, double kv_positions, int kv_elt) {
-    const afm_config *c = afm_model_config(m);
+/* Bytes one decode step must bring from memory. Weights: every tensor of the base once (the tied
+   embedding as the output head, whose 153,600 rows every step reads; the input row is one of them),
+   the adapter's A and B. KV cache: each segment-0 layer reads its own keys and values at every
+   position so far; the n_reuse_layers segment-1 layers re-read the last segment-0 layer's, which
+   the step has just read (a few hundred KB at these contexts, still in cache), so they count once.
+   Counting distinct bytes keeps this a lower bound of the memory traffic, so the achieved rate
+   (bytes x tok/s) is one too. */
+static double weight_bytes(const afm_model *m, const afm_adapter *ad) {
     double w = 0;
     int i;
     for (i = 0; i < afm_model_n_tensors(m); i++) {
         afm_tensor_info t;
         afm_model_tensor(m, i, &t);
-        if (!strstr(t.name, ".lora_")) w += (double)t.n_bytes;
+        if (!strstr(t.name, ".lora_")) w += (double)t.n_bytes; /* the embedded base adapter: only if chosen */
     }
     if (ad) {
         afm_adapter_info info;
         afm_adapter_get_info(ad, &info);
         w += info.n_params * 2.0; /* upper bound: F16 */
     }
-    return w + (double)c->n_layers * kv_positions * c->n_kv_heads * c->head_dim * 2.0 * kv_elt;
+    return w;
+}
+static double kv_read_bytes(const afm_model *m, double kv_positions, int kv_elt) {
+    const afm_config *c = afm_model_config(m);
+    return (double)(c->n_layers - c->n_reuse_layers) * kv_positions * c->n_kv_heads * c->head_dim * 2.0 * kv_elt;
 }
 
 
@@ -126,7 +425,7 @@ static int draft_controlled(void *u, const int32_t *ctx, int n, int k, int32_t *
 static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, int n_threads, int n_prompt, int n_gen, int runs) {
     const afm_config *c = afm_model_config(m);
     afm_session_params sp;
-    afm_session *s;
+    afm_session *s, *s1;
     int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen + 32) * sizeof *toks), *ref;
     uint64_t x = 88172645463325252ull;
     double t1_med = 0, plain_tps;
@@ -141,43 +440,60 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
     if (ad) afm_session_set_adapter(s, ad);
     for (i = 0; i < n_prompt + 32; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; toks[i] = (int32_t)(x % (uint64_t)c->vocab_size); }
     afm_session_eval(s, toks, n_prompt);
-    printf("verification cost at position %d, %d threads (median of %d):\n%6s %10s %10s\n", n_prompt, n_threads, runs, "tokens", "ms", "x decode");
+    /* Beside it a session that computes the logits of the last position only: the difference is what
+       the output head (vocabulary x dim) costs for the other positions a verification needs. The two
+       alternate, so a busy machine slows both alike. */
+    sp.all_logits = 0;
+    if (afm_session_create(m, &sp, &s1) != AFM_OK) die("%s", "cannot create a session");
+    if (ad) afm_session_set_adapter(s1, ad);
+    afm_session_eval(s1, toks, n_prompt);
+    printf("verification cost at position %d, %d threads (median of %d); last only: the same without the output head\n"
+           "for all but the last position\n%6s %10s %10s %14s %10s\n", n_prompt, n_threads, runs, "tokens", "ms", "x decode",
+           "last only ms", "x decode");
     for (n = 1; n <= 16; n++) {
-        double t[100];
+        double t[100], tl[100];
         for (r = 0; r < runs; r++) {
             double t0 = now_seconds();
             afm_session_eval(s, toks + n_prompt, n);
             t[r] = now_seconds() - t0;
             afm_session_rewind(s, n_prompt);
+            t0 = now_seconds();
+            afm_session_eval(s1, toks + n_prompt, n);
+            tl[r] = now_seconds() - t0;
+            afm_session_rewind(s1, n_prompt);
         }
         qsort(t, (size_t)runs, sizeof *t, cmp_double);
+        qsort(tl, (size_t)runs, sizeof *tl, cmp_double);
         if (n == 1) t1_med = t[runs / 2];
-        printf("%6d %10.2f %10.2f\n", n, t[runs / 2] * 1e3, t[runs / 2] / t1_med);
+        printf("%6d %10.2f %10.2f %14.2f %10.2f\n", n, t[runs / 2] * 1e3, t[runs / 2] / t1_med, tl[runs / 2] * 1e3, tl[runs / 2] / t1_med);
         fflush(stdout);
     }
+    afm_session_free(s1);
     afm_session_free(s);
     /* plain greedy reference, then speculative runs with the controlled drafter */
-    sp.all_logits = 0;
     afm_session_create(m, &sp, &s);
     if (ad) afm_session_set_adapter(s, ad);
     ref = (int32_t *)malloc((size_t)n_gen * sizeof *ref);
     {
         afm_generate_params gp;
         afm_generate_stats st;
-        double best = 0;
+        double tps[100];
         memset(&gp, 0, sizeof gp);
         gp.n_predict = n_gen;
         for (r = 0; r < runs; r++) {
             afm_session_rewind(s, 0);
             afm_generate(s, toks, n_prompt, &gp, &st);
-            if (r == 0 || st.n_generated / (st.t_total - st.t_prompt) > best) best = st.n_generated / (st.t_total - st.t_prompt);
+            tps[r] = st.n_generated / (st.t_total - st.t_prompt);
         }
+        /* the median, as for the speculative runs below (the best of a few runs against their median
+           made every speedup look worse on a busy machine) */
+        qsort(tps, (size_t)runs, sizeof *tps, cmp_double);
         {
             int np;
             const int32_t *all = afm_session_tokens(s, &np);
             memcpy(ref, all + n_prompt, (size_t)n_gen * sizeof *ref);
         }
-        plain_tps = best;
+        plain_tps = tps[runs / 2];
     }
     printf("\nspeculative greedy decoding, %d tokens after a %d-token prompt, %d threads, K chosen by the engine:\n", n_gen, n_prompt, n_threads);
     printf("%6s %12s %12s %12s %10s %10s\n", "p", "acceptance", "tok/verify", "tok/s", "plain t/s", "speedup");
@@ -499,8 +815,18 @@ int cmd_bench(int argc, char **argv) {
     printf("model %s: %d layers, dim %d, vocab %d%s%s; kernels %s\n", path, c->n_layers, c->dim, c->vocab_size, ad ? ", adapter " : "",
            ad ? adapter_path : "", afm_kernels_name(kernels ? kernels : afm_kernels_best()));
     printf("prefill %d tokens, then decode %d tokens; median of %d runs\n", n_prompt, n_gen, runs);
+    fflush(stdout); /* before the progress lines on stderr */
     {
-        double pre_med[16], dec_med[16], rss[16], bytes[16];
+        double pre_med[16], dec_med[16], rss[16], kv[16] = { 0 }, w = weight_bytes(m, ad), head = 0, kv_pos = n_prompt + (n_gen + 1) / 2.0;
+        double bw_all, bw_sat, bw_t[16];
+        char pat_all[64], pat_t[16][64];
+        size_t probe_bytes = 0;
+        int n_cores, max_t = 1;
+        for (i = 0; i < afm_model_n_tensors(m); i++) { /* the output head: the tensor with a vocabulary-long dimension */
+            afm_tensor_info t;
+            afm_model_tensor(m, i, &t);
+            if (t.n_dims == 2 && (t.dims[0] == (uint64_t)c->vocab_size || t.dims[1] == (uint64_t)c->vocab_size)) head = (double)t.n_bytes;
+        }
         for (ti = 0; ti < n_tl; ti++) {
             int nt = n_threads_list[ti], r;
             double pre[100], dec[100];
@@ -508,6 +834,7 @@ int cmd_bench(int argc, char **argv) {
             afm_session *s;
             int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen) * sizeof *toks);
             uint64_t x = 88172645463325252ull;
+            if (nt > max_t) max_t = nt;
             memset(&sp, 0, sizeof sp);
             sp.kernels = kernels;
             sp.n_threads = nt;
@@ -539,18 +866,46 @@ int cmd_bench(int argc, char **argv) {
             pre_med[ti] = pre[runs / 2];
             dec_med[ti] = dec[runs / 2];
             rss[ti] = peak_rss_mb(); /* before the bandwidth buffer below inflates it */
-            bytes[ti] = decode_bytes(m, ad, n_prompt + n_gen / 2.0, kv_bytes(afm_session_kv_type(s)));
+            kv[ti] = kv_read_bytes(m, kv_pos, kv_bytes(afm_session_kv_type(s)));
             fprintf(stderr, "  %d threads: prefill %.1f tok/s, decode %.2f tok/s\n", nt, pre_med[ti], dec_med[ti]);
             afm_session_free(s);
             free(toks);
         }
-        printf("%7s %12s %12s %14s %12s %12s %10s %12s\n", "threads", "prefill t/s", "decode t/s", "MB/decode tok", "read GB/s",
-               "roofline t/s", "% roofline", "peak RSS MB");
+        /* the probes run after the sessions are gone, so their buffer does not compete with the model for memory */
+        n_cores = bw_online_cores(max_t);
+        bw_all = probe_bandwidth(n_cores, pat_all, sizeof pat_all, &probe_bytes);
         for (ti = 0; ti < n_tl; ti++) {
-            double bw = measure_bandwidth(n_threads_list[ti], (size_t)512 << 20);
-            printf("%7d %12.1f %12.2f %14.1f %12.2f %12.2f %9.1f%% %12.0f\n", n_threads_list[ti], pre_med[ti], dec_med[ti],
-                   bytes[ti] / 1e6, bw / 1e9, bw / bytes[ti], 100.0 * dec_med[ti] / (bw / bytes[ti]), rss[ti]);
+            if (n_threads_list[ti] == n_cores) { bw_t[ti] = bw_all; memcpy(pat_t[ti], pat_all, sizeof pat_all); }
+            else bw_t[ti] = probe_bandwidth(n_threads_list[ti], pat_t[ti], sizeof pat_t[ti], NULL);
         }
+        /* The saturated bandwidth is at least every rate a probe reached. All cores should reach the
+           most, but on a shared machine another job can take a core from the all-core probe and
+           leave it below a smaller one; then the best smaller one stands in (and the line says so). */
+        bw_sat = bw_all;
+        for (ti = 0; ti < n_tl; ti++)
+            if (bw_t[ti] > bw_sat) bw_sat = bw_t[ti];
+        printf("bytes read per decode token: %.1f MB of weights (every tensor once, the %.1f MB output head included) + %.1f MB of\n"
+               "  KV cache (%d layers' keys and values at the mean position, %.1f) = %.1f MB\n",
+               w / 1e6, head / 1e6, kv[0] / 1e6, c->n_layers - c->n_reuse_layers, kv_pos, (w + kv[0]) / 1e6);
+        printf("memory read bandwidth: %.0f MiB read by each thread count, each thread its own first-touched part;\n"
+               "  the best pass of %d of each read pattern and %d more of the best one\n", probe_bytes / 1048576.0, BW_PASSES,
+               2 * BW_PASSES);
+        printf("  %d thread%s (all online cores): %.2f GB/s (%s)%s\n", n_cores, n_cores > 1 ? "s" : "", bw_all / 1e9, pat_all,
+               bw_sat > bw_all ? "; less than with fewer threads below: other jobs were running, the saturated figure is the best probe" : "");
+        for (ti = 0; ti < n_tl; ti++)
+            if (n_threads_list[ti] != n_cores) printf("  %d thread%s: %.2f GB/s (%s)\n", n_threads_list[ti], n_threads_list[ti] > 1 ? "s" : "", bw_t[ti] / 1e9, pat_t[ti]);
+        printf("%7s %11s %10s %8s %12s %10s %8s %14s %11s %11s\n", "threads", "prefill t/s", "decode t/s", "MB/tok", "achieved GB/s",
+               "probe GB/s", "% probe", "saturated GB/s", "% saturated", "peak RSS MB");
+        for (ti = 0; ti < n_tl; ti++) {
+            double got = (w + kv[ti]) * dec_med[ti];
+            printf("%7d %11.1f %10.2f %8.1f %13.2f %10.2f %7.1f%% %14.2f %10.1f%% %11.0f\n", n_threads_list[ti], pre_med[ti], dec_med[ti],
+                   (w + kv[ti]) / 1e6, got / 1e9, bw_t[ti] / 1e9, bw_t[ti] > 0 ? 100 * got / bw_t[ti] : 0, bw_sat / 1e9,
+                   bw_sat > 0 ? 100 * got / bw_sat : 0, rss[ti]);
+            if (got > bw_sat && bw_sat > 0)
+                printf("  (above the saturated probe: part of the model stays in cache between tokens, or the probe missed a faster read pattern)\n");
+        }
+        printf("achieved GB/s = MB/tok x decode t/s; %% probe: of the probe at the same thread count; saturated: the all-core probe\n"
+               "(or a faster one with fewer threads, on a busy machine)\n");
     }
     afm_adapter_free(ad);
     afm_model_free(m);
