@@ -130,7 +130,7 @@ def parse_afm_bench(text):
         f = line.split()
         # threads, prefill, decode, MB/tok, achieved GB/s, probe GB/s (same threads), % probe,
         # saturated (all-core) GB/s, % saturated, peak RSS MB
-        if len(f) >= 10 and f[0].isdigit():
+        if len(f) >= 10 and f[0].isdigit() and f[1].replace(".", "", 1).isdigit():  # not "16 threads (all...)"
             rows[int(f[0])] = {"pp": float(f[1]), "tg": float(f[2]), "mb_per_tok": float(f[3]),
                                "achieved_gbs": float(f[4]), "read_gbs": float(f[5]),
                                "pct_probe": float(f[6].rstrip("%")), "saturated_gbs": float(f[7]),
