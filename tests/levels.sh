@@ -15,7 +15,7 @@ RECORD=0
 if [ "$1" = "--record" ]; then RECORD=1; shift; fi
 AFM=$1; shift
 RUN="$* $AFM"
-OUT=build/levels
+OUT=${LEVELS_OUT:-build/levels} # LEVELS_OUT: another folder, for a run beside this one
 REC=tests/vectors/levels.md5
 mkdir -p $OUT
 PASS=0; FAIL=0
