@@ -7422,6 +7422,7 @@ typedef struct afm__attn_job {
     int hs, nhg;                  /* query heads per unit, units per KV head */
     int n_groups;                 /* n_tok * n_kv_heads * nhg */
     int deep;                     /* chunks of a group are separate units (few groups) */
+    int max_chunks;               /* chunks of the batch's last token, the most of any */
     int n_units;
     afm__count next;              /* units are taken in order by whichever thread is free */
 } afm__attn_job;
@@ -8131,6 +8132,12 @@ static void afm__softmax(const afm__kernels *k, float *x, int n) {
     for (i = 0; i < n; i++) x[i] *= inv;
 }
 
+/* Where head h of KV head kvh's group writes token t's attention output. */
+static float *afm__attn_out(const afm_session *s, int t, int kvh, int h) {
+    const afm_config *c = &s->model->config;
+    return s->att + ((size_t)t * c->n_heads + (size_t)kvh * (c->n_heads / c->n_kv_heads) + (size_t)h) * c->head_dim;
+}
+
 /* One group's (token t, KV head kvh, heads h0 .. h0+nh-1) keys [p0, p1): with `part` NULL (the only
    chunk) the normalized output, else each head's o_c, m_c, l_c into part[h * afm__att_part]. */
 static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int nh, int p0, int p1, float *scores, float *kv, float *part) {
@@ -8141,7 +8148,7 @@ static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int n
     const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, n = p1 - p0;
     const size_t pstride = afm__att_part(hd), layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
     const float *q = s->q + (size_t)t * j->q_stride + (size_t)(kvh * group + h0) * hd;
-    float *out = s->att + (size_t)t * c->n_heads * hd + (size_t)(kvh * group + h0) * hd;
+    float *out = afm__attn_out(s, t, kvh, h0);
     int h, i, d, d0;
     if (s->kv_type == AFM_KV_INT8) {
         const size_t at = layer_off + (size_t)p0 * s->kv_dim;
@@ -8214,17 +8221,22 @@ static float *afm__attn_parts(const afm__attn_job *j, int slot) {
     return j->s->scores + (size_t)slot * afm__att_scratch(c, j->s->cap) + (size_t)AFM__KV_CHUNK * (c->n_heads / c->n_kv_heads);
 }
 
+/* Chunk ch of a group's n_keys keys into its partials part[ch]. */
+static void afm__attn_chunk(const afm__attn_job *j, int t, int kvh, int h0, int nh, int ch, int n_keys, float *scores, float *kv, float *part) {
+    const int p0 = ch * AFM__KV_CHUNK, p1 = p0 + AFM__KV_CHUNK < n_keys ? p0 + AFM__KV_CHUNK : n_keys;
+    afm__attn_span(j, t, kvh, h0, nh, p0, p1, scores, kv, part + (size_t)ch * AFM__ATT_HEADS * afm__att_part(j->s->model->config.head_dim));
+}
+
 static void afm__attn_run(void *ctx, int ith, int nth) {
     afm__attn_job *j = (afm__attn_job *)ctx;
     afm_session *s = j->s;
-    const afm_config *c = &s->model->config;
-    const size_t ps = afm__att_part(c->head_dim);
-    float *scores = s->scores + (size_t)ith * afm__att_scratch(c, s->cap), *kv = s->rowbuf + (size_t)ith * s->rowbuf_n;
+    const int hd = s->model->config.head_dim;
+    float *scores = s->scores + (size_t)ith * afm__att_scratch(&s->model->config, s->cap), *kv = s->rowbuf + (size_t)ith * s->rowbuf_n;
     int u, t, kvh, h0, nh;
     (void)nth;
     while ((u = (int)afm__count_add(&j->next, 1) - 1) < j->n_units) {
-        int g = u, ch = 0, nc, n_keys;
-        if (j->deep) { g = u / afm__att_chunks(s->pos + j->n_tok); ch = u % afm__att_chunks(s->pos + j->n_tok); }
+        const int g = j->deep ? u / j->max_chunks : u;
+        int ch = j->deep ? u % j->max_chunks : 0, nc, n_keys;
         afm__attn_group(j, g, &t, &kvh, &h0, &nh);
         n_keys = s->pos + t + 1;
         nc = afm__att_chunks(n_keys);
@@ -8232,20 +8244,15 @@ static void afm__attn_run(void *ctx, int ith, int nth) {
             if (ch == 0) afm__attn_span(j, t, kvh, h0, nh, 0, n_keys, scores, kv, NULL);
         } else if (j->deep) {
             if (ch < nc) {
-                int p0 = ch * AFM__KV_CHUNK, p1 = p0 + AFM__KV_CHUNK < n_keys ? p0 + AFM__KV_CHUNK : n_keys;
-                afm__attn_span(j, t, kvh, h0, nh, p0, p1, scores, kv, afm__attn_parts(j, g) + (size_t)ch * AFM__ATT_HEADS * ps);
+                afm__attn_chunk(j, t, kvh, h0, nh, ch, n_keys, scores, kv, afm__attn_parts(j, g));
                 /* whoever finishes a group's last chunk merges it (the count is a full barrier, so
                    the other chunks' partials are visible): no second hand-off */
-                if (afm__count_add(&s->att_done[g], 1) == nc)
-                    afm__attn_merge(c->head_dim, nh, nc, afm__attn_parts(j, g), s->att + (size_t)t * c->n_heads * c->head_dim + (size_t)(kvh * (c->n_heads / c->n_kv_heads) + h0) * c->head_dim);
+                if (afm__count_add(&s->att_done[g], 1) == nc) afm__attn_merge(hd, nh, nc, afm__attn_parts(j, g), afm__attn_out(s, t, kvh, h0));
             }
         } else {
             float *part = afm__attn_parts(j, ith);
-            for (ch = 0; ch < nc; ch++) {
-                int p0 = ch * AFM__KV_CHUNK, p1 = p0 + AFM__KV_CHUNK < n_keys ? p0 + AFM__KV_CHUNK : n_keys;
-                afm__attn_span(j, t, kvh, h0, nh, p0, p1, scores, kv, part + (size_t)ch * AFM__ATT_HEADS * ps);
-            }
-            afm__attn_merge(c->head_dim, nh, nc, part, s->att + (size_t)t * c->n_heads * c->head_dim + (size_t)(kvh * (c->n_heads / c->n_kv_heads) + h0) * c->head_dim);
+            for (ch = 0; ch < nc; ch++) afm__attn_chunk(j, t, kvh, h0, nh, ch, n_keys, scores, kv, part);
+            afm__attn_merge(hd, nh, nc, part, afm__attn_out(s, t, kvh, h0));
         }
     }
 }
@@ -8262,17 +8269,17 @@ static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
     j.n_groups = n_tok * c->n_kv_heads * j.nhg;
     /* deep: one unit per chunk when the groups cannot keep the threads busy; the partials of group
        g go to thread slot g's scratch, so there may be no more groups than threads */
-    j.deep = nth > 1 && j.n_groups < nth && afm__att_chunks(s->pos + n_tok) > 1;
-    j.n_units = j.deep ? j.n_groups * afm__att_chunks(s->pos + n_tok) : j.n_groups;
+    j.max_chunks = afm__att_chunks(s->pos + n_tok);
+    j.deep = nth > 1 && j.n_groups < nth && j.max_chunks > 1;
+    j.n_units = j.deep ? j.n_groups * j.max_chunks : j.n_groups;
     j.next = 0;
     if (j.deep) for (g = 0; g < j.n_groups; g++) s->att_done[g] = 0;
     afm__pool_run(&s->pool, afm__attn_run, &j);
 }
 
 /* ---- per-token passes between the products: norms, RoPE, residuals, SiLU. Each token's
-   arithmetic is the same whoever runs it; a prefill batch spreads its tokens over the pool (at
-   16 threads these passes, left on one thread, took a tenth of prefill), a decode step runs them
-   in place. ---- */
+   arithmetic is the same whoever runs it; a prefill batch spreads its tokens over the pool (left
+   on one thread, they cap what 16 threads can gain), a decode step runs them in place. ---- */
 enum { AFM__PASS_ATTN_IN, AFM__PASS_QKV, AFM__PASS_FFN_IN, AFM__PASS_SILU, AFM__PASS_OUT };
 
 typedef struct afm__tok_job {
@@ -8307,23 +8314,14 @@ static void afm__qkv_post(afm_session *s, int layer, int t) {
 static void afm__tok_pass_one(const afm__tok_job *j, int t) {
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
-    const afm__layer *ly = &s->model->layers[j->layer < c->n_layers ? j->layer : 0];
-    const size_t d = (size_t)c->dim;
-    float *x = s->x + t * d, *xn = s->xn + t * d;
+    const afm__layer *ly = s->model->layers + j->layer; /* one past the last for AFM__PASS_OUT: not read */
+    float *x = s->x + t * (size_t)c->dim, *xn = s->xn + t * (size_t)c->dim;
     int i;
-    switch (j->pass) {
-    case AFM__PASS_ATTN_IN: /* the previous layer's FFN output joins the residual, then the norm */
-        if (j->layer > 0) for (i = 0; i < c->dim; i++) x[i] += xn[i];
-        afm__rmsnorm(xn, x, ly->attn_norm, c->dim, c->norm_eps);
-        break;
-    case AFM__PASS_QKV: afm__qkv_post(s, j->layer, t); break;
-    case AFM__PASS_FFN_IN:
-        for (i = 0; i < c->dim; i++) x[i] += xn[i];
-        afm__rmsnorm(xn, x, ly->ffn_norm, c->dim, c->norm_eps);
-        break;
-    case AFM__PASS_SILU: s->kern.silu_mul(s->hb + (size_t)t * c->ffn_dim, s->hb2 + (size_t)t * c->ffn_dim, c->ffn_dim); break;
-    default: for (i = 0; i < c->dim; i++) x[i] += xn[i]; break; /* AFM__PASS_OUT: the last layer's residual */
-    }
+    if (j->pass == AFM__PASS_QKV) { afm__qkv_post(s, j->layer, t); return; }
+    if (j->pass == AFM__PASS_SILU) { s->kern.silu_mul(s->hb + (size_t)t * c->ffn_dim, s->hb2 + (size_t)t * c->ffn_dim, c->ffn_dim); return; }
+    /* the sublayer output in xn joins the residual (layer 0's input has none), then the next norm */
+    if (j->pass != AFM__PASS_ATTN_IN || j->layer > 0) for (i = 0; i < c->dim; i++) x[i] += xn[i];
+    if (j->pass != AFM__PASS_OUT) afm__rmsnorm(xn, x, j->pass == AFM__PASS_ATTN_IN ? ly->attn_norm : ly->ffn_norm, c->dim, c->norm_eps);
 }
 
 static void afm__tok_pass_run(void *ctx, int ith, int nth) {
