@@ -5409,13 +5409,14 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 /* Activations prepared for one matrix product.
    Quantized weights: each token's row, zero-padded to kpad (a multiple of 512), is cut in blocks
    of 64; block b has d = max|x| / 127, codes q = round_even(x * (127 / max|x|)) in -127..127
-   (0 when the block is all zero), and m = d * sum(q) (for the -1.5 / -7.5 offset of Q2B / Q4).
+   (0 when the block is all zero), and qs = sum(q) (for the -1.5 / -7.5 offset of Q2B / Q4).
    Float weights: an f32 copy of X with row stride kpad (n_in rounded up to 16, zero-padded). */
 typedef struct afm__act {
     int n_tok, n_in, kpad, nsb; /* nsb = kpad / 64 */
     int quant;                  /* 1: int8 blocks (q, d, m); 0: f32 (x) */
     int8_t *q;                  /* [n_tok][kpad] */
-    float *d, *m;               /* [n_tok][nsb] */
+    float *d;                   /* [n_tok][nsb] */
+    int32_t *qs;                /* [n_tok][nsb] */
     float *x;                   /* [n_tok][kpad] */
 } afm__act;
 
@@ -5443,7 +5444,7 @@ static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, voi
         a->nsb = a->kpad / 64;
         a->q = (int8_t *)p; p += afm__align64((size_t)n_tok * (size_t)a->kpad);
         a->d = (float *)p; p += afm__align64((size_t)n_tok * (size_t)a->nsb * sizeof(float));
-        a->m = (float *)p;
+        a->qs = (int32_t *)p;
     } else {
         a->kpad = (n_in + 15) & ~15;
         a->x = (float *)p;
@@ -5454,11 +5455,14 @@ static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, voi
 
 /* prepare: fills tokens [t0, t1) of a from X (row t at X + t * ldx).
    matmul: Y[t*ldy + r] for r in [r0, r1), every token of a (a prepared for w's type).
+   gemm_q2b: the same for a Q2B matrix and a batch of AFM__GEMM_MIN tokens or more, with a
+   per-thread scratch of afm__gemm_scratch_size(w->kpad) bytes (NULL where the level has none).
    dequant: out[0 .. cols-1] = row `row` of w as f32.
    kv_scores: s[h*lds + p] = scale * sum_i q[h*ldq + i] * k[p*k_stride + i], h < nq, p < n_pos.
    kv_values: o[h*ldo + i] = scale * sum_p pr[h*ldp + p] * v[p*v_stride + i], h < nq, i < dim. */
 typedef void (*afm__prepare_fn)(afm__act *a, const float *X, size_t ldx, int t0, int t1);
 typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1);
+typedef void (*afm__gemm_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch);
 typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
 typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                   int n_pos, int dim, float scale, float *s, size_t lds);
@@ -5473,6 +5477,7 @@ typedef struct afm__kernels {
     afm__prepare_fn prepare_q8;   /* for quantized weights */
     afm__prepare_fn prepare_f32;  /* for float weights */
     afm__matmul_fn matmul[AFM__NTYPES];
+    afm__gemm_fn gemm_q2b;        /* rows side by side, for large batches (NULL: matmul) */
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
@@ -5497,13 +5502,16 @@ typedef struct afm__kernels {
    the CPU, the thread count or how tokens are batched. Integer sums are exact in any order; float
    sums are not, so each kernel's float work is defined here once and the scalar reference below
    spells it out:
-   - Quantized rows (int8 activations): a sub-block sb of 64 weights gives 8 exact integer partial
-     dots P_g (g = 0..7: elements 4g..4g+3 and 32+4g..32+4g+3, the lanes of AVX2's maddubs/madd).
-     Lane g accumulates fma((float)P_g, sd_sb, lane_g) over sb in order, where sd_sb = (S * pf) * d_sb
-     (S the group's fp16 scale, d_sb the activation scale, pf = 4^-k for the Q2B planes k read in place
-     (codes x1, x4, x16, x16 with the last plane shifted by 2), else 1, with P_g taken on the codes as
-     read). The offset term has 8 lanes too: lane sb%8 accumulates fma(S, m_sb, .). The lanes are added
-     in one fixed tree (afm__sum8) and y = fma(-offset, M, A) (Q8: y = A).
+   - Quantized rows (int8 activations): each sub-block sb of 64 weights gives one exact integer
+     P_sb = 2 * sum_i c_i q_i - o * Q_sb, with c_i the weight codes (Q2B 0..3, Q4 0..15, Q8 -128..127),
+     q_i the activation codes, Q_sb = sum_i q_i and o = twice the type's offset (Q2B 3, Q4 15, Q8 0):
+     the dot of the codes *centred* on the grid (c - 1.5, c - 7.5) times 2, so it stays an integer.
+     |P_sb| < 2^22, so (float)P_sb is exact. Lane sb%8 accumulates fma((float)P_sb, S * d_sb, lane)
+     over sb in order (S the group's fp16 scale, d_sb the activation block's scale, S * d_sb one
+     float product), the lanes are added in one fixed tree (afm__sum8) and y = 0.5f * that sum.
+     How a kernel forms P_sb (which products go to which SIMD lane, in place or shifted codes, per
+     row or with rows side by side) is free, since integer sums are exact: one rule suits a matrix-
+     vector kernel (8 sub-blocks' sums in the 8 lanes) and a matrix-matrix one (16 rows per vector).
    - Float rows: lane i%8 accumulates fma(w_i, x_i, .) for i < cols rounded down to 8, the tree,
      then the remaining i in order with fma.
    - KV scores: the same as float rows (then times the scale); KV values: each output element is
@@ -5662,21 +5670,22 @@ static inline uint32_t afm__abs_bits(float x) { uint32_t u; memcpy(&u, &x, 4); r
 #define AFM__AMAX_TINY 0x0d800000u /* abs bits below (2^-100): the block is quantized as zero */
 
 /* Quantizes one block of 64 given its amax bits (shared by every level for the rare cases). */
-static void afm__q8_block_scalar(const float *x, int n, int8_t *q, float *d, float *m) {
+static void afm__q8_block_scalar(const float *x, int n, int8_t *q, float *d, int32_t *qs) {
     uint32_t amax_bits = 0;
     int i, sum = 0;
     float amax, id;
     for (i = 0; i < n; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
     memset(q, 0, 64);
+    *qs = 0;
     if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
-        *d = *m = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
+        *d = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
         return;
     }
     memcpy(&amax, &amax_bits, 4);
     id = 127.0f / amax;
     for (i = 0; i < n; i++) { int c = afm__round_even(x[i] * id); q[i] = (int8_t)c; sum += c; }
     *d = amax / 127.0f;
-    *m = *d * (float)sum;
+    *qs = sum;
 }
 
 static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int t0, int t1) {
@@ -5684,12 +5693,13 @@ static void afm__prepare_q8_scalar(afm__act *a, const float *X, size_t ldx, int 
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
         int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        float *d = a->d + (size_t)t * (size_t)a->nsb;
+        int32_t *qs = a->qs + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             int n = a->n_in - b * 64;
             if (n > 64) n = 64;
             if (n < 0) n = 0;
-            afm__q8_block_scalar(x + b * 64, n, q + b * 64, d + b, m + b);
+            afm__q8_block_scalar(x + b * 64, n, q + b * 64, d + b, qs + b);
         }
     }
 }
@@ -5703,50 +5713,36 @@ static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int
     }
 }
 
-/* Code of weight i (0..63) of sub-block sb as the SIMD kernels read it: Q2B planes 0..2 masked in
-   place (x1, x4, x16), plane 3 shifted by 2 (x16); Q4 nibbles shifted down; Q8 as is. */
-static inline int afm__code_scalar(int type, const uint8_t *row, int sb, int i) {
-    if (type == AFM_TYPE_Q2B) { /* block sb/4, plane sb%4: byte j holds weights j, j+64, j+128, j+192 */
-        const uint8_t b = row[(size_t)(sb >> 2) * 64 + (size_t)i];
-        return (sb & 3) == 3 ? (b >> 2) & 0x30 : b & (3 << (2 * (sb & 3)));
-    }
+/* Code of weight i (0..63) of sub-block sb (docs/FORMAT.md): Q2B 0..3, Q4 0..15, Q8 -128..127. */
+static inline int afm__code(int type, const uint8_t *row, int sb, int i) {
+    if (type == AFM_TYPE_Q2B) /* block sb/4, bit pair sb%4: byte j holds weights j, j+64, j+128, j+192 */
+        return (row[(size_t)(sb >> 2) * 64 + (size_t)i] >> (2 * (sb & 3))) & 3;
     if (type == AFM_TYPE_Q4) return (row[(size_t)(sb >> 1) * 64 + (size_t)i] >> ((sb & 1) * 4)) & 15; /* j, j+64 */
     return ((const int8_t *)row)[(size_t)sb * 64 + (size_t)i];
 }
 
-/* The factor pf that undoes the code's in-place scale (exact: a power of two). */
-static inline float afm__plane_factor(int type, int sb) {
-    static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-    return type == AFM_TYPE_Q2B ? pq[sb & 3] : 1.0f;
-}
+/* Twice the type's grid offset (weights are (c - offset) * S): the contract's o. */
+static inline int afm__type_off2(int type) { return type == AFM_TYPE_Q2B ? 3 : type == AFM_TYPE_Q4 ? 15 : 0; }
 
-static inline float afm__type_offset(int type) { return type == AFM_TYPE_Q2B ? 1.5f : type == AFM_TYPE_Q4 ? 7.5f : 0.0f; }
-
-/* The contract above, written out: 8 lanes of partial integer dots, fma in order. */
+/* The contract above, written out: one exact integer per sub-block, 8 float lanes, fma in order. */
 static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    const int nsb = w->kpad / 64;
-    const float off = afm__type_offset(w->type);
-    int r, t, sb, g, i;
+    const int nsb = w->kpad / 64, o = afm__type_off2(w->type);
+    int r, t, sb, i;
     for (r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
         for (t = 0; t < a->n_tok; t++) {
             const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-            const float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, accm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            const float *d = a->d + (size_t)t * (size_t)a->nsb;
+            const int32_t *qs = a->qs + (size_t)t * (size_t)a->nsb;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (sb = 0; sb < nsb; sb++) {
                 const float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
-                const float sd = s * afm__plane_factor(w->type, sb) * d[sb];
-                for (g = 0; g < 8; g++) {
-                    int32_t p = 0;
-                    for (i = 4 * g; i < 4 * g + 4; i++)
-                        p += afm__code_scalar(w->type, row, sb, i) * q[sb * 64 + i] +
-                             afm__code_scalar(w->type, row, sb, i + 32) * q[sb * 64 + i + 32];
-                    acc[g] = fmaf((float)p, sd, acc[g]);
-                }
-                accm[sb & 7] = fmaf(s, m[sb], accm[sb & 7]);
+                int32_t p = 0;
+                for (i = 0; i < 64; i++) p += afm__code(w->type, row, sb, i) * q[sb * 64 + i];
+                acc[sb & 7] = fmaf((float)(2 * p - o * qs[sb]), s * d[sb], acc[sb & 7]);
             }
-            Y[(size_t)t * ldy + (size_t)r] = w->type == AFM_TYPE_Q8 ? afm__sum8(acc) : fmaf(-off, afm__sum8(accm), afm__sum8(acc));
+            Y[(size_t)t * ldy + (size_t)r] = 0.5f * afm__sum8(acc);
         }
     }
 }
@@ -5874,6 +5870,44 @@ static inline int afm__row_block(const afm__wmat *w) {
             for (r = r0; r + 4 <= r1; r += 4) TILE(w, a, Y, ldy, r, t, 4, 1, TYPE);                         \
             for (; r < r1; r++) TILE(w, a, Y, ldy, r, t, 1, 1, TYPE);                                       \
         }
+/* ---- rows side by side: the matrix-matrix kernels' layout ----
+
+   A batch of AFM__GEMM_MIN tokens or more (prefill) takes Q2B rows 16 at a time: their codes are
+   unpacked once into a per-thread scratch buffer, 4 consecutive codes of the 16 rows side by side
+   ([sub-block][k/4][row][4 bytes]), then every token of the batch runs over it: one 4-byte
+   broadcast of activations against 16 rows per instruction, each row's integer sum in its own SIMD
+   lane (no horizontal sums), the float step once per 16 rows instead of once per row. The same
+   P_sb and the same float steps as the row kernels: the same bits. */
+#ifndef AFM__GEMM_MIN
+#define AFM__GEMM_MIN 3
+#endif
+static inline size_t afm__gemm_scratch_size(int kpad) {
+    return 64 + (size_t)kpad * 16 + (size_t)(kpad / 64) * 16 * sizeof(float);
+}
+
+/* The driver of a matrix-matrix kernel: GTILE(codes, S, nsb, a, Y, ldy, r, t0, T) for 16 rows x T
+   tokens (TB at a time, then the rest), rows past the last 16 by the row kernel ROWS. */
+#define AFM__GEMM_BODY(GTILE, TB, ROWS, PACK)                                                                \
+    uint8_t *codes = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);                                \
+    float *S = (float *)(void *)(codes + (size_t)w->kpad * 16);                                              \
+    const int nsb = w->kpad >> 6;                                                                            \
+    int r = r0, t;                                                                                           \
+    for (; r + 16 <= r1; r += 16) {                                                                          \
+        PACK(w, r, codes, S);                                                                                \
+        for (t = 0; t + TB <= a->n_tok; t += TB) GTILE(codes, S, nsb, a, Y, ldy, r, t, TB);                  \
+        switch (a->n_tok - t) { /* the rest in one tile */                                                   \
+        case 7: GTILE(codes, S, nsb, a, Y, ldy, r, t, 7 % TB); break;                                        \
+        case 6: GTILE(codes, S, nsb, a, Y, ldy, r, t, 6 % TB); break;                                        \
+        case 5: GTILE(codes, S, nsb, a, Y, ldy, r, t, 5 % TB); break;                                        \
+        case 4: GTILE(codes, S, nsb, a, Y, ldy, r, t, 4 % TB); break;                                        \
+        case 3: GTILE(codes, S, nsb, a, Y, ldy, r, t, 3); break;                                             \
+        case 2: GTILE(codes, S, nsb, a, Y, ldy, r, t, 2); break;                                             \
+        case 1: GTILE(codes, S, nsb, a, Y, ldy, r, t, 1); break;                                             \
+        default: break;                                                                                      \
+        }                                                                                                    \
+    }                                                                                                        \
+    if (r < r1) ROWS(w, a, Y, ldy, r, r1);
+
 /* ---- x86-64: AVX2 + FMA + F16C ---- */
 #ifdef AFM__X86
 
@@ -5890,7 +5924,8 @@ AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
         int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        float *d = a->d + (size_t)t * (size_t)a->nsb;
+        int32_t *qs = a->qs + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             int n = a->n_in - b * 64;
             __m256 v[8];
@@ -5899,7 +5934,7 @@ AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t
             uint32_t amax_bits;
             float amax, id;
             if (n < 64) { /* partial or empty last block */
-                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, qs + b);
                 continue;
             }
             for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(x + b * 64 + i * 8);
@@ -5913,7 +5948,7 @@ AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t
             h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xb1));
             amax_bits = (uint32_t)_mm_cvtsi128_si32(h);
             if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
-                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, qs + b);
                 continue;
             }
             memcpy(&amax, &amax_bits, 4);
@@ -5932,7 +5967,7 @@ AFM__T_AVX2 static void afm__prepare_q8_avx2(afm__act *a, const float *X, size_t
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
             d[b] = amax / 127.0f;
-            m[b] = d[b] * (float)_mm_cvtsi128_si32(h);
+            qs[b] = _mm_cvtsi128_si32(h);
         }
     }
 }
@@ -5953,106 +5988,137 @@ AFM__T_AVX2 static inline __m256 afm__scales8_avx2(const uint8_t *sc, int gshift
     }
 }
 
-/* Scale factors sd[t][j] = (S * pf) * d of sub-blocks c .. c+n-1 (n <= 8) for T tokens, and the
-   offset lanes accm[t] += S * m (lane j: sub-blocks j mod 8; a short last chunk adds S = 0 to the
-   lanes past its end, which changes nothing: a lane that starts at +0 never holds -0). */
-AFM__FORCEINLINE AFM__T_AVX2 void afm__sdprep_avx2(const uint8_t *sc, int gshift, int c, int n, const int T, const int type,
-                                                   const float *const *db, const float *const *mb, float (*sd)[8], __m256 *accm) {
-    const __m256 pf = type == AFM_TYPE_Q2B ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.0625f, 1.0f, 0.25f, 0.0625f, 0.0625f)
-                                       : _mm256_set1_ps(1.0f);
-    __m256 S, SP;
-    int t;
-    if (n == 8) S = afm__scales8_avx2(sc, gshift, c);
-    else {
-        AFM__ALIGN(32) float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        afm__scales_chunk(sc, gshift, c, n, s8);
-        S = _mm256_load_ps(s8);
-    }
-    SP = _mm256_mul_ps(S, pf);
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        _mm256_store_ps(sd[t], _mm256_mul_ps(SP, _mm256_loadu_ps(db[t] + c)));
-        if (type != AFM_TYPE_Q8) accm[t] = _mm256_fmadd_ps(S, _mm256_loadu_ps(mb[t] + c), accm[t]);
+/* The 8 lanes' sums of v[0..7], in lanes 0..7 (integer: any order is exact). */
+AFM__FORCEINLINE AFM__T_AVX2 __m256i afm__hsum8x8_avx2(const __m256i *v) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* Codes of sub-block k (of SBB) of a 64-byte block v0|v1, as u8 (Q8: as stored, signed). Q2B bit
+   pairs 0..2 are masked in place (codes x1, x4, x16) and pair 3 shifted by 2 (x16): the caller
+   shifts the sums back down (afm__q2b_unscale); Q4 nibbles come out as they are. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__codes_avx2(__m256i v0, __m256i v1, int k, const int type, __m256i *c0, __m256i *c1) {
+    if (type == AFM_TYPE_Q2B) {
+        if (k == 3) {
+            *c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2), _mm256_set1_epi8(0x30));
+            *c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2), _mm256_set1_epi8(0x30));
+        } else {
+            *c0 = _mm256_and_si256(v0, _mm256_set1_epi8((char)(3 << (2 * k))));
+            *c1 = _mm256_and_si256(v1, _mm256_set1_epi8((char)(3 << (2 * k))));
+        }
+    } else if (type == AFM_TYPE_Q4) {
+        *c0 = _mm256_and_si256(k ? _mm256_srli_epi16(v0, 4) : v0, _mm256_set1_epi8(0x0f));
+        *c1 = _mm256_and_si256(k ? _mm256_srli_epi16(v1, 4) : v1, _mm256_set1_epi8(0x0f));
+    } else {
+        *c0 = v0; *c1 = v1;
     }
 }
 
-/* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining).
-   Per sub-block sb (64 weights) the integer dot is formed in 8 int32 lanes, converted to float and
-   accumulated with the factor s_g * d_sb (times 1/4^plane for Q2B planes read without a shift);
-   the offset term -off * sum s_g m_sb is accumulated separately per 8 sub-blocks. */
+/* 64 codes . 64 activations as 8 int32 lanes that sum to the exact dot. maddubs takes unsigned x
+   signed: Q8's signed codes give it |c| and x with c's sign. Q2B codes up to 48 (in place) keep the
+   two int16 products below 2^15; Q8's are added as int32. */
+AFM__FORCEINLINE AFM__T_AVX2 __m256i afm__dot64_avx2(__m256i c0, __m256i c1, const int8_t *x, const int type) {
+    const __m256i x0 = _mm256_load_si256((const __m256i *)(const void *)x), x1 = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (type == AFM_TYPE_Q8)
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0)), ones),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1)), ones));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1)), ones);
+}
+
+/* The contract's float step for 8 sub-blocks c..c+7 of one token: P (their code dots, lane j =
+   sub-block c+j) becomes 2P - o*Q, and lane j accumulates it times S_j * d_j. S: the 8 scales, 0
+   past a short last chunk, whose lanes then add fma(0, 0, lane) = lane (a lane starting at +0 never
+   holds -0). */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__qstep_avx2(__m256i P, __m256 S, const float *d, const int32_t *qs, const int type, __m256 acc) {
+    __m256i p2 = _mm256_slli_epi32(P, 1);
+    if (type != AFM_TYPE_Q8) {
+        const __m256i Q = _mm256_loadu_si256((const __m256i *)(const void *)qs);
+        const __m256i oQ = type == AFM_TYPE_Q2B ? _mm256_add_epi32(_mm256_slli_epi32(Q, 1), Q) : _mm256_sub_epi32(_mm256_slli_epi32(Q, 4), Q);
+        p2 = _mm256_sub_epi32(p2, oQ);
+    }
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p2), _mm256_mul_ps(S, _mm256_loadu_ps(d)), acc);
+}
+
+/* Q2B sums of 8 sub-blocks c..c+7 (c a multiple of 4) read in place: sub-block j's codes were x4^(j%4),
+   the last pair x16; the sums are exact multiples, so the shift back is exact. */
+AFM__FORCEINLINE AFM__T_AVX2 __m256i afm__q2b_unscale_avx2(__m256i P) {
+    return _mm256_srav_epi32(P, _mm256_setr_epi32(0, 2, 4, 4, 0, 2, 4, 4));
+}
+
+/* The scales of sub-blocks c..c+n-1 (n <= 8), zeros past n. */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__scales_n_avx2(const uint8_t *sc, int gshift, int c, int n) {
+    AFM__ALIGN(32) float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n == 8) return afm__scales8_avx2(sc, gshift, c);
+    afm__scales_chunk(sc, gshift, c, n, s8);
+    return _mm256_load_ps(s8);
+}
+
+/* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining),
+   8 sub-blocks at a time: their 8 integer dots per token are reduced to one vector (lane j: sub-
+   block c+j), then one float step (afm__qstep_avx2). DOT64 is the level's 64-code dot. The last
+   chunk may be short: rows are padded to 256 (Q2B), 128 (Q4) or 64 (Q8) elements, not 512. */
+#define AFM__QROW_CHUNK(N, DOT64, CC, S)                                                                         \
+    {                                                                                                            \
+        const uint8_t *blk0 = row + (size_t)((unsigned)(CC) / SBB) * 64;                                         \
+        __m256i cc[8][2]; /* the chunk's codes, unpacked once for all tokens */                                  \
+        AFM__UNROLL for (j = 0; j < 8; j++)                                                                      \
+            if (j < (N))                                                                                         \
+                afm__codes_avx2(_mm256_loadu_si256((const __m256i *)(const void *)(blk0 + (j / SBB) * 64)),      \
+                                _mm256_loadu_si256((const __m256i *)(const void *)(blk0 + (j / SBB) * 64 + 32)), \
+                                j % SBB, type, &cc[j][0], &cc[j][1]);                                            \
+            else cc[j][0] = cc[j][1] = _mm256_setzero_si256();                                                   \
+        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
+            const int8_t *x = a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)(CC) * 64;                     \
+            __m256i v[8], P;                                                                                     \
+            AFM__UNROLL for (j = 0; j < 8; j++)                                                                  \
+                v[j] = j < (N) ? DOT64(cc[j][0], cc[j][1], x + j * 64, type) : _mm256_setzero_si256();           \
+            P = afm__hsum8x8_avx2(v);                                                                            \
+            if (type == AFM_TYPE_Q2B) P = afm__q2b_unscale_avx2(P);                                              \
+            acc[t] = afm__qstep_avx2(P, S, a->d + (size_t)(t0 + t) * (size_t)a->nsb + (CC),                      \
+                                     a->qs + (size_t)(t0 + t) * (size_t)a->nsb + (CC), type, acc[t]);            \
+        }                                                                                                        \
+    }
+#define AFM__QROW_PF(CC)                                                                                         \
+    if (T == a->n_tok && AFM__PF_DIST > 0) {                                                                     \
+        _mm_prefetch((const char *)sc + 2 * (size_t)((CC) >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);           \
+        for (j = 0; j < 8 / SBB; j++)                                                                            \
+            _mm_prefetch((const char *)(row + (size_t)((unsigned)(CC) / SBB + j) * 64) + AFM__PF_DIST, _MM_HINT_T0); \
+    }
+/* (Decode takes 16 sub-blocks per step: two independent chains for the out-of-order core.) */
+#define AFM__QROW_BODY(DOT64)                                                                                   \
+    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */  \
+    const int nsb = w->kpad >> 6, gshift = w->gshift;                                                            \
+    const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                     \
+    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                         \
+    __m256 acc[8];                                                                                               \
+    int t, j, c = 0;                                                                                             \
+    AFM__UNROLL for (t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();                                            \
+    if (T == 1)                                                                                                  \
+        for (; c + 16 <= nsb; c += 16) {                                                                         \
+            const __m256 S0 = afm__scales8_avx2(sc, gshift, c), S1 = afm__scales8_avx2(sc, gshift, c + 8);      \
+            AFM__QROW_PF(c)                                                                                      \
+            AFM__QROW_PF(c + 8)                                                                                  \
+            AFM__QROW_CHUNK(8, DOT64, c, S0)                                                                     \
+            AFM__QROW_CHUNK(8, DOT64, c + 8, S1)                                                                 \
+        }                                                                                                        \
+    for (; c < nsb; c += 8) {                                                                                    \
+        AFM__QROW_PF(c)                                                                                          \
+        if (nsb - c >= 8) {                                                                                      \
+            const __m256 S = afm__scales8_avx2(sc, gshift, c);                                                   \
+            AFM__QROW_CHUNK(8, DOT64, c, S)                                                                      \
+        } else {                                                                                                 \
+            const __m256 S = afm__scales_n_avx2(sc, gshift, c, nsb - c);                                         \
+            const int n = nsb - c; /* a short last chunk: Q4 and Q8 rows are padded to 128 / 64 only */          \
+            AFM__QROW_CHUNK(n, DOT64, c, S)                                                                      \
+        }                                                                                                        \
+    }                                                                                                            \
+    AFM__UNROLL for (t = 0; t < T; t++) Y[(size_t)(t0 + t) * ldy + (size_t)r] = 0.5f * afm__hsum_avx2(acc[t]);
+
 AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                                   int r, int t0, const int T, const int type) {
-    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */
-    const int nsb = w->kpad >> 6, gshift = w->gshift;
-    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
-    const float off = afm__type_offset(type);
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int8_t *qb[8];
-    const float *db[8], *mb[8];
-    __m256 acc[8], accm[8]; /* one accumulator per token whatever the tile: the contract's lanes */
-    AFM__ALIGN(32) float sd[8][8];
-    int t, j, c;
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
-        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
-        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        acc[t] = accm[t] = _mm256_setzero_ps();
-    }
-    for (c = 0; c < nsb; c += 8) {
-        const int n = nsb - c < 8 ? nsb - c : 8;
-        if (T == a->n_tok && AFM__PF_DIST > 0) _mm_prefetch((const char *)sc + 2 * (size_t)(c >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
-        afm__sdprep_avx2(sc, gshift, c, n, T, type, db, mb, sd, accm);
-        for (j = 0; j < n; j += SBB) {
-            const int sb0 = c + j;
-            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)blk);
-            if (T == a->n_tok && AFM__PF_DIST > 0) _mm_prefetch((const char *)blk + AFM__PF_DIST, _MM_HINT_T0);
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(blk + 32));
-            int k;
-            AFM__UNROLL for (k = 0; k < SBB; k++) {
-                const int sb = sb0 + k;
-                __m256i c0, c1;
-                if (type == AFM_TYPE_Q2B) {
-                    /* planes 0,1,2 masked in place (codes x1, x4, x16), plane 3 shifted by 2 (x16) */
-                    if (k == 3) {
-                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2), _mm256_set1_epi8(0x30));
-                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2), _mm256_set1_epi8(0x30));
-                    } else {
-                        const __m256i mk = _mm256_set1_epi8((char)(3 << (2 * k)));
-                        c0 = _mm256_and_si256(v0, mk);
-                        c1 = _mm256_and_si256(v1, mk);
-                    }
-                } else if (type == AFM_TYPE_Q4) {
-                    if (k == 0) {
-                        c0 = _mm256_and_si256(v0, _mm256_set1_epi8(0x0f));
-                        c1 = _mm256_and_si256(v1, _mm256_set1_epi8(0x0f));
-                    } else {
-                        c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), _mm256_set1_epi8(0x0f));
-                        c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_set1_epi8(0x0f));
-                    }
-                } else {
-                    c0 = v0; c1 = v1;
-                }
-                AFM__UNROLL for (t = 0; t < T; t++) {
-                    const __m256i x0 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64));
-                    const __m256i x1 = _mm256_load_si256((const __m256i *)(qb[t] + sb * 64 + 32));
-                    __m256i i32;
-                    if (type == AFM_TYPE_Q8) {
-                        const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(x0, c0));
-                        const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(x1, c1));
-                        i32 = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
-                    } else {
-                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
-                        i32 = _mm256_madd_epi16(p, ones);
-                    }
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);
-                }
-            }
-        }
-    }
-    AFM__UNROLL for (t = 0; t < T; t++)
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])
-                                                : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
+    AFM__QROW_BODY(afm__dot64_avx2)
 }
 
 AFM__T_AVX2 static void afm__matmul_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
@@ -6063,6 +6129,102 @@ AFM__T_AVX2 static void afm__matmul_q4_avx2(const afm__wmat *w, const afm__act *
 }
 AFM__T_AVX2 static void afm__matmul_q8_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_avx2, AFM_TYPE_Q8)
+}
+
+/* o[j] = dword j of c[0..7] (an 8 x 8 transpose). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__transpose8x8_avx2(const __m256i *c, __m256i *o) {
+    __m256i t[8], q[8];
+    int u;
+    AFM__UNROLL for (u = 0; u < 8; u += 2) { t[u] = _mm256_unpacklo_epi32(c[u], c[u + 1]); t[u + 1] = _mm256_unpackhi_epi32(c[u], c[u + 1]); }
+    AFM__UNROLL for (u = 0; u < 8; u += 4) {
+        q[u] = _mm256_unpacklo_epi64(t[u], t[u + 2]); q[u + 1] = _mm256_unpackhi_epi64(t[u], t[u + 2]);
+        q[u + 2] = _mm256_unpacklo_epi64(t[u + 1], t[u + 3]); q[u + 3] = _mm256_unpackhi_epi64(t[u + 1], t[u + 3]);
+    }
+    AFM__UNROLL for (u = 0; u < 4; u++) {
+        o[u] = _mm256_permute2x128_si256(q[u], q[u + 4], 0x20);
+        o[u + 4] = _mm256_permute2x128_si256(q[u], q[u + 4], 0x31);
+    }
+}
+
+/* Rows r..r+15 of a Q2B matrix into codes[sb][k/4][u][4] (0..3) and S[sb][u] (the scales as float).
+   8 rows at a time: the 32-byte halves of a 64-byte block of 8 rows are an 8 x 8 matrix of dwords,
+   transposed in registers; each of its 4 bit pairs (4 sub-blocks) is then masked out and stored. */
+AFM__T_AVX2 static void afm__pack16_q2b_avx2(const afm__wmat *w, int r, uint8_t *codes, float *S) {
+    const int nsb = w->kpad >> 6;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    int g, b, u, h, p;
+    for (g = 0; g < 2; g++)
+        for (b = 0; b < nsb / 4; b++)
+            for (h = 0; h < 2; h++) {
+                __m256i c[8], o[8];
+                AFM__UNROLL for (u = 0; u < 8; u++)
+                    c[u] = _mm256_loadu_si256((const __m256i *)(const void *)(w->data + (size_t)(r + 8 * g + u) * w->row_bytes +
+                                                                              (size_t)b * 64 + (size_t)h * 32));
+                afm__transpose8x8_avx2(c, o);
+                AFM__UNROLL for (p = 0; p < 4; p++) {
+                    uint8_t *dst = codes + (size_t)(4 * b + p) * 1024 + (size_t)h * 8 * 64 + (size_t)g * 32;
+                    AFM__UNROLL for (u = 0; u < 8; u++)
+                        _mm256_store_si256((__m256i *)(void *)(dst + (size_t)u * 64), _mm256_and_si256(_mm256_srli_epi16(o[u], 2 * p), m3));
+                }
+            }
+    for (g = 0; g < 2; g++) /* the scales: 8 sub-blocks of 8 rows, converted and transposed the same way */
+        for (b = 0; b + 8 <= nsb; b += 8) {
+            __m256i c[8], o[8];
+            AFM__UNROLL for (u = 0; u < 8; u++)
+                c[u] = _mm256_castps_si256(afm__scales8_avx2(w->scales + (size_t)(r + 8 * g + u) * (size_t)w->n_groups * 2, w->gshift, b));
+            afm__transpose8x8_avx2(c, o);
+            AFM__UNROLL for (u = 0; u < 8; u++) _mm256_store_si256((__m256i *)(void *)(S + (size_t)(b + u) * 16 + (size_t)g * 8), o[u]);
+        }
+    for (u = 0; u < 16; u++) /* a last chunk of 4 */
+        for (b = nsb & ~7; b < nsb; b++)
+            S[(size_t)b * 16 + (size_t)u] = afm__h2f(afm__rd16(w->scales + (size_t)(r + u) * (size_t)w->n_groups * 2 + 2 * (size_t)(b >> w->gshift)));
+}
+
+/* 16 packed rows x T tokens (T <= 4): per sub-block, 16 steps of maddubs (4 codes of 8 rows x one
+   token's 4 activations) summed in int16 (at most 16 * 2 * 3 * 127 * 2 < 2^15), then madd to int32:
+   each lane is one row's exact dot. The contract's 8 float lanes per row live in memory. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__gtile_avx2(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
+                                                  float *Y, size_t ldy, int r, int t0, const int T) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 lanes[8][4][2]; /* [sub-block % 8][token][rows 0-7, 8-15] */
+    int t, sb, k, l;
+    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) lanes[l][t][0] = lanes[l][t][1] = _mm256_setzero_ps();
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = codes + (size_t)sb * 1024;
+        const __m256 s0 = _mm256_load_ps(S + (size_t)sb * 16), s1 = _mm256_load_ps(S + (size_t)sb * 16 + 8);
+        __m256i acc[4][2];
+        AFM__UNROLL for (t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+        for (k = 0; k < 16; k++) {
+            const __m256i c0 = _mm256_load_si256((const __m256i *)(const void *)(cb + k * 64));
+            const __m256i c1 = _mm256_load_si256((const __m256i *)(const void *)(cb + k * 64 + 32));
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                int32_t x4;
+                __m256i xb;
+                memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + (size_t)k * 4, 4);
+                xb = _mm256_set1_epi32(x4);
+                acc[t][0] = _mm256_add_epi16(acc[t][0], _mm256_maddubs_epi16(c0, xb));
+                acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(c1, xb));
+            }
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const __m256 d = _mm256_set1_ps(a->d[i]);
+            const __m256i oQ = _mm256_set1_epi32(3 * a->qs[i]);
+            const __m256i p0 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][0], ones), 1), oQ);
+            const __m256i p1 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][1], ones), 1), oQ);
+            lanes[sb & 7][t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), lanes[sb & 7][t][0]);
+            lanes[sb & 7][t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, d), lanes[sb & 7][t][1]);
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) for (k = 0; k < 2; k++) { /* afm__sum8's tree, 8 rows at once */
+        const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lanes[0][t][k], lanes[4][t][k]), _mm256_add_ps(lanes[2][t][k], lanes[6][t][k])),
+                                       _mm256_add_ps(_mm256_add_ps(lanes[1][t][k], lanes[5][t][k]), _mm256_add_ps(lanes[3][t][k], lanes[7][t][k])));
+        _mm256_storeu_ps(Y + (size_t)(t0 + t) * ldy + (size_t)r + (size_t)k * 8, _mm256_mul_ps(y, _mm256_set1_ps(0.5f)));
+    }
+}
+#define AFM__ROWS_Q2B_AVX2(w, a, Y, ldy, r0, r1) afm__matmul_q2b_avx2(w, a, Y, ldy, r0, r1)
+AFM__T_AVX2 static void afm__gemm_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
+    AFM__GEMM_BODY(afm__gtile_avx2, 4, AFM__ROWS_Q2B_AVX2, afm__pack16_q2b_avx2)
 }
 
 /* 8 weights of a float type as f32 */
@@ -6285,167 +6447,21 @@ AFM__T_AVX2 static float afm__expsum_avx2(float *x, int n, float *max) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-/* As afm__qtile_avx2 with one 64-byte block of weights per zmm. The contract's 8 lanes (elements
-   4g..4g+3 and 32+4g..32+4g+3) come from vpmaddubsw + vpmaddwd over the zmm (16 partial dots of 4
-   elements) with lanes l and l+8 added, or with VNNI from two 256-bit vpdpbusd (u8 x s8 -> s32) over
-   the halves, the second accumulating onto the first; accumulated in a ymm as on AVX2. Float weights
-   use the AVX2 kernels at this level: 16 float lanes would sum in another order. */
-AFM__FORCEINLINE AFM__T_AVX512 __m256i afm__dot8_avx512bw(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
-    __m512i s = _mm512_load_si512((const void *)x), p;
-    if (q8) s = _mm512_mask_sub_epi8(s, neg, _mm512_setzero_si512(), s); /* the weight's sign moved onto x */
-    p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-    return _mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64(p, 1));
-}
-AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot8_vnni(__m512i u, const int8_t *x, const int q8, __mmask64 neg) {
-    __m256i lo = _mm256_load_si256((const __m256i *)(const void *)x), hi = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
-    if (q8) {
-        lo = _mm256_mask_sub_epi8(lo, (__mmask32)neg, _mm256_setzero_si256(), lo);
-        hi = _mm256_mask_sub_epi8(hi, (__mmask32)(neg >> 32), _mm256_setzero_si256(), hi);
+/* Quantized weights at the AVX-512 level use the AVX2 kernels (the contract fixes the float steps
+   per 8 lanes; wider vectors only pay off with VNNI's integer dot). With VNNI: the row kernel's 64-
+   code dot is two 256-bit vpdpbusd (u8 x s8 -> s32, 4 products per lane), and the matrix-matrix
+   kernel does 16 rows x 4 codes per 512-bit vpdpbusd against a broadcast of 4 activations. */
+AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot64_vnni(__m256i c0, __m256i c1, const int8_t *x, const int type) {
+    __m256i x0 = _mm256_load_si256((const __m256i *)(const void *)x), x1 = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
+    if (type == AFM_TYPE_Q8) { /* the weight's sign moved onto x */
+        x0 = _mm256_sign_epi8(x0, c0); x1 = _mm256_sign_epi8(x1, c1);
+        c0 = _mm256_abs_epi8(c0); c1 = _mm256_abs_epi8(c1);
     }
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(u), lo),
-                               _mm512_extracti64x4_epi64(u, 1), hi);
-}
-
-/* The AVX-512 token tile; DOT gives the 8 lanes of a 64-byte unsigned x signed dot (BW or VNNI). */
-#define AFM__QTILE512_BODY(DOT)                                                                                  \
-        const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;                                  \
-        const int nsb = w->kpad >> 6;                                                                            \
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                 \
-        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                     \
-        const float off = afm__type_offset(type);                                                                \
-        const int8_t *qb[8];                                                                                     \
-        const float *db[8], *mb[8];                                                                              \
-        __m256 acc[8], accm[8];                                                                                  \
-        AFM__ALIGN(32) float sd[8][8];                                                                           \
-        int t, j, c;                                                                                             \
-        AFM__UNROLL for (t = 0; t < T; t++) {                                                                    \
-            qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;                                                   \
-            db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
-            mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;                                                    \
-            acc[t] = accm[t] = _mm256_setzero_ps();                                                              \
-        }                                                                                                        \
-        for (c = 0; c < nsb; c += 8) {                                                                           \
-            const int n = nsb - c < 8 ? nsb - c : 8;                                                             \
-            if (T == a->n_tok && AFM__PF_DIST > 0)                                                                      \
-                _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);   \
-            afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);                                    \
-            for (j = 0; j < n; j += SBB) {                                                                       \
-                const int sb0 = c + j;                                                                           \
-                const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));            \
-                if (T == a->n_tok && AFM__PF_DIST > 0)                                                                  \
-                    _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);    \
-                int k;                                                                                           \
-                AFM__UNROLL for (k = 0; k < SBB; k++) {                                                          \
-                    const int sb = sb0 + k;                                                                      \
-                    __m512i cv;                                                                                  \
-                    if (type == AFM_TYPE_Q2B)                                                                    \
-                        cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))          \
-                                    : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));               \
-                    else if (type == AFM_TYPE_Q4)                                                                \
-                        cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));          \
-                    else                                                                                         \
-                        cv = _mm512_abs_epi8(v);                                                                 \
-                    const __mmask64 neg = type == AFM_TYPE_Q8 ? _mm512_movepi8_mask(v) : 0;                      \
-                    AFM__UNROLL for (t = 0; t < T; t++)                                                          \
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(cv, qb[t] + sb * 64, type == AFM_TYPE_Q8, neg)), \
-                                                 _mm256_broadcast_ss(&sd[t][j + k]), acc[t]);                    \
-                }                                                                                                \
-            }                                                                                                    \
-        }                                                                                                        \
-        AFM__UNROLL for (t = 0; t < T; t++)                                                                      \
-            Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(acc[t])                \
-                                                    : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(acc[t]));
-AFM__FORCEINLINE AFM__T_AVX512 void afm__qtile_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                          int r, int t0, const int T, const int type) {
-    AFM__QTILE512_BODY(afm__dot8_avx512bw)
-}
-/* The VNNI tile takes tokens in pairs, so that every vpdpbusd is 512 bits wide and no lanes need
-   folding: [w lo | w lo] x [token t lo | token t+1 lo], then [w hi | w hi] x [t hi | t+1 hi]
-   accumulated onto it, leaves lane g of each half holding exactly the contract's P_g for its token
-   (integer sums are exact). Each half is then one token's 8 float lanes, fma'd in the contract's
-   order. An odd last token goes through afm__dot8_vnni. */
-AFM__FORCEINLINE AFM__T_VNNI __m512i afm__pair_vnni(const int8_t *x0, const int8_t *x1) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(const void *)x0)),
-                              _mm256_load_si256((const __m256i *)(const void *)x1), 1);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, x0), c1, x1);
 }
 AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
-                                          int r, int t0, const int T, const int type) {
-    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
-    const int nsb = w->kpad >> 6, TP = T & ~1;
-    const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-    const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
-    const float off = afm__type_offset(type);
-    const int8_t *qb[8];
-    const float *db[8], *mb[8];
-    __m512 acc2[4];
-    __m256 acc1 = _mm256_setzero_ps(), accm[8];
-    AFM__ALIGN(32) float sd[8][8];
-    int t, j, c;
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
-        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
-        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        accm[t] = _mm256_setzero_ps();
-    }
-    AFM__UNROLL for (t = 0; t < 4; t++) acc2[t] = _mm512_setzero_ps();
-    for (c = 0; c < nsb; c += 8) {
-        const int n = nsb - c < 8 ? nsb - c : 8;
-        if (T == a->n_tok && AFM__PF_DIST > 0)
-            _mm_prefetch((const char *)sc + 2 * (size_t)(c >> w->gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);
-        afm__sdprep_avx2(sc, w->gshift, c, n, T, type, db, mb, sd, accm);
-        for (j = 0; j < n; j += SBB) {
-            const int sb0 = c + j;
-            const __m512i v = _mm512_loadu_si512((const void *)(row + (size_t)(sb0 / SBB) * 64));
-            if (T == a->n_tok && AFM__PF_DIST > 0)
-                _mm_prefetch((const char *)(row + (size_t)(sb0 / SBB) * 64) + AFM__PF_DIST, _MM_HINT_T0);
-            int k;
-            AFM__UNROLL for (k = 0; k < SBB; k++) {
-                const int sb = sb0 + k;
-                __m512i cv;
-                if (type == AFM_TYPE_Q2B)
-                    cv = k == 3 ? _mm512_and_si512(_mm512_srli_epi16(v, 2), _mm512_set1_epi8(0x30))
-                                : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << (2 * k))));
-                else if (type == AFM_TYPE_Q4)
-                    cv = _mm512_and_si512(k ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0f));
-                else
-                    cv = _mm512_abs_epi8(v);
-                const __mmask64 neg = type == AFM_TYPE_Q8 ? _mm512_movepi8_mask(v) : 0;
-                const __mmask64 nlo = (neg & 0xffffffffu) | (neg << 32), nhi = (neg >> 32) | (neg & ~(__mmask64)0xffffffffu);
-                const __m512i ulo = _mm512_shuffle_i64x2(cv, cv, 0x44), uhi = _mm512_shuffle_i64x2(cv, cv, 0xee);
-                AFM__UNROLL for (t = 0; t < TP; t += 2) {
-                    __m512i xl = afm__pair_vnni(qb[t] + sb * 64, qb[t + 1] + sb * 64);
-                    __m512i xh = afm__pair_vnni(qb[t] + sb * 64 + 32, qb[t + 1] + sb * 64 + 32);
-                    if (type == AFM_TYPE_Q8) { /* the weight's sign moved onto x */
-                        xl = _mm512_mask_sub_epi8(xl, nlo, _mm512_setzero_si512(), xl);
-                        xh = _mm512_mask_sub_epi8(xh, nhi, _mm512_setzero_si512(), xh);
-                    }
-                    const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ulo, xl), uhi, xh);
-                    const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(sd[t][j + k]), (__mmask16)0xff00,
-                                                                _mm_load_ss(&sd[t + 1][j + k]));
-                    acc2[t >> 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc2[t >> 1]);
-                }
-                if (T & 1)
-                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(afm__dot8_vnni(cv, qb[T - 1] + sb * 64, type == AFM_TYPE_Q8, neg)),
-                                           _mm256_broadcast_ss(&sd[T - 1][j + k]), acc1);
-            }
-        }
-    }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        const __m256 A = t == TP ? acc1
-                       : (t & 1) ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc2[t >> 1]), 1))
-                                 : _mm512_castps512_ps256(acc2[t >> 1]);
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum_avx2(A)
-                                                : fmaf(-off, afm__hsum_avx2(accm[t]), afm__hsum_avx2(A));
-    }
-}
-AFM__T_AVX512 static void afm__matmul_q2b_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q2B)
-}
-AFM__T_AVX512 static void afm__matmul_q4_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q4)
-}
-AFM__T_AVX512 static void afm__matmul_q8_avx512(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_avx512, AFM_TYPE_Q8)
+                                                  int r, int t0, const int T, const int type) {
+    AFM__QROW_BODY(afm__dot64_vnni)
 }
 AFM__T_VNNI static void afm__matmul_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q2B)
@@ -6455,6 +6471,43 @@ AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *
 }
 AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q8)
+}
+
+/* 16 packed rows x T tokens (T <= 8), as afm__gtile_avx2 with one zmm per token: 16 vpdpbusd per
+   sub-block give each row's exact dot in its lane. */
+AFM__FORCEINLINE AFM__T_VNNI void afm__gtile_vnni(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
+                                                  float *Y, size_t ldy, int r, int t0, const int T) {
+    __m512 lanes[8][8]; /* [sub-block % 8][token] */
+    int t, sb, k, l;
+    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) lanes[l][t] = _mm512_setzero_ps();
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = codes + (size_t)sb * 1024;
+        const __m512 s16 = _mm512_load_ps(S + (size_t)sb * 16);
+        __m512i acc[8];
+        AFM__UNROLL for (t = 0; t < T; t++) acc[t] = _mm512_setzero_si512();
+        for (k = 0; k < 16; k++) {
+            const __m512i c = _mm512_load_si512((const void *)(cb + k * 64));
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                int32_t x4;
+                memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + (size_t)k * 4, 4);
+                acc[t] = _mm512_dpbusd_epi32(acc[t], c, _mm512_set1_epi32(x4));
+            }
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const __m512i p = _mm512_sub_epi32(_mm512_slli_epi32(acc[t], 1), _mm512_set1_epi32(3 * a->qs[i]));
+            lanes[sb & 7][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][t]);
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(lanes[0][t], lanes[4][t]), _mm512_add_ps(lanes[2][t], lanes[6][t])),
+                                       _mm512_add_ps(_mm512_add_ps(lanes[1][t], lanes[5][t]), _mm512_add_ps(lanes[3][t], lanes[7][t])));
+        _mm512_storeu_ps(Y + (size_t)(t0 + t) * ldy + (size_t)r, _mm512_mul_ps(y, _mm512_set1_ps(0.5f)));
+    }
+}
+#define AFM__ROWS_Q2B_VNNI(w, a, Y, ldy, r0, r1) afm__matmul_q2b_vnni(w, a, Y, ldy, r0, r1)
+AFM__T_VNNI static void afm__gemm_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
+    AFM__GEMM_BODY(afm__gtile_vnni, 8, AFM__ROWS_Q2B_VNNI, afm__pack16_q2b_avx2)
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -6522,7 +6575,8 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
     for (t = t0; t < t1; t++) {
         const float *x = X + (size_t)t * ldx;
         int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
-        float *d = a->d + (size_t)t * (size_t)a->nsb, *m = a->m + (size_t)t * (size_t)a->nsb;
+        float *d = a->d + (size_t)t * (size_t)a->nsb;
+        int32_t *qs = a->qs + (size_t)t * (size_t)a->nsb;
         for (b = 0; b < a->nsb; b++) {
             const int n = a->n_in - b * 64;
             float32x4_t v[16], vid;
@@ -6531,7 +6585,7 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
             uint32_t amax_bits;
             float amax, id;
             if (n < 64) {
-                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, m + b);
+                afm__q8_block_scalar(x + b * 64, n < 0 ? 0 : n, q + b * 64, d + b, qs + b);
                 continue;
             }
             for (i = 0; i < 16; i++) { /* max of |x| as integers (afm__abs_bits) */
@@ -6540,7 +6594,7 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
             }
             amax_bits = vmaxvq_u32(mx);
             if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
-                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, m + b);
+                afm__q8_block_scalar(x + b * 64, 64, q + b * 64, d + b, qs + b);
                 continue;
             }
             memcpy(&amax, &amax_bits, 4);
@@ -6554,117 +6608,93 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
                 vst1q_s8(q + b * 64 + 4 * i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
             }
             d[b] = amax / 127.0f;
-            m[b] = d[b] * (float)vaddvq_s32(s);
+            qs[b] = vaddvq_s32(s);
         }
     }
 }
 
-/* The contract's 8 partial dots of one sub-block, lanes 0-3 in lo and 4-7 in hi: lane g sums
-   elements 4g..4g+3 and 32+4g..32+4g+3, i.e. quarters 0 and 2 give lanes 0-3, quarters 1 and 3
-   lanes 4-7. Codes are at most 48 (Q2B planes in place) or int8 (Q8): two products per int16 lane
-   stay below 2^15 in the plain NEON path. */
-AFM__FORCEINLINE void afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int dot, int32x4_t *lo, int32x4_t *hi) {
+/* 64 codes . 64 activations as 4 int32 lanes that sum to the exact dot. Codes are at most 48 (Q2B
+   bit pairs in place) or int8 (Q8): two products per int16 lane stay below 2^15 in the plain NEON path. */
+AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int dot) {
     const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16), x2 = vld1q_s8(x + 32), x3 = vld1q_s8(x + 48);
 #ifdef AFM__NEON_DOT
-    if (dot) {
-        *lo = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[0], x0), cq[2], x2);
-        *hi = vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[1], x1), cq[3], x3);
-        return;
-    }
+    if (dot) return vdotq_s32(vdotq_s32(vdotq_s32(vdotq_s32(vdupq_n_s32(0), cq[0], x0), cq[1], x1), cq[2], x2), cq[3], x3);
 #endif
     (void)dot;
     {
-        int16x8_t a = vmlal_s8(vmull_s8(vget_low_s8(cq[0]), vget_low_s8(x0)), vget_low_s8(cq[2]), vget_low_s8(x2));
-        int16x8_t b = vmlal_high_s8(vmull_high_s8(cq[0], x0), cq[2], x2);
-        *lo = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
-        a = vmlal_s8(vmull_s8(vget_low_s8(cq[1]), vget_low_s8(x1)), vget_low_s8(cq[3]), vget_low_s8(x3));
-        b = vmlal_high_s8(vmull_high_s8(cq[1], x1), cq[3], x3);
-        *hi = vpaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b));
+        const int16x8_t a = vmlal_s8(vmull_s8(vget_low_s8(cq[0]), vget_low_s8(x0)), vget_low_s8(cq[2]), vget_low_s8(x2));
+        const int16x8_t b = vmlal_high_s8(vmull_high_s8(cq[0], x0), cq[2], x2);
+        const int16x8_t e = vmlal_s8(vmull_s8(vget_low_s8(cq[1]), vget_low_s8(x1)), vget_low_s8(cq[3]), vget_low_s8(x3));
+        const int16x8_t f = vmlal_high_s8(vmull_high_s8(cq[1], x1), cq[3], x3);
+        return vaddq_s32(vaddq_s32(vpaddlq_s16(a), vpaddlq_s16(b)), vaddq_s32(vpaddlq_s16(e), vpaddlq_s16(f)));
     }
 }
 
-/* As afm__qtile_avx2: codes read the same way (Q2B planes in place), the same sd and offset lanes. */
+/* Codes of sub-block k (of SBB) of a 64-byte block, read as afm__codes_avx2 does. */
+AFM__FORCEINLINE void afm__codes_neon(const uint8x16_t *v, int k, const int type, int8x16_t *cq) {
+    int i;
+    for (i = 0; i < 4; i++) {
+        if (type == AFM_TYPE_Q2B)
+            cq[i] = vreinterpretq_s8_u8(k == 3 ? vandq_u8(vshrq_n_u8(v[i], 2), vdupq_n_u8(0x30)) : vandq_u8(v[i], vdupq_n_u8((uint8_t)(3 << (2 * k)))));
+        else if (type == AFM_TYPE_Q4)
+            cq[i] = vreinterpretq_s8_u8(k ? vshrq_n_u8(v[i], 4) : vandq_u8(v[i], vdupq_n_u8(15)));
+        else
+            cq[i] = vreinterpretq_s8_u8(v[i]);
+    }
+}
+
+/* The contract's float step for 4 sub-blocks (P: their dots, unscaled) of one token. */
+AFM__FORCEINLINE float32x4_t afm__qstep_neon(int32x4_t P, float32x4_t S, const float *d, const int32_t *qs, const int type, float32x4_t acc) {
+    int32x4_t p2 = vshlq_n_s32(P, 1);
+    if (type != AFM_TYPE_Q8) p2 = vsubq_s32(p2, vmulq_n_s32(vld1q_s32(qs), afm__type_off2(type)));
+    return vfmaq_f32(acc, vcvtq_f32_s32(p2), vmulq_f32(S, vld1q_f32(d)));
+}
+
+/* As afm__qtile_avx2: 8 sub-blocks at a time, their dots reduced pairwise to two vectors (sub-
+   blocks c..c+3 and c+4..c+7), Q2B's in-place codes shifted back, one float step each. */
 AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                       int r, int t0, const int T, const int type, const int dot) {
     const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
     const int nsb = w->kpad >> 6;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
     const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
-    const float off = afm__type_offset(type);
-    const int8_t *qb[8];
-    const float *db[8], *mb[8];
-    float32x4_t acc[8][2], accm[8][2];
-    float sd[8][8];
+    static const int32_t unscale[4] = {0, -2, -4, -4};
+    float32x4_t acc[8][2];
     int t, j, c;
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        qb[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad;
-        db[t] = a->d + (size_t)(t0 + t) * (size_t)a->nsb;
-        mb[t] = a->m + (size_t)(t0 + t) * (size_t)a->nsb;
-        acc[t][0] = acc[t][1] = accm[t][0] = accm[t][1] = vdupq_n_f32(0.0f);
-    }
+    AFM__UNROLL for (t = 0; t < T; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
     for (c = 0; c < nsb; c += 8) {
         const int n = nsb - c < 8 ? nsb - c : 8;
         float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        afm__scales_chunk(sc, w->gshift, c, n, s8); /* zeros past a short last chunk (see afm__sdprep_avx2) */
-        {
-            const float32x4_t S0 = vld1q_f32(s8), S1 = vld1q_f32(s8 + 4);
-            static const float pq[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
-            const float32x4_t P0 = type == AFM_TYPE_Q2B ? vmulq_f32(S0, vld1q_f32(pq)) : S0;
-            const float32x4_t P1 = type == AFM_TYPE_Q2B ? vmulq_f32(S1, vld1q_f32(pq)) : S1;
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                vst1q_f32(sd[t], vmulq_f32(P0, vld1q_f32(db[t] + c)));
-                vst1q_f32(sd[t] + 4, vmulq_f32(P1, vld1q_f32(db[t] + c + 4)));
-                if (type != AFM_TYPE_Q8) {
-                    accm[t][0] = vfmaq_f32(accm[t][0], S0, vld1q_f32(mb[t] + c));
-                    accm[t][1] = vfmaq_f32(accm[t][1], S1, vld1q_f32(mb[t] + c + 4));
-                }
-            }
-        }
-        for (j = 0; j < n; j += SBB) {
-            const int sb0 = c + j;
-            const uint8_t *blk = row + (size_t)(sb0 / SBB) * 64;
-            const uint8x16_t v0 = vld1q_u8(blk), v1 = vld1q_u8(blk + 16), v2 = vld1q_u8(blk + 32), v3 = vld1q_u8(blk + 48);
+        float32x4_t S0, S1;
+        afm__scales_chunk(sc, w->gshift, c, n, s8); /* zeros past a short last chunk (see afm__qstep_avx2) */
+        S0 = vld1q_f32(s8); S1 = vld1q_f32(s8 + 4);
 #if defined(__GNUC__) || defined(__clang__)
-            if (T == a->n_tok && AFM__PF_DIST > 0) __builtin_prefetch(blk + AFM__PF_DIST, 0, 3);
+        if (T == a->n_tok && AFM__PF_DIST > 0)
+            for (j = 0; j < 8 / SBB; j++) __builtin_prefetch(row + (size_t)(c / SBB + j) * 64 + AFM__PF_DIST, 0, 3);
 #endif
-            int k;
-            AFM__UNROLL for (k = 0; k < SBB; k++) {
-                const int sb = sb0 + k;
-                int8x16_t cq[4];
-                if (type == AFM_TYPE_Q2B) { /* planes 0-2 masked in place (x1, x4, x16), plane 3 shifted by 2 */
-                    const uint8x16_t mk = vdupq_n_u8((uint8_t)(k == 3 ? 0x30 : 3 << (2 * k)));
-                    if (k == 3) {
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v0, 2), mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v1, 2), mk));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v2, 2), mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v3, 2), mk));
-                    } else {
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mk)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mk));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mk)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mk));
-                    }
-                } else if (type == AFM_TYPE_Q4) {
-                    if (k == 0) {
-                        const uint8x16_t mf = vdupq_n_u8(15);
-                        cq[0] = vreinterpretq_s8_u8(vandq_u8(v0, mf)); cq[1] = vreinterpretq_s8_u8(vandq_u8(v1, mf));
-                        cq[2] = vreinterpretq_s8_u8(vandq_u8(v2, mf)); cq[3] = vreinterpretq_s8_u8(vandq_u8(v3, mf));
-                    } else {
-                        cq[0] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)); cq[1] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
-                        cq[2] = vreinterpretq_s8_u8(vshrq_n_u8(v2, 4)); cq[3] = vreinterpretq_s8_u8(vshrq_n_u8(v3, 4));
-                    }
-                } else {
-                    cq[0] = vreinterpretq_s8_u8(v0); cq[1] = vreinterpretq_s8_u8(v1);
-                    cq[2] = vreinterpretq_s8_u8(v2); cq[3] = vreinterpretq_s8_u8(v3);
-                }
-                AFM__UNROLL for (t = 0; t < T; t++) {
-                    int32x4_t lo, hi;
-                    afm__dot64_neon(cq, qb[t] + sb * 64, dot, &lo, &hi);
-                    acc[t][0] = vfmaq_n_f32(acc[t][0], vcvtq_f32_s32(lo), sd[t][j + k]);
-                    acc[t][1] = vfmaq_n_f32(acc[t][1], vcvtq_f32_s32(hi), sd[t][j + k]);
-                }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const int8_t *x = a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)c * 64;
+            const float *d = a->d + (size_t)(t0 + t) * (size_t)a->nsb + c;
+            const int32_t *qs = a->qs + (size_t)(t0 + t) * (size_t)a->nsb + c;
+            int32x4_t v[8], P0, P1;
+            AFM__UNROLL for (j = 0; j < 8; j++) {
+                if (j < n) {
+                    const uint8_t *blk = row + (size_t)((c + j) / SBB) * 64;
+                    uint8x16_t b[4];
+                    int8x16_t cq[4];
+                    b[0] = vld1q_u8(blk); b[1] = vld1q_u8(blk + 16); b[2] = vld1q_u8(blk + 32); b[3] = vld1q_u8(blk + 48);
+                    afm__codes_neon(b, j % SBB, type, cq);
+                    v[j] = afm__dot64_neon(cq, x + j * 64, dot);
+                } else v[j] = vdupq_n_s32(0);
             }
+            P0 = vpaddq_s32(vpaddq_s32(v[0], v[1]), vpaddq_s32(v[2], v[3]));
+            P1 = vpaddq_s32(vpaddq_s32(v[4], v[5]), vpaddq_s32(v[6], v[7]));
+            if (type == AFM_TYPE_Q2B) { P0 = vshlq_s32(P0, vld1q_s32(unscale)); P1 = vshlq_s32(P1, vld1q_s32(unscale)); }
+            acc[t][0] = afm__qstep_neon(P0, S0, d, qs, type, acc[t][0]);
+            acc[t][1] = afm__qstep_neon(P1, S1, d + 4, qs + 4, type, acc[t][1]);
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++)
-        Y[(size_t)(t0 + t) * ldy + (size_t)r] = type == AFM_TYPE_Q8 ? afm__hsum8_neon(acc[t][0], acc[t][1])
-                                                : fmaf(-off, afm__hsum8_neon(accm[t][0], accm[t][1]), afm__hsum8_neon(acc[t][0], acc[t][1]));
+    AFM__UNROLL for (t = 0; t < T; t++) Y[(size_t)(t0 + t) * ldy + (size_t)r] = 0.5f * afm__hsum8_neon(acc[t][0], acc[t][1]);
 }
 #define AFM__QTILE_NEON(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 0)
 static void afm__matmul_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
@@ -6807,6 +6837,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->matmul[i] = i < 3 ? afm__matmul_f_scalar : afm__matmul_q_scalar;
         k->dequant[i] = afm__dequant_scalar;
     }
+    k->gemm_q2b = NULL;
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
     k->silu_mul = afm__silu_mul_scalar;
@@ -6820,19 +6851,18 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->prepare_f32 = afm__prepare_f32_avx2;
         k->matmul[0] = afm__matmul_f32_avx2; k->matmul[1] = afm__matmul_f16_avx2; k->matmul[2] = afm__matmul_bf16_avx2;
         k->matmul[3] = afm__matmul_q2b_avx2; k->matmul[4] = afm__matmul_q4_avx2; k->matmul[5] = afm__matmul_q8_avx2;
+        k->gemm_q2b = afm__gemm_q2b_avx2;
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
         k->silu_mul = afm__silu_mul_avx2;
         k->expsum = afm__expsum_avx2;
     }
-    if (level >= AFM__LEVEL_AVX512) {
-        k->name = "avx512";
-        k->matmul[3] = afm__matmul_q2b_avx512; k->matmul[4] = afm__matmul_q4_avx512; k->matmul[5] = afm__matmul_q8_avx512;
-    }
+    if (level >= AFM__LEVEL_AVX512) k->name = "avx512"; /* the AVX2 kernels (see the AVX-512 section) */
     if (level >= AFM__LEVEL_AVX512VNNI) {
         k->name = "avx512vnni";
         k->matmul[3] = afm__matmul_q2b_vnni; k->matmul[4] = afm__matmul_q4_vnni; k->matmul[5] = afm__matmul_q8_vnni;
+        k->gemm_q2b = afm__gemm_q2b_vnni;
     }
 #elif defined(AFM__NEON)
     if (max_level >= AFM__LEVEL_NEON) {
@@ -6864,10 +6894,15 @@ static inline void afm__prepare_activations(const afm__kernels *k, afm__act *a, 
     else k->prepare_f32(a, X, ldx, t0, t1);
 }
 
-/* Y[t*ldy + r] = W[r] . X[t] for r in [r0, r1), every token of a. */
-static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+/* Y[t*ldy + r] = W[r] . X[t] for r in [r0, r1), every token of a. scratch: afm__gemm_scratch_size
+   (w->kpad) bytes for this thread alone, or NULL (then the row kernels only: the same bits). */
+static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
+                                    int r0, int r1, void *scratch) {
     if (r0 >= r1 || a->n_tok <= 0) return;
-    k->matmul[afm__type_slot(w->type)](w, a, Y, ldy, r0, r1);
+    if (scratch && k->gemm_q2b && w->type == AFM_TYPE_Q2B && a->quant && a->n_tok >= AFM__GEMM_MIN)
+        k->gemm_q2b(w, a, Y, ldy, r0, r1, scratch);
+    else
+        k->matmul[afm__type_slot(w->type)](w, a, Y, ldy, r0, r1);
 }
 
 static inline void afm__dequantize_row(const afm__kernels *k, const afm__wmat *w, int row, float *out) {
@@ -7362,6 +7397,8 @@ struct afm_session {
     float *x, *xn, *qkv, *q, *att, *hb, *hb2, *rope_cos, *rope_sin;
     float *scores;                /* [n_threads][afm__att_scratch] attention scores and chunk partials */
     float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches) */
+    unsigned char *gemmbuf;       /* [n_threads][gemmbuf_n] packed rows of the matrix-matrix kernels, or NULL */
+    size_t gemmbuf_n;
     afm__count *att_done;         /* [n_threads] chunks finished per attention group (decode) */
     void *act_buf;                /* int8 activations prepared for one job's quantized products */
     void *act_f32;                /* f32 copies of an input whose rows are not laid out for the
@@ -7396,7 +7433,7 @@ static void afm__session_release_buffers(afm_session *s) {
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
                       (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32,
-                      (void **)&s->att_done };
+                      (void **)&s->att_done, (void **)&s->gemmbuf };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -7532,6 +7569,11 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->rope_cos = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
     s->rope_sin = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
     s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
+    if (B >= AFM__GEMM_MIN && s->kern.gemm_q2b) { /* prefill batches: room for 16 packed rows per thread */
+        s->gemmbuf_n = afm__align64(afm__gemm_scratch_size((widest + 511) & ~511));
+        s->gemmbuf = (unsigned char *)afm__alloc(a, (size_t)s->pool.n_threads * s->gemmbuf_n);
+        if (!s->gemmbuf) s->gemmbuf_n = 0; /* the row kernels alone: slower, the same bits */
+    }
     s->att_done = (afm__count *)afm__calloc(a, (size_t)s->pool.n_threads, sizeof *s->att_done);
     s->logits_cap = 1;
     s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
@@ -7917,7 +7959,8 @@ static float afm__dot(const float *a, const float *b, int n) {
 static void afm__mm_rows(afm__mm_job *j, int i, int lo, int hi, int ith) {
     const afm__mm_item *it = &j->it[i];
     if (it->act.quant || !afm__type_is_quant((int)it->W->type)) {
-        afm__matmul_rows(&j->s->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi);
+        afm__matmul_rows(&j->s->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi,
+                         j->s->gemmbuf ? j->s->gemmbuf + (size_t)ith * j->s->gemmbuf_n : NULL);
     } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
         float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
         int r, t, n = (int)it->W->dims[1];
@@ -7993,7 +8036,7 @@ static void afm__mm_go(afm__mm_job *j) {
     j->first_chunk[0] = 0;
     for (i = 0; i < j->n; i++) {
         const int rows = (int)j->it[i].W->dims[0], per = 4 * s->pool.n_threads;
-        j->chunk_rows[i] = rows > per ? ((rows + per - 1) / per + 7) & ~7 : 8;
+        j->chunk_rows[i] = rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
         j->first_chunk[i + 1] = j->first_chunk[i] + (rows + j->chunk_rows[i] - 1) / j->chunk_rows[i];
     }
     j->next = 0;

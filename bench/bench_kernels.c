@@ -104,6 +104,7 @@ typedef struct {
     const float *X;
     float *Y;
     int n_tok, iters, id, nt, prep;    /* prep: also time the preparation (split over tokens) */
+    void *scratch;                     /* this thread's matrix-matrix kernel scratch */
     pthread_barrier_t *bar;
 } mm_arg;
 
@@ -121,7 +122,7 @@ static void *mm_worker(void *v) {
                 if (t0 < t1) afm__prepare_activations(a->k, a->act, a->X, (size_t)w->cols, t0, t1);
                 pthread_barrier_wait(a->bar);
             }
-            if (r0 < r1) afm__matmul_rows(a->k, w, a->act, a->Y, (size_t)w->rows, r0, r1);
+            if (r0 < r1) afm__matmul_rows(a->k, w, a->act, a->Y, (size_t)w->rows, r0, r1, a->scratch);
             pthread_barrier_wait(a->bar);
         }
     return NULL;
@@ -133,6 +134,8 @@ static double run_mm(const afm__kernels *k, const afm__wmat *w, int n_w, int n_t
     float *X = (float *)malloc(sizeof(float) * (size_t)n_tok * (size_t)cols);
     float *Y = (float *)malloc(sizeof(float) * (size_t)n_tok * (size_t)rows);
     void *buf = malloc(afm__act_size(w[0].type, n_tok, cols));
+    const size_t gsz = afm__gemm_scratch_size(w[0].kpad);
+    void *gs = malloc(gsz * (size_t)nt);
     afm__act act;
     pthread_t th[64];
     mm_arg a[64];
@@ -149,6 +152,7 @@ static double run_mm(const afm__kernels *k, const afm__wmat *w, int n_w, int n_t
         for (i = 0; i < nt; i++) {
             a[i].k = k; a[i].w = w; a[i].n_w = n_w; a[i].act = &act; a[i].X = X; a[i].Y = Y; a[i].n_tok = n_tok;
             a[i].iters = iters; a[i].id = i; a[i].nt = nt; a[i].bar = &bar; a[i].prep = prep;
+            a[i].scratch = (char *)gs + (size_t)i * gsz;
             if (i) pthread_create(&th[i], NULL, mm_worker, &a[i]);
         }
         mm_worker(&a[0]);
@@ -157,7 +161,7 @@ static double run_mm(const afm__kernels *k, const afm__wmat *w, int n_w, int n_t
         if (t0 < best) best = t0;
         pthread_barrier_destroy(&bar);
     }
-    free(X); free(Y); free(buf);
+    free(X); free(Y); free(buf); free(gs);
     return best;
 }
 
@@ -205,7 +209,7 @@ static void ceilings(const afm__kernels *k) {
             size_t each;
             afm__wmat *w = make_set(type, rows, cols, afm__type_is_quant(type) ? 64 : 0, 1, &mem, &each);
             float *X = (float *)malloc(sizeof(float) * (size_t)nt * (size_t)cols), *Y = (float *)malloc(sizeof(float) * (size_t)nt * (size_t)rows);
-            void *buf = malloc(afm__act_size(type, nt, cols));
+            void *buf = malloc(afm__act_size(type, nt, cols)), *gs = malloc(afm__gemm_scratch_size(w->kpad));
             afm__act act;
             double best = 1e30;
             int i, rep, it, iters = nt == 1 ? 50 : nt > 100 ? 1 : 3;
@@ -214,13 +218,13 @@ static void ceilings(const afm__kernels *k) {
             afm__prepare_activations(k, &act, X, (size_t)cols, 0, nt);
             for (rep = 0; rep < 10; rep++) {
                 double t0 = cpu_now();
-                for (it = 0; it < iters; it++) afm__matmul_rows(k, w, &act, Y, (size_t)rows, 0, rows);
+                for (it = 0; it < iters; it++) afm__matmul_rows(k, w, &act, Y, (size_t)rows, 0, rows, gs);
                 t0 = (cpu_now() - t0) / iters;
                 if (t0 < best) best = t0;
             }
             if (nt == 1) printf("  %-4s %4dx%-5d matvec  %7.2f GB/s\n", afm__type_name(type), rows, cols, (double)each / best / 1e9);
             else printf("  %-4s %4dx%-5d n_tok=%-3d %7.1f GFLOP/s\n", afm__type_name(type), rows, cols, nt, 2.0 * rows * cols * nt / best / 1e9);
-            free(X); free(Y); free(buf); free(w); free(mem);
+            free(X); free(Y); free(buf); free(gs); free(w); free(mem);
         }
 }
 

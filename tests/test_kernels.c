@@ -78,21 +78,13 @@ static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
         int sb;
         for (sb = 0; sb < w->kpad / 64; sb++) {
             double sg = fabs(afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift))));
-            /* sum of |code * q| over the sub-block: the size of the integer partial sums */
-            int8_t aq[64];
-            int32_t dot;
+            /* sum of |(code - offset) * q| over the sub-block: the size of the terms */
+            double dot = 0.0;
             int i;
-            for (i = 0; i < 64; i++) {
-                int v = a->q[(size_t)t * (size_t)a->kpad + (size_t)(sb * 64 + i)];
-                aq[i] = (int8_t)(v < 0 ? -v : v);
-            }
-            dot = 0;
-            for (i = 0; i < 64; i++) {
-                int c = afm__code_scalar(w->type, row, sb, i);
-                dot += (c < 0 ? -c : c) * aq[i];
-            }
-            s += sg * (fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb] * afm__plane_factor(w->type, sb) * dot) +
-                       afm__type_offset(w->type) * fabs((double)a->m[(size_t)t * (size_t)a->nsb + (size_t)sb]));
+            for (i = 0; i < 64; i++)
+                dot += fabs(afm__code(w->type, row, sb, i) - 0.5 * afm__type_off2(w->type)) *
+                       abs(a->q[(size_t)t * (size_t)a->kpad + (size_t)(sb * 64 + i)]);
+            s += sg * fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb]) * dot;
         }
     } else {
         int i;
@@ -174,7 +166,7 @@ static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const c
             if (nt > 1) kk->prepare_q8(&a2, X, (size_t)ldx, 1, nt); /* split over tokens */
             ok = memcmp(a1.q, a2.q, (size_t)nt * (size_t)a1.kpad) == 0 &&
                  memcmp(a1.d, a2.d, sizeof(float) * (size_t)nt * (size_t)a1.nsb) == 0 &&
-                 memcmp(a1.m, a2.m, sizeof(float) * (size_t)nt * (size_t)a1.nsb) == 0;
+                 memcmp(a1.qs, a2.qs, sizeof(int32_t) * (size_t)nt * (size_t)a1.nsb) == 0;
             snprintf(msg, sizeof msg, "%s prepare_q8 n_in=%d n_tok=%d bit-exact", lname, n, nt);
             check(ok, msg);
             /* the scalar quantization is close to X */
@@ -203,6 +195,7 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
     size_t sz = afm__act_size(type, n_tok, cols);
     void *b1 = xmalloc(sz), *b2 = xmalloc(sz);
     float *Y1 = (float *)xmalloc(sizeof(float) * ldy * (size_t)n_tok), *Y2 = (float *)xmalloc(sizeof(float) * ldy * (size_t)n_tok);
+    void *gs = xmalloc(afm__gemm_scratch_size(w.kpad));
     afm__act a1, a2;
     int i, t, r, bad = 0, poison_bad = 0;
     const int r0 = rows > 3 ? 1 : 0, r1 = rows > 3 ? rows - 1 : rows;
@@ -213,10 +206,10 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
     afm__prepare_activations(ks, &a1, X, (size_t)ldx, 0, n_tok);
     afm__prepare_activations(kk, &a2, X, (size_t)ldx, 0, n_tok);
     for (i = 0; i < (int)(ldy * (size_t)n_tok); i++) { Y1[i] = -777.0f; Y2[i] = -777.0f; }
-    afm__matmul_rows(ks, &w, &a1, Y1, ldy, r0, r1);
-    /* the SIMD run in two row ranges, as two threads would */
-    afm__matmul_rows(kk, &w, &a2, Y2, ldy, r0, (r0 + r1) / 2);
-    afm__matmul_rows(kk, &w, &a2, Y2, ldy, (r0 + r1) / 2, r1);
+    afm__matmul_rows(ks, &w, &a1, Y1, ldy, r0, r1, NULL);
+    /* the SIMD run in two row ranges, as two threads would, with the matrix-matrix kernel's scratch */
+    afm__matmul_rows(kk, &w, &a2, Y2, ldy, r0, (r0 + r1) / 2, gs);
+    afm__matmul_rows(kk, &w, &a2, Y2, ldy, (r0 + r1) / 2, r1, gs);
     for (t = 0; t < n_tok; t++)
         for (r = 0; r < (int)ldy; r++) {
             float y1 = Y1[(size_t)t * ldy + (size_t)r], y2 = Y2[(size_t)t * ldy + (size_t)r];
@@ -235,9 +228,9 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
             if (a2.quant) {
                 one.q = a2.q + (size_t)t * (size_t)a2.kpad;
                 one.d = a2.d + (size_t)t * (size_t)a2.nsb;
-                one.m = a2.m + (size_t)t * (size_t)a2.nsb;
+                one.qs = a2.qs + (size_t)t * (size_t)a2.nsb;
             } else one.x = a2.x + (size_t)t * (size_t)a2.kpad;
-            afm__matmul_rows(kk, &w, &one, Y3, ldy, r0, r1);
+            afm__matmul_rows(kk, &w, &one, Y3, ldy, r0, r1, gs);
             for (r = r0; r < r1; r++) diff += memcmp(&Y3[r], &Y2[(size_t)t * ldy + (size_t)r], sizeof(float)) != 0;
         }
         free(Y3);
@@ -265,7 +258,7 @@ static void test_matmul_case(const afm__kernels *ks, const afm__kernels *kk, con
         check(rbad == 0, msg);
         free(wr);
     }
-    free(wd); free(X); free(b1); free(b2); free(Y1); free(Y2);
+    free(wd); free(X); free(b1); free(b2); free(Y1); free(Y2); free(gs);
 }
 
 static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
@@ -291,6 +284,13 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 64, 1, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 128, 9, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 33, 2048, 64, 5, 0);
+    /* the matrix-matrix kernels (AFM__GEMM_MIN tokens or more): 16-row blocks and a rest, every group */
+    for (gi = 0; gi < 4; gi++) {
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 300, groups[gi], AFM__GEMM_MIN, gi == 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 35, 2048 + 65, groups[gi], AFM__GEMM_MIN + 5, 0);
+    }
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 48, 6656, 64, 37, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 33, 1024, 64, 300, 0);
 }
 
 static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
@@ -378,7 +378,7 @@ static void test_q8_nan_activations_ubsan(const afm__kernels *kk, const char *ln
     afm__act_init(&a, AFM_TYPE_Q8, 1, 5 * 64, buf);
     kk->prepare_q8(&a, X, 5 * 64, 0, 1);
     for (b = 0; b < 2; b++) { /* NaN, infinity */
-        ok &= a.d[b] != a.d[b] && a.m[b] != a.m[b];
+        ok &= a.d[b] != a.d[b] && a.qs[b] == 0;
         for (i = 0; i < 64; i++) ok &= a.q[b * 64 + i] == 0;
     }
     ok &= a.d[2] == 3.4e38f / 127.0f && a.q[2 * 64 + 7] == 127 && a.q[2 * 64 + 0] == 0; /* huge: that value alone counts */
