@@ -5895,13 +5895,13 @@ static inline size_t afm__gemm_scratch_size(int kpad) {
     for (; r + 16 <= r1; r += 16) {                                                                          \
         PACK(w, r, codes, S);                                                                                \
         for (t = 0; t + TB <= a->n_tok; t += TB) GTILE(codes, S, nsb, a, Y, ldy, r, t, TB);                  \
-        switch (a->n_tok - t) { /* the rest in one tile */                                                   \
+        switch (a->n_tok - t) { /* the rest in one tile (cases past TB never run) */                                             \
         case 7: GTILE(codes, S, nsb, a, Y, ldy, r, t, 7 % TB); break;                                        \
         case 6: GTILE(codes, S, nsb, a, Y, ldy, r, t, 6 % TB); break;                                        \
         case 5: GTILE(codes, S, nsb, a, Y, ldy, r, t, 5 % TB); break;                                        \
         case 4: GTILE(codes, S, nsb, a, Y, ldy, r, t, 4 % TB); break;                                        \
-        case 3: GTILE(codes, S, nsb, a, Y, ldy, r, t, 3); break;                                             \
-        case 2: GTILE(codes, S, nsb, a, Y, ldy, r, t, 2); break;                                             \
+        case 3: GTILE(codes, S, nsb, a, Y, ldy, r, t, 3 % TB); break;                                        \
+        case 2: GTILE(codes, S, nsb, a, Y, ldy, r, t, 2 % TB); break;                                        \
         case 1: GTILE(codes, S, nsb, a, Y, ldy, r, t, 1); break;                                             \
         default: break;                                                                                      \
         }                                                                                                    \
@@ -6706,6 +6706,85 @@ static void afm__matmul_q4_neon(const afm__wmat *w, const afm__act *a, float *Y,
 static void afm__matmul_q8_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q8)
 }
+/* Rows r..r+15 of a Q2B matrix into codes[sb][k/4][u][4] (0..3) and S[sb][u], as afm__pack16_q2b_avx2:
+   4 x 4 dword transposes of 4 rows' 16-byte quarters, then each bit pair masked out. */
+static void afm__pack16_q2b_neon(const afm__wmat *w, int r, uint8_t *codes, float *S) {
+    const int nsb = w->kpad >> 6;
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    int g, b, q, p, j, u;
+    for (g = 0; g < 4; g++)
+        for (b = 0; b < nsb / 4; b++)
+            for (q = 0; q < 4; q++) {
+                uint32x4_t rr[4], o[4];
+                uint32x4x2_t t0, t1;
+                for (u = 0; u < 4; u++)
+                    rr[u] = vreinterpretq_u32_u8(vld1q_u8(w->data + (size_t)(r + 4 * g + u) * w->row_bytes + (size_t)b * 64 + (size_t)q * 16));
+                t0 = vtrnq_u32(rr[0], rr[1]); t1 = vtrnq_u32(rr[2], rr[3]);
+                o[0] = vcombine_u32(vget_low_u32(t0.val[0]), vget_low_u32(t1.val[0]));
+                o[1] = vcombine_u32(vget_low_u32(t0.val[1]), vget_low_u32(t1.val[1]));
+                o[2] = vcombine_u32(vget_high_u32(t0.val[0]), vget_high_u32(t1.val[0]));
+                o[3] = vcombine_u32(vget_high_u32(t0.val[1]), vget_high_u32(t1.val[1]));
+                for (p = 0; p < 4; p++) {
+                    const int8x16_t sh = vdupq_n_s8((int8_t)(-2 * p));
+                    for (j = 0; j < 4; j++)
+                        vst1q_u8(codes + (size_t)(4 * b + p) * 1024 + (size_t)(4 * q + j) * 64 + (size_t)g * 16,
+                                 vandq_u8(vshlq_u8(vreinterpretq_u8_u32(o[j]), sh), m3));
+                }
+            }
+    for (u = 0; u < 16; u++) {
+        const uint8_t *sc = w->scales + (size_t)(r + u) * (size_t)w->n_groups * 2;
+        for (b = 0; b < nsb; b++) S[(size_t)b * 16 + (size_t)u] = afm__h2f(afm__rd16(sc + 2 * (size_t)(b >> w->gshift)));
+    }
+}
+
+/* 16 packed rows x T tokens (T <= 2) without the dot-product extension: vmlal_s8 of 4 codes of 4
+   rows against 4 activations repeated, summed in int16 (at most 16 * 3 * 127 per lane), then
+   widened and added pairwise to one int32 per row. */
+AFM__FORCEINLINE void afm__gtile_neon(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
+                                      float *Y, size_t ldy, int r, int t0, const int T) {
+    float32x4_t lanes[8][2][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
+    int t, sb, k, l, i;
+    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) lanes[l][t][i] = vdupq_n_f32(0.0f);
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = codes + (size_t)sb * 1024;
+        int16x8_t acc[2][4][2];
+        AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) acc[t][i][0] = acc[t][i][1] = vdupq_n_s16(0);
+        for (k = 0; k < 16; k++) {
+            int8x16_t c[4];
+            for (i = 0; i < 4; i++) c[i] = vld1q_s8((const int8_t *)(cb + k * 64 + i * 16));
+            AFM__UNROLL for (t = 0; t < T; t++) {
+                int32_t x4;
+                int8x16_t xr;
+                memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + (size_t)k * 4, 4);
+                xr = vreinterpretq_s8_s32(vdupq_n_s32(x4));
+                for (i = 0; i < 4; i++) {
+                    acc[t][i][0] = vmlal_s8(acc[t][i][0], vget_low_s8(c[i]), vget_low_s8(xr));
+                    acc[t][i][1] = vmlal_high_s8(acc[t][i][1], c[i], xr);
+                }
+            }
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t ix = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const int32x4_t oQ = vdupq_n_s32(3 * a->qs[ix]);
+            const float d = a->d[ix];
+            for (i = 0; i < 4; i++) {
+                const int32x4_t dots = vpaddq_s32(vpaddlq_s16(acc[t][i][0]), vpaddlq_s16(acc[t][i][1]));
+                const int32x4_t p2 = vsubq_s32(vshlq_n_s32(dots, 1), oQ);
+                lanes[sb & 7][t][i] = vfmaq_f32(lanes[sb & 7][t][i], vcvtq_f32_s32(p2), vmulq_n_f32(vld1q_f32(S + (size_t)sb * 16 + (size_t)i * 4), d));
+            }
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) { /* afm__sum8's tree, 4 rows at once */
+        const float32x4_t y = vaddq_f32(vaddq_f32(vaddq_f32(lanes[0][t][i], lanes[4][t][i]), vaddq_f32(lanes[2][t][i], lanes[6][t][i])),
+                                        vaddq_f32(vaddq_f32(lanes[1][t][i], lanes[5][t][i]), vaddq_f32(lanes[3][t][i], lanes[7][t][i])));
+        vst1q_f32(Y + (size_t)(t0 + t) * ldy + (size_t)r + (size_t)i * 4, vmulq_n_f32(y, 0.5f));
+    }
+}
+#define AFM__ROWS_Q2B_NEON(w, a, Y, ldy, r0, r1) afm__matmul_q2b_neon(w, a, Y, ldy, r0, r1)
+static void afm__gemm_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
+    AFM__GEMM_BODY(afm__gtile_neon, 2, AFM__ROWS_Q2B_NEON, afm__pack16_q2b_neon)
+}
+
 #ifdef AFM__NEON_DOT
 #define AFM__QTILE_NEONDOT(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 1)
 static void afm__matmul_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
@@ -6716,6 +6795,55 @@ static void afm__matmul_q4_neondot(const afm__wmat *w, const afm__act *a, float 
 }
 static void afm__matmul_q8_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q8)
+}
+
+/* 16 packed rows x T tokens (T <= 4): vdotq_laneq takes 4 codes of 4 rows against lane k%4 of 16
+   activations; four accumulators per token hold the 16 rows' exact dots. */
+AFM__FORCEINLINE void afm__gtile_neondot(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
+                                         float *Y, size_t ldy, int r, int t0, const int T) {
+    float32x4_t lanes[8][4][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
+    int t, sb, k, l, i;
+    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) lanes[l][t][i] = vdupq_n_f32(0.0f);
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = codes + (size_t)sb * 1024;
+        int32x4_t acc[4][4];
+        AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) acc[t][i] = vdupq_n_s32(0);
+        for (k = 0; k < 16; k += 4) {
+            int8x16_t x[4];
+            AFM__UNROLL for (t = 0; t < T; t++) x[t] = vld1q_s8(a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + (size_t)k * 4);
+#define AFM__GDOT(L)                                                                                    \
+            {                                                                                           \
+                const int8x16_t c0 = vld1q_s8((const int8_t *)(cb + (k + L) * 64)), c1 = vld1q_s8((const int8_t *)(cb + (k + L) * 64 + 16)); \
+                const int8x16_t c2 = vld1q_s8((const int8_t *)(cb + (k + L) * 64 + 32)), c3 = vld1q_s8((const int8_t *)(cb + (k + L) * 64 + 48)); \
+                AFM__UNROLL for (t = 0; t < T; t++) {                                                   \
+                    acc[t][0] = vdotq_laneq_s32(acc[t][0], c0, x[t], L);                                \
+                    acc[t][1] = vdotq_laneq_s32(acc[t][1], c1, x[t], L);                                \
+                    acc[t][2] = vdotq_laneq_s32(acc[t][2], c2, x[t], L);                                \
+                    acc[t][3] = vdotq_laneq_s32(acc[t][3], c3, x[t], L);                                \
+                }                                                                                       \
+            }
+            AFM__GDOT(0) AFM__GDOT(1) AFM__GDOT(2) AFM__GDOT(3)
+#undef AFM__GDOT
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t ix = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const int32x4_t oQ = vdupq_n_s32(3 * a->qs[ix]);
+            const float d = a->d[ix];
+            for (i = 0; i < 4; i++) {
+                const int32x4_t p2 = vsubq_s32(vshlq_n_s32(acc[t][i], 1), oQ);
+                lanes[sb & 7][t][i] = vfmaq_f32(lanes[sb & 7][t][i], vcvtq_f32_s32(p2), vmulq_n_f32(vld1q_f32(S + (size_t)sb * 16 + (size_t)i * 4), d));
+            }
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) { /* afm__sum8's tree, 4 rows at once */
+        const float32x4_t y = vaddq_f32(vaddq_f32(vaddq_f32(lanes[0][t][i], lanes[4][t][i]), vaddq_f32(lanes[2][t][i], lanes[6][t][i])),
+                                        vaddq_f32(vaddq_f32(lanes[1][t][i], lanes[5][t][i]), vaddq_f32(lanes[3][t][i], lanes[7][t][i])));
+        vst1q_f32(Y + (size_t)(t0 + t) * ldy + (size_t)r + (size_t)i * 4, vmulq_n_f32(y, 0.5f));
+    }
+}
+#define AFM__ROWS_Q2B_NEONDOT(w, a, Y, ldy, r0, r1) afm__matmul_q2b_neondot(w, a, Y, ldy, r0, r1)
+static void afm__gemm_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
+    AFM__GEMM_BODY(afm__gtile_neondot, 4, AFM__ROWS_Q2B_NEONDOT, afm__pack16_q2b_neon)
 }
 #endif
 
@@ -6871,6 +6999,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->prepare_q8 = afm__prepare_q8_neon;
         k->matmul[0] = afm__matmul_f32_neon; k->matmul[1] = afm__matmul_f16_neon; k->matmul[2] = afm__matmul_bf16_neon;
         k->matmul[3] = afm__matmul_q2b_neon; k->matmul[4] = afm__matmul_q4_neon; k->matmul[5] = afm__matmul_q8_neon;
+        k->gemm_q2b = afm__gemm_q2b_neon;
         k->kv_scores = afm__kv_scores_neon;
         k->kv_values = afm__kv_values_neon;
     }
@@ -6879,6 +7008,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         level = AFM__LEVEL_NEON_DOT;
         k->name = "neon-dotprod";
         k->matmul[3] = afm__matmul_q2b_neondot; k->matmul[4] = afm__matmul_q4_neondot; k->matmul[5] = afm__matmul_q8_neondot;
+        k->gemm_q2b = afm__gemm_q2b_neondot;
     }
 #endif
 #else
