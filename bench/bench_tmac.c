@@ -4,12 +4,11 @@
    Why this layout: vpshufb looks 32 bytes up in ONE 16-entry table per 128-bit lane, so the 32
    bytes of a register must share an activation pair: the codes are repacked so that 32 rows'
    4-bit indices (2 codes of one pair) sit side by side. The summation contract needs, per row and
-   64-weight sub-block, the 8 exact partial dots P_g (elements 4g..4g+3 and 32+4g..32+4g+3); each is
-   4 pairs, so per (sub-block, g) 4 lookups of 32 rows are added in int16 (|P_g| <= 4*2*3*127 =
-   3048, exact), widened, shifted by the plane factor the in-place codes carry (x1, x4, x16, x16) and
-   then follow the contract's float steps (cvt, fma with (S*pf)*d into lane g). Same int32, same
-   float operations in the same order -> same bits. The tables (16 int16 sums per pair, split into
-   low and high bytes) are built once per token and shared by all rows. */
+   64-weight sub-block, one exact integer dot; per (sub-block, g) 4 lookups of 32 rows are added in
+   int16, and the 8 groups g too (|dot| <= 64*3*127 = 24384, exact), widened once, and then follow
+   the contract's float steps (2P - 3Q, fma with S*d into lane sb%8), 32 rows side by side. Same
+   integer, same float operations in the same order -> same bits. The tables (16 int16 sums per
+   pair, split into low and high bytes) are built once per token and shared by all rows. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,31 +69,17 @@ static void tm_tables(const afm__act *a, uint8_t *tab) {
 
 AFM__T_AVX2 static void tm_matvec(const tm_mat *m, const afm__act *a, const uint8_t *tab, float *Y) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    const float pfs[4] = {1.0f, 0.25f, 0.0625f, 0.0625f};
     int t, sb, g, rv, l;
     for (t = 0; t < m->rows / 32; t++) {
-        AFM__ALIGN(32) float acc[8][32], accm[8][32];
+        AFM__ALIGN(32) float acc[8][32];
         const uint8_t *tp = m->p + (size_t)t * m->tile_bytes;
-        memset(acc, 0, sizeof acc); memset(accm, 0, sizeof accm);
+        memset(acc, 0, sizeof acc);
         for (sb = 0; sb < m->nsb; sb++) {
             const uint8_t *q = tp + (size_t)sb * TM_SB_BYTES;
-            const __m128i sh = _mm_cvtsi32_si128(sb % 4 == 3 ? 4 : 2 * (sb % 4));
-            const __m256 pf = _mm256_set1_ps(pfs[sb % 4]), d = _mm256_set1_ps(a->d[sb]), mm = _mm256_set1_ps(a->m[sb]);
-            __m256 sd[4];
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 192, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 256, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 320, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 384, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 448, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 512, _MM_HINT_T0);
-            for (rv = 0; rv < 4; rv++) {
-                const __m256 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 512 + 16 * rv)));
-                sd[rv] = _mm256_mul_ps(_mm256_mul_ps(S, pf), d);  /* (S * pf) * d as the contract */
-                _mm256_store_ps(accm[sb % 8] + 8 * rv, _mm256_fmadd_ps(S, mm, _mm256_load_ps(accm[sb % 8] + 8 * rv)));
-            }
+            const __m256 d = _mm256_set1_ps(a->d[sb]);
+            const __m256i oQ = _mm256_set1_epi32(3 * a->qs[sb]);
+            __m256i A = _mm256_setzero_si256(), B = _mm256_setzero_si256(), v[4];
+            for (l = 0; l < 9; l++) _mm_prefetch((const char *)q + 4 * TM_SB_BYTES + 64 * l, _MM_HINT_T0);
             for (g = 0; g < 8; g++) {
                 const uint8_t *tb = tab + ((size_t)sb * 8 + (size_t)g) * 128;
                 const __m256i c01 = _mm256_loadu_si256((const __m256i *)(q + g * 64));
@@ -105,26 +90,27 @@ AFM__T_AVX2 static void tm_matvec(const tm_mat *m, const afm__act *a, const uint
                     const __m256i L_ = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(tb + 32 * (J)))), I); \
                     const __m256i H_ = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(tb + 32 * (J) + 16))), I); \
                     LO = _mm256_unpacklo_epi8(L_, H_); HI = _mm256_unpackhi_epi8(L_, H_); } while (0)
-                __m256i a0, b0, a1, b1, a2, b2, a3, b3, A, B, v[4];
+                __m256i a0, b0, a1, b1, a2, b2, a3, b3;
                 TM_LK(i0, 0, a0, b0); TM_LK(i1, 1, a1, b1); TM_LK(i2, 2, a2, b2); TM_LK(i3, 3, a3, b3);
 #undef TM_LK
                 /* A: rows 0-7 | 16-23, B: rows 8-15 | 24-31 (unpack works within 128-bit lanes) */
-                A = _mm256_add_epi16(_mm256_add_epi16(a0, a1), _mm256_add_epi16(a2, a3));
-                B = _mm256_add_epi16(_mm256_add_epi16(b0, b1), _mm256_add_epi16(b2, b3));
-                v[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(A));
-                v[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(B));
-                v[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(A, 1));
-                v[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(B, 1));
-                for (rv = 0; rv < 4; rv++) {
-                    const __m256i p = _mm256_sll_epi32(v[rv], sh); /* P_g on the codes as read */
-                    _mm256_store_ps(acc[g] + 8 * rv, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sd[rv], _mm256_load_ps(acc[g] + 8 * rv)));
-                }
+                A = _mm256_add_epi16(A, _mm256_add_epi16(_mm256_add_epi16(a0, a1), _mm256_add_epi16(a2, a3)));
+                B = _mm256_add_epi16(B, _mm256_add_epi16(_mm256_add_epi16(b0, b1), _mm256_add_epi16(b2, b3)));
+            }
+            v[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(A));
+            v[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(B));
+            v[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(A, 1));
+            v[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(B, 1));
+            for (rv = 0; rv < 4; rv++) {
+                const __m256 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 512 + 16 * rv)));
+                const __m256i p = _mm256_sub_epi32(_mm256_slli_epi32(v[rv], 1), oQ);
+                _mm256_store_ps(acc[sb % 8] + 8 * rv, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(S, d), _mm256_load_ps(acc[sb % 8] + 8 * rv)));
             }
         }
         for (rv = 0; rv < 32; rv++) {
-            float la[8], lm[8];
-            for (l = 0; l < 8; l++) { la[l] = acc[l][rv]; lm[l] = accm[l][rv]; }
-            Y[32 * t + rv] = fmaf(-1.5f, afm__sum8(lm), afm__sum8(la));
+            float la[8];
+            for (l = 0; l < 8; l++) la[l] = acc[l][rv];
+            Y[32 * t + rv] = 0.5f * afm__sum8(la);
         }
     }
 }
@@ -176,15 +162,15 @@ int main(int argc, char **argv) {
             /* bit identity on every matrix of the set */
             eq = 1;
             for (mi = 0; mi < nm && eq; mi++) {
-                afm__matmul_rows(&ks, &w[mi], &act, Y0, (size_t)rows, 0, rows);
-                afm__matmul_rows(&kv, &w[mi], &act, Y1, (size_t)rows, 0, rows);
+                afm__matmul_rows(&ks, &w[mi], &act, Y0, (size_t)rows, 0, rows, NULL);
+                afm__matmul_rows(&kv, &w[mi], &act, Y1, (size_t)rows, 0, rows, NULL);
                 tm_matvec(&tm[mi], &act, tab, Y2);
                 eq = !memcmp(Y0, Y1, 4 * (size_t)rows) && !memcmp(Y0, Y2, 4 * (size_t)rows);
             }
             if (!eq) bad++;
             for (r = 0; r < reps; r++) {
                 double t0 = cpu_now();
-                for (mi = 0; mi < nm; mi++) afm__matmul_rows(&kv, &w[mi], &act, Y1, (size_t)rows, 0, rows);
+                for (mi = 0; mi < nm; mi++) afm__matmul_rows(&kv, &w[mi], &act, Y1, (size_t)rows, 0, rows, NULL);
                 ta[r] = (cpu_now() - t0) / nm;
                 t0 = cpu_now();
                 for (mi = 0; mi < nm; mi++) { tm_tables(&act, tab); tm_matvec(&tm[mi], &act, tab, Y2); }
