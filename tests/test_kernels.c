@@ -284,11 +284,15 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 64, 1, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 128, 9, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 33, 2048, 64, 5, 0);
-    /* the matrix-matrix kernels (AFM__GEMM_MIN tokens or more): 16-row blocks and a rest, every group */
+    /* the matrix-matrix kernels (gemm_min tokens or more: 3 to 8): 16-row blocks and a rest, every
+       group, full token tiles and every remainder */
     for (gi = 0; gi < 4; gi++) {
-        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 300, groups[gi], AFM__GEMM_MIN, gi == 0);
-        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 35, 2048 + 65, groups[gi], AFM__GEMM_MIN + 5, 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 300, groups[gi], 3, gi == 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 300, groups[gi], 8, 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 35, 2048 + 65, groups[gi], 13, 0);
     }
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 1000, 64, 22, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 1000, 128, 31, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 48, 6656, 64, 37, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 33, 1024, 64, 300, 0);
 }
