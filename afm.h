@@ -5517,9 +5517,9 @@ typedef struct afm__kernels {
      then the remaining i in order with fma.
    - KV scores: the same as float rows (then times the scale); KV values: each output element is
      fma over the positions in order, then times the scale.
-   - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0 and d = m = NaN,
-     so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block), codes
-     round_even(x * (127 / amax)).
+   - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0, Q = 0 and
+     d = NaN, so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block),
+     codes round_even(x * (127 / amax)), d = amax / 127.
    - Softmax: the maximum (NaN skipped), afm__expf, the sum as for float rows, times 1/sum. A token
      attending to more than AFM__KV_CHUNK keys takes them in chunks of that many positions, each
      chunk's exp-sum and weighted values merged in chunk order (FORWARD PASS, attention), whatever
