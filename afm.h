@@ -7532,6 +7532,7 @@ struct afm_session {
     float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches) */
     unsigned char *gemmbuf;       /* [n_threads][gemmbuf_n] packed rows of the matrix-matrix kernels, or NULL */
     size_t gemmbuf_n;
+    int gemm_kpad;                /* the longest padded row gemmbuf holds */
     afm__count *att_done;         /* [n_threads] chunks finished per attention group (decode) */
     void *act_buf;                /* int8 activations prepared for one job's quantized products */
     void *act_f32;                /* f32 copies of an input whose rows are not laid out for the
@@ -7703,7 +7704,8 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->rope_sin = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
     s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
     if (B >= s->kern.gemm_min && s->kern.gemm_q2b) { /* prefill batches: room for 16 packed rows per thread */
-        s->gemmbuf_n = afm__align64(afm__gemm_scratch_size((widest + 511) & ~511));
+        s->gemm_kpad = (widest + 511) & ~511; /* rows are padded to at most 512 (group <= 512) */
+        s->gemmbuf_n = afm__align64(afm__gemm_scratch_size(s->gemm_kpad));
         s->gemmbuf = (unsigned char *)afm__alloc(a, (size_t)s->pool.n_threads * s->gemmbuf_n);
         if (!s->gemmbuf) s->gemmbuf_n = 0; /* the row kernels alone: slower, the same bits */
     }
@@ -8093,7 +8095,7 @@ static void afm__mm_rows(afm__mm_job *j, int i, int lo, int hi, int ith) {
     const afm__mm_item *it = &j->it[i];
     if (it->act.quant || !afm__type_is_quant((int)it->W->type)) {
         afm__matmul_rows(&j->s->kern, &it->W->w, &it->act, it->Y, (size_t)it->ldy, lo, hi,
-                         j->s->gemmbuf ? j->s->gemmbuf + (size_t)ith * j->s->gemmbuf_n : NULL);
+                         j->s->gemmbuf && it->W->w.kpad <= j->s->gemm_kpad ? j->s->gemmbuf + (size_t)ith * j->s->gemmbuf_n : NULL);
     } else { /* f32_activations: decode each quantized row, then exact f32 dot products */
         float *row = j->s->rowbuf + (size_t)ith * j->s->rowbuf_n;
         int r, t, n = (int)it->W->dims[1];
