@@ -6736,12 +6736,31 @@ static void afm__pack16_q2b_neon(const afm__wmat *w, int r, uint8_t *codes, floa
     }
 }
 
+/* The float step of token t's 16 rows (dots: rows 4i..4i+3) for sub-block sb, into their lanes. */
+AFM__FORCEINLINE void afm__gstep_neon(float32x4_t *lane, const int32x4_t *dots, const float *S16, const afm__act *a, int t, int sb) {
+    const size_t ix = (size_t)t * (size_t)a->nsb + (size_t)sb;
+    const int32x4_t oQ = vdupq_n_s32(3 * a->qs[ix]);
+    int i;
+    for (i = 0; i < 4; i++)
+        lane[i] = vfmaq_f32(lane[i], vcvtq_f32_s32(vsubq_s32(vshlq_n_s32(dots[i], 1), oQ)), vmulq_n_f32(vld1q_f32(S16 + 4 * i), a->d[ix]));
+}
+
+/* y[0..15] = 0.5 * afm__sum8 of token t's lanes, 4 rows at once. */
+AFM__FORCEINLINE void afm__gfinish_neon(float32x4_t (*lanes)[4][4], int t, float *y) {
+    int i;
+    for (i = 0; i < 4; i++) {
+        const float32x4_t s = vaddq_f32(vaddq_f32(vaddq_f32(lanes[0][t][i], lanes[4][t][i]), vaddq_f32(lanes[2][t][i], lanes[6][t][i])),
+                                        vaddq_f32(vaddq_f32(lanes[1][t][i], lanes[5][t][i]), vaddq_f32(lanes[3][t][i], lanes[7][t][i])));
+        vst1q_f32(y + 4 * i, vmulq_n_f32(s, 0.5f));
+    }
+}
+
 /* 16 packed rows x T tokens (T <= 2) without the dot-product extension: vmlal_s8 of 4 codes of 4
    rows against 4 activations repeated, summed in int16 (at most 16 * 3 * 127 per lane), then
    widened and added pairwise to one int32 per row. */
 AFM__FORCEINLINE void afm__gtile_neon(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
                                       float *Y, size_t ldy, int r, int t0, const int T) {
-    float32x4_t lanes[8][2][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
+    float32x4_t lanes[8][4][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
     int t, sb, k, l, i;
     for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) lanes[l][t][i] = vdupq_n_f32(0.0f);
     for (sb = 0; sb < nsb; sb++) {
@@ -6763,21 +6782,12 @@ AFM__FORCEINLINE void afm__gtile_neon(const uint8_t *codes, const float *S, int 
             }
         }
         AFM__UNROLL for (t = 0; t < T; t++) {
-            const size_t ix = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const int32x4_t oQ = vdupq_n_s32(3 * a->qs[ix]);
-            const float d = a->d[ix];
-            for (i = 0; i < 4; i++) {
-                const int32x4_t dots = vpaddq_s32(vpaddlq_s16(acc[t][i][0]), vpaddlq_s16(acc[t][i][1]));
-                const int32x4_t p2 = vsubq_s32(vshlq_n_s32(dots, 1), oQ);
-                lanes[sb & 7][t][i] = vfmaq_f32(lanes[sb & 7][t][i], vcvtq_f32_s32(p2), vmulq_n_f32(vld1q_f32(S + (size_t)sb * 16 + (size_t)i * 4), d));
-            }
+            int32x4_t dots[4];
+            for (i = 0; i < 4; i++) dots[i] = vpaddq_s32(vpaddlq_s16(acc[t][i][0]), vpaddlq_s16(acc[t][i][1]));
+            afm__gstep_neon(lanes[sb & 7][t], dots, S + (size_t)sb * 16, a, t0 + t, sb);
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) { /* afm__sum8's tree, 4 rows at once */
-        const float32x4_t y = vaddq_f32(vaddq_f32(vaddq_f32(lanes[0][t][i], lanes[4][t][i]), vaddq_f32(lanes[2][t][i], lanes[6][t][i])),
-                                        vaddq_f32(vaddq_f32(lanes[1][t][i], lanes[5][t][i]), vaddq_f32(lanes[3][t][i], lanes[7][t][i])));
-        vst1q_f32(Y + (size_t)(t0 + t) * ldy + (size_t)r + (size_t)i * 4, vmulq_n_f32(y, 0.5f));
-    }
+    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_neon(lanes, t, Y + (size_t)(t0 + t) * ldy + (size_t)r);
 }
 #define AFM__ROWS_Q2B_NEON(w, a, Y, ldy, r0, r1) afm__matmul_q2b_neon(w, a, Y, ldy, r0, r1)
 static void afm__gemm_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
@@ -6824,21 +6834,9 @@ AFM__FORCEINLINE void afm__gtile_neondot(const uint8_t *codes, const float *S, i
             AFM__GDOT(0) AFM__GDOT(1) AFM__GDOT(2) AFM__GDOT(3)
 #undef AFM__GDOT
         }
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const size_t ix = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const int32x4_t oQ = vdupq_n_s32(3 * a->qs[ix]);
-            const float d = a->d[ix];
-            for (i = 0; i < 4; i++) {
-                const int32x4_t p2 = vsubq_s32(vshlq_n_s32(acc[t][i], 1), oQ);
-                lanes[sb & 7][t][i] = vfmaq_f32(lanes[sb & 7][t][i], vcvtq_f32_s32(p2), vmulq_n_f32(vld1q_f32(S + (size_t)sb * 16 + (size_t)i * 4), d));
-            }
-        }
+        AFM__UNROLL for (t = 0; t < T; t++) afm__gstep_neon(lanes[sb & 7][t], acc[t], S + (size_t)sb * 16, a, t0 + t, sb);
     }
-    AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) { /* afm__sum8's tree, 4 rows at once */
-        const float32x4_t y = vaddq_f32(vaddq_f32(vaddq_f32(lanes[0][t][i], lanes[4][t][i]), vaddq_f32(lanes[2][t][i], lanes[6][t][i])),
-                                        vaddq_f32(vaddq_f32(lanes[1][t][i], lanes[5][t][i]), vaddq_f32(lanes[3][t][i], lanes[7][t][i])));
-        vst1q_f32(Y + (size_t)(t0 + t) * ldy + (size_t)r + (size_t)i * 4, vmulq_n_f32(y, 0.5f));
-    }
+    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_neon(lanes, t, Y + (size_t)(t0 + t) * ldy + (size_t)r);
 }
 #define AFM__ROWS_Q2B_NEONDOT(w, a, Y, ldy, r0, r1) afm__matmul_q2b_neondot(w, a, Y, ldy, r0, r1)
 static void afm__gemm_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
