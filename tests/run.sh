@@ -7,6 +7,25 @@
 cd "$(dirname "$0")/.." || exit 1
 . tests/lib.sh
 
+# Programs built with sanitizers spend almost all their compile in afm.h's implementation (~40 s each
+# with every kernel). Those that use only its public API and define nothing before including it
+# link one copy instead: impl_obj NAME FLAGS... compiles the implementation with FLAGS into
+# build/NAME.o (the same code with the same flags as before, in its own translation unit), and the
+# programs are built with -DAFM_IMPLEMENTATION_DONE, which leaves the implementation out of theirs.
+# build/NAME.status says "ok" or "failed" once done; impl_ready NAME waits for it (the object is made
+# by one lane and used by both).
+impl_obj() {
+    name=$1; shift
+    if gcc -std=c99 "$@" -DAFM_IMPLEMENTATION -x c afm.h -c -o build/$name.o; then echo ok; else echo failed; fi > build/$name.status.part
+    mv build/$name.status.part build/$name.status
+}
+impl_ready() {
+    while [ ! -f build/$1.status ]; do sleep 1; done
+    [ "$(cat build/$1.status)" = ok ]
+}
+SAN="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+rm -f build/afm_san.status
+
 # Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers) run
 # as a second lane beside them: CI has 2 cores and most steps use one. The lane keeps its own
 # counts and log (build/lane_b.log, printed after the other steps) and adds them at the end.
@@ -55,23 +74,30 @@ lane_b() {
     else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
 
     section "fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"
-    SAN="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN"
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_load.c -o build/fuzz_replay $LIBS && build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
+    # the harnesses that use afm.h's public API only link the sanitized implementation the main lane
+    # compiles (build/afm_san.o); constrain, session and transcript call its internal (static)
+    # functions, and the server's (examples/server.c) sets _POSIX_C_SOURCE and takes <sys/time.h> from
+    # the implementation: those compile their own
+    impl_ready afm_san || bad "afm.h's implementation with ASan/UBSan (build/afm_san.o)"
+    REPLAY="$SAN -DAFM_FUZZ_MAIN"
+    if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_load.c build/afm_san.o -o build/fuzz_replay $LIBS &&
+       build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
         ok "model-file corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
     else bad "model-file corpus replay"; fi
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_gen.c -o build/fuzz_gen_replay $LIBS && build/fuzz_gen_replay tests/fuzz/corpus/gen/* >/dev/null; then
+    if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_gen.c build/afm_san.o -o build/fuzz_gen_replay $LIBS &&
+       build/fuzz_gen_replay tests/fuzz/corpus/gen/* >/dev/null; then
         ok "generation corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/gen | wc -l) inputs)"
     else bad "generation corpus replay"; fi
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_fmadapter.c -o build/fuzz_fm_replay $LIBS &&
+    if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_fmadapter.c build/afm_san.o -o build/fuzz_fm_replay $LIBS &&
        build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
         ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
     else bad ".fmadapter corpus replay"; fi
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
+    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
        build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
         ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
     else bad "constraint corpus replay"; fi
     # the server's request parsers: each hostile request refused with its status
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
+    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
        build/fuzz_http_replay tests/fuzz/corpus/http/* > build/http_replay.log &&
        grep -A1 "bare_lf$" build/http_replay.log | grep -q "400 lines must end in CRLF" &&
        grep -A1 "long_head$" build/http_replay.log | grep -q "431" && grep -A1 "chunked$" build/http_replay.log | grep -q "501" &&
@@ -81,7 +107,7 @@ lane_b() {
         ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
     else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
     # the tool-calling readers: each hostile tools array / transcript refused for its own reason
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
+    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
        build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
        [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
        grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
@@ -90,7 +116,7 @@ lane_b() {
         ok "tools/transcript corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/transcript | wc -l) inputs, 3 valid)"
     else bad "tools/transcript corpus replay"; cat build/transcript_replay.log; fi
     # the session corpus: its valid states load, each hostile one is refused for its own reason
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
+    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
        build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
        [ "$(grep -c ': loaded$' build/session_replay.log)" -eq 6 ] &&
        grep -q "bad_checksum: .*checksum does not match" build/session_replay.log &&
@@ -111,6 +137,11 @@ lane_b() {
 rm -f build/lane_b.counts
 lane_b > build/lane_b.log 2>&1 &
 LANE_B=$!
+
+section "afm.h's implementation built once with ASan/UBSan, for test_toolcall, test_sampler and three fuzz corpus replays"
+impl_obj afm_san $WARN $SAN # the flags of the programs that link it; test_sampler's include $WARN
+if impl_ready afm_san; then ok "afm.h's implementation with ASan/UBSan (build/afm_san.o)"
+else bad "afm.h's implementation with ASan/UBSan"; fi
 
 section "tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
 run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
@@ -160,12 +191,12 @@ else bad "build test_constrain with small summaries"; fi
 section "tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
 if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
 else bad "build test_toolcall"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_toolcall.c -o build/test_toolcall_san $LIBS; then
+if gcc -std=c99 $SAN -DAFM_IMPLEMENTATION_DONE tests/test_toolcall.c build/afm_san.o -o build/test_toolcall_san $LIBS; then
     run_counts "test_toolcall asan+ubsan" build/test_toolcall_san
 else bad "build test_toolcall with sanitizers"; fi
 
 section "sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
-if gcc -std=c99 $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_sampler.c -o build/test_sampler $LIBS; then
+if gcc -std=c99 $WARN $SAN -DAFM_IMPLEMENTATION_DONE tests/test_sampler.c build/afm_san.o -o build/test_sampler $LIBS; then
     run_counts "test_sampler asan+ubsan" build/test_sampler
 else bad "build test_sampler"; fi
 
