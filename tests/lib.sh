@@ -24,7 +24,13 @@ run_counts() {
     echo "---- $label: $p passed, $f failed"
 }
 
-# section TITLE: a step's banner with the seconds since the run began, so slow steps show up in
-# CI logs (the suite should stay under 20 minutes on a 2-core machine).
+# section TITLE: a step's banner with the seconds since the run began and the CPU seconds (user + system)
+# of the commands this shell has run so far, so slow steps show up in CI logs (the suite should stay
+# under 20 minutes on a 2-core machine; the two lanes of tests/run.sh are balanced by CPU time).
+# LANE names the shell's file for `times` (a subshell's $$ is its parent's).
 T0=${T0:-$(date +%s)}
-section() { echo "== $* ($(( $(date +%s) - T0 )) s)"; }
+cpu_s() {
+    times > build/times.${LANE:-main}
+    awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' build/times.${LANE:-main}
+}
+section() { echo "== $* ($(( $(date +%s) - T0 )) s, cpu $(cpu_s) s)"; }

@@ -30,7 +30,7 @@ rm -f build/afm_san.status
 # as a second lane beside them: CI has 2 cores and most steps use one. The lane keeps its own
 # counts and log (build/lane_b.log, printed after the other steps) and adds them at the end.
 lane_b() {
-    PASS=0; FAIL=0; SKIP=0
+    PASS=0; FAIL=0; SKIP=0; LANE=b
     section "warnings: -Wall -Wextra -Wpedantic as C99 and C++, gcc and clang"
     for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
         set -- $cc
@@ -434,6 +434,6 @@ if read -r lp lf ls < build/lane_b.counts; then PASS=$((PASS + lp)); FAIL=$((FAI
 else bad "the second lane (warnings, arm64, fuzz) did not finish: build/lane_b.log"; fi
 
 if [ "$SKIP" -gt 0 ]; then echo "($SKIP steps skipped: tools missing on this machine)"; fi
-echo "(suite time $(( $(date +%s) - T0 )) s)"
+echo "(suite time $(( $(date +%s) - T0 )) s, cpu $(cpu_s) s in both lanes)"
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]
