@@ -4,6 +4,10 @@ mkdir -p build
 PASS=0; FAIL=0; SKIP=0
 LIBS="-lm -lpthread"
 WARN="-Wall -Wextra -Wpedantic -Werror"
+# debug info of the test builds: line tables only (-g1), which is what sanitizer reports and backtraces
+# print (function, file:line); full -g made each sanitized compile of afm.h ~50% slower (48 s against
+# 31 s) and does not change the code generated
+DBG="-g1"
 
 ok()   { PASS=$((PASS + 1)); echo "ok   $1"; }
 bad()  { FAIL=$((FAIL + 1)); echo "FAIL $1"; }

@@ -23,7 +23,7 @@ impl_ready() {
     while [ ! -f build/$1.status ]; do sleep 1; done
     [ "$(cat build/$1.status)" = ok ]
 }
-SAN="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+SAN="-O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined"
 rm -f build/afm_san.status
 
 # Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers) run
@@ -147,13 +147,13 @@ section "tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitiz
 run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
 
 section "engine tests, optimised"
-if gcc -std=c99 -O2 -g tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
+if gcc -std=c99 -O2 $DBG tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
 else bad "build test_main"; fi
 
 section "kernels: every SIMD kernel against the scalar reference (ragged shapes)"
 if gcc -std=c99 $WARN -O2 tests/test_kernels.c -o build/test_kernels $LIBS; then run_counts "test_kernels -O2" build/test_kernels
 else bad "build test_kernels"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
     run_counts "test_kernels asan+ubsan" build/test_kernels_san
 else bad "build test_kernels with sanitizers"; fi
 
@@ -163,15 +163,15 @@ if gcc -std=c99 $WARN -O2 -DAFM_NO_THREADS -DAFM_NO_MMAP tests/test_main.c -o bu
 else bad "build with AFM_NO_THREADS AFM_NO_MMAP"; fi
 
 section "engine tests, AddressSanitizer + UndefinedBehaviorSanitizer"
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
        tests/test_main.c -o build/test_main_san $LIBS; then
     run_counts "test_main asan+ubsan" env AFM_TEST_LIGHT=1 build/test_main_san
 else bad "build test_main with sanitizers"; fi
 
 section "hostile inputs: a regression test per defect (tests/test_hostile.c), optimised and sanitized"
-if gcc -std=c99 -O2 -g tests/test_hostile.c -o build/test_hostile $LIBS; then run_counts "test_hostile -O2" build/test_hostile
+if gcc -std=c99 -O2 $DBG tests/test_hostile.c -o build/test_hostile $LIBS; then run_counts "test_hostile -O2" build/test_hostile
 else bad "build test_hostile"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
        tests/test_hostile.c -o build/test_hostile_san $LIBS; then
     run_counts "test_hostile asan+ubsan" build/test_hostile_san
 else bad "build test_hostile with sanitizers"; fi
@@ -179,11 +179,11 @@ else bad "build test_hostile with sanitizers"; fi
 section "constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
 if gcc -std=c99 $WARN -O2 tests/test_constrain.c -o build/test_constrain $LIBS; then run_counts "test_constrain -O2" build/test_constrain
 else bad "build test_constrain"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
 # the subtree summaries (by characters, word/bit pairs) on every subtree of the small vocabularies too
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 \
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 \
        tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
     run_counts "test_constrain, summaries on subtrees of 2+ tokens, pairs on 4+ (asan+ubsan)" build/test_constrain_sum
 else bad "build test_constrain with small summaries"; fi
@@ -359,7 +359,7 @@ if make -s afm-server >/dev/null; then
     else bad "afm-server --help / startup errors"; cat build/cli.out; fi
     if python3 -c "import openai" 2>/dev/null; then
         run_counts "afm-server with the openai client (tests/test_server.py)" python3 tests/test_server.py ./afm-server ./afm
-        if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+        if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
                examples/server.c -o build/afm-server-san $LIBS; then
             run_counts "load test, server under ASan/UBSan (tests/load_server.py)" python3 tests/load_server.py build/afm-server-san 200 16
         else bad "build afm-server with sanitizers"; fi
