@@ -75,9 +75,10 @@ lane_b() {
 
     section "fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"
     # the harnesses that use afm.h's public API only link the sanitized implementation the main lane
-    # compiles (build/afm_san.o); constrain, session and transcript call its internal (static)
-    # functions, and the server's (examples/server.c) sets _POSIX_C_SOURCE and takes <sys/time.h> from
-    # the implementation: those compile their own
+    # compiles (build/afm_san.o); session calls its internal (static) functions, and the server's
+    # (examples/server.c) sets _POSIX_C_SOURCE and takes <sys/time.h> from the implementation: those
+    # compile their own. The constraint and tools/transcript corpora (static internals too) are
+    # replayed in the main lane, beside test_constrain and test_toolcall, to balance the lanes' CPU time
     impl_ready afm_san || bad "afm.h's implementation with ASan/UBSan (build/afm_san.o)"
     REPLAY="$SAN -DAFM_FUZZ_MAIN"
     if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_load.c build/afm_san.o -o build/fuzz_replay $LIBS &&
@@ -92,10 +93,6 @@ lane_b() {
        build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
         ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
     else bad ".fmadapter corpus replay"; fi
-    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
-       build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
-        ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
-    else bad "constraint corpus replay"; fi
     # the server's request parsers: each hostile request refused with its status
     if gcc -std=c99 $REPLAY tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
        build/fuzz_http_replay tests/fuzz/corpus/http/* > build/http_replay.log &&
@@ -106,15 +103,6 @@ lane_b() {
        grep -A2 "post_chat$" build/http_replay.log | grep -q "body: 200 ok"; then
         ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
     else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
-    # the tool-calling readers: each hostile tools array / transcript refused for its own reason
-    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
-       build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
-       [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
-       grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
-       grep -q "transcript: messages\[0\].tool_call.arguments: expected an object" build/transcript_replay.log &&
-       grep -q "transcript: byte 140: nested too deeply" build/transcript_replay.log; then
-        ok "tools/transcript corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/transcript | wc -l) inputs, 3 valid)"
-    else bad "tools/transcript corpus replay"; cat build/transcript_replay.log; fi
     # the session corpus: its valid states load, each hostile one is refused for its own reason
     if gcc -std=c99 $REPLAY tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
        build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
@@ -187,6 +175,11 @@ if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=unde
        tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
     run_counts "test_constrain, summaries on subtrees of 2+ tokens, pairs on 4+ (asan+ubsan)" build/test_constrain_sum
 else bad "build test_constrain with small summaries"; fi
+# the fuzz corpus of the constraint compilers (tests/fuzz/fuzz_constrain.c) replayed under ASan/UBSan
+if gcc -std=c99 $SAN -DAFM_FUZZ_MAIN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
+   build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
+    ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
+else bad "constraint corpus replay"; fi
 
 section "tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
 if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
@@ -194,6 +187,16 @@ else bad "build test_toolcall"; fi
 if gcc -std=c99 $SAN -DAFM_IMPLEMENTATION_DONE tests/test_toolcall.c build/afm_san.o -o build/test_toolcall_san $LIBS; then
     run_counts "test_toolcall asan+ubsan" build/test_toolcall_san
 else bad "build test_toolcall with sanitizers"; fi
+# the fuzz corpus of the tool-calling readers (tests/fuzz/fuzz_transcript.c) replayed under ASan/UBSan:
+# each hostile tools array / transcript refused for its own reason
+if gcc -std=c99 $SAN -DAFM_FUZZ_MAIN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
+   build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
+   [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
+   grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
+   grep -q "transcript: messages\[0\].tool_call.arguments: expected an object" build/transcript_replay.log &&
+   grep -q "transcript: byte 140: nested too deeply" build/transcript_replay.log; then
+    ok "tools/transcript corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/transcript | wc -l) inputs, 3 valid)"
+else bad "tools/transcript corpus replay"; cat build/transcript_replay.log; fi
 
 section "sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
 if gcc -std=c99 $WARN $SAN -DAFM_IMPLEMENTATION_DONE tests/test_sampler.c build/afm_san.o -o build/test_sampler $LIBS; then
