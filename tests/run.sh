@@ -12,16 +12,17 @@ cd "$(dirname "$0")/.." || exit 1
 # link one copy instead: impl_obj NAME FLAGS... compiles the implementation with FLAGS into
 # build/NAME.o (the same code with the same flags as before, in its own translation unit), and the
 # programs are built with -DAFM_IMPLEMENTATION_DONE, which leaves the implementation out of theirs.
-# build/NAME.status says "ok" or "failed" once done; impl_ready NAME waits for it (the object is made
-# by one lane and used by both).
+# build/NAME.status says "ok" or "failed" once done; impl_ready NAME waits for it (at most 30 minutes:
+# the object is made by one lane and used by both).
 impl_obj() {
     name=$1; shift
     if gcc -std=c99 "$@" -DAFM_IMPLEMENTATION -x c afm.h -c -o build/$name.o; then echo ok; else echo failed; fi > build/$name.status.part
     mv build/$name.status.part build/$name.status
 }
 impl_ready() {
-    while [ ! -f build/$1.status ]; do sleep 1; done
-    [ "$(cat build/$1.status)" = ok ]
+    n=0
+    while [ ! -f build/$1.status ] && [ $n -lt 1800 ]; do sleep 1; n=$((n + 1)); done
+    [ "$(cat build/$1.status 2>/dev/null)" = ok ]
 }
 SAN="-O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined"
 rm -f build/afm_san.status
