@@ -33,8 +33,8 @@ run_counts() {
 # under 20 minutes on a 2-core machine; the two lanes of tests/run.sh are balanced by CPU time).
 # LANE names the shell's file for `times` (a subshell's $$ is its parent's).
 T0=${T0:-$(date +%s)}
-cpu_s() {
-    times > build/times.${LANE:-main}
-    awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' build/times.${LANE:-main}
-}
-section() { echo "== $* ($(( $(date +%s) - T0 )) s, cpu $(cpu_s) s)"; }
+# cpu_mark writes them (`times` in this shell: inside $(...) it would count the subshell's own
+# commands only), cpu_s prints them
+cpu_mark() { times > build/times.${LANE:-main}; }
+cpu_s() { awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' build/times.${LANE:-main}; }
+section() { cpu_mark; echo "== $* ($(( $(date +%s) - T0 )) s, cpu $(cpu_s) s)"; }
