@@ -438,6 +438,6 @@ if read -r lp lf ls < build/lane_b.counts; then PASS=$((PASS + lp)); FAIL=$((FAI
 else bad "the second lane (warnings, arm64, fuzz) did not finish: build/lane_b.log"; fi
 
 if [ "$SKIP" -gt 0 ]; then echo "($SKIP steps skipped: tools missing on this machine)"; fi
-echo "(suite time $(( $(date +%s) - T0 )) s, cpu $(cpu_s) s in both lanes)"
+cpu_mark; echo "(suite time $(( $(date +%s) - T0 )) s, cpu $(cpu_s) s in both lanes)"
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]
