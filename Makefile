@@ -53,11 +53,17 @@ test:
 # Scalar kernels only: the harnesses target the parsers, and clang instrumenting the inlined SIMD
 # kernels takes minutes per file.
 FUZZ_CC = clang -std=c99 -g -O1 -DAFM_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-fuzz:
+# afm.h's implementation compiled (and coverage-instrumented) once for the harnesses that use only its
+# public API (load, fmadapter, gen: built with -DAFM_IMPLEMENTATION_DONE); the others call its static
+# internals or, for the server's, set _POSIX_C_SOURCE before it, and compile their own.
+build/fuzz_afm.o: afm.h
+	mkdir -p build
+	$(FUZZ_CC) -DAFM_IMPLEMENTATION -x c afm.h -c -o $@
+fuzz: build/fuzz_afm.o
 	mkdir -p build build/corpus-load build/corpus-fmadapter build/corpus-gen build/corpus-constrain build/corpus-session build/corpus-http build/corpus-transcript
-	$(FUZZ_CC) -o build/fuzz_load tests/fuzz/fuzz_load.c $(LDLIBS)
-	$(FUZZ_CC) -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c $(LDLIBS)
-	$(FUZZ_CC) -o build/fuzz_gen tests/fuzz/fuzz_gen.c $(LDLIBS)
+	$(FUZZ_CC) -DAFM_IMPLEMENTATION_DONE -o build/fuzz_load tests/fuzz/fuzz_load.c build/fuzz_afm.o $(LDLIBS)
+	$(FUZZ_CC) -DAFM_IMPLEMENTATION_DONE -o build/fuzz_fmadapter tests/fuzz/fuzz_fmadapter.c build/fuzz_afm.o $(LDLIBS)
+	$(FUZZ_CC) -DAFM_IMPLEMENTATION_DONE -o build/fuzz_gen tests/fuzz/fuzz_gen.c build/fuzz_afm.o $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_constrain tests/fuzz/fuzz_constrain.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_session tests/fuzz/fuzz_session.c $(LDLIBS)
 	$(FUZZ_CC) -o build/fuzz_http tests/fuzz/fuzz_http.c $(LDLIBS)

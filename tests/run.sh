@@ -7,11 +7,31 @@
 cd "$(dirname "$0")/.." || exit 1
 . tests/lib.sh
 
+# Programs built with sanitizers spend almost all their compile in afm.h's implementation (~40 s each
+# with every kernel). Those that use only its public API and define nothing before including it
+# link one copy instead: impl_obj NAME FLAGS... compiles the implementation with FLAGS into
+# build/NAME.o (the same code with the same flags as before, in its own translation unit), and the
+# programs are built with -DAFM_IMPLEMENTATION_DONE, which leaves the implementation out of theirs.
+# build/NAME.status says "ok" or "failed" once done; impl_ready NAME waits for it (at most 30 minutes:
+# the object is made by one lane and used by both).
+impl_obj() {
+    name=$1; shift
+    if gcc -std=c99 "$@" -DAFM_IMPLEMENTATION -x c afm.h -c -o build/$name.o; then echo ok; else echo failed; fi > build/$name.status.part
+    mv build/$name.status.part build/$name.status
+}
+impl_ready() {
+    n=0
+    while [ ! -f build/$1.status ] && [ $n -lt 1800 ]; do sleep 1; n=$((n + 1)); done
+    [ "$(cat build/$1.status 2>/dev/null)" = ok ]
+}
+SAN="-O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+rm -f build/afm_san.status
+
 # Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers) run
 # as a second lane beside them: CI has 2 cores and most steps use one. The lane keeps its own
 # counts and log (build/lane_b.log, printed after the other steps) and adds them at the end.
 lane_b() {
-    PASS=0; FAIL=0; SKIP=0
+    PASS=0; FAIL=0; SKIP=0; LANE=b
     section "warnings: -Wall -Wextra -Wpedantic as C99 and C++, gcc and clang"
     for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
         set -- $cc
@@ -55,23 +75,27 @@ lane_b() {
     else skip "arm64 tests" "apt-get install gcc-aarch64-linux-gnu qemu-user"; fi
 
     section "fuzz: replay the hostile corpora, then a bounded libFuzzer run of each harness"
-    SAN="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN"
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_load.c -o build/fuzz_replay $LIBS && build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
+    # the harnesses that use afm.h's public API only link the sanitized implementation the main lane
+    # compiles (build/afm_san.o); session calls its internal (static) functions, and the server's
+    # (examples/server.c) sets _POSIX_C_SOURCE and takes <sys/time.h> from the implementation: those
+    # compile their own. The constraint and tools/transcript corpora (static internals too) are
+    # replayed in the main lane, beside test_constrain and test_toolcall, to balance the lanes' CPU time
+    impl_ready afm_san || bad "afm.h's implementation with ASan/UBSan (build/afm_san.o)"
+    REPLAY="$SAN -DAFM_FUZZ_MAIN"
+    if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_load.c build/afm_san.o -o build/fuzz_replay $LIBS &&
+       build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
         ok "model-file corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
     else bad "model-file corpus replay"; fi
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_gen.c -o build/fuzz_gen_replay $LIBS && build/fuzz_gen_replay tests/fuzz/corpus/gen/* >/dev/null; then
+    if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_gen.c build/afm_san.o -o build/fuzz_gen_replay $LIBS &&
+       build/fuzz_gen_replay tests/fuzz/corpus/gen/* >/dev/null; then
         ok "generation corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/gen | wc -l) inputs)"
     else bad "generation corpus replay"; fi
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_fmadapter.c -o build/fuzz_fm_replay $LIBS &&
+    if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_fmadapter.c build/afm_san.o -o build/fuzz_fm_replay $LIBS &&
        build/fuzz_fm_replay tests/fuzz/corpus/fmadapter/*/ tests/fuzz/corpus/fmadapter_packed/* >/dev/null; then
         ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
     else bad ".fmadapter corpus replay"; fi
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
-       build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
-        ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
-    else bad "constraint corpus replay"; fi
     # the server's request parsers: each hostile request refused with its status
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
+    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
        build/fuzz_http_replay tests/fuzz/corpus/http/* > build/http_replay.log &&
        grep -A1 "bare_lf$" build/http_replay.log | grep -q "400 lines must end in CRLF" &&
        grep -A1 "long_head$" build/http_replay.log | grep -q "431" && grep -A1 "chunked$" build/http_replay.log | grep -q "501" &&
@@ -80,17 +104,8 @@ lane_b() {
        grep -A2 "post_chat$" build/http_replay.log | grep -q "body: 200 ok"; then
         ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
     else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
-    # the tool-calling readers: each hostile tools array / transcript refused for its own reason
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
-       build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
-       [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
-       grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
-       grep -q "transcript: messages\[0\].tool_call.arguments: expected an object" build/transcript_replay.log &&
-       grep -q "transcript: byte 140: nested too deeply" build/transcript_replay.log; then
-        ok "tools/transcript corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/transcript | wc -l) inputs, 3 valid)"
-    else bad "tools/transcript corpus replay"; cat build/transcript_replay.log; fi
     # the session corpus: its valid states load, each hostile one is refused for its own reason
-    if gcc -std=c99 $SAN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
+    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
        build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
        [ "$(grep -c ': loaded$' build/session_replay.log)" -eq 6 ] &&
        grep -q "bad_checksum: .*checksum does not match" build/session_replay.log &&
@@ -112,17 +127,22 @@ rm -f build/lane_b.counts
 lane_b > build/lane_b.log 2>&1 &
 LANE_B=$!
 
+section "afm.h's implementation built once with ASan/UBSan, for test_toolcall, test_sampler and three fuzz corpus replays"
+impl_obj afm_san $WARN $SAN # the flags of the programs that link it; test_sampler's include $WARN
+if impl_ready afm_san; then ok "afm.h's implementation with ASan/UBSan (build/afm_san.o)"
+else bad "afm.h's implementation with ASan/UBSan"; fi
+
 section "tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
 run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
 
 section "engine tests, optimised"
-if gcc -std=c99 -O2 -g tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
+if gcc -std=c99 -O2 $DBG tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
 else bad "build test_main"; fi
 
 section "kernels: every SIMD kernel against the scalar reference (ragged shapes)"
 if gcc -std=c99 $WARN -O2 tests/test_kernels.c -o build/test_kernels $LIBS; then run_counts "test_kernels -O2" build/test_kernels
 else bad "build test_kernels"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
     run_counts "test_kernels asan+ubsan" build/test_kernels_san
 else bad "build test_kernels with sanitizers"; fi
 
@@ -132,15 +152,15 @@ if gcc -std=c99 $WARN -O2 -DAFM_NO_THREADS -DAFM_NO_MMAP tests/test_main.c -o bu
 else bad "build with AFM_NO_THREADS AFM_NO_MMAP"; fi
 
 section "engine tests, AddressSanitizer + UndefinedBehaviorSanitizer"
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
        tests/test_main.c -o build/test_main_san $LIBS; then
     run_counts "test_main asan+ubsan" env AFM_TEST_LIGHT=1 build/test_main_san
 else bad "build test_main with sanitizers"; fi
 
 section "hostile inputs: a regression test per defect (tests/test_hostile.c), optimised and sanitized"
-if gcc -std=c99 -O2 -g tests/test_hostile.c -o build/test_hostile $LIBS; then run_counts "test_hostile -O2" build/test_hostile
+if gcc -std=c99 -O2 $DBG tests/test_hostile.c -o build/test_hostile $LIBS; then run_counts "test_hostile -O2" build/test_hostile
 else bad "build test_hostile"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
        tests/test_hostile.c -o build/test_hostile_san $LIBS; then
     run_counts "test_hostile asan+ubsan" build/test_hostile_san
 else bad "build test_hostile with sanitizers"; fi
@@ -148,24 +168,39 @@ else bad "build test_hostile with sanitizers"; fi
 section "constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
 if gcc -std=c99 $WARN -O2 tests/test_constrain.c -o build/test_constrain $LIBS; then run_counts "test_constrain -O2" build/test_constrain
 else bad "build test_constrain"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
 # the subtree summaries (by characters, word/bit pairs) on every subtree of the small vocabularies too
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 \
+if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 \
        tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
     run_counts "test_constrain, summaries on subtrees of 2+ tokens, pairs on 4+ (asan+ubsan)" build/test_constrain_sum
 else bad "build test_constrain with small summaries"; fi
+# the fuzz corpus of the constraint compilers (tests/fuzz/fuzz_constrain.c) replayed under ASan/UBSan
+if gcc -std=c99 $SAN -DAFM_FUZZ_MAIN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
+   build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
+    ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
+else bad "constraint corpus replay"; fi
 
 section "tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
 if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
 else bad "build test_toolcall"; fi
-if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_toolcall.c -o build/test_toolcall_san $LIBS; then
+if gcc -std=c99 $SAN -DAFM_IMPLEMENTATION_DONE tests/test_toolcall.c build/afm_san.o -o build/test_toolcall_san $LIBS; then
     run_counts "test_toolcall asan+ubsan" build/test_toolcall_san
 else bad "build test_toolcall with sanitizers"; fi
+# the fuzz corpus of the tool-calling readers (tests/fuzz/fuzz_transcript.c) replayed under ASan/UBSan:
+# each hostile tools array / transcript refused for its own reason
+if gcc -std=c99 $SAN -DAFM_FUZZ_MAIN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
+   build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
+   [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
+   grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
+   grep -q "transcript: messages\[0\].tool_call.arguments: expected an object" build/transcript_replay.log &&
+   grep -q "transcript: byte 140: nested too deeply" build/transcript_replay.log; then
+    ok "tools/transcript corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/transcript | wc -l) inputs, 3 valid)"
+else bad "tools/transcript corpus replay"; cat build/transcript_replay.log; fi
 
 section "sampler additions: logit bias, penalties, stop strings, token counts (ASan/UBSan)"
-if gcc -std=c99 $WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_sampler.c -o build/test_sampler $LIBS; then
+if gcc -std=c99 $WARN $SAN -DAFM_IMPLEMENTATION_DONE tests/test_sampler.c build/afm_san.o -o build/test_sampler $LIBS; then
     run_counts "test_sampler asan+ubsan" build/test_sampler
 else bad "build test_sampler"; fi
 
@@ -328,7 +363,7 @@ if make -s afm-server >/dev/null; then
     else bad "afm-server --help / startup errors"; cat build/cli.out; fi
     if python3 -c "import openai" 2>/dev/null; then
         run_counts "afm-server with the openai client (tests/test_server.py)" python3 tests/test_server.py ./afm-server ./afm
-        if gcc -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+        if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
                examples/server.c -o build/afm-server-san $LIBS; then
             run_counts "load test, server under ASan/UBSan (tests/load_server.py)" python3 tests/load_server.py build/afm-server-san 200 16
         else bad "build afm-server with sanitizers"; fi
@@ -403,6 +438,6 @@ if read -r lp lf ls < build/lane_b.counts; then PASS=$((PASS + lp)); FAIL=$((FAI
 else bad "the second lane (warnings, arm64, fuzz) did not finish: build/lane_b.log"; fi
 
 if [ "$SKIP" -gt 0 ]; then echo "($SKIP steps skipped: tools missing on this machine)"; fi
-echo "(suite time $(( $(date +%s) - T0 )) s)"
+cpu_mark; echo "(suite time $(( $(date +%s) - T0 )) s, cpu $(cpu_s) s in both lanes)"
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

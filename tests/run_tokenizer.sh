@@ -23,13 +23,13 @@ for cc in "gcc -std=c99" "clang -std=c99" "g++ -x c++" "clang++ -x c++"; do
 done
 
 echo "== tokenizer tests, optimised"
-if gcc -std=c99 $WARN -O2 -g tests/test_tokenizer.c -o build/test_tokenizer $LIBS; then run_counts "test_tokenizer -O2" build/test_tokenizer
+if gcc -std=c99 $WARN -O2 $DBG tests/test_tokenizer.c -o build/test_tokenizer $LIBS; then run_counts "test_tokenizer -O2" build/test_tokenizer
 else bad "build test_tokenizer"; fi
 if have g++ && g++ -x c++ -O1 -DAFM_NO_SIMD tests/test_tokenizer.c -o build/test_tokenizer_cpp $LIBS; then run_counts "test_tokenizer as C++" build/test_tokenizer_cpp
 else skip "test_tokenizer as C++" "g++"; fi
 
 echo "== tokenizer tests, AddressSanitizer + UndefinedBehaviorSanitizer"
-if gcc -std=c99 -O1 -g -DAFM_NO_SIMD -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+if gcc -std=c99 -O1 $DBG -DAFM_NO_SIMD -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
        tests/test_tokenizer.c -o build/test_tokenizer_san $LIBS; then run_counts "test_tokenizer asan+ubsan" build/test_tokenizer_san
 else bad "build test_tokenizer with sanitizers"; fi
 
@@ -39,7 +39,7 @@ if have clang && (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;
     for h in fuzz_tok_load fuzz_tok_text; do
         c=tests/fuzz/corpus/${h#fuzz_}
         mkdir -p build/corpus-$h
-        if ! clang -std=c99 -g -O1 -DAFM_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined tests/fuzz/$h.c -o build/$h $LIBS; then
+        if ! clang -std=c99 $DBG -O1 -DAFM_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined tests/fuzz/$h.c -o build/$h $LIBS; then
             bad "build $h"; continue
         fi
         if build/$h $c/* > build/$h.log 2>&1; then ok "$h corpus replays clean ($(ls $c | wc -l) inputs)"
@@ -52,7 +52,7 @@ if have clang && (echo 'int LLVMFuzzerTestOneInput(const char*d,long n){(void)d;
 else
     skip "tokenizer libFuzzer runs" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"
     for h in fuzz_tok_load fuzz_tok_text; do # replay with gcc instead
-        if gcc -std=c99 -O1 -g -DAFM_NO_SIMD -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN \
+        if gcc -std=c99 -O1 $DBG -DAFM_NO_SIMD -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM_FUZZ_MAIN \
                tests/fuzz/$h.c -o build/${h}_replay $LIBS && build/${h}_replay tests/fuzz/corpus/${h#fuzz_}/* >/dev/null; then
             ok "$h corpus replays clean ($(ls tests/fuzz/corpus/${h#fuzz_} | wc -l) inputs)"
         else bad "$h corpus replay"; fi
