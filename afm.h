@@ -6186,8 +6186,8 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__gtile_avx2(const uint8_t *codes, const fl
                                                   float *Y, size_t ldy, int r, int t0, const int T) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 lanes[8][4][2]; /* [sub-block % 8][token][rows 0-7, 8-15] */
-    int t, sb, k, l;
-    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) lanes[l][t][0] = lanes[l][t][1] = _mm256_setzero_ps();
+    int t, sb, k;
+    memset(lanes, 0, sizeof lanes); /* +0.0f */
     for (sb = 0; sb < nsb; sb++) {
         const uint8_t *cb = codes + (size_t)sb * 1024;
         const __m256 s0 = _mm256_load_ps(S + (size_t)sb * 16), s1 = _mm256_load_ps(S + (size_t)sb * 16 + 8);
@@ -6208,7 +6208,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__gtile_avx2(const uint8_t *codes, const fl
         AFM__UNROLL for (t = 0; t < T; t++) {
             const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
             const __m256 d = _mm256_set1_ps(a->d[i]);
-            const __m256i oQ = _mm256_set1_epi32(3 * a->qs[i]);
+            const __m256i oQ = _mm256_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]);
             const __m256i p0 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][0], ones), 1), oQ);
             const __m256i p1 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][1], ones), 1), oQ);
             lanes[sb & 7][t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), lanes[sb & 7][t][0]);
@@ -6477,8 +6477,8 @@ AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *
 AFM__FORCEINLINE AFM__T_VNNI void afm__gtile_vnni(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
                                                   float *Y, size_t ldy, int r, int t0, const int T) {
     __m512 lanes[8][8]; /* [sub-block % 8][token] */
-    int t, sb, k, l;
-    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) lanes[l][t] = _mm512_setzero_ps();
+    int t, sb, k;
+    memset(lanes, 0, sizeof lanes); /* +0.0f */
     for (sb = 0; sb < nsb; sb++) {
         const uint8_t *cb = codes + (size_t)sb * 1024;
         const __m512 s16 = _mm512_load_ps(S + (size_t)sb * 16);
@@ -6494,7 +6494,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__gtile_vnni(const uint8_t *codes, const fl
         }
         AFM__UNROLL for (t = 0; t < T; t++) {
             const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const __m512i p = _mm512_sub_epi32(_mm512_slli_epi32(acc[t], 1), _mm512_set1_epi32(3 * a->qs[i]));
+            const __m512i p = _mm512_sub_epi32(_mm512_slli_epi32(acc[t], 1), _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
             lanes[sb & 7][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][t]);
         }
     }
@@ -6739,7 +6739,7 @@ static void afm__pack16_q2b_neon(const afm__wmat *w, int r, uint8_t *codes, floa
 /* The float step of token t's 16 rows (dots: rows 4i..4i+3) for sub-block sb, into their lanes. */
 AFM__FORCEINLINE void afm__gstep_neon(float32x4_t *lane, const int32x4_t *dots, const float *S16, const afm__act *a, int t, int sb) {
     const size_t ix = (size_t)t * (size_t)a->nsb + (size_t)sb;
-    const int32x4_t oQ = vdupq_n_s32(3 * a->qs[ix]);
+    const int32x4_t oQ = vdupq_n_s32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[ix]);
     int i;
     for (i = 0; i < 4; i++)
         lane[i] = vfmaq_f32(lane[i], vcvtq_f32_s32(vsubq_s32(vshlq_n_s32(dots[i], 1), oQ)), vmulq_n_f32(vld1q_f32(S16 + 4 * i), a->d[ix]));
@@ -6761,8 +6761,8 @@ AFM__FORCEINLINE void afm__gfinish_neon(float32x4_t (*lanes)[4][4], int t, float
 AFM__FORCEINLINE void afm__gtile_neon(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
                                       float *Y, size_t ldy, int r, int t0, const int T) {
     float32x4_t lanes[8][4][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
-    int t, sb, k, l, i;
-    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) lanes[l][t][i] = vdupq_n_f32(0.0f);
+    int t, sb, k, i;
+    memset(lanes, 0, sizeof lanes); /* +0.0f */
     for (sb = 0; sb < nsb; sb++) {
         const uint8_t *cb = codes + (size_t)sb * 1024;
         int16x8_t acc[2][4][2];
@@ -6811,8 +6811,8 @@ static void afm__matmul_q8_neondot(const afm__wmat *w, const afm__act *a, float 
 AFM__FORCEINLINE void afm__gtile_neondot(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
                                          float *Y, size_t ldy, int r, int t0, const int T) {
     float32x4_t lanes[8][4][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
-    int t, sb, k, l, i;
-    for (l = 0; l < 8; l++) AFM__UNROLL for (t = 0; t < T; t++) for (i = 0; i < 4; i++) lanes[l][t][i] = vdupq_n_f32(0.0f);
+    int t, sb, k, i;
+    memset(lanes, 0, sizeof lanes); /* +0.0f */
     for (sb = 0; sb < nsb; sb++) {
         const uint8_t *cb = codes + (size_t)sb * 1024;
         int32x4_t acc[4][4];
