@@ -786,6 +786,7 @@ typedef struct afm__blob {
     uint64_t size;
     void *owned;          /* afm__alloc'd copy, or NULL */
     void *map;            /* mapping base, or NULL */
+    int writable;         /* data may be written (an owned copy or a private copy-on-write mapping) */
     uint64_t map_size;
 #if defined(_WIN32)
     HANDLE file, mapping;
@@ -802,16 +803,21 @@ static afm_result afm__read_whole(const afm_allocator *a, FILE *f, uint64_t size
     if (got != (size_t)size) return afm__fail(err, errn, AFM_ERR_IO, "%s: read %llu of %llu bytes", path, (unsigned long long)got, (unsigned long long)size);
     b->data = (const unsigned char *)b->owned;
     b->size = size;
+    b->writable = 1;
     return AFM_OK;
 }
 
-/* populate: map every page now (adapters are read whole at load anyway; models map lazily). */
-static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, int no_mmap, int populate, afm__blob *b,
+/* AFM__BLOB_POPULATE: map every page now (adapters are read whole at load anyway; models map lazily).
+   AFM__BLOB_WRITABLE: a private copy-on-write mapping, so that the loader can rearrange weights in
+   place (the file is never written; pages written become the process's own). */
+#define AFM__BLOB_POPULATE 1
+#define AFM__BLOB_WRITABLE 2
+static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, int no_mmap, int flags, afm__blob *b,
                                     char *err, size_t errn) {
     afm_result r;
     FILE *f;
     uint64_t size;
-    (void)populate; /* MAP_POPULATE is Linux-only and hidden under strict C99 */
+    (void)flags; /* MAP_POPULATE is Linux-only and hidden under strict C99 */
     memset(b, 0, sizeof *b);
 #if defined(_WIN32) && !defined(AFM_NO_MMAP)
     if (!no_mmap) {
@@ -822,12 +828,13 @@ static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, in
         if (!GetFileSizeEx(b->file, &li)) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot get file size", path); }
         size = (uint64_t)li.QuadPart;
         if (size == 0) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
-        b->mapping = CreateFileMappingA(b->file, NULL, PAGE_READONLY, 0, 0, NULL);
+        b->mapping = CreateFileMappingA(b->file, NULL, (flags & AFM__BLOB_WRITABLE) ? PAGE_WRITECOPY : PAGE_READONLY, 0, 0, NULL);
         if (!b->mapping) { CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot map file", path); }
-        b->map = MapViewOfFile(b->mapping, FILE_MAP_READ, 0, 0, 0);
+        b->map = MapViewOfFile(b->mapping, (flags & AFM__BLOB_WRITABLE) ? FILE_MAP_COPY : FILE_MAP_READ, 0, 0, 0);
         if (!b->map) { CloseHandle(b->mapping); CloseHandle(b->file); return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot map file", path); }
         b->data = (const unsigned char *)b->map;
         b->size = b->map_size = size;
+        b->writable = (flags & AFM__BLOB_WRITABLE) != 0;
         return AFM_OK;
     }
 #elif !defined(_WIN32) && !defined(AFM_NO_MMAP)
@@ -844,15 +851,19 @@ static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, in
         size = (uint64_t)st.st_size;
         if (size == 0) { close(fd); return afm__fail(err, errn, AFM_ERR_FORMAT, "%s: file is empty", path); }
         if (size > (uint64_t)(size_t)-1) { close(fd); return afm__fail(err, errn, AFM_ERR_IO, "%s: file too large to map", path); }
+        {
+            const int prot = PROT_READ | ((flags & AFM__BLOB_WRITABLE) ? PROT_WRITE : 0);
 #ifdef MAP_POPULATE
-        b->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE | (populate ? MAP_POPULATE : 0), fd, 0);
+            b->map = mmap(NULL, (size_t)size, prot, MAP_PRIVATE | ((flags & AFM__BLOB_POPULATE) ? MAP_POPULATE : 0), fd, 0);
 #else
-        b->map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+            b->map = mmap(NULL, (size_t)size, prot, MAP_PRIVATE, fd, 0);
 #endif
+        }
         close(fd);
         if (b->map == MAP_FAILED) { b->map = NULL; return afm__fail(err, errn, AFM_ERR_IO, "%s: cannot map file", path); }
         b->data = (const unsigned char *)b->map;
         b->size = b->map_size = size;
+        b->writable = (flags & AFM__BLOB_WRITABLE) != 0;
         return AFM_OK;
     }
 #endif
@@ -1235,6 +1246,7 @@ typedef struct afm__wmat {
     int kpad;              /* padded row length in elements (== cols for float types) */
     int n_groups;          /* scales per row (quantized) */
     size_t row_bytes;
+    int panels;            /* Q2B: in panels of 16 rows (afm__q2b_panelize), as every kernel reads it */
 } afm__wmat;
 
 /* Fills w for a tensor of `size` bytes at data. 0 on success, -1 if the size or group is wrong. */
@@ -1259,6 +1271,97 @@ static inline int afm__wmat_init(afm__wmat *w, int type, const void *data, uint6
     return 0;
 }
 
+/* ---- Q2B in memory: panels of 16 rows ----
+
+   The file stores a Q2B matrix row by row (docs/FORMAT.md). In memory the loader rearranges it
+   once into panels of 16 rows, the layout every kernel reads: one SIMD vector then holds the same
+   4 columns of 16 rows, so a kernel sums each row in its own lane for one token or many, with no
+   horizontal sums and no repacking per call. Panel p (rows 16p .. 16p+15) holds, per sub-block sb
+   (64 columns), 256 bytes: 4 words of 64 bytes, and byte 4u + j of word v holds in bit pair m the
+   code of row 16p + u, column 64 sb + 16 v + 4 m + j. So (word >> 2m) & 3 is [16 rows][4 columns]
+   for columns 16v + 4m .. 16v + 4m + 3, against 4 consecutive activations. After every panel's
+   codes come the scales, [panel][group][16 rows] as fp16. With rows a multiple of 16 this is
+   exactly the file's size, and panel p takes the bytes of the rows it is made from (the loader
+   works in place); otherwise the last panel's missing rows are zero, in a buffer of its own. */
+
+/* Bytes of w in panels (rows rounded up to 16). */
+static inline size_t afm__q2b_panels_size(const afm__wmat *w) {
+    return ((size_t)w->rows + 15) / 16 * 16 * (w->row_bytes + (size_t)w->n_groups * 2);
+}
+/* Scratch afm__q2b_panelize needs: one panel's rows in the file layout. */
+static inline size_t afm__q2b_panel_tmp_size(const afm__wmat *w) { return 16 * (w->row_bytes + (size_t)w->n_groups * 2); }
+
+static inline uint32_t afm__ld32le(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+static inline void afm__st32le(uint8_t *p, uint32_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24); }
+
+/* w (row layout) into panels at dst, which may be w->data itself when rows % 16 == 0; tmp holds
+   afm__q2b_panel_tmp_size(w) bytes. w then describes the panels. A file block of 64 bytes holds
+   sub-blocks 4b .. 4b+3 in its bit pairs (byte i: column i of each); read as 16 little-endian
+   words V, byte j of panel word v of sub-block 4b + p for this row holds in bit pair m what byte j
+   of V[4v + m] holds in bit pair p: a 4 x 4 transpose of bit pairs, done for 8 bytes (two words v)
+   at once by two rounds of swaps (2 x 2 blocks of pairs, then single pairs). */
+static void afm__q2b_panelize(afm__wmat *w, uint8_t *dst, uint8_t *tmp) {
+    const int P = (w->rows + 15) / 16, nb = w->kpad / 256, nsb = w->kpad / 64;
+    const size_t code16 = 16 * w->row_bytes, sc16 = (size_t)w->n_groups * 32;
+    uint8_t *dsc = dst + (size_t)P * code16;
+    int pn, u, b, v, p, m, g;
+    for (pn = 0; pn < P; pn++) {
+        const int n = w->rows - 16 * pn < 16 ? w->rows - 16 * pn : 16;
+        uint8_t *tsc = tmp + code16, *pc = dst + (size_t)pn * code16, *ps = dsc + (size_t)pn * sc16;
+        memset(tmp, 0, afm__q2b_panel_tmp_size(w));
+        memcpy(tmp, w->data + (size_t)pn * code16, (size_t)n * w->row_bytes);
+        memcpy(tsc, w->scales + (size_t)pn * sc16, (size_t)n * (size_t)w->n_groups * 2);
+        for (u = 0; u < 16; u++)
+            for (b = 0; b < nb; b++) {
+                const uint8_t *blk = tmp + (size_t)u * w->row_bytes + (size_t)b * 64;
+                for (v = 0; v < 4; v += 2) {
+                    uint64_t R[4], x;
+                    for (m = 0; m < 4; m++) R[m] = afm__ld32le(blk + 16 * v + 4 * m) | (uint64_t)afm__ld32le(blk + 16 * v + 16 + 4 * m) << 32;
+                    for (m = 0; m < 2; m++) { /* pairs 2,3 of R[m] <-> pairs 0,1 of R[m + 2] */
+                        x = ((R[m] >> 4) ^ R[m + 2]) & 0x0f0f0f0f0f0f0f0full;
+                        R[m + 2] ^= x; R[m] ^= x << 4;
+                    }
+                    for (m = 0; m < 4; m += 2) { /* pairs 1,3 of R[m] <-> pairs 0,2 of R[m + 1] */
+                        x = ((R[m] >> 2) ^ R[m + 1]) & 0x3333333333333333ull;
+                        R[m + 1] ^= x; R[m] ^= x << 2;
+                    }
+                    for (p = 0; p < 4; p++) {
+                        uint8_t *o = pc + (size_t)(4 * b + p) * 256 + 64 * (size_t)v + 4 * (size_t)u;
+                        afm__st32le(o, (uint32_t)R[p]);
+                        afm__st32le(o + 64, (uint32_t)(R[p] >> 32));
+                    }
+                }
+            }
+        for (g = 0; g < w->n_groups; g++)
+            for (u = 0; u < 16; u++) {
+                ps[(size_t)(g * 16 + u) * 2] = tsc[((size_t)u * (size_t)w->n_groups + (size_t)g) * 2];
+                ps[(size_t)(g * 16 + u) * 2 + 1] = tsc[((size_t)u * (size_t)w->n_groups + (size_t)g) * 2 + 1];
+            }
+    }
+    (void)nsb;
+    w->data = dst;
+    w->scales = dsc;
+    w->panels = 1;
+}
+
+/* Code of weight i (0..63) of sub-block sb of row r: Q2B 0..3 (panels), Q4 0..15, Q8 -128..127. */
+static inline int afm__code(const afm__wmat *w, int r, int sb, int i) {
+    if (w->type == AFM_TYPE_Q2B)
+        return (w->data[((size_t)(r >> 4) * (size_t)(w->kpad >> 6) + (size_t)sb) * 256 + (size_t)(i >> 4) * 64 + (size_t)(r & 15) * 4 + (size_t)(i & 3)] >>
+                (2 * ((i >> 2) & 3))) & 3;
+    {
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        if (w->type == AFM_TYPE_Q4) return (row[(size_t)(sb >> 1) * 64 + (size_t)i] >> ((sb & 1) * 4)) & 15; /* j, j+64 */
+        return ((const int8_t *)row)[(size_t)sb * 64 + (size_t)i];
+    }
+}
+/* The scale of sub-block sb of row r (quantized types). */
+static inline float afm__qscale(const afm__wmat *w, int r, int sb) {
+    const int g = sb >> w->gshift;
+    if (w->type == AFM_TYPE_Q2B) return afm__h2f(afm__rd16(w->scales + ((size_t)(r >> 4) * (size_t)w->n_groups + (size_t)g) * 32 + (size_t)(r & 15) * 2));
+    return afm__h2f(afm__rd16(w->scales + ((size_t)r * (size_t)w->n_groups + (size_t)g) * 2));
+}
+
 
 #define AFM__HEADER_SIZE 128u
 #define AFM__CONFIG_SIZE 128u
@@ -1281,6 +1384,7 @@ typedef struct afm__tensor {
     uint32_t group_size;
     const void *data;
     afm__wmat w;          /* the matrix view kernels use (2-D tensors) */
+    void *panels;         /* a Q2B matrix's panels when they could not replace the rows in place */
 } afm__tensor;
 
 typedef struct afm__layer {
@@ -1305,6 +1409,7 @@ struct afm_model {
     size_t tok_size;
     int tok_kind;
     uint64_t n_params, n_lora_params;
+    uint64_t fingerprint;                    /* of the file's contents (session state files carry it) */
     afm__count n_users;                      /* live sessions and adapters (afm_model_free checks) */
 };
 
@@ -1774,6 +1879,36 @@ static afm_result afm__parse_model(afm__loader *L, afm_model *m) {
     return afm__bind_tensors(L, m);
 }
 
+/* Every Q2B matrix into panels (the layout the kernels read, "Q2B in memory" above): in place where
+   the file's bytes may be written (a private mapping or an owned copy) and the rows fill whole
+   panels, else into a buffer of its own. */
+static afm_result afm__model_panelize(afm_model *m, const char *name, char *err, size_t errn) {
+    size_t tmpn = 0;
+    uint8_t *tmp;
+    int i;
+    for (i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].w.type == AFM_TYPE_Q2B && m->tensors[i].w.data && afm__q2b_panel_tmp_size(&m->tensors[i].w) > tmpn)
+            tmpn = afm__q2b_panel_tmp_size(&m->tensors[i].w);
+    if (!tmpn) return AFM_OK;
+    if (!(tmp = (uint8_t *)afm__alloc(&m->alloc, tmpn))) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: out of memory", name);
+    for (i = 0; i < m->n_tensors; i++) {
+        afm__tensor *t = &m->tensors[i];
+        uint8_t *dst;
+        if (t->w.type != AFM_TYPE_Q2B || !t->w.data) continue;
+        if (m->blob.writable && t->w.rows % 16 == 0) dst = (uint8_t *)(uintptr_t)t->w.data;
+        else if (!(dst = (uint8_t *)(t->panels = afm__alloc(&m->alloc, afm__q2b_panels_size(&t->w))))) {
+            afm__free(&m->alloc, tmp);
+            return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: tensor '%s': out of memory for %llu bytes of panels", name, t->name,
+                             (unsigned long long)afm__q2b_panels_size(&t->w));
+        }
+        afm__q2b_panelize(&t->w, dst, tmp);
+    }
+    afm__free(&m->alloc, tmp);
+    return AFM_OK;
+}
+
+static uint64_t afm__model_fingerprint_of_file(const afm_model *m);
+
 static afm_result afm__model_finish_load(afm_model *m, const char *name, const afm_load_params *params, afm_model **out, char *err, size_t errn) {
     afm__loader L;
     afm_result r;
@@ -1784,6 +1919,10 @@ static afm_result afm__model_finish_load(afm_model *m, const char *name, const a
     L.err = err;
     L.errn = errn;
     r = afm__parse_model(&L, m);
+    if (r == AFM_OK) {
+        m->fingerprint = afm__model_fingerprint_of_file(m); /* before the panels rearrange the bytes */
+        r = afm__model_panelize(m, name, err, errn);
+    }
     if (r != AFM_OK) { afm_model_free(m); return r; }
     *out = m;
     return AFM_OK;
@@ -1807,7 +1946,7 @@ AFMDEF afm_result afm_model_load_file(const char *path, const afm_load_params *p
     *out = NULL;
     if (!path) return afm__fail(err, errn, AFM_ERR_ARG, "afm_model_load_file: path is NULL");
     if (!(m = afm__model_new(params))) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: out of memory", path);
-    r = afm__blob_open(&m->alloc, path, params ? params->no_mmap : 0, &m->blob, err, errn);
+    r = afm__blob_open_ex(&m->alloc, path, params ? params->no_mmap : 0, AFM__BLOB_WRITABLE, &m->blob, err, errn);
     if (r != AFM_OK) { afm_model_free(m); return r; }
     return afm__model_finish_load(m, path, params, out, err, errn);
 }
@@ -1828,14 +1967,17 @@ AFMDEF afm_result afm_model_load_memory(const void *data, size_t size, const afm
     }
     m->blob.data = (const unsigned char *)data;
     m->blob.size = size;
+    m->blob.writable = m->blob.owned != NULL; /* the caller's bytes are never written */
     return afm__model_finish_load(m, "<memory>", params, out, err, errn);
 }
 
 AFMDEF void afm_model_free(afm_model *m) {
     afm_allocator a;
+    int i;
     if (!m) return;
     AFM_ASSERT(afm__count_add(&m->n_users, 0) == 0 && "afm_model_free: free its sessions and adapters first");
     a = m->alloc;
+    for (i = 0; m->tensors && i < m->n_tensors; i++) afm__free(&a, m->tensors[i].panels);
     afm__free(&a, m->tensors);
     afm__free(&a, m->layers);
     afm__blob_close(&a, &m->blob);
@@ -5714,14 +5856,6 @@ static void afm__prepare_f32_scalar(afm__act *a, const float *X, size_t ldx, int
     }
 }
 
-/* Code of weight i (0..63) of sub-block sb (docs/FORMAT.md): Q2B 0..3, Q4 0..15, Q8 -128..127. */
-static inline int afm__code(int type, const uint8_t *row, int sb, int i) {
-    if (type == AFM_TYPE_Q2B) /* block sb/4, bit pair sb%4: byte j holds weights j, j+64, j+128, j+192 */
-        return (row[(size_t)(sb >> 2) * 64 + (size_t)i] >> (2 * (sb & 3))) & 3;
-    if (type == AFM_TYPE_Q4) return (row[(size_t)(sb >> 1) * 64 + (size_t)i] >> ((sb & 1) * 4)) & 15; /* j, j+64 */
-    return ((const int8_t *)row)[(size_t)sb * 64 + (size_t)i];
-}
-
 /* Twice the type's grid offset (weights are (c - offset) * S): the contract's o. */
 static inline int afm__type_off2(int type) { return type == AFM_TYPE_Q2B ? 3 : type == AFM_TYPE_Q4 ? 15 : 0; }
 
@@ -5730,17 +5864,15 @@ static void afm__matmul_q_scalar(const afm__wmat *w, const afm__act *a, float *Y
     const int nsb = w->kpad / 64, o = afm__type_off2(w->type);
     int r, t, sb, i;
     for (r = r0; r < r1; r++) {
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
         for (t = 0; t < a->n_tok; t++) {
             const int8_t *q = a->q + (size_t)t * (size_t)a->kpad;
             const float *d = a->d + (size_t)t * (size_t)a->nsb;
             const int32_t *qs = a->qs + (size_t)t * (size_t)a->nsb;
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (sb = 0; sb < nsb; sb++) {
-                const float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift)));
+                const float s = afm__qscale(w, r, sb);
                 int32_t p = 0;
-                for (i = 0; i < 64; i++) p += afm__code(w->type, row, sb, i) * q[sb * 64 + i];
+                for (i = 0; i < 64; i++) p += afm__code(w, r, sb, i) * q[sb * 64 + i];
                 acc[sb & 7] = fmaf((float)(2 * p - o * qs[sb]), s * d[sb], acc[sb & 7]);
             }
             Y[(size_t)t * ldy + (size_t)r] = 0.5f * afm__sum8(acc);
@@ -5777,15 +5909,16 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
         for (i = 0; i < w->cols; i++) out[i] = afm__wf_scalar(w->type, p, i);
         return;
     }
+    if (w->type == AFM_TYPE_Q2B) {
+        for (i = 0; i < w->cols; i++) out[i] = ((float)afm__code(w, row, i >> 6, i & 63) - 1.5f) * afm__qscale(w, row, i >> 6);
+        return;
+    }
     {
         const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
         const int gs = 6 + w->gshift; /* log2(group) */
         for (i = 0; i < w->cols; i++) {
             float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(i >> gs)));
-            if (w->type == AFM_TYPE_Q2B) {
-                int c = (p[(i >> 8) * 64 + (i & 63)] >> (((i >> 6) & 3) * 2)) & 3;
-                out[i] = ((float)c - 1.5f) * s;
-            } else if (w->type == AFM_TYPE_Q4) {
+            if (w->type == AFM_TYPE_Q4) {
                 int c = (p[(i >> 7) * 64 + (i & 63)] >> (((i >> 6) & 1) * 4)) & 15;
                 out[i] = ((float)c - 7.5f) * s;
             } else {
@@ -5884,13 +6017,47 @@ static inline size_t afm__gemm_scratch_size(int kpad) {
     return 64 + (size_t)kpad * 16 + (size_t)(kpad / 64) * 16 * sizeof(float);
 }
 
-/* The driver of a matrix-matrix kernel: GTILE(codes, S, nsb, a, Y, ldy, r, t0, T) for 16 rows x T
-   tokens (TB at a time, then the rest), rows past the last 16 by the row kernel ROWS. */
+/* The driver of a panel kernel: PTILE(w, a, pn, t0, T, out, ldo) for the 16 rows of panel pn x T
+   tokens (TB at a time, then the rest in one tile), rows r0 .. r1-1 of Y kept (a panel cut by r0 or
+   r1, or holding padding rows, goes through a small buffer). */
+#define AFM__PANEL_BODY(PTILE, TB)                                                                           \
+    AFM__ALIGN(64) float tmp[(TB) * 16];                                                                     \
+    int pn, t, n, u;                                                                                         \
+    for (pn = r0 >> 4; 16 * pn < r1; pn++) {                                                                 \
+        const int lo = 16 * pn < r0 ? r0 : 16 * pn, hi = 16 * pn + 16 < r1 ? 16 * pn + 16 : r1;               \
+        const int whole = hi - lo == 16;                                                                     \
+        for (t = 0; t < a->n_tok; t += n) {                                                                  \
+            float *out = whole ? Y + (size_t)t * ldy + (size_t)lo : tmp;                                      \
+            const size_t ldo = whole ? ldy : 16;                                                             \
+            n = a->n_tok - t < (TB) ? a->n_tok - t : (TB);                                                   \
+            if (n == (TB)) PTILE(w, a, pn, t, (TB), out, ldo);                                               \
+            else switch (n) { /* the rest in one tile (cases past TB never run) */                           \
+            case 7: PTILE(w, a, pn, t, 7 % (TB), out, ldo); break;                                           \
+            case 6: PTILE(w, a, pn, t, 6 % (TB), out, ldo); break;                                           \
+            case 5: PTILE(w, a, pn, t, 5 % (TB), out, ldo); break;                                           \
+            case 4: PTILE(w, a, pn, t, 4 % (TB), out, ldo); break;                                           \
+            case 3: PTILE(w, a, pn, t, 3 % (TB), out, ldo); break;                                           \
+            case 2: PTILE(w, a, pn, t, 2 % (TB), out, ldo); break;                                           \
+            default: PTILE(w, a, pn, t, 1, out, ldo); break;                                                 \
+            }                                                                                                \
+            if (!whole)                                                                                      \
+                for (u = 0; u < n; u++)                                                                      \
+                    memcpy(Y + (size_t)(t + u) * ldy + (size_t)lo, tmp + u * 16 + (lo - 16 * pn), (size_t)(hi - lo) * sizeof(float)); \
+        }                                                                                                    \
+    }
+
+/* The driver of a matrix-matrix kernel: each whole panel of rows r0 .. r1-1 unpacked by PACK, then
+   GTILE(codes, S, nsb, a, Y, ldy, r, t0, T) for its 16 rows x T tokens (TB at a time, then the rest);
+   a panel cut by r0 or r1 goes to the panel kernel ROWS. */
 #define AFM__GEMM_BODY(GTILE, TB, ROWS, PACK)                                                                \
     uint8_t *codes = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);                                \
     float *S = (float *)(void *)(codes + (size_t)w->kpad * 16);                                              \
     const int nsb = w->kpad >> 6;                                                                            \
     int r = r0, t;                                                                                           \
+    if (r & 15) { /* a panel cut by r0: the panel kernel */                                                  \
+        r = (r | 15) + 1 < r1 ? (r | 15) + 1 : r1;                                                           \
+        ROWS(w, a, Y, ldy, r0, r);                                                                           \
+    }                                                                                                        \
     for (; r + 16 <= r1; r += 16) {                                                                          \
         PACK(w, r, codes, S);                                                                                \
         for (t = 0; t + TB <= a->n_tok; t += TB) GTILE(codes, S, nsb, a, Y, ldy, r, t, TB);                  \
@@ -6120,8 +6287,58 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm_
     AFM__QROW_BODY(afm__dot64_avx2)
 }
 
+/* 16 rows of panel pn x T tokens (T <= 2) straight from the panel (decode, verification): each
+   32-byte half of a panel word (8 rows x 4 columns in 4 bit pairs) is shifted and masked into its 4
+   planes, each against a broadcast of a token's 4 activations (maddubs, summed in int16: at most
+   16 x 2 x 3 x 127 per sub-block), then madd to int32: each lane is one row's exact P. Then the
+   contract's float step per sub-block for 8 rows at once; the 8 float lanes per row live in memory.
+   Y: token t0's 16 outputs, the next token's ldy further. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__ptile_avx2(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
+    const int nsb = w->kpad >> 6;
+    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256 lanes[8][2][2]; /* [sub-block % 8][token][rows 0-7, 8-15] */
+    int t, sb, v, h, m;
+    AFM__UNROLL for (sb = 0; sb < 8; sb++) AFM__UNROLL for (t = 0; t < T; t++) lanes[sb][t][0] = lanes[sb][t][1] = _mm256_setzero_ps();
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = pc + (size_t)sb * 256, *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg));
+        const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16)));
+        __m256i acc[2][2];
+        if (T == a->n_tok && AFM__PF_DIST > 0) { /* decode streams the panels: keep misses in flight */
+            AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
+            _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+        AFM__UNROLL for (v = 0; v < 4; v++) AFM__UNROLL for (h = 0; h < 2; h++) {
+            const __m256i W = _mm256_loadu_si256((const __m256i *)(const void *)(cb + 64 * v + 32 * h));
+            AFM__UNROLL for (m = 0; m < 4; m++) {
+                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(W, 2 * m), m3);
+                AFM__UNROLL for (t = 0; t < T; t++) {
+                    int32_t x4;
+                    memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v + 4 * (size_t)m, 4);
+                    acc[t][h] = _mm256_add_epi16(acc[t][h], _mm256_maddubs_epi16(c, _mm256_set1_epi32(x4)));
+                }
+            }
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const __m256 d = _mm256_set1_ps(a->d[i]);
+            const __m256i oQ = _mm256_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]);
+            const __m256i p0 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][0], ones), 1), oQ);
+            const __m256i p1 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][1], ones), 1), oQ);
+            lanes[sb & 7][t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), lanes[sb & 7][t][0]);
+            lanes[sb & 7][t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, d), lanes[sb & 7][t][1]);
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) for (h = 0; h < 2; h++) { /* afm__sum8's tree, 8 rows at once */
+        const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lanes[0][t][h], lanes[4][t][h]), _mm256_add_ps(lanes[2][t][h], lanes[6][t][h])),
+                                       _mm256_add_ps(_mm256_add_ps(lanes[1][t][h], lanes[5][t][h]), _mm256_add_ps(lanes[3][t][h], lanes[7][t][h])));
+        _mm256_storeu_ps(Y + (size_t)t * ldy + (size_t)h * 8, _mm256_mul_ps(y, _mm256_set1_ps(0.5f)));
+    }
+}
 AFM__T_AVX2 static void afm__matmul_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_avx2, AFM_TYPE_Q2B)
+    AFM__PANEL_BODY(afm__ptile_avx2, 2) /* 4 tokens at a time spill registers: 15 % slower per token (Zen 3) */
 }
 AFM__T_AVX2 static void afm__matmul_q4_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_avx2, AFM_TYPE_Q4)
@@ -6130,53 +6347,24 @@ AFM__T_AVX2 static void afm__matmul_q8_avx2(const afm__wmat *w, const afm__act *
     AFM__QMM_BODY(afm__qtile_avx2, AFM_TYPE_Q8)
 }
 
-/* o[j] = dword j of c[0..7] (an 8 x 8 transpose). */
-AFM__FORCEINLINE AFM__T_AVX2 void afm__transpose8x8_avx2(const __m256i *c, __m256i *o) {
-    __m256i t[8], q[8];
-    int u;
-    AFM__UNROLL for (u = 0; u < 8; u += 2) { t[u] = _mm256_unpacklo_epi32(c[u], c[u + 1]); t[u + 1] = _mm256_unpackhi_epi32(c[u], c[u + 1]); }
-    AFM__UNROLL for (u = 0; u < 8; u += 4) {
-        q[u] = _mm256_unpacklo_epi64(t[u], t[u + 2]); q[u + 1] = _mm256_unpackhi_epi64(t[u], t[u + 2]);
-        q[u + 2] = _mm256_unpacklo_epi64(t[u + 1], t[u + 3]); q[u + 3] = _mm256_unpackhi_epi64(t[u + 1], t[u + 3]);
-    }
-    AFM__UNROLL for (u = 0; u < 4; u++) {
-        o[u] = _mm256_permute2x128_si256(q[u], q[u + 4], 0x20);
-        o[u + 4] = _mm256_permute2x128_si256(q[u], q[u + 4], 0x31);
-    }
-}
-
-/* Rows r..r+15 of a Q2B matrix into codes[sb][k/4][u][4] (0..3) and S[sb][u] (the scales as float).
-   8 rows at a time: the 32-byte halves of a 64-byte block of 8 rows are an 8 x 8 matrix of dwords,
-   transposed in registers; each of its 4 bit pairs (4 sub-blocks) is then masked out and stored. */
-AFM__T_AVX2 static void afm__pack16_q2b_avx2(const afm__wmat *w, int r, uint8_t *codes, float *S) {
-    const int nsb = w->kpad >> 6;
+/* Panel pn (rows 16 pn ..) of a Q2B matrix into codes[sb][k/4][u][4] (one code a byte) and S[sb][u]
+   (the scales as float), for the matrix-matrix tiles: each bit pair of a panel word masked out. */
+AFM__T_AVX2 static void afm__unpack16_q2b_avx2(const afm__wmat *w, int r, uint8_t *codes, float *S) {
+    const int nsb = w->kpad >> 6, pn = r >> 4;
+    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
     const __m256i m3 = _mm256_set1_epi8(3);
-    int g, b, u, h, p;
-    for (g = 0; g < 2; g++)
-        for (b = 0; b < nsb / 4; b++)
-            for (h = 0; h < 2; h++) {
-                __m256i c[8], o[8];
-                AFM__UNROLL for (u = 0; u < 8; u++)
-                    c[u] = _mm256_loadu_si256((const __m256i *)(const void *)(w->data + (size_t)(r + 8 * g + u) * w->row_bytes +
-                                                                              (size_t)b * 64 + (size_t)h * 32));
-                afm__transpose8x8_avx2(c, o);
-                AFM__UNROLL for (p = 0; p < 4; p++) {
-                    uint8_t *dst = codes + (size_t)(4 * b + p) * 1024 + (size_t)h * 8 * 64 + (size_t)g * 32;
-                    AFM__UNROLL for (u = 0; u < 8; u++)
-                        _mm256_store_si256((__m256i *)(void *)(dst + (size_t)u * 64), _mm256_and_si256(_mm256_srli_epi16(o[u], 2 * p), m3));
-                }
-            }
-    for (g = 0; g < 2; g++) /* the scales: 8 sub-blocks of 8 rows, converted and transposed the same way */
-        for (b = 0; b + 8 <= nsb; b += 8) {
-            __m256i c[8], o[8];
-            AFM__UNROLL for (u = 0; u < 8; u++)
-                c[u] = _mm256_castps_si256(afm__scales8_avx2(w->scales + (size_t)(r + 8 * g + u) * (size_t)w->n_groups * 2, w->gshift, b));
-            afm__transpose8x8_avx2(c, o);
-            AFM__UNROLL for (u = 0; u < 8; u++) _mm256_store_si256((__m256i *)(void *)(S + (size_t)(b + u) * 16 + (size_t)g * 8), o[u]);
+    int sb, v, h, m;
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        AFM__UNROLL for (v = 0; v < 4; v++) AFM__UNROLL for (h = 0; h < 2; h++) {
+            const __m256i W = _mm256_loadu_si256((const __m256i *)(const void *)(pc + (size_t)sb * 256 + 64 * v + 32 * h));
+            AFM__UNROLL for (m = 0; m < 4; m++)
+                _mm256_store_si256((__m256i *)(void *)(codes + (size_t)sb * 1024 + (size_t)(4 * v + m) * 64 + 32 * h),
+                                   _mm256_and_si256(_mm256_srli_epi16(W, 2 * m), m3));
         }
-    for (u = 0; u < 16; u++) /* a last chunk of 4 */
-        for (b = nsb & ~7; b < nsb; b++)
-            S[(size_t)b * 16 + (size_t)u] = afm__h2f(afm__rd16(w->scales + (size_t)(r + u) * (size_t)w->n_groups * 2 + 2 * (size_t)(b >> w->gshift)));
+        _mm256_store_ps(S + (size_t)sb * 16, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg)));
+        _mm256_store_ps(S + (size_t)sb * 16 + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16))));
+    }
 }
 
 /* 16 packed rows x T tokens (T <= 4): per sub-block, 16 steps of maddubs (4 codes of 8 rows x one
@@ -6223,7 +6411,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__gtile_avx2(const uint8_t *codes, const fl
 }
 #define AFM__ROWS_Q2B_AVX2(w, a, Y, ldy, r0, r1) afm__matmul_q2b_avx2(w, a, Y, ldy, r0, r1)
 AFM__T_AVX2 static void afm__gemm_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
-    AFM__GEMM_BODY(afm__gtile_avx2, 4, AFM__ROWS_Q2B_AVX2, afm__pack16_q2b_avx2)
+    AFM__GEMM_BODY(afm__gtile_avx2, 4, AFM__ROWS_Q2B_AVX2, afm__unpack16_q2b_avx2)
 }
 
 /* 8 weights of a float type as f32 */
@@ -6273,10 +6461,11 @@ AFM__T_AVX2 static void afm__prepare_f32_avx2(afm__act *a, const float *X, size_
     afm__prepare_f32_scalar(a, X, ldx, t0, t1);
 }
 
-/* Q4 row dequantization (the embedding lookup): 64-byte block -> 128 floats. */
+/* Q4 row dequantization (the embedding lookup): 64-byte block -> 128 floats. (Q2B rows are spread
+   over a panel: the scalar code, one row per token.) */
 AFM__T_AVX2 static void afm__dequant_avx2(const afm__wmat *w, int row, float *out) {
-    if (w->type == AFM_TYPE_Q4 || w->type == AFM_TYPE_Q2B) {
-        const int Q4 = w->type == AFM_TYPE_Q4, per = Q4 ? 128 : 256, SBB = Q4 ? 2 : 4;
+    if (w->type == AFM_TYPE_Q4) {
+        const int Q4 = 1, per = 128, SBB = 2;
         const uint8_t *p = w->data + (size_t)row * w->row_bytes;
         const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
         const __m256 offv = _mm256_set1_ps(Q4 ? 7.5f : 1.5f);
@@ -6462,8 +6651,50 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm_
                                                   int r, int t0, const int T, const int type) {
     AFM__QROW_BODY(afm__dot64_vnni)
 }
+/* 16 rows of panel pn x T tokens (T <= 8), as afm__ptile_avx2 with a whole panel word per zmm:
+   its 4 planes each take one vpdpbusd per token against a broadcast of 4 activations; each lane
+   ends with one row's exact sum. */
+AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
+    const int nsb = w->kpad >> 6;
+    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512 lanes[8][8]; /* [sub-block % 8][token] */
+    int t, sb, v, m;
+    memset(lanes, 0, sizeof lanes); /* +0.0f */
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = pc + (size_t)sb * 256, *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        const __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)sg));
+        __m512i acc[8];
+        if (T == a->n_tok && AFM__PF_DIST > 0) {
+            AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
+            _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) acc[t] = _mm512_setzero_si512();
+        AFM__UNROLL for (v = 0; v < 4; v++) {
+            const __m512i W = _mm512_loadu_si512((const void *)(cb + 64 * v));
+            AFM__UNROLL for (m = 0; m < 4; m++) {
+                const __m512i c = _mm512_and_si512(_mm512_srli_epi16(W, (unsigned)(2 * m)), m3);
+                AFM__UNROLL for (t = 0; t < T; t++) {
+                    int32_t x4;
+                    memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v + 4 * (size_t)m, 4);
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], c, _mm512_set1_epi32(x4));
+                }
+            }
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const __m512i p = _mm512_sub_epi32(_mm512_slli_epi32(acc[t], 1), _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
+            lanes[sb & 7][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][t]);
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) {
+        const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(lanes[0][t], lanes[4][t]), _mm512_add_ps(lanes[2][t], lanes[6][t])),
+                                       _mm512_add_ps(_mm512_add_ps(lanes[1][t], lanes[5][t]), _mm512_add_ps(lanes[3][t], lanes[7][t])));
+        _mm512_storeu_ps(Y + (size_t)t * ldy, _mm512_mul_ps(y, _mm512_set1_ps(0.5f)));
+    }
+}
 AFM__T_VNNI static void afm__matmul_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q2B)
+    AFM__PANEL_BODY(afm__ptile_vnni, 8)
 }
 AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q4)
@@ -6506,7 +6737,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__gtile_vnni(const uint8_t *codes, const fl
 }
 #define AFM__ROWS_Q2B_VNNI(w, a, Y, ldy, r0, r1) afm__matmul_q2b_vnni(w, a, Y, ldy, r0, r1)
 AFM__T_VNNI static void afm__gemm_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
-    AFM__GEMM_BODY(afm__gtile_vnni, 8, AFM__ROWS_Q2B_VNNI, afm__pack16_q2b_avx2)
+    AFM__GEMM_BODY(afm__gtile_vnni, 8, AFM__ROWS_Q2B_VNNI, afm__unpack16_q2b_avx2)
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -6696,53 +6927,47 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
     AFM__UNROLL for (t = 0; t < T; t++) Y[(size_t)(t0 + t) * ldy + (size_t)r] = 0.5f * afm__hsum8_neon(acc[t][0], acc[t][1]);
 }
 #define AFM__QTILE_NEON(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 0)
-static void afm__matmul_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q2B)
-}
 static void afm__matmul_q4_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q4)
 }
 static void afm__matmul_q8_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(AFM__QTILE_NEON, AFM_TYPE_Q8)
 }
-/* Rows r..r+15 of a Q2B matrix into codes[sb][k/4][u][4] (0..3) and S[sb][u], as afm__pack16_q2b_avx2:
-   4 x 4 dword transposes of 4 rows' 16-byte quarters, then each bit pair masked out. */
-static void afm__pack16_q2b_neon(const afm__wmat *w, int r, uint8_t *codes, float *S) {
-    const int nsb = w->kpad >> 6;
+/* The 16 scales of a panel's group as float (rows 4i .. 4i+3 in S[i]). */
+AFM__FORCEINLINE void afm__pscales_neon(const uint8_t *sg, float32x4_t *S) {
+    int i;
+    for (i = 0; i < 4; i++) S[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(const void *)(sg + 8 * i))));
+}
+
+/* Panel pn of a Q2B matrix into codes[sb][k/4][u][4] and S[sb][u], as afm__unpack16_q2b_avx2. */
+static void afm__unpack16_q2b_neon(const afm__wmat *w, int r, uint8_t *codes, float *S) {
+    const int nsb = w->kpad >> 6, pn = r >> 4;
+    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
     const uint8x16_t m3 = vdupq_n_u8(3);
-    int g, b, q, p, j, u;
-    for (g = 0; g < 4; g++)
-        for (b = 0; b < nsb / 4; b++)
+    int sb, v, q, i;
+    for (sb = 0; sb < nsb; sb++) {
+        float32x4_t S4[4];
+        for (v = 0; v < 4; v++)
             for (q = 0; q < 4; q++) {
-                uint32x4_t rr[4], o[4];
-                uint32x4x2_t t0, t1;
-                for (u = 0; u < 4; u++)
-                    rr[u] = vreinterpretq_u32_u8(vld1q_u8(w->data + (size_t)(r + 4 * g + u) * w->row_bytes + (size_t)b * 64 + (size_t)q * 16));
-                t0 = vtrnq_u32(rr[0], rr[1]); t1 = vtrnq_u32(rr[2], rr[3]);
-                o[0] = vcombine_u32(vget_low_u32(t0.val[0]), vget_low_u32(t1.val[0]));
-                o[1] = vcombine_u32(vget_low_u32(t0.val[1]), vget_low_u32(t1.val[1]));
-                o[2] = vcombine_u32(vget_high_u32(t0.val[0]), vget_high_u32(t1.val[0]));
-                o[3] = vcombine_u32(vget_high_u32(t0.val[1]), vget_high_u32(t1.val[1]));
-                for (p = 0; p < 4; p++) {
-                    const int8x16_t sh = vdupq_n_s8((int8_t)(-2 * p));
-                    for (j = 0; j < 4; j++)
-                        vst1q_u8(codes + (size_t)(4 * b + p) * 1024 + (size_t)(4 * q + j) * 64 + (size_t)g * 16,
-                                 vandq_u8(vshlq_u8(vreinterpretq_u8_u32(o[j]), sh), m3));
-                }
+                const uint8x16_t W = vld1q_u8(pc + (size_t)sb * 256 + 64 * v + 16 * q);
+                uint8_t *dst = codes + (size_t)sb * 1024 + (size_t)(4 * v) * 64 + 16 * q;
+                vst1q_u8(dst, vandq_u8(W, m3));
+                vst1q_u8(dst + 64, vandq_u8(vshrq_n_u8(W, 2), m3));
+                vst1q_u8(dst + 128, vandq_u8(vshrq_n_u8(W, 4), m3));
+                vst1q_u8(dst + 192, vshrq_n_u8(W, 6));
             }
-    for (u = 0; u < 16; u++) {
-        const uint8_t *sc = w->scales + (size_t)(r + u) * (size_t)w->n_groups * 2;
-        for (b = 0; b < nsb; b++) S[(size_t)b * 16 + (size_t)u] = afm__h2f(afm__rd16(sc + 2 * (size_t)(b >> w->gshift)));
+        afm__pscales_neon(ps + (size_t)(sb >> w->gshift) * 32, S4);
+        for (i = 0; i < 4; i++) vst1q_f32(S + (size_t)sb * 16 + 4 * i, S4[i]);
     }
 }
 
 /* The float step of token t's 16 rows (dots: rows 4i..4i+3) for sub-block sb, into their lanes. */
-AFM__FORCEINLINE void afm__gstep_neon(float32x4_t *lane, const int32x4_t *dots, const float *S16, const afm__act *a, int t, int sb) {
+AFM__FORCEINLINE void afm__gstep_neon(float32x4_t *lane, const int32x4_t *dots, const float32x4_t *S, const afm__act *a, int t, int sb) {
     const size_t ix = (size_t)t * (size_t)a->nsb + (size_t)sb;
     const int32x4_t oQ = vdupq_n_s32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[ix]);
     int i;
     for (i = 0; i < 4; i++)
-        lane[i] = vfmaq_f32(lane[i], vcvtq_f32_s32(vsubq_s32(vshlq_n_s32(dots[i], 1), oQ)), vmulq_n_f32(vld1q_f32(S16 + 4 * i), a->d[ix]));
+        lane[i] = vfmaq_f32(lane[i], vcvtq_f32_s32(vsubq_s32(vshlq_n_s32(dots[i], 1), oQ)), vmulq_n_f32(S[i], a->d[ix]));
 }
 
 /* y[0..15] = 0.5 * afm__sum8 of token t's lanes, 4 rows at once. */
@@ -6754,6 +6979,81 @@ AFM__FORCEINLINE void afm__gfinish_neon(float32x4_t (*lanes)[4][4], int t, float
         vst1q_f32(y + 4 * i, vmulq_n_f32(s, 0.5f));
     }
 }
+
+/* 16 rows of panel pn x T tokens straight from the panel (decode, verification; T <= 2, or 4 with
+   the dot-product extension): each 16-byte quarter of a panel word (4 rows x 4 columns in 4 bit
+   pairs) gives its 4 planes by shift and mask. With the extension vdotq_laneq takes plane m against
+   lane m of the token's 16 activations; without it vmlal_s8 against 4 activations repeated, summed
+   in int16 (at most 16 x 3 x 127 per lane) and widened pairwise as afm__gtile_neon does. */
+AFM__FORCEINLINE void afm__ptile_neon(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy, const int dot) {
+    const int nsb = w->kpad >> 6;
+    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    float32x4_t lanes[8][4][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
+    int t, sb, v, q, m;
+    memset(lanes, 0, sizeof lanes); /* +0.0f */
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = pc + (size_t)sb * 256;
+        float32x4_t S4[4];
+        int32x4_t acc[4][4];
+        int16x8_t acc16[4][4][2];
+        afm__pscales_neon(ps + (size_t)(sb >> w->gshift) * 32, S4);
+#if defined(__GNUC__) || defined(__clang__)
+        if (T == a->n_tok && AFM__PF_DIST > 0)
+            for (v = 0; v < 4; v++) __builtin_prefetch(cb + AFM__PF_DIST + 64 * v, 0, 3);
+#endif
+        AFM__UNROLL for (t = 0; t < T; t++) for (q = 0; q < 4; q++) {
+            acc[t][q] = vdupq_n_s32(0);
+            acc16[t][q][0] = acc16[t][q][1] = vdupq_n_s16(0);
+        }
+        for (v = 0; v < 4; v++) {
+            const int8_t *x[4];
+            AFM__UNROLL for (t = 0; t < T; t++) x[t] = a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v;
+            for (q = 0; q < 4; q++) {
+                const uint8x16_t W = vld1q_u8(cb + 64 * v + 16 * q);
+                int8x16_t c[4];
+                c[0] = vreinterpretq_s8_u8(vandq_u8(W, m3));
+                c[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(W, 2), m3));
+                c[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(W, 4), m3));
+                c[3] = vreinterpretq_s8_u8(vshrq_n_u8(W, 6));
+#ifdef AFM__NEON_DOT
+                if (dot) {
+                    AFM__UNROLL for (t = 0; t < T; t++) {
+                        const int8x16_t xv = vld1q_s8(x[t]);
+                        acc[t][q] = vdotq_laneq_s32(vdotq_laneq_s32(vdotq_laneq_s32(vdotq_laneq_s32(acc[t][q], c[0], xv, 0), c[1], xv, 1), c[2], xv, 2), c[3], xv, 3);
+                    }
+                    continue;
+                }
+#endif
+                for (m = 0; m < 4; m++)
+                    AFM__UNROLL for (t = 0; t < T; t++) {
+                        int32_t x4;
+                        int8x16_t xr;
+                        memcpy(&x4, x[t] + 4 * m, 4);
+                        xr = vreinterpretq_s8_s32(vdupq_n_s32(x4));
+                        acc16[t][q][0] = vmlal_s8(acc16[t][q][0], vget_low_s8(c[m]), vget_low_s8(xr));
+                        acc16[t][q][1] = vmlal_high_s8(acc16[t][q][1], c[m], xr);
+                    }
+            }
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            int32x4_t dots[4];
+            for (q = 0; q < 4; q++) dots[q] = dot ? acc[t][q] : vpaddq_s32(vpaddlq_s16(acc16[t][q][0]), vpaddlq_s16(acc16[t][q][1]));
+            afm__gstep_neon(lanes[sb & 7][t], dots, S4, a, t0 + t, sb);
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_neon(lanes, t, Y + (size_t)t * ldy);
+}
+#define AFM__PTILE_NEON(w, a, pn, t, T, Y, ldy) afm__ptile_neon(w, a, pn, t, T, Y, ldy, 0)
+static void afm__matmul_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__PANEL_BODY(AFM__PTILE_NEON, 2)
+}
+#ifdef AFM__NEON_DOT
+#define AFM__PTILE_NEONDOT(w, a, pn, t, T, Y, ldy) afm__ptile_neon(w, a, pn, t, T, Y, ldy, 1)
+static void afm__matmul_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    AFM__PANEL_BODY(AFM__PTILE_NEONDOT, 4)
+}
+#endif
 
 /* 16 packed rows x T tokens (T <= 2) without the dot-product extension: vmlal_s8 of 4 codes of 4
    rows against 4 activations repeated, summed in int16 (at most 16 * 3 * 127 per lane), then
@@ -6783,22 +7083,23 @@ AFM__FORCEINLINE void afm__gtile_neon(const uint8_t *codes, const float *S, int 
         }
         AFM__UNROLL for (t = 0; t < T; t++) {
             int32x4_t dots[4];
-            for (i = 0; i < 4; i++) dots[i] = vpaddq_s32(vpaddlq_s16(acc[t][i][0]), vpaddlq_s16(acc[t][i][1]));
-            afm__gstep_neon(lanes[sb & 7][t], dots, S + (size_t)sb * 16, a, t0 + t, sb);
+            float32x4_t S4[4];
+            for (i = 0; i < 4; i++) {
+                dots[i] = vpaddq_s32(vpaddlq_s16(acc[t][i][0]), vpaddlq_s16(acc[t][i][1]));
+                S4[i] = vld1q_f32(S + (size_t)sb * 16 + 4 * i);
+            }
+            afm__gstep_neon(lanes[sb & 7][t], dots, S4, a, t0 + t, sb);
         }
     }
     AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_neon(lanes, t, Y + (size_t)(t0 + t) * ldy + (size_t)r);
 }
 #define AFM__ROWS_Q2B_NEON(w, a, Y, ldy, r0, r1) afm__matmul_q2b_neon(w, a, Y, ldy, r0, r1)
 static void afm__gemm_q2b_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
-    AFM__GEMM_BODY(afm__gtile_neon, 2, AFM__ROWS_Q2B_NEON, afm__pack16_q2b_neon)
+    AFM__GEMM_BODY(afm__gtile_neon, 2, AFM__ROWS_Q2B_NEON, afm__unpack16_q2b_neon)
 }
 
 #ifdef AFM__NEON_DOT
 #define AFM__QTILE_NEONDOT(w, a, Y, ldy, r, t, T, type) afm__qtile_neon(w, a, Y, ldy, r, t, T, type, 1)
-static void afm__matmul_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q2B)
-}
 static void afm__matmul_q4_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(AFM__QTILE_NEONDOT, AFM_TYPE_Q4)
 }
@@ -6834,13 +7135,17 @@ AFM__FORCEINLINE void afm__gtile_neondot(const uint8_t *codes, const float *S, i
             AFM__GDOT(0) AFM__GDOT(1) AFM__GDOT(2) AFM__GDOT(3)
 #undef AFM__GDOT
         }
-        AFM__UNROLL for (t = 0; t < T; t++) afm__gstep_neon(lanes[sb & 7][t], acc[t], S + (size_t)sb * 16, a, t0 + t, sb);
+        {
+            float32x4_t S4[4];
+            for (i = 0; i < 4; i++) S4[i] = vld1q_f32(S + (size_t)sb * 16 + 4 * i);
+            AFM__UNROLL for (t = 0; t < T; t++) afm__gstep_neon(lanes[sb & 7][t], acc[t], S4, a, t0 + t, sb);
+        }
     }
     AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_neon(lanes, t, Y + (size_t)(t0 + t) * ldy + (size_t)r);
 }
 #define AFM__ROWS_Q2B_NEONDOT(w, a, Y, ldy, r0, r1) afm__matmul_q2b_neondot(w, a, Y, ldy, r0, r1)
 static void afm__gemm_q2b_neondot(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
-    AFM__GEMM_BODY(afm__gtile_neondot, 4, AFM__ROWS_Q2B_NEONDOT, afm__pack16_q2b_neon)
+    AFM__GEMM_BODY(afm__gtile_neondot, 4, AFM__ROWS_Q2B_NEONDOT, afm__unpack16_q2b_neon)
 }
 #endif
 
@@ -6978,7 +7283,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->matmul[0] = afm__matmul_f32_avx2; k->matmul[1] = afm__matmul_f16_avx2; k->matmul[2] = afm__matmul_bf16_avx2;
         k->matmul[3] = afm__matmul_q2b_avx2; k->matmul[4] = afm__matmul_q4_avx2; k->matmul[5] = afm__matmul_q8_avx2;
         k->gemm_q2b = afm__gemm_q2b_avx2;
-        k->gemm_min = 3; /* Zen 3, 1 thread: 256 x 2048 x 3 tokens 27 us packed, 32 us by rows */
+        k->gemm_min = 4; /* Zen 3, 1 thread, 2048 x 6656: per token 213 us from panels, 175 us unpacked, at 4 tokens */
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
@@ -7030,6 +7335,7 @@ static inline void afm__prepare_activations(const afm__kernels *k, afm__act *a, 
 static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                     int r0, int r1, void *scratch) {
     if (r0 >= r1 || a->n_tok <= 0) return;
+    AFM_ASSERT((w->type != AFM_TYPE_Q2B || w->panels) && "Q2B matrices are used in panels (afm__q2b_panelize)");
     if (scratch && k->gemm_q2b && w->type == AFM_TYPE_Q2B && a->quant && a->n_tok >= k->gemm_min)
         k->gemm_q2b(w, a, Y, ldy, r0, r1, scratch);
     else
@@ -7449,13 +7755,13 @@ AFMDEF afm_result afm_adapter_load(afm_model *m, const char *path, const afm_loa
         }
         if (r == AFM_OK) {
             snprintf(sub, sizeof sub, "%s/adapter_weights.bin", path);
-            r = afm__blob_open_ex(&ad->alloc, sub, no_mmap, 1, &ad->blob, err, errn);
+            r = afm__blob_open_ex(&ad->alloc, sub, no_mmap, AFM__BLOB_POPULATE, &ad->blob, err, errn);
         }
         if (r == AFM_OK) r = afm__fm_weights(ad, ad->blob.data, ad->blob.size, path, err, errn);
         if (r == AFM_OK) r = afm__adapter_check_finite(ad, path, err, errn);
     } else {
         afm__loader L;
-        r = afm__blob_open_ex(&ad->alloc, path, no_mmap, 1, &ad->blob, err, errn);
+        r = afm__blob_open_ex(&ad->alloc, path, no_mmap, AFM__BLOB_POPULATE, &ad->blob, err, errn);
         if (r == AFM_OK) {
             L.name = path; L.p = ad->blob.data; L.size = ad->blob.size; L.err = err; L.errn = errn;
             r = afm__parse_adapter(&L, ad);
@@ -7840,7 +8146,9 @@ static uint64_t afm__hash_tensor(uint64_t h, const afm__tensor *t) {
     return h;
 }
 
-static uint64_t afm__model_fingerprint(const afm_model *m) {
+static uint64_t afm__model_fingerprint(const afm_model *m) { return m->fingerprint; }
+
+static uint64_t afm__model_fingerprint_of_file(const afm_model *m) {
     const afm_config *c = &m->config;
     uint64_t h = 0x41464d4d4f44454cull;
     int i, v[10];

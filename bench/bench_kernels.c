@@ -185,6 +185,11 @@ static afm__wmat *make_set(int type, int rows, int cols, int group, int n, uint8
         } else if (type == AFM_TYPE_F16) {
             for (i = 0; i < sz / 2; i++) { uint16_t h = afm__f2h((float)((int)(rnd() % 2001) - 1000) * 1e-5f); memcpy(p + 2 * i, &h, 2); }
         }
+        if (type == AFM_TYPE_Q2B) { /* in panels, in place, as the loader does (every shape here has rows % 16 == 0) */
+            uint8_t *tmp = (uint8_t *)malloc(afm__q2b_panel_tmp_size(&w[m]));
+            afm__q2b_panelize(&w[m], p, tmp);
+            free(tmp);
+        }
     }
     *bytes_each = sz;
     return w;

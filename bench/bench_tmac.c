@@ -153,6 +153,11 @@ int main(int argc, char **argv) {
                     memcpy((uint8_t *)w[mi].scales + 2 * i, &h, 2);
                 }
                 tm_repack(&w[mi], &tm[mi]);
+                { /* the engine's kernels read panels (made in place, as the loader does) */
+                    uint8_t *tmp = (uint8_t *)malloc(afm__q2b_panel_tmp_size(&w[mi]));
+                    afm__q2b_panelize(&w[mi], p, tmp);
+                    free(tmp);
+                }
             }
             for (i = 0; i < (size_t)cols; i++) X[i] = (float)((int)(rnd() % 2001) - 1000) / 1000.0f;
             afm__act_init(&act, AFM_TYPE_Q2B, 1, cols, buf);

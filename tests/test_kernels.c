@@ -38,7 +38,16 @@ static void *xmalloc(size_t n) {
     return p;
 }
 
-/* A random tensor of a type: random codes (padding too) and random fp16 scales. */
+/* A Q2B matrix (file layout, at p) into panels, as the loader does, in a new buffer; frees p. */
+static uint8_t *panelize(afm__wmat *w, uint8_t *p) {
+    uint8_t *panels = (uint8_t *)xmalloc(afm__q2b_panels_size(w)), *tmp = (uint8_t *)xmalloc(afm__q2b_panel_tmp_size(w));
+    afm__q2b_panelize(w, panels, tmp);
+    free(tmp);
+    free(p);
+    return panels;
+}
+
+/* A random tensor of a type: random codes (padding too) and random fp16 scales; Q2B in panels. */
 static uint8_t *make_weights(int type, int rows, int cols, int group, afm__wmat *w) {
     uint64_t size = afm__type_size(type, (uint64_t)rows, (uint64_t)cols, (uint32_t)(afm__type_is_quant(type) ? group : 0));
     uint8_t *p = (uint8_t *)xmalloc((size_t)size);
@@ -66,6 +75,7 @@ static uint8_t *make_weights(int type, int rows, int cols, int group, afm__wmat 
             else { uint16_t h = (uint16_t)(afm__bits_from_f32(f) >> 16); memcpy(p + 2 * i, &h, 2); }
         }
     }
+    if (type == AFM_TYPE_Q2B) p = panelize(w, p);
     return p;
 }
 
@@ -73,16 +83,14 @@ static uint8_t *make_weights(int type, int rows, int cols, int group, afm__wmat 
 static double abs_terms(const afm__wmat *w, const afm__act *a, int r, int t) {
     double s = 0.0;
     if (afm__type_is_quant(w->type)) {
-        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
-        const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
         int sb;
         for (sb = 0; sb < w->kpad / 64; sb++) {
-            double sg = fabs(afm__h2f(afm__rd16(sc + 2 * (size_t)(sb >> w->gshift))));
+            double sg = fabs(afm__qscale(w, r, sb));
             /* sum of |(code - offset) * q| over the sub-block: the size of the terms */
             double dot = 0.0;
             int i;
             for (i = 0; i < 64; i++)
-                dot += fabs(afm__code(w->type, row, sb, i) - 0.5 * afm__type_off2(w->type)) *
+                dot += fabs(afm__code(w, r, sb, i) - 0.5 * afm__type_off2(w->type)) *
                        abs(a->q[(size_t)t * (size_t)a->kpad + (size_t)(sb * 64 + i)]);
             s += sg * fabs((double)a->d[(size_t)t * (size_t)a->nsb + (size_t)sb]) * dot;
         }
@@ -181,6 +189,51 @@ static void test_prepare(const afm__kernels *ks, const afm__kernels *kk, const c
             }
             free(X); free(b1); free(b2);
         }
+}
+
+/* Q2B panels (the loader's in-memory layout): every code and scale where the file layout has it,
+   padding rows zero, and the in-place rearrangement equal to the one into a new buffer. */
+static void test_panels(void) {
+    static const int rows_list[] = {1, 15, 16, 17, 33, 48}, cols_list[] = {1, 300, 1000, 2048 + 65}, groups[] = {64, 128, 256, 512};
+    int ri, ci, gi, bad = 0, r, sb, i;
+    for (ri = 0; ri < 6; ri++)
+        for (ci = 0; ci < 4; ci++)
+            for (gi = 0; gi < 4; gi++) {
+                const int rows = rows_list[ri], cols = cols_list[ci];
+                const uint64_t size = afm__type_size(AFM_TYPE_Q2B, (uint64_t)rows, (uint64_t)cols, (uint32_t)groups[gi]);
+                uint8_t *file = (uint8_t *)xmalloc((size_t)size), *panels, *tmp;
+                afm__wmat f, w;
+                size_t k;
+                for (k = 0; k < size; k++) file[k] = (uint8_t)rnd();
+                afm__wmat_init(&f, AFM_TYPE_Q2B, file, size, rows, cols, groups[gi]);
+                w = f;
+                panels = (uint8_t *)xmalloc(afm__q2b_panels_size(&w));
+                tmp = (uint8_t *)xmalloc(afm__q2b_panel_tmp_size(&w));
+                memset(panels, 0xa5, afm__q2b_panels_size(&w));
+                afm__q2b_panelize(&w, panels, tmp);
+                for (r = 0; r < (rows + 15) / 16 * 16; r++)
+                    for (sb = 0; sb < w.kpad / 64; sb++) {
+                        const uint8_t *row = f.data + (size_t)r * f.row_bytes;
+                        uint16_t want_s = r < rows ? afm__rd16(f.scales + ((size_t)r * (size_t)f.n_groups + (size_t)(sb >> f.gshift)) * 2) : 0;
+                        const float got_s = afm__qscale(&w, r, sb), want_f = afm__h2f(want_s);
+                        if (memcmp(&got_s, &want_f, 4) != 0) bad++;
+                        for (i = 0; i < 64; i++) {
+                            int want = r < rows ? (row[(sb >> 2) * 64 + i] >> (2 * (sb & 3))) & 3 : 0;
+                            if (afm__code(&w, r, sb, i) != want) bad++;
+                        }
+                    }
+                if (rows % 16 == 0) { /* in place, as the loader does on a writable mapping */
+                    uint8_t *copy = (uint8_t *)xmalloc((size_t)size);
+                    afm__wmat c;
+                    memcpy(copy, file, (size_t)size);
+                    afm__wmat_init(&c, AFM_TYPE_Q2B, copy, size, rows, cols, groups[gi]);
+                    afm__q2b_panelize(&c, copy, tmp);
+                    if (afm__q2b_panels_size(&c) != size || memcmp(copy, panels, (size_t)size) != 0) bad++;
+                    free(copy);
+                }
+                free(file); free(panels); free(tmp);
+            }
+    check(bad == 0, "Q2B panels: every code and scale where the file has it, padding zero, in place == copied");
 }
 
 /* matmul: SIMD vs scalar, plus the scalar reference against a double-precision product of the
@@ -284,17 +337,18 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 64, 1, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 6656, 128, 9, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 33, 2048, 64, 5, 0);
-    /* the matrix-matrix kernels (gemm_min tokens or more: 3 to 8): 16-row blocks and a rest, every
-       group, full token tiles and every remainder */
+    /* the matrix-matrix kernels (gemm_min tokens or more): whole panels of 16 rows and panels cut by
+       the row range (rows r0 = 1 .. rows - 1, split in two at about the middle: at least one whole
+       panel each side), every group, full token tiles and every remainder */
     for (gi = 0; gi < 4; gi++) {
-        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 300, groups[gi], 3, gi == 0);
-        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 300, groups[gi], 8, 0);
-        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 35, 2048 + 65, groups[gi], 13, 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 70, 300, groups[gi], 3, gi == 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 70, 300, groups[gi], 8, 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 67, 2048 + 65, groups[gi], 13, 0);
     }
-    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 1000, 64, 22, 0);
-    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 1000, 128, 31, 0);
-    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 48, 6656, 64, 37, 0);
-    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 33, 1024, 64, 300, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 70, 1000, 64, 22, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 70, 1000, 128, 31, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 80, 6656, 64, 37, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 65, 1024, 64, 300, 0);
 }
 
 static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
@@ -490,6 +544,7 @@ static void test_fixture(const char *path, const afm__kernels *kk, int nk) {
     got = (float *)xmalloc(sizeof(float) * (size_t)cols);
     if (fread(data, 1, (size_t)n, f) != (size_t)n || fread(want, sizeof(float), (size_t)rows * cols, f) != (size_t)rows * cols) goto done;
     if (afm__wmat_init(&w, (int)type, data, n, (int)rows, (int)cols, (int)group) != 0) goto done;
+    if (type == AFM_TYPE_Q2B) data = panelize(&w, data);
     ok = 1;
     for (i = 0; i < nk; i++)
         for (r = 0; r < (int)rows; r++) {
@@ -517,6 +572,7 @@ int main(int argc, char **argv) {
     }
     test_fp16();
     test_sizes();
+    test_panels();
     /* the scalar reference against itself still exercises the dequant-product check */
     for (level = 0; level <= top; level++) {
         int got = afm__select_kernels(&kk, level);
