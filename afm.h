@@ -6004,15 +6004,16 @@ static inline int afm__row_block(const afm__wmat *w) {
             for (r = r0; r + 4 <= r1; r += 4) TILE(w, a, Y, ldy, r, t, 4, 1, TYPE);                         \
             for (; r < r1; r++) TILE(w, a, Y, ldy, r, t, 1, 1, TYPE);                                       \
         }
-/* ---- rows side by side: the matrix-matrix kernels' layout ----
+/* ---- Q2B: panel kernels and matrix-matrix kernels ----
 
-   A batch of a few tokens or more (prefill, verification: the level's gemm_min) takes Q2B rows 16
-   at a time: their codes are unpacked once into a per-thread scratch buffer, 4 consecutive codes
-   of the 16 rows side by side ([sub-block][k/4][row][4 bytes]), then every token of the batch runs
-   over it: one 4-byte
-   broadcast of activations against 16 rows per instruction, each row's integer sum in its own SIMD
-   lane (no horizontal sums), the float step once per 16 rows instead of once per row. The same
-   P_sb and the same float steps as the row kernels: the same bits. */
+   Q2B matrices are in panels of 16 rows (FILE LOADER, "Q2B in memory"). The panel kernels
+   (afm__ptile_*: decode, verification, any row range) read a panel word, shift and mask out its 4
+   bit planes, and take each against a broadcast of 4 activations of a token: 16 rows per
+   instruction, each row's integer sum in its own SIMD lane (no horizontal sums), the float step
+   once per sub-block for 16 rows. A batch of the level's gemm_min tokens or more (prefill) first
+   unpacks each panel to one code a byte in a per-thread scratch buffer ([sub-block][k/4][row][4
+   bytes]), so the many tokens that run over it spend nothing on shifts and masks. Either way the
+   same P_sb and the same float steps as the scalar reference: the same bits. */
 static inline size_t afm__gemm_scratch_size(int kpad) {
     return 64 + (size_t)kpad * 16 + (size_t)(kpad / 64) * 16 * sizeof(float);
 }
@@ -6161,19 +6162,10 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256i afm__hsum8x8_avx2(const __m256i *v) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-/* Codes of sub-block k (of SBB) of a 64-byte block v0|v1, as u8 (Q8: as stored, signed). Q2B bit
-   pairs 0..2 are masked in place (codes x1, x4, x16) and pair 3 shifted by 2 (x16): the caller
-   shifts the sums back down (afm__q2b_unscale); Q4 nibbles come out as they are. */
+/* Codes of sub-block k (of SBB) of a 64-byte block v0|v1 of a Q4 or Q8 row (Q2B is read from
+   panels), as u8: Q4's nibble, Q8's as stored (signed). */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__codes_avx2(__m256i v0, __m256i v1, int k, const int type, __m256i *c0, __m256i *c1) {
-    if (type == AFM_TYPE_Q2B) {
-        if (k == 3) {
-            *c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2), _mm256_set1_epi8(0x30));
-            *c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2), _mm256_set1_epi8(0x30));
-        } else {
-            *c0 = _mm256_and_si256(v0, _mm256_set1_epi8((char)(3 << (2 * k))));
-            *c1 = _mm256_and_si256(v1, _mm256_set1_epi8((char)(3 << (2 * k))));
-        }
-    } else if (type == AFM_TYPE_Q4) {
+    if (type == AFM_TYPE_Q4) {
         *c0 = _mm256_and_si256(k ? _mm256_srli_epi16(v0, 4) : v0, _mm256_set1_epi8(0x0f));
         *c1 = _mm256_and_si256(k ? _mm256_srli_epi16(v1, 4) : v1, _mm256_set1_epi8(0x0f));
     } else {
@@ -6182,8 +6174,8 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__codes_avx2(__m256i v0, __m256i v1, int k,
 }
 
 /* 64 codes . 64 activations as 8 int32 lanes that sum to the exact dot. maddubs takes unsigned x
-   signed: Q8's signed codes give it |c| and x with c's sign. Q2B codes up to 48 (in place) keep the
-   two int16 products below 2^15; Q8's are added as int32. */
+   signed: Q8's signed codes give it |c| and x with c's sign. Q4 codes up to 15 keep the two int16
+   products below 2^15; Q8's are added as int32. */
 AFM__FORCEINLINE AFM__T_AVX2 __m256i afm__dot64_avx2(__m256i c0, __m256i c1, const int8_t *x, const int type) {
     const __m256i x0 = _mm256_load_si256((const __m256i *)(const void *)x), x1 = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
     const __m256i ones = _mm256_set1_epi16(1);
@@ -6201,16 +6193,9 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__qstep_avx2(__m256i P, __m256 S, const f
     __m256i p2 = _mm256_slli_epi32(P, 1);
     if (type != AFM_TYPE_Q8) {
         const __m256i Q = _mm256_loadu_si256((const __m256i *)(const void *)qs);
-        const __m256i oQ = type == AFM_TYPE_Q2B ? _mm256_add_epi32(_mm256_slli_epi32(Q, 1), Q) : _mm256_sub_epi32(_mm256_slli_epi32(Q, 4), Q);
-        p2 = _mm256_sub_epi32(p2, oQ);
+        p2 = _mm256_sub_epi32(p2, _mm256_sub_epi32(_mm256_slli_epi32(Q, 4), Q)); /* Q4: o = 15 */
     }
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p2), _mm256_mul_ps(S, _mm256_loadu_ps(d)), acc);
-}
-
-/* Q2B sums of 8 sub-blocks c..c+7 (c a multiple of 4) read in place: sub-block j's codes were x4^(j%4),
-   the last pair x16; the sums are exact multiples, so the shift back is exact. */
-AFM__FORCEINLINE AFM__T_AVX2 __m256i afm__q2b_unscale_avx2(__m256i P) {
-    return _mm256_srav_epi32(P, _mm256_setr_epi32(0, 2, 4, 4, 0, 2, 4, 4));
 }
 
 /* The scales of sub-blocks c..c+n-1 (n <= 8), zeros past n. */
@@ -6221,10 +6206,10 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__scales_n_avx2(const uint8_t *sc, int gs
     return _mm256_load_ps(s8);
 }
 
-/* One row r of a quantized matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining),
+/* One row r of a Q4 or Q8 matrix against tokens t0 .. t0+T-1 (T <= 8, a constant after inlining),
    8 sub-blocks at a time: their 8 integer dots per token are reduced to one vector (lane j: sub-
    block c+j), then one float step (afm__qstep_avx2). DOT64 is the level's 64-code dot. The last
-   chunk may be short: rows are padded to 256 (Q2B), 128 (Q4) or 64 (Q8) elements, not 512. */
+   chunk may be short: rows are padded to 128 (Q4) or 64 (Q8) elements, not 512. */
 #define AFM__QROW_CHUNK(N, DOT64, CC, S)                                                                         \
     {                                                                                                            \
         const uint8_t *blk0 = row + (size_t)((unsigned)(CC) / SBB) * 64;                                         \
@@ -6241,7 +6226,6 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__scales_n_avx2(const uint8_t *sc, int gs
             AFM__UNROLL for (j = 0; j < 8; j++)                                                                  \
                 v[j] = j < (N) ? DOT64(cc[j][0], cc[j][1], x + j * 64, type) : _mm256_setzero_si256();           \
             P = afm__hsum8x8_avx2(v);                                                                            \
-            if (type == AFM_TYPE_Q2B) P = afm__q2b_unscale_avx2(P);                                              \
             acc[t] = afm__qstep_avx2(P, S, a->d + (size_t)(t0 + t) * (size_t)a->nsb + (CC),                      \
                                      a->qs + (size_t)(t0 + t) * (size_t)a->nsb + (CC), type, acc[t]);            \
         }                                                                                                        \
@@ -6254,7 +6238,7 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__scales_n_avx2(const uint8_t *sc, int gs
     }
 /* (Decode takes 16 sub-blocks per step: two independent chains for the out-of-order core.) */
 #define AFM__QROW_BODY(DOT64)                                                                                   \
-    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */  \
+    const int SBB = type == AFM_TYPE_Q4 ? 2 : 1; /* sub-blocks per 64-byte block */                            \
     const int nsb = w->kpad >> 6, gshift = w->gshift;                                                            \
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;                                                     \
     const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;                                         \
@@ -6636,9 +6620,10 @@ AFM__T_AVX2 static float afm__expsum_avx2(float *x, int n, float *max) {
 #endif
 
 /* Quantized weights at the AVX-512 level use the AVX2 kernels (the contract fixes the float steps
-   per 8 lanes; wider vectors only pay off with VNNI's integer dot). With VNNI: the row kernel's 64-
-   code dot is two 256-bit vpdpbusd (u8 x s8 -> s32, 4 products per lane), and the matrix-matrix
-   kernel does 16 rows x 4 codes per 512-bit vpdpbusd against a broadcast of 4 activations. */
+   per 8 lanes; wider vectors only pay off with VNNI's integer dot). With VNNI: the Q4/Q8 row
+   kernel's 64-code dot is two 256-bit vpdpbusd (u8 x s8 -> s32, 4 products per lane), and the Q2B
+   panel and matrix-matrix kernels do 16 rows x 4 codes per 512-bit vpdpbusd against a broadcast of
+   4 activations. */
 AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot64_vnni(__m256i c0, __m256i c1, const int8_t *x, const int type) {
     __m256i x0 = _mm256_load_si256((const __m256i *)(const void *)x), x1 = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
     if (type == AFM_TYPE_Q8) { /* the weight's sign moved onto x */
@@ -6651,9 +6636,12 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm_
                                                   int r, int t0, const int T, const int type) {
     AFM__QROW_BODY(afm__dot64_vnni)
 }
-/* 16 rows of panel pn x T tokens (T <= 8), as afm__ptile_avx2 with a whole panel word per zmm:
-   its 4 planes each take one vpdpbusd per token against a broadcast of 4 activations; each lane
-   ends with one row's exact sum. */
+/* 16 rows of panel pn x T tokens (3 <= T <= 8), as afm__ptile_avx2 with a whole panel word per
+   zmm: its 4 planes each take one vpdpbusd per token against a broadcast of 4 activations; each
+   lane ends with one row's exact sum. With 3 tokens or more their sums are independent chains
+   enough for vpdpbusd's 5-cycle latency. This kernel serves every batch size: unpacking panels to
+   bytes first (afm__gtile_*) was slower here at every size (Xeon, 1 thread, 2048 x 6656: 8 tokens
+   102 us a token from panels, 192 unpacked). */
 AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
     const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
@@ -6693,51 +6681,64 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm_
         _mm512_storeu_ps(Y + (size_t)t * ldy, _mm512_mul_ps(y, _mm512_set1_ps(0.5f)));
     }
 }
+/* One or two tokens (decode, short verification): afm__ptile_avx2 with vpdpbusd on 256-bit halves
+   of the panel words instead of maddubs + add, two sums per half and token (4 chains a token).
+   On the Xeon the 256-bit shifts and vpdpbusd issue on two ports, the 512-bit ones on one. */
+AFM__FORCEINLINE AFM__T_VNNI void afm__ptile256_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
+    const int nsb = w->kpad >> 6;
+    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256 lanes[8][2][2]; /* [sub-block % 8][token][rows 0-7, 8-15] */
+    int t, sb, v, h, m;
+    AFM__UNROLL for (sb = 0; sb < 8; sb++) AFM__UNROLL for (t = 0; t < T; t++) lanes[sb][t][0] = lanes[sb][t][1] = _mm256_setzero_ps();
+    for (sb = 0; sb < nsb; sb++) {
+        const uint8_t *cb = pc + (size_t)sb * 256, *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg));
+        const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16)));
+        __m256i acc[2][2][2]; /* [token][half][plane % 2] */
+        if (T == a->n_tok && AFM__PF_DIST > 0) {
+            AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
+            _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) AFM__UNROLL for (h = 0; h < 2; h++) acc[t][h][0] = acc[t][h][1] = _mm256_setzero_si256();
+        AFM__UNROLL for (v = 0; v < 4; v++) AFM__UNROLL for (h = 0; h < 2; h++) {
+            const __m256i W = _mm256_loadu_si256((const __m256i *)(const void *)(cb + 64 * v + 32 * h));
+            AFM__UNROLL for (m = 0; m < 4; m++) {
+                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(W, 2 * m), m3);
+                AFM__UNROLL for (t = 0; t < T; t++) {
+                    int32_t x4;
+                    memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v + 4 * (size_t)m, 4);
+                    acc[t][h][m & 1] = _mm256_dpbusd_epi32(acc[t][h][m & 1], c, _mm256_set1_epi32(x4));
+                }
+            }
+        }
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const __m256 d = _mm256_set1_ps(a->d[i]);
+            const __m256i oQ = _mm256_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]);
+            const __m256i p0 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_add_epi32(acc[t][0][0], acc[t][0][1]), 1), oQ);
+            const __m256i p1 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_add_epi32(acc[t][1][0], acc[t][1][1]), 1), oQ);
+            lanes[sb & 7][t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), lanes[sb & 7][t][0]);
+            lanes[sb & 7][t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, d), lanes[sb & 7][t][1]);
+        }
+    }
+    AFM__UNROLL for (t = 0; t < T; t++) for (h = 0; h < 2; h++) { /* afm__sum8's tree, 8 rows at once */
+        const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lanes[0][t][h], lanes[4][t][h]), _mm256_add_ps(lanes[2][t][h], lanes[6][t][h])),
+                                       _mm256_add_ps(_mm256_add_ps(lanes[1][t][h], lanes[5][t][h]), _mm256_add_ps(lanes[3][t][h], lanes[7][t][h])));
+        _mm256_storeu_ps(Y + (size_t)t * ldy + (size_t)h * 8, _mm256_mul_ps(y, _mm256_set1_ps(0.5f)));
+    }
+}
+/* (T is a constant after inlining: one or two tokens take the 256-bit kernel.) */
+#define AFM__PTILE_VNNI(w, a, pn, t, T, Y, ldy) \
+    do { if ((T) <= 2) afm__ptile256_vnni(w, a, pn, t, (T) <= 2 ? (T) : 1, Y, ldy); else afm__ptile_vnni(w, a, pn, t, T, Y, ldy); } while (0)
 AFM__T_VNNI static void afm__matmul_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
-    AFM__PANEL_BODY(afm__ptile_vnni, 8)
+    AFM__PANEL_BODY(AFM__PTILE_VNNI, 8)
 }
 AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q4)
 }
 AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q8)
-}
-
-/* 16 packed rows x T tokens (T <= 8), as afm__gtile_avx2 with one zmm per token: 16 vpdpbusd per
-   sub-block give each row's exact dot in its lane. */
-AFM__FORCEINLINE AFM__T_VNNI void afm__gtile_vnni(const uint8_t *codes, const float *S, int nsb, const afm__act *a,
-                                                  float *Y, size_t ldy, int r, int t0, const int T) {
-    __m512 lanes[8][8]; /* [sub-block % 8][token] */
-    int t, sb, k;
-    memset(lanes, 0, sizeof lanes); /* +0.0f */
-    for (sb = 0; sb < nsb; sb++) {
-        const uint8_t *cb = codes + (size_t)sb * 1024;
-        const __m512 s16 = _mm512_load_ps(S + (size_t)sb * 16);
-        __m512i acc[8];
-        AFM__UNROLL for (t = 0; t < T; t++) acc[t] = _mm512_setzero_si512();
-        for (k = 0; k < 16; k++) {
-            const __m512i c = _mm512_load_si512((const void *)(cb + k * 64));
-            AFM__UNROLL for (t = 0; t < T; t++) {
-                int32_t x4;
-                memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + (size_t)k * 4, 4);
-                acc[t] = _mm512_dpbusd_epi32(acc[t], c, _mm512_set1_epi32(x4));
-            }
-        }
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const __m512i p = _mm512_sub_epi32(_mm512_slli_epi32(acc[t], 1), _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
-            lanes[sb & 7][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][t]);
-        }
-    }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(lanes[0][t], lanes[4][t]), _mm512_add_ps(lanes[2][t], lanes[6][t])),
-                                       _mm512_add_ps(_mm512_add_ps(lanes[1][t], lanes[5][t]), _mm512_add_ps(lanes[3][t], lanes[7][t])));
-        _mm512_storeu_ps(Y + (size_t)(t0 + t) * ldy + (size_t)r, _mm512_mul_ps(y, _mm512_set1_ps(0.5f)));
-    }
-}
-#define AFM__ROWS_Q2B_VNNI(w, a, Y, ldy, r0, r1) afm__matmul_q2b_vnni(w, a, Y, ldy, r0, r1)
-AFM__T_VNNI static void afm__gemm_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
-    AFM__GEMM_BODY(afm__gtile_vnni, 8, AFM__ROWS_Q2B_VNNI, afm__unpack16_q2b_avx2)
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -6843,8 +6844,8 @@ static void afm__prepare_q8_neon(afm__act *a, const float *X, size_t ldx, int t0
     }
 }
 
-/* 64 codes . 64 activations as 4 int32 lanes that sum to the exact dot. Codes are at most 48 (Q2B
-   bit pairs in place) or int8 (Q8): two products per int16 lane stay below 2^15 in the plain NEON path. */
+/* 64 codes . 64 activations as 4 int32 lanes that sum to the exact dot. Codes are at most 15 (Q4)
+   or int8 (Q8): two products per int16 lane stay below 2^15 in the plain NEON path. */
 AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x, const int dot) {
     const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16), x2 = vld1q_s8(x + 32), x3 = vld1q_s8(x + 48);
 #ifdef AFM__NEON_DOT
@@ -6864,31 +6865,28 @@ AFM__FORCEINLINE int32x4_t afm__dot64_neon(const int8x16_t *cq, const int8_t *x,
 AFM__FORCEINLINE void afm__codes_neon(const uint8x16_t *v, int k, const int type, int8x16_t *cq) {
     int i;
     for (i = 0; i < 4; i++) {
-        if (type == AFM_TYPE_Q2B)
-            cq[i] = vreinterpretq_s8_u8(k == 3 ? vandq_u8(vshrq_n_u8(v[i], 2), vdupq_n_u8(0x30)) : vandq_u8(v[i], vdupq_n_u8((uint8_t)(3 << (2 * k)))));
-        else if (type == AFM_TYPE_Q4)
+        if (type == AFM_TYPE_Q4)
             cq[i] = vreinterpretq_s8_u8(k ? vshrq_n_u8(v[i], 4) : vandq_u8(v[i], vdupq_n_u8(15)));
         else
             cq[i] = vreinterpretq_s8_u8(v[i]);
     }
 }
 
-/* The contract's float step for 4 sub-blocks (P: their dots, unscaled) of one token. */
+/* The contract's float step for 4 sub-blocks (P: their dots) of one token. */
 AFM__FORCEINLINE float32x4_t afm__qstep_neon(int32x4_t P, float32x4_t S, const float *d, const int32_t *qs, const int type, float32x4_t acc) {
     int32x4_t p2 = vshlq_n_s32(P, 1);
     if (type != AFM_TYPE_Q8) p2 = vsubq_s32(p2, vmulq_n_s32(vld1q_s32(qs), afm__type_off2(type)));
     return vfmaq_f32(acc, vcvtq_f32_s32(p2), vmulq_f32(S, vld1q_f32(d)));
 }
 
-/* As afm__qtile_avx2: 8 sub-blocks at a time, their dots reduced pairwise to two vectors (sub-
-   blocks c..c+3 and c+4..c+7), Q2B's in-place codes shifted back, one float step each. */
+/* As afm__qtile_avx2 (Q4, Q8): 8 sub-blocks at a time, their dots reduced pairwise to two vectors
+   (sub-blocks c..c+3 and c+4..c+7), one float step each. */
 AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                       int r, int t0, const int T, const int type, const int dot) {
-    const int SBB = type == AFM_TYPE_Q2B ? 4 : type == AFM_TYPE_Q4 ? 2 : 1;
+    const int SBB = type == AFM_TYPE_Q4 ? 2 : 1;
     const int nsb = w->kpad >> 6;
     const uint8_t *row = w->data + (size_t)r * w->row_bytes;
     const uint8_t *sc = w->scales + (size_t)r * (size_t)w->n_groups * 2;
-    static const int32_t unscale[4] = {0, -2, -4, -4};
     float32x4_t acc[8][2];
     int t, j, c;
     AFM__UNROLL for (t = 0; t < T; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
@@ -6919,7 +6917,6 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
             }
             P0 = vpaddq_s32(vpaddq_s32(v[0], v[1]), vpaddq_s32(v[2], v[3]));
             P1 = vpaddq_s32(vpaddq_s32(v[4], v[5]), vpaddq_s32(v[6], v[7]));
-            if (type == AFM_TYPE_Q2B) { P0 = vshlq_s32(P0, vld1q_s32(unscale)); P1 = vshlq_s32(P1, vld1q_s32(unscale)); }
             acc[t][0] = afm__qstep_neon(P0, S0, d, qs, type, acc[t][0]);
             acc[t][1] = afm__qstep_neon(P1, S1, d + 4, qs + 4, type, acc[t][1]);
         }
@@ -7294,8 +7291,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     if (level >= AFM__LEVEL_AVX512VNNI) {
         k->name = "avx512vnni";
         k->matmul[3] = afm__matmul_q2b_vnni; k->matmul[4] = afm__matmul_q4_vnni; k->matmul[5] = afm__matmul_q8_vnni;
-        k->gemm_q2b = afm__gemm_q2b_vnni;
-        k->gemm_min = 8; /* the VNNI row kernel is as fast up to 6 tokens (Xeon, 1 thread) */
+        k->gemm_q2b = NULL; /* the panel kernel at every batch size (afm__ptile_vnni) */
     }
 #elif defined(AFM__NEON)
     if (max_level >= AFM__LEVEL_NEON) {
