@@ -147,13 +147,7 @@ bench-kernels:
 	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_kernels bench/bench_kernels.c $(LDLIBS)
 	build/bench_kernels
 
-# T-MAC style table-lookup Q2B decode kernel against the current AVX2 one (docs/BENCHMARKS.md)
-bench-tmac:
-	mkdir -p build
-	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_tmac bench/bench_tmac.c $(LDLIBS)
-	build/bench_tmac 5
-
 clean:
 	rm -rf build afm simple afm-server libafm.so
 
-.PHONY: all lib demo test fuzz fuzz-tok fuzz-long fuzz-gen bench bench-models bench-adapter bench-spec bench-kernels bench-tmac clean
+.PHONY: all lib demo test fuzz fuzz-tok fuzz-long fuzz-gen bench bench-models bench-adapter bench-spec bench-kernels clean

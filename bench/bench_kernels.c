@@ -5,6 +5,8 @@
             -q        quick (fewer repetitions)
             -d        decode (matvec) table only
             -c        compute ceilings only (in-cache, CPU time: robust on a busy machine)
+            -b        Q2B by batch size: the panel kernel against the unpacked matrix-matrix one
+                      (2048 x 6656, 1 thread, CPU time, us per token; where gemm_min comes from)
    Decode: matvec (n_tok = 1) over a set of distinct matrices larger than the last-level cache,
    rows split over threads with a barrier after every matrix, as the forward pass does; GB/s counts
    weight bytes (codes + scales). Prefill: n_tok = 64 and 512, GFLOP/s = 2*rows*cols*n_tok / time. */
@@ -233,6 +235,41 @@ static void ceilings(const afm__kernels *k) {
         }
 }
 
+/* -b: us per token of a Q2B product by batch size, through the level's panel kernel (matmul) and,
+   where it has one, its unpacked matrix-matrix kernel (gemm_q2b), whatever gemm_min says. */
+static void batch_sizes(const afm__kernels *k) {
+    static const int toks[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64};
+    afm__wmat *w;
+    uint8_t *mem;
+    size_t each;
+    void *gs;
+    int ti, r;
+    w = make_set(AFM_TYPE_Q2B, 2048, 6656, 64, 1, &mem, &each);
+    gs = malloc(afm__gemm_scratch_size(w->kpad));
+    printf("\nQ2B 2048x6656 group 64, 1 thread, CPU time, best of 5, us per token (gemm_min %d)\n", k->gemm_q2b ? k->gemm_min : 0);
+    printf("%6s %10s %10s\n", "tokens", "panel", "unpacked");
+    for (ti = 0; ti < (int)(sizeof toks / sizeof toks[0]); ti++) {
+        const int nt = toks[ti];
+        float *X = (float *)malloc(sizeof(float) * 6656 * (size_t)nt), *Y = (float *)malloc(sizeof(float) * 2048 * (size_t)nt);
+        void *buf = malloc(afm__act_size(AFM_TYPE_Q2B, nt, 6656));
+        afm__act act;
+        double bp = 1e30, bg = 1e30, t0;
+        size_t i;
+        for (i = 0; i < (size_t)nt * 6656; i++) X[i] = (float)((int)(rnd() % 2001) - 1000) / 1000.0f;
+        afm__act_init(&act, AFM_TYPE_Q2B, nt, 6656, buf);
+        afm__prepare_activations(k, &act, X, 6656, 0, nt);
+        for (r = 0; r < 5; r++) {
+            t0 = cpu_now(); k->matmul[afm__type_slot(AFM_TYPE_Q2B)](w, &act, Y, 2048, 0, 2048); t0 = cpu_now() - t0;
+            if (t0 < bp) bp = t0;
+            if (k->gemm_q2b) { t0 = cpu_now(); k->gemm_q2b(w, &act, Y, 2048, 0, 2048, gs); t0 = cpu_now() - t0; if (t0 < bg) bg = t0; }
+        }
+        if (k->gemm_q2b) printf("%6d %10.1f %10.1f\n", nt, bp * 1e6 / nt, bg * 1e6 / nt);
+        else printf("%6d %10.1f %10s\n", nt, bp * 1e6 / nt, "-");
+        free(X); free(Y); free(buf);
+    }
+    free(gs); free(w); free(mem);
+}
+
 int main(int argc, char **argv) {
     afm__kernels k;
     int level = AFM__LEVEL_MAX, quick = 0, decode_only = 0, ceil_only = 0, i, nt;
@@ -243,9 +280,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-q")) quick = 1;
         else if (!strcmp(argv[i], "-d")) decode_only = 1;
         else if (!strcmp(argv[i], "-c")) ceil_only = 1;
+        else if (!strcmp(argv[i], "-b")) ceil_only = 2;
     }
     bw_simd = afm__select_kernels(&k, level) >= 1;
     printf("kernels: %s\n", k.name);
+    if (ceil_only == 2) { batch_sizes(&k); return 0; }
     if (ceil_only) { ceilings(&k); return 0; }
     for (nt = 1; nt <= 2; nt++) {
         bw[nt] = measure_bw(nt, (size_t)1 << 30, quick ? 3 : 6);
