@@ -1308,7 +1308,7 @@ static inline void afm__st32le(uint8_t *p, uint32_t v) { p[0] = (uint8_t)v; p[1]
    of V[4v + m] holds in bit pair p: a 4 x 4 transpose of bit pairs, done for 8 bytes (two words v)
    at once by two rounds of swaps (2 x 2 blocks of pairs, then single pairs). */
 static void afm__q2b_panelize(afm__wmat *w, uint8_t *dst, uint8_t *tmp) {
-    const int P = (w->rows + 15) / 16, nb = w->kpad / 256, nsb = w->kpad / 64;
+    const int P = (w->rows + 15) / 16, nb = w->kpad / 256;
     const size_t code16 = 16 * w->row_bytes, sc16 = (size_t)w->n_groups * 32;
     uint8_t *dsc = dst + (size_t)P * code16;
     int pn, u, b, v, p, m, g;
@@ -1345,7 +1345,6 @@ static void afm__q2b_panelize(afm__wmat *w, uint8_t *dst, uint8_t *tmp) {
                 ps[(size_t)(g * 16 + u) * 2 + 1] = tsc[((size_t)u * (size_t)w->n_groups + (size_t)g) * 2 + 1];
             }
     }
-    (void)nsb;
     w->data = dst;
     w->scales = dsc;
     w->panels = 1;
