@@ -417,6 +417,16 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
                 check(bad == 0, msg);
                 free(K); free(q); free(s1); free(s2); free(o1); free(o2);
             }
+    for (di = 1; di <= 140; di += (di < 18 ? 1 : 17)) { /* axpy: n = 1 .. 18, then 35, 52, ..., 137 */
+        float y1[141], y2[141], x[141], a = rndf() * 3.0f;
+        int i, bad = 0;
+        for (i = 0; i < 141; i++) { x[i] = rndf(); y1[i] = y2[i] = rndf(); }
+        ks->axpy(y1, a, x, di);
+        kk->axpy(y2, a, x, di);
+        for (i = 0; i < 141; i++) bad += memcmp(&y1[i], &y2[i], 4) != 0;
+        snprintf(msg, sizeof msg, "%s axpy n=%d == scalar, bit for bit (and nothing past n)", lname, di);
+        check(bad == 0, msg);
+    }
 }
 
 /* Regression (hostile case q8_nan_activations_ubsan.afm): NaN, infinite, huge and tiny activations
