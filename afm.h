@@ -6506,32 +6506,89 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__i8x8_avx2(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
 }
 
+/* The afm__sum8 trees of 8 accumulators at once: lanes [A0, A2, A4, A6, A1, A3, A5, A7]. Level 1
+   adds each pair's 128-bit halves (l0+l4 .. l3+l7), level 2 lanes 0+2 and 1+3 of each, level 3 the
+   two: the same additions as afm__hsum_avx2 does for one, in 7 adds and 14 shuffles instead of 8 x 6. */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__sum8x8_avx2(const __m256 *A) {
+    const __m256 v0 = _mm256_add_ps(_mm256_permute2f128_ps(A[0], A[1], 0x20), _mm256_permute2f128_ps(A[0], A[1], 0x31));
+    const __m256 v1 = _mm256_add_ps(_mm256_permute2f128_ps(A[2], A[3], 0x20), _mm256_permute2f128_ps(A[2], A[3], 0x31));
+    const __m256 v2 = _mm256_add_ps(_mm256_permute2f128_ps(A[4], A[5], 0x20), _mm256_permute2f128_ps(A[4], A[5], 0x31));
+    const __m256 v3 = _mm256_add_ps(_mm256_permute2f128_ps(A[6], A[7], 0x20), _mm256_permute2f128_ps(A[6], A[7], 0x31));
+    const __m256 y0 = _mm256_add_ps(_mm256_shuffle_ps(v0, v1, 0x44), _mm256_shuffle_ps(v0, v1, 0xEE));
+    const __m256 y1 = _mm256_add_ps(_mm256_shuffle_ps(v2, v3, 0x44), _mm256_shuffle_ps(v2, v3, 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(y0, y1, 0x88), _mm256_shuffle_ps(y0, y1, 0xDD));
+}
+
+/* Scores of H heads x positions [0, n_pos), P at a time (H * P <= 8; n_pos a multiple of P),
+   accumulator h * P + p: each key row is converted once for the H heads and each query vector
+   loaded once for the P positions, and the 8 sums share one afm__sum8x8_avx2 (the unused
+   accumulators stay 0). H and P are constants after inlining, so the accumulators stay in registers. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tiles_avx2(const float *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
+                                                      int dim, float scale, float *s, size_t lds, const int H, const int P) {
+    const int d8 = dim & ~7;
+    const __m256 sv = _mm256_set1_ps(scale);
+    int p0, i, h, p;
+    for (p0 = 0; p0 < n_pos; p0 += P) {
+        const int8_t *kp = k + (size_t)p0 * k_stride;
+        __m256 A[8], x[8], sum8;
+        float r[8];
+        AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm256_setzero_ps();
+        for (i = 0; i < d8; i += 8) {
+            AFM__UNROLL for (p = 0; p < P; p++) x[p] = afm__i8x8_avx2(kp + (size_t)p * k_stride + (size_t)i);
+            AFM__UNROLL for (h = 0; h < H; h++) {
+                const __m256 qv = _mm256_loadu_ps(q + (size_t)h * ldq + (size_t)i);
+                AFM__UNROLL for (p = 0; p < P; p++) A[h * P + p] = _mm256_fmadd_ps(qv, x[p], A[h * P + p]);
+            }
+        }
+        sum8 = afm__sum8x8_avx2(A);
+        if (d8 == dim) { /* no tail: the 8 products by the scale at once */
+            _mm256_storeu_ps(r, _mm256_mul_ps(sum8, sv));
+            AFM__UNROLL for (h = 0; h < H; h++)
+                AFM__UNROLL for (p = 0; p < P; p++) s[(size_t)h * lds + (size_t)(p0 + p)] = r[((h * P + p) >> 1) + (((h * P + p) & 1) << 2)];
+        } else {
+            _mm256_storeu_ps(r, sum8);
+            for (h = 0; h < H; h++)
+                for (p = 0; p < P; p++) {
+                    float sum = r[((h * P + p) >> 1) + (((h * P + p) & 1) << 2)];
+                    for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)h * ldq + (size_t)i], (float)kp[(size_t)p * k_stride + (size_t)i], sum);
+                    s[(size_t)h * lds + (size_t)(p0 + p)] = sum * scale;
+                }
+        }
+    }
+}
+
+/* Up to 8 heads at a time (a KV head's group of query heads, in attention): 8 heads x 1 position;
+   fewer heads take 2, 4 or 8 positions per tile, so that a tile fills the 8 accumulators, and the
+   positions left over one at a time. */
 AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                             int n_pos, int dim, float scale, float *s, size_t lds) {
-    const int d8 = dim & ~7;
-    int h0, p, i, h;
-    for (h0 = 0; h0 < nq; h0 += 4) {
-        const int nh = nq - h0 < 4 ? nq - h0 : 4;
-        for (p = 0; p < n_pos; p++) {
-            const int8_t *kp = k + (size_t)p * k_stride;
-            __m256 acc[4];
-            for (h = 0; h < 4; h++) acc[h] = _mm256_setzero_ps();
-            if (nh == 4) {
-                for (i = 0; i < d8; i += 8) {
-                    const __m256 kv = afm__i8x8_avx2(kp + i);
-                    AFM__UNROLL for (h = 0; h < 4; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
-                }
-            } else {
-                for (i = 0; i < d8; i += 8) {
-                    const __m256 kv = afm__i8x8_avx2(kp + i);
-                    for (h = 0; h < nh; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * ldq + i), kv, acc[h]);
-                }
-            }
-            for (h = 0; h < nh; h++) {
-                float sum = afm__hsum_avx2(acc[h]);
-                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
-                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
-            }
+    int h0;
+    for (h0 = 0; h0 < nq; h0 += 8) {
+        const int nh = nq - h0 < 8 ? nq - h0 : 8, P = nh > 4 ? 1 : nh > 2 ? 2 : nh == 2 ? 4 : 8, np = n_pos - n_pos % P;
+        const float *qh = q + (size_t)h0 * ldq;
+        float *sh = s + (size_t)h0 * lds;
+        const int8_t *kr = k + (size_t)np * k_stride;
+        switch (nh) {
+        case 8: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 8, 1); break;
+        case 7: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 7, 1); break;
+        case 6: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 6, 1); break;
+        case 5: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 5, 1); break;
+        case 4:
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 4, 2);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 4, 1);
+            break;
+        case 3:
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 3, 2);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 3, 1);
+            break;
+        case 2:
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 2, 4);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 2, 1);
+            break;
+        default:
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 1, 8);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 1, 1);
+            break;
         }
     }
 }
