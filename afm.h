@@ -7993,7 +7993,7 @@ static uint64_t afm__scratch_budget(const afm_model *m) {
    to AFM__ATT_HEADS query heads (FORWARD PASS, "attention"); each thread's scratch holds one
    chunk's scores for a KV head's query heads and the partial results of every chunk of one group. */
 #define AFM__KV_CHUNK 128
-#define AFM__ATT_HEADS 4
+#define AFM__ATT_HEADS 8
 
 typedef struct afm__attn_job {
     afm_session *s;
