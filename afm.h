@@ -5614,7 +5614,8 @@ static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, voi
    gemm_q2b: the same for a Q2B matrix and a batch of gemm_min tokens or more, with a per-thread
    scratch of afm__gemm_scratch_size(w->kpad) bytes (NULL where the level has none).
    dequant: out[0 .. cols-1] = row `row` of w as f32.
-   kv_scores: s[h*lds + p] = scale * sum_i q[h*ldq + i] * k[p*k_stride + i], h < nq, p < n_pos.
+   kv_scores: s[h*lds + p] = scale * sum_i q[h*ldq + i] * k[p*k_stride + i], h < nq, p < n_pos;
+   pf (or NULL): rows of the same shape that the caller reads next (the values), a prefetch hint.
    kv_values: o[h*ldo + i] = scale * sum_p pr[h*ldp + p] * v[p*v_stride + i], h < nq, i < dim.
    axpy: y[i] = fma(a, x[i], y[i]), i < n (merging chunked attention's partial outputs). */
 typedef void (*afm__prepare_fn)(afm__act *a, const float *X, size_t ldx, int t0, int t1);
@@ -5622,7 +5623,7 @@ typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, 
 typedef void (*afm__gemm_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch);
 typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
 typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                  int n_pos, int dim, float scale, float *s, size_t lds);
+                                  int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf);
 typedef void (*afm__silu_mul_fn)(float *h, const float *g, int n);
 typedef float (*afm__expsum_fn)(float *x, int n, float *max);
 typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
@@ -5946,9 +5947,10 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
 }
 
 static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                  int n_pos, int dim, float scale, float *s, size_t lds) {
+                                  int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
     const int d8 = dim & ~7;
     int h, p, i;
+    (void)pf;
     for (h = 0; h < nq; h++)
         for (p = 0; p < n_pos; p++) {
             const int8_t *kp = k + (size_t)p * k_stride;
@@ -6509,14 +6511,20 @@ AFM__T_AVX2 static void afm__dequant_avx2(const afm__wmat *w, int row, float *ou
     afm__dequant_scalar(w, row, out);
 }
 
-/* Prefetches the `dim` bytes of KV row p + AFM__KV_PF if it is one of the n_pos (its last byte too:
-   the cache is not 64-byte aligned, a 128-byte row spans 3 lines). */
-AFM__FORCEINLINE AFM__T_AVX2 void afm__kv_prefetch_avx2(const int8_t *kv, size_t stride, int p, int n_pos, int dim) {
-    if (AFM__KV_PF > 0 && p + AFM__KV_PF < n_pos) {
-        const char *row = (const char *)(kv + (size_t)(p + AFM__KV_PF) * stride);
+/* Prefetches the `dim` bytes of KV row p if it is one of the n_pos (its last byte too: the cache is
+   not 64-byte aligned, a 128-byte row spans 3 lines); into L1, or into L2 with l2 (the values while
+   the scores run: a chunk of both would not fit in L1). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__kv_prefetch_avx2(const int8_t *kv, size_t stride, int p, int n_pos, int dim, const int l2) {
+    if (AFM__KV_PF > 0 && p < n_pos) {
+        const char *row = (const char *)(kv + (size_t)p * stride);
         int b;
-        for (b = 0; b < dim; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-        _mm_prefetch(row + dim - 1, _MM_HINT_T0);
+        if (l2) {
+            for (b = 0; b < dim; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+            _mm_prefetch(row + dim - 1, _MM_HINT_T1);
+        } else {
+            for (b = 0; b < dim; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+            _mm_prefetch(row + dim - 1, _MM_HINT_T0);
+        }
     }
 }
 
@@ -6543,7 +6551,8 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__sum8x8_avx2(const __m256 *A) {
    loaded once for the P positions, and the 8 sums share one afm__sum8x8_avx2 (the unused
    accumulators stay 0). H and P are constants after inlining, so the accumulators stay in registers. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tiles_avx2(const float *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
-                                                      int dim, float scale, float *s, size_t lds, const int H, const int P) {
+                                                      int dim, float scale, float *s, size_t lds, const int8_t *pf,
+                                                      const int H, const int P) {
     const int d8 = dim & ~7;
     const __m256 sv = _mm256_set1_ps(scale);
     int p0, i, h, p;
@@ -6552,7 +6561,8 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tiles_avx2(const float *q, size_t ldq
         __m256 A[8], x[8], sum8;
         float r[8];
         AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm256_setzero_ps();
-        AFM__UNROLL for (p = 0; p < P; p++) afm__kv_prefetch_avx2(k, k_stride, p0 + p, n_pos, dim);
+        AFM__UNROLL for (p = 0; p < P; p++) afm__kv_prefetch_avx2(k, k_stride, p0 + p + AFM__KV_PF, n_pos, dim, 0);
+        if (pf) AFM__UNROLL for (p = 0; p < P; p++) afm__kv_prefetch_avx2(pf, k_stride, p0 + p, n_pos, dim, 1);
         for (i = 0; i < d8; i += 8) {
             AFM__UNROLL for (p = 0; p < P; p++) x[p] = afm__i8x8_avx2(kp + (size_t)p * k_stride + (size_t)i);
             AFM__UNROLL for (h = 0; h < H; h++) {
@@ -6581,7 +6591,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tiles_avx2(const float *q, size_t ldq
    fewer heads take 2, 4 or 8 positions per tile, so that a tile fills the 8 accumulators, and the
    positions left over one at a time. */
 AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                            int n_pos, int dim, float scale, float *s, size_t lds) {
+                                            int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
     int h0;
     for (h0 = 0; h0 < nq; h0 += 8) {
         const int nh = nq - h0 < 8 ? nq - h0 : 8, P = nh > 4 ? 1 : nh > 2 ? 2 : nh == 2 ? 4 : 8, np = n_pos - n_pos % P;
@@ -6589,25 +6599,25 @@ AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, 
         float *sh = s + (size_t)h0 * lds;
         const int8_t *kr = k + (size_t)np * k_stride;
         switch (nh) {
-        case 8: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 8, 1); break;
-        case 7: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 7, 1); break;
-        case 6: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 6, 1); break;
-        case 5: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, 5, 1); break;
+        case 8: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 8, 1); break;
+        case 7: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 7, 1); break;
+        case 6: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 6, 1); break;
+        case 5: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 5, 1); break;
         case 4:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 4, 2);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 4, 1);
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 4, 2);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 4, 1);
             break;
         case 3:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 3, 2);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 3, 1);
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 3, 2);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 3, 1);
             break;
         case 2:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 2, 4);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 2, 1);
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 2, 4);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 2, 1);
             break;
         default:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, 1, 8);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, 1, 1);
+            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 1, 8);
+            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 1, 1);
             break;
         }
     }
@@ -6624,7 +6634,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvv_tile_avx2(const float *pr, size_t ldp
     AFM__UNROLL for (h = 0; h < 12; h++) A[h] = _mm256_setzero_ps();
     for (p = 0; p < n_pos; p++) {
         const int8_t *vp = v + (size_t)p * v_stride;
-        afm__kv_prefetch_avx2(v, v_stride, p, n_pos, 8 * C);
+        afm__kv_prefetch_avx2(v, v_stride, p + AFM__KV_PF, n_pos, 8 * C, 0);
         AFM__UNROLL for (c = 0; c < C; c++) x[c] = afm__i8x8_avx2(vp + 8 * c);
         AFM__UNROLL for (h = 0; h < H; h++) {
             const __m256 w = _mm256_broadcast_ss(pr + (size_t)h * ldp + (size_t)p);
@@ -7312,9 +7322,10 @@ static void afm__matmul_bf16_neon(const afm__wmat *w, const afm__act *a, float *
 }
 
 static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                int n_pos, int dim, float scale, float *s, size_t lds) {
+                                int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
     const int d8 = dim & ~7;
     int h0, p, i, h;
+    (void)pf; /* no software prefetch: not measured on arm64 hardware */
     for (h0 = 0; h0 < nq; h0 += 4) {
         const int nh = nq - h0 < 4 ? nq - h0 : 4;
         for (p = 0; p < n_pos; p++) {
@@ -8763,7 +8774,7 @@ static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int n
     if (s->kv_type == AFM_KV_INT8) {
         const size_t at = layer_off + (size_t)p0 * s->kv_dim;
         k->kv_scores(q, (size_t)hd, nh, (const int8_t *)s->k_cache + at, (size_t)s->kv_dim, n, hd,
-                     ly->k_scale / sqrtf((float)hd), scores, (size_t)AFM__KV_CHUNK);
+                     ly->k_scale / sqrtf((float)hd), scores, (size_t)AFM__KV_CHUNK, (const int8_t *)s->v_cache + at);
         for (h = 0; h < nh; h++) {
             float *sc = scores + (size_t)h * AFM__KV_CHUNK;
             if (part) part[h * pstride + hd + 1] = k->expsum(sc, n, &part[h * pstride + hd]);
