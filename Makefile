@@ -9,7 +9,7 @@
 #                   for FUZZ_SECONDS (default 60)
 #   make fuzz-tok   the same for the tokenizer's harnesses (tokenizer files; encode/decode)
 #   make fuzz-long  every harness for FUZZ_LONG_SECONDS each (default 900; docs/FUZZING.md)
-#   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels, bench-grammar; see below)
+#   make bench      the full-size benchmarks (also bench-adapter, bench-spec, bench-kernels, bench-attention, bench-grammar; see below)
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic
@@ -147,7 +147,13 @@ bench-kernels:
 	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_kernels bench/bench_kernels.c $(LDLIBS)
 	build/bench_kernels
 
+# Decode at 4000 positions against 512, the KV cache filled with random codes instead of a prefill
+# (docs/BENCHMARKS.md, "Long contexts"): attention alone and whole decode steps, medians, the ratio.
+bench-attention: bench-models
+	$(CC) -std=c99 -O2 -D_GNU_SOURCE -o build/bench_attention bench/bench_attention.c $(LDLIBS)
+	build/bench_attention $(BENCH_DIR)/base-q2b.afm -t 2 -r 7
+
 clean:
 	rm -rf build afm simple afm-server libafm.so
 
-.PHONY: all lib demo test fuzz fuzz-tok fuzz-long fuzz-gen bench bench-models bench-adapter bench-spec bench-kernels clean
+.PHONY: all lib demo test fuzz fuzz-tok fuzz-long fuzz-gen bench bench-models bench-adapter bench-spec bench-kernels bench-attention clean

@@ -8023,7 +8023,9 @@ static uint64_t afm__scratch_budget(const afm_model *m) {
 
 /* Attention cuts a token's keys into chunks of AFM__KV_CHUNK positions and hands out groups of up
    to AFM__ATT_HEADS query heads (FORWARD PASS, "attention"); each thread's scratch holds one
-   chunk's scores for a KV head's query heads and the partial results of every chunk of one group. */
+   chunk's scores for a KV head's query heads and the partial results of every chunk of one group.
+   8 heads: all of a KV head's in the 3B model (and in models/mini), so each key and value row is
+   read and converted once per token for all of them. */
 #define AFM__KV_CHUNK 128
 #define AFM__ATT_HEADS 8
 

@@ -145,6 +145,11 @@ else bad "build test_kernels"; fi
 if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
     run_counts "test_kernels asan+ubsan" build/test_kernels_san
 else bad "build test_kernels with sanitizers"; fi
+# the attention benchmark (docs/BENCHMARKS.md, long contexts) still builds and runs: the shipped model, 2 threads
+if gcc -std=c99 $WARN -O2 -D_GNU_SOURCE bench/bench_attention.c -o build/bench_attention $LIBS &&
+   build/bench_attention models/mini/base.afm -t 2 -r 1 -p 100,900 > build/bench_attention.log 2>&1 &&
+   grep -q '^decode at 900: [0-9.]* % of the speed at 100' build/bench_attention.log; then ok "bench_attention: $(tail -n 1 build/bench_attention.log)"
+else bad "bench_attention (build/bench_attention.log)"; cat build/bench_attention.log; fi
 
 section "engine tests, built with AFM_NO_THREADS AFM_NO_MMAP (portable fallbacks)"
 if gcc -std=c99 $WARN -O2 -DAFM_NO_THREADS -DAFM_NO_MMAP tests/test_main.c -o build/test_main_nothreads -lm; then
