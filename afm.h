@@ -6298,6 +6298,26 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__qtile_avx2(const afm__wmat *w, const afm_
     AFM__QROW_BODY(afm__dot64_avx2)
 }
 
+/* The contract's float step for 16 rows (P0: rows 0-7, P1: rows 8-15, their exact sums) of token t
+   and sub-block sb: lane[0..1] += (2P - o Q) * (S * d). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__gstep_avx2(__m256 *lane, __m256i P0, __m256i P1, __m256 s0, __m256 s1, const afm__act *a, int t, int sb) {
+    const size_t i = (size_t)t * (size_t)a->nsb + (size_t)sb;
+    const __m256 d = _mm256_set1_ps(a->d[i]);
+    const __m256i oQ = _mm256_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]);
+    lane[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_slli_epi32(P0, 1), oQ)), _mm256_mul_ps(s0, d), lane[0]);
+    lane[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_slli_epi32(P1, 1), oQ)), _mm256_mul_ps(s1, d), lane[1]);
+}
+/* y[0..15] = 0.5 * afm__sum8's tree over a token's lanes, 8 rows at once: l[j * stride + h] holds
+   sub-blocks j mod 8, rows 8h .. 8h+7. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__gfinish_avx2(const __m256 *l, int stride, float *y) {
+    int h;
+    for (h = 0; h < 2; h++) {
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(l[h], l[4 * stride + h]), _mm256_add_ps(l[2 * stride + h], l[6 * stride + h])),
+                                       _mm256_add_ps(_mm256_add_ps(l[stride + h], l[5 * stride + h]), _mm256_add_ps(l[3 * stride + h], l[7 * stride + h])));
+        _mm256_storeu_ps(y + 8 * h, _mm256_mul_ps(s, _mm256_set1_ps(0.5f)));
+    }
+}
+
 /* 16 rows of panel pn x T tokens (T <= 2) straight from the panel (decode, verification): each
    32-byte half of a panel word (8 rows x 4 columns in 4 bit pairs) is shifted and masked into its 4
    planes, each against a broadcast of a token's 4 activations (maddubs, summed in int16: at most
@@ -6332,21 +6352,10 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__ptile_avx2(const afm__wmat *w, const afm_
                 }
             }
         }
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const __m256 d = _mm256_set1_ps(a->d[i]);
-            const __m256i oQ = _mm256_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]);
-            const __m256i p0 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][0], ones), 1), oQ);
-            const __m256i p1 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][1], ones), 1), oQ);
-            lanes[sb & 7][t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), lanes[sb & 7][t][0]);
-            lanes[sb & 7][t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, d), lanes[sb & 7][t][1]);
-        }
+        AFM__UNROLL for (t = 0; t < T; t++)
+            afm__gstep_avx2(lanes[sb & 7][t], _mm256_madd_epi16(acc[t][0], ones), _mm256_madd_epi16(acc[t][1], ones), s0, s1, a, t0 + t, sb);
     }
-    AFM__UNROLL for (t = 0; t < T; t++) for (h = 0; h < 2; h++) { /* afm__sum8's tree, 8 rows at once */
-        const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lanes[0][t][h], lanes[4][t][h]), _mm256_add_ps(lanes[2][t][h], lanes[6][t][h])),
-                                       _mm256_add_ps(_mm256_add_ps(lanes[1][t][h], lanes[5][t][h]), _mm256_add_ps(lanes[3][t][h], lanes[7][t][h])));
-        _mm256_storeu_ps(Y + (size_t)t * ldy + (size_t)h * 8, _mm256_mul_ps(y, _mm256_set1_ps(0.5f)));
-    }
+    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_avx2(&lanes[0][t][0], 2 * 2, Y + (size_t)t * ldy);
 }
 AFM__T_AVX2 static void afm__matmul_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__PANEL_BODY(afm__ptile_avx2, 2) /* 4 tokens at a time spill registers: 15 % slower per token (Zen 3) */
@@ -6404,21 +6413,10 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__gtile_avx2(const uint8_t *codes, const fl
                 acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(c1, xb));
             }
         }
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const __m256 d = _mm256_set1_ps(a->d[i]);
-            const __m256i oQ = _mm256_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]);
-            const __m256i p0 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][0], ones), 1), oQ);
-            const __m256i p1 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_madd_epi16(acc[t][1], ones), 1), oQ);
-            lanes[sb & 7][t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), lanes[sb & 7][t][0]);
-            lanes[sb & 7][t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, d), lanes[sb & 7][t][1]);
-        }
+        AFM__UNROLL for (t = 0; t < T; t++)
+            afm__gstep_avx2(lanes[sb & 7][t], _mm256_madd_epi16(acc[t][0], ones), _mm256_madd_epi16(acc[t][1], ones), s0, s1, a, t0 + t, sb);
     }
-    AFM__UNROLL for (t = 0; t < T; t++) for (k = 0; k < 2; k++) { /* afm__sum8's tree, 8 rows at once */
-        const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lanes[0][t][k], lanes[4][t][k]), _mm256_add_ps(lanes[2][t][k], lanes[6][t][k])),
-                                       _mm256_add_ps(_mm256_add_ps(lanes[1][t][k], lanes[5][t][k]), _mm256_add_ps(lanes[3][t][k], lanes[7][t][k])));
-        _mm256_storeu_ps(Y + (size_t)(t0 + t) * ldy + (size_t)r + (size_t)k * 8, _mm256_mul_ps(y, _mm256_set1_ps(0.5f)));
-    }
+    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_avx2(&lanes[0][t][0], 4 * 2, Y + (size_t)(t0 + t) * ldy + (size_t)r);
 }
 #define AFM__ROWS_Q2B_AVX2(w, a, Y, ldy, r0, r1) afm__matmul_q2b_avx2(w, a, Y, ldy, r0, r1)
 AFM__T_AVX2 static void afm__gemm_q2b_avx2(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
@@ -6843,21 +6841,10 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile256_vnni(const afm__wmat *w, const a
                 }
             }
         }
-        AFM__UNROLL for (t = 0; t < T; t++) {
-            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const __m256 d = _mm256_set1_ps(a->d[i]);
-            const __m256i oQ = _mm256_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]);
-            const __m256i p0 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_add_epi32(acc[t][0][0], acc[t][0][1]), 1), oQ);
-            const __m256i p1 = _mm256_sub_epi32(_mm256_slli_epi32(_mm256_add_epi32(acc[t][1][0], acc[t][1][1]), 1), oQ);
-            lanes[sb & 7][t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), lanes[sb & 7][t][0]);
-            lanes[sb & 7][t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, d), lanes[sb & 7][t][1]);
-        }
+        AFM__UNROLL for (t = 0; t < T; t++)
+            afm__gstep_avx2(lanes[sb & 7][t], _mm256_add_epi32(acc[t][0][0], acc[t][0][1]), _mm256_add_epi32(acc[t][1][0], acc[t][1][1]), s0, s1, a, t0 + t, sb);
     }
-    AFM__UNROLL for (t = 0; t < T; t++) for (h = 0; h < 2; h++) { /* afm__sum8's tree, 8 rows at once */
-        const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lanes[0][t][h], lanes[4][t][h]), _mm256_add_ps(lanes[2][t][h], lanes[6][t][h])),
-                                       _mm256_add_ps(_mm256_add_ps(lanes[1][t][h], lanes[5][t][h]), _mm256_add_ps(lanes[3][t][h], lanes[7][t][h])));
-        _mm256_storeu_ps(Y + (size_t)t * ldy + (size_t)h * 8, _mm256_mul_ps(y, _mm256_set1_ps(0.5f)));
-    }
+    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_avx2(&lanes[0][t][0], 2 * 2, Y + (size_t)t * ldy);
 }
 /* (T is a constant after inlining: one or two tokens take the 256-bit kernel.) */
 #define AFM__PTILE_VNNI(w, a, pn, t, T, Y, ldy) \
