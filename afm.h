@@ -1242,6 +1242,10 @@ static inline uint16_t afm__f2h(float f) {
 }
 static inline float afm__bf2f(uint16_t b) { return afm__f32_from_bits((uint32_t)b << 16); }
 static inline uint16_t afm__rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static uint32_t afm__rd32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static void afm__wr32(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24); }
 
 /* ---- the weight-matrix view: how kernels see a 2-D tensor ---- */
 
@@ -1297,9 +1301,11 @@ static inline size_t afm__q2b_panels_size(const afm__wmat *w) {
 }
 /* Scratch afm__q2b_panelize needs: one panel's rows in the file layout. */
 static inline size_t afm__q2b_panel_tmp_size(const afm__wmat *w) { return 16 * (w->row_bytes + (size_t)w->n_groups * 2); }
-
-static inline uint32_t afm__ld32le(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
-static inline void afm__st32le(uint8_t *p, uint32_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24); }
+/* Panel pn's codes (256 bytes per sub-block), and the 16 fp16 scales of sub-block sb's group. */
+static inline const uint8_t *afm__panel_codes(const afm__wmat *w, int pn) { return w->data + (size_t)pn * 16 * w->row_bytes; }
+static inline const uint8_t *afm__panel_scales(const afm__wmat *w, int pn, int sb) {
+    return w->scales + ((size_t)pn * (size_t)w->n_groups + (size_t)(sb >> w->gshift)) * 32;
+}
 
 /* w (row layout) into panels at dst, which may be w->data itself when rows % 16 == 0; tmp holds
    afm__q2b_panel_tmp_size(w) bytes. w then describes the panels. A file block of 64 bytes holds
@@ -1323,7 +1329,7 @@ static void afm__q2b_panelize(afm__wmat *w, uint8_t *dst, uint8_t *tmp) {
                 const uint8_t *blk = tmp + (size_t)u * w->row_bytes + (size_t)b * 64;
                 for (v = 0; v < 4; v += 2) {
                     uint64_t R[4], x;
-                    for (m = 0; m < 4; m++) R[m] = afm__ld32le(blk + 16 * v + 4 * m) | (uint64_t)afm__ld32le(blk + 16 * v + 16 + 4 * m) << 32;
+                    for (m = 0; m < 4; m++) R[m] = afm__rd32(blk + 16 * v + 4 * m) | (uint64_t)afm__rd32(blk + 16 * v + 16 + 4 * m) << 32;
                     for (m = 0; m < 2; m++) { /* pairs 2,3 of R[m] <-> pairs 0,1 of R[m + 2] */
                         x = ((R[m] >> 4) ^ R[m + 2]) & 0x0f0f0f0f0f0f0f0full;
                         R[m + 2] ^= x; R[m] ^= x << 4;
@@ -1334,8 +1340,8 @@ static void afm__q2b_panelize(afm__wmat *w, uint8_t *dst, uint8_t *tmp) {
                     }
                     for (p = 0; p < 4; p++) {
                         uint8_t *o = pc + (size_t)(4 * b + p) * 256 + 64 * (size_t)v + 4 * (size_t)u;
-                        afm__st32le(o, (uint32_t)R[p]);
-                        afm__st32le(o + 64, (uint32_t)(R[p] >> 32));
+                        afm__wr32(o, (uint32_t)R[p]);
+                        afm__wr32(o + 64, (uint32_t)(R[p] >> 32));
                     }
                 }
             }
@@ -1353,8 +1359,7 @@ static void afm__q2b_panelize(afm__wmat *w, uint8_t *dst, uint8_t *tmp) {
 /* Code of weight i (0..63) of sub-block sb of row r: Q2B 0..3 (panels), Q4 0..15, Q8 -128..127. */
 static inline int afm__code(const afm__wmat *w, int r, int sb, int i) {
     if (w->type == AFM_TYPE_Q2B)
-        return (w->data[((size_t)(r >> 4) * (size_t)(w->kpad >> 6) + (size_t)sb) * 256 + (size_t)(i >> 4) * 64 + (size_t)(r & 15) * 4 + (size_t)(i & 3)] >>
-                (2 * ((i >> 2) & 3))) & 3;
+        return (afm__panel_codes(w, r >> 4)[(size_t)sb * 256 + (size_t)(i >> 4) * 64 + (size_t)(r & 15) * 4 + (size_t)(i & 3)] >> (2 * ((i >> 2) & 3))) & 3;
     {
         const uint8_t *row = w->data + (size_t)r * w->row_bytes;
         if (w->type == AFM_TYPE_Q4) return (row[(size_t)(sb >> 1) * 64 + (size_t)i] >> ((sb & 1) * 4)) & 15; /* j, j+64 */
@@ -1363,9 +1368,8 @@ static inline int afm__code(const afm__wmat *w, int r, int sb, int i) {
 }
 /* The scale of sub-block sb of row r (quantized types). */
 static inline float afm__qscale(const afm__wmat *w, int r, int sb) {
-    const int g = sb >> w->gshift;
-    if (w->type == AFM_TYPE_Q2B) return afm__h2f(afm__rd16(w->scales + ((size_t)(r >> 4) * (size_t)w->n_groups + (size_t)g) * 32 + (size_t)(r & 15) * 2));
-    return afm__h2f(afm__rd16(w->scales + ((size_t)r * (size_t)w->n_groups + (size_t)g) * 2));
+    if (w->type == AFM_TYPE_Q2B) return afm__h2f(afm__rd16(afm__panel_scales(w, r >> 4, sb) + (size_t)(r & 15) * 2));
+    return afm__h2f(afm__rd16(w->scales + ((size_t)r * (size_t)w->n_groups + (size_t)(sb >> w->gshift)) * 2));
 }
 
 
@@ -1442,9 +1446,6 @@ static int afm__read_signature(const unsigned char *p, char *out) {
     return -1;
 }
 
-static uint32_t afm__rd32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
 static uint64_t afm__rd64(const unsigned char *p) { return (uint64_t)afm__rd32(p) | (uint64_t)afm__rd32(p + 4) << 32; }
 static float afm__rdf32(const unsigned char *p) {
     uint32_t u = afm__rd32(p);
@@ -5927,22 +5928,9 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
         for (i = 0; i < w->cols; i++) out[i] = afm__wf_scalar(w->type, p, i);
         return;
     }
-    if (w->type == AFM_TYPE_Q2B) {
-        for (i = 0; i < w->cols; i++) out[i] = ((float)afm__code(w, row, i >> 6, i & 63) - 1.5f) * afm__qscale(w, row, i >> 6);
-        return;
-    }
-    {
-        const uint8_t *sc = w->scales + (size_t)row * (size_t)w->n_groups * 2;
-        const int gs = 6 + w->gshift; /* log2(group) */
-        for (i = 0; i < w->cols; i++) {
-            float s = afm__h2f(afm__rd16(sc + 2 * (size_t)(i >> gs)));
-            if (w->type == AFM_TYPE_Q4) {
-                int c = (p[(i >> 7) * 64 + (i & 63)] >> (((i >> 6) & 1) * 4)) & 15;
-                out[i] = ((float)c - 7.5f) * s;
-            } else {
-                out[i] = (float)(int8_t)p[i] * s;
-            }
-        }
+    { /* (c - offset) * S: the offset is 1.5 (Q2B), 7.5 (Q4) or 0 (Q8), exact in float */
+        const float off = 0.5f * (float)afm__type_off2(w->type);
+        for (i = 0; i < w->cols; i++) out[i] = ((float)afm__code(w, row, i >> 6, i & 63) - off) * afm__qscale(w, row, i >> 6);
     }
 }
 
@@ -6326,13 +6314,13 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__gfinish_avx2(const __m256 *l, int stride,
    Y: token t0's 16 outputs, the next token's ldy further. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__ptile_avx2(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
-    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const uint8_t *pc = afm__panel_codes(w, pn);
     const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256 lanes[8][2][2]; /* [sub-block % 8][token][rows 0-7, 8-15] */
     int t, sb, v, h, m;
     AFM__UNROLL for (sb = 0; sb < 8; sb++) AFM__UNROLL for (t = 0; t < T; t++) lanes[sb][t][0] = lanes[sb][t][1] = _mm256_setzero_ps();
     for (sb = 0; sb < nsb; sb++) {
-        const uint8_t *cb = pc + (size_t)sb * 256, *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        const uint8_t *cb = pc + (size_t)sb * 256, *sg = afm__panel_scales(w, pn, sb);
         const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg));
         const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16)));
         __m256i acc[2][2];
@@ -6371,11 +6359,11 @@ AFM__T_AVX2 static void afm__matmul_q8_avx2(const afm__wmat *w, const afm__act *
    (the scales as float), for the matrix-matrix tiles: each bit pair of a panel word masked out. */
 AFM__T_AVX2 static void afm__unpack16_q2b_avx2(const afm__wmat *w, int r, uint8_t *codes, float *S) {
     const int nsb = w->kpad >> 6, pn = r >> 4;
-    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const uint8_t *pc = afm__panel_codes(w, pn);
     const __m256i m3 = _mm256_set1_epi8(3);
     int sb, v, h, m;
     for (sb = 0; sb < nsb; sb++) {
-        const uint8_t *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        const uint8_t *sg = afm__panel_scales(w, pn, sb);
         AFM__UNROLL for (v = 0; v < 4; v++) AFM__UNROLL for (h = 0; h < 2; h++) {
             const __m256i W = _mm256_loadu_si256((const __m256i *)(const void *)(pc + (size_t)sb * 256 + 64 * v + 32 * h));
             AFM__UNROLL for (m = 0; m < 4; m++)
@@ -6773,13 +6761,13 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm_
    102 us a token from panels, 192 unpacked). */
 AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
-    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const uint8_t *pc = afm__panel_codes(w, pn);
     const __m512i m3 = _mm512_set1_epi8(3);
     __m512 lanes[8][8]; /* [sub-block % 8][token] */
     int t, sb, v, m;
     memset(lanes, 0, sizeof lanes); /* +0.0f */
     for (sb = 0; sb < nsb; sb++) {
-        const uint8_t *cb = pc + (size_t)sb * 256, *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        const uint8_t *cb = pc + (size_t)sb * 256, *sg = afm__panel_scales(w, pn, sb);
         const __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)sg));
         __m512i acc[8];
         if (T == a->n_tok && AFM__PF_DIST > 0) {
@@ -6815,13 +6803,13 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm_
    On the Xeon the 256-bit shifts and vpdpbusd issue on two ports, the 512-bit ones on one. */
 AFM__FORCEINLINE AFM__T_VNNI void afm__ptile256_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
-    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const uint8_t *pc = afm__panel_codes(w, pn);
     const __m256i m3 = _mm256_set1_epi8(3);
     __m256 lanes[8][2][2]; /* [sub-block % 8][token][rows 0-7, 8-15] */
     int t, sb, v, h, m;
     AFM__UNROLL for (sb = 0; sb < 8; sb++) AFM__UNROLL for (t = 0; t < T; t++) lanes[sb][t][0] = lanes[sb][t][1] = _mm256_setzero_ps();
     for (sb = 0; sb < nsb; sb++) {
-        const uint8_t *cb = pc + (size_t)sb * 256, *sg = ps + (size_t)(sb >> w->gshift) * 32;
+        const uint8_t *cb = pc + (size_t)sb * 256, *sg = afm__panel_scales(w, pn, sb);
         const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg));
         const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16)));
         __m256i acc[2][2][2]; /* [token][half][plane % 2] */
@@ -7057,7 +7045,7 @@ AFM__FORCEINLINE void afm__pscales_neon(const uint8_t *sg, float32x4_t *S) {
 /* Panel pn of a Q2B matrix into codes[sb][k/4][u][4] and S[sb][u], as afm__unpack16_q2b_avx2. */
 static void afm__unpack16_q2b_neon(const afm__wmat *w, int r, uint8_t *codes, float *S) {
     const int nsb = w->kpad >> 6, pn = r >> 4;
-    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const uint8_t *pc = afm__panel_codes(w, pn);
     const uint8x16_t m3 = vdupq_n_u8(3);
     int sb, v, q, i;
     for (sb = 0; sb < nsb; sb++) {
@@ -7071,7 +7059,7 @@ static void afm__unpack16_q2b_neon(const afm__wmat *w, int r, uint8_t *codes, fl
                 vst1q_u8(dst + 128, vandq_u8(vshrq_n_u8(W, 4), m3));
                 vst1q_u8(dst + 192, vshrq_n_u8(W, 6));
             }
-        afm__pscales_neon(ps + (size_t)(sb >> w->gshift) * 32, S4);
+        afm__pscales_neon(afm__panel_scales(w, pn, sb), S4);
         for (i = 0; i < 4; i++) vst1q_f32(S + (size_t)sb * 16 + 4 * i, S4[i]);
     }
 }
@@ -7102,7 +7090,7 @@ AFM__FORCEINLINE void afm__gfinish_neon(float32x4_t (*lanes)[4][4], int t, float
    in int16 (at most 16 x 3 x 127 per lane) and widened pairwise as afm__gtile_neon does. */
 AFM__FORCEINLINE void afm__ptile_neon(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy, const int dot) {
     const int nsb = w->kpad >> 6;
-    const uint8_t *pc = w->data + (size_t)pn * 16 * w->row_bytes, *ps = w->scales + (size_t)pn * (size_t)w->n_groups * 32;
+    const uint8_t *pc = afm__panel_codes(w, pn);
     const uint8x16_t m3 = vdupq_n_u8(3);
     float32x4_t lanes[8][4][4]; /* [sub-block % 8][token][rows 4i..4i+3] */
     int t, sb, v, q, m;
@@ -7112,7 +7100,7 @@ AFM__FORCEINLINE void afm__ptile_neon(const afm__wmat *w, const afm__act *a, int
         float32x4_t S4[4];
         int32x4_t acc[4][4];
         int16x8_t acc16[4][4][2];
-        afm__pscales_neon(ps + (size_t)(sb >> w->gshift) * 32, S4);
+        afm__pscales_neon(afm__panel_scales(w, pn, sb), S4);
 #if defined(__GNUC__) || defined(__clang__)
         if (T == a->n_tok && AFM__PF_DIST > 0)
             for (v = 0; v < 4; v++) __builtin_prefetch(cb + AFM__PF_DIST + 64 * v, 0, 3);
@@ -8304,7 +8292,6 @@ static uint64_t afm__adapter_fingerprint(const afm_adapter *ad) {
     return h ? h : 1;
 }
 
-static void afm__wr32(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24); }
 static void afm__wr64(unsigned char *p, uint64_t v) { afm__wr32(p, (uint32_t)v); afm__wr32(p + 4, (uint32_t)(v >> 32)); }
 
 /* Payload bytes for n tokens: ids, keys, values, then the logits. */
