@@ -6386,7 +6386,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__gtile_avx2(const uint8_t *codes, const fl
     memset(lanes, 0, sizeof lanes); /* +0.0f */
     for (sb = 0; sb < nsb; sb++) {
         const uint8_t *cb = codes + (size_t)sb * 1024;
-        const __m256 s0 = _mm256_load_ps(S + (size_t)sb * 16), s1 = _mm256_load_ps(S + (size_t)sb * 16 + 8);
+        __m256 s0, s1;
         __m256i acc[4][2];
         AFM__UNROLL for (t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
         for (k = 0; k < 16; k++) {
@@ -6401,6 +6401,8 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__gtile_avx2(const uint8_t *codes, const fl
                 acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(c1, xb));
             }
         }
+        s0 = _mm256_load_ps(S + (size_t)sb * 16); /* loaded here, not before the loop: two registers fewer in it */
+        s1 = _mm256_load_ps(S + (size_t)sb * 16 + 8);
         AFM__UNROLL for (t = 0; t < T; t++)
             afm__gstep_avx2(lanes[sb & 7][t], _mm256_madd_epi16(acc[t][0], ones), _mm256_madd_epi16(acc[t][1], ones), s0, s1, a, t0 + t, sb);
     }
