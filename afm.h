@@ -7396,7 +7396,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->matmul[0] = afm__matmul_f32_avx2; k->matmul[1] = afm__matmul_f16_avx2; k->matmul[2] = afm__matmul_bf16_avx2;
         k->matmul[3] = afm__matmul_q2b_avx2; k->matmul[4] = afm__matmul_q4_avx2; k->matmul[5] = afm__matmul_q8_avx2;
         k->gemm_q2b = afm__gemm_q2b_avx2;
-        k->gemm_min = 4; /* Zen 3, 1 thread, 2048 x 6656: per token 213 us from panels, 175 us unpacked, at 4 tokens */
+        k->gemm_min = 4; /* Zen 3, 1 thread, 2048 x 6656 (bench_kernels -b): per token 185 / 205 us from panels / unpacked at 3 tokens, 177 / 175 at 4 */
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
