@@ -5930,7 +5930,11 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
     }
     { /* (c - offset) * S: the offset is 1.5 (Q2B), 7.5 (Q4) or 0 (Q8), exact in float */
         const float off = 0.5f * (float)afm__type_off2(w->type);
-        for (i = 0; i < w->cols; i++) out[i] = ((float)afm__code(w, row, i >> 6, i & 63) - off) * afm__qscale(w, row, i >> 6);
+        int sb;
+        for (sb = 0; 64 * sb < w->cols; sb++) {
+            const float S = afm__qscale(w, row, sb);
+            for (i = 64 * sb; i < w->cols && i < 64 * sb + 64; i++) out[i] = ((float)afm__code(w, row, sb, i & 63) - off) * S;
+        }
     }
 }
 
@@ -6575,39 +6579,31 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tiles_avx2(const float *q, size_t ldq
     }
 }
 
+/* CALL(H) with H the constant equal to n (1..8): tiles whose head count must be a constant. */
+#define AFM__HEADS_1_TO_8(n, CALL)                                                                     \
+    switch (n) {                                                                                       \
+    case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break; case 5: CALL(5); break;    \
+    case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); break;   \
+    }
+
+/* Positions per score tile for H heads: as many as fill the 8 accumulators. */
+#define AFM__KVS_POS(H) ((H) > 4 ? 1 : (H) > 2 ? 2 : (H) == 2 ? 4 : 8)
+
 /* Up to 8 heads at a time (a KV head's group of query heads, in attention): 8 heads x 1 position;
-   fewer heads take 2, 4 or 8 positions per tile, so that a tile fills the 8 accumulators, and the
-   positions left over one at a time. */
+   fewer heads take 2, 4 or 8 positions per tile, and the positions left over one at a time. */
 AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                             int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
     int h0;
     for (h0 = 0; h0 < nq; h0 += 8) {
-        const int nh = nq - h0 < 8 ? nq - h0 : 8, P = nh > 4 ? 1 : nh > 2 ? 2 : nh == 2 ? 4 : 8, np = n_pos - n_pos % P;
+        const int nh = nq - h0 < 8 ? nq - h0 : 8, np = n_pos - n_pos % AFM__KVS_POS(nh);
         const float *qh = q + (size_t)h0 * ldq;
         float *sh = s + (size_t)h0 * lds;
         const int8_t *kr = k + (size_t)np * k_stride;
-        switch (nh) {
-        case 8: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 8, 1); break;
-        case 7: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 7, 1); break;
-        case 6: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 6, 1); break;
-        case 5: afm__kvs_tiles_avx2(qh, ldq, k, k_stride, n_pos, dim, scale, sh, lds, h0 ? NULL : pf, 5, 1); break;
-        case 4:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 4, 2);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 4, 1);
-            break;
-        case 3:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 3, 2);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 3, 1);
-            break;
-        case 2:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 2, 4);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 2, 1);
-            break;
-        default:
-            afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, 1, 8);
-            afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, 1, 1);
-            break;
-        }
+#define AFM__KVS_CALL(H)                                                                                         \
+        afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, H, AFM__KVS_POS(H));  \
+        if (AFM__KVS_POS(H) > 1) afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, H, 1)
+        AFM__HEADS_1_TO_8(nh, AFM__KVS_CALL)
+#undef AFM__KVS_CALL
     }
 }
 
@@ -6647,16 +6643,9 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq,
         for (h0 = i < d24 ? nq4 : 0; h0 < nq; h0 += 8) {
             const float *ph = pr + (size_t)h0 * ldp;
             float *oh = o + (size_t)h0 * ldo + (size_t)i;
-            switch (nq - h0 < 8 ? nq - h0 : 8) {
-            case 8: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 8, 1); break;
-            case 7: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 7, 1); break;
-            case 6: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 6, 1); break;
-            case 5: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 5, 1); break;
-            case 4: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 4, 1); break;
-            case 3: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 3, 1); break;
-            case 2: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 2, 1); break;
-            default: afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, 1, 1); break;
-            }
+#define AFM__KVV_CALL(H) afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, H, 1)
+            AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVV_CALL)
+#undef AFM__KVV_CALL
         }
     for (h = 0; h < nq; h++)
         for (i = d8; i < dim; i++) {
@@ -8856,6 +8845,9 @@ static void afm__attn_run(void *ctx, int ith, int nth) {
     }
 }
 
+/* The layer whose cache layer l attends to: its own in segment 0, segment 0's last in segment 1. */
+static int afm__cache_layer(const afm_model *m, int l) { return l >= m->n_seg0 ? m->n_seg0 - 1 : l; }
+
 /* Attention of the batch's n_tok tokens over layer `layer`'s cache (queries in s->q). */
 static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
     const afm_config *c = &s->model->config;
@@ -8967,7 +8959,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         afm__tok_pass(s, l, n_tok, AFM__PASS_QKV);
         /* queries are the first qd values of each row; segment 1 reads the last segment-0 cache */
         s->q = s->qkv;
-        afm__attention(s, ly->reuse ? m->n_seg0 - 1 : l, n_tok, stride);
+        afm__attention(s, afm__cache_layer(m, l), n_tok, stride);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->wo, s->att, qd, s->xn, d);

@@ -37,7 +37,7 @@ int main(int argc, char **argv) {
     afm_session *s;
     afm_session_params sp;
     char err[256];
-    size_t n, q_n, k;
+    size_t n, k;
     int q_stride;
     for (i = 1; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -66,7 +66,6 @@ int main(int argc, char **argv) {
     n = (size_t)m->n_seg0 * (size_t)s->cap * (size_t)s->kv_dim;
     for (k = 0; k < n; k++) { ((int8_t *)s->k_cache)[k] = (int8_t)(rnd() % 255 - 127); ((int8_t *)s->v_cache)[k] = (int8_t)(rnd() % 255 - 127); }
     q_stride = m->config.n_heads * m->config.head_dim + 2 * s->kv_dim;
-    q_n = (size_t)q_stride;
     printf("model %s: %d layers, %d heads on %d KV heads of %d; kernels %s, %d threads, %s time, median of %d\n", path,
            m->config.n_layers, m->config.n_heads, m->config.n_kv_heads, m->config.head_dim, s->kern.name, threads,
            use_cpu ? "CPU" : "wall", runs);
@@ -75,11 +74,11 @@ int main(int argc, char **argv) {
             int32_t tok = 1000 % m->config.vocab_size;
             double t0;
             size_t j;
-            for (j = 0; j < q_n; j++) s->qkv[j] = (float)(rnd() % 2001) / 1000.0f - 1.0f;
+            for (j = 0; j < (size_t)q_stride; j++) s->qkv[j] = (float)(rnd() % 2001) / 1000.0f - 1.0f;
             s->pos = pos[i];
             s->q = s->qkv;
             t0 = now();
-            for (l = 0; l < m->config.n_layers; l++) afm__attention(s, m->layers[l].reuse ? m->n_seg0 - 1 : l, 1, q_stride);
+            for (l = 0; l < m->config.n_layers; l++) afm__attention(s, afm__cache_layer(m, l), 1, q_stride);
             t_att[i][r] = now() - t0;
             t0 = now();
             afm__forward(s, &tok, 1, s->logits, 0); /* writes position pos[i] of the cache: random codes stay random enough */

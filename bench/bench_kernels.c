@@ -272,7 +272,7 @@ static void batch_sizes(const afm__kernels *k) {
 
 int main(int argc, char **argv) {
     afm__kernels k;
-    int level = AFM__LEVEL_MAX, quick = 0, decode_only = 0, ceil_only = 0, i, nt;
+    int level = AFM__LEVEL_MAX, quick = 0, decode_only = 0, ceil_only = 0, batch_only = 0, i, nt;
     const size_t llc_beat = (size_t)256 << 20; /* weight sets of at least 256 MB: far past any L3 */
     double bw[3];
     for (i = 1; i < argc; i++) {
@@ -280,11 +280,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-q")) quick = 1;
         else if (!strcmp(argv[i], "-d")) decode_only = 1;
         else if (!strcmp(argv[i], "-c")) ceil_only = 1;
-        else if (!strcmp(argv[i], "-b")) ceil_only = 2;
+        else if (!strcmp(argv[i], "-b")) batch_only = 1;
     }
     bw_simd = afm__select_kernels(&k, level) >= 1;
     printf("kernels: %s\n", k.name);
-    if (ceil_only == 2) { batch_sizes(&k); return 0; }
+    if (batch_only) { batch_sizes(&k); return 0; }
     if (ceil_only) { ceilings(&k); return 0; }
     for (nt = 1; nt <= 2; nt++) {
         bw[nt] = measure_bw(nt, (size_t)1 << 30, quick ? 3 : 6);

@@ -384,13 +384,12 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
     static const int dims[] = {1, 7, 8, 17, 24, 32, 40, 48, 64, 100, 128, 136};
     static const int npos[] = {1, 2, 3, 5, 7, 9, 16, 33, 100, 128};
     static const int nqs[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16};
-    int di, pi, qi, nq;
+    int di, pi, qi;
     char msg[200];
     for (di = 0; di < (int)(sizeof dims / sizeof dims[0]); di++)
         for (pi = 0; pi < (int)(sizeof npos / sizeof npos[0]); pi++)
             for (qi = 0; qi < (int)(sizeof nqs / sizeof nqs[0]); qi++) {
-                const int dim = dims[di], n = npos[pi];
-                nq = nqs[qi];
+                const int dim = dims[di], n = npos[pi], nq = nqs[qi];
                 const size_t ks_ = (size_t)dim + 3, ldq = (size_t)dim + 1, lds = (size_t)n + 2;
                 int8_t *K = (int8_t *)xmalloc(ks_ * (size_t)n);
                 float *q = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
