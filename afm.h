@@ -320,7 +320,8 @@ typedef struct afm_session_params {
     int preallocate;    /* reserve the whole KV cache now instead of growing it on demand */
     afm_kv_type kv_type;
     int f32_activations; /* quantized weights meet f32 activations (decoded row by row: slow, exact to
-                            the decoded weights) instead of int8 activation blocks (fast, the default) */
+                            the decoded weights) instead of int8 activation blocks (fast, the default);
+                            attention over an int8 cache then runs in float too, not on int16 codes */
     afm_kernels kernels; /* AFM_KERNELS_AUTO (0): the best this CPU has; else that level, and
                             afm_session_create fails with AFM_ERR_UNSUPPORTED if the CPU lacks it */
 } afm_session_params;
@@ -5615,20 +5616,27 @@ static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, voi
    gemm_q2b: the same for a Q2B matrix and a batch of gemm_min tokens or more, with a per-thread
    scratch of afm__gemm_scratch_size(w->kpad) bytes (NULL where the level has none).
    dequant: out[0 .. cols-1] = row `row` of w as f32.
-   kv_scores: s[h*lds + p] = scale * sum_i q[h*ldq + i] * k[p*k_stride + i], h < nq, p < n_pos;
+   kv_scores: s[h*lds + p] = (float)(sum_i q[h*ldq + i] * k[p*k_stride + i]) * qs[h], h < nq, p < n_pos,
+   the sum in int32 (exact: callers keep |q| * 128 * dim below 2^31);
    pf (or NULL): rows of the same shape that the caller reads next (the values), a prefetch hint.
-   kv_values: o[h*ldo + i] = scale * sum_p pr[h*ldp + p] * v[p*v_stride + i], h < nq, i < dim.
+   kv_values: o[h*ldo + i] = (float)(sum_p pr[h*ldp + p] * v[p*v_stride + i]) * vs[h], h < nq, i < dim,
+   the sum in int32 (exact: callers keep |pr| * 128 * n_pos below 2^31).
+   round16: out[i] = round_even(x[i] * mul), NaN -> 0, i < n (callers keep |x[i] * mul| < 32767.5).
+   softmax16: *max = the maximum of x[0 .. n) (NaN skipped), out[i] = afm__exp16_code(x[i] - *max) (e^(x - max)
+   in units of 1/32767), returns the sum of the out[i] (n <= 65536).
    axpy: y[i] = fma(a, x[i], y[i]), i < n (merging chunked attention's partial outputs). */
 typedef void (*afm__prepare_fn)(afm__act *a, const float *X, size_t ldx, int t0, int t1);
 typedef void (*afm__matmul_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1);
 typedef void (*afm__gemm_fn)(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch);
 typedef void (*afm__dequant_fn)(const afm__wmat *w, int row, float *out);
-typedef void (*afm__kv_scores_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                  int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf);
+typedef void (*afm__kv_scores_fn)(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                  int n_pos, int dim, const float *qs, float *s, size_t lds, const int8_t *pf);
 typedef void (*afm__silu_mul_fn)(float *h, const float *g, int n);
 typedef float (*afm__expsum_fn)(float *x, int n, float *max);
-typedef void (*afm__kv_values_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                  int n_pos, int dim, float scale, float *o, size_t ldo);
+typedef void (*afm__kv_values_fn)(const int16_t *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                  int n_pos, int dim, const float *vs, float *o, size_t ldo);
+typedef void (*afm__round16_fn)(int16_t *out, const float *x, int n, float mul);
+typedef int32_t (*afm__softmax16_fn)(const float *x, int n, float *max, int16_t *out);
 typedef void (*afm__axpy_fn)(float *y, float a, const float *x, int n);
 
 typedef struct afm__kernels {
@@ -5642,6 +5650,8 @@ typedef struct afm__kernels {
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
+    afm__round16_fn round16;
+    afm__softmax16_fn softmax16;
     afm__axpy_fn axpy;
     afm__silu_mul_fn silu_mul;    /* h[i] = silu(h[i]) * g[i] */
     afm__expsum_fn expsum;        /* x[i] = exp(x[i] - max) in place; returns the sum (softmax without the 1/sum) */
@@ -5676,15 +5686,17 @@ typedef struct afm__kernels {
      vector kernel (8 sub-blocks' sums in the 8 lanes) and a matrix-matrix one (16 rows per vector).
    - Float rows: lane i%8 accumulates fma(w_i, x_i, .) for i < cols rounded down to 8, the tree,
      then the remaining i in order with fma.
-   - KV scores: the same as float rows (then times the scale); KV values: each output element is
-     fma over the positions in order, then times the scale.
+   - Attention over an int8 cache (att_int): queries as int16 codes per head (the activation
+     blocks' rules, 32767 steps), exps as multiples of 1/32767 (afm__exp16_code); scores, weighted
+     values and the exps' sum are integer sums, exact in any order, each converted to float once
+     and multiplied by its scale.
    - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0, Q = 0 and
      d = NaN, so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block),
      codes round_even(x * (127 / amax)), d = amax / 127.
-   - Softmax: the maximum (NaN skipped), afm__expf, the sum as for float rows, times 1/sum. A token
-     attending to more than AFM__KV_CHUNK keys takes them in chunks of that many positions, each
-     chunk's exp-sum and weighted values merged in chunk order (FORWARD PASS, attention), whatever
-     the threads and the batch.
+   - Softmax elsewhere (float caches, f32 activations): the maximum (NaN skipped), afm__expf, the
+     sum as for float rows, times 1/sum. Either way a token attending to more than AFM__KV_CHUNK
+     keys takes them in chunks of that many positions, each chunk's exp-sum and weighted values
+     merged in chunk order (FORWARD PASS, attention), whatever the threads and the batch.
    - Elementwise math (exp, SiLU, softmax, RMSNorm, RoPE tables) is written once in C in this file,
      no libm transcendental functions (C libraries differ in the last bit), every multiply-add that
      rounds once is an explicit fmaf/fma, and products that must not be fused are taken in double
@@ -5938,36 +5950,61 @@ static void afm__dequant_scalar(const afm__wmat *w, int row, float *out) {
     }
 }
 
-static void afm__kv_scores_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                  int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
-    const int d8 = dim & ~7;
+static void afm__kv_scores_scalar(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                  int n_pos, int dim, const float *qs, float *s, size_t lds, const int8_t *pf) {
     int h, p, i;
     (void)pf;
     for (h = 0; h < nq; h++)
         for (p = 0; p < n_pos; p++) {
             const int8_t *kp = k + (size_t)p * k_stride;
-            const float *qh = q + (size_t)h * ldq;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
-            for (i = 0; i < d8; i++) acc[i & 7] = fmaf(qh[i], (float)kp[i], acc[i & 7]);
-            sum = afm__sum8(acc);
-            for (; i < dim; i++) sum = fmaf(qh[i], (float)kp[i], sum);
-            s[(size_t)h * lds + (size_t)p] = sum * scale;
+            const int16_t *qh = q + (size_t)h * ldq;
+            int32_t sum = 0;
+            for (i = 0; i < dim; i++) sum += (int32_t)qh[i] * kp[i];
+            s[(size_t)h * lds + (size_t)p] = (float)sum * qs[h];
         }
 }
 
-static void afm__kv_values_scalar(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                  int n_pos, int dim, float scale, float *o, size_t ldo) {
+static void afm__kv_values_scalar(const int16_t *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                  int n_pos, int dim, const float *vs, float *o, size_t ldo) {
     int h, p, i;
-    for (h = 0; h < nq; h++) {
-        float *oh = o + (size_t)h * ldo;
-        for (i = 0; i < dim; i++) oh[i] = 0.0f;
-        for (p = 0; p < n_pos; p++) {
-            const int8_t *vp = v + (size_t)p * v_stride;
-            float w = pr[(size_t)h * ldp + (size_t)p];
-            for (i = 0; i < dim; i++) oh[i] = fmaf(w, (float)vp[i], oh[i]);
+    for (h = 0; h < nq; h++)
+        for (i = 0; i < dim; i++) {
+            int32_t sum = 0;
+            for (p = 0; p < n_pos; p++) sum += (int32_t)pr[(size_t)h * ldp + (size_t)p] * v[(size_t)p * v_stride + (size_t)i];
+            o[(size_t)h * ldo + (size_t)i] = (float)sum * vs[h];
         }
-        for (i = 0; i < dim; i++) oh[i] *= scale;
-    }
+}
+
+static void afm__round16_scalar(int16_t *out, const float *x, int n, float mul) {
+    int i;
+    for (i = 0; i < n; i++) out[i] = (int16_t)(x[i] == x[i] ? afm__round_even(x[i] * mul) : 0);
+}
+
+/* e^d for d <= 0 as a multiple of 1/32767, rounded: the attention probabilities of att_int. Only
+   2^-16 of precision is kept, so a shorter series than afm__expf's does: d = (k + f) ln 2 with k =
+   round(d log2 e), |f| <= 1/2, 2^f by its Taylor series to the 5th power (error below 3e-6), d
+   below -16 (or NaN) taken as -16, whose code is 0. */
+static inline int afm__exp16_code(float d) {
+    float kf, f, p;
+    d = d > -16.0f ? d : -16.0f;
+    kf = fmaf(d, 1.44269502f, 12582912.0f) - 12582912.0f;
+    f = fmaf(d, 1.44269502f, -kf);
+    p = fmaf(1.33335581e-3f, f, 9.61812911e-3f);
+    p = fmaf(p, f, 5.55041087e-2f);
+    p = fmaf(p, f, 2.40226507e-1f);
+    p = fmaf(p, f, 6.93147182e-1f);
+    p = fmaf(p, f, 1.0f);
+    return afm__round_even(p * afm__pow2i((int)kf) * 32767.0f);
+}
+
+static int32_t afm__softmax16_scalar(const float *x, int n, float *max, int16_t *out) {
+    float mx = -FLT_MAX;
+    int32_t sum = 0;
+    int i;
+    for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
+    for (i = 0; i < n; i++) { out[i] = (int16_t)afm__exp16_code(x[i] - mx); sum += out[i]; }
+    *max = mx;
+    return sum;
 }
 
 /* y[i] = fma(a, x[i], y[i]). A kernel because compilers call the C library's fmaf for every
@@ -6503,9 +6540,10 @@ AFM__T_AVX2 static void afm__dequant_avx2(const afm__wmat *w, int row, float *ou
     afm__dequant_scalar(w, row, out);
 }
 
-/* Prefetches the `dim` bytes of KV row p if it is one of the n_pos (its last byte too: the cache is
-   not 64-byte aligned, a 128-byte row spans 3 lines); into L1, or into L2 with l2 (the values while
-   the scores run: a chunk of both would not fit in L1). */
+/* Prefetches the `dim` bytes of KV row p if it is one of the n_pos (its last byte too, for a row
+   that straddles 3 lines; on the base's 64-byte aligned rows that repeats the second line, and a
+   loop over exactly the rows' lines measured 4 % slower at 4000 positions); into L1, or into L2 with
+   l2 (the values while the scores run: a chunk of both would not fit in L1). */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__kv_prefetch_avx2(const int8_t *kv, size_t stride, int p, int n_pos, int dim, const int l2) {
     if (AFM__KV_PF > 0 && p < n_pos) {
         const char *row = (const char *)(kv + (size_t)p * stride);
@@ -6520,63 +6558,11 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kv_prefetch_avx2(const int8_t *kv, size_t
     }
 }
 
-/* int8 -> f32 of 8 keys/values */
-AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__i8x8_avx2(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
-}
-
-/* The afm__sum8 trees of 8 accumulators at once: lanes [A0, A2, A4, A6, A1, A3, A5, A7]. Level 1
-   adds each pair's 128-bit halves (l0+l4 .. l3+l7), level 2 lanes 0+2 and 1+3 of each, level 3 the
-   two: the same additions as afm__hsum_avx2 does for one, in 7 adds and 14 shuffles instead of 8 x 6. */
-AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__sum8x8_avx2(const __m256 *A) {
-    const __m256 v0 = _mm256_add_ps(_mm256_permute2f128_ps(A[0], A[1], 0x20), _mm256_permute2f128_ps(A[0], A[1], 0x31));
-    const __m256 v1 = _mm256_add_ps(_mm256_permute2f128_ps(A[2], A[3], 0x20), _mm256_permute2f128_ps(A[2], A[3], 0x31));
-    const __m256 v2 = _mm256_add_ps(_mm256_permute2f128_ps(A[4], A[5], 0x20), _mm256_permute2f128_ps(A[4], A[5], 0x31));
-    const __m256 v3 = _mm256_add_ps(_mm256_permute2f128_ps(A[6], A[7], 0x20), _mm256_permute2f128_ps(A[6], A[7], 0x31));
-    const __m256 y0 = _mm256_add_ps(_mm256_shuffle_ps(v0, v1, 0x44), _mm256_shuffle_ps(v0, v1, 0xEE));
-    const __m256 y1 = _mm256_add_ps(_mm256_shuffle_ps(v2, v3, 0x44), _mm256_shuffle_ps(v2, v3, 0xEE));
-    return _mm256_add_ps(_mm256_shuffle_ps(y0, y1, 0x88), _mm256_shuffle_ps(y0, y1, 0xDD));
-}
-
-/* Scores of H heads x positions [0, n_pos), P at a time (H * P <= 8; n_pos a multiple of P),
-   accumulator h * P + p: each key row is converted once for the H heads and each query vector
-   loaded once for the P positions, and the 8 sums share one afm__sum8x8_avx2 (the unused
-   accumulators stay 0). H and P are constants after inlining, so the accumulators stay in registers. */
-AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tiles_avx2(const float *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
-                                                      int dim, float scale, float *s, size_t lds, const int8_t *pf,
-                                                      const int H, const int P) {
-    const int d8 = dim & ~7;
-    const __m256 sv = _mm256_set1_ps(scale);
-    int p0, i, h, p;
-    for (p0 = 0; p0 < n_pos; p0 += P) {
-        const int8_t *kp = k + (size_t)p0 * k_stride;
-        __m256 A[8], x[8], sum8;
-        float r[8];
-        AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm256_setzero_ps();
-        AFM__UNROLL for (p = 0; p < P; p++) afm__kv_prefetch_avx2(k, k_stride, p0 + p + AFM__KV_PF, n_pos, dim, 0);
-        if (pf) AFM__UNROLL for (p = 0; p < P; p++) afm__kv_prefetch_avx2(pf, k_stride, p0 + p, n_pos, dim, 1);
-        for (i = 0; i < d8; i += 8) {
-            AFM__UNROLL for (p = 0; p < P; p++) x[p] = afm__i8x8_avx2(kp + (size_t)p * k_stride + (size_t)i);
-            AFM__UNROLL for (h = 0; h < H; h++) {
-                const __m256 qv = _mm256_loadu_ps(q + (size_t)h * ldq + (size_t)i);
-                AFM__UNROLL for (p = 0; p < P; p++) A[h * P + p] = _mm256_fmadd_ps(qv, x[p], A[h * P + p]);
-            }
-        }
-        sum8 = afm__sum8x8_avx2(A);
-        if (d8 == dim) { /* no tail: the 8 products by the scale at once */
-            _mm256_storeu_ps(r, _mm256_mul_ps(sum8, sv));
-            AFM__UNROLL for (h = 0; h < H; h++)
-                AFM__UNROLL for (p = 0; p < P; p++) s[(size_t)h * lds + (size_t)(p0 + p)] = r[((h * P + p) >> 1) + (((h * P + p) & 1) << 2)];
-        } else {
-            _mm256_storeu_ps(r, sum8);
-            for (h = 0; h < H; h++)
-                for (p = 0; p < P; p++) {
-                    float sum = r[((h * P + p) >> 1) + (((h * P + p) & 1) << 2)];
-                    for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)h * ldq + (size_t)i], (float)kp[(size_t)p * k_stride + (size_t)i], sum);
-                    s[(size_t)h * lds + (size_t)(p0 + p)] = sum * scale;
-                }
-        }
-    }
+/* The 8 int32 sums of 8 accumulators, A[h]'s in lane h (integer sums: any order is exact). */
+AFM__FORCEINLINE AFM__T_AVX2 __m256i afm__sum8x8_epi32_avx2(const __m256i *A) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(A[0], A[1]), _mm256_hadd_epi32(A[2], A[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(A[4], A[5]), _mm256_hadd_epi32(A[6], A[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
 /* CALL(H) with H the constant equal to n (1..8): tiles whose head count must be a constant. */
@@ -6586,73 +6572,208 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tiles_avx2(const float *q, size_t ldq
     case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); break;   \
     }
 
-/* Positions per score tile for H heads: as many as fill the 8 accumulators. */
-#define AFM__KVS_POS(H) ((H) > 4 ? 1 : (H) > 2 ? 2 : (H) == 2 ? 4 : 8)
+/* Rows 0 .. H-1 of the transpose of the 8 x 8 floats r into s (row h at s + h * lds). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__store8x8_avx2(float (*r)[8], float *s, size_t lds, const int H) {
+    __m256 a[8], b[8];
+    int h;
+    AFM__UNROLL for (h = 0; h < 8; h += 2) {
+        const __m256 x = _mm256_loadu_ps(r[h]), y = _mm256_loadu_ps(r[h + 1]);
+        a[h] = _mm256_unpacklo_ps(x, y); /* x0 y0 x1 y1 | x4 y4 x5 y5 */
+        a[h + 1] = _mm256_unpackhi_ps(x, y); /* x2 y2 x3 y3 | x6 y6 x7 y7 */
+    }
+    AFM__UNROLL for (h = 0; h < 8; h += 4) {
+        b[h] = _mm256_shuffle_ps(a[h], a[h + 2], 0x44);     /* column 0 (and 4) of rows h .. h+3 */
+        b[h + 1] = _mm256_shuffle_ps(a[h], a[h + 2], 0xEE); /* column 1 (5) */
+        b[h + 2] = _mm256_shuffle_ps(a[h + 1], a[h + 3], 0x44); /* column 2 (6) */
+        b[h + 3] = _mm256_shuffle_ps(a[h + 1], a[h + 3], 0xEE); /* column 3 (7) */
+    }
+    AFM__UNROLL for (h = 0; h < 4; h++) {
+        if (h < H) _mm256_storeu_ps(s + (size_t)h * lds, _mm256_permute2f128_ps(b[h], b[h + 4], 0x20));
+        if (h + 4 < H) _mm256_storeu_ps(s + (size_t)(h + 4) * lds, _mm256_permute2f128_ps(b[h], b[h + 4], 0x31));
+    }
+}
 
-/* Up to 8 heads at a time (a KV head's group of query heads, in attention): 8 heads x 1 position;
-   fewer heads take 2, 4 or 8 positions per tile, and the positions left over one at a time. */
-AFM__T_AVX2 static void afm__kv_scores_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                            int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+/* Scores of H heads, one key row at a time: the row widened to int16 once for the H heads, a
+   vpmaddwd against each head's query (16 products an instruction, twice the float FMA's 8), the
+   8 sums reduced together. H is a constant after inlining, so the accumulators stay in registers. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tile_avx2(const int16_t *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
+                                                     int dim, const float *qs, float *s, size_t lds, const int8_t *pf, const int H) {
+    const int d16 = dim & ~15;
+    float qv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, r[8][8];
+    int32_t sum[8];
+    __m256 qsv;
+    int p, i, h;
+    for (h = 0; h < H; h++) qv[h] = qs[h];
+    qsv = _mm256_loadu_ps(qv);
+    for (p = 0; p < n_pos; p++) { /* r[p % 8] holds position p's 8 heads; every 8 positions, transposed out */
+        const int8_t *kp = k + (size_t)p * k_stride;
+        __m256i A[8], tot;
+        AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm256_setzero_si256();
+        afm__kv_prefetch_avx2(k, k_stride, p + AFM__KV_PF, n_pos, dim, 0);
+        if (pf) afm__kv_prefetch_avx2(pf, k_stride, p, n_pos, dim, 1);
+        for (i = 0; i < d16; i += 16) {
+            const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(kp + i)));
+            AFM__UNROLL for (h = 0; h < H; h++)
+                A[h] = _mm256_add_epi32(A[h], _mm256_madd_epi16(x, _mm256_loadu_si256((const __m256i *)(const void *)(q + (size_t)h * ldq + (size_t)i))));
+        }
+        tot = afm__sum8x8_epi32_avx2(A);
+        if (d16 < dim) {
+            _mm256_storeu_si256((__m256i *)(void *)sum, tot);
+            for (h = 0; h < H; h++)
+                for (i = d16; i < dim; i++) sum[h] += (int32_t)q[(size_t)h * ldq + (size_t)i] * kp[i];
+            tot = _mm256_loadu_si256((const __m256i *)(const void *)sum);
+        }
+        _mm256_storeu_ps(r[p & 7], _mm256_mul_ps(_mm256_cvtepi32_ps(tot), qsv));
+        if ((p & 7) == 7) afm__store8x8_avx2(r, s + (size_t)(p - 7), lds, H);
+    }
+    for (i = n_pos & ~7; i < n_pos; i++) AFM__UNROLL for (h = 0; h < H; h++) s[(size_t)h * lds + (size_t)i] = r[i & 7][h];
+}
+
+/* Up to 8 heads at a time (a KV head's group of query heads, in attention). */
+AFM__T_AVX2 static void afm__kv_scores_avx2(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                            int n_pos, int dim, const float *qs, float *s, size_t lds, const int8_t *pf) {
     int h0;
     for (h0 = 0; h0 < nq; h0 += 8) {
-        const int nh = nq - h0 < 8 ? nq - h0 : 8, np = n_pos - n_pos % AFM__KVS_POS(nh);
-        const float *qh = q + (size_t)h0 * ldq;
+        const int16_t *qh = q + (size_t)h0 * ldq;
         float *sh = s + (size_t)h0 * lds;
-        const int8_t *kr = k + (size_t)np * k_stride;
-#define AFM__KVS_CALL(H)                                                                                         \
-        afm__kvs_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, H, AFM__KVS_POS(H));  \
-        if (AFM__KVS_POS(H) > 1) afm__kvs_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, H, 1)
-        AFM__HEADS_1_TO_8(nh, AFM__KVS_CALL)
+#define AFM__KVS_CALL(H) afm__kvs_tile_avx2(qh, ldq, k, k_stride, n_pos, dim, qs + h0, sh, lds, h0 ? NULL : pf, H)
+        AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVS_CALL)
 #undef AFM__KVS_CALL
     }
 }
 
-/* Values of H heads x C vectors of 8 columns (H * C <= 12) over every position: each output vector
-   is one chain of fma over the positions in order (the contract), so a chain waits for the FMA's
-   latency at every position; 12 chains keep both FMA units busy where 8 do not (4 heads x 3 vectors:
-   44 against 33 billion FMA/s on Zen 3, 1 core, in cache). Constants H and C keep them in registers. */
-AFM__FORCEINLINE AFM__T_AVX2 void afm__kvv_tile_avx2(const float *pr, size_t ldp, const int8_t *v, size_t v_stride, int n_pos,
-                                                     __m256 sv, float *o, size_t ldo, const int H, const int C) {
-    __m256 A[12], x[3];
-    int p, h, c;
-    AFM__UNROLL for (h = 0; h < 12; h++) A[h] = _mm256_setzero_ps();
-    for (p = 0; p < n_pos; p++) {
-        const int8_t *vp = v + (size_t)p * v_stride;
-        afm__kv_prefetch_avx2(v, v_stride, p + AFM__KV_PF, n_pos, 8 * C, 0);
-        AFM__UNROLL for (c = 0; c < C; c++) x[c] = afm__i8x8_avx2(vp + 8 * c);
-        AFM__UNROLL for (h = 0; h < H; h++) {
-            const __m256 w = _mm256_broadcast_ss(pr + (size_t)h * ldp + (size_t)p);
-            AFM__UNROLL for (c = 0; c < C; c++) A[h * C + c] = _mm256_fmadd_ps(w, x[c], A[h * C + c]);
-        }
+/* Values of H heads x C vectors of 8 columns, two positions at a time: their rows interleaved
+   (column j of p, column j of p + 1) and widened to int16 once for the H heads, so one vpmaddwd
+   against the broadcast pair of probabilities adds both positions' products. 4 heads x 16
+   columns: 53 against 40 billion products/s for the float kernel before it (Zen 3, 1 core, in
+   cache). An odd last position pairs with zeros. */
+/* Rows p and p + 1 (or zeros, `two` false) interleaved column by column and widened to int16:
+   x[c] holds columns 8c .. 8c+7 of both, pairs (p, p + 1). */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__kv_pair_avx2(const int8_t *v0, size_t v_stride, int two, __m256i *x, const int C) {
+    if (C == 2) {
+        const __m128i a = _mm_loadu_si128((const __m128i *)(const void *)v0);
+        const __m128i b = two ? _mm_loadu_si128((const __m128i *)(const void *)(v0 + v_stride)) : _mm_setzero_si128();
+        x[0] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
+        x[1] = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(a, b));
+    } else {
+        const __m128i a = _mm_loadl_epi64((const __m128i *)(const void *)v0);
+        const __m128i b = two ? _mm_loadl_epi64((const __m128i *)(const void *)(v0 + v_stride)) : _mm_setzero_si128();
+        x[0] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
     }
-    AFM__UNROLL for (h = 0; h < H; h++)
-        AFM__UNROLL for (c = 0; c < C; c++) _mm256_storeu_ps(o + (size_t)h * ldo + (size_t)(8 * c), _mm256_mul_ps(A[h * C + c], sv));
 }
 
-/* 4 heads x 24 columns where both fit, then each remaining 8 columns for up to 8 heads at a time
-   (a KV head's group in attention), then columns past the last multiple of 8 in scalar. */
-AFM__T_AVX2 static void afm__kv_values_avx2(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                            int n_pos, int dim, float scale, float *o, size_t ldo) {
-    const int d8 = dim & ~7, d24 = d8 - d8 % 24, nq4 = nq & ~3;
-    const __m256 sv = _mm256_set1_ps(scale);
-    int h0, i, h, p;
-    for (h0 = 0; h0 < nq4; h0 += 4)
-        for (i = 0; i < d24; i += 24)
-            afm__kvv_tile_avx2(pr + (size_t)h0 * ldp, ldp, v + i, v_stride, n_pos, sv, o + (size_t)h0 * ldo + (size_t)i, ldo, 4, 3);
-    for (i = 0; i < d8; i += 8)
-        for (h0 = i < d24 ? nq4 : 0; h0 < nq; h0 += 8) {
-            const float *ph = pr + (size_t)h0 * ldp;
-            float *oh = o + (size_t)h0 * ldo + (size_t)i;
-#define AFM__KVV_CALL(H) afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, H, 1)
-            AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVV_CALL)
+/* Values of H heads x C vectors of 8 columns, two positions at a time: their rows interleaved and
+   widened once for the H heads, so one vpmaddwd against the broadcast pair of probabilities adds
+   both positions' products. An odd last position pairs with zeros. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__kvv_tile_avx2(const int16_t *pr, size_t ldp, const int8_t *v, size_t v_stride, int n_pos,
+                                                     const float *vs, float *o, size_t ldo, const int H, const int C) {
+    __m256i A[8], x[2];
+    int32_t pair;
+    int p, h, c;
+    AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm256_setzero_si256();
+    for (p = 0; p + 1 < n_pos; p += 2) {
+        afm__kv_pair_avx2(v + (size_t)p * v_stride, v_stride, 1, x, C);
+        AFM__UNROLL for (h = 0; h < H; h++) {
+            __m256i w;
+            memcpy(&pair, pr + (size_t)h * ldp + (size_t)p, 4); /* pr[p] in the low half, as x's pairs */
+            w = _mm256_set1_epi32(pair);
+            AFM__UNROLL for (c = 0; c < C; c++) A[h * C + c] = _mm256_add_epi32(A[h * C + c], _mm256_madd_epi16(x[c], w));
+        }
+    }
+    if (p < n_pos) {
+        afm__kv_pair_avx2(v + (size_t)p * v_stride, v_stride, 0, x, C);
+        AFM__UNROLL for (h = 0; h < H; h++) {
+            const __m256i w = _mm256_set1_epi32((int32_t)(uint16_t)pr[(size_t)h * ldp + (size_t)p]);
+            AFM__UNROLL for (c = 0; c < C; c++) A[h * C + c] = _mm256_add_epi32(A[h * C + c], _mm256_madd_epi16(x[c], w));
+        }
+    }
+    AFM__UNROLL for (h = 0; h < H; h++) {
+        const __m256 sv = _mm256_set1_ps(vs[h]);
+        AFM__UNROLL for (c = 0; c < C; c++) _mm256_storeu_ps(o + (size_t)h * ldo + (size_t)(8 * c), _mm256_mul_ps(_mm256_cvtepi32_ps(A[h * C + c]), sv));
+    }
+}
+
+/* 4 heads at a time, 16 columns, then 8, then the columns past the last multiple of 8 in scalar. */
+AFM__T_AVX2 static void afm__kv_values_avx2(const int16_t *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                            int n_pos, int dim, const float *vs, float *o, size_t ldo) {
+    const int d8 = dim & ~7, d16 = dim & ~15;
+    int h0, i;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int16_t *ph = pr + (size_t)h0 * ldp;
+        float *oh = o + (size_t)h0 * ldo;
+        for (i = 0; i < d8; i += i < d16 ? 16 : 8) {
+#define AFM__KVV_CALL(H, C) afm__kvv_tile_avx2(ph, ldp, v + i, v_stride, n_pos, vs + h0, oh + i, ldo, H, C)
+#define AFM__KVV_COLS(H) if (i < d16) AFM__KVV_CALL(H, 2); else AFM__KVV_CALL(H, 1)
+            switch (nq - h0 < 4 ? nq - h0 : 4) {
+            case 4: AFM__KVV_COLS(4); break; case 3: AFM__KVV_COLS(3); break; case 2: AFM__KVV_COLS(2); break; default: AFM__KVV_COLS(1); break;
+            }
+#undef AFM__KVV_COLS
 #undef AFM__KVV_CALL
         }
-    for (h = 0; h < nq; h++)
-        for (i = d8; i < dim; i++) {
-            float sum = 0.0f;
-            for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)h * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
-            o[(size_t)h * ldo + (size_t)i] = sum * scale;
+    }
+    if (d8 < dim) {
+        int h;
+        for (h = 0; h < nq; h++) afm__kv_values_scalar(pr + (size_t)h * ldp, ldp, 1, v + d8, v_stride, n_pos, dim - d8, vs + h, o + (size_t)h * ldo + d8, ldo);
+    }
+}
+
+/* afm__softmax16_scalar, 16 at a time: the same operations per lane (max_ps(d, -16) takes a NaN
+   d to -16 as the scalar comparison does). */
+AFM__T_AVX2 static int32_t afm__softmax16_avx2(const float *x, int n, float *max, int16_t *out) {
+    const int n8 = n & ~7, n16 = n & ~15;
+    const __m256 magic = _mm256_set1_ps(12582912.0f), l2e = _mm256_set1_ps(1.44269502f), lo = _mm256_set1_ps(-16.0f);
+    __m256 mv = _mm256_set1_ps(-FLT_MAX), m2 = mv, mxv;
+    __m256i acc = _mm256_setzero_si256(), c[2];
+    __m128 h;
+    int32_t sum, part[8];
+    float mx;
+    int i, j;
+    for (i = 0; i < n16; i += 16) { /* two chains (the maximum is exact in any order); a NaN lane keeps mv */
+        mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);
+        m2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m2);
+    }
+    for (; i < n8; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);
+    mv = _mm256_max_ps(m2, mv);
+    h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    mx = _mm_cvtss_f32(h);
+    for (; i < n; i++) if (x[i] > mx) mx = x[i];
+    mxv = _mm256_set1_ps(mx);
+    for (i = 0; i < n16; i += 16) {
+        AFM__UNROLL for (j = 0; j < 2; j++) {
+            const __m256 d = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8 * j), mxv), lo);
+            const __m256 kf = _mm256_sub_ps(_mm256_fmadd_ps(d, l2e, magic), magic), f = _mm256_fmsub_ps(d, l2e, kf);
+            __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.33335581e-3f), f, _mm256_set1_ps(9.61812911e-3f));
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.55041087e-2f));
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.40226507e-1f));
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.93147182e-1f));
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+            p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(kf), _mm256_set1_epi32(127)), 23)));
+            c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(p, _mm256_set1_ps(32767.0f)));
+            acc = _mm256_add_epi32(acc, c[j]);
         }
+        _mm256_storeu_si256((__m256i *)(void *)(out + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8));
+    }
+    _mm256_storeu_si256((__m256i *)(void *)part, acc);
+    sum = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7];
+    for (; i < n; i++) { out[i] = (int16_t)afm__exp16_code(x[i] - mx); sum += out[i]; }
+    *max = mx;
+    return sum;
+}
+
+/* afm__round16_scalar, 16 at a time: NaN lanes zeroed first (vcvtps2dq would give INT_MIN). */
+AFM__T_AVX2 static void afm__round16_avx2(int16_t *out, const float *x, int n, float mul) {
+    const __m256 m = _mm256_set1_ps(mul);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        a = _mm256_mul_ps(_mm256_and_ps(a, _mm256_cmp_ps(a, a, _CMP_ORD_Q)), m);
+        b = _mm256_mul_ps(_mm256_and_ps(b, _mm256_cmp_ps(b, b, _CMP_ORD_Q)), m);
+        _mm256_storeu_si256((__m256i *)(void *)(out + i),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b)), 0xD8));
+    }
+    afm__round16_scalar(out + i, x + i, n - i, mul);
 }
 
 AFM__T_AVX2 static void afm__axpy_avx2(float *y, float a, const float *x, int n) {
@@ -7287,8 +7408,8 @@ static void afm__matmul_bf16_neon(const afm__wmat *w, const afm__act *a, float *
     AFM__FMM_BODY(afm__ftile_neon, AFM_TYPE_BF16, 4, 2)
 }
 
-static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+static void afm__kv_scores_neon(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                int n_pos, int dim, const float *qs, float *s, size_t lds, const int8_t *pf) {
     const int d8 = dim & ~7;
     int h0, p, i, h;
     (void)pf; /* no software prefetch: not measured on arm64 hardware */
@@ -7296,56 +7417,61 @@ static void afm__kv_scores_neon(const float *q, size_t ldq, int nq, const int8_t
         const int nh = nq - h0 < 4 ? nq - h0 : 4;
         for (p = 0; p < n_pos; p++) {
             const int8_t *kp = k + (size_t)p * k_stride;
-            float32x4_t acc[4][2];
-            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            int32x4_t acc[4];
+            for (h = 0; h < 4; h++) acc[h] = vdupq_n_s32(0);
             for (i = 0; i < d8; i += 8) {
                 const int16x8_t k16 = vmovl_s8(vld1_s8(kp + i));
-                const float32x4_t k0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(k16))), k1 = vcvtq_f32_s32(vmovl_high_s16(k16));
                 for (h = 0; h < nh; h++) {
-                    const float *qh = q + (size_t)(h0 + h) * ldq + i;
-                    acc[h][0] = vfmaq_f32(acc[h][0], vld1q_f32(qh), k0);
-                    acc[h][1] = vfmaq_f32(acc[h][1], vld1q_f32(qh + 4), k1);
+                    const int16x8_t qv = vld1q_s16(q + (size_t)(h0 + h) * ldq + i);
+                    acc[h] = vmlal_s16(acc[h], vget_low_s16(qv), vget_low_s16(k16));
+                    acc[h] = vmlal_high_s16(acc[h], qv, k16);
                 }
             }
             for (h = 0; h < nh; h++) {
-                float sum = afm__hsum8_neon(acc[h][0], acc[h][1]);
-                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
-                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
+                int32_t sum = vaddvq_s32(acc[h]);
+                for (i = d8; i < dim; i++) sum += (int32_t)q[(size_t)(h0 + h) * ldq + (size_t)i] * kp[i];
+                s[(size_t)(h0 + h) * lds + (size_t)p] = (float)sum * qs[h0 + h];
             }
         }
     }
 }
 
-static void afm__kv_values_neon(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                int n_pos, int dim, float scale, float *o, size_t ldo) {
+static void afm__kv_values_neon(const int16_t *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                int n_pos, int dim, const float *vs, float *o, size_t ldo) {
     const int d8 = dim & ~7;
     int h0, p, i, h;
     for (h0 = 0; h0 < nq; h0 += 4) {
         const int nh = nq - h0 < 4 ? nq - h0 : 4;
         for (i = 0; i < d8; i += 8) {
-            float32x4_t acc[4][2];
-            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            int32x4_t acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_s32(0);
             for (p = 0; p < n_pos; p++) {
                 const int16x8_t v16 = vmovl_s8(vld1_s8(v + (size_t)p * v_stride + i));
-                const float32x4_t x0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(v16))), x1 = vcvtq_f32_s32(vmovl_high_s16(v16));
                 for (h = 0; h < nh; h++) {
-                    const float wgt = pr[(size_t)(h0 + h) * ldp + (size_t)p];
-                    acc[h][0] = vfmaq_n_f32(acc[h][0], x0, wgt);
-                    acc[h][1] = vfmaq_n_f32(acc[h][1], x1, wgt);
+                    const int16_t w = pr[(size_t)(h0 + h) * ldp + (size_t)p];
+                    acc[h][0] = vmlal_n_s16(acc[h][0], vget_low_s16(v16), w);
+                    acc[h][1] = vmlal_n_s16(acc[h][1], vget_high_s16(v16), w);
                 }
             }
             for (h = 0; h < nh; h++) {
-                vst1q_f32(o + (size_t)(h0 + h) * ldo + i, vmulq_n_f32(acc[h][0], scale));
-                vst1q_f32(o + (size_t)(h0 + h) * ldo + i + 4, vmulq_n_f32(acc[h][1], scale));
+                const float32x4_t sv = vdupq_n_f32(vs[h0 + h]);
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i, vmulq_f32(vcvtq_f32_s32(acc[h][0]), sv));
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i + 4, vmulq_f32(vcvtq_f32_s32(acc[h][1]), sv));
             }
         }
-        for (h = 0; h < nh; h++)
-            for (i = d8; i < dim; i++) {
-                float sum = 0.0f;
-                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
-                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
-            }
     }
+    if (d8 < dim)
+        for (h = 0; h < nq; h++) afm__kv_values_scalar(pr + (size_t)h * ldp, ldp, 1, v + d8, v_stride, n_pos, dim - d8, vs + h, o + (size_t)h * ldo + d8, ldo);
+}
+
+/* afm__round16_scalar, 8 at a time (vcvtnq rounds to nearest even and takes NaN to 0). */
+static void afm__round16_neon(int16_t *out, const float *x, int n, float mul) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const int32x4_t a = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + i), mul)), b = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + i + 4), mul));
+        vst1q_s16(out + i, vcombine_s16(vqmovn_s32(a), vqmovn_s32(b)));
+    }
+    afm__round16_scalar(out + i, x + i, n - i, mul);
 }
 
 static void afm__axpy_neon(float *y, float a, const float *x, int n) {
@@ -7372,6 +7498,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     k->gemm_min = 1 << 30;
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
+    k->round16 = afm__round16_scalar;
+    k->softmax16 = afm__softmax16_scalar;
     k->axpy = afm__axpy_scalar;
     k->silu_mul = afm__silu_mul_scalar;
     k->expsum = afm__expsum_scalar;
@@ -7389,6 +7517,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
+        k->round16 = afm__round16_avx2;
+        k->softmax16 = afm__softmax16_avx2;
         k->axpy = afm__axpy_avx2;
         k->silu_mul = afm__silu_mul_avx2;
         k->expsum = afm__expsum_avx2;
@@ -7410,6 +7540,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->gemm_min = 4; /* not measured on hardware (qemu only) */
         k->kv_scores = afm__kv_scores_neon;
         k->kv_values = afm__kv_values_neon;
+        k->round16 = afm__round16_neon;
         k->axpy = afm__axpy_neon;
     }
 #ifdef AFM__NEON_DOT
@@ -7936,7 +8067,11 @@ struct afm_session {
     /* scratch for one batch of up to n_batch tokens */
     float *x, *xn, *qkv, *q, *att, *hb, *hb2, *rope_cos, *rope_sin;
     float *scores;                /* [n_threads][afm__att_scratch] attention scores and chunk partials */
-    float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches) */
+    int att_int;                  /* attention in integers: an int8 cache, int8 activations, a quantized model */
+    int16_t *q16;                 /* [n_batch][n_heads][head_dim] the queries' codes when att_int */
+    float *q16d;                  /* [n_batch][n_heads] and their steps */
+    float *rowbuf;                /* [n_threads][max row] dequantized KV rows (float caches), or a
+                                     work unit's int16 probabilities (att_int) */
     unsigned char *gemmbuf;       /* [n_threads][gemmbuf_n] packed rows of the matrix-matrix kernels, or NULL */
     size_t gemmbuf_n;
     int gemm_kpad;                /* the longest padded row gemmbuf holds */
@@ -7974,7 +8109,7 @@ static void afm__session_release_buffers(afm_session *s) {
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
                       (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32,
-                      (void **)&s->att_done, (void **)&s->gemmbuf };
+                      (void **)&s->att_done, (void **)&s->gemmbuf, (void **)&s->q16, (void **)&s->q16d };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -8097,16 +8232,25 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     if (c->head_dim > widest) widest = c->head_dim;
     {   /* fewer tokens per batch when one batch's activations would outweigh the budget */
         uint64_t per_tok = 4 * (2 * (uint64_t)c->dim + 2 * (uint64_t)qd + 2 * (uint64_t)s->kv_dim + 2 * (uint64_t)c->ffn_dim + (uint64_t)c->head_dim) +
+                           2 * (uint64_t)qd + 4 * (uint64_t)c->n_heads +
                            2 * (uint64_t)afm__act_need(1, widest);
         uint64_t most = afm__scratch_budget(m) / per_tok;
         if ((uint64_t)p.n_batch > most) s->params.n_batch = p.n_batch = most > 0 ? (int)most : 1;
     }
     B = p.n_batch;
     s->rowbuf_n = (widest + 15) & ~15;
+    if (s->rowbuf_n < AFM__ATT_HEADS * AFM__KV_CHUNK / 2) s->rowbuf_n = AFM__ATT_HEADS * AFM__KV_CHUNK / 2; /* int16 probabilities */
+    /* integer attention where the queries already come from int8 activation blocks (a quantized
+       QKV product): its rounding is far below theirs. Float models stay exact to the reference. */
+    s->att_int = s->kv_type == AFM_KV_INT8 && !p.f32_activations && afm__type_is_quant((int)m->layers[0].qkv->type);
     s->x = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
     s->xn = (float *)afm__alloc(a, (size_t)B * c->dim * 4);
     s->qkv = (float *)afm__alloc(a, (size_t)B * (qd + 2 * s->kv_dim) * 4);
     s->att = (float *)afm__alloc(a, (size_t)B * qd * 4);
+    if (s->att_int) {
+        s->q16 = (int16_t *)afm__alloc(a, (size_t)B * qd * 2);
+        s->q16d = (float *)afm__alloc(a, (size_t)B * c->n_heads * 4);
+    }
     s->hb = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
     s->hb2 = (float *)afm__alloc(a, (size_t)B * c->ffn_dim * 4);
     s->rope_cos = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
@@ -8125,7 +8269,7 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->act_buf = afm__alloc(a, s->act_cap);
     if ((c->dim | qd | c->ffn_dim) & 15) s->act_f32 = afm__alloc(a, s->act_cap);
     if (!s->act_buf || (((c->dim | qd | c->ffn_dim) & 15) && !s->act_f32) ||
-        !s->x || !s->xn || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->att_done || !s->logits ||
+        !s->x || !s->xn || !s->qkv || !s->att || (s->att_int && (!s->q16 || !s->q16d)) || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->att_done || !s->logits ||
         afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
         afm_session_free(s);
         return AFM_ERR_NOMEM;
@@ -8727,37 +8871,46 @@ static float *afm__attn_out(const afm_session *s, int t, int kvh, int h) {
 }
 
 /* One group's (token t, KV head kvh, heads h0 .. h0+nh-1) keys [p0, p1): with `part` NULL (the only
-   chunk) the normalized output, else each head's o_c, m_c, l_c into part[h * afm__att_part]. */
+   chunk) the normalized output, else each head's o_c, m_c, l_c into part[h * afm__att_part].
+   att_int: scores from the int16 queries (afm__quant_query), exps from each head's maximum (so the
+   largest is 1) as multiples of 1/32767 (afm__exp16_code), both products and the exps' sum taken
+   exactly in int32 by the kernels. Otherwise (float caches, or f32 activations): scalar, products
+   exact in double. */
 static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int nh, int p0, int p1, float *scores, float *kv, float *part) {
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
     const afm__layer *ly = &s->model->layers[j->layer];
     const afm__kernels *k = &s->kern;
-    const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, n = p1 - p0;
+    const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, n = p1 - p0, int8 = s->kv_type == AFM_KV_INT8;
     const size_t pstride = afm__att_part(hd), layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
     const float *q = s->q + (size_t)t * j->q_stride + (size_t)(kvh * group + h0) * hd;
+    const float kmul = (int8 ? ly->k_scale : 1.0f) / sqrtf((float)hd), vmul = int8 ? ly->v_scale : 1.0f;
     float *out = afm__attn_out(s, t, kvh, h0);
     int h, i, d, d0;
-    if (s->kv_type == AFM_KV_INT8) {
-        const size_t at = layer_off + (size_t)p0 * s->kv_dim;
-        k->kv_scores(q, (size_t)hd, nh, (const int8_t *)s->k_cache + at, (size_t)s->kv_dim, n, hd,
-                     ly->k_scale / sqrtf((float)hd), scores, (size_t)AFM__KV_CHUNK, (const int8_t *)s->v_cache + at);
-        for (h = 0; h < nh; h++) {
-            float *sc = scores + (size_t)h * AFM__KV_CHUNK;
-            if (part) part[h * pstride + hd + 1] = k->expsum(sc, n, &part[h * pstride + hd]);
-            else afm__softmax(k, sc, n);
+    if (s->att_int) {
+        const size_t at = layer_off + (size_t)p0 * s->kv_dim, head = (size_t)t * c->n_heads + (size_t)(kvh * group + h0);
+        int16_t *pr = (int16_t *)(void *)kv; /* nh rows of AFM__KV_CHUNK */
+        float qs[AFM__ATT_HEADS] = {0}, vs[AFM__ATT_HEADS] = {0};
+        for (h = 0; h < nh; h++) qs[h] = s->q16d[head + (size_t)h] * kmul;
+        k->kv_scores(s->q16 + head * (size_t)hd, (size_t)hd, nh, (const int8_t *)s->k_cache + at, (size_t)s->kv_dim, n, hd, qs,
+                     scores, (size_t)AFM__KV_CHUNK, (const int8_t *)s->v_cache + at);
+        for (h = 0; h < nh; h++) { /* the sum and the outputs both in units of 1/32767 */
+            float mx;
+            const float sum = (float)k->softmax16(scores + (size_t)h * AFM__KV_CHUNK, n, &mx, pr + (size_t)h * AFM__KV_CHUNK);
+            vs[h] = qs[h] == qs[h] ? vmul : (float)NAN; /* a NaN query: NaN out, as the float path gives */
+            if (part) { part[h * pstride + hd] = mx; part[h * pstride + hd + 1] = sum; }
+            else vs[h] /= sum;
         }
-        k->kv_values(scores, (size_t)AFM__KV_CHUNK, nh, (const int8_t *)s->v_cache + at, (size_t)s->kv_dim, n, hd,
-                     ly->v_scale, part ? part : out, part ? pstride : (size_t)hd);
+        k->kv_values(pr, (size_t)AFM__KV_CHUNK, nh, (const int8_t *)s->v_cache + at, (size_t)s->kv_dim, n, hd, vs,
+                     part ? part : out, part ? pstride : (size_t)hd);
         return;
     }
-    /* float caches (F16, F32): scalar, products exact in double */
     for (h = 0; h < nh; h++) {
-        float *o = part ? part + h * pstride : out + (size_t)h * hd, inv_sqrt = 1.0f / sqrtf((float)hd);
+        float *o = part ? part + h * pstride : out + (size_t)h * hd;
         const float *qh = q + (size_t)h * hd;
         for (i = 0; i < n; i++) {
             afm__kv_load(s, s->k_cache, layer_off + (size_t)(p0 + i) * s->kv_dim, kv, hd, 1.0f);
-            scores[i] = afm__dot(qh, kv, hd) * inv_sqrt;
+            scores[i] = afm__dot(qh, kv, hd) * kmul;
         }
         if (part) part[h * pstride + hd + 1] = k->expsum(scores, n, &part[h * pstride + hd]);
         else afm__softmax(k, scores, n);
@@ -8769,7 +8922,7 @@ static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int n
                 afm__kv_load(s, s->v_cache, layer_off + (size_t)(p0 + i) * s->kv_dim + (size_t)d0, kv, nd, 1.0f);
                 for (d = 0; d < nd; d++) acc[d] += (double)scores[i] * kv[d];
             }
-            for (d = 0; d < nd; d++) o[d0 + d] = (float)acc[d];
+            for (d = 0; d < nd; d++) o[d0 + d] = (float)acc[d] * vmul;
         }
     }
 }
@@ -8878,6 +9031,32 @@ typedef struct afm__tok_job {
     int layer, n_tok, pass;
 } afm__tok_job;
 
+/* Token t's queries (n_heads heads at q) as the int16 codes of att_int attention: per head, codes
+   round_even(x * (qmax / amax)) and step amax / qmax, the activation blocks' rules (infinity or NaN:
+   codes 0 and step NaN; amax below 2^-100: codes 0, step 0). qmax keeps a score's integer sum,
+   |code| * 128 * head_dim, below 2^31: 32767 up to head_dim 512. */
+static void afm__quant_query(afm_session *s, int t, const float *q) {
+    const afm_config *c = &s->model->config;
+    const int hd = c->head_dim, qmax = (int)(2147483647L / (128L * hd) < 32767 ? 2147483647L / (128L * hd) : 32767);
+    int h, i;
+    if (!s->att_int) return;
+    for (h = 0; h < c->n_heads; h++) {
+        const float *x = q + (size_t)h * hd;
+        int16_t *codes = s->q16 + ((size_t)t * c->n_heads + (size_t)h) * hd;
+        float *step = s->q16d + (size_t)t * c->n_heads + (size_t)h, amax;
+        uint32_t amax_bits = 0;
+        for (i = 0; i < hd; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
+        if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+            memset(codes, 0, (size_t)hd * sizeof *codes);
+            *step = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
+            continue;
+        }
+        memcpy(&amax, &amax_bits, 4);
+        s->kern.round16(codes, x, hd, (float)qmax / amax);
+        *step = amax / (float)qmax;
+    }
+}
+
 /* q, k of token t: RoPE then per-head RMSNorm; k and v are stored into the layer's cache. */
 static void afm__qkv_post(afm_session *s, int layer, int t) {
     const afm_config *c = &s->model->config;
@@ -8890,6 +9069,7 @@ static void afm__qkv_post(afm_session *s, int layer, int t) {
         afm__rope(row + h * hd, cs, sn, half);
         afm__rmsnorm(row + h * hd, row + h * hd, ly->q_norm, hd, c->qk_norm_eps);
     }
+    afm__quant_query(s, t, row);
     if (!ly->reuse) {
         float *k = row + qd, *v = row + qd + s->kv_dim;
         size_t at = ((size_t)layer * s->cap + (size_t)(s->pos + t)) * s->kv_dim;

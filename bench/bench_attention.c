@@ -77,6 +77,7 @@ int main(int argc, char **argv) {
             for (j = 0; j < (size_t)q_stride; j++) s->qkv[j] = (float)(rnd() % 2001) / 1000.0f - 1.0f;
             s->pos = pos[i];
             s->q = s->qkv;
+            afm__quant_query(s, 0, s->qkv); /* as the forward pass does after RoPE and the norm */
             t0 = now();
             for (l = 0; l < m->config.n_layers; l++) afm__attention(s, afm__cache_layer(m, l), 1, q_stride);
             t_att[i][r] = now() - t0;

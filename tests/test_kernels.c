@@ -379,9 +379,10 @@ static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const c
 }
 
 static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
-    /* the AVX2 kernels tile 24 columns (values) and 8 heads x 1 position, 4 x 2, 2 x 4 or 1 x 8
-       (scores): dims and counts around those sizes reach every tile and remainder */
-    static const int dims[] = {1, 7, 8, 17, 24, 32, 40, 48, 64, 100, 128, 136};
+    /* the AVX2 kernels take 16 dims at a time and 8 heads (scores), 4 heads x 16 or 8 columns over
+       pairs of positions (values): dims, positions and head counts around those sizes reach every
+       tile and remainder, odd position counts the unpaired last one */
+    static const int dims[] = {1, 7, 8, 15, 16, 17, 24, 32, 40, 48, 64, 100, 128, 136};
     static const int npos[] = {1, 2, 3, 5, 7, 9, 16, 33, 100, 128};
     static const int nqs[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16};
     int di, pi, qi;
@@ -390,36 +391,66 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
         for (pi = 0; pi < (int)(sizeof npos / sizeof npos[0]); pi++)
             for (qi = 0; qi < (int)(sizeof nqs / sizeof nqs[0]); qi++) {
                 const int dim = dims[di], n = npos[pi], nq = nqs[qi];
-                const size_t ks_ = (size_t)dim + 3, ldq = (size_t)dim + 1, lds = (size_t)n + 2;
+                const size_t ks_ = (size_t)dim + 3, ldq = (size_t)dim + 1, lds = (size_t)n + 2, ldp = (size_t)n + 3;
                 int8_t *K = (int8_t *)xmalloc(ks_ * (size_t)n);
-                float *q = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
+                int16_t *q = (int16_t *)xmalloc(sizeof(int16_t) * ldq * (size_t)nq), *pr = (int16_t *)xmalloc(sizeof(int16_t) * ldp * (size_t)nq);
                 float *s1 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq), *s2 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq);
                 float *o1 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq), *o2 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
+                float qs[16], vs[16];
                 size_t i;
-                int h, p, bad = 0;
-                const float scale = 0.0123f;
-                for (i = 0; i < ks_ * (size_t)n; i++) K[i] = (int8_t)(rnd() % 255 - 127);
-                for (i = 0; i < ldq * (size_t)nq; i++) q[i] = rndf();
-                ks->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s1, lds, NULL);
-                kk->kv_scores(q, ldq, nq, K, ks_, n, dim, scale, s2, lds, nq % 2 ? K : NULL); /* the hint changes nothing */
+                int h, p, bad = 0, wrong = 0;
+                /* the extremes the callers allow: keys down to -128, queries +-32767, probabilities up to 32767 */
+                for (i = 0; i < ks_ * (size_t)n; i++) K[i] = (int8_t)(i % 11 == 0 ? -128 : (int)(rnd() % 256) - 128);
+                for (i = 0; i < ldq * (size_t)nq; i++) q[i] = (int16_t)(i % 13 == 0 ? -32767 : i % 13 == 1 ? 32767 : (int)(rnd() % 65535) - 32767);
+                for (i = 0; i < ldp * (size_t)nq; i++) pr[i] = (int16_t)(i % 7 == 0 ? 32767 : (int)(rnd() % 32768));
+                for (h = 0; h < nq; h++) { qs[h] = 1e-4f * (float)(h + 1); vs[h] = 3e-5f / (float)(h + 1); }
+                ks->kv_scores(q, ldq, nq, K, ks_, n, dim, qs, s1, lds, NULL);
+                kk->kv_scores(q, ldq, nq, K, ks_, n, dim, qs, s2, lds, nq % 2 ? K : NULL); /* the hint changes nothing */
                 for (h = 0; h < nq; h++)
-                    for (p = 0; p < n; p++) bad += memcmp(&s1[(size_t)h * lds + (size_t)p], &s2[(size_t)h * lds + (size_t)p], 4) != 0;
-                snprintf(msg, sizeof msg, "%s kv_scores dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
-                check(bad == 0, msg);
-                /* values: probabilities in s1 rows (positive) */
-                for (h = 0; h < nq; h++) for (p = 0; p < n; p++) s1[(size_t)h * lds + (size_t)p] = (float)(rnd() % 1000) / 1000.0f;
+                    for (p = 0; p < n; p++) {
+                        int64_t sum = 0;
+                        int d;
+                        for (d = 0; d < dim; d++) sum += (int64_t)q[(size_t)h * ldq + (size_t)d] * K[(size_t)p * ks_ + (size_t)d];
+                        bad += memcmp(&s1[(size_t)h * lds + (size_t)p], &s2[(size_t)h * lds + (size_t)p], 4) != 0;
+                        wrong += s1[(size_t)h * lds + (size_t)p] != (float)sum * qs[h];
+                    }
+                snprintf(msg, sizeof msg, "%s kv_scores dim=%d n_pos=%d nq=%d == scalar, bit for bit (scalar == the int64 sum)", lname, dim, n, nq);
+                check(bad == 0 && wrong == 0, msg);
                 for (i = 0; i < ldq * (size_t)nq; i++) o1[i] = o2[i] = -5.0f;
-                ks->kv_values(s1, lds, nq, K, ks_, n, dim, scale, o1, ldq);
-                kk->kv_values(s1, lds, nq, K, ks_, n, dim, scale, o2, ldq);
-                bad = 0;
+                ks->kv_values(pr, ldp, nq, K, ks_, n, dim, vs, o1, ldq);
+                kk->kv_values(pr, ldp, nq, K, ks_, n, dim, vs, o2, ldq);
+                bad = wrong = 0;
                 for (h = 0; h < nq; h++) {
+                    int d;
                     bad += memcmp(o1 + (size_t)h * ldq, o2 + (size_t)h * ldq, sizeof(float) * (size_t)dim) != 0;
                     if (o2[(size_t)h * ldq + (size_t)dim] != -5.0f) bad++;
+                    for (d = 0; d < dim; d++) {
+                        int64_t sum = 0;
+                        for (p = 0; p < n; p++) sum += (int64_t)pr[(size_t)h * ldp + (size_t)p] * K[(size_t)p * ks_ + (size_t)d];
+                        wrong += o1[(size_t)h * ldq + (size_t)d] != (float)sum * vs[h];
+                    }
                 }
-                snprintf(msg, sizeof msg, "%s kv_values dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
-                check(bad == 0, msg);
-                free(K); free(q); free(s1); free(s2); free(o1); free(o2);
+                snprintf(msg, sizeof msg, "%s kv_values dim=%d n_pos=%d nq=%d == scalar, bit for bit (scalar == the int64 sum)", lname, dim, n, nq);
+                check(bad == 0 && wrong == 0, msg);
+                free(K); free(q); free(pr); free(s1); free(s2); free(o1); free(o2);
             }
+    for (di = 1; di <= 140; di += (di < 18 ? 1 : 17)) { /* round16: n = 1 .. 18, then 35, 52, ..., 137 */
+        float x[141];
+        int16_t r1[142], r2[142];
+        const float mul = 32767.0f;
+        int i, bad = 0;
+        for (i = 0; i < 141; i++) x[i] = rndf();
+        x[0] = 1.0f; x[1] = -1.0f; x[2] = 0.5f / mul; x[3] = 1.5f / mul; x[4] = -2.5f / mul; /* ends; ties go to even */
+        if (di > 9) { x[5] = (float)NAN; x[9] = -(float)NAN; }
+        r1[di] = r2[di] = 12345;
+        ks->round16(r1, x, di, mul);
+        kk->round16(r2, x, di, mul);
+        bad += memcmp(r1, r2, sizeof(int16_t) * (size_t)(di + 1)) != 0 || r2[di] != 12345;
+        for (i = 0; i < di; i++) bad += r1[i] != (x[i] == x[i] ? (int)lrintf(x[i] * mul) : 0);
+        if (di > 4) bad += r1[0] != 32767 || r1[1] != -32767 || r1[2] != 0 || r1[3] != 2 || r1[4] != -2;
+        snprintf(msg, sizeof msg, "%s round16 n=%d == scalar, bit for bit (ties to even, NaN to 0, nothing past n)", lname, di);
+        check(bad == 0, msg);
+    }
     for (di = 1; di <= 140; di += (di < 18 ? 1 : 17)) { /* axpy: n = 1 .. 18, then 35, 52, ..., 137 */
         float y1[141], y2[141], x[141], a = rndf() * 3.0f;
         int i, bad = 0;
@@ -533,6 +564,27 @@ static void test_math(const afm__kernels *ks, const afm__kernels *kk, const char
         snprintf(msg, sizeof msg, "%s silu_mul and expsum (softmax's exp and sum) n=%d == scalar, bit for bit", lname, n);
         check(bad == 0, msg);
         free(h1); free(h2); free(g);
+    }
+    for (n = 1; n <= 140; n += (n < 40 ? 1 : 17)) { /* softmax16: n = 1 .. 40, then 57, ..., 125 (past 16s and 8s) */
+        float x[141], m1, m2;
+        int16_t c1[142], c2[142];
+        int32_t s1, s2, want = 0;
+        double worst = 0;
+        for (i = 0; i < n; i++) x[i] = (rnd() % 4 == 0) ? (rndf() - 0.5f) * 60.0f : 40.0f - 12.0f * fabsf(rndf()); /* most within 12 of the max, some far below */
+        if (n > 5) { x[3] = NAN; x[n - 1] = 40.0f; x[n - 2] = 40.0f - 4e-6f; } /* NaN skipped; the maximum (inputs are below 30) twice, nearly */
+        c1[n] = c2[n] = 12345;
+        s1 = ks->softmax16(x, n, &m1, c1);
+        s2 = kk->softmax16(x, n, &m2, c2);
+        bad = memcmp(c1, c2, sizeof(int16_t) * (size_t)(n + 1)) != 0 || c2[n] != 12345 || s1 != s2 || !same_floats(&m1, &m2, 1);
+        for (i = 0; i < n; i++) { /* codes within a step of 32767 e^(x - max), summed; NaN gives 0 */
+            const double e = x[i] == x[i] ? 32767.0 * exp((double)x[i] - (double)m1) : 0.0;
+            if (fabs(c1[i] - e) > worst) worst = fabs(c1[i] - e);
+            want += c1[i];
+        }
+        /* 0.6: half a step of rounding, and 0.1 of a step (3e-6) for the series */
+        bad += want != s1 || worst > 0.6 || (n > 5 && (m1 != 40.0f || c1[n - 1] != 32767 || c1[3] != 0));
+        snprintf(msg, sizeof msg, "%s softmax16 n=%d == scalar, bit for bit; codes within %.2f of 32767 e^(x - max) (limit 0.6)", lname, n, worst);
+        check(bad == 0, msg);
     }
 }
 
