@@ -7464,6 +7464,40 @@ static void afm__kv_values_neon(const int16_t *pr, size_t ldp, int nq, const int
         for (h = 0; h < nq; h++) afm__kv_values_scalar(pr + (size_t)h * ldp, ldp, 1, v + d8, v_stride, n_pos, dim - d8, vs + h, o + (size_t)h * ldo + d8, ldo);
 }
 
+/* afm__softmax16_scalar, 4 at a time: the same operations per lane (vmaxnm skips a NaN as the
+   scalar comparisons do, in the maximum and in the clamp to -16). */
+static int32_t afm__softmax16_neon(const float *x, int n, float *max, int16_t *out) {
+    const float32x4_t magic = vdupq_n_f32(12582912.0f), lo = vdupq_n_f32(-16.0f);
+    float32x4_t mv = vdupq_n_f32(-FLT_MAX), mxv;
+    int32x4_t acc = vdupq_n_s32(0);
+    int32_t sum;
+    float mx;
+    int i;
+    for (i = 0; i + 4 <= n; i += 4) mv = vmaxnmq_f32(vld1q_f32(x + i), mv);
+    mx = vmaxnmvq_f32(mv);
+    for (; i < n; i++) if (x[i] > mx) mx = x[i];
+    mxv = vdupq_n_f32(mx);
+    for (i = 0; i + 4 <= n; i += 4) {
+        const float32x4_t d = vmaxnmq_f32(vsubq_f32(vld1q_f32(x + i), mxv), lo);
+        const float32x4_t kf = vsubq_f32(vfmaq_n_f32(magic, d, 1.44269502f), magic);
+        const float32x4_t f = vfmaq_n_f32(vnegq_f32(kf), d, 1.44269502f);
+        float32x4_t p = vfmaq_f32(vdupq_n_f32(9.61812911e-3f), vdupq_n_f32(1.33335581e-3f), f);
+        int32x4_t c;
+        p = vfmaq_f32(vdupq_n_f32(5.55041087e-2f), p, f);
+        p = vfmaq_f32(vdupq_n_f32(2.40226507e-1f), p, f);
+        p = vfmaq_f32(vdupq_n_f32(6.93147182e-1f), p, f);
+        p = vfmaq_f32(vdupq_n_f32(1.0f), p, f);
+        p = vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(kf), vdupq_n_s32(127)), 23)));
+        c = vcvtnq_s32_f32(vmulq_n_f32(p, 32767.0f));
+        acc = vaddq_s32(acc, c);
+        vst1_s16(out + i, vmovn_s32(c));
+    }
+    sum = vaddvq_s32(acc);
+    for (; i < n; i++) { out[i] = (int16_t)afm__exp16_code(x[i] - mx); sum += out[i]; }
+    *max = mx;
+    return sum;
+}
+
 /* afm__round16_scalar, 8 at a time (vcvtnq rounds to nearest even and takes NaN to 0). */
 static void afm__round16_neon(int16_t *out, const float *x, int n, float mul) {
     int i = 0;
@@ -7541,6 +7575,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->kv_scores = afm__kv_scores_neon;
         k->kv_values = afm__kv_values_neon;
         k->round16 = afm__round16_neon;
+        k->softmax16 = afm__softmax16_neon;
         k->axpy = afm__axpy_neon;
     }
 #ifdef AFM__NEON_DOT
