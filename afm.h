@@ -5621,6 +5621,10 @@ static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, voi
    pf (or NULL): rows of the same shape that the caller reads next (the values), a prefetch hint.
    kv_values: o[h*ldo + i] = (float)(sum_p pr[h*ldp + p] * v[p*v_stride + i]) * vs[h], h < nq, i < dim,
    the sum in int32 (exact: callers keep |pr| * 128 * n_pos below 2^31).
+   kv_scores_f, kv_values_f: the same with float queries and probabilities and one scale, for float
+   models and f32 activations (exact to the reference): s[h*lds + p] = scale * sum_i q[h*ldq + i] *
+   k[p*k_stride + i] (the float-row contract), o[h*ldo + i] = scale * sum_p pr[h*ldp + p] *
+   v[p*v_stride + i] (fma over the positions in order).
    round16: out[i] = round_even(x[i] * mul), NaN -> 0, i < n (callers keep |x[i] * mul| < 32767.5).
    softmax16: *max = the maximum of x[0 .. n) (NaN skipped), out[i] = afm__exp16_code(x[i] - *max) (e^(x - max)
    in units of 1/32767), returns the sum of the out[i] (n <= 65536).
@@ -5635,6 +5639,10 @@ typedef void (*afm__silu_mul_fn)(float *h, const float *g, int n);
 typedef float (*afm__expsum_fn)(float *x, int n, float *max);
 typedef void (*afm__kv_values_fn)(const int16_t *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
                                   int n_pos, int dim, const float *vs, float *o, size_t ldo);
+typedef void (*afm__kv_scores_f_fn)(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                    int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf);
+typedef void (*afm__kv_values_f_fn)(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                    int n_pos, int dim, float scale, float *o, size_t ldo);
 typedef void (*afm__round16_fn)(int16_t *out, const float *x, int n, float mul);
 typedef int32_t (*afm__softmax16_fn)(const float *x, int n, float *max, int16_t *out);
 typedef void (*afm__axpy_fn)(float *y, float a, const float *x, int n);
@@ -5650,6 +5658,8 @@ typedef struct afm__kernels {
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
+    afm__kv_scores_f_fn kv_scores_f;
+    afm__kv_values_f_fn kv_values_f;
     afm__round16_fn round16;
     afm__softmax16_fn softmax16;
     afm__axpy_fn axpy;
@@ -5686,17 +5696,19 @@ typedef struct afm__kernels {
      vector kernel (8 sub-blocks' sums in the 8 lanes) and a matrix-matrix one (16 rows per vector).
    - Float rows: lane i%8 accumulates fma(w_i, x_i, .) for i < cols rounded down to 8, the tree,
      then the remaining i in order with fma.
-   - Attention over an int8 cache (att_int): queries as int16 codes per head (the activation
-     blocks' rules, 32767 steps), exps as multiples of 1/32767 (afm__exp16_code); scores, weighted
-     values and the exps' sum are integer sums, exact in any order, each converted to float once
-     and multiplied by its scale.
+   - Attention over the int8 cache of a quantized model (att_int): queries as int16 codes per head
+     (the activation blocks' rules, 32767 steps up to head_dim 512; afm__quant_query), exps as
+     multiples of 1/32767 (afm__exp16_code); scores, weighted values and the exps' sum are integer
+     sums, exact in any order, each converted to float once and multiplied by its scale.
    - Activation blocks: amax = max |x| (a block holding NaN or infinity gets codes 0, Q = 0 and
      d = NaN, so the result is NaN, never a wrapped integer; amax below 2^-100 gives a zero block),
      codes round_even(x * (127 / amax)), d = amax / 127.
-   - Softmax elsewhere (float caches, f32 activations): the maximum (NaN skipped), afm__expf, the
-     sum as for float rows, times 1/sum. Either way a token attending to more than AFM__KV_CHUNK
-     keys takes them in chunks of that many positions, each chunk's exp-sum and weighted values
-     merged in chunk order (FORWARD PASS, attention), whatever the threads and the batch.
+   - Attention elsewhere (float models, f32 activations, float caches): KV scores as float rows
+     (then times the scale), KV values as fma over the positions in order (then times the scale);
+     softmax: the maximum (NaN skipped), afm__expf, the sum as for float rows, times 1/sum.
+     Either way a token attending to more than AFM__KV_CHUNK keys takes them in chunks of that
+     many positions, each chunk's exp-sum and weighted values merged in chunk order (FORWARD PASS,
+     attention), whatever the threads and the batch.
    - Elementwise math (exp, SiLU, softmax, RMSNorm, RoPE tables) is written once in C in this file,
      no libm transcendental functions (C libraries differ in the last bit), every multiply-add that
      rounds once is an explicit fmaf/fma, and products that must not be fused are taken in double
@@ -6003,9 +6015,42 @@ static int32_t afm__softmax16_scalar(const float *x, int n, float *max, int16_t 
     int i;
     for (i = 0; i < n; i++) if (x[i] > mx) mx = x[i];
     for (i = 0; i < n; i++) { out[i] = (int16_t)afm__exp16_code(x[i] - mx); sum += out[i]; }
-    *max = mx;
+    *max = mx + 0.0f; /* -0 as +0: which zero a maximum keeps differs between the levels */
     return sum;
 }
+
+static void afm__kv_scores_f_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                  int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+    const int d8 = dim & ~7;
+    int h, p, i;
+    (void)pf;
+    for (h = 0; h < nq; h++)
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            const float *qh = q + (size_t)h * ldq;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum;
+            for (i = 0; i < d8; i++) acc[i & 7] = fmaf(qh[i], (float)kp[i], acc[i & 7]);
+            sum = afm__sum8(acc);
+            for (; i < dim; i++) sum = fmaf(qh[i], (float)kp[i], sum);
+            s[(size_t)h * lds + (size_t)p] = sum * scale;
+        }
+}
+
+static void afm__kv_values_f_scalar(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                  int n_pos, int dim, float scale, float *o, size_t ldo) {
+    int h, p, i;
+    for (h = 0; h < nq; h++) {
+        float *oh = o + (size_t)h * ldo;
+        for (i = 0; i < dim; i++) oh[i] = 0.0f;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *vp = v + (size_t)p * v_stride;
+            float w = pr[(size_t)h * ldp + (size_t)p];
+            for (i = 0; i < dim; i++) oh[i] = fmaf(w, (float)vp[i], oh[i]);
+        }
+        for (i = 0; i < dim; i++) oh[i] *= scale;
+    }
+}
+
 
 /* y[i] = fma(a, x[i], y[i]). A kernel because compilers call the C library's fmaf for every
    element unless built for a CPU with FMA (x86-64 baseline is not): the attention merge was 10 %
@@ -6642,11 +6687,6 @@ AFM__T_AVX2 static void afm__kv_scores_avx2(const int16_t *q, size_t ldq, int nq
     }
 }
 
-/* Values of H heads x C vectors of 8 columns, two positions at a time: their rows interleaved
-   (column j of p, column j of p + 1) and widened to int16 once for the H heads, so one vpmaddwd
-   against the broadcast pair of probabilities adds both positions' products. 4 heads x 16
-   columns: 53 against 40 billion products/s for the float kernel before it (Zen 3, 1 core, in
-   cache). An odd last position pairs with zeros. */
 /* Rows p and p + 1 (or zeros, `two` false) interleaved column by column and widened to int16:
    x[c] holds columns 8c .. 8c+7 of both, pairs (p, p + 1). */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__kv_pair_avx2(const int8_t *v0, size_t v_stride, int two, __m256i *x, const int C) {
@@ -6664,7 +6704,8 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kv_pair_avx2(const int8_t *v0, size_t v_s
 
 /* Values of H heads x C vectors of 8 columns, two positions at a time: their rows interleaved and
    widened once for the H heads, so one vpmaddwd against the broadcast pair of probabilities adds
-   both positions' products. An odd last position pairs with zeros. */
+   both positions' products (4 heads x 16 columns: 51 billion products/s against the float
+   kernel's 41, Zen 3, 1 core, in cache). An odd last position pairs with zeros. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__kvv_tile_avx2(const int16_t *pr, size_t ldp, const int8_t *v, size_t v_stride, int n_pos,
                                                      const float *vs, float *o, size_t ldo, const int H, const int C) {
     __m256i A[8], x[2];
@@ -6758,7 +6799,7 @@ AFM__T_AVX2 static int32_t afm__softmax16_avx2(const float *x, int n, float *max
     _mm256_storeu_si256((__m256i *)(void *)part, acc);
     sum = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7];
     for (; i < n; i++) { out[i] = (int16_t)afm__exp16_code(x[i] - mx); sum += out[i]; }
-    *max = mx;
+    *max = mx + 0.0f; /* -0 as +0: which zero a maximum keeps differs between the levels */
     return sum;
 }
 
@@ -6774,6 +6815,134 @@ AFM__T_AVX2 static void afm__round16_avx2(int16_t *out, const float *x, int n, f
                             _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b)), 0xD8));
     }
     afm__round16_scalar(out + i, x + i, n - i, mul);
+}
+
+/* int8 -> f32 of 8 keys/values */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__i8x8_avx2(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
+}
+
+/* The afm__sum8 trees of 8 accumulators at once: lanes [A0, A2, A4, A6, A1, A3, A5, A7]. Level 1
+   adds each pair's 128-bit halves (l0+l4 .. l3+l7), level 2 lanes 0+2 and 1+3 of each, level 3 the
+   two: the same additions as afm__hsum_avx2 does for one, in 7 adds and 14 shuffles instead of 8 x 6. */
+AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__sum8x8_avx2(const __m256 *A) {
+    const __m256 v0 = _mm256_add_ps(_mm256_permute2f128_ps(A[0], A[1], 0x20), _mm256_permute2f128_ps(A[0], A[1], 0x31));
+    const __m256 v1 = _mm256_add_ps(_mm256_permute2f128_ps(A[2], A[3], 0x20), _mm256_permute2f128_ps(A[2], A[3], 0x31));
+    const __m256 v2 = _mm256_add_ps(_mm256_permute2f128_ps(A[4], A[5], 0x20), _mm256_permute2f128_ps(A[4], A[5], 0x31));
+    const __m256 v3 = _mm256_add_ps(_mm256_permute2f128_ps(A[6], A[7], 0x20), _mm256_permute2f128_ps(A[6], A[7], 0x31));
+    const __m256 y0 = _mm256_add_ps(_mm256_shuffle_ps(v0, v1, 0x44), _mm256_shuffle_ps(v0, v1, 0xEE));
+    const __m256 y1 = _mm256_add_ps(_mm256_shuffle_ps(v2, v3, 0x44), _mm256_shuffle_ps(v2, v3, 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(y0, y1, 0x88), _mm256_shuffle_ps(y0, y1, 0xDD));
+}
+
+/* Scores of H heads x positions [0, n_pos), P at a time (H * P <= 8; n_pos a multiple of P),
+   accumulator h * P + p: each key row is converted once for the H heads and each query vector
+   loaded once for the P positions, and the 8 sums share one afm__sum8x8_avx2 (the unused
+   accumulators stay 0). H and P are constants after inlining, so the accumulators stay in registers. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__kvsf_tiles_avx2(const float *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
+                                                      int dim, float scale, float *s, size_t lds, const int8_t *pf,
+                                                      const int H, const int P) {
+    const int d8 = dim & ~7;
+    const __m256 sv = _mm256_set1_ps(scale);
+    int p0, i, h, p;
+    for (p0 = 0; p0 < n_pos; p0 += P) {
+        const int8_t *kp = k + (size_t)p0 * k_stride;
+        __m256 A[8], x[8], sum8;
+        float r[8];
+        AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm256_setzero_ps();
+        AFM__UNROLL for (p = 0; p < P; p++) afm__kv_prefetch_avx2(k, k_stride, p0 + p + AFM__KV_PF, n_pos, dim, 0);
+        if (pf) AFM__UNROLL for (p = 0; p < P; p++) afm__kv_prefetch_avx2(pf, k_stride, p0 + p, n_pos, dim, 1);
+        for (i = 0; i < d8; i += 8) {
+            AFM__UNROLL for (p = 0; p < P; p++) x[p] = afm__i8x8_avx2(kp + (size_t)p * k_stride + (size_t)i);
+            AFM__UNROLL for (h = 0; h < H; h++) {
+                const __m256 qv = _mm256_loadu_ps(q + (size_t)h * ldq + (size_t)i);
+                AFM__UNROLL for (p = 0; p < P; p++) A[h * P + p] = _mm256_fmadd_ps(qv, x[p], A[h * P + p]);
+            }
+        }
+        sum8 = afm__sum8x8_avx2(A);
+        if (d8 == dim) { /* no tail: the 8 products by the scale at once */
+            _mm256_storeu_ps(r, _mm256_mul_ps(sum8, sv));
+            AFM__UNROLL for (h = 0; h < H; h++)
+                AFM__UNROLL for (p = 0; p < P; p++) s[(size_t)h * lds + (size_t)(p0 + p)] = r[((h * P + p) >> 1) + (((h * P + p) & 1) << 2)];
+        } else {
+            _mm256_storeu_ps(r, sum8);
+            for (h = 0; h < H; h++)
+                for (p = 0; p < P; p++) {
+                    float sum = r[((h * P + p) >> 1) + (((h * P + p) & 1) << 2)];
+                    for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)h * ldq + (size_t)i], (float)kp[(size_t)p * k_stride + (size_t)i], sum);
+                    s[(size_t)h * lds + (size_t)(p0 + p)] = sum * scale;
+                }
+        }
+    }
+}
+
+/* Positions per score tile for H heads: as many as fill the 8 accumulators. */
+#define AFM__KVS_POS(H) ((H) > 4 ? 1 : (H) > 2 ? 2 : (H) == 2 ? 4 : 8)
+
+/* Up to 8 heads at a time (a KV head's group of query heads, in attention): 8 heads x 1 position;
+   fewer heads take 2, 4 or 8 positions per tile, and the positions left over one at a time. */
+AFM__T_AVX2 static void afm__kv_scores_f_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                            int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+    int h0;
+    for (h0 = 0; h0 < nq; h0 += 8) {
+        const int nh = nq - h0 < 8 ? nq - h0 : 8, np = n_pos - n_pos % AFM__KVS_POS(nh);
+        const float *qh = q + (size_t)h0 * ldq;
+        float *sh = s + (size_t)h0 * lds;
+        const int8_t *kr = k + (size_t)np * k_stride;
+#define AFM__KVSF_CALL(H)                                                                                         \
+        afm__kvsf_tiles_avx2(qh, ldq, k, k_stride, np, dim, scale, sh, lds, h0 ? NULL : pf, H, AFM__KVS_POS(H));  \
+        if (AFM__KVS_POS(H) > 1) afm__kvsf_tiles_avx2(qh, ldq, kr, k_stride, n_pos - np, dim, scale, sh + np, lds, NULL, H, 1)
+        AFM__HEADS_1_TO_8(nh, AFM__KVSF_CALL)
+#undef AFM__KVSF_CALL
+    }
+}
+
+/* Values of H heads x C vectors of 8 columns (H * C <= 12) over every position: each output vector
+   is one chain of fma over the positions in order (the contract), so a chain waits for the FMA's
+   latency at every position; 12 chains keep both FMA units busy where 8 do not (4 heads x 3 vectors:
+   44 against 33 billion FMA/s on Zen 3, 1 core, in cache). Constants H and C keep them in registers. */
+AFM__FORCEINLINE AFM__T_AVX2 void afm__kvvf_tile_avx2(const float *pr, size_t ldp, const int8_t *v, size_t v_stride, int n_pos,
+                                                     __m256 sv, float *o, size_t ldo, const int H, const int C) {
+    __m256 A[12], x[3];
+    int p, h, c;
+    AFM__UNROLL for (h = 0; h < 12; h++) A[h] = _mm256_setzero_ps();
+    for (p = 0; p < n_pos; p++) {
+        const int8_t *vp = v + (size_t)p * v_stride;
+        afm__kv_prefetch_avx2(v, v_stride, p + AFM__KV_PF, n_pos, 8 * C, 0);
+        AFM__UNROLL for (c = 0; c < C; c++) x[c] = afm__i8x8_avx2(vp + 8 * c);
+        AFM__UNROLL for (h = 0; h < H; h++) {
+            const __m256 w = _mm256_broadcast_ss(pr + (size_t)h * ldp + (size_t)p);
+            AFM__UNROLL for (c = 0; c < C; c++) A[h * C + c] = _mm256_fmadd_ps(w, x[c], A[h * C + c]);
+        }
+    }
+    AFM__UNROLL for (h = 0; h < H; h++)
+        AFM__UNROLL for (c = 0; c < C; c++) _mm256_storeu_ps(o + (size_t)h * ldo + (size_t)(8 * c), _mm256_mul_ps(A[h * C + c], sv));
+}
+
+/* 4 heads x 24 columns where both fit, then each remaining 8 columns for up to 8 heads at a time
+   (a KV head's group in attention), then columns past the last multiple of 8 in scalar. */
+AFM__T_AVX2 static void afm__kv_values_f_avx2(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                            int n_pos, int dim, float scale, float *o, size_t ldo) {
+    const int d8 = dim & ~7, d24 = d8 - d8 % 24, nq4 = nq & ~3;
+    const __m256 sv = _mm256_set1_ps(scale);
+    int h0, i, h, p;
+    for (h0 = 0; h0 < nq4; h0 += 4)
+        for (i = 0; i < d24; i += 24)
+            afm__kvvf_tile_avx2(pr + (size_t)h0 * ldp, ldp, v + i, v_stride, n_pos, sv, o + (size_t)h0 * ldo + (size_t)i, ldo, 4, 3);
+    for (i = 0; i < d8; i += 8)
+        for (h0 = i < d24 ? nq4 : 0; h0 < nq; h0 += 8) {
+            const float *ph = pr + (size_t)h0 * ldp;
+            float *oh = o + (size_t)h0 * ldo + (size_t)i;
+#define AFM__KVVF_CALL(H) afm__kvvf_tile_avx2(ph, ldp, v + i, v_stride, n_pos, sv, oh, ldo, H, 1)
+            AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVVF_CALL)
+#undef AFM__KVVF_CALL
+        }
+    for (h = 0; h < nq; h++)
+        for (i = d8; i < dim; i++) {
+            float sum = 0.0f;
+            for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)h * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
+            o[(size_t)h * ldo + (size_t)i] = sum * scale;
+        }
 }
 
 AFM__T_AVX2 static void afm__axpy_avx2(float *y, float a, const float *x, int n) {
@@ -7494,7 +7663,7 @@ static int32_t afm__softmax16_neon(const float *x, int n, float *max, int16_t *o
     }
     sum = vaddvq_s32(acc);
     for (; i < n; i++) { out[i] = (int16_t)afm__exp16_code(x[i] - mx); sum += out[i]; }
-    *max = mx;
+    *max = mx + 0.0f; /* -0 as +0: which zero a maximum keeps differs between the levels */
     return sum;
 }
 
@@ -7506,6 +7675,67 @@ static void afm__round16_neon(int16_t *out, const float *x, int n, float mul) {
         vst1q_s16(out + i, vcombine_s16(vqmovn_s32(a), vqmovn_s32(b)));
     }
     afm__round16_scalar(out + i, x + i, n - i, mul);
+}
+
+static void afm__kv_scores_f_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    (void)pf; /* no software prefetch: not measured on arm64 hardware */
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (p = 0; p < n_pos; p++) {
+            const int8_t *kp = k + (size_t)p * k_stride;
+            float32x4_t acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            for (i = 0; i < d8; i += 8) {
+                const int16x8_t k16 = vmovl_s8(vld1_s8(kp + i));
+                const float32x4_t k0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(k16))), k1 = vcvtq_f32_s32(vmovl_high_s16(k16));
+                for (h = 0; h < nh; h++) {
+                    const float *qh = q + (size_t)(h0 + h) * ldq + i;
+                    acc[h][0] = vfmaq_f32(acc[h][0], vld1q_f32(qh), k0);
+                    acc[h][1] = vfmaq_f32(acc[h][1], vld1q_f32(qh + 4), k1);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                float sum = afm__hsum8_neon(acc[h][0], acc[h][1]);
+                for (i = d8; i < dim; i++) sum = fmaf(q[(size_t)(h0 + h) * ldq + (size_t)i], (float)kp[i], sum);
+                s[(size_t)(h0 + h) * lds + (size_t)p] = sum * scale;
+            }
+        }
+    }
+}
+
+static void afm__kv_values_f_neon(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                int n_pos, int dim, float scale, float *o, size_t ldo) {
+    const int d8 = dim & ~7;
+    int h0, p, i, h;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int nh = nq - h0 < 4 ? nq - h0 : 4;
+        for (i = 0; i < d8; i += 8) {
+            float32x4_t acc[4][2];
+            for (h = 0; h < 4; h++) acc[h][0] = acc[h][1] = vdupq_n_f32(0.0f);
+            for (p = 0; p < n_pos; p++) {
+                const int16x8_t v16 = vmovl_s8(vld1_s8(v + (size_t)p * v_stride + i));
+                const float32x4_t x0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(v16))), x1 = vcvtq_f32_s32(vmovl_high_s16(v16));
+                for (h = 0; h < nh; h++) {
+                    const float wgt = pr[(size_t)(h0 + h) * ldp + (size_t)p];
+                    acc[h][0] = vfmaq_n_f32(acc[h][0], x0, wgt);
+                    acc[h][1] = vfmaq_n_f32(acc[h][1], x1, wgt);
+                }
+            }
+            for (h = 0; h < nh; h++) {
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i, vmulq_n_f32(acc[h][0], scale));
+                vst1q_f32(o + (size_t)(h0 + h) * ldo + i + 4, vmulq_n_f32(acc[h][1], scale));
+            }
+        }
+        for (h = 0; h < nh; h++)
+            for (i = d8; i < dim; i++) {
+                float sum = 0.0f;
+                for (p = 0; p < n_pos; p++) sum = fmaf(pr[(size_t)(h0 + h) * ldp + (size_t)p], (float)v[(size_t)p * v_stride + (size_t)i], sum);
+                o[(size_t)(h0 + h) * ldo + (size_t)i] = sum * scale;
+            }
+    }
 }
 
 static void afm__axpy_neon(float *y, float a, const float *x, int n) {
@@ -7532,6 +7762,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     k->gemm_min = 1 << 30;
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
+    k->kv_scores_f = afm__kv_scores_f_scalar;
+    k->kv_values_f = afm__kv_values_f_scalar;
     k->round16 = afm__round16_scalar;
     k->softmax16 = afm__softmax16_scalar;
     k->axpy = afm__axpy_scalar;
@@ -7551,6 +7783,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         for (i = 0; i < AFM__NTYPES; i++) k->dequant[i] = afm__dequant_avx2;
         k->kv_scores = afm__kv_scores_avx2;
         k->kv_values = afm__kv_values_avx2;
+        k->kv_scores_f = afm__kv_scores_f_avx2;
+        k->kv_values_f = afm__kv_values_f_avx2;
         k->round16 = afm__round16_avx2;
         k->softmax16 = afm__softmax16_avx2;
         k->axpy = afm__axpy_avx2;
@@ -7574,6 +7808,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->gemm_min = 4; /* not measured on hardware (qemu only) */
         k->kv_scores = afm__kv_scores_neon;
         k->kv_values = afm__kv_values_neon;
+        k->kv_scores_f = afm__kv_scores_f_neon;
+        k->kv_values_f = afm__kv_values_f_neon;
         k->round16 = afm__round16_neon;
         k->softmax16 = afm__softmax16_neon;
         k->axpy = afm__axpy_neon;
@@ -8909,17 +9145,17 @@ static float *afm__attn_out(const afm_session *s, int t, int kvh, int h) {
    chunk) the normalized output, else each head's o_c, m_c, l_c into part[h * afm__att_part].
    att_int: scores from the int16 queries (afm__quant_query), exps from each head's maximum (so the
    largest is 1) as multiples of 1/32767 (afm__exp16_code), both products and the exps' sum taken
-   exactly in int32 by the kernels. Otherwise (float caches, or f32 activations): scalar, products
-   exact in double. */
+   exactly in int32 by the kernels. The int8 cache of a float model or an f32_activations session:
+   the float kernels (kv_scores_f, kv_values_f). F16 and F32 caches: scalar, products exact in double. */
 static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int nh, int p0, int p1, float *scores, float *kv, float *part) {
     afm_session *s = j->s;
     const afm_config *c = &s->model->config;
     const afm__layer *ly = &s->model->layers[j->layer];
     const afm__kernels *k = &s->kern;
-    const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, n = p1 - p0, int8 = s->kv_type == AFM_KV_INT8;
+    const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, n = p1 - p0, kv_int8 = s->kv_type == AFM_KV_INT8;
     const size_t pstride = afm__att_part(hd), layer_off = (size_t)j->layer * s->cap * s->kv_dim + (size_t)kvh * hd;
     const float *q = s->q + (size_t)t * j->q_stride + (size_t)(kvh * group + h0) * hd;
-    const float kmul = (int8 ? ly->k_scale : 1.0f) / sqrtf((float)hd), vmul = int8 ? ly->v_scale : 1.0f;
+    const float kmul = (kv_int8 ? ly->k_scale : 1.0f) / sqrtf((float)hd), vmul = kv_int8 ? ly->v_scale : 1.0f;
     float *out = afm__attn_out(s, t, kvh, h0);
     int h, i, d, d0;
     if (s->att_int) {
@@ -8932,12 +9168,25 @@ static void afm__attn_span(const afm__attn_job *j, int t, int kvh, int h0, int n
         for (h = 0; h < nh; h++) { /* the sum and the outputs both in units of 1/32767 */
             float mx;
             const float sum = (float)k->softmax16(scores + (size_t)h * AFM__KV_CHUNK, n, &mx, pr + (size_t)h * AFM__KV_CHUNK);
-            vs[h] = qs[h] == qs[h] ? vmul : (float)NAN; /* a NaN query: NaN out, as the float path gives */
+            vs[h] = qs[h] == qs[h] ? vmul : (float)NAN; /* a NaN query gives NaN out (its codes are all 0: 0 / 0 would too, less plainly) */
             if (part) { part[h * pstride + hd] = mx; part[h * pstride + hd + 1] = sum; }
             else vs[h] /= sum;
         }
         k->kv_values(pr, (size_t)AFM__KV_CHUNK, nh, (const int8_t *)s->v_cache + at, (size_t)s->kv_dim, n, hd, vs,
                      part ? part : out, part ? pstride : (size_t)hd);
+        return;
+    }
+    if (kv_int8) {
+        const size_t at = layer_off + (size_t)p0 * s->kv_dim;
+        k->kv_scores_f(q, (size_t)hd, nh, (const int8_t *)s->k_cache + at, (size_t)s->kv_dim, n, hd, kmul, scores,
+                       (size_t)AFM__KV_CHUNK, (const int8_t *)s->v_cache + at);
+        for (h = 0; h < nh; h++) {
+            float *sc = scores + (size_t)h * AFM__KV_CHUNK;
+            if (part) part[h * pstride + hd + 1] = k->expsum(sc, n, &part[h * pstride + hd]);
+            else afm__softmax(k, sc, n);
+        }
+        k->kv_values_f(scores, (size_t)AFM__KV_CHUNK, nh, (const int8_t *)s->v_cache + at, (size_t)s->kv_dim, n, hd, vmul,
+                       part ? part : out, part ? pstride : (size_t)hd);
         return;
     }
     for (h = 0; h < nh; h++) {

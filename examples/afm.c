@@ -115,6 +115,8 @@ static const char *usage_generation =
     "                         or without --draft / --lookup, at any -t and -b\n"
     "      --kv TYPE          KV cache: auto, f32, f16, int8 (default auto: int8 when the model\n"
     "                         carries KV scales, else f16)\n"
+    "      --exact            quantized weights meet f32 activations and attention runs in float:\n"
+    "                         the decoded weights' exact result, as the reference computes it; slower\n"
     "      --draft FILE       speculative decoding with a draft model (same vocabulary)\n"
     "      --draft-adapter P  LoRA adapter for the draft model\n"
     "      --lookup           speculative decoding with prompt lookup (n-gram matches in the context)\n"
@@ -909,6 +911,7 @@ static int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--transcript")) { if (!v) die("option %s needs a value", a); tools.transcript_path = v; i++; }
         else if (!strcmp(a, "--no-schema-prompt")) no_schema_prompt = 1;
         else if (!strcmp(a, "--schema-prompt")) { if (!v) die("option %s needs a value", a); schema_prompt = v; i++; }
+        else if (!strcmp(a, "--exact")) sp.f32_activations = 1;
         else if (!strcmp(a, "--kv")) {
             if (!v) die("option %s needs a value", a);
             if (!strcmp(v, "auto")) sp.kv_type = AFM_KV_AUTO;

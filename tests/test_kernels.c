@@ -378,6 +378,51 @@ static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const c
             }
 }
 
+static void test_kv_f(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
+    /* the float kernels (float models, f32 activations): the AVX2 ones tile 24 columns (values) and
+       8 heads x 1 position, 4 x 2, 2 x 4 or 1 x 8 (scores): dims and counts around those sizes reach
+       every tile and remainder */
+    static const int dims[] = {1, 7, 8, 17, 24, 32, 40, 48, 64, 100, 128, 136};
+    static const int npos[] = {1, 2, 3, 5, 7, 9, 16, 33, 100, 128};
+    static const int nqs[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16};
+    int di, pi, qi;
+    char msg[200];
+    for (di = 0; di < (int)(sizeof dims / sizeof dims[0]); di++)
+        for (pi = 0; pi < (int)(sizeof npos / sizeof npos[0]); pi++)
+            for (qi = 0; qi < (int)(sizeof nqs / sizeof nqs[0]); qi++) {
+                const int dim = dims[di], n = npos[pi], nq = nqs[qi];
+                const size_t ks_ = (size_t)dim + 3, ldq = (size_t)dim + 1, lds = (size_t)n + 2;
+                int8_t *K = (int8_t *)xmalloc(ks_ * (size_t)n);
+                float *q = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
+                float *s1 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq), *s2 = (float *)xmalloc(sizeof(float) * lds * (size_t)nq);
+                float *o1 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq), *o2 = (float *)xmalloc(sizeof(float) * ldq * (size_t)nq);
+                size_t i;
+                int h, p, bad = 0;
+                const float scale = 0.0123f;
+                for (i = 0; i < ks_ * (size_t)n; i++) K[i] = (int8_t)(rnd() % 255 - 127);
+                for (i = 0; i < ldq * (size_t)nq; i++) q[i] = rndf();
+                ks->kv_scores_f(q, ldq, nq, K, ks_, n, dim, scale, s1, lds, NULL);
+                kk->kv_scores_f(q, ldq, nq, K, ks_, n, dim, scale, s2, lds, nq % 2 ? K : NULL); /* the hint changes nothing */
+                for (h = 0; h < nq; h++)
+                    for (p = 0; p < n; p++) bad += memcmp(&s1[(size_t)h * lds + (size_t)p], &s2[(size_t)h * lds + (size_t)p], 4) != 0;
+                snprintf(msg, sizeof msg, "%s kv_scores_f dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
+                check(bad == 0, msg);
+                /* values: probabilities in s1 rows (positive) */
+                for (h = 0; h < nq; h++) for (p = 0; p < n; p++) s1[(size_t)h * lds + (size_t)p] = (float)(rnd() % 1000) / 1000.0f;
+                for (i = 0; i < ldq * (size_t)nq; i++) o1[i] = o2[i] = -5.0f;
+                ks->kv_values_f(s1, lds, nq, K, ks_, n, dim, scale, o1, ldq);
+                kk->kv_values_f(s1, lds, nq, K, ks_, n, dim, scale, o2, ldq);
+                bad = 0;
+                for (h = 0; h < nq; h++) {
+                    bad += memcmp(o1 + (size_t)h * ldq, o2 + (size_t)h * ldq, sizeof(float) * (size_t)dim) != 0;
+                    if (o2[(size_t)h * ldq + (size_t)dim] != -5.0f) bad++;
+                }
+                snprintf(msg, sizeof msg, "%s kv_values_f dim=%d n_pos=%d nq=%d == scalar, bit for bit", lname, dim, n, nq);
+                check(bad == 0, msg);
+                free(K); free(q); free(s1); free(s2); free(o1); free(o2);
+            }
+}
+
 static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
     /* the AVX2 kernels take 16 dims at a time and 8 heads (scores), 4 heads x 16 or 8 columns over
        pairs of positions (values): dims, positions and head counts around those sizes reach every
@@ -404,8 +449,11 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
                 for (i = 0; i < ldq * (size_t)nq; i++) q[i] = (int16_t)(i % 13 == 0 ? -32767 : i % 13 == 1 ? 32767 : (int)(rnd() % 65535) - 32767);
                 for (i = 0; i < ldp * (size_t)nq; i++) pr[i] = (int16_t)(i % 7 == 0 ? 32767 : (int)(rnd() % 32768));
                 for (h = 0; h < nq; h++) { qs[h] = 1e-4f * (float)(h + 1); vs[h] = 3e-5f / (float)(h + 1); }
+                for (i = 0; i < lds * (size_t)nq; i++) s1[i] = s2[i] = -7.0f; /* the rows' padding must stay */
                 ks->kv_scores(q, ldq, nq, K, ks_, n, dim, qs, s1, lds, NULL);
                 kk->kv_scores(q, ldq, nq, K, ks_, n, dim, qs, s2, lds, nq % 2 ? K : NULL); /* the hint changes nothing */
+                for (h = 0; h < nq; h++)
+                    bad += s2[(size_t)h * lds + (size_t)n] != -7.0f || s2[(size_t)h * lds + (size_t)n + 1] != -7.0f;
                 for (h = 0; h < nq; h++)
                     for (p = 0; p < n; p++) {
                         int64_t sum = 0;
@@ -434,6 +482,29 @@ static void test_kv(const afm__kernels *ks, const afm__kernels *kk, const char *
                 check(bad == 0 && wrong == 0, msg);
                 free(K); free(q); free(pr); free(s1); free(s2); free(o1); free(o2);
             }
+    { /* the largest sums the callers allow: head_dim 1024, codes +-16383 (afm__quant_query's limit
+         there) against keys of -128, and 128 positions of probability 32767 against -128 */
+        const int dim = 1024, n = 128, nq = 8;
+        int8_t *K = (int8_t *)xmalloc((size_t)dim * (size_t)n);
+        int16_t *q = (int16_t *)xmalloc(sizeof(int16_t) * (size_t)dim * (size_t)nq), *pr = (int16_t *)xmalloc(sizeof(int16_t) * (size_t)n * (size_t)nq);
+        float *s1 = (float *)xmalloc(sizeof(float) * (size_t)n * (size_t)nq), *s2 = (float *)xmalloc(sizeof(float) * (size_t)n * (size_t)nq);
+        float *o1 = (float *)xmalloc(sizeof(float) * (size_t)dim * (size_t)nq), *o2 = (float *)xmalloc(sizeof(float) * (size_t)dim * (size_t)nq);
+        const float one[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+        size_t i;
+        int bad = 0;
+        memset(K, 0x80, (size_t)dim * (size_t)n);
+        for (i = 0; i < (size_t)dim * (size_t)nq; i++) q[i] = (int16_t)(i / (size_t)dim % 2 ? 16383 : -16383);
+        for (i = 0; i < (size_t)n * (size_t)nq; i++) pr[i] = 32767;
+        ks->kv_scores(q, (size_t)dim, nq, K, (size_t)dim, n, dim, one, s1, (size_t)n, NULL);
+        kk->kv_scores(q, (size_t)dim, nq, K, (size_t)dim, n, dim, one, s2, (size_t)n, NULL);
+        ks->kv_values(pr, (size_t)n, nq, K, (size_t)dim, n, dim, one, o1, (size_t)dim);
+        kk->kv_values(pr, (size_t)n, nq, K, (size_t)dim, n, dim, one, o2, (size_t)dim);
+        for (i = 0; i < (size_t)n * (size_t)nq; i++) bad += s2[i] != s1[i] || s1[i] != (i / (size_t)n % 2 ? -2147352576.0f : 2147352576.0f);
+        for (i = 0; i < (size_t)dim * (size_t)nq; i++) bad += o2[i] != o1[i] || o1[i] != -536854528.0f;
+        snprintf(msg, sizeof msg, "%s kv_scores and kv_values at the largest sums (dim 1024, codes 16383 and 32767 against -128) == the exact sums", lname);
+        check(bad == 0, msg);
+        free(K); free(q); free(pr); free(s1); free(s2); free(o1); free(o2);
+    }
     for (di = 1; di <= 140; di += (di < 18 ? 1 : 17)) { /* round16: n = 1 .. 18, then 35, 52, ..., 137 */
         float x[141];
         int16_t r1[142], r2[142];
@@ -586,6 +657,23 @@ static void test_math(const afm__kernels *ks, const afm__kernels *kk, const char
         snprintf(msg, sizeof msg, "%s softmax16 n=%d == scalar, bit for bit; codes within %.2f of 32767 e^(x - max) (limit 0.6)", lname, n, worst);
         check(bad == 0, msg);
     }
+    for (n = 1; n <= 21; n += 4) { /* rows of NaN (a NaN query's scores), of infinities, and maxima of -0 and +0 */
+        static const float fill[4][3] = {{NAN, NAN, NAN}, {INFINITY, -INFINITY, 1.0f}, {-0.0f, 0.0f, -3.0f}, {0.0f, -0.0f, -1e-30f}};
+        int f;
+        for (f = 0; f < 4; f++) {
+            float x[21], m1, m2;
+            int16_t c1[21], c2[21];
+            int32_t s1, s2;
+            for (i = 0; i < n; i++) x[i] = fill[f][(i * 7 + n) % 3];
+            s1 = ks->softmax16(x, n, &m1, c1);
+            s2 = kk->softmax16(x, n, &m2, c2);
+            bad = memcmp(c1, c2, sizeof(int16_t) * (size_t)n) != 0 || s1 != s2 || !same_floats(&m1, &m2, 1) ||
+                  (f == 0 && (s1 != 0 || m1 != -FLT_MAX));
+            snprintf(msg, sizeof msg, "%s softmax16 n=%d on %s == scalar, bit for bit", lname, n,
+                     f == 0 ? "NaN (codes 0, max -FLT_MAX)" : f == 1 ? "infinities" : "signed zeros");
+            check(bad == 0, msg);
+        }
+    }
 }
 
 /* A fixture written by tests/gen/quantize.py --fixtures: Python's encoding and its float32 decode.
@@ -648,6 +736,7 @@ int main(int argc, char **argv) {
         test_matmul(&ks, &kk, kk.name);
         test_dequant(&ks, &kk, kk.name);
         test_kv(&ks, &kk, kk.name);
+        test_kv_f(&ks, &kk, kk.name);
         test_math(&ks, &kk, kk.name, level == AFM__LEVEL_SCALAR);
         test_q8_nan_activations_ubsan(&kk, kk.name);
         if (verbose || n_fail != before) printf("  %s: %d failures\n", kk.name, n_fail - before);
