@@ -6020,7 +6020,7 @@ static int32_t afm__softmax16_scalar(const float *x, int n, float *max, int16_t 
 }
 
 static void afm__kv_scores_f_scalar(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                  int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+                                    int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
     const int d8 = dim & ~7;
     int h, p, i;
     (void)pf;
@@ -6037,7 +6037,7 @@ static void afm__kv_scores_f_scalar(const float *q, size_t ldq, int nq, const in
 }
 
 static void afm__kv_values_f_scalar(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                  int n_pos, int dim, float scale, float *o, size_t ldo) {
+                                    int n_pos, int dim, float scale, float *o, size_t ldo) {
     int h, p, i;
     for (h = 0; h < nq; h++) {
         float *oh = o + (size_t)h * ldo;
@@ -6840,8 +6840,8 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__sum8x8_avx2(const __m256 *A) {
    loaded once for the P positions, and the 8 sums share one afm__sum8x8_avx2 (the unused
    accumulators stay 0). H and P are constants after inlining, so the accumulators stay in registers. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__kvsf_tiles_avx2(const float *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
-                                                      int dim, float scale, float *s, size_t lds, const int8_t *pf,
-                                                      const int H, const int P) {
+                                                       int dim, float scale, float *s, size_t lds, const int8_t *pf,
+                                                       const int H, const int P) {
     const int d8 = dim & ~7;
     const __m256 sv = _mm256_set1_ps(scale);
     int p0, i, h, p;
@@ -6882,7 +6882,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvsf_tiles_avx2(const float *q, size_t ld
 /* Up to 8 heads at a time (a KV head's group of query heads, in attention): 8 heads x 1 position;
    fewer heads take 2, 4 or 8 positions per tile, and the positions left over one at a time. */
 AFM__T_AVX2 static void afm__kv_scores_f_avx2(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                            int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+                                              int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
     int h0;
     for (h0 = 0; h0 < nq; h0 += 8) {
         const int nh = nq - h0 < 8 ? nq - h0 : 8, np = n_pos - n_pos % AFM__KVS_POS(nh);
@@ -6902,7 +6902,7 @@ AFM__T_AVX2 static void afm__kv_scores_f_avx2(const float *q, size_t ldq, int nq
    latency at every position; 12 chains keep both FMA units busy where 8 do not (4 heads x 3 vectors:
    44 against 33 billion FMA/s on Zen 3, 1 core, in cache). Constants H and C keep them in registers. */
 AFM__FORCEINLINE AFM__T_AVX2 void afm__kvvf_tile_avx2(const float *pr, size_t ldp, const int8_t *v, size_t v_stride, int n_pos,
-                                                     __m256 sv, float *o, size_t ldo, const int H, const int C) {
+                                                      __m256 sv, float *o, size_t ldo, const int H, const int C) {
     __m256 A[12], x[3];
     int p, h, c;
     AFM__UNROLL for (h = 0; h < 12; h++) A[h] = _mm256_setzero_ps();
@@ -6922,7 +6922,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvvf_tile_avx2(const float *pr, size_t ld
 /* 4 heads x 24 columns where both fit, then each remaining 8 columns for up to 8 heads at a time
    (a KV head's group in attention), then columns past the last multiple of 8 in scalar. */
 AFM__T_AVX2 static void afm__kv_values_f_avx2(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                            int n_pos, int dim, float scale, float *o, size_t ldo) {
+                                              int n_pos, int dim, float scale, float *o, size_t ldo) {
     const int d8 = dim & ~7, d24 = d8 - d8 % 24, nq4 = nq & ~3;
     const __m256 sv = _mm256_set1_ps(scale);
     int h0, i, h, p;
@@ -7678,7 +7678,7 @@ static void afm__round16_neon(int16_t *out, const float *x, int n, float mul) {
 }
 
 static void afm__kv_scores_f_neon(const float *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
-                                int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
+                                  int n_pos, int dim, float scale, float *s, size_t lds, const int8_t *pf) {
     const int d8 = dim & ~7;
     int h0, p, i, h;
     (void)pf; /* no software prefetch: not measured on arm64 hardware */
@@ -7707,7 +7707,7 @@ static void afm__kv_scores_f_neon(const float *q, size_t ldq, int nq, const int8
 }
 
 static void afm__kv_values_f_neon(const float *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
-                                int n_pos, int dim, float scale, float *o, size_t ldo) {
+                                  int n_pos, int dim, float scale, float *o, size_t ldo) {
     const int d8 = dim & ~7;
     int h0, p, i, h;
     for (h0 = 0; h0 < nq; h0 += 4) {
