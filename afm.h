@@ -5855,12 +5855,19 @@ static inline uint32_t afm__abs_bits(float x) { uint32_t u; memcpy(&u, &x, 4); r
 #define AFM__AMAX_INF 0x7f800000u /* abs bits at or above: the block holds infinity or NaN */
 #define AFM__AMAX_TINY 0x0d800000u /* abs bits below (2^-100): the block is quantized as zero */
 
+/* The largest afm__abs_bits of x[0 .. n). */
+static uint32_t afm__amax_bits(const float *x, int n) {
+    uint32_t amax_bits = 0;
+    int i;
+    for (i = 0; i < n; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
+    return amax_bits;
+}
+
 /* Quantizes one block of 64 given its amax bits (shared by every level for the rare cases). */
 static void afm__q8_block_scalar(const float *x, int n, int8_t *q, float *d, int32_t *qs) {
-    uint32_t amax_bits = 0;
+    const uint32_t amax_bits = afm__amax_bits(x, n);
     int i, sum = 0;
     float amax, id;
-    for (i = 0; i < n; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
     memset(q, 0, 64);
     *qs = 0;
     if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
@@ -6752,35 +6759,34 @@ AFM__T_AVX2 static void afm__kv_values_avx2(const int16_t *pr, size_t ldp, int n
 #undef AFM__KVV_CALL
         }
     }
-    if (d8 < dim) {
-        int h;
-        for (h = 0; h < nq; h++) afm__kv_values_scalar(pr + (size_t)h * ldp, ldp, 1, v + d8, v_stride, n_pos, dim - d8, vs + h, o + (size_t)h * ldo + d8, ldo);
-    }
+    if (d8 < dim) afm__kv_values_scalar(pr, ldp, nq, v + d8, v_stride, n_pos, dim - d8, vs, o + d8, ldo); /* the last columns */
 }
 
-/* afm__softmax16_scalar, 16 at a time: the same operations per lane (max_ps(d, -16) takes a NaN
-   d to -16 as the scalar comparison does). */
-AFM__T_AVX2 static int32_t afm__softmax16_avx2(const float *x, int n, float *max, int16_t *out) {
-    const int n8 = n & ~7, n16 = n & ~15;
-    const __m256 magic = _mm256_set1_ps(12582912.0f), l2e = _mm256_set1_ps(1.44269502f), lo = _mm256_set1_ps(-16.0f);
-    __m256 mv = _mm256_set1_ps(-FLT_MAX), m2 = mv, mxv;
-    __m256i acc = _mm256_setzero_si256(), c[2];
+/* The maximum of x[0 .. n), NaN skipped (from -FLT_MAX, as the scalar kernels start). */
+AFM__FORCEINLINE AFM__T_AVX2 float afm__max_avx2(const float *x, int n) {
+    __m256 mv = _mm256_set1_ps(-FLT_MAX);
     __m128 h;
-    int32_t sum, part[8];
     float mx;
-    int i, j;
-    for (i = 0; i < n16; i += 16) { /* two chains (the maximum is exact in any order); a NaN lane keeps mv */
-        mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);
-        m2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m2);
-    }
-    for (; i < n8; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);
-    mv = _mm256_max_ps(m2, mv);
+    int i;
+    for (i = 0; i + 8 <= n; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv); /* a NaN lane keeps mv */
     h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
     mx = _mm_cvtss_f32(h);
     for (; i < n; i++) if (x[i] > mx) mx = x[i];
-    mxv = _mm256_set1_ps(mx);
+    return mx;
+}
+
+/* afm__softmax16_scalar, 16 at a time: the same operations per lane (max_ps(d, -16) takes a NaN
+   d to -16 as the scalar comparison does). */
+AFM__T_AVX2 static int32_t afm__softmax16_avx2(const float *x, int n, float *max, int16_t *out) {
+    const int n16 = n & ~15;
+    const __m256 magic = _mm256_set1_ps(12582912.0f), l2e = _mm256_set1_ps(1.44269502f), lo = _mm256_set1_ps(-16.0f);
+    const float mx = afm__max_avx2(x, n);
+    const __m256 mxv = _mm256_set1_ps(mx);
+    __m256i acc = _mm256_setzero_si256(), c[2];
+    int32_t sum, part[8];
+    int i, j;
     for (i = 0; i < n16; i += 16) {
         AFM__UNROLL for (j = 0; j < 2; j++) {
             const __m256 d = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8 * j), mxv), lo);
@@ -6988,16 +6994,10 @@ AFM__T_AVX2 static void afm__silu_mul_avx2(float *h, const float *g, int n) {
 
 AFM__T_AVX2 static float afm__expsum_avx2(float *x, int n, float *max) {
     const int n8 = n & ~7;
-    __m256 mv = _mm256_set1_ps(-FLT_MAX), acc = _mm256_setzero_ps();
-    __m128 h;
-    float mx, sum;
+    const float mx = afm__max_avx2(x, n);
+    __m256 acc = _mm256_setzero_ps();
+    float sum;
     int i;
-    for (i = 0; i < n8; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv); /* a NaN lane keeps mv */
-    h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    mx = _mm_cvtss_f32(h);
-    for (; i < n; i++) if (x[i] > mx) mx = x[i];
     for (i = 0; i < n8; i += 8) {
         const __m256 e = afm__expf_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)));
         _mm256_storeu_ps(x + i, e);
@@ -7629,8 +7629,7 @@ static void afm__kv_values_neon(const int16_t *pr, size_t ldp, int nq, const int
             }
         }
     }
-    if (d8 < dim)
-        for (h = 0; h < nq; h++) afm__kv_values_scalar(pr + (size_t)h * ldp, ldp, 1, v + d8, v_stride, n_pos, dim - d8, vs + h, o + (size_t)h * ldo + d8, ldo);
+    if (d8 < dim) afm__kv_values_scalar(pr, ldp, nq, v + d8, v_stride, n_pos, dim - d8, vs, o + d8, ldo); /* the last columns */
 }
 
 /* afm__softmax16_scalar, 4 at a time: the same operations per lane (vmaxnm skips a NaN as the
@@ -9322,14 +9321,13 @@ typedef struct afm__tok_job {
 static void afm__quant_query(afm_session *s, int t, const float *q) {
     const afm_config *c = &s->model->config;
     const int hd = c->head_dim, qmax = (int)(2147483647L / (128L * hd) < 32767 ? 2147483647L / (128L * hd) : 32767);
-    int h, i;
+    int h;
     if (!s->att_int) return;
     for (h = 0; h < c->n_heads; h++) {
         const float *x = q + (size_t)h * hd;
         int16_t *codes = s->q16 + ((size_t)t * c->n_heads + (size_t)h) * hd;
         float *step = s->q16d + (size_t)t * c->n_heads + (size_t)h, amax;
-        uint32_t amax_bits = 0;
-        for (i = 0; i < hd; i++) { uint32_t u = afm__abs_bits(x[i]); amax_bits = u > amax_bits ? u : amax_bits; }
+        const uint32_t amax_bits = afm__amax_bits(x, hd);
         if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
             memset(codes, 0, (size_t)hd * sizeof *codes);
             *step = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
