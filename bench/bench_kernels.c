@@ -1,7 +1,8 @@
 /* bench/bench_kernels.c - throughput of afm.h's matrix kernels next to measured memory
    bandwidth, in one run.
      cc -O2 -std=c99 -D_GNU_SOURCE bench/bench_kernels.c -lpthread -lm -o bench && ./bench [options]
-   Options: -l LEVEL  (0 scalar, 1 avx2/neon, 2 avx512, 3 avx512vnni; default best)
+   Options: -l LEVEL  (afm_kernels: 1 scalar, 2 avx2, 3 avx512, 4 avx512vnni, 5 neon, 6 neon-dotprod,
+                       7 amx; default best)
             -q        quick (fewer repetitions)
             -d        decode (matvec) table only
             -c        compute ceilings only (in-cache, CPU time: robust on a busy machine)
@@ -238,7 +239,7 @@ static void ceilings(const afm__kernels *k) {
 /* -b: us per token of a Q2B product by batch size, through the level's panel kernel (matmul) and,
    where it has one, its unpacked matrix-matrix kernel (gemm_q2b), whatever gemm_min says. */
 static void batch_sizes(const afm__kernels *k) {
-    static const int toks[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64};
+    static const int toks[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64, 256};
     afm__wmat *w;
     uint8_t *mem;
     size_t each;

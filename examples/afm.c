@@ -163,9 +163,9 @@ static const char *usage_more =
     "      --dump-logits FILE write the logits of the prompt's last position and of every\n"
     "                         generated step as raw little-endian f32 [steps][vocab]\n"
     "      --no-mmap          read the model into memory instead of mapping it\n"
-    "      --kernels NAME     kernel level: scalar, avx2, avx512, avx512vnni (x86-64), neon,\n"
-    "                         neon-dotprod (arm64); default: the best this CPU has (afm info\n"
-    "                         prints it). Every level gives the same results, bit for bit\n"
+    "      --kernels NAME     kernel level: scalar, avx2, avx512, avx512vnni, amx (x86-64),\n"
+    "                         neon, neon-dotprod (arm64); default: the best this CPU has (afm\n"
+    "                         info prints it). Every level gives the same results, bit for bit\n"
     "  -h, --help             this text\n"
     "\n"
     "exit status: 0 on success, 1 on any error (bad arguments or files, a full context, logits\n"
@@ -554,7 +554,7 @@ afm_kernels kernels_or_die(const char *name) {
     int k = afm_kernels_from_name(name);
     if (!name) die("%s", "option --kernels needs a value");
     if (k < 0 || k == AFM_KERNELS_AUTO)
-        die("--kernels: '%s' is not one of scalar, avx2, avx512, avx512vnni, neon, neon-dotprod", name);
+        die("--kernels: '%s' is not one of scalar, avx2, avx512, avx512vnni, amx, neon, neon-dotprod", name);
     if (!afm_kernels_supported((afm_kernels)k)) die("--kernels: this CPU (or this build) cannot run '%s'", name);
     return (afm_kernels)k;
 }
@@ -563,7 +563,7 @@ afm_kernels kernels_or_die(const char *name) {
 static void print_kernels(void) {
     int k, first = 1;
     printf("kernels: %s (also:", afm_kernels_name(afm_kernels_best()));
-    for (k = AFM_KERNELS_SCALAR; k <= AFM_KERNELS_NEON_DOTPROD; k++)
+    for (k = AFM_KERNELS_SCALAR; k <= AFM_KERNELS_AMX; k++)
         if (k != (int)afm_kernels_best() && afm_kernels_supported((afm_kernels)k)) { printf("%s%s", first ? " " : ", ", afm_kernels_name((afm_kernels)k)); first = 0; }
     printf("%s); every level gives the same results\n", first ? " none" : "");
 }

@@ -349,6 +349,12 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 70, 1000, 128, 31, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 80, 6656, 64, 37, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 65, 1024, 64, 300, 0);
+    /* AMX: whole tiles of 16 tokens and a rest, with sub-blocks not a multiple of 8 (36: lanes of
+       5 and 4 sub-blocks) and fewer than 8 (4) */
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 50, 2048 + 65, 64, 16, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 50, 2048 + 65, 128, 33, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 200, 64, 16, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 200, 256, 21, 0);
 }
 
 static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
@@ -712,12 +718,12 @@ done:
 }
 
 int main(int argc, char **argv) {
-    afm__kernels ks, kk, all[4];
+    afm__kernels ks, kk, all[8];
     int level, top, nall = 0, verbose = 0, a;
     afm__select_kernels(&ks, AFM__LEVEL_SCALAR);
     top = afm__select_kernels(&kk, AFM__LEVEL_MAX);
     printf("kernels: best on this CPU = %s\n", kk.name);
-    for (level = 0; level <= top && nall < 4; level++)
+    for (level = 0; level <= top && nall < 8; level++)
         if (afm__select_kernels(&all[nall], level) == level) nall++;
     for (a = 1; a < argc; a++) { /* arguments: -v, or fixture files */
         if (strcmp(argv[a], "-v") == 0) verbose = 1;
