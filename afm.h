@@ -7247,20 +7247,21 @@ AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, cons
     AFM__AMX_AHEAD(cur, 0);
     AFM__AMX_AHEAD(nx, 1);
     AFM__AMX_PRODUCT(0, 2, 4, cur, 0);
+    /* One step: the next sub-block's product into tiles (CN, AN, BN), then this one's sums out of
+       tile CC into PC and its float step. Tile numbers are immediates, so a loop pass is two steps
+       that swap the tile sets. */
+#define AFM__AMX_STEP(CN, AN, BN, CC, PC)                                                                    \
+        AFM__AMX_AHEAD(n2, i + 2);                                                                           \
+        if (nx >= 0) AFM__AMX_PRODUCT(CN, AN, BN, nx, i + 1);                                                \
+        _tile_stored(CC, PC, 64);                                                                            \
+        afm__amx_step(acc, lanes, PC, afm__amx_scales(w, pn, cur), d, (size_t)a->nsb, nsb, cur, T);          \
+        if (nx < 0) break;                                                                                   \
+        i++; cur = nx; nx = n2; n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1
     for (;;) {
-        AFM__AMX_AHEAD(n2, i + 2);
-        if (nx >= 0) AFM__AMX_PRODUCT(1, 3, 5, nx, i + 1);
-        _tile_stored(0, P[0], 64);
-        afm__amx_step(acc, lanes, P[0], afm__amx_scales(w, pn, cur), d, (size_t)a->nsb, nsb, cur, T);
-        if (nx < 0) break;
-        i++; cur = nx; nx = n2; n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1;
-        AFM__AMX_AHEAD(n2, i + 2);
-        if (nx >= 0) AFM__AMX_PRODUCT(0, 2, 4, nx, i + 1);
-        _tile_stored(1, P[1], 64);
-        afm__amx_step(acc, lanes, P[1], afm__amx_scales(w, pn, cur), d, (size_t)a->nsb, nsb, cur, T);
-        if (nx < 0) break;
-        i++; cur = nx; nx = n2; n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1;
+        AFM__AMX_STEP(1, 3, 5, 0, P[0]);
+        AFM__AMX_STEP(0, 2, 4, 1, P[1]);
     }
+#undef AFM__AMX_STEP
     for (t = 0; t < T; t++) {
         __m512 l[8], y;
         for (j = 0; j < 8; j++) l[j] = _mm512_load_ps(lanes[j][t]);
