@@ -6349,7 +6349,7 @@ AFM__FORCEINLINE AFM__T_AVX2 __m256 afm__scales_n_avx2(const uint8_t *sc, int gs
         }                                                                                                        \
     }
 #define AFM__QROW_PF(CC)                                                                                         \
-    if (T == a->n_tok && AFM__PF_DIST > 0) {                                                                     \
+    if (t0 == 0 && AFM__PF_DIST > 0) {                                                                     \
         _mm_prefetch((const char *)sc + 2 * (size_t)((CC) >> gshift) + AFM__PF_DIST / 8, _MM_HINT_T0);           \
         for (j = 0; j < 8 / SBB; j++)                                                                            \
             _mm_prefetch((const char *)(row + (size_t)((unsigned)(CC) / SBB + j) * 64) + AFM__PF_DIST, _MM_HINT_T0); \
@@ -6427,7 +6427,7 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__ptile_avx2(const afm__wmat *w, const afm_
         const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg));
         const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16)));
         __m256i acc[2][2];
-        if (T == a->n_tok && AFM__PF_DIST > 0) { /* decode streams the panels: keep misses in flight */
+        if (t0 == 0 && AFM__PF_DIST > 0) { /* the first token tile streams the panel: keep misses in flight (later tiles find it in the cache) */
             AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
             _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
         }
@@ -7061,7 +7061,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm_
         const uint8_t *cb = pc + (size_t)sb * 256, *sg = afm__panel_scales(w, pn, sb);
         const __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)sg));
         __m512i acc[8];
-        if (T == a->n_tok && AFM__PF_DIST > 0) {
+        if (t0 == 0 && AFM__PF_DIST > 0) {
             AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
             _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
         }
@@ -7104,7 +7104,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile256_vnni(const afm__wmat *w, const a
         const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg));
         const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16)));
         __m256i acc[2][2][2]; /* [token][half][plane % 2] */
-        if (T == a->n_tok && AFM__PF_DIST > 0) {
+        if (t0 == 0 && AFM__PF_DIST > 0) {
             AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
             _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
         }
@@ -7481,7 +7481,7 @@ AFM__FORCEINLINE void afm__qtile_neon(const afm__wmat *w, const afm__act *a, flo
         afm__scales_chunk(sc, w->gshift, c, n, s8); /* zeros past a short last chunk (see afm__qstep_avx2) */
         S0 = vld1q_f32(s8); S1 = vld1q_f32(s8 + 4);
 #if defined(__GNUC__) || defined(__clang__)
-        if (T == a->n_tok && AFM__PF_DIST > 0)
+        if (t0 == 0 && AFM__PF_DIST > 0)
             for (j = 0; j < 8 / SBB; j++) __builtin_prefetch(row + (size_t)(c / SBB + j) * 64 + AFM__PF_DIST, 0, 3);
 #endif
         AFM__UNROLL for (t = 0; t < T; t++) {
@@ -7580,7 +7580,7 @@ AFM__FORCEINLINE void afm__ptile_neon(const afm__wmat *w, const afm__act *a, int
         int16x8_t acc16[4][4][2];
         afm__pscales_neon(afm__panel_scales(w, pn, sb), S4);
 #if defined(__GNUC__) || defined(__clang__)
-        if (T == a->n_tok && AFM__PF_DIST > 0)
+        if (t0 == 0 && AFM__PF_DIST > 0)
             for (v = 0; v < 4; v++) __builtin_prefetch(cb + AFM__PF_DIST + 64 * v, 0, 3);
 #endif
         AFM__UNROLL for (t = 0; t < T; t++) for (q = 0; q < 4; q++) {
