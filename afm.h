@@ -7044,6 +7044,13 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__qtile_vnni(const afm__wmat *w, const afm_
                                                   int r, int t0, const int T, const int type) {
     AFM__QROW_BODY(afm__dot64_vnni)
 }
+/* y[0..15] = 0.5 * afm__sum8's tree over one token's 8 lanes of 16 rows (l[j * stride]: sub-blocks
+   j mod 8). */
+AFM__FORCEINLINE AFM__T_VNNI void afm__gfinish_vnni(const __m512 *l, int stride, float *y) {
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(l[0], l[4 * stride]), _mm512_add_ps(l[2 * stride], l[6 * stride])),
+                                   _mm512_add_ps(_mm512_add_ps(l[stride], l[5 * stride]), _mm512_add_ps(l[3 * stride], l[7 * stride])));
+    _mm512_storeu_ps(y, _mm512_mul_ps(s, _mm512_set1_ps(0.5f)));
+}
 /* 16 rows of panel pn x T tokens (3 <= T <= 8), as afm__ptile_avx2 with a whole panel word per
    zmm: its 4 planes each take one vpdpbusd per token against a broadcast of 4 activations; each
    lane ends with one row's exact sum. With 3 tokens or more their sums are independent chains
@@ -7083,11 +7090,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm_
             lanes[sb & 7][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][t]);
         }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) {
-        const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(lanes[0][t], lanes[4][t]), _mm512_add_ps(lanes[2][t], lanes[6][t])),
-                                       _mm512_add_ps(_mm512_add_ps(lanes[1][t], lanes[5][t]), _mm512_add_ps(lanes[3][t], lanes[7][t])));
-        _mm512_storeu_ps(Y + (size_t)t * ldy, _mm512_mul_ps(y, _mm512_set1_ps(0.5f)));
-    }
+    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_vnni(&lanes[0][t], 8, Y + (size_t)t * ldy);
 }
 /* One or two tokens (decode, short verification): afm__ptile_avx2 with vpdpbusd on 256-bit halves
    of the panel words instead of maddubs + add, two sums per half and token (4 chains a token).
@@ -7177,6 +7180,15 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_unpack_sb(const uint8_t *pc, int sb, c
     }
 }
 
+/* afm__amx_unpack_sb's tables: tab[m][x] = 2 ((x >> 2m) & 3) - 3 for the 64 byte values x. */
+AFM__FORCEINLINE AFM__T_AMX void afm__amx_tables(__m512i tab[3]) {
+    const __m512i lut = _mm512_set4_epi32(0, 0, 0, 0x0301fffd), iota = _mm512_set_epi32( /* -3, -1, 1, 3; bytes 0..63 */
+        0x3f3e3d3c, 0x3b3a3938, 0x37363534, 0x33323130, 0x2f2e2d2c, 0x2b2a2928, 0x27262524, 0x23222120,
+        0x1f1e1d1c, 0x1b1a1918, 0x17161514, 0x13121110, 0x0f0e0d0c, 0x0b0a0908, 0x07060504, 0x03020100);
+    int m;
+    for (m = 0; m < 3; m++) tab[m] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(iota, (unsigned)(2 * m)), _mm512_set1_epi8(3)));
+}
+
 /* A panel's 16 fp16 scales of sub-block sb as f32. */
 AFM__FORCEINLINE AFM__T_AMX __m512 afm__amx_scales(const afm__wmat *w, int pn, int sb) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)afm__panel_scales(w, pn, sb)));
@@ -7190,7 +7202,7 @@ static inline int afm__amx_next(int sb, int nsb) {
 /* The float step of sub-block sb (of nsb) for T tokens from its sums P, with the rows' scales s16;
    d: the tokens' activation scales, ldd apart. A lane's last sub-block parks the accumulators in
    lanes[sb % 8]. */
-AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, float (*lanes)[16][16], const int32_t *P, __m512 s16,
+AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, __m512 (*lanes)[16], const int32_t *P, __m512 s16,
                                                const float *d, size_t ldd, int nsb, int sb, const int T) {
     int t; /* (loops of 16 with a test, not of T: unrolled whole even where T is not a constant) */
     AFM__UNROLL for (t = 0; t < 16; t++)
@@ -7199,7 +7211,7 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, float (*lanes)[16][1
                                      _mm512_mul_ps(s16, _mm512_set1_ps(d[(size_t)t * ldd + (size_t)sb])), acc[t]);
     if (sb + 8 >= nsb)
         AFM__UNROLL for (t = 0; t < 16; t++)
-            if (t < T) { _mm512_store_ps(lanes[sb & 7][t], acc[t]); acc[t] = _mm512_setzero_ps(); }
+            if (t < T) { lanes[sb & 7][t] = acc[t]; acc[t] = _mm512_setzero_ps(); }
 }
 
 /* Sub-block sb's tile product into tile C (activations in A, codes in B from the ring slot). */
@@ -7225,25 +7237,21 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, float (*lanes)[16][1
         }                                                                                                   \
     } while (0)
 
-/* Panel pn x T tokens from t0 (1 <= T <= 16, the tiles configured for T rows) into Y's rows r.. */
-AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, const afm__act *a, float *Y, size_t ldy, int r, int t0, const int T) {
+/* Panel pn x T tokens from t0 (1 <= T <= 16, the tiles configured for T rows) into Y's rows r..;
+   tab: afm__amx_tables. */
+AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, const afm__act *a, float *Y, size_t ldy, int r, int t0, const int T,
+                                               const __m512i *tab) {
     AFM__ALIGN(64) int32_t P[2][16 * 16];
     AFM__ALIGN(64) int8_t ring[4][1024];
-    AFM__ALIGN(64) float lanes[8][16][16]; /* [sub-block % 8][token][row] */
-    __m512 acc[16];
-    __m512i tab[3];
+    __m512 lanes[8][16], acc[16]; /* lanes: [sub-block % 8][token], parked by afm__amx_step */
     const int nsb = w->kpad >> 6;
     const uint8_t *pc = afm__panel_codes(w, pn), *pc_next = afm__panel_codes(w, pn + 1); /* (past the last: prefetches do not fault) */
     const int8_t *q = a->q + (size_t)t0 * (size_t)a->kpad;
     const float *d = a->d + (size_t)t0 * (size_t)a->nsb;
     const size_t ldq = (size_t)a->kpad;
-    const __m512i lut = _mm512_set4_epi32(0, 0, 0, 0x0301fffd), iota = _mm512_set_epi32( /* -3, -1, 1, 3; bytes 0..63 */
-        0x3f3e3d3c, 0x3b3a3938, 0x37363534, 0x33323130, 0x2f2e2d2c, 0x2b2a2928, 0x27262524, 0x23222120,
-        0x1f1e1d1c, 0x1b1a1918, 0x17161514, 0x13121110, 0x0f0e0d0c, 0x0b0a0908, 0x07060504, 0x03020100);
     int t, j, i = 0, cur = 0, nx = afm__amx_next(0, nsb), n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1;
-    for (j = 0; j < 3; j++) tab[j] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(iota, (unsigned)(2 * j)), _mm512_set1_epi8(3)));
     AFM__UNROLL for (t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
-    for (j = nsb; j < 8; j++) for (t = 0; t < T; t++) _mm512_store_ps(lanes[j][t], _mm512_setzero_ps());
+    for (j = nsb; j < 8; j++) for (t = 0; t < T; t++) lanes[j][t] = _mm512_setzero_ps();
     AFM__AMX_AHEAD(cur, 0);
     AFM__AMX_AHEAD(nx, 1);
     AFM__AMX_PRODUCT(0, 2, 4, cur, 0);
@@ -7262,13 +7270,7 @@ AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, cons
         AFM__AMX_STEP(0, 2, 4, 1, P[1]);
     }
 #undef AFM__AMX_STEP
-    for (t = 0; t < T; t++) {
-        __m512 l[8], y;
-        for (j = 0; j < 8; j++) l[j] = _mm512_load_ps(lanes[j][t]);
-        y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
-                          _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])));
-        _mm512_storeu_ps(Y + (size_t)(t0 + t) * ldy + (size_t)r, _mm512_mul_ps(y, _mm512_set1_ps(0.5f)));
-    }
+    for (t = 0; t < T; t++) afm__gfinish_vnni(&lanes[0][t], 16, Y + (size_t)(t0 + t) * ldy + (size_t)r);
 }
 #undef AFM__AMX_PRODUCT
 #undef AFM__AMX_AHEAD
@@ -7278,8 +7280,10 @@ AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, cons
    panel kernel. (No scratch: unpacking each panel once for all tokens measured slower than
    unpacking it per 16 tokens on the way, 2048 x 6656, 64 tokens: 31.5 against 25.6 us a token.) */
 AFM__T_AMX static void afm__gemm_q2b_amx(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
+    __m512i tab[3];
     int lo = r0, hi, t, T, r;
     (void)scratch;
+    afm__amx_tables(tab);
     if (lo & 15) {
         lo = (lo | 15) + 1 < r1 ? (lo | 15) + 1 : r1;
         afm__matmul_q2b_vnni(w, a, Y, ldy, r0, lo);
@@ -7288,7 +7292,7 @@ AFM__T_AMX static void afm__gemm_q2b_amx(const afm__wmat *w, const afm__act *a, 
     for (t = 0; t < a->n_tok && lo < hi; t += T) {
         T = a->n_tok - t < 16 ? a->n_tok - t : 16;
         if (t == 0 || T < 16) afm__amx_config(T);
-        for (r = lo; r < hi; r += 16) afm__gtile_amx(w, r >> 4, a, Y, ldy, r, t, T);
+        for (r = lo; r < hi; r += 16) afm__gtile_amx(w, r >> 4, a, Y, ldy, r, t, T, tab);
     }
     if (lo < hi) _tile_release();
     if (hi < r1) afm__matmul_q2b_vnni(w, a, Y, ldy, hi, r1);
@@ -7360,8 +7364,8 @@ static int afm__x86_level(void) {
         return AFM__LEVEL_AVX2;
     if (!(ecx7 & (1u << 11))) return AFM__LEVEL_AVX512; /* AVX512_VNNI */
 #ifdef AFM__AMX
-    /* AMX-TILE (edx 24), AMX-INT8 (edx 25), AVX512_VBMI (ecx 1: the codes' byte permutes); tile
-       config and data state (xcr0 bits 17-18) */
+    /* AMX-TILE (edx 24), AMX-INT8 (edx 25; r[3] still holds cpuid(7, 0)'s edx), AVX512_VBMI (ecx 1:
+       the codes' byte permutes); tile config and data state (xcr0 bits 17-18) */
     if ((r[3] & (3u << 24)) == (3u << 24) && (ecx7 & (1u << 1)) && (xcr0 & (3ull << 17)) == (3ull << 17) && afm__amx_granted())
         return AFM__LEVEL_AMX;
 #endif
