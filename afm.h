@@ -32,14 +32,16 @@
        AFM_STATIC           make every API function static (private copy in one translation unit)
        AFM_NO_THREADS       no thread pool; everything runs on the caller's thread
        AFM_NO_MMAP          never map files; read them into memory instead
+       AFM_NO_HUGE_PAGES    Linux: do not ask for transparent huge pages for a model's weights (see
+                            afm_model_load_file)
        AFM_NO_SIMD          scalar kernels only (the reference every SIMD kernel is tested against)
        AFM_HF_TOKENIZER     also load Hugging Face tokenizer.json files (byte-level BPE); needs
                             afm_tokenizer.h (generated Unicode tables) next to afm.h
        AFM_ASSERT(x)        your assert (default: assert from <assert.h>); checks internal invariants and
                             the lifetime rules below (cheap counts, checked when a model or adapter is freed)
-       AFM__PF_DIST         tuning: bytes the kernels prefetch ahead in a weight row when one tile holds
-                            every token of the batch (decode, verification of up to 8 tokens: each row is
-                            read once, from memory); default 4096, 0 turns software prefetch off
+       AFM__PF_DIST         tuning: bytes the kernels prefetch ahead in a weight stream on the first
+                            pass over it (decode, verification: each weight is read once, from memory);
+                            default 2048, 0 turns software prefetch off
        AFM_TESTING          test hooks for tests/test_main.c; never in a real build
 
    Models are converted once from Apple's assets with tools/convert.py; the file format is
@@ -122,11 +124,14 @@ typedef struct afm_load_params {
     int no_mmap;                    /* read the file into memory instead of mapping it */
 } afm_load_params;
 
-/* Loads a model file. On failure *out is NULL and err (if given) holds a message.
-   The file is mapped privately (copy-on-write; the file is never written): the loader rearranges
-   each 2-bit (Q2B) matrix in place into the layout the kernels read, once, which reads the whole
-   file at load (about a second for the 955 MB base on a 2-core Zen 3) and makes those pages the
-   process's own memory rather than page cache. Other tensors are used where they are mapped. */
+/* Loads a model file. On failure *out is NULL and err (if given) holds a message. The file is
+   never written. The loader rearranges each 2-bit (Q2B) matrix in place into the layout the kernels
+   read, once, which reads the whole file at load (about a second for the 955 MB base) and makes
+   those pages the process's own memory. On Linux (x86-64, arm64), with the default allocator, the
+   file is read into memory advised for transparent huge pages: a decode step streams every weight,
+   and with 4 KiB pages the TLB misses cost 12-17 % of its speed. Elsewhere, or with your allocator,
+   the file is mapped privately (copy-on-write) and tensors other than Q2B are used where they are
+   mapped. no_mmap: always read (into your allocator's memory if you gave one). */
 AFMDEF afm_result afm_model_load_file(const char *path, const afm_load_params *params,
                                       afm_model **out, char *err, size_t err_size);
 /* Loads from memory the caller keeps alive and unchanged until afm_model_free. The bytes are
@@ -802,12 +807,43 @@ typedef struct afm__blob {
 #endif
 } afm__blob;
 
+/* Linux on x86-64 and arm64: transparent huge pages (2 MiB) for the whole such pages inside
+   [p, p + n), asked before the memory is first touched. A decode step streams every weight once;
+   with 4 KiB pages that is a TLB miss every 4 KiB of weights, and the page walks cost decode 12-17 %
+   (docs/BENCHMARKS.md). Only advice: a kernel without huge pages, or with them off, ignores it. A
+   raw system call, because madvise and MADV_HUGEPAGE are hidden under strict C99. */
+#if defined(__linux__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__)) && !defined(AFM_NO_HUGE_PAGES)
+#define AFM__HUGE_PAGES 1
+static void afm__advise_huge_pages(void *p, size_t n) {
+    const uintptr_t huge = (uintptr_t)1 << 21, lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + n) & ~(huge - 1);
+    if (hi <= lo) return;
+#if defined(__x86_64__)
+    {
+        long ret;
+        __asm__ __volatile__("syscall" : "=a"(ret) : "0"(28L /* SYS_madvise */), "D"(lo), "S"(hi - lo), "d"(14L /* MADV_HUGEPAGE */) : "rcx", "r11", "memory");
+        (void)ret;
+    }
+#else
+    {
+        register uintptr_t x0 __asm__("x0") = lo;
+        register uintptr_t x1 __asm__("x1") = hi - lo;
+        register long x2 __asm__("x2") = 14L;  /* MADV_HUGEPAGE */
+        register long x8 __asm__("x8") = 233L; /* SYS_madvise */
+        __asm__ __volatile__("svc 0" : "+r"(x0) : "r"(x1), "r"(x2), "r"(x8) : "memory");
+    }
+#endif
+}
+#endif
+
 static afm_result afm__read_whole(const afm_allocator *a, FILE *f, uint64_t size, afm__blob *b,
                                   const char *path, char *err, size_t errn) {
     size_t got;
     if (size > (uint64_t)((size_t)-1 - 128)) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: file of %llu bytes does not fit in memory", path, (unsigned long long)size);
     b->owned = afm__alloc(a, (size_t)size ? (size_t)size : 1);
     if (!b->owned) return afm__fail(err, errn, AFM_ERR_NOMEM, "%s: cannot allocate %llu bytes to read it", path, (unsigned long long)size);
+#ifdef AFM__HUGE_PAGES
+    if (a->alloc == afm__default_alloc) afm__advise_huge_pages(b->owned, (size_t)size); /* not a caller's memory */
+#endif
     got = fread(b->owned, 1, (size_t)size, f);
     if (got != (size_t)size) return afm__fail(err, errn, AFM_ERR_IO, "%s: read %llu of %llu bytes", path, (unsigned long long)got, (unsigned long long)size);
     b->data = (const unsigned char *)b->owned;
@@ -847,6 +883,11 @@ static afm_result afm__blob_open_ex(const afm_allocator *a, const char *path, in
         return AFM_OK;
     }
 #elif !defined(_WIN32) && !defined(AFM_NO_MMAP)
+#ifdef AFM__HUGE_PAGES
+    /* A model (written at load) is read into memory advised for huge pages rather than mapped: its
+       2-bit matrices become the process's own pages at load either way, and mapped pages are 4 KiB. */
+    if ((flags & AFM__BLOB_WRITABLE) && a->alloc == afm__default_alloc) no_mmap = 1;
+#endif
     if (!no_mmap) {
         /* Refuse FIFOs, devices and directories before opening: opening a FIFO blocks until a
            writer comes. O_NONBLOCK covers a path swapped after the stat (no effect on a file). */
@@ -5559,7 +5600,7 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 /* Decode (one token) streams every weight once: prefetch this many bytes ahead in the code stream
    (0: off). Software prefetch keeps more cache misses in flight than one hardware stream per thread. */
 #ifndef AFM__PF_DIST
-#define AFM__PF_DIST 4096
+#define AFM__PF_DIST 2048
 #endif
 
 /* Attention streams each layer's int8 keys and values once per token (72 MB at 4000 positions of
@@ -6093,21 +6134,28 @@ static inline int afm__row_block(const afm__wmat *w) {
 }
 /* The body of a quantized driver: TILE is the ISA's token tile, TYPE the weight type (a constant,
    so each afm__matmul_<type>_<isa> below gets its own specialised copy of the tile). */
+/* Rows b0 .. b1-1 for tokens t .. t+T-1, the two halves of the range in alternation: two streams of
+   codes in flight (one core reads more of memory with two sequential streams than with one). */
+#define AFM__QMM_ROWS(TILE, TYPE, T)                                                                        \
+        do {                                                                                                \
+            const int h_ = (b1 - b0) / 2;                                                                   \
+            for (r = b0; r < b0 + h_; r++) { TILE(w, a, Y, ldy, r, t, T, TYPE); TILE(w, a, Y, ldy, r + h_, t, T, TYPE); } \
+            for (r = b0 + 2 * h_; r < b1; r++) TILE(w, a, Y, ldy, r, t, T, TYPE);                             \
+        } while (0)
 #define AFM__QMM_BODY(TILE, TYPE)                                                                           \
         const int rb = a->n_tok > 8 ? afm__row_block(w) : r1 - r0;                                          \
         int b0, t, r;                                                                                       \
         for (b0 = r0; b0 < r1; b0 += rb) {                                                                  \
             const int b1 = r1 - b0 > rb ? b0 + rb : r1;                                                     \
-            for (t = 0; t + 8 <= a->n_tok; t += 8)                                                          \
-                for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 8, TYPE);                                \
+            for (t = 0; t + 8 <= a->n_tok; t += 8) AFM__QMM_ROWS(TILE, TYPE, 8);                            \
             switch (a->n_tok - t) { /* the rest in one tile: a row's codes are read once more, not 3 times */ \
-            case 7: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 7, TYPE); break;                     \
-            case 6: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 6, TYPE); break;                     \
-            case 5: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 5, TYPE); break;                     \
-            case 4: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 4, TYPE); break;                     \
-            case 3: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 3, TYPE); break;                     \
-            case 2: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 2, TYPE); break;                     \
-            case 1: for (r = b0; r < b1; r++) TILE(w, a, Y, ldy, r, t, 1, TYPE); break;                     \
+            case 7: AFM__QMM_ROWS(TILE, TYPE, 7); break;                                                    \
+            case 6: AFM__QMM_ROWS(TILE, TYPE, 6); break;                                                    \
+            case 5: AFM__QMM_ROWS(TILE, TYPE, 5); break;                                                    \
+            case 4: AFM__QMM_ROWS(TILE, TYPE, 4); break;                                                    \
+            case 3: AFM__QMM_ROWS(TILE, TYPE, 3); break;                                                    \
+            case 2: AFM__QMM_ROWS(TILE, TYPE, 2); break;                                                    \
+            case 1: AFM__QMM_ROWS(TILE, TYPE, 1); break;                                                    \
             default: break;                                                                                 \
             }                                                                                               \
         }
@@ -7092,47 +7140,71 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm_
     }
     AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_vnni(&lanes[0][t], 8, Y + (size_t)t * ldy);
 }
-/* One or two tokens (decode, short verification): afm__ptile_avx2 with vpdpbusd on 256-bit halves
-   of the panel words instead of maddubs + add, two sums per half and token (4 chains a token).
-   On the Xeon the 256-bit shifts and vpdpbusd issue on two ports, the 512-bit ones on one. */
-AFM__FORCEINLINE AFM__T_VNNI void afm__ptile256_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
+/* One or two tokens (decode, short verification) of panels pn[0..NP-1] at once, read in step: a
+   core keeps more of memory's bandwidth busy with two sequential streams than with one (Xeon, 1
+   thread: 12.4 -> 15.0 GB/s). Each 512-bit panel word is masked into its 4 bit planes in place,
+   (W & 3 << 2m) = 4^m c, with no shift: vpdpbusd sums 4^m c x exactly (at most 192 x 127 x 4 per
+   lane a word), and one exact shift per plane recovers 2P at the sub-block's end. One vpdpbusd chain
+   per plane and token; sub-blocks are independent, so the out-of-order core overlaps their chains.
+   Then the contract's float step for 16 rows, as afm__ptile_vnni. */
+AFM__FORCEINLINE AFM__T_VNNI void afm__ptile2_vnni(const afm__wmat *w, const afm__act *a, const int *pn, const int NP, int t0, const int T,
+                                                  float *const *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
-    const uint8_t *pc = afm__panel_codes(w, pn);
-    const __m256i m3 = _mm256_set1_epi8(3);
-    __m256 lanes[8][2][2]; /* [sub-block % 8][token][rows 0-7, 8-15] */
-    int t, sb, v, h, m;
-    AFM__UNROLL for (sb = 0; sb < 8; sb++) AFM__UNROLL for (t = 0; t < T; t++) lanes[sb][t][0] = lanes[sb][t][1] = _mm256_setzero_ps();
-    for (sb = 0; sb < nsb; sb++) {
-        const uint8_t *cb = pc + (size_t)sb * 256, *sg = afm__panel_scales(w, pn, sb);
-        const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)sg));
-        const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sg + 16)));
-        __m256i acc[2][2][2]; /* [token][half][plane % 2] */
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c), m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
+    __m512 lanes[8][2][2]; /* [sub-block % 8][panel][token] */
+    int t, sb, v, m, k;
+    AFM__UNROLL for (sb = 0; sb < 8; sb++) AFM__UNROLL for (k = 0; k < NP; k++) AFM__UNROLL for (t = 0; t < T; t++) lanes[sb][k][t] = _mm512_setzero_ps();
+    for (sb = 0; sb < nsb; sb++) AFM__UNROLL for (k = 0; k < NP; k++) {
+        const uint8_t *cb = afm__panel_codes(w, pn[k]) + (size_t)sb * 256, *sg = afm__panel_scales(w, pn[k], sb);
+        const __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)sg));
+        __m512i acc[2][4]; /* [token][plane] */
         if (t0 == 0 && AFM__PF_DIST > 0) {
             AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
             _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
         }
-        AFM__UNROLL for (t = 0; t < T; t++) AFM__UNROLL for (h = 0; h < 2; h++) acc[t][h][0] = acc[t][h][1] = _mm256_setzero_si256();
-        AFM__UNROLL for (v = 0; v < 4; v++) AFM__UNROLL for (h = 0; h < 2; h++) {
-            const __m256i W = _mm256_loadu_si256((const __m256i *)(const void *)(cb + 64 * v + 32 * h));
-            AFM__UNROLL for (m = 0; m < 4; m++) {
-                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(W, 2 * m), m3);
-                AFM__UNROLL for (t = 0; t < T; t++) {
-                    int32_t x4;
-                    memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v + 4 * (size_t)m, 4);
-                    acc[t][h][m & 1] = _mm256_dpbusd_epi32(acc[t][h][m & 1], c, _mm256_set1_epi32(x4));
-                }
+        AFM__UNROLL for (t = 0; t < T; t++) AFM__UNROLL for (m = 0; m < 4; m++) acc[t][m] = _mm512_setzero_si512();
+        AFM__UNROLL for (v = 0; v < 4; v++) {
+            const __m512i W = _mm512_loadu_si512((const void *)(cb + 64 * v));
+            const __m512i c[4] = { _mm512_and_si512(W, m0), _mm512_and_si512(W, m1), _mm512_and_si512(W, m2), _mm512_and_si512(W, m3) };
+            AFM__UNROLL for (m = 0; m < 4; m++) AFM__UNROLL for (t = 0; t < T; t++) {
+                int32_t x4;
+                memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v + 4 * (size_t)m, 4);
+                acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], c[m], _mm512_set1_epi32(x4));
             }
         }
-        AFM__UNROLL for (t = 0; t < T; t++)
-            afm__gstep_avx2(lanes[sb & 7][t], _mm256_add_epi32(acc[t][0][0], acc[t][0][1]), _mm256_add_epi32(acc[t][1][0], acc[t][1][1]), s0, s1, a, t0 + t, sb);
+        AFM__UNROLL for (t = 0; t < T; t++) {
+            const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
+            const __m512i p2 = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc[t][0], 1), _mm512_srai_epi32(acc[t][1], 1)),
+                                                _mm512_add_epi32(_mm512_srai_epi32(acc[t][2], 3), _mm512_srai_epi32(acc[t][3], 5)));
+            const __m512i p = _mm512_sub_epi32(p2, _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
+            lanes[sb & 7][k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][k][t]);
+        }
     }
-    AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_avx2(&lanes[0][t][0], 2 * 2, Y + (size_t)t * ldy);
+    AFM__UNROLL for (k = 0; k < NP; k++) AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_vnni(&lanes[0][k][t], 4, Y[k] + (size_t)t * ldy);
 }
-/* (T is a constant after inlining: one or two tokens take the 256-bit kernel.) */
-#define AFM__PTILE_VNNI(w, a, pn, t, T, Y, ldy) \
-    do { if ((T) <= 2) afm__ptile256_vnni(w, a, pn, t, (T) <= 2 ? (T) : 1, Y, ldy); else afm__ptile_vnni(w, a, pn, t, T, Y, ldy); } while (0)
-AFM__T_VNNI static void afm__matmul_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+/* (T is a constant after inlining: one or two tokens take the two-token kernel, one panel.) */
+#define AFM__PTILE_VNNI(w, a, pn, t, T, Y, ldy)                                                              \
+    do {                                                                                                     \
+        if ((T) <= 2) { int pn_ = pn; float *y_ = Y; afm__ptile2_vnni(w, a, &pn_, 1, t, (T) <= 2 ? (T) : 1, &y_, ldy); } \
+        else afm__ptile_vnni(w, a, pn, t, T, Y, ldy);                                                        \
+    } while (0)
+AFM__T_VNNI static void afm__panels_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__PANEL_BODY(AFM__PTILE_VNNI, 8)
+}
+/* Decode and two-token verification take the whole panels of r0 .. r1 two at a time, one from each
+   half of the range (two streams); other batches, and panels cut by r0 or r1, the panel driver. */
+AFM__T_VNNI static void afm__matmul_q2b_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
+    const int p0 = (r0 + 15) >> 4, half = ((r1 >> 4) - p0) / 2;
+    int i;
+    if (a->n_tok > 2 || half < 1) { afm__panels_q2b_vnni(w, a, Y, ldy, r0, r1); return; }
+    if (r0 < 16 * p0) afm__panels_q2b_vnni(w, a, Y, ldy, r0, 16 * p0);
+    for (i = 0; i < half; i++) {
+        const int pn[2] = { p0 + i, p0 + half + i };
+        float *const y[2] = { Y + 16 * (size_t)pn[0], Y + 16 * (size_t)pn[1] };
+        if (a->n_tok == 1) afm__ptile2_vnni(w, a, pn, 2, 0, 1, y, ldy);
+        else afm__ptile2_vnni(w, a, pn, 2, 0, 2, y, ldy);
+    }
+    afm__panels_q2b_vnni(w, a, Y, ldy, 16 * (p0 + 2 * half), r1);
 }
 AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q4)

@@ -79,8 +79,16 @@ static void *bw_worker(void *v) {
     }
     return NULL;
 }
+/* Large buffers on huge pages where afm.h asks for them for a model's weights (Linux). */
+static void *big_alloc(size_t n) {
+    void *p = malloc(n);
+#ifdef AFM__HUGE_PAGES
+    if (p) afm__advise_huge_pages(p, n);
+#endif
+    return p;
+}
 static double measure_bw(int nt, size_t bytes, int reps) {
-    uint64_t *buf = (uint64_t *)malloc(bytes);
+    uint64_t *buf = (uint64_t *)big_alloc(bytes);
     pthread_t th[64];
     bw_arg a[64];
     pthread_barrier_t bar;
@@ -175,7 +183,7 @@ static afm__wmat *make_set(int type, int rows, int cols, int group, int n, uint8
     afm__wmat *w = (afm__wmat *)malloc(sizeof(afm__wmat) * (size_t)n);
     size_t i;
     int m;
-    *mem = (uint8_t *)malloc(sz * (size_t)n + 64);
+    *mem = (uint8_t *)big_alloc(sz * (size_t)n + 64);
     for (m = 0; m < n; m++) {
         uint8_t *p = *mem + sz * (size_t)m;
         for (i = 0; i < sz; i++) p[i] = (uint8_t)rnd();

@@ -349,6 +349,14 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 70, 1000, 128, 31, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 80, 6656, 64, 37, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 65, 1024, 64, 300, 0);
+    /* decode and two-token verification: whole panels two at a time from the two halves of each
+       thread's range (5 and 6 whole panels between cut ones: an odd one left, and none) */
+    for (gi = 0; gi < 4; gi++) {
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 200, 300, groups[gi], 1, 0);
+        test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 200, 2048 + 65, groups[gi], 2, 0);
+    }
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 230, 640, 64, 1, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 230, 640, 128, 2, 0);
     /* AMX: whole tiles of 16 tokens and a rest, with sub-blocks not a multiple of 8 (36: lanes of
        5 and 4 sub-blocks) and fewer than 8 (4) */
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 50, 2048 + 65, 64, 16, 0);

@@ -513,6 +513,16 @@ static void test_sessions(const char *name) {
     afm_session_free(s);
     afm_model_free(mm);
     CHECK(ca.total > 5 && ca.live == 0, "allocator: %ld allocations, %ld not freed", ca.total, ca.live);
+    /* the same hooks without no_mmap: the file is mapped (on Linux afm.h reads a model into memory
+       advised for huge pages only when the memory is its own) */
+    lp.no_mmap = 0;
+    CHECK(afm_model_load_file(path, &lp, &mm, err, sizeof err) == AFM_OK, "mapped load with allocator hooks");
+    afm_session_create(mm, &p, &s);
+    afm_session_eval(s, toks, 12);
+    CHECK(!memcmp(a, afm_session_logits(s, -1), (size_t)V * 4), "mapped load with hooks, 2 threads: same logits");
+    afm_session_free(s);
+    afm_model_free(mm);
+    CHECK(ca.live == 0, "allocator after the mapped load: %ld not freed", ca.live);
     free(a);
     afm_model_free(m);
 }
