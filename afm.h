@@ -807,31 +807,42 @@ typedef struct afm__blob {
 #endif
 } afm__blob;
 
-/* Linux on x86-64 and arm64: transparent huge pages (2 MiB) for the whole such pages inside
-   [p, p + n), asked before the memory is first touched. A decode step streams every weight once;
-   with 4 KiB pages that is a TLB miss every 4 KiB of weights, and the page walks cost decode 12-17 %
-   (docs/BENCHMARKS.md). Only advice: a kernel without huge pages, or with them off, ignores it. A
-   raw system call, because madvise and MADV_HUGEPAGE are hidden under strict C99. */
-#if defined(__linux__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__)) && !defined(AFM_NO_HUGE_PAGES)
+/* Linux system calls made directly (x86-64, arm64; gcc and clang): the calls afm.h needs beyond
+   C99 (madvise, arch_prctl) are hidden under strict C99 or have no libc wrapper, and a library
+   header cannot choose its includer's feature-test macros. Returns the kernel's result (-errno on
+   failure). */
+#if defined(__linux__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__))
+#define AFM__LINUX_SYSCALL 1
+#if defined(__x86_64__)
+#define AFM__SYS_MADVISE 28
+#else
+#define AFM__SYS_MADVISE 233
+#endif
+static inline long afm__syscall3(long nr, uintptr_t a0, uintptr_t a1, uintptr_t a2) {
+#if defined(__x86_64__)
+    long ret;
+    __asm__ __volatile__("syscall" : "=a"(ret) : "0"(nr), "D"(a0), "S"(a1), "d"(a2) : "rcx", "r11", "memory");
+    return ret;
+#else
+    register uintptr_t x0 __asm__("x0") = a0;
+    register uintptr_t x1 __asm__("x1") = a1;
+    register uintptr_t x2 __asm__("x2") = a2;
+    register long x8 __asm__("x8") = nr;
+    __asm__ __volatile__("svc 0" : "+r"(x0) : "r"(x1), "r"(x2), "r"(x8) : "memory");
+    return (long)x0;
+#endif
+}
+#endif
+
+/* Transparent huge pages (2 MiB) for the whole such pages inside [p, p + n), asked before the
+   memory is first touched. A decode step streams every weight once; with 4 KiB pages that is a TLB
+   miss every 4 KiB of weights, and the page walks cost decode 12-17 % (docs/BENCHMARKS.md). Only
+   advice: a kernel without huge pages, or with them off, ignores it. */
+#if defined(AFM__LINUX_SYSCALL) && !defined(AFM_NO_HUGE_PAGES)
 #define AFM__HUGE_PAGES 1
 static void afm__advise_huge_pages(void *p, size_t n) {
     const uintptr_t huge = (uintptr_t)1 << 21, lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + n) & ~(huge - 1);
-    if (hi <= lo) return;
-#if defined(__x86_64__)
-    {
-        long ret;
-        __asm__ __volatile__("syscall" : "=a"(ret) : "0"(28L /* SYS_madvise */), "D"(lo), "S"(hi - lo), "d"(14L /* MADV_HUGEPAGE */) : "rcx", "r11", "memory");
-        (void)ret;
-    }
-#else
-    {
-        register uintptr_t x0 __asm__("x0") = lo;
-        register uintptr_t x1 __asm__("x1") = hi - lo;
-        register long x2 __asm__("x2") = 14L;  /* MADV_HUGEPAGE */
-        register long x8 __asm__("x8") = 233L; /* SYS_madvise */
-        __asm__ __volatile__("svc 0" : "+r"(x0) : "r"(x1), "r"(x2), "r"(x8) : "memory");
-    }
-#endif
+    if (hi > lo) afm__syscall3(AFM__SYS_MADVISE, lo, hi - lo, 14 /* MADV_HUGEPAGE */);
 }
 #endif
 
@@ -5582,7 +5593,7 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 #endif
 /* AMX: on Linux, where a process asks the kernel for the tile state (arch_prctl), with the tile
    intrinsics of gcc 11 / clang 12 and later. AFM_NO_AMX leaves it out. */
-#if defined(AFM__X86) && defined(__linux__) && !defined(AFM_NO_AMX) && \
+#if defined(AFM__X86) && defined(AFM__LINUX_SYSCALL) && !defined(AFM_NO_AMX) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define AFM__AMX 1
 #define AFM__T_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c,amx-tile,amx-int8")))
@@ -6132,8 +6143,6 @@ static inline int afm__row_block(const afm__wmat *w) {
     size_t rb = ((size_t)192 << 10) / (w->row_bytes + (size_t)w->n_groups * 2 + 1);
     return rb < 8 ? 8 : rb > 4096 ? 4096 : (int)rb;
 }
-/* The body of a quantized driver: TILE is the ISA's token tile, TYPE the weight type (a constant,
-   so each afm__matmul_<type>_<isa> below gets its own specialised copy of the tile). */
 /* Rows b0 .. b1-1 for tokens t .. t+T-1, the two halves of the range in alternation: two streams of
    codes in flight (one core reads more of memory with two sequential streams than with one). */
 #define AFM__QMM_ROWS(TILE, TYPE, T)                                                                        \
@@ -6142,6 +6151,8 @@ static inline int afm__row_block(const afm__wmat *w) {
             for (r = b0; r < b0 + h_; r++) { TILE(w, a, Y, ldy, r, t, T, TYPE); TILE(w, a, Y, ldy, r + h_, t, T, TYPE); } \
             for (r = b0 + 2 * h_; r < b1; r++) TILE(w, a, Y, ldy, r, t, T, TYPE);                             \
         } while (0)
+/* The body of a quantized driver: TILE is the ISA's token tile, TYPE the weight type (a constant,
+   so each afm__matmul_<type>_<isa> below gets its own specialised copy of the tile). */
 #define AFM__QMM_BODY(TILE, TYPE)                                                                           \
         const int rb = a->n_tok > 8 ? afm__row_block(w) : r1 - r0;                                          \
         int b0, t, r;                                                                                       \
@@ -7400,11 +7411,7 @@ static uint64_t afm__xgetbv0(void) {
    arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), a raw system call here so that afm.h needs
    no feature-test macros. Granted once for the whole process; asking again is harmless. A kernel
    that refuses (older than 5.16, some sandboxes) leaves the process at the VNNI level. */
-static long afm__arch_prctl(long code, unsigned long arg) {
-    long ret;
-    __asm__ __volatile__("syscall" : "=a"(ret) : "0"(158L /* SYS_arch_prctl */), "D"(code), "S"(arg) : "rcx", "r11", "memory");
-    return ret;
-}
+static long afm__arch_prctl(long code, unsigned long arg) { return afm__syscall3(158 /* SYS_arch_prctl */, (uintptr_t)code, arg, 0); }
 static int afm__amx_granted(void) {
     unsigned long features = 0;
     if (afm__arch_prctl(0x1022 /* ARCH_GET_XCOMP_PERM */, (unsigned long)(uintptr_t)&features) == 0 && (features & (1ul << 18)))
