@@ -25,9 +25,15 @@ impl_ready() {
     [ "$(cat build/$1.status 2>/dev/null)" = ok ]
 }
 SAN="-O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined"
-rm -f build/afm_san.status
+# The sanitized programs that test parsers, compilers and the engine's bookkeeping (constraints, tool
+# calls, the HTTP server, saved sessions) leave the SIMD kernels out: those run under the sanitizers in
+# test_kernels and test_main, every level computes the scalar level's bits, and compiling every kernel
+# with ASan costs ~45 s a program on a CI core
+SAN_NK="$SAN -DAFM_NO_SIMD"
+rm -f build/afm_san.status build/afm_o2.status
 
-# Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers) run
+# Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers, the
+# tokenizer's suite) run
 # as a second lane beside them: CI has 2 cores and most steps use one. The lane keeps its own
 # counts and log (build/lane_b.log, printed after the other steps) and adds them at the end.
 lane_b() {
@@ -58,14 +64,14 @@ lane_b() {
         if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_main.c -o build/test_main_arm64 $LIBS; then
             run_counts "test_main arm64 (qemu)" env AFM_TEST_LIGHT=1 qemu-aarch64 build/test_main_arm64
         else bad "aarch64 cross build"; fi
-        if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_tokenizer.c -o build/test_tokenizer_arm64 $LIBS; then
+        # (the tokenizer uses no kernels: AFM_NO_SIMD saves compiling them, ~45 s)
+        if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static -DAFM_NO_SIMD tests/test_tokenizer.c -o build/test_tokenizer_arm64 $LIBS; then
             run_counts "test_tokenizer arm64, unsigned char (qemu)" qemu-aarch64 build/test_tokenizer_arm64
         else bad "aarch64 cross build of test_tokenizer"; fi
-        if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static tests/test_kernels.c -o build/test_kernels_neon $LIBS; then
-            run_counts "test_kernels NEON (qemu)" qemu-aarch64 build/test_kernels_neon
-        else bad "aarch64 cross build of test_kernels"; fi
+        # every level this build has: scalar, NEON and NEON dot product (test_main_arm64 above runs the
+        # NEON level as built without +dotprod)
         if aarch64-linux-gnu-gcc -std=c99 $WARN -O2 -static -march=armv8.2-a+dotprod tests/test_kernels.c -o build/test_kernels_dot $LIBS; then
-            run_counts "test_kernels NEON dotprod (qemu)" qemu-aarch64 -cpu max build/test_kernels_dot
+            run_counts "test_kernels scalar, NEON, NEON dotprod (qemu)" qemu-aarch64 -cpu max build/test_kernels_dot
         else bad "aarch64 cross build of test_kernels with dotprod"; fi
         # the CLI on arm64 (GNU mode: gcc fuses multiply-adds there by default): scalar, NEON and NEON
         # dot product give the logits recorded on x86
@@ -95,7 +101,7 @@ lane_b() {
         ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
     else bad ".fmadapter corpus replay"; fi
     # the server's request parsers: each hostile request refused with its status
-    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
+    if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
        build/fuzz_http_replay tests/fuzz/corpus/http/* > build/http_replay.log &&
        grep -A1 "bare_lf$" build/http_replay.log | grep -q "400 lines must end in CRLF" &&
        grep -A1 "long_head$" build/http_replay.log | grep -q "431" && grep -A1 "chunked$" build/http_replay.log | grep -q "501" &&
@@ -105,7 +111,7 @@ lane_b() {
         ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
     else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
     # the session corpus: its valid states load, each hostile one is refused for its own reason
-    if gcc -std=c99 $REPLAY tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
+    if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
        build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
        [ "$(grep -c ': loaded$' build/session_replay.log)" -eq 6 ] &&
        grep -q "bad_checksum: .*checksum does not match" build/session_replay.log &&
@@ -121,6 +127,9 @@ lane_b() {
         else bad "libFuzzer found a problem (build/fuzz.log)"; tail -n 30 build/fuzz.log; fi
     else skip "libFuzzer run" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"; fi
 
+    section "tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
+    run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
+
     echo "$PASS $FAIL $SKIP" > build/lane_b.counts
 }
 rm -f build/lane_b.counts
@@ -131,9 +140,6 @@ section "afm.h's implementation built once with ASan/UBSan, for test_toolcall, t
 impl_obj afm_san $WARN $SAN # the flags of the programs that link it; test_sampler's include $WARN
 if impl_ready afm_san; then ok "afm.h's implementation with ASan/UBSan (build/afm_san.o)"
 else bad "afm.h's implementation with ASan/UBSan"; fi
-
-section "tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
-run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
 
 section "engine tests, optimised"
 if gcc -std=c99 -O2 $DBG tests/test_main.c -o build/test_main $LIBS; then run_counts "test_main -O2" build/test_main
@@ -173,29 +179,31 @@ else bad "build test_hostile with sanitizers"; fi
 section "constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
 if gcc -std=c99 $WARN -O2 tests/test_constrain.c -o build/test_constrain $LIBS; then run_counts "test_constrain -O2" build/test_constrain
 else bad "build test_constrain"; fi
-if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_constrain.c -o build/test_constrain_san $LIBS; then
+if gcc -std=c99 $SAN_NK tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
 # the subtree summaries (by characters, word/bit pairs) on every subtree of the small vocabularies too
-if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 \
-       tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
+if gcc -std=c99 $SAN_NK -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
     run_counts "test_constrain, summaries on subtrees of 2+ tokens, pairs on 4+ (asan+ubsan)" build/test_constrain_sum
 else bad "build test_constrain with small summaries"; fi
 # the fuzz corpus of the constraint compilers (tests/fuzz/fuzz_constrain.c) replayed under ASan/UBSan
-if gcc -std=c99 $SAN -DAFM_FUZZ_MAIN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
+if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
    build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
     ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
 else bad "constraint corpus replay"; fi
 
 section "tool calling: two tools (data, failure) with forced calls on models/mini, the transcript and a restored session (tests/test_toolcall.c)"
-if gcc -std=c99 $WARN -O2 tests/test_toolcall.c -o build/test_toolcall $LIBS; then run_counts "test_toolcall -O2" build/test_toolcall
+# test_toolcall and test_session use afm.h's public API only: they link one -O2 copy of the implementation
+impl_obj afm_o2 $WARN -O2
+if impl_ready afm_o2 && gcc -std=c99 $WARN -O2 -DAFM_IMPLEMENTATION_DONE tests/test_toolcall.c build/afm_o2.o -o build/test_toolcall $LIBS; then
+    run_counts "test_toolcall -O2" build/test_toolcall
 else bad "build test_toolcall"; fi
 if gcc -std=c99 $SAN -DAFM_IMPLEMENTATION_DONE tests/test_toolcall.c build/afm_san.o -o build/test_toolcall_san $LIBS; then
     run_counts "test_toolcall asan+ubsan" build/test_toolcall_san
 else bad "build test_toolcall with sanitizers"; fi
 # the fuzz corpus of the tool-calling readers (tests/fuzz/fuzz_transcript.c) replayed under ASan/UBSan:
 # each hostile tools array / transcript refused for its own reason
-if gcc -std=c99 $SAN -DAFM_FUZZ_MAIN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
+if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
    build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
    [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
    grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&
@@ -210,14 +218,15 @@ if gcc -std=c99 $WARN $SAN -DAFM_IMPLEMENTATION_DONE tests/test_sampler.c build/
 else bad "build test_sampler"; fi
 
 section "saved sessions: a state saved after a 500-token prompt, loaded in a new process"
-if gcc -std=c99 $WARN -O2 tests/test_session.c -o build/test_session $LIBS &&
+if gcc -std=c99 $WARN -O2 -DAFM_IMPLEMENTATION_DONE tests/test_session.c build/afm_o2.o -o build/test_session $LIBS &&
    build/test_session save build/session.state build/session.logits > build/session_save.log 2>&1; then
     run_counts "session state: same logits in a new process, refusals" build/test_session load build/session.state build/session.logits
 else bad "test_session save"; cat build/session_save.log; fi
 
 section "CLI"
-if make -s afm simple >/dev/null; then ok "make builds afm and simple"; else bad "make"; fi
-# the default drop-in is afm.h alone: simple.c built in a folder holding nothing else answers a question
+if make -s afm >/dev/null; then ok "make builds afm"; else bad "make"; fi
+# the default drop-in is afm.h alone: simple.c (what the Makefile's `simple` builds) built in a
+# folder holding nothing else answers a question
 rm -rf build/solo && mkdir -p build/solo && cp afm.h build/solo/ && sed 's|"../afm.h"|"afm.h"|' examples/simple.c > build/solo/simple.c
 if (cd build/solo && cc -std=c99 $WARN -O2 simple.c -o simple $LIBS) &&
    out=$(build/solo/simple models/mini/base.afm "Who created the heaven and the earth?" 2>&1) && [ -n "$out" ]; then
