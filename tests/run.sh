@@ -25,15 +25,16 @@ impl_ready() {
     [ "$(cat build/$1.status 2>/dev/null)" = ok ]
 }
 SAN="-O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined"
-# The sanitized programs that test parsers, compilers and the engine's bookkeeping (constraints, tool
-# calls, the HTTP server, saved sessions) leave the SIMD kernels out: those run under the sanitizers in
-# test_kernels and test_main, every level computes the scalar level's bits, and compiling every kernel
-# with ASan costs ~45 s a program on a CI core
+# The sanitized corpus replays (constraint compilers, tool-call readers, HTTP requests, saved sessions)
+# leave the SIMD kernels out: those run under the sanitizers in test_kernels and test_main, every
+# level computes the scalar level's bits, and compiling every kernel with ASan costs ~45 s a program
+# on a CI core. (Not test_constrain: it runs the model enough that its scalar kernels under ASan
+# took 120 s against 10.)
 SAN_NK="$SAN -DAFM_NO_SIMD"
 rm -f build/afm_san.status build/afm_o2.status
 
 # Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers, the
-# tokenizer's suite) run
+# attention benchmark, the tokenizer's suite) run
 # as a second lane beside them: CI has 2 cores and most steps use one. The lane keeps its own
 # counts and log (build/lane_b.log, printed after the other steps) and adds them at the end.
 lane_b() {
@@ -127,6 +128,13 @@ lane_b() {
         else bad "libFuzzer found a problem (build/fuzz.log)"; tail -n 30 build/fuzz.log; fi
     else skip "libFuzzer run" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"; fi
 
+    section "attention benchmark"
+    # the attention benchmark (docs/BENCHMARKS.md, long contexts) still builds and runs: the shipped model, 2 threads
+    if gcc -std=c99 $WARN -O2 -D_GNU_SOURCE bench/bench_attention.c -o build/bench_attention $LIBS &&
+       build/bench_attention models/mini/base.afm -t 2 -r 1 -p 100,900 > build/bench_attention.log 2>&1 &&
+       grep -q '^decode at 900: [0-9.]* % of the speed at 100' build/bench_attention.log; then ok "bench_attention: $(tail -n 1 build/bench_attention.log)"
+    else bad "bench_attention (build/bench_attention.log)"; cat build/bench_attention.log; fi
+
     section "tokenizer: tests/run_tokenizer.sh (warnings, reference vectors, sanitizers, fuzzing, Unicode tables)"
     run_counts "tokenizer" env FUZZ_SECONDS="${TOK_FUZZ_SECONDS:-15}" sh tests/run_tokenizer.sh
 
@@ -151,11 +159,6 @@ else bad "build test_kernels"; fi
 if gcc -std=c99 -O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined tests/test_kernels.c -o build/test_kernels_san $LIBS; then
     run_counts "test_kernels asan+ubsan" build/test_kernels_san
 else bad "build test_kernels with sanitizers"; fi
-# the attention benchmark (docs/BENCHMARKS.md, long contexts) still builds and runs: the shipped model, 2 threads
-if gcc -std=c99 $WARN -O2 -D_GNU_SOURCE bench/bench_attention.c -o build/bench_attention $LIBS &&
-   build/bench_attention models/mini/base.afm -t 2 -r 1 -p 100,900 > build/bench_attention.log 2>&1 &&
-   grep -q '^decode at 900: [0-9.]* % of the speed at 100' build/bench_attention.log; then ok "bench_attention: $(tail -n 1 build/bench_attention.log)"
-else bad "bench_attention (build/bench_attention.log)"; cat build/bench_attention.log; fi
 
 section "engine tests, built with AFM_NO_THREADS AFM_NO_MMAP (portable fallbacks)"
 if gcc -std=c99 $WARN -O2 -DAFM_NO_THREADS -DAFM_NO_MMAP tests/test_main.c -o build/test_main_nothreads -lm; then
@@ -179,11 +182,11 @@ else bad "build test_hostile with sanitizers"; fi
 section "constraints: masks against a brute-force oracle, compilers' errors, fast-forward (tests/test_constrain.c)"
 if gcc -std=c99 $WARN -O2 tests/test_constrain.c -o build/test_constrain $LIBS; then run_counts "test_constrain -O2" build/test_constrain
 else bad "build test_constrain"; fi
-if gcc -std=c99 $SAN_NK tests/test_constrain.c -o build/test_constrain_san $LIBS; then
+if gcc -std=c99 $SAN tests/test_constrain.c -o build/test_constrain_san $LIBS; then
     run_counts "test_constrain asan+ubsan" build/test_constrain_san
 else bad "build test_constrain with sanitizers"; fi
 # the subtree summaries (by characters, word/bit pairs) on every subtree of the small vocabularies too
-if gcc -std=c99 $SAN_NK -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
+if gcc -std=c99 $SAN -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 tests/test_constrain.c -o build/test_constrain_sum $LIBS; then
     run_counts "test_constrain, summaries on subtrees of 2+ tokens, pairs on 4+ (asan+ubsan)" build/test_constrain_sum
 else bad "build test_constrain with small summaries"; fi
 # the fuzz corpus of the constraint compilers (tests/fuzz/fuzz_constrain.c) replayed under ASan/UBSan
