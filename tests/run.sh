@@ -34,7 +34,7 @@ SAN_NK="$SAN -DAFM_NO_SIMD"
 rm -f build/afm_san.status build/afm_o2.status
 
 # Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers, the
-# attention benchmark, the tokenizer's suite) run
+# kernel levels of a -ffp-contract=fast build, the attention benchmark, the tokenizer's suite) run
 # as a second lane beside them: CI has 2 cores and most steps use one. The lane keeps its own
 # counts and log (build/lane_b.log, printed after the other steps) and adds them at the end.
 lane_b() {
@@ -127,6 +127,11 @@ lane_b() {
         if make -s fuzz FUZZ_SECONDS="${FUZZ_SECONDS:-15}" > build/fuzz.log 2>&1; then ok "libFuzzer, ${FUZZ_SECONDS:-15} s per harness: $(grep -o 'Done [0-9]* runs' build/fuzz.log | tr '\n' ' ')"
         else bad "libFuzzer found a problem (build/fuzz.log)"; tail -n 30 build/fuzz.log; fi
     else skip "libFuzzer run" "clang with libFuzzer (apt-get install clang libclang-rt-14-dev)"; fi
+
+    section "kernel levels of a build that lets the compiler fuse every a*b+c it can (GNU mode, -O3, this CPU's FMA): the same record"
+    if gcc -std=gnu99 -O3 -march=native -ffp-contract=fast -o build/afm_fused examples/afm.c examples/afm_bench.c $LIBS; then
+        run_counts "kernel levels, gcc -O3 -march=native -ffp-contract=fast" env LEVELS_OUT=build/levels_fused sh tests/levels.sh build/afm_fused
+    else bad "build afm with -ffp-contract=fast"; fi
 
     section "attention benchmark"
     # the attention benchmark (docs/BENCHMARKS.md, long contexts) still builds and runs: the shipped model, 2 threads
@@ -412,10 +417,6 @@ rm -rf python/build python/*.egg-info
 
 section "kernel levels: the same bits on every level, thread count, batch size and machine (tests/levels.sh)"
 run_counts "kernel levels, byte-identical logits and the recorded ones" sh tests/levels.sh ./afm
-# a build that lets the compiler fuse every a*b+c it can (GNU mode, -O3, this CPU's FMA): same record
-if gcc -std=gnu99 -O3 -march=native -ffp-contract=fast -o build/afm_fused examples/afm.c examples/afm_bench.c $LIBS; then
-    run_counts "kernel levels, gcc -O3 -march=native -ffp-contract=fast" sh tests/levels.sh build/afm_fused
-else bad "build afm with -ffp-contract=fast"; fi
 
 section "tools: synthetic full-size models and exact parameter counts (afm info)"
 if python3 -c "import numpy" 2>/dev/null; then
