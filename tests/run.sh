@@ -25,12 +25,13 @@ impl_ready() {
     [ "$(cat build/$1.status 2>/dev/null)" = ok ]
 }
 SAN="-O1 $DBG -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+REPLAY="$SAN -DAFM_FUZZ_MAIN" # a fuzz harness built with its own main, which replays corpus files
 # The sanitized corpus replays (constraint compilers, tool-call readers, HTTP requests, saved sessions)
 # leave the SIMD kernels out: those run under the sanitizers in test_kernels and test_main, every
 # level computes the scalar level's bits, and compiling every kernel with ASan costs ~45 s a program
 # on a CI core. (Not test_constrain: it runs the model enough that its scalar kernels under ASan
 # took 120 s against 10.)
-SAN_NK="$SAN -DAFM_NO_SIMD"
+REPLAY_NK="$REPLAY -DAFM_NO_SIMD"
 rm -f build/afm_san.status build/afm_o2.status
 
 # Steps that share nothing with the others (the warnings builds, arm64 under qemu, the fuzzers, the
@@ -88,7 +89,6 @@ lane_b() {
     # compile their own. The constraint and tools/transcript corpora (static internals too) are
     # replayed in the main lane, beside test_constrain and test_toolcall, to balance the lanes' CPU time
     impl_ready afm_san || bad "afm.h's implementation with ASan/UBSan (build/afm_san.o)"
-    REPLAY="$SAN -DAFM_FUZZ_MAIN"
     if gcc -std=c99 $REPLAY -DAFM_IMPLEMENTATION_DONE tests/fuzz/fuzz_load.c build/afm_san.o -o build/fuzz_replay $LIBS &&
        build/fuzz_replay tests/fuzz/corpus/load/* >/dev/null; then
         ok "model-file corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/load | wc -l) inputs)"
@@ -102,7 +102,7 @@ lane_b() {
         ok ".fmadapter corpus replays clean under ASan/UBSan ($(ls -d tests/fuzz/corpus/fmadapter/*/ | wc -l) packages)"
     else bad ".fmadapter corpus replay"; fi
     # the server's request parsers: each hostile request refused with its status
-    if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
+    if gcc -std=c99 $REPLAY_NK tests/fuzz/fuzz_http.c -o build/fuzz_http_replay $LIBS &&
        build/fuzz_http_replay tests/fuzz/corpus/http/* > build/http_replay.log &&
        grep -A1 "bare_lf$" build/http_replay.log | grep -q "400 lines must end in CRLF" &&
        grep -A1 "long_head$" build/http_replay.log | grep -q "431" && grep -A1 "chunked$" build/http_replay.log | grep -q "501" &&
@@ -112,7 +112,7 @@ lane_b() {
         ok "HTTP/JSON request corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/http | wc -l) inputs, each refusal with its status)"
     else bad "HTTP request corpus replay"; cat build/http_replay.log; fi
     # the session corpus: its valid states load, each hostile one is refused for its own reason
-    if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
+    if gcc -std=c99 $REPLAY_NK tests/fuzz/fuzz_session.c -o build/fuzz_session_replay $LIBS &&
        build/fuzz_session_replay tests/fuzz/corpus/session/* > build/session_replay.log &&
        [ "$(grep -c ': loaded$' build/session_replay.log)" -eq 6 ] &&
        grep -q "bad_checksum: .*checksum does not match" build/session_replay.log &&
@@ -195,7 +195,7 @@ if gcc -std=c99 $SAN -DAFM__VOCAB_BIG=2 -DAFM__VOCAB_HUGE=4 tests/test_constrain
     run_counts "test_constrain, summaries on subtrees of 2+ tokens, pairs on 4+ (asan+ubsan)" build/test_constrain_sum
 else bad "build test_constrain with small summaries"; fi
 # the fuzz corpus of the constraint compilers (tests/fuzz/fuzz_constrain.c) replayed under ASan/UBSan
-if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
+if gcc -std=c99 $REPLAY_NK tests/fuzz/fuzz_constrain.c -o build/fuzz_constrain_replay $LIBS &&
    build/fuzz_constrain_replay tests/fuzz/corpus/constrain/* >/dev/null; then
     ok "constraint corpus replays clean under ASan/UBSan ($(ls tests/fuzz/corpus/constrain | wc -l) inputs)"
 else bad "constraint corpus replay"; fi
@@ -211,7 +211,7 @@ if gcc -std=c99 $SAN -DAFM_IMPLEMENTATION_DONE tests/test_toolcall.c build/afm_s
 else bad "build test_toolcall with sanitizers"; fi
 # the fuzz corpus of the tool-calling readers (tests/fuzz/fuzz_transcript.c) replayed under ASan/UBSan:
 # each hostile tools array / transcript refused for its own reason
-if gcc -std=c99 $SAN_NK -DAFM_FUZZ_MAIN tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
+if gcc -std=c99 $REPLAY_NK tests/fuzz/fuzz_transcript.c -o build/fuzz_transcript_replay $LIBS &&
    build/fuzz_transcript_replay tests/fuzz/corpus/transcript/* > build/transcript_replay.log &&
    [ "$(grep -c '^accepted$' build/transcript_replay.log)" -eq 3 ] &&
    grep -q "tools\[0\]: tool 'f': parameters: json schema at /properties/when: unsupported keyword 'format'" build/transcript_replay.log &&

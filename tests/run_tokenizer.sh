@@ -6,9 +6,9 @@
 # "N passed, N failed".
 # FUZZ_SECONDS bounds each libFuzzer run (default 20). CI=true turns missing tools into failures.
 # The tokenizer needs no SIMD kernels, so the warning, C++, sanitizer and fuzz builds use AFM_NO_SIMD
-# (clang instrumenting the kernels takes minutes per file) and the warning builds -O1 or syntax only: afm.h itself,
-# tokenizer included, is checked at -O2 with its kernels by tests/run.sh, and test_tokenizer is also
-# built as it ships (-O2, with warnings as errors).
+# (clang instrumenting the kernels takes minutes per file) and the warning builds -O1 or syntax only:
+# afm.h itself, tokenizer included, is checked at -O2 with its kernels by tests/run.sh, and
+# test_tokenizer is also built as it ships (-O2, with warnings as errors).
 cd "$(dirname "$0")/.." || exit 1
 . tests/lib.sh
 
