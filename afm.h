@@ -5673,8 +5673,8 @@ static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, voi
 
 /* prepare: fills tokens [t0, t1) of a from X (row t at X + t * ldx).
    matmul: Y[t*ldy + r] for r in [r0, r1), every token of a (a prepared for w's type).
-   gemm_q2b: the same for a Q2B matrix and a batch of gemm_min tokens or more, with a per-thread
-   scratch of afm__gemm_scratch_size(w->kpad) bytes (NULL where the level has none).
+   gemm_q2b, gemm_q4: the same for a Q2B (Q4) matrix and a batch of gemm_min tokens or more, with a
+   per-thread scratch of afm__gemm_scratch_size(w->kpad) bytes (NULL where the level has none).
    dequant: out[0 .. cols-1] = row `row` of w as f32.
    kv_scores: s[h*lds + p] = (float)(sum_i q[h*ldq + i] * k[p*k_stride + i]) * qs[h], h < nq, p < n_pos,
    the sum in int32 (exact: callers keep |q| * 128 * dim below 2^31);
@@ -5714,6 +5714,7 @@ typedef struct afm__kernels {
     afm__prepare_fn prepare_f32;  /* for float weights */
     afm__matmul_fn matmul[AFM__NTYPES];
     afm__gemm_fn gemm_q2b;        /* rows side by side, for batches (NULL: matmul) */
+    afm__gemm_fn gemm_q4;         /* the same for Q4 */
     int gemm_min;                 /* ... of this many tokens or more (where packing 16 rows pays off) */
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
@@ -6191,8 +6192,8 @@ static inline int afm__row_block(const afm__wmat *w) {
    unpacks each panel to one code a byte in a per-thread scratch buffer ([sub-block][k/4][row][4
    bytes]), so the many tokens that run over it spend nothing on shifts and masks. Either way the
    same P_sb and the same float steps as the scalar reference: the same bits. */
-static inline size_t afm__gemm_scratch_size(int kpad) {
-    return 64 + (size_t)kpad * 16 + (size_t)(kpad / 64) * 16 * sizeof(float);
+static inline size_t afm__gemm_scratch_size(int kpad) { /* (afm__gemm_q4_amx needs the most) */
+    return 64 + (size_t)kpad * 19 + 12288;
 }
 
 /* The driver of a panel kernel: PTILE(w, a, pn, t0, T, out, ldo) for the 16 rows of panel pn x T
@@ -7116,6 +7117,12 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__gfinish_vnni(const __m512 *l, int stride,
    enough for vpdpbusd's 5-cycle latency. This kernel serves every batch size: unpacking panels to
    bytes first (afm__gtile_*) was slower here at every size (Xeon, 1 thread, 2048 x 6656: 8 tokens
    102 us a token from panels, 192 unpacked). */
+/* 16 rows of panel pn x T tokens (3 <= T <= 8), as afm__ptile_avx2 with a whole panel word per
+   zmm: its 4 planes each take one vpdpbusd per token against a broadcast of 4 activations; each
+   lane ends with one row's exact sum. With 3 tokens or more their sums are independent chains
+   enough for vpdpbusd's 5-cycle latency. This kernel serves every batch size: unpacking panels to
+   bytes first (afm__gtile_*) was slower here at every size (Xeon, 1 thread, 2048 x 6656: 8 tokens
+   102 us a token from panels, 192 unpacked). */
 AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
     const uint8_t *pc = afm__panel_codes(w, pn);
@@ -7324,7 +7331,7 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, __m512 (*lanes)[16],
    tab: afm__amx_tables. */
 AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, const afm__act *a, float *Y, size_t ldy, int r, int t0, const int T,
                                                const __m512i *tab) {
-    AFM__ALIGN(64) int32_t P[2][16 * 16];
+    AFM__ALIGN(64) int32_t P[4][16 * 16];
     AFM__ALIGN(64) int8_t ring[4][1024];
     __m512 lanes[8][16], acc[16]; /* lanes: [sub-block % 8][token], parked by afm__amx_step */
     const int nsb = w->kpad >> 6;
@@ -7332,27 +7339,29 @@ AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, cons
     const int8_t *q = a->q + (size_t)t0 * (size_t)a->kpad;
     const float *d = a->d + (size_t)t0 * (size_t)a->nsb;
     const size_t ldq = (size_t)a->kpad;
-    int t, j, i = 0, cur = 0, nx = afm__amx_next(0, nsb), n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1;
+    int t, j, i = 0, prev = 0, cur = 0, nx = afm__amx_next(0, nsb), n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1;
     AFM__UNROLL for (t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
     for (j = nsb; j < 8; j++) for (t = 0; t < T; t++) lanes[j][t] = _mm512_setzero_ps();
     AFM__AMX_AHEAD(cur, 0);
     AFM__AMX_AHEAD(nx, 1);
     AFM__AMX_PRODUCT(0, 2, 4, cur, 0);
-    /* One step: the next sub-block's product into tiles (CN, AN, BN), then this one's sums out of
-       tile CC into PC and its float step. Tile numbers are immediates, so a loop pass is two steps
-       that swap the tile sets. */
-#define AFM__AMX_STEP(CN, AN, BN, CC, PC)                                                                    \
+    /* One step: the next sub-block's product into tiles (CN, AN, BN), this one's sums out of tile
+       CC, and the float step of the one before (a load right after a tile store waits for it to
+       reach the cache). Tile numbers are immediates, so a loop pass is two steps that swap the tile
+       sets. */
+#define AFM__AMX_STEP(CN, AN, BN, CC)                                                                        \
         AFM__AMX_AHEAD(n2, i + 2);                                                                           \
         if (nx >= 0) AFM__AMX_PRODUCT(CN, AN, BN, nx, i + 1);                                                \
-        _tile_stored(CC, PC, 64);                                                                            \
-        afm__amx_step(acc, lanes, PC, afm__amx_scales(w, pn, cur), d, (size_t)a->nsb, nsb, cur, T);          \
+        _tile_stored(CC, P[i & 3], 64);                                                                      \
+        if (i) afm__amx_step(acc, lanes, P[(i - 1) & 3], afm__amx_scales(w, pn, prev), d, (size_t)a->nsb, nsb, prev, T); \
         if (nx < 0) break;                                                                                   \
-        i++; cur = nx; nx = n2; n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1
+        i++; prev = cur; cur = nx; nx = n2; n2 = nx >= 0 ? afm__amx_next(nx, nsb) : -1
     for (;;) {
-        AFM__AMX_STEP(1, 3, 5, 0, P[0]);
-        AFM__AMX_STEP(0, 2, 4, 1, P[1]);
+        AFM__AMX_STEP(1, 3, 5, 0);
+        AFM__AMX_STEP(0, 2, 4, 1);
     }
 #undef AFM__AMX_STEP
+    afm__amx_step(acc, lanes, P[i & 3], afm__amx_scales(w, pn, cur), d, (size_t)a->nsb, nsb, cur, T);
     for (t = 0; t < T; t++) afm__gfinish_vnni(&lanes[0][t], 16, Y + (size_t)(t0 + t) * ldy + (size_t)r);
 }
 #undef AFM__AMX_PRODUCT
@@ -7380,6 +7389,164 @@ AFM__T_AMX static void afm__gemm_q2b_amx(const afm__wmat *w, const afm__act *a, 
     if (lo < hi) _tile_release();
     if (hi < r1) afm__matmul_q2b_vnni(w, a, Y, ldy, hi, r1);
 }
+/* AMX-INT8: batches of Q4 (the output head, when a verification wants every position's logits).
+   A Q4 matrix stays row by row as the file has it, so here the rows are the tile product's left
+   operand (16 rows x the 64 codes of a sub-block, a byte each) and the tokens its right one (their
+   activations rearranged once per call into the tile layout [k/4][token][4]). A row's 64-byte
+   block holds sub-block 2b in its low nibbles and 2b+1 in its high ones: masked, with no shift,
+   they are c and 16c, and the second's product is 16 P, exact. The sums come out per row and
+   token; the float step takes them in that order, each lane one row and one token, with the row
+   kernels' operations ((2P - 15 Q) * (S * d) into the lane of sub-block mod 8, then the same tree):
+   the same bits. */
+AFM__T_AMX static void afm__amx_config_q4(int T) {
+    afm__tilecfg c;
+    int i;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (i = 0; i < 6; i++) { c.rows[i] = 16; c.colsb[i] = (uint16_t)(i == 2 || i == 3 ? 64 : 4 * T); } /* sums, codes, activations */
+    _tile_loadconfig(&c);
+}
+
+/* Tokens t0 .. t0+T-1 of a, rearranged for afm__q4tile_amx: bt[sb] the activation tile of
+   sub-block sb (row k/4 holds the tokens' activations k .. k+3 side by side, rows 64 bytes apart),
+   dT[sb][t] = d and qT[sb][t] = 15 Q (0 past T). */
+static void afm__amx_q4_acts(const afm__act *a, int t0, int T, int nsb, int8_t *bt, float *dT, int32_t *qT) {
+    int sb, k, t;
+    for (sb = 0; sb < nsb; sb++) {
+        for (k = 0; k < 16; k++)
+            for (t = 0; t < T; t++)
+                memcpy(bt + (size_t)(sb * 16 + k) * (size_t)(4 * T) + 4 * (size_t)t, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 4 * k, 4);
+        for (t = 0; t < 16; t++) {
+            dT[sb * 16 + t] = t < T ? a->d[(size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb] : 0.0f;
+            qT[sb * 16 + t] = t < T ? 15 * a->qs[(size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb] : 0;
+        }
+    }
+}
+
+/* The 64-byte blocks b of 16 rows (row_bytes apart) masked into c (low nibbles) and 16c. */
+AFM__FORCEINLINE AFM__T_AMX void afm__amx_q4_unpack(const uint8_t *rows, size_t row_bytes, int b, uint8_t (*dst)[1024]) {
+    const __m512i lo = _mm512_set1_epi8(0x0f), hi = _mm512_set1_epi8((char)0xf0);
+    int m;
+    AFM__UNROLL for (m = 0; m < 16; m++) {
+        const __m512i W = _mm512_loadu_si512((const void *)(rows + (size_t)m * row_bytes + 64 * (size_t)b));
+        _mm512_store_si512((void *)(dst[0] + 64 * m), _mm512_and_si512(W, lo));
+        _mm512_store_si512((void *)(dst[1] + 64 * m), _mm512_and_si512(W, hi));
+    }
+}
+
+/* The float step of sub-block sb from its sums P ([row][token], 16 x T; the high nibbles' are 16
+   P): lane[i] += (2P - 15 Q) * (S * d) for the 16 (row, token) pairs of vector i, the rows' and
+   tokens' factors put in place by the permutes im[i] (row of each element) and it[i] (token). */
+AFM__FORCEINLINE AFM__T_AMX void afm__amx_q4_step(__m512 *lane, const int32_t *P, const int high, __m512 s16, const float *dT,
+                                                  const int32_t *qT, const __m512i *im, const __m512i *it, const int T) {
+    const __m512 dv = _mm512_load_ps(dT);
+    const __m512i qv = _mm512_load_si512((const void *)qT);
+    int i;
+    AFM__UNROLL for (i = 0; i < 16; i++)
+        if (i < T) {
+            const __m512i z = _mm512_load_si512((const void *)(P + 16 * i));
+            const __m512i p2 = _mm512_sub_epi32(high ? _mm512_srai_epi32(z, 3) : _mm512_slli_epi32(z, 1), _mm512_permutexvar_epi32(it[i], qv));
+            lane[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p2), _mm512_mul_ps(_mm512_permutexvar_ps(im[i], s16), _mm512_permutexvar_ps(it[i], dv)), lane[i]);
+        }
+}
+
+/* A sub-block's tile product: sums in tile C, codes in A, activations in B (tile numbers are
+   immediates). */
+#define AFM__AMX_Q4_PRODUCT(C, A, B, codes, acts)         \
+    do {                                                  \
+        _tile_zero(C);                                    \
+        _tile_loadd(A, codes, 64);                        \
+        _tile_loadd(B, acts, 4 * T);                      \
+        _tile_dpbusd(C, A, B);                            \
+    } while (0)
+
+/* Rows r .. r+15 x T tokens from t0 (the tiles configured for T) into Y. Blocks of the 16 rows are
+   masked two ahead of their products (a tile load right after the vector stores of its bytes
+   waits for them to reach the cache), and two tile products are in flight (tiles 0, 2, 4 and 1, 3,
+   5: the tiles run in order, so the next product starts before this one's sums are stored). The
+   next 16 rows are prefetched on the way: their blocks, 16 rows apart, are no stream a hardware
+   prefetcher follows. sF: room for the rows' scales; ring, P: 64-byte aligned buffers. */
+AFM__FORCEINLINE AFM__T_AMX void afm__q4tile_amx(const afm__wmat *w, int r, int t0, const int T, const int8_t *bt, const float *dT, const int32_t *qT,
+                                                float *sF, uint8_t (*ring)[2][1024], int32_t (*P)[256], const __m512i *im, const __m512i *it,
+                                                float *Y, size_t ldy) {
+    AFM__ALIGN(64) float y[256];
+    __m512 lanes[8][16];
+    const int nsb = w->kpad >> 6, nb = nsb >> 1, ng = w->n_groups, gs = w->gshift;
+    const size_t rb = w->row_bytes;
+    const uint8_t *rows = w->data + (size_t)r * rb, *next = rows + 16 * rb; /* (past the last: prefetches do not fault) */
+    const uint8_t *sc = w->scales + (size_t)r * (size_t)ng * 2;
+    const __m512i vm = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(ng));
+    int m, b, i, j;
+    /* sub-block sb's float step, two sub-blocks behind its tile store (a load right after a tile
+       store waits for it to reach the cache) */
+#define AFM__AMX_Q4_STEP(sb, high)                                                                                              \
+    afm__amx_q4_step(lanes[(sb) & 7], P[(sb) & 3], high, _mm512_i32gather_ps(vm, sF + ((sb) >> gs), 4), dT + 16 * (sb), qT + 16 * (sb), \
+                     im, it, T)
+    for (i = 0; i < ng; i++) { /* the 16 rows' scales (consecutive) as f32, row by row; a gather takes a group's */
+        _mm512_store_ps(sF + 16 * i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(sc + 32 * (size_t)i))));
+        _mm_prefetch((const char *)(sc + 32 * (size_t)ng) + 32 * i, _MM_HINT_T0); /* the next rows' */
+    }
+    for (j = 0; j < 8; j++) AFM__UNROLL for (i = 0; i < 16; i++) if (i < T) lanes[j][i] = _mm512_setzero_ps();
+    afm__amx_q4_unpack(rows, rb, 0, ring[0]);
+    if (nb > 1) afm__amx_q4_unpack(rows, rb, 1, ring[1]);
+    AFM__AMX_Q4_PRODUCT(0, 2, 4, ring[0][0], bt);
+    for (b = 0; b < nb; b++) {
+        const int sb = 2 * b;
+        if (b + 2 < nb) afm__amx_q4_unpack(rows, rb, b + 2, ring[(b + 2) & 3]);
+        for (m = 0; m < 16; m++) _mm_prefetch((const char *)(next + (size_t)m * rb + 64 * (size_t)b), _MM_HINT_T1);
+        AFM__AMX_Q4_PRODUCT(1, 3, 5, ring[b & 3][1], bt + (size_t)(sb + 1) * (size_t)(64 * T));
+        _tile_stored(0, P[sb & 3], 4 * T);
+        if (b) AFM__AMX_Q4_STEP(sb - 2, 0);
+        if (b + 1 < nb) AFM__AMX_Q4_PRODUCT(0, 2, 4, ring[(b + 1) & 3][0], bt + (size_t)(sb + 2) * (size_t)(64 * T));
+        _tile_stored(1, P[(sb + 1) & 3], 4 * T);
+        if (b) AFM__AMX_Q4_STEP(sb - 1, 1);
+    }
+    AFM__AMX_Q4_STEP(nsb - 2, 0);
+    AFM__AMX_Q4_STEP(nsb - 1, 1);
+#undef AFM__AMX_Q4_STEP
+    for (i = 0; i < T; i++) afm__gfinish_vnni(&lanes[0][i], 16, y + 16 * i);
+    for (m = 0; m < 16; m++)
+        for (i = 0; i < T; i++) Y[(size_t)(t0 + i) * ldy + (size_t)(r + m)] = y[m * T + i];
+}
+#undef AFM__AMX_Q4_PRODUCT
+
+/* Whole blocks of 16 rows of r0 .. r1-1, 16 tokens at a time (the rest in one tile); rows cut by
+   r0 or r1 go to the VNNI row kernel. Scratch (afm__gemm_scratch_size): the activation tiles,
+   the tokens' d and 15 Q, the scales of 16 rows, the masked codes and the sums. */
+AFM__T_AMX static void afm__gemm_q4_amx(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
+    const int nsb = w->kpad >> 6;
+    unsigned char *s = (unsigned char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    int8_t *bt = (int8_t *)s;
+    float *dT = (float *)(void *)(s + (size_t)nsb * 1024);
+    int32_t *qT = (int32_t *)(void *)(s + (size_t)nsb * 1088);
+    float *sF = (float *)(void *)(s + (size_t)nsb * 1152);
+    uint8_t (*ring)[2][1024] = (uint8_t (*)[2][1024])(void *)(s + (size_t)nsb * 1152 + (size_t)w->n_groups * 64); /* [4] */
+    int32_t (*P)[256] = (int32_t (*)[256])(void *)(ring + 4);                                                    /* [4] */
+    __m512i im[16], it[16];
+    int lo = r0, hi, t, T, r, i;
+    if (lo & 15) {
+        lo = (lo | 15) + 1 < r1 ? (lo | 15) + 1 : r1;
+        afm__matmul_q4_vnni(w, a, Y, ldy, r0, lo);
+    }
+    hi = lo + (r1 - lo) / 16 * 16;
+    for (t = 0; t < a->n_tok && lo < hi; t += T) {
+        T = a->n_tok - t < 16 ? a->n_tok - t : 16;
+        afm__amx_q4_acts(a, t, T, nsb, bt, dT, qT);
+        for (i = 0; i < T; i++) {
+            AFM__ALIGN(64) int32_t e[16];
+            int l;
+            for (l = 0; l < 16; l++) e[l] = (16 * i + l) / T;
+            im[i] = _mm512_load_si512((const void *)e);
+            for (l = 0; l < 16; l++) e[l] = (16 * i + l) % T;
+            it[i] = _mm512_load_si512((const void *)e);
+        }
+        afm__amx_config_q4(T);
+        for (r = lo; r < hi; r += 16) afm__q4tile_amx(w, r, t, T, bt, dT, qT, sF, ring, P, im, it, Y, ldy);
+    }
+    if (lo < hi) _tile_release();
+    if (hi < r1) afm__matmul_q4_vnni(w, a, Y, ldy, hi, r1);
+}
+
 #endif /* AFM__AMX */
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -8037,7 +8204,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->matmul[i] = i < 3 ? afm__matmul_f_scalar : afm__matmul_q_scalar;
         k->dequant[i] = afm__dequant_scalar;
     }
-    k->gemm_q2b = NULL;
+    k->gemm_q2b = k->gemm_q4 = NULL;
     k->gemm_min = 1 << 30;
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
@@ -8080,6 +8247,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
     if (level == AFM__LEVEL_AMX) {
         k->name = "amx";
         k->gemm_q2b = afm__gemm_q2b_amx;
+        k->gemm_q4 = afm__gemm_q4_amx;
         k->gemm_min = AFM__AMX_MIN;
     }
 #endif
@@ -8125,10 +8293,11 @@ static inline void afm__prepare_activations(const afm__kernels *k, afm__act *a, 
    (w->kpad) bytes for this thread alone, or NULL (then the row kernels only: the same bits). */
 static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, const afm__act *a, float *Y, size_t ldy,
                                     int r0, int r1, void *scratch) {
+    const afm__gemm_fn gemm = w->type == AFM_TYPE_Q2B ? k->gemm_q2b : w->type == AFM_TYPE_Q4 ? k->gemm_q4 : NULL;
     if (r0 >= r1 || a->n_tok <= 0) return;
     AFM_ASSERT((w->type != AFM_TYPE_Q2B || w->panels) && "Q2B matrices are used in panels (afm__q2b_panelize)");
-    if (scratch && k->gemm_q2b && w->type == AFM_TYPE_Q2B && a->quant && a->n_tok >= k->gemm_min)
-        k->gemm_q2b(w, a, Y, ldy, r0, r1, scratch);
+    if (scratch && gemm && a->quant && a->n_tok >= k->gemm_min)
+        gemm(w, a, Y, ldy, r0, r1, scratch);
     else
         k->matmul[afm__type_slot(w->type)](w, a, Y, ldy, r0, r1);
 }
