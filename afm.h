@@ -549,7 +549,9 @@ typedef struct afm_generate_params {
     afm_session *draft;             /* a session on the draft model (same vocabulary); may carry its own adapter */
     int lookup;                     /* prompt lookup: continue the latest earlier match of the last 2-4 tokens */
     int draft_k;                    /* most tokens per verification; 0: the adapter's count, else 5 (max 16) */
-    int fixed_k;                    /* always draft draft_k tokens instead of adapting */
+    int fixed_k;                    /* always draft draft_k tokens instead of adapting (K is chosen from
+                                       the acceptance seen and the verification costs the session has
+                                       measured, in this call and earlier ones) */
     /* guided generation: every token (sampled, drafted, fast-forwarded) is one the constraint allows,
        and the state advances with each; it must start where this generation starts (a fresh state
        for a fresh reply). Generation ends after a stop token the constraint allowed (the output is
@@ -8780,6 +8782,8 @@ AFMDEF void afm_adapter_get_info(const afm_adapter *ad, afm_adapter_info *info) 
 /* ==== SESSIONS ========================================================================== */
 /* ======================================================================================== */
 
+#define AFM__MAX_DRAFT 16           /* draft tokens a round may verify (afm_generate) */
+
 struct afm_session {
     afm_model *model;
     afm_session_params params;
@@ -8817,6 +8821,8 @@ struct afm_session {
     float *lora_t, *lora_u;       /* [3][n_batch][rank rounded up to 16] (A x of up to three
                                      projections), [n_batch][3 * widest output] (their B A x) */
     int lora_rank_cap;
+    double verify_s[AFM__MAX_DRAFT + 2]; /* seconds to verify n tokens, as afm_generate measured them
+                                     (its speculative rounds start from them; 0 = not measured) */
     char err[256];
 };
 
@@ -9071,6 +9077,7 @@ AFMDEF afm_result afm_session_set_adapter(afm_session *s, const afm_adapter *ad)
         s->act_buf = buf;
         s->act_cap = need;
     }
+    memset(s->verify_s, 0, sizeof s->verify_s); /* an adapter changes what a verification costs */
     afm__adapter_use(s->adapter, -1);
     afm__adapter_use(ad, 1);
     s->adapter = ad;
@@ -13104,8 +13111,6 @@ AFMDEF afm_result afm_schema_prompt(const char *schema, size_t schema_len, char 
 /* ==== GENERATION AND SPECULATIVE DECODING =============================================== */
 /* ======================================================================================== */
 
-#define AFM__MAX_DRAFT 16
-
 static double afm__now(void) {
 #if defined(_WIN32)
     LARGE_INTEGER f, c;
@@ -13430,6 +13435,7 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     g.kmax = p->draft_k ? p->draft_k : s->adapter ? s->adapter->draft_token_count : 5;
     if (g.kmax > AFM__MAX_DRAFT) g.kmax = AFM__MAX_DRAFT;
     g.probe_every = 16;
+    memcpy(g.tv, s->verify_s, sizeof g.tv); /* what this session's earlier calls measured (K is chosen from them) */
     g.cs = p->constraint;
     g.acc_hits = 3;   /* prior: 60% acceptance until measured */
     g.acc_trials = 5;
@@ -13460,6 +13466,7 @@ AFMDEF afm_result afm_generate(afm_session *s, const int32_t *prompt, int n_prom
     while (!g.done && (r = afm__fast_forward(&g, &x)) == AFM_OK && !g.done && (r = afm__round(&g, &x)) == AFM_OK) {}
     if (r == AFM_OK && g.done == 2) r = afm__eval(s, &x, 1, 0); /* every emitted token ends up in the cache (afm__room_for) */
 out:
+    memcpy(s->verify_s, g.tv, sizeof g.tv);
     stats->t_total = afm__now() - t_start;
     afm_sampler_free(g.sm);
     afm_sampler_free(g.dsm);
