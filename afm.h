@@ -7243,6 +7243,12 @@ AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *
    in registers. Two tile products are in flight (tiles 0, 2, 4 and 1, 3, 5: sums, activations,
    codes); the tiles run in order, so the next product starts before this one's sums are stored. */
 #define AFM__AMX_MIN 4 /* tokens from which a batch takes the tiles */
+
+/* The whole blocks of 16 rows in r0 .. r1-1: [lo, hi) (the rows around them go to a row kernel). */
+static inline void afm__whole16(int r0, int r1, int *lo, int *hi) {
+    *lo = !(r0 & 15) ? r0 : (r0 | 15) + 1 < r1 ? (r0 | 15) + 1 : r1;
+    *hi = *lo + (r1 - *lo) / 16 * 16;
+}
 typedef struct afm__tilecfg {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -7375,14 +7381,11 @@ AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, cons
    unpacking it per 16 tokens on the way, 2048 x 6656, 64 tokens: 31.5 against 25.6 us a token.) */
 AFM__T_AMX static void afm__gemm_q2b_amx(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1, void *scratch) {
     __m512i tab[3];
-    int lo = r0, hi, t, T, r;
+    int lo, hi, t, T, r;
     (void)scratch;
     afm__amx_tables(tab);
-    if (lo & 15) {
-        lo = (lo | 15) + 1 < r1 ? (lo | 15) + 1 : r1;
-        afm__matmul_q2b_vnni(w, a, Y, ldy, r0, lo);
-    }
-    hi = lo + (r1 - lo) / 16 * 16;
+    afm__whole16(r0, r1, &lo, &hi);
+    if (r0 < lo) afm__matmul_q2b_vnni(w, a, Y, ldy, r0, lo);
     for (t = 0; t < a->n_tok && lo < hi; t += T) {
         T = a->n_tok - t < 16 ? a->n_tok - t : 16;
         if (t == 0 || T < 16) afm__amx_config(T);
@@ -7525,12 +7528,9 @@ AFM__T_AMX static void afm__gemm_q4_amx(const afm__wmat *w, const afm__act *a, f
     uint8_t (*ring)[2][1024] = (uint8_t (*)[2][1024])(void *)(s + (size_t)nsb * 1152 + (size_t)w->n_groups * 64); /* [4] */
     int32_t (*P)[256] = (int32_t (*)[256])(void *)(ring + 4);                                                    /* [4] */
     __m512i im[16], it[16];
-    int lo = r0, hi, t, T, r, i;
-    if (lo & 15) {
-        lo = (lo | 15) + 1 < r1 ? (lo | 15) + 1 : r1;
-        afm__matmul_q4_vnni(w, a, Y, ldy, r0, lo);
-    }
-    hi = lo + (r1 - lo) / 16 * 16;
+    int lo, hi, t, T, r, i;
+    afm__whole16(r0, r1, &lo, &hi);
+    if (r0 < lo) afm__matmul_q4_vnni(w, a, Y, ldy, r0, lo);
     for (t = 0; t < a->n_tok && lo < hi; t += T) {
         T = a->n_tok - t < 16 ? a->n_tok - t : 16;
         afm__amx_q4_acts(a, t, T, nsb, bt, dT, qT);
