@@ -7119,12 +7119,6 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__gfinish_vnni(const __m512 *l, int stride,
    enough for vpdpbusd's 5-cycle latency. This kernel serves every batch size: unpacking panels to
    bytes first (afm__gtile_*) was slower here at every size (Xeon, 1 thread, 2048 x 6656: 8 tokens
    102 us a token from panels, 192 unpacked). */
-/* 16 rows of panel pn x T tokens (3 <= T <= 8), as afm__ptile_avx2 with a whole panel word per
-   zmm: its 4 planes each take one vpdpbusd per token against a broadcast of 4 activations; each
-   lane ends with one row's exact sum. With 3 tokens or more their sums are independent chains
-   enough for vpdpbusd's 5-cycle latency. This kernel serves every batch size: unpacking panels to
-   bytes first (afm__gtile_*) was slower here at every size (Xeon, 1 thread, 2048 x 6656: 8 tokens
-   102 us a token from panels, 192 unpacked). */
 AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
     const uint8_t *pc = afm__panel_codes(w, pn);
