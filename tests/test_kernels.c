@@ -364,7 +364,7 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 200, 64, 16, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q2B, 40, 200, 256, 21, 0);
     /* Q4 batches (the output head when every position's logits are wanted; AMX takes 16 rows at a
-       time): blocks of 16 rows and rows cut by the range, every group, 3 to 21 64-byte blocks a
+       time): blocks of 16 rows and rows cut by the range, every group, 1 to 21 64-byte blocks a
        row, token tiles of 16 and a rest */
     for (gi = 0; gi < 4; gi++) {
         test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 70, 300, groups[gi], 4, 0);
@@ -372,6 +372,8 @@ static void test_matmul(const afm__kernels *ks, const afm__kernels *kk, const ch
     }
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 50, 1000, 64, 16, 0);
     test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 50, 640, 128, 21, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 70, 100, 64, 6, 0);
+    test_matmul_case(ks, kk, lname, AFM_TYPE_Q4, 70, 256, 128, 4, 0);
 }
 
 static void test_dequant(const afm__kernels *ks, const afm__kernels *kk, const char *lname) {
