@@ -9335,6 +9335,8 @@ typedef struct afm__mm_item {
 typedef struct afm__mm_job {
     afm_session *s;
     int n_tok, n;
+    int silu;                     /* items 0 and 1 are gate and up: a chunk takes the same rows of
+                                     both, then gate = silu(gate) * up on them (afm__mm_run) */
     afm__mm_item it[AFM__MM_MAX];
     int chunk_rows[AFM__MM_MAX];  /* rows are handed out in chunks, about 4 per thread per product */
     int first_chunk[AFM__MM_MAX + 1];
@@ -9344,7 +9346,7 @@ typedef struct afm__mm_job {
     int prep_ldx;
 } afm__mm_job;
 
-static void afm__mm_init(afm__mm_job *j, afm_session *s, int n_tok) { j->s = s; j->n_tok = n_tok; j->n = 0; }
+static void afm__mm_init(afm__mm_job *j, afm_session *s, int n_tok) { j->s = s; j->n_tok = n_tok; j->n = 0; j->silu = 0; }
 
 static void afm__mm_add(afm__mm_job *j, const afm__tensor *W, const float *X, int ldx, float *Y, int ldy) {
     afm__mm_item *it = &j->it[j->n++];
@@ -9397,17 +9399,24 @@ static void afm__mm_rows(afm__mm_job *j, int i, int lo, int hi, int ith) {
 
 /* Threads take chunks of rows until none is left: a thread slowed by the machine (other work, a
    busy sibling core) takes fewer, instead of every other thread waiting for its fixed share. Each
-   row is computed alone, so who computes it changes no bit. */
+   row is computed alone, so who computes it changes no bit; nor does SiLU, elementwise, taken on
+   a chunk's rows by the thread that made them instead of on the whole vector by one thread. */
 static void afm__mm_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
     int u, i = 0;
     (void)nth;
     while ((u = (int)afm__count_add(&j->next, 1) - 1) < j->first_chunk[j->n]) {
-        int rows, lo;
+        int rows, lo, hi, t;
         while (u >= j->first_chunk[i + 1]) i++;
         rows = (int)j->it[i].W->dims[0];
         lo = (u - j->first_chunk[i]) * j->chunk_rows[i];
-        afm__mm_rows(j, i, lo, rows - lo > j->chunk_rows[i] ? lo + j->chunk_rows[i] : rows, ith);
+        hi = rows - lo > j->chunk_rows[i] ? lo + j->chunk_rows[i] : rows;
+        afm__mm_rows(j, i, lo, hi, ith);
+        if (i == 0 && j->silu) {
+            const afm__mm_item *g = &j->it[0], *up = &j->it[1];
+            afm__mm_rows(j, 1, lo, hi, ith);
+            for (t = 0; t < j->n_tok; t++) j->s->kern.silu_mul(g->Y + (size_t)t * g->ldy + lo, up->Y + (size_t)t * up->ldy + lo, hi - lo);
+        }
     }
 }
 
@@ -9451,9 +9460,9 @@ static void afm__mm_go(afm__mm_job *j) {
     }
     j->first_chunk[0] = 0;
     for (i = 0; i < j->n; i++) {
-        const int rows = (int)j->it[i].W->dims[0], per = 4 * s->pool.n_threads;
+        const int rows = (int)j->it[i].W->dims[0], per = (i == 0 && j->silu ? 8 : 4) * s->pool.n_threads;
         j->chunk_rows[i] = rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
-        j->first_chunk[i + 1] = j->first_chunk[i] + (rows + j->chunk_rows[i] - 1) / j->chunk_rows[i];
+        j->first_chunk[i + 1] = j->first_chunk[i] + (i == 1 && j->silu ? 0 : (rows + j->chunk_rows[i] - 1) / j->chunk_rows[i]);
     }
     j->next = 0;
     afm__pool_run(&s->pool, afm__mm_run, j);
@@ -9892,9 +9901,10 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         afm__mm_add(&mj, ly->up, s->xn, d, s->hb2, f);
         afm__lora_a(&mj, &ls, l, AFM__P_GATE, s->xn, d, s->hb, f);
         afm__lora_a(&mj, &ls, l, AFM__P_UP, s->xn, d, s->hb2, f);
+        mj.silu = ls.n == 0; /* an adapted gate or up gets its LoRA B term first, then SiLU alone */
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        afm__tok_pass(s, l, n_tok, AFM__PASS_SILU);
+        if (!mj.silu) afm__tok_pass(s, l, n_tok, AFM__PASS_SILU);
         afm__mm_init(&mj, s, n_tok);
         ls.n = 0;
         afm__mm_add(&mj, ly->down, s->hb, f, s->xn, d);
