@@ -9780,54 +9780,51 @@ typedef struct afm__tok_job {
     int layer, n_tok, pass;
 } afm__tok_job;
 
-/* Token t's queries (n_heads heads at q) as the int16 codes of att_int attention: per head, codes
+/* Token t's query head h (at x) as the int16 codes of att_int attention: codes
    round_even(x * (qmax / amax)) and step amax / qmax, the activation blocks' rules (infinity or NaN:
    codes 0 and step NaN; amax below 2^-100: codes 0, step 0). qmax keeps a score's integer sum,
    |code| * 128 * head_dim, below 2^31: 32767 up to head_dim 512. */
-static void afm__quant_query(afm_session *s, int t, const float *q) {
+static void afm__quant_query(afm_session *s, int t, int h, const float *x) {
     const afm_config *c = &s->model->config;
     const int hd = c->head_dim, qmax = (int)(2147483647L / (128L * hd) < 32767 ? 2147483647L / (128L * hd) : 32767);
-    int h;
-    if (!s->att_int) return;
-    for (h = 0; h < c->n_heads; h++) {
-        const float *x = q + (size_t)h * hd;
-        int16_t *codes = s->q16 + ((size_t)t * c->n_heads + (size_t)h) * hd;
-        float *step = s->q16d + (size_t)t * c->n_heads + (size_t)h, amax;
-        const uint32_t amax_bits = afm__amax_bits(x, hd);
-        if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
-            memset(codes, 0, (size_t)hd * sizeof *codes);
-            *step = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
-            continue;
-        }
-        memcpy(&amax, &amax_bits, 4);
-        s->kern.round16(codes, x, hd, (float)qmax / amax);
-        *step = amax / (float)qmax;
+    int16_t *codes = s->q16 + ((size_t)t * c->n_heads + (size_t)h) * hd;
+    float *step = s->q16d + (size_t)t * c->n_heads + (size_t)h, amax;
+    const uint32_t amax_bits = afm__amax_bits(x, hd);
+    if (amax_bits >= AFM__AMAX_INF || amax_bits < AFM__AMAX_TINY) {
+        memset(codes, 0, (size_t)hd * sizeof *codes);
+        *step = amax_bits >= AFM__AMAX_INF ? (float)NAN : 0.0f;
+        return;
     }
+    memcpy(&amax, &amax_bits, 4);
+    s->kern.round16(codes, x, hd, (float)qmax / amax);
+    *step = amax / (float)qmax;
 }
 
-/* q, k of token t: RoPE then per-head RMSNorm; k and v are stored into the layer's cache. */
-static void afm__qkv_post(afm_session *s, int layer, int t) {
+/* Heads a token's QKV pass has: its query heads, then (layers with their own cache) its key heads
+   and its value heads. */
+static int afm__qkv_units(const afm_session *s, int layer) {
+    const afm_config *c = &s->model->config;
+    return c->n_heads + (s->model->layers[layer].reuse ? 0 : 2 * c->n_kv_heads);
+}
+
+/* Head u of token t (afm__qkv_units' order): a query or key head gets RoPE, then its RMSNorm; a
+   query head its int16 codes, a key or value head its place in the layer's cache. Heads are
+   independent, so the pass spreads over the pool head by head, even for one token. */
+static void afm__qkv_post(afm_session *s, int layer, int t, int u) {
     const afm_config *c = &s->model->config;
     const afm__layer *ly = &s->model->layers[layer];
-    int hd = c->head_dim, half = hd / 2, qd = c->n_heads * hd, h;
-    int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
-    float *row = s->qkv + (size_t)t * stride;
+    const int hd = c->head_dim, half = hd / 2, qd = c->n_heads * hd, kvh = u - c->n_heads;
+    const int stride = ly->reuse ? qd : qd + 2 * s->kv_dim;
+    float *x = s->qkv + (size_t)t * stride + (size_t)u * hd; /* q heads, then k's, then v's */
     const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
-    for (h = 0; h < c->n_heads; h++) {
-        afm__rope(row + h * hd, cs, sn, half);
-        afm__rmsnorm(row + h * hd, row + h * hd, ly->q_norm, hd, c->qk_norm_eps);
+    const size_t at = ((size_t)layer * s->cap + (size_t)(s->pos + t)) * s->kv_dim;
+    if (kvh < c->n_kv_heads) {
+        afm__rope(x, cs, sn, half);
+        afm__rmsnorm(x, x, kvh < 0 ? ly->q_norm : ly->k_norm, hd, c->qk_norm_eps);
     }
-    afm__quant_query(s, t, row);
-    if (!ly->reuse) {
-        float *k = row + qd, *v = row + qd + s->kv_dim;
-        size_t at = ((size_t)layer * s->cap + (size_t)(s->pos + t)) * s->kv_dim;
-        for (h = 0; h < c->n_kv_heads; h++) {
-            afm__rope(k + h * hd, cs, sn, half);
-            afm__rmsnorm(k + h * hd, k + h * hd, ly->k_norm, hd, c->qk_norm_eps);
-        }
-        afm__kv_store(s, s->k_cache, at, k, s->kv_dim, ly->k_scale);
-        afm__kv_store(s, s->v_cache, at, v, s->kv_dim, ly->v_scale);
-    }
+    if (kvh < 0) { if (s->att_int) afm__quant_query(s, t, u, x); }
+    else if (kvh < c->n_kv_heads) afm__kv_store(s, s->k_cache, at + (size_t)kvh * hd, x, hd, ly->k_scale);
+    else afm__kv_store(s, s->v_cache, at + (size_t)(kvh - c->n_kv_heads) * hd, x, hd, ly->v_scale);
 }
 
 static void afm__tok_pass_one(const afm__tok_job *j, int t) {
@@ -9836,7 +9833,6 @@ static void afm__tok_pass_one(const afm__tok_job *j, int t) {
     const afm__layer *ly = s->model->layers + j->layer; /* one past the last for AFM__PASS_OUT: not read */
     float *x = s->x + t * (size_t)c->dim, *xn = s->xn + t * (size_t)c->dim;
     int i;
-    if (j->pass == AFM__PASS_QKV) { afm__qkv_post(s, j->layer, t); return; }
     if (j->pass == AFM__PASS_SILU) { s->kern.silu_mul(s->hb + (size_t)t * c->ffn_dim, s->hb2 + (size_t)t * c->ffn_dim, c->ffn_dim); return; }
     /* the sublayer output in xn joins the residual (layer 0's input has none), then the next norm */
     if (j->pass != AFM__PASS_ATTN_IN || j->layer > 0) for (i = 0; i < c->dim; i++) x[i] += xn[i];
@@ -9846,6 +9842,12 @@ static void afm__tok_pass_one(const afm__tok_job *j, int t) {
 static void afm__tok_pass_run(void *ctx, int ith, int nth) {
     const afm__tok_job *j = (const afm__tok_job *)ctx;
     int lo, hi, t;
+    if (j->pass == AFM__PASS_QKV) { /* by heads */
+        const int n = afm__qkv_units(j->s, j->layer);
+        afm__split(j->n_tok * n, ith, nth, &lo, &hi);
+        for (t = lo; t < hi; t++) afm__qkv_post(j->s, j->layer, t / n, t % n);
+        return;
+    }
     afm__split(j->n_tok, ith, nth, &lo, &hi);
     for (t = lo; t < hi; t++) afm__tok_pass_one(j, t);
 }
@@ -9853,7 +9855,7 @@ static void afm__tok_pass_run(void *ctx, int ith, int nth) {
 static void afm__tok_pass(afm_session *s, int layer, int n_tok, int pass) {
     afm__tok_job j;
     j.s = s; j.layer = layer; j.n_tok = n_tok; j.pass = pass;
-    if (n_tok >= 4) afm__pool_run(&s->pool, afm__tok_pass_run, &j);
+    if (n_tok >= 4 || pass == AFM__PASS_QKV) afm__pool_run(&s->pool, afm__tok_pass_run, &j);
     else afm__tok_pass_run(&j, 0, 1);
 }
 
