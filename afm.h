@@ -9757,12 +9757,15 @@ static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
     int g;
     afm__attn_job j;
     j.s = s; j.layer = layer; j.n_tok = n_tok; j.q_stride = q_stride;
+    j.max_chunks = afm__att_chunks(s->pos + n_tok);
+    /* fewer query heads a unit while the units cannot keep the threads busy (a decode step on many
+       threads): each head's bits are the same whichever heads share its unit */
     j.hs = group < AFM__ATT_HEADS ? group : AFM__ATT_HEADS;
+    while (j.hs > 1 && n_tok * c->n_kv_heads * ((group + j.hs - 1) / j.hs) * j.max_chunks < nth) j.hs = (j.hs + 1) / 2;
     j.nhg = (group + j.hs - 1) / j.hs;
     j.n_groups = n_tok * c->n_kv_heads * j.nhg;
     /* deep: one unit per chunk when the groups cannot keep the threads busy; the partials of group
        g go to thread slot g's scratch, so there may be no more groups than threads */
-    j.max_chunks = afm__att_chunks(s->pos + n_tok);
     j.deep = nth > 1 && j.n_groups < nth && j.max_chunks > 1;
     j.n_units = j.deep ? j.n_groups * j.max_chunks : j.n_groups;
     j.next = 0;
