@@ -9362,16 +9362,18 @@ static void afm__mm_prepare_run(void *ctx, int ith, int nth) {
     if (lo < hi) afm__prepare_activations(&j->s->kern, j->prep, j->prep_x, (size_t)j->prep_ldx, lo, hi);
 }
 
-/* The f32 dot product of the exact paths (f32_activations, float KV caches): products in double are
-   exact, so a compiler that fuses them into the adds changes nothing; 8 lanes and a fixed tree. */
-static float afm__dot(const float *a, const float *b, int n) {
+/* The dot product of the exact paths (f32_activations, float KV caches) and RMSNorm's sum of
+   squares: products in double are exact, so a compiler that fuses them into the adds changes
+   nothing; 8 lanes and a fixed tree (8 chains: one would wait on each add). */
+static double afm__dot_d(const float *a, const float *b, int n) {
     double s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
     int i = 0, k;
     for (; i + 8 <= n; i += 8)
         for (k = 0; k < 8; k++) s[k] += (double)a[i + k] * b[i + k];
     for (k = 0; i < n; i++, k++) s[k] += (double)a[i] * b[i];
-    return (float)(((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
+static float afm__dot(const float *a, const float *b, int n) { return (float)afm__dot_d(a, b, n); }
 
 /* Rows [lo, hi) of item i: the product, then the scaled add of a LoRA B product. */
 static void afm__mm_rows(afm__mm_job *j, int i, int lo, int hi, int ith) {
@@ -9522,11 +9524,8 @@ static void afm__lora_b(afm_session *s, int l, const afm__lora_set *ls, int n_to
 }
 
 static void afm__rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
-    double ss = 0;
-    float scale;
+    const float scale = (float)(1.0 / sqrt(afm__dot_d(x, x, n) / n + eps));
     int i;
-    for (i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    scale = (float)(1.0 / sqrt(ss / n + eps));
     for (i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
 }
 
