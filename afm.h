@@ -9774,7 +9774,9 @@ static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
 
 /* ---- per-token passes between the products: norms, RoPE, residuals, SiLU. Each token's
    arithmetic is the same whoever runs it; a prefill batch spreads its tokens over the pool (left
-   on one thread, they cap what 16 threads can gain), a decode step runs them in place. ---- */
+   on one thread, they cap what 16 threads can gain), a decode step runs the norms and residuals
+   in place and spreads the QKV pass head by head. (SiLU is a pass only after an adapter's gate or
+   up; otherwise the gate/up job applies it, afm__mm_run.) ---- */
 enum { AFM__PASS_ATTN_IN, AFM__PASS_QKV, AFM__PASS_FFN_IN, AFM__PASS_SILU, AFM__PASS_OUT };
 
 typedef struct afm__tok_job {
