@@ -31,7 +31,7 @@ static uint32_t rnd(void) { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; retur
 
 int main(int argc, char **argv) {
     const char *path = NULL;
-    int threads = 2, runs = 5, pos[2] = {512, 4000}, level = AFM_KERNELS_AUTO, i, r, l;
+    int threads = 2, runs = 5, pos[2] = {512, 4000}, level = AFM_KERNELS_AUTO, i, r, l, h;
     double t_att[2][MAX_RUNS], t_dec[2][MAX_RUNS], ratio[MAX_RUNS], a[2], d[2];
     afm_model *m;
     afm_session *s;
@@ -77,7 +77,8 @@ int main(int argc, char **argv) {
             for (j = 0; j < (size_t)q_stride; j++) s->qkv[j] = (float)(rnd() % 2001) / 1000.0f - 1.0f;
             s->pos = pos[i];
             s->q = s->qkv;
-            afm__quant_query(s, 0, s->qkv); /* as the forward pass does after RoPE and the norm */
+            for (h = 0; h < m->config.n_heads; h++) /* as the forward pass does after RoPE and the norm */
+                afm__quant_query(s, 0, h, s->qkv + (size_t)h * m->config.head_dim);
             t0 = now();
             for (l = 0; l < m->config.n_layers; l++) afm__attention(s, afm__cache_layer(m, l), 1, q_stride);
             t_att[i][r] = now() - t0;
