@@ -8800,6 +8800,7 @@ struct afm_session {
     size_t gemmbuf_n;
     int gemm_kpad;                /* the longest padded row gemmbuf holds */
     afm__count *att_done;         /* [n_threads] chunks finished per attention group (decode) */
+    afm__count *qkv_done;         /* [query + key + value heads] rows finished per head in the QKV job */
     void *act_buf;                /* int8 activations prepared for one job's quantized products */
     void *act_f32;                /* f32 copies of an input whose rows are not laid out for the
                                      kernels (a width not a multiple of 16), else NULL */
@@ -8835,7 +8836,7 @@ static void afm__session_release_buffers(afm_session *s) {
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
                       (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32,
-                      (void **)&s->att_done, (void **)&s->gemmbuf, (void **)&s->q16, (void **)&s->q16d };
+                      (void **)&s->att_done, (void **)&s->qkv_done, (void **)&s->gemmbuf, (void **)&s->q16, (void **)&s->q16d };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -8989,13 +8990,14 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
         if (!s->gemmbuf) s->gemmbuf_n = 0; /* the row kernels alone: slower, the same bits */
     }
     s->att_done = (afm__count *)afm__calloc(a, (size_t)s->pool.n_threads, sizeof *s->att_done);
+    s->qkv_done = (afm__count *)afm__calloc(a, (size_t)c->n_heads + 2 * (size_t)c->n_kv_heads, sizeof *s->qkv_done);
     s->logits_cap = 1;
     s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
     s->act_cap = afm__act_need(B, widest);
     s->act_buf = afm__alloc(a, s->act_cap);
     if ((c->dim | qd | c->ffn_dim) & 15) s->act_f32 = afm__alloc(a, s->act_cap);
     if (!s->act_buf || (((c->dim | qd | c->ffn_dim) & 15) && !s->act_f32) ||
-        !s->x || !s->xn || !s->qkv || !s->att || (s->att_int && (!s->q16 || !s->q16d)) || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->att_done || !s->logits ||
+        !s->x || !s->xn || !s->qkv || !s->att || (s->att_int && (!s->q16 || !s->q16d)) || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->att_done || !s->qkv_done || !s->logits ||
         afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
         afm_session_free(s);
         return AFM_ERR_NOMEM;
@@ -9337,6 +9339,8 @@ typedef struct afm__mm_job {
     int n_tok, n;
     int silu;                     /* items 0 and 1 are gate and up: a chunk takes the same rows of
                                      both, then gate = silu(gate) * up on them (afm__mm_run) */
+    int qkv_layer;                /* >= 0: item 0 is this layer's QKV projection, and whoever finishes
+                                     a head's rows runs its QKV pass (afm__mm_qkv_rows) */
     afm__mm_item it[AFM__MM_MAX];
     int chunk_rows[AFM__MM_MAX];  /* rows are handed out in chunks, about 4 per thread per product */
     int first_chunk[AFM__MM_MAX + 1];
@@ -9346,7 +9350,7 @@ typedef struct afm__mm_job {
     int prep_ldx;
 } afm__mm_job;
 
-static void afm__mm_init(afm__mm_job *j, afm_session *s, int n_tok) { j->s = s; j->n_tok = n_tok; j->n = 0; j->silu = 0; }
+static void afm__mm_init(afm__mm_job *j, afm_session *s, int n_tok) { j->s = s; j->n_tok = n_tok; j->n = 0; j->silu = 0; j->qkv_layer = -1; }
 
 static void afm__mm_add(afm__mm_job *j, const afm__tensor *W, const float *X, int ldx, float *Y, int ldy) {
     afm__mm_item *it = &j->it[j->n++];
@@ -9399,6 +9403,23 @@ static void afm__mm_rows(afm__mm_job *j, int i, int lo, int hi, int ith) {
     }
 }
 
+static void afm__qkv_post(afm_session *s, int layer, int t, int u);
+static int afm__qkv_units(const afm_session *s, int layer);
+
+/* Rows [lo, hi) of the QKV projection are done: counted per head (head_dim rows each); the thread
+   that completes a head runs its QKV pass for every token (the count is a full barrier, so the
+   other threads' rows are visible). No hand-off of its own, and no thread waits for it. */
+static void afm__mm_qkv_rows(afm__mm_job *j, int lo, int hi) {
+    afm_session *s = j->s;
+    const int hd = s->model->config.head_dim;
+    int h, t;
+    for (h = lo / hd; h * hd < hi; h++) {
+        const int a = lo > h * hd ? lo : h * hd, b = hi < (h + 1) * hd ? hi : (h + 1) * hd;
+        if (afm__count_add(&s->qkv_done[h], b - a) == hd)
+            for (t = 0; t < j->n_tok; t++) afm__qkv_post(s, j->qkv_layer, t, h);
+    }
+}
+
 /* Threads take chunks of rows until none is left: a thread slowed by the machine (other work, a
    busy sibling core) takes fewer, instead of every other thread waiting for its fixed share. Each
    row is computed alone, so who computes it changes no bit; nor does SiLU, elementwise, taken on
@@ -9414,6 +9435,7 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
         lo = (u - j->first_chunk[i]) * j->chunk_rows[i];
         hi = rows - lo > j->chunk_rows[i] ? lo + j->chunk_rows[i] : rows;
         afm__mm_rows(j, i, lo, hi, ith);
+        if (i == 0 && j->qkv_layer >= 0) afm__mm_qkv_rows(j, lo, hi);
         if (i == 0 && j->silu) {
             const afm__mm_item *g = &j->it[0], *up = &j->it[1];
             afm__mm_rows(j, 1, lo, hi, ith);
@@ -9466,6 +9488,7 @@ static void afm__mm_go(afm__mm_job *j) {
         j->chunk_rows[i] = rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
         j->first_chunk[i + 1] = j->first_chunk[i] + (i == 1 && j->silu ? 0 : (rows + j->chunk_rows[i] - 1) / j->chunk_rows[i]);
     }
+    if (j->qkv_layer >= 0) for (i = 0; i < afm__qkv_units(s, j->qkv_layer); i++) s->qkv_done[i] = 0;
     j->next = 0;
     afm__pool_run(&s->pool, afm__mm_run, j);
 }
@@ -9775,8 +9798,8 @@ static void afm__attention(afm_session *s, int layer, int n_tok, int q_stride) {
 /* ---- per-token passes between the products: norms, RoPE, residuals, SiLU. Each token's
    arithmetic is the same whoever runs it; a prefill batch spreads its tokens over the pool (left
    on one thread, they cap what 16 threads can gain), a decode step runs the norms and residuals
-   in place and spreads the QKV pass head by head. (SiLU is a pass only after an adapter's gate or
-   up; otherwise the gate/up job applies it, afm__mm_run.) ---- */
+   in place. The QKV pass and SiLU are passes only after an adapter's q, k, v or gate, up; else
+   the products' jobs run them on the way (afm__mm_qkv_rows, afm__mm_run). ---- */
 enum { AFM__PASS_ATTN_IN, AFM__PASS_QKV, AFM__PASS_FFN_IN, AFM__PASS_SILU, AFM__PASS_OUT };
 
 typedef struct afm__tok_job {
@@ -9888,9 +9911,10 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
             afm__lora_a(&mj, &ls, l, AFM__P_K, s->xn, d, s->qkv + qd, stride);
             afm__lora_a(&mj, &ls, l, AFM__P_V, s->xn, d, s->qkv + qd + s->kv_dim, stride);
         }
+        if (ls.n == 0) mj.qkv_layer = l; /* adapted q, k or v: the LoRA B terms first, then the pass */
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
-        afm__tok_pass(s, l, n_tok, AFM__PASS_QKV);
+        if (mj.qkv_layer < 0) afm__tok_pass(s, l, n_tok, AFM__PASS_QKV);
         /* queries are the first qd values of each row; segment 1 reads the last segment-0 cache */
         s->q = s->qkv;
         afm__attention(s, afm__cache_layer(m, l), n_tok, stride);
