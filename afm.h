@@ -5111,6 +5111,8 @@ static afm_result afm__tok_hf_decoded_bytes(afm__tok_hf_load *L) {
         else ok = afm__tok_hf_put_decoded(&t->alloc, &ob, L->fb.p + L->noff[k], L->noff[k + 1] - L->noff[k]);
     }
     if (ok) h->doff[t->n_vocab] = (uint32_t)ob.n;
+    if (ok && !ob.p) ok = (ob.p = (char *)afm__alloc(&t->alloc, 1)) != NULL; /* every id decodes to nothing: an empty
+                                                                              pool, not NULL (NULL + 0 is undefined) */
     h->dstr = ob.p;
     return ok ? AFM_OK : afm__tok_hf_oom(L);
 }
