@@ -9486,7 +9486,7 @@ static void afm__mm_go(afm__mm_job *j) {
     }
     j->first_chunk[0] = 0;
     for (i = 0; i < j->n; i++) {
-        const int rows = (int)j->it[i].W->dims[0], per = (i == 0 && j->silu ? 8 : 4) * s->pool.n_threads;
+        const int rows = (int)j->it[i].W->dims[0], per = 4 * s->pool.n_threads;
         j->chunk_rows[i] = rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
         j->first_chunk[i + 1] = j->first_chunk[i] + (i == 1 && j->silu ? 0 : (rows + j->chunk_rows[i] - 1) / j->chunk_rows[i]);
     }
