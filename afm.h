@@ -9838,7 +9838,8 @@ static int afm__qkv_units(const afm_session *s, int layer) {
 
 /* Head u of token t (afm__qkv_units' order): a query or key head gets RoPE, then its RMSNorm; a
    query head its int16 codes, a key or value head its place in the layer's cache. Heads are
-   independent, so the pass spreads over the pool head by head, even for one token. */
+   independent: the QKV job runs each as soon as its rows are done (afm__mm_qkv_rows), and the pass
+   after an adapter's q, k or v spreads them over the pool. */
 static void afm__qkv_post(afm_session *s, int layer, int t, int u) {
     const afm_config *c = &s->model->config;
     const afm__layer *ly = &s->model->layers[layer];
