@@ -9344,7 +9344,9 @@ typedef struct afm__mm_job {
     int qkv_layer;                /* >= 0: item 0 is this layer's QKV projection, and whoever finishes
                                      a head's rows runs its QKV pass (afm__mm_qkv_rows) */
     afm__mm_item it[AFM__MM_MAX];
-    int chunk_rows[AFM__MM_MAX];  /* rows are handed out in chunks, about 4 per thread per product */
+    int chunk_rows[AFM__MM_MAX];  /* rows are handed out in chunks, about 4 per thread per product, */
+    int big_chunks[AFM__MM_MAX];  /* this many of them; the job's last rows in smaller ones */
+    int small_rows[AFM__MM_MAX];  /* (afm__mm_chunks) */
     int first_chunk[AFM__MM_MAX + 1];
     afm__count next;              /* the next chunk: whichever thread is free takes it */
     afm__act *prep;               /* the activations being prepared by afm__mm_prepare_run */
@@ -9422,6 +9424,26 @@ static void afm__mm_qkv_rows(afm__mm_job *j, int lo, int hi) {
     }
 }
 
+/* How the rows are handed out: each product in chunks of about a quarter of a thread's share
+   (fewer cost more kernel calls and tile setups; more leave threads idle at the end), but the
+   job's last rows (half a chunk per thread) in chunks a quarter that size, so the threads finish
+   within a small chunk of each other. Rows are computed alone, so none of this changes a bit. */
+static void afm__mm_chunks(afm__mm_job *j, int nth) {
+    const int per = 4 * nth;
+    int i, last = -1;
+    for (i = 0; i < j->n; i++) if (!(i == 1 && j->silu)) last = i;
+    j->first_chunk[0] = 0;
+    for (i = 0; i < j->n; i++) {
+        const int rows = (int)j->it[i].W->dims[0];
+        const int c = rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
+        const int small = c / 4 > 16 ? (c / 4 + 15) & ~15 : 16, tail = i == last && nth > 1 ? nth * c / 2 : 0;
+        j->chunk_rows[i] = c;
+        j->big_chunks[i] = rows - tail > 0 ? (rows - tail) / c : 0;
+        j->small_rows[i] = small;
+        j->first_chunk[i + 1] = j->first_chunk[i] + (i == 1 && j->silu ? 0 : j->big_chunks[i] + (rows - j->big_chunks[i] * c + small - 1) / small);
+    }
+}
+
 /* Threads take chunks of rows until none is left: a thread slowed by the machine (other work, a
    busy sibling core) takes fewer, instead of every other thread waiting for its fixed share. Each
    row is computed alone, so who computes it changes no bit; nor does SiLU, elementwise, taken on
@@ -9431,11 +9453,13 @@ static void afm__mm_run(void *ctx, int ith, int nth) {
     int u, i = 0;
     (void)nth;
     while ((u = (int)afm__count_add(&j->next, 1) - 1) < j->first_chunk[j->n]) {
-        int rows, lo, hi, t;
+        int rows, lo, hi, size, t;
         while (u >= j->first_chunk[i + 1]) i++;
         rows = (int)j->it[i].W->dims[0];
-        lo = (u - j->first_chunk[i]) * j->chunk_rows[i];
-        hi = rows - lo > j->chunk_rows[i] ? lo + j->chunk_rows[i] : rows;
+        u -= j->first_chunk[i];
+        size = u < j->big_chunks[i] ? j->chunk_rows[i] : j->small_rows[i];
+        lo = u < j->big_chunks[i] ? u * size : j->big_chunks[i] * j->chunk_rows[i] + (u - j->big_chunks[i]) * size;
+        hi = rows - lo > size ? lo + size : rows;
         afm__mm_rows(j, i, lo, hi, ith);
         if (i == 0 && j->qkv_layer >= 0) afm__mm_qkv_rows(j, lo, hi);
         if (i == 0 && j->silu) {
@@ -9484,12 +9508,7 @@ static void afm__mm_go(afm__mm_job *j) {
             fx = it->X; fa = &it->act;
         }
     }
-    j->first_chunk[0] = 0;
-    for (i = 0; i < j->n; i++) {
-        const int rows = (int)j->it[i].W->dims[0], per = 4 * s->pool.n_threads;
-        j->chunk_rows[i] = rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
-        j->first_chunk[i + 1] = j->first_chunk[i] + (i == 1 && j->silu ? 0 : (rows + j->chunk_rows[i] - 1) / j->chunk_rows[i]);
-    }
+    afm__mm_chunks(j, s->pool.n_threads);
     if (j->qkv_layer >= 0) for (i = 0; i < afm__qkv_units(s, j->qkv_layer); i++) s->qkv_done[i] = 0;
     j->next = 0;
     afm__pool_run(&s->pool, afm__mm_run, j);
