@@ -7319,14 +7319,16 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, __m512 (*lanes)[16],
 /* Sub-block sb two products ahead: its codes unpacked into its ring slot (a tile load right after
    the vector stores of its bytes waits for them to reach the cache), its activations prefetched
    (their rows are a row of activations apart, which the hardware prefetchers do not follow), and
-   the same sub-block of the next panel: the codes, read in lane order, are no stream the hardware
-   follows either, and a short batch (verification) reads them from memory. */
+   the same sub-block of the next panel, and into L2 of the panel after: the codes, read in lane
+   order, are no stream the hardware follows either, and a short batch (verification) reads them
+   from memory (4 tokens from a 920 MB matrix, 2 threads: 44.6 -> 43.2 ms with the second). */
 #define AFM__AMX_AHEAD(sb, slot)                                                                            \
     do {                                                                                                    \
         if ((sb) >= 0) {                                                                                    \
             afm__amx_unpack_sb(pc, sb, tab, ring[(slot) & 3]);                                              \
             for (t = 0; t < T; t++) _mm_prefetch((const char *)(q + (size_t)t * ldq + (size_t)(sb) * 64), _MM_HINT_T0); \
             for (t = 0; t < 4; t++) _mm_prefetch((const char *)(pc_next + (size_t)(sb) * 256 + 64 * t), _MM_HINT_T0); \
+            for (t = 0; t < 4; t++) _mm_prefetch((const char *)(pc_next2 + (size_t)(sb) * 256 + 64 * t), _MM_HINT_T1); \
             if (!((sb) & ((1 << w->gshift) - 1))) _mm_prefetch((const char *)afm__panel_scales(w, pn + 1, sb), _MM_HINT_T0); \
         }                                                                                                   \
     } while (0)
@@ -7339,7 +7341,7 @@ AFM__FORCEINLINE AFM__T_AMX void afm__gtile_amx(const afm__wmat *w, int pn, cons
     AFM__ALIGN(64) int8_t ring[4][1024];
     __m512 lanes[8][16], acc[16]; /* lanes: [sub-block % 8][token], parked by afm__amx_step */
     const int nsb = w->kpad >> 6;
-    const uint8_t *pc = afm__panel_codes(w, pn), *pc_next = afm__panel_codes(w, pn + 1); /* (past the last: prefetches do not fault) */
+    const uint8_t *pc = afm__panel_codes(w, pn), *pc_next = afm__panel_codes(w, pn + 1), *pc_next2 = afm__panel_codes(w, pn + 2); /* (past the last: prefetches do not fault) */
     const int8_t *q = a->q + (size_t)t0 * (size_t)a->kpad;
     const float *d = a->d + (size_t)t0 * (size_t)a->nsb;
     const size_t ldq = (size_t)a->kpad;
