@@ -391,6 +391,12 @@ static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
 }
+/* The median of v[0 .. n) (sorted in place): of an even count the mean of the middle two, not the
+   upper one (with -r 2 that was the slower time and the faster rate). */
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 
 /* Bytes one decode step must bring from memory. Weights: every tensor of the base once (the tied
    embedding as the output head, whose 153,600 rows every step reads; the input row is one of them),
@@ -476,10 +482,11 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
             tl[r] = now_seconds() - t0;
             afm_session_rewind(s1, n_prompt);
         }
-        qsort(t, (size_t)runs, sizeof *t, cmp_double);
-        qsort(tl, (size_t)runs, sizeof *tl, cmp_double);
-        if (n == 1) t1_med = t[runs / 2];
-        printf("%6d %10.2f %10.2f %14.2f %10.2f\n", n, t[runs / 2] * 1e3, t[runs / 2] / t1_med, tl[runs / 2] * 1e3, tl[runs / 2] / t1_med);
+        {
+            const double tm = median(t, runs), tlm = median(tl, runs);
+            if (n == 1) t1_med = tm;
+            printf("%6d %10.2f %10.2f %14.2f %10.2f\n", n, tm * 1e3, tm / t1_med, tlm * 1e3, tlm / t1_med);
+        }
         fflush(stdout);
     }
     afm_session_free(s1);
@@ -501,13 +508,12 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
         }
         /* the median, as for the speculative runs below (the best of a few runs against their median
            made every speedup look worse on a busy machine) */
-        qsort(tps, (size_t)runs, sizeof *tps, cmp_double);
+        plain_tps = median(tps, runs);
         {
             int np;
             const int32_t *all = afm_session_tokens(s, &np);
             memcpy(ref, all + n_prompt, (size_t)n_gen * sizeof *ref);
         }
-        plain_tps = tps[runs / 2];
     }
     printf("\nspeculative greedy decoding, %d tokens after a %d-token prompt, %d threads, K chosen by the engine:\n", n_gen, n_prompt, n_threads);
     printf("%6s %12s %12s %12s %10s %10s\n", "p", "acceptance", "tok/verify", "tok/s", "plain t/s", "speedup");
@@ -534,8 +540,10 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
             acc = st.n_drafted ? (double)st.n_accepted / st.n_drafted : 0;
             per = (double)st.n_generated / st.n_steps;
         }
-        qsort(tps, (size_t)runs, sizeof *tps, cmp_double);
-        printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx\n", ps[pi], 100 * acc, per, tps[runs / 2], plain_tps, tps[runs / 2] / plain_tps);
+        {
+            const double m = median(tps, runs);
+            printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx\n", ps[pi], 100 * acc, per, m, plain_tps, m / plain_tps);
+        }
         fflush(stdout);
     }
     free(ref);
@@ -810,9 +818,10 @@ int cmd_bench(int argc, char **argv) {
                     t1 = now_seconds();
                     (k ? with : without)[r] = n_gen / (t1 - t0);
                 }
-            qsort(with, (size_t)runs, sizeof *with, cmp_double);
-            qsort(without, (size_t)runs, sizeof *without, cmp_double);
-            printf("%7d %14.2f %14.2f %7.1f%%\n", n_threads_list[ti], without[runs / 2], with[runs / 2], 100 * with[runs / 2] / without[runs / 2]);
+            {
+                const double a = median(without, runs), b = median(with, runs);
+                printf("%7d %14.2f %14.2f %7.1f%%\n", n_threads_list[ti], a, b, 100 * b / a);
+            }
             afm_session_free(s);
             free(toks);
         }
@@ -875,10 +884,8 @@ int cmd_bench(int argc, char **argv) {
                 pre[r] = n_prompt / (t1 - t0);
                 dec[r] = n_gen / (t2 - t1);
             }
-            qsort(pre, (size_t)runs, sizeof *pre, cmp_double);
-            qsort(dec, (size_t)runs, sizeof *dec, cmp_double);
-            pre_med[ti] = pre[runs / 2];
-            dec_med[ti] = dec[runs / 2];
+            pre_med[ti] = median(pre, runs);
+            dec_med[ti] = median(dec, runs);
             rss[ti] = peak_rss_mb(); /* before the bandwidth buffer below inflates it */
             kv[ti] = kv_read_bytes(m, kv_pos, kv_bytes(afm_session_kv_type(s)));
             fprintf(stderr, "  %d threads: prefill %.1f tok/s, decode %.2f tok/s\n", nt, pre_med[ti], dec_med[ti]);
