@@ -7320,9 +7320,10 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, __m512 (*lanes)[16],
    the vector stores of its bytes waits for them to reach the cache), its activations prefetched
    (their rows are a row of activations apart, which the hardware prefetchers do not follow), and
    into L2 the same sub-block of the next two panels: the codes, read in lane order, are no stream
-   the hardware follows either, and a short batch (verification) reads them from memory. (Into L1,
-   a panel ahead of 6656 columns, 26 KB, evicted the activations; 4 tokens from 920 MB at 2
-   threads: 45.4 ms with the next panel into L1, 43.7 with both into L2; 2048 columns 44.6 -> 43.0.) */
+   the hardware follows either, and a short batch (verification) reads them from memory. 4 tokens
+   from a 920 MB matrix at 2 threads: the panel after next added, 44.6 -> 43.2 ms (2048 columns);
+   the next panel into L2 instead of L1, 45.4 -> 43.7 (6656 columns: in L1, 26 KB ahead, it
+   evicted the activations). */
 #define AFM__AMX_AHEAD(sb, slot)                                                                            \
     do {                                                                                                    \
         if ((sb) >= 0) {                                                                                    \
