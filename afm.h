@@ -7095,7 +7095,7 @@ AFM__T_AVX2 static float afm__expsum_avx2(float *x, int n, float *max) {
    per 8 lanes; wider vectors only pay off with VNNI's integer dot). With VNNI: the Q4/Q8 row
    kernel's 64-code dot is two 256-bit vpdpbusd (u8 x s8 -> s32, 4 products per lane), and the Q2B
    panel and matrix-matrix kernels do 16 rows x 4 codes per 512-bit vpdpbusd against a broadcast of
-   4 activations. */
+   4 activations; attention's integer scores and values take vpdpwssd (int16 pairs, afm__kv_*_vnni). */
 AFM__FORCEINLINE AFM__T_VNNI __m256i afm__dot64_vnni(__m256i c0, __m256i c1, const int8_t *x, const int type) {
     __m256i x0 = _mm256_load_si256((const __m256i *)(const void *)x), x1 = _mm256_load_si256((const __m256i *)(const void *)(x + 32));
     if (type == AFM_TYPE_Q8) { /* the weight's sign moved onto x */
@@ -7227,6 +7227,108 @@ AFM__T_VNNI static void afm__matmul_q4_vnni(const afm__wmat *w, const afm__act *
 }
 AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *a, float *Y, size_t ldy, int r0, int r1) {
     AFM__QMM_BODY(afm__qtile_vnni, AFM_TYPE_Q8)
+}
+
+/* Attention's integer kernels on AVX-512 VNNI: the AVX2 tiles' arithmetic (int32 sums, exact, so
+   the same bits), 32 products a vpdpwssd (multiply and add in one) instead of 16 a vpmaddwd plus
+   an add. Scores: one key row widened to int16 in 32-column vectors, each head's sum folded to 8
+   lanes, then the AVX2 tile's reduction and transpose. */
+AFM__FORCEINLINE AFM__T_VNNI void afm__kvs_tile_vnni(const int16_t *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
+                                                     int dim, const float *qs, float *s, size_t lds, const int8_t *pf, const int H) {
+    const int d32 = dim & ~31;
+    float qv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, r[8][8];
+    int32_t sum[8];
+    __m256 qsv;
+    int p, i, h;
+    for (h = 0; h < H; h++) qv[h] = qs[h];
+    qsv = _mm256_loadu_ps(qv);
+    for (p = 0; p < n_pos; p++) { /* r[p % 8] holds position p's 8 heads; every 8 positions, transposed out */
+        const int8_t *kp = k + (size_t)p * k_stride;
+        __m512i A[8];
+        __m256i F[8], tot;
+        AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm512_setzero_si512();
+        afm__kv_prefetch_avx2(k, k_stride, p + AFM__KV_PF, n_pos, dim, 0);
+        if (pf) afm__kv_prefetch_avx2(pf, k_stride, p, n_pos, dim, 1);
+        for (i = 0; i < d32; i += 32) {
+            const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(const void *)(kp + i)));
+            AFM__UNROLL for (h = 0; h < H; h++)
+                A[h] = _mm512_dpwssd_epi32(A[h], x, _mm512_loadu_si512((const void *)(q + (size_t)h * ldq + (size_t)i)));
+        }
+        AFM__UNROLL for (h = 0; h < 8; h++) F[h] = _mm256_add_epi32(_mm512_castsi512_si256(A[h]), _mm512_extracti64x4_epi64(A[h], 1));
+        tot = afm__sum8x8_epi32_avx2(F);
+        if (d32 < dim) {
+            _mm256_storeu_si256((__m256i *)(void *)sum, tot);
+            for (h = 0; h < H; h++)
+                for (i = d32; i < dim; i++) sum[h] += (int32_t)q[(size_t)h * ldq + (size_t)i] * kp[i];
+            tot = _mm256_loadu_si256((const __m256i *)(const void *)sum);
+        }
+        _mm256_storeu_ps(r[p & 7], _mm256_mul_ps(_mm256_cvtepi32_ps(tot), qsv));
+        if ((p & 7) == 7) afm__store8x8_avx2(r, s + (size_t)(p - 7), lds, H);
+    }
+    for (i = n_pos & ~7; i < n_pos; i++) AFM__UNROLL for (h = 0; h < H; h++) s[(size_t)h * lds + (size_t)i] = r[i & 7][h];
+}
+
+AFM__T_VNNI static void afm__kv_scores_vnni(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
+                                            int n_pos, int dim, const float *qs, float *s, size_t lds, const int8_t *pf) {
+    int h0;
+    for (h0 = 0; h0 < nq; h0 += 8) {
+        const int16_t *qh = q + (size_t)h0 * ldq;
+        float *sh = s + (size_t)h0 * lds;
+#define AFM__KVS_CALL(H) afm__kvs_tile_vnni(qh, ldq, k, k_stride, n_pos, dim, qs + h0, sh, lds, h0 ? NULL : pf, H)
+        AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVS_CALL)
+#undef AFM__KVS_CALL
+    }
+}
+
+/* Values: afm__kvv_tile_avx2's interleaved pairs of positions, 16 columns a vector; H heads x C
+   vectors (up to 4 x 4) of sums stay in registers. */
+AFM__FORCEINLINE AFM__T_VNNI void afm__kvv_tile_vnni(const int16_t *pr, size_t ldp, const int8_t *v, size_t v_stride, int n_pos,
+                                                     const float *vs, float *o, size_t ldo, const int H, const int C) {
+    __m512i A[4][4], x[4];
+    int32_t pair;
+    int p, h, c;
+    AFM__UNROLL for (h = 0; h < 4; h++) AFM__UNROLL for (c = 0; c < 4; c++) A[h][c] = _mm512_setzero_si512();
+    for (p = 0; p < n_pos; p += 2) {
+        const int two = p + 1 < n_pos; /* an odd last position pairs with zeros */
+        AFM__UNROLL for (c = 0; c < C; c++) {
+            const __m128i a = _mm_loadu_si128((const __m128i *)(const void *)(v + (size_t)p * v_stride + (size_t)(16 * c)));
+            const __m128i b = two ? _mm_loadu_si128((const __m128i *)(const void *)(v + (size_t)(p + 1) * v_stride + (size_t)(16 * c))) : _mm_setzero_si128();
+            x[c] = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, b)), _mm_unpackhi_epi8(a, b), 1));
+        }
+        AFM__UNROLL for (h = 0; h < H; h++) {
+            __m512i w;
+            if (two) memcpy(&pair, pr + (size_t)h * ldp + (size_t)p, 4); /* pr[p] in the low half, as x's pairs */
+            else pair = (int32_t)(uint16_t)pr[(size_t)h * ldp + (size_t)p];
+            w = _mm512_set1_epi32(pair);
+            AFM__UNROLL for (c = 0; c < C; c++) A[h][c] = _mm512_dpwssd_epi32(A[h][c], x[c], w);
+        }
+    }
+    AFM__UNROLL for (h = 0; h < H; h++) {
+        const __m512 sv = _mm512_set1_ps(vs[h]);
+        AFM__UNROLL for (c = 0; c < C; c++) _mm512_storeu_ps(o + (size_t)h * ldo + (size_t)(16 * c), _mm512_mul_ps(_mm512_cvtepi32_ps(A[h][c]), sv));
+    }
+}
+
+/* 4 heads x 64 columns at a time; columns past the last multiple of 16 by the AVX2 kernel. */
+AFM__T_VNNI static void afm__kv_values_vnni(const int16_t *pr, size_t ldp, int nq, const int8_t *v, size_t v_stride,
+                                            int n_pos, int dim, const float *vs, float *o, size_t ldo) {
+    const int d16 = dim & ~15;
+    int h0, i;
+    for (h0 = 0; h0 < nq; h0 += 4) {
+        const int16_t *ph = pr + (size_t)h0 * ldp;
+        float *oh = o + (size_t)h0 * ldo;
+        for (i = 0; i < d16; i += 64) {
+            const int nc = (d16 - i) / 16 < 4 ? (d16 - i) / 16 : 4;
+#define AFM__KVV_CALL(H, C) afm__kvv_tile_vnni(ph, ldp, v + i, v_stride, n_pos, vs + h0, oh + i, ldo, H, C)
+#define AFM__KVV_COLS(H) switch (nc) { case 4: AFM__KVV_CALL(H, 4); break; case 3: AFM__KVV_CALL(H, 3); break; case 2: AFM__KVV_CALL(H, 2); break; default: AFM__KVV_CALL(H, 1); break; }
+            switch (nq - h0 < 4 ? nq - h0 : 4) {
+            case 4: AFM__KVV_COLS(4); break; case 3: AFM__KVV_COLS(3); break; case 2: AFM__KVV_COLS(2); break; default: AFM__KVV_COLS(1); break;
+            }
+#undef AFM__KVV_COLS
+#undef AFM__KVV_CALL
+        }
+    }
+    if (d16 < dim) afm__kv_values_avx2(pr, ldp, nq, v + d16, v_stride, n_pos, dim - d16, vs, o + d16, ldo); /* the last columns */
 }
 
 #ifdef AFM__AMX
@@ -8244,6 +8346,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->name = "avx512vnni";
         k->matmul[3] = afm__matmul_q2b_vnni; k->matmul[4] = afm__matmul_q4_vnni; k->matmul[5] = afm__matmul_q8_vnni;
         k->gemm_q2b = NULL; /* the panel kernel at every batch size (afm__ptile_vnni) */
+        k->kv_scores = afm__kv_scores_vnni;
+        k->kv_values = afm__kv_values_vnni;
     }
 #ifdef AFM__AMX
     if (level == AFM__LEVEL_AMX) {
