@@ -6721,38 +6721,46 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__store8x8_avx2(float (*r)[8], float *s, si
 
 /* Scores of H heads, one key row at a time: the row widened to int16 once for the H heads, a
    vpmaddwd against each head's query (16 products an instruction, twice the float FMA's 8), the
-   8 sums reduced together. H is a constant after inlining, so the accumulators stay in registers. */
+   8 sums reduced together. H is a constant after inlining, so the accumulators stay in registers.
+   AFM__KVS_TILE_BODY is the loop over positions that the VNNI tile shares: its statements (the
+   variadic argument) set tot to position p's 8 sums over columns [0, dv) of key row kp; the columns
+   after dv in scalar; every 8 positions, the scaled scores transposed out. */
+#define AFM__KVS_TILE_BODY(dv, ...)                                                                        \
+    float qv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, r[8][8];                                                       \
+    int32_t sum[8];                                                                                        \
+    __m256 qsv;                                                                                            \
+    int p, i, h;                                                                                           \
+    for (h = 0; h < H; h++) qv[h] = qs[h];                                                                 \
+    qsv = _mm256_loadu_ps(qv);                                                                             \
+    for (p = 0; p < n_pos; p++) { /* r[p % 8] holds position p's 8 heads */                                \
+        const int8_t *kp = k + (size_t)p * k_stride;                                                       \
+        __m256i tot;                                                                                       \
+        afm__kv_prefetch_avx2(k, k_stride, p + AFM__KV_PF, n_pos, dim, 0);                                 \
+        if (pf) afm__kv_prefetch_avx2(pf, k_stride, p, n_pos, dim, 1);                                     \
+        __VA_ARGS__                                                                                        \
+        if ((dv) < dim) {                                                                                  \
+            _mm256_storeu_si256((__m256i *)(void *)sum, tot);                                              \
+            for (h = 0; h < H; h++)                                                                        \
+                for (i = (dv); i < dim; i++) sum[h] += (int32_t)q[(size_t)h * ldq + (size_t)i] * kp[i];    \
+            tot = _mm256_loadu_si256((const __m256i *)(const void *)sum);                                  \
+        }                                                                                                  \
+        _mm256_storeu_ps(r[p & 7], _mm256_mul_ps(_mm256_cvtepi32_ps(tot), qsv));                           \
+        if ((p & 7) == 7) afm__store8x8_avx2(r, s + (size_t)(p - 7), lds, H);                              \
+    }                                                                                                      \
+    for (i = n_pos & ~7; i < n_pos; i++) AFM__UNROLL for (h = 0; h < H; h++) s[(size_t)h * lds + (size_t)i] = r[i & 7][h];
+
 AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tile_avx2(const int16_t *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
                                                      int dim, const float *qs, float *s, size_t lds, const int8_t *pf, const int H) {
     const int d16 = dim & ~15;
-    float qv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, r[8][8];
-    int32_t sum[8];
-    __m256 qsv;
-    int p, i, h;
-    for (h = 0; h < H; h++) qv[h] = qs[h];
-    qsv = _mm256_loadu_ps(qv);
-    for (p = 0; p < n_pos; p++) { /* r[p % 8] holds position p's 8 heads; every 8 positions, transposed out */
-        const int8_t *kp = k + (size_t)p * k_stride;
-        __m256i A[8], tot;
+    AFM__KVS_TILE_BODY(d16,
+        __m256i A[8];
         AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm256_setzero_si256();
-        afm__kv_prefetch_avx2(k, k_stride, p + AFM__KV_PF, n_pos, dim, 0);
-        if (pf) afm__kv_prefetch_avx2(pf, k_stride, p, n_pos, dim, 1);
         for (i = 0; i < d16; i += 16) {
             const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(kp + i)));
             AFM__UNROLL for (h = 0; h < H; h++)
                 A[h] = _mm256_add_epi32(A[h], _mm256_madd_epi16(x, _mm256_loadu_si256((const __m256i *)(const void *)(q + (size_t)h * ldq + (size_t)i))));
         }
-        tot = afm__sum8x8_epi32_avx2(A);
-        if (d16 < dim) {
-            _mm256_storeu_si256((__m256i *)(void *)sum, tot);
-            for (h = 0; h < H; h++)
-                for (i = d16; i < dim; i++) sum[h] += (int32_t)q[(size_t)h * ldq + (size_t)i] * kp[i];
-            tot = _mm256_loadu_si256((const __m256i *)(const void *)sum);
-        }
-        _mm256_storeu_ps(r[p & 7], _mm256_mul_ps(_mm256_cvtepi32_ps(tot), qsv));
-        if ((p & 7) == 7) afm__store8x8_avx2(r, s + (size_t)(p - 7), lds, H);
-    }
-    for (i = n_pos & ~7; i < n_pos; i++) AFM__UNROLL for (h = 0; h < H; h++) s[(size_t)h * lds + (size_t)i] = r[i & 7][h];
+        tot = afm__sum8x8_epi32_avx2(A);)
 }
 
 /* Up to 8 heads at a time (a KV head's group of query heads, in attention). */
@@ -7236,36 +7244,17 @@ AFM__T_VNNI static void afm__matmul_q8_vnni(const afm__wmat *w, const afm__act *
 AFM__FORCEINLINE AFM__T_VNNI void afm__kvs_tile_vnni(const int16_t *q, size_t ldq, const int8_t *k, size_t k_stride, int n_pos,
                                                      int dim, const float *qs, float *s, size_t lds, const int8_t *pf, const int H) {
     const int d32 = dim & ~31;
-    float qv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, r[8][8];
-    int32_t sum[8];
-    __m256 qsv;
-    int p, i, h;
-    for (h = 0; h < H; h++) qv[h] = qs[h];
-    qsv = _mm256_loadu_ps(qv);
-    for (p = 0; p < n_pos; p++) { /* r[p % 8] holds position p's 8 heads; every 8 positions, transposed out */
-        const int8_t *kp = k + (size_t)p * k_stride;
+    AFM__KVS_TILE_BODY(d32,
         __m512i A[8];
-        __m256i F[8], tot;
+        __m256i F[8];
         AFM__UNROLL for (h = 0; h < 8; h++) A[h] = _mm512_setzero_si512();
-        afm__kv_prefetch_avx2(k, k_stride, p + AFM__KV_PF, n_pos, dim, 0);
-        if (pf) afm__kv_prefetch_avx2(pf, k_stride, p, n_pos, dim, 1);
         for (i = 0; i < d32; i += 32) {
             const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(const void *)(kp + i)));
             AFM__UNROLL for (h = 0; h < H; h++)
                 A[h] = _mm512_dpwssd_epi32(A[h], x, _mm512_loadu_si512((const void *)(q + (size_t)h * ldq + (size_t)i)));
         }
         AFM__UNROLL for (h = 0; h < 8; h++) F[h] = _mm256_add_epi32(_mm512_castsi512_si256(A[h]), _mm512_extracti64x4_epi64(A[h], 1));
-        tot = afm__sum8x8_epi32_avx2(F);
-        if (d32 < dim) {
-            _mm256_storeu_si256((__m256i *)(void *)sum, tot);
-            for (h = 0; h < H; h++)
-                for (i = d32; i < dim; i++) sum[h] += (int32_t)q[(size_t)h * ldq + (size_t)i] * kp[i];
-            tot = _mm256_loadu_si256((const __m256i *)(const void *)sum);
-        }
-        _mm256_storeu_ps(r[p & 7], _mm256_mul_ps(_mm256_cvtepi32_ps(tot), qsv));
-        if ((p & 7) == 7) afm__store8x8_avx2(r, s + (size_t)(p - 7), lds, H);
-    }
-    for (i = n_pos & ~7; i < n_pos; i++) AFM__UNROLL for (h = 0; h < H; h++) s[(size_t)h * lds + (size_t)i] = r[i & 7][h];
+        tot = afm__sum8x8_epi32_avx2(F);)
 }
 
 AFM__T_VNNI static void afm__kv_scores_vnni(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
