@@ -6763,17 +6763,21 @@ AFM__FORCEINLINE AFM__T_AVX2 void afm__kvs_tile_avx2(const int16_t *q, size_t ld
         tot = afm__sum8x8_epi32_avx2(A);)
 }
 
-/* Up to 8 heads at a time (a KV head's group of query heads, in attention). */
+/* Up to 8 heads at a time (a KV head's group of query heads, in attention), each group by the
+   tile AFM__KVS_TILE names (H a constant); the VNNI level's kv_scores shares this body. */
+#define AFM__KVS_CALL(H) AFM__KVS_TILE(qh, ldq, k, k_stride, n_pos, dim, qs + h0, sh, lds, h0 ? NULL : pf, H)
+#define AFM__KV_SCORES_BODY                                                                                \
+    int h0;                                                                                                \
+    for (h0 = 0; h0 < nq; h0 += 8) {                                                                       \
+        const int16_t *qh = q + (size_t)h0 * ldq;                                                          \
+        float *sh = s + (size_t)h0 * lds;                                                                  \
+        AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVS_CALL)                                        \
+    }
 AFM__T_AVX2 static void afm__kv_scores_avx2(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                             int n_pos, int dim, const float *qs, float *s, size_t lds, const int8_t *pf) {
-    int h0;
-    for (h0 = 0; h0 < nq; h0 += 8) {
-        const int16_t *qh = q + (size_t)h0 * ldq;
-        float *sh = s + (size_t)h0 * lds;
-#define AFM__KVS_CALL(H) afm__kvs_tile_avx2(qh, ldq, k, k_stride, n_pos, dim, qs + h0, sh, lds, h0 ? NULL : pf, H)
-        AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVS_CALL)
-#undef AFM__KVS_CALL
-    }
+#define AFM__KVS_TILE afm__kvs_tile_avx2
+    AFM__KV_SCORES_BODY
+#undef AFM__KVS_TILE
 }
 
 /* Rows p and p + 1 (or zeros, `two` false) interleaved column by column and widened to int16:
@@ -7259,14 +7263,9 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__kvs_tile_vnni(const int16_t *q, size_t ld
 
 AFM__T_VNNI static void afm__kv_scores_vnni(const int16_t *q, size_t ldq, int nq, const int8_t *k, size_t k_stride,
                                             int n_pos, int dim, const float *qs, float *s, size_t lds, const int8_t *pf) {
-    int h0;
-    for (h0 = 0; h0 < nq; h0 += 8) {
-        const int16_t *qh = q + (size_t)h0 * ldq;
-        float *sh = s + (size_t)h0 * lds;
-#define AFM__KVS_CALL(H) afm__kvs_tile_vnni(qh, ldq, k, k_stride, n_pos, dim, qs + h0, sh, lds, h0 ? NULL : pf, H)
-        AFM__HEADS_1_TO_8(nq - h0 < 8 ? nq - h0 : 8, AFM__KVS_CALL)
-#undef AFM__KVS_CALL
-    }
+#define AFM__KVS_TILE afm__kvs_tile_vnni
+    AFM__KV_SCORES_BODY
+#undef AFM__KVS_TILE
 }
 
 /* Values: afm__kvv_tile_avx2's interleaved pairs of positions, 16 columns a vector; H heads x C
