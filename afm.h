@@ -7128,41 +7128,44 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__gfinish_vnni(const __m512 *l, int stride,
     _mm512_storeu_ps(y, _mm512_mul_ps(s, _mm512_set1_ps(0.5f)));
 }
 /* 16 rows of panel pn x T tokens (3 <= T <= 8), as afm__ptile_avx2 with a whole panel word per
-   zmm: its 4 planes each take one vpdpbusd per token against a broadcast of 4 activations; each
-   lane ends with one row's exact sum. With 3 tokens or more their sums are independent chains
-   enough for vpdpbusd's 5-cycle latency. This kernel serves every batch size: unpacking panels to
-   bytes first (afm__gtile_*) was slower here at every size (Xeon, 1 thread, 2048 x 6656: 8 tokens
-   102 us a token from panels, 192 unpacked). */
+   zmm. Planes 0 and 1 of a word are masked in place (c and 4c), planes 2 and 3 after one shift by
+   4 (c and 4c again), so each token needs two vpdpbusd chains, the c's and the 4c's (at most
+   8 x 12 x 127 x 4 per lane a sub-block), and 2P = 2 lo + hi / 2 exactly: one shift and four masks
+   a word where shifting each plane down took four shifts; and only the lanes in use are zeroed
+   (Xeon, 2 threads, a 425984 x 2048 matrix, median of 3: 3 / 4 / 8 tokens 10.92 / 12.44 / 19.67
+   -> 10.30 / 12.03 / 18.93 ms). With 3 tokens or more the chains are enough for vpdpbusd's
+   latency. This kernel serves every batch size: unpacking panels to bytes first (afm__gtile_*) was
+   slower here at every size (Xeon, 1 thread, 2048 x 6656: 8 tokens 102 us a token from panels,
+   192 unpacked). */
 AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm__act *a, int pn, int t0, const int T, float *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
     const uint8_t *pc = afm__panel_codes(w, pn);
-    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     __m512 lanes[8][8]; /* [sub-block % 8][token] */
     int t, sb, v, m;
-    memset(lanes, 0, sizeof lanes); /* +0.0f */
+    AFM__UNROLL for (sb = 0; sb < 8; sb++) AFM__UNROLL for (t = 0; t < T; t++) lanes[sb][t] = _mm512_setzero_ps();
     for (sb = 0; sb < nsb; sb++) {
         const uint8_t *cb = pc + (size_t)sb * 256, *sg = afm__panel_scales(w, pn, sb);
         const __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)sg));
-        __m512i acc[8];
+        __m512i acc[8][2]; /* [token][c, 4c] */
         if (t0 == 0 && AFM__PF_DIST > 0) {
             AFM__UNROLL for (v = 0; v < 4; v++) _mm_prefetch((const char *)cb + AFM__PF_DIST + 64 * v, _MM_HINT_T0);
             _mm_prefetch((const char *)sg + AFM__PF_DIST / 8, _MM_HINT_T0);
         }
-        AFM__UNROLL for (t = 0; t < T; t++) acc[t] = _mm512_setzero_si512();
+        AFM__UNROLL for (t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_si512();
         AFM__UNROLL for (v = 0; v < 4; v++) {
-            const __m512i W = _mm512_loadu_si512((const void *)(cb + 64 * v));
-            AFM__UNROLL for (m = 0; m < 4; m++) {
-                const __m512i c = _mm512_and_si512(_mm512_srli_epi16(W, (unsigned)(2 * m)), m3);
-                AFM__UNROLL for (t = 0; t < T; t++) {
-                    int32_t x4;
-                    memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v + 4 * (size_t)m, 4);
-                    acc[t] = _mm512_dpbusd_epi32(acc[t], c, _mm512_set1_epi32(x4));
-                }
+            const __m512i W = _mm512_loadu_si512((const void *)(cb + 64 * v)), W4 = _mm512_srli_epi16(W, 4);
+            const __m512i c[4] = { _mm512_and_si512(W, m0), _mm512_and_si512(W, m1), _mm512_and_si512(W4, m0), _mm512_and_si512(W4, m1) };
+            AFM__UNROLL for (m = 0; m < 4; m++) AFM__UNROLL for (t = 0; t < T; t++) {
+                int32_t x4;
+                memcpy(&x4, a->q + (size_t)(t0 + t) * (size_t)a->kpad + (size_t)sb * 64 + 16 * (size_t)v + 4 * (size_t)m, 4);
+                acc[t][m & 1] = _mm512_dpbusd_epi32(acc[t][m & 1], c[m], _mm512_set1_epi32(x4));
             }
         }
         AFM__UNROLL for (t = 0; t < T; t++) {
             const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
-            const __m512i p = _mm512_sub_epi32(_mm512_slli_epi32(acc[t], 1), _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
+            const __m512i p2 = _mm512_add_epi32(_mm512_slli_epi32(acc[t][0], 1), _mm512_srai_epi32(acc[t][1], 1));
+            const __m512i p = _mm512_sub_epi32(p2, _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
             lanes[sb & 7][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][t]);
         }
     }
