@@ -51,6 +51,7 @@ static const char *usage_text =
     "  bench FILE --spec      speculative decoding: time to verify 1..16 tokens relative to one\n"
     "                         decode step, and speedup over plain greedy decoding with a drafter\n"
     "                         that proposes the base's own next token with probability p\n"
+    "                         (median and range of the -r runs; acceptance over all of them)\n"
     "  bench FILE             prefill -p tokens (default 512), then decode -n tokens (default\n"
     "                         128), -r runs each (default 3, median reported), for each thread\n"
     "                         count in -t (default 1,2); prints tok/s, bytes read per decode\n"

@@ -516,12 +516,13 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
         }
     }
     printf("\nspeculative greedy decoding, %d tokens after a %d-token prompt, %d threads, K chosen by the engine:\n", n_gen, n_prompt, n_threads);
-    printf("%6s %12s %12s %12s %10s %10s\n", "p", "acceptance", "tok/verify", "tok/s", "plain t/s", "speedup");
+    printf("%6s %12s %12s %12s %10s %10s %16s\n", "p", "acceptance", "tok/verify", "tok/s", "plain t/s", "speedup", "runs' range");
     for (pi = 0; pi < (int)(sizeof ps / sizeof ps[0]); pi++) {
         afm_generate_params gp;
         afm_generate_stats st;
         controlled cd;
-        double tps[100], acc = 0, per = 0;
+        double tps[100], lo = 0, hi = 0;
+        long drafted = 0, accepted = 0, generated = 0, steps = 0;
         for (r = 0; r < runs; r++) {
             memset(&gp, 0, sizeof gp);
             gp.n_predict = n_gen;
@@ -537,12 +538,15 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
                     die("%s", "speculative output differs from plain greedy output");
             }
             tps[r] = st.n_generated / (st.t_total - st.t_prompt);
-            acc = st.n_drafted ? (double)st.n_accepted / st.n_drafted : 0;
-            per = (double)st.n_generated / st.n_steps;
+            if (r == 0 || tps[r] < lo) lo = tps[r];
+            if (r == 0 || tps[r] > hi) hi = tps[r];
+            drafted += st.n_drafted; accepted += st.n_accepted; generated += st.n_generated; steps += st.n_steps;
         }
-        {
+        { /* acceptance and tokens per verification over all runs; the speedup's median and range (one
+             run's drafts are a few dozen coin flips: at p = 0.7 a 128-token run ranges over 1.4-1.8x) */
             const double m = median(tps, runs);
-            printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx\n", ps[pi], 100 * acc, per, m, plain_tps, m / plain_tps);
+            printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx %8.2f-%.2fx\n", ps[pi], drafted ? 100.0 * accepted / drafted : 0.0,
+                   steps ? (double)generated / steps : 0.0, m, plain_tps, m / plain_tps, lo / plain_tps, hi / plain_tps);
         }
         fflush(stdout);
     }
