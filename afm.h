@@ -7127,6 +7127,13 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__gfinish_vnni(const __m512 *l, int stride,
                                    _mm512_add_ps(_mm512_add_ps(l[stride], l[5 * stride]), _mm512_add_ps(l[3 * stride], l[7 * stride])));
     _mm512_storeu_ps(y, _mm512_mul_ps(s, _mm512_set1_ps(0.5f)));
 }
+/* The contract's float step for 16 rows, one token and sub-block i (afm__act's index): the exact
+   2P less the weights' offset times the activations' sum, times the rows' scales times the
+   activations' step, added to the lanes of sub-blocks i mod 8. */
+AFM__FORCEINLINE AFM__T_VNNI __m512 afm__pstep_vnni(__m512i p2, __m512 s16, const afm__act *a, size_t i, __m512 lane) {
+    const __m512i p = _mm512_sub_epi32(p2, _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lane);
+}
 /* 16 rows of panel pn x T tokens (3 <= T <= 8), as afm__ptile_avx2 with a whole panel word per
    zmm. Planes 0 and 1 of a word are masked in place (c and 4c), planes 2 and 3 after one shift by
    4 (c and 4c again), so each token needs two vpdpbusd chains, the c's and the 4c's (at most
@@ -7165,8 +7172,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm_
         AFM__UNROLL for (t = 0; t < T; t++) {
             const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
             const __m512i p2 = _mm512_add_epi32(_mm512_slli_epi32(acc[t][0], 1), _mm512_srai_epi32(acc[t][1], 1));
-            const __m512i p = _mm512_sub_epi32(p2, _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
-            lanes[sb & 7][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][t]);
+            lanes[sb & 7][t] = afm__pstep_vnni(p2, s16, a, i, lanes[sb & 7][t]);
         }
     }
     AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_vnni(&lanes[0][t], 8, Y + (size_t)t * ldy);
@@ -7177,7 +7183,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile_vnni(const afm__wmat *w, const afm_
    (W & 3 << 2m) = 4^m c, with no shift: vpdpbusd sums 4^m c x exactly (at most 192 x 127 x 4 per
    lane a word), and one exact shift per plane recovers 2P at the sub-block's end. One vpdpbusd chain
    per plane and token; sub-blocks are independent, so the out-of-order core overlaps their chains.
-   Then the contract's float step for 16 rows, as afm__ptile_vnni. */
+   Then the contract's float step for 16 rows (afm__pstep_vnni). */
 AFM__FORCEINLINE AFM__T_VNNI void afm__ptile2_vnni(const afm__wmat *w, const afm__act *a, const int *pn, const int NP, int t0, const int T,
                                                   float *const *Y, size_t ldy) {
     const int nsb = w->kpad >> 6;
@@ -7207,8 +7213,7 @@ AFM__FORCEINLINE AFM__T_VNNI void afm__ptile2_vnni(const afm__wmat *w, const afm
             const size_t i = (size_t)(t0 + t) * (size_t)a->nsb + (size_t)sb;
             const __m512i p2 = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc[t][0], 1), _mm512_srai_epi32(acc[t][1], 1)),
                                                 _mm512_add_epi32(_mm512_srai_epi32(acc[t][2], 3), _mm512_srai_epi32(acc[t][3], 5)));
-            const __m512i p = _mm512_sub_epi32(p2, _mm512_set1_epi32(afm__type_off2(AFM_TYPE_Q2B) * a->qs[i]));
-            lanes[sb & 7][k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(a->d[i])), lanes[sb & 7][k][t]);
+            lanes[sb & 7][k][t] = afm__pstep_vnni(p2, s16, a, i, lanes[sb & 7][k][t]);
         }
     }
     AFM__UNROLL for (k = 0; k < NP; k++) AFM__UNROLL for (t = 0; t < T; t++) afm__gfinish_vnni(&lanes[0][k][t], 4, Y[k] + (size_t)t * ldy);

@@ -521,7 +521,7 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
         afm_generate_params gp;
         afm_generate_stats st;
         controlled cd;
-        double tps[100], lo = 0, hi = 0;
+        double tps[100];
         long drafted = 0, accepted = 0, generated = 0, steps = 0;
         for (r = 0; r < runs; r++) {
             memset(&gp, 0, sizeof gp);
@@ -538,15 +538,14 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
                     die("%s", "speculative output differs from plain greedy output");
             }
             tps[r] = st.n_generated / (st.t_total - st.t_prompt);
-            if (r == 0 || tps[r] < lo) lo = tps[r];
-            if (r == 0 || tps[r] > hi) hi = tps[r];
             drafted += st.n_drafted; accepted += st.n_accepted; generated += st.n_generated; steps += st.n_steps;
         }
-        { /* acceptance and tokens per verification over all runs; the speedup's median and range (one
-             run's drafts are a few dozen coin flips: at p = 0.7 a 128-token run ranges over 1.4-1.8x) */
+        { /* acceptance and tokens per verification over all runs; the speedup's median and range, tps
+             sorted by median() (one run's drafts are a few dozen coin flips: at p = 0.7 a 128-token run
+             ranges over 1.4-1.8x) */
             const double m = median(tps, runs);
             printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx %8.2f-%.2fx\n", ps[pi], drafted ? 100.0 * accepted / drafted : 0.0,
-                   steps ? (double)generated / steps : 0.0, m, plain_tps, m / plain_tps, lo / plain_tps, hi / plain_tps);
+                   steps ? (double)generated / steps : 0.0, m, plain_tps, m / plain_tps, tps[0] / plain_tps, tps[runs - 1] / plain_tps);
         }
         fflush(stdout);
     }
