@@ -116,7 +116,9 @@ fuzz-gen:
 BENCH_DIR  ?= build/bench
 BENCH_ARGS ?= -t 1,2 -p 512 -n 128 -r 3
 bench-models: afm
-	@python3 -c 'import numpy' 2>/dev/null || { echo "make $@: tools/synth.py needs Python 3 with numpy (python3 -m pip install numpy)" >&2; exit 1; }
+	@if ! { test -f $(BENCH_DIR)/base-q2b.afm && test -f $(BENCH_DIR)/draft-q4.afm && test -f $(BENCH_DIR)/adapter-r32.afma; } \
+	    && ! python3 -c 'import numpy' 2>/dev/null; then \
+	    echo "make $@: tools/synth.py needs Python 3 with numpy to make the models in $(BENCH_DIR) (python3 -m pip install numpy)" >&2; exit 1; fi
 	mkdir -p $(BENCH_DIR)
 	test -f $(BENCH_DIR)/base-q2b.afm || python3 tools/synth.py --preset base --type q2b --random-codes --kv-scales -q -o $(BENCH_DIR)/base-q2b.afm
 	test -f $(BENCH_DIR)/draft-q4.afm || python3 tools/synth.py --preset draft --type q4 --random-codes --kv-scales -q -o $(BENCH_DIR)/draft-q4.afm
