@@ -442,13 +442,24 @@ static int draft_controlled(void *u, const int32_t *ctx, int n, int k, int32_t *
     return i;
 }
 
+/* Plain greedy decoding of n_gen tokens after the prompt, from an empty session: its decode tok/s
+   (0 if it failed). */
+static double plain_run(afm_session *s, const int32_t *prompt, int n_prompt, int n_gen) {
+    afm_generate_params gp;
+    afm_generate_stats st;
+    memset(&gp, 0, sizeof gp);
+    gp.n_predict = n_gen;
+    afm_session_rewind(s, 0);
+    if (afm_generate(s, prompt, n_prompt, &gp, &st) != AFM_OK || !(st.t_total > st.t_prompt)) return 0;
+    return st.n_generated / (st.t_total - st.t_prompt);
+}
+
 static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, int n_threads, int n_prompt, int n_gen, int runs) {
     const afm_config *c = afm_model_config(m);
     afm_session_params sp;
     afm_session *s, *s1;
     int32_t *toks = (int32_t *)malloc((size_t)(n_prompt + n_gen + 32) * sizeof *toks), *ref;
     uint64_t x = 88172645463325252ull;
-    double t1_med = 0, plain_tps;
     int i, n, r, pi;
     static const double ps[] = { 0.0, 0.5, 0.7, 0.8, 0.9, 1.0 };
     memset(&sp, 0, sizeof sp);
@@ -468,12 +479,18 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
     if (ad) afm_session_set_adapter(s1, ad);
     afm_session_eval(s1, toks, n_prompt);
     printf("verification cost at position %d, %d threads (median of %d); last only: the same without the output head\n"
-           "for all but the last position\n%6s %10s %10s %14s %10s\n", n_prompt, n_threads, runs, "tokens", "ms", "x decode",
-           "last only ms", "x decode");
+           "for all but the last position; x decode: the median of each run's ratio to a 1-token step taken just before it\n"
+           "%6s %10s %10s %14s %10s\n", n_prompt, n_threads, runs, "tokens", "ms", "x decode", "last only ms", "x decode");
     for (n = 1; n <= 16; n++) {
-        double t[100], tl[100];
+        double t[100], tl[100], x[100], xl[100];
         for (r = 0; r < runs; r++) {
-            double t0 = now_seconds();
+            /* a 1-token step beside every measurement: a machine whose speed drifts (shared, or
+               changing clocks) then changes each ratio's two sides alike */
+            double t1, t0 = now_seconds();
+            afm_session_eval(s, toks + n_prompt, 1);
+            t1 = now_seconds() - t0;
+            afm_session_rewind(s, n_prompt);
+            t0 = now_seconds();
             afm_session_eval(s, toks + n_prompt, n);
             t[r] = now_seconds() - t0;
             afm_session_rewind(s, n_prompt);
@@ -481,49 +498,36 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
             afm_session_eval(s1, toks + n_prompt, n);
             tl[r] = now_seconds() - t0;
             afm_session_rewind(s1, n_prompt);
+            x[r] = t[r] / t1;
+            xl[r] = tl[r] / t1;
         }
-        {
-            const double tm = median(t, runs), tlm = median(tl, runs);
-            if (n == 1) t1_med = tm;
-            printf("%6d %10.2f %10.2f %14.2f %10.2f\n", n, tm * 1e3, tm / t1_med, tlm * 1e3, tlm / t1_med);
-        }
+        printf("%6d %10.2f %10.2f %14.2f %10.2f\n", n, median(t, runs) * 1e3, median(x, runs), median(tl, runs) * 1e3, median(xl, runs));
         fflush(stdout);
     }
     afm_session_free(s1);
     afm_session_free(s);
-    /* plain greedy reference, then speculative runs with the controlled drafter */
+    /* plain greedy reference (its tokens are what the controlled drafter proposes), then each
+       speculative run right after a plain run of its own */
     afm_session_create(m, &sp, &s);
     if (ad) afm_session_set_adapter(s, ad);
     ref = (int32_t *)malloc((size_t)n_gen * sizeof *ref);
+    if (plain_run(s, toks, n_prompt, n_gen) <= 0) die("%s", "plain greedy decoding failed");
     {
-        afm_generate_params gp;
-        afm_generate_stats st;
-        double tps[100];
-        memset(&gp, 0, sizeof gp);
-        gp.n_predict = n_gen;
-        for (r = 0; r < runs; r++) {
-            afm_session_rewind(s, 0);
-            afm_generate(s, toks, n_prompt, &gp, &st);
-            tps[r] = st.n_generated / (st.t_total - st.t_prompt);
-        }
-        /* the median, as for the speculative runs below (the best of a few runs against their median
-           made every speedup look worse on a busy machine) */
-        plain_tps = median(tps, runs);
-        {
-            int np;
-            const int32_t *all = afm_session_tokens(s, &np);
-            memcpy(ref, all + n_prompt, (size_t)n_gen * sizeof *ref);
-        }
+        int np;
+        const int32_t *all = afm_session_tokens(s, &np);
+        memcpy(ref, all + n_prompt, (size_t)n_gen * sizeof *ref);
     }
-    printf("\nspeculative greedy decoding, %d tokens after a %d-token prompt, %d threads, K chosen by the engine:\n", n_gen, n_prompt, n_threads);
+    printf("\nspeculative greedy decoding, %d tokens after a %d-token prompt, %d threads, K chosen by the engine;\n"
+           "speedup: the median (and range) of each run's tok/s over that of a plain run just before it\n", n_gen, n_prompt, n_threads);
     printf("%6s %12s %12s %12s %10s %10s %16s\n", "p", "acceptance", "tok/verify", "tok/s", "plain t/s", "speedup", "runs' range");
     for (pi = 0; pi < (int)(sizeof ps / sizeof ps[0]); pi++) {
         afm_generate_params gp;
         afm_generate_stats st;
         controlled cd;
-        double tps[100];
+        double tps[100], plain[100], sp_x[100];
         long drafted = 0, accepted = 0, generated = 0, steps = 0;
         for (r = 0; r < runs; r++) {
+            if ((plain[r] = plain_run(s, toks, n_prompt, n_gen)) <= 0) die("%s", "plain greedy decoding failed");
             memset(&gp, 0, sizeof gp);
             gp.n_predict = n_gen;
             cd.ref = ref; cd.n_prompt = n_prompt; cd.n_ref = n_gen; cd.vocab = c->vocab_size; cd.p = ps[pi]; cd.rng = 12345 + (uint64_t)r;
@@ -538,14 +542,15 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
                     die("%s", "speculative output differs from plain greedy output");
             }
             tps[r] = st.n_generated / (st.t_total - st.t_prompt);
+            sp_x[r] = tps[r] / plain[r];
             drafted += st.n_drafted; accepted += st.n_accepted; generated += st.n_generated; steps += st.n_steps;
         }
-        { /* acceptance and tokens per verification over all runs; the speedup's median and range, tps
+        { /* acceptance and tokens per verification over all runs; the speedup's median and range, sp_x
              sorted by median() (one run's drafts are a few dozen coin flips: at p = 0.7 a 128-token run
              ranges over 1.4-1.8x) */
-            const double m = median(tps, runs);
+            const double x = median(sp_x, runs);
             printf("%6.2f %11.1f%% %12.2f %12.2f %10.2f %9.2fx %8.2f-%.2fx\n", ps[pi], drafted ? 100.0 * accepted / drafted : 0.0,
-                   steps ? (double)generated / steps : 0.0, m, plain_tps, m / plain_tps, tps[0] / plain_tps, tps[runs - 1] / plain_tps);
+                   steps ? (double)generated / steps : 0.0, median(tps, runs), median(plain, runs), x, sp_x[0], sp_x[runs - 1]);
         }
         fflush(stdout);
     }

@@ -375,6 +375,13 @@ if python3 -c "import jsonschema" 2>/dev/null; then
     else bad "afm bench --grammar (build/bench_grammar.log)"; cat build/bench_grammar.log; fi
 elif [ "$CI" = true ]; then bad "python3 -m pip install jsonschema (guided generation check)"
 else skip "guided generation check" "python3 -m pip install jsonschema"; fi
+# afm bench --spec on the shipped model: the cost table for 1..16 tokens, then a row per p, each run's
+# tokens checked by the bench against plain greedy decoding (it exits non-zero if they differ)
+if ./afm bench models/mini/base.afm --spec -t 2 -p 16 -n 16 -r 2 > build/bench_spec.log 2>&1 &&
+   [ "$(grep -cE '^ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$' build/bench_spec.log)" = 16 ] &&
+   [ "$(grep -cE '^ +[01][.][0-9]+ +[0-9.]+% +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+x +[0-9.]+-[0-9.]+x$' build/bench_spec.log)" = 6 ]; then
+    ok "afm bench --spec: 16 verification costs, 6 speculative runs identical to plain greedy"
+else bad "afm bench --spec (build/bench_spec.log)"; cat build/bench_spec.log; fi
 
 section "server: examples/server.c with the real openai client, then 200 requests from 16 clients under ASan"
 if make -s afm-server >/dev/null; then
