@@ -115,14 +115,16 @@ fuzz-gen:
 #   make bench-spec      verification cost curve and speculative speedup vs acceptance
 BENCH_DIR  ?= build/bench
 BENCH_ARGS ?= -t 1,2 -p 512 -n 128 -r 3
-bench-models: afm
-	@if ! { test -f $(BENCH_DIR)/base-q2b.afm && test -f $(BENCH_DIR)/draft-q4.afm && test -f $(BENCH_DIR)/adapter-r32.afma; } \
-	    && ! python3 -c 'import numpy' 2>/dev/null; then \
-	    echo "make $@: tools/synth.py needs Python 3 with numpy to make the models in $(BENCH_DIR) (python3 -m pip install numpy)" >&2; exit 1; fi
-	mkdir -p $(BENCH_DIR)
-	test -f $(BENCH_DIR)/base-q2b.afm || python3 tools/synth.py --preset base --type q2b --random-codes --kv-scales -q -o $(BENCH_DIR)/base-q2b.afm
-	test -f $(BENCH_DIR)/draft-q4.afm || python3 tools/synth.py --preset draft --type q4 --random-codes --kv-scales -q -o $(BENCH_DIR)/draft-q4.afm
-	test -f $(BENCH_DIR)/adapter-r32.afma || python3 tools/synth.py --preset base -q --adapter-out $(BENCH_DIR)/adapter-r32.afma
+# Each model is made only while missing (its rule has no prerequisites); tools/synth.py needs numpy.
+SYNTH = @python3 -c 'import numpy' 2>/dev/null || { echo "make $@: tools/synth.py needs Python 3 with numpy (python3 -m pip install numpy)" >&2; exit 1; }; \
+	mkdir -p $(BENCH_DIR) && echo "python3 tools/synth.py $(1)" && python3 tools/synth.py $(1)
+bench-models: afm $(BENCH_DIR)/base-q2b.afm $(BENCH_DIR)/draft-q4.afm $(BENCH_DIR)/adapter-r32.afma
+$(BENCH_DIR)/base-q2b.afm:
+	$(call SYNTH,--preset base --type q2b --random-codes --kv-scales -q -o $@)
+$(BENCH_DIR)/draft-q4.afm:
+	$(call SYNTH,--preset draft --type q4 --random-codes --kv-scales -q -o $@)
+$(BENCH_DIR)/adapter-r32.afma:
+	$(call SYNTH,--preset base -q --adapter-out $@)
 
 bench: bench-models
 	./afm bench $(BENCH_DIR)/base-q2b.afm $(BENCH_ARGS)

@@ -442,6 +442,11 @@ static int draft_controlled(void *u, const int32_t *ctx, int n, int k, int32_t *
     return i;
 }
 
+/* A generation's decode tok/s: the tokens after the prompt over their time (0 if none was timed). */
+static double stats_decode_tps(const afm_generate_stats *st) {
+    return st->t_total > st->t_prompt ? st->n_generated / (st->t_total - st->t_prompt) : 0;
+}
+
 /* Plain greedy decoding of n_gen tokens after the prompt, from an empty session: its decode tok/s
    (0 if it failed). */
 static double plain_run(afm_session *s, const int32_t *prompt, int n_prompt, int n_gen) {
@@ -450,8 +455,7 @@ static double plain_run(afm_session *s, const int32_t *prompt, int n_prompt, int
     memset(&gp, 0, sizeof gp);
     gp.n_predict = n_gen;
     afm_session_rewind(s, 0);
-    if (afm_generate(s, prompt, n_prompt, &gp, &st) != AFM_OK || !(st.t_total > st.t_prompt)) return 0;
-    return st.n_generated / (st.t_total - st.t_prompt);
+    return afm_generate(s, prompt, n_prompt, &gp, &st) == AFM_OK ? stats_decode_tps(&st) : 0;
 }
 
 static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, int n_threads, int n_prompt, int n_gen, int runs) {
@@ -541,7 +545,7 @@ static int cmd_bench_spec(afm_model *m, afm_adapter *ad, afm_kernels kernels, in
                 if (np < n_prompt + n_gen || memcmp(all + n_prompt, ref, (size_t)n_gen * sizeof *ref))
                     die("%s", "speculative output differs from plain greedy output");
             }
-            tps[r] = st.n_generated / (st.t_total - st.t_prompt);
+            tps[r] = stats_decode_tps(&st);
             sp_x[r] = tps[r] / plain[r];
             drafted += st.n_drafted; accepted += st.n_accepted; generated += st.n_generated; steps += st.n_steps;
         }
