@@ -7336,7 +7336,19 @@ AFM__T_VNNI static void afm__kv_values_vnni(const int16_t *pr, size_t ldp, int n
    then 1, 9, ..): each lane's sum still grows in sub-block order, and a lane's T accumulators stay
    in registers. Two tile products are in flight (tiles 0, 2, 4 and 1, 3, 5: sums, activations,
    codes); the tiles run in order, so the next product starts before this one's sums are stored. */
-#define AFM__AMX_MIN 4 /* tokens from which a batch takes the tiles */
+#define AFM__AMX_MIN 4 /* tokens from which a batch takes the tiles (the Q4 output head) */
+/* A Q2B batch takes the tiles from 5 tokens: at 4 the VNNI panel kernel is as fast or faster.
+   A 4-token step against a 1-token step just before it (median of 21 pairs), 16-core Xeon (AVX-512
+   VNNI, AMX): on the tiles 1.90 steps at 8 threads, 1.78 at 16, 2.02 at 2; on the panel kernel
+   1.52, 1.34, 1.83. Emerald Rapids 2-core, 2 threads: the same within the noise. From 5 tokens the
+   tiles win on the 2-core (5 / 6 tokens 1.84 / 1.77 steps against 2.17 / 2.16) but not on that
+   16-core at 8 threads (5 tokens 2.01 against 1.65). */
+#define AFM__AMX_Q2B_MIN 5
+/* gcc's tile loads (an asm statement without a memory operand, up to at least gcc 12) do not
+   tell the compiler that they read memory, which would let it move the vector stores that fill a
+   tile's bytes after the load; this barrier (no instruction) keeps them before. (clang's tile
+   builtins read memory as far as the compiler knows.) */
+#define AFM__TILE_FENCE() __asm__ volatile("" ::: "memory")
 
 /* The whole blocks of 16 rows in r0 .. r1-1: [lo, hi) (the rows around them go to a row kernel). */
 static inline void afm__whole16(int r0, int r1, int *lo, int *hi) {
@@ -7409,6 +7421,7 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_step(__m512 *acc, __m512 (*lanes)[16],
 /* Sub-block sb's tile product into tile C (activations in A, codes in B from the ring slot). */
 #define AFM__AMX_PRODUCT(C, A, B, sb, slot)                      \
     do {                                                         \
+        AFM__TILE_FENCE();                                       \
         _tile_zero(C);                                           \
         _tile_loadd(A, q + (size_t)(sb) * 64, ldq);              \
         _tile_loadd(B, ring[(slot) & 3], 64);                    \
@@ -7481,6 +7494,7 @@ AFM__T_AMX static void afm__gemm_q2b_amx(const afm__wmat *w, const afm__act *a, 
     __m512i tab[3];
     int lo, hi, t, T, r;
     (void)scratch;
+    if (a->n_tok < AFM__AMX_Q2B_MIN) { afm__matmul_q2b_vnni(w, a, Y, ldy, r0, r1); return; }
     afm__amx_tables(tab);
     afm__whole16(r0, r1, &lo, &hi);
     if (r0 < lo) afm__matmul_q2b_vnni(w, a, Y, ldy, r0, lo);
@@ -7557,6 +7571,7 @@ AFM__FORCEINLINE AFM__T_AMX void afm__amx_q4_step(__m512 *lane, const int32_t *P
    immediates). */
 #define AFM__AMX_Q4_PRODUCT(C, A, B, codes, acts)         \
     do {                                                  \
+        AFM__TILE_FENCE();                                \
         _tile_zero(C);                                    \
         _tile_loadd(A, codes, 64);                        \
         _tile_loadd(B, acts, 4 * T);                      \
