@@ -13313,6 +13313,7 @@ typedef struct afm__gen {
     int32_t draft[AFM__MAX_DRAFT];
     double u[AFM__MAX_DRAFT + 1]; /* the uniform numbers of this round's positions (sampling) */
     double tv[AFM__MAX_DRAFT + 2]; /* seconds to verify n tokens (EMA); 0 = not measured */
+    int round, tv_round[AFM__MAX_DRAFT + 2]; /* rounds so far; the round that last measured tv[n] */
     double t_draft_tok;          /* seconds per drafted token (EMA) */
     double acc_hits, acc_trials; /* acceptance, decayed counts */
     afm_constraint_state *cs;    /* the constraint, or NULL */
@@ -13421,15 +13422,23 @@ static int afm__draft_lookup(afm__gen *g, const int32_t *ctx, int n_ctx, int k) 
     return 0;
 }
 
+/* A batch size's cost counts as measured for AFM__TV_FRESH rounds. A draft length is only
+   measured while it is chosen, so one measurement in a slow moment (a busy machine) would keep it
+   from ever being chosen again; once old, its cost is extrapolated again, and it is tried again
+   when that looks better. (tv[1], the plain step every cost is weighed against, stays.) */
+#define AFM__TV_FRESH 32
+static int afm__tv_known(const afm__gen *g, int n) {
+    return g->tv[n] > 0 && (n == 1 || g->round - g->tv_round[n] <= AFM__TV_FRESH);
+}
 /* Verification cost of n tokens (tv[1], one decode step, is measured): measured, or extrapolated
    with the cost per extra token of the largest batch measured so far (optimistic, 10% of a step,
    before any is: an untried k then gets tried once and measured). */
 static double afm__verify_cost(const afm__gen *g, int n) {
     double slope = 0.1 * g->tv[1];
     int m;
-    if (g->tv[n] > 0) return g->tv[n];
+    if (afm__tv_known(g, n)) return g->tv[n];
     for (m = AFM__MAX_DRAFT + 1; m > 1; m--)
-        if (g->tv[m] > 0) { slope = (g->tv[m] - g->tv[1]) / (m - 1); break; }
+        if (afm__tv_known(g, m)) { slope = (g->tv[m] - g->tv[1]) / (m - 1); break; }
     return g->tv[1] + (slope > 0 ? slope : 0) * (n - 1);
 }
 
@@ -13539,7 +13548,9 @@ static afm_result afm__round(afm__gen *g, int32_t *x) {
     if ((r = afm__eval(s, batch, k + 1, k > 0)) != AFM_OK) return r;
     t0 = afm__now();
     g->st->t_verify += t0 - t1;
-    afm__ema(&g->tv[k + 1], t0 - t1);
+    if (afm__tv_known(g, k + 1)) afm__ema(&g->tv[k + 1], t0 - t1);
+    else g->tv[k + 1] = t0 - t1; /* first or fresh again: an old outlier must not linger */
+    g->tv_round[k + 1] = g->round++;
     g->st->n_steps++;
     g->st->n_drafted += k;
 
