@@ -728,6 +728,30 @@ static void test_speculative_greedy(const char *base_name, const char *draft_nam
     afm_model_free(dm);
 }
 
+/* afm_generate's choice of K from measured costs: a draft length whose one measurement came in a
+   slow moment (6 tokens at 1000 x a step) is not chosen while that measurement is fresh, and is
+   tried again once it is older than AFM__TV_FRESH rounds (before, it was never measured again). */
+static void test_choose_k_expiry(void) {
+    afm__gen g;
+    afm_generate_params p;
+    int n, k_fresh, k_old;
+    memset(&g, 0, sizeof g);
+    memset(&p, 0, sizeof p);
+    g.p = &p;
+    g.kmax = 5;
+    g.probe_every = 16;
+    g.acc_hits = 9; /* 90 % acceptance */
+    g.acc_trials = 10;
+    for (n = 1; n <= 5; n++) g.tv[n] = 1.0 + 0.1 * (n - 1);
+    g.tv[6] = 1000.0;
+    g.round = 10;
+    k_fresh = afm__choose_k(&g);
+    g.round = 10 + AFM__TV_FRESH + 1;
+    for (n = 2; n <= 5; n++) g.tv_round[n] = g.round - 1; /* the shorter drafts measured just now */
+    k_old = afm__choose_k(&g);
+    CHECK(k_fresh == 4 && k_old == 5, "K with 6 tokens measured slow once: %d while fresh (expected 4), %d once old (expected 5)", k_fresh, k_old);
+}
+
 /* A drafter that proposes the base model's own greedy continuation, computed on a session of its
    own: deterministic proposals that the sampler accepts with probability p(token). */
 static int draft_greedy_self(void *u, const int32_t *ctx, int n, int k, int32_t *out) {
@@ -1237,6 +1261,7 @@ int main(int argc, char **argv) {
     test_speculative_greedy("afm_mini", "draft_mini", 0);
     test_speculative_greedy("toolkit", "draft_mini", 1);
     test_speculative_distribution();
+    test_choose_k_expiry();
 #ifndef _WIN32
     test_concurrent("afm_mini");
 #endif
