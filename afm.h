@@ -5677,8 +5677,9 @@ static inline void afm__act_init(afm__act *a, int type, int n_tok, int n_in, voi
 
 /* prepare: fills tokens [t0, t1) of a from X (row t at X + t * ldx).
    matmul: Y[t*ldy + r] for r in [r0, r1), every token of a (a prepared for w's type).
-   gemm_q2b, gemm_q4: the same for a Q2B (Q4) matrix and a batch of gemm_min tokens or more, with a
-   per-thread scratch of afm__gemm_scratch_size(w->kpad) bytes (NULL where the level has none).
+   gemm_q2b, gemm_q4: the same for a Q2B (Q4) matrix and a batch of gemm_min (gemm_min_q4) tokens or
+   more, with a per-thread scratch of afm__gemm_scratch_size(w->kpad) bytes (NULL where the level has
+   none).
    dequant: out[0 .. cols-1] = row `row` of w as f32.
    kv_scores: s[h*lds + p] = (float)(sum_i q[h*ldq + i] * k[p*k_stride + i]) * qs[h], h < nq, p < n_pos,
    the sum in int32 (exact: callers keep |q| * 128 * dim below 2^31);
@@ -5719,7 +5720,7 @@ typedef struct afm__kernels {
     afm__matmul_fn matmul[AFM__NTYPES];
     afm__gemm_fn gemm_q2b;        /* rows side by side, for batches (NULL: matmul) */
     afm__gemm_fn gemm_q4;         /* the same for Q4 */
-    int gemm_min;                 /* ... of this many tokens or more (where packing 16 rows pays off) */
+    int gemm_min, gemm_min_q4;    /* ... of this many tokens or more (where packing 16 rows pays off) */
     afm__dequant_fn dequant[AFM__NTYPES];
     afm__kv_scores_fn kv_scores;
     afm__kv_values_fn kv_values;
@@ -7336,7 +7337,7 @@ AFM__T_VNNI static void afm__kv_values_vnni(const int16_t *pr, size_t ldp, int n
    then 1, 9, ..): each lane's sum still grows in sub-block order, and a lane's T accumulators stay
    in registers. Two tile products are in flight (tiles 0, 2, 4 and 1, 3, 5: sums, activations,
    codes); the tiles run in order, so the next product starts before this one's sums are stored. */
-#define AFM__AMX_MIN 4 /* tokens from which a batch takes the tiles (the Q4 output head) */
+#define AFM__AMX_Q4_MIN 4 /* tokens from which a Q4 batch (the output head) takes the tiles */
 /* A Q2B batch takes the tiles from 5 tokens: at 4 the VNNI panel kernel is as fast or faster.
    A 4-token step against a 1-token step just before it (median of 21 pairs), 16-core Xeon (AVX-512
    VNNI, AMX): on the tiles 1.90 steps at 8 threads, 1.78 at 16, 2.02 at 2; on the panel kernel
@@ -7494,7 +7495,6 @@ AFM__T_AMX static void afm__gemm_q2b_amx(const afm__wmat *w, const afm__act *a, 
     __m512i tab[3];
     int lo, hi, t, T, r;
     (void)scratch;
-    if (a->n_tok < AFM__AMX_Q2B_MIN) { afm__matmul_q2b_vnni(w, a, Y, ldy, r0, r1); return; }
     afm__amx_tables(tab);
     afm__whole16(r0, r1, &lo, &hi);
     if (r0 < lo) afm__matmul_q2b_vnni(w, a, Y, ldy, r0, lo);
@@ -8320,7 +8320,7 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->dequant[i] = afm__dequant_scalar;
     }
     k->gemm_q2b = k->gemm_q4 = NULL;
-    k->gemm_min = 1 << 30;
+    k->gemm_min = k->gemm_min_q4 = 1 << 30;
     k->kv_scores = afm__kv_scores_scalar;
     k->kv_values = afm__kv_values_scalar;
     k->kv_scores_f = afm__kv_scores_f_scalar;
@@ -8365,7 +8365,8 @@ static inline int afm__select_kernels(afm__kernels *k, int max_level) {
         k->name = "amx";
         k->gemm_q2b = afm__gemm_q2b_amx;
         k->gemm_q4 = afm__gemm_q4_amx;
-        k->gemm_min = AFM__AMX_MIN;
+        k->gemm_min = AFM__AMX_Q2B_MIN;
+        k->gemm_min_q4 = AFM__AMX_Q4_MIN;
     }
 #endif
 #elif defined(AFM__NEON)
@@ -8413,7 +8414,7 @@ static inline void afm__matmul_rows(const afm__kernels *k, const afm__wmat *w, c
     const afm__gemm_fn gemm = w->type == AFM_TYPE_Q2B ? k->gemm_q2b : w->type == AFM_TYPE_Q4 ? k->gemm_q4 : NULL;
     if (r0 >= r1 || a->n_tok <= 0) return;
     AFM_ASSERT((w->type != AFM_TYPE_Q2B || w->panels) && "Q2B matrices are used in panels (afm__q2b_panelize)");
-    if (scratch && gemm && a->quant && a->n_tok >= k->gemm_min)
+    if (scratch && gemm && a->quant && a->n_tok >= (w->type == AFM_TYPE_Q2B ? k->gemm_min : k->gemm_min_q4))
         gemm(w, a, Y, ldy, r0, r1, scratch);
     else
         k->matmul[afm__type_slot(w->type)](w, a, Y, ldy, r0, r1);
@@ -9104,7 +9105,7 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     s->rope_cos = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
     s->rope_sin = (float *)afm__alloc(a, (size_t)B * (c->head_dim / 2) * 4);
     s->rowbuf = (float *)afm__alloc(a, (size_t)s->pool.n_threads * s->rowbuf_n * 4);
-    if (B >= s->kern.gemm_min && s->kern.gemm_q2b) { /* prefill batches: room for 16 packed rows per thread */
+    if ((B >= s->kern.gemm_min || B >= s->kern.gemm_min_q4) && s->kern.gemm_q2b) { /* prefill batches: room for 16 packed rows per thread */
         s->gemm_kpad = (widest + 511) & ~511; /* rows are padded to at most 512 (group <= 512) */
         s->gemmbuf_n = afm__align64(afm__gemm_scratch_size(s->gemm_kpad));
         s->gemmbuf = (unsigned char *)afm__alloc(a, (size_t)s->pool.n_threads * s->gemmbuf_n);
