@@ -42,6 +42,8 @@
        AFM__PF_DIST         tuning: bytes the kernels prefetch ahead in a weight stream on the first
                             pass over it (decode, verification: each weight is read once, from memory);
                             default 2048, 0 turns software prefetch off
+       AFM__PF_NEXT         tuning: bytes of its first rows of the next matrix product that each worker
+                            thread pulls into its cache between two products; default 65536, 0: off
        AFM_TESTING          test hooks for tests/test_main.c; never in a real build
 
    Models are converted once from Apple's assets with tools/convert.py; the file format is
@@ -970,8 +972,18 @@ static void afm__blob_close(const afm_allocator *a, afm__blob *b) {
 /* ---- thread pool: persistent workers that run one job at a time, split by thread index ----
    A decode step hands the pool several hundred small jobs, so the hand-off must take about a
    microsecond: workers spin on an atomic job counter for a while before sleeping on a condition
-   variable, and the caller spins on the count of unfinished workers before sleeping likewise. */
+   variable, and the caller spins on the count of unfinished workers before sleeping likewise.
+   Between two jobs the caller works alone (norms, activations) while memory idles: a job may leave
+   each worker ranges to pull into its L2 cache then, the weights it will read first in the next
+   job (afm__pool_prefetch_after). */
 typedef void (*afm__job_fn)(void *ctx, int ith, int nth);
+
+#define AFM__AFTER_MAX 4
+typedef struct afm__after {
+    const char *p[AFM__AFTER_MAX];
+    size_t n[AFM__AFTER_MAX];
+    int k;
+} afm__after;
 
 #ifndef AFM_NO_THREADS
 #if defined(_MSC_VER)
@@ -994,6 +1006,13 @@ static long afm__atomic_add(afm__atomic *p, long v) { return __atomic_add_fetch(
 #endif
 #define AFM__SPIN 2000 /* pause instructions (tens of microseconds) before sleeping */
 #endif
+#if defined(__GNUC__) || defined(__clang__)
+#define AFM__PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#define AFM__PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+#else
+#define AFM__PREFETCH_L2(p) ((void)(p))
+#endif
 
 struct afm__worker_arg;
 typedef struct afm__pool {
@@ -1011,6 +1030,7 @@ typedef struct afm__pool {
 #endif
     afm__job_fn fn;
     void *ctx;
+    afm__after *after;          /* [n_threads]: what worker ith prefetches once the current job is over */
     afm__atomic generation;     /* bumped for every job; workers run each generation once */
     afm__atomic pending;        /* workers still running the current job */
     afm__atomic quit;
@@ -1032,6 +1052,20 @@ typedef struct afm__worker_arg { afm__pool *pool; int ith; } afm__worker_arg;
 #define afm__broadcast(p, cv) pthread_cond_broadcast(&(p)->cv)
 #endif
 
+/* Worker ith's prefetches, once every worker is done with job `seen`: earlier, they would take
+   memory from the threads still running the job's last rows, which every thread then waits for
+   (measured: slower). Now only the caller works, on a few KB, and memory would idle. */
+static void afm__pool_run_after(afm__pool *p, int ith, long seen) {
+    afm__after *a = &p->after[ith];
+    int spin, i;
+    size_t o;
+    if (!a->k) return;
+    for (spin = 0; spin < AFM__SPIN && afm__atomic_get(&p->pending) > 0 && afm__atomic_get(&p->generation) == seen; spin++) afm__cpu_relax();
+    for (i = 0; i < a->k; i++)
+        for (o = 0; o < a->n[i]; o += 64) AFM__PREFETCH_L2(a->p[i] + o);
+    a->k = 0;
+}
+
 static void afm__worker_loop(afm__pool *p, int ith) {
     long seen = 0;
     for (;;) {
@@ -1050,6 +1084,7 @@ static void afm__worker_loop(afm__pool *p, int ith) {
             afm__broadcast(p, done);
             afm__unlock(p);
         }
+        afm__pool_run_after(p, ith, seen);
     }
 }
 
@@ -1090,8 +1125,10 @@ static void afm__pool_destroy(const afm_allocator *a, afm__pool *p) {
 #endif
     afm__free(a, p->threads);
     afm__free(a, p->args);
+    afm__free(a, p->after);
     p->threads = NULL;
     p->args = NULL;
+    p->after = NULL;
 #else
     (void)a; (void)p;
 #endif
@@ -1115,9 +1152,11 @@ static afm_result afm__pool_init(const afm_allocator *a, afm__pool *p, int n_thr
 #endif
         *)afm__calloc(a, (size_t)n_threads, sizeof *p->threads);
     p->args = (afm__worker_arg *)afm__calloc(a, (size_t)n_threads, sizeof *p->args);
-    if (!p->threads || !p->args) {
+    p->after = (afm__after *)afm__calloc(a, (size_t)n_threads, sizeof *p->after);
+    if (!p->threads || !p->args || !p->after) {
         afm__free(a, p->threads);
         afm__free(a, p->args);
+        afm__free(a, p->after);
         return AFM_ERR_NOMEM;
     }
 #if defined(_WIN32)
@@ -1174,6 +1213,21 @@ static void afm__pool_run(afm__pool *p, afm__job_fn fn, void *ctx) {
     (void)p;
 #endif
     fn(ctx, 0, 1);
+}
+
+/* Asks worker ith (not the caller, who works alone next) to pull n bytes at ptr into its L2 cache
+   once every worker is done with the current job (afm__pool_run_after). */
+static void afm__pool_prefetch_after(afm__pool *p, int ith, const void *ptr, size_t n) {
+#ifndef AFM_NO_THREADS
+    afm__after *a;
+    if (ith == 0 || p->n_threads < 2 || n == 0) return;
+    a = &p->after[ith];
+    if (a->k == AFM__AFTER_MAX) return;
+    a->p[a->k] = (const char *)ptr;
+    a->n[a->k++] = n;
+#else
+    (void)p; (void)ith; (void)ptr; (void)n;
+#endif
 }
 
 /* Counts of live users (sessions of a model, ...): atomic, since threads may create and free
@@ -5618,6 +5672,14 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 #define AFM__PF_DIST 2048
 #endif
 
+/* Between two matrix products the caller works alone (norms, activations) while memory idles: each
+   worker then pulls this many bytes of its first rows of the next product into its L2 cache (0:
+   off). 16-64 KB made a decode step 4-7 % faster at 8 and 16 threads on a 16-core Xeon; prefetched
+   while other threads still ran the job's last chunks, they made it slower (docs/BENCHMARKS.md). */
+#ifndef AFM__PF_NEXT
+#define AFM__PF_NEXT 65536
+#endif
+
 /* Attention streams each layer's int8 keys and values once per token (72 MB at 4000 positions of
    the 3B model, more than the caches hold): the AVX2 kernels prefetch rows this many positions
    ahead (0: off). Rows are 256 bytes apart (both KV heads); with the hardware prefetchers alone the
@@ -8923,6 +8985,7 @@ struct afm_session {
     int gemm_kpad;                /* the longest padded row gemmbuf holds */
     afm__count *att_done;         /* [n_threads] chunks finished per attention group (decode) */
     afm__count *qkv_done;         /* [query + key + value heads] rows finished per head in the QKV job */
+    afm__count *mm_claimed;       /* [n_threads] whether a product job's chunk u (u < its n_static) is taken */
     void *act_buf;                /* int8 activations prepared for one job's quantized products */
     void *act_f32;                /* f32 copies of an input whose rows are not laid out for the
                                      kernels (a width not a multiple of 16), else NULL */
@@ -8933,6 +8996,7 @@ struct afm_session {
     int32_t *tokens;              /* [cap] the tokens in the cache, in order */
 #ifdef AFM_TESTING
     int test_accept_rule;         /* 1 accepts every draft: shows the distribution tests can fail */
+    int test_late_threads;        /* 1: odd threads leave their first chunk to others (afm__mm_run) */
 #endif
     const afm_adapter *adapter;   /* LoRA applied on every adapted projection, or NULL */
     float *lora_t, *lora_u;       /* [3][n_batch][rank rounded up to 16] (A x of up to three
@@ -8958,7 +9022,7 @@ static void afm__session_release_buffers(afm_session *s) {
                       (void **)&s->hb2, (void **)&s->rope_cos, (void **)&s->rope_sin, (void **)&s->scores,
                       (void **)&s->rowbuf, (void **)&s->logits, (void **)&s->k_cache, (void **)&s->v_cache,
                       (void **)&s->lora_t, (void **)&s->lora_u, (void **)&s->tokens, (void **)&s->act_buf, (void **)&s->act_f32,
-                      (void **)&s->att_done, (void **)&s->qkv_done, (void **)&s->gemmbuf, (void **)&s->q16, (void **)&s->q16d };
+                      (void **)&s->att_done, (void **)&s->qkv_done, (void **)&s->mm_claimed, (void **)&s->gemmbuf, (void **)&s->q16, (void **)&s->q16d };
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) { afm__free(a, *bufs[i]); *bufs[i] = NULL; }
 }
@@ -9113,13 +9177,14 @@ AFMDEF afm_result afm_session_create(afm_model *m, const afm_session_params *par
     }
     s->att_done = (afm__count *)afm__calloc(a, (size_t)s->pool.n_threads, sizeof *s->att_done);
     s->qkv_done = (afm__count *)afm__calloc(a, (size_t)c->n_heads + 2 * (size_t)c->n_kv_heads, sizeof *s->qkv_done);
+    s->mm_claimed = (afm__count *)afm__calloc(a, (size_t)s->pool.n_threads, sizeof *s->mm_claimed);
     s->logits_cap = 1;
     s->logits = (float *)afm__alloc(a, (size_t)c->vocab_size * 4);
     s->act_cap = afm__act_need(B, widest);
     s->act_buf = afm__alloc(a, s->act_cap);
     if ((c->dim | qd | c->ffn_dim) & 15) s->act_f32 = afm__alloc(a, s->act_cap);
     if (!s->act_buf || (((c->dim | qd | c->ffn_dim) & 15) && !s->act_f32) ||
-        !s->x || !s->xn || !s->qkv || !s->att || (s->att_int && (!s->q16 || !s->q16d)) || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->att_done || !s->qkv_done || !s->logits ||
+        !s->x || !s->xn || !s->qkv || !s->att || (s->att_int && (!s->q16 || !s->q16d)) || !s->hb || !s->hb2 || !s->rope_cos || !s->rope_sin || !s->rowbuf || !s->att_done || !s->qkv_done || !s->mm_claimed || !s->logits ||
         afm__reserve(s, p.preallocate ? s->n_ctx : 1) != AFM_OK) {
         afm_session_free(s);
         return AFM_ERR_NOMEM;
@@ -9468,13 +9533,22 @@ typedef struct afm__mm_job {
     int big_chunks[AFM__MM_MAX];  /* this many of them; the job's last rows in smaller ones */
     int small_rows[AFM__MM_MAX];  /* (afm__mm_chunks) */
     int first_chunk[AFM__MM_MAX + 1];
-    afm__count next;              /* the next chunk: whichever thread is free takes it */
+    int n_static;                 /* chunk u < n_static is thread u's first (afm__mm_run) */
+    afm__count next;              /* the next chunk after those: whichever thread is free takes it */
+    const afm__tensor *then[2];   /* the next job's matrices: each worker prefetches its first chunk */
+    int n_then;                   /* of them once this job is over (afm__mm_prefetch_next) */
     afm__act *prep;               /* the activations being prepared by afm__mm_prepare_run */
     const float *prep_x;
     int prep_ldx;
 } afm__mm_job;
 
-static void afm__mm_init(afm__mm_job *j, afm_session *s, int n_tok) { j->s = s; j->n_tok = n_tok; j->n = 0; j->silu = 0; j->qkv_layer = -1; }
+static void afm__mm_init(afm__mm_job *j, afm_session *s, int n_tok) { j->s = s; j->n_tok = n_tok; j->n = 0; j->silu = 0; j->qkv_layer = -1; j->n_then = 0; }
+
+/* The matrices the job after j starts with (b may be NULL): see afm__mm_prefetch_next. */
+static void afm__mm_then(afm__mm_job *j, const afm__tensor *a, const afm__tensor *b) {
+    j->then[0] = a; j->then[1] = b;
+    j->n_then = b ? 2 : 1;
+}
 
 static void afm__mm_add(afm__mm_job *j, const afm__tensor *W, const float *X, int ldx, float *Y, int ldy) {
     afm__mm_item *it = &j->it[j->n++];
@@ -9548,14 +9622,18 @@ static void afm__mm_qkv_rows(afm__mm_job *j, int lo, int hi) {
    (fewer cost more kernel calls and tile setups; more leave threads idle at the end), but the
    job's last rows (half a chunk per thread) in chunks a quarter that size, so the threads finish
    within a small chunk of each other. Rows are computed alone, so none of this changes a bit. */
-static void afm__mm_chunks(afm__mm_job *j, int nth) {
+static int afm__mm_chunk_rows(int rows, int nth) {
     const int per = 4 * nth;
+    return rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
+}
+
+static void afm__mm_chunks(afm__mm_job *j, int nth) {
     int i, last = -1;
     for (i = 0; i < j->n; i++) if (!(i == 1 && j->silu)) last = i;
     j->first_chunk[0] = 0;
     for (i = 0; i < j->n; i++) {
         const int rows = (int)j->it[i].W->dims[0];
-        const int c = rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
+        const int c = afm__mm_chunk_rows(rows, nth);
         const int small = c / 4 > 16 ? (c / 4 + 15) & ~15 : 16, tail = i == last && nth > 1 ? nth * c / 2 : 0;
         j->chunk_rows[i] = c;
         j->big_chunks[i] = rows - tail > 0 ? (rows - tail) / c : 0;
@@ -9564,30 +9642,59 @@ static void afm__mm_chunks(afm__mm_job *j, int nth) {
     }
 }
 
-/* Threads take chunks of rows until none is left: a thread slowed by the machine (other work, a
-   busy sibling core) takes fewer, instead of every other thread waiting for its fixed share. Each
-   row is computed alone, so who computes it changes no bit; nor does SiLU, elementwise, taken on
-   a chunk's rows by the thread that made them instead of on the whole vector by one thread. */
+/* Chunk u: its rows of one product; in the gate/up job the same rows of up too, then SiLU on them
+   (elementwise, so taken by the thread that made the rows instead of on the whole vector). */
+static void afm__mm_chunk(afm__mm_job *j, int u, int ith) {
+    int i = 0, rows, lo, hi, size, t;
+    while (u >= j->first_chunk[i + 1]) i++;
+    rows = (int)j->it[i].W->dims[0];
+    u -= j->first_chunk[i];
+    size = u < j->big_chunks[i] ? j->chunk_rows[i] : j->small_rows[i];
+    lo = u < j->big_chunks[i] ? u * size : j->big_chunks[i] * j->chunk_rows[i] + (u - j->big_chunks[i]) * size;
+    hi = rows - lo > size ? lo + size : rows;
+    afm__mm_rows(j, i, lo, hi, ith);
+    if (i == 0 && j->qkv_layer >= 0) afm__mm_qkv_rows(j, lo, hi);
+    if (i == 0 && j->silu) {
+        const afm__mm_item *g = &j->it[0], *up = &j->it[1];
+        afm__mm_rows(j, 1, lo, hi, ith);
+        for (t = 0; t < j->n_tok; t++) j->s->kern.silu_mul(g->Y + (size_t)t * g->ldy + lo, up->Y + (size_t)t * up->ldy + lo, hi - lo);
+    }
+}
+
+/* Once the job is over, worker ith pulls into its L2 cache the start of its first chunk of each of
+   the next job's matrices (AFM__PF_NEXT bytes, and their scales) while the caller prepares that
+   job alone: memory would idle then. Only a chunk sure to be one of the next job's first ones is
+   fetched. */
+static void afm__mm_prefetch_next(const afm__mm_job *j, int ith, int nth) {
+    int k;
+    for (k = 0; k < j->n_then && AFM__PF_NEXT > 0; k++) {
+        const afm__wmat *w = &j->then[k]->w;
+        const int c = afm__mm_chunk_rows(w->rows, nth), lo = ith * c;
+        size_t n = (size_t)c * w->row_bytes;
+        if (!afm__type_is_quant(w->type) || (ith + 1) * c > w->rows - nth * c / 2) continue;
+        if (n > AFM__PF_NEXT) n = AFM__PF_NEXT;
+        afm__pool_prefetch_after(&j->s->pool, ith, w->data + (size_t)lo * w->row_bytes, n);
+        afm__pool_prefetch_after(&j->s->pool, ith, w->scales + (size_t)lo * (size_t)w->n_groups * 2, n / w->row_bytes * (size_t)w->n_groups * 2 + 64);
+    }
+}
+
+/* Thread ith starts with chunk ith (ith < n_static), whose rows the job before had it prefetch.
+   Then threads take chunks until none is left: a thread slowed by the machine (other work, a busy
+   sibling core) takes fewer, instead of every other thread waiting for its fixed share; a first
+   chunk still unclaimed then goes to whoever is free, so a thread that has not started delays
+   nobody. Each row is computed alone, so who computes it changes no bit. */
 static void afm__mm_run(void *ctx, int ith, int nth) {
     afm__mm_job *j = (afm__mm_job *)ctx;
-    int u, i = 0;
-    (void)nth;
-    while ((u = (int)afm__count_add(&j->next, 1) - 1) < j->first_chunk[j->n]) {
-        int rows, lo, hi, size, t;
-        while (u >= j->first_chunk[i + 1]) i++;
-        rows = (int)j->it[i].W->dims[0];
-        u -= j->first_chunk[i];
-        size = u < j->big_chunks[i] ? j->chunk_rows[i] : j->small_rows[i];
-        lo = u < j->big_chunks[i] ? u * size : j->big_chunks[i] * j->chunk_rows[i] + (u - j->big_chunks[i]) * size;
-        hi = rows - lo > size ? lo + size : rows;
-        afm__mm_rows(j, i, lo, hi, ith);
-        if (i == 0 && j->qkv_layer >= 0) afm__mm_qkv_rows(j, lo, hi);
-        if (i == 0 && j->silu) {
-            const afm__mm_item *g = &j->it[0], *up = &j->it[1];
-            afm__mm_rows(j, 1, lo, hi, ith);
-            for (t = 0; t < j->n_tok; t++) j->s->kern.silu_mul(g->Y + (size_t)t * g->ldy + lo, up->Y + (size_t)t * up->ldy + lo, hi - lo);
-        }
-    }
+    afm__count *claimed = j->s->mm_claimed;
+    int u, first = ith < j->n_static;
+#ifdef AFM_TESTING
+    if (j->s->test_late_threads && ith % 2) first = 0; /* as if it came late: others take its chunk */
+#endif
+    if (first && afm__count_add(&claimed[ith], 1) == 1) afm__mm_chunk(j, ith, ith);
+    while ((u = (int)afm__count_add(&j->next, 1) - 1 + j->n_static) < j->first_chunk[j->n]) afm__mm_chunk(j, u, ith);
+    for (u = 0; u < j->n_static; u++)
+        if (!claimed[u] && afm__count_add(&claimed[u], 1) == 1) afm__mm_chunk(j, u, ith);
+    afm__mm_prefetch_next(j, ith, nth);
 }
 
 /* Prepares a's activations from X into buf (over the pool when there are several tokens). */
@@ -9630,6 +9737,8 @@ static void afm__mm_go(afm__mm_job *j) {
     }
     afm__mm_chunks(j, s->pool.n_threads);
     if (j->qkv_layer >= 0) for (i = 0; i < afm__qkv_units(s, j->qkv_layer); i++) s->qkv_done[i] = 0;
+    j->n_static = s->pool.n_threads < 2 ? 0 : s->pool.n_threads < j->big_chunks[0] ? s->pool.n_threads : j->big_chunks[0];
+    for (i = 0; i < j->n_static; i++) s->mm_claimed[i] = 0;
     j->next = 0;
     afm__pool_run(&s->pool, afm__mm_run, j);
 }
@@ -10054,6 +10163,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
             afm__lora_a(&mj, &ls, l, AFM__P_V, s->xn, d, s->qkv + qd + s->kv_dim, stride);
         }
         if (ls.n == 0) mj.qkv_layer = l; /* adapted q, k or v: the LoRA B terms first, then the pass */
+        afm__mm_then(&mj, ly->wo, NULL);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
         if (mj.qkv_layer < 0) afm__tok_pass(s, l, n_tok, AFM__PASS_QKV);
@@ -10064,6 +10174,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         ls.n = 0;
         afm__mm_add(&mj, ly->wo, s->att, qd, s->xn, d);
         afm__lora_a(&mj, &ls, l, AFM__P_WO, s->att, qd, s->xn, d);
+        afm__mm_then(&mj, ly->gate, ly->up);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
         afm__tok_pass(s, l, n_tok, AFM__PASS_FFN_IN);
@@ -10074,6 +10185,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         afm__lora_a(&mj, &ls, l, AFM__P_GATE, s->xn, d, s->hb, f);
         afm__lora_a(&mj, &ls, l, AFM__P_UP, s->xn, d, s->hb2, f);
         mj.silu = ls.n == 0; /* an adapted gate or up gets its LoRA B term first, then SiLU alone */
+        afm__mm_then(&mj, ly->down, NULL);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
         if (!mj.silu) afm__tok_pass(s, l, n_tok, AFM__PASS_SILU);
@@ -10081,6 +10193,7 @@ static void afm__forward(afm_session *s, const int32_t *tok, int n_tok, float *l
         ls.n = 0;
         afm__mm_add(&mj, ly->down, s->hb, f, s->xn, d);
         afm__lora_a(&mj, &ls, l, AFM__P_DOWN, s->hb, f, s->xn, d);
+        afm__mm_then(&mj, l + 1 == c->n_layers ? m->tok_embd : m->layers[l + 1].reuse ? m->layers[l + 1].wq : m->layers[l + 1].qkv, NULL);
         afm__mm_go(&mj);
         afm__lora_b(s, l, &ls, n_tok);
     }

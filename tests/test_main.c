@@ -5,7 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 #endif
 #define AFM_IMPLEMENTATION
-#define AFM_TESTING /* test hooks: session->test_accept_rule */
+#define AFM_TESTING /* test hooks: session->test_accept_rule, test_late_threads */
 #include "../afm.h"
 
 #include <stdio.h>
@@ -1226,6 +1226,51 @@ static void test_batch_invariance(const char *name) {
     afm_model_free(m);
 }
 
+/* Thread-count invariance: a prompt in one pass (every position's logits) then single tokens give
+   the same bits at 3, 8 and 17 threads as at 1 (17: more threads than the products have first
+   chunks), and also when odd threads leave their first chunk of every product to the others, as a
+   thread that starts late does (the chunks no thread claimed must still be computed, once). */
+static void test_thread_invariance(const char *name) {
+    static const int threads[] = { 3, 8, 17, 8, 5 }; /* the last two: odd threads late */
+    char path[256];
+    afm_model *m;
+    afm_session *ref, *s;
+    int32_t toks[28];
+    int i, k, V, n = 28, n_prompt = 24;
+    float *want;
+    snprintf(path, sizeof path, "tests/vectors/%s.afm", name);
+    if (!(m = load(path))) { CHECK(0, "load %s", name); return; }
+    V = afm_model_config(m)->vocab_size;
+    for (i = 0; i < n; i++) toks[i] = (int32_t)((i * 31 + 5) % V);
+    want = (float *)malloc((size_t)n * V * 4);
+    ref = session(m, 1, 1, 0);
+    CHECK(ref && want, "%s: 1-thread session", name);
+    if (!ref || !want) { free(want); afm_model_free(m); return; }
+    afm_session_eval(ref, toks, n_prompt);
+    memcpy(want, afm_session_logits(ref, 0), (size_t)n_prompt * V * 4);
+    for (i = n_prompt; i < n; i++) {
+        afm_session_eval(ref, &toks[i], 1);
+        memcpy(want + (size_t)i * V, afm_session_logits(ref, 0), (size_t)V * 4);
+    }
+    for (k = 0; k < (int)(sizeof threads / sizeof threads[0]); k++) {
+        int same = 1, late = k >= 3;
+        s = session(m, threads[k], 1, 0);
+        if (!s) { CHECK(0, "%s: %d-thread session", name, threads[k]); continue; }
+        s->test_late_threads = late;
+        CHECK(afm_session_eval(s, toks, n_prompt) == AFM_OK, "%s: prompt at %d threads", name, threads[k]);
+        same &= !memcmp(afm_session_logits(s, 0), want, (size_t)n_prompt * V * 4);
+        for (i = n_prompt; i < n; i++) {
+            afm_session_eval(s, &toks[i], 1);
+            same &= !memcmp(afm_session_logits(s, 0), want + (size_t)i * V, (size_t)V * 4);
+        }
+        CHECK(same, "%s: %d threads%s give the 1-thread logits bit for bit", name, threads[k], late ? " (odd threads late)" : "");
+        afm_session_free(s);
+    }
+    afm_session_free(ref);
+    free(want);
+    afm_model_free(m);
+}
+
 int main(int argc, char **argv) {
     const char *only = argc > 1 ? argv[1] : NULL;
     static const char *const parity_models[] = { "afm_mini", "draft_mini", "odd_mini", "toolkit" };
@@ -1254,6 +1299,8 @@ int main(int argc, char **argv) {
     test_mini_parity("mini_draft", "models/mini/draft.afm", NULL);
     test_batch_invariance("quant_q2b");
     test_batch_invariance("quant_grid");
+    test_thread_invariance("quant_q2b");
+    test_thread_invariance("afm_mini");
     test_speculative_greedy("quant_q2b", "draft_mini", 0);
     test_hostile("afm_mini");
     test_sessions("afm_mini");
