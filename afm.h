@@ -5674,8 +5674,9 @@ static afm_result afm__tok_hf_encode(const afm_tokenizer *t, const char *text, s
 
 /* Between two matrix products the caller works alone (norms, activations) while memory idles: each
    worker then pulls this many bytes of its first rows of the next product into its L2 cache (0:
-   off). 16-64 KB made a decode step 4-7 % faster at 8 and 16 threads on a 16-core Xeon; prefetched
-   while other threads still ran the job's last chunks, they made it slower (docs/BENCHMARKS.md). */
+   off). 64 KB made a decode step 4-5 % faster at 8 and 16 threads on a 16-core Xeon; prefetched
+   while other threads still ran the job's last chunks, the same bytes made it slower
+   (docs/BENCHMARKS.md, tenth session). */
 #ifndef AFM__PF_NEXT
 #define AFM__PF_NEXT 65536
 #endif
