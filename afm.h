@@ -1006,11 +1006,17 @@ static long afm__atomic_add(afm__atomic *p, long v) { return __atomic_add_fetch(
 #endif
 #define AFM__SPIN 2000 /* pause instructions (tens of microseconds) before sleeping */
 #endif
+/* Software prefetch for reading, into L1 (AFM__PREFETCH) or L2 (AFM__PREFETCH_L2); a no-op where
+   the compiler has none. */
 #if defined(__GNUC__) || defined(__clang__)
+#define AFM__PREFETCH(p) __builtin_prefetch(p)
 #define AFM__PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)
 #elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#include <intrin.h>
+#define AFM__PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #define AFM__PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 #else
+#define AFM__PREFETCH(p) ((void)(p))
 #define AFM__PREFETCH_L2(p) ((void)(p))
 #endif
 
@@ -2775,11 +2781,6 @@ static int afm__tok_ht_init(const afm_allocator *m, afm__tok_ht *h, size_t n) {
     h->mask = (uint32_t)(cap - 1);
     return 1;
 }
-#if defined(__GNUC__) || defined(__clang__)
-#define AFM__TOK_PREFETCH(p) __builtin_prefetch(p)
-#else
-#define AFM__TOK_PREFETCH(p) ((void)(p))
-#endif
 /* the id of key s[0, n) (hash hv) in a table whose keys live in pool, -1 if none */
 static int32_t afm__tok_ht_get_h(const afm__tok_ht *h, const char *pool, const char *s, size_t n, uint32_t hv) {
     uint32_t i = hv & h->mask;
@@ -4084,7 +4085,7 @@ static void afm__tok_bpe_merge(afm__tok_enc *e, int32_t n) {
     if (e->t->pt)
         for (i = 1; i < n; i++) {
             uint64_t key = ((uint64_t)(uint32_t)e->sym[i - 1].id << 32) | (uint32_t)e->sym[i].id;
-            AFM__TOK_PREFETCH(&e->t->pt[afm__tok_pairhash(key) & e->t->pt_mask]);
+            AFM__PREFETCH(&e->t->pt[afm__tok_pairhash(key) & e->t->pt_mask]);
         }
     for (i = 1; i < n; i++) afm__tok_maybe_pair(e, i - 1, i);
     while (e->heap_n) {
@@ -4213,7 +4214,7 @@ static void afm__tok_spm_encode_norm(afm__tok_enc *e, const char *norm, size_t n
         for (k = 0; k < nb; k++) {                                                                        \
             if (wid[k] >= 0) continue;                                                                    \
             wh[k] = afm__tok_hash(norm + wa[k], wb[k] - wa[k]);                                           \
-            AFM__TOK_PREFETCH(&t->ht_normal.e[wh[k] & t->ht_normal.mask]);                                \
+            AFM__PREFETCH(&t->ht_normal.e[wh[k] & t->ht_normal.mask]);                                \
         }                                                                                                 \
         for (k = 0; k < nb && !e->failed; k++) {                                                          \
             if (wid[k] >= 0) afm__tok_out(e, wid[k]);                                                     \
@@ -9627,6 +9628,7 @@ static int afm__mm_chunk_rows(int rows, int nth) {
     const int per = 4 * nth;
     return rows > per ? ((rows + per - 1) / per + 15) & ~15 : 16; /* 16: the matrix-matrix kernels' rows */
 }
+static int afm__mm_tail_rows(int chunk_rows, int nth) { return nth > 1 ? nth * chunk_rows / 2 : 0; }
 
 static void afm__mm_chunks(afm__mm_job *j, int nth) {
     int i, last = -1;
@@ -9635,7 +9637,7 @@ static void afm__mm_chunks(afm__mm_job *j, int nth) {
     for (i = 0; i < j->n; i++) {
         const int rows = (int)j->it[i].W->dims[0];
         const int c = afm__mm_chunk_rows(rows, nth);
-        const int small = c / 4 > 16 ? (c / 4 + 15) & ~15 : 16, tail = i == last && nth > 1 ? nth * c / 2 : 0;
+        const int small = c / 4 > 16 ? (c / 4 + 15) & ~15 : 16, tail = i == last ? afm__mm_tail_rows(c, nth) : 0;
         j->chunk_rows[i] = c;
         j->big_chunks[i] = rows - tail > 0 ? (rows - tail) / c : 0;
         j->small_rows[i] = small;
@@ -9672,7 +9674,7 @@ static void afm__mm_prefetch_next(const afm__mm_job *j, int ith, int nth) {
         const afm__wmat *w = &j->then[k]->w;
         const int c = afm__mm_chunk_rows(w->rows, nth), lo = ith * c;
         size_t n = (size_t)c * w->row_bytes;
-        if (!afm__type_is_quant(w->type) || (ith + 1) * c > w->rows - nth * c / 2) continue;
+        if (!afm__type_is_quant(w->type) || (ith + 1) * c > w->rows - afm__mm_tail_rows(c, nth)) continue;
         if (n > AFM__PF_NEXT) n = AFM__PF_NEXT;
         afm__pool_prefetch_after(&j->s->pool, ith, w->data + (size_t)lo * w->row_bytes, n);
         afm__pool_prefetch_after(&j->s->pool, ith, w->scales + (size_t)lo * (size_t)w->n_groups * 2, n / w->row_bytes * (size_t)w->n_groups * 2 + 64);
